@@ -1,0 +1,421 @@
+//! BERT encoder (covers BERT and MiniLM / sentence-transformers checkpoints).
+//!
+//! Paper: Devlin et al. 2019, "BERT: Pre-training of Deep Bidirectional Transformers"
+//! (<https://arxiv.org/abs/1810.04805>). Matches `transformers.models.bert.modeling_bert`
+//! (`BertModel`, `BertForSequenceClassification`, `BertForQuestionAnswering`); parameter names
+//! are that module's, with or without the `bert.` prefix.
+
+use std::path::Path;
+
+use burn::module::Module;
+use burn::tensor::{Device, Int, Tensor};
+use serde::Deserialize;
+
+use crate::config::{Activation, HeadFields, read_json};
+use crate::error::Result;
+use crate::layers::{
+    Embedding, LayerNorm, Linear, Mode, TorchLinear, attention_bias, dropout, merge_heads,
+    scaled_dot_product, split_heads,
+};
+use crate::weights::{ExportParams, NamedParam, Weights, join};
+
+/// BERT hyper-parameters, as in `transformers.BertConfig`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct BertConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    #[serde(default = "default_act")]
+    pub hidden_act: Activation,
+    #[serde(default = "default_dropout")]
+    pub hidden_dropout_prob: f64,
+    #[serde(default = "default_dropout")]
+    pub attention_probs_dropout_prob: f64,
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_type_vocab")]
+    pub type_vocab_size: usize,
+    #[serde(default = "default_ln_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default = "default_init_range")]
+    pub initializer_range: f64,
+    #[serde(default)]
+    pub classifier_dropout: Option<f64>,
+    #[serde(default)]
+    pub pad_token_id: Option<u32>,
+    #[serde(flatten)]
+    pub head: HeadFields,
+}
+
+fn default_act() -> Activation {
+    Activation::Gelu
+}
+fn default_dropout() -> f64 {
+    0.1
+}
+fn default_type_vocab() -> usize {
+    2
+}
+fn default_ln_eps() -> f64 {
+    1e-12
+}
+fn default_init_range() -> f64 {
+    0.02
+}
+
+impl BertConfig {
+    /// Reads `config.json` from a model folder.
+    pub fn from_folder(dir: &Path) -> Result<Self> {
+        read_json(&dir.join("config.json"))
+    }
+}
+
+/// The inputs of an encoder forward pass.
+#[derive(Debug, Clone)]
+pub struct EncoderInput {
+    /// `[B, T]`
+    pub input_ids: Tensor<2, Int>,
+    /// `[B, T]`, 1 for real tokens and 0 for padding.
+    pub attention_mask: Tensor<2, Int>,
+    /// `[B, T]`, segment ids; zeros when absent.
+    pub token_type_ids: Option<Tensor<2, Int>>,
+}
+
+/// Word + position + token-type embeddings, then LayerNorm and dropout.
+#[derive(Module, Debug)]
+pub struct BertEmbeddings {
+    pub word_embeddings: Embedding,
+    pub position_embeddings: Embedding,
+    pub token_type_embeddings: Embedding,
+    pub layer_norm: LayerNorm,
+    pub dropout: f64,
+}
+
+impl BertEmbeddings {
+    fn load(vb: &Weights, c: &BertConfig) -> Result<Self> {
+        Ok(Self {
+            word_embeddings: Embedding::load(&vb.pp("word_embeddings"), c.vocab_size, c.hidden_size)?,
+            position_embeddings: Embedding::load(
+                &vb.pp("position_embeddings"),
+                c.max_position_embeddings,
+                c.hidden_size,
+            )?,
+            token_type_embeddings: Embedding::load(
+                &vb.pp("token_type_embeddings"),
+                c.type_vocab_size,
+                c.hidden_size,
+            )?,
+            layer_norm: LayerNorm::load(&vb.pp("LayerNorm"), c.hidden_size, c.layer_norm_eps)?,
+            dropout: c.hidden_dropout_prob,
+        })
+    }
+
+    /// # Shapes
+    /// - ids, token types `[B, T]`
+    /// - output `[B, T, H]`
+    fn forward(&self, ids: Tensor<2, Int>, types: Tensor<2, Int>, mode: Mode) -> Tensor<3> {
+        let [b, t] = ids.dims();
+        let positions = Tensor::<1, Int>::arange(0..t as i64, &ids.device())
+            .reshape([1, t])
+            .expand([b, t]);
+        let x = self.word_embeddings.forward(ids)
+            + self.position_embeddings.forward(positions)
+            + self.token_type_embeddings.forward(types);
+        dropout(self.layer_norm.forward(x), self.dropout, mode)
+    }
+}
+
+impl ExportParams for BertEmbeddings {
+    fn export(&self, p: &str, out: &mut Vec<NamedParam>) {
+        self.word_embeddings.export(&join(p, "word_embeddings"), out);
+        self.position_embeddings.export(&join(p, "position_embeddings"), out);
+        self.token_type_embeddings.export(&join(p, "token_type_embeddings"), out);
+        self.layer_norm.export(&join(p, "LayerNorm"), out);
+    }
+}
+
+/// One encoder block: self-attention, add & norm, feed-forward, add & norm (post-norm).
+#[derive(Module, Debug)]
+pub struct BertLayer {
+    pub query: Linear,
+    pub key: Linear,
+    pub value: Linear,
+    pub attention_output: Linear,
+    pub attention_norm: LayerNorm,
+    pub intermediate: Linear,
+    pub output: Linear,
+    pub output_norm: LayerNorm,
+    pub heads: usize,
+    pub attention_dropout: f64,
+    pub hidden_dropout: f64,
+    #[module(skip)]
+    pub act: Activation,
+}
+
+impl BertLayer {
+    fn load(vb: &Weights, c: &BertConfig) -> Result<Self> {
+        let h = c.hidden_size;
+        let lin = |name: &str, i, o| Linear::load(&vb.pp(name), i, o, true, TorchLinear::Linear);
+        Ok(Self {
+            query: lin("attention.self.query", h, h)?,
+            key: lin("attention.self.key", h, h)?,
+            value: lin("attention.self.value", h, h)?,
+            attention_output: lin("attention.output.dense", h, h)?,
+            attention_norm: LayerNorm::load(
+                &vb.pp("attention.output.LayerNorm"),
+                h,
+                c.layer_norm_eps,
+            )?,
+            intermediate: lin("intermediate.dense", h, c.intermediate_size)?,
+            output: lin("output.dense", c.intermediate_size, h)?,
+            output_norm: LayerNorm::load(&vb.pp("output.LayerNorm"), h, c.layer_norm_eps)?,
+            heads: c.num_attention_heads,
+            attention_dropout: c.attention_probs_dropout_prob,
+            hidden_dropout: c.hidden_dropout_prob,
+            act: c.hidden_act,
+        })
+    }
+
+    /// # Shapes
+    /// - x `[B, T, H]`, bias `[B, 1, T, T]`
+    /// - output `[B, T, H]`
+    fn forward(&self, x: Tensor<3>, bias: Tensor<4>, mode: Mode) -> Tensor<3> {
+        let q = split_heads(self.query.forward(x.clone()), self.heads);
+        let k = split_heads(self.key.forward(x.clone()), self.heads);
+        let v = split_heads(self.value.forward(x.clone()), self.heads);
+        let ctx = merge_heads(scaled_dot_product(q, k, v, bias, self.attention_dropout, mode));
+        let attn = dropout(self.attention_output.forward(ctx), self.hidden_dropout, mode);
+        let x = self.attention_norm.forward(attn + x);
+        let ff = self.output.forward(self.act.forward(self.intermediate.forward(x.clone())));
+        self.output_norm
+            .forward(dropout(ff, self.hidden_dropout, mode) + x)
+    }
+}
+
+impl ExportParams for BertLayer {
+    fn export(&self, p: &str, out: &mut Vec<NamedParam>) {
+        self.query.export(&join(p, "attention.self.query"), out);
+        self.key.export(&join(p, "attention.self.key"), out);
+        self.value.export(&join(p, "attention.self.value"), out);
+        self.attention_output.export(&join(p, "attention.output.dense"), out);
+        self.attention_norm.export(&join(p, "attention.output.LayerNorm"), out);
+        self.intermediate.export(&join(p, "intermediate.dense"), out);
+        self.output.export(&join(p, "output.dense"), out);
+        self.output_norm.export(&join(p, "output.LayerNorm"), out);
+    }
+}
+
+/// The bare encoder with its pooler (`BertModel`).
+#[derive(Module, Debug)]
+pub struct BertModel {
+    pub embeddings: BertEmbeddings,
+    pub layers: Vec<BertLayer>,
+    /// Dense + tanh on the first token; absent in some checkpoints.
+    pub pooler: Option<Linear>,
+}
+
+/// Outputs of [`BertModel::forward`].
+#[derive(Debug, Clone)]
+pub struct EncoderOutput {
+    /// `[B, T, H]`
+    pub last_hidden_state: Tensor<3>,
+    /// `[B, H]`, tanh(dense(first token)); None without a pooler.
+    pub pooler_output: Option<Tensor<2>>,
+}
+
+impl BertModel {
+    /// Loads the encoder from `vb` (already scoped to the `bert.` prefix if any).
+    pub fn load(vb: &Weights, c: &BertConfig) -> Result<Self> {
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| BertLayer::load(&vb.pp(format!("encoder.layer.{i}")), c))
+            .collect::<Result<_>>()?;
+        let pooler = if vb.contains("pooler.dense.weight") {
+            Some(Linear::load(
+                &vb.pp("pooler.dense"),
+                c.hidden_size,
+                c.hidden_size,
+                true,
+                TorchLinear::Linear,
+            )?)
+        } else {
+            None
+        };
+        Ok(Self {
+            embeddings: BertEmbeddings::load(&vb.pp("embeddings"), c)?,
+            layers,
+            pooler,
+        })
+    }
+
+    /// # Shapes
+    /// - input ids and mask `[B, T]`
+    /// - last hidden state `[B, T, H]`, pooler output `[B, H]`
+    pub fn forward(&self, input: EncoderInput, mode: Mode) -> EncoderOutput {
+        let [b, t] = input.input_ids.dims();
+        let types = input
+            .token_type_ids
+            .unwrap_or_else(|| Tensor::zeros([b, t], &input.input_ids.device()));
+        let bias = attention_bias(input.attention_mask.equal_elem(1), t, false);
+        let mut x = self.embeddings.forward(input.input_ids, types, mode);
+        for layer in &self.layers {
+            x = layer.forward(x, bias.clone(), mode);
+        }
+        let pooler_output = self.pooler.as_ref().map(|p| {
+            let [b, _, h] = x.dims();
+            // (B, T, H) -> (B, 1, H) -> (B, H)
+            let first = x.clone().slice([0..b, 0..1]).reshape([b, h]);
+            p.forward(first).tanh()
+        });
+        EncoderOutput {
+            last_hidden_state: x,
+            pooler_output,
+        }
+    }
+}
+
+impl ExportParams for BertModel {
+    fn export(&self, p: &str, out: &mut Vec<NamedParam>) {
+        self.embeddings.export(&join(p, "embeddings"), out);
+        for (i, l) in self.layers.iter().enumerate() {
+            l.export(&join(p, &format!("encoder.layer.{i}")), out);
+        }
+        if let Some(pooler) = &self.pooler {
+            pooler.export(&join(p, "pooler.dense"), out);
+        }
+    }
+}
+
+/// The checkpoint prefix of the encoder: `bert` in task checkpoints, none in bare ones.
+fn base_prefix(vb: &Weights) -> &'static str {
+    if vb.contains("bert.embeddings.word_embeddings.weight") {
+        "bert"
+    } else {
+        ""
+    }
+}
+
+/// `BertForSequenceClassification`: pooler output, dropout, linear classifier.
+#[derive(Module, Debug)]
+pub struct BertForSequenceClassification {
+    pub bert: BertModel,
+    pub classifier: Linear,
+    pub dropout: f64,
+    #[module(skip)]
+    prefix: &'static str,
+}
+
+impl BertForSequenceClassification {
+    /// Loads the encoder and, when the checkpoint has one, the classifier; a missing classifier
+    /// is initialised as `transformers` does (N(0, initializer_range), zero bias) and its name is
+    /// returned in the second value.
+    pub fn load(vb: &Weights, c: &BertConfig) -> Result<(Self, Vec<String>)> {
+        let prefix = base_prefix(vb);
+        let mut bert = BertModel::load(&vb.pp(prefix), c)?;
+        if bert.pooler.is_none() {
+            // A bare sentence-embedding checkpoint without pooler: a new one, trained with the head.
+            bert.pooler = Some(Linear::init(
+                c.hidden_size,
+                c.hidden_size,
+                true,
+                c.initializer_range,
+                TorchLinear::Linear,
+                vb.device(),
+            ));
+        }
+        let n = c.head.num_labels();
+        let (classifier, fresh) = crate::load_or_init_linear(
+            &vb.pp("classifier"),
+            c.hidden_size,
+            n,
+            c.initializer_range,
+        )?;
+        Ok((
+            Self {
+                bert,
+                classifier,
+                dropout: c.classifier_dropout.unwrap_or(c.hidden_dropout_prob),
+                prefix: if prefix.is_empty() { "bert" } else { prefix },
+            },
+            fresh,
+        ))
+    }
+
+    /// # Shapes
+    /// - output logits `[B, num_labels]`
+    pub fn forward(&self, input: EncoderInput, mode: Mode) -> Tensor<2> {
+        let out = self.bert.forward(input, mode);
+        let pooled = out
+            .pooler_output
+            .expect("BertForSequenceClassification always has a pooler");
+        self.classifier.forward(dropout(pooled, self.dropout, mode))
+    }
+}
+
+impl ExportParams for BertForSequenceClassification {
+    fn export(&self, p: &str, out: &mut Vec<NamedParam>) {
+        self.bert.export(&join(p, self.prefix), out);
+        self.classifier.export(&join(p, "classifier"), out);
+    }
+}
+
+/// `BertForQuestionAnswering`: a linear layer to start and end logits per token.
+#[derive(Module, Debug)]
+pub struct BertForQuestionAnswering {
+    pub bert: BertModel,
+    pub qa_outputs: Linear,
+    #[module(skip)]
+    prefix: &'static str,
+}
+
+/// Start and end logits of extractive question answering.
+#[derive(Debug, Clone)]
+pub struct SpanLogits {
+    /// `[B, T]`
+    pub start: Tensor<2>,
+    /// `[B, T]`
+    pub end: Tensor<2>,
+}
+
+impl BertForQuestionAnswering {
+    /// Loads the encoder and the span head (initialised when absent, name returned).
+    pub fn load(vb: &Weights, c: &BertConfig) -> Result<(Self, Vec<String>)> {
+        let prefix = base_prefix(vb);
+        let bert = BertModel::load(&vb.pp(prefix), c)?;
+        let (qa_outputs, fresh) =
+            crate::load_or_init_linear(&vb.pp("qa_outputs"), c.hidden_size, 2, c.initializer_range)?;
+        Ok((
+            Self {
+                bert,
+                qa_outputs,
+                prefix: if prefix.is_empty() { "bert" } else { prefix },
+            },
+            fresh,
+        ))
+    }
+
+    /// # Shapes
+    /// - start and end logits `[B, T]`
+    pub fn forward(&self, input: EncoderInput, mode: Mode) -> SpanLogits {
+        let x = self.bert.forward(input, mode).last_hidden_state;
+        let [b, t, _] = x.dims();
+        // (B, T, H) -> (B, T, 2)
+        let logits = self.qa_outputs.forward(x);
+        SpanLogits {
+            start: logits.clone().slice([0..b, 0..t, 0..1]).reshape([b, t]),
+            end: logits.slice([0..b, 0..t, 1..2]).reshape([b, t]),
+        }
+    }
+}
+
+impl ExportParams for BertForQuestionAnswering {
+    fn export(&self, p: &str, out: &mut Vec<NamedParam>) {
+        self.bert.export(&join(p, self.prefix), out);
+        self.qa_outputs.export(&join(p, "qa_outputs"), out);
+    }
+}
+
+/// Device-free helper for tests and callers: the ids of `[B, T]` as a tensor.
+pub fn ids_tensor(ids: Vec<i64>, b: usize, t: usize, device: &Device) -> Tensor<2, Int> {
+    Tensor::from_data(burn::tensor::TensorData::new(ids, [b, t]), device)
+}

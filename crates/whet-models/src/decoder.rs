@@ -1,0 +1,185 @@
+//! What the decoder families share: their inputs, the key/value cache, the causal-LM interface
+//! that generation drives, and the last-token pooling of sequence classification.
+
+use burn::tensor::{Int, Tensor, TensorData};
+
+use crate::error::{ModelError, Result};
+use crate::layers::Mode;
+
+/// The inputs of a decoder forward pass.
+#[derive(Debug, Clone)]
+pub struct DecoderInput {
+    /// `[B, T]` new tokens.
+    pub input_ids: Tensor<2, Int>,
+    /// `[B, T_past + T]`: 1 for real tokens, 0 for padding, over cached and new positions.
+    pub attention_mask: Tensor<2, Int>,
+    /// `[B, T]` absolute positions; `None` means `T_past..T_past + T` for every row (correct for
+    /// right padding; left-padded batches must pass `cumsum(mask) - 1`, see [`position_ids`]).
+    pub position_ids: Option<Tensor<2, Int>>,
+}
+
+impl DecoderInput {
+    /// Input of `[B, T]` ids with a full mask and default positions.
+    pub fn unpadded(input_ids: Tensor<2, Int>) -> Self {
+        let mask = input_ids.ones_like();
+        Self {
+            input_ids,
+            attention_mask: mask,
+            position_ids: None,
+        }
+    }
+}
+
+/// Positions as `transformers` generation computes them: `cumsum(mask) - 1`, clamped at 0, so
+/// the first real token of a left-padded row has position 0.
+///
+/// # Shapes
+/// - mask `[B, T]` (as row-major values)
+/// - output `[B, T]`
+pub fn position_ids(mask: &[i64], b: usize, t: usize) -> Vec<i64> {
+    let mut out = Vec::with_capacity(b * t);
+    for row in mask.chunks(t) {
+        let mut acc = 0i64;
+        for &m in row {
+            acc += m;
+            out.push((acc - 1).max(0));
+        }
+    }
+    out
+}
+
+/// Cached keys and values of every layer, grown by each forward call.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    /// Per layer: keys and values `[B, H_kv, T_past, hd]`.
+    pub layers: Vec<Option<(Tensor<4>, Tensor<4>)>>,
+}
+
+impl KvCache {
+    /// An empty cache for `n_layers` layers.
+    pub fn new(n_layers: usize) -> Self {
+        Self {
+            layers: vec![None; n_layers],
+        }
+    }
+
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map(|(k, _)| k.dims()[2])
+            .unwrap_or(0)
+    }
+
+    /// Whether nothing is cached yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Appends this step's keys and values for `layer` and returns the full ones.
+    ///
+    /// # Shapes
+    /// - k, v `[B, H_kv, T, hd]`
+    /// - output `[B, H_kv, T_past + T, hd]`
+    pub fn append(&mut self, layer: usize, k: Tensor<4>, v: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
+        let (k, v) = match self.layers[layer].take() {
+            Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
+            None => (k, v),
+        };
+        self.layers[layer] = Some((k.clone(), v.clone()));
+        (k, v)
+    }
+}
+
+/// A decoder with a language-modelling head, as generation needs it.
+pub trait CausalLm {
+    /// Final hidden states (after the last norm).
+    ///
+    /// # Shapes
+    /// - output `[B, T, H]`
+    fn forward_hidden(&self, input: DecoderInput, cache: Option<&mut KvCache>, mode: Mode)
+    -> Tensor<3>;
+
+    /// Vocabulary logits of hidden states.
+    ///
+    /// # Shapes
+    /// - hidden `[B, T, H]`
+    /// - output `[B, T, V]`
+    fn lm_logits(&self, hidden: Tensor<3>) -> Tensor<3>;
+
+    /// Logits of every position.
+    fn forward_logits(&self, input: DecoderInput, mode: Mode) -> Tensor<3> {
+        self.lm_logits(self.forward_hidden(input, None, mode))
+    }
+
+    /// A fresh cache for this model.
+    fn new_cache(&self) -> KvCache;
+
+    /// The longest sequence the positions support.
+    fn max_positions(&self) -> usize;
+
+    /// Vocabulary size.
+    fn vocab_size(&self) -> usize;
+}
+
+/// Index of each row's last non-pad token, as `transformers`' `*ForSequenceClassification`
+/// finds it: the rightmost position whose id is not `pad_token_id` (so it works for left and
+/// right padding). Without a pad token only unbatched input is accepted.
+///
+/// # Shapes
+/// - ids `[B, T]`
+/// - output `[B]`
+pub fn last_non_pad(ids: &Tensor<2, Int>, pad_token_id: Option<u32>) -> Result<Tensor<1, Int>> {
+    let [b, t] = ids.dims();
+    let values: Vec<i64> = ids
+        .to_data()
+        .convert::<i64>()
+        .to_vec()
+        .map_err(|e| ModelError::Input(format!("cannot read input ids: {e:?}")))?;
+    let idx: Vec<i64> = match pad_token_id {
+        Some(pad) => values
+            .chunks(t)
+            .map(|row| {
+                row.iter()
+                    .rposition(|&id| id != pad as i64)
+                    .unwrap_or(t - 1) as i64
+            })
+            .collect(),
+        None if b == 1 => vec![t as i64 - 1],
+        None => {
+            return Err(ModelError::Input(
+                "the config has no pad_token_id, so batches of more than one sequence cannot be \
+                 classified (set pad_token_id, e.g. to the EOS id)"
+                    .into(),
+            ));
+        }
+    };
+    Ok(Tensor::from_data(TensorData::new(idx, [b]), &ids.device()))
+}
+
+/// Picks one position per row.
+///
+/// # Shapes
+/// - x `[B, T, C]`, index `[B]`
+/// - output `[B, C]`
+pub fn gather_positions(x: Tensor<3>, index: Tensor<1, Int>) -> Tensor<2> {
+    let [b, _, c] = x.dims();
+    // (B) -> (B, 1, C) index for a gather along T
+    let idx = index.reshape([b, 1, 1]).expand([b, 1, c]);
+    x.gather(1, idx).reshape([b, c])
+}
+
+/// Next-token cross-entropy as `transformers`' causal-LM loss: logits at position `t` predict
+/// label `t + 1`; labels of -100 are ignored; the mean is over counted labels.
+///
+/// # Shapes
+/// - logits `[B, T, V]`, labels `[B, T]`
+/// - output `[1]`
+pub fn causal_lm_loss(logits: Tensor<3>, labels: Tensor<2, Int>) -> Tensor<1> {
+    let [b, t, v] = logits.dims();
+    // (B, T-1, V) -> (B*(T-1), V) against (B, T-1) -> (B*(T-1))
+    let shifted = logits.slice([0..b, 0..t - 1]).reshape([b * (t - 1), v]);
+    let targets = labels.slice([0..b, 1..t]).reshape([b * (t - 1)]);
+    crate::layers::cross_entropy(shifted, targets, -100)
+}

@@ -1,0 +1,252 @@
+//! DistilBERT encoder with its sequence-classification head.
+//!
+//! Paper: Sanh et al. 2019, "DistilBERT, a distilled version of BERT"
+//! (<https://arxiv.org/abs/1910.01108>). Matches `transformers.models.distilbert.
+//! modeling_distilbert` (`DistilBertModel`, `DistilBertForSequenceClassification`); its tensor
+//! names (`q_lin`, `transformer.layer.N`, `sa_layer_norm`, ...) are kept.
+
+use burn::module::Module;
+use burn::tensor::{Int, Tensor};
+use serde::Deserialize;
+
+use crate::bert::EncoderInput;
+use crate::config::{Activation, HeadFields};
+use crate::error::Result;
+use crate::layers::{
+    Embedding, LayerNorm, Linear, Mode, TorchLinear, attention_bias, dropout, merge_heads,
+    scaled_dot_product, split_heads,
+};
+use crate::weights::{ExportParams, NamedParam, Weights, join};
+
+/// DistilBERT hyper-parameters, as in `transformers.DistilBertConfig`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct DistilBertConfig {
+    pub vocab_size: usize,
+    pub dim: usize,
+    pub n_layers: usize,
+    pub n_heads: usize,
+    pub hidden_dim: usize,
+    #[serde(default = "default_dropout")]
+    pub dropout: f64,
+    #[serde(default = "default_dropout")]
+    pub attention_dropout: f64,
+    #[serde(default = "default_act")]
+    pub activation: Activation,
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_init")]
+    pub initializer_range: f64,
+    #[serde(default = "default_cls_dropout")]
+    pub seq_classif_dropout: f64,
+    #[serde(default)]
+    pub sinusoidal_pos_embds: bool,
+    #[serde(default)]
+    pub pad_token_id: Option<u32>,
+    #[serde(flatten)]
+    pub head: HeadFields,
+}
+
+fn default_dropout() -> f64 {
+    0.1
+}
+fn default_act() -> Activation {
+    Activation::Gelu
+}
+fn default_init() -> f64 {
+    0.02
+}
+fn default_cls_dropout() -> f64 {
+    0.2
+}
+
+/// DistilBERT's LayerNorm epsilon (fixed in the reference code).
+const LN_EPS: f64 = 1e-12;
+
+/// One transformer block (post-norm).
+#[derive(Module, Debug)]
+pub struct DistilBertLayer {
+    pub q_lin: Linear,
+    pub k_lin: Linear,
+    pub v_lin: Linear,
+    pub out_lin: Linear,
+    pub sa_layer_norm: LayerNorm,
+    pub lin1: Linear,
+    pub lin2: Linear,
+    pub output_layer_norm: LayerNorm,
+    pub heads: usize,
+    pub attention_dropout: f64,
+    pub dropout: f64,
+    #[module(skip)]
+    pub act: Activation,
+}
+
+impl DistilBertLayer {
+    fn load(vb: &Weights, c: &DistilBertConfig) -> Result<Self> {
+        let d = c.dim;
+        let lin = |name: &str, i, o| Linear::load(&vb.pp(name), i, o, true, TorchLinear::Linear);
+        Ok(Self {
+            q_lin: lin("attention.q_lin", d, d)?,
+            k_lin: lin("attention.k_lin", d, d)?,
+            v_lin: lin("attention.v_lin", d, d)?,
+            out_lin: lin("attention.out_lin", d, d)?,
+            sa_layer_norm: LayerNorm::load(&vb.pp("sa_layer_norm"), d, LN_EPS)?,
+            lin1: lin("ffn.lin1", d, c.hidden_dim)?,
+            lin2: lin("ffn.lin2", c.hidden_dim, d)?,
+            output_layer_norm: LayerNorm::load(&vb.pp("output_layer_norm"), d, LN_EPS)?,
+            heads: c.n_heads,
+            attention_dropout: c.attention_dropout,
+            dropout: c.dropout,
+            act: c.activation,
+        })
+    }
+
+    /// # Shapes
+    /// - x `[B, T, D]`, bias `[B, 1, T, T]`
+    /// - output `[B, T, D]`
+    fn forward(&self, x: Tensor<3>, bias: Tensor<4>, mode: Mode) -> Tensor<3> {
+        let q = split_heads(self.q_lin.forward(x.clone()), self.heads);
+        let k = split_heads(self.k_lin.forward(x.clone()), self.heads);
+        let v = split_heads(self.v_lin.forward(x.clone()), self.heads);
+        let ctx = merge_heads(scaled_dot_product(q, k, v, bias, self.attention_dropout, mode));
+        let sa = self.sa_layer_norm.forward(self.out_lin.forward(ctx) + x);
+        let ff = self.lin2.forward(self.act.forward(self.lin1.forward(sa.clone())));
+        self.output_layer_norm
+            .forward(dropout(ff, self.dropout, mode) + sa)
+    }
+}
+
+impl ExportParams for DistilBertLayer {
+    fn export(&self, p: &str, out: &mut Vec<NamedParam>) {
+        self.q_lin.export(&join(p, "attention.q_lin"), out);
+        self.k_lin.export(&join(p, "attention.k_lin"), out);
+        self.v_lin.export(&join(p, "attention.v_lin"), out);
+        self.out_lin.export(&join(p, "attention.out_lin"), out);
+        self.sa_layer_norm.export(&join(p, "sa_layer_norm"), out);
+        self.lin1.export(&join(p, "ffn.lin1"), out);
+        self.lin2.export(&join(p, "ffn.lin2"), out);
+        self.output_layer_norm.export(&join(p, "output_layer_norm"), out);
+    }
+}
+
+/// The bare encoder (`DistilBertModel`).
+#[derive(Module, Debug)]
+pub struct DistilBertModel {
+    pub word_embeddings: Embedding,
+    pub position_embeddings: Embedding,
+    pub embeddings_norm: LayerNorm,
+    pub layers: Vec<DistilBertLayer>,
+    pub dropout: f64,
+}
+
+impl DistilBertModel {
+    /// Loads from `vb` scoped to the `distilbert.` prefix if any.
+    pub fn load(vb: &Weights, c: &DistilBertConfig) -> Result<Self> {
+        let layers = (0..c.n_layers)
+            .map(|i| DistilBertLayer::load(&vb.pp(format!("transformer.layer.{i}")), c))
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            word_embeddings: Embedding::load(
+                &vb.pp("embeddings.word_embeddings"),
+                c.vocab_size,
+                c.dim,
+            )?,
+            position_embeddings: Embedding::load(
+                &vb.pp("embeddings.position_embeddings"),
+                c.max_position_embeddings,
+                c.dim,
+            )?,
+            embeddings_norm: LayerNorm::load(&vb.pp("embeddings.LayerNorm"), c.dim, LN_EPS)?,
+            layers,
+            dropout: c.dropout,
+        })
+    }
+
+    /// # Shapes
+    /// - ids and mask `[B, T]`
+    /// - output `[B, T, D]`
+    pub fn forward(&self, input: EncoderInput, mode: Mode) -> Tensor<3> {
+        let [b, t] = input.input_ids.dims();
+        let positions = Tensor::<1, Int>::arange(0..t as i64, &input.input_ids.device())
+            .reshape([1, t])
+            .expand([b, t]);
+        let x = self.word_embeddings.forward(input.input_ids)
+            + self.position_embeddings.forward(positions);
+        let mut x = dropout(self.embeddings_norm.forward(x), self.dropout, mode);
+        let bias = attention_bias(input.attention_mask.equal_elem(1), t, false);
+        for layer in &self.layers {
+            x = layer.forward(x, bias.clone(), mode);
+        }
+        x
+    }
+}
+
+impl ExportParams for DistilBertModel {
+    fn export(&self, p: &str, out: &mut Vec<NamedParam>) {
+        self.word_embeddings.export(&join(p, "embeddings.word_embeddings"), out);
+        self.position_embeddings
+            .export(&join(p, "embeddings.position_embeddings"), out);
+        self.embeddings_norm.export(&join(p, "embeddings.LayerNorm"), out);
+        for (i, l) in self.layers.iter().enumerate() {
+            l.export(&join(p, &format!("transformer.layer.{i}")), out);
+        }
+    }
+}
+
+/// `DistilBertForSequenceClassification`: first token, pre-classifier + ReLU, dropout,
+/// classifier.
+#[derive(Module, Debug)]
+pub struct DistilBertForSequenceClassification {
+    pub distilbert: DistilBertModel,
+    pub pre_classifier: Linear,
+    pub classifier: Linear,
+    pub dropout: f64,
+}
+
+impl DistilBertForSequenceClassification {
+    /// Loads the encoder and the head; head layers missing from the checkpoint are initialised
+    /// and their names returned.
+    pub fn load(vb: &Weights, c: &DistilBertConfig) -> Result<(Self, Vec<String>)> {
+        let prefix = if vb.contains("distilbert.embeddings.word_embeddings.weight") {
+            "distilbert"
+        } else {
+            ""
+        };
+        let distilbert = DistilBertModel::load(&vb.pp(prefix), c)?;
+        let (pre_classifier, mut fresh) =
+            crate::load_or_init_linear(&vb.pp("pre_classifier"), c.dim, c.dim, c.initializer_range)?;
+        let (classifier, f2) = crate::load_or_init_linear(
+            &vb.pp("classifier"),
+            c.dim,
+            c.head.num_labels(),
+            c.initializer_range,
+        )?;
+        fresh.extend(f2);
+        Ok((
+            Self {
+                distilbert,
+                pre_classifier,
+                classifier,
+                dropout: c.seq_classif_dropout,
+            },
+            fresh,
+        ))
+    }
+
+    /// # Shapes
+    /// - logits `[B, num_labels]`
+    pub fn forward(&self, input: EncoderInput, mode: Mode) -> Tensor<2> {
+        let x = self.distilbert.forward(input, mode);
+        let [b, _, d] = x.dims();
+        // (B, T, D) -> (B, D): the first ([CLS]) token
+        let first = x.slice([0..b, 0..1]).reshape([b, d]);
+        let h = burn::tensor::activation::relu(self.pre_classifier.forward(first));
+        self.classifier.forward(dropout(h, self.dropout, mode))
+    }
+}
+
+impl ExportParams for DistilBertForSequenceClassification {
+    fn export(&self, p: &str, out: &mut Vec<NamedParam>) {
+        self.distilbert.export(&join(p, "distilbert"), out);
+        self.pre_classifier.export(&join(p, "pre_classifier"), out);
+        self.classifier.export(&join(p, "classifier"), out);
+    }
+}

@@ -1,0 +1,398 @@
+//! LLaMA-family models from GGUF files: config from metadata, tensors renamed to Hugging Face
+//! names (and un-permuted), tokenizer and chat template from metadata, and conversion to a
+//! Hugging Face folder. Mirrors `transformers.integrations.ggml` / `modeling_gguf_pytorch_utils`.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use whet_gguf::GgufFile;
+
+use crate::error::{ModelError, Result};
+use crate::llama::LlamaConfig;
+use crate::tokenizer::{Special, TextTokenizer, byte_level_bpe};
+use crate::weights::TensorSource;
+
+/// GGUF architectures read as the LLaMA family.
+const LLAMA_ARCHS: &[&str] = &["llama", "mistral", "qwen2"];
+
+/// Maps a ggml tensor name to its Hugging Face LLaMA name.
+pub fn hf_name(ggml: &str) -> Option<String> {
+    let fixed = match ggml {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = ggml.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (module, kind) = rest.rsplit_once('.')?;
+    let hf = match module {
+        "attn_norm" => "input_layernorm",
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_norm" => "post_attention_layernorm",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}.{kind}"))
+}
+
+/// The tensors of a GGUF LLaMA checkpoint under Hugging Face names, dequantised to f32.
+pub struct GgufSource {
+    file: Arc<GgufFile>,
+    /// HF name -> ggml name
+    names: HashMap<String, String>,
+    /// Heads of q and k, for undoing llama.cpp's rotary permutation (None: no permutation).
+    permute: Option<(usize, usize)>,
+}
+
+impl GgufSource {
+    /// Indexes `file` for the LLaMA family.
+    pub fn new(file: Arc<GgufFile>, config: &LlamaConfig) -> Self {
+        let names = file
+            .tensors
+            .iter()
+            .filter_map(|t| Some((hf_name(&t.name)?, t.name.clone())))
+            .collect();
+        // llama.cpp permutes q/k rows of "llama" and "mistral" checkpoints for its interleaved
+        // rotary layout; transformers undoes it (`reverse_permute_weights`), and so does whet.
+        let arch = file.get_str("general.architecture").unwrap_or("llama");
+        let permute = matches!(arch, "llama" | "mistral")
+            .then_some((config.num_attention_heads, config.kv_heads()));
+        Self {
+            file,
+            names,
+            permute,
+        }
+    }
+
+    /// The ggml tensors that have no Hugging Face name (ignored by the loader).
+    pub fn unmapped(&self) -> Vec<String> {
+        self.file
+            .tensors
+            .iter()
+            .filter(|t| hf_name(&t.name).is_none())
+            .map(|t| t.name.clone())
+            .collect()
+    }
+}
+
+/// Undoes llama.cpp's permutation of q/k projection rows: within each head, rows stored as
+/// (hd/2, 2) interleaved pairs go back to (2, hd/2) halves.
+///
+/// `numpy: w.reshape(n_head, hd // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)`
+fn unpermute(values: &[f32], rows: usize, cols: usize, n_head: usize) -> Vec<f32> {
+    let hd = rows / n_head;
+    let half = hd / 2;
+    let mut out = vec![0f32; values.len()];
+    for h in 0..n_head {
+        for i in 0..half {
+            for j in 0..2 {
+                let src = h * hd + i * 2 + j;
+                let dst = h * hd + j * half + i;
+                out[dst * cols..(dst + 1) * cols]
+                    .copy_from_slice(&values[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+impl TensorSource for GgufSource {
+    fn source_name(&self) -> String {
+        self.file.path().display().to_string()
+    }
+
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        let t = self.file.tensor(self.names.get(name)?)?;
+        Some(t.shape())
+    }
+
+    fn dtype(&self, name: &str) -> Option<String> {
+        let t = self.file.tensor(self.names.get(name)?)?;
+        Some(t.ty.to_string())
+    }
+
+    fn names(&self) -> Vec<String> {
+        let mut n: Vec<_> = self.names.keys().cloned().collect();
+        n.sort();
+        n
+    }
+
+    fn read_f32(&self, name: &str) -> Result<Vec<f32>> {
+        let t = self
+            .names
+            .get(name)
+            .and_then(|g| self.file.tensor(g))
+            .ok_or_else(|| ModelError::MissingTensor {
+                name: name.to_string(),
+                source_name: self.source_name(),
+            })?;
+        let values = self.file.dequantize(t)?;
+        let shape = t.shape();
+        let heads = match self.permute {
+            Some((q, _)) if name.ends_with("self_attn.q_proj.weight") => Some(q),
+            Some((_, k)) if name.ends_with("self_attn.k_proj.weight") => Some(k),
+            _ => None,
+        };
+        Ok(match heads {
+            Some(n_head) if shape.len() == 2 => unpermute(&values, shape[0], shape[1], n_head),
+            _ => values,
+        })
+    }
+}
+
+/// The LLaMA config a GGUF file's metadata describes, as `transformers` derives it.
+pub fn llama_config(file: &GgufFile) -> Result<LlamaConfig> {
+    let arch = file.get_str("general.architecture")?.to_string();
+    if !LLAMA_ARCHS.contains(&arch.as_str()) {
+        return Err(ModelError::UnknownArchitecture {
+            name: arch,
+            path: file.path().to_path_buf(),
+            supported: "GGUF architectures llama, mistral, qwen2",
+        });
+    }
+    let key = |k: &str| format!("{arch}.{k}");
+    let u = |k: &str| file.get_u64(&key(k)).map(|v| v as usize);
+    let heads = u("attention.head_count")?;
+    let hidden = u("embedding_length")?;
+    let vocab = match u("vocab_size") {
+        Ok(v) => v,
+        Err(_) => file.get_strings("tokenizer.ggml.tokens")?.len(),
+    };
+    let head_dim = u("attention.key_length").ok().filter(|&d| d != hidden / heads);
+    let token = |k: &str| {
+        file.get(&format!("tokenizer.ggml.{k}"))
+            .and_then(|v| v.as_u64())
+            .map(|v| v as u32)
+    };
+    Ok(LlamaConfig {
+        model_type: arch.clone(),
+        vocab_size: vocab,
+        hidden_size: hidden,
+        intermediate_size: u("feed_forward_length")?,
+        num_hidden_layers: u("block_count")?,
+        num_attention_heads: heads,
+        num_key_value_heads: Some(u("attention.head_count_kv").unwrap_or(heads)),
+        head_dim,
+        rms_norm_eps: file.get_f64(&key("attention.layer_norm_rms_epsilon"))?,
+        rope_theta: Some(file.get_f64(&key("rope.freq_base")).unwrap_or(10000.0)),
+        rope_parameters: None,
+        rope_scaling: None,
+        max_position_embeddings: u("context_length").unwrap_or(2048),
+        tie_word_embeddings: file.tensor("output.weight").is_none(),
+        attention_bias: false,
+        mlp_bias: false,
+        attention_dropout: 0.0,
+        hidden_act: crate::config::Activation::Silu,
+        initializer_range: 0.02,
+        pad_token_id: token("padding_token_id"),
+        bos_token_id: token("bos_token_id"),
+        eos_token_id: token("eos_token_id").map(|v| v.into()),
+        head: Default::default(),
+    })
+}
+
+/// The tokenizer a GGUF file's metadata describes (byte-level BPE, `tokenizer.ggml.model =
+/// "gpt2"`), built as `transformers`' `GGUFGPTConverter` builds it, with control and
+/// user-defined tokens registered as special added tokens.
+pub fn tokenizer(file: &GgufFile) -> Result<TextTokenizer> {
+    let source = file.path().display().to_string();
+    let model = file.get_str("tokenizer.ggml.model")?;
+    if model != "gpt2" {
+        return Err(ModelError::Tokenizer {
+            source_name: source,
+            message: format!(
+                "GGUF tokenizer model {model:?} is not supported (byte-level BPE \"gpt2\" is)"
+            ),
+        });
+    }
+    let tokens = file.get_strings("tokenizer.ggml.tokens")?;
+    let merges = file
+        .get_strings("tokenizer.ggml.merges")?
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| {
+            m.split_once(' ')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .ok_or_else(|| ModelError::Tokenizer {
+                    source_name: source.clone(),
+                    message: format!("merge #{i} {m:?} is not two tokens"),
+                })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let types: Vec<u64> = file
+        .get("tokenizer.ggml.token_type")
+        .and_then(|v| v.as_array())
+        .map(|a| a.iter().map(|v| v.as_u64().unwrap_or(1)).collect())
+        .unwrap_or_default();
+    let vocab: HashMap<String, u32> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.to_string(), i as u32))
+        .collect();
+    // Token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
+    let specials: Vec<String> = tokens
+        .iter()
+        .zip(types.iter())
+        .filter(|(_, ty)| matches!(**ty, 3 | 4))
+        .map(|(t, _)| t.to_string())
+        .collect();
+    let special = |k: &str| -> Option<Special> {
+        let id = file.get(&format!("tokenizer.ggml.{k}"))?.as_u64()? as u32;
+        Some(Special {
+            text: tokens.get(id as usize)?.to_string(),
+            id,
+        })
+    };
+    let bos = special("bos_token_id");
+    let add_bos = file
+        .get("tokenizer.ggml.add_bos_token")
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false);
+    let add_prefix_space = file
+        .get("tokenizer.ggml.add_space_prefix")
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false);
+    let inner = byte_level_bpe(
+        vocab,
+        merges,
+        &specials,
+        add_prefix_space,
+        if add_bos { bos.as_ref() } else { None },
+        &source,
+    )?;
+    Ok(TextTokenizer {
+        inner,
+        eos: special("eos_token_id"),
+        pad: special("padding_token_id"),
+        bos,
+        chat_template: file
+            .get("tokenizer.chat_template")
+            .and_then(|v| v.as_str())
+            .map(String::from),
+        source,
+    })
+}
+
+/// Opens a GGUF file and checks it is a LLaMA-family checkpoint.
+pub fn open(path: &Path) -> Result<(Arc<GgufFile>, LlamaConfig)> {
+    let file = Arc::new(GgufFile::open(path)?);
+    let config = llama_config(&file)?;
+    Ok((file, config))
+}
+
+/// Writes a GGUF LLaMA checkpoint as a Hugging Face folder that `transformers` loads:
+/// `config.json`, `model.safetensors` (f32, dequantised, q/k un-permuted),
+/// `tokenizer.json` and `tokenizer_config.json` (with the chat template).
+pub fn convert_to_folder(path: &Path, out: &Path) -> Result<ConvertSummary> {
+    let (file, config) = open(path)?;
+    let source = GgufSource::new(file.clone(), &config);
+    let tokenizer = tokenizer(&file)?;
+    std::fs::create_dir_all(out).map_err(|e| ModelError::io(out, e))?;
+
+    let mut tensors = Vec::new();
+    for name in source.names() {
+        let shape = source.shape(&name).unwrap_or_default();
+        tensors.push((name.clone(), shape, source.read_f32(&name)?));
+    }
+    let mut meta = HashMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    crate::weights::write_safetensors(&out.join("model.safetensors"), &tensors, Some(meta))?;
+
+    let class = match config.model_type.as_str() {
+        "mistral" => "MistralForCausalLM",
+        "qwen2" => "Qwen2ForCausalLM",
+        _ => "LlamaForCausalLM",
+    };
+    let mut json = serde_json::to_value(&config).map_err(|e| ModelError::Input(e.to_string()))?;
+    if let serde_json::Value::Object(map) = &mut json {
+        map.retain(|_, v| !v.is_null());
+        map.insert("architectures".into(), serde_json::json!([class]));
+        map.insert("torch_dtype".into(), "float32".into());
+    }
+    write_json(&out.join("config.json"), &json)?;
+
+    let tok_path = out.join("tokenizer.json");
+    let tok_json = tokenizer
+        .inner
+        .to_string(true)
+        .map_err(|e| ModelError::Tokenizer {
+            source_name: tokenizer.source.clone(),
+            message: e.to_string(),
+        })?;
+    crate::fsutil::write_atomic(&tok_path, tok_json.as_bytes())?;
+    let text = |s: &Option<Special>| s.as_ref().map(|s| s.text.clone());
+    let add_bos = file
+        .get("tokenizer.ggml.add_bos_token")
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false);
+    let tok_config = serde_json::json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": text(&tokenizer.bos),
+        "eos_token": text(&tokenizer.eos),
+        "pad_token": text(&tokenizer.pad),
+        "add_bos_token": add_bos,
+        "clean_up_tokenization_spaces": false,
+        "model_max_length": config.max_position_embeddings,
+        "chat_template": tokenizer.chat_template,
+    });
+    write_json(&out.join("tokenizer_config.json"), &tok_config)?;
+    Ok(ConvertSummary {
+        tensors: tensors.len(),
+        parameters: tensors.iter().map(|(_, s, _)| s.iter().product::<usize>()).sum(),
+        skipped: source.unmapped(),
+    })
+}
+
+/// What [`convert_to_folder`] wrote.
+#[derive(Debug, Clone)]
+pub struct ConvertSummary {
+    /// Tensors written.
+    pub tensors: usize,
+    /// Values written.
+    pub parameters: usize,
+    /// GGUF tensors without a Hugging Face counterpart (e.g. precomputed rope tables).
+    pub skipped: Vec<String>,
+}
+
+fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| ModelError::Input(e.to_string()))?;
+    crate::fsutil::write_atomic(path, text.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_map_onto_llama() {
+        assert_eq!(
+            hf_name("blk.3.attn_q.weight").as_deref(),
+            Some("model.layers.3.self_attn.q_proj.weight")
+        );
+        assert_eq!(
+            hf_name("blk.0.ffn_down.weight").as_deref(),
+            Some("model.layers.0.mlp.down_proj.weight")
+        );
+        assert_eq!(hf_name("token_embd.weight").as_deref(), Some("model.embed_tokens.weight"));
+        assert_eq!(hf_name("rope_freqs.weight"), None);
+    }
+
+    #[test]
+    fn unpermute_regroups_interleaved_pairs() {
+        // one head, hd = 4, one column: stored rows (r0, r1, r2, r3) are pairs (0,1), (2,3) of
+        // interleaved halves; HF order is (r0, r2, r1, r3).
+        let out = unpermute(&[0.0, 1.0, 2.0, 3.0], 4, 1, 1);
+        assert_eq!(out, vec![0.0, 2.0, 1.0, 3.0]);
+    }
+}

@@ -1,0 +1,305 @@
+//! GPT-2 decoder with tied language-modelling head and sequence-classification head.
+//!
+//! Paper: Radford et al. 2019, "Language Models are Unsupervised Multitask Learners".
+//! Matches `transformers.models.gpt2.modeling_gpt2` (`GPT2Model`, `GPT2LMHeadModel`,
+//! `GPT2ForSequenceClassification`). Its `Conv1D` layers store weights `[in, out]`, which whet
+//! keeps as they are ([`TorchLinear::Conv1D`]).
+
+use burn::module::Module;
+use burn::tensor::{Int, Tensor};
+use serde::Deserialize;
+
+use crate::config::{Activation, HeadFields};
+use crate::decoder::{CausalLm, DecoderInput, KvCache, gather_positions, last_non_pad};
+use crate::error::Result;
+use crate::layers::{
+    Embedding, LayerNorm, Linear, Mode, TorchLinear, attention_bias, dropout, merge_heads,
+    scaled_dot_product, split_heads,
+};
+use crate::weights::{ExportParams, NamedParam, Weights, join};
+
+/// GPT-2 hyper-parameters, as in `transformers.GPT2Config`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Gpt2Config {
+    pub vocab_size: usize,
+    pub n_positions: usize,
+    pub n_embd: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    #[serde(default)]
+    pub n_inner: Option<usize>,
+    #[serde(default = "default_act")]
+    pub activation_function: Activation,
+    #[serde(default = "default_dropout")]
+    pub resid_pdrop: f64,
+    #[serde(default = "default_dropout")]
+    pub embd_pdrop: f64,
+    #[serde(default = "default_dropout")]
+    pub attn_pdrop: f64,
+    #[serde(default = "default_ln_eps")]
+    pub layer_norm_epsilon: f64,
+    #[serde(default = "default_init")]
+    pub initializer_range: f64,
+    #[serde(default)]
+    pub summary_first_dropout: Option<f64>,
+    #[serde(default)]
+    pub pad_token_id: Option<u32>,
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+    #[serde(default)]
+    pub eos_token_id: Option<u32>,
+    #[serde(flatten)]
+    pub head: HeadFields,
+}
+
+fn default_act() -> Activation {
+    Activation::GeluTanh
+}
+fn default_dropout() -> f64 {
+    0.1
+}
+fn default_ln_eps() -> f64 {
+    1e-5
+}
+fn default_init() -> f64 {
+    0.02
+}
+
+/// One pre-norm block: `x + attn(ln_1(x))`, then `x + mlp(ln_2(x))`.
+#[derive(Module, Debug)]
+pub struct Gpt2Block {
+    pub ln_1: LayerNorm,
+    /// Fused query/key/value projection `[E, 3E]`.
+    pub c_attn: Linear,
+    pub attn_proj: Linear,
+    pub ln_2: LayerNorm,
+    pub c_fc: Linear,
+    pub mlp_proj: Linear,
+    pub heads: usize,
+    pub attn_pdrop: f64,
+    pub resid_pdrop: f64,
+    #[module(skip)]
+    pub act: Activation,
+}
+
+impl Gpt2Block {
+    fn load(vb: &Weights, c: &Gpt2Config) -> Result<Self> {
+        let e = c.n_embd;
+        let inner = c.n_inner.unwrap_or(4 * e);
+        let conv = |name: &str, i, o| Linear::load(&vb.pp(name), i, o, true, TorchLinear::Conv1D);
+        Ok(Self {
+            ln_1: LayerNorm::load(&vb.pp("ln_1"), e, c.layer_norm_epsilon)?,
+            c_attn: conv("attn.c_attn", e, 3 * e)?,
+            attn_proj: conv("attn.c_proj", e, e)?,
+            ln_2: LayerNorm::load(&vb.pp("ln_2"), e, c.layer_norm_epsilon)?,
+            c_fc: conv("mlp.c_fc", e, inner)?,
+            mlp_proj: conv("mlp.c_proj", inner, e)?,
+            heads: c.n_head,
+            attn_pdrop: c.attn_pdrop,
+            resid_pdrop: c.resid_pdrop,
+            act: c.activation_function,
+        })
+    }
+
+    /// # Shapes
+    /// - x `[B, T, E]`, bias `[B, 1, T, T_past + T]`
+    /// - output `[B, T, E]`
+    fn forward(
+        &self,
+        x: Tensor<3>,
+        bias: Tensor<4>,
+        cache: Option<(&mut KvCache, usize)>,
+        mode: Mode,
+    ) -> Tensor<3> {
+        let [b, t, e] = x.dims();
+        // (B, T, E) -> (B, T, 3E) -> three (B, T, E)
+        let qkv = self.c_attn.forward(self.ln_1.forward(x.clone()));
+        let q = split_heads(qkv.clone().slice([0..b, 0..t, 0..e]), self.heads);
+        let mut k = split_heads(qkv.clone().slice([0..b, 0..t, e..2 * e]), self.heads);
+        let mut v = split_heads(qkv.slice([0..b, 0..t, 2 * e..3 * e]), self.heads);
+        if let Some((cache, layer)) = cache {
+            (k, v) = cache.append(layer, k, v);
+        }
+        let ctx = merge_heads(scaled_dot_product(q, k, v, bias, self.attn_pdrop, mode));
+        let x = x + dropout(self.attn_proj.forward(ctx), self.resid_pdrop, mode);
+        let h = self.act.forward(self.c_fc.forward(self.ln_2.forward(x.clone())));
+        x.clone() + dropout(self.mlp_proj.forward(h), self.resid_pdrop, mode)
+    }
+}
+
+impl ExportParams for Gpt2Block {
+    fn export(&self, p: &str, out: &mut Vec<NamedParam>) {
+        self.ln_1.export(&join(p, "ln_1"), out);
+        self.c_attn.export(&join(p, "attn.c_attn"), out);
+        self.attn_proj.export(&join(p, "attn.c_proj"), out);
+        self.ln_2.export(&join(p, "ln_2"), out);
+        self.c_fc.export(&join(p, "mlp.c_fc"), out);
+        self.mlp_proj.export(&join(p, "mlp.c_proj"), out);
+    }
+}
+
+/// The decoder stack (`GPT2Model`).
+#[derive(Module, Debug)]
+pub struct Gpt2Model {
+    pub wte: Embedding,
+    pub wpe: Embedding,
+    pub h: Vec<Gpt2Block>,
+    pub ln_f: LayerNorm,
+    pub embd_pdrop: f64,
+}
+
+impl Gpt2Model {
+    /// Loads from `vb` scoped to the `transformer.` prefix if any.
+    pub fn load(vb: &Weights, c: &Gpt2Config) -> Result<Self> {
+        Ok(Self {
+            wte: Embedding::load(&vb.pp("wte"), c.vocab_size, c.n_embd)?,
+            wpe: Embedding::load(&vb.pp("wpe"), c.n_positions, c.n_embd)?,
+            h: (0..c.n_layer)
+                .map(|i| Gpt2Block::load(&vb.pp(format!("h.{i}")), c))
+                .collect::<Result<_>>()?,
+            ln_f: LayerNorm::load(&vb.pp("ln_f"), c.n_embd, c.layer_norm_epsilon)?,
+            embd_pdrop: c.embd_pdrop,
+        })
+    }
+
+    /// # Shapes
+    /// - output `[B, T, E]`
+    pub fn forward(
+        &self,
+        input: DecoderInput,
+        mut cache: Option<&mut KvCache>,
+        mode: Mode,
+    ) -> Tensor<3> {
+        let [b, t] = input.input_ids.dims();
+        let past = cache.as_ref().map(|c| c.len()).unwrap_or(0);
+        let positions = input.position_ids.unwrap_or_else(|| {
+            Tensor::<1, Int>::arange(past as i64..(past + t) as i64, &input.input_ids.device())
+                .reshape([1, t])
+                .expand([b, t])
+        });
+        let x = self.wte.forward(input.input_ids) + self.wpe.forward(positions);
+        let mut x = dropout(x, self.embd_pdrop, mode);
+        let bias = attention_bias(input.attention_mask.equal_elem(1), t, true);
+        for (i, block) in self.h.iter().enumerate() {
+            let layer_cache = cache.as_deref_mut().map(|c| (c, i));
+            x = block.forward(x, bias.clone(), layer_cache, mode);
+        }
+        self.ln_f.forward(x)
+    }
+}
+
+impl ExportParams for Gpt2Model {
+    fn export(&self, p: &str, out: &mut Vec<NamedParam>) {
+        self.wte.export(&join(p, "wte"), out);
+        self.wpe.export(&join(p, "wpe"), out);
+        for (i, block) in self.h.iter().enumerate() {
+            block.export(&join(p, &format!("h.{i}")), out);
+        }
+        self.ln_f.export(&join(p, "ln_f"), out);
+    }
+}
+
+fn base_prefix(vb: &Weights) -> &'static str {
+    if vb.contains("transformer.wte.weight") {
+        "transformer"
+    } else {
+        ""
+    }
+}
+
+/// `GPT2LMHeadModel`: the decoder and a head tied to the token embedding.
+#[derive(Module, Debug)]
+pub struct Gpt2LmHeadModel {
+    pub transformer: Gpt2Model,
+    pub max_positions: usize,
+}
+
+impl Gpt2LmHeadModel {
+    /// Loads the decoder (the head is the transposed token embedding).
+    pub fn load(vb: &Weights, c: &Gpt2Config) -> Result<Self> {
+        Ok(Self {
+            transformer: Gpt2Model::load(&vb.pp(base_prefix(vb)), c)?,
+            max_positions: c.n_positions,
+        })
+    }
+}
+
+impl CausalLm for Gpt2LmHeadModel {
+    fn forward_hidden(
+        &self,
+        input: DecoderInput,
+        cache: Option<&mut KvCache>,
+        mode: Mode,
+    ) -> Tensor<3> {
+        self.transformer.forward(input, cache, mode)
+    }
+
+    fn lm_logits(&self, hidden: Tensor<3>) -> Tensor<3> {
+        // (B, T, E) x (E, V) -> (B, T, V)
+        let w = self.transformer.wte.weight.val().transpose();
+        hidden.matmul(w.unsqueeze())
+    }
+
+    fn new_cache(&self) -> KvCache {
+        KvCache::new(self.transformer.h.len())
+    }
+
+    fn max_positions(&self) -> usize {
+        self.max_positions
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.transformer.wte.weight.dims()[0]
+    }
+}
+
+impl ExportParams for Gpt2LmHeadModel {
+    fn export(&self, p: &str, out: &mut Vec<NamedParam>) {
+        self.transformer.export(&join(p, "transformer"), out);
+    }
+}
+
+/// `GPT2ForSequenceClassification`: a bias-free `score` layer read at the last non-pad token.
+#[derive(Module, Debug)]
+pub struct Gpt2ForSequenceClassification {
+    pub transformer: Gpt2Model,
+    pub score: Linear,
+    #[module(skip)]
+    pub pad_token_id: Option<u32>,
+}
+
+impl Gpt2ForSequenceClassification {
+    /// Loads the decoder and the score layer (initialised when absent, name returned).
+    pub fn load(vb: &Weights, c: &Gpt2Config) -> Result<(Self, Vec<String>)> {
+        let transformer = Gpt2Model::load(&vb.pp(base_prefix(vb)), c)?;
+        let (score, fresh) = crate::load_or_init_linear_nobias(
+            &vb.pp("score"),
+            c.n_embd,
+            c.head.num_labels(),
+            c.initializer_range,
+        )?;
+        Ok((
+            Self {
+                transformer,
+                score,
+                pad_token_id: c.pad_token_id,
+            },
+            fresh,
+        ))
+    }
+
+    /// # Shapes
+    /// - logits `[B, num_labels]`
+    pub fn forward(&self, input: DecoderInput, mode: Mode) -> Result<Tensor<2>> {
+        let last = last_non_pad(&input.input_ids, self.pad_token_id)?;
+        let h = self.transformer.forward(input, None, mode);
+        Ok(gather_positions(self.score.forward(h), last))
+    }
+}
+
+impl ExportParams for Gpt2ForSequenceClassification {
+    fn export(&self, p: &str, out: &mut Vec<NamedParam>) {
+        self.transformer.export(&join(p, "transformer"), out);
+        self.score.export(&join(p, "score"), out);
+    }
+}

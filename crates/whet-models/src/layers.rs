@@ -1,0 +1,321 @@
+//! Building blocks shared by the model families: linear, embedding, norms, dropout, attention.
+//!
+//! Each layer loads from a [`Weights`] view under its checkpoint name and exports itself under
+//! the same name ([`ExportParams`]), so load and save cannot drift apart silently (the
+//! round-trip test checks both against the file).
+
+use burn::module::{Module, Param};
+use burn::tensor::activation::softmax;
+use burn::tensor::module::{AttentionModuleOptions, attention, embedding};
+use burn::tensor::{Bool, Distribution, Int, Tensor};
+
+use crate::error::Result;
+use crate::weights::{ExportParams, Layout, NamedParam, Weights, push_matrix, push_vector};
+
+/// Whether a forward pass trains (dropout active) or evaluates.
+///
+/// It is an explicit argument of every forward rather than a hidden flag: dropout that silently
+/// does nothing is a fine-tuning bug that inference never shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Dropout drops.
+    Train,
+    /// Deterministic.
+    Eval,
+}
+
+/// How a linear layer's weight is stored in the Hugging Face checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TorchLinear {
+    /// `nn.Linear`: weight `[out, in]`.
+    Linear,
+    /// GPT-2's `Conv1D`: weight `[in, out]`.
+    Conv1D,
+}
+
+/// A dense layer `y = x W + b` with `W` held as `[in, out]`.
+#[derive(Module, Debug)]
+pub struct Linear {
+    /// `[d_in, d_out]`
+    pub weight: Param<Tensor<2>>,
+    /// `[d_out]`
+    pub bias: Option<Param<Tensor<1>>>,
+    /// Checkpoint layout of `weight`; the one place PyTorch's `[out, in]` is translated.
+    #[module(skip)]
+    pub stored_as: TorchLinear,
+}
+
+impl Linear {
+    /// Loads `weight` (and `bias` when `bias` is true) from `vb`.
+    pub fn load(
+        vb: &Weights,
+        d_in: usize,
+        d_out: usize,
+        bias: bool,
+        stored_as: TorchLinear,
+    ) -> Result<Self> {
+        let weight = match stored_as {
+            TorchLinear::Linear => vb.tensor("weight", [d_out, d_in])?.transpose(),
+            TorchLinear::Conv1D => vb.tensor("weight", [d_in, d_out])?,
+        };
+        let bias = if bias {
+            Some(vb.param("bias", [d_out])?)
+        } else {
+            None
+        };
+        Ok(Self {
+            weight: Param::from_tensor(weight),
+            bias,
+            stored_as,
+        })
+    }
+
+    /// A freshly initialised layer (new heads): weights ~ N(0, std), bias zero, as
+    /// `transformers`' `_init_weights` does with `initializer_range`.
+    pub fn init(
+        d_in: usize,
+        d_out: usize,
+        bias: bool,
+        std: f64,
+        stored_as: TorchLinear,
+        device: &burn::tensor::Device,
+    ) -> Self {
+        Self {
+            weight: Param::from_tensor(Tensor::random(
+                [d_in, d_out],
+                Distribution::Normal(0.0, std),
+                device,
+            )),
+            bias: bias.then(|| Param::from_tensor(Tensor::zeros([d_out], device))),
+            stored_as,
+        }
+    }
+
+    /// # Shapes
+    /// - input `[..., d_in]`
+    /// - output `[..., d_out]`
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        burn::tensor::module::linear(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()))
+    }
+
+    /// `(d_in, d_out)`.
+    pub fn dims(&self) -> (usize, usize) {
+        let [i, o] = self.weight.shape().dims();
+        (i, o)
+    }
+}
+
+impl ExportParams for Linear {
+    fn export(&self, prefix: &str, out: &mut Vec<NamedParam>) {
+        let layout = match self.stored_as {
+            TorchLinear::Linear => Layout::Transposed,
+            TorchLinear::Conv1D => Layout::Same,
+        };
+        push_matrix(out, prefix, "weight", &self.weight, layout);
+        if let Some(b) = &self.bias {
+            push_vector(out, prefix, "bias", b);
+        }
+    }
+}
+
+/// A lookup table `[vocab, dim]`.
+#[derive(Module, Debug)]
+pub struct Embedding {
+    /// `[num_embeddings, dim]`
+    pub weight: Param<Tensor<2>>,
+}
+
+impl Embedding {
+    /// Loads `weight` of shape `[n, dim]`.
+    pub fn load(vb: &Weights, n: usize, dim: usize) -> Result<Self> {
+        Ok(Self {
+            weight: vb.param("weight", [n, dim])?,
+        })
+    }
+
+    /// # Shapes
+    /// - ids `[B, T]`
+    /// - output `[B, T, dim]`
+    pub fn forward(&self, ids: Tensor<2, Int>) -> Tensor<3> {
+        embedding(self.weight.val(), ids)
+    }
+}
+
+impl ExportParams for Embedding {
+    fn export(&self, prefix: &str, out: &mut Vec<NamedParam>) {
+        push_matrix(out, prefix, "weight", &self.weight, Layout::Same);
+    }
+}
+
+/// Layer normalisation with weight and bias (`nn.LayerNorm`).
+#[derive(Module, Debug)]
+pub struct LayerNorm {
+    /// `[dim]`
+    pub weight: Param<Tensor<1>>,
+    /// `[dim]`
+    pub bias: Param<Tensor<1>>,
+    /// Added to the variance.
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    /// Loads `weight` and `bias` of shape `[dim]`.
+    pub fn load(vb: &Weights, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: vb.param("weight", [dim])?,
+            bias: vb.param("bias", [dim])?,
+            eps,
+        })
+    }
+
+    /// Normalises over the last axis.
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        burn::tensor::module::layer_norm(x, self.weight.val(), Some(self.bias.val()), self.eps)
+    }
+}
+
+impl ExportParams for LayerNorm {
+    fn export(&self, prefix: &str, out: &mut Vec<NamedParam>) {
+        push_vector(out, prefix, "weight", &self.weight);
+        push_vector(out, prefix, "bias", &self.bias);
+    }
+}
+
+/// Root-mean-square normalisation (`LlamaRMSNorm`): `x / sqrt(mean(x²) + eps) * weight`.
+#[derive(Module, Debug)]
+pub struct RmsNorm {
+    /// `[dim]`
+    pub weight: Param<Tensor<1>>,
+    /// Added to the mean square.
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    /// Loads `weight` of shape `[dim]`.
+    pub fn load(vb: &Weights, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: vb.param("weight", [dim])?,
+            eps,
+        })
+    }
+
+    /// Normalises over the last axis.
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let rms = x
+            .clone()
+            .square()
+            .mean_dim(D - 1)
+            .add_scalar(self.eps)
+            .sqrt();
+        (x / rms) * self.weight.val().unsqueeze()
+    }
+}
+
+impl ExportParams for RmsNorm {
+    fn export(&self, prefix: &str, out: &mut Vec<NamedParam>) {
+        push_vector(out, prefix, "weight", &self.weight);
+    }
+}
+
+/// Inverted dropout: in training, zeroes each value with probability `p` and scales the rest by
+/// `1 / (1 - p)`; the identity in evaluation.
+pub fn dropout<const D: usize>(x: Tensor<D>, p: f64, mode: Mode) -> Tensor<D> {
+    if mode == Mode::Eval || p <= 0.0 {
+        return x;
+    }
+    let keep = x.random_like(Distribution::Bernoulli(1.0 - p));
+    x * keep / (1.0 - p)
+}
+
+/// The additive value that masks an attention score (`torch.finfo(float32).min`, as
+/// `transformers` uses: finite, so a fully masked row gives a uniform softmax, not NaN).
+pub const MASK_VALUE: f32 = f32::MIN;
+
+/// Additive attention bias from a key mask and optional causality.
+///
+/// `keep[b][j]` is whether key `j` of row `b` may be attended. With `causal`, query `i` (at
+/// absolute position `offset + i`) sees keys `0..=offset + i` only.
+///
+/// # Shapes
+/// - keep `[B, Tk]` (bool)
+/// - output `[B, 1, Tq, Tk]`
+pub fn attention_bias(keep: Tensor<2, Bool>, tq: usize, causal: bool) -> Tensor<4> {
+    let [b, tk] = keep.dims();
+    let device = keep.device();
+    let offset = tk - tq;
+    // masked[b, 0, i, j] = !keep[b, j] || (causal && j > offset + i)
+    let pad: Tensor<4, Bool> = keep.bool_not().reshape([b, 1, 1, tk]).expand([b, 1, tq, tk]);
+    let masked = if causal {
+        let future: Tensor<2, Bool> = Tensor::<2>::ones([tq, tk], &device)
+            .triu(offset as i64 + 1)
+            .bool();
+        pad.bool_or(future.reshape([1, 1, tq, tk]).expand([b, 1, tq, tk]))
+    } else {
+        pad
+    };
+    Tensor::<4>::zeros([b, 1, tq, tk], &device).mask_fill(masked, MASK_VALUE)
+}
+
+/// Scaled dot-product attention with an additive bias and attention-probability dropout.
+///
+/// In evaluation (or without dropout) it calls burn's fused `attention`; training with dropout
+/// needs the probabilities themselves, so it computes them explicitly.
+///
+/// # Shapes
+/// - q `[B, H, Tq, hd]`, k and v `[B, H, Tk, hd]`
+/// - bias `[B, 1, Tq, Tk]`
+/// - output `[B, H, Tq, hd]`
+pub fn scaled_dot_product(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    bias: Tensor<4>,
+    dropout_p: f64,
+    mode: Mode,
+) -> Tensor<4> {
+    let [b, h, tq, hd] = q.dims();
+    let tk = k.dims()[2];
+    if mode == Mode::Eval || dropout_p <= 0.0 {
+        let bias = bias.expand([b, h, tq, tk]);
+        return attention(q, k, v, None, Some(bias), AttentionModuleOptions::default());
+    }
+    let scale = 1.0 / (hd as f64).sqrt();
+    // (B, H, Tq, hd) x (B, H, hd, Tk) -> (B, H, Tq, Tk)
+    let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale) + bias;
+    let probs = dropout(softmax(scores, 3), dropout_p, mode);
+    // (B, H, Tq, Tk) x (B, H, Tk, hd) -> (B, H, Tq, hd)
+    probs.matmul(v)
+}
+
+/// Splits `[B, T, H*hd]` into heads `[B, H, T, hd]`.
+pub fn split_heads(x: Tensor<3>, heads: usize) -> Tensor<4> {
+    let [b, t, d] = x.dims();
+    // (B, T, H*hd) -> (B, T, H, hd) -> (B, H, T, hd)
+    x.reshape([b, t, heads, d / heads]).swap_dims(1, 2)
+}
+
+/// Merges heads `[B, H, T, hd]` back into `[B, T, H*hd]`.
+pub fn merge_heads(x: Tensor<4>) -> Tensor<3> {
+    let [b, h, t, hd] = x.dims();
+    // (B, H, T, hd) -> (B, T, H, hd) -> (B, T, H*hd)
+    x.swap_dims(1, 2).reshape([b, t, h * hd])
+}
+
+/// Cross-entropy averaged over targets that are not `ignore_index` (as PyTorch's
+/// `F.cross_entropy(..., ignore_index=-100)`).
+///
+/// # Shapes
+/// - logits `[N, C]`
+/// - targets `[N]`
+/// - output `[1]`
+pub fn cross_entropy(logits: Tensor<2>, targets: Tensor<1, Int>, ignore_index: i64) -> Tensor<1> {
+    let [n, _] = logits.dims();
+    let valid = targets.clone().not_equal_elem(ignore_index);
+    let safe = targets.mask_fill(valid.clone().bool_not(), 0);
+    let logp = burn::tensor::activation::log_softmax(logits, 1);
+    // (N, C) gather (N, 1) -> (N, 1) -> (N)
+    let picked = logp.gather(1, safe.reshape([n, 1])).reshape([n]);
+    let w = valid.float();
+    let count = w.clone().sum().clamp_min(1.0);
+    -(picked * w).sum() / count
+}

@@ -1,0 +1,407 @@
+//! Pretrained transformer families for whet, on burn.
+//!
+//! One family per file, each readable top to bottom (config, layers in data order, model,
+//! loader): [`bert`] (BERT, MiniLM), [`distilbert`], [`gpt2`], [`llama`] (LLaMA, Mistral,
+//! Qwen2, SmolLM2). [`Checkpoint`] opens a Hugging Face folder or a GGUF file, tells which
+//! family it holds and loads it with its tokenizer. Models know nothing of training: forward
+//! passes take an explicit [`Mode`], and the training crates compute losses.
+
+pub mod bert;
+pub mod config;
+pub mod decoder;
+pub mod distilbert;
+pub mod error;
+pub mod fsutil;
+pub mod gguf;
+pub mod gpt2;
+pub mod layers;
+pub mod llama;
+pub mod tokenizer;
+pub mod weights;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use burn::tensor::{Device, Tensor};
+
+pub use decoder::{CausalLm, DecoderInput, KvCache};
+pub use error::{ModelError, Result};
+pub use layers::Mode;
+pub use tokenizer::{ChatMessage, TextTokenizer};
+pub use weights::{ExportParams, NamedParam, TensorSource, Weights};
+
+use crate::bert::BertConfig;
+use crate::distilbert::DistilBertConfig;
+use crate::gpt2::Gpt2Config;
+use crate::layers::{Linear, TorchLinear};
+use crate::llama::LlamaConfig;
+use crate::weights::SafetensorsSource;
+
+/// Loads a linear head from the checkpoint, or initialises it as `transformers` does for a new
+/// head (weight ~ N(0, std), bias 0). Returns the names it had to initialise.
+pub(crate) fn load_or_init_linear(
+    vb: &Weights,
+    d_in: usize,
+    d_out: usize,
+    std: f64,
+) -> Result<(Linear, Vec<String>)> {
+    load_or_init(vb, d_in, d_out, true, std)
+}
+
+/// As [`load_or_init_linear`], for bias-free heads (`score` of the decoders).
+pub(crate) fn load_or_init_linear_nobias(
+    vb: &Weights,
+    d_in: usize,
+    d_out: usize,
+    std: f64,
+) -> Result<(Linear, Vec<String>)> {
+    load_or_init(vb, d_in, d_out, false, std)
+}
+
+fn load_or_init(
+    vb: &Weights,
+    d_in: usize,
+    d_out: usize,
+    bias: bool,
+    std: f64,
+) -> Result<(Linear, Vec<String>)> {
+    if vb.contains("weight") {
+        return Ok((Linear::load(vb, d_in, d_out, bias, TorchLinear::Linear)?, vec![]));
+    }
+    let mut fresh = vec![vb.path("weight")];
+    if bias {
+        fresh.push(vb.path("bias"));
+    }
+    let layer = Linear::init(d_in, d_out, bias, std, TorchLinear::Linear, vb.device());
+    Ok((layer, fresh))
+}
+
+/// The model families whet implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// BERT, MiniLM.
+    Bert,
+    /// DistilBERT.
+    DistilBert,
+    /// GPT-2.
+    Gpt2,
+    /// LLaMA, Mistral, Qwen2, SmolLM2.
+    Llama,
+}
+
+impl Family {
+    /// Whether the family is a causal decoder.
+    pub fn is_decoder(self) -> bool {
+        matches!(self, Family::Gpt2 | Family::Llama)
+    }
+}
+
+impl std::fmt::Display for Family {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Family::Bert => "bert",
+            Family::DistilBert => "distilbert",
+            Family::Gpt2 => "gpt2",
+            Family::Llama => "llama",
+        })
+    }
+}
+
+const SUPPORTED: &str = "model_type bert, distilbert, gpt2, llama, mistral, qwen2 (and .gguf files \
+                         of the llama family)";
+
+/// A family's parsed config.
+#[derive(Debug, Clone)]
+pub enum FamilyConfig {
+    Bert(BertConfig),
+    DistilBert(DistilBertConfig),
+    Gpt2(Gpt2Config),
+    Llama(LlamaConfig),
+}
+
+/// Where the weights are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// A Hugging Face folder (config.json + safetensors).
+    Folder,
+    /// A GGUF file.
+    Gguf,
+}
+
+/// An opened checkpoint: family, config, tensors; nothing loaded onto a device yet.
+pub struct Checkpoint {
+    /// The folder or file.
+    pub path: PathBuf,
+    /// Folder or GGUF.
+    pub format: Format,
+    /// Parsed config.
+    pub config: FamilyConfig,
+    /// Tensors under Hugging Face names.
+    pub source: Arc<dyn TensorSource>,
+    gguf: Option<Arc<whet_gguf::GgufFile>>,
+}
+
+impl Checkpoint {
+    /// Opens a Hugging Face model folder or a `.gguf` file.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        if path.is_file() {
+            let (file, config) = gguf::open(&path)?;
+            let source = Arc::new(gguf::GgufSource::new(file.clone(), &config));
+            return Ok(Self {
+                path,
+                format: Format::Gguf,
+                config: FamilyConfig::Llama(config),
+                source,
+                gguf: Some(file),
+            });
+        }
+        if !path.is_dir() {
+            return Err(ModelError::MissingFile {
+                path,
+                hint: "expected a Hugging Face model folder or a .gguf file".into(),
+            });
+        }
+        let config_path = path.join("config.json");
+        let raw: serde_json::Value = config::read_json(&config_path)?;
+        let model_type = raw
+            .get("model_type")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_string();
+        let parse = |v: serde_json::Value| -> Result<FamilyConfig> {
+            let bad = |e: serde_json::Error| ModelError::Config {
+                path: config_path.clone(),
+                message: e.to_string(),
+            };
+            Ok(match model_type.as_str() {
+                "bert" => FamilyConfig::Bert(serde_json::from_value(v).map_err(bad)?),
+                "distilbert" => FamilyConfig::DistilBert(serde_json::from_value(v).map_err(bad)?),
+                "gpt2" => FamilyConfig::Gpt2(serde_json::from_value(v).map_err(bad)?),
+                "llama" | "mistral" | "qwen2" => {
+                    FamilyConfig::Llama(serde_json::from_value(v).map_err(bad)?)
+                }
+                _ => {
+                    return Err(ModelError::UnknownArchitecture {
+                        name: model_type.clone(),
+                        path: config_path.clone(),
+                        supported: SUPPORTED,
+                    });
+                }
+            })
+        };
+        let config = parse(raw.clone())?;
+        let source = Arc::new(SafetensorsSource::open_folder(&path)?);
+        Ok(Self {
+            path,
+            format: Format::Folder,
+            config,
+            source,
+            gguf: None,
+        })
+    }
+
+    /// The family.
+    pub fn family(&self) -> Family {
+        match self.config {
+            FamilyConfig::Bert(_) => Family::Bert,
+            FamilyConfig::DistilBert(_) => Family::DistilBert,
+            FamilyConfig::Gpt2(_) => Family::Gpt2,
+            FamilyConfig::Llama(_) => Family::Llama,
+        }
+    }
+
+    /// The GGUF file, when the checkpoint is one.
+    pub fn gguf(&self) -> Option<&whet_gguf::GgufFile> {
+        self.gguf.as_deref()
+    }
+
+    /// A weight reader creating tensors on `device`.
+    pub fn weights(&self, device: &Device) -> Weights {
+        Weights::new(self.source.clone(), device)
+    }
+
+    /// The tokenizer stored with the model.
+    pub fn tokenizer(&self) -> Result<TextTokenizer> {
+        match &self.gguf {
+            Some(file) => gguf::tokenizer(file),
+            None => TextTokenizer::from_folder(&self.path),
+        }
+    }
+
+    /// Token ids that end generation: the config's `eos_token_id` (one or a list).
+    pub fn eos_token_ids(&self) -> Vec<u32> {
+        let v = match &self.config {
+            FamilyConfig::Gpt2(c) => return c.eos_token_id.into_iter().collect(),
+            FamilyConfig::Llama(c) => c.eos_token_id.clone(),
+            _ => None,
+        };
+        match v {
+            Some(serde_json::Value::Number(n)) => n.as_u64().map(|n| vec![n as u32]).unwrap_or_default(),
+            Some(serde_json::Value::Array(a)) => {
+                a.iter().filter_map(|n| n.as_u64()).map(|n| n as u32).collect()
+            }
+            _ => vec![],
+        }
+    }
+
+    /// Loads the model with its language-modelling head (decoders only).
+    pub fn load_causal_lm(&self, device: &Device) -> Result<CausalModel> {
+        let vb = self.weights(device);
+        match &self.config {
+            FamilyConfig::Gpt2(c) => Ok(CausalModel::Gpt2(gpt2::Gpt2LmHeadModel::load(&vb, c)?)),
+            FamilyConfig::Llama(c) => Ok(CausalModel::Llama(llama::LlamaForCausalLm::load(&vb, c)?)),
+            _ => Err(ModelError::Input(format!(
+                "{} is a {} encoder; text generation needs a decoder (gpt2 or llama family)",
+                self.path.display(),
+                self.family()
+            ))),
+        }
+    }
+
+    /// Loads the model with a sequence-classification head; head tensors missing from the
+    /// checkpoint are initialised and named in the second value.
+    pub fn load_classifier(&self, device: &Device) -> Result<(Classifier, Vec<String>)> {
+        let vb = self.weights(device);
+        Ok(match &self.config {
+            FamilyConfig::Bert(c) => {
+                let (m, f) = bert::BertForSequenceClassification::load(&vb, c)?;
+                (Classifier::Bert(m), f)
+            }
+            FamilyConfig::DistilBert(c) => {
+                let (m, f) = distilbert::DistilBertForSequenceClassification::load(&vb, c)?;
+                (Classifier::DistilBert(m), f)
+            }
+            FamilyConfig::Gpt2(c) => {
+                let (m, f) = gpt2::Gpt2ForSequenceClassification::load(&vb, c)?;
+                (Classifier::Gpt2(m), f)
+            }
+            FamilyConfig::Llama(c) => {
+                let (m, f) = llama::LlamaForSequenceClassification::load(&vb, c)?;
+                (Classifier::Llama(m), f)
+            }
+        })
+    }
+
+    /// Total parameter count (all tensors of the checkpoint).
+    pub fn parameter_count(&self) -> usize {
+        self.source
+            .names()
+            .iter()
+            .filter_map(|n| self.source.shape(n))
+            .map(|s| s.iter().product::<usize>())
+            .sum()
+    }
+}
+
+/// A decoder with its language-modelling head.
+#[derive(burn::module::Module, Debug)]
+pub enum CausalModel {
+    Gpt2(gpt2::Gpt2LmHeadModel),
+    Llama(llama::LlamaForCausalLm),
+}
+
+impl CausalLm for CausalModel {
+    fn forward_hidden(
+        &self,
+        input: DecoderInput,
+        cache: Option<&mut KvCache>,
+        mode: Mode,
+    ) -> Tensor<3> {
+        match self {
+            CausalModel::Gpt2(m) => m.forward_hidden(input, cache, mode),
+            CausalModel::Llama(m) => m.forward_hidden(input, cache, mode),
+        }
+    }
+
+    fn lm_logits(&self, hidden: Tensor<3>) -> Tensor<3> {
+        match self {
+            CausalModel::Gpt2(m) => m.lm_logits(hidden),
+            CausalModel::Llama(m) => m.lm_logits(hidden),
+        }
+    }
+
+    fn new_cache(&self) -> KvCache {
+        match self {
+            CausalModel::Gpt2(m) => m.new_cache(),
+            CausalModel::Llama(m) => m.new_cache(),
+        }
+    }
+
+    fn max_positions(&self) -> usize {
+        match self {
+            CausalModel::Gpt2(m) => m.max_positions(),
+            CausalModel::Llama(m) => m.max_positions(),
+        }
+    }
+
+    fn vocab_size(&self) -> usize {
+        match self {
+            CausalModel::Gpt2(m) => m.vocab_size(),
+            CausalModel::Llama(m) => m.vocab_size(),
+        }
+    }
+}
+
+impl ExportParams for CausalModel {
+    fn export(&self, prefix: &str, out: &mut Vec<NamedParam>) {
+        match self {
+            CausalModel::Gpt2(m) => m.export(prefix, out),
+            CausalModel::Llama(m) => m.export(prefix, out),
+        }
+    }
+}
+
+/// A model with a sequence-classification head.
+#[derive(burn::module::Module, Debug)]
+pub enum Classifier {
+    Bert(bert::BertForSequenceClassification),
+    DistilBert(distilbert::DistilBertForSequenceClassification),
+    Gpt2(gpt2::Gpt2ForSequenceClassification),
+    Llama(llama::LlamaForSequenceClassification),
+}
+
+/// A padded batch for a classifier.
+#[derive(Debug, Clone)]
+pub struct ClassifierInput {
+    /// `[B, T]`
+    pub input_ids: Tensor<2, burn::tensor::Int>,
+    /// `[B, T]`
+    pub attention_mask: Tensor<2, burn::tensor::Int>,
+    /// `[B, T]`, encoders only.
+    pub token_type_ids: Option<Tensor<2, burn::tensor::Int>>,
+}
+
+impl Classifier {
+    /// # Shapes
+    /// - logits `[B, num_labels]`
+    pub fn forward(&self, input: ClassifierInput, mode: Mode) -> Result<Tensor<2>> {
+        let enc = || bert::EncoderInput {
+            input_ids: input.input_ids.clone(),
+            attention_mask: input.attention_mask.clone(),
+            token_type_ids: input.token_type_ids.clone(),
+        };
+        let dec = || DecoderInput {
+            input_ids: input.input_ids.clone(),
+            attention_mask: input.attention_mask.clone(),
+            position_ids: None,
+        };
+        match self {
+            Classifier::Bert(m) => Ok(m.forward(enc(), mode)),
+            Classifier::DistilBert(m) => Ok(m.forward(enc(), mode)),
+            Classifier::Gpt2(m) => m.forward(dec(), mode),
+            Classifier::Llama(m) => m.forward(dec(), mode),
+        }
+    }
+}
+
+impl ExportParams for Classifier {
+    fn export(&self, prefix: &str, out: &mut Vec<NamedParam>) {
+        match self {
+            Classifier::Bert(m) => m.export(prefix, out),
+            Classifier::DistilBert(m) => m.export(prefix, out),
+            Classifier::Gpt2(m) => m.export(prefix, out),
+            Classifier::Llama(m) => m.export(prefix, out),
+        }
+    }
+}

@@ -1,0 +1,299 @@
+//! Tokenizers exactly as Hugging Face builds them, from a model folder or from GGUF metadata,
+//! and chat templates rendered as `transformers`' `apply_chat_template` renders them.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::processors::template::TemplateProcessing;
+use tokenizers::{AddedToken, Tokenizer};
+
+use crate::error::{ModelError, Result};
+
+/// A special token and its id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Special {
+    /// Token text, e.g. `<|endoftext|>`.
+    pub text: String,
+    /// Vocabulary id.
+    pub id: u32,
+}
+
+/// One chat message, as `apply_chat_template` takes them.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct ChatMessage {
+    /// "system", "user" or "assistant".
+    pub role: String,
+    /// The text.
+    pub content: String,
+}
+
+/// A Hugging Face tokenizer with the special tokens and chat template of its model.
+#[derive(Clone)]
+pub struct TextTokenizer {
+    /// The `tokenizers` tokenizer; truncation and padding are off (whet pads per batch).
+    pub inner: Tokenizer,
+    /// Beginning-of-sequence token.
+    pub bos: Option<Special>,
+    /// End-of-sequence token.
+    pub eos: Option<Special>,
+    /// Padding token.
+    pub pad: Option<Special>,
+    /// Jinja chat template.
+    pub chat_template: Option<String>,
+    /// Where it came from, for errors.
+    pub source: String,
+}
+
+impl std::fmt::Debug for TextTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TextTokenizer")
+            .field("source", &self.source)
+            .field("vocab", &self.inner.get_vocab_size(true))
+            .field("bos", &self.bos)
+            .field("eos", &self.eos)
+            .field("pad", &self.pad)
+            .finish()
+    }
+}
+
+fn tok_err(source: &str, e: impl std::fmt::Display) -> ModelError {
+    ModelError::Tokenizer {
+        source_name: source.to_string(),
+        message: e.to_string(),
+    }
+}
+
+impl TextTokenizer {
+    /// Loads `tokenizer.json` (or GPT-2 style `vocab.json` + `merges.txt`) from a model folder,
+    /// with special tokens and chat template from `tokenizer_config.json` /
+    /// `special_tokens_map.json`. Truncation and padding baked into the file are switched off.
+    pub fn from_folder(dir: &Path) -> Result<Self> {
+        let config = read_optional_json(&dir.join("tokenizer_config.json"))?;
+        let map = read_optional_json(&dir.join("special_tokens_map.json"))?;
+        let tj = dir.join("tokenizer.json");
+        let source = tj.display().to_string();
+        let mut inner = if tj.is_file() {
+            Tokenizer::from_file(&tj).map_err(|e| tok_err(&source, e))?
+        } else if dir.join("vocab.json").is_file() && dir.join("merges.txt").is_file() {
+            gpt2_from_files(&dir.join("vocab.json"), &dir.join("merges.txt"))?
+        } else {
+            return Err(ModelError::MissingFile {
+                path: tj,
+                hint: "a model folder needs tokenizer.json (or vocab.json and merges.txt)".into(),
+            });
+        };
+        inner
+            .with_truncation(None)
+            .map_err(|e| tok_err(&source, e))?;
+        inner.with_padding(None);
+        let special = |key: &str| -> Option<Special> {
+            let text = [&config, &map]
+                .iter()
+                .filter_map(|j| j.as_ref()?.get(key))
+                .find_map(token_text)?;
+            let id = inner.token_to_id(&text)?;
+            Some(Special { text, id })
+        };
+        let chat_template = config.as_ref().and_then(|c| match c.get("chat_template")? {
+            serde_json::Value::String(s) => Some(s.clone()),
+            // A list of named templates: take "default".
+            serde_json::Value::Array(list) => list
+                .iter()
+                .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                .and_then(|t| t.get("template")?.as_str().map(String::from)),
+            _ => None,
+        });
+        let chat_template = chat_template.or_else(|| {
+            std::fs::read_to_string(dir.join("chat_template.jinja")).ok()
+        });
+        Ok(Self {
+            bos: special("bos_token"),
+            eos: special("eos_token"),
+            pad: special("pad_token"),
+            chat_template,
+            source,
+            inner,
+        })
+    }
+
+    /// Token ids of `text`; `add_special_tokens` as in `transformers` (BOS/CLS/SEP per the
+    /// tokenizer's post-processor).
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        Ok(self
+            .inner
+            .encode_fast(text, add_special_tokens)
+            .map_err(|e| tok_err(&self.source, e))?
+            .get_ids()
+            .to_vec())
+    }
+
+    /// Token ids of a text pair (`[CLS] a [SEP] b [SEP]` for BERT), with segment ids.
+    pub fn encode_pair(&self, a: &str, b: &str) -> Result<(Vec<u32>, Vec<u32>)> {
+        let enc = self
+            .inner
+            .encode_fast((a, b), true)
+            .map_err(|e| tok_err(&self.source, e))?;
+        Ok((enc.get_ids().to_vec(), enc.get_type_ids().to_vec()))
+    }
+
+    /// Text of `ids`.
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| tok_err(&self.source, e))
+    }
+
+    /// Renders the chat template over `messages`, as `apply_chat_template(...,
+    /// tokenize=False)`: Jinja with `trim_blocks` and `lstrip_blocks`, `bos_token` and
+    /// `eos_token` in scope, and `raise_exception` available.
+    pub fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        let template = self.chat_template.as_deref().ok_or_else(|| {
+            tok_err(
+                &self.source,
+                "this model has no chat template (tokenizer_config.json \"chat_template\" or GGUF \
+                 tokenizer.chat_template)",
+            )
+        })?;
+        let mut env = minijinja::Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
+        env.add_template("chat", template)
+            .map_err(|e| tok_err(&self.source, format!("chat template: {e}")))?;
+        let tmpl = env
+            .get_template("chat")
+            .map_err(|e| tok_err(&self.source, format!("chat template: {e}")))?;
+        let text = |s: &Option<Special>| s.as_ref().map(|s| s.text.clone()).unwrap_or_default();
+        tmpl.render(minijinja::context! {
+            messages => messages,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => text(&self.bos),
+            eos_token => text(&self.eos),
+        })
+        .map_err(|e| tok_err(&self.source, format!("chat template: {e}")))
+    }
+
+    /// Vocabulary size including added tokens.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+}
+
+fn read_optional_json(path: &Path) -> Result<Option<serde_json::Value>> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| ModelError::Config {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(ModelError::io(path, e)),
+    }
+}
+
+/// `"<s>"` or `{"content": "<s>", ...}`.
+fn token_text(v: &serde_json::Value) -> Option<String> {
+    match v {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Object(o) => o.get("content")?.as_str().map(String::from),
+        _ => None,
+    }
+}
+
+/// A byte-level BPE tokenizer as `transformers`' `GPT2Converter` builds one: BPE over the
+/// vocabulary and merges, ByteLevel pre-tokenizer and decoder, and either a BOS template or the
+/// ByteLevel post-processor.
+pub fn byte_level_bpe(
+    vocab: HashMap<String, u32>,
+    merges: Vec<(String, String)>,
+    specials: &[String],
+    add_prefix_space: bool,
+    bos_to_add: Option<&Special>,
+    source: &str,
+) -> Result<Tokenizer> {
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .build()
+        .map_err(|e| tok_err(source, e))?;
+    let mut tok = Tokenizer::new(bpe);
+    tok.with_pre_tokenizer(Some(
+        ByteLevel::default()
+            .add_prefix_space(add_prefix_space)
+            .trim_offsets(true),
+    ));
+    tok.with_decoder(Some(ByteLevelDecoder::default()));
+    match bos_to_add {
+        Some(bos) => {
+            let template = TemplateProcessing::builder()
+                .try_single(format!("{}:0 $A:0", bos.text))
+                .and_then(|b| b.try_pair(format!("{0}:0 $A:0 {0}:1 $B:1", bos.text)))
+                .map_err(|e| tok_err(source, e))?
+                .special_tokens(vec![(bos.text.clone(), bos.id)])
+                .build()
+                .map_err(|e| tok_err(source, e))?;
+            tok.with_post_processor(Some(template));
+        }
+        None => {
+            tok.with_post_processor(Some(ByteLevel::default().trim_offsets(false)));
+        }
+    }
+    let added: Vec<AddedToken> = specials
+        .iter()
+        .map(|s| AddedToken::from(s.clone(), true))
+        .collect();
+    tok.add_special_tokens(&added);
+    Ok(tok)
+}
+
+/// GPT-2's tokenizer from its original `vocab.json` (= `encoder.json`) and `merges.txt`
+/// (= `vocab.bpe`), as `GPT2TokenizerFast(vocab_file, merges_file)` builds it.
+pub fn gpt2_from_files(vocab: &Path, merges: &Path) -> Result<Tokenizer> {
+    let source = vocab.display().to_string();
+    let text = std::fs::read_to_string(vocab).map_err(|e| ModelError::io(vocab, e))?;
+    let vocab_map: HashMap<String, u32> =
+        serde_json::from_str(&text).map_err(|e| ModelError::Config {
+            path: vocab.to_path_buf(),
+            message: e.to_string(),
+        })?;
+    let merges_text = std::fs::read_to_string(merges).map_err(|e| ModelError::io(merges, e))?;
+    let merges = parse_merges(&merges_text, merges)?;
+    let specials: Vec<String> = ["<|endoftext|>"]
+        .iter()
+        .filter(|s| vocab_map.contains_key(**s))
+        .map(|s| s.to_string())
+        .collect();
+    byte_level_bpe(vocab_map, merges, &specials, false, None, &source)
+}
+
+/// Parses `merges.txt`: one "left right" pair a line after an optional `#version` header.
+pub fn parse_merges(text: &str, path: &Path) -> Result<Vec<(String, String)>> {
+    text.lines()
+        .enumerate()
+        .filter(|(i, l)| !(l.is_empty() || (*i == 0 && l.starts_with("#version"))))
+        .map(|(i, l)| {
+            l.split_once(' ')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .ok_or_else(|| ModelError::Config {
+                    path: PathBuf::from(path),
+                    message: format!("line {}: a merge needs two tokens, got {l:?}", i + 1),
+                })
+        })
+        .collect()
+}

@@ -1,0 +1,491 @@
+//! Reading checkpoint tensors by name, and naming a model's parameters for export.
+//!
+//! A [`Weights`] is a path-scoped view of a [`TensorSource`] (safetensors files, a GGUF file),
+//! in the style of candle's `VarBuilder`: each layer's `load` asks for tensors under its own
+//! prefix, so parameter paths mirror the checkpoint. Every tensor arrives as f32 with its shape
+//! checked against the one the config implies.
+//!
+//! The opposite direction, [`NamedParam`], lists a loaded model's parameters under their
+//! Hugging Face names and layouts, for saving and for gradient checks.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use burn::module::Param;
+use burn::tensor::{Device, Tensor, TensorData};
+use safetensors::Dtype;
+
+use crate::error::{ModelError, Result};
+
+/// A store of named tensors that can be read as f32.
+pub trait TensorSource: Send + Sync {
+    /// What to call this source in error messages (a file path).
+    fn source_name(&self) -> String;
+    /// The shape of a tensor in PyTorch (row-major, outermost first) order, if present.
+    fn shape(&self, name: &str) -> Option<Vec<usize>>;
+    /// The tensor's values as f32, row-major.
+    fn read_f32(&self, name: &str) -> Result<Vec<f32>>;
+    /// Every tensor name, sorted.
+    fn names(&self) -> Vec<String>;
+    /// The tensor's stored dtype, for display (`whet info`).
+    fn dtype(&self, name: &str) -> Option<String>;
+}
+
+/// A path-scoped handle on a [`TensorSource`] that builds burn tensors on a device.
+#[derive(Clone)]
+pub struct Weights {
+    source: Arc<dyn TensorSource>,
+    prefix: String,
+    device: Device,
+}
+
+impl Weights {
+    /// Wraps a source; tensors are created on `device`.
+    pub fn new(source: Arc<dyn TensorSource>, device: &Device) -> Self {
+        Self {
+            source,
+            prefix: String::new(),
+            device: device.clone(),
+        }
+    }
+
+    /// A view one level down: `pp("encoder")` then `tensor("weight")` reads `encoder.weight`.
+    pub fn pp(&self, name: impl std::fmt::Display) -> Self {
+        Self {
+            source: self.source.clone(),
+            prefix: self.path(&name.to_string()),
+            device: self.device.clone(),
+        }
+    }
+
+    /// The device tensors are created on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The full checkpoint name of `name` under this view.
+    pub fn path(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        }
+    }
+
+    /// Whether the checkpoint holds `name` under this view.
+    pub fn contains(&self, name: &str) -> bool {
+        self.source.shape(&self.path(name)).is_some()
+    }
+
+    /// The underlying source.
+    pub fn source(&self) -> &Arc<dyn TensorSource> {
+        &self.source
+    }
+
+    /// Reads `name` and checks that its shape is `shape` (PyTorch order).
+    pub fn tensor<const D: usize>(&self, name: &str, shape: [usize; D]) -> Result<Tensor<D>> {
+        let full = self.path(name);
+        let actual = self
+            .source
+            .shape(&full)
+            .ok_or_else(|| ModelError::MissingTensor {
+                name: full.clone(),
+                source_name: self.source.source_name(),
+            })?;
+        if actual != shape {
+            return Err(ModelError::ShapeMismatch {
+                name: full,
+                source_name: self.source.source_name(),
+                expected: shape.to_vec(),
+                actual,
+            });
+        }
+        let values = self.source.read_f32(&full)?;
+        Ok(Tensor::from_data(
+            TensorData::new(values, shape),
+            &self.device,
+        ))
+    }
+
+    /// Reads `name` as a trainable parameter.
+    pub fn param<const D: usize>(&self, name: &str, shape: [usize; D]) -> Result<Param<Tensor<D>>> {
+        Ok(Param::from_tensor(self.tensor(name, shape)?))
+    }
+}
+
+/// How a parameter is laid out in the Hugging Face checkpoint relative to whet's tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// Stored exactly as whet holds it.
+    Same,
+    /// whet holds the transpose (PyTorch `nn.Linear` stores `[out, in]`, whet `[in, out]`).
+    Transposed,
+}
+
+/// A parameter tensor of rank 1 or 2.
+#[derive(Debug, Clone)]
+pub enum AnyTensor {
+    /// A vector (biases, norm weights).
+    R1(Tensor<1>),
+    /// A matrix (linear weights, embeddings).
+    R2(Tensor<2>),
+}
+
+/// One of a model's parameters under its Hugging Face name.
+#[derive(Debug, Clone)]
+pub struct NamedParam {
+    /// Checkpoint name, e.g. `encoder.layer.0.attention.self.query.weight`.
+    pub name: String,
+    /// The tensor as whet holds it (it carries the autodiff node, so `grad` works on it).
+    pub tensor: AnyTensor,
+    /// How the checkpoint stores it.
+    pub layout: Layout,
+}
+
+impl NamedParam {
+    /// The tensor in checkpoint layout, flattened row-major, as f32.
+    pub fn to_checkpoint_values(&self) -> (Vec<usize>, Vec<f32>) {
+        let t = match (&self.tensor, self.layout) {
+            (AnyTensor::R1(t), _) => {
+                return (t.dims().to_vec(), tensor_values(t.clone().into_data()));
+            }
+            (AnyTensor::R2(t), Layout::Same) => t.clone(),
+            (AnyTensor::R2(t), Layout::Transposed) => t.clone().transpose(),
+        };
+        (t.dims().to_vec(), tensor_values(t.into_data()))
+    }
+
+    /// The gradient of this parameter in checkpoint layout, if it has one.
+    pub fn checkpoint_grad(
+        &self,
+        grads: &burn::tensor::Gradients,
+    ) -> Option<(Vec<usize>, Vec<f32>)> {
+        let g = match &self.tensor {
+            AnyTensor::R1(t) => AnyTensor::R1(t.grad(grads)?),
+            AnyTensor::R2(t) => AnyTensor::R2(t.grad(grads)?),
+        };
+        let named = NamedParam {
+            name: self.name.clone(),
+            tensor: g,
+            layout: self.layout,
+        };
+        Some(named.to_checkpoint_values())
+    }
+}
+
+/// Values of an f32 tensor as a vector.
+pub fn tensor_values(data: TensorData) -> Vec<f32> {
+    data.convert::<f32>().to_vec::<f32>().unwrap_or_default()
+}
+
+/// Collects a module's parameters under their Hugging Face names.
+pub trait ExportParams {
+    /// Appends every parameter of `self`, named under `prefix` (empty for the root).
+    fn export(&self, prefix: &str, out: &mut Vec<NamedParam>);
+
+    /// All parameters, named from the root.
+    fn named_params(&self) -> Vec<NamedParam> {
+        let mut out = Vec::new();
+        self.export("", &mut out);
+        out
+    }
+}
+
+/// Joins a prefix and a name with a dot.
+pub fn join(prefix: &str, name: &str) -> String {
+    if prefix.is_empty() {
+        name.to_string()
+    } else {
+        format!("{prefix}.{name}")
+    }
+}
+
+/// Pushes a vector parameter.
+pub fn push_vector(out: &mut Vec<NamedParam>, prefix: &str, name: &str, p: &Param<Tensor<1>>) {
+    out.push(NamedParam {
+        name: join(prefix, name),
+        tensor: AnyTensor::R1(p.val()),
+        layout: Layout::Same,
+    });
+}
+
+/// Pushes a matrix parameter with its checkpoint layout.
+pub fn push_matrix(
+    out: &mut Vec<NamedParam>,
+    prefix: &str,
+    name: &str,
+    p: &Param<Tensor<2>>,
+    layout: Layout,
+) {
+    out.push(NamedParam {
+        name: join(prefix, name),
+        tensor: AnyTensor::R2(p.val()),
+        layout,
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// safetensors
+
+struct StEntry {
+    file: usize,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    start: usize,
+    end: usize,
+}
+
+/// One or more memory-mapped safetensors files (a single `model.safetensors`, or the shards of
+/// `model.safetensors.index.json`).
+pub struct SafetensorsSource {
+    paths: Vec<PathBuf>,
+    maps: Vec<memmap2::Mmap>,
+    entries: BTreeMap<String, StEntry>,
+}
+
+impl SafetensorsSource {
+    /// Opens one safetensors file.
+    pub fn open(path: &Path) -> Result<Self> {
+        Self::open_many(&[path.to_path_buf()])
+    }
+
+    /// Opens the weights of a Hugging Face folder: `model.safetensors`, or the shards listed in
+    /// `model.safetensors.index.json`.
+    pub fn open_folder(dir: &Path) -> Result<Self> {
+        let single = dir.join("model.safetensors");
+        if single.is_file() {
+            return Self::open(&single);
+        }
+        let index = dir.join("model.safetensors.index.json");
+        if !index.is_file() {
+            return Err(ModelError::MissingFile {
+                path: single,
+                hint: "a Hugging Face model folder needs model.safetensors or \
+                       model.safetensors.index.json (PyTorch .bin checkpoints are not read)"
+                    .into(),
+            });
+        }
+        let text = std::fs::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| ModelError::Config {
+                path: index.clone(),
+                message: e.to_string(),
+            })?;
+        let map = json
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| ModelError::Config {
+                path: index.clone(),
+                message: "no \"weight_map\" object".into(),
+            })?;
+        let mut files: Vec<PathBuf> = map
+            .values()
+            .filter_map(|v| v.as_str())
+            .map(|f| dir.join(f))
+            .collect();
+        files.sort();
+        files.dedup();
+        Self::open_many(&files)
+    }
+
+    fn open_many(paths: &[PathBuf]) -> Result<Self> {
+        let mut maps = Vec::new();
+        let mut entries = BTreeMap::new();
+        for (i, path) in paths.iter().enumerate() {
+            let file = File::open(path).map_err(|e| ModelError::io(path, e))?;
+            // SAFETY: the file is opened read-only and whet never writes to a checkpoint while
+            // it is mapped; a concurrent external writer could change the bytes under us, the
+            // same caveat every mmap-based safetensors reader carries.
+            let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
+            let (header_len, meta) = safetensors::SafeTensors::read_metadata(&map[..]).map_err(
+                |e| ModelError::Safetensors {
+                    path: path.clone(),
+                    message: describe_st_error(&e, map.len()),
+                },
+            )?;
+            let data_start = 8 + header_len;
+            for (name, info) in meta.tensors() {
+                let (start, end) = info.data_offsets;
+                if data_start + end > map.len() {
+                    return Err(ModelError::Safetensors {
+                        path: path.clone(),
+                        message: format!(
+                            "tensor {name} ends at byte {} but the file has {} bytes (truncated?)",
+                            data_start + end,
+                            map.len()
+                        ),
+                    });
+                }
+                entries.insert(
+                    name.clone(),
+                    StEntry {
+                        file: i,
+                        dtype: info.dtype,
+                        shape: info.shape.clone(),
+                        start: data_start + start,
+                        end: data_start + end,
+                    },
+                );
+            }
+            maps.push(map);
+        }
+        Ok(Self {
+            paths: paths.to_vec(),
+            maps,
+            entries,
+        })
+    }
+}
+
+fn describe_st_error(e: &safetensors::SafeTensorError, len: usize) -> String {
+    format!("{e} (file has {len} bytes; truncated or not a safetensors file?)")
+}
+
+impl TensorSource for SafetensorsSource {
+    fn source_name(&self) -> String {
+        match self.paths.as_slice() {
+            [one] => one.display().to_string(),
+            many => format!(
+                "{} ({} shards)",
+                many.first()
+                    .and_then(|p| p.parent())
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+                many.len()
+            ),
+        }
+    }
+
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.entries.get(name).map(|e| e.shape.clone())
+    }
+
+    fn dtype(&self, name: &str) -> Option<String> {
+        self.entries.get(name).map(|e| format!("{:?}", e.dtype))
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.entries.keys().cloned().collect()
+    }
+
+    fn read_f32(&self, name: &str) -> Result<Vec<f32>> {
+        let e = self
+            .entries
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor {
+                name: name.into(),
+                source_name: self.source_name(),
+            })?;
+        let bytes = &self.maps[e.file][e.start..e.end];
+        let unsupported = || ModelError::UnsupportedDtype {
+            name: name.into(),
+            source_name: self.source_name(),
+            dtype: format!("{:?}", e.dtype),
+        };
+        let values: Vec<f32> = match e.dtype {
+            Dtype::F32 => bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            Dtype::F16 => bytes
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => bytes
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            Dtype::F64 => bytes
+                .chunks_exact(8)
+                .map(|b| f64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as f32)
+                .collect(),
+            _ => return Err(unsupported()),
+        };
+        let expected: usize = e.shape.iter().product();
+        if values.len() != expected {
+            return Err(ModelError::Safetensors {
+                path: self.paths[e.file].clone(),
+                message: format!(
+                    "tensor {name} holds {} values, its shape {:?} needs {expected}",
+                    values.len(),
+                    e.shape
+                ),
+            });
+        }
+        Ok(values)
+    }
+}
+
+/// Tensors held in memory; used for tests and for renamed / converted checkpoints.
+#[derive(Default)]
+pub struct MemorySource {
+    /// What to call it in errors.
+    pub name: String,
+    /// name -> (shape, values)
+    pub tensors: HashMap<String, (Vec<usize>, Vec<f32>)>,
+    /// name -> stored dtype, for display; f32 when absent.
+    pub dtypes: HashMap<String, String>,
+}
+
+impl TensorSource for MemorySource {
+    fn source_name(&self) -> String {
+        self.name.clone()
+    }
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.tensors.get(name).map(|(s, _)| s.clone())
+    }
+    fn read_f32(&self, name: &str) -> Result<Vec<f32>> {
+        self.tensors
+            .get(name)
+            .map(|(_, v)| v.clone())
+            .ok_or_else(|| ModelError::MissingTensor {
+                name: name.into(),
+                source_name: self.name.clone(),
+            })
+    }
+    fn names(&self) -> Vec<String> {
+        let mut n: Vec<_> = self.tensors.keys().cloned().collect();
+        n.sort();
+        n
+    }
+    fn dtype(&self, name: &str) -> Option<String> {
+        self.tensors.get(name)?;
+        Some(self.dtypes.get(name).cloned().unwrap_or_else(|| "F32".into()))
+    }
+}
+
+/// Writes named f32 tensors to a safetensors file atomically (temp file, then rename).
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[(String, Vec<usize>, Vec<f32>)],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<()> {
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(n, s, v)| {
+            let mut b = Vec::with_capacity(v.len() * 4);
+            for x in v {
+                b.extend_from_slice(&x.to_le_bytes());
+            }
+            (n.clone(), s.clone(), b)
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
+        .iter()
+        .map(|(n, s, b)| {
+            safetensors::tensor::TensorView::new(Dtype::F32, s.clone(), b)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| ModelError::Safetensors {
+                    path: path.to_path_buf(),
+                    message: format!("tensor {n}: {e}"),
+                })
+        })
+        .collect::<Result<_>>()?;
+    let out = safetensors::serialize(views, metadata).map_err(|e| ModelError::Safetensors {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    crate::fsutil::write_atomic(path, &out)
+}

@@ -1,0 +1,244 @@
+//! Parity of the four families against `transformers` on tiny random models
+//! (`tests/fixtures/tiny-*`, made by `scripts/make_fixtures.py`): logits of padded batches
+//! within 1e-4, and the loss and the gradient of every parameter within 1e-4 relative error.
+
+mod common;
+
+use burn::tensor::{Device, Tensor};
+use common::*;
+use whet_models::bert::{BertConfig, BertForQuestionAnswering, EncoderInput};
+use whet_models::decoder::{causal_lm_loss, position_ids};
+use whet_models::layers::cross_entropy;
+use whet_models::{
+    CausalLm, Checkpoint, Classifier, ClassifierInput, DecoderInput, ExportParams, Mode,
+    NamedParam,
+};
+
+const LOGITS_TOL: f32 = 1e-4;
+const GRAD_TOL: f32 = 1e-4;
+
+fn eval_device() -> Device {
+    Device::flex()
+}
+
+fn grad_device() -> Device {
+    Device::flex().autodiff()
+}
+
+/// Backpropagates `loss` and compares it and every parameter's gradient with the fixture.
+fn check_loss_and_grads(fx: &Fixture, loss: Tensor<1>, params: Vec<NamedParam>) {
+    assert_rel("loss", &values(loss.clone()), &fx.f32("loss"), GRAD_TOL);
+    let grads = loss.backward();
+    let expected: Vec<&String> = fx
+        .tensors
+        .keys()
+        .filter(|k| k.starts_with("grad."))
+        .collect();
+    assert!(!expected.is_empty(), "fixture has no gradients");
+    let mut checked = 0;
+    for p in &params {
+        let key = format!("grad.{}", p.name);
+        if !fx.has(&key) {
+            continue;
+        }
+        let (shape, got) = p
+            .checkpoint_grad(&grads)
+            .unwrap_or_else(|| panic!("no gradient for {}", p.name));
+        assert_eq!(shape, fx.shape(&key), "gradient shape of {}", p.name);
+        assert_rel(&key, &got, &fx.f32(&key), GRAD_TOL);
+        checked += 1;
+    }
+    assert_eq!(
+        checked,
+        expected.len(),
+        "every parameter gradient of the fixture must be checked"
+    );
+}
+
+fn classifier_case(dir: &str) {
+    let root = fixtures().join(dir);
+    let fx = Fixture::open(&root.join("fixture.safetensors"));
+    let ckpt = Checkpoint::open(&root).unwrap();
+
+    // Logits in eval mode.
+    let device = eval_device();
+    let (model, fresh) = ckpt.load_classifier(&device).unwrap();
+    assert!(fresh.is_empty(), "head should load from the checkpoint: {fresh:?}");
+    let input = |d: &Device| ClassifierInput {
+        input_ids: fx.ids2("input_ids", d),
+        attention_mask: fx.ids2("attention_mask", d),
+        token_type_ids: None,
+    };
+    let logits = model.forward(input(&device), Mode::Eval).unwrap();
+    assert_close("logits", &values(logits), &fx.f32("logits"), LOGITS_TOL);
+
+    // Loss and gradients.
+    let device = grad_device();
+    let (model, _) = ckpt.load_classifier(&device).unwrap();
+    let logits = model.forward(input(&device), Mode::Eval).unwrap();
+    let loss = cross_entropy(logits, fx.ids1("labels", &device), -100);
+    check_loss_and_grads(&fx, loss, model.named_params());
+}
+
+#[test]
+fn tiny_bert_sequence_classification() {
+    classifier_case("tiny-bert");
+}
+
+#[test]
+fn tiny_distilbert_sequence_classification() {
+    classifier_case("tiny-distilbert");
+}
+
+#[test]
+fn tiny_gpt2_sequence_classification() {
+    classifier_case("tiny-gpt2-cls");
+}
+
+#[test]
+fn tiny_llama_sequence_classification() {
+    classifier_case("tiny-llama-cls");
+}
+
+#[test]
+fn tiny_bert_question_answering() {
+    let root = fixtures().join("tiny-bert-qa");
+    let fx = Fixture::open(&root.join("fixture.safetensors"));
+    let ckpt = Checkpoint::open(&root).unwrap();
+    let config = BertConfig::from_folder(&root).unwrap();
+    for (device, grads) in [(eval_device(), false), (grad_device(), true)] {
+        let (model, fresh) = BertForQuestionAnswering::load(&ckpt.weights(&device), &config).unwrap();
+        assert!(fresh.is_empty());
+        let out = model.forward(
+            EncoderInput {
+                input_ids: fx.ids2("input_ids", &device),
+                attention_mask: fx.ids2("attention_mask", &device),
+                token_type_ids: None,
+            },
+            Mode::Eval,
+        );
+        if !grads {
+            assert_close("start", &values(out.start), &fx.f32("start_logits"), LOGITS_TOL);
+            assert_close("end", &values(out.end), &fx.f32("end_logits"), LOGITS_TOL);
+            continue;
+        }
+        // transformers: (CE(start) + CE(end)) / 2
+        let loss = (cross_entropy(out.start, fx.ids1("start_positions", &device), -100)
+            + cross_entropy(out.end, fx.ids1("end_positions", &device), -100))
+            / 2.0;
+        check_loss_and_grads(&fx, loss, model.named_params());
+    }
+}
+
+/// Logits at the positions where `mask` is 1.
+fn masked_rows(logits: &[f32], mask: &[i64], vocab: usize) -> Vec<f32> {
+    logits
+        .chunks(vocab)
+        .zip(mask)
+        .filter(|(_, m)| **m == 1)
+        .flat_map(|(row, _)| row.iter().copied())
+        .collect()
+}
+
+fn causal_case(dir: &str) {
+    let root = fixtures().join(dir);
+    let fx = Fixture::open(&root.join("fixture.safetensors"));
+    let ckpt = Checkpoint::open(&root).unwrap();
+
+    let device = eval_device();
+    let model = ckpt.load_causal_lm(&device).unwrap();
+    let vocab = model.vocab_size();
+    for side in ["right", "left"] {
+        let ids = fx.ids2(&format!("input_ids_{side}"), &device);
+        let mask_values = fx.i64(&format!("attention_mask_{side}"));
+        let [b, t] = ids.dims();
+        let positions = Tensor::from_data(
+            burn::tensor::TensorData::new(position_ids(&mask_values, b, t), [b, t]),
+            &device,
+        );
+        let input = DecoderInput {
+            input_ids: ids,
+            attention_mask: fx.ids2(&format!("attention_mask_{side}"), &device),
+            position_ids: (side == "left").then_some(positions),
+        };
+        let logits = values(model.forward_logits(input, Mode::Eval));
+        // Padded positions carry no meaning (and differ between attention kernels): compare the
+        // real tokens.
+        assert_close(
+            &format!("logits ({side} padding)"),
+            &masked_rows(&logits, &mask_values, vocab),
+            &masked_rows(&fx.f32(&format!("logits_{side}")), &mask_values, vocab),
+            LOGITS_TOL,
+        );
+    }
+
+    let device = grad_device();
+    let model = ckpt.load_causal_lm(&device).unwrap();
+    let input = DecoderInput {
+        input_ids: fx.ids2("input_ids_right", &device),
+        attention_mask: fx.ids2("attention_mask_right", &device),
+        position_ids: None,
+    };
+    let logits = model.forward_logits(input, Mode::Eval);
+    let loss = causal_lm_loss(logits, fx.ids2("labels", &device));
+    check_loss_and_grads(&fx, loss, model.named_params());
+}
+
+#[test]
+fn tiny_gpt2_causal_lm() {
+    causal_case("tiny-gpt2");
+}
+
+#[test]
+fn tiny_llama_causal_lm() {
+    causal_case("tiny-llama");
+}
+
+/// Every tensor of the checkpoint comes back out under its own name with its own values: the
+/// loaders and the exporters agree on names and layouts.
+#[test]
+fn export_round_trips_every_checkpoint_tensor() {
+    for dir in ["tiny-bert", "tiny-distilbert", "tiny-gpt2-cls", "tiny-llama-cls"] {
+        let ckpt = Checkpoint::open(fixtures().join(dir)).unwrap();
+        let (model, _) = ckpt.load_classifier(&eval_device()).unwrap();
+        let params = model.named_params();
+        let mut names: Vec<String> = params.iter().map(|p| p.name.clone()).collect();
+        names.sort();
+        assert_eq!(names, ckpt.source.names(), "{dir}: exported names");
+        for p in &params {
+            let (shape, got) = p.to_checkpoint_values();
+            assert_eq!(Some(shape), ckpt.source.shape(&p.name), "{dir}: {}", p.name);
+            assert_eq!(got, ckpt.source.read_f32(&p.name).unwrap(), "{dir}: {}", p.name);
+        }
+    }
+    // The causal LMs too (GPT-2's head is tied, so lm_head is not a separate tensor).
+    for dir in ["tiny-gpt2", "tiny-llama"] {
+        let ckpt = Checkpoint::open(fixtures().join(dir)).unwrap();
+        let model = ckpt.load_causal_lm(&eval_device()).unwrap();
+        let mut names: Vec<String> = model.named_params().iter().map(|p| p.name.clone()).collect();
+        names.sort();
+        let mut file: Vec<String> = ckpt.source.names();
+        file.retain(|n| n != "lm_head.weight" || dir == "tiny-llama");
+        assert_eq!(names, file, "{dir}: exported names");
+    }
+}
+
+/// Dropout really drops in training mode and does nothing in evaluation.
+#[test]
+fn train_mode_applies_dropout() {
+    let root = fixtures().join("tiny-bert");
+    let fx = Fixture::open(&root.join("fixture.safetensors"));
+    let device = eval_device();
+    let (model, _) = Checkpoint::open(&root).unwrap().load_classifier(&device).unwrap();
+    let model: Classifier = model;
+    let input = ClassifierInput {
+        input_ids: fx.ids2("input_ids", &device),
+        attention_mask: fx.ids2("attention_mask", &device),
+        token_type_ids: None,
+    };
+    let eval_a = values(model.forward(input.clone(), Mode::Eval).unwrap());
+    let eval_b = values(model.forward(input.clone(), Mode::Eval).unwrap());
+    assert_eq!(eval_a, eval_b);
+    let train = values(model.forward(input, Mode::Train).unwrap());
+    assert!(max_abs_diff(&train, &eval_a) > 1e-4, "training forward should differ");
+}

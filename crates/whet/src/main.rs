@@ -1,0 +1,244 @@
+//! The `whet` command line: glue between the library crates, nothing more.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use whet_infer::{GenerationConfig, Sampling};
+use whet_models::{Checkpoint, ChatMessage, Format};
+
+/// Fine-tune pretrained transformer language models, in Rust.
+#[derive(Parser, Debug)]
+#[command(name = "whet", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Print a model's architecture, size, tensor dtypes and tokenizer.
+    Info {
+        /// A Hugging Face model folder (config.json, model.safetensors, tokenizer.json) or a
+        /// .gguf file.
+        path: PathBuf,
+    },
+    /// Continue a prompt with a decoder model (GPT-2 or LLaMA family), streaming the new text
+    /// to stdout. Greedy unless --temperature is given.
+    Generate(GenerateArgs),
+    /// Convert a GGUF file into a Hugging Face folder that `transformers` loads (config.json,
+    /// model.safetensors in f32, tokenizer.json, tokenizer_config.json with the chat template).
+    Convert {
+        /// The .gguf file.
+        gguf: PathBuf,
+        /// The folder to write (created if needed).
+        out_dir: PathBuf,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct GenerateArgs {
+    /// Model folder or .gguf file.
+    #[arg(long)]
+    model: PathBuf,
+    /// The text to continue (with --chat: the user message).
+    #[arg(long)]
+    prompt: String,
+    /// Most tokens to generate; generation also stops at the model's end-of-sequence token.
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// Sample with this temperature instead of greedy decoding (> 0; 1.0 keeps the model's
+    /// distribution).
+    #[arg(long)]
+    temperature: Option<f32>,
+    /// When sampling, keep only the K most likely tokens (transformers' default: 50; 0 turns
+    /// the filter off).
+    #[arg(long, default_value_t = 50)]
+    top_k: usize,
+    /// When sampling, keep the smallest set of tokens whose probability reaches P (1.0: off).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Random seed for sampling.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Wrap the prompt as a user message in the model's chat template, with the generation
+    /// prompt appended.
+    #[arg(long)]
+    chat: bool,
+    /// With --chat: a system message placed first.
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Info { path } => info(path),
+        Command::Generate(args) => generate(args),
+        Command::Convert { gguf, out_dir } => convert(gguf, out_dir),
+    }
+}
+
+fn device() -> burn::tensor::Device {
+    burn::tensor::Device::flex()
+}
+
+fn info(path: PathBuf) -> Result<()> {
+    let ckpt = Checkpoint::open(&path)?;
+    let source = ckpt.source.clone();
+    let mut dtypes = std::collections::BTreeMap::<String, (usize, usize)>::new();
+    for name in source.names() {
+        let n: usize = source.shape(&name).unwrap_or_default().iter().product();
+        let e = dtypes.entry(source.dtype(&name).unwrap_or_default()).or_default();
+        e.0 += 1;
+        e.1 += n;
+    }
+    println!("path:         {}", path.display());
+    println!(
+        "format:       {}",
+        match ckpt.format {
+            Format::Folder => "Hugging Face folder",
+            Format::Gguf => "GGUF",
+        }
+    );
+    println!("architecture: {}", ckpt.family());
+    match &ckpt.config {
+        whet_models::FamilyConfig::Bert(c) => println!(
+            "config:       {} layers, hidden {}, {} heads, intermediate {}, vocab {}, max positions {}",
+            c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.intermediate_size,
+            c.vocab_size, c.max_position_embeddings
+        ),
+        whet_models::FamilyConfig::DistilBert(c) => println!(
+            "config:       {} layers, hidden {}, {} heads, intermediate {}, vocab {}, max positions {}",
+            c.n_layers, c.dim, c.n_heads, c.hidden_dim, c.vocab_size, c.max_position_embeddings
+        ),
+        whet_models::FamilyConfig::Gpt2(c) => println!(
+            "config:       {} layers, hidden {}, {} heads, vocab {}, max positions {}",
+            c.n_layer, c.n_embd, c.n_head, c.vocab_size, c.n_positions
+        ),
+        whet_models::FamilyConfig::Llama(c) => println!(
+            "config:       {} layers, hidden {}, {} heads ({} key/value), head dim {}, ffn {}, vocab {}, \
+             rope theta {}, rms eps {}, context {}, tied embeddings {}",
+            c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.kv_heads(), c.head_dim(),
+            c.intermediate_size, c.vocab_size, c.theta(), c.rms_norm_eps,
+            c.max_position_embeddings, c.tie_word_embeddings
+        ),
+    }
+    println!("parameters:   {} ({:.1}M)", ckpt.parameter_count(), ckpt.parameter_count() as f64 / 1e6);
+    println!("dtypes:");
+    for (dtype, (tensors, values)) in &dtypes {
+        println!("  {dtype:<6} {tensors:>4} tensors, {values:>12} values");
+    }
+    match ckpt.tokenizer() {
+        Ok(tok) => {
+            println!(
+                "tokenizer:    {} tokens, bos {:?}, eos {:?}, pad {:?}, chat template: {}",
+                tok.vocab_size(),
+                tok.bos.as_ref().map(|s| &s.text),
+                tok.eos.as_ref().map(|s| &s.text),
+                tok.pad.as_ref().map(|s| &s.text),
+                if tok.chat_template.is_some() { "yes" } else { "no" }
+            );
+        }
+        Err(e) => println!("tokenizer:    none ({e})"),
+    }
+    Ok(())
+}
+
+fn generate(args: GenerateArgs) -> Result<()> {
+    let sampling = match args.temperature {
+        None => Sampling::Greedy,
+        Some(t) if t <= 0.0 => bail!("--temperature must be > 0 (leave it out for greedy decoding)"),
+        Some(t) => Sampling::Sample {
+            temperature: t,
+            top_k: (args.top_k > 0).then_some(args.top_k),
+            top_p: args.top_p,
+            seed: args.seed,
+        },
+    };
+    if !(0.0..=1.0).contains(&args.top_p) || args.top_p == 0.0 {
+        bail!("--top-p must be in (0, 1], got {}", args.top_p);
+    }
+    let ckpt = Checkpoint::open(&args.model)?;
+    let tokenizer = ckpt
+        .tokenizer()
+        .with_context(|| format!("generation needs the tokenizer of {}", args.model.display()))?;
+    let device = device();
+    let model = ckpt.load_causal_lm(&device)?;
+    let (text, add_special) = if args.chat {
+        let mut messages = Vec::new();
+        if let Some(system) = args.system {
+            messages.push(ChatMessage { role: "system".into(), content: system });
+        }
+        messages.push(ChatMessage { role: "user".into(), content: args.prompt.clone() });
+        // The template already holds any BOS, as transformers' apply_chat_template assumes.
+        (tokenizer.apply_chat_template(&messages, true)?, false)
+    } else {
+        (args.prompt.clone(), true)
+    };
+    let prompt = tokenizer.encode(&text, add_special)?;
+    let mut eos = ckpt.eos_token_ids();
+    if let Some(e) = &tokenizer.eos {
+        eos.push(e.id);
+    }
+    if args.chat {
+        // Chat models end a turn with their end-of-turn token.
+        for t in ["<|im_end|>", "<|eot_id|>", "<end_of_turn>"] {
+            if let Some(id) = tokenizer.inner.token_to_id(t) {
+                eos.push(id);
+            }
+        }
+    }
+    let config = GenerationConfig {
+        max_new_tokens: args.max_new_tokens,
+        sampling,
+        eos_token_ids: eos.clone(),
+    };
+    if !args.chat {
+        print!("{}", args.prompt);
+    }
+    let mut stream = tokenizer.inner.decode_stream(true);
+    let mut stdout = std::io::stdout();
+    let start = std::time::Instant::now();
+    let tokens = whet_infer::generate(&model, &prompt, &config, &device, |t| {
+        if eos.contains(&t) {
+            return;
+        }
+        if let Ok(Some(piece)) = stream.step(t) {
+            print!("{piece}");
+            let _ = stdout.flush();
+        }
+    })?;
+    println!();
+    let secs = start.elapsed().as_secs_f64();
+    eprintln!(
+        "[{} prompt tokens, {} new tokens in {:.2}s, {:.1} tokens/s]",
+        prompt.len(),
+        tokens.len(),
+        secs,
+        tokens.len() as f64 / secs
+    );
+    Ok(())
+}
+
+fn convert(gguf: PathBuf, out_dir: PathBuf) -> Result<()> {
+    let summary = whet_models::gguf::convert_to_folder(&gguf, &out_dir)?;
+    println!(
+        "wrote {} ({} tensors, {:.1}M parameters, f32)",
+        out_dir.display(),
+        summary.tensors,
+        summary.parameters as f64 / 1e6
+    );
+    if !summary.skipped.is_empty() {
+        println!("skipped GGUF tensors with no Hugging Face counterpart: {}", summary.skipped.join(", "));
+    }
+    Ok(())
+}
