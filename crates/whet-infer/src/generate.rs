@@ -80,7 +80,7 @@ pub fn generate<M: CausalLm>(
             .lm_logits(last)
             .into_data()
             .convert::<f32>()
-            .to_vec()
+            .try_to_vec::<f32>()
             .map_err(|e| ModelError::Input(format!("cannot read logits: {e:?}")))?;
         let token = match (&config.sampling, rng.as_mut()) {
             (

@@ -25,7 +25,7 @@ pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
 }
 
 /// Element-wise activations named as `transformers`' `ACT2FN` names them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 pub enum Activation {
     /// Exact GELU with erf.
     #[serde(rename = "gelu")]

@@ -135,7 +135,7 @@ pub fn last_non_pad(ids: &Tensor<2, Int>, pad_token_id: Option<u32>) -> Result<T
     let values: Vec<i64> = ids
         .to_data()
         .convert::<i64>()
-        .to_vec()
+        .try_to_vec::<i64>()
         .map_err(|e| ModelError::Input(format!("cannot read input ids: {e:?}")))?;
     let idx: Vec<i64> = match pad_token_id {
         Some(pad) => values

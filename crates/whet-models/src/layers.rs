@@ -6,7 +6,8 @@
 
 use burn::module::{Module, Param};
 use burn::tensor::activation::softmax;
-use burn::tensor::module::{AttentionModuleOptions, attention, embedding};
+use burn::tensor::module::{attention, embedding};
+use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Distribution, Int, Tensor};
 
 use crate::error::Result;

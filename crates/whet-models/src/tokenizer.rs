@@ -228,6 +228,7 @@ pub fn byte_level_bpe(
     bos_to_add: Option<&Special>,
     source: &str,
 ) -> Result<Tokenizer> {
+    let vocab: ahash::AHashMap<String, u32> = vocab.into_iter().collect();
     let bpe = BPE::builder()
         .vocab_and_merges(vocab, merges)
         .build()

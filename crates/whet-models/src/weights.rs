@@ -177,7 +177,7 @@ impl NamedParam {
 
 /// Values of an f32 tensor as a vector.
 pub fn tensor_values(data: TensorData) -> Vec<f32> {
-    data.convert::<f32>().to_vec::<f32>().unwrap_or_default()
+    data.convert::<f32>().try_to_vec::<f32>().unwrap_or_default()
 }
 
 /// Collects a module's parameters under their Hugging Face names.

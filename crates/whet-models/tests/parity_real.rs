@@ -34,7 +34,7 @@ mod whet_infer_free {
                 .lm_logits(h.slice([0..1, t - 1..t, 0..d]))
                 .into_data()
                 .convert::<f32>()
-                .to_vec()
+                .try_to_vec::<f32>()
                 .unwrap();
             let mut best = 0;
             for (i, v) in logits.iter().enumerate() {

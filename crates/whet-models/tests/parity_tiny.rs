@@ -67,7 +67,7 @@ fn classifier_case(dir: &str) {
     let input = |d: &Device| ClassifierInput {
         input_ids: fx.ids2("input_ids", d),
         attention_mask: fx.ids2("attention_mask", d),
-        token_type_ids: None,
+        token_type_ids: fx.has("token_type_ids").then(|| fx.ids2("token_type_ids", d)),
     };
     let logits = model.forward(input(&device), Mode::Eval).unwrap();
     assert_close("logits", &values(logits), &fx.f32("logits"), LOGITS_TOL);
@@ -113,7 +113,7 @@ fn tiny_bert_question_answering() {
             EncoderInput {
                 input_ids: fx.ids2("input_ids", &device),
                 attention_mask: fx.ids2("attention_mask", &device),
-                token_type_ids: None,
+                token_type_ids: fx.has("token_type_ids").then(|| fx.ids2("token_type_ids", &device)),
             },
             Mode::Eval,
         );

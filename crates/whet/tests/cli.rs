@@ -102,8 +102,8 @@ fn convert_writes_a_folder_whet_loads_back_with_the_same_config() {
     let info = ok(&["info", dir.to_str().unwrap()]);
     assert!(info.contains("30 layers, hidden 576"), "{info}");
     // The folder generates what the GGUF generates.
-    let gen = |m: &Path| ok(&["generate", "--model", m.to_str().unwrap(), "--prompt", "Hello, my name is", "--max-new-tokens", "6"]);
-    assert_eq!(gen(&dir), gen(&smollm2()));
+    let generated = |m: &Path| ok(&["generate", "--model", m.to_str().unwrap(), "--prompt", "Hello, my name is", "--max-new-tokens", "6"]);
+    assert_eq!(generated(&dir), generated(&smollm2()));
 }
 
 #[test]
