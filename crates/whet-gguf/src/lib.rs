@@ -50,7 +50,9 @@ pub enum GgufError {
         message: String,
     },
     /// A tensor uses a ggml type this reader cannot dequantise.
-    #[error("{path}: tensor {tensor} has ggml type {ty}, which whet cannot dequantise (supported: {supported})")]
+    #[error(
+        "{path}: tensor {tensor} has ggml type {ty}, which whet cannot dequantise (supported: {supported})"
+    )]
     UnsupportedType {
         path: PathBuf,
         tensor: String,
@@ -510,7 +512,10 @@ impl GgufFile {
             .as_array()
             .ok_or_else(|| self.missing(key, "not an array"))?;
         arr.iter()
-            .map(|v| v.as_str().ok_or_else(|| self.missing(key, "not an array of strings")))
+            .map(|v| {
+                v.as_str()
+                    .ok_or_else(|| self.missing(key, "not an array of strings"))
+            })
             .collect()
     }
 
@@ -540,7 +545,10 @@ impl GgufFile {
             return Err(GgufError::Malformed {
                 path: self.path.clone(),
                 what: format!("tensor {}", t.name),
-                message: format!("{n} elements is not a multiple of the {} block of {per}", t.ty),
+                message: format!(
+                    "{n} elements is not a multiple of the {} block of {per}",
+                    t.ty
+                ),
             });
         }
         dequantize(t.ty, raw, n).ok_or_else(|| self.unsupported(t))
@@ -553,9 +561,13 @@ pub fn dequantize(ty: GgmlType, raw: &[u8], n: usize) -> Option<Vec<f32>> {
     let (per, bytes) = ty.block()?;
     let blocks = raw.chunks_exact(bytes).zip(out.chunks_exact_mut(per));
     match ty {
-        GgmlType::F32 => blocks.for_each(|(b, y)| y[0] = f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        GgmlType::F32 => {
+            blocks.for_each(|(b, y)| y[0] = f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        }
         GgmlType::F16 => blocks.for_each(|(b, y)| y[0] = f16::from_le_bytes([b[0], b[1]]).to_f32()),
-        GgmlType::BF16 => blocks.for_each(|(b, y)| y[0] = bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+        GgmlType::BF16 => {
+            blocks.for_each(|(b, y)| y[0] = bf16::from_le_bytes([b[0], b[1]]).to_f32())
+        }
         GgmlType::Q4_0 => blocks.for_each(|(b, y)| q4_0(b, y)),
         GgmlType::Q4_1 => blocks.for_each(|(b, y)| q4_1(b, y)),
         GgmlType::Q5_0 => blocks.for_each(|(b, y)| q5_0(b, y)),

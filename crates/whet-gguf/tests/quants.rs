@@ -3,10 +3,12 @@
 
 use std::path::{Path, PathBuf};
 
-use whet_gguf::{GgufError, GgufFile, GgmlType};
+use whet_gguf::{GgmlType, GgufError, GgufFile};
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/gguf").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/gguf")
+        .join(name)
 }
 
 #[test]
@@ -16,7 +18,9 @@ fn every_quant_type_dequantises_like_the_reference() {
     let expected = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let mut seen = std::collections::BTreeSet::new();
     for t in &file.tensors {
-        let want = expected.tensor(&t.name).unwrap_or_else(|_| panic!("no expected values for {}", t.name));
+        let want = expected
+            .tensor(&t.name)
+            .unwrap_or_else(|_| panic!("no expected values for {}", t.name));
         let want: Vec<f32> = want
             .data()
             .chunks_exact(4)
@@ -63,7 +67,10 @@ fn not_a_gguf_file_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("x.gguf");
     std::fs::write(&p, b"PK\x03\x04 definitely a zip").unwrap();
-    assert!(matches!(GgufFile::open(&p), Err(GgufError::BadMagic { .. })));
+    assert!(matches!(
+        GgufFile::open(&p),
+        Err(GgufError::BadMagic { .. })
+    ));
 }
 
 /// A minimal GGUF v3 with one tensor of the given ggml type id and `data` as its bytes.
@@ -102,7 +109,10 @@ fn an_unsupported_quant_type_is_a_typed_error_naming_the_tensor() {
             assert!(msg.contains("blk.0.attn_q.weight"), "{msg}");
             assert!(msg.contains("type id 10"), "{msg}");
         }
-        other => panic!("expected UnsupportedType, got {other:?}", other = other.map(|v| v.len())),
+        other => panic!(
+            "expected UnsupportedType, got {other:?}",
+            other = other.map(|v| v.len())
+        ),
     }
 }
 
@@ -110,7 +120,10 @@ fn an_unsupported_quant_type_is_a_typed_error_naming_the_tensor() {
 fn a_hand_written_f32_tensor_reads_back() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("f32.gguf");
-    let data: Vec<u8> = [1.5f32, -2.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+    let data: Vec<u8> = [1.5f32, -2.0]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
     std::fs::write(&p, tiny_gguf(0, 2, &data)).unwrap();
     let file = GgufFile::open(&p).unwrap();
     assert_eq!(file.dequantize(&file.tensors[0]).unwrap(), vec![1.5, -2.0]);

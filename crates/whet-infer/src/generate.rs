@@ -116,7 +116,13 @@ pub fn argmax(values: &[f32]) -> u32 {
 }
 
 /// Samples one token: temperature, then top-k, then top-p (nucleus), then the softmax.
-pub fn sample(logits: &[f32], temperature: f32, top_k: Option<usize>, top_p: f32, rng: &mut impl Rng) -> u32 {
+pub fn sample(
+    logits: &[f32],
+    temperature: f32,
+    top_k: Option<usize>,
+    top_p: f32,
+    rng: &mut impl Rng,
+) -> u32 {
     let t = temperature.max(1e-5);
     let mut order: Vec<usize> = (0..logits.len()).collect();
     order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
@@ -188,6 +194,9 @@ mod tests {
         };
         assert_eq!(draw(7), draw(7));
         let distinct: std::collections::BTreeSet<_> = draw(7).into_iter().collect();
-        assert!(distinct.len() > 4, "uniform logits should reach most tokens");
+        assert!(
+            distinct.len() > 4,
+            "uniform logits should reach most tokens"
+        );
     }
 }

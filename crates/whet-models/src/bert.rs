@@ -95,7 +95,12 @@ pub struct BertEmbeddings {
 impl BertEmbeddings {
     fn load(vb: &Weights, c: &BertConfig) -> Result<Self> {
         Ok(Self {
-            word_embeddings: Embedding::load(&vb.pp("word_embeddings"), c.vocab_size, c.hidden_size)?,
+            word_embeddings: Embedding::load(
+                &vb.pp("word_embeddings"),
+                c.vocab_size,
+                c.hidden_size,
+            )?
+            .with_padding_idx(Some(c.pad_token_id.unwrap_or(0))),
             position_embeddings: Embedding::load(
                 &vb.pp("position_embeddings"),
                 c.max_position_embeddings,
@@ -128,9 +133,12 @@ impl BertEmbeddings {
 
 impl ExportParams for BertEmbeddings {
     fn export(&self, p: &str, out: &mut Vec<NamedParam>) {
-        self.word_embeddings.export(&join(p, "word_embeddings"), out);
-        self.position_embeddings.export(&join(p, "position_embeddings"), out);
-        self.token_type_embeddings.export(&join(p, "token_type_embeddings"), out);
+        self.word_embeddings
+            .export(&join(p, "word_embeddings"), out);
+        self.position_embeddings
+            .export(&join(p, "position_embeddings"), out);
+        self.token_type_embeddings
+            .export(&join(p, "token_type_embeddings"), out);
         self.layer_norm.export(&join(p, "LayerNorm"), out);
     }
 }
@@ -184,10 +192,23 @@ impl BertLayer {
         let q = split_heads(self.query.forward(x.clone()), self.heads);
         let k = split_heads(self.key.forward(x.clone()), self.heads);
         let v = split_heads(self.value.forward(x.clone()), self.heads);
-        let ctx = merge_heads(scaled_dot_product(q, k, v, bias, self.attention_dropout, mode));
-        let attn = dropout(self.attention_output.forward(ctx), self.hidden_dropout, mode);
+        let ctx = merge_heads(scaled_dot_product(
+            q,
+            k,
+            v,
+            bias,
+            self.attention_dropout,
+            mode,
+        ));
+        let attn = dropout(
+            self.attention_output.forward(ctx),
+            self.hidden_dropout,
+            mode,
+        );
         let x = self.attention_norm.forward(attn + x);
-        let ff = self.output.forward(self.act.forward(self.intermediate.forward(x.clone())));
+        let ff = self
+            .output
+            .forward(self.act.forward(self.intermediate.forward(x.clone())));
         self.output_norm
             .forward(dropout(ff, self.hidden_dropout, mode) + x)
     }
@@ -198,9 +219,12 @@ impl ExportParams for BertLayer {
         self.query.export(&join(p, "attention.self.query"), out);
         self.key.export(&join(p, "attention.self.key"), out);
         self.value.export(&join(p, "attention.self.value"), out);
-        self.attention_output.export(&join(p, "attention.output.dense"), out);
-        self.attention_norm.export(&join(p, "attention.output.LayerNorm"), out);
-        self.intermediate.export(&join(p, "intermediate.dense"), out);
+        self.attention_output
+            .export(&join(p, "attention.output.dense"), out);
+        self.attention_norm
+            .export(&join(p, "attention.output.LayerNorm"), out);
+        self.intermediate
+            .export(&join(p, "intermediate.dense"), out);
         self.output.export(&join(p, "output.dense"), out);
         self.output_norm.export(&join(p, "output.LayerNorm"), out);
     }
@@ -382,8 +406,12 @@ impl BertForQuestionAnswering {
     pub fn load(vb: &Weights, c: &BertConfig) -> Result<(Self, Vec<String>)> {
         let prefix = base_prefix(vb);
         let bert = BertModel::load(&vb.pp(prefix), c)?;
-        let (qa_outputs, fresh) =
-            crate::load_or_init_linear(&vb.pp("qa_outputs"), c.hidden_size, 2, c.initializer_range)?;
+        let (qa_outputs, fresh) = crate::load_or_init_linear(
+            &vb.pp("qa_outputs"),
+            c.hidden_size,
+            2,
+            c.initializer_range,
+        )?;
         Ok((
             Self {
                 bert,

@@ -98,8 +98,12 @@ pub trait CausalLm {
     ///
     /// # Shapes
     /// - output `[B, T, H]`
-    fn forward_hidden(&self, input: DecoderInput, cache: Option<&mut KvCache>, mode: Mode)
-    -> Tensor<3>;
+    fn forward_hidden(
+        &self,
+        input: DecoderInput,
+        cache: Option<&mut KvCache>,
+        mode: Mode,
+    ) -> Tensor<3>;
 
     /// Vocabulary logits of hidden states.
     ///

@@ -106,9 +106,18 @@ impl DistilBertLayer {
         let q = split_heads(self.q_lin.forward(x.clone()), self.heads);
         let k = split_heads(self.k_lin.forward(x.clone()), self.heads);
         let v = split_heads(self.v_lin.forward(x.clone()), self.heads);
-        let ctx = merge_heads(scaled_dot_product(q, k, v, bias, self.attention_dropout, mode));
+        let ctx = merge_heads(scaled_dot_product(
+            q,
+            k,
+            v,
+            bias,
+            self.attention_dropout,
+            mode,
+        ));
         let sa = self.sa_layer_norm.forward(self.out_lin.forward(ctx) + x);
-        let ff = self.lin2.forward(self.act.forward(self.lin1.forward(sa.clone())));
+        let ff = self
+            .lin2
+            .forward(self.act.forward(self.lin1.forward(sa.clone())));
         self.output_layer_norm
             .forward(dropout(ff, self.dropout, mode) + sa)
     }
@@ -123,7 +132,8 @@ impl ExportParams for DistilBertLayer {
         self.sa_layer_norm.export(&join(p, "sa_layer_norm"), out);
         self.lin1.export(&join(p, "ffn.lin1"), out);
         self.lin2.export(&join(p, "ffn.lin2"), out);
-        self.output_layer_norm.export(&join(p, "output_layer_norm"), out);
+        self.output_layer_norm
+            .export(&join(p, "output_layer_norm"), out);
     }
 }
 
@@ -148,7 +158,8 @@ impl DistilBertModel {
                 &vb.pp("embeddings.word_embeddings"),
                 c.vocab_size,
                 c.dim,
-            )?,
+            )?
+            .with_padding_idx(Some(c.pad_token_id.unwrap_or(0))),
             position_embeddings: Embedding::load(
                 &vb.pp("embeddings.position_embeddings"),
                 c.max_position_embeddings,
@@ -181,10 +192,12 @@ impl DistilBertModel {
 
 impl ExportParams for DistilBertModel {
     fn export(&self, p: &str, out: &mut Vec<NamedParam>) {
-        self.word_embeddings.export(&join(p, "embeddings.word_embeddings"), out);
+        self.word_embeddings
+            .export(&join(p, "embeddings.word_embeddings"), out);
         self.position_embeddings
             .export(&join(p, "embeddings.position_embeddings"), out);
-        self.embeddings_norm.export(&join(p, "embeddings.LayerNorm"), out);
+        self.embeddings_norm
+            .export(&join(p, "embeddings.LayerNorm"), out);
         for (i, l) in self.layers.iter().enumerate() {
             l.export(&join(p, &format!("transformer.layer.{i}")), out);
         }
@@ -211,8 +224,12 @@ impl DistilBertForSequenceClassification {
             ""
         };
         let distilbert = DistilBertModel::load(&vb.pp(prefix), c)?;
-        let (pre_classifier, mut fresh) =
-            crate::load_or_init_linear(&vb.pp("pre_classifier"), c.dim, c.dim, c.initializer_range)?;
+        let (pre_classifier, mut fresh) = crate::load_or_init_linear(
+            &vb.pp("pre_classifier"),
+            c.dim,
+            c.dim,
+            c.initializer_range,
+        )?;
         let (classifier, f2) = crate::load_or_init_linear(
             &vb.pp("classifier"),
             c.dim,

@@ -62,7 +62,10 @@ pub enum ModelError {
 
     /// The tokenizer cannot be loaded or built.
     #[error("tokenizer {source_name}: {message}")]
-    Tokenizer { source_name: String, message: String },
+    Tokenizer {
+        source_name: String,
+        message: String,
+    },
 
     /// Inputs do not fit the model (too long, ids out of range, bad shapes).
     #[error("invalid input: {0}")]

@@ -169,7 +169,9 @@ pub fn llama_config(file: &GgufFile) -> Result<LlamaConfig> {
         Ok(v) => v,
         Err(_) => file.get_strings("tokenizer.ggml.tokens")?.len(),
     };
-    let head_dim = u("attention.key_length").ok().filter(|&d| d != hidden / heads);
+    let head_dim = u("attention.key_length")
+        .ok()
+        .filter(|&d| d != hidden / heads);
     let token = |k: &str| {
         file.get(&format!("tokenizer.ggml.{k}"))
             .and_then(|v| v.as_u64())
@@ -349,7 +351,10 @@ pub fn convert_to_folder(path: &Path, out: &Path) -> Result<ConvertSummary> {
     write_json(&out.join("tokenizer_config.json"), &tok_config)?;
     Ok(ConvertSummary {
         tensors: tensors.len(),
-        parameters: tensors.iter().map(|(_, s, _)| s.iter().product::<usize>()).sum(),
+        parameters: tensors
+            .iter()
+            .map(|(_, s, _)| s.iter().product::<usize>())
+            .sum(),
         skipped: source.unmapped(),
     })
 }
@@ -384,7 +389,10 @@ mod tests {
             hf_name("blk.0.ffn_down.weight").as_deref(),
             Some("model.layers.0.mlp.down_proj.weight")
         );
-        assert_eq!(hf_name("token_embd.weight").as_deref(), Some("model.embed_tokens.weight"));
+        assert_eq!(
+            hf_name("token_embd.weight").as_deref(),
+            Some("model.embed_tokens.weight")
+        );
         assert_eq!(hf_name("rope_freqs.weight"), None);
     }
 

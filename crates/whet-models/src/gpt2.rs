@@ -122,7 +122,9 @@ impl Gpt2Block {
         }
         let ctx = merge_heads(scaled_dot_product(q, k, v, bias, self.attn_pdrop, mode));
         let x = x + dropout(self.attn_proj.forward(ctx), self.resid_pdrop, mode);
-        let h = self.act.forward(self.c_fc.forward(self.ln_2.forward(x.clone())));
+        let h = self
+            .act
+            .forward(self.c_fc.forward(self.ln_2.forward(x.clone())));
         x.clone() + dropout(self.mlp_proj.forward(h), self.resid_pdrop, mode)
     }
 }

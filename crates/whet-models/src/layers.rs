@@ -124,6 +124,8 @@ impl ExportParams for Linear {
 pub struct Embedding {
     /// `[num_embeddings, dim]`
     pub weight: Param<Tensor<2>>,
+    /// As `nn.Embedding(padding_idx=...)`: this row receives no gradient.
+    pub padding_idx: Option<usize>,
 }
 
 impl Embedding {
@@ -131,14 +133,38 @@ impl Embedding {
     pub fn load(vb: &Weights, n: usize, dim: usize) -> Result<Self> {
         Ok(Self {
             weight: vb.param("weight", [n, dim])?,
+            padding_idx: None,
         })
+    }
+
+    /// Sets the row that gets no gradient (ignored when out of range, as a pad id beyond the
+    /// vocabulary cannot be looked up anyway).
+    pub fn with_padding_idx(mut self, pad: Option<u32>) -> Self {
+        let n = self.weight.dims()[0];
+        self.padding_idx = pad.map(|p| p as usize).filter(|&p| p < n);
+        self
     }
 
     /// # Shapes
     /// - ids `[B, T]`
     /// - output `[B, T, dim]`
     pub fn forward(&self, ids: Tensor<2, Int>) -> Tensor<3> {
-        embedding(self.weight.val(), ids)
+        let weight = self.weight.val();
+        let track = weight.is_require_grad();
+        let out = embedding(weight, ids.clone());
+        match self.padding_idx {
+            // The padding row only feeds the positions holding the pad id, so detaching those
+            // outputs zeroes exactly its gradient, at the cost of a [B, T, dim] select.
+            Some(pad) if track => {
+                let [b, t, d] = out.dims();
+                let at_pad = ids
+                    .equal_elem(pad as i64)
+                    .reshape([b, t, 1])
+                    .expand([b, t, d]);
+                out.clone().mask_where(at_pad, out.detach())
+            }
+            _ => out,
+        }
     }
 }
 
@@ -245,7 +271,10 @@ pub fn attention_bias(keep: Tensor<2, Bool>, tq: usize, causal: bool) -> Tensor<
     let device = keep.device();
     let offset = tk - tq;
     // masked[b, 0, i, j] = !keep[b, j] || (causal && j > offset + i)
-    let pad: Tensor<4, Bool> = keep.bool_not().reshape([b, 1, 1, tk]).expand([b, 1, tq, tk]);
+    let pad: Tensor<4, Bool> = keep
+        .bool_not()
+        .reshape([b, 1, 1, tk])
+        .expand([b, 1, tq, tk]);
     let masked = if causal {
         let future: Tensor<2, Bool> = Tensor::<2>::ones([tq, tk], &device)
             .triu(offset as i64 + 1)

@@ -66,7 +66,10 @@ fn load_or_init(
     std: f64,
 ) -> Result<(Linear, Vec<String>)> {
     if vb.contains("weight") {
-        return Ok((Linear::load(vb, d_in, d_out, bias, TorchLinear::Linear)?, vec![]));
+        return Ok((
+            Linear::load(vb, d_in, d_out, bias, TorchLinear::Linear)?,
+            vec![],
+        ));
     }
     let mut fresh = vec![vb.path("weight")];
     if bias {
@@ -237,10 +240,14 @@ impl Checkpoint {
             _ => None,
         };
         match v {
-            Some(serde_json::Value::Number(n)) => n.as_u64().map(|n| vec![n as u32]).unwrap_or_default(),
-            Some(serde_json::Value::Array(a)) => {
-                a.iter().filter_map(|n| n.as_u64()).map(|n| n as u32).collect()
+            Some(serde_json::Value::Number(n)) => {
+                n.as_u64().map(|n| vec![n as u32]).unwrap_or_default()
             }
+            Some(serde_json::Value::Array(a)) => a
+                .iter()
+                .filter_map(|n| n.as_u64())
+                .map(|n| n as u32)
+                .collect(),
             _ => vec![],
         }
     }
@@ -250,7 +257,9 @@ impl Checkpoint {
         let vb = self.weights(device);
         match &self.config {
             FamilyConfig::Gpt2(c) => Ok(CausalModel::Gpt2(gpt2::Gpt2LmHeadModel::load(&vb, c)?)),
-            FamilyConfig::Llama(c) => Ok(CausalModel::Llama(llama::LlamaForCausalLm::load(&vb, c)?)),
+            FamilyConfig::Llama(c) => {
+                Ok(CausalModel::Llama(llama::LlamaForCausalLm::load(&vb, c)?))
+            }
             _ => Err(ModelError::Input(format!(
                 "{} is a {} encoder; text generation needs a decoder (gpt2 or llama family)",
                 self.path.display(),

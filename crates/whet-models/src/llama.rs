@@ -14,8 +14,8 @@ use crate::config::{Activation, HeadFields};
 use crate::decoder::{CausalLm, DecoderInput, KvCache, gather_positions, last_non_pad};
 use crate::error::{ModelError, Result};
 use crate::layers::{
-    Embedding, Linear, Mode, RmsNorm, TorchLinear, attention_bias, merge_heads,
-    scaled_dot_product, split_heads,
+    Embedding, Linear, Mode, RmsNorm, TorchLinear, attention_bias, merge_heads, scaled_dot_product,
+    split_heads,
 };
 use crate::weights::{ExportParams, NamedParam, Weights, join};
 
@@ -242,7 +242,8 @@ impl LlamaLayer {
     fn load(vb: &Weights, c: &LlamaConfig) -> Result<Self> {
         let (h, hd) = (c.hidden_size, c.head_dim());
         let (nq, nkv) = (c.num_attention_heads, c.kv_heads());
-        let lin = |name: &str, i, o, bias| Linear::load(&vb.pp(name), i, o, bias, TorchLinear::Linear);
+        let lin =
+            |name: &str, i, o, bias| Linear::load(&vb.pp(name), i, o, bias, TorchLinear::Linear);
         Ok(Self {
             input_layernorm: RmsNorm::load(&vb.pp("input_layernorm"), h, c.rms_norm_eps)?,
             q_proj: lin("self_attn.q_proj", h, nq * hd, c.qkv_bias())?,
@@ -300,7 +301,8 @@ impl LlamaLayer {
 
 impl ExportParams for LlamaLayer {
     fn export(&self, p: &str, out: &mut Vec<NamedParam>) {
-        self.input_layernorm.export(&join(p, "input_layernorm"), out);
+        self.input_layernorm
+            .export(&join(p, "input_layernorm"), out);
         self.q_proj.export(&join(p, "self_attn.q_proj"), out);
         self.k_proj.export(&join(p, "self_attn.k_proj"), out);
         self.v_proj.export(&join(p, "self_attn.v_proj"), out);
@@ -330,7 +332,8 @@ impl LlamaModel {
         let inv_freq = c.inv_freq()?;
         let n = inv_freq.len();
         Ok(Self {
-            embed_tokens: Embedding::load(&vb.pp("embed_tokens"), c.vocab_size, c.hidden_size)?,
+            embed_tokens: Embedding::load(&vb.pp("embed_tokens"), c.vocab_size, c.hidden_size)?
+                .with_padding_idx(c.pad_token_id),
             layers: (0..c.num_hidden_layers)
                 .map(|i| LlamaLayer::load(&vb.pp(format!("layers.{i}")), c))
                 .collect::<Result<_>>()?,

@@ -107,9 +107,8 @@ impl TextTokenizer {
                 .and_then(|t| t.get("template")?.as_str().map(String::from)),
             _ => None,
         });
-        let chat_template = chat_template.or_else(|| {
-            std::fs::read_to_string(dir.join("chat_template.jinja")).ok()
-        });
+        let chat_template =
+            chat_template.or_else(|| std::fs::read_to_string(dir.join("chat_template.jinja")).ok());
         Ok(Self {
             bos: special("bos_token"),
             eos: special("eos_token"),

@@ -177,7 +177,9 @@ impl NamedParam {
 
 /// Values of an f32 tensor as a vector.
 pub fn tensor_values(data: TensorData) -> Vec<f32> {
-    data.convert::<f32>().try_to_vec::<f32>().unwrap_or_default()
+    data.convert::<f32>()
+        .try_to_vec::<f32>()
+        .unwrap_or_default()
 }
 
 /// Collects a module's parameters under their Hugging Face names.
@@ -299,12 +301,13 @@ impl SafetensorsSource {
             // it is mapped; a concurrent external writer could change the bytes under us, the
             // same caveat every mmap-based safetensors reader carries.
             let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
-            let (header_len, meta) = safetensors::SafeTensors::read_metadata(&map[..]).map_err(
-                |e| ModelError::Safetensors {
-                    path: path.clone(),
-                    message: describe_st_error(&e, map.len()),
-                },
-            )?;
+            let (header_len, meta) =
+                safetensors::SafeTensors::read_metadata(&map[..]).map_err(|e| {
+                    ModelError::Safetensors {
+                        path: path.clone(),
+                        message: describe_st_error(&e, map.len()),
+                    }
+                })?;
             let data_start = 8 + header_len;
             for (name, info) in meta.tensors() {
                 let (start, end) = info.data_offsets;
@@ -452,7 +455,12 @@ impl TensorSource for MemorySource {
     }
     fn dtype(&self, name: &str) -> Option<String> {
         self.tensors.get(name)?;
-        Some(self.dtypes.get(name).cloned().unwrap_or_else(|| "F32".into()))
+        Some(
+            self.dtypes
+                .get(name)
+                .cloned()
+                .unwrap_or_else(|| "F32".into()),
+        )
     }
 }
 

@@ -20,7 +20,8 @@ fn copy_model(name: &str) -> tempfile::TempDir {
 
 fn edit_config(dir: &Path, key: &str, value: serde_json::Value) {
     let p = dir.join("config.json");
-    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
     json[key] = value;
     std::fs::write(&p, serde_json::to_string(&json).unwrap()).unwrap();
 }
@@ -38,7 +39,10 @@ fn open_err(path: &Path) -> ModelError {
 #[test]
 fn a_missing_model_path_is_named() {
     let e = open_err(Path::new("/nonexistent/model"));
-    assert!(matches!(&e, ModelError::MissingFile { path, .. } if path.ends_with("model")), "{e}");
+    assert!(
+        matches!(&e, ModelError::MissingFile { path, .. } if path.ends_with("model")),
+        "{e}"
+    );
 }
 
 #[test]
@@ -82,7 +86,10 @@ fn a_wrong_tensor_shape_names_the_tensor_and_both_shapes() {
         other => panic!("expected ShapeMismatch, got {other}"),
     }
     let msg = e.to_string();
-    assert!(msg.contains("[38, 32]") && msg.contains("[37, 32]"), "{msg}");
+    assert!(
+        msg.contains("[38, 32]") && msg.contains("[37, 32]"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -90,7 +97,10 @@ fn an_unknown_architecture_is_named() {
     let dir = copy_model("tiny-bert");
     edit_config(dir.path(), "model_type", serde_json::json!("t5"));
     let e = open_err(dir.path());
-    assert!(matches!(&e, ModelError::UnknownArchitecture { name, .. } if name == "t5"), "{e}");
+    assert!(
+        matches!(&e, ModelError::UnknownArchitecture { name, .. } if name == "t5"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -127,12 +137,18 @@ fn a_truncated_gguf_model_is_named() {
     std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
     let e = open_err(&p);
     let msg = e.to_string();
-    assert!(msg.contains("truncated") && msg.contains("model.gguf"), "{msg}");
+    assert!(
+        msg.contains("truncated") && msg.contains("model.gguf"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn a_gguf_of_another_architecture_is_refused() {
     // The quant fixture declares general.architecture = "test".
     let e = open_err(&fixtures().join("gguf/quants.gguf"));
-    assert!(matches!(&e, ModelError::UnknownArchitecture { name, .. } if name == "test"), "{e}");
+    assert!(
+        matches!(&e, ModelError::UnknownArchitecture { name, .. } if name == "test"),
+        "{e}"
+    );
 }

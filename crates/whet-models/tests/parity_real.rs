@@ -98,10 +98,9 @@ fn smollm2_gguf_logits_and_greedy_generation_match_transformers() {
         }
         let ids = fx.i64(&key);
         let t = ids.len();
-        let logits = values(model.forward_logits(
-            DecoderInput::unpadded(fx.ids2(&key, &device)),
-            Mode::Eval,
-        ));
+        let logits = values(
+            model.forward_logits(DecoderInput::unpadded(fx.ids2(&key, &device)), Mode::Eval),
+        );
         assert_close(
             &format!("prompt {k}: last logits"),
             &logits[(t - 1) * vocab..],
@@ -179,7 +178,9 @@ fn smollm2_chat_template_renders_as_transformers() {
         &std::fs::read_to_string(fixtures().join("smollm2/prompts.json")).unwrap(),
     )
     .unwrap();
-    let want = prompts["chat_rendered"].as_str().expect("prompts.json has chat_rendered");
+    let want = prompts["chat_rendered"]
+        .as_str()
+        .expect("prompts.json has chat_rendered");
     let tok = Checkpoint::open(asset("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
         .unwrap()
         .tokenizer()

@@ -15,7 +15,9 @@ fn ids(b: usize, t: usize, vocab: usize, device: &Device) -> Tensor<2, Int> {
     let mut x: u64 = 12345;
     let v: Vec<i64> = (0..b * t)
         .map(|_| {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (1000 + (x >> 33) as usize % (vocab - 1000)) as i64
         })
         .collect();
@@ -40,7 +42,9 @@ fn main() -> anyhow::Result<()> {
     let device = Device::flex();
 
     let ckpt = Checkpoint::open(&minilm)?;
-    let FamilyConfig::Bert(config) = &ckpt.config else { anyhow::bail!("MiniLM is not BERT") };
+    let FamilyConfig::Bert(config) = &ckpt.config else {
+        anyhow::bail!("MiniLM is not BERT")
+    };
     let bert = BertModel::load(&ckpt.weights(&device), config)?;
     let (b, t) = (8, 128);
     let input = EncoderInput {
@@ -58,7 +62,11 @@ fn main() -> anyhow::Result<()> {
     let model = ckpt.load_causal_lm(&device)?;
     let t = 128;
     let x = ids(1, t, model.vocab_size(), &device);
-    let secs = time(3, || model.forward_logits(DecoderInput::unpadded(x.clone()), Mode::Eval).into_data());
+    let secs = time(3, || {
+        model
+            .forward_logits(DecoderInput::unpadded(x.clone()), Mode::Eval)
+            .into_data()
+    });
     let smol_fwd_tps = t as f64 / secs;
 
     let tok = ckpt.tokenizer()?;
@@ -70,7 +78,9 @@ fn main() -> anyhow::Result<()> {
     };
     let mut n = 0;
     let secs = time(2, || {
-        n = whet_infer::generate(&model, &prompt, &config, &device, |_| {}).map(|v| v.len()).unwrap_or(0);
+        n = whet_infer::generate(&model, &prompt, &config, &device, |_| {})
+            .map(|v| v.len())
+            .unwrap_or(0);
     });
     let gen_tps = n as f64 / secs;
 

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use whet_infer::{GenerationConfig, Sampling};
-use whet_models::{Checkpoint, ChatMessage, Format};
+use whet_models::{ChatMessage, Checkpoint, Format};
 
 /// Fine-tune pretrained transformer language models, in Rust.
 #[derive(Parser, Debug)]
@@ -97,7 +97,9 @@ fn info(path: PathBuf) -> Result<()> {
     let mut dtypes = std::collections::BTreeMap::<String, (usize, usize)>::new();
     for name in source.names() {
         let n: usize = source.shape(&name).unwrap_or_default().iter().product();
-        let e = dtypes.entry(source.dtype(&name).unwrap_or_default()).or_default();
+        let e = dtypes
+            .entry(source.dtype(&name).unwrap_or_default())
+            .or_default();
         e.0 += 1;
         e.1 += n;
     }
@@ -113,8 +115,12 @@ fn info(path: PathBuf) -> Result<()> {
     match &ckpt.config {
         whet_models::FamilyConfig::Bert(c) => println!(
             "config:       {} layers, hidden {}, {} heads, intermediate {}, vocab {}, max positions {}",
-            c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.intermediate_size,
-            c.vocab_size, c.max_position_embeddings
+            c.num_hidden_layers,
+            c.hidden_size,
+            c.num_attention_heads,
+            c.intermediate_size,
+            c.vocab_size,
+            c.max_position_embeddings
         ),
         whet_models::FamilyConfig::DistilBert(c) => println!(
             "config:       {} layers, hidden {}, {} heads, intermediate {}, vocab {}, max positions {}",
@@ -127,12 +133,24 @@ fn info(path: PathBuf) -> Result<()> {
         whet_models::FamilyConfig::Llama(c) => println!(
             "config:       {} layers, hidden {}, {} heads ({} key/value), head dim {}, ffn {}, vocab {}, \
              rope theta {}, rms eps {}, context {}, tied embeddings {}",
-            c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.kv_heads(), c.head_dim(),
-            c.intermediate_size, c.vocab_size, c.theta(), c.rms_norm_eps,
-            c.max_position_embeddings, c.tie_word_embeddings
+            c.num_hidden_layers,
+            c.hidden_size,
+            c.num_attention_heads,
+            c.kv_heads(),
+            c.head_dim(),
+            c.intermediate_size,
+            c.vocab_size,
+            c.theta(),
+            c.rms_norm_eps,
+            c.max_position_embeddings,
+            c.tie_word_embeddings
         ),
     }
-    println!("parameters:   {} ({:.1}M)", ckpt.parameter_count(), ckpt.parameter_count() as f64 / 1e6);
+    println!(
+        "parameters:   {} ({:.1}M)",
+        ckpt.parameter_count(),
+        ckpt.parameter_count() as f64 / 1e6
+    );
     println!("dtypes:");
     for (dtype, (tensors, values)) in &dtypes {
         println!("  {dtype:<6} {tensors:>4} tensors, {values:>12} values");
@@ -145,7 +163,11 @@ fn info(path: PathBuf) -> Result<()> {
                 tok.bos.as_ref().map(|s| &s.text),
                 tok.eos.as_ref().map(|s| &s.text),
                 tok.pad.as_ref().map(|s| &s.text),
-                if tok.chat_template.is_some() { "yes" } else { "no" }
+                if tok.chat_template.is_some() {
+                    "yes"
+                } else {
+                    "no"
+                }
             );
         }
         Err(e) => println!("tokenizer:    none ({e})"),
@@ -156,7 +178,9 @@ fn info(path: PathBuf) -> Result<()> {
 fn generate(args: GenerateArgs) -> Result<()> {
     let sampling = match args.temperature {
         None => Sampling::Greedy,
-        Some(t) if t <= 0.0 => bail!("--temperature must be > 0 (leave it out for greedy decoding)"),
+        Some(t) if t <= 0.0 => {
+            bail!("--temperature must be > 0 (leave it out for greedy decoding)")
+        }
         Some(t) => Sampling::Sample {
             temperature: t,
             top_k: (args.top_k > 0).then_some(args.top_k),
@@ -176,9 +200,15 @@ fn generate(args: GenerateArgs) -> Result<()> {
     let (text, add_special) = if args.chat {
         let mut messages = Vec::new();
         if let Some(system) = args.system {
-            messages.push(ChatMessage { role: "system".into(), content: system });
+            messages.push(ChatMessage {
+                role: "system".into(),
+                content: system,
+            });
         }
-        messages.push(ChatMessage { role: "user".into(), content: args.prompt.clone() });
+        messages.push(ChatMessage {
+            role: "user".into(),
+            content: args.prompt.clone(),
+        });
         // The template already holds any BOS, as transformers' apply_chat_template assumes.
         (tokenizer.apply_chat_template(&messages, true)?, false)
     } else {
@@ -238,7 +268,10 @@ fn convert(gguf: PathBuf, out_dir: PathBuf) -> Result<()> {
         summary.parameters as f64 / 1e6
     );
     if !summary.skipped.is_empty() {
-        println!("skipped GGUF tensors with no Hugging Face counterpart: {}", summary.skipped.join(", "));
+        println!(
+            "skipped GGUF tensors with no Hugging Face counterpart: {}",
+            summary.skipped.join(", ")
+        );
     }
     Ok(())
 }

@@ -15,7 +15,11 @@ fn cache() -> PathBuf {
 
 fn smollm2() -> PathBuf {
     let p = cache().join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(p.exists(), "{} missing: run scripts/fetch_assets.sh", p.display());
+    assert!(
+        p.exists(),
+        "{} missing: run scripts/fetch_assets.sh",
+        p.display()
+    );
     p
 }
 
@@ -46,7 +50,10 @@ fn info_describes_folder_and_gguf_models() {
 
     let text = ok(&["info", smollm2().to_str().unwrap()]);
     assert!(text.contains("GGUF"), "{text}");
-    assert!(text.contains("30 layers, hidden 576, 9 heads (3 key/value)"), "{text}");
+    assert!(
+        text.contains("30 layers, hidden 576, 9 heads (3 key/value)"),
+        "{text}"
+    );
     assert!(text.contains("Q4_1"), "{text}");
     assert!(text.contains("49152 tokens"), "{text}");
     assert!(text.contains("chat template: yes"), "{text}");
@@ -56,39 +63,93 @@ fn info_describes_folder_and_gguf_models() {
 fn generate_is_greedy_by_default_and_seeded_when_sampling() {
     let model = smollm2();
     let m = model.to_str().unwrap();
-    let args = ["generate", "--model", m, "--prompt", "The capital of France is", "--max-new-tokens", "8"];
+    let args = [
+        "generate",
+        "--model",
+        m,
+        "--prompt",
+        "The capital of France is",
+        "--max-new-tokens",
+        "8",
+    ];
     let a = ok(&args);
     let b = ok(&args);
     assert!(a.starts_with("The capital of France is"), "{a}");
-    assert!(a.len() > "The capital of France is".len() + 2, "no continuation: {a}");
+    assert!(
+        a.len() > "The capital of France is".len() + 2,
+        "no continuation: {a}"
+    );
     assert_eq!(a, b, "greedy decoding is deterministic");
 
     let sample = |seed: &str| {
-        ok(&["generate", "--model", m, "--prompt", "Once upon a time", "--max-new-tokens", "12",
-             "--temperature", "1.0", "--top-p", "0.95", "--seed", seed])
+        ok(&[
+            "generate",
+            "--model",
+            m,
+            "--prompt",
+            "Once upon a time",
+            "--max-new-tokens",
+            "12",
+            "--temperature",
+            "1.0",
+            "--top-p",
+            "0.95",
+            "--seed",
+            seed,
+        ])
     };
     assert_eq!(sample("1"), sample("1"), "same seed, same text");
-    let chat = ok(&["generate", "--model", m, "--chat", "--prompt", "Say hello.", "--max-new-tokens", "8"]);
+    let chat = ok(&[
+        "generate",
+        "--model",
+        m,
+        "--chat",
+        "--prompt",
+        "Say hello.",
+        "--max-new-tokens",
+        "8",
+    ]);
     assert!(!chat.trim().is_empty());
-    assert!(!chat.contains("<|im_start|>"), "special tokens are not printed: {chat}");
+    assert!(
+        !chat.contains("<|im_start|>"),
+        "special tokens are not printed: {chat}"
+    );
 }
 
 #[test]
 fn generate_refuses_an_encoder_with_a_clear_message() {
     let tiny = root().join("tests/fixtures/tiny-bert");
-    let out = whet(&["generate", "--model", tiny.to_str().unwrap(), "--prompt", "x"]);
+    let out = whet(&[
+        "generate",
+        "--model",
+        tiny.to_str().unwrap(),
+        "--prompt",
+        "x",
+    ]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("tokenizer") || err.contains("decoder"), "{err}");
+    assert!(
+        err.contains("tokenizer") || err.contains("decoder"),
+        "{err}"
+    );
 }
 
 #[test]
 fn convert_writes_a_folder_whet_loads_back_with_the_same_config() {
     let out = tempfile::tempdir().unwrap();
     let dir = out.path().join("smollm2-hf");
-    let text = ok(&["convert", smollm2().to_str().unwrap(), dir.to_str().unwrap()]);
+    let text = ok(&[
+        "convert",
+        smollm2().to_str().unwrap(),
+        dir.to_str().unwrap(),
+    ]);
     assert!(text.contains("tensors"), "{text}");
-    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
         assert!(dir.join(f).is_file(), "{f} missing");
     }
     let config: serde_json::Value =
@@ -97,12 +158,28 @@ fn convert_writes_a_folder_whet_loads_back_with_the_same_config() {
     assert_eq!(config["num_key_value_heads"], 3);
     assert_eq!(config["tie_word_embeddings"], true);
     let tok: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer_config.json")).unwrap()).unwrap();
-    assert!(tok["chat_template"].as_str().unwrap().contains("<|im_start|>"));
+        serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer_config.json")).unwrap())
+            .unwrap();
+    assert!(
+        tok["chat_template"]
+            .as_str()
+            .unwrap()
+            .contains("<|im_start|>")
+    );
     let info = ok(&["info", dir.to_str().unwrap()]);
     assert!(info.contains("30 layers, hidden 576"), "{info}");
     // The folder generates what the GGUF generates.
-    let generated = |m: &Path| ok(&["generate", "--model", m.to_str().unwrap(), "--prompt", "Hello, my name is", "--max-new-tokens", "6"]);
+    let generated = |m: &Path| {
+        ok(&[
+            "generate",
+            "--model",
+            m.to_str().unwrap(),
+            "--prompt",
+            "Hello, my name is",
+            "--max-new-tokens",
+            "6",
+        ])
+    };
     assert_eq!(generated(&dir), generated(&smollm2()));
 }
 
@@ -121,7 +198,10 @@ fn help_explains_every_option() {
         ("--system", "system message"),
     ] {
         assert!(text.contains(opt), "{opt} missing from --help:\n{text}");
-        assert!(text.contains(phrase), "{opt} is not explained ({phrase:?}):\n{text}");
+        assert!(
+            text.contains(phrase),
+            "{opt} is not explained ({phrase:?}):\n{text}"
+        );
     }
     let top = ok(&["--help"]);
     for cmd in ["info", "generate", "convert"] {

@@ -116,7 +116,10 @@ pub fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
 /// max |a - b|
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// max |a - b| / max |b|: the error relative to the reference's scale.
