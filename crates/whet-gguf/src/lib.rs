@@ -541,7 +541,7 @@ impl GgufFile {
         let raw = self.raw(t)?;
         let n = t.numel() as usize;
         let (per, _) = t.ty.block().ok_or_else(|| self.unsupported(t))?;
-        if n % per != 0 {
+        if !n.is_multiple_of(per) {
             return Err(GgufError::Malformed {
                 path: self.path.clone(),
                 what: format!("tensor {}", t.name),

@@ -304,6 +304,7 @@ impl Checkpoint {
 }
 
 /// A decoder with its language-modelling head.
+#[allow(clippy::large_enum_variant)]
 #[derive(burn::module::Module, Debug)]
 pub enum CausalModel {
     Gpt2(gpt2::Gpt2LmHeadModel),
@@ -362,6 +363,8 @@ impl ExportParams for CausalModel {
 }
 
 /// A model with a sequence-classification head.
+// One model lives for a whole run, so the size difference of the variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(burn::module::Module, Debug)]
 pub enum Classifier {
     Bert(bert::BertForSequenceClassification),

@@ -145,7 +145,7 @@ impl LlamaConfig {
                         let f = f as f64;
                         let wl = 2.0 * std::f64::consts::PI / f;
                         let scaled = if wl > low_wl { f / factor } else { f };
-                        let medium = !(wl < high_wl) && !(wl > low_wl);
+                        let medium = (high_wl..=low_wl).contains(&wl);
                         if medium {
                             let s = (old / wl - low) / (high - low);
                             ((1.0 - s) * scaled / factor + s * scaled) as f32
