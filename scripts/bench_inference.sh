@@ -7,8 +7,10 @@ cd "$(dirname "$0")/.."
 THREADS=${1:-$(nproc)}
 CACHE=${WHET_CACHE:-cache}
 scripts/fetch_assets.sh --only minilm,smollm2 >/dev/null
-cargo build --release -p whet --example bench_inference 2>/dev/null
-W=$(RAYON_NUM_THREADS=$THREADS target/release/examples/bench_inference "$CACHE/minilm" "$CACHE/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+# Dev profile: every dependency (burn, gemm) is built at opt-level 3 (see Cargo.toml), whet's
+# own crates at opt-level 1; a release build of whet changes little here and costs 20 minutes.
+cargo build -p whet --example bench_inference 2>/dev/null
+W=$(RAYON_NUM_THREADS=$THREADS target/debug/examples/bench_inference "$CACHE/minilm" "$CACHE/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 R=$(OMP_NUM_THREADS=$THREADS .venv-ref/bin/python scripts/bench_reference_inference.py "$CACHE/minilm" "$CACHE/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" "$THREADS" 2>/dev/null | tail -1)
 python3 - "$W" "$R" "$THREADS" <<'PY'
 import json, sys

@@ -237,9 +237,7 @@ impl CausalLm for Gpt2LmHeadModel {
     }
 
     fn lm_logits(&self, hidden: Tensor<3>) -> Tensor<3> {
-        // (B, T, E) x (E, V) -> (B, T, V)
-        let w = self.transformer.wte.weight.val().transpose();
-        hidden.matmul(w.unsqueeze())
+        crate::decoder::tied_logits(hidden, self.transformer.wte.weight.val())
     }
 
     fn new_cache(&self) -> KvCache {

@@ -56,7 +56,7 @@ impl Linear {
         stored_as: TorchLinear,
     ) -> Result<Self> {
         let weight = match stored_as {
-            TorchLinear::Linear => vb.tensor("weight", [d_out, d_in])?.transpose(),
+            TorchLinear::Linear => vb.tensor_transposed("weight", [d_out, d_in])?,
             TorchLinear::Conv1D => vb.tensor("weight", [d_in, d_out])?,
         };
         let bias = if bias {

@@ -424,11 +424,7 @@ impl CausalLm for LlamaForCausalLm {
     fn lm_logits(&self, hidden: Tensor<3>) -> Tensor<3> {
         match &self.lm_head {
             Some(head) => head.forward(hidden),
-            None => {
-                // (B, T, H) x (H, V) -> (B, T, V)
-                let w = self.model.embed_tokens.weight.val().transpose();
-                hidden.matmul(w.unsqueeze())
-            }
+            None => crate::decoder::tied_logits(hidden, self.model.embed_tokens.weight.val()),
         }
     }
 

@@ -109,6 +109,31 @@ impl Weights {
         ))
     }
 
+    /// Reads the `[rows, cols]` tensor `name` and returns its transpose `[cols, rows]`, laid out
+    /// contiguously (the transpose is done on the host once, so no forward pass ever works on a
+    /// strided view).
+    pub fn tensor_transposed(&self, name: &str, shape: [usize; 2]) -> Result<Tensor<2>> {
+        let t = self.tensor(name, shape)?;
+        let values = tensor_values(t.into_data());
+        let [rows, cols] = shape;
+        let mut out = vec![0f32; values.len()];
+        // Tiled so both sides stay in cache.
+        const TILE: usize = 32;
+        for r0 in (0..rows).step_by(TILE) {
+            for c0 in (0..cols).step_by(TILE) {
+                for r in r0..(r0 + TILE).min(rows) {
+                    for c in c0..(c0 + TILE).min(cols) {
+                        out[c * rows + r] = values[r * cols + c];
+                    }
+                }
+            }
+        }
+        Ok(Tensor::from_data(
+            TensorData::new(out, [cols, rows]),
+            &self.device,
+        ))
+    }
+
     /// Reads `name` as a trainable parameter.
     pub fn param<const D: usize>(&self, name: &str, shape: [usize; D]) -> Result<Param<Tensor<D>>> {
         Ok(Param::from_tensor(self.tensor(name, shape)?))
