@@ -17,7 +17,7 @@ use crate::layers::{
     Embedding, LayerNorm, Linear, Mode, TorchLinear, attention_bias, dropout, merge_heads,
     scaled_dot_product, split_heads,
 };
-use crate::weights::{ExportParams, NamedParam, Weights, join};
+use crate::weights::{VisitParams, Visitor, Weights, join};
 
 /// BERT hyper-parameters, as in `transformers.BertConfig`.
 #[derive(Debug, Clone, Deserialize)]
@@ -131,15 +131,15 @@ impl BertEmbeddings {
     }
 }
 
-impl ExportParams for BertEmbeddings {
-    fn export(&self, p: &str, out: &mut Vec<NamedParam>) {
+impl VisitParams for BertEmbeddings {
+    fn visit_params(&mut self, p: &str, v: &mut dyn Visitor) {
         self.word_embeddings
-            .export(&join(p, "word_embeddings"), out);
+            .visit_params(&join(p, "word_embeddings"), v);
         self.position_embeddings
-            .export(&join(p, "position_embeddings"), out);
+            .visit_params(&join(p, "position_embeddings"), v);
         self.token_type_embeddings
-            .export(&join(p, "token_type_embeddings"), out);
-        self.layer_norm.export(&join(p, "LayerNorm"), out);
+            .visit_params(&join(p, "token_type_embeddings"), v);
+        self.layer_norm.visit_params(&join(p, "LayerNorm"), v);
     }
 }
 
@@ -189,9 +189,9 @@ impl BertLayer {
     /// - x `[B, T, H]`, bias `[B, 1, T, T]`
     /// - output `[B, T, H]`
     fn forward(&self, x: Tensor<3>, bias: Tensor<4>, mode: Mode) -> Tensor<3> {
-        let q = split_heads(self.query.forward(x.clone()), self.heads);
-        let k = split_heads(self.key.forward(x.clone()), self.heads);
-        let v = split_heads(self.value.forward(x.clone()), self.heads);
+        let q = split_heads(self.query.forward(x.clone(), mode), self.heads);
+        let k = split_heads(self.key.forward(x.clone(), mode), self.heads);
+        let v = split_heads(self.value.forward(x.clone(), mode), self.heads);
         let ctx = merge_heads(scaled_dot_product(
             q,
             k,
@@ -201,32 +201,34 @@ impl BertLayer {
             mode,
         ));
         let attn = dropout(
-            self.attention_output.forward(ctx),
+            self.attention_output.forward(ctx, mode),
             self.hidden_dropout,
             mode,
         );
         let x = self.attention_norm.forward(attn + x);
-        let ff = self
-            .output
-            .forward(self.act.forward(self.intermediate.forward(x.clone())));
+        let ff = self.output.forward(
+            self.act.forward(self.intermediate.forward(x.clone(), mode)),
+            mode,
+        );
         self.output_norm
             .forward(dropout(ff, self.hidden_dropout, mode) + x)
     }
 }
 
-impl ExportParams for BertLayer {
-    fn export(&self, p: &str, out: &mut Vec<NamedParam>) {
-        self.query.export(&join(p, "attention.self.query"), out);
-        self.key.export(&join(p, "attention.self.key"), out);
-        self.value.export(&join(p, "attention.self.value"), out);
+impl VisitParams for BertLayer {
+    fn visit_params(&mut self, p: &str, v: &mut dyn Visitor) {
+        self.query.visit_params(&join(p, "attention.self.query"), v);
+        self.key.visit_params(&join(p, "attention.self.key"), v);
+        self.value.visit_params(&join(p, "attention.self.value"), v);
         self.attention_output
-            .export(&join(p, "attention.output.dense"), out);
+            .visit_params(&join(p, "attention.output.dense"), v);
         self.attention_norm
-            .export(&join(p, "attention.output.LayerNorm"), out);
+            .visit_params(&join(p, "attention.output.LayerNorm"), v);
         self.intermediate
-            .export(&join(p, "intermediate.dense"), out);
-        self.output.export(&join(p, "output.dense"), out);
-        self.output_norm.export(&join(p, "output.LayerNorm"), out);
+            .visit_params(&join(p, "intermediate.dense"), v);
+        self.output.visit_params(&join(p, "output.dense"), v);
+        self.output_norm
+            .visit_params(&join(p, "output.LayerNorm"), v);
     }
 }
 
@@ -289,7 +291,7 @@ impl BertModel {
             let [b, _, h] = x.dims();
             // (B, T, H) -> (B, 1, H) -> (B, H)
             let first = x.clone().slice([0..b, 0..1]).reshape([b, h]);
-            p.forward(first).tanh()
+            p.forward(first, mode).tanh()
         });
         EncoderOutput {
             last_hidden_state: x,
@@ -298,14 +300,14 @@ impl BertModel {
     }
 }
 
-impl ExportParams for BertModel {
-    fn export(&self, p: &str, out: &mut Vec<NamedParam>) {
-        self.embeddings.export(&join(p, "embeddings"), out);
-        for (i, l) in self.layers.iter().enumerate() {
-            l.export(&join(p, &format!("encoder.layer.{i}")), out);
+impl VisitParams for BertModel {
+    fn visit_params(&mut self, p: &str, v: &mut dyn Visitor) {
+        self.embeddings.visit_params(&join(p, "embeddings"), v);
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            l.visit_params(&join(p, &format!("encoder.layer.{i}")), v);
         }
-        if let Some(pooler) = &self.pooler {
-            pooler.export(&join(p, "pooler.dense"), out);
+        if let Some(pooler) = &mut self.pooler {
+            pooler.visit_params(&join(p, "pooler.dense"), v);
         }
     }
 }
@@ -372,14 +374,15 @@ impl BertForSequenceClassification {
         let pooled = out
             .pooler_output
             .expect("BertForSequenceClassification always has a pooler");
-        self.classifier.forward(dropout(pooled, self.dropout, mode))
+        self.classifier
+            .forward(dropout(pooled, self.dropout, mode), mode)
     }
 }
 
-impl ExportParams for BertForSequenceClassification {
-    fn export(&self, p: &str, out: &mut Vec<NamedParam>) {
-        self.bert.export(&join(p, self.prefix), out);
-        self.classifier.export(&join(p, "classifier"), out);
+impl VisitParams for BertForSequenceClassification {
+    fn visit_params(&mut self, p: &str, v: &mut dyn Visitor) {
+        self.bert.visit_params(&join(p, self.prefix), v);
+        self.classifier.visit_params(&join(p, "classifier"), v);
     }
 }
 
@@ -428,7 +431,7 @@ impl BertForQuestionAnswering {
         let x = self.bert.forward(input, mode).last_hidden_state;
         let [b, t, _] = x.dims();
         // (B, T, H) -> (B, T, 2)
-        let logits = self.qa_outputs.forward(x);
+        let logits = self.qa_outputs.forward(x, mode);
         SpanLogits {
             start: logits.clone().slice([0..b, 0..t, 0..1]).reshape([b, t]),
             end: logits.slice([0..b, 0..t, 1..2]).reshape([b, t]),
@@ -436,10 +439,10 @@ impl BertForQuestionAnswering {
     }
 }
 
-impl ExportParams for BertForQuestionAnswering {
-    fn export(&self, p: &str, out: &mut Vec<NamedParam>) {
-        self.bert.export(&join(p, self.prefix), out);
-        self.qa_outputs.export(&join(p, "qa_outputs"), out);
+impl VisitParams for BertForQuestionAnswering {
+    fn visit_params(&mut self, p: &str, v: &mut dyn Visitor) {
+        self.bert.visit_params(&join(p, self.prefix), v);
+        self.qa_outputs.visit_params(&join(p, "qa_outputs"), v);
     }
 }
 

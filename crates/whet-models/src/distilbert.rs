@@ -16,7 +16,7 @@ use crate::layers::{
     Embedding, LayerNorm, Linear, Mode, TorchLinear, attention_bias, dropout, merge_heads,
     scaled_dot_product, split_heads,
 };
-use crate::weights::{ExportParams, NamedParam, Weights, join};
+use crate::weights::{VisitParams, Visitor, Weights, join};
 
 /// DistilBERT hyper-parameters, as in `transformers.DistilBertConfig`.
 #[derive(Debug, Clone, Deserialize)]
@@ -103,9 +103,9 @@ impl DistilBertLayer {
     /// - x `[B, T, D]`, bias `[B, 1, T, T]`
     /// - output `[B, T, D]`
     fn forward(&self, x: Tensor<3>, bias: Tensor<4>, mode: Mode) -> Tensor<3> {
-        let q = split_heads(self.q_lin.forward(x.clone()), self.heads);
-        let k = split_heads(self.k_lin.forward(x.clone()), self.heads);
-        let v = split_heads(self.v_lin.forward(x.clone()), self.heads);
+        let q = split_heads(self.q_lin.forward(x.clone(), mode), self.heads);
+        let k = split_heads(self.k_lin.forward(x.clone(), mode), self.heads);
+        let v = split_heads(self.v_lin.forward(x.clone(), mode), self.heads);
         let ctx = merge_heads(scaled_dot_product(
             q,
             k,
@@ -114,26 +114,29 @@ impl DistilBertLayer {
             self.attention_dropout,
             mode,
         ));
-        let sa = self.sa_layer_norm.forward(self.out_lin.forward(ctx) + x);
+        let sa = self
+            .sa_layer_norm
+            .forward(self.out_lin.forward(ctx, mode) + x);
         let ff = self
             .lin2
-            .forward(self.act.forward(self.lin1.forward(sa.clone())));
+            .forward(self.act.forward(self.lin1.forward(sa.clone(), mode)), mode);
         self.output_layer_norm
             .forward(dropout(ff, self.dropout, mode) + sa)
     }
 }
 
-impl ExportParams for DistilBertLayer {
-    fn export(&self, p: &str, out: &mut Vec<NamedParam>) {
-        self.q_lin.export(&join(p, "attention.q_lin"), out);
-        self.k_lin.export(&join(p, "attention.k_lin"), out);
-        self.v_lin.export(&join(p, "attention.v_lin"), out);
-        self.out_lin.export(&join(p, "attention.out_lin"), out);
-        self.sa_layer_norm.export(&join(p, "sa_layer_norm"), out);
-        self.lin1.export(&join(p, "ffn.lin1"), out);
-        self.lin2.export(&join(p, "ffn.lin2"), out);
+impl VisitParams for DistilBertLayer {
+    fn visit_params(&mut self, p: &str, v: &mut dyn Visitor) {
+        self.q_lin.visit_params(&join(p, "attention.q_lin"), v);
+        self.k_lin.visit_params(&join(p, "attention.k_lin"), v);
+        self.v_lin.visit_params(&join(p, "attention.v_lin"), v);
+        self.out_lin.visit_params(&join(p, "attention.out_lin"), v);
+        self.sa_layer_norm
+            .visit_params(&join(p, "sa_layer_norm"), v);
+        self.lin1.visit_params(&join(p, "ffn.lin1"), v);
+        self.lin2.visit_params(&join(p, "ffn.lin2"), v);
         self.output_layer_norm
-            .export(&join(p, "output_layer_norm"), out);
+            .visit_params(&join(p, "output_layer_norm"), v);
     }
 }
 
@@ -190,16 +193,16 @@ impl DistilBertModel {
     }
 }
 
-impl ExportParams for DistilBertModel {
-    fn export(&self, p: &str, out: &mut Vec<NamedParam>) {
+impl VisitParams for DistilBertModel {
+    fn visit_params(&mut self, p: &str, v: &mut dyn Visitor) {
         self.word_embeddings
-            .export(&join(p, "embeddings.word_embeddings"), out);
+            .visit_params(&join(p, "embeddings.word_embeddings"), v);
         self.position_embeddings
-            .export(&join(p, "embeddings.position_embeddings"), out);
+            .visit_params(&join(p, "embeddings.position_embeddings"), v);
         self.embeddings_norm
-            .export(&join(p, "embeddings.LayerNorm"), out);
-        for (i, l) in self.layers.iter().enumerate() {
-            l.export(&join(p, &format!("transformer.layer.{i}")), out);
+            .visit_params(&join(p, "embeddings.LayerNorm"), v);
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            l.visit_params(&join(p, &format!("transformer.layer.{i}")), v);
         }
     }
 }
@@ -255,15 +258,17 @@ impl DistilBertForSequenceClassification {
         let [b, _, d] = x.dims();
         // (B, T, D) -> (B, D): the first ([CLS]) token
         let first = x.slice([0..b, 0..1]).reshape([b, d]);
-        let h = burn::tensor::activation::relu(self.pre_classifier.forward(first));
-        self.classifier.forward(dropout(h, self.dropout, mode))
+        let h = burn::tensor::activation::relu(self.pre_classifier.forward(first, mode));
+        self.classifier
+            .forward(dropout(h, self.dropout, mode), mode)
     }
 }
 
-impl ExportParams for DistilBertForSequenceClassification {
-    fn export(&self, p: &str, out: &mut Vec<NamedParam>) {
-        self.distilbert.export(&join(p, "distilbert"), out);
-        self.pre_classifier.export(&join(p, "pre_classifier"), out);
-        self.classifier.export(&join(p, "classifier"), out);
+impl VisitParams for DistilBertForSequenceClassification {
+    fn visit_params(&mut self, p: &str, v: &mut dyn Visitor) {
+        self.distilbert.visit_params(&join(p, "distilbert"), v);
+        self.pre_classifier
+            .visit_params(&join(p, "pre_classifier"), v);
+        self.classifier.visit_params(&join(p, "classifier"), v);
     }
 }

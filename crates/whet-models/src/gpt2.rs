@@ -16,7 +16,7 @@ use crate::layers::{
     Embedding, LayerNorm, Linear, Mode, TorchLinear, attention_bias, dropout, merge_heads,
     scaled_dot_product, split_heads,
 };
-use crate::weights::{ExportParams, NamedParam, Weights, join};
+use crate::weights::{VisitParams, Visitor, Weights, join};
 
 /// GPT-2 hyper-parameters, as in `transformers.GPT2Config`.
 #[derive(Debug, Clone, Deserialize)]
@@ -113,7 +113,7 @@ impl Gpt2Block {
     ) -> Tensor<3> {
         let [b, t, e] = x.dims();
         // (B, T, E) -> (B, T, 3E) -> three (B, T, E)
-        let qkv = self.c_attn.forward(self.ln_1.forward(x.clone()));
+        let qkv = self.c_attn.forward(self.ln_1.forward(x.clone()), mode);
         let q = split_heads(qkv.clone().slice([0..b, 0..t, 0..e]), self.heads);
         let mut k = split_heads(qkv.clone().slice([0..b, 0..t, e..2 * e]), self.heads);
         let mut v = split_heads(qkv.slice([0..b, 0..t, 2 * e..3 * e]), self.heads);
@@ -121,22 +121,22 @@ impl Gpt2Block {
             (k, v) = cache.append(layer, k, v);
         }
         let ctx = merge_heads(scaled_dot_product(q, k, v, bias, self.attn_pdrop, mode));
-        let x = x + dropout(self.attn_proj.forward(ctx), self.resid_pdrop, mode);
+        let x = x + dropout(self.attn_proj.forward(ctx, mode), self.resid_pdrop, mode);
         let h = self
             .act
-            .forward(self.c_fc.forward(self.ln_2.forward(x.clone())));
-        x.clone() + dropout(self.mlp_proj.forward(h), self.resid_pdrop, mode)
+            .forward(self.c_fc.forward(self.ln_2.forward(x.clone()), mode));
+        x.clone() + dropout(self.mlp_proj.forward(h, mode), self.resid_pdrop, mode)
     }
 }
 
-impl ExportParams for Gpt2Block {
-    fn export(&self, p: &str, out: &mut Vec<NamedParam>) {
-        self.ln_1.export(&join(p, "ln_1"), out);
-        self.c_attn.export(&join(p, "attn.c_attn"), out);
-        self.attn_proj.export(&join(p, "attn.c_proj"), out);
-        self.ln_2.export(&join(p, "ln_2"), out);
-        self.c_fc.export(&join(p, "mlp.c_fc"), out);
-        self.mlp_proj.export(&join(p, "mlp.c_proj"), out);
+impl VisitParams for Gpt2Block {
+    fn visit_params(&mut self, p: &str, v: &mut dyn Visitor) {
+        self.ln_1.visit_params(&join(p, "ln_1"), v);
+        self.c_attn.visit_params(&join(p, "attn.c_attn"), v);
+        self.attn_proj.visit_params(&join(p, "attn.c_proj"), v);
+        self.ln_2.visit_params(&join(p, "ln_2"), v);
+        self.c_fc.visit_params(&join(p, "mlp.c_fc"), v);
+        self.mlp_proj.visit_params(&join(p, "mlp.c_proj"), v);
     }
 }
 
@@ -190,14 +190,14 @@ impl Gpt2Model {
     }
 }
 
-impl ExportParams for Gpt2Model {
-    fn export(&self, p: &str, out: &mut Vec<NamedParam>) {
-        self.wte.export(&join(p, "wte"), out);
-        self.wpe.export(&join(p, "wpe"), out);
-        for (i, block) in self.h.iter().enumerate() {
-            block.export(&join(p, &format!("h.{i}")), out);
+impl VisitParams for Gpt2Model {
+    fn visit_params(&mut self, p: &str, v: &mut dyn Visitor) {
+        self.wte.visit_params(&join(p, "wte"), v);
+        self.wpe.visit_params(&join(p, "wpe"), v);
+        for (i, block) in self.h.iter_mut().enumerate() {
+            block.visit_params(&join(p, &format!("h.{i}")), v);
         }
-        self.ln_f.export(&join(p, "ln_f"), out);
+        self.ln_f.visit_params(&join(p, "ln_f"), v);
     }
 }
 
@@ -253,9 +253,9 @@ impl CausalLm for Gpt2LmHeadModel {
     }
 }
 
-impl ExportParams for Gpt2LmHeadModel {
-    fn export(&self, p: &str, out: &mut Vec<NamedParam>) {
-        self.transformer.export(&join(p, "transformer"), out);
+impl VisitParams for Gpt2LmHeadModel {
+    fn visit_params(&mut self, p: &str, v: &mut dyn Visitor) {
+        self.transformer.visit_params(&join(p, "transformer"), v);
     }
 }
 
@@ -293,13 +293,13 @@ impl Gpt2ForSequenceClassification {
     pub fn forward(&self, input: DecoderInput, mode: Mode) -> Result<Tensor<2>> {
         let last = last_non_pad(&input.input_ids, self.pad_token_id)?;
         let h = self.transformer.forward(input, None, mode);
-        Ok(gather_positions(self.score.forward(h), last))
+        Ok(gather_positions(self.score.forward(h, mode), last))
     }
 }
 
-impl ExportParams for Gpt2ForSequenceClassification {
-    fn export(&self, p: &str, out: &mut Vec<NamedParam>) {
-        self.transformer.export(&join(p, "transformer"), out);
-        self.score.export(&join(p, "score"), out);
+impl VisitParams for Gpt2ForSequenceClassification {
+    fn visit_params(&mut self, p: &str, v: &mut dyn Visitor) {
+        self.transformer.visit_params(&join(p, "transformer"), v);
+        self.score.visit_params(&join(p, "score"), v);
     }
 }

@@ -1,7 +1,7 @@
 //! Building blocks shared by the model families: linear, embedding, norms, dropout, attention.
 //!
 //! Each layer loads from a [`Weights`] view under its checkpoint name and exports itself under
-//! the same name ([`ExportParams`]), so load and save cannot drift apart silently (the
+//! the same name ([`VisitParams`]), so load and save cannot drift apart silently (the
 //! round-trip test checks both against the file).
 
 use burn::module::{Module, Param};
@@ -11,7 +11,7 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Distribution, Int, Tensor};
 
 use crate::error::Result;
-use crate::weights::{ExportParams, Layout, NamedParam, Weights, push_matrix, push_vector};
+use crate::weights::{Layout, VisitParams, Visitor, Weights, join};
 
 /// Whether a forward pass trains (dropout active) or evaluates.
 ///
@@ -34,7 +34,9 @@ pub enum TorchLinear {
     Conv1D,
 }
 
-/// A dense layer `y = x W + b` with `W` held as `[in, out]`.
+/// A dense layer `y = x W + b` with `W` held as `[in, out]`, and a slot where a
+/// parameter-efficient method attaches an adapter from outside (whet-peft fills it; the model
+/// files never mention one).
 #[derive(Module, Debug)]
 pub struct Linear {
     /// `[d_in, d_out]`
@@ -44,6 +46,41 @@ pub struct Linear {
     /// Checkpoint layout of `weight`; the one place PyTorch's `[out, in]` is translated.
     #[module(skip)]
     pub stored_as: TorchLinear,
+    /// An adapter added to the layer's output.
+    pub adapter: Option<LowRank>,
+}
+
+/// A low-rank update computed on the activations, as `peft`'s LoRA layer does:
+/// `y += dropout(x) · A · B · scaling`, never materialising the `[in, out]` product.
+#[derive(Module, Debug)]
+pub struct LowRank {
+    /// `[d_in, r]` (peft's `lora_A.weight` transposed)
+    pub a: Param<Tensor<2>>,
+    /// `[r, d_out]` (peft's `lora_B.weight` transposed)
+    pub b: Param<Tensor<2>>,
+    /// `lora_alpha / r`, or `lora_alpha / sqrt(r)` with rsLoRA.
+    pub scaling: f64,
+    /// Dropout on the adapter's input in training.
+    pub dropout: f64,
+    /// When false the adapter is skipped (peft's `disable_adapter`).
+    pub enabled: bool,
+}
+
+impl LowRank {
+    /// # Shapes
+    /// - x `[..., d_in]`
+    /// - output `[..., d_out]`
+    pub fn forward<const D: usize>(&self, x: Tensor<D>, mode: Mode) -> Tensor<D> {
+        let x = dropout(x, self.dropout, mode);
+        // (..., in) x (in, r) -> (..., r) x (r, out) -> (..., out)
+        let h = burn::tensor::module::linear(x, self.a.val(), None);
+        burn::tensor::module::linear(h, self.b.val(), None).mul_scalar(self.scaling)
+    }
+
+    /// The dense update `A · B · scaling` `[d_in, d_out]`, for merging.
+    pub fn delta(&self) -> Tensor<2> {
+        self.a.val().matmul(self.b.val()).mul_scalar(self.scaling)
+    }
 }
 
 impl Linear {
@@ -68,6 +105,7 @@ impl Linear {
             weight: Param::from_tensor(weight),
             bias,
             stored_as,
+            adapter: None,
         })
     }
 
@@ -89,14 +127,23 @@ impl Linear {
             )),
             bias: bias.then(|| Param::from_tensor(Tensor::zeros([d_out], device))),
             stored_as,
+            adapter: None,
         }
     }
 
     /// # Shapes
     /// - input `[..., d_in]`
     /// - output `[..., d_out]`
-    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        burn::tensor::module::linear(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()))
+    pub fn forward<const D: usize>(&self, x: Tensor<D>, mode: Mode) -> Tensor<D> {
+        let y = burn::tensor::module::linear(
+            x.clone(),
+            self.weight.val(),
+            self.bias.as_ref().map(|b| b.val()),
+        );
+        match &self.adapter {
+            Some(a) if a.enabled => y + a.forward(x, mode),
+            _ => y,
+        }
     }
 
     /// `(d_in, d_out)`.
@@ -106,15 +153,18 @@ impl Linear {
     }
 }
 
-impl ExportParams for Linear {
-    fn export(&self, prefix: &str, out: &mut Vec<NamedParam>) {
+impl VisitParams for Linear {
+    fn visit_params(&mut self, prefix: &str, v: &mut dyn Visitor) {
+        if v.linear(prefix, self) {
+            return;
+        }
         let layout = match self.stored_as {
             TorchLinear::Linear => Layout::Transposed,
             TorchLinear::Conv1D => Layout::Same,
         };
-        push_matrix(out, prefix, "weight", &self.weight, layout);
-        if let Some(b) = &self.bias {
-            push_vector(out, prefix, "bias", b);
+        v.matrix(&join(prefix, "weight"), &mut self.weight, layout);
+        if let Some(b) = &mut self.bias {
+            v.vector(&join(prefix, "bias"), b);
         }
     }
 }
@@ -168,9 +218,9 @@ impl Embedding {
     }
 }
 
-impl ExportParams for Embedding {
-    fn export(&self, prefix: &str, out: &mut Vec<NamedParam>) {
-        push_matrix(out, prefix, "weight", &self.weight, Layout::Same);
+impl VisitParams for Embedding {
+    fn visit_params(&mut self, prefix: &str, v: &mut dyn Visitor) {
+        v.matrix(&join(prefix, "weight"), &mut self.weight, Layout::Same);
     }
 }
 
@@ -201,10 +251,10 @@ impl LayerNorm {
     }
 }
 
-impl ExportParams for LayerNorm {
-    fn export(&self, prefix: &str, out: &mut Vec<NamedParam>) {
-        push_vector(out, prefix, "weight", &self.weight);
-        push_vector(out, prefix, "bias", &self.bias);
+impl VisitParams for LayerNorm {
+    fn visit_params(&mut self, prefix: &str, v: &mut dyn Visitor) {
+        v.vector(&join(prefix, "weight"), &mut self.weight);
+        v.vector(&join(prefix, "bias"), &mut self.bias);
     }
 }
 
@@ -238,9 +288,9 @@ impl RmsNorm {
     }
 }
 
-impl ExportParams for RmsNorm {
-    fn export(&self, prefix: &str, out: &mut Vec<NamedParam>) {
-        push_vector(out, prefix, "weight", &self.weight);
+impl VisitParams for RmsNorm {
+    fn visit_params(&mut self, prefix: &str, v: &mut dyn Visitor) {
+        v.vector(&join(prefix, "weight"), &mut self.weight);
     }
 }
 

@@ -28,7 +28,7 @@ pub use decoder::{CausalLm, DecoderInput, KvCache};
 pub use error::{ModelError, Result};
 pub use layers::Mode;
 pub use tokenizer::{ChatMessage, TextTokenizer};
-pub use weights::{ExportParams, NamedParam, TensorSource, Weights};
+pub use weights::{ExportParams, NamedParam, TensorSource, VisitParams, Visitor, Weights};
 
 use crate::bert::BertConfig;
 use crate::distilbert::DistilBertConfig;
@@ -353,11 +353,11 @@ impl CausalLm for CausalModel {
     }
 }
 
-impl ExportParams for CausalModel {
-    fn export(&self, prefix: &str, out: &mut Vec<NamedParam>) {
+impl VisitParams for CausalModel {
+    fn visit_params(&mut self, prefix: &str, v: &mut dyn Visitor) {
         match self {
-            CausalModel::Gpt2(m) => m.export(prefix, out),
-            CausalModel::Llama(m) => m.export(prefix, out),
+            CausalModel::Gpt2(m) => m.visit_params(prefix, v),
+            CausalModel::Llama(m) => m.visit_params(prefix, v),
         }
     }
 }
@@ -407,13 +407,13 @@ impl Classifier {
     }
 }
 
-impl ExportParams for Classifier {
-    fn export(&self, prefix: &str, out: &mut Vec<NamedParam>) {
+impl VisitParams for Classifier {
+    fn visit_params(&mut self, prefix: &str, v: &mut dyn Visitor) {
         match self {
-            Classifier::Bert(m) => m.export(prefix, out),
-            Classifier::DistilBert(m) => m.export(prefix, out),
-            Classifier::Gpt2(m) => m.export(prefix, out),
-            Classifier::Llama(m) => m.export(prefix, out),
+            Classifier::Bert(m) => m.visit_params(prefix, v),
+            Classifier::DistilBert(m) => m.visit_params(prefix, v),
+            Classifier::Gpt2(m) => m.visit_params(prefix, v),
+            Classifier::Llama(m) => m.visit_params(prefix, v),
         }
     }
 }

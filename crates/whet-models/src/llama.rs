@@ -17,7 +17,7 @@ use crate::layers::{
     Embedding, Linear, Mode, RmsNorm, TorchLinear, attention_bias, merge_heads, scaled_dot_product,
     split_heads,
 };
-use crate::weights::{ExportParams, NamedParam, Weights, join};
+use crate::weights::{VisitParams, Visitor, Weights, join};
 
 /// LLaMA hyper-parameters, as in `transformers.LlamaConfig` (and Mistral / Qwen2 configs).
 #[derive(Debug, Clone, Deserialize, serde::Serialize)]
@@ -277,9 +277,15 @@ impl LlamaLayer {
         mode: Mode,
     ) -> Tensor<3> {
         let h = self.input_layernorm.forward(x.clone());
-        let q = rope.apply(split_heads(self.q_proj.forward(h.clone()), self.heads));
-        let mut k = rope.apply(split_heads(self.k_proj.forward(h.clone()), self.kv_heads));
-        let mut v = split_heads(self.v_proj.forward(h), self.kv_heads);
+        let q = rope.apply(split_heads(
+            self.q_proj.forward(h.clone(), mode),
+            self.heads,
+        ));
+        let mut k = rope.apply(split_heads(
+            self.k_proj.forward(h.clone(), mode),
+            self.kv_heads,
+        ));
+        let mut v = split_heads(self.v_proj.forward(h, mode), self.kv_heads);
         if let Some((cache, layer)) = cache {
             (k, v) = cache.append(layer, k, v);
         }
@@ -292,26 +298,27 @@ impl LlamaLayer {
             self.attention_dropout,
             mode,
         );
-        let x = x + self.o_proj.forward(merge_heads(ctx));
+        let x = x + self.o_proj.forward(merge_heads(ctx), mode);
         let h = self.post_attention_layernorm.forward(x.clone());
-        let gated = self.act.forward(self.gate_proj.forward(h.clone())) * self.up_proj.forward(h);
-        x + self.down_proj.forward(gated)
+        let gated = self.act.forward(self.gate_proj.forward(h.clone(), mode))
+            * self.up_proj.forward(h, mode);
+        x + self.down_proj.forward(gated, mode)
     }
 }
 
-impl ExportParams for LlamaLayer {
-    fn export(&self, p: &str, out: &mut Vec<NamedParam>) {
+impl VisitParams for LlamaLayer {
+    fn visit_params(&mut self, p: &str, v: &mut dyn Visitor) {
         self.input_layernorm
-            .export(&join(p, "input_layernorm"), out);
-        self.q_proj.export(&join(p, "self_attn.q_proj"), out);
-        self.k_proj.export(&join(p, "self_attn.k_proj"), out);
-        self.v_proj.export(&join(p, "self_attn.v_proj"), out);
-        self.o_proj.export(&join(p, "self_attn.o_proj"), out);
+            .visit_params(&join(p, "input_layernorm"), v);
+        self.q_proj.visit_params(&join(p, "self_attn.q_proj"), v);
+        self.k_proj.visit_params(&join(p, "self_attn.k_proj"), v);
+        self.v_proj.visit_params(&join(p, "self_attn.v_proj"), v);
+        self.o_proj.visit_params(&join(p, "self_attn.o_proj"), v);
         self.post_attention_layernorm
-            .export(&join(p, "post_attention_layernorm"), out);
-        self.gate_proj.export(&join(p, "mlp.gate_proj"), out);
-        self.up_proj.export(&join(p, "mlp.up_proj"), out);
-        self.down_proj.export(&join(p, "mlp.down_proj"), out);
+            .visit_params(&join(p, "post_attention_layernorm"), v);
+        self.gate_proj.visit_params(&join(p, "mlp.gate_proj"), v);
+        self.up_proj.visit_params(&join(p, "mlp.up_proj"), v);
+        self.down_proj.visit_params(&join(p, "mlp.down_proj"), v);
     }
 }
 
@@ -368,13 +375,13 @@ impl LlamaModel {
     }
 }
 
-impl ExportParams for LlamaModel {
-    fn export(&self, p: &str, out: &mut Vec<NamedParam>) {
-        self.embed_tokens.export(&join(p, "embed_tokens"), out);
-        for (i, layer) in self.layers.iter().enumerate() {
-            layer.export(&join(p, &format!("layers.{i}")), out);
+impl VisitParams for LlamaModel {
+    fn visit_params(&mut self, p: &str, v: &mut dyn Visitor) {
+        self.embed_tokens.visit_params(&join(p, "embed_tokens"), v);
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            layer.visit_params(&join(p, &format!("layers.{i}")), v);
         }
-        self.norm.export(&join(p, "norm"), out);
+        self.norm.visit_params(&join(p, "norm"), v);
     }
 }
 
@@ -423,7 +430,7 @@ impl CausalLm for LlamaForCausalLm {
 
     fn lm_logits(&self, hidden: Tensor<3>) -> Tensor<3> {
         match &self.lm_head {
-            Some(head) => head.forward(hidden),
+            Some(head) => head.forward(hidden, Mode::Eval),
             None => crate::decoder::tied_logits(hidden, self.model.embed_tokens.weight.val()),
         }
     }
@@ -441,11 +448,11 @@ impl CausalLm for LlamaForCausalLm {
     }
 }
 
-impl ExportParams for LlamaForCausalLm {
-    fn export(&self, p: &str, out: &mut Vec<NamedParam>) {
-        self.model.export(&join(p, "model"), out);
-        if let Some(head) = &self.lm_head {
-            head.export(&join(p, "lm_head"), out);
+impl VisitParams for LlamaForCausalLm {
+    fn visit_params(&mut self, p: &str, v: &mut dyn Visitor) {
+        self.model.visit_params(&join(p, "model"), v);
+        if let Some(head) = &mut self.lm_head {
+            head.visit_params(&join(p, "lm_head"), v);
         }
     }
 }
@@ -484,13 +491,13 @@ impl LlamaForSequenceClassification {
     pub fn forward(&self, input: DecoderInput, mode: Mode) -> Result<Tensor<2>> {
         let last = last_non_pad(&input.input_ids, self.pad_token_id)?;
         let h = self.model.forward(input, None, mode);
-        Ok(gather_positions(self.score.forward(h), last))
+        Ok(gather_positions(self.score.forward(h, mode), last))
     }
 }
 
-impl ExportParams for LlamaForSequenceClassification {
-    fn export(&self, p: &str, out: &mut Vec<NamedParam>) {
-        self.model.export(&join(p, "model"), out);
-        self.score.export(&join(p, "score"), out);
+impl VisitParams for LlamaForSequenceClassification {
+    fn visit_params(&mut self, p: &str, v: &mut dyn Visitor) {
+        self.model.visit_params(&join(p, "model"), v);
+        self.score.visit_params(&join(p, "score"), v);
     }
 }

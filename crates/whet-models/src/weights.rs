@@ -207,16 +207,57 @@ pub fn tensor_values(data: TensorData) -> Vec<f32> {
         .unwrap_or_default()
 }
 
-/// Collects a module's parameters under their Hugging Face names.
-pub trait ExportParams {
-    /// Appends every parameter of `self`, named under `prefix` (empty for the root).
-    fn export(&self, prefix: &str, out: &mut Vec<NamedParam>);
+/// Visits a model's parameters (and whole linear layers) under their Hugging Face names.
+///
+/// One traversal per module serves every purpose: exporting for save and gradient checks,
+/// freezing, attaching adapters (whet-peft), counting.
+pub trait Visitor {
+    /// A rank-1 parameter (bias, norm weight).
+    fn vector(&mut self, name: &str, p: &mut Param<Tensor<1>>);
+    /// A rank-2 parameter with its checkpoint layout.
+    fn matrix(&mut self, name: &str, p: &mut Param<Tensor<2>>, layout: Layout);
+    /// A linear layer as a whole, before its parameters. Return `true` to skip the default
+    /// visit of its weight, bias and adapter.
+    fn linear(&mut self, _name: &str, _layer: &mut crate::layers::Linear) -> bool {
+        false
+    }
+}
 
+/// A module whose parameters can be visited under their checkpoint names.
+pub trait VisitParams {
+    /// Visits every parameter of `self`, named under `prefix` (empty for the root).
+    fn visit_params(&mut self, prefix: &str, v: &mut dyn Visitor);
+}
+
+/// Lists a module's parameters under their Hugging Face names (a cheap clone of the module is
+/// visited: burn tensors are reference-counted, and the clone shares their autodiff nodes).
+pub trait ExportParams {
     /// All parameters, named from the root.
+    fn named_params(&self) -> Vec<NamedParam>;
+}
+
+impl<T: VisitParams + Clone> ExportParams for T {
     fn named_params(&self) -> Vec<NamedParam> {
-        let mut out = Vec::new();
-        self.export("", &mut out);
-        out
+        struct Collect(Vec<NamedParam>);
+        impl Visitor for Collect {
+            fn vector(&mut self, name: &str, p: &mut Param<Tensor<1>>) {
+                self.0.push(NamedParam {
+                    name: name.to_string(),
+                    tensor: AnyTensor::R1(p.val()),
+                    layout: Layout::Same,
+                });
+            }
+            fn matrix(&mut self, name: &str, p: &mut Param<Tensor<2>>, layout: Layout) {
+                self.0.push(NamedParam {
+                    name: name.to_string(),
+                    tensor: AnyTensor::R2(p.val()),
+                    layout,
+                });
+            }
+        }
+        let mut c = Collect(Vec::new());
+        self.clone().visit_params("", &mut c);
+        c.0
     }
 }
 
@@ -227,30 +268,6 @@ pub fn join(prefix: &str, name: &str) -> String {
     } else {
         format!("{prefix}.{name}")
     }
-}
-
-/// Pushes a vector parameter.
-pub fn push_vector(out: &mut Vec<NamedParam>, prefix: &str, name: &str, p: &Param<Tensor<1>>) {
-    out.push(NamedParam {
-        name: join(prefix, name),
-        tensor: AnyTensor::R1(p.val()),
-        layout: Layout::Same,
-    });
-}
-
-/// Pushes a matrix parameter with its checkpoint layout.
-pub fn push_matrix(
-    out: &mut Vec<NamedParam>,
-    prefix: &str,
-    name: &str,
-    p: &Param<Tensor<2>>,
-    layout: Layout,
-) {
-    out.push(NamedParam {
-        name: join(prefix, name),
-        tensor: AnyTensor::R2(p.val()),
-        layout,
-    });
 }
 
 // ---------------------------------------------------------------------------------------------
