@@ -1,0 +1,241 @@
+//! `TrainingArguments`: the names and defaults of `transformers.TrainingArguments`.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::optim::OptimizerKind;
+use crate::schedule::Schedule;
+
+/// When to evaluate or save.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    /// Never.
+    #[default]
+    No,
+    /// Every `eval_steps` / `save_steps` optimizer steps.
+    Steps,
+    /// At the end of each epoch.
+    Epoch,
+}
+
+/// Training hyper-parameters, named and defaulted as in `transformers.TrainingArguments`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingArguments {
+    /// Where checkpoints, the final model and results go.
+    pub output_dir: PathBuf,
+    #[serde(default = "d_lr")]
+    pub learning_rate: f64,
+    #[serde(default = "d_batch")]
+    pub per_device_train_batch_size: usize,
+    #[serde(default = "d_batch")]
+    pub per_device_eval_batch_size: usize,
+    #[serde(default = "d_epochs")]
+    pub num_train_epochs: f64,
+    /// Total optimizer steps; overrides `num_train_epochs` when positive.
+    #[serde(default = "d_max_steps")]
+    pub max_steps: i64,
+    #[serde(default = "d_one")]
+    pub gradient_accumulation_steps: usize,
+    #[serde(default)]
+    pub weight_decay: f64,
+    #[serde(default = "d_beta1")]
+    pub adam_beta1: f64,
+    #[serde(default = "d_beta2")]
+    pub adam_beta2: f64,
+    #[serde(default = "d_eps")]
+    pub adam_epsilon: f64,
+    #[serde(default = "d_one_f")]
+    pub max_grad_norm: f64,
+    #[serde(default)]
+    pub optim: OptimizerKind,
+    #[serde(default)]
+    pub lr_scheduler_type: Schedule,
+    #[serde(default)]
+    pub warmup_steps: usize,
+    #[serde(default)]
+    pub warmup_ratio: f64,
+    #[serde(default, alias = "evaluation_strategy")]
+    pub eval_strategy: Strategy,
+    #[serde(default)]
+    pub eval_steps: Option<usize>,
+    #[serde(default = "d_save_strategy")]
+    pub save_strategy: Strategy,
+    #[serde(default = "d_save_steps")]
+    pub save_steps: usize,
+    #[serde(default)]
+    pub save_total_limit: Option<usize>,
+    #[serde(default)]
+    pub load_best_model_at_end: bool,
+    #[serde(default)]
+    pub metric_for_best_model: Option<String>,
+    #[serde(default)]
+    pub greater_is_better: Option<bool>,
+    #[serde(default)]
+    pub early_stopping_patience: Option<usize>,
+    #[serde(default = "d_logging")]
+    pub logging_steps: usize,
+    #[serde(default = "d_seed")]
+    pub seed: u64,
+}
+
+fn d_lr() -> f64 {
+    5e-5
+}
+fn d_batch() -> usize {
+    8
+}
+fn d_epochs() -> f64 {
+    3.0
+}
+fn d_max_steps() -> i64 {
+    -1
+}
+fn d_one() -> usize {
+    1
+}
+fn d_one_f() -> f64 {
+    1.0
+}
+fn d_beta1() -> f64 {
+    0.9
+}
+fn d_beta2() -> f64 {
+    0.999
+}
+fn d_eps() -> f64 {
+    1e-8
+}
+fn d_save_strategy() -> Strategy {
+    Strategy::Steps
+}
+fn d_save_steps() -> usize {
+    500
+}
+fn d_logging() -> usize {
+    500
+}
+fn d_seed() -> u64 {
+    42
+}
+
+impl TrainingArguments {
+    /// Defaults with the given output folder.
+    pub fn new(output_dir: impl Into<PathBuf>) -> Self {
+        serde_json::from_value(serde_json::json!({ "output_dir": output_dir.into() }))
+            .expect("defaults deserialize")
+    }
+
+    /// Optimizer steps per epoch for `n` training examples.
+    pub fn steps_per_epoch(&self, n: usize) -> usize {
+        let batches = n.div_ceil(self.per_device_train_batch_size.max(1));
+        batches
+            .div_ceil(self.gradient_accumulation_steps.max(1))
+            .max(1)
+    }
+
+    /// Total optimizer steps for `n` training examples.
+    pub fn total_steps(&self, n: usize) -> usize {
+        if self.max_steps > 0 {
+            self.max_steps as usize
+        } else {
+            (self.num_train_epochs * self.steps_per_epoch(n) as f64).ceil() as usize
+        }
+    }
+
+    /// Warmup steps: `warmup_steps` if set, else `ceil(warmup_ratio * total)`.
+    pub fn warmup(&self, total: usize) -> usize {
+        if self.warmup_steps > 0 {
+            self.warmup_steps
+        } else {
+            (self.warmup_ratio * total as f64).ceil() as usize
+        }
+    }
+
+    /// Checks values a person may get wrong, naming the option.
+    pub fn validate(&self) -> Result<(), String> {
+        let positive = [
+            (
+                "per_device_train_batch_size",
+                self.per_device_train_batch_size,
+            ),
+            (
+                "per_device_eval_batch_size",
+                self.per_device_eval_batch_size,
+            ),
+            (
+                "gradient_accumulation_steps",
+                self.gradient_accumulation_steps,
+            ),
+            ("logging_steps", self.logging_steps),
+        ];
+        for (name, v) in positive {
+            if v == 0 {
+                return Err(format!("training.{name} must be at least 1"));
+            }
+        }
+        if !(self.learning_rate > 0.0) {
+            return Err(format!(
+                "training.learning_rate must be > 0, got {}",
+                self.learning_rate
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.warmup_ratio) {
+            return Err(format!(
+                "training.warmup_ratio must be in [0, 1], got {}",
+                self.warmup_ratio
+            ));
+        }
+        if self.eval_strategy == Strategy::Steps && self.eval_steps.is_none() {
+            return Err("training.eval_strategy = \"steps\" needs training.eval_steps".into());
+        }
+        if self.load_best_model_at_end && self.eval_strategy == Strategy::No {
+            return Err("training.load_best_model_at_end needs an eval_strategy".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_transformers_defaults() {
+        let a = TrainingArguments::new("out");
+        assert_eq!(a.learning_rate, 5e-5);
+        assert_eq!(a.per_device_train_batch_size, 8);
+        assert_eq!(a.num_train_epochs, 3.0);
+        assert_eq!(
+            (a.adam_beta1, a.adam_beta2, a.adam_epsilon),
+            (0.9, 0.999, 1e-8)
+        );
+        assert_eq!((a.weight_decay, a.max_grad_norm), (0.0, 1.0));
+        assert_eq!(a.lr_scheduler_type, Schedule::Linear);
+        assert_eq!(a.seed, 42);
+        assert_eq!(a.optim, OptimizerKind::Adamw);
+    }
+
+    #[test]
+    fn steps_follow_batches_accumulation_and_max_steps() {
+        let mut a = TrainingArguments::new("out");
+        a.per_device_train_batch_size = 16;
+        a.gradient_accumulation_steps = 2;
+        a.num_train_epochs = 1.0;
+        assert_eq!(a.steps_per_epoch(100), 4); // 7 batches -> 4 steps
+        a.warmup_ratio = 0.1;
+        assert_eq!(a.warmup(4), 1);
+        a.max_steps = 3;
+        assert_eq!(a.total_steps(100), 3);
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let e = serde_json::from_value::<TrainingArguments>(
+            serde_json::json!({"output_dir": "o", "learning_rat": 1e-3}),
+        );
+        assert!(e.unwrap_err().to_string().contains("learning_rat"));
+    }
+}

@@ -1,0 +1,258 @@
+//! Optimizers over named parameters: AdamW with PyTorch's exact update (decoupled weight decay,
+//! bias-corrected moments, eps outside the square root) and SGD, with weight decay skipped for
+//! biases and normalisation weights as `transformers.Trainer` skips them.
+//!
+//! Written here rather than taken from burn-optim: the `Trainer` semantics need per-parameter
+//! weight-decay groups chosen by name, and the state must be saved under parameter names so a
+//! checkpoint resumes on a freshly loaded model.
+
+use std::collections::HashMap;
+
+use burn::module::Param;
+use burn::tensor::{Gradients, Tensor};
+use serde::{Deserialize, Serialize};
+use whet_models::layers::Linear;
+use whet_models::weights::Layout;
+use whet_models::{VisitParams, Visitor};
+
+/// `optim` of `TrainingArguments`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerKind {
+    /// `adamw_torch`
+    #[default]
+    #[serde(alias = "adamw_torch", alias = "adamw_hf", alias = "adamw_torch_fused")]
+    Adamw,
+    /// Plain SGD (no momentum).
+    Sgd,
+}
+
+/// Optimizer hyper-parameters.
+#[derive(Debug, Clone, Copy)]
+pub struct OptimConfig {
+    pub kind: OptimizerKind,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+/// Whether `transformers.Trainer` applies weight decay to parameter `name`: not to biases and
+/// not to normalisation layers (LayerNorm, RMSNorm, GPT-2's `ln_*`).
+pub fn decays(name: &str) -> bool {
+    if name.ends_with("bias") {
+        return false;
+    }
+    let module = name.rsplit_once('.').map(|(m, _)| m).unwrap_or(name);
+    let last = module
+        .rsplit('.')
+        .next()
+        .unwrap_or(module)
+        .to_ascii_lowercase();
+    !(last.contains("norm") || last.starts_with("ln_"))
+}
+
+/// First and second moments of one parameter (flattened).
+#[derive(Debug, Clone)]
+pub struct Moments {
+    pub m: Tensor<1>,
+    pub v: Tensor<1>,
+}
+
+/// Trainable-parameter gradients, flattened and keyed by parameter name; accumulates over
+/// micro-batches.
+#[derive(Debug, Default, Clone)]
+pub struct GradStore {
+    pub grads: HashMap<String, Tensor<1>>,
+}
+
+/// Adapter parameter names: `<module>.lora_A` / `<module>.lora_B`.
+fn adapter_names(module: &str) -> (String, String) {
+    (format!("{module}.lora_A"), format!("{module}.lora_B"))
+}
+
+impl GradStore {
+    /// Adds the gradients of every trainable parameter of `model` found in `grads`.
+    pub fn accumulate<M: VisitParams>(&mut self, model: &mut M, grads: &Gradients) {
+        struct Acc<'a> {
+            store: &'a mut GradStore,
+            grads: &'a Gradients,
+        }
+        impl Acc<'_> {
+            fn add<const D: usize>(&mut self, name: String, t: &Tensor<D>) {
+                if let Some(g) = t.grad(self.grads) {
+                    let n = g.shape().num_elements();
+                    let g: Tensor<1> = g.reshape([n]);
+                    let e = self.store.grads.remove(&name);
+                    self.store.grads.insert(
+                        name,
+                        match e {
+                            Some(prev) => prev + g,
+                            None => g,
+                        },
+                    );
+                }
+            }
+        }
+        impl Visitor for Acc<'_> {
+            fn vector(&mut self, name: &str, p: &mut Param<Tensor<1>>) {
+                self.add(name.to_string(), &p.val());
+            }
+            fn matrix(&mut self, name: &str, p: &mut Param<Tensor<2>>, _: Layout) {
+                self.add(name.to_string(), &p.val());
+            }
+            fn linear(&mut self, name: &str, layer: &mut Linear) -> bool {
+                if let Some(a) = &layer.adapter {
+                    let (na, nb) = adapter_names(name);
+                    self.add(na, &a.a.val());
+                    self.add(nb, &a.b.val());
+                }
+                false
+            }
+        }
+        model.visit_params("", &mut Acc { store: self, grads });
+    }
+
+    /// The global L2 norm of all gradients.
+    pub fn norm(&self) -> f64 {
+        self.grads
+            .values()
+            .map(|g| g.clone().square().sum().into_scalar::<f32>() as f64)
+            .sum::<f64>()
+            .sqrt()
+    }
+
+    /// Scales gradients so their global norm is at most `max_norm` (as `clip_grad_norm_`:
+    /// coefficient `max_norm / (norm + 1e-6)`, applied only when below 1). Returns the norm
+    /// before clipping.
+    pub fn clip(&mut self, max_norm: f64) -> f64 {
+        let norm = self.norm();
+        let coef = max_norm / (norm + 1e-6);
+        if max_norm > 0.0 && coef < 1.0 {
+            for g in self.grads.values_mut() {
+                *g = g.clone().mul_scalar(coef);
+            }
+        }
+        norm
+    }
+}
+
+/// Optimizer state: step count and per-parameter moments, keyed by name.
+#[derive(Debug, Clone)]
+pub struct Optimizer {
+    pub config: OptimConfig,
+    pub step: usize,
+    pub moments: HashMap<String, Moments>,
+}
+
+impl Optimizer {
+    /// A fresh optimizer.
+    pub fn new(config: OptimConfig) -> Self {
+        Self {
+            config,
+            step: 0,
+            moments: HashMap::new(),
+        }
+    }
+
+    /// Applies one update with learning rate `lr` to every parameter that has a gradient.
+    pub fn step<M: VisitParams>(&mut self, model: &mut M, grads: &GradStore, lr: f64) {
+        self.step += 1;
+        struct Update<'a> {
+            opt: &'a mut Optimizer,
+            grads: &'a GradStore,
+            lr: f64,
+        }
+        impl Update<'_> {
+            fn update<const D: usize>(&mut self, name: &str, p: &mut Param<Tensor<D>>) {
+                let Some(g) = self.grads.grads.get(name) else {
+                    return;
+                };
+                let value = p.val().inner();
+                let shape = value.shape();
+                let n = shape.num_elements();
+                let flat: Tensor<1> = value.reshape([n]);
+                let new = self.opt.apply(name, flat, g.clone(), self.lr);
+                let new: Tensor<D> = new.reshape(shape);
+                *p = Param::initialized(p.id, Tensor::from_inner(new).require_grad());
+            }
+        }
+        impl Visitor for Update<'_> {
+            fn vector(&mut self, name: &str, p: &mut Param<Tensor<1>>) {
+                self.update(name, p);
+            }
+            fn matrix(&mut self, name: &str, p: &mut Param<Tensor<2>>, _: Layout) {
+                self.update(name, p);
+            }
+            fn linear(&mut self, name: &str, layer: &mut Linear) -> bool {
+                if let Some(a) = &mut layer.adapter {
+                    let (na, nb) = adapter_names(name);
+                    self.update(&na, &mut a.a);
+                    self.update(&nb, &mut a.b);
+                }
+                false
+            }
+        }
+        model.visit_params(
+            "",
+            &mut Update {
+                opt: self,
+                grads,
+                lr,
+            },
+        );
+    }
+
+    /// The update of one flattened parameter.
+    fn apply(&mut self, name: &str, p: Tensor<1>, g: Tensor<1>, lr: f64) -> Tensor<1> {
+        let c = self.config;
+        let wd = if decays(name) { c.weight_decay } else { 0.0 };
+        match c.kind {
+            OptimizerKind::Sgd => {
+                let g = if wd > 0.0 {
+                    g + p.clone().mul_scalar(wd)
+                } else {
+                    g
+                };
+                p - g.mul_scalar(lr)
+            }
+            OptimizerKind::Adamw => {
+                let p = if wd > 0.0 {
+                    p.mul_scalar(1.0 - lr * wd)
+                } else {
+                    p
+                };
+                let st = self.moments.remove(name).unwrap_or_else(|| Moments {
+                    m: g.zeros_like(),
+                    v: g.zeros_like(),
+                });
+                let m = st.m.mul_scalar(c.beta1) + g.clone().mul_scalar(1.0 - c.beta1);
+                let v = st.v.mul_scalar(c.beta2) + g.square().mul_scalar(1.0 - c.beta2);
+                let t = self.step as i32;
+                let bc1 = 1.0 - c.beta1.powi(t);
+                let bc2 = 1.0 - c.beta2.powi(t);
+                let denom = v.clone().sqrt().div_scalar(bc2.sqrt()).add_scalar(c.eps);
+                let p = p - (m.clone() / denom).mul_scalar(lr / bc1);
+                self.moments.insert(name.to_string(), Moments { m, v });
+                p
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_decay_for_biases_and_norms() {
+        assert!(decays("bert.encoder.layer.0.attention.self.query.weight"));
+        assert!(!decays("bert.encoder.layer.0.attention.self.query.bias"));
+        assert!(!decays("bert.embeddings.LayerNorm.weight"));
+        assert!(!decays("transformer.h.0.ln_1.weight"));
+        assert!(!decays("model.layers.0.input_layernorm.weight"));
+        assert!(!decays("model.norm.weight"));
+        assert!(decays("classifier.weight"));
+        assert!(decays("bert.encoder.layer.0.attention.self.query.lora_A"));
+    }
+}

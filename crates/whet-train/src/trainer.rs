@@ -1,0 +1,289 @@
+//! The training loop for sequence classification: seeded epoch order, micro-batches with
+//! gradient accumulation whose loss equals the whole batch's, clipping, the schedule, the
+//! optimizer, evaluation by strategy, best model and early stopping.
+
+use std::time::Instant;
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use serde::Serialize;
+use whet_data::{Batch, Encoded, collate, epoch_order};
+use whet_metrics::{ClassificationReport, classification_report};
+use whet_models::{Classifier, ClassifierInput, Mode};
+
+use crate::args::{Strategy, TrainingArguments};
+use crate::optim::{GradStore, OptimConfig, Optimizer};
+use crate::schedule::lr_factor;
+
+/// Something that watches training (a progress bar, a log file).
+pub trait Observer {
+    /// After each optimizer step.
+    fn step(&mut self, _s: &StepLog) {}
+    /// After each evaluation.
+    fn eval(&mut self, _e: &EvalLog) {}
+}
+
+/// No-op observer.
+pub struct Silent;
+impl Observer for Silent {}
+
+/// One optimizer step.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepLog {
+    pub step: usize,
+    pub total_steps: usize,
+    pub epoch: f64,
+    pub loss: f64,
+    pub learning_rate: f64,
+    pub grad_norm: f64,
+    pub samples_per_second: f64,
+}
+
+/// One evaluation.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalLog {
+    pub step: usize,
+    pub epoch: f64,
+    pub loss: f64,
+    pub report: ClassificationReport,
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainSummary {
+    pub steps: usize,
+    pub epochs: f64,
+    pub train_loss: f64,
+    pub train_runtime: f64,
+    pub train_samples: usize,
+    pub train_tokens: usize,
+    pub history: Vec<StepLog>,
+    pub evals: Vec<EvalLog>,
+    pub best_step: Option<usize>,
+}
+
+/// Builds model inputs and labels of a padded batch on `device`.
+pub fn to_input(b: &Batch, device: &Device, with_types: bool) -> (ClassifierInput, Tensor<1, Int>) {
+    let t = |v: &Vec<i64>| {
+        Tensor::<2, Int>::from_data(TensorData::new(v.clone(), [b.batch, b.len]), device)
+    };
+    (
+        ClassifierInput {
+            input_ids: t(&b.input_ids),
+            attention_mask: t(&b.attention_mask),
+            token_type_ids: with_types.then(|| t(&b.token_type_ids)),
+        },
+        Tensor::from_data(TensorData::new(b.labels.clone(), [b.batch]), device),
+    )
+}
+
+/// Summed cross-entropy over the rows of `logits` (callers divide by the sample count).
+fn summed_ce(logits: Tensor<2>, labels: Tensor<1, Int>) -> Tensor<1> {
+    let [n, _] = logits.dims();
+    let logp = burn::tensor::activation::log_softmax(logits, 1);
+    -logp.gather(1, labels.reshape([n, 1])).sum()
+}
+
+/// Loss and predictions over a dataset, in evaluation mode.
+pub fn evaluate(
+    model: &Classifier,
+    data: &[Encoded],
+    n_labels: usize,
+    batch_size: usize,
+    pad_id: u32,
+    device: &Device,
+) -> whet_models::Result<(f64, ClassificationReport, Vec<usize>)> {
+    let with_types = matches!(model, Classifier::Bert(_));
+    let mut loss = 0.0;
+    let mut preds = Vec::with_capacity(data.len());
+    for chunk in data.chunks(batch_size.max(1)) {
+        let items: Vec<&Encoded> = chunk.iter().collect();
+        let b = collate(&items, pad_id);
+        let (input, labels) = to_input(&b, device, with_types);
+        let logits = model.forward(input, Mode::Eval)?;
+        loss += summed_ce(logits.clone(), labels).into_scalar::<f32>() as f64;
+        let arg: Vec<i64> = logits
+            .argmax(1)
+            .into_data()
+            .convert::<i64>()
+            .try_to_vec()
+            .unwrap_or_default();
+        preds.extend(arg.iter().map(|&p| p as usize));
+    }
+    let truth: Vec<usize> = data.iter().map(|e| e.label).collect();
+    let report = classification_report(&truth, &preds, n_labels);
+    Ok((loss / data.len().max(1) as f64, report, preds))
+}
+
+/// The value of `metric_for_best_model` (default: eval loss, lower is better).
+fn metric(e: &EvalLog, name: Option<&str>) -> Result<(f64, bool), String> {
+    let name = name.unwrap_or("loss");
+    let name = name.strip_prefix("eval_").unwrap_or(name);
+    Ok(match name {
+        "loss" => (e.loss, false),
+        "accuracy" => (e.report.accuracy, true),
+        "f1" => (e.report.macro_avg.f1, true),
+        "matthews_correlation" => (e.report.matthews_correlation, true),
+        "precision" => (e.report.macro_avg.precision, true),
+        "recall" => (e.report.macro_avg.recall, true),
+        other => {
+            return Err(format!(
+                "metric_for_best_model {other:?} is not one of loss, accuracy, f1, precision, recall, matthews_correlation"
+            ));
+        }
+    })
+}
+
+/// Trains `model` on `train`, evaluating on `eval` as the arguments say.
+#[allow(clippy::too_many_arguments)]
+pub fn train_classifier(
+    model: &mut Classifier,
+    train: &[Encoded],
+    eval: Option<&[Encoded]>,
+    n_labels: usize,
+    pad_id: u32,
+    args: &TrainingArguments,
+    device: &Device,
+    observer: &mut dyn Observer,
+) -> Result<TrainSummary, String> {
+    args.validate()?;
+    if train.is_empty() {
+        return Err("the training split is empty".into());
+    }
+    let with_types = matches!(model, Classifier::Bert(_));
+    let total = args.total_steps(train.len());
+    let warmup = args.warmup(total);
+    let steps_per_epoch = args.steps_per_epoch(train.len());
+    let micro = args.per_device_train_batch_size;
+    let per_step = micro * args.gradient_accumulation_steps;
+    let mut opt = Optimizer::new(OptimConfig {
+        kind: args.optim,
+        beta1: args.adam_beta1,
+        beta2: args.adam_beta2,
+        eps: args.adam_epsilon,
+        weight_decay: args.weight_decay,
+    });
+    let start = Instant::now();
+    let mut history = Vec::new();
+    let mut evals: Vec<EvalLog> = Vec::new();
+    let mut best: Option<(f64, usize, Classifier)> = None;
+    let mut patience_left = args.early_stopping_patience;
+    let mut step = 0;
+    let mut samples = 0;
+    let mut tokens = 0;
+    let mut loss_sum = 0.0;
+    let mut epoch = 0;
+    'outer: while step < total {
+        let order = epoch_order(train.len(), args.seed, epoch);
+        for chunk in order.chunks(per_step) {
+            if step >= total {
+                break 'outer;
+            }
+            // Dropout masks depend only on the seed and the step: a resumed run draws the same.
+            device.seed(args.seed.wrapping_add(step as u64));
+            let mut grads = GradStore::default();
+            let mut step_loss = 0.0;
+            let n = chunk.len() as f64;
+            for mb in chunk.chunks(micro) {
+                let items: Vec<&Encoded> = mb.iter().map(|&i| &train[i]).collect();
+                let b = collate(&items, pad_id);
+                tokens += b.tokens;
+                let (input, labels) = to_input(&b, device, with_types);
+                let logits = model
+                    .forward(input, Mode::Train)
+                    .map_err(|e| e.to_string())?;
+                // Each micro-batch contributes sum / (samples in the whole step): the
+                // accumulated gradient is the gradient of the step's mean loss.
+                let loss = summed_ce(logits, labels).div_scalar(n);
+                let value = loss.clone().into_scalar::<f32>() as f64;
+                if !value.is_finite() {
+                    return Err(format!(
+                        "the loss became {value} at step {} (learning rate too high?); stopping",
+                        step + 1
+                    ));
+                }
+                step_loss += value;
+                let g = loss.backward();
+                grads.accumulate(model, &g);
+            }
+            let grad_norm = grads.clip(args.max_grad_norm);
+            let lr = args.learning_rate * lr_factor(args.lr_scheduler_type, step, warmup, total);
+            opt.step(model, &grads, lr);
+            step += 1;
+            samples += chunk.len();
+            loss_sum += step_loss;
+            let log = StepLog {
+                step,
+                total_steps: total,
+                epoch: step as f64 / steps_per_epoch as f64,
+                loss: step_loss,
+                learning_rate: lr,
+                grad_norm,
+                samples_per_second: samples as f64 / start.elapsed().as_secs_f64(),
+            };
+            observer.step(&log);
+            history.push(log);
+
+            let end_of_epoch = step % steps_per_epoch == 0 || step == total;
+            let do_eval = match args.eval_strategy {
+                Strategy::No => false,
+                Strategy::Epoch => end_of_epoch,
+                Strategy::Steps => args.eval_steps.is_some_and(|k| step % k == 0) || step == total,
+            };
+            if let (true, Some(eval)) = (do_eval, eval) {
+                let (loss, report, _) = evaluate(
+                    model,
+                    eval,
+                    n_labels,
+                    args.per_device_eval_batch_size,
+                    pad_id,
+                    device,
+                )
+                .map_err(|e| e.to_string())?;
+                let e = EvalLog {
+                    step,
+                    epoch: step as f64 / steps_per_epoch as f64,
+                    loss,
+                    report,
+                };
+                observer.eval(&e);
+                let (value, higher) = metric(&e, args.metric_for_best_model.as_deref())?;
+                let higher = args.greater_is_better.unwrap_or(higher);
+                let improved = best
+                    .as_ref()
+                    .is_none_or(|(b, _, _)| if higher { value > *b } else { value < *b });
+                if improved {
+                    patience_left = args.early_stopping_patience;
+                    if args.load_best_model_at_end {
+                        best = Some((value, step, model.clone()));
+                    } else {
+                        best = Some((value, step, Classifier::clone(model)));
+                    }
+                } else if let Some(p) = patience_left.as_mut() {
+                    *p = p.saturating_sub(1);
+                }
+                evals.push(e);
+                if patience_left == Some(0) {
+                    break 'outer;
+                }
+            }
+        }
+        epoch += 1;
+    }
+    let best_step = best.as_ref().map(|(_, s, _)| *s);
+    if args.load_best_model_at_end
+        && let Some((_, _, m)) = best
+    {
+        *model = m;
+    }
+    Ok(TrainSummary {
+        steps: step,
+        epochs: step as f64 / steps_per_epoch as f64,
+        train_loss: loss_sum / step.max(1) as f64,
+        train_runtime: start.elapsed().as_secs_f64(),
+        train_samples: samples,
+        train_tokens: tokens,
+        history,
+        evals,
+        best_step,
+    })
+}
