@@ -1,0 +1,199 @@
+//! The training loop: accumulation equals one big batch, a learnable task is learnt, and the
+//! trajectory of AdamW + clipping + schedule + accumulation equals PyTorch's
+//! (`tests/fixtures/train/`, made by `scripts/make_train_fixtures.py`).
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::Device;
+use whet_data::Encoded;
+use whet_models::{Checkpoint, Classifier, ExportParams};
+use whet_train::*;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+/// tiny-bert with every dropout off, in a temporary folder.
+fn tiny_bert_no_dropout() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixtures().join("tiny-bert");
+    std::fs::copy(
+        src.join("model.safetensors"),
+        dir.path().join("model.safetensors"),
+    )
+    .unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    config["hidden_dropout_prob"] = 0.0.into();
+    config["attention_probs_dropout_prob"] = 0.0.into();
+    config["classifier_dropout"] = 0.0.into();
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    dir
+}
+
+fn load(dir: &Path, device: &Device) -> Classifier {
+    Checkpoint::open(dir)
+        .unwrap()
+        .load_classifier(device)
+        .unwrap()
+        .0
+}
+
+/// Examples whose label is whether token 7 occurs (learnable).
+fn toy(n: usize, seed: u64) -> Vec<Encoded> {
+    let mut x = seed;
+    let mut next = || {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (x >> 33) as u32
+    };
+    (0..n)
+        .map(|_| {
+            let len = 3 + (next() % 6) as usize;
+            let mut ids: Vec<u32> = (0..len).map(|_| 10 + next() % 80).collect();
+            let label = (next() % 2) as usize;
+            if label == 1 {
+                let at = (next() as usize) % len;
+                ids[at] = 7;
+            }
+            let mut full = vec![1];
+            full.extend(ids);
+            full.push(2);
+            Encoded {
+                type_ids: vec![0; full.len()],
+                ids: full,
+                label,
+            }
+        })
+        .collect()
+}
+
+fn params(m: &Classifier) -> Vec<(String, Vec<f32>)> {
+    m.named_params()
+        .iter()
+        .map(|p| (p.name.clone(), p.to_checkpoint_values().1))
+        .collect()
+}
+
+#[test]
+fn accumulated_micro_batches_equal_one_big_batch() {
+    let dir = tiny_bert_no_dropout();
+    let device = Device::flex().autodiff();
+    let data = toy(4, 1);
+    let run = |batch: usize, accum: usize| {
+        let mut model = load(dir.path(), &device);
+        let mut args = TrainingArguments::new("unused");
+        args.per_device_train_batch_size = batch;
+        args.gradient_accumulation_steps = accum;
+        args.max_steps = 1;
+        args.optim = OptimizerKind::Sgd;
+        args.learning_rate = 0.5;
+        args.lr_scheduler_type = Schedule::Constant;
+        args.max_grad_norm = 0.0;
+        let s =
+            train_classifier(&mut model, &data, None, 3, 0, &args, &device, &mut Silent).unwrap();
+        (s.train_loss, params(&model))
+    };
+    let (loss_big, big) = run(4, 1);
+    let (loss_acc, acc) = run(2, 2);
+    assert!(
+        (loss_big - loss_acc).abs() < 1e-5,
+        "{loss_big} vs {loss_acc}"
+    );
+    let start = params(&load(dir.path(), &Device::flex()));
+    let mut moved = 0.0f32;
+    for (((name, a), (_, b)), (_, s)) in big.iter().zip(&acc).zip(&start) {
+        let d = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max);
+        assert!(d < 1e-5, "{name}: accumulated update differs by {d}");
+        moved = moved.max(
+            a.iter()
+                .zip(s)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0, f32::max),
+        );
+    }
+    assert!(moved > 1e-3, "the step changed the weights");
+}
+
+#[test]
+fn a_learnable_task_is_learnt_and_evaluated() {
+    let dir = tiny_bert_no_dropout();
+    let device = Device::flex().autodiff();
+    let train = toy(96, 7);
+    let eval = toy(48, 8);
+    let mut model = load(dir.path(), &device);
+    let (before, _, _) = {
+        let (l, r, p) = evaluate(&model, &eval, 3, 16, 0, &device).unwrap();
+        (r.accuracy, l, p)
+    };
+    let mut args = TrainingArguments::new("unused");
+    args.learning_rate = 3e-3;
+    args.num_train_epochs = 8.0;
+    args.per_device_train_batch_size = 16;
+    args.eval_strategy = Strategy::Epoch;
+    args.load_best_model_at_end = true;
+    args.metric_for_best_model = Some("accuracy".into());
+    args.warmup_ratio = 0.1;
+    args.weight_decay = 0.01;
+    let s = train_classifier(
+        &mut model,
+        &train,
+        Some(&eval),
+        3,
+        0,
+        &args,
+        &device,
+        &mut Silent,
+    )
+    .unwrap();
+    assert_eq!(s.steps, 48);
+    assert_eq!(s.evals.len(), 8);
+    let first = s.history.first().unwrap().loss;
+    let last = s.history.last().unwrap().loss;
+    assert!(last < first, "loss fell: {first} -> {last}");
+    let (_, report, _) = evaluate(&model, &eval, 3, 16, 0, &device).unwrap();
+    let best = s
+        .evals
+        .iter()
+        .map(|e| e.report.accuracy)
+        .fold(0.0, f64::max);
+    assert_eq!(
+        report.accuracy, best,
+        "load_best_model_at_end restores the best checkpoint"
+    );
+    assert!(
+        report.accuracy >= 0.85,
+        "accuracy {} (before training {before})",
+        report.accuracy
+    );
+}
+
+#[test]
+fn a_diverging_run_stops_with_a_message() {
+    let dir = tiny_bert_no_dropout();
+    let device = Device::flex().autodiff();
+    let mut model = load(dir.path(), &device);
+    let mut args = TrainingArguments::new("unused");
+    args.learning_rate = 1e30;
+    args.optim = OptimizerKind::Sgd;
+    args.max_grad_norm = 0.0;
+    args.max_steps = 5;
+    args.lr_scheduler_type = Schedule::Constant;
+    let e = train_classifier(
+        &mut model,
+        &toy(16, 3),
+        None,
+        3,
+        0,
+        &args,
+        &device,
+        &mut Silent,
+    )
+    .unwrap_err();
+    assert!(e.contains("loss became"), "{e}");
+}
