@@ -138,8 +138,11 @@ def train(model: torch.nn.Module, mbs: list[dict[str, torch.Tensor]]):
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm=MAX_GRAD_NORM)
         lr_now = opt.param_groups[0]["lr"]
         assert all(g["lr"] == lr_now for g in opt.param_groups)
+        before = [p.detach().clone() for p in params] if lr_now == 0.0 else None
         opt.step()
         sched.step()
+        if before is not None and not all(torch.equal(a, p) for a, p in zip(before, params)):
+            raise SystemExit("a step with lr 0 changed the parameters")
         step_loss.append(total)
         grad_norm.append(norm.item())
         lrs.append(lr_now)

@@ -292,6 +292,98 @@ impl Checkpoint {
         })
     }
 
+    /// Sets the classification labels (id order); the head is sized to them when it is new.
+    pub fn set_labels(&mut self, labels: &[String]) {
+        let head = match &mut self.config {
+            FamilyConfig::Bert(c) => &mut c.head,
+            FamilyConfig::DistilBert(c) => &mut c.head,
+            FamilyConfig::Gpt2(c) => &mut c.head,
+            FamilyConfig::Llama(c) => &mut c.head,
+        };
+        head.id2label = Some(
+            labels
+                .iter()
+                .enumerate()
+                .map(|(i, l)| (i.to_string(), l.clone()))
+                .collect(),
+        );
+        head.num_labels = Some(labels.len());
+    }
+
+    /// Uses EOS as the padding token when the config has none, as the GPT-2 classification
+    /// tutorial does (`model.config.pad_token_id = tokenizer.eos_token_id`).
+    pub fn set_pad_token_id(&mut self, pad: u32) {
+        match &mut self.config {
+            FamilyConfig::Gpt2(c) if c.pad_token_id.is_none() => c.pad_token_id = Some(pad),
+            FamilyConfig::Llama(c) if c.pad_token_id.is_none() => c.pad_token_id = Some(pad),
+            _ => {}
+        }
+    }
+
+    /// The padding token id the config declares.
+    pub fn pad_token_id(&self) -> Option<u32> {
+        match &self.config {
+            FamilyConfig::Bert(c) => c.pad_token_id,
+            FamilyConfig::DistilBert(c) => c.pad_token_id,
+            FamilyConfig::Gpt2(c) => c.pad_token_id,
+            FamilyConfig::Llama(c) => c.pad_token_id,
+        }
+    }
+
+    /// The longest input the position embeddings allow.
+    pub fn max_positions(&self) -> usize {
+        match &self.config {
+            FamilyConfig::Bert(c) => c.max_position_embeddings,
+            FamilyConfig::DistilBert(c) => c.max_position_embeddings,
+            FamilyConfig::Gpt2(c) => c.n_positions,
+            FamilyConfig::Llama(c) => c.max_position_embeddings,
+        }
+    }
+
+    /// Writes the checkpoint's `config.json` with `id2label` / `label2id` for `labels` and the
+    /// architecture set to the family's sequence-classification class, to `out`.
+    pub fn write_classifier_config(&self, labels: &[String], out: &Path) -> Result<()> {
+        let mut json: serde_json::Value = match self.format {
+            Format::Folder => config::read_json(&self.path.join("config.json"))?,
+            Format::Gguf => match &self.config {
+                FamilyConfig::Llama(c) => {
+                    serde_json::to_value(c).map_err(|e| ModelError::Input(e.to_string()))?
+                }
+                _ => serde_json::json!({}),
+            },
+        };
+        let class = match self.family() {
+            Family::Bert => "BertForSequenceClassification",
+            Family::DistilBert => "DistilBertForSequenceClassification",
+            Family::Gpt2 => "GPT2ForSequenceClassification",
+            Family::Llama => "LlamaForSequenceClassification",
+        };
+        if let serde_json::Value::Object(map) = &mut json {
+            map.retain(|_, v| !v.is_null());
+            map.insert("architectures".into(), serde_json::json!([class]));
+            let id2label: serde_json::Map<String, serde_json::Value> = labels
+                .iter()
+                .enumerate()
+                .map(|(i, l)| (i.to_string(), l.clone().into()))
+                .collect();
+            let label2id: serde_json::Map<String, serde_json::Value> = labels
+                .iter()
+                .enumerate()
+                .map(|(i, l)| (l.clone(), i.into()))
+                .collect();
+            map.insert("id2label".into(), id2label.into());
+            map.insert("label2id".into(), label2id.into());
+            map.remove("num_labels");
+            if let Some(pad) = self.pad_token_id() {
+                map.insert("pad_token_id".into(), pad.into());
+            }
+        }
+        let text =
+            serde_json::to_string_pretty(&json).map_err(|e| ModelError::Input(e.to_string()))?;
+        std::fs::create_dir_all(out).map_err(|e| ModelError::io(out, e))?;
+        fsutil::write_atomic(&out.join("config.json"), text.as_bytes())
+    }
+
     /// Total parameter count (all tensors of the checkpoint).
     pub fn parameter_count(&self) -> usize {
         self.source

@@ -2,11 +2,16 @@
 //! its data and model; the trainer owns the loop.
 
 pub mod args;
+pub mod classify;
 pub mod optim;
+pub mod recipe;
 pub mod schedule;
 pub mod trainer;
 
 pub use args::{Strategy, TrainingArguments};
 pub use optim::{Optimizer, OptimizerKind};
+pub use recipe::{Method, Recipe, Task};
 pub use schedule::{Schedule, lr_factor};
-pub use trainer::{EvalLog, Observer, Silent, StepLog, TrainSummary, evaluate, train_classifier};
+pub use trainer::{
+    EvalLog, Observer, Silent, StepLog, TrainSummary, evaluate, optimizer_step, train_classifier,
+};

@@ -114,6 +114,43 @@ pub fn evaluate(
     Ok((loss / data.len().max(1) as f64, report, preds))
 }
 
+/// One optimizer step over micro-batches: each contributes its summed loss divided by the
+/// number of samples in the whole step, so the accumulated gradient is the gradient of the
+/// step's mean loss; then clipping to `max_grad_norm` (0: off) and the update at `lr`.
+/// Returns the step's mean loss and the gradient norm before clipping.
+pub fn optimizer_step(
+    model: &mut Classifier,
+    opt: &mut Optimizer,
+    batches: &[Batch],
+    lr: f64,
+    max_grad_norm: f64,
+    device: &Device,
+) -> Result<(f64, f64), String> {
+    let with_types = matches!(model, Classifier::Bert(_));
+    let n: usize = batches.iter().map(|b| b.batch).sum();
+    let mut grads = GradStore::default();
+    let mut step_loss = 0.0;
+    for b in batches {
+        let (input, labels) = to_input(b, device, with_types);
+        let logits = model
+            .forward(input, Mode::Train)
+            .map_err(|e| e.to_string())?;
+        let loss = summed_ce(logits, labels).div_scalar(n as f64);
+        let value = loss.clone().into_scalar::<f32>() as f64;
+        if !value.is_finite() {
+            return Err(format!(
+                "the loss became {value} at step {{step}} (learning rate too high?); stopping"
+            ));
+        }
+        step_loss += value;
+        let g = loss.backward();
+        grads.accumulate(model, &g);
+    }
+    let grad_norm = grads.clip(max_grad_norm);
+    opt.step(model, &grads, lr);
+    Ok((step_loss, grad_norm))
+}
+
 /// The value of `metric_for_best_model` (default: eval loss, lower is better).
 fn metric(e: &EvalLog, name: Option<&str>) -> Result<(f64, bool), String> {
     let name = name.unwrap_or("loss");
@@ -149,7 +186,6 @@ pub fn train_classifier(
     if train.is_empty() {
         return Err("the training split is empty".into());
     }
-    let with_types = matches!(model, Classifier::Bert(_));
     let total = args.total_steps(train.len());
     let warmup = args.warmup(total);
     let steps_per_epoch = args.steps_per_epoch(train.len());
@@ -180,34 +216,15 @@ pub fn train_classifier(
             }
             // Dropout masks depend only on the seed and the step: a resumed run draws the same.
             device.seed(args.seed.wrapping_add(step as u64));
-            let mut grads = GradStore::default();
-            let mut step_loss = 0.0;
-            let n = chunk.len() as f64;
-            for mb in chunk.chunks(micro) {
-                let items: Vec<&Encoded> = mb.iter().map(|&i| &train[i]).collect();
-                let b = collate(&items, pad_id);
-                tokens += b.tokens;
-                let (input, labels) = to_input(&b, device, with_types);
-                let logits = model
-                    .forward(input, Mode::Train)
-                    .map_err(|e| e.to_string())?;
-                // Each micro-batch contributes sum / (samples in the whole step): the
-                // accumulated gradient is the gradient of the step's mean loss.
-                let loss = summed_ce(logits, labels).div_scalar(n);
-                let value = loss.clone().into_scalar::<f32>() as f64;
-                if !value.is_finite() {
-                    return Err(format!(
-                        "the loss became {value} at step {} (learning rate too high?); stopping",
-                        step + 1
-                    ));
-                }
-                step_loss += value;
-                let g = loss.backward();
-                grads.accumulate(model, &g);
-            }
-            let grad_norm = grads.clip(args.max_grad_norm);
+            let batches: Vec<Batch> = chunk
+                .chunks(micro)
+                .map(|mb| collate(&mb.iter().map(|&i| &train[i]).collect::<Vec<_>>(), pad_id))
+                .collect();
+            tokens += batches.iter().map(|b| b.tokens).sum::<usize>();
             let lr = args.learning_rate * lr_factor(args.lr_scheduler_type, step, warmup, total);
-            opt.step(model, &grads, lr);
+            let (step_loss, grad_norm) =
+                optimizer_step(model, &mut opt, &batches, lr, args.max_grad_norm, device)
+                    .map_err(|e| e.replace("{step}", &(step + 1).to_string()))?;
             step += 1;
             samples += chunk.len();
             loss_sum += step_loss;

@@ -1,0 +1,425 @@
+//! The sequence-classification task end to end: data, labels, method, training, evaluation,
+//! and output the Python world loads (a `transformers` folder, or a `peft` adapter).
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::Device;
+use serde_json::json;
+use whet_data::{
+    Columns, Encoded, Encoding, Example, Labels, Size, Table, examples, seeded_split, tokenize,
+};
+use whet_models::{Checkpoint, Classifier, ExportParams, TextTokenizer};
+use whet_peft::{LoraConfig, ParamCounts, apply_lora, save_adapter, set_trainable};
+
+use crate::recipe::{Method, Recipe};
+use crate::trainer::{Observer, TrainSummary, evaluate, train_classifier};
+
+/// A labelled split: examples and their tokens.
+pub struct Split {
+    pub examples: Vec<Example>,
+    pub encoded: Vec<Encoded>,
+}
+
+/// Everything a run prepared before training.
+pub struct Prepared {
+    pub checkpoint: Checkpoint,
+    pub tokenizer: TextTokenizer,
+    pub labels: Labels,
+    pub train: Split,
+    pub validation: Option<Split>,
+    pub test: Option<Split>,
+    pub pad_id: u32,
+    pub model: Classifier,
+    pub counts: ParamCounts,
+    pub lora: Option<LoraConfig>,
+    /// Head tensors that were initialised (not in the checkpoint).
+    pub fresh: Vec<String>,
+}
+
+fn encoding(name: &str) -> Result<Encoding, String> {
+    name.parse().map_err(|e| format!("data.encoding: {e}"))
+}
+
+/// Reads the data, fixes the labels, tokenizes, loads the model and applies the method.
+pub fn prepare(recipe: &Recipe, device: &Device) -> Result<Prepared, String> {
+    let d = &recipe.data;
+    let enc = encoding(&d.encoding)?;
+    let read = |p: &Path| Table::read(p, enc).map_err(|e| e.to_string());
+    let train_table = read(&d.train)?;
+    let labels = match &d.label_names {
+        Some(names) => Labels(names.clone()),
+        None => Labels::infer(&train_table, &d.label_column).map_err(|e| e.to_string())?,
+    };
+    if labels.len() < 2 {
+        return Err(format!(
+            "{}: found {} label(s); classification needs at least 2",
+            d.train.display(),
+            labels.len()
+        ));
+    }
+    let cols = Columns {
+        text: d.text_column.clone(),
+        text_pair: d.text_pair_column.clone(),
+        label: d.label_column.clone(),
+    };
+    let all_train = examples(&train_table, &cols, &labels).map_err(|e| e.to_string())?;
+    let load_split = |p: &Option<PathBuf>| -> Result<Option<Vec<Example>>, String> {
+        match p {
+            Some(p) => Ok(Some(
+                examples(&read(p)?, &cols, &labels).map_err(|e| e.to_string())?,
+            )),
+            None => Ok(None),
+        }
+    };
+    let mut validation = load_split(&d.validation)?;
+    let mut test = load_split(&d.test)?;
+    let train = match &d.split {
+        Some(s) if validation.is_none() && test.is_none() => {
+            let size = |v: Option<f64>| {
+                v.map(|x| {
+                    if x >= 1.0 {
+                        Size::Count(x as usize)
+                    } else {
+                        Size::Fraction(x)
+                    }
+                })
+            };
+            let parts = seeded_split(
+                &all_train,
+                &[size(s.train), size(s.validation), size(s.test)],
+                s.seed,
+            )
+            .map_err(|e| e.to_string())?;
+            let mut it = parts.into_iter();
+            let (tr, va, te) = (
+                it.next().unwrap_or_default(),
+                it.next().unwrap_or_default(),
+                it.next().unwrap_or_default(),
+            );
+            validation = (!va.is_empty()).then_some(va);
+            test = (!te.is_empty()).then_some(te);
+            tr
+        }
+        _ => all_train,
+    };
+    if train.is_empty() {
+        return Err(format!(
+            "{}: the training split is empty",
+            d.train.display()
+        ));
+    }
+
+    let mut checkpoint = Checkpoint::open(&recipe.model).map_err(|e| e.to_string())?;
+    if d.max_length > checkpoint.max_positions() {
+        return Err(format!(
+            "data.max_length = {} exceeds the model's {} positions ({})",
+            d.max_length,
+            checkpoint.max_positions(),
+            recipe.model.display()
+        ));
+    }
+    let tokenizer = checkpoint.tokenizer().map_err(|e| e.to_string())?;
+    let pad_id = match checkpoint
+        .pad_token_id()
+        .or(tokenizer.pad.as_ref().map(|p| p.id))
+    {
+        Some(p) => p,
+        None => {
+            // A decoder without a pad token pads with EOS, as the GPT-2 tutorial does.
+            let eos = tokenizer
+                .eos
+                .as_ref()
+                .map(|e| e.id)
+                .ok_or("the model has neither a pad nor an EOS token")?;
+            checkpoint.set_pad_token_id(eos);
+            eos
+        }
+    };
+    checkpoint.set_labels(&labels.0);
+    let tok = |ex: Vec<Example>| -> Result<Split, String> {
+        let encoded = tokenize(&tokenizer, &ex, d.max_length, d.truncation_side)
+            .map_err(|e| e.to_string())?;
+        Ok(Split {
+            examples: ex,
+            encoded,
+        })
+    };
+    let train = tok(train)?;
+    let validation = validation.map(tok).transpose()?;
+    let test = test.map(tok).transpose()?;
+
+    let (mut model, fresh) = checkpoint
+        .load_classifier(device)
+        .map_err(|e| e.to_string())?;
+    let head = |name: &str| {
+        let module = name.rsplit_once('.').map(|(m, _)| m).unwrap_or(name);
+        ["classifier", "score"].iter().any(|k| module.ends_with(k))
+    };
+    let (counts, lora) = match recipe.method {
+        Method::Full => {
+            set_trainable(&mut model, &|_| true);
+            let n = count(&model);
+            (
+                ParamCounts {
+                    trainable: n,
+                    all: n,
+                },
+                None,
+            )
+        }
+        Method::Head => {
+            let top = top_layers(&model, recipe.head.unfreeze_top_layers);
+            let trainable =
+                |name: &str| head(name) || top.iter().any(|p| name.contains(p.as_str()));
+            set_trainable(&mut model, &trainable);
+            let all = count(&model);
+            let trainable_n = model
+                .named_params()
+                .iter()
+                .filter(|p| trainable(&p.name))
+                .map(|p| p.to_checkpoint_values().0.iter().product::<usize>())
+                .sum();
+            (
+                ParamCounts {
+                    trainable: trainable_n,
+                    all,
+                },
+                None,
+            )
+        }
+        Method::Lora => {
+            let mut cfg = recipe
+                .lora
+                .clone()
+                .ok_or("method = \"lora\" needs [lora]")?;
+            // peft's task_type = "SEQ_CLS" saves the head with the adapter.
+            for m in ["classifier", "score"] {
+                if !cfg.modules_to_save.iter().any(|x| x == m) {
+                    cfg.modules_to_save.push(m.to_string());
+                }
+            }
+            let report = apply_lora(&mut model, &cfg, device).map_err(|e| e.to_string())?;
+            (report.counts, Some(cfg))
+        }
+    };
+    Ok(Prepared {
+        checkpoint,
+        tokenizer,
+        labels,
+        train,
+        validation,
+        test,
+        pad_id,
+        model,
+        counts,
+        lora,
+        fresh,
+    })
+}
+
+fn count(model: &Classifier) -> usize {
+    model
+        .named_params()
+        .iter()
+        .map(|p| p.to_checkpoint_values().0.iter().product::<usize>())
+        .sum()
+}
+
+/// Name fragments of the top `n` transformer layers (`layer.5.`, `layers.29.`, `h.11.`).
+fn top_layers(model: &Classifier, n: usize) -> Vec<String> {
+    if n == 0 {
+        return vec![];
+    }
+    let mut layers: Vec<(String, usize)> = model
+        .named_params()
+        .iter()
+        .filter_map(|p| {
+            let parts: Vec<&str> = p.name.split('.').collect();
+            parts.windows(2).find_map(|w| {
+                matches!(w[0], "layer" | "layers" | "h")
+                    .then(|| w[1].parse::<usize>().ok().map(|i| (w[0].to_string(), i)))?
+            })
+        })
+        .collect();
+    layers.sort_by_key(|(_, i)| *i);
+    layers.dedup();
+    let max = layers.iter().map(|(_, i)| *i).max().unwrap_or(0);
+    layers
+        .into_iter()
+        .filter(|(_, i)| *i + n > max)
+        .map(|(k, i)| format!(".{k}.{i}."))
+        .collect()
+}
+
+/// Predicted label ids and probabilities for texts.
+pub fn predict(
+    model: &Classifier,
+    tokenizer: &TextTokenizer,
+    texts: &[String],
+    max_length: usize,
+    pad_id: u32,
+    device: &Device,
+) -> Result<Vec<Vec<f32>>, String> {
+    let ex: Vec<Example> = texts
+        .iter()
+        .map(|t| Example {
+            text: t.clone(),
+            text_pair: None,
+            label: 0,
+            origin: "input".into(),
+        })
+        .collect();
+    let enc =
+        tokenize(tokenizer, &ex, max_length, Default::default()).map_err(|e| e.to_string())?;
+    let with_types = matches!(model, Classifier::Bert(_));
+    let mut out = Vec::new();
+    for chunk in enc.chunks(32) {
+        let items: Vec<&Encoded> = chunk.iter().collect();
+        let b = whet_data::collate(&items, pad_id);
+        let (input, _) = crate::trainer::to_input(&b, device, with_types);
+        let logits = model
+            .forward(input, whet_models::Mode::Eval)
+            .map_err(|e| e.to_string())?;
+        let probs = burn::tensor::activation::softmax(logits, 1);
+        let [n, c] = probs.dims();
+        let v: Vec<f32> = probs
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec()
+            .map_err(|e| format!("{e:?}"))?;
+        out.extend((0..n).map(|i| v[i * c..(i + 1) * c].to_vec()));
+    }
+    Ok(out)
+}
+
+/// Metrics of one split as `eval_*` / `test_*` keys.
+pub fn metric_map(
+    prefix: &str,
+    loss: f64,
+    r: &whet_metrics::ClassificationReport,
+    labels: &Labels,
+) -> serde_json::Map<String, serde_json::Value> {
+    let mut m = serde_json::Map::new();
+    let mut put = |k: &str, v: serde_json::Value| {
+        m.insert(format!("{prefix}_{k}"), v);
+    };
+    put("loss", json!(loss));
+    put("accuracy", json!(r.accuracy));
+    put("f1", json!(r.macro_avg.f1));
+    put("precision", json!(r.macro_avg.precision));
+    put("recall", json!(r.macro_avg.recall));
+    put("f1_micro", json!(r.micro_avg.f1));
+    put("f1_weighted", json!(r.weighted_avg.f1));
+    put("matthews_correlation", json!(r.matthews_correlation));
+    put("samples", json!(r.samples));
+    put(
+        "per_class",
+        json!(
+            labels
+                .0
+                .iter()
+                .zip(&r.per_class)
+                .map(|(l, c)| (l.clone(), json!(c)))
+                .collect::<serde_json::Map<_, _>>()
+        ),
+    );
+    put("confusion_matrix", json!(r.confusion));
+    m
+}
+
+/// Runs training and returns the summary.
+pub fn run_training(
+    p: &mut Prepared,
+    recipe: &Recipe,
+    device: &Device,
+    observer: &mut dyn Observer,
+) -> Result<TrainSummary, String> {
+    let eval = p.validation.as_ref().map(|s| s.encoded.as_slice());
+    train_classifier(
+        &mut p.model,
+        &p.train.encoded,
+        eval,
+        p.labels.len(),
+        p.pad_id,
+        &recipe.training,
+        device,
+        observer,
+    )
+}
+
+/// Evaluates a split.
+pub fn evaluate_split(
+    p: &Prepared,
+    split: &Split,
+    batch: usize,
+    device: &Device,
+) -> Result<(f64, whet_metrics::ClassificationReport), String> {
+    let (loss, report, _) = evaluate(
+        &p.model,
+        &split.encoded,
+        p.labels.len(),
+        batch,
+        p.pad_id,
+        device,
+    )
+    .map_err(|e| e.to_string())?;
+    Ok((loss, report))
+}
+
+/// Saves the result into `out`: a `peft` adapter folder for LoRA, a `transformers` folder
+/// otherwise; both with the tokenizer and `labels.json`.
+pub fn save(p: &Prepared, recipe: &Recipe, out: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    match &p.lora {
+        Some(cfg) => {
+            let base = recipe.model.canonicalize().unwrap_or(recipe.model.clone());
+            save_adapter(&p.model, cfg, &base.to_string_lossy(), "SEQ_CLS", out)
+                .map_err(|e| e.to_string())?;
+        }
+        None => {
+            p.checkpoint
+                .write_classifier_config(&p.labels.0, out)
+                .map_err(|e| e.to_string())?;
+            let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = p
+                .model
+                .named_params()
+                .iter()
+                .map(|np| {
+                    let (s, v) = np.to_checkpoint_values();
+                    (np.name.clone(), s, v)
+                })
+                .collect();
+            let mut meta = std::collections::HashMap::new();
+            meta.insert("format".to_string(), "pt".to_string());
+            whet_models::weights::write_safetensors(
+                &out.join("model.safetensors"),
+                &tensors,
+                Some(meta),
+            )
+            .map_err(|e| e.to_string())?;
+        }
+    }
+    let tok = p
+        .tokenizer
+        .inner
+        .to_string(true)
+        .map_err(|e| e.to_string())?;
+    whet_models::fsutil::write_atomic(&out.join("tokenizer.json"), tok.as_bytes())
+        .map_err(|e| e.to_string())?;
+    if recipe.model.is_dir() {
+        for f in [
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "vocab.txt",
+        ] {
+            let src = recipe.model.join(f);
+            if src.is_file() {
+                std::fs::copy(&src, out.join(f)).map_err(|e| format!("{}: {e}", src.display()))?;
+            }
+        }
+    }
+    let labels = json!({ "labels": p.labels.0, "max_length": recipe.data.max_length, "base_model": recipe.model });
+    whet_models::fsutil::write_atomic(&out.join("labels.json"), labels.to_string().as_bytes())
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}

@@ -1,0 +1,258 @@
+//! The recipe of a run (`whet train RECIPE.toml`): model, task, method, data, method options
+//! and `TrainingArguments`, with `--set key=value` overrides and `<cache>` expansion.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use whet_data::Side;
+use whet_peft::LoraConfig;
+
+use crate::args::TrainingArguments;
+
+/// What is learnt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Task {
+    /// One label per text (or text pair).
+    #[default]
+    SequenceClassification,
+}
+
+/// Which parameters train.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// Every parameter.
+    #[default]
+    Full,
+    /// Transfer learning: the base is frozen, the new head (and optionally the top layers)
+    /// train.
+    Head,
+    /// LoRA adapters (`[lora]`) plus the head.
+    Lora,
+}
+
+/// Sizes of a seeded split of a single data file: counts (>= 1) or fractions (< 1).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SplitSpec {
+    pub train: Option<f64>,
+    pub validation: Option<f64>,
+    pub test: Option<f64>,
+    #[serde(default = "d_seed")]
+    pub seed: u64,
+}
+
+fn d_seed() -> u64 {
+    42
+}
+
+/// `[data]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSpec {
+    pub train: PathBuf,
+    #[serde(default)]
+    pub validation: Option<PathBuf>,
+    #[serde(default)]
+    pub test: Option<PathBuf>,
+    #[serde(default = "d_text")]
+    pub text_column: String,
+    #[serde(default)]
+    pub text_pair_column: Option<String>,
+    #[serde(default = "d_label")]
+    pub label_column: String,
+    /// Class names in id order; inferred from the training data when absent.
+    #[serde(default)]
+    pub label_names: Option<Vec<String>>,
+    #[serde(default = "d_max_length")]
+    pub max_length: usize,
+    #[serde(default)]
+    pub truncation_side: Side,
+    /// Text encoding of CSV files ("utf-8" or "latin-1").
+    #[serde(default = "d_encoding")]
+    pub encoding: String,
+    /// Split `train` into parts when validation/test files are not given.
+    #[serde(default)]
+    pub split: Option<SplitSpec>,
+}
+
+fn d_text() -> String {
+    "text".into()
+}
+fn d_label() -> String {
+    "label".into()
+}
+fn d_max_length() -> usize {
+    128
+}
+fn d_encoding() -> String {
+    "utf-8".into()
+}
+
+/// `[head]`: options of `method = "head"`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeadSpec {
+    /// Also train the top N transformer layers.
+    #[serde(default)]
+    pub unfreeze_top_layers: usize,
+}
+
+/// A whole run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    /// Model folder or .gguf file.
+    pub model: PathBuf,
+    #[serde(default)]
+    pub task: Task,
+    #[serde(default)]
+    pub method: Method,
+    pub data: DataSpec,
+    #[serde(default)]
+    pub lora: Option<LoraConfig>,
+    #[serde(default)]
+    pub head: HeadSpec,
+    pub training: TrainingArguments,
+}
+
+/// The asset cache: `WHET_CACHE`, else `cache/` under the current folder.
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("WHET_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("cache"))
+}
+
+fn expand(p: &Path) -> PathBuf {
+    let s = p.to_string_lossy();
+    match s.strip_prefix("<cache>") {
+        Some(rest) => cache_dir().join(rest.trim_start_matches('/')),
+        None => p.to_path_buf(),
+    }
+}
+
+/// Sets `a.b.c = value` in a TOML table; the value is parsed as TOML, else taken as a string.
+fn set(root: &mut toml::Table, key: &str, raw: &str) -> Result<(), String> {
+    let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let mut parts: Vec<&str> = key.split('.').collect();
+    let last = parts
+        .pop()
+        .filter(|l| !l.is_empty())
+        .ok_or_else(|| format!("--set {key}: empty key"))?;
+    let mut table = root;
+    for part in parts {
+        let entry = table
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = entry
+            .as_table_mut()
+            .ok_or_else(|| format!("--set {key}: {part} is not a table"))?;
+    }
+    table.insert(last.to_string(), value);
+    Ok(())
+}
+
+impl Recipe {
+    /// Reads a recipe file and applies `key=value` overrides.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read recipe {}: {e}", path.display()))?;
+        Self::parse(&text, overrides).map_err(|e| format!("recipe {}: {e}", path.display()))
+    }
+
+    /// Parses recipe text and applies `key=value` overrides.
+    pub fn parse(text: &str, overrides: &[String]) -> Result<Self, String> {
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| e.to_string())?;
+        for o in overrides {
+            let (k, v) = o
+                .split_once('=')
+                .ok_or_else(|| format!("--set {o:?}: expected key=value"))?;
+            set(&mut table, k.trim(), v.trim())?;
+        }
+        let mut recipe: Recipe = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| e.to_string())?;
+        recipe.model = expand(&recipe.model);
+        for p in [
+            Some(&mut recipe.data.train),
+            recipe.data.validation.as_mut(),
+            recipe.data.test.as_mut(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            *p = expand(p);
+        }
+        recipe.training.output_dir = expand(&recipe.training.output_dir);
+        if recipe.method == Method::Lora && recipe.lora.is_none() {
+            return Err("method = \"lora\" needs a [lora] table (at least target_modules)".into());
+        }
+        recipe.training.validate()?;
+        Ok(recipe)
+    }
+
+    /// The resolved recipe as TOML (written into the output folder).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+model = "<cache>/minilm"
+method = "lora"
+[data]
+train = "t.jsonl"
+[lora]
+r = 8
+lora_alpha = 16
+target_modules = ["query", "value"]
+[training]
+output_dir = "runs/x"
+learning_rate = 1e-3
+"#;
+
+    #[test]
+    fn parses_with_defaults_and_overrides() {
+        let r = Recipe::parse(
+            BASE,
+            &[
+                "training.num_train_epochs=1".into(),
+                "lora.r=4".into(),
+                "data.text_column=sentence".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(r.method, Method::Lora);
+        assert_eq!(r.training.num_train_epochs, 1.0);
+        assert_eq!(r.training.per_device_train_batch_size, 8);
+        assert_eq!(r.lora.as_ref().unwrap().r, 4);
+        assert_eq!(r.data.text_column, "sentence");
+        assert_eq!(r.data.max_length, 128);
+        assert!(r.model.ends_with("minilm") && !r.model.to_string_lossy().contains('<'));
+        let back = Recipe::parse(&r.to_toml(), &[]).unwrap();
+        assert_eq!(back.lora, r.lora);
+    }
+
+    #[test]
+    fn unknown_keys_and_missing_lora_are_errors() {
+        let e = Recipe::parse(&BASE.replace("learning_rate", "learning_rat"), &[]).unwrap_err();
+        assert!(e.contains("learning_rat"), "{e}");
+        let e = Recipe::parse(
+            &BASE.replace(
+                "[lora]\nr = 8\nlora_alpha = 16\ntarget_modules = [\"query\", \"value\"]\n",
+                "",
+            ),
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.contains("[lora]"), "{e}");
+    }
+}

@@ -1,0 +1,223 @@
+//! Three optimizer steps of AdamW with clipping, a warmup + linear schedule and gradient
+//! accumulation over uneven micro-batches, against PyTorch + transformers' Trainer rules
+//! (`tests/fixtures/train/`, from `scripts/make_train_fixtures.py`): per-step loss, gradient
+//! norm and learning rate, and every final parameter (full fine-tuning) or the final adapter
+//! (LoRA).
+
+use std::path::{Path, PathBuf};
+
+use burn::module::Param;
+use burn::tensor::{Device, Tensor, TensorData};
+use safetensors::SafeTensors;
+use whet_data::Batch;
+use whet_models::{Checkpoint, Classifier, ExportParams, VisitParams, Visitor};
+use whet_peft::LoraConfig;
+use whet_train::optim::{OptimConfig, Optimizer, OptimizerKind};
+use whet_train::{Schedule, lr_factor, optimizer_step};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn f32s(st: &SafeTensors, k: &str) -> Vec<f32> {
+    st.tensor(k)
+        .unwrap_or_else(|_| panic!("no {k}"))
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect()
+}
+
+fn i64s(st: &SafeTensors, k: &str) -> (Vec<i64>, Vec<usize>) {
+    let t = st.tensor(k).unwrap_or_else(|_| panic!("no {k}"));
+    (
+        t.data()
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+            .collect(),
+        t.shape().to_vec(),
+    )
+}
+
+fn micro_batch(st: &SafeTensors, k: usize) -> Batch {
+    let (ids, shape) = i64s(st, &format!("mb{k}_input_ids"));
+    let (mask, _) = i64s(st, &format!("mb{k}_attention_mask"));
+    let (labels, _) = i64s(st, &format!("mb{k}_labels"));
+    Batch {
+        tokens: mask.iter().filter(|&&m| m == 1).count(),
+        token_type_ids: vec![0; ids.len()],
+        input_ids: ids,
+        attention_mask: mask,
+        labels,
+        batch: shape[0],
+        len: shape[1],
+    }
+}
+
+/// tiny-bert with dropout off (as the fixture's run), in a temporary folder.
+fn model_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixtures().join("tiny-bert");
+    std::fs::copy(
+        src.join("model.safetensors"),
+        dir.path().join("model.safetensors"),
+    )
+    .unwrap();
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    c["hidden_dropout_prob"] = 0.0.into();
+    c["attention_probs_dropout_prob"] = 0.0.into();
+    c["classifier_dropout"] = 0.0.into();
+    std::fs::write(dir.path().join("config.json"), c.to_string()).unwrap();
+    dir
+}
+
+fn rel(a: &[f32], b: &[f32]) -> f32 {
+    let d = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max);
+    let s = b.iter().map(|x| x.abs()).fold(0.0, f32::max).max(1e-6);
+    d / s
+}
+
+fn run(model: &mut Classifier, st: &SafeTensors, device: &Device) {
+    let mut opt = Optimizer::new(OptimConfig {
+        kind: OptimizerKind::Adamw,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+    });
+    let (want_loss, want_norm, want_lr) =
+        (f32s(st, "step_loss"), f32s(st, "grad_norm"), f32s(st, "lr"));
+    for step in 0..3 {
+        let lr = 1e-3 * lr_factor(Schedule::Linear, step, 1, 3);
+        assert!(
+            (lr as f32 - want_lr[step]).abs() < 1e-9,
+            "lr at step {step}"
+        );
+        let batches = [micro_batch(st, 2 * step), micro_batch(st, 2 * step + 1)];
+        let (loss, norm) = optimizer_step(model, &mut opt, &batches, lr, 1.0, device).unwrap();
+        assert!(
+            (loss as f32 - want_loss[step]).abs() <= 1e-4 * want_loss[step].abs(),
+            "step {step}: loss {loss} vs {}",
+            want_loss[step]
+        );
+        assert!(
+            (norm as f32 - want_norm[step]).abs() <= 1e-4 * want_norm[step],
+            "step {step}: grad norm {norm} vs {}",
+            want_norm[step]
+        );
+    }
+}
+
+#[test]
+fn full_fine_tuning_matches_pytorch_adamw_step_for_step() {
+    let bytes = std::fs::read(fixtures().join("train/bert-adamw.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let device = Device::flex().autodiff();
+    let dir = model_dir();
+    let (mut model, _) = Checkpoint::open(dir.path())
+        .unwrap()
+        .load_classifier(&device)
+        .unwrap();
+    run(&mut model, &st, &device);
+    let mut worst = (0.0, String::new());
+    for p in model.named_params() {
+        let got = p.to_checkpoint_values().1;
+        let want = f32s(&st, &format!("param.{}", p.name));
+        if p.name.ends_with("attention.self.key.bias") {
+            // Softmax is invariant to a shift shared by a query's scores, so the key bias has an
+            // exactly zero gradient; both stacks hold only float noise there (~1e-8), and Adam
+            // turns noise into steps of up to lr in either direction. Bound the drift instead:
+            // the two runs may differ by at most the sum of the learning rates (0 + 1e-3 +
+            // 5e-4) on each side.
+            let d = got
+                .iter()
+                .zip(&want)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0, f32::max);
+            assert!(d <= 3e-3, "{}: drift {d}", p.name);
+            continue;
+        }
+        let r = rel(&got, &want);
+        if r > worst.0 {
+            worst = (r, p.name.clone());
+        }
+    }
+    assert!(
+        worst.0 <= 1e-4,
+        "final parameters differ: {} relative error {}",
+        worst.1,
+        worst.0
+    );
+}
+
+#[test]
+fn lora_matches_peft_adamw_step_for_step() {
+    let bytes = std::fs::read(fixtures().join("train/bert-lora-adamw.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let device = Device::flex().autodiff();
+    let dir = model_dir();
+    let (mut model, _) = Checkpoint::open(dir.path())
+        .unwrap()
+        .load_classifier(&device)
+        .unwrap();
+    let cfg = LoraConfig {
+        r: 4,
+        lora_alpha: 8.0,
+        lora_dropout: 0.0,
+        target_modules: vec!["query".into(), "value".into()],
+        bias: "none".into(),
+        modules_to_save: vec!["classifier".into(), "score".into()],
+        use_rslora: false,
+    };
+    whet_peft::apply_lora(&mut model, &cfg, &device).unwrap();
+    // Start from the reference's random initial adapter.
+    struct Init<'a>(&'a SafeTensors<'a>, Device);
+    impl Visitor for Init<'_> {
+        fn vector(&mut self, _: &str, _: &mut Param<Tensor<1>>) {}
+        fn matrix(&mut self, _: &str, _: &mut Param<Tensor<2>>, _: whet_models::weights::Layout) {}
+        fn linear(&mut self, name: &str, l: &mut whet_models::layers::Linear) -> bool {
+            if let Some(a) = &mut l.adapter {
+                let load = |k: &str, r: usize, c: usize| {
+                    let t =
+                        Tensor::<2>::from_data(TensorData::new(f32s(self.0, k), [r, c]), &self.1)
+                            .transpose();
+                    Param::from_tensor(Tensor::from_data(t.into_data(), &self.1))
+                };
+                let [din, r] = a.a.shape().dims::<2>();
+                let dout = a.b.shape().dims::<2>()[1];
+                a.a = load(
+                    &format!("init.base_model.model.{name}.lora_A.weight"),
+                    r,
+                    din,
+                );
+                a.b = load(
+                    &format!("init.base_model.model.{name}.lora_B.weight"),
+                    dout,
+                    r,
+                );
+            }
+            false
+        }
+    }
+    model.visit_params("", &mut Init(&st, device.clone()));
+    run(&mut model, &st, &device);
+    let dirout = tempfile::tempdir().unwrap();
+    whet_peft::save_adapter(&model, &cfg, "tiny-bert", "SEQ_CLS", dirout.path()).unwrap();
+    let saved = std::fs::read(dirout.path().join("adapter_model.safetensors")).unwrap();
+    let saved = SafeTensors::deserialize(&saved).unwrap();
+    let mut checked = 0;
+    for (name, _) in saved.tensors() {
+        let r = rel(&f32s(&saved, &name), &f32s(&st, &format!("final.{name}")));
+        assert!(r <= 1e-4, "{name}: relative error {r}");
+        checked += 1;
+    }
+    assert_eq!(
+        checked, 10,
+        "4 adapted modules x (A, B) + classifier weight and bias"
+    );
+}
