@@ -423,3 +423,95 @@ pub fn save(p: &Prepared, recipe: &Recipe, out: &Path) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     Ok(())
 }
+
+/// A trained classifier ready for use.
+pub struct Trained {
+    pub model: Classifier,
+    pub tokenizer: TextTokenizer,
+    pub labels: Labels,
+    pub max_length: usize,
+    pub pad_id: u32,
+}
+
+/// Loads what [`save`] wrote (a LoRA adapter folder or a full model folder), or any
+/// `transformers` sequence-classification folder.
+pub fn load_trained(dir: &Path, device: &Device) -> Result<Trained, String> {
+    let meta: Option<serde_json::Value> = std::fs::read_to_string(dir.join("labels.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok());
+    let max_length = meta
+        .as_ref()
+        .and_then(|m| m["max_length"].as_u64())
+        .unwrap_or(128) as usize;
+    let is_adapter = dir.join("adapter_config.json").is_file();
+    let base = if is_adapter {
+        let cfg: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("adapter_config.json"))
+                .map_err(|e| format!("{}: {e}", dir.display()))?,
+        )
+        .map_err(|e| format!("{}/adapter_config.json: {e}", dir.display()))?;
+        let from_meta = meta
+            .as_ref()
+            .and_then(|m| m["base_model"].as_str())
+            .map(PathBuf::from);
+        let from_cfg = cfg["base_model_name_or_path"].as_str().map(PathBuf::from);
+        from_meta
+            .filter(|p| p.exists())
+            .or(from_cfg)
+            .ok_or_else(|| {
+                format!(
+                    "{}: the adapter does not name its base model",
+                    dir.display()
+                )
+            })?
+    } else {
+        dir.to_path_buf()
+    };
+    let mut checkpoint = Checkpoint::open(&base).map_err(|e| e.to_string())?;
+    let labels = match meta.as_ref().and_then(|m| m["labels"].as_array()) {
+        Some(l) => Labels(
+            l.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect(),
+        ),
+        None => {
+            let head = match &checkpoint.config {
+                whet_models::FamilyConfig::Bert(c) => &c.head,
+                whet_models::FamilyConfig::DistilBert(c) => &c.head,
+                whet_models::FamilyConfig::Gpt2(c) => &c.head,
+                whet_models::FamilyConfig::Llama(c) => &c.head,
+            };
+            Labels(head.labels())
+        }
+    };
+    let tokenizer = match whet_models::TextTokenizer::from_folder(dir) {
+        Ok(t) => t,
+        Err(_) => checkpoint.tokenizer().map_err(|e| e.to_string())?,
+    };
+    let pad_id = checkpoint
+        .pad_token_id()
+        .or(tokenizer.pad.as_ref().map(|p| p.id))
+        .or(tokenizer.eos.as_ref().map(|p| p.id))
+        .ok_or("the model has neither a pad nor an EOS token")?;
+    checkpoint.set_pad_token_id(pad_id);
+    checkpoint.set_labels(&labels.0);
+    let (mut model, fresh) = checkpoint
+        .load_classifier(device)
+        .map_err(|e| e.to_string())?;
+    if is_adapter {
+        whet_peft::load_adapter(&mut model, dir, device).map_err(|e| e.to_string())?;
+    } else if !fresh.is_empty() {
+        return Err(format!(
+            "{} has no trained classification head (missing {}); train it first with `whet train`",
+            dir.display(),
+            fresh.join(", ")
+        ));
+    }
+    Ok(Trained {
+        model,
+        tokenizer,
+        labels,
+        max_length,
+        pad_id,
+    })
+}

@@ -1,5 +1,8 @@
 //! The `whet` command line: glue between the library crates, nothing more.
 
+mod plot;
+mod train;
+
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -27,6 +30,55 @@ enum Command {
     /// Continue a prompt with a decoder model (GPT-2 or LLaMA family), streaming the new text
     /// to stdout. Greedy unless --temperature is given.
     Generate(GenerateArgs),
+    /// Fine-tune a model as a recipe (TOML) says: model, task, method (full, head, lora), data
+    /// and training arguments with the names transformers.TrainingArguments and peft.LoraConfig
+    /// use. Writes checkpoints, the trained model (a transformers folder, or a peft adapter),
+    /// all_results.json, the resolved recipe and a loss curve PNG into training.output_dir.
+    Train {
+        /// The recipe file.
+        recipe: PathBuf,
+        /// Override a recipe value, e.g. --set training.learning_rate=1e-4 (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
+    /// Evaluate a trained classifier (a folder written by `whet train`, LoRA or full) on a
+    /// labelled JSONL or CSV file; prints and returns accuracy, F1, MCC and the confusion matrix.
+    Eval {
+        /// The trained model folder.
+        #[arg(long)]
+        model: PathBuf,
+        /// Labelled data (.jsonl, .csv).
+        #[arg(long)]
+        data: PathBuf,
+        /// Column with the text.
+        #[arg(long, default_value = "text")]
+        text_column: String,
+        /// Column with the label (a class name or id).
+        #[arg(long, default_value = "label")]
+        label_column: String,
+        /// Text encoding of a CSV file (utf-8 or latin-1).
+        #[arg(long, default_value = "utf-8")]
+        encoding: String,
+        /// Examples per forward pass.
+        #[arg(long, default_value_t = 32)]
+        batch_size: usize,
+    },
+    /// Classify texts with a trained classifier; prints one JSON line per text:
+    /// {"label": ..., "score": ...} (a list of the top K with --top-k).
+    Predict {
+        /// The trained model folder.
+        #[arg(long)]
+        model: PathBuf,
+        /// A text to classify (repeatable).
+        #[arg(long)]
+        text: Vec<String>,
+        /// A file with one text per line.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Print the K most likely labels per text instead of the best one.
+        #[arg(long)]
+        top_k: Option<usize>,
+    },
     /// Convert a GGUF file into a Hugging Face folder that `transformers` loads (config.json,
     /// model.safetensors in f32, tokenizer.json, tokenizer_config.json with the chat template).
     Convert {
@@ -84,6 +136,28 @@ fn run(cli: Cli) -> Result<()> {
         Command::Info { path } => info(path),
         Command::Generate(args) => generate(args),
         Command::Convert { gguf, out_dir } => convert(gguf, out_dir),
+        Command::Train { recipe, set } => train::train(&recipe, &set),
+        Command::Eval {
+            model,
+            data,
+            text_column,
+            label_column,
+            encoding,
+            batch_size,
+        } => train::eval(
+            &model,
+            &data,
+            &text_column,
+            &label_column,
+            &encoding,
+            batch_size,
+        ),
+        Command::Predict {
+            model,
+            text,
+            file,
+            top_k,
+        } => train::predict(&model, text, file, top_k),
     }
 }
 

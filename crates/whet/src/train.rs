@@ -1,0 +1,381 @@
+//! `whet train`, `whet eval`, `whet predict`: what a person sees of training — progress bar,
+//! evaluation tables, example predictions before and after, the summary — and the files left
+//! in the output folder.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use burn::tensor::Device;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+use whet_data::{Columns, Table, examples, tokenize};
+use whet_metrics::ClassificationReport;
+use whet_train::classify::{self, Prepared};
+use whet_train::{EvalLog, Observer, Recipe, StepLog};
+
+use crate::plot::{Series, line_chart};
+
+/// Peak resident memory of this process in MB (VmHWM), where /proc exists.
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+struct Progress {
+    bar: ProgressBar,
+    logging_steps: usize,
+    log: Vec<serde_json::Value>,
+    labels: Vec<String>,
+}
+
+impl Observer for Progress {
+    fn step(&mut self, s: &StepLog) {
+        self.bar.set_position(s.step as u64);
+        self.bar.set_message(format!(
+            "epoch {:.2} | loss {:.4} | lr {:.2e} | {:.1} samples/s",
+            s.epoch, s.loss, s.learning_rate, s.samples_per_second
+        ));
+        if s.step % self.logging_steps == 0 || s.step == s.total_steps {
+            self.log.push(json!(s));
+        }
+    }
+
+    fn eval(&mut self, e: &EvalLog) {
+        let table = eval_table(
+            &format!("evaluation at step {} (epoch {:.2})", e.step, e.epoch),
+            e.loss,
+            &e.report,
+            &self.labels,
+        );
+        self.bar.suspend(|| println!("{table}"));
+        self.log.push(json!({"step": e.step, "epoch": e.epoch, "eval_loss": e.loss, "eval_accuracy": e.report.accuracy, "eval_f1": e.report.macro_avg.f1, "eval_matthews_correlation": e.report.matthews_correlation}));
+    }
+}
+
+fn eval_table(title: &str, loss: f64, r: &ClassificationReport, labels: &[String]) -> String {
+    let mut s = format!(
+        "{title}\n  loss {loss:.4} | accuracy {:.4} | macro F1 {:.4} | weighted F1 {:.4} | MCC {:.4} | {} samples\n",
+        r.accuracy, r.macro_avg.f1, r.weighted_avg.f1, r.matthews_correlation, r.samples
+    );
+    s.push_str(&format!(
+        "  {:<14} {:>9} {:>9} {:>9} {:>8}\n",
+        "label", "precision", "recall", "f1", "support"
+    ));
+    for (l, c) in labels.iter().zip(&r.per_class) {
+        s.push_str(&format!(
+            "  {:<14} {:>9.4} {:>9.4} {:>9.4} {:>8}\n",
+            truncate(l, 14),
+            c.precision,
+            c.recall,
+            c.f1,
+            c.support
+        ));
+    }
+    s
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    let one_line: String = s.split_whitespace().collect::<Vec<_>>().join(" ");
+    if one_line.chars().count() <= n {
+        one_line
+    } else {
+        one_line
+            .chars()
+            .take(n.saturating_sub(1))
+            .collect::<String>()
+            + "…"
+    }
+}
+
+/// Prints a few texts with their true and predicted labels.
+fn show_examples(title: &str, p: &Prepared, recipe: &Recipe, device: &Device) -> Result<()> {
+    let split = p
+        .test
+        .as_ref()
+        .or(p.validation.as_ref())
+        .unwrap_or(&p.train);
+    let picked: Vec<&whet_data::Example> = split.examples.iter().take(5).collect();
+    let texts: Vec<String> = picked.iter().map(|e| e.text.clone()).collect();
+    let probs = classify::predict(
+        &p.model,
+        &p.tokenizer,
+        &texts,
+        recipe.data.max_length,
+        p.pad_id,
+        device,
+    )
+    .map_err(|e| anyhow!(e))?;
+    println!("{title}");
+    for (e, pr) in picked.iter().zip(&probs) {
+        let best = whet_infer_argmax(pr);
+        println!(
+            "  {:<62} true {:<10} predicted {:<10} ({:.2})",
+            truncate(&e.text, 62),
+            truncate(&p.labels.0[e.label], 10),
+            truncate(&p.labels.0[best], 10),
+            pr[best]
+        );
+    }
+    Ok(())
+}
+
+fn whet_infer_argmax(v: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, x) in v.iter().enumerate() {
+        if *x > v[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+pub fn train(recipe_path: &Path, set: &[String]) -> Result<()> {
+    let recipe = Recipe::load(recipe_path, set).map_err(|e| anyhow!(e))?;
+    let out = recipe.training.output_dir.clone();
+    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    whet_models::fsutil::write_atomic(
+        &out.join("recipe.resolved.toml"),
+        recipe.to_toml().as_bytes(),
+    )?;
+
+    let device = Device::flex().autodiff();
+    device.seed(recipe.training.seed);
+    let start = std::time::Instant::now();
+    let mut p = classify::prepare(&recipe, &device).map_err(|e| anyhow!(e))?;
+    println!(
+        "model {} ({}), method {:?}, {} labels: {}",
+        recipe.model.display(),
+        p.checkpoint.family(),
+        recipe.method,
+        p.labels.len(),
+        p.labels.0.join(", ")
+    );
+    println!(
+        "data: {} train / {} validation / {} test examples, max_length {}",
+        p.train.encoded.len(),
+        p.validation.as_ref().map_or(0, |s| s.encoded.len()),
+        p.test.as_ref().map_or(0, |s| s.encoded.len()),
+        recipe.data.max_length
+    );
+    if !p.fresh.is_empty() {
+        println!(
+            "newly initialised (not in the checkpoint): {}",
+            p.fresh.join(", ")
+        );
+    }
+    println!("{}", p.counts.line());
+    show_examples("before training (random head):", &p, &recipe, &device)?;
+
+    let total = recipe.training.total_steps(p.train.encoded.len());
+    let bar = ProgressBar::new(total as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps | {msg} | ETA {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.enable_steady_tick(Duration::from_millis(250));
+    let mut progress = Progress {
+        bar,
+        logging_steps: recipe.training.logging_steps,
+        log: vec![],
+        labels: p.labels.0.clone(),
+    };
+    let summary =
+        classify::run_training(&mut p, &recipe, &device, &mut progress).map_err(|e| anyhow!(e))?;
+    progress.bar.finish_and_clear();
+
+    let mut results = serde_json::Map::new();
+    let eval_bs = recipe.training.per_device_eval_batch_size;
+    if let Some(v) = &p.validation {
+        let (loss, r) =
+            classify::evaluate_split(&p, v, eval_bs, &device).map_err(|e| anyhow!(e))?;
+        results.extend(classify::metric_map("eval", loss, &r, &p.labels));
+    }
+    let mut test_report = None;
+    if let Some(t) = &p.test {
+        let (loss, r) =
+            classify::evaluate_split(&p, t, eval_bs, &device).map_err(|e| anyhow!(e))?;
+        results.extend(classify::metric_map("test", loss, &r, &p.labels));
+        test_report = Some((loss, r));
+    }
+    let secs = summary.train_runtime;
+    results.insert("train_loss".into(), json!(summary.train_loss));
+    results.insert("train_runtime".into(), json!(secs));
+    results.insert("train_samples".into(), json!(summary.train_samples));
+    results.insert("train_steps".into(), json!(summary.steps));
+    results.insert("epoch".into(), json!(summary.epochs));
+    results.insert(
+        "train_samples_per_second".into(),
+        json!(summary.train_samples as f64 / secs),
+    );
+    results.insert(
+        "train_tokens_per_second".into(),
+        json!(summary.train_tokens as f64 / secs),
+    );
+    if let Some(mb) = peak_rss_mb() {
+        results.insert("train_peak_rss_mb".into(), json!(mb));
+    }
+    results.insert("trainable_params".into(), json!(p.counts.trainable));
+    results.insert("all_params".into(), json!(p.counts.all));
+    let results = serde_json::Value::Object(results);
+    whet_models::fsutil::write_atomic(
+        &out.join("all_results.json"),
+        serde_json::to_string_pretty(&results)?.as_bytes(),
+    )?;
+    whet_models::fsutil::write_atomic(
+        &out.join("trainer_state.json"),
+        serde_json::to_string_pretty(&json!({"log_history": progress.log, "best_step": summary.best_step, "global_step": summary.steps}))?
+            .as_bytes(),
+    )?;
+    classify::save(&p, &recipe, &out).map_err(|e| anyhow!(e))?;
+
+    let loss_points: Vec<(f64, f64)> = summary
+        .history
+        .iter()
+        .map(|s| (s.step as f64, s.loss))
+        .collect();
+    let eval_points: Vec<(f64, f64)> = summary
+        .evals
+        .iter()
+        .map(|e| (e.step as f64, e.loss))
+        .collect();
+    let acc_points: Vec<(f64, f64)> = summary
+        .evals
+        .iter()
+        .map(|e| (e.step as f64, e.report.accuracy))
+        .collect();
+    line_chart(
+        &out.join("loss_curve.png"),
+        &[
+            Series {
+                points: loss_points,
+                color: [31, 119, 180],
+            },
+            Series {
+                points: eval_points,
+                color: [214, 39, 40],
+            },
+            Series {
+                points: acc_points,
+                color: [44, 160, 44],
+            },
+        ],
+    )?;
+
+    show_examples("after training:", &p, &recipe, &device)?;
+    if let Some((loss, r)) = &test_report {
+        println!("{}", eval_table("test set", *loss, r, &p.labels.0));
+    }
+    println!(
+        "done: {} steps ({:.2} epochs) in {:.1}s, {:.1} samples/s, {:.0} tokens/s, train loss {:.4}, peak RSS {:.0} MB, total {:.1}s",
+        summary.steps,
+        summary.epochs,
+        secs,
+        summary.train_samples as f64 / secs,
+        summary.train_tokens as f64 / secs,
+        summary.train_loss,
+        peak_rss_mb().unwrap_or(0.0),
+        start.elapsed().as_secs_f64()
+    );
+    println!(
+        "wrote {} ({}; all_results.json, trainer_state.json, recipe.resolved.toml, loss_curve.png: blue train loss, red eval loss, green eval accuracy)",
+        out.display(),
+        if p.lora.is_some() {
+            "peft adapter: adapter_config.json, adapter_model.safetensors"
+        } else {
+            "transformers folder: config.json, model.safetensors"
+        }
+    );
+    Ok(())
+}
+
+pub fn eval(
+    model: &Path,
+    data: &Path,
+    text_column: &str,
+    label_column: &str,
+    encoding: &str,
+    batch: usize,
+) -> Result<()> {
+    let device = Device::flex();
+    let t = classify::load_trained(model, &device).map_err(|e| anyhow!(e))?;
+    let table = Table::read(data, encoding.parse().map_err(|e: String| anyhow!(e))?)?;
+    let cols = Columns {
+        text: text_column.into(),
+        text_pair: None,
+        label: label_column.into(),
+    };
+    let ex = examples(&table, &cols, &t.labels)?;
+    let enc = tokenize(&t.tokenizer, &ex, t.max_length, Default::default())?;
+    let (loss, r, _) =
+        whet_train::evaluate(&t.model, &enc, t.labels.len(), batch, t.pad_id, &device)?;
+    println!(
+        "{}",
+        eval_table(
+            &format!("{} on {}", model.display(), data.display()),
+            loss,
+            &r,
+            &t.labels.0
+        )
+    );
+    println!(
+        "{}",
+        serde_json::Value::Object(classify::metric_map("eval", loss, &r, &t.labels))
+    );
+    Ok(())
+}
+
+pub fn predict(
+    model: &Path,
+    mut texts: Vec<String>,
+    file: Option<PathBuf>,
+    top_k: Option<usize>,
+) -> Result<()> {
+    if let Some(f) = file {
+        let content =
+            std::fs::read_to_string(&f).with_context(|| format!("cannot read {}", f.display()))?;
+        texts.extend(
+            content
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(String::from),
+        );
+    }
+    if texts.is_empty() {
+        bail!("nothing to classify: give --text or --file");
+    }
+    let device = Device::flex();
+    let t = classify::load_trained(model, &device).map_err(|e| anyhow!(e))?;
+    let probs = classify::predict(
+        &t.model,
+        &t.tokenizer,
+        &texts,
+        t.max_length,
+        t.pad_id,
+        &device,
+    )
+    .map_err(|e| anyhow!(e))?;
+    for pr in probs {
+        let mut order: Vec<usize> = (0..pr.len()).collect();
+        order.sort_by(|&a, &b| pr[b].total_cmp(&pr[a]));
+        let item = |i: usize| json!({"label": t.labels.0[i], "score": pr[i]});
+        match top_k {
+            Some(k) => println!(
+                "{}",
+                json!(
+                    order
+                        .iter()
+                        .take(k.max(1))
+                        .map(|&i| item(i))
+                        .collect::<Vec<_>>()
+                )
+            ),
+            None => println!("{}", item(order[0])),
+        }
+    }
+    Ok(())
+}
