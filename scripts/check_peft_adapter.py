@@ -38,7 +38,7 @@ def main() -> int:
     batch = {k: exp[k].long() for k in ("input_ids", "attention_mask", "token_type_ids") if k in exp}
 
     base = AutoModelForSequenceClassification.from_pretrained(
-        args.base_dir, dtype=torch.float32, attn_implementation="eager")
+        args.base_dir, dtype=torch.float32, attn_implementation="eager", num_labels=exp["logits"].shape[1])
     model = PeftModel.from_pretrained(base, args.adapter_dir).eval()
     with torch.no_grad():
         got = model(**batch).logits.float()

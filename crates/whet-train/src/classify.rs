@@ -271,6 +271,9 @@ pub fn predict(
         .collect();
     let enc =
         tokenize(tokenizer, &ex, max_length, Default::default()).map_err(|e| e.to_string())?;
+    // Inference on the plain backend: no autodiff graph is recorded.
+    let model = &burn::module::Module::valid(model);
+    let device = &device.clone().without_autodiff();
     let with_types = matches!(model, Classifier::Bert(_));
     let mut out = Vec::new();
     for chunk in enc.chunks(32) {

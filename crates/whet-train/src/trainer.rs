@@ -4,6 +4,7 @@
 
 use std::time::Instant;
 
+use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use serde::Serialize;
 use whet_data::{Batch, Encoded, collate, epoch_order};
@@ -92,6 +93,10 @@ pub fn evaluate(
     pad_id: u32,
     device: &Device,
 ) -> whet_models::Result<(f64, ClassificationReport, Vec<usize>)> {
+    // Evaluate on the plain backend: no autodiff graph is recorded for forward passes that are
+    // never differentiated.
+    let model = &model.valid();
+    let device = &device.clone().without_autodiff();
     let with_types = matches!(model, Classifier::Bert(_));
     let mut loss = 0.0;
     let mut preds = Vec::with_capacity(data.len());
