@@ -176,7 +176,7 @@ impl TrainingArguments {
                 return Err(format!("training.{name} must be at least 1"));
             }
         }
-        if !(self.learning_rate > 0.0) {
+        if self.learning_rate.is_nan() || self.learning_rate <= 0.0 {
             return Err(format!(
                 "training.learning_rate must be > 0, got {}",
                 self.learning_rate

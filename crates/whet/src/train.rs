@@ -38,7 +38,7 @@ impl Observer for Progress {
             "epoch {:.2} | loss {:.4} | lr {:.2e} | {:.1} samples/s",
             s.epoch, s.loss, s.learning_rate, s.samples_per_second
         ));
-        if s.step % self.logging_steps == 0 || s.step == s.total_steps {
+        if s.step.is_multiple_of(self.logging_steps) || s.step == s.total_steps {
             self.log.push(json!(s));
         }
     }

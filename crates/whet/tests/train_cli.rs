@@ -9,19 +9,33 @@ fn root() -> PathBuf {
 }
 
 fn minilm() -> PathBuf {
-    let cache = std::env::var_os("WHET_CACHE").map(PathBuf::from).unwrap_or_else(|| root().join("cache"));
+    let cache = std::env::var_os("WHET_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("cache"));
     let p = cache.join("minilm");
-    assert!(p.exists(), "{} missing: run scripts/fetch_assets.sh", p.display());
+    assert!(
+        p.exists(),
+        "{} missing: run scripts/fetch_assets.sh",
+        p.display()
+    );
     p
 }
 
 fn whet(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_whet")).args(args).output().expect("whet runs")
+    Command::new(env!("CARGO_BIN_EXE_whet"))
+        .args(args)
+        .output()
+        .expect("whet runs")
 }
 
 fn ok(args: &[&str]) -> String {
     let out = whet(args);
-    assert!(out.status.success(), "whet {args:?} failed:\n{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "whet {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -31,8 +45,22 @@ fn err(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-const POS: [&str; 6] = ["great movie", "I loved it", "wonderful acting", "a joy to watch", "brilliant and fun", "best film this year"];
-const NEG: [&str; 6] = ["terrible movie", "I hated it", "awful acting", "a waste of time", "boring and dull", "worst film this year"];
+const POS: [&str; 6] = [
+    "great movie",
+    "I loved it",
+    "wonderful acting",
+    "a joy to watch",
+    "brilliant and fun",
+    "best film this year",
+];
+const NEG: [&str; 6] = [
+    "terrible movie",
+    "I hated it",
+    "awful acting",
+    "a waste of time",
+    "boring and dull",
+    "worst film this year",
+];
 
 fn write_data(dir: &Path) -> (PathBuf, PathBuf) {
     let line = |t: &str, l: &str| format!("{{\"text\": \"{t}\", \"label\": \"{l}\"}}\n");
@@ -91,54 +119,128 @@ fn lora_training_writes_a_peft_adapter_that_predict_and_eval_use() {
     let text = ok(&["train", r.to_str().unwrap()]);
     // peft's count: 12 adapted layers x (384 x 4 + 4 x 384) + classifier (384 x 2 + 2) trainable;
     // all = MiniLM's 22,713,216 + classifier + its peft copy + adapters.
-    assert!(text.contains("trainable params: 37,634 || all params: 22,751,620"), "{text}");
-    assert!(text.contains("before training") && text.contains("after training"), "{text}");
+    assert!(
+        text.contains("trainable params: 37,634 || all params: 22,751,620"),
+        "{text}"
+    );
+    assert!(
+        text.contains("before training") && text.contains("after training"),
+        "{text}"
+    );
     let out = dir.path().join("out");
-    for f in ["adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "all_results.json", "trainer_state.json", "recipe.resolved.toml", "labels.json"] {
+    for f in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tokenizer.json",
+        "all_results.json",
+        "trainer_state.json",
+        "recipe.resolved.toml",
+        "labels.json",
+    ] {
         assert!(out.join(f).is_file(), "{f} missing");
     }
     let png = std::fs::read(out.join("loss_curve.png")).unwrap();
     assert_eq!(&png[1..4], b"PNG");
-    let results: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("all_results.json")).unwrap()).unwrap();
-    for k in ["eval_accuracy", "eval_f1", "eval_matthews_correlation", "train_runtime", "train_samples_per_second", "train_tokens_per_second", "train_peak_rss_mb"] {
-        assert!(results[k].is_number(), "all_results.json lacks {k}: {results}");
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("all_results.json")).unwrap())
+            .unwrap();
+    for k in [
+        "eval_accuracy",
+        "eval_f1",
+        "eval_matthews_correlation",
+        "train_runtime",
+        "train_samples_per_second",
+        "train_tokens_per_second",
+        "train_peak_rss_mb",
+    ] {
+        assert!(
+            results[k].is_number(),
+            "all_results.json lacks {k}: {results}"
+        );
     }
     assert_eq!(results["train_steps"], 3);
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
     assert_eq!(cfg["peft_type"], "LORA");
     assert_eq!(cfg["r"], 4);
 
-    let pred = ok(&["predict", "--model", out.to_str().unwrap(), "--text", "what a great movie", "--text", "dull"]);
-    let lines: Vec<serde_json::Value> = pred.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let pred = ok(&[
+        "predict",
+        "--model",
+        out.to_str().unwrap(),
+        "--text",
+        "what a great movie",
+        "--text",
+        "dull",
+    ]);
+    let lines: Vec<serde_json::Value> = pred
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 2);
     for l in &lines {
-        assert!(["pos", "neg"].contains(&l["label"].as_str().unwrap()), "{l}");
+        assert!(
+            ["pos", "neg"].contains(&l["label"].as_str().unwrap()),
+            "{l}"
+        );
         let s = l["score"].as_f64().unwrap();
         assert!((0.5..=1.0).contains(&s), "{l}");
     }
-    let top = ok(&["predict", "--model", out.to_str().unwrap(), "--text", "fine", "--top-k", "2"]);
+    let top = ok(&[
+        "predict",
+        "--model",
+        out.to_str().unwrap(),
+        "--text",
+        "fine",
+        "--top-k",
+        "2",
+    ]);
     let top: serde_json::Value = serde_json::from_str(top.trim()).unwrap();
     assert_eq!(top.as_array().unwrap().len(), 2);
 
     let val = dir.path().join("val.jsonl");
-    let e = ok(&["eval", "--model", out.to_str().unwrap(), "--data", val.to_str().unwrap()]);
+    let e = ok(&[
+        "eval",
+        "--model",
+        out.to_str().unwrap(),
+        "--data",
+        val.to_str().unwrap(),
+    ]);
     let metrics: serde_json::Value = serde_json::from_str(e.lines().last().unwrap()).unwrap();
-    assert_eq!(metrics["eval_accuracy"], results["eval_accuracy"], "eval reproduces the training-time evaluation");
+    assert_eq!(
+        metrics["eval_accuracy"], results["eval_accuracy"],
+        "eval reproduces the training-time evaluation"
+    );
 }
 
 #[test]
 fn full_fine_tuning_writes_a_transformers_folder() {
     let dir = tempfile::tempdir().unwrap();
     let r = recipe(dir.path(), "full", "");
-    ok(&["train", r.to_str().unwrap(), "--set", "training.max_steps=1", "--set", "training.learning_rate=5e-5"]);
+    ok(&[
+        "train",
+        r.to_str().unwrap(),
+        "--set",
+        "training.max_steps=1",
+        "--set",
+        "training.learning_rate=5e-5",
+    ]);
     let out = dir.path().join("out");
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(cfg["architectures"][0], "BertForSequenceClassification");
     assert_eq!(cfg["id2label"]["0"], "neg");
     assert_eq!(cfg["label2id"]["pos"], 1);
     let info = ok(&["info", out.to_str().unwrap()]);
     assert!(info.contains("architecture: bert"), "{info}");
-    let pred = ok(&["predict", "--model", out.to_str().unwrap(), "--text", "great"]);
+    let pred = ok(&[
+        "predict",
+        "--model",
+        out.to_str().unwrap(),
+        "--text",
+        "great",
+    ]);
     assert!(pred.contains("\"label\""), "{pred}");
 }
 
@@ -146,10 +248,22 @@ fn full_fine_tuning_writes_a_transformers_folder() {
 fn head_training_freezes_the_base() {
     let dir = tempfile::tempdir().unwrap();
     let r = recipe(dir.path(), "head", "");
-    let text = ok(&["train", r.to_str().unwrap(), "--set", "training.max_steps=1"]);
+    let text = ok(&[
+        "train",
+        r.to_str().unwrap(),
+        "--set",
+        "training.max_steps=1",
+    ]);
     // classifier 384 x 2 + 2
     assert!(text.contains("trainable params: 770 ||"), "{text}");
-    let text = ok(&["train", r.to_str().unwrap(), "--set", "training.max_steps=1", "--set", "head.unfreeze_top_layers=1"]);
+    let text = ok(&[
+        "train",
+        r.to_str().unwrap(),
+        "--set",
+        "training.max_steps=1",
+        "--set",
+        "head.unfreeze_top_layers=1",
+    ]);
     assert!(!text.contains("trainable params: 770 ||"), "{text}");
 }
 
@@ -160,26 +274,57 @@ fn bad_data_and_recipes_get_clear_errors() {
     let rs = r.to_str().unwrap();
     // a malformed JSONL line: file and line
     let bad = dir.path().join("bad.jsonl");
-    std::fs::write(&bad, "{\"text\": \"a\", \"label\": \"pos\"}\n{\"text\": \"b\", \"label\"\n").unwrap();
-    let e = err(&["train", rs, "--set", &format!("data.train=\"{}\"", bad.display())]);
+    std::fs::write(
+        &bad,
+        "{\"text\": \"a\", \"label\": \"pos\"}\n{\"text\": \"b\", \"label\"\n",
+    )
+    .unwrap();
+    let e = err(&[
+        "train",
+        rs,
+        "--set",
+        &format!("data.train=\"{}\"", bad.display()),
+    ]);
     assert!(e.contains("bad.jsonl:2"), "{e}");
     // a missing column
     let e = err(&["train", rs, "--set", "data.text_column=sentence"]);
-    assert!(e.contains("no column \"sentence\"") && e.contains("text, label"), "{e}");
+    assert!(
+        e.contains("no column \"sentence\"") && e.contains("label, text"),
+        "{e}"
+    );
     // a label outside the label set (validation has one the training data lacks)
     let val = dir.path().join("val2.jsonl");
-    std::fs::write(&val, "{\"text\": \"a\", \"label\": \"pos\"}\n{\"text\": \"b\", \"label\": \"meh\"}\n").unwrap();
-    let e = err(&["train", rs, "--set", &format!("data.validation=\"{}\"", val.display())]);
+    std::fs::write(
+        &val,
+        "{\"text\": \"a\", \"label\": \"pos\"}\n{\"text\": \"b\", \"label\": \"meh\"}\n",
+    )
+    .unwrap();
+    let e = err(&[
+        "train",
+        rs,
+        "--set",
+        &format!("data.validation=\"{}\"", val.display()),
+    ]);
     assert!(e.contains("val2.jsonl:2") && e.contains("meh"), "{e}");
     // an empty split
     let empty = dir.path().join("empty.jsonl");
     std::fs::write(&empty, "\n").unwrap();
-    let e = err(&["train", rs, "--set", &format!("data.train=\"{}\"", empty.display())]);
+    let e = err(&[
+        "train",
+        rs,
+        "--set",
+        &format!("data.train=\"{}\"", empty.display()),
+    ]);
     assert!(e.contains("empty.jsonl") && e.contains("no rows"), "{e}");
     // undecodable text
     let latin = dir.path().join("latin.csv");
     std::fs::write(&latin, b"text,label\ncaf\xe9,pos\nok,neg\n").unwrap();
-    let e = err(&["train", rs, "--set", &format!("data.train=\"{}\"", latin.display())]);
+    let e = err(&[
+        "train",
+        rs,
+        "--set",
+        &format!("data.train=\"{}\"", latin.display()),
+    ]);
     assert!(e.contains("latin.csv:2") && e.contains("encoding"), "{e}");
     // max_length beyond the model's positions
     let e = err(&["train", rs, "--set", "data.max_length=1024"]);
@@ -192,9 +337,18 @@ fn bad_data_and_recipes_get_clear_errors() {
 #[test]
 fn train_help_explains_its_options() {
     let text = ok(&["train", "--help"]);
-    assert!(text.contains("--set") && text.contains("Override a recipe value"), "{text}");
+    assert!(
+        text.contains("--set") && text.contains("Override a recipe value"),
+        "{text}"
+    );
     let text = ok(&["predict", "--help"]);
-    for phrase in ["--model", "--text", "--file", "--top-k", "one text per line"] {
+    for phrase in [
+        "--model",
+        "--text",
+        "--file",
+        "--top-k",
+        "one text per line",
+    ] {
         assert!(text.contains(phrase), "{phrase}: {text}");
     }
 }
