@@ -330,12 +330,13 @@ pub fn metric_map(
     m
 }
 
-/// Runs training and returns the summary.
+/// Runs training (from a checkpoint folder when `resume` names one) and returns the summary.
 pub fn run_training(
     p: &mut Prepared,
     recipe: &Recipe,
     device: &Device,
     observer: &mut dyn Observer,
+    resume: Option<&Path>,
 ) -> Result<TrainSummary, String> {
     let eval = p.validation.as_ref().map(|s| s.encoded.as_slice());
     train_classifier(
@@ -347,6 +348,7 @@ pub fn run_training(
         &recipe.training,
         device,
         observer,
+        resume,
     )
 }
 

@@ -2,6 +2,7 @@
 //! its data and model; the trainer owns the loop.
 
 pub mod args;
+pub mod checkpoint;
 pub mod classify;
 pub mod optim;
 pub mod recipe;

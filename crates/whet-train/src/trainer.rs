@@ -12,6 +12,7 @@ use whet_metrics::{ClassificationReport, classification_report};
 use whet_models::{Classifier, ClassifierInput, Mode};
 
 use crate::args::{Strategy, TrainingArguments};
+use crate::checkpoint::{self, TrainerState};
 use crate::optim::{GradStore, OptimConfig, Optimizer};
 use crate::schedule::lr_factor;
 
@@ -186,6 +187,7 @@ pub fn train_classifier(
     args: &TrainingArguments,
     device: &Device,
     observer: &mut dyn Observer,
+    resume: Option<&std::path::Path>,
 ) -> Result<TrainSummary, String> {
     args.validate()?;
     if train.is_empty() {
@@ -207,15 +209,20 @@ pub fn train_classifier(
     let mut history = Vec::new();
     let mut evals: Vec<EvalLog> = Vec::new();
     let mut best: Option<(f64, usize, Classifier)> = None;
-    let mut patience_left = args.early_stopping_patience;
-    let mut step = 0;
-    let mut samples = 0;
-    let mut tokens = 0;
-    let mut loss_sum = 0.0;
-    let mut epoch = 0;
+    let mut state = TrainerState {
+        patience_left: args.early_stopping_patience,
+        ..Default::default()
+    };
+    if let Some(dir) = resume {
+        state = checkpoint::load(dir, model, &mut opt, device)?;
+    }
+    let mut step = state.global_step;
+    let mut epoch = step / steps_per_epoch;
+    // Steps of the current epoch already taken before a resume.
+    let mut skip = step % steps_per_epoch;
     'outer: while step < total {
         let order = epoch_order(train.len(), args.seed, epoch);
-        for chunk in order.chunks(per_step) {
+        for chunk in order.chunks(per_step).skip(skip) {
             if step >= total {
                 break 'outer;
             }
@@ -225,14 +232,14 @@ pub fn train_classifier(
                 .chunks(micro)
                 .map(|mb| collate(&mb.iter().map(|&i| &train[i]).collect::<Vec<_>>(), pad_id))
                 .collect();
-            tokens += batches.iter().map(|b| b.tokens).sum::<usize>();
+            state.tokens += batches.iter().map(|b| b.tokens).sum::<usize>();
             let lr = args.learning_rate * lr_factor(args.lr_scheduler_type, step, warmup, total);
             let (step_loss, grad_norm) =
                 optimizer_step(model, &mut opt, &batches, lr, args.max_grad_norm, device)
                     .map_err(|e| e.replace("{step}", &(step + 1).to_string()))?;
             step += 1;
-            samples += chunk.len();
-            loss_sum += step_loss;
+            state.samples += chunk.len();
+            state.loss_sum += step_loss;
             let log = StepLog {
                 step,
                 total_steps: total,
@@ -240,16 +247,18 @@ pub fn train_classifier(
                 loss: step_loss,
                 learning_rate: lr,
                 grad_norm,
-                samples_per_second: samples as f64 / start.elapsed().as_secs_f64(),
+                samples_per_second: state.samples as f64 / start.elapsed().as_secs_f64(),
             };
             observer.step(&log);
             history.push(log);
 
-            let end_of_epoch = step % steps_per_epoch == 0 || step == total;
+            let end_of_epoch = step.is_multiple_of(steps_per_epoch) || step == total;
             let do_eval = match args.eval_strategy {
                 Strategy::No => false,
                 Strategy::Epoch => end_of_epoch,
-                Strategy::Steps => args.eval_steps.is_some_and(|k| step % k == 0) || step == total,
+                Strategy::Steps => {
+                    args.eval_steps.is_some_and(|k| step.is_multiple_of(k)) || step == total
+                }
             };
             if let (true, Some(eval)) = (do_eval, eval) {
                 let (loss, report, _) = evaluate(
@@ -270,32 +279,48 @@ pub fn train_classifier(
                 observer.eval(&e);
                 let (value, higher) = metric(&e, args.metric_for_best_model.as_deref())?;
                 let higher = args.greater_is_better.unwrap_or(higher);
-                let improved = best
-                    .as_ref()
-                    .is_none_or(|(b, _, _)| if higher { value > *b } else { value < *b });
+                let improved = state
+                    .best_metric
+                    .is_none_or(|b| if higher { value > b } else { value < b });
                 if improved {
-                    patience_left = args.early_stopping_patience;
-                    if args.load_best_model_at_end {
-                        best = Some((value, step, model.clone()));
-                    } else {
-                        best = Some((value, step, Classifier::clone(model)));
-                    }
-                } else if let Some(p) = patience_left.as_mut() {
+                    state.patience_left = args.early_stopping_patience;
+                    state.best_metric = Some(value);
+                    state.best_step = Some(step);
+                    best = Some((value, step, model.clone()));
+                } else if let Some(p) = state.patience_left.as_mut() {
                     *p = p.saturating_sub(1);
                 }
                 evals.push(e);
-                if patience_left == Some(0) {
-                    break 'outer;
-                }
+            }
+            let do_save = match args.save_strategy {
+                Strategy::No => false,
+                Strategy::Epoch => end_of_epoch,
+                Strategy::Steps => step.is_multiple_of(args.save_steps.max(1)),
+            };
+            if do_save {
+                state.global_step = step;
+                state.optimizer_steps = opt.step;
+                checkpoint::save(&args.output_dir, model, &opt, &state, args.save_total_limit)?;
+            }
+            if state.patience_left == Some(0) {
+                break 'outer;
             }
         }
+        skip = 0;
         epoch += 1;
     }
-    let best_step = best.as_ref().map(|(_, s, _)| *s);
-    if args.load_best_model_at_end
-        && let Some((_, _, m)) = best
-    {
-        *model = m;
+    let (samples, tokens, loss_sum) = (state.samples, state.tokens, state.loss_sum);
+    let best_step = state.best_step;
+    if args.load_best_model_at_end {
+        match (best, best_step) {
+            (Some((_, _, m)), _) => *model = m,
+            // The best evaluation happened before a resume: its checkpoint holds it.
+            (None, Some(s)) => {
+                let dir = args.output_dir.join(format!("checkpoint-{s}"));
+                checkpoint::load_params(&dir, model, device)?;
+            }
+            (None, None) => {}
+        }
     }
     Ok(TrainSummary {
         steps: step,

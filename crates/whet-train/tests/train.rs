@@ -91,8 +91,18 @@ fn accumulated_micro_batches_equal_one_big_batch() {
         args.learning_rate = 0.5;
         args.lr_scheduler_type = Schedule::Constant;
         args.max_grad_norm = 0.0;
-        let s =
-            train_classifier(&mut model, &data, None, 3, 0, &args, &device, &mut Silent).unwrap();
+        let s = train_classifier(
+            &mut model,
+            &data,
+            None,
+            3,
+            0,
+            &args,
+            &device,
+            &mut Silent,
+            None,
+        )
+        .unwrap();
         (s.train_loss, params(&model))
     };
     let (loss_big, big) = run(4, 1);
@@ -149,6 +159,7 @@ fn a_learnable_task_is_learnt_and_evaluated() {
         &args,
         &device,
         &mut Silent,
+        None,
     )
     .unwrap();
     assert_eq!(s.steps, 48);
@@ -193,6 +204,7 @@ fn a_diverging_run_stops_with_a_message() {
         &args,
         &device,
         &mut Silent,
+        None,
     )
     .unwrap_err();
     assert!(e.contains("loss became"), "{e}");

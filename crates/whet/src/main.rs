@@ -40,6 +40,10 @@ enum Command {
         /// Override a recipe value, e.g. --set training.learning_rate=1e-4 (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
+        /// Continue from a checkpoint: the newest checkpoint-N in output_dir (plain --resume) or
+        /// the given checkpoint folder. The run ends with the weights an uninterrupted run has.
+        #[arg(long, value_name = "CHECKPOINT", num_args = 0..=1, default_missing_value = "latest")]
+        resume: Option<String>,
     },
     /// Evaluate a trained classifier (a folder written by `whet train`, LoRA or full) on a
     /// labelled JSONL or CSV file; prints and returns accuracy, F1, MCC and the confusion matrix.
@@ -136,7 +140,11 @@ fn run(cli: Cli) -> Result<()> {
         Command::Info { path } => info(path),
         Command::Generate(args) => generate(args),
         Command::Convert { gguf, out_dir } => convert(gguf, out_dir),
-        Command::Train { recipe, set } => train::train(&recipe, &set),
+        Command::Train {
+            recipe,
+            set,
+            resume,
+        } => train::train(&recipe, &set, resume.as_deref()),
         Command::Eval {
             model,
             data,

@@ -132,9 +132,17 @@ fn whet_infer_argmax(v: &[f32]) -> usize {
     best
 }
 
-pub fn train(recipe_path: &Path, set: &[String]) -> Result<()> {
+pub fn train(recipe_path: &Path, set: &[String], resume: Option<&str>) -> Result<()> {
     let recipe = Recipe::load(recipe_path, set).map_err(|e| anyhow!(e))?;
     let out = recipe.training.output_dir.clone();
+    let resume: Option<PathBuf> = match resume {
+        None => None,
+        Some("latest") => Some(
+            whet_train::checkpoint::latest(&out)
+                .ok_or_else(|| anyhow!("--resume: no checkpoint-N folder in {}", out.display()))?,
+        ),
+        Some(p) => Some(PathBuf::from(p)),
+    };
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
     whet_models::fsutil::write_atomic(
         &out.join("recipe.resolved.toml"),
@@ -184,8 +192,12 @@ pub fn train(recipe_path: &Path, set: &[String]) -> Result<()> {
         log: vec![],
         labels: p.labels.0.clone(),
     };
+    if let Some(r) = &resume {
+        println!("resuming from {}", r.display());
+    }
     let summary =
-        classify::run_training(&mut p, &recipe, &device, &mut progress).map_err(|e| anyhow!(e))?;
+        classify::run_training(&mut p, &recipe, &device, &mut progress, resume.as_deref())
+            .map_err(|e| anyhow!(e))?;
     progress.bar.finish_and_clear();
 
     let mut results = serde_json::Map::new();

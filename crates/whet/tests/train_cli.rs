@@ -352,3 +352,69 @@ fn train_help_explains_its_options() {
         assert!(text.contains(phrase), "{phrase}: {text}");
     }
 }
+
+/// A run killed with SIGKILL after a checkpoint and resumed with --resume ends with exactly the
+/// weights of an uninterrupted run (dropout on, LoRA, checkpoints every 2 steps).
+#[test]
+fn a_killed_run_resumes_to_the_same_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = recipe(dir.path(), "lora", LORA);
+    let rs = r.to_str().unwrap();
+    let common = [
+        "--set",
+        "training.max_steps=12",
+        "--set",
+        "training.save_steps=2",
+        "--set",
+        "training.eval_strategy=\"no\"",
+    ];
+    let a = dir.path().join("a");
+    let b = dir.path().join("b");
+    let mut args_a = vec!["train", rs];
+    args_a.extend(common);
+    let set_a = format!("training.output_dir=\"{}\"", a.display());
+    args_a.extend(["--set", &set_a]);
+    ok(&args_a);
+
+    let set_b = format!("training.output_dir=\"{}\"", b.display());
+    let mut args_b = vec!["train", rs];
+    args_b.extend(common);
+    args_b.extend(["--set", &set_b]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_whet"))
+        .args(&args_b)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    while !b.join("checkpoint-4").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no checkpoint-4 appeared"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(
+        !b.join("all_results.json").exists(),
+        "the run was killed before it finished"
+    );
+    assert!(!b.join("checkpoint-12").exists());
+
+    let mut resume = args_b.clone();
+    resume.push("--resume");
+    let text = ok(&resume);
+    assert!(text.contains("resuming from"), "{text}");
+    let wa = std::fs::read(a.join("adapter_model.safetensors")).unwrap();
+    let wb = std::fs::read(b.join("adapter_model.safetensors")).unwrap();
+    assert!(
+        wa == wb,
+        "resumed weights differ from the uninterrupted run's"
+    );
+    // checkpoints are complete folders, none half-written
+    for entry in std::fs::read_dir(&b).unwrap() {
+        let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+        assert!(!name.contains(".tmp-"), "leftover temporary {name}");
+    }
+}

@@ -1,0 +1,259 @@
+//! Checkpoints that resume exactly: `checkpoint-N/` holds the trainable parameters (adapters and
+//! head for LoRA, everything for full fine-tuning) in whet's layout, the optimizer moments, and
+//! the trainer state (step, data position, running sums, best metric). The data order and the
+//! dropout masks are functions of the seed and the step, so nothing else is needed to continue
+//! where the run stopped. Written into a temporary folder and renamed, so a crash leaves either
+//! the previous checkpoint or the new one, never half of one.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use burn::module::Param;
+use burn::tensor::{Device, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+use whet_models::layers::Linear;
+use whet_models::weights::{
+    Layout, SafetensorsSource, TensorSource, tensor_values, write_safetensors,
+};
+use whet_models::{Classifier, VisitParams, Visitor};
+
+use crate::optim::{Moments, Optimizer};
+
+/// Where a run stands.
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+pub struct TrainerState {
+    pub global_step: usize,
+    pub optimizer_steps: usize,
+    pub loss_sum: f64,
+    pub samples: usize,
+    pub tokens: usize,
+    pub best_metric: Option<f64>,
+    pub best_step: Option<usize>,
+    pub patience_left: Option<usize>,
+}
+
+/// Visits trainable parameters (those requiring gradients, and adapters) with mutable access.
+fn for_trainable(model: &mut Classifier, f: &mut dyn FnMut(String, &mut dyn ParamSlot)) {
+    struct V<'a>(&'a mut dyn FnMut(String, &mut dyn ParamSlot));
+    impl Visitor for V<'_> {
+        fn vector(&mut self, name: &str, p: &mut Param<Tensor<1>>) {
+            if p.val().is_require_grad() {
+                (self.0)(name.to_string(), p);
+            }
+        }
+        fn matrix(&mut self, name: &str, p: &mut Param<Tensor<2>>, _: Layout) {
+            if p.val().is_require_grad() {
+                (self.0)(name.to_string(), p);
+            }
+        }
+        fn linear(&mut self, name: &str, layer: &mut Linear) -> bool {
+            if let Some(a) = &mut layer.adapter {
+                (self.0)(format!("{name}.lora_A"), &mut a.a);
+                (self.0)(format!("{name}.lora_B"), &mut a.b);
+            }
+            false
+        }
+    }
+    model.visit_params("", &mut V(f));
+}
+
+/// A parameter of any rank, read and written as flat values.
+trait ParamSlot {
+    fn get(&self) -> (Vec<usize>, Vec<f32>);
+    fn set(&mut self, values: Vec<f32>, device: &Device) -> Result<(), String>;
+}
+
+impl<const D: usize> ParamSlot for Param<Tensor<D>> {
+    fn get(&self) -> (Vec<usize>, Vec<f32>) {
+        let t = self.val();
+        (t.dims().to_vec(), tensor_values(t.into_data()))
+    }
+
+    fn set(&mut self, values: Vec<f32>, device: &Device) -> Result<(), String> {
+        let dims = self.val().dims();
+        if dims.iter().product::<usize>() != values.len() {
+            return Err(format!(
+                "shape {dims:?} does not hold {} values",
+                values.len()
+            ));
+        }
+        let t = Tensor::<D>::from_data(
+            TensorData::new(values, dims),
+            &device.clone().without_autodiff(),
+        );
+        *self = Param::initialized(self.id, Tensor::from_inner(t).require_grad());
+        Ok(())
+    }
+}
+
+fn io(p: &Path, e: impl std::fmt::Display) -> String {
+    format!("{}: {e}", p.display())
+}
+
+/// Writes `output_dir/checkpoint-<step>` atomically and prunes old checkpoints beyond `limit`
+/// (never the best one).
+pub fn save(
+    output_dir: &Path,
+    model: &mut Classifier,
+    opt: &Optimizer,
+    state: &TrainerState,
+    limit: Option<usize>,
+) -> Result<PathBuf, String> {
+    let final_dir = output_dir.join(format!("checkpoint-{}", state.global_step));
+    let tmp = output_dir.join(format!(
+        ".checkpoint-{}.tmp-{}",
+        state.global_step,
+        std::process::id()
+    ));
+    // Half-written checkpoints of a killed run are never used: clear them.
+    for e in std::fs::read_dir(output_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with(".checkpoint-") && name.contains(".tmp-") {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+    let mut params = Vec::new();
+    for_trainable(model, &mut |name, p| {
+        let (s, v) = p.get();
+        params.push((name, s, v));
+    });
+    write_safetensors(&tmp.join("trainable.safetensors"), &params, None)
+        .map_err(|e| e.to_string())?;
+    let mut moments = Vec::new();
+    let mut names: Vec<&String> = opt.moments.keys().collect();
+    names.sort();
+    for name in names {
+        let m = &opt.moments[name];
+        for (k, t) in [("m", &m.m), ("v", &m.v)] {
+            let n = t.dims()[0];
+            moments.push((
+                format!("{k}.{name}"),
+                vec![n],
+                tensor_values(t.clone().into_data()),
+            ));
+        }
+    }
+    write_safetensors(&tmp.join("optimizer.safetensors"), &moments, None)
+        .map_err(|e| e.to_string())?;
+    let text = serde_json::to_string_pretty(state).map_err(|e| e.to_string())?;
+    whet_models::fsutil::write_atomic(&tmp.join("trainer_state.json"), text.as_bytes())
+        .map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_dir_all(&final_dir);
+    std::fs::rename(&tmp, &final_dir).map_err(|e| io(&final_dir, e))?;
+    if let Some(limit) = limit {
+        let mut all = list(output_dir);
+        all.retain(|(s, _)| Some(*s) != state.best_step);
+        let excess = all.len().saturating_sub(limit.max(1));
+        for (_, p) in all.into_iter().take(excess) {
+            let _ = std::fs::remove_dir_all(p);
+        }
+    }
+    Ok(final_dir)
+}
+
+/// Checkpoints of a run, oldest first.
+pub fn list(output_dir: &Path) -> Vec<(usize, PathBuf)> {
+    let mut out: Vec<(usize, PathBuf)> = std::fs::read_dir(output_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let step = name.strip_prefix("checkpoint-")?.parse().ok()?;
+            e.path()
+                .join("trainer_state.json")
+                .is_file()
+                .then(|| (step, e.path()))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// The newest complete checkpoint.
+pub fn latest(output_dir: &Path) -> Option<PathBuf> {
+    list(output_dir).pop().map(|(_, p)| p)
+}
+
+/// Restores parameters, optimizer and state from a checkpoint folder.
+pub fn load(
+    dir: &Path,
+    model: &mut Classifier,
+    opt: &mut Optimizer,
+    device: &Device,
+) -> Result<TrainerState, String> {
+    let state: TrainerState = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("trainer_state.json"))
+            .map_err(|e| io(&dir.join("trainer_state.json"), e))?,
+    )
+    .map_err(|e| io(&dir.join("trainer_state.json"), e))?;
+    load_params(dir, model, device)?;
+    let moments =
+        SafetensorsSource::open(&dir.join("optimizer.safetensors")).map_err(|e| e.to_string())?;
+    let mut m: HashMap<String, Moments> = HashMap::new();
+    let plain = device.clone().without_autodiff();
+    for key in moments.names() {
+        let Some(name) = key.strip_prefix("m.") else {
+            continue;
+        };
+        let read = |k: &str| -> Result<Tensor<1>, String> {
+            let v = moments.read_f32(k).map_err(|e| e.to_string())?;
+            let n = v.len();
+            Ok(Tensor::from_data(TensorData::new(v, [n]), &plain))
+        };
+        m.insert(
+            name.to_string(),
+            Moments {
+                m: read(&key)?,
+                v: read(&format!("v.{name}"))?,
+            },
+        );
+    }
+    opt.moments = m;
+    opt.step = state.optimizer_steps;
+    Ok(state)
+}
+
+/// Restores the trainable parameters of a checkpoint (used for resuming and for loading the
+/// best model at the end).
+pub fn load_params(dir: &Path, model: &mut Classifier, device: &Device) -> Result<(), String> {
+    let file = dir.join("trainable.safetensors");
+    let src = SafetensorsSource::open(&file).map_err(|e| e.to_string())?;
+    let mut error = None;
+    let mut used = 0;
+    for_trainable(model, &mut |name, p| {
+        if error.is_some() {
+            return;
+        }
+        match src.read_f32(&name) {
+            Ok(v) => {
+                if let Err(e) = p.set(v, device) {
+                    error = Some(format!("{}: tensor {name}: {e}", file.display()));
+                }
+                used += 1;
+            }
+            Err(_) => {
+                error = Some(format!(
+                    "{}: no tensor {name} (another model or method?)",
+                    file.display()
+                ))
+            }
+        }
+    });
+    if let Some(e) = error {
+        return Err(e);
+    }
+    if used != src.names().len() {
+        return Err(format!(
+            "{}: {} tensors, the model trains {used}",
+            file.display(),
+            src.names().len()
+        ));
+    }
+    Ok(())
+}
