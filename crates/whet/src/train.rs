@@ -175,6 +175,7 @@ pub fn train(recipe_path: &Path, set: &[String], resume: Option<&str>) -> Result
         );
     }
     println!("{}", p.counts.line());
+    write_splits(&p, &out.join("data"))?;
     show_examples("before training (random head):", &p, &recipe, &device)?;
 
     let total = recipe.training.total_steps(p.train.encoded.len());
@@ -302,6 +303,27 @@ pub fn train(recipe_path: &Path, set: &[String], resume: Option<&str>) -> Result
             "transformers folder: config.json, model.safetensors"
         }
     );
+    Ok(())
+}
+
+/// Writes the exact splits of the run as JSONL (`text`, `label` name), so a run can be repeated
+/// by another tool, e.g. the reference script.
+fn write_splits(p: &Prepared, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let splits = [("train", Some(&p.train)), ("validation", p.validation.as_ref()), ("test", p.test.as_ref())];
+    for (name, split) in splits {
+        let Some(split) = split else { continue };
+        let mut text = String::new();
+        for e in &split.examples {
+            let mut row = json!({"text": e.text, "label": p.labels.0[e.label]});
+            if let Some(pair) = &e.text_pair {
+                row["text_pair"] = json!(pair);
+            }
+            text.push_str(&row.to_string());
+            text.push('\n');
+        }
+        whet_models::fsutil::write_atomic(&dir.join(format!("{name}.jsonl")), text.as_bytes())?;
+    }
     Ok(())
 }
 
