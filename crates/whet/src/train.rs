@@ -310,7 +310,11 @@ pub fn train(recipe_path: &Path, set: &[String], resume: Option<&str>) -> Result
 /// by another tool, e.g. the reference script.
 fn write_splits(p: &Prepared, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir)?;
-    let splits = [("train", Some(&p.train)), ("validation", p.validation.as_ref()), ("test", p.test.as_ref())];
+    let splits = [
+        ("train", Some(&p.train)),
+        ("validation", p.validation.as_ref()),
+        ("test", p.test.as_ref()),
+    ];
     for (name, split) in splits {
         let Some(split) = split else { continue };
         let mut text = String::new();
