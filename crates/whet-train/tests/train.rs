@@ -2,34 +2,15 @@
 //! trajectory of AdamW + clipping + schedule + accumulation equals PyTorch's
 //! (`tests/fixtures/train/`, made by `scripts/make_train_fixtures.py`).
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 
 use burn::tensor::Device;
+use common::*;
 use whet_data::Encoded;
 use whet_models::{Checkpoint, Classifier, ExportParams};
 use whet_train::*;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-/// tiny-bert with every dropout off, in a temporary folder.
-fn tiny_bert_no_dropout() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    let src = fixtures().join("tiny-bert");
-    std::fs::copy(
-        src.join("model.safetensors"),
-        dir.path().join("model.safetensors"),
-    )
-    .unwrap();
-    let mut config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
-    config["hidden_dropout_prob"] = 0.0.into();
-    config["attention_probs_dropout_prob"] = 0.0.into();
-    config["classifier_dropout"] = 0.0.into();
-    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
-    dir
-}
 
 fn load(dir: &Path, device: &Device) -> Classifier {
     Checkpoint::open(dir)

@@ -4,20 +4,17 @@
 //! norm and learning rate, and every final parameter (full fine-tuning) or the final adapter
 //! (LoRA).
 
-use std::path::{Path, PathBuf};
+mod common;
 
 use burn::module::Param;
 use burn::tensor::{Device, Tensor, TensorData};
+use common::*;
 use safetensors::SafeTensors;
 use whet_data::Batch;
 use whet_models::{Checkpoint, Classifier, ExportParams, VisitParams, Visitor};
 use whet_peft::LoraConfig;
 use whet_train::optim::{OptimConfig, Optimizer, OptimizerKind};
 use whet_train::{Schedule, lr_factor, optimizer_step};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
 
 fn f32s(st: &SafeTensors, k: &str) -> Vec<f32> {
     st.tensor(k)
@@ -52,24 +49,6 @@ fn micro_batch(st: &SafeTensors, k: usize) -> Batch {
         batch: shape[0],
         len: shape[1],
     }
-}
-
-/// tiny-bert with dropout off (as the fixture's run), in a temporary folder.
-fn model_dir() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    let src = fixtures().join("tiny-bert");
-    std::fs::copy(
-        src.join("model.safetensors"),
-        dir.path().join("model.safetensors"),
-    )
-    .unwrap();
-    let mut c: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
-    c["hidden_dropout_prob"] = 0.0.into();
-    c["attention_probs_dropout_prob"] = 0.0.into();
-    c["classifier_dropout"] = 0.0.into();
-    std::fs::write(dir.path().join("config.json"), c.to_string()).unwrap();
-    dir
 }
 
 fn rel(a: &[f32], b: &[f32]) -> f32 {
@@ -118,7 +97,7 @@ fn full_fine_tuning_matches_pytorch_adamw_step_for_step() {
     let bytes = std::fs::read(fixtures().join("train/bert-adamw.safetensors")).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let device = Device::flex().autodiff();
-    let dir = model_dir();
+    let dir = tiny_bert_no_dropout();
     let (mut model, _) = Checkpoint::open(dir.path())
         .unwrap()
         .load_classifier(&device)
@@ -160,7 +139,7 @@ fn lora_matches_peft_adamw_step_for_step() {
     let bytes = std::fs::read(fixtures().join("train/bert-lora-adamw.safetensors")).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let device = Device::flex().autodiff();
-    let dir = model_dir();
+    let dir = tiny_bert_no_dropout();
     let (mut model, _) = Checkpoint::open(dir.path())
         .unwrap()
         .load_classifier(&device)

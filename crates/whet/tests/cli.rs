@@ -1,43 +1,13 @@
 //! The `whet` binary end to end: info, generate (greedy, sampling, chat), convert, --help.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+use std::path::Path;
 
-fn cache() -> PathBuf {
-    std::env::var_os("WHET_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("cache"))
-}
+use common::*;
 
-fn smollm2() -> PathBuf {
-    let p = cache().join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        p.exists(),
-        "{} missing: run scripts/fetch_assets.sh",
-        p.display()
-    );
-    p
-}
-
-fn whet(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_whet"))
-        .args(args)
-        .output()
-        .expect("whet runs")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = whet(args);
-    assert!(
-        out.status.success(),
-        "whet {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+fn smollm2() -> std::path::PathBuf {
+    asset("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
 #[test]

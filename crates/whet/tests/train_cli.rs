@@ -1,48 +1,15 @@
 //! `whet train`, `whet predict` and `whet eval` end to end on MiniLM with a few examples, and
 //! the errors bad recipes and data get.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+use common::*;
 
-fn minilm() -> PathBuf {
-    let cache = std::env::var_os("WHET_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("cache"));
-    let p = cache.join("minilm");
-    assert!(
-        p.exists(),
-        "{} missing: run scripts/fetch_assets.sh",
-        p.display()
-    );
-    p
-}
-
-fn whet(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_whet"))
-        .args(args)
-        .output()
-        .expect("whet runs")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = whet(args);
-    assert!(
-        out.status.success(),
-        "whet {args:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn err(args: &[&str]) -> String {
-    let out = whet(args);
-    assert!(!out.status.success(), "whet {args:?} should fail");
-    String::from_utf8_lossy(&out.stderr).into_owned()
+fn minilm() -> std::path::PathBuf {
+    asset("minilm")
 }
 
 const POS: [&str; 6] = [
