@@ -287,12 +287,7 @@ impl BertModel {
         for layer in &self.layers {
             x = layer.forward(x, bias.clone(), mode);
         }
-        let pooler_output = self.pooler.as_ref().map(|p| {
-            let [b, _, h] = x.dims();
-            // (B, T, H) -> (B, 1, H) -> (B, H)
-            let first = x.clone().slice([0..b, 0..1]).reshape([b, h]);
-            p.forward(first, mode).tanh()
-        });
+        let pooler_output = self.pooler.as_ref().map(|p| pool(p, x.clone(), mode));
         EncoderOutput {
             last_hidden_state: x,
             pooler_output,
@@ -321,10 +316,25 @@ fn base_prefix(vb: &Weights) -> &'static str {
     }
 }
 
+/// BERT's pooler: `tanh(dense(first token))`.
+///
+/// # Shapes
+/// - x `[B, T, H]`
+/// - output `[B, H]`
+fn pool(dense: &Linear, x: Tensor<3>, mode: Mode) -> Tensor<2> {
+    let [b, _, h] = x.dims();
+    // (B, T, H) -> (B, 1, H) -> (B, H)
+    let first = x.slice([0..b, 0..1]).reshape([b, h]);
+    dense.forward(first, mode).tanh()
+}
+
 /// `BertForSequenceClassification`: pooler output, dropout, linear classifier.
 #[derive(Module, Debug)]
 pub struct BertForSequenceClassification {
+    /// The encoder, its pooler moved out into `pooler` (the head always needs one).
     pub bert: BertModel,
+    /// `bert.pooler.dense` of the checkpoint.
+    pub pooler: Linear,
     pub classifier: Linear,
     pub dropout: f64,
     #[module(skip)]
@@ -338,27 +348,36 @@ impl BertForSequenceClassification {
     pub fn load(vb: &Weights, c: &BertConfig) -> Result<(Self, Vec<String>)> {
         let prefix = base_prefix(vb);
         let mut bert = BertModel::load(&vb.pp(prefix), c)?;
-        if bert.pooler.is_none() {
-            // A bare sentence-embedding checkpoint without pooler: a new one, trained with the head.
-            bert.pooler = Some(Linear::init(
-                c.hidden_size,
-                c.hidden_size,
-                true,
-                c.initializer_range,
-                TorchLinear::Linear,
-                vb.device(),
-            ));
-        }
         let n = c.head.num_labels();
-        let (classifier, fresh) = crate::load_or_init_linear(
+        let (classifier, mut fresh) = crate::load_or_init_linear(
             &vb.pp("classifier"),
             c.hidden_size,
             n,
             c.initializer_range,
         )?;
+        let pooler = match bert.pooler.take() {
+            Some(p) => p,
+            None => {
+                // A sentence-embedding checkpoint without pooler: a new one, trained with the head.
+                let name = if prefix.is_empty() { "bert" } else { prefix };
+                fresh.extend([
+                    format!("{name}.pooler.dense.weight"),
+                    format!("{name}.pooler.dense.bias"),
+                ]);
+                Linear::init(
+                    c.hidden_size,
+                    c.hidden_size,
+                    true,
+                    c.initializer_range,
+                    TorchLinear::Linear,
+                    vb.device(),
+                )
+            }
+        };
         Ok((
             Self {
                 bert,
+                pooler,
                 classifier,
                 dropout: c.classifier_dropout.unwrap_or(c.hidden_dropout_prob),
                 prefix: if prefix.is_empty() { "bert" } else { prefix },
@@ -370,10 +389,8 @@ impl BertForSequenceClassification {
     /// # Shapes
     /// - output logits `[B, num_labels]`
     pub fn forward(&self, input: EncoderInput, mode: Mode) -> Tensor<2> {
-        let out = self.bert.forward(input, mode);
-        let pooled = out
-            .pooler_output
-            .expect("BertForSequenceClassification always has a pooler");
+        let x = self.bert.forward(input, mode).last_hidden_state;
+        let pooled = pool(&self.pooler, x, mode);
         self.classifier
             .forward(dropout(pooled, self.dropout, mode), mode)
     }
@@ -381,7 +398,9 @@ impl BertForSequenceClassification {
 
 impl VisitParams for BertForSequenceClassification {
     fn visit_params(&mut self, p: &str, v: &mut dyn Visitor) {
-        self.bert.visit_params(&join(p, self.prefix), v);
+        let base = join(p, self.prefix);
+        self.bert.visit_params(&base, v);
+        self.pooler.visit_params(&join(&base, "pooler.dense"), v);
         self.classifier.visit_params(&join(p, "classifier"), v);
     }
 }

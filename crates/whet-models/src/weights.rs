@@ -212,10 +212,10 @@ pub fn tensor_values(data: TensorData) -> Vec<f32> {
 /// One traversal per module serves every purpose: exporting for save and gradient checks,
 /// freezing, attaching adapters (whet-peft), counting.
 pub trait Visitor {
-    /// A rank-1 parameter (bias, norm weight).
-    fn vector(&mut self, name: &str, p: &mut Param<Tensor<1>>);
-    /// A rank-2 parameter with its checkpoint layout.
-    fn matrix(&mut self, name: &str, p: &mut Param<Tensor<2>>, layout: Layout);
+    /// A rank-1 parameter (bias, norm weight). Ignored unless overridden.
+    fn vector(&mut self, _name: &str, _p: &mut Param<Tensor<1>>) {}
+    /// A rank-2 parameter with its checkpoint layout. Ignored unless overridden.
+    fn matrix(&mut self, _name: &str, _p: &mut Param<Tensor<2>>, _layout: Layout) {}
     /// A linear layer as a whole, before its parameters. Return `true` to skip the default
     /// visit of its weight, bias and adapter.
     fn linear(&mut self, _name: &str, _layer: &mut crate::layers::Linear) -> bool {

@@ -8,8 +8,8 @@
 pub mod lora;
 
 pub use lora::{
-    LoraConfig, LoraReport, apply_lora, load_adapter, merge_lora, read_adapter_config,
-    save_adapter, set_adapters_enabled,
+    LoraConfig, LoraReport, apply_lora, for_each_adapter, load_adapter, merge_lora,
+    read_adapter_config, save_adapter, set_adapters_enabled,
 };
 
 use burn::module::Param;

@@ -124,8 +124,6 @@ pub fn apply_lora<M: VisitParams>(
         targeted: Vec<String>,
     }
     impl Visitor for Attach<'_> {
-        fn vector(&mut self, _: &str, _: &mut Param<Tensor<1>>) {}
-        fn matrix(&mut self, _: &str, _: &mut Param<Tensor<2>>, _: Layout) {}
         fn linear(&mut self, name: &str, layer: &mut Linear) -> bool {
             if matches_target(name, &self.config.target_modules) {
                 let (d_in, d_out) = layer.dims();
@@ -508,8 +506,6 @@ pub fn load_adapter<M: VisitParams>(
 pub fn merge_lora<M: VisitParams>(model: &mut M) {
     struct Merge;
     impl Visitor for Merge {
-        fn vector(&mut self, _: &str, _: &mut Param<Tensor<1>>) {}
-        fn matrix(&mut self, _: &str, _: &mut Param<Tensor<2>>, _: Layout) {}
         fn linear(&mut self, _: &str, layer: &mut Linear) -> bool {
             if let Some(a) = layer.adapter.take() {
                 let merged = layer.weight.val() + a.delta();
@@ -522,18 +518,21 @@ pub fn merge_lora<M: VisitParams>(model: &mut M) {
     model.visit_params("", &mut Merge);
 }
 
-/// Switches every adapter on or off (peft's `disable_adapter` context).
-pub fn set_adapters_enabled<M: VisitParams>(model: &mut M, enabled: bool) {
-    struct Toggle(bool);
-    impl Visitor for Toggle {
-        fn vector(&mut self, _: &str, _: &mut Param<Tensor<1>>) {}
-        fn matrix(&mut self, _: &str, _: &mut Param<Tensor<2>>, _: Layout) {}
-        fn linear(&mut self, _: &str, layer: &mut Linear) -> bool {
+/// Calls `f` with the module name and adapter of every adapted linear layer.
+pub fn for_each_adapter<M: VisitParams>(model: &mut M, f: &mut dyn FnMut(&str, &mut LowRank)) {
+    struct Each<'a>(&'a mut dyn FnMut(&str, &mut LowRank));
+    impl Visitor for Each<'_> {
+        fn linear(&mut self, name: &str, layer: &mut Linear) -> bool {
             if let Some(a) = &mut layer.adapter {
-                a.enabled = self.0;
+                (self.0)(name, a);
             }
             true
         }
     }
-    model.visit_params("", &mut Toggle(enabled));
+    model.visit_params("", &mut Each(f));
+}
+
+/// Switches every adapter on or off (peft's `disable_adapter` context).
+pub fn set_adapters_enabled<M: VisitParams>(model: &mut M, enabled: bool) {
+    for_each_adapter(model, &mut |_, a| a.enabled = enabled);
 }

@@ -145,60 +145,25 @@ fn only_adapters_and_the_head_get_gradients() {
         );
     }
     // and the adapters do get one
-    struct A(Vec<Tensor<2>>);
-    impl whet_models::Visitor for A {
-        fn vector(&mut self, _: &str, _: &mut burn::module::Param<Tensor<1>>) {}
-        fn matrix(
-            &mut self,
-            _: &str,
-            _: &mut burn::module::Param<Tensor<2>>,
-            _: whet_models::weights::Layout,
-        ) {
-        }
-        fn linear(&mut self, _: &str, l: &mut whet_models::layers::Linear) -> bool {
-            if let Some(a) = &l.adapter {
-                self.0.push(a.a.val());
-                self.0.push(a.b.val());
-            }
-            true
-        }
-    }
-    let mut a = A(vec![]);
-    use whet_models::VisitParams;
-    model.clone().visit_params("", &mut a);
-    assert_eq!(a.0.len(), 8);
+    let mut factors: Vec<Tensor<2>> = vec![];
+    for_each_adapter(&mut model.clone(), &mut |_, a| {
+        factors.push(a.a.val());
+        factors.push(a.b.val());
+    });
+    assert_eq!(factors.len(), 8);
     assert!(
-        a.0.iter().all(|t| t.grad(&grads).is_some()),
+        factors.iter().all(|t| t.grad(&grads).is_some()),
         "every A and B has a gradient"
     );
 }
 
 /// Sets every adapter's B to a non-zero value so adapters change the output.
 fn perturb(model: &mut Classifier, device: &Device) {
-    struct P<'a>(&'a Device);
-    impl whet_models::Visitor for P<'_> {
-        fn vector(&mut self, _: &str, _: &mut burn::module::Param<Tensor<1>>) {}
-        fn matrix(
-            &mut self,
-            _: &str,
-            _: &mut burn::module::Param<Tensor<2>>,
-            _: whet_models::weights::Layout,
-        ) {
-        }
-        fn linear(&mut self, _: &str, l: &mut whet_models::layers::Linear) -> bool {
-            if let Some(a) = &mut l.adapter {
-                let dims = a.b.shape().dims::<2>();
-                a.b = burn::module::Param::from_tensor(Tensor::random(
-                    dims,
-                    burn::tensor::Distribution::Normal(0.0, 0.1),
-                    self.0,
-                ));
-            }
-            true
-        }
-    }
-    use whet_models::VisitParams;
-    model.visit_params("", &mut P(device));
+    for_each_adapter(model, &mut |_, a| {
+        let dims = a.b.shape().dims::<2>();
+        let b = Tensor::random(dims, burn::tensor::Distribution::Normal(0.0, 0.1), device);
+        a.b = burn::module::Param::from_tensor(b);
+    });
 }
 
 #[test]

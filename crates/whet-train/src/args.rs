@@ -124,8 +124,35 @@ fn d_seed() -> u64 {
 impl TrainingArguments {
     /// Defaults with the given output folder.
     pub fn new(output_dir: impl Into<PathBuf>) -> Self {
-        serde_json::from_value(serde_json::json!({ "output_dir": output_dir.into() }))
-            .expect("defaults deserialize")
+        Self {
+            output_dir: output_dir.into(),
+            learning_rate: d_lr(),
+            per_device_train_batch_size: d_batch(),
+            per_device_eval_batch_size: d_batch(),
+            num_train_epochs: d_epochs(),
+            max_steps: d_max_steps(),
+            gradient_accumulation_steps: d_one(),
+            weight_decay: 0.0,
+            adam_beta1: d_beta1(),
+            adam_beta2: d_beta2(),
+            adam_epsilon: d_eps(),
+            max_grad_norm: d_one_f(),
+            optim: OptimizerKind::default(),
+            lr_scheduler_type: Schedule::default(),
+            warmup_steps: 0,
+            warmup_ratio: 0.0,
+            eval_strategy: Strategy::No,
+            eval_steps: None,
+            save_strategy: d_save_strategy(),
+            save_steps: d_save_steps(),
+            save_total_limit: None,
+            load_best_model_at_end: false,
+            metric_for_best_model: None,
+            greater_is_better: None,
+            early_stopping_patience: None,
+            logging_steps: d_logging(),
+            seed: d_seed(),
+        }
     }
 
     /// Optimizer steps per epoch for `n` training examples.
@@ -205,6 +232,12 @@ mod tests {
     #[test]
     fn defaults_are_transformers_defaults() {
         let a = TrainingArguments::new("out");
+        let from_serde: TrainingArguments =
+            serde_json::from_value(serde_json::json!({"output_dir": "out"})).unwrap();
+        assert_eq!(
+            serde_json::to_value(&a).unwrap(),
+            serde_json::to_value(&from_serde).unwrap()
+        );
         assert_eq!(a.learning_rate, 5e-5);
         assert_eq!(a.per_device_train_batch_size, 8);
         assert_eq!(a.num_train_epochs, 3.0);

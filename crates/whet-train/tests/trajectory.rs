@@ -11,7 +11,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use common::*;
 use safetensors::SafeTensors;
 use whet_data::Batch;
-use whet_models::{Checkpoint, Classifier, ExportParams, VisitParams, Visitor};
+use whet_models::{Checkpoint, Classifier, ExportParams};
 use whet_peft::LoraConfig;
 use whet_train::optim::{OptimConfig, Optimizer, OptimizerKind};
 use whet_train::{Schedule, lr_factor, optimizer_step};
@@ -92,16 +92,22 @@ fn run(model: &mut Classifier, st: &SafeTensors, device: &Device) {
     }
 }
 
+/// tiny-bert with dropout off (as the reference run), and the folder it lives in.
+fn model_without_dropout(device: &Device) -> (Classifier, tempfile::TempDir) {
+    let dir = tiny_bert_no_dropout();
+    let (model, _) = Checkpoint::open(dir.path())
+        .unwrap()
+        .load_classifier(device)
+        .unwrap();
+    (model, dir)
+}
+
 #[test]
 fn full_fine_tuning_matches_pytorch_adamw_step_for_step() {
     let bytes = std::fs::read(fixtures().join("train/bert-adamw.safetensors")).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let device = Device::flex().autodiff();
-    let dir = tiny_bert_no_dropout();
-    let (mut model, _) = Checkpoint::open(dir.path())
-        .unwrap()
-        .load_classifier(&device)
-        .unwrap();
+    let (mut model, _dir) = model_without_dropout(&device);
     run(&mut model, &st, &device);
     let mut worst = (0.0, String::new());
     for p in model.named_params() {
@@ -139,11 +145,7 @@ fn lora_matches_peft_adamw_step_for_step() {
     let bytes = std::fs::read(fixtures().join("train/bert-lora-adamw.safetensors")).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let device = Device::flex().autodiff();
-    let dir = tiny_bert_no_dropout();
-    let (mut model, _) = Checkpoint::open(dir.path())
-        .unwrap()
-        .load_classifier(&device)
-        .unwrap();
+    let (mut model, _dir) = model_without_dropout(&device);
     let cfg = LoraConfig {
         r: 4,
         lora_alpha: 8.0,
@@ -154,36 +156,22 @@ fn lora_matches_peft_adamw_step_for_step() {
         use_rslora: false,
     };
     whet_peft::apply_lora(&mut model, &cfg, &device).unwrap();
-    // Start from the reference's random initial adapter.
-    struct Init<'a>(&'a SafeTensors<'a>, Device);
-    impl Visitor for Init<'_> {
-        fn vector(&mut self, _: &str, _: &mut Param<Tensor<1>>) {}
-        fn matrix(&mut self, _: &str, _: &mut Param<Tensor<2>>, _: whet_models::weights::Layout) {}
-        fn linear(&mut self, name: &str, l: &mut whet_models::layers::Linear) -> bool {
-            if let Some(a) = &mut l.adapter {
-                let load = |k: &str, r: usize, c: usize| {
-                    let t =
-                        Tensor::<2>::from_data(TensorData::new(f32s(self.0, k), [r, c]), &self.1)
-                            .transpose();
-                    Param::from_tensor(Tensor::from_data(t.into_data(), &self.1))
-                };
-                let [din, r] = a.a.shape().dims::<2>();
-                let dout = a.b.shape().dims::<2>()[1];
-                a.a = load(
-                    &format!("init.base_model.model.{name}.lora_A.weight"),
-                    r,
-                    din,
-                );
-                a.b = load(
-                    &format!("init.base_model.model.{name}.lora_B.weight"),
-                    dout,
-                    r,
-                );
-            }
-            false
-        }
-    }
-    model.visit_params("", &mut Init(&st, device.clone()));
+    // Start from the reference's random initial adapter (peft stores A [r, in], B [out, r]).
+    let load = |k: &str, dims: [usize; 2]| {
+        let [cols, rows] = dims;
+        let t = Tensor::<2>::from_data(TensorData::new(f32s(&st, k), [rows, cols]), &device);
+        Param::from_tensor(Tensor::from_data(t.transpose().into_data(), &device))
+    };
+    whet_peft::for_each_adapter(&mut model, &mut |name, a| {
+        a.a = load(
+            &format!("init.base_model.model.{name}.lora_A.weight"),
+            a.a.shape().dims(),
+        );
+        a.b = load(
+            &format!("init.base_model.model.{name}.lora_B.weight"),
+            a.b.shape().dims(),
+        );
+    });
     run(&mut model, &st, &device);
     let dirout = tempfile::tempdir().unwrap();
     whet_peft::save_adapter(&model, &cfg, "tiny-bert", "SEQ_CLS", dirout.path()).unwrap();
