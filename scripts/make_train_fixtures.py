@@ -11,6 +11,9 @@ can be checked step for step:
 
     bert-adamw        full fine-tuning; all parameters trainable
     bert-lora-adamw   peft LoRA (r 4, alpha 8, query/value) + the trainable classifier copy
+    bert-multilabel-adamw
+                      full fine-tuning with problem_type="multi_label_classification": multi-hot
+                      float labels, BCEWithLogitsLoss (the model's own loss, checked)
 
 Dropout is switched off through the config (hidden/attention/classifier dropout 0) so train mode
 is deterministic. Float32 on CPU, one thread, deterministic algorithms, fixed seeds,
@@ -53,7 +56,8 @@ LR, BETAS, EPS, WEIGHT_DECAY, MAX_GRAD_NORM, WARMUP = 1e-3, (0.9, 0.999), 1e-8, 
 CONFIG_OVERRIDES = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0)
 LORA = dict(task_type="SEQ_CLS", r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["query", "value"])
 LORA_SEED = 5
-CASES = ["bert-adamw", "bert-lora-adamw"]
+CASES = ["bert-adamw", "bert-lora-adamw", "bert-multilabel-adamw"]
+MULTI_SEED, MULTI_P = 11, 0.4  # multi-hot labels: torch.manual_seed(11); rand(6, 3) < 0.4
 
 
 def write_json(path: Path, obj) -> None:
@@ -84,16 +88,32 @@ def collate(ids: list[torch.Tensor], labels: torch.Tensor, idx: list[int]) -> di
             "labels": labels[idx].clone()}
 
 
-def micro_batches() -> list[dict[str, torch.Tensor]]:
+def multi_hot_labels() -> torch.Tensor:
+    torch.manual_seed(MULTI_SEED)
+    return (torch.rand(len(LENGTHS), NUM_LABELS) < MULTI_P).to(torch.float32)
+
+
+def micro_batches(multi_label: bool = False) -> list[dict[str, torch.Tensor]]:
     ids, labels = make_examples()
+    if multi_label:
+        labels = multi_hot_labels()
     return [collate(ids, labels, idx) for step in STEPS for idx in step]
 
 
-def load_base():
+def load_base(**extra):
     from transformers import AutoModelForSequenceClassification
 
     return AutoModelForSequenceClassification.from_pretrained(
-        BASE, dtype=torch.float32, attn_implementation="eager", **CONFIG_OVERRIDES)
+        BASE, dtype=torch.float32, attn_implementation="eager", **CONFIG_OVERRIDES, **extra)
+
+
+def summed_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Loss summed over the examples of a micro-batch: cross-entropy for class ids; for multi-hot
+    float labels BCE-with-logits averaged over the labels of each example (so that dividing by the
+    number of examples gives BCEWithLogitsLoss's mean over all elements)."""
+    if labels.dtype.is_floating_point:
+        return F.binary_cross_entropy_with_logits(logits, labels, reduction="sum") / labels.shape[1]
+    return F.cross_entropy(logits, labels, reduction="sum")
 
 
 def decay_parameter_names(model: torch.nn.Module) -> list[str]:
@@ -131,7 +151,7 @@ def train(model: torch.nn.Module, mbs: list[dict[str, torch.Tensor]]):
             assert mb["labels"].shape[0] == len(idx)
             logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"],
                            token_type_ids=mb["token_type_ids"]).logits
-            loss = F.cross_entropy(logits, mb["labels"], reduction="sum") / n_step
+            loss = summed_loss(logits, mb["labels"]) / n_step
             loss.backward()
             mb_loss.append(loss.item())
             total += loss.item()
@@ -158,7 +178,7 @@ def mean_loss(model, mbs: list[dict[str, torch.Tensor]]) -> float:
     for mb in mbs[:4]:
         logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"],
                        token_type_ids=mb["token_type_ids"]).logits
-        tot += F.cross_entropy(logits, mb["labels"], reduction="sum").item()
+        tot += summed_loss(logits, mb["labels"]).item()
         n += mb["labels"].shape[0]
     return tot / n
 
@@ -214,9 +234,21 @@ def setup_json(mbs) -> dict:
     }
 
 
-def make_bert_adamw() -> dict:
-    mbs = micro_batches()
-    model = load_base()
+def make_bert_adamw(multi_label: bool = False) -> dict:
+    name = "bert-multilabel-adamw" if multi_label else "bert-adamw"
+    mbs = micro_batches(multi_label)
+    if multi_label:
+        model = load_base(problem_type="multi_label_classification")
+        # The model's own loss for this problem type is the mean BCE-with-logits that
+        # summed_loss / n reproduces: check on the whole first step.
+        mb = mbs[0]
+        with torch.no_grad():
+            out = model(**mb)
+            mine = summed_loss(out.logits, mb["labels"]) / mb["labels"].shape[0]
+        if not torch.allclose(out.loss, mine, rtol=1e-6, atol=1e-7):
+            raise SystemExit(f"{name}: model loss {out.loss} != BCE mean {mine}")
+    else:
+        model = load_base()
     init = {n: p.detach().clone() for n, p in model.named_parameters()}
     loss_before = mean_loss(model, mbs)
     rec, decay, no_decay = train(model, mbs)
@@ -233,9 +265,12 @@ def make_bert_adamw() -> dict:
         **{f"param.{n}": v for n, v in final.items()},
     }
     tensors = {k: v.contiguous() for k, v in tensors.items()}
-    save_torch(tensors, OUT / "bert-adamw.safetensors")
-    write_json(OUT / "bert-adamw.json", {
-        "case": "bert-adamw: full fine-tuning, every parameter trainable",
+    save_torch(tensors, OUT / f"{name}.safetensors")
+    write_json(OUT / f"{name}.json", {
+        "case": f"{name}: full fine-tuning, every parameter trainable"
+                + ("; problem_type multi_label_classification, labels multi-hot float "
+                   f"(torch.manual_seed({MULTI_SEED}); rand(6, 3) < {MULTI_P}), loss BCEWithLogitsLoss mean"
+                   if multi_label else ""),
         **setup_json(mbs),
         "decay_parameters": decay,
         "no_decay_parameters": no_decay,
@@ -318,7 +353,8 @@ def main() -> None:
     os.chdir(ROOT)
     OUT.mkdir(parents=True, exist_ok=True)
     for c in cases:
-        r = {"bert-adamw": make_bert_adamw, "bert-lora-adamw": make_bert_lora_adamw}[c]()
+        r = {"bert-adamw": make_bert_adamw, "bert-lora-adamw": make_bert_lora_adamw,
+             "bert-multilabel-adamw": lambda: make_bert_adamw(multi_label=True)}[c]()
         rec = r["rec"]
         print(f"{c}: step_loss {rec['step_loss']} grad_norm {rec['grad_norm']} lr {rec['lr']}; "
               f"eval mean loss {r['before']:.6f} -> {r['after']:.6f}; {r['n_decay']} decay / "

@@ -8,7 +8,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use serde_json::Value;
-use tokenizers::{TruncationDirection, TruncationParams, TruncationStrategy};
+use tokenizers::{EncodeInput, TruncationDirection, TruncationParams, TruncationStrategy};
 use whet_models::TextTokenizer;
 
 use crate::error::{DataError, Result};
@@ -22,13 +22,32 @@ pub struct Columns {
     pub label: String,
 }
 
+/// What an example is labelled with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// Single-label classification: one class id.
+    Class(usize),
+    /// Multi-label classification (`problem_type = "multi_label_classification"`): the set
+    /// of class ids that apply, possibly empty.
+    Multi(Vec<usize>),
+}
+
+impl Target {
+    /// The class ids that apply.
+    pub fn ids(&self) -> &[usize] {
+        match self {
+            Target::Class(c) => std::slice::from_ref(c),
+            Target::Multi(v) => v,
+        }
+    }
+}
+
 /// One labelled example.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Example {
     pub text: String,
     pub text_pair: Option<String>,
-    /// Class id.
-    pub label: usize,
+    pub label: Target,
     /// Where it came from: `path:line`.
     pub origin: String,
 }
@@ -49,29 +68,30 @@ impl Labels {
     }
 
     /// Infers the label set of a training table: string labels sorted (as `datasets`'
-    /// `class_encode_column`), integer labels `0..=max` named `LABEL_i`.
+    /// `class_encode_column`), integer labels `0..=max` named `LABEL_i`. A multi-label column
+    /// holds lists of either kind.
     pub fn infer(table: &Table, column: &str) -> Result<Self> {
         table.require(&[column])?;
         let mut names = BTreeSet::new();
         let mut max_int: Option<u64> = None;
         for (line, row) in &table.rows {
-            match row.get(column) {
-                Some(Value::Number(n)) => {
-                    let v = n
-                        .as_u64()
-                        .ok_or_else(|| bad_label(table, *line, column, n))?;
-                    max_int = Some(max_int.map_or(v, |m: u64| m.max(v)));
-                }
-                Some(Value::String(s)) => {
-                    names.insert(s.clone());
-                }
-                other => {
-                    return Err(bad_label(
-                        table,
-                        *line,
-                        column,
-                        other.unwrap_or(&Value::Null),
-                    ));
+            let values = match row.get(column) {
+                Some(Value::Array(items)) => items.iter().collect(),
+                Some(v) => vec![v],
+                None => vec![&Value::Null],
+            };
+            for v in values {
+                match v {
+                    Value::Number(n) => {
+                        let v = n
+                            .as_u64()
+                            .ok_or_else(|| bad_label(table, *line, column, n))?;
+                        max_int = Some(max_int.map_or(v, |m: u64| m.max(v)));
+                    }
+                    Value::String(s) => {
+                        names.insert(s.clone());
+                    }
+                    other => return Err(bad_label(table, *line, column, other)),
                 }
             }
         }
@@ -144,8 +164,54 @@ fn text_of(table: &Table, line: usize, column: &str, v: Option<&Value>) -> Resul
     }
 }
 
-/// Reads examples from a table with the given columns and label set.
-pub fn examples(table: &Table, cols: &Columns, labels: &Labels) -> Result<Vec<Example>> {
+/// The target of one row: a class id, or for `multi_label` a list of names or ids.
+fn target(
+    table: &Table,
+    line: usize,
+    column: &str,
+    labels: &Labels,
+    multi_label: bool,
+    v: Option<&Value>,
+) -> Result<Target> {
+    match (multi_label, v) {
+        (true, Some(Value::Array(items))) => {
+            let mut ids = items
+                .iter()
+                .map(|x| labels.id(table, line, column, Some(x)))
+                .collect::<Result<Vec<_>>>()?;
+            ids.sort_unstable();
+            ids.dedup();
+            Ok(Target::Multi(ids))
+        }
+        (true, other) => Err(DataError::Value {
+            path: table.path.clone(),
+            line,
+            column: column.into(),
+            message: format!(
+                "multi-label classification needs a list of labels, got {}",
+                other.unwrap_or(&Value::Null)
+            ),
+        }),
+        (false, Some(Value::Array(_))) => Err(DataError::Value {
+            path: table.path.clone(),
+            line,
+            column: column.into(),
+            message: "the label is a list; for several labels per text set \
+                      task = \"multi-label-classification\""
+                .into(),
+        }),
+        (false, v) => Ok(Target::Class(labels.id(table, line, column, v)?)),
+    }
+}
+
+/// Reads examples from a table with the given columns and label set; with `multi_label`
+/// each label cell is a list of class names or ids.
+pub fn examples(
+    table: &Table,
+    cols: &Columns,
+    labels: &Labels,
+    multi_label: bool,
+) -> Result<Vec<Example>> {
     let mut needed = vec![cols.text.as_str(), cols.label.as_str()];
     if let Some(p) = &cols.text_pair {
         needed.push(p);
@@ -161,7 +227,14 @@ pub fn examples(table: &Table, cols: &Columns, labels: &Labels) -> Result<Vec<Ex
                     Some(p) => Some(text_of(table, *line, p, row.get(p))?),
                     None => None,
                 },
-                label: labels.id(table, *line, &cols.label, row.get(&cols.label))?,
+                label: target(
+                    table,
+                    *line,
+                    &cols.label,
+                    labels,
+                    multi_label,
+                    row.get(&cols.label),
+                )?,
                 origin: format!("{}:{line}", table.path.display()),
             })
         })
@@ -230,11 +303,13 @@ pub enum Side {
 pub struct Encoded {
     pub ids: Vec<u32>,
     pub type_ids: Vec<u32>,
-    pub label: usize,
+    pub label: Target,
 }
 
 /// Tokenizes examples with the model's special tokens, truncating to `max_length` from the
 /// given side the way `transformers` does (`truncation=True`, longest-first for pairs).
+/// Texts are encoded in parallel (the tokenizer's own rayon pool, `TOKENIZERS_PARALLELISM`
+/// as in Python).
 pub fn tokenize(
     tokenizer: &TextTokenizer,
     examples: &[Example],
@@ -252,21 +327,136 @@ pub fn tokenize(
         },
     }))
     .map_err(|e| DataError::Tokenize(e.to_string()))?;
-    examples
+    let inputs: Vec<EncodeInput> = examples
         .iter()
-        .map(|ex| {
-            let enc = match &ex.text_pair {
-                Some(p) => tok.encode_fast((ex.text.as_str(), p.as_str()), true),
-                None => tok.encode_fast(ex.text.as_str(), true),
-            }
-            .map_err(|e| DataError::Tokenize(format!("{}: {e}", ex.origin)))?;
-            Ok(Encoded {
-                ids: enc.get_ids().to_vec(),
-                type_ids: enc.get_type_ids().to_vec(),
-                label: ex.label,
-            })
+        .map(|ex| match &ex.text_pair {
+            Some(p) => (ex.text.as_str(), p.as_str()).into(),
+            None => ex.text.as_str().into(),
         })
-        .collect()
+        .collect();
+    let encodings = match tok.encode_batch_fast(inputs, true) {
+        Ok(e) => e,
+        // The batch error does not say which text failed: find it one by one.
+        Err(batch_err) => {
+            for ex in examples {
+                let one = match &ex.text_pair {
+                    Some(p) => tok.encode_fast((ex.text.as_str(), p.as_str()), true),
+                    None => tok.encode_fast(ex.text.as_str(), true),
+                };
+                if let Err(e) = one {
+                    return Err(DataError::Tokenize(format!("{}: {e}", ex.origin)));
+                }
+            }
+            return Err(DataError::Tokenize(batch_err.to_string()));
+        }
+    };
+    Ok(encodings
+        .into_iter()
+        .zip(examples)
+        .map(|(enc, ex)| Encoded {
+            ids: enc.get_ids().to_vec(),
+            type_ids: enc.get_type_ids().to_vec(),
+            label: ex.label.clone(),
+        })
+        .collect())
+}
+
+/// [`tokenize`], with the token ids kept in `cache_dir` between runs (as `datasets` caches a
+/// mapped dataset): the file is named by a SHA-256 of the tokenizer, the truncation settings
+/// and every text, so any change to them is a miss. Returns the encodings and whether they
+/// came from the cache. A cache file that cannot be read or written is ignored.
+pub fn tokenize_cached(
+    tokenizer: &TextTokenizer,
+    examples: &[Example],
+    max_length: usize,
+    side: Side,
+    cache_dir: &Path,
+) -> Result<(Vec<Encoded>, bool)> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"whet-tokenized-v1\0");
+    h.update(
+        tokenizer
+            .inner
+            .to_string(false)
+            .map_err(|e| DataError::Tokenize(e.to_string()))?
+            .as_bytes(),
+    );
+    h.update((max_length as u64).to_le_bytes());
+    h.update([side as u8]);
+    for ex in examples {
+        for part in [Some(&ex.text), ex.text_pair.as_ref()] {
+            match part {
+                Some(t) => {
+                    h.update((t.len() as u64).to_le_bytes());
+                    h.update(t.as_bytes());
+                }
+                None => h.update(u64::MAX.to_le_bytes()),
+            }
+        }
+    }
+    let key: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    let path = cache_dir.join(format!("{key}.tokens"));
+    if let Some(ids) = std::fs::read(&path)
+        .ok()
+        .and_then(|b| decode_cache(&b, examples.len()))
+    {
+        let encoded = ids
+            .into_iter()
+            .zip(examples)
+            .map(|((ids, type_ids), ex)| Encoded {
+                ids,
+                type_ids,
+                label: ex.label.clone(),
+            })
+            .collect();
+        return Ok((encoded, true));
+    }
+    let encoded = tokenize(tokenizer, examples, max_length, side)?;
+    // Best effort: a read-only cache folder only costs the next run a re-tokenization.
+    let _ = whet_models::fsutil::write_atomic(&path, &encode_cache(&encoded));
+    Ok((encoded, false))
+}
+
+const CACHE_MAGIC: &[u8; 8] = b"WHETTOK1";
+
+/// `magic, n: u64, then per example len: u32, ids: [u32; len], type_ids: [u32; len]`, all
+/// little-endian.
+fn encode_cache(encoded: &[Encoded]) -> Vec<u8> {
+    let mut out = CACHE_MAGIC.to_vec();
+    out.extend((encoded.len() as u64).to_le_bytes());
+    for e in encoded {
+        out.extend((e.ids.len() as u32).to_le_bytes());
+        for v in e.ids.iter().chain(&e.type_ids) {
+            out.extend(v.to_le_bytes());
+        }
+    }
+    out
+}
+
+type CachedIds = Vec<(Vec<u32>, Vec<u32>)>;
+
+fn decode_cache(bytes: &[u8], expected: usize) -> Option<CachedIds> {
+    let rest = bytes.strip_prefix(CACHE_MAGIC.as_slice())?;
+    let (n, mut rest) = rest.split_at_checked(8)?;
+    if u64::from_le_bytes(n.try_into().ok()?) as usize != expected {
+        return None;
+    }
+    let mut u32s = |k: usize| -> Option<Vec<u32>> {
+        let (head, tail) = rest.split_at_checked(k * 4)?;
+        rest = tail;
+        Some(
+            head.chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        )
+    };
+    let mut out = Vec::with_capacity(expected);
+    for _ in 0..expected {
+        let len = u32s(1)?[0] as usize;
+        out.push((u32s(len)?, u32s(len)?));
+    }
+    rest.is_empty().then_some(out)
 }
 
 /// A padded batch, row-major, ready to become tensors.
@@ -278,8 +468,8 @@ pub struct Batch {
     pub attention_mask: Vec<i64>,
     /// `[B, T]`
     pub token_type_ids: Vec<i64>,
-    /// `[B]`
-    pub labels: Vec<i64>,
+    /// `[B]`, one per row.
+    pub targets: Vec<Target>,
     pub batch: usize,
     pub len: usize,
     /// Real (non-pad) tokens.
@@ -294,7 +484,7 @@ pub fn collate(items: &[&Encoded], pad_id: u32) -> Batch {
         input_ids: vec![pad_id as i64; b * t],
         attention_mask: vec![0; b * t],
         token_type_ids: vec![0; b * t],
-        labels: items.iter().map(|e| e.label as i64).collect(),
+        targets: items.iter().map(|e| e.label.clone()).collect(),
         batch: b,
         len: t,
         tokens: 0,

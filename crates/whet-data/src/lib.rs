@@ -1,4 +1,4 @@
-//! Training data for whet: reading JSONL and CSV, mapping columns and labels, seeded splits,
+//! Training data for whet: reading JSONL, CSV and Parquet, mapping columns and labels, seeded splits,
 //! tokenization with truncation, dynamic padding and a per-epoch seeded order.
 
 pub mod classification;
@@ -6,8 +6,8 @@ pub mod error;
 pub mod table;
 
 pub use classification::{
-    Batch, Columns, Encoded, Example, Labels, Side, Size, collate, epoch_order, examples,
-    seeded_split, tokenize,
+    Batch, Columns, Encoded, Example, Labels, Side, Size, Target, collate, epoch_order, examples,
+    seeded_split, tokenize, tokenize_cached,
 };
 pub use error::{DataError, Result};
 pub use table::{Encoding, Table};

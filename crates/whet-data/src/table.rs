@@ -1,4 +1,4 @@
-//! Reading tabular training data (JSON lines and CSV) into rows of named JSON values.
+//! Reading tabular training data (JSON lines, CSV and Parquet) into rows of named JSON values.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -42,7 +42,8 @@ pub struct Table {
 }
 
 impl Table {
-    /// Reads a `.jsonl` / `.json` (one object per line) or `.csv` / `.tsv` file.
+    /// Reads a `.jsonl` / `.json` (one object per line), `.csv` / `.tsv` or `.parquet` file.
+    /// For Parquet the "line" of a row is its 1-based row number.
     pub fn read(path: &Path, encoding: Encoding) -> Result<Self> {
         let ext = path
             .extension()
@@ -57,17 +58,12 @@ impl Table {
             "jsonl" | "json" | "ndjson" => read_jsonl(path, &bytes)?,
             "csv" => read_csv(path, &bytes, b',', encoding)?,
             "tsv" => read_csv(path, &bytes, b'\t', encoding)?,
-            "parquet" => {
-                return Err(DataError::Format {
-                    path: path.to_path_buf(),
-                    message: "Parquet is not supported yet; convert to JSONL or CSV".into(),
-                });
-            }
+            "parquet" => read_parquet(path, bytes)?,
             other => {
                 return Err(DataError::Format {
                     path: path.to_path_buf(),
                     message: format!(
-                        "unknown data file extension {other:?} (use .jsonl, .csv or .tsv)"
+                        "unknown data file extension {other:?} (use .jsonl, .csv, .tsv or .parquet)"
                     ),
                 });
             }
@@ -173,6 +169,43 @@ fn read_csv(path: &Path, bytes: &[u8], delimiter: u8, encoding: Encoding) -> Res
             row.insert(name.clone(), Value::String(decode(line, field)?));
         }
         rows.push((line, row));
+    }
+    Ok(Table {
+        path: path.to_path_buf(),
+        columns,
+        rows,
+    })
+}
+
+/// Parquet through the `parquet` crate's row API (no Arrow): every row becomes a JSON object,
+/// lists (multi-label columns) become arrays. Text in Parquet is UTF-8 by definition.
+fn read_parquet(path: &Path, bytes: Vec<u8>) -> Result<Table> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let format = |e: parquet::errors::ParquetError| DataError::Format {
+        path: path.to_path_buf(),
+        message: format!("not a readable Parquet file: {e}"),
+    };
+    let reader = SerializedFileReader::new(bytes::Bytes::from(bytes)).map_err(format)?;
+    let columns: Vec<String> = reader
+        .metadata()
+        .file_metadata()
+        .schema_descr()
+        .root_schema()
+        .get_fields()
+        .iter()
+        .map(|f| f.name().to_string())
+        .collect();
+    let mut rows = Vec::new();
+    for (i, row) in reader.get_row_iter(None).map_err(format)?.enumerate() {
+        let row = row.map_err(|e| DataError::Format {
+            path: path.to_path_buf(),
+            message: format!("row {}: {e}", i + 1),
+        })?;
+        let map = row
+            .get_column_iter()
+            .map(|(name, field)| (name.clone(), field.to_json_value()))
+            .collect();
+        rows.push((i + 1, map));
     }
     Ok(Table {
         path: path.to_path_buf(),

@@ -29,8 +29,11 @@ fn jsonl_with_string_labels_maps_to_sorted_ids() {
     let t = Table::read(&p, Encoding::Utf8).unwrap();
     let labels = Labels::infer(&t, "label").unwrap();
     assert_eq!(labels.0, vec!["neg", "pos"]);
-    let ex = examples(&t, &cols(), &labels).unwrap();
-    assert_eq!(ex.iter().map(|e| e.label).collect::<Vec<_>>(), vec![1, 0]);
+    let ex = examples(&t, &cols(), &labels, false).unwrap();
+    assert_eq!(
+        ex.iter().map(|e| e.label.clone()).collect::<Vec<_>>(),
+        vec![Target::Class(1), Target::Class(0)]
+    );
     assert!(ex[1].origin.ends_with("a.jsonl:3"), "{}", ex[1].origin);
 }
 
@@ -53,7 +56,7 @@ fn a_missing_column_lists_the_available_ones() {
     let p = write(&dir, "a.csv", b"sentence,label\nhi,0\n");
     let t = Table::read(&p, Encoding::Utf8).unwrap();
     let labels = Labels(vec!["a".into(), "b".into()]);
-    let e = examples(&t, &cols(), &labels).unwrap_err();
+    let e = examples(&t, &cols(), &labels, false).unwrap_err();
     assert!(
         matches!(&e, DataError::MissingColumn { column, available, .. } if column == "text" && available == "sentence, label"),
         "{e}"
@@ -70,13 +73,13 @@ fn a_label_outside_the_set_is_named_with_its_line() {
     );
     let t = Table::read(&p, Encoding::Utf8).unwrap();
     let labels = Labels(vec!["neg".into(), "pos".into()]);
-    let e = examples(&t, &cols(), &labels).unwrap_err();
+    let e = examples(&t, &cols(), &labels, false).unwrap_err();
     assert!(matches!(&e, DataError::UnknownLabel { line: 2, .. }), "{e}");
     // integer ids beyond the set too
     let p = write(&dir, "w.jsonl", b"{\"text\": \"a\", \"label\": 2}\n");
     let t = Table::read(&p, Encoding::Utf8).unwrap();
     assert!(matches!(
-        examples(&t, &cols(), &labels),
+        examples(&t, &cols(), &labels, false),
         Err(DataError::UnknownLabel { line: 1, .. })
     ));
 }
@@ -132,18 +135,18 @@ fn collate_pads_right_to_the_longest_and_counts_tokens() {
     let a = Encoded {
         ids: vec![5, 6, 7],
         type_ids: vec![0, 0, 0],
-        label: 1,
+        label: Target::Class(1),
     };
     let b = Encoded {
         ids: vec![8],
         type_ids: vec![0],
-        label: 0,
+        label: Target::Class(0),
     };
     let batch = collate(&[&a, &b], 0);
     assert_eq!((batch.batch, batch.len, batch.tokens), (2, 3, 4));
     assert_eq!(batch.input_ids, vec![5, 6, 7, 8, 0, 0]);
     assert_eq!(batch.attention_mask, vec![1, 1, 1, 1, 0, 0]);
-    assert_eq!(batch.labels, vec![1, 0]);
+    assert_eq!(batch.targets, vec![Target::Class(1), Target::Class(0)]);
 }
 
 #[test]
@@ -154,4 +157,130 @@ fn epoch_order_is_a_seeded_permutation_that_changes_per_epoch() {
     let mut s = e0.clone();
     s.sort();
     assert_eq!(s, (0..50).collect::<Vec<_>>());
+}
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+/// Files pyarrow wrote (`scripts/make_data_fixtures.py`): snappy in three row groups, and gzip.
+#[test]
+fn parquet_from_pyarrow_reads_every_cell() {
+    for name in ["reviews.parquet", "reviews-gzip.parquet"] {
+        let t = Table::read(&fixtures().join("data").join(name), Encoding::Utf8).unwrap();
+        assert_eq!(t.columns, vec!["text", "label", "label_id", "tags"], "{name}");
+        assert_eq!(t.rows.len(), 5, "{name}");
+        let (line, row) = &t.rows[2];
+        assert_eq!(*line, 3);
+        assert_eq!(row["text"], "café scenes, great cast");
+        assert_eq!(row["label"], "pos");
+        assert_eq!(row["label_id"], 1);
+        assert_eq!(row["tags"], serde_json::json!(["acting"]));
+        assert_eq!(t.rows[4].1["tags"], serde_json::json!([]));
+
+        let labels = Labels::infer(&t, "label").unwrap();
+        let ex = examples(&t, &cols(), &labels, false).unwrap();
+        assert_eq!(ex[1].label, Target::Class(0));
+        let by_id = Columns {
+            label: "label_id".into(),
+            ..cols()
+        };
+        let ids = Labels::infer(&t, "label_id").unwrap();
+        assert_eq!(ids.0, vec!["LABEL_0", "LABEL_1"]);
+        assert_eq!(examples(&t, &by_id, &ids, false).unwrap()[0].label, Target::Class(1));
+    }
+}
+
+#[test]
+fn a_file_that_is_not_parquet_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(&dir, "x.parquet", b"text,label\n");
+    let e = Table::read(&p, Encoding::Utf8).unwrap_err();
+    assert!(
+        e.to_string().contains("x.parquet") && e.to_string().contains("Parquet"),
+        "{e}"
+    );
+}
+
+#[test]
+fn multi_label_columns_hold_lists_of_names_or_ids() {
+    let t = Table::read(&fixtures().join("data/reviews.parquet"), Encoding::Utf8).unwrap();
+    let tags = Columns {
+        label: "tags".into(),
+        ..cols()
+    };
+    let labels = Labels::infer(&t, "tags").unwrap();
+    assert_eq!(labels.0, vec!["acting", "pace", "story"]);
+    let ex = examples(&t, &tags, &labels, true).unwrap();
+    assert_eq!(ex[0].label, Target::Multi(vec![0, 2]));
+    assert_eq!(ex[4].label, Target::Multi(vec![]));
+    // lists need the multi-label task, and the multi-label task needs lists
+    let e = examples(&t, &tags, &labels, false).unwrap_err();
+    assert!(e.to_string().contains("multi-label-classification"), "{e}");
+    let single = Labels::infer(&t, "label").unwrap();
+    let e = examples(&t, &cols(), &single, true).unwrap_err();
+    assert!(
+        matches!(&e, DataError::Value { line: 1, .. }) && e.to_string().contains("list"),
+        "{e}"
+    );
+    // ids in JSONL, and an unknown name inside a list is named with its line
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(
+        &dir,
+        "m.jsonl",
+        b"{\"text\": \"a\", \"label\": [1, 0, 1]}\n{\"text\": \"b\", \"label\": [\"x\"]}\n",
+    );
+    let t = Table::read(&p, Encoding::Utf8).unwrap();
+    let l = Labels(vec!["LABEL_0".into(), "LABEL_1".into()]);
+    let e = examples(&t, &cols(), &l, true).unwrap_err();
+    assert!(matches!(&e, DataError::UnknownLabel { line: 2, .. }), "{e}");
+    let p = write(&dir, "n.jsonl", b"{\"text\": \"a\", \"label\": [1, 0, 1]}\n");
+    let t = Table::read(&p, Encoding::Utf8).unwrap();
+    let ex = examples(&t, &cols(), &l, true).unwrap();
+    assert_eq!(ex[0].label, Target::Multi(vec![0, 1]), "sorted, deduplicated");
+}
+
+/// The tokenization cache returns what tokenizing returns, and any change to the texts or the
+/// truncation is a miss.
+#[test]
+fn tokenization_is_cached_by_content() {
+    let cache = std::env::var_os("WHET_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| fixtures().join("../../cache"));
+    let tok = whet_models::TextTokenizer::from_folder(&cache.join("minilm"))
+        .expect("cache/minilm: run scripts/fetch_assets.sh --only minilm");
+    let ex: Vec<Example> = ["a first text", "and a second, longer one with more words"]
+        .iter()
+        .map(|t| Example {
+            text: t.to_string(),
+            text_pair: Some("pair".into()),
+            label: Target::Class(0),
+            origin: "test".into(),
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let plain = tokenize(&tok, &ex, 8, Side::Right).unwrap();
+    let (first, hit) = tokenize_cached(&tok, &ex, 8, Side::Right, dir.path()).unwrap();
+    assert!(!hit);
+    assert_eq!(first, plain);
+    assert_eq!(first[1].ids.len(), 8, "truncated to max_length");
+    let (second, hit) = tokenize_cached(&tok, &ex, 8, Side::Right, dir.path()).unwrap();
+    assert!(hit);
+    assert_eq!(second, plain);
+    let (_, hit) = tokenize_cached(&tok, &ex, 9, Side::Right, dir.path()).unwrap();
+    assert!(!hit, "another max_length");
+    let (left, hit) = tokenize_cached(&tok, &ex, 8, Side::Left, dir.path()).unwrap();
+    assert!(!hit, "another side");
+    assert_ne!(left[1].ids, plain[1].ids);
+    let mut changed = ex.clone();
+    changed[0].text.push('!');
+    let (_, hit) = tokenize_cached(&tok, &changed, 8, Side::Right, dir.path()).unwrap();
+    assert!(!hit, "another text");
+    // a damaged cache file is ignored
+    for f in std::fs::read_dir(dir.path()).unwrap() {
+        std::fs::write(f.unwrap().path(), b"WHETTOK1 garbage").unwrap();
+    }
+    let (again, hit) = tokenize_cached(&tok, &ex, 8, Side::Right, dir.path()).unwrap();
+    assert!(!hit);
+    assert_eq!(again, plain);
 }

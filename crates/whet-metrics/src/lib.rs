@@ -141,6 +141,96 @@ pub fn matthews(cm: &[Vec<usize>]) -> f64 {
     ratio(num, den)
 }
 
+/// Scores multi-label predictions (each a set of label ids, one decision per label) as
+/// scikit-learn scores label-indicator matrices:
+/// - `accuracy` is subset accuracy (every label of the text right), as `accuracy_score`;
+/// - per-label, macro, micro (global counts) and weighted precision / recall / F1 as
+///   `precision_recall_fscore_support`;
+/// - `matthews_correlation` is the binary MCC of all label decisions flattened together
+///   (scikit-learn refuses multi-label input here; this is the usual "micro" MCC);
+/// - `confusion` holds one row per label, `[tn, fp, fn, tp]`, as
+///   `multilabel_confusion_matrix` flattened.
+pub fn multilabel_report(
+    y_true: &[Vec<usize>],
+    y_pred: &[Vec<usize>],
+    n_labels: usize,
+) -> ClassificationReport {
+    assert_eq!(y_true.len(), y_pred.len(), "as many predictions as labels");
+    let n = y_true.len();
+    // [tn, fp, fn, tp] per label
+    let mut counts = vec![[0usize; 4]; n_labels];
+    let mut exact = 0;
+    for (t, p) in y_true.iter().zip(y_pred) {
+        let mut all_right = true;
+        for (k, c) in counts.iter_mut().enumerate() {
+            let (truth, pred) = (t.contains(&k), p.contains(&k));
+            c[usize::from(truth) * 2 + usize::from(pred)] += 1;
+            all_right &= truth == pred;
+        }
+        exact += usize::from(all_right);
+    }
+    let per_class: Vec<ClassScores> = counts
+        .iter()
+        .map(|&[_, fp, fn_, tp]| {
+            let precision = ratio(tp as f64, (tp + fp) as f64);
+            let recall = ratio(tp as f64, (tp + fn_) as f64);
+            ClassScores {
+                precision,
+                recall,
+                f1: f1(precision, recall),
+                support: tp + fn_,
+            }
+        })
+        .collect();
+    let mean = |f: &dyn Fn(&ClassScores) -> f64| {
+        per_class.iter().map(f).sum::<f64>() / n_labels.max(1) as f64
+    };
+    let support: usize = per_class.iter().map(|c| c.support).sum();
+    let weighted = |f: &dyn Fn(&ClassScores) -> f64| {
+        ratio(
+            per_class
+                .iter()
+                .map(|c| f(c) * c.support as f64)
+                .sum::<f64>(),
+            support as f64,
+        )
+    };
+    let total = counts.iter().fold([0usize; 4], |mut a, c| {
+        for i in 0..4 {
+            a[i] += c[i];
+        }
+        a
+    });
+    let [tn, fp, fn_, tp] = total.map(|v| v as f64);
+    let micro_p = ratio(tp, tp + fp);
+    let micro_r = ratio(tp, tp + fn_);
+    ClassificationReport {
+        accuracy: ratio(exact as f64, n as f64),
+        macro_avg: Averaged {
+            precision: mean(&|c| c.precision),
+            recall: mean(&|c| c.recall),
+            f1: mean(&|c| c.f1),
+        },
+        micro_avg: Averaged {
+            precision: micro_p,
+            recall: micro_r,
+            f1: f1(micro_p, micro_r),
+        },
+        weighted_avg: Averaged {
+            precision: weighted(&|c| c.precision),
+            recall: weighted(&|c| c.recall),
+            f1: weighted(&|c| c.f1),
+        },
+        per_class,
+        matthews_correlation: ratio(
+            tp * tn - fp * fn_,
+            ((tp + fp) * (tp + fn_) * (tn + fp) * (tn + fn_)).sqrt(),
+        ),
+        confusion: counts.iter().map(|c| c.to_vec()).collect(),
+        samples: n,
+    }
+}
+
 /// Perplexity of a mean token cross-entropy (natural log).
 pub fn perplexity(mean_loss: f64) -> f64 {
     mean_loss.exp()
@@ -193,6 +283,28 @@ mod tests {
         // Perfect predictions: MCC 1.
         let r = classification_report(&[0, 1, 2], &[0, 1, 2], 3);
         close(r.matthews_correlation, 1.0);
+    }
+
+    // y_true = [[0, 1], [2], [], [1]] and y_pred = [[0], [2], [1], [1]] over 3 labels, as
+    // indicator rows: t = [110, 001, 000, 010], p = [100, 001, 010, 010].
+    #[test]
+    fn multilabel_report_matches_scikit_learn() {
+        let t = vec![vec![0, 1], vec![2], vec![], vec![1]];
+        let p = vec![vec![0], vec![2], vec![1], vec![1]];
+        let r = multilabel_report(&t, &p, 3);
+        // rows 2 and 4 exactly right
+        close(r.accuracy, 2.0 / 4.0);
+        // label 0: tp 1; label 1: tp 1, fp 1, fn 1; label 2: tp 1
+        close(r.per_class[1].precision, 0.5);
+        close(r.per_class[1].recall, 0.5);
+        assert_eq!(r.per_class[1].support, 2);
+        close(r.macro_avg.f1, (1.0 + 0.5 + 1.0) / 3.0);
+        // micro: tp 3, fp 1, fn 1
+        close(r.micro_avg.f1, 0.75);
+        close(r.weighted_avg.f1, (1.0 + 0.5 * 2.0 + 1.0) / 4.0);
+        // flattened: tp 3, tn 7, fp 1, fn 1: (21 - 1) / sqrt(4 * 4 * 8 * 8)
+        close(r.matthews_correlation, 20.0 / 32.0);
+        assert_eq!(r.confusion[1], vec![1, 1, 1, 1]);
     }
 
     #[test]

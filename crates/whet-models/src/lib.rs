@@ -294,12 +294,7 @@ impl Checkpoint {
 
     /// Sets the classification labels (id order); the head is sized to them when it is new.
     pub fn set_labels(&mut self, labels: &[String]) {
-        let head = match &mut self.config {
-            FamilyConfig::Bert(c) => &mut c.head,
-            FamilyConfig::DistilBert(c) => &mut c.head,
-            FamilyConfig::Gpt2(c) => &mut c.head,
-            FamilyConfig::Llama(c) => &mut c.head,
-        };
+        let head = self.head_mut();
         head.id2label = Some(
             labels
                 .iter()
@@ -308,6 +303,31 @@ impl Checkpoint {
                 .collect(),
         );
         head.num_labels = Some(labels.len());
+    }
+
+    /// The classification-head fields of the config (labels, problem type).
+    pub fn head(&self) -> &config::HeadFields {
+        match &self.config {
+            FamilyConfig::Bert(c) => &c.head,
+            FamilyConfig::DistilBert(c) => &c.head,
+            FamilyConfig::Gpt2(c) => &c.head,
+            FamilyConfig::Llama(c) => &c.head,
+        }
+    }
+
+    fn head_mut(&mut self) -> &mut config::HeadFields {
+        match &mut self.config {
+            FamilyConfig::Bert(c) => &mut c.head,
+            FamilyConfig::DistilBert(c) => &mut c.head,
+            FamilyConfig::Gpt2(c) => &mut c.head,
+            FamilyConfig::Llama(c) => &mut c.head,
+        }
+    }
+
+    /// Sets the head's problem type (written into `config.json` by
+    /// [`Checkpoint::write_classifier_config`], so `transformers` picks the same loss).
+    pub fn set_problem_type(&mut self, problem_type: config::ProblemType) {
+        self.head_mut().problem_type = Some(problem_type);
     }
 
     /// Uses EOS as the padding token when the config has none, as the GPT-2 classification
@@ -374,6 +394,9 @@ impl Checkpoint {
             map.insert("id2label".into(), id2label.into());
             map.insert("label2id".into(), label2id.into());
             map.remove("num_labels");
+            if let Some(p) = self.head().problem_type {
+                map.insert("problem_type".into(), serde_json::json!(p));
+            }
             if let Some(pad) = self.pad_token_id() {
                 map.insert("pad_token_id".into(), pad.into());
             }

@@ -6,8 +6,10 @@ use std::path::{Path, PathBuf};
 use burn::tensor::Device;
 use serde_json::json;
 use whet_data::{
-    Columns, Encoded, Encoding, Example, Labels, Size, Table, examples, seeded_split, tokenize,
+    Columns, Encoded, Encoding, Example, Labels, Size, Table, Target, examples, seeded_split,
+    tokenize, tokenize_cached,
 };
+use whet_models::config::ProblemType;
 use whet_models::{Checkpoint, Classifier, ExportParams, TextTokenizer};
 use whet_peft::{LoraConfig, ParamCounts, apply_lora, save_adapter, set_trainable};
 
@@ -25,6 +27,8 @@ pub struct Prepared {
     pub checkpoint: Checkpoint,
     pub tokenizer: TextTokenizer,
     pub labels: Labels,
+    /// Several labels per text (sigmoid per label, binary cross-entropy).
+    pub multi_label: bool,
     pub train: Split,
     pub validation: Option<Split>,
     pub test: Option<Split>,
@@ -43,6 +47,7 @@ fn encoding(name: &str) -> Result<Encoding, String> {
 /// Reads the data, fixes the labels, tokenizes, loads the model and applies the method.
 pub fn prepare(recipe: &Recipe, device: &Device) -> Result<Prepared, String> {
     let d = &recipe.data;
+    let multi = recipe.task.multi_label();
     let enc = encoding(&d.encoding)?;
     let read = |p: &Path| Table::read(p, enc).map_err(|e| e.to_string());
     let train_table = read(&d.train)?;
@@ -62,11 +67,11 @@ pub fn prepare(recipe: &Recipe, device: &Device) -> Result<Prepared, String> {
         text_pair: d.text_pair_column.clone(),
         label: d.label_column.clone(),
     };
-    let all_train = examples(&train_table, &cols, &labels).map_err(|e| e.to_string())?;
+    let all_train = examples(&train_table, &cols, &labels, multi).map_err(|e| e.to_string())?;
     let load_split = |p: &Option<PathBuf>| -> Result<Option<Vec<Example>>, String> {
         match p {
             Some(p) => Ok(Some(
-                examples(&read(p)?, &cols, &labels).map_err(|e| e.to_string())?,
+                examples(&read(p)?, &cols, &labels, multi).map_err(|e| e.to_string())?,
             )),
             None => Ok(None),
         }
@@ -136,9 +141,19 @@ pub fn prepare(recipe: &Recipe, device: &Device) -> Result<Prepared, String> {
         }
     };
     checkpoint.set_labels(&labels.0);
+    if multi {
+        checkpoint.set_problem_type(ProblemType::MultiLabelClassification);
+    }
     let tok = |ex: Vec<Example>| -> Result<Split, String> {
-        let encoded = tokenize(&tokenizer, &ex, d.max_length, d.truncation_side)
-            .map_err(|e| e.to_string())?;
+        let encoded = if d.tokenization_cache {
+            let dir = crate::recipe::cache_dir().join("tokenized");
+            tokenize_cached(&tokenizer, &ex, d.max_length, d.truncation_side, &dir)
+                .map_err(|e| e.to_string())?
+                .0
+        } else {
+            tokenize(&tokenizer, &ex, d.max_length, d.truncation_side)
+                .map_err(|e| e.to_string())?
+        };
         Ok(Split {
             examples: ex,
             encoded,
@@ -206,6 +221,7 @@ pub fn prepare(recipe: &Recipe, device: &Device) -> Result<Prepared, String> {
         checkpoint,
         tokenizer,
         labels,
+        multi_label: multi,
         train,
         validation,
         test,
@@ -251,13 +267,15 @@ fn top_layers(model: &Classifier, n: usize) -> Vec<String> {
         .collect()
 }
 
-/// Predicted label ids and probabilities for texts.
+/// Per-label scores for texts: softmax probabilities, or for a multi-label model one sigmoid
+/// per label (as `pipeline("text-classification")` picks by `problem_type`).
 pub fn predict(
     model: &Classifier,
     tokenizer: &TextTokenizer,
     texts: &[String],
     max_length: usize,
     pad_id: u32,
+    multi_label: bool,
     device: &Device,
 ) -> Result<Vec<Vec<f32>>, String> {
     let ex: Vec<Example> = texts
@@ -265,7 +283,7 @@ pub fn predict(
         .map(|t| Example {
             text: t.clone(),
             text_pair: None,
-            label: 0,
+            label: Target::Class(0),
             origin: "input".into(),
         })
         .collect();
@@ -279,11 +297,15 @@ pub fn predict(
     for chunk in enc.chunks(32) {
         let items: Vec<&Encoded> = chunk.iter().collect();
         let b = whet_data::collate(&items, pad_id);
-        let (input, _) = crate::trainer::to_input(&b, device, with_types);
+        let (input, _) = crate::trainer::to_input(&b, device, with_types, 0);
         let logits = model
             .forward(input, whet_models::Mode::Eval)
             .map_err(|e| e.to_string())?;
-        let probs = burn::tensor::activation::softmax(logits, 1);
+        let probs = if multi_label {
+            burn::tensor::activation::sigmoid(logits)
+        } else {
+            burn::tensor::activation::softmax(logits, 1)
+        };
         let [n, c] = probs.dims();
         let v: Vec<f32> = probs
             .into_data()
@@ -423,7 +445,17 @@ pub fn save(p: &Prepared, recipe: &Recipe, out: &Path) -> Result<(), String> {
             }
         }
     }
-    let labels = json!({ "labels": p.labels.0, "max_length": recipe.data.max_length, "base_model": recipe.model });
+    let problem_type = if p.multi_label {
+        ProblemType::MultiLabelClassification
+    } else {
+        ProblemType::SingleLabelClassification
+    };
+    let labels = json!({
+        "labels": p.labels.0,
+        "problem_type": problem_type,
+        "max_length": recipe.data.max_length,
+        "base_model": recipe.model,
+    });
     whet_models::fsutil::write_atomic(&out.join("labels.json"), labels.to_string().as_bytes())
         .map_err(|e| e.to_string())?;
     Ok(())
@@ -434,6 +466,8 @@ pub struct Trained {
     pub model: Classifier,
     pub tokenizer: TextTokenizer,
     pub labels: Labels,
+    /// Sigmoid per label rather than softmax.
+    pub multi_label: bool,
     pub max_length: usize,
     pub pad_id: u32,
 }
@@ -479,16 +513,13 @@ pub fn load_trained(dir: &Path, device: &Device) -> Result<Trained, String> {
                 .filter_map(|v| v.as_str().map(String::from))
                 .collect(),
         ),
-        None => {
-            let head = match &checkpoint.config {
-                whet_models::FamilyConfig::Bert(c) => &c.head,
-                whet_models::FamilyConfig::DistilBert(c) => &c.head,
-                whet_models::FamilyConfig::Gpt2(c) => &c.head,
-                whet_models::FamilyConfig::Llama(c) => &c.head,
-            };
-            Labels(head.labels())
-        }
+        None => Labels(checkpoint.head().labels()),
     };
+    let multi_label = meta
+        .as_ref()
+        .and_then(|m| m["problem_type"].as_str())
+        .map(|p| p == "multi_label_classification")
+        .unwrap_or(checkpoint.head().problem_type == Some(ProblemType::MultiLabelClassification));
     let tokenizer = match whet_models::TextTokenizer::from_folder(dir) {
         Ok(t) => t,
         Err(_) => checkpoint.tokenizer().map_err(|e| e.to_string())?,
@@ -516,6 +547,7 @@ pub fn load_trained(dir: &Path, device: &Device) -> Result<Trained, String> {
         model,
         tokenizer,
         labels,
+        multi_label,
         max_length,
         pad_id,
     })

@@ -13,9 +13,20 @@ use crate::args::TrainingArguments;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum Task {
-    /// One label per text (or text pair).
+    /// One label per text (or text pair): softmax and cross-entropy.
     #[default]
     SequenceClassification,
+    /// Any number of labels per text: one sigmoid per label and binary cross-entropy, as
+    /// `problem_type = "multi_label_classification"` in `transformers`. The label column
+    /// holds lists of class names or ids.
+    MultiLabelClassification,
+}
+
+impl Task {
+    /// Whether each text carries a set of labels.
+    pub fn multi_label(self) -> bool {
+        self == Task::MultiLabelClassification
+    }
 }
 
 /// Which parameters train.
@@ -75,6 +86,14 @@ pub struct DataSpec {
     /// Split `train` into parts when validation/test files are not given.
     #[serde(default)]
     pub split: Option<SplitSpec>,
+    /// Keep token ids in `<cache>/tokenized/` between runs (as `datasets` caches a mapped
+    /// dataset); keyed by the tokenizer, the truncation settings and every text.
+    #[serde(default = "d_true")]
+    pub tokenization_cache: bool,
+}
+
+fn d_true() -> bool {
+    true
 }
 
 fn d_text() -> String {

@@ -7,8 +7,8 @@ use std::time::Instant;
 use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use serde::Serialize;
-use whet_data::{Batch, Encoded, collate, epoch_order};
-use whet_metrics::{ClassificationReport, classification_report};
+use whet_data::{Batch, Encoded, Target, collate, epoch_order};
+use whet_metrics::{ClassificationReport, classification_report, multilabel_report};
 use whet_models::{Classifier, ClassifierInput, Mode};
 
 use crate::args::{Strategy, TrainingArguments};
@@ -63,10 +63,39 @@ pub struct TrainSummary {
     pub best_step: Option<usize>,
 }
 
-/// Builds model inputs and labels of a padded batch on `device`.
-pub fn to_input(b: &Batch, device: &Device, with_types: bool) -> (ClassifierInput, Tensor<1, Int>) {
+/// The labels of a batch as tensors.
+pub enum BatchLabels {
+    /// `[B]` class ids.
+    Class(Tensor<1, Int>),
+    /// `[B, C]` multi-hot.
+    MultiHot(Tensor<2>),
+}
+
+/// Builds model inputs and labels of a padded batch on `device` (`n_labels` sizes the
+/// multi-hot rows of multi-label targets).
+pub fn to_input(
+    b: &Batch,
+    device: &Device,
+    with_types: bool,
+    n_labels: usize,
+) -> (ClassifierInput, BatchLabels) {
     let t = |v: &Vec<i64>| {
         Tensor::<2, Int>::from_data(TensorData::new(v.clone(), [b.batch, b.len]), device)
+    };
+    let labels = if b.targets.iter().any(|t| matches!(t, Target::Multi(_))) {
+        let mut hot = vec![0f32; b.batch * n_labels];
+        for (r, t) in b.targets.iter().enumerate() {
+            for &k in t.ids() {
+                hot[r * n_labels + k] = 1.0;
+            }
+        }
+        BatchLabels::MultiHot(Tensor::from_data(
+            TensorData::new(hot, [b.batch, n_labels]),
+            device,
+        ))
+    } else {
+        let ids: Vec<i64> = b.targets.iter().map(|t| t.ids()[0] as i64).collect();
+        BatchLabels::Class(Tensor::from_data(TensorData::new(ids, [b.batch]), device))
     };
     (
         ClassifierInput {
@@ -74,15 +103,64 @@ pub fn to_input(b: &Batch, device: &Device, with_types: bool) -> (ClassifierInpu
             attention_mask: t(&b.attention_mask),
             token_type_ids: with_types.then(|| t(&b.token_type_ids)),
         },
-        Tensor::from_data(TensorData::new(b.labels.clone(), [b.batch]), device),
+        labels,
     )
 }
 
-/// Summed cross-entropy over the rows of `logits` (callers divide by the sample count).
-fn summed_ce(logits: Tensor<2>, labels: Tensor<1, Int>) -> Tensor<1> {
-    let [n, _] = logits.dims();
-    let logp = burn::tensor::activation::log_softmax(logits, 1);
-    -logp.gather(1, labels.reshape([n, 1])).sum()
+/// The loss of a batch summed over its rows (callers divide by the sample count):
+/// cross-entropy for class ids; for multi-hot targets the binary cross-entropy with logits
+/// averaged over labels, so that the mean over samples equals `BCEWithLogitsLoss`'s mean over
+/// all elements, as `transformers` computes it for `multi_label_classification`.
+pub fn summed_loss(logits: Tensor<2>, labels: BatchLabels) -> Tensor<1> {
+    let [n, c] = logits.dims();
+    match labels {
+        BatchLabels::Class(ids) => {
+            let logp = burn::tensor::activation::log_softmax(logits, 1);
+            -logp.gather(1, ids.reshape([n, 1])).sum()
+        }
+        BatchLabels::MultiHot(y) => {
+            // max(x, 0) - x*y + log(1 + exp(-|x|)): stable for logits of any size.
+            let x = logits;
+            let bce = x.clone().clamp_min(0.0) - x.clone() * y + x.abs().neg().exp().log1p();
+            bce.sum().div_scalar(c as f64)
+        }
+    }
+}
+
+/// Predicted targets of a batch of logits: the arg-max class, or every label whose sigmoid
+/// exceeds 0.5 (logit > 0) for multi-label.
+fn predictions(logits: Tensor<2>, multi_label: bool) -> Vec<Target> {
+    let [n, c] = logits.dims();
+    if multi_label {
+        let v: Vec<f32> = logits
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec()
+            .unwrap_or_default();
+        (0..n)
+            .map(|i| Target::Multi((0..c).filter(|&k| v[i * c + k] > 0.0).collect()))
+            .collect()
+    } else {
+        let arg: Vec<i64> = logits
+            .argmax(1)
+            .into_data()
+            .convert::<i64>()
+            .try_to_vec()
+            .unwrap_or_default();
+        arg.iter().map(|&p| Target::Class(p as usize)).collect()
+    }
+}
+
+/// Scores predicted targets against the truth (single- or multi-label by the truth's kind).
+pub fn report(truth: &[Target], preds: &[Target], n_labels: usize) -> ClassificationReport {
+    let multi = truth.iter().any(|t| matches!(t, Target::Multi(_)));
+    if multi {
+        let ids = |v: &[Target]| v.iter().map(|t| t.ids().to_vec()).collect::<Vec<_>>();
+        multilabel_report(&ids(truth), &ids(preds), n_labels)
+    } else {
+        let ids = |v: &[Target]| v.iter().map(|t| t.ids()[0]).collect::<Vec<_>>();
+        classification_report(&ids(truth), &ids(preds), n_labels)
+    }
 }
 
 /// Loss and predictions over a dataset, in evaluation mode.
@@ -93,30 +171,25 @@ pub fn evaluate(
     batch_size: usize,
     pad_id: u32,
     device: &Device,
-) -> whet_models::Result<(f64, ClassificationReport, Vec<usize>)> {
+) -> whet_models::Result<(f64, ClassificationReport, Vec<Target>)> {
     // Evaluate on the plain backend: no autodiff graph is recorded for forward passes that are
     // never differentiated.
     let model = &model.valid();
     let device = &device.clone().without_autodiff();
     let with_types = matches!(model, Classifier::Bert(_));
+    let multi = data.iter().any(|e| matches!(e.label, Target::Multi(_)));
     let mut loss = 0.0;
     let mut preds = Vec::with_capacity(data.len());
     for chunk in data.chunks(batch_size.max(1)) {
         let items: Vec<&Encoded> = chunk.iter().collect();
         let b = collate(&items, pad_id);
-        let (input, labels) = to_input(&b, device, with_types);
+        let (input, labels) = to_input(&b, device, with_types, n_labels);
         let logits = model.forward(input, Mode::Eval)?;
-        loss += summed_ce(logits.clone(), labels).into_scalar::<f32>() as f64;
-        let arg: Vec<i64> = logits
-            .argmax(1)
-            .into_data()
-            .convert::<i64>()
-            .try_to_vec()
-            .unwrap_or_default();
-        preds.extend(arg.iter().map(|&p| p as usize));
+        loss += summed_loss(logits.clone(), labels).into_scalar::<f32>() as f64;
+        preds.extend(predictions(logits, multi));
     }
-    let truth: Vec<usize> = data.iter().map(|e| e.label).collect();
-    let report = classification_report(&truth, &preds, n_labels);
+    let truth: Vec<Target> = data.iter().map(|e| e.label.clone()).collect();
+    let report = report(&truth, &preds, n_labels);
     Ok((loss / data.len().max(1) as f64, report, preds))
 }
 
@@ -128,6 +201,7 @@ pub fn optimizer_step(
     model: &mut Classifier,
     opt: &mut Optimizer,
     batches: &[Batch],
+    n_labels: usize,
     lr: f64,
     max_grad_norm: f64,
     device: &Device,
@@ -137,11 +211,11 @@ pub fn optimizer_step(
     let mut grads = GradStore::default();
     let mut step_loss = 0.0;
     for b in batches {
-        let (input, labels) = to_input(b, device, with_types);
+        let (input, labels) = to_input(b, device, with_types, n_labels);
         let logits = model
             .forward(input, Mode::Train)
             .map_err(|e| e.to_string())?;
-        let loss = summed_ce(logits, labels).div_scalar(n as f64);
+        let loss = summed_loss(logits, labels).div_scalar(n as f64);
         let value = loss.clone().into_scalar::<f32>() as f64;
         if !value.is_finite() {
             return Err(format!(
@@ -235,7 +309,15 @@ pub fn train_classifier(
             state.tokens += batches.iter().map(|b| b.tokens).sum::<usize>();
             let lr = args.learning_rate * lr_factor(args.lr_scheduler_type, step, warmup, total);
             let (step_loss, grad_norm) =
-                optimizer_step(model, &mut opt, &batches, lr, args.max_grad_norm, device)
+                optimizer_step(
+                    model,
+                    &mut opt,
+                    &batches,
+                    n_labels,
+                    lr,
+                    args.max_grad_norm,
+                    device,
+                )
                     .map_err(|e| e.replace("{step}", &(step + 1).to_string()))?;
             step += 1;
             state.samples += chunk.len();

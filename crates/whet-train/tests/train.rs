@@ -8,7 +8,7 @@ use std::path::Path;
 
 use burn::tensor::Device;
 use common::*;
-use whet_data::Encoded;
+use whet_data::{Encoded, Target};
 use whet_models::{Checkpoint, Classifier, ExportParams};
 use whet_train::*;
 
@@ -44,7 +44,7 @@ fn toy(n: usize, seed: u64) -> Vec<Encoded> {
             Encoded {
                 type_ids: vec![0; full.len()],
                 ids: full,
-                label,
+                label: Target::Class(label),
             }
         })
         .collect()

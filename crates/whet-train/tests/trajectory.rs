@@ -10,7 +10,7 @@ use burn::module::Param;
 use burn::tensor::{Device, Tensor, TensorData};
 use common::*;
 use safetensors::SafeTensors;
-use whet_data::Batch;
+use whet_data::{Batch, Target};
 use whet_models::{Checkpoint, Classifier, ExportParams};
 use whet_peft::LoraConfig;
 use whet_train::optim::{OptimConfig, Optimizer, OptimizerKind};
@@ -39,13 +39,28 @@ fn i64s(st: &SafeTensors, k: &str) -> (Vec<i64>, Vec<usize>) {
 fn micro_batch(st: &SafeTensors, k: usize) -> Batch {
     let (ids, shape) = i64s(st, &format!("mb{k}_input_ids"));
     let (mask, _) = i64s(st, &format!("mb{k}_attention_mask"));
-    let (labels, _) = i64s(st, &format!("mb{k}_labels"));
+    let key = format!("mb{k}_labels");
+    let targets = if st.tensor(&key).unwrap().dtype() == safetensors::Dtype::F32 {
+        // multi-hot rows
+        let n = shape[0];
+        let hot = f32s(st, &key);
+        let c = hot.len() / n;
+        (0..n)
+            .map(|r| Target::Multi((0..c).filter(|&j| hot[r * c + j] == 1.0).collect()))
+            .collect()
+    } else {
+        i64s(st, &key)
+            .0
+            .iter()
+            .map(|&l| Target::Class(l as usize))
+            .collect()
+    };
     Batch {
         tokens: mask.iter().filter(|&&m| m == 1).count(),
         token_type_ids: vec![0; ids.len()],
         input_ids: ids,
         attention_mask: mask,
-        labels,
+        targets,
         batch: shape[0],
         len: shape[1],
     }
@@ -78,7 +93,7 @@ fn run(model: &mut Classifier, st: &SafeTensors, device: &Device) {
             "lr at step {step}"
         );
         let batches = [micro_batch(st, 2 * step), micro_batch(st, 2 * step + 1)];
-        let (loss, norm) = optimizer_step(model, &mut opt, &batches, lr, 1.0, device).unwrap();
+        let (loss, norm) = optimizer_step(model, &mut opt, &batches, 3, lr, 1.0, device).unwrap();
         assert!(
             (loss as f32 - want_loss[step]).abs() <= 1e-4 * want_loss[step].abs(),
             "step {step}: loss {loss} vs {}",
@@ -104,7 +119,16 @@ fn model_without_dropout(device: &Device) -> (Classifier, tempfile::TempDir) {
 
 #[test]
 fn full_fine_tuning_matches_pytorch_adamw_step_for_step() {
-    let bytes = std::fs::read(fixtures().join("train/bert-adamw.safetensors")).unwrap();
+    full_fine_tuning_matches("bert-adamw");
+}
+
+#[test]
+fn multi_label_fine_tuning_matches_pytorch_bce_step_for_step() {
+    full_fine_tuning_matches("bert-multilabel-adamw");
+}
+
+fn full_fine_tuning_matches(case: &str) {
+    let bytes = std::fs::read(fixtures().join(format!("train/{case}.safetensors"))).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let device = Device::flex().autodiff();
     let (mut model, _dir) = model_without_dropout(&device);

@@ -28,14 +28,14 @@ fn main() -> anyhow::Result<()> {
         .map(|s| Example {
             text: s.to_string(),
             text_pair: None,
-            label: 0,
+            label: whet_data::Target::Class(0),
             origin: String::new(),
         })
         .collect();
     let enc = tokenize(&t.tokenizer, &ex, t.max_length, Default::default())?;
     let b = collate(&enc.iter().collect::<Vec<_>>(), t.pad_id);
     let with_types = matches!(t.model, whet_models::Classifier::Bert(_));
-    let (input, _) = whet_train::trainer::to_input(&b, &device, with_types);
+    let (input, _) = whet_train::trainer::to_input(&b, &device, with_types, 0);
     let logits = t.model.forward(input, whet_models::Mode::Eval)?;
     let dims = logits.dims().to_vec();
     let values: Vec<f32> = logits

@@ -1,12 +1,73 @@
-//! A loss / metric curve as a PNG: enough of a line chart to see a run at a glance, drawn into
-//! an RGB buffer and encoded with the `png` crate (a plotting library would add a font stack
-//! and dozens of crates for two polylines).
+//! A loss / metric curve as a PNG: enough of a line chart to read a run at a glance (axes with
+//! numbered ticks, axis titles, a legend), drawn into an RGB buffer and encoded with the `png`
+//! crate. Written by hand because a plotting library would add a font stack and dozens of
+//! crates for a few polylines; text uses the small bitmap font below.
 
 use std::path::Path;
 
 const W: usize = 800;
-const H: usize = 400;
-const MARGIN: usize = 40;
+const H: usize = 440;
+/// Plot area margins: left (y tick labels), right, top (legend), bottom (x ticks and title).
+const LEFT: usize = 80;
+const RIGHT: usize = 24;
+const TOP: usize = 48;
+const BOTTOM: usize = 56;
+/// Each font pixel becomes a `SCALE` x `SCALE` square.
+const SCALE: i64 = 2;
+
+/// 5 x 7 glyphs, one byte per row, bit 4 = leftmost column.
+fn glyph(c: char) -> [u8; 7] {
+    match c {
+        '0' => [0x0E, 0x11, 0x13, 0x15, 0x19, 0x11, 0x0E],
+        '1' => [0x04, 0x0C, 0x04, 0x04, 0x04, 0x04, 0x0E],
+        '2' => [0x0E, 0x11, 0x01, 0x02, 0x04, 0x08, 0x1F],
+        '3' => [0x1F, 0x02, 0x04, 0x02, 0x01, 0x11, 0x0E],
+        '4' => [0x02, 0x06, 0x0A, 0x12, 0x1F, 0x02, 0x02],
+        '5' => [0x1F, 0x10, 0x1E, 0x01, 0x01, 0x11, 0x0E],
+        '6' => [0x06, 0x08, 0x10, 0x1E, 0x11, 0x11, 0x0E],
+        '7' => [0x1F, 0x01, 0x02, 0x04, 0x08, 0x08, 0x08],
+        '8' => [0x0E, 0x11, 0x11, 0x0E, 0x11, 0x11, 0x0E],
+        '9' => [0x0E, 0x11, 0x11, 0x0F, 0x01, 0x02, 0x0C],
+        '.' => [0, 0, 0, 0, 0, 0x0C, 0x0C],
+        '-' => [0, 0, 0, 0x1F, 0, 0, 0],
+        '+' => [0, 0x04, 0x04, 0x1F, 0x04, 0x04, 0],
+        '/' => [0x01, 0x01, 0x02, 0x04, 0x08, 0x10, 0x10],
+        '_' => [0, 0, 0, 0, 0, 0, 0x1F],
+        'a' => [0, 0, 0x0E, 0x01, 0x0F, 0x11, 0x0F],
+        'b' => [0x10, 0x10, 0x16, 0x19, 0x11, 0x11, 0x1E],
+        'c' => [0, 0, 0x0E, 0x10, 0x10, 0x11, 0x0E],
+        'd' => [0x01, 0x01, 0x0D, 0x13, 0x11, 0x11, 0x0F],
+        'e' => [0, 0, 0x0E, 0x11, 0x1F, 0x10, 0x0E],
+        'f' => [0x06, 0x09, 0x08, 0x1C, 0x08, 0x08, 0x08],
+        'g' => [0, 0x0F, 0x11, 0x11, 0x0F, 0x01, 0x0E],
+        'h' => [0x10, 0x10, 0x16, 0x19, 0x11, 0x11, 0x11],
+        'i' => [0x04, 0, 0x0C, 0x04, 0x04, 0x04, 0x0E],
+        'j' => [0x02, 0, 0x06, 0x02, 0x02, 0x12, 0x0C],
+        'k' => [0x10, 0x10, 0x12, 0x14, 0x18, 0x14, 0x12],
+        'l' => [0x0C, 0x04, 0x04, 0x04, 0x04, 0x04, 0x0E],
+        'm' => [0, 0, 0x1A, 0x15, 0x15, 0x11, 0x11],
+        'n' => [0, 0, 0x16, 0x19, 0x11, 0x11, 0x11],
+        'o' => [0, 0, 0x0E, 0x11, 0x11, 0x11, 0x0E],
+        'p' => [0, 0, 0x1E, 0x11, 0x1E, 0x10, 0x10],
+        'q' => [0, 0, 0x0D, 0x13, 0x0F, 0x01, 0x01],
+        'r' => [0, 0, 0x16, 0x19, 0x10, 0x10, 0x10],
+        's' => [0, 0, 0x0E, 0x10, 0x0E, 0x01, 0x1E],
+        't' => [0x08, 0x08, 0x1C, 0x08, 0x08, 0x09, 0x06],
+        'u' => [0, 0, 0x11, 0x11, 0x11, 0x13, 0x0D],
+        'v' => [0, 0, 0x11, 0x11, 0x11, 0x0A, 0x04],
+        'w' => [0, 0, 0x11, 0x11, 0x15, 0x15, 0x0A],
+        'x' => [0, 0, 0x11, 0x0A, 0x04, 0x0A, 0x11],
+        'y' => [0, 0, 0x11, 0x11, 0x0F, 0x01, 0x0E],
+        'z' => [0, 0, 0x1F, 0x02, 0x04, 0x08, 0x1F],
+        // space, and anything the font lacks
+        _ => [0; 7],
+    }
+}
+
+/// Width in pixels of `text` drawn with [`Canvas::text`].
+fn text_width(text: &str) -> i64 {
+    text.chars().count() as i64 * 6 * SCALE
+}
 
 struct Canvas {
     px: Vec<u8>,
@@ -36,23 +97,57 @@ impl Canvas {
             }
         }
     }
+
+    /// Draws `text` with its top-left corner at `(x, y)`.
+    fn text(&mut self, x: i64, y: i64, text: &str, c: [u8; 3]) {
+        for (i, ch) in text.chars().enumerate() {
+            let ox = x + i as i64 * 6 * SCALE;
+            for (row, bits) in glyph(ch.to_ascii_lowercase()).iter().enumerate() {
+                for col in 0..5 {
+                    if bits & (0x10 >> col) != 0 {
+                        for (dx, dy) in (0..SCALE).flat_map(|a| (0..SCALE).map(move |b| (a, b))) {
+                            self.dot(ox + col * SCALE + dx, y + row as i64 * SCALE + dy, c);
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
-/// One curve: points `(x, y)` and a colour.
+/// A tick value with as few digits as the axis span needs.
+fn tick_label(v: f64, span: f64) -> String {
+    let decimals = if span >= 50.0 {
+        0
+    } else if span >= 5.0 {
+        1
+    } else if span >= 0.5 {
+        2
+    } else {
+        3
+    };
+    format!("{v:.decimals$}")
+}
+
+/// One curve: points `(x, y)`, a colour and its name in the legend.
 pub struct Series {
+    pub name: String,
     pub points: Vec<(f64, f64)>,
     pub color: [u8; 3],
 }
 
-/// Draws the series on shared axes (x: steps, y: auto-scaled, with light grid lines at tenths)
-/// and writes a PNG.
-pub fn line_chart(path: &Path, series: &[Series]) -> std::io::Result<()> {
+/// Draws the series on shared axes (x: `x_title`, y: auto-scaled, with light grid lines and
+/// numbered ticks), a legend along the top, and writes a PNG.
+pub fn line_chart(path: &Path, x_title: &str, series: &[Series]) -> std::io::Result<()> {
     let all: Vec<(f64, f64)> = series
         .iter()
         .flat_map(|s| s.points.iter().copied())
         .filter(|(_, y)| y.is_finite())
         .collect();
     let mut c = Canvas::new();
+    let ink = [0, 0, 0];
+    let (x0, x1) = (LEFT as f64, (W - RIGHT) as f64);
+    let (y0, y1) = (TOP as f64, (H - BOTTOM) as f64);
     if !all.is_empty() {
         let (xmin, xmax) = all
             .iter()
@@ -61,26 +156,26 @@ pub fn line_chart(path: &Path, series: &[Series]) -> std::io::Result<()> {
             .iter()
             .fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
         let (xspan, yspan) = ((xmax - xmin).max(1e-9), (ymax - ymin).max(1e-9));
-        let sx = |x: f64| MARGIN as f64 + (x - xmin) / xspan * (W - 2 * MARGIN) as f64;
-        let sy = |y: f64| (H - MARGIN) as f64 - (y - ymin) / yspan * (H - 2 * MARGIN) as f64;
+        let sx = |x: f64| x0 + (x - xmin) / xspan * (x1 - x0);
+        let sy = |y: f64| y1 - (y - ymin) / yspan * (y1 - y0);
         for k in 0..=10 {
-            let y = MARGIN as f64 + k as f64 * (H - 2 * MARGIN) as f64 / 10.0;
-            c.line(
-                (MARGIN as f64, y),
-                ((W - MARGIN) as f64, y),
-                [230, 230, 230],
-            );
+            let y = y0 + k as f64 * (y1 - y0) / 10.0;
+            c.line((x0, y), (x1, y), [230, 230, 230]);
+            if k % 2 == 0 {
+                let v = ymax - k as f64 * yspan / 10.0;
+                let label = tick_label(v, yspan);
+                let tx = x0 as i64 - 8 - text_width(&label);
+                c.text(tx, y as i64 - 7, &label, ink);
+                c.line((x0 - 5.0, y), (x0, y), ink);
+            }
         }
-        c.line(
-            (MARGIN as f64, MARGIN as f64),
-            (MARGIN as f64, (H - MARGIN) as f64),
-            [0, 0, 0],
-        );
-        c.line(
-            (MARGIN as f64, (H - MARGIN) as f64),
-            ((W - MARGIN) as f64, (H - MARGIN) as f64),
-            [0, 0, 0],
-        );
+        for k in 0..=5 {
+            let x = x0 + k as f64 * (x1 - x0) / 5.0;
+            let v = xmin + k as f64 * xspan / 5.0;
+            let label = tick_label(v, xspan.max(50.0));
+            c.text(x as i64 - text_width(&label) / 2, y1 as i64 + 10, &label, ink);
+            c.line((x, y1), (x, y1 + 5.0), ink);
+        }
         for s in series {
             for w in s.points.windows(2) {
                 c.line((sx(w[0].0), sy(w[0].1)), (sx(w[1].0), sy(w[1].1)), s.color);
@@ -93,6 +188,23 @@ pub fn line_chart(path: &Path, series: &[Series]) -> std::io::Result<()> {
                 }
             }
         }
+    }
+    c.line((x0, y0), (x0, y1), ink);
+    c.line((x0, y1), (x1, y1), ink);
+    let title_x = ((x0 + x1) / 2.0) as i64 - text_width(x_title) / 2;
+    c.text(title_x, (H - BOTTOM) as i64 + 32, x_title, ink);
+    // Legend: a colour bar and the name of each series, left to right along the top.
+    let mut lx = x0 as i64;
+    for s in series.iter().filter(|s| !s.points.is_empty()) {
+        for dy in 0..4 {
+            c.line(
+                (lx as f64, 18.0 + dy as f64),
+                (lx as f64 + 24.0, 18.0 + dy as f64),
+                s.color,
+            );
+        }
+        c.text(lx + 32, 13, &s.name, ink);
+        lx += 32 + text_width(&s.name) + 28;
     }
     let file = std::fs::File::create(path)?;
     let mut enc = png::Encoder::new(std::io::BufWriter::new(file), W as u32, H as u32);

@@ -9,7 +9,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use burn::tensor::Device;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
-use whet_data::{Columns, Table, examples, tokenize};
+use whet_data::{Columns, Table, Target, examples, tokenize};
 use whet_metrics::ClassificationReport;
 use whet_train::classify::{self, Prepared};
 use whet_train::{EvalLog, Observer, Recipe, StepLog};
@@ -105,21 +105,33 @@ fn show_examples(title: &str, p: &Prepared, recipe: &Recipe, device: &Device) ->
         &texts,
         recipe.data.max_length,
         p.pad_id,
+        p.multi_label,
         device,
     )
     .map_err(|e| anyhow!(e))?;
     println!("{title}");
     for (e, pr) in picked.iter().zip(&probs) {
         let best = whet_infer_argmax(pr);
+        let predicted = if p.multi_label {
+            Target::Multi((0..pr.len()).filter(|&k| pr[k] > 0.5).collect())
+        } else {
+            Target::Class(best)
+        };
         println!(
             "  {:<62} true {:<10} predicted {:<10} ({:.2})",
             truncate(&e.text, 62),
-            truncate(&p.labels.0[e.label], 10),
-            truncate(&p.labels.0[best], 10),
+            truncate(&label_text(&p.labels, &e.label), 10),
+            truncate(&label_text(&p.labels, &predicted), 10),
             pr[best]
         );
     }
     Ok(())
+}
+
+/// A target as label names: `pos`, or `joy,love` for several labels.
+fn label_text(labels: &whet_data::Labels, t: &Target) -> String {
+    let names: Vec<&str> = t.ids().iter().map(|&i| labels.0[i].as_str()).collect();
+    names.join(",")
 }
 
 fn whet_infer_argmax(v: &[f32]) -> usize {
@@ -263,16 +275,20 @@ pub fn train(recipe_path: &Path, set: &[String], resume: Option<&str>) -> Result
         .collect();
     line_chart(
         &out.join("loss_curve.png"),
+        "optimizer step",
         &[
             Series {
+                name: "train loss".into(),
                 points: loss_points,
                 color: [31, 119, 180],
             },
             Series {
+                name: "eval loss".into(),
                 points: eval_points,
                 color: [214, 39, 40],
             },
             Series {
+                name: "eval accuracy".into(),
                 points: acc_points,
                 color: [44, 160, 44],
             },
@@ -319,7 +335,11 @@ fn write_splits(p: &Prepared, dir: &Path) -> Result<()> {
         let Some(split) = split else { continue };
         let mut text = String::new();
         for e in &split.examples {
-            let mut row = json!({"text": e.text, "label": p.labels.0[e.label]});
+            let label = match &e.label {
+                Target::Class(c) => json!(p.labels.0[*c]),
+                Target::Multi(ids) => json!(ids.iter().map(|&i| &p.labels.0[i]).collect::<Vec<_>>()),
+            };
+            let mut row = json!({"text": e.text, "label": label});
             if let Some(pair) = &e.text_pair {
                 row["text_pair"] = json!(pair);
             }
@@ -347,7 +367,7 @@ pub fn eval(
         text_pair: None,
         label: label_column.into(),
     };
-    let ex = examples(&table, &cols, &t.labels)?;
+    let ex = examples(&table, &cols, &t.labels, t.multi_label)?;
     let enc = tokenize(&t.tokenizer, &ex, t.max_length, Default::default())?;
     let (loss, r, _) =
         whet_train::evaluate(&t.model, &enc, t.labels.len(), batch, t.pad_id, &device)?;
@@ -394,6 +414,7 @@ pub fn predict(
         &texts,
         t.max_length,
         t.pad_id,
+        t.multi_label,
         &device,
     )
     .map_err(|e| anyhow!(e))?;

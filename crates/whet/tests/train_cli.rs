@@ -348,6 +348,7 @@ fn a_killed_run_resumes_to_the_same_weights() {
     args_b.extend(common);
     args_b.extend(["--set", &set_b]);
     let mut child = Command::new(env!("CARGO_BIN_EXE_whet"))
+        .env("WHET_CACHE", cache())
         .args(&args_b)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -383,5 +384,230 @@ fn a_killed_run_resumes_to_the_same_weights() {
     for entry in std::fs::read_dir(&b).unwrap() {
         let name = entry.unwrap().file_name().to_string_lossy().into_owned();
         assert!(!name.contains(".tmp-"), "leftover temporary {name}");
+    }
+}
+
+/// Multi-label training (`task = "multi-label-classification"`, lists of label names) writes a
+/// `transformers` config with `problem_type`, scores with sigmoids and reports subset accuracy.
+#[test]
+fn multi_label_training_uses_sigmoids_and_saves_the_problem_type() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut train = String::new();
+    for i in 0..5 {
+        for (p, n) in POS.iter().zip(NEG) {
+            let tags = if i % 2 == 0 { "[\"pos\", \"review\"]" } else { "[\"pos\"]" };
+            train += &format!("{{\"text\": \"{p} {i}\", \"label\": {tags}}}\n");
+            train += &format!("{{\"text\": \"{n} {i}\", \"label\": [\"neg\"]}}\n");
+        }
+    }
+    let (data, val) = (dir.path().join("multi.jsonl"), dir.path().join("multi-val.jsonl"));
+    let lines: Vec<&str> = train.lines().collect();
+    std::fs::write(&data, lines[..48].join("\n")).unwrap();
+    std::fs::write(&val, lines[48..].join("\n")).unwrap();
+    let r = recipe(dir.path(), "full", "");
+    let out = dir.path().join("out");
+    let text = ok(&[
+        "train",
+        r.to_str().unwrap(),
+        "--set",
+        "task=\"multi-label-classification\"",
+        "--set",
+        &format!("data.train=\"{}\"", data.display()),
+        "--set",
+        &format!("data.validation=\"{}\"", val.display()),
+        "--set",
+        "training.max_steps=2",
+    ]);
+    assert!(text.contains("after training"), "{text}");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["problem_type"], "multi_label_classification");
+    assert_eq!(cfg["id2label"]["2"], "review");
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("all_results.json")).unwrap())
+            .unwrap();
+    assert!(results["eval_accuracy"].is_number(), "{results}");
+    assert_eq!(
+        results["eval_confusion_matrix"].as_array().unwrap().len(),
+        3,
+        "one [tn, fp, fn, tp] row per label"
+    );
+    let split = std::fs::read_to_string(out.join("data/validation.jsonl")).unwrap();
+    assert!(split.contains("\"label\":["), "{split}");
+    let pred = ok(&[
+        "predict",
+        "--model",
+        out.to_str().unwrap(),
+        "--text",
+        "great movie",
+        "--top-k",
+        "3",
+    ]);
+    let scores: Vec<f64> = serde_json::from_str::<serde_json::Value>(pred.trim())
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["score"].as_f64().unwrap())
+        .collect();
+    assert_eq!(scores.len(), 3);
+    let sum: f64 = scores.iter().sum();
+    assert!(
+        (sum - 1.0).abs() > 1e-3,
+        "independent sigmoids, not a softmax: {scores:?}"
+    );
+}
+
+/// Parquet data (written by pyarrow) trains like JSONL.
+#[test]
+fn parquet_data_trains() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = recipe(dir.path(), "head", "");
+    let pq = root().join("tests/fixtures/data/reviews.parquet");
+    ok(&[
+        "train",
+        r.to_str().unwrap(),
+        "--set",
+        &format!("data.train=\"{}\"", pq.display()),
+        "--set",
+        &format!("data.validation=\"{}\"", pq.display()),
+        "--set",
+        "training.max_steps=1",
+    ]);
+    let labels = std::fs::read_to_string(dir.path().join("out/labels.json")).unwrap();
+    assert!(labels.contains("[\"neg\",\"pos\"]"), "{labels}");
+}
+
+/// A copy of a tiny random decoder fixture (no pad token) with a word-level tokenizer over its
+/// 99 ids: `<unk>` 0, `<bos>` 1, `<eos>` 2, `w3` .. `w98`.
+fn tiny_decoder(fixture: &str, dir: &Path) -> PathBuf {
+    let src = root().join("tests/fixtures").join(fixture);
+    let dst = dir.join(fixture);
+    std::fs::create_dir_all(&dst).unwrap();
+    std::fs::copy(src.join("model.safetensors"), dst.join("model.safetensors")).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    cfg.as_object_mut().unwrap().remove("pad_token_id");
+    std::fs::write(dst.join("config.json"), cfg.to_string()).unwrap();
+    let mut vocab = serde_json::Map::new();
+    for (i, t) in ["<unk>", "<bos>", "<eos>"].iter().enumerate() {
+        vocab.insert(t.to_string(), i.into());
+    }
+    for i in 3..99 {
+        vocab.insert(format!("w{i}"), i.into());
+    }
+    let special = |id: usize, t: &str| {
+        serde_json::json!({"id": id, "content": t, "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true})
+    };
+    let tokenizer = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [special(0, "<unk>"), special(1, "<bos>"), special(2, "<eos>")],
+        "normalizer": null, "pre_tokenizer": {"type": "WhitespaceSplit"},
+        "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
+    });
+    std::fs::write(dst.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    std::fs::write(
+        dst.join("tokenizer_config.json"),
+        r#"{"bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>"}"#,
+    )
+    .unwrap();
+    dst
+}
+
+/// Texts of 3-6 words; the label is whether `w7` occurs.
+fn word_data(dir: &Path) -> PathBuf {
+    let mut x: u64 = 5;
+    let mut next = || {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (x >> 33) as usize
+    };
+    let mut text = String::new();
+    for _ in 0..32 {
+        let len = 3 + next() % 4;
+        let mut words: Vec<String> = (0..len).map(|_| format!("w{}", 10 + next() % 80)).collect();
+        let yes = next() % 2 == 1;
+        if yes {
+            let at = next() % len;
+            words[at] = "w7".into();
+        }
+        let label = if yes { "yes" } else { "no" };
+        text += &format!("{{\"text\": \"{}\", \"label\": \"{label}\"}}\n", words.join(" "));
+    }
+    let p = dir.join("words.jsonl");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// GPT-2 and LLaMA sequence classification through the CLI: a decoder without a pad token
+/// pads with EOS (and says so in the saved config), a new `score` head is trained (full for
+/// GPT-2, LoRA for LLaMA), and the result predicts.
+#[test]
+fn decoder_classification_trains_through_the_cli() {
+    for (fixture, method, arch, extra) in [
+        ("tiny-gpt2", "full", Some("GPT2ForSequenceClassification"), ""),
+        (
+            "tiny-llama",
+            "lora",
+            None,
+            "[lora]\nr = 4\nlora_alpha = 8\ntarget_modules = [\"q_proj\", \"v_proj\"]",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let model = tiny_decoder(fixture, dir.path());
+        let data = word_data(dir.path());
+        let out = dir.path().join("out");
+        let recipe = format!(
+            "model = \"{}\"\nmethod = \"{method}\"\n[data]\ntrain = \"{}\"\nmax_length = 16\n\
+             [data.split]\nvalidation = 8\n{extra}\n[training]\noutput_dir = \"{}\"\n\
+             learning_rate = 1e-2\nper_device_train_batch_size = 8\nmax_steps = 4\n\
+             eval_strategy = \"epoch\"\n",
+            model.display(),
+            data.display(),
+            out.display()
+        );
+        let r = dir.path().join("recipe.toml");
+        std::fs::write(&r, recipe).unwrap();
+        let text = ok(&["train", r.to_str().unwrap()]);
+        assert!(text.contains("after training"), "{fixture}: {text}");
+        let results: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join("all_results.json")).unwrap(),
+        )
+        .unwrap();
+        assert!(results["eval_loss"].as_f64().unwrap().is_finite(), "{results}");
+        match arch {
+            Some(arch) => {
+                let cfg: serde_json::Value = serde_json::from_str(
+                    &std::fs::read_to_string(out.join("config.json")).unwrap(),
+                )
+                .unwrap();
+                assert_eq!(cfg["architectures"][0], arch);
+                assert_eq!(cfg["pad_token_id"], 2, "EOS pads");
+            }
+            None => {
+                let cfg: serde_json::Value = serde_json::from_str(
+                    &std::fs::read_to_string(out.join("adapter_config.json")).unwrap(),
+                )
+                .unwrap();
+                assert_eq!(cfg["task_type"], "SEQ_CLS");
+                assert!(
+                    cfg["modules_to_save"]
+                        .as_array()
+                        .unwrap()
+                        .contains(&"score".into()),
+                    "{cfg}"
+                );
+            }
+        }
+        let pred = ok(&[
+            "predict",
+            "--model",
+            out.to_str().unwrap(),
+            "--text",
+            "w12 w7 w40",
+        ]);
+        let p: serde_json::Value = serde_json::from_str(pred.trim()).unwrap();
+        assert!(["yes", "no"].contains(&p["label"].as_str().unwrap()), "{p}");
     }
 }

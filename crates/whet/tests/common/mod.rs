@@ -11,10 +11,7 @@ pub fn root() -> PathBuf {
 
 /// An asset of the cache (`WHET_CACHE` or `cache/`); panics with the fetch command when absent.
 pub fn asset(rel: &str) -> PathBuf {
-    let cache = std::env::var_os("WHET_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("cache"));
-    let p = cache.join(rel);
+    let p = cache().join(rel);
     assert!(
         p.exists(),
         "{} missing: run scripts/fetch_assets.sh",
@@ -23,9 +20,18 @@ pub fn asset(rel: &str) -> PathBuf {
     p
 }
 
-/// Runs `whet` with `args`.
+/// The asset cache the tests use: `WHET_CACHE`, else the repository's `cache/`.
+pub fn cache() -> PathBuf {
+    std::env::var_os("WHET_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("cache"))
+}
+
+/// Runs `whet` with `args` (and the repository's asset cache, so that the tokenization cache
+/// does not land in the crate folder).
 pub fn whet(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_whet"))
+        .env("WHET_CACHE", cache())
         .args(args)
         .output()
         .expect("whet runs")
