@@ -8,7 +8,7 @@ Usage:
       --method lora --out /tmp/ref-lora.json [--threads 2]
 RUN/data holds train/validation/test.jsonl as `whet train` writes them (the exact split).
 Settings mirror recipes/tweets-lora.toml: lr 1e-3 (LoRA) or 5e-5 (full), batch 16, 1 epoch,
-max_length 128, LoRA r 8, alpha 16, dropout 0.1 on query and value, seed 42."""
+max_length 128, LoRA r 8, alpha 16, dropout 0.1 on query and value, seed 42 (--seed)."""
 import argparse
 import json
 import resource
@@ -32,12 +32,13 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--seed", type=int, default=42, help="training seed (head init, dropout, order)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
                               Trainer, TrainingArguments, set_seed)
-    set_seed(42)
+    set_seed(args.seed)
     train, val, test = (load_jsonl(f"{args.data}/{s}.jsonl") for s in ("train", "validation", "test"))
     labels = sorted({r["label"] for r in train})
     l2i = {l: i for i, l in enumerate(labels)}
@@ -73,7 +74,7 @@ def main():
 
     targs = TrainingArguments(output_dir="/tmp/whet-ref-out", learning_rate=lr, per_device_train_batch_size=16,
                               per_device_eval_batch_size=64, num_train_epochs=args.epochs, eval_strategy="epoch",
-                              save_strategy="no", logging_steps=50, seed=42, report_to=[], use_cpu=True,
+                              save_strategy="no", logging_steps=50, seed=args.seed, report_to=[], use_cpu=True,
                               dataloader_num_workers=0)
     trainer = Trainer(model=model, args=targs, train_dataset=dtrain, eval_dataset=dval,
                       data_collator=DataCollatorWithPadding(tok), compute_metrics=lambda p: {

@@ -258,8 +258,8 @@ impl Size {
 }
 
 /// Shuffles `items` with `seed` and cuts consecutive parts of the given sizes (in order), as
-/// `datasets`' `train_test_split(seed=...)` applied in sequence would. A size of `None` takes
-/// the rest.
+/// `datasets`' `train_test_split(seed=...)` applied in sequence would. The first size of `None`
+/// takes the rest; a later `None` part is empty.
 pub fn seeded_split<T: Clone>(
     items: &[T],
     sizes: &[Option<Size>],
@@ -276,8 +276,13 @@ pub fn seeded_split<T: Clone>(
     }
     let mut start = 0;
     let mut out = Vec::new();
+    let mut rest = Some(n - fixed);
     for s in sizes {
-        let len = s.map(|s| s.resolve(n)).unwrap_or(n - fixed);
+        // The first unsized part takes the rest; any later one is empty.
+        let len = match s {
+            Some(s) => s.resolve(n),
+            None => rest.take().unwrap_or(0),
+        };
         out.push(
             order[start..start + len]
                 .iter()

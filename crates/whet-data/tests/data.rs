@@ -128,6 +128,9 @@ fn seeded_split_is_reproducible_disjoint_and_sized() {
     let c = seeded_split(&items, &[Some(Size::Count(80)), None], 7).unwrap();
     assert_ne!(a[0], c[0], "another seed, another split");
     assert!(seeded_split(&items, &[Some(Size::Count(101))], 1).is_err());
+    // only the first unsized part takes the rest (train = rest, validation 8, no test)
+    let d = seeded_split(&items, &[None, Some(Size::Count(8)), None], 3).unwrap();
+    assert_eq!((d[0].len(), d[1].len(), d[2].len()), (92, 8, 0));
 }
 
 #[test]
@@ -168,7 +171,11 @@ fn fixtures() -> PathBuf {
 fn parquet_from_pyarrow_reads_every_cell() {
     for name in ["reviews.parquet", "reviews-gzip.parquet"] {
         let t = Table::read(&fixtures().join("data").join(name), Encoding::Utf8).unwrap();
-        assert_eq!(t.columns, vec!["text", "label", "label_id", "tags"], "{name}");
+        assert_eq!(
+            t.columns,
+            vec!["text", "label", "label_id", "tags"],
+            "{name}"
+        );
         assert_eq!(t.rows.len(), 5, "{name}");
         let (line, row) = &t.rows[2];
         assert_eq!(*line, 3);
@@ -187,7 +194,10 @@ fn parquet_from_pyarrow_reads_every_cell() {
         };
         let ids = Labels::infer(&t, "label_id").unwrap();
         assert_eq!(ids.0, vec!["LABEL_0", "LABEL_1"]);
-        assert_eq!(examples(&t, &by_id, &ids, false).unwrap()[0].label, Target::Class(1));
+        assert_eq!(
+            examples(&t, &by_id, &ids, false).unwrap()[0].label,
+            Target::Class(1)
+        );
     }
 }
 
@@ -234,10 +244,18 @@ fn multi_label_columns_hold_lists_of_names_or_ids() {
     let l = Labels(vec!["LABEL_0".into(), "LABEL_1".into()]);
     let e = examples(&t, &cols(), &l, true).unwrap_err();
     assert!(matches!(&e, DataError::UnknownLabel { line: 2, .. }), "{e}");
-    let p = write(&dir, "n.jsonl", b"{\"text\": \"a\", \"label\": [1, 0, 1]}\n");
+    let p = write(
+        &dir,
+        "n.jsonl",
+        b"{\"text\": \"a\", \"label\": [1, 0, 1]}\n",
+    );
     let t = Table::read(&p, Encoding::Utf8).unwrap();
     let ex = examples(&t, &cols(), &l, true).unwrap();
-    assert_eq!(ex[0].label, Target::Multi(vec![0, 1]), "sorted, deduplicated");
+    assert_eq!(
+        ex[0].label,
+        Target::Multi(vec![0, 1]),
+        "sorted, deduplicated"
+    );
 }
 
 /// The tokenization cache returns what tokenizing returns, and any change to the texts or the

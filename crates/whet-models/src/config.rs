@@ -51,7 +51,7 @@ impl Activation {
     pub fn forward<const D: usize>(self, x: Tensor<D>) -> Tensor<D> {
         use burn::tensor::activation as act;
         match self {
-            Activation::Gelu => act::gelu(x),
+            Activation::Gelu => crate::kernels::gelu(x),
             Activation::GeluTanh => act::gelu_approximate(x),
             Activation::Relu => act::relu(x),
             Activation::Silu => act::silu(x),

@@ -5,7 +5,6 @@
 //! round-trip test checks both against the file).
 
 use burn::module::{Module, Param};
-use burn::tensor::activation::softmax;
 use burn::tensor::module::{attention, embedding};
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Distribution, Int, Tensor};
@@ -338,8 +337,10 @@ pub fn attention_bias(keep: Tensor<2, Bool>, tq: usize, causal: bool) -> Tensor<
 
 /// Scaled dot-product attention with an additive bias and attention-probability dropout.
 ///
-/// In evaluation (or without dropout) it calls burn's fused `attention`; training with dropout
-/// needs the probabilities themselves, so it computes them explicitly.
+/// In evaluation it calls burn's fused `attention`; training needs the gradient and the
+/// dropped-out probabilities, which the fused kernel of [`crate::kernels::attention_probs`]
+/// computes in one pass each way (burn's autodiff would decompose softmax and dropout into
+/// eight tracked ops).
 ///
 /// # Shapes
 /// - q `[B, H, Tq, hd]`, k and v `[B, H, Tk, hd]`
@@ -355,14 +356,22 @@ pub fn scaled_dot_product(
 ) -> Tensor<4> {
     let [b, h, tq, hd] = q.dims();
     let tk = k.dims()[2];
-    if mode == Mode::Eval || dropout_p <= 0.0 {
+    if mode == Mode::Eval {
         let bias = bias.expand([b, h, tq, tk]);
         return attention(q, k, v, None, Some(bias), AttentionModuleOptions::default());
     }
-    let scale = 1.0 / (hd as f64).sqrt();
+    let scale = 1.0 / (hd as f32).sqrt();
     // (B, H, Tq, hd) x (B, H, hd, Tk) -> (B, H, Tq, Tk)
-    let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale) + bias;
-    let probs = dropout(softmax(scores, 3), dropout_p, mode);
+    let scores = q.matmul(k.swap_dims(2, 3));
+    let (keep, keep_scale) = if dropout_p > 0.0 {
+        (
+            scores.random_like(Distribution::Bernoulli(1.0 - dropout_p)),
+            (1.0 / (1.0 - dropout_p)) as f32,
+        )
+    } else {
+        (scores.ones_like(), 1.0)
+    };
+    let probs = crate::kernels::attention_probs(scores, bias, keep.detach(), scale, keep_scale);
     // (B, H, Tq, Tk) x (B, H, Tk, hd) -> (B, H, Tq, hd)
     probs.matmul(v)
 }

@@ -14,6 +14,7 @@ pub mod error;
 pub mod fsutil;
 pub mod gguf;
 pub mod gpt2;
+pub mod kernels;
 pub mod layers;
 pub mod llama;
 pub mod tokenizer;

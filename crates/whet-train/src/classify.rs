@@ -151,8 +151,7 @@ pub fn prepare(recipe: &Recipe, device: &Device) -> Result<Prepared, String> {
                 .map_err(|e| e.to_string())?
                 .0
         } else {
-            tokenize(&tokenizer, &ex, d.max_length, d.truncation_side)
-                .map_err(|e| e.to_string())?
+            tokenize(&tokenizer, &ex, d.max_length, d.truncation_side).map_err(|e| e.to_string())?
         };
         Ok(Split {
             examples: ex,

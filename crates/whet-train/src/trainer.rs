@@ -308,17 +308,16 @@ pub fn train_classifier(
                 .collect();
             state.tokens += batches.iter().map(|b| b.tokens).sum::<usize>();
             let lr = args.learning_rate * lr_factor(args.lr_scheduler_type, step, warmup, total);
-            let (step_loss, grad_norm) =
-                optimizer_step(
-                    model,
-                    &mut opt,
-                    &batches,
-                    n_labels,
-                    lr,
-                    args.max_grad_norm,
-                    device,
-                )
-                    .map_err(|e| e.replace("{step}", &(step + 1).to_string()))?;
+            let (step_loss, grad_norm) = optimizer_step(
+                model,
+                &mut opt,
+                &batches,
+                n_labels,
+                lr,
+                args.max_grad_norm,
+                device,
+            )
+            .map_err(|e| e.replace("{step}", &(step + 1).to_string()))?;
             step += 1;
             state.samples += chunk.len();
             state.loss_sum += step_loss;

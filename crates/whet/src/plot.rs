@@ -173,7 +173,12 @@ pub fn line_chart(path: &Path, x_title: &str, series: &[Series]) -> std::io::Res
             let x = x0 + k as f64 * (x1 - x0) / 5.0;
             let v = xmin + k as f64 * xspan / 5.0;
             let label = tick_label(v, xspan.max(50.0));
-            c.text(x as i64 - text_width(&label) / 2, y1 as i64 + 10, &label, ink);
+            c.text(
+                x as i64 - text_width(&label) / 2,
+                y1 as i64 + 10,
+                &label,
+                ink,
+            );
             c.line((x, y1), (x, y1 + 5.0), ink);
         }
         for s in series {

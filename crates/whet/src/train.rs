@@ -337,7 +337,9 @@ fn write_splits(p: &Prepared, dir: &Path) -> Result<()> {
         for e in &split.examples {
             let label = match &e.label {
                 Target::Class(c) => json!(p.labels.0[*c]),
-                Target::Multi(ids) => json!(ids.iter().map(|&i| &p.labels.0[i]).collect::<Vec<_>>()),
+                Target::Multi(ids) => {
+                    json!(ids.iter().map(|&i| &p.labels.0[i]).collect::<Vec<_>>())
+                }
             };
             let mut row = json!({"text": e.text, "label": label});
             if let Some(pair) = &e.text_pair {

@@ -395,12 +395,19 @@ fn multi_label_training_uses_sigmoids_and_saves_the_problem_type() {
     let mut train = String::new();
     for i in 0..5 {
         for (p, n) in POS.iter().zip(NEG) {
-            let tags = if i % 2 == 0 { "[\"pos\", \"review\"]" } else { "[\"pos\"]" };
+            let tags = if i % 2 == 0 {
+                "[\"pos\", \"review\"]"
+            } else {
+                "[\"pos\"]"
+            };
             train += &format!("{{\"text\": \"{p} {i}\", \"label\": {tags}}}\n");
             train += &format!("{{\"text\": \"{n} {i}\", \"label\": [\"neg\"]}}\n");
         }
     }
-    let (data, val) = (dir.path().join("multi.jsonl"), dir.path().join("multi-val.jsonl"));
+    let (data, val) = (
+        dir.path().join("multi.jsonl"),
+        dir.path().join("multi-val.jsonl"),
+    );
     let lines: Vec<&str> = train.lines().collect();
     std::fs::write(&data, lines[..48].join("\n")).unwrap();
     std::fs::write(&val, lines[48..].join("\n")).unwrap();
@@ -520,7 +527,9 @@ fn tiny_decoder(fixture: &str, dir: &Path) -> PathBuf {
 fn word_data(dir: &Path) -> PathBuf {
     let mut x: u64 = 5;
     let mut next = || {
-        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (x >> 33) as usize
     };
     let mut text = String::new();
@@ -533,7 +542,10 @@ fn word_data(dir: &Path) -> PathBuf {
             words[at] = "w7".into();
         }
         let label = if yes { "yes" } else { "no" };
-        text += &format!("{{\"text\": \"{}\", \"label\": \"{label}\"}}\n", words.join(" "));
+        text += &format!(
+            "{{\"text\": \"{}\", \"label\": \"{label}\"}}\n",
+            words.join(" ")
+        );
     }
     let p = dir.join("words.jsonl");
     std::fs::write(&p, text).unwrap();
@@ -546,7 +558,12 @@ fn word_data(dir: &Path) -> PathBuf {
 #[test]
 fn decoder_classification_trains_through_the_cli() {
     for (fixture, method, arch, extra) in [
-        ("tiny-gpt2", "full", Some("GPT2ForSequenceClassification"), ""),
+        (
+            "tiny-gpt2",
+            "full",
+            Some("GPT2ForSequenceClassification"),
+            "",
+        ),
         (
             "tiny-llama",
             "lora",
@@ -571,11 +588,13 @@ fn decoder_classification_trains_through_the_cli() {
         std::fs::write(&r, recipe).unwrap();
         let text = ok(&["train", r.to_str().unwrap()]);
         assert!(text.contains("after training"), "{fixture}: {text}");
-        let results: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(out.join("all_results.json")).unwrap(),
-        )
-        .unwrap();
-        assert!(results["eval_loss"].as_f64().unwrap().is_finite(), "{results}");
+        let results: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("all_results.json")).unwrap())
+                .unwrap();
+        assert!(
+            results["eval_loss"].as_f64().unwrap().is_finite(),
+            "{results}"
+        );
         match arch {
             Some(arch) => {
                 let cfg: serde_json::Value = serde_json::from_str(
