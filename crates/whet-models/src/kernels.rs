@@ -10,8 +10,10 @@
 //!   and exp built from multiplies, adds and one division so the loops vectorise (AVX-512 or
 //!   AVX2 chosen at run time), split over rayon's threads.
 //! - [`attention_probs`]: `dropout(softmax(scores·scale + bias))` in one pass per row, and the
-//!   gradient `scale·P⊙(dP − Σ dP⊙P)` in one pass back. The bias (padding / causal mask) and the
-//!   dropout keep-mask are constants; the scores get the gradient.
+//!   gradient `scale·P⊙(dP − Σ dP⊙P)` in one pass back. The bias (padding / causal mask) is a
+//!   constant; the scores get the gradient.
+//! - [`dropout`]: inverted dropout whose mask is a hash of a seed and the element index
+//!   ([`DropMask`]), regenerated in the backward pass rather than stored.
 //!
 //! The functions accept every backend: tensors on another backend (a GPU) take burn's own
 //! composed ops, so results agree everywhere and only the speed differs.
@@ -37,14 +39,16 @@ const CHUNK: usize = 16 * 1024;
 pub trait FusedOps: burn::backend::Backend {
     /// Exact (erf) GELU.
     fn fused_gelu(x: FloatTensor<Self>) -> FloatTensor<Self>;
-    /// `softmax(scores·scale + bias) ⊙ keep · keep_scale` over the last dimension; `bias`
-    /// broadcasts over heads (`[B, 1, Tq, Tk]` against `[B, H, Tq, Tk]`).
+    /// Inverted dropout with probability `p` and the mask of `seed`.
+    fn fused_dropout(x: FloatTensor<Self>, p: f64, seed: u64) -> FloatTensor<Self>;
+    /// `dropout(softmax(scores·scale + bias))` over the last dimension; `bias` broadcasts over
+    /// heads (`[B, 1, Tq, Tk]` against `[B, H, Tq, Tk]`).
     fn fused_attention_probs(
         scores: FloatTensor<Self>,
         bias: FloatTensor<Self>,
-        keep: FloatTensor<Self>,
         scale: f32,
-        keep_scale: f32,
+        p: f64,
+        seed: u64,
     ) -> FloatTensor<Self>;
 }
 
@@ -56,35 +60,52 @@ pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     Tensor::from_dispatch(<Dispatch as FusedOps>::fused_gelu(x.into_dispatch()))
 }
 
-/// Attention probabilities with dropout: `softmax(scores·scale + bias)`, then each value kept
-/// where `keep` is 1 and scaled by `keep_scale` (`1 / (1 - p)`), else zeroed.
+/// Inverted dropout in training: each value zeroed with probability `p`, the rest scaled by
+/// `1 / (1 - p)`.
+pub fn dropout<const D: usize>(x: Tensor<D>, p: f64) -> Tensor<D> {
+    if !on_flex(&x) {
+        let keep = x.random_like(burn::tensor::Distribution::Bernoulli(1.0 - p));
+        return x * keep / (1.0 - p);
+    }
+    let seed = draw_seed(&x.device());
+    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_dropout(
+        x.into_dispatch(),
+        p,
+        seed,
+    ))
+}
+
+/// Attention probabilities with dropout: `softmax(scores·scale + bias)`, then each value
+/// dropped with probability `p` and the rest scaled by `1 / (1 - p)`.
 ///
 /// # Shapes
 /// - scores `[B, H, Tq, Tk]`
 /// - bias `[B, 1, Tq, Tk]`
-/// - keep `[B, H, Tq, Tk]` (0 or 1)
 /// - output `[B, H, Tq, Tk]`
-pub fn attention_probs(
-    scores: Tensor<4>,
-    bias: Tensor<4>,
-    keep: Tensor<4>,
-    scale: f32,
-    keep_scale: f32,
-) -> Tensor<4> {
+pub fn attention_probs(scores: Tensor<4>, bias: Tensor<4>, scale: f32, p: f64) -> Tensor<4> {
     if !on_flex(&scores) {
         let [b, h, tq, tk] = scores.dims();
         let probs = burn::tensor::activation::softmax(
             scores.mul_scalar(scale) + bias.expand([b, h, tq, tk]),
             3,
         );
-        return probs * keep.mul_scalar(keep_scale);
+        if p <= 0.0 {
+            return probs;
+        }
+        let keep = probs.random_like(burn::tensor::Distribution::Bernoulli(1.0 - p));
+        return probs * keep / (1.0 - p);
     }
+    let seed = if p > 0.0 {
+        draw_seed(&scores.device())
+    } else {
+        0
+    };
     Tensor::from_dispatch(<Dispatch as FusedOps>::fused_attention_probs(
         scores.into_dispatch(),
         bias.into_dispatch(),
-        keep.into_dispatch(),
         scale,
-        keep_scale,
+        p,
+        seed,
     ))
 }
 
@@ -150,6 +171,69 @@ macro_rules! multiversion {
 
 const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
 
+/// Dropout keep decisions as a pure function of `(seed, element index)`, so the backward pass
+/// regenerates the mask instead of storing it, and the loop vectorises (burn's `random_like`
+/// draws every element from ChaCha one at a time: 15% of a training step). The hash is
+/// Wellons' `lowbias32`, applied twice with the two halves of the seed.
+#[derive(Debug, Clone, Copy)]
+pub struct DropMask {
+    seed_lo: u32,
+    seed_hi: u32,
+    /// Keep an element when the top 24 bits of its hash are below this.
+    threshold: u32,
+    /// `1 / (1 - p)`, or 1 with no dropout.
+    pub scale: f32,
+}
+
+impl DropMask {
+    /// A mask dropping with probability `p` (0 keeps everything).
+    pub fn new(p: f64, seed: u64) -> Self {
+        let p = p.clamp(0.0, 1.0);
+        Self {
+            seed_lo: seed as u32,
+            seed_hi: (seed >> 32) as u32,
+            threshold: ((1.0 - p) * (1u64 << 24) as f64).round() as u32,
+            scale: if p > 0.0 {
+                (1.0 / (1.0 - p)) as f32
+            } else {
+                1.0
+            },
+        }
+    }
+
+    /// `scale` where element `i` is kept, else 0.
+    #[inline(always)]
+    fn factor(&self, i: u32) -> f32 {
+        let h = lowbias32(lowbias32(i ^ self.seed_lo) ^ self.seed_hi);
+        // All ones where kept, else zero: a bit mask instead of a branch, so loops vectorise.
+        let keep = 0u32.wrapping_sub(u32::from((h >> 8) < self.threshold));
+        f32::from_bits(self.scale.to_bits() & keep)
+    }
+}
+
+#[inline(always)]
+fn lowbias32(mut x: u32) -> u32 {
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x7feb_352d);
+    x ^= x >> 15;
+    x = x.wrapping_mul(0x846c_a68b);
+    x ^= x >> 16;
+    x
+}
+
+/// A fresh seed from burn's random generator (seeded per step by the trainer), so masks are
+/// reproducible from the training seed and a resumed run draws the same ones.
+fn draw_seed(device: &burn::tensor::Device) -> u64 {
+    let r = Tensor::<1>::random([2], burn::tensor::Distribution::Uniform(0.0, 1.0), device);
+    let v: Vec<f32> = r
+        .into_data()
+        .convert::<f32>()
+        .try_to_vec()
+        .unwrap_or_default();
+    let bits = |x: Option<&f32>| (x.copied().unwrap_or(0.0) * (1u32 << 24) as f32) as u64;
+    bits(v.first()) | (bits(v.get(1)) << 24)
+}
+
 /// `e^x` for `x` in `[-87.3, 88.7]` (clamped), relative error about 1e-7: Cody-Waite range
 /// reduction to `r ∈ [-ln2/2, ln2/2]`, Cephes' degree-5 polynomial, the power of two built in the
 /// exponent bits. Branch-free so loops over it vectorise.
@@ -161,7 +245,8 @@ fn exp(x: f32) -> f32 {
     // Adding and subtracting 1.5·2^23 rounds to the nearest integer without a call to roundf.
     const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-87.3, 88.7);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    let v = x * LOG2E + ROUND;
+    let n = v - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
     let p = 1.987_569_1e-4;
     let p = p * r + 1.398_199_9e-3;
@@ -170,7 +255,10 @@ fn exp(x: f32) -> f32 {
     let p = p * r + 1.666_666_5e-1;
     let p = p * r + 0.5;
     let e = p * (r * r) + r + 1.0;
-    e * f32::from_bits(((n as i32 + 127) << 23) as u32)
+    // v's low mantissa bits hold n (its ulp is 1): 2^n from integer ops only, no float-to-int
+    // conversion (Rust's saturating `as` would keep the loop scalar).
+    let n_bits = v.to_bits().wrapping_sub(ROUND.to_bits());
+    e * f32::from_bits(n_bits.wrapping_add(127) << 23)
 }
 
 /// `(Φ(x), φ(x))`: the standard normal CDF `0.5·(1 + erf(x/√2))` and density. erf by
@@ -226,7 +314,31 @@ fn gelu_backward(x: &FlexTensor, grad: &FlexTensor) -> FlexTensor {
     new_tensor(out, x)
 }
 
-multiversion!(softmax_row(scores: &[f32], bias: &[f32], scale: f32, probs: &mut [f32]) {
+multiversion!(dropout_slice(x: &[f32], mask: &DropMask, base: u32, out: &mut [f32]) {
+    for (j, (o, &v)) in out.iter_mut().zip(x).enumerate() {
+        *o = v * mask.factor(base.wrapping_add(j as u32));
+    }
+});
+
+fn dropout_apply(x: &FlexTensor, mask: &DropMask) -> FlexTensor {
+    let xs = values(x);
+    let mut out = vec![0f32; xs.len()];
+    out.par_chunks_mut(CHUNK)
+        .zip(xs.par_chunks(CHUNK))
+        .enumerate()
+        .for_each(|(k, (o, x))| dropout_slice(x, mask, (k * CHUNK) as u32, o));
+    new_tensor(out, x)
+}
+
+multiversion!(softmax_row(
+    scores: &[f32],
+    bias: &[f32],
+    scale: f32,
+    mask: &DropMask,
+    base: u32,
+    probs: &mut [f32],
+    out: &mut [f32]
+) {
     let mut max = f32::MIN;
     for (p, (&s, &b)) in probs.iter_mut().zip(scores.iter().zip(bias)) {
         *p = s * scale + b;
@@ -238,32 +350,30 @@ multiversion!(softmax_row(scores: &[f32], bias: &[f32], scale: f32, probs: &mut 
         sum += *p;
     }
     let inv = 1.0 / sum;
-    for p in probs.iter_mut() {
+    for (j, (o, p)) in out.iter_mut().zip(probs.iter_mut()).enumerate() {
         *p *= inv;
-    }
-});
-
-multiversion!(dropout_row(probs: &[f32], keep: &[f32], keep_scale: f32, out: &mut [f32]) {
-    for ((o, &p), &k) in out.iter_mut().zip(probs).zip(keep) {
-        *o = p * k * keep_scale;
+        *o = *p * mask.factor(base.wrapping_add(j as u32));
     }
 });
 
 multiversion!(softmax_backward_row(
     probs: &[f32],
-    keep: &[f32],
     grad: &[f32],
     scale: f32,
-    keep_scale: f32,
+    mask: &DropMask,
+    base: u32,
     out: &mut [f32]
 ) {
     // dP = dOut ⊙ keep · keep_scale; dS = scale · P ⊙ (dP − Σ dP ⊙ P)
-    let mut dot = 0.0;
-    for ((&p, &k), &g) in probs.iter().zip(keep).zip(grad) {
-        dot += g * k * keep_scale * p;
+    for (j, (o, &g)) in out.iter_mut().zip(grad).enumerate() {
+        *o = g * mask.factor(base.wrapping_add(j as u32));
     }
-    for (((o, &p), &k), &g) in out.iter_mut().zip(probs).zip(keep).zip(grad) {
-        *o = scale * p * (g * k * keep_scale - dot);
+    let mut dot = 0.0;
+    for (&p, &d) in probs.iter().zip(out.iter()) {
+        dot += d * p;
+    }
+    for (o, &p) in out.iter_mut().zip(probs) {
+        *o = scale * p * (*o - dot);
     }
 });
 
@@ -276,13 +386,12 @@ fn rows_per_task(tk: usize) -> usize {
 fn attention_probs_forward(
     scores: &FlexTensor,
     bias: &FlexTensor,
-    keep: &FlexTensor,
     scale: f32,
-    keep_scale: f32,
+    mask: &DropMask,
 ) -> (FlexTensor, FlexTensor) {
     let dims = scores.layout().shape().to_vec();
-    let (b, h, tq, tk) = (dims[0], dims[1], dims[2], dims[3]);
-    let (s, bias_v, keep_v) = (values(scores), values(bias), values(keep));
+    let (h, tq, tk) = (dims[1], dims[2], dims[3]);
+    let (s, bias_v) = (values(scores), values(bias));
     let mut probs = vec![0f32; s.len()];
     let mut out = vec![0f32; s.len()];
     let per_task = rows_per_task(tk);
@@ -297,23 +406,21 @@ fn attention_probs_forward(
                 let (bi, qi) = (row / (h * tq), row % tq);
                 let brow = (bi * tq + qi) * tk;
                 let at = row * tk;
-                softmax_row(&s[at..at + tk], &bias_v[brow..brow + tk], scale, p);
-                dropout_row(p, &keep_v[at..at + tk], keep_scale, o);
+                let bias_row = &bias_v[brow..brow + tk];
+                softmax_row(&s[at..at + tk], bias_row, scale, mask, at as u32, p, o);
             }
         });
-    debug_assert_eq!(bias_v.len(), b * tq * tk);
     (new_tensor(probs, scores), new_tensor(out, scores))
 }
 
 fn attention_probs_backward(
     probs: &FlexTensor,
-    keep: &FlexTensor,
     grad: &FlexTensor,
     scale: f32,
-    keep_scale: f32,
+    mask: &DropMask,
 ) -> FlexTensor {
     let tk = *probs.layout().shape().as_slice().last().unwrap_or(&1);
-    let (p, k, g) = (values(probs), values(keep), values(grad));
+    let (p, g) = (values(probs), values(grad));
     let mut out = vec![0f32; p.len()];
     let per_task = rows_per_task(tk) * tk;
     out.par_chunks_mut(per_task)
@@ -322,14 +429,7 @@ fn attention_probs_backward(
             let start = task * per_task;
             for (i, o) in o_rows.chunks_mut(tk).enumerate() {
                 let at = start + i * tk;
-                softmax_backward_row(
-                    &p[at..at + tk],
-                    &k[at..at + tk],
-                    &g[at..at + tk],
-                    scale,
-                    keep_scale,
-                    o,
-                );
+                softmax_backward_row(&p[at..at + tk], &g[at..at + tk], scale, mask, at as u32, o);
             }
         });
     new_tensor(out, probs)
@@ -343,15 +443,19 @@ impl FusedOps for Flex {
         gelu_forward(&dense(x))
     }
 
+    fn fused_dropout(x: FlexTensor, p: f64, seed: u64) -> FlexTensor {
+        dropout_apply(&dense(x), &DropMask::new(p, seed))
+    }
+
     fn fused_attention_probs(
         scores: FlexTensor,
         bias: FlexTensor,
-        keep: FlexTensor,
         scale: f32,
-        keep_scale: f32,
+        p: f64,
+        seed: u64,
     ) -> FlexTensor {
-        let (scores, bias, keep) = (dense(scores), dense(bias), dense(keep));
-        attention_probs_forward(&scores, &bias, &keep, scale, keep_scale).1
+        let mask = DropMask::new(p, seed);
+        attention_probs_forward(&dense(scores), &dense(bias), scale, &mask).1
     }
 }
 
@@ -392,19 +496,52 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
         }
     }
 
+    fn fused_dropout(x: FloatTensor<Self>, p: f64, seed: u64) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct DropoutBackward;
+
+        impl Backward<Flex, 1> for DropoutBackward {
+            /// The mask, regenerated from its seed.
+            type State = DropMask;
+
+            fn backward(self, ops: Ops<DropMask, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+                let [parent] = ops.parents;
+                let grad = grads.consume::<Flex>(&ops.node);
+                if let Some(node) = parent {
+                    grads.register::<Flex>(node.id, dropout_apply(&dense(grad), &ops.state));
+                }
+            }
+        }
+
+        let mask = DropMask::new(p, seed);
+        match DropoutBackward
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let out = dropout_apply(&dense(x.primitive().clone()), &mask);
+                prep.finish(mask, out)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(dropout_apply(&dense(x.into_primitive()), &mask))
+            }
+        }
+    }
+
     fn fused_attention_probs(
         scores: FloatTensor<Self>,
         bias: FloatTensor<Self>,
-        keep: FloatTensor<Self>,
         scale: f32,
-        keep_scale: f32,
+        p: f64,
+        seed: u64,
     ) -> FloatTensor<Self> {
         #[derive(Debug)]
         struct ProbsBackward;
 
         impl Backward<Flex, 1> for ProbsBackward {
-            /// Probabilities before dropout, the keep-mask, scale, keep scale.
-            type State = (FlexTensor, FlexTensor, f32, f32);
+            /// Probabilities before dropout, scale, dropout mask.
+            type State = (FlexTensor, f32, DropMask);
 
             fn backward(
                 self,
@@ -414,17 +551,16 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
             ) {
                 let [parent] = ops.parents;
                 let grad = grads.consume::<Flex>(&ops.node);
-                let (probs, keep, scale, keep_scale) = ops.state;
+                let (probs, scale, mask) = ops.state;
                 if let Some(node) = parent {
-                    let g =
-                        attention_probs_backward(&probs, &keep, &dense(grad), scale, keep_scale);
+                    let g = attention_probs_backward(&probs, &dense(grad), scale, &mask);
                     grads.register::<Flex>(node.id, g);
                 }
             }
         }
 
         let bias = dense(bias.into_primitive());
-        let keep = dense(keep.into_primitive());
+        let mask = DropMask::new(p, seed);
         match ProbsBackward
             .prepare::<C>([scores.node()])
             .compute_bound()
@@ -432,12 +568,12 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
         {
             OpsKind::Tracked(prep) => {
                 let s = dense(scores.primitive().clone());
-                let (probs, out) = attention_probs_forward(&s, &bias, &keep, scale, keep_scale);
-                prep.finish((probs, keep, scale, keep_scale), out)
+                let (probs, out) = attention_probs_forward(&s, &bias, scale, &mask);
+                prep.finish((probs, scale, mask), out)
             }
             OpsKind::UnTracked(prep) => {
                 let s = dense(scores.into_primitive());
-                prep.finish(attention_probs_forward(&s, &bias, &keep, scale, keep_scale).1)
+                prep.finish(attention_probs_forward(&s, &bias, scale, &mask).1)
             }
         }
     }
@@ -525,23 +661,83 @@ mod tests {
             }
         }
         let bias = Tensor::<4>::from_data(TensorData::new(bias, [b, 1, tq, tk]), &device);
-        let keep = Tensor::<4>::random([b, h, tq, tk], Distribution::Bernoulli(0.8), &device);
-        let (scale, keep_scale) = (0.37, 1.25);
+        let scale = 0.37;
         let a = s.clone().require_grad();
         let c = s.require_grad();
-        let pa = attention_probs(a.clone(), bias.clone(), keep.clone(), scale, keep_scale);
+        let pa = attention_probs(a.clone(), bias.clone(), scale, 0.0);
         let pc = burn::tensor::activation::softmax(
             c.clone().mul_scalar(scale) + bias.expand([b, h, tq, tk]),
             3,
-        ) * keep.mul_scalar(keep_scale);
+        );
         assert!(max_diff(pa.clone(), pc.clone()) < 1e-6);
         let w = Tensor::<4>::random([b, h, tq, tk], Distribution::Normal(0.0, 1.0), &device);
         let ga = (pa * w.clone()).sum().backward();
         let gc = (pc * w).sum().backward();
-        let (ga, gc) = (
-            a.grad(&ga).unwrap_or_else(|| panic!("no grad")),
-            c.grad(&gc).unwrap_or_else(|| panic!("no grad")),
-        );
+        let ga = a.grad(&ga).unwrap_or_else(|| panic!("no grad"));
+        let gc = c.grad(&gc).unwrap_or_else(|| panic!("no grad"));
         assert!(max_diff(ga, gc) < 1e-5);
+    }
+
+    /// With dropout the output is the dropout-free probabilities masked and scaled, and the
+    /// gradient flows only through kept values: both checked against the mask the output shows.
+    #[test]
+    fn dropout_masks_are_seeded_and_their_gradient_uses_the_same_mask() {
+        let device = Device::flex().autodiff();
+        let x = Tensor::<2>::random([64, 300], Distribution::Normal(1.0, 0.1), &device);
+        device.seed(7);
+        let a = x.clone().require_grad();
+        let y = dropout(a.clone(), 0.25);
+        device.seed(7);
+        let again = dropout(x.clone(), 0.25);
+        assert_eq!(max_diff(y.clone(), again), 0.0, "same seed, same mask");
+        let kept: Vec<f32> = y
+            .clone()
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec()
+            .unwrap_or_default();
+        let xs: Vec<f32> = x
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec()
+            .unwrap_or_default();
+        let dropped = kept.iter().filter(|&&v| v == 0.0).count() as f64 / kept.len() as f64;
+        assert!((dropped - 0.25).abs() < 0.02, "dropped fraction {dropped}");
+        for (k, v) in kept.iter().zip(&xs) {
+            assert!(*k == 0.0 || (k - v / 0.75).abs() < 1e-6);
+        }
+        let g = y.sum().backward();
+        let g: Vec<f32> = a
+            .grad(&g)
+            .unwrap_or_else(|| panic!("no grad"))
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec()
+            .unwrap_or_default();
+        for (gi, k) in g.iter().zip(&kept) {
+            let want = if *k == 0.0 { 0.0 } else { 1.0 / 0.75 };
+            assert!((gi - want).abs() < 1e-6);
+        }
+        // attention probabilities: dropped entries are zero, kept ones scaled
+        let s = Tensor::<4>::random([2, 2, 4, 6], Distribution::Normal(0.0, 1.0), &device);
+        let bias = Tensor::<4>::zeros([2, 1, 4, 6], &device);
+        let plain = attention_probs(s.clone(), bias.clone(), 1.0, 0.0);
+        let dropped = attention_probs(s, bias, 1.0, 0.5);
+        let (p, d): (Vec<f32>, Vec<f32>) = (
+            plain
+                .into_data()
+                .convert::<f32>()
+                .try_to_vec()
+                .unwrap_or_default(),
+            dropped
+                .into_data()
+                .convert::<f32>()
+                .try_to_vec()
+                .unwrap_or_default(),
+        );
+        assert!(d.contains(&0.0) && d.iter().any(|&v| v > 0.0));
+        for (pv, dv) in p.iter().zip(&d) {
+            assert!(*dv == 0.0 || (dv - 2.0 * pv).abs() < 1e-6);
+        }
     }
 }

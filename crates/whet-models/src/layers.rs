@@ -299,8 +299,7 @@ pub fn dropout<const D: usize>(x: Tensor<D>, p: f64, mode: Mode) -> Tensor<D> {
     if mode == Mode::Eval || p <= 0.0 {
         return x;
     }
-    let keep = x.random_like(Distribution::Bernoulli(1.0 - p));
-    x * keep / (1.0 - p)
+    crate::kernels::dropout(x, p)
 }
 
 /// The additive value that masks an attention score (`torch.finfo(float32).min`, as
@@ -363,15 +362,7 @@ pub fn scaled_dot_product(
     let scale = 1.0 / (hd as f32).sqrt();
     // (B, H, Tq, hd) x (B, H, hd, Tk) -> (B, H, Tq, Tk)
     let scores = q.matmul(k.swap_dims(2, 3));
-    let (keep, keep_scale) = if dropout_p > 0.0 {
-        (
-            scores.random_like(Distribution::Bernoulli(1.0 - dropout_p)),
-            (1.0 / (1.0 - dropout_p)) as f32,
-        )
-    } else {
-        (scores.ones_like(), 1.0)
-    };
-    let probs = crate::kernels::attention_probs(scores, bias, keep.detach(), scale, keep_scale);
+    let probs = crate::kernels::attention_probs(scores, bias, scale, dropout_p);
     // (B, H, Tq, Tk) x (B, H, Tk, hd) -> (B, H, Tq, hd)
     probs.matmul(v)
 }
