@@ -19,6 +19,38 @@ struct Cli {
     command: Command,
 }
 
+/// The recipe keys, shown by `whet train --help`.
+const RECIPE_HELP: &str = "\
+RECIPE KEYS (TOML; any key can be overridden with --set KEY=VALUE; `<cache>` in a path is the
+asset cache, WHET_CACHE or ./cache):
+  model          a Hugging Face folder or a .gguf file
+  task           sequence-classification (default) | multi-label-classification
+  method         full (default) | head | lora
+  [data]
+    train, validation, test   .jsonl, .csv, .tsv or .parquet files (validation/test optional)
+    split          {train, validation, test, seed}: a seeded split of `train` when no other
+                   file is given; counts (>= 1) or fractions (< 1); seed 42
+    text_column    default \"text\"; text_pair_column optional
+    label_column   default \"label\": class names or ids; lists of them for multi-label
+    label_names    class names in id order (default: inferred, sorted)
+    max_length     default 128; truncation_side right (default) | left
+    encoding       CSV text encoding: utf-8 (default) | latin-1
+    tokenization_cache   keep token ids in <cache>/tokenized/ (default true)
+  [head]           unfreeze_top_layers = N (method = head; default 0)
+  [lora]           as peft.LoraConfig: r (8), lora_alpha (8), lora_dropout (0), target_modules,
+                   bias (none | all | lora_only), modules_to_save, use_rslora (false)
+  [training]       as transformers.TrainingArguments (defaults in brackets):
+    output_dir, learning_rate (5e-5), per_device_train_batch_size (8),
+    per_device_eval_batch_size (8), num_train_epochs (3), max_steps (-1: off),
+    gradient_accumulation_steps (1), weight_decay (0; never on biases and norms),
+    adam_beta1 (0.9), adam_beta2 (0.999), adam_epsilon (1e-8), max_grad_norm (1.0; 0 off),
+    optim (adamw_torch | sgd), lr_scheduler_type (linear | cosine | constant |
+    constant_with_warmup), warmup_steps (0), warmup_ratio (0), eval_strategy (no | steps |
+    epoch), eval_steps, save_strategy (steps), save_steps (500), save_total_limit,
+    load_best_model_at_end (false), metric_for_best_model (loss | accuracy | f1 | precision |
+    recall | matthews_correlation), greater_is_better, early_stopping_patience,
+    logging_steps (500), seed (42)";
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Print a model's architecture, size, tensor dtypes and tokenizer.
@@ -34,6 +66,7 @@ enum Command {
     /// and training arguments with the names transformers.TrainingArguments and peft.LoraConfig
     /// use. Writes checkpoints, the trained model (a transformers folder, or a peft adapter),
     /// all_results.json, the resolved recipe and a loss curve PNG into training.output_dir.
+    #[command(after_long_help = RECIPE_HELP)]
     Train {
         /// The recipe file.
         recipe: PathBuf,

@@ -308,6 +308,22 @@ fn train_help_explains_its_options() {
         text.contains("--set") && text.contains("Override a recipe value"),
         "{text}"
     );
+    // every recipe section and the less obvious keys are explained
+    for key in [
+        "[data]",
+        "[lora]",
+        "[training]",
+        "multi-label-classification",
+        ".parquet",
+        "tokenization_cache",
+        "truncation_side",
+        "unfreeze_top_layers",
+        "use_rslora",
+        "metric_for_best_model",
+        "early_stopping_patience",
+    ] {
+        assert!(text.contains(key), "{key}: {text}");
+    }
     let text = ok(&["predict", "--help"]);
     for phrase in [
         "--model",
