@@ -39,6 +39,9 @@ def main() -> int:
 
     base = AutoModelForSequenceClassification.from_pretrained(
         args.base_dir, dtype=torch.float32, attn_implementation="eager", num_labels=exp["logits"].shape[1])
+    if base.config.pad_token_id is None and base.config.eos_token_id is not None:
+        # A decoder without a pad token pads with EOS, as whet does (and the GPT-2 tutorial).
+        base.config.pad_token_id = base.config.eos_token_id
     model = PeftModel.from_pretrained(base, args.adapter_dir).eval()
     with torch.no_grad():
         got = model(**batch).logits.float()
