@@ -30,21 +30,60 @@ pub struct GenerationConfig {
     pub sampling: Sampling,
     /// Generation stops after any of these tokens (it is included in the output).
     pub eos_token_ids: Vec<u32>,
+    /// `transformers`' `repetition_penalty` (CTRL paper): the logit of every token already in
+    /// the sequence (prompt included) is divided by it when positive and multiplied by it when
+    /// negative. 1.0 is off.
+    pub repetition_penalty: f32,
+}
+
+impl GenerationConfig {
+    /// Greedy decoding of up to `max_new_tokens`, stopping at `eos_token_ids`.
+    pub fn greedy(max_new_tokens: usize, eos_token_ids: Vec<u32>) -> Self {
+        Self {
+            max_new_tokens,
+            sampling: Sampling::Greedy,
+            eos_token_ids,
+            repetition_penalty: 1.0,
+        }
+    }
+}
+
+/// Applies the repetition penalty to `logits` for every token id in `seen`, as
+/// `RepetitionPenaltyLogitsProcessor` does (each id once, however often it occurs).
+pub fn penalize_repetition(logits: &mut [f32], seen: &[u32], penalty: f32) {
+    if penalty == 1.0 {
+        return;
+    }
+    let mut done = std::collections::HashSet::new();
+    for &id in seen {
+        if let Some(l) = logits.get_mut(id as usize)
+            && done.insert(id)
+        {
+            *l = if *l < 0.0 { *l * penalty } else { *l / penalty };
+        }
+    }
 }
 
 /// Generates a continuation of `prompt`, calling `on_token` with each new token as soon as it
-/// is chosen (for streaming). Returns the new tokens.
+/// is chosen (for streaming); generation stops early when it returns `false` (a stop string
+/// was seen). Returns the new tokens.
 pub fn generate<M: CausalLm>(
     model: &M,
     prompt: &[u32],
     config: &GenerationConfig,
     device: &burn::tensor::Device,
-    mut on_token: impl FnMut(u32),
+    mut on_token: impl FnMut(u32) -> bool,
 ) -> Result<Vec<u32>> {
     if prompt.is_empty() {
         return Err(ModelError::Input("the prompt encodes to no tokens".into()));
     }
     let total = prompt.len() + config.max_new_tokens;
+    if config.repetition_penalty <= 0.0 || !config.repetition_penalty.is_finite() {
+        return Err(ModelError::Input(format!(
+            "repetition_penalty must be a positive number, got {}",
+            config.repetition_penalty
+        )));
+    }
     if total > model.max_positions() {
         return Err(ModelError::Input(format!(
             "prompt ({} tokens) + max_new_tokens ({}) = {total} exceeds the model's {} positions",
@@ -76,12 +115,22 @@ pub fn generate<M: CausalLm>(
         let [_, _, h] = hidden.dims();
         // Only the last position's logits are needed: (1, 1, H) -> (1, 1, V)
         let last = hidden.slice([0..1, t - 1..t, 0..h]);
-        let logits: Vec<f32> = model
+        let mut logits: Vec<f32> = model
             .lm_logits(last)
             .into_data()
             .convert::<f32>()
             .try_to_vec::<f32>()
             .map_err(|e| ModelError::Input(format!("cannot read logits: {e:?}")))?;
+        if config.repetition_penalty != 1.0 {
+            penalize_repetition(&mut logits, prompt, config.repetition_penalty);
+            // Tokens in both the prompt and the output are penalised once.
+            let new: Vec<u32> = out
+                .iter()
+                .copied()
+                .filter(|t| !prompt.contains(t))
+                .collect();
+            penalize_repetition(&mut logits, &new, config.repetition_penalty);
+        }
         let token = match (&config.sampling, rng.as_mut()) {
             (
                 Sampling::Sample {
@@ -95,8 +144,8 @@ pub fn generate<M: CausalLm>(
             _ => argmax(&logits),
         };
         out.push(token);
-        on_token(token);
-        if config.eos_token_ids.contains(&token) {
+        let go_on = on_token(token);
+        if !go_on || config.eos_token_ids.contains(&token) {
             break;
         }
         next_input = vec![token];
@@ -160,6 +209,16 @@ pub fn sample(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn repetition_penalty_divides_positive_and_multiplies_negative_logits_once() {
+        let mut l = [2.0, -2.0, 3.0, 1.0];
+        penalize_repetition(&mut l, &[0, 1, 1, 3, 0, 9], 2.0);
+        assert_eq!(l, [1.0, -4.0, 3.0, 0.5]);
+        let mut same = [2.0, -2.0];
+        penalize_repetition(&mut same, &[0, 1], 1.0);
+        assert_eq!(same, [2.0, -2.0]);
+    }
 
     #[test]
     fn argmax_takes_first_of_ties() {

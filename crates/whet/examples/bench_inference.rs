@@ -71,14 +71,11 @@ fn main() -> anyhow::Result<()> {
 
     let tok = ckpt.tokenizer()?;
     let prompt = tok.encode("The history of the Roman Empire begins with", true)?;
-    let config = whet_infer::GenerationConfig {
-        max_new_tokens: 64,
-        sampling: whet_infer::Sampling::Greedy,
-        eos_token_ids: vec![], // fixed length on both sides
-    };
+    // no EOS: fixed length on both sides
+    let config = whet_infer::GenerationConfig::greedy(64, vec![]);
     let mut n = 0;
     let secs = time(2, || {
-        n = whet_infer::generate(&model, &prompt, &config, &device, |_| {})
+        n = whet_infer::generate(&model, &prompt, &config, &device, |_| true)
             .map(|v| v.len())
             .unwrap_or(0);
     });

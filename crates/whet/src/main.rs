@@ -158,6 +158,51 @@ struct GenerateArgs {
     /// With --chat: a system message placed first.
     #[arg(long, requires = "chat")]
     system: Option<String>,
+    /// Penalise tokens already in the text, as transformers' repetition_penalty: positive
+    /// logits are divided by it, negative ones multiplied (1.0: off; 1.1-1.3 is typical).
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    /// Stop as soon as the generated text contains this string (repeatable); the output ends
+    /// with it, as transformers' stop_strings.
+    #[arg(long = "stop", value_name = "STRING")]
+    stop: Vec<String>,
+    /// Few-shot prompting: examples placed before the prompt. Plain prompts: a text file
+    /// prepended as it is. With --chat: a JSONL file of {"user": ..., "assistant": ...} lines,
+    /// each becoming an earlier exchange of the conversation.
+    #[arg(long, value_name = "FILE")]
+    few_shot: Option<PathBuf>,
+}
+
+/// Reads a --few-shot file: the text of a plain prompt, or for --chat the earlier exchanges.
+fn few_shot(path: &std::path::Path, chat: bool) -> Result<(String, Vec<ChatMessage>)> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read --few-shot file {}", path.display()))?;
+    if !chat {
+        let mut t = text;
+        if !t.is_empty() && !t.ends_with('\n') {
+            t.push('\n');
+        }
+        return Ok((t, vec![]));
+    }
+    let mut messages = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let where_ = || format!("{}:{}", path.display(), i + 1);
+        let v: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("{}: malformed JSON", where_()))?;
+        for role in ["user", "assistant"] {
+            let content = v[role].as_str().ok_or_else(|| {
+                anyhow::anyhow!("{}: each line needs a \"{role}\" text", where_())
+            })?;
+            messages.push(ChatMessage {
+                role: role.into(),
+                content: content.into(),
+            });
+        }
+    }
+    Ok((String::new(), messages))
 }
 
 fn main() {
@@ -312,6 +357,10 @@ fn generate(args: GenerateArgs) -> Result<()> {
         .with_context(|| format!("generation needs the tokenizer of {}", args.model.display()))?;
     let device = device();
     let model = ckpt.load_causal_lm(&device)?;
+    let (shots, exchanges) = match &args.few_shot {
+        Some(p) => few_shot(p, args.chat)?,
+        None => (String::new(), vec![]),
+    };
     let (text, add_special) = if args.chat {
         let mut messages = Vec::new();
         if let Some(system) = args.system {
@@ -320,6 +369,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
                 content: system,
             });
         }
+        messages.extend(exchanges);
         messages.push(ChatMessage {
             role: "user".into(),
             content: args.prompt.clone(),
@@ -327,7 +377,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         // The template already holds any BOS, as transformers' apply_chat_template assumes.
         (tokenizer.apply_chat_template(&messages, true)?, false)
     } else {
-        (args.prompt.clone(), true)
+        (format!("{shots}{}", args.prompt), true)
     };
     let prompt = tokenizer.encode(&text, add_special)?;
     let mut eos = ckpt.eos_token_ids();
@@ -346,6 +396,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         max_new_tokens: args.max_new_tokens,
         sampling,
         eos_token_ids: eos.clone(),
+        repetition_penalty: args.repetition_penalty,
     };
     if !args.chat {
         print!("{}", args.prompt);
@@ -353,14 +404,27 @@ fn generate(args: GenerateArgs) -> Result<()> {
     let mut stream = tokenizer.inner.decode_stream(true);
     let mut stdout = std::io::stdout();
     let start = std::time::Instant::now();
+    // Text generated so far, to find stop strings that span tokens.
+    let mut generated = String::new();
     let tokens = whet_infer::generate(&model, &prompt, &config, &device, |t| {
         if eos.contains(&t) {
-            return;
+            return true;
         }
-        if let Ok(Some(piece)) = stream.step(t) {
-            print!("{piece}");
-            let _ = stdout.flush();
-        }
+        let Ok(Some(piece)) = stream.step(t) else {
+            return true;
+        };
+        let printed = generated.len();
+        generated.push_str(&piece);
+        let stop_at = args
+            .stop
+            .iter()
+            .filter(|s| !s.is_empty())
+            .filter_map(|s| generated.find(s.as_str()).map(|i| i + s.len()))
+            .min();
+        let end = stop_at.unwrap_or(generated.len()).max(printed);
+        print!("{}", &generated[printed..end]);
+        let _ = stdout.flush();
+        stop_at.is_none()
     })?;
     println!();
     let secs = start.elapsed().as_secs_f64();

@@ -86,6 +86,88 @@ fn generate_is_greedy_by_default_and_seeded_when_sampling() {
     );
 }
 
+/// Stop strings end the output right after the string; a repetition penalty changes greedy
+/// decoding; few-shot examples change what follows the prompt (plain and chat).
+#[test]
+fn generate_stops_at_stop_strings_and_takes_penalty_and_few_shot() {
+    let model = smollm2();
+    let m = model.to_str().unwrap();
+    let base = [
+        "generate",
+        "--model",
+        m,
+        "--prompt",
+        "1, 2, 3, 4,",
+        "--max-new-tokens",
+        "24",
+    ];
+    let plain = ok(&base);
+    let new = plain
+        .trim_end()
+        .strip_prefix("1, 2, 3, 4,")
+        .unwrap()
+        .to_string();
+    // Stop at the first comma the model writes, whatever it is.
+    let cut = new.find(',').expect("the model continues the list");
+    let mut args = base.to_vec();
+    args.extend(["--stop", ","]);
+    let stopped = ok(&args);
+    assert_eq!(
+        stopped.trim_end(),
+        format!("1, 2, 3, 4,{}", &new[..=cut]),
+        "the output ends with the stop string"
+    );
+    let mut args = base.to_vec();
+    args.extend(["--repetition-penalty", "1.8"]);
+    assert_ne!(ok(&args), plain, "a strong penalty changes greedy decoding");
+    let e = err(&[&base[..], &["--repetition-penalty", "0"]].concat());
+    assert!(e.contains("repetition_penalty"), "{e}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let shots = dir.path().join("shots.txt");
+    std::fs::write(&shots, "Q: 2 + 2?\nA: 4\nQ: 3 + 5?\nA: 8\n").unwrap();
+    let q = [
+        "generate",
+        "--model",
+        m,
+        "--prompt",
+        "Q: 1 + 1?\nA:",
+        "--max-new-tokens",
+        "3",
+    ];
+    let without = ok(&q);
+    let with = ok(&[&q[..], &["--few-shot", shots.to_str().unwrap()]].concat());
+    assert!(
+        with.starts_with("Q: 1 + 1?"),
+        "only the prompt is echoed: {with}"
+    );
+    assert_ne!(with, without, "the examples steer the answer");
+    let chat_shots = dir.path().join("shots.jsonl");
+    std::fs::write(
+        &chat_shots,
+        "{\"user\": \"Reply with one word: colour of the sky?\", \"assistant\": \"Blue\"}\n",
+    )
+    .unwrap();
+    let c = [
+        "generate",
+        "--model",
+        m,
+        "--chat",
+        "--prompt",
+        "Colour of grass?",
+        "--max-new-tokens",
+        "6",
+    ];
+    let with = ok(&[&c[..], &["--few-shot", chat_shots.to_str().unwrap()]].concat());
+    assert_ne!(with, ok(&c), "an earlier exchange changes the reply");
+    std::fs::write(&chat_shots, "{\"user\": \"hi\"}\n").unwrap();
+    let e = err(&[&c[..], &["--few-shot", chat_shots.to_str().unwrap()]].concat());
+    assert!(
+        e.contains("shots.jsonl:1") && e.contains("assistant"),
+        "{e}"
+    );
+}
+
 #[test]
 fn generate_refuses_an_encoder_with_a_clear_message() {
     let tiny = root().join("tests/fixtures/tiny-bert");
@@ -166,6 +248,9 @@ fn help_explains_every_option() {
         ("--seed", "Random seed"),
         ("--chat", "chat template"),
         ("--system", "system message"),
+        ("--repetition-penalty", "repetition_penalty"),
+        ("--stop", "stop_strings"),
+        ("--few-shot", "Few-shot prompting"),
     ] {
         assert!(text.contains(opt), "{opt} missing from --help:\n{text}");
         assert!(
