@@ -128,9 +128,14 @@ enum Command {
 
 #[derive(clap::Args, Debug)]
 struct GenerateArgs {
-    /// Model folder or .gguf file.
+    /// Model folder or .gguf file; or a LoRA adapter folder (peft's or whet's), whose base
+    /// model is read from its adapter_config.json.
     #[arg(long)]
     model: PathBuf,
+    /// A LoRA adapter folder (adapter_config.json + adapter_model.safetensors, as peft saves
+    /// it) to apply to --model.
+    #[arg(long, value_name = "DIR")]
+    adapter: Option<PathBuf>,
     /// The text to continue (with --chat: the user message).
     #[arg(long)]
     prompt: String,
@@ -351,12 +356,36 @@ fn generate(args: GenerateArgs) -> Result<()> {
     if !(0.0..=1.0).contains(&args.top_p) || args.top_p == 0.0 {
         bail!("--top-p must be in (0, 1], got {}", args.top_p);
     }
-    let ckpt = Checkpoint::open(&args.model)?;
+    let (base, adapter) = match &args.adapter {
+        Some(a) => (args.model.clone(), Some(a.clone())),
+        None if args.model.join("adapter_config.json").is_file() => {
+            let path = args.model.join("adapter_config.json");
+            let cfg: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(&path)
+                    .with_context(|| format!("cannot read {}", path.display()))?,
+            )
+            .with_context(|| format!("{}: malformed JSON", path.display()))?;
+            let base = cfg["base_model_name_or_path"].as_str().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{}/adapter_config.json names no base model; give it with --model BASE --adapter {}",
+                    args.model.display(),
+                    args.model.display()
+                )
+            })?;
+            (PathBuf::from(base), Some(args.model.clone()))
+        }
+        None => (args.model.clone(), None),
+    };
+    let ckpt = Checkpoint::open(&base)?;
     let tokenizer = ckpt
         .tokenizer()
-        .with_context(|| format!("generation needs the tokenizer of {}", args.model.display()))?;
+        .with_context(|| format!("generation needs the tokenizer of {}", base.display()))?;
     let device = device();
-    let model = ckpt.load_causal_lm(&device)?;
+    let mut model = ckpt.load_causal_lm(&device)?;
+    if let Some(dir) = &adapter {
+        whet_peft::load_adapter(&mut model, dir, &device)
+            .with_context(|| format!("cannot apply the adapter {}", dir.display()))?;
+    }
     let (shots, exchanges) = match &args.few_shot {
         Some(p) => few_shot(p, args.chat)?,
         None => (String::new(), vec![]),

@@ -168,6 +168,53 @@ fn generate_stops_at_stop_strings_and_takes_penalty_and_few_shot() {
     );
 }
 
+/// A LoRA adapter on SmolLM2 (random, non-zero B so it changes the output) generates through
+/// `--adapter`, and through the adapter folder alone (base from adapter_config.json).
+#[test]
+fn generate_applies_a_lora_adapter() {
+    use burn::module::Param;
+    use burn::tensor::{Device, Distribution, Tensor};
+    let model = smollm2();
+    let m = model.to_str().unwrap();
+    let device = Device::flex();
+    let mut lm = whet_models::Checkpoint::open(&model)
+        .unwrap()
+        .load_causal_lm(&device)
+        .unwrap();
+    let cfg = whet_peft::LoraConfig {
+        r: 4,
+        lora_alpha: 8.0,
+        lora_dropout: 0.0,
+        target_modules: vec!["q_proj".into(), "v_proj".into()],
+        bias: "none".into(),
+        modules_to_save: vec![],
+        use_rslora: false,
+    };
+    whet_peft::apply_lora(&mut lm, &cfg, &device).unwrap();
+    whet_peft::for_each_adapter(&mut lm, &mut |_, a| {
+        let dims = a.b.shape().dims::<2>();
+        a.b = Param::from_tensor(Tensor::random(
+            dims,
+            Distribution::Normal(0.0, 0.5),
+            &device,
+        ));
+    });
+    let dir = tempfile::tempdir().unwrap();
+    whet_peft::save_adapter(&lm, &cfg, m, "CAUSAL_LM", dir.path()).unwrap();
+    let d = dir.path().to_str().unwrap();
+    let args = [
+        "--prompt",
+        "The capital of France is",
+        "--max-new-tokens",
+        "6",
+    ];
+    let base = ok(&[&["generate", "--model", m][..], &args].concat());
+    let explicit = ok(&[&["generate", "--model", m, "--adapter", d][..], &args].concat());
+    let implicit = ok(&[&["generate", "--model", d][..], &args].concat());
+    assert_ne!(explicit, base, "the adapter changes generation");
+    assert_eq!(explicit, implicit, "the adapter folder names its base");
+}
+
 #[test]
 fn generate_refuses_an_encoder_with_a_clear_message() {
     let tiny = root().join("tests/fixtures/tiny-bert");
