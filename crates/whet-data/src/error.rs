@@ -67,6 +67,9 @@ pub enum DataError {
     /// A split request cannot be met.
     #[error("split: {0}")]
     Split(String),
+    /// A prompt or chat template cannot be applied to an example.
+    #[error("{origin}: {message}")]
+    Template { origin: String, message: String },
     /// Tokenization failed or does not fit the model.
     #[error("{0}")]
     Tokenize(String),

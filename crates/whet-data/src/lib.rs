@@ -3,6 +3,7 @@
 
 pub mod classification;
 pub mod error;
+pub mod lm;
 pub mod table;
 
 pub use classification::{
@@ -10,4 +11,5 @@ pub use classification::{
     seeded_split, tokenize, tokenize_cached,
 };
 pub use error::{DataError, Result};
+pub use lm::{IGNORE, LmExample, Template, TooLong, chat, group_texts, pack, prompt_completion};
 pub use table::{Encoding, Table};
