@@ -16,7 +16,7 @@ fn smollm2() -> TextTokenizer {
     let cache = std::env::var_os("WHET_CACHE")
         .map(PathBuf::from)
         .unwrap_or_else(|| root().join("cache"));
-    Checkpoint::open(&cache.join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    Checkpoint::open(cache.join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
         .expect("cache/smollm2: run scripts/fetch_assets.sh --only smollm2")
         .tokenizer()
         .unwrap()
