@@ -109,9 +109,12 @@ pub fn attention_probs(scores: Tensor<4>, bias: Tensor<4>, scale: f32, p: f64) -
     ))
 }
 
-/// Whether a tensor lives on the CPU backend these kernels are written for.
+/// Whether a tensor lives on the CPU backend these kernels are written for. `WHET_KERNELS=off`
+/// takes burn's composed ops everywhere (to compare the two paths).
 fn on_flex<const D: usize>(x: &Tensor<D>) -> bool {
-    matches!(x.device().inner().as_dispatch(), DispatchDevice::Flex(_))
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let off = *OFF.get_or_init(|| std::env::var("WHET_KERNELS").is_ok_and(|v| v == "off"));
+    !off && matches!(x.device().inner().as_dispatch(), DispatchDevice::Flex(_))
 }
 
 // ---------------------------------------------------------------------------------------------
