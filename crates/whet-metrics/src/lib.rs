@@ -47,6 +47,33 @@ fn f1(p: f64, r: f64) -> f64 {
     ratio(2.0 * p * r, p + r)
 }
 
+/// The unweighted mean over classes (macro) and the mean weighted by support, of precision,
+/// recall and F1.
+fn macro_and_weighted(per_class: &[ClassScores]) -> (Averaged, Averaged) {
+    let support: usize = per_class.iter().map(|c| c.support).sum();
+    let mean = |f: &dyn Fn(&ClassScores) -> f64| {
+        per_class.iter().map(f).sum::<f64>() / per_class.len().max(1) as f64
+    };
+    let weighted = |f: &dyn Fn(&ClassScores) -> f64| {
+        ratio(
+            per_class.iter().map(|c| f(c) * c.support as f64).sum(),
+            support as f64,
+        )
+    };
+    (
+        Averaged {
+            precision: mean(&|c| c.precision),
+            recall: mean(&|c| c.recall),
+            f1: mean(&|c| c.f1),
+        },
+        Averaged {
+            precision: weighted(&|c| c.precision),
+            recall: weighted(&|c| c.recall),
+            f1: weighted(&|c| c.f1),
+        },
+    )
+}
+
 /// The `n_classes` x `n_classes` confusion matrix, `[true][predicted]`.
 ///
 /// # Panics
@@ -84,28 +111,7 @@ pub fn classification_report(
             }
         })
         .collect();
-    let mean = |f: &dyn Fn(&ClassScores) -> f64| {
-        per_class.iter().map(f).sum::<f64>() / n_classes.max(1) as f64
-    };
-    let macro_avg = Averaged {
-        precision: mean(&|c| c.precision),
-        recall: mean(&|c| c.recall),
-        f1: mean(&|c| c.f1),
-    };
-    let weighted = |f: &dyn Fn(&ClassScores) -> f64| {
-        ratio(
-            per_class
-                .iter()
-                .map(|c| f(c) * c.support as f64)
-                .sum::<f64>(),
-            n as f64,
-        )
-    };
-    let weighted_avg = Averaged {
-        precision: weighted(&|c| c.precision),
-        recall: weighted(&|c| c.recall),
-        f1: weighted(&|c| c.f1),
-    };
+    let (macro_avg, weighted_avg) = macro_and_weighted(&per_class);
     let micro = ratio(correct as f64, n as f64);
     ClassificationReport {
         accuracy: micro,
@@ -182,19 +188,7 @@ pub fn multilabel_report(
             }
         })
         .collect();
-    let mean = |f: &dyn Fn(&ClassScores) -> f64| {
-        per_class.iter().map(f).sum::<f64>() / n_labels.max(1) as f64
-    };
-    let support: usize = per_class.iter().map(|c| c.support).sum();
-    let weighted = |f: &dyn Fn(&ClassScores) -> f64| {
-        ratio(
-            per_class
-                .iter()
-                .map(|c| f(c) * c.support as f64)
-                .sum::<f64>(),
-            support as f64,
-        )
-    };
+    let (macro_avg, weighted_avg) = macro_and_weighted(&per_class);
     let total = counts.iter().fold([0usize; 4], |mut a, c| {
         for i in 0..4 {
             a[i] += c[i];
@@ -206,21 +200,13 @@ pub fn multilabel_report(
     let micro_r = ratio(tp, tp + fn_);
     ClassificationReport {
         accuracy: ratio(exact as f64, n as f64),
-        macro_avg: Averaged {
-            precision: mean(&|c| c.precision),
-            recall: mean(&|c| c.recall),
-            f1: mean(&|c| c.f1),
-        },
+        macro_avg,
         micro_avg: Averaged {
             precision: micro_p,
             recall: micro_r,
             f1: f1(micro_p, micro_r),
         },
-        weighted_avg: Averaged {
-            precision: weighted(&|c| c.precision),
-            recall: weighted(&|c| c.recall),
-            f1: weighted(&|c| c.f1),
-        },
+        weighted_avg,
         per_class,
         matthews_correlation: ratio(
             tp * tn - fp * fn_,
