@@ -122,14 +122,9 @@ pub fn generate<M: CausalLm>(
             .try_to_vec::<f32>()
             .map_err(|e| ModelError::Input(format!("cannot read logits: {e:?}")))?;
         if config.repetition_penalty != 1.0 {
-            penalize_repetition(&mut logits, prompt, config.repetition_penalty);
-            // Tokens in both the prompt and the output are penalised once.
-            let new: Vec<u32> = out
-                .iter()
-                .copied()
-                .filter(|t| !prompt.contains(t))
-                .collect();
-            penalize_repetition(&mut logits, &new, config.repetition_penalty);
+            // Each id once, whether it occurs in the prompt, the output or both.
+            let seen: Vec<u32> = prompt.iter().chain(&out).copied().collect();
+            penalize_repetition(&mut logits, &seen, config.repetition_penalty);
         }
         let token = match (&config.sampling, rng.as_mut()) {
             (

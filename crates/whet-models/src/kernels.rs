@@ -462,6 +462,23 @@ impl FusedOps for Flex {
     }
 }
 
+/// Runs a fused op with one differentiable input: `forward` gets the dense input and returns
+/// what the backward pass keeps and the output. Without a graph (the input needs no gradient)
+/// the kept state is dropped.
+fn one_input<C: CheckpointStrategy, Bw: Backward<Flex, 1>>(
+    backward: Bw,
+    x: FloatTensor<Autodiff<Flex, C>>,
+    forward: impl FnOnce(FlexTensor) -> (Bw::State, FlexTensor),
+) -> FloatTensor<Autodiff<Flex, C>> {
+    match backward.prepare::<C>([x.node()]).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => {
+            let (state, out) = forward(dense(x.primitive().clone()));
+            prep.finish(state, out)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(forward(dense(x.into_primitive())).1),
+    }
+}
+
 impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
     fn fused_gelu(x: FloatTensor<Self>) -> FloatTensor<Self> {
         #[derive(Debug)]
@@ -485,18 +502,10 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
             }
         }
 
-        match GeluBackward
-            .prepare::<C>([x.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let input = dense(x.primitive().clone());
-                let out = gelu_forward(&input);
-                prep.finish(input, out)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(gelu_forward(&dense(x.into_primitive()))),
-        }
+        one_input::<C, _>(GeluBackward, x, |input| {
+            let out = gelu_forward(&input);
+            (input, out)
+        })
     }
 
     fn fused_dropout(x: FloatTensor<Self>, p: f64, seed: u64) -> FloatTensor<Self> {
@@ -517,19 +526,9 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
         }
 
         let mask = DropMask::new(p, seed);
-        match DropoutBackward
-            .prepare::<C>([x.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let out = dropout_apply(&dense(x.primitive().clone()), &mask);
-                prep.finish(mask, out)
-            }
-            OpsKind::UnTracked(prep) => {
-                prep.finish(dropout_apply(&dense(x.into_primitive()), &mask))
-            }
-        }
+        one_input::<C, _>(DropoutBackward, x, |input| {
+            (mask, dropout_apply(&input, &mask))
+        })
     }
 
     fn fused_attention_probs(
@@ -564,21 +563,10 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
 
         let bias = dense(bias.into_primitive());
         let mask = DropMask::new(p, seed);
-        match ProbsBackward
-            .prepare::<C>([scores.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let s = dense(scores.primitive().clone());
-                let (probs, out) = attention_probs_forward(&s, &bias, scale, &mask);
-                prep.finish((probs, scale, mask), out)
-            }
-            OpsKind::UnTracked(prep) => {
-                let s = dense(scores.into_primitive());
-                prep.finish(attention_probs_forward(&s, &bias, scale, &mask).1)
-            }
-        }
+        one_input::<C, _>(ProbsBackward, scores, |s| {
+            let (probs, out) = attention_probs_forward(&s, &bias, scale, &mask);
+            ((probs, scale, mask), out)
+        })
     }
 }
 
