@@ -42,8 +42,9 @@ pub struct Table {
 }
 
 impl Table {
-    /// Reads a `.jsonl` / `.json` (one object per line), `.csv` / `.tsv` or `.parquet` file.
-    /// For Parquet the "line" of a row is its 1-based row number.
+    /// Reads a `.jsonl` / `.json` (one object per line), `.csv` / `.tsv`, `.parquet` or `.txt`
+    /// file. For Parquet the "line" of a row is its 1-based row number. A text file gives one
+    /// row per non-empty line in a `text` column, as `datasets`' `text` loader does.
     pub fn read(path: &Path, encoding: Encoding) -> Result<Self> {
         let ext = path
             .extension()
@@ -59,11 +60,12 @@ impl Table {
             "csv" => read_csv(path, &bytes, b',', encoding)?,
             "tsv" => read_csv(path, &bytes, b'\t', encoding)?,
             "parquet" => read_parquet(path, bytes)?,
+            "txt" | "text" => read_text(path, &bytes, encoding)?,
             other => {
                 return Err(DataError::Format {
                     path: path.to_path_buf(),
                     message: format!(
-                        "unknown data file extension {other:?} (use .jsonl, .csv, .tsv or .parquet)"
+                        "unknown data file extension {other:?} (use .jsonl, .csv, .tsv, .parquet or .txt)"
                     ),
                 });
             }
@@ -98,6 +100,29 @@ fn utf8_line(path: &Path, line: usize, bytes: &[u8]) -> Result<String> {
         message: format!(
             "{e}; if the file is not UTF-8, set the data encoding (e.g. encoding = \"latin-1\")"
         ),
+    })
+}
+
+/// One row per non-empty line, in a `text` column.
+fn read_text(path: &Path, bytes: &[u8], encoding: Encoding) -> Result<Table> {
+    let mut rows = Vec::new();
+    for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
+        let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+        let line = match encoding {
+            Encoding::Utf8 => utf8_line(path, i + 1, raw)?,
+            Encoding::Latin1 => raw.iter().map(|&b| b as char).collect(),
+        };
+        if !line.trim().is_empty() {
+            rows.push((
+                i + 1,
+                BTreeMap::from([("text".to_string(), Value::String(line))]),
+            ));
+        }
+    }
+    Ok(Table {
+        path: path.to_path_buf(),
+        columns: vec!["text".into()],
+        rows,
     })
 }
 

@@ -110,6 +110,7 @@ pub fn generate<M: CausalLm>(
             input_ids: ids,
             attention_mask: Tensor::ones([1, past + t], device),
             position_ids: None,
+            document_ids: None,
         };
         let hidden = model.forward_hidden(input, Some(&mut cache), Mode::Eval);
         let [_, _, h] = hidden.dims();

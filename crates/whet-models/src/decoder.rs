@@ -16,6 +16,9 @@ pub struct DecoderInput {
     /// `[B, T]` absolute positions; `None` means `T_past..T_past + T` for every row (correct for
     /// right padding; left-padded batches must pass `cumsum(mask) - 1`, see [`position_ids`]).
     pub position_ids: Option<Tensor<2, Int>>,
+    /// `[B, T]` for rows packed with several documents: a token attends only to earlier tokens
+    /// of the same document (no cache). `None`: one document per row.
+    pub document_ids: Option<Tensor<2, Int>>,
 }
 
 impl DecoderInput {
@@ -26,6 +29,26 @@ impl DecoderInput {
             input_ids,
             attention_mask: mask,
             position_ids: None,
+            document_ids: None,
+        }
+    }
+}
+
+/// The additive attention bias of a decoder step: padding and future positions masked, and,
+/// for packed rows, every key of another document.
+///
+/// # Shapes
+/// - output `[B, 1, T, T_past + T]`
+pub fn decoder_bias(input: &DecoderInput, t: usize) -> Tensor<4> {
+    let bias = crate::layers::attention_bias(input.attention_mask.clone().equal_elem(1), t, true);
+    match &input.document_ids {
+        None => bias,
+        Some(docs) => {
+            let [b, n] = docs.dims();
+            // (B, 1, T, 1) vs (B, 1, 1, T): a query and a key of different documents
+            let q = docs.clone().reshape([b, 1, n, 1]).expand([b, 1, n, n]);
+            let k = docs.clone().reshape([b, 1, 1, n]).expand([b, 1, n, n]);
+            bias.mask_fill(q.not_equal(k), crate::layers::MASK_VALUE)
         }
     }
 }

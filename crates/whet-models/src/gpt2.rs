@@ -13,8 +13,8 @@ use crate::config::{Activation, HeadFields};
 use crate::decoder::{CausalLm, DecoderInput, KvCache, gather_positions, last_non_pad};
 use crate::error::Result;
 use crate::layers::{
-    Embedding, LayerNorm, Linear, Mode, TorchLinear, attention_bias, dropout, merge_heads,
-    scaled_dot_product, split_heads,
+    Embedding, LayerNorm, Linear, Mode, TorchLinear, dropout, merge_heads, scaled_dot_product,
+    split_heads,
 };
 use crate::weights::{VisitParams, Visitor, Weights, join};
 
@@ -174,6 +174,7 @@ impl Gpt2Model {
     ) -> Tensor<3> {
         let [b, t] = input.input_ids.dims();
         let past = cache.as_ref().map(|c| c.len()).unwrap_or(0);
+        let bias = crate::decoder::decoder_bias(&input, t);
         let positions = input.position_ids.unwrap_or_else(|| {
             Tensor::<1, Int>::arange(past as i64..(past + t) as i64, &input.input_ids.device())
                 .reshape([1, t])
@@ -181,7 +182,6 @@ impl Gpt2Model {
         });
         let x = self.wte.forward(input.input_ids) + self.wpe.forward(positions);
         let mut x = dropout(x, self.embd_pdrop, mode);
-        let bias = attention_bias(input.attention_mask.equal_elem(1), t, true);
         for (i, block) in self.h.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| (c, i));
             x = block.forward(x, bias.clone(), layer_cache, mode);

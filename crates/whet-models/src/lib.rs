@@ -513,6 +513,7 @@ impl Classifier {
             input_ids: input.input_ids.clone(),
             attention_mask: input.attention_mask.clone(),
             position_ids: None,
+            document_ids: None,
         };
         match self {
             Classifier::Bert(m) => Ok(m.forward(enc(), mode)),
@@ -532,4 +533,32 @@ impl VisitParams for Classifier {
             Classifier::Llama(m) => m.visit_params(prefix, v),
         }
     }
+}
+
+/// Makes this thread flush subnormal floats to zero (x86 MXCSR FTZ and DAZ bits; no-op
+/// elsewhere). Attention probabilities, GELU tails and Adam moments produce subnormals, and on
+/// Intel cores every FMA that touches one takes a microcode assist: a LoRA training step ran
+/// 7x slower on an AVX-512 Xeon without this. PyTorch's CPU kernels (oneDNN) run with the same
+/// setting. Values below 1.2e-38 become 0, far under any tolerance of training.
+pub fn flush_denormals() {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: reads and writes this thread's MXCSR only; FTZ (bit 15) and DAZ (bit 6) change
+    // the results of subnormal operations, nothing else.
+    unsafe {
+        let mut csr: u32 = 0;
+        std::arch::asm!("stmxcsr [{}]", in(reg) &mut csr, options(nostack));
+        csr |= 0x8040;
+        std::arch::asm!("ldmxcsr [{}]", in(reg) &csr, options(nostack));
+    }
+}
+
+/// Flushes subnormals to zero on this thread and every thread of rayon's global pool (which
+/// burn's kernels and whet's run on), building the pool if nobody has yet. Call once, first
+/// thing in `main`.
+pub fn init_threads() {
+    flush_denormals();
+    // Err means the pool exists already; its threads then keep their own setting.
+    let _ = rayon::ThreadPoolBuilder::new()
+        .start_handler(|_| flush_denormals())
+        .build_global();
 }

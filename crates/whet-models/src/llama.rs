@@ -14,8 +14,7 @@ use crate::config::{Activation, HeadFields};
 use crate::decoder::{CausalLm, DecoderInput, KvCache, gather_positions, last_non_pad};
 use crate::error::{ModelError, Result};
 use crate::layers::{
-    Embedding, Linear, Mode, RmsNorm, TorchLinear, attention_bias, merge_heads, scaled_dot_product,
-    split_heads,
+    Embedding, Linear, Mode, RmsNorm, TorchLinear, merge_heads, scaled_dot_product, split_heads,
 };
 use crate::weights::{VisitParams, Visitor, Weights, join};
 
@@ -359,13 +358,13 @@ impl LlamaModel {
     ) -> Tensor<3> {
         let [b, t] = input.input_ids.dims();
         let past = cache.as_ref().map(|c| c.len()).unwrap_or(0);
+        let bias = crate::decoder::decoder_bias(&input, t);
         let positions = input.position_ids.unwrap_or_else(|| {
             Tensor::<1, Int>::arange(past as i64..(past + t) as i64, &input.input_ids.device())
                 .reshape([1, t])
                 .expand([b, t])
         });
         let rope = Rope::new(positions, self.inv_freq.clone());
-        let bias = attention_bias(input.attention_mask.equal_elem(1), t, true);
         let mut x = self.embed_tokens.forward(input.input_ids);
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| (c, i));

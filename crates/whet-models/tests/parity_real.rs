@@ -27,6 +27,7 @@ mod whet_infer_free {
                 input_ids: Tensor::from_data(TensorData::new(next.clone(), [1, t]), device),
                 attention_mask: Tensor::ones([1, cache.len() + t], device),
                 position_ids: None,
+                document_ids: None,
             };
             let h = model.forward_hidden(input, Some(&mut cache), Mode::Eval);
             let [_, _, d] = h.dims();

@@ -182,6 +182,7 @@ fn causal_case(dir: &str) {
             input_ids: ids,
             attention_mask: fx.ids2(&format!("attention_mask_{side}"), &device),
             position_ids: (side == "left").then_some(positions),
+            document_ids: None,
         };
         let logits = values(model.forward_logits(input, Mode::Eval));
         // Padded positions carry no meaning (and differ between attention kernels): compare the
@@ -200,6 +201,7 @@ fn causal_case(dir: &str) {
         input_ids: fx.ids2("input_ids_right", &device),
         attention_mask: fx.ids2("attention_mask_right", &device),
         position_ids: None,
+        document_ids: None,
     };
     let logits = model.forward_logits(input, Mode::Eval);
     let loss = causal_lm_loss(logits, fx.ids2("labels", &device));

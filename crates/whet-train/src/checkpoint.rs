@@ -15,7 +15,7 @@ use whet_models::layers::Linear;
 use whet_models::weights::{
     Layout, SafetensorsSource, TensorSource, tensor_values, write_safetensors,
 };
-use whet_models::{Classifier, VisitParams, Visitor};
+use whet_models::{VisitParams, Visitor};
 
 use crate::optim::{Moments, Optimizer};
 
@@ -33,7 +33,10 @@ pub struct TrainerState {
 }
 
 /// Visits trainable parameters (those requiring gradients, and adapters) with mutable access.
-fn for_trainable(model: &mut Classifier, f: &mut dyn FnMut(String, &mut dyn ParamSlot)) {
+fn for_trainable<M: VisitParams + ?Sized>(
+    model: &mut M,
+    f: &mut dyn FnMut(String, &mut dyn ParamSlot),
+) {
     struct V<'a>(&'a mut dyn FnMut(String, &mut dyn ParamSlot));
     impl Visitor for V<'_> {
         fn vector(&mut self, name: &str, p: &mut Param<Tensor<1>>) {
@@ -92,9 +95,9 @@ fn io(p: &Path, e: impl std::fmt::Display) -> String {
 
 /// Writes `output_dir/checkpoint-<step>` atomically and prunes old checkpoints beyond `limit`
 /// (never the best one).
-pub fn save(
+pub fn save<M: VisitParams + ?Sized>(
     output_dir: &Path,
-    model: &mut Classifier,
+    model: &mut M,
     opt: &Optimizer,
     state: &TrainerState,
     limit: Option<usize>,
@@ -181,9 +184,9 @@ pub fn latest(output_dir: &Path) -> Option<PathBuf> {
 }
 
 /// Restores parameters, optimizer and state from a checkpoint folder.
-pub fn load(
+pub fn load<M: VisitParams + ?Sized>(
     dir: &Path,
-    model: &mut Classifier,
+    model: &mut M,
     opt: &mut Optimizer,
     device: &Device,
 ) -> Result<TrainerState, String> {
@@ -221,7 +224,11 @@ pub fn load(
 
 /// Restores the trainable parameters of a checkpoint (used for resuming and for loading the
 /// best model at the end).
-pub fn load_params(dir: &Path, model: &mut Classifier, device: &Device) -> Result<(), String> {
+pub fn load_params<M: VisitParams + ?Sized>(
+    dir: &Path,
+    model: &mut M,
+    device: &Device,
+) -> Result<(), String> {
     let file = dir.join("trainable.safetensors");
     let src = SafetensorsSource::open(&file).map_err(|e| e.to_string())?;
     let mut error = None;

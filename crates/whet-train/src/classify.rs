@@ -14,7 +14,8 @@ use whet_models::{Checkpoint, Classifier, ExportParams, TextTokenizer};
 use whet_peft::{LoraConfig, ParamCounts, apply_lora, save_adapter, set_trainable};
 
 use crate::recipe::{Method, Recipe};
-use crate::trainer::{Observer, TrainSummary, evaluate, train_classifier};
+use crate::seqcls::{evaluate, train_classifier};
+use crate::trainer::{Observer, TrainSummary};
 
 /// A labelled split: examples and their tokens.
 pub struct Split {
@@ -296,7 +297,7 @@ pub fn predict(
     for chunk in enc.chunks(32) {
         let items: Vec<&Encoded> = chunk.iter().collect();
         let b = whet_data::collate(&items, pad_id);
-        let (input, _) = crate::trainer::to_input(&b, device, with_types, 0);
+        let (input, _) = crate::seqcls::to_input(&b, device, with_types, 0);
         let logits = model
             .forward(input, whet_models::Mode::Eval)
             .map_err(|e| e.to_string())?;

@@ -7,12 +7,14 @@ pub mod classify;
 pub mod optim;
 pub mod recipe;
 pub mod schedule;
+pub mod seqcls;
 pub mod trainer;
 
 pub use args::{Strategy, TrainingArguments};
 pub use optim::{Optimizer, OptimizerKind};
 pub use recipe::{Method, Recipe, Task};
 pub use schedule::{Schedule, lr_factor};
+pub use seqcls::{evaluate, optimizer_step, train_classifier};
 pub use trainer::{
-    EvalLog, Observer, Silent, StepLog, TrainSummary, evaluate, optimizer_step, train_classifier,
+    BatchCounts, EvalLog, Evaluation, Objective, Observer, Silent, StepLog, TrainSummary,
 };

@@ -1,20 +1,71 @@
-//! The training loop for sequence classification: seeded epoch order, micro-batches with
-//! gradient accumulation whose loss equals the whole batch's, clipping, the schedule, the
-//! optimizer, evaluation by strategy, best model and early stopping.
+//! The training loop, one for every task: seeded epoch order, micro-batches with gradient
+//! accumulation whose loss equals the whole batch's, clipping, the schedule, the optimizer,
+//! evaluation by strategy, checkpoints, best model and early stopping. A task plugs in through
+//! [`Objective`]: how its examples become batches, its loss, and its evaluation.
 
+use std::collections::BTreeMap;
 use std::time::Instant;
 
-use burn::module::Module;
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Tensor};
 use serde::Serialize;
-use whet_data::{Batch, Encoded, Target, collate, epoch_order};
-use whet_metrics::{ClassificationReport, classification_report, multilabel_report};
-use whet_models::{Classifier, ClassifierInput, Mode};
+use whet_data::epoch_order;
+use whet_metrics::ClassificationReport;
+use whet_models::VisitParams;
 
 use crate::args::{Strategy, TrainingArguments};
 use crate::checkpoint::{self, TrainerState};
 use crate::optim::{GradStore, OptimConfig, Optimizer};
 use crate::schedule::lr_factor;
+
+/// What a task supplies to the trainer.
+pub trait Objective {
+    type Model: VisitParams + Clone;
+    type Example;
+    type Batch;
+
+    /// Pads a micro-batch.
+    fn collate(&self, items: &[&Self::Example]) -> Self::Batch;
+    /// What a batch holds.
+    fn counts(&self, batch: &Self::Batch) -> BatchCounts;
+    /// The training-mode loss of a batch summed over its units; the trainer divides by the
+    /// units of the whole optimizer step, so accumulated micro-batches give the big batch's
+    /// mean loss and gradient.
+    fn summed_loss(
+        &self,
+        model: &Self::Model,
+        batch: &Self::Batch,
+        device: &Device,
+    ) -> Result<Tensor<1>, String>;
+    /// Loss and metrics over a dataset, in evaluation mode.
+    fn evaluate(
+        &self,
+        model: &Self::Model,
+        data: &[Self::Example],
+        batch_size: usize,
+        device: &Device,
+    ) -> Result<Evaluation, String>;
+}
+
+/// Sizes of a batch.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BatchCounts {
+    /// What the loss averages over: samples (classification) or predicted tokens (language
+    /// modelling, as `transformers` counts `num_items_in_batch`).
+    pub units: usize,
+    pub samples: usize,
+    /// Non-padding tokens (throughput).
+    pub tokens: usize,
+}
+
+/// The result of evaluating a model on a dataset.
+#[derive(Debug, Clone, Serialize)]
+pub struct Evaluation {
+    pub loss: f64,
+    /// Named metrics (`accuracy`, `f1`, ..., or `perplexity`).
+    pub metrics: BTreeMap<String, f64>,
+    /// The full report of classification tasks.
+    pub report: Option<ClassificationReport>,
+}
 
 /// Something that watches training (a progress bar, a log file).
 pub trait Observer {
@@ -46,7 +97,8 @@ pub struct EvalLog {
     pub step: usize,
     pub epoch: f64,
     pub loss: f64,
-    pub report: ClassificationReport,
+    pub metrics: BTreeMap<String, f64>,
+    pub report: Option<ClassificationReport>,
 }
 
 /// What a run did.
@@ -63,159 +115,27 @@ pub struct TrainSummary {
     pub best_step: Option<usize>,
 }
 
-/// The labels of a batch as tensors.
-pub enum BatchLabels {
-    /// `[B]` class ids.
-    Class(Tensor<1, Int>),
-    /// `[B, C]` multi-hot.
-    MultiHot(Tensor<2>),
-}
-
-/// Builds model inputs and labels of a padded batch on `device` (`n_labels` sizes the
-/// multi-hot rows of multi-label targets).
-pub fn to_input(
-    b: &Batch,
-    device: &Device,
-    with_types: bool,
-    n_labels: usize,
-) -> (ClassifierInput, BatchLabels) {
-    let t = |v: &Vec<i64>| {
-        Tensor::<2, Int>::from_data(TensorData::new(v.clone(), [b.batch, b.len]), device)
-    };
-    let labels = if b.targets.iter().any(|t| matches!(t, Target::Multi(_))) {
-        let mut hot = vec![0f32; b.batch * n_labels];
-        for (r, t) in b.targets.iter().enumerate() {
-            for &k in t.ids() {
-                hot[r * n_labels + k] = 1.0;
-            }
-        }
-        BatchLabels::MultiHot(Tensor::from_data(
-            TensorData::new(hot, [b.batch, n_labels]),
-            device,
-        ))
-    } else {
-        let ids: Vec<i64> = b.targets.iter().map(|t| t.ids()[0] as i64).collect();
-        BatchLabels::Class(Tensor::from_data(TensorData::new(ids, [b.batch]), device))
-    };
-    (
-        ClassifierInput {
-            input_ids: t(&b.input_ids),
-            attention_mask: t(&b.attention_mask),
-            token_type_ids: with_types.then(|| t(&b.token_type_ids)),
-        },
-        labels,
-    )
-}
-
-/// The loss of a batch summed over its rows (callers divide by the sample count):
-/// cross-entropy for class ids; for multi-hot targets the binary cross-entropy with logits
-/// averaged over labels, so that the mean over samples equals `BCEWithLogitsLoss`'s mean over
-/// all elements, as `transformers` computes it for `multi_label_classification`.
-pub fn summed_loss(logits: Tensor<2>, labels: BatchLabels) -> Tensor<1> {
-    let [n, c] = logits.dims();
-    match labels {
-        BatchLabels::Class(ids) => {
-            let logp = burn::tensor::activation::log_softmax(logits, 1);
-            -logp.gather(1, ids.reshape([n, 1])).sum()
-        }
-        BatchLabels::MultiHot(y) => {
-            // max(x, 0) - x*y + log(1 + exp(-|x|)): stable for logits of any size.
-            let x = logits;
-            let bce = x.clone().clamp_min(0.0) - x.clone() * y + x.abs().neg().exp().log1p();
-            bce.sum().div_scalar(c as f64)
-        }
-    }
-}
-
-/// Predicted targets of a batch of logits: the arg-max class, or every label whose sigmoid
-/// exceeds 0.5 (logit > 0) for multi-label.
-fn predictions(logits: Tensor<2>, multi_label: bool) -> Vec<Target> {
-    let [n, c] = logits.dims();
-    if multi_label {
-        let v: Vec<f32> = logits
-            .into_data()
-            .convert::<f32>()
-            .try_to_vec()
-            .unwrap_or_default();
-        (0..n)
-            .map(|i| Target::Multi((0..c).filter(|&k| v[i * c + k] > 0.0).collect()))
-            .collect()
-    } else {
-        let arg: Vec<i64> = logits
-            .argmax(1)
-            .into_data()
-            .convert::<i64>()
-            .try_to_vec()
-            .unwrap_or_default();
-        arg.iter().map(|&p| Target::Class(p as usize)).collect()
-    }
-}
-
-/// Scores predicted targets against the truth (single- or multi-label by the truth's kind).
-pub fn report(truth: &[Target], preds: &[Target], n_labels: usize) -> ClassificationReport {
-    let multi = truth.iter().any(|t| matches!(t, Target::Multi(_)));
-    if multi {
-        let ids = |v: &[Target]| v.iter().map(|t| t.ids().to_vec()).collect::<Vec<_>>();
-        multilabel_report(&ids(truth), &ids(preds), n_labels)
-    } else {
-        let ids = |v: &[Target]| v.iter().map(|t| t.ids()[0]).collect::<Vec<_>>();
-        classification_report(&ids(truth), &ids(preds), n_labels)
-    }
-}
-
-/// Loss and predictions over a dataset, in evaluation mode.
-pub fn evaluate(
-    model: &Classifier,
-    data: &[Encoded],
-    n_labels: usize,
-    batch_size: usize,
-    pad_id: u32,
-    device: &Device,
-) -> whet_models::Result<(f64, ClassificationReport, Vec<Target>)> {
-    // Evaluate on the plain backend: no autodiff graph is recorded for forward passes that are
-    // never differentiated.
-    let model = &model.valid();
-    let device = &device.clone().without_autodiff();
-    let with_types = matches!(model, Classifier::Bert(_));
-    let multi = data.iter().any(|e| matches!(e.label, Target::Multi(_)));
-    let mut loss = 0.0;
-    let mut preds = Vec::with_capacity(data.len());
-    for chunk in data.chunks(batch_size.max(1)) {
-        let items: Vec<&Encoded> = chunk.iter().collect();
-        let b = collate(&items, pad_id);
-        let (input, labels) = to_input(&b, device, with_types, n_labels);
-        let logits = model.forward(input, Mode::Eval)?;
-        loss += summed_loss(logits.clone(), labels).into_scalar::<f32>() as f64;
-        preds.extend(predictions(logits, multi));
-    }
-    let truth: Vec<Target> = data.iter().map(|e| e.label.clone()).collect();
-    let report = report(&truth, &preds, n_labels);
-    Ok((loss / data.len().max(1) as f64, report, preds))
-}
-
 /// One optimizer step over micro-batches: each contributes its summed loss divided by the
-/// number of samples in the whole step, so the accumulated gradient is the gradient of the
-/// step's mean loss; then clipping to `max_grad_norm` (0: off) and the update at `lr`.
-/// Returns the step's mean loss and the gradient norm before clipping.
-pub fn optimizer_step(
-    model: &mut Classifier,
+/// units of the whole step, so the accumulated gradient is the gradient of the step's mean
+/// loss; then clipping to `max_grad_norm` (0: off) and the update at `lr`. Returns the step's
+/// mean loss and the gradient norm before clipping. A non-finite loss is an error whose text
+/// holds `{step}` for the caller to fill in.
+pub fn step_objective<O: Objective>(
+    objective: &O,
+    model: &mut O::Model,
     opt: &mut Optimizer,
-    batches: &[Batch],
-    n_labels: usize,
+    batches: &[O::Batch],
     lr: f64,
     max_grad_norm: f64,
     device: &Device,
 ) -> Result<(f64, f64), String> {
-    let with_types = matches!(model, Classifier::Bert(_));
-    let n: usize = batches.iter().map(|b| b.batch).sum();
+    let n: usize = batches.iter().map(|b| objective.counts(b).units).sum();
     let mut grads = GradStore::default();
     let mut step_loss = 0.0;
     for b in batches {
-        let (input, labels) = to_input(b, device, with_types, n_labels);
-        let logits = model
-            .forward(input, Mode::Train)
-            .map_err(|e| e.to_string())?;
-        let loss = summed_loss(logits, labels).div_scalar(n as f64);
+        let loss = objective
+            .summed_loss(model, b, device)?
+            .div_scalar(n.max(1) as f64);
         let value = loss.clone().into_scalar::<f32>() as f64;
         if !value.is_finite() {
             return Err(format!(
@@ -231,33 +151,31 @@ pub fn optimizer_step(
     Ok((step_loss, grad_norm))
 }
 
-/// The value of `metric_for_best_model` (default: eval loss, lower is better).
+/// The value of `metric_for_best_model` (default: eval loss, lower is better) and whether
+/// higher is better.
 fn metric(e: &EvalLog, name: Option<&str>) -> Result<(f64, bool), String> {
     let name = name.unwrap_or("loss");
     let name = name.strip_prefix("eval_").unwrap_or(name);
-    Ok(match name {
-        "loss" => (e.loss, false),
-        "accuracy" => (e.report.accuracy, true),
-        "f1" => (e.report.macro_avg.f1, true),
-        "matthews_correlation" => (e.report.matthews_correlation, true),
-        "precision" => (e.report.macro_avg.precision, true),
-        "recall" => (e.report.macro_avg.recall, true),
-        other => {
-            return Err(format!(
-                "metric_for_best_model {other:?} is not one of loss, accuracy, f1, precision, recall, matthews_correlation"
-            ));
-        }
-    })
+    if name == "loss" {
+        return Ok((e.loss, false));
+    }
+    match e.metrics.get(name) {
+        Some(&v) => Ok((v, name != "perplexity")),
+        None => Err(format!(
+            "metric_for_best_model {name:?} is not one of loss, {}",
+            e.metrics.keys().cloned().collect::<Vec<_>>().join(", ")
+        )),
+    }
 }
 
-/// Trains `model` on `train`, evaluating on `eval` as the arguments say.
+/// Trains `model` on `train`, evaluating on `eval` as the arguments say; resumes from the
+/// checkpoint folder `resume` when given.
 #[allow(clippy::too_many_arguments)]
-pub fn train_classifier(
-    model: &mut Classifier,
-    train: &[Encoded],
-    eval: Option<&[Encoded]>,
-    n_labels: usize,
-    pad_id: u32,
+pub fn train<O: Objective>(
+    objective: &O,
+    model: &mut O::Model,
+    train: &[O::Example],
+    eval: Option<&[O::Example]>,
     args: &TrainingArguments,
     device: &Device,
     observer: &mut dyn Observer,
@@ -282,7 +200,7 @@ pub fn train_classifier(
     let start = Instant::now();
     let mut history = Vec::new();
     let mut evals: Vec<EvalLog> = Vec::new();
-    let mut best: Option<(f64, usize, Classifier)> = None;
+    let mut best: Option<O::Model> = None;
     let mut state = TrainerState {
         patience_left: args.early_stopping_patience,
         ..Default::default()
@@ -302,24 +220,27 @@ pub fn train_classifier(
             }
             // Dropout masks depend only on the seed and the step: a resumed run draws the same.
             device.seed(args.seed.wrapping_add(step as u64));
-            let batches: Vec<Batch> = chunk
+            let batches: Vec<O::Batch> = chunk
                 .chunks(micro)
-                .map(|mb| collate(&mb.iter().map(|&i| &train[i]).collect::<Vec<_>>(), pad_id))
+                .map(|mb| objective.collate(&mb.iter().map(|&i| &train[i]).collect::<Vec<_>>()))
                 .collect();
-            state.tokens += batches.iter().map(|b| b.tokens).sum::<usize>();
+            for b in &batches {
+                let c = objective.counts(b);
+                state.tokens += c.tokens;
+                state.samples += c.samples;
+            }
             let lr = args.learning_rate * lr_factor(args.lr_scheduler_type, step, warmup, total);
-            let (step_loss, grad_norm) = optimizer_step(
+            let (step_loss, grad_norm) = step_objective(
+                objective,
                 model,
                 &mut opt,
                 &batches,
-                n_labels,
                 lr,
                 args.max_grad_norm,
                 device,
             )
             .map_err(|e| e.replace("{step}", &(step + 1).to_string()))?;
             step += 1;
-            state.samples += chunk.len();
             state.loss_sum += step_loss;
             let log = StepLog {
                 step,
@@ -342,20 +263,13 @@ pub fn train_classifier(
                 }
             };
             if let (true, Some(eval)) = (do_eval, eval) {
-                let (loss, report, _) = evaluate(
-                    model,
-                    eval,
-                    n_labels,
-                    args.per_device_eval_batch_size,
-                    pad_id,
-                    device,
-                )
-                .map_err(|e| e.to_string())?;
+                let r = objective.evaluate(model, eval, args.per_device_eval_batch_size, device)?;
                 let e = EvalLog {
                     step,
                     epoch: step as f64 / steps_per_epoch as f64,
-                    loss,
-                    report,
+                    loss: r.loss,
+                    metrics: r.metrics,
+                    report: r.report,
                 };
                 observer.eval(&e);
                 let (value, higher) = metric(&e, args.metric_for_best_model.as_deref())?;
@@ -367,7 +281,9 @@ pub fn train_classifier(
                     state.patience_left = args.early_stopping_patience;
                     state.best_metric = Some(value);
                     state.best_step = Some(step);
-                    best = Some((value, step, model.clone()));
+                    if args.load_best_model_at_end {
+                        best = Some(model.clone());
+                    }
                 } else if let Some(p) = state.patience_left.as_mut() {
                     *p = p.saturating_sub(1);
                 }
@@ -394,7 +310,7 @@ pub fn train_classifier(
     let best_step = state.best_step;
     if args.load_best_model_at_end {
         match (best, best_step) {
-            (Some((_, _, m)), _) => *model = m,
+            (Some(m), _) => *model = m,
             // The best evaluation happened before a resume: its checkpoint holds it.
             (None, Some(s)) => {
                 let dir = args.output_dir.join(format!("checkpoint-{s}"));

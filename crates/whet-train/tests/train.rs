@@ -152,7 +152,7 @@ fn a_learnable_task_is_learnt_and_evaluated() {
     let best = s
         .evals
         .iter()
-        .map(|e| e.report.accuracy)
+        .map(|e| e.metrics["accuracy"])
         .fold(0.0, f64::max);
     assert_eq!(
         report.accuracy, best,

@@ -35,7 +35,7 @@ fn main() -> anyhow::Result<()> {
     let enc = tokenize(&t.tokenizer, &ex, t.max_length, Default::default())?;
     let b = collate(&enc.iter().collect::<Vec<_>>(), t.pad_id);
     let with_types = matches!(t.model, whet_models::Classifier::Bert(_));
-    let (input, _) = whet_train::trainer::to_input(&b, &device, with_types, 0);
+    let (input, _) = whet_train::seqcls::to_input(&b, &device, with_types, 0);
     let logits = t.model.forward(input, whet_models::Mode::Eval)?;
     let dims = logits.dims().to_vec();
     let values: Vec<f32> = logits

@@ -211,6 +211,7 @@ fn few_shot(path: &std::path::Path, chat: bool) -> Result<(String, Vec<ChatMessa
 }
 
 fn main() {
+    whet_models::init_threads();
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");

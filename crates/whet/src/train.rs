@@ -44,15 +44,26 @@ impl Observer for Progress {
     }
 
     fn eval(&mut self, e: &EvalLog) {
-        let table = eval_table(
-            &format!("evaluation at step {} (epoch {:.2})", e.step, e.epoch),
-            e.loss,
-            &e.report,
-            &self.labels,
-        );
-        self.bar.suspend(|| println!("{table}"));
-        self.log.push(json!({"step": e.step, "epoch": e.epoch, "eval_loss": e.loss, "eval_accuracy": e.report.accuracy, "eval_f1": e.report.macro_avg.f1, "eval_matthews_correlation": e.report.matthews_correlation}));
+        let title = format!("evaluation at step {} (epoch {:.2})", e.step, e.epoch);
+        let text = match &e.report {
+            Some(r) => eval_table(&title, e.loss, r, &self.labels),
+            None => format!("{title}\n  loss {:.4}{}", e.loss, metric_line(&e.metrics)),
+        };
+        self.bar.suspend(|| println!("{text}"));
+        let mut entry = json!({"step": e.step, "epoch": e.epoch, "eval_loss": e.loss});
+        for (k, v) in &e.metrics {
+            entry[format!("eval_{k}")] = json!(v);
+        }
+        self.log.push(entry);
     }
+}
+
+/// ` | name value` for each metric.
+fn metric_line(metrics: &std::collections::BTreeMap<String, f64>) -> String {
+    metrics
+        .iter()
+        .map(|(k, v)| format!(" | {k} {v:.4}"))
+        .collect()
 }
 
 fn eval_table(title: &str, loss: f64, r: &ClassificationReport, labels: &[String]) -> String {
@@ -271,7 +282,7 @@ pub fn train(recipe_path: &Path, set: &[String], resume: Option<&str>) -> Result
     let acc_points: Vec<(f64, f64)> = summary
         .evals
         .iter()
-        .map(|e| (e.step as f64, e.report.accuracy))
+        .filter_map(|e| Some((e.step as f64, *e.metrics.get("accuracy")?)))
         .collect();
     line_chart(
         &out.join("loss_curve.png"),

@@ -1,0 +1,256 @@
+//! Sequence classification as a training objective: padded batches of encoded texts, the
+//! cross-entropy (single-label) or binary cross-entropy (multi-label) loss, and evaluation
+//! with the classification report.
+
+use std::collections::BTreeMap;
+
+use burn::module::Module;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use whet_data::{Batch, Encoded, Target, collate};
+use whet_metrics::{ClassificationReport, classification_report, multilabel_report};
+use whet_models::{Classifier, ClassifierInput, Mode};
+
+use crate::optim::Optimizer;
+use crate::trainer::{BatchCounts, Evaluation, Objective, step_objective};
+
+/// Sequence classification over `n_labels` labels.
+pub struct Classification {
+    pub n_labels: usize,
+    pub pad_id: u32,
+    /// Whether the model takes token type ids (the BERT family).
+    pub with_types: bool,
+}
+
+impl Classification {
+    pub fn new(model: &Classifier, n_labels: usize, pad_id: u32) -> Self {
+        Self {
+            n_labels,
+            pad_id,
+            with_types: matches!(model, Classifier::Bert(_)),
+        }
+    }
+}
+
+impl Objective for Classification {
+    type Model = Classifier;
+    type Example = Encoded;
+    type Batch = Batch;
+
+    fn collate(&self, items: &[&Encoded]) -> Batch {
+        collate(items, self.pad_id)
+    }
+
+    fn counts(&self, b: &Batch) -> BatchCounts {
+        BatchCounts {
+            units: b.batch,
+            samples: b.batch,
+            tokens: b.tokens,
+        }
+    }
+
+    fn summed_loss(
+        &self,
+        model: &Classifier,
+        b: &Batch,
+        device: &Device,
+    ) -> Result<Tensor<1>, String> {
+        let (input, labels) = to_input(b, device, self.with_types, self.n_labels);
+        let logits = model
+            .forward(input, Mode::Train)
+            .map_err(|e| e.to_string())?;
+        Ok(summed_loss(logits, labels))
+    }
+
+    fn evaluate(
+        &self,
+        model: &Classifier,
+        data: &[Encoded],
+        batch_size: usize,
+        device: &Device,
+    ) -> Result<Evaluation, String> {
+        let (loss, report, _) =
+            evaluate(model, data, self.n_labels, batch_size, self.pad_id, device)
+                .map_err(|e| e.to_string())?;
+        Ok(Evaluation {
+            loss,
+            metrics: metrics(&report),
+            report: Some(report),
+        })
+    }
+}
+
+/// The headline numbers of a report, named as `evaluate`'s metrics are (F1, precision and
+/// recall macro-averaged).
+pub fn metrics(r: &ClassificationReport) -> BTreeMap<String, f64> {
+    BTreeMap::from([
+        ("accuracy".to_string(), r.accuracy),
+        ("f1".to_string(), r.macro_avg.f1),
+        ("precision".to_string(), r.macro_avg.precision),
+        ("recall".to_string(), r.macro_avg.recall),
+        ("matthews_correlation".to_string(), r.matthews_correlation),
+    ])
+}
+
+/// One optimizer step of a classifier over already padded micro-batches (see
+/// [`step_objective`]).
+pub fn optimizer_step(
+    model: &mut Classifier,
+    opt: &mut Optimizer,
+    batches: &[Batch],
+    n_labels: usize,
+    lr: f64,
+    max_grad_norm: f64,
+    device: &Device,
+) -> Result<(f64, f64), String> {
+    let objective = Classification::new(model, n_labels, 0);
+    step_objective(&objective, model, opt, batches, lr, max_grad_norm, device)
+}
+
+/// The labels of a batch as tensors.
+pub enum BatchLabels {
+    /// `[B]` class ids.
+    Class(Tensor<1, Int>),
+    /// `[B, C]` multi-hot.
+    MultiHot(Tensor<2>),
+}
+
+/// Builds model inputs and labels of a padded batch on `device` (`n_labels` sizes the
+/// multi-hot rows of multi-label targets).
+pub fn to_input(
+    b: &Batch,
+    device: &Device,
+    with_types: bool,
+    n_labels: usize,
+) -> (ClassifierInput, BatchLabels) {
+    let t = |v: &Vec<i64>| {
+        Tensor::<2, Int>::from_data(TensorData::new(v.clone(), [b.batch, b.len]), device)
+    };
+    let labels = if b.targets.iter().any(|t| matches!(t, Target::Multi(_))) {
+        let mut hot = vec![0f32; b.batch * n_labels];
+        for (r, t) in b.targets.iter().enumerate() {
+            for &k in t.ids() {
+                hot[r * n_labels + k] = 1.0;
+            }
+        }
+        BatchLabels::MultiHot(Tensor::from_data(
+            TensorData::new(hot, [b.batch, n_labels]),
+            device,
+        ))
+    } else {
+        let ids: Vec<i64> = b.targets.iter().map(|t| t.ids()[0] as i64).collect();
+        BatchLabels::Class(Tensor::from_data(TensorData::new(ids, [b.batch]), device))
+    };
+    (
+        ClassifierInput {
+            input_ids: t(&b.input_ids),
+            attention_mask: t(&b.attention_mask),
+            token_type_ids: with_types.then(|| t(&b.token_type_ids)),
+        },
+        labels,
+    )
+}
+
+/// The loss of a batch summed over its rows (callers divide by the sample count):
+/// cross-entropy for class ids; for multi-hot targets the binary cross-entropy with logits
+/// averaged over labels, so that the mean over samples equals `BCEWithLogitsLoss`'s mean over
+/// all elements, as `transformers` computes it for `multi_label_classification`.
+pub fn summed_loss(logits: Tensor<2>, labels: BatchLabels) -> Tensor<1> {
+    let [n, c] = logits.dims();
+    match labels {
+        BatchLabels::Class(ids) => {
+            let logp = burn::tensor::activation::log_softmax(logits, 1);
+            -logp.gather(1, ids.reshape([n, 1])).sum()
+        }
+        BatchLabels::MultiHot(y) => {
+            // max(x, 0) - x*y + log(1 + exp(-|x|)): stable for logits of any size.
+            let x = logits;
+            let bce = x.clone().clamp_min(0.0) - x.clone() * y + x.abs().neg().exp().log1p();
+            bce.sum().div_scalar(c as f64)
+        }
+    }
+}
+
+/// Predicted targets of a batch of logits: the arg-max class, or every label whose sigmoid
+/// exceeds 0.5 (logit > 0) for multi-label.
+fn predictions(logits: Tensor<2>, multi_label: bool) -> Vec<Target> {
+    let [n, c] = logits.dims();
+    if multi_label {
+        let v: Vec<f32> = logits
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec()
+            .unwrap_or_default();
+        (0..n)
+            .map(|i| Target::Multi((0..c).filter(|&k| v[i * c + k] > 0.0).collect()))
+            .collect()
+    } else {
+        let arg: Vec<i64> = logits
+            .argmax(1)
+            .into_data()
+            .convert::<i64>()
+            .try_to_vec()
+            .unwrap_or_default();
+        arg.iter().map(|&p| Target::Class(p as usize)).collect()
+    }
+}
+
+/// Scores predicted targets against the truth (single- or multi-label by the truth's kind).
+pub fn report(truth: &[Target], preds: &[Target], n_labels: usize) -> ClassificationReport {
+    let multi = truth.iter().any(|t| matches!(t, Target::Multi(_)));
+    if multi {
+        let ids = |v: &[Target]| v.iter().map(|t| t.ids().to_vec()).collect::<Vec<_>>();
+        multilabel_report(&ids(truth), &ids(preds), n_labels)
+    } else {
+        let ids = |v: &[Target]| v.iter().map(|t| t.ids()[0]).collect::<Vec<_>>();
+        classification_report(&ids(truth), &ids(preds), n_labels)
+    }
+}
+
+/// Loss and predictions over a dataset, in evaluation mode.
+pub fn evaluate(
+    model: &Classifier,
+    data: &[Encoded],
+    n_labels: usize,
+    batch_size: usize,
+    pad_id: u32,
+    device: &Device,
+) -> whet_models::Result<(f64, ClassificationReport, Vec<Target>)> {
+    // Evaluate on the plain backend: no autodiff graph is recorded for forward passes that are
+    // never differentiated.
+    let model = &model.valid();
+    let device = &device.clone().without_autodiff();
+    let with_types = matches!(model, Classifier::Bert(_));
+    let multi = data.iter().any(|e| matches!(e.label, Target::Multi(_)));
+    let mut loss = 0.0;
+    let mut preds = Vec::with_capacity(data.len());
+    for chunk in data.chunks(batch_size.max(1)) {
+        let items: Vec<&Encoded> = chunk.iter().collect();
+        let b = collate(&items, pad_id);
+        let (input, labels) = to_input(&b, device, with_types, n_labels);
+        let logits = model.forward(input, Mode::Eval)?;
+        loss += summed_loss(logits.clone(), labels).into_scalar::<f32>() as f64;
+        preds.extend(predictions(logits, multi));
+    }
+    let truth: Vec<Target> = data.iter().map(|e| e.label.clone()).collect();
+    let report = report(&truth, &preds, n_labels);
+    Ok((loss / data.len().max(1) as f64, report, preds))
+}
+
+/// Trains a classifier (see [`crate::trainer::train`]).
+#[allow(clippy::too_many_arguments)]
+pub fn train_classifier(
+    model: &mut Classifier,
+    train: &[Encoded],
+    eval: Option<&[Encoded]>,
+    n_labels: usize,
+    pad_id: u32,
+    args: &crate::TrainingArguments,
+    device: &Device,
+    observer: &mut dyn crate::Observer,
+    resume: Option<&std::path::Path>,
+) -> Result<crate::TrainSummary, String> {
+    let objective = Classification::new(model, n_labels, pad_id);
+    crate::trainer::train(
+        &objective, model, train, eval, args, device, observer, resume,
+    )
+}
