@@ -333,21 +333,7 @@ pub fn convert_to_folder(path: &Path, out: &Path) -> Result<ConvertSummary> {
             message: e.to_string(),
         })?;
     crate::fsutil::write_atomic(&tok_path, tok_json.as_bytes())?;
-    let text = |s: &Option<Special>| s.as_ref().map(|s| s.text.clone());
-    let add_bos = file
-        .get("tokenizer.ggml.add_bos_token")
-        .and_then(|v| v.as_bool())
-        .unwrap_or(false);
-    let tok_config = serde_json::json!({
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": text(&tokenizer.bos),
-        "eos_token": text(&tokenizer.eos),
-        "pad_token": text(&tokenizer.pad),
-        "add_bos_token": add_bos,
-        "clean_up_tokenization_spaces": false,
-        "model_max_length": config.max_position_embeddings,
-        "chat_template": tokenizer.chat_template,
-    });
+    let tok_config = tokenizer_config(&file, &tokenizer, config.max_position_embeddings);
     write_json(&out.join("tokenizer_config.json"), &tok_config)?;
     Ok(ConvertSummary {
         tensors: tensors.len(),
@@ -356,6 +342,30 @@ pub fn convert_to_folder(path: &Path, out: &Path) -> Result<ConvertSummary> {
             .map(|(_, s, _)| s.iter().product::<usize>())
             .sum(),
         skipped: source.unmapped(),
+    })
+}
+
+/// `tokenizer_config.json` for a GGUF's tokenizer: special tokens, whether BOS is added, and
+/// the chat template, so `AutoTokenizer` behaves as the GGUF's tokenizer does.
+pub fn tokenizer_config(
+    file: &GgufFile,
+    tokenizer: &TextTokenizer,
+    max_positions: usize,
+) -> serde_json::Value {
+    let text = |s: &Option<Special>| s.as_ref().map(|s| s.text.clone());
+    let add_bos = file
+        .get("tokenizer.ggml.add_bos_token")
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false);
+    serde_json::json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": text(&tokenizer.bos),
+        "eos_token": text(&tokenizer.eos),
+        "pad_token": text(&tokenizer.pad),
+        "add_bos_token": add_bos,
+        "clean_up_tokenization_spaces": false,
+        "model_max_length": max_positions,
+        "chat_template": tokenizer.chat_template,
     })
 }
 

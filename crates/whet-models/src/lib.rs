@@ -408,6 +408,77 @@ impl Checkpoint {
         fsutil::write_atomic(&out.join("config.json"), text.as_bytes())
     }
 
+    /// Writes the checkpoint's `config.json` with the architecture set to the family's
+    /// causal-LM class (`GPT2LMHeadModel`, `LlamaForCausalLM`, ...), to `out`.
+    pub fn write_causal_lm_config(&self, out: &Path) -> Result<()> {
+        let mut json: serde_json::Value = match self.format {
+            Format::Folder => config::read_json(&self.path.join("config.json"))?,
+            Format::Gguf => match &self.config {
+                FamilyConfig::Llama(c) => {
+                    serde_json::to_value(c).map_err(|e| ModelError::Input(e.to_string()))?
+                }
+                _ => serde_json::json!({}),
+            },
+        };
+        let class = match (&self.config, self.family()) {
+            (FamilyConfig::Llama(c), _) if c.model_type == "mistral" => "MistralForCausalLM",
+            (FamilyConfig::Llama(c), _) if c.model_type == "qwen2" => "Qwen2ForCausalLM",
+            (_, Family::Gpt2) => "GPT2LMHeadModel",
+            (_, Family::Llama) => "LlamaForCausalLM",
+            (_, other) => {
+                return Err(ModelError::Input(format!(
+                    "{other} has no causal-LM head ({})",
+                    self.path.display()
+                )));
+            }
+        };
+        if let serde_json::Value::Object(map) = &mut json {
+            map.retain(|_, v| !v.is_null());
+            map.insert("architectures".into(), serde_json::json!([class]));
+            map.insert("torch_dtype".into(), "float32".into());
+        }
+        let text =
+            serde_json::to_string_pretty(&json).map_err(|e| ModelError::Input(e.to_string()))?;
+        std::fs::create_dir_all(out).map_err(|e| ModelError::io(out, e))?;
+        fsutil::write_atomic(&out.join("config.json"), text.as_bytes())
+    }
+
+    /// Writes the tokenizer next to a saved model so `AutoTokenizer` loads it from `out`:
+    /// `tokenizer.json`, and the folder's other tokenizer files (or, from a GGUF,
+    /// a `tokenizer_config.json` with the special tokens and chat template).
+    pub fn write_tokenizer_files(&self, tokenizer: &TextTokenizer, out: &Path) -> Result<()> {
+        let json = tokenizer
+            .inner
+            .to_string(true)
+            .map_err(|e| ModelError::Input(format!("tokenizer: {e}")))?;
+        std::fs::create_dir_all(out).map_err(|e| ModelError::io(out, e))?;
+        fsutil::write_atomic(&out.join("tokenizer.json"), json.as_bytes())?;
+        match (&self.format, self.gguf()) {
+            (Format::Gguf, Some(file)) => {
+                let cfg = gguf::tokenizer_config(file, tokenizer, self.max_positions());
+                let text = serde_json::to_string_pretty(&cfg)
+                    .map_err(|e| ModelError::Input(e.to_string()))?;
+                fsutil::write_atomic(&out.join("tokenizer_config.json"), text.as_bytes())?;
+            }
+            _ => {
+                for f in [
+                    "tokenizer_config.json",
+                    "special_tokens_map.json",
+                    "vocab.txt",
+                    "vocab.json",
+                    "merges.txt",
+                    "chat_template.jinja",
+                ] {
+                    let src = self.path.join(f);
+                    if src.is_file() {
+                        std::fs::copy(&src, out.join(f)).map_err(|e| ModelError::io(&src, e))?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Total parameter count (all tensors of the checkpoint).
     pub fn parameter_count(&self) -> usize {
         self.source

@@ -6,8 +6,7 @@ use std::path::{Path, PathBuf};
 use burn::tensor::Device;
 use serde_json::json;
 use whet_data::{
-    Columns, Encoded, Encoding, Example, Labels, Size, Table, Target, examples, seeded_split,
-    tokenize, tokenize_cached,
+    Columns, Encoded, Encoding, Example, Labels, Table, Target, examples, tokenize, tokenize_cached,
 };
 use whet_models::config::ProblemType;
 use whet_models::{Checkpoint, Classifier, ExportParams, TextTokenizer};
@@ -81,29 +80,9 @@ pub fn prepare(recipe: &Recipe, device: &Device) -> Result<Prepared, String> {
     let mut test = load_split(&d.test)?;
     let train = match &d.split {
         Some(s) if validation.is_none() && test.is_none() => {
-            let size = |v: Option<f64>| {
-                v.map(|x| {
-                    if x >= 1.0 {
-                        Size::Count(x as usize)
-                    } else {
-                        Size::Fraction(x)
-                    }
-                })
-            };
-            let parts = seeded_split(
-                &all_train,
-                &[size(s.train), size(s.validation), size(s.test)],
-                s.seed,
-            )
-            .map_err(|e| e.to_string())?;
-            let mut it = parts.into_iter();
-            let (tr, va, te) = (
-                it.next().unwrap_or_default(),
-                it.next().unwrap_or_default(),
-                it.next().unwrap_or_default(),
-            );
-            validation = (!va.is_empty()).then_some(va);
-            test = (!te.is_empty()).then_some(te);
+            let (tr, va, te) = s.apply(&all_train)?;
+            validation = va;
+            test = te;
             tr
         }
         _ => all_train,

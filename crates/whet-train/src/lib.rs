@@ -2,6 +2,7 @@
 //! its data and model; the trainer owns the loop.
 
 pub mod args;
+pub mod causal;
 pub mod checkpoint;
 pub mod classify;
 pub mod optim;

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use whet_data::Side;
+use whet_data::{Side, Template, TooLong};
 use whet_peft::LoraConfig;
 
 use crate::args::TrainingArguments;
@@ -20,6 +20,9 @@ pub enum Task {
     /// `problem_type = "multi_label_classification"` in `transformers`. The label column
     /// holds lists of class names or ids.
     MultiLabelClassification,
+    /// Next-token prediction (`AutoModelForCausalLM`): plain text, prompt templates or chat
+    /// conversations; the loss is taken on the part to learn only.
+    CausalLm,
 }
 
 impl Task {
@@ -58,6 +61,44 @@ fn d_seed() -> u64 {
     42
 }
 
+/// Train, validation and test parts (validation and test absent when empty).
+pub type Parts<T> = (Vec<T>, Option<Vec<T>>, Option<Vec<T>>);
+
+impl SplitSpec {
+    /// Cuts `all` into train, validation and test parts (empty parts are `None`).
+    pub fn apply<T: Clone>(
+        &self,
+        all: &[T],
+    ) -> Result<Parts<T>, String> {
+        let size = |v: Option<f64>| {
+            v.map(|x| {
+                if x >= 1.0 {
+                    whet_data::Size::Count(x as usize)
+                } else {
+                    whet_data::Size::Fraction(x)
+                }
+            })
+        };
+        let parts = whet_data::seeded_split(
+            all,
+            &[size(self.train), size(self.validation), size(self.test)],
+            self.seed,
+        )
+        .map_err(|e| e.to_string())?;
+        let mut it = parts.into_iter();
+        let (tr, va, te) = (
+            it.next().unwrap_or_default(),
+            it.next().unwrap_or_default(),
+            it.next().unwrap_or_default(),
+        );
+        Ok((
+            tr,
+            (!va.is_empty()).then_some(va),
+            (!te.is_empty()).then_some(te),
+        ))
+    }
+}
+
 /// `[data]`
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -90,6 +131,57 @@ pub struct DataSpec {
     /// dataset); keyed by the tokenizer, the truncation settings and every text.
     #[serde(default = "d_true")]
     pub tokenization_cache: bool,
+    /// causal-lm: a prompt / completion template, `"alpaca"` or `{ prompt = "...", completion =
+    /// "..." }` with `{field}` placeholders naming columns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<TemplateSpec>,
+    /// causal-lm: a column of conversations (lists of `{role, content}`), rendered with the
+    /// tokenizer's chat template.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages_column: Option<String>,
+    /// causal-lm with `messages_column`: a column holding the answer to the conversation's
+    /// prompt messages, appended as the assistant turn (`trl`'s conversational
+    /// prompt / completion data): a string, a list whose first string is taken, or a list of
+    /// messages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_column: Option<String>,
+    /// causal-lm: learn only the completion, or only the assistant turns (`trl`'s
+    /// `completion_only_loss` / `assistant_only_loss`); false learns the whole text.
+    #[serde(default = "d_true")]
+    pub completion_only_loss: bool,
+    /// causal-lm on plain text: concatenate the texts and cut blocks of this many tokens
+    /// (`run_clm.py`'s `block_size`) instead of one example per text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_size: Option<usize>,
+    /// causal-lm: pack several examples into each row of up to `max_length` tokens; attention
+    /// stays inside each example and positions restart (`trl`'s `packing`).
+    #[serde(default)]
+    pub packing: bool,
+    /// causal-lm: an example longer than `max_length`: "error", "truncate" or "skip" (skips
+    /// are counted and reported).
+    #[serde(default)]
+    pub too_long: TooLong,
+}
+
+/// `data.template`: a built-in template by name, or a custom one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TemplateSpec {
+    /// `"alpaca"`.
+    Named(String),
+    Custom(Template),
+}
+
+impl TemplateSpec {
+    pub fn resolve(&self) -> Result<Template, String> {
+        match self {
+            TemplateSpec::Custom(t) => Ok(t.clone()),
+            TemplateSpec::Named(n) if n == "alpaca" => Ok(Template::alpaca()),
+            TemplateSpec::Named(n) => Err(format!(
+                "data.template = {n:?}: the built-in templates are \"alpaca\"; or give {{ prompt = \"...\", completion = \"...\" }}"
+            )),
+        }
+    }
 }
 
 fn d_true() -> bool {

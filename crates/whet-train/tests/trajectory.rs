@@ -225,7 +225,7 @@ fn long_lora_trajectory() {
     let bytes = std::fs::read(dir.join("trajectory.safetensors")).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let device = Device::flex().autodiff();
-    let (mut model, _) = Checkpoint::open(&dir.join("model"))
+    let (mut model, _) = Checkpoint::open(dir.join("model"))
         .unwrap()
         .load_classifier(&device)
         .unwrap();

@@ -2,6 +2,7 @@
 
 mod plot;
 mod train;
+mod train_lm;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -24,10 +25,11 @@ const RECIPE_HELP: &str = "\
 RECIPE KEYS (TOML; any key can be overridden with --set KEY=VALUE; `<cache>` in a path is the
 asset cache, WHET_CACHE or ./cache):
   model          a Hugging Face folder or a .gguf file
-  task           sequence-classification (default) | multi-label-classification
-  method         full (default) | head | lora
+  task           sequence-classification (default) | multi-label-classification | causal-lm
+  method         full (default) | head | lora (head: classification only)
   [data]
-    train, validation, test   .jsonl, .csv, .tsv or .parquet files (validation/test optional)
+    train, validation, test   .jsonl, .csv, .tsv, .parquet or .txt (one text per line) files
+                   (validation/test optional)
     split          {train, validation, test, seed}: a seeded split of `train` when no other
                    file is given; counts (>= 1) or fractions (< 1); seed 42
     text_column    default \"text\"; text_pair_column optional
@@ -36,6 +38,18 @@ asset cache, WHET_CACHE or ./cache):
     max_length     default 128; truncation_side right (default) | left
     encoding       CSV text encoding: utf-8 (default) | latin-1
     tokenization_cache   keep token ids in <cache>/tokenized/ (default true)
+    causal-lm only (default: one example per text_column value, EOS appended, all learnt):
+    template       \"alpaca\" or {prompt = \"...{field}...\", completion = \"...{field}\"}: prompt and
+                   completion from each row's fields; EOS is appended to the completion
+    messages_column      a column of conversations [{role, content}, ...] rendered with the
+                   tokenizer's chat template (apply_chat_template)
+    completion_column    with messages_column: the answer (text, or a list of them: the first),
+                   appended as the assistant turn
+    completion_only_loss learn only the completion / the assistant turns (default true)
+    block_size     concatenate the texts and cut blocks of N tokens (run_clm.py's group_texts)
+    packing        pack examples into rows of max_length tokens; attention stays inside each
+                   example and positions restart (default false)
+    too_long       an example over max_length: error (default) | truncate | skip (counted)
   [head]           unfreeze_top_layers = N (method = head; default 0)
   [lora]           as peft.LoraConfig: r (8), lora_alpha (8), lora_dropout (0), target_modules,
                    bias (none | all | lora_only), modules_to_save, use_rslora (false)
@@ -48,7 +62,7 @@ asset cache, WHET_CACHE or ./cache):
     constant_with_warmup), warmup_steps (0), warmup_ratio (0), eval_strategy (no | steps |
     epoch), eval_steps, save_strategy (steps), save_steps (500), save_total_limit,
     load_best_model_at_end (false), metric_for_best_model (loss | accuracy | f1 | precision |
-    recall | matthews_correlation), greater_is_better, early_stopping_patience,
+    recall | matthews_correlation; causal-lm: loss | perplexity), greater_is_better, early_stopping_patience,
     logging_steps (500), seed (42)";
 
 #[derive(Subcommand, Debug)]

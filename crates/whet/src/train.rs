@@ -12,22 +12,23 @@ use serde_json::json;
 use whet_data::{Columns, Table, Target, examples, tokenize};
 use whet_metrics::ClassificationReport;
 use whet_train::classify::{self, Prepared};
-use whet_train::{EvalLog, Observer, Recipe, StepLog};
+use whet_train::{EvalLog, Observer, Recipe, StepLog, Task, TrainSummary};
 
 use crate::plot::{Series, line_chart};
 
 /// Peak resident memory of this process in MB (VmHWM), where /proc exists.
-fn peak_rss_mb() -> Option<f64> {
+pub(crate) fn peak_rss_mb() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
 }
 
-struct Progress {
-    bar: ProgressBar,
+pub(crate) struct Progress {
+    pub(crate) bar: ProgressBar,
     logging_steps: usize,
     log: Vec<serde_json::Value>,
+    /// Class names for evaluation tables (empty for language modelling).
     labels: Vec<String>,
 }
 
@@ -88,7 +89,7 @@ fn eval_table(title: &str, loss: f64, r: &ClassificationReport, labels: &[String
     s
 }
 
-fn truncate(s: &str, n: usize) -> String {
+pub(crate) fn truncate(s: &str, n: usize) -> String {
     let one_line: String = s.split_whitespace().collect::<Vec<_>>().join(" ");
     if one_line.chars().count() <= n {
         one_line
@@ -155,7 +156,13 @@ fn whet_infer_argmax(v: &[f32]) -> usize {
     best
 }
 
-pub fn train(recipe_path: &Path, set: &[String], resume: Option<&str>) -> Result<()> {
+/// Reads the recipe, resolves `--resume`, creates the output folder and writes the resolved
+/// recipe into it.
+pub(crate) fn start_run(
+    recipe_path: &Path,
+    set: &[String],
+    resume: Option<&str>,
+) -> Result<(Recipe, Option<PathBuf>)> {
     let recipe = Recipe::load(recipe_path, set).map_err(|e| anyhow!(e))?;
     let out = recipe.training.output_dir.clone();
     let resume: Option<PathBuf> = match resume {
@@ -171,6 +178,114 @@ pub fn train(recipe_path: &Path, set: &[String], resume: Option<&str>) -> Result
         &out.join("recipe.resolved.toml"),
         recipe.to_toml().as_bytes(),
     )?;
+    Ok((recipe, resume))
+}
+
+/// The progress bar of a run of `total` optimizer steps.
+pub(crate) fn progress(total: usize, logging_steps: usize, labels: Vec<String>) -> Progress {
+    let bar = ProgressBar::new(total as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps | {msg} | ETA {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.enable_steady_tick(Duration::from_millis(250));
+    Progress {
+        bar,
+        logging_steps,
+        log: vec![],
+        labels,
+    }
+}
+
+/// The `train_*` keys of `all_results.json`.
+pub(crate) fn train_results(
+    summary: &TrainSummary,
+    counts: &whet_peft::ParamCounts,
+) -> serde_json::Map<String, serde_json::Value> {
+    let secs = summary.train_runtime;
+    let mut results = serde_json::Map::new();
+    results.insert("train_loss".into(), json!(summary.train_loss));
+    results.insert("train_runtime".into(), json!(secs));
+    results.insert("train_samples".into(), json!(summary.train_samples));
+    results.insert("train_steps".into(), json!(summary.steps));
+    results.insert("epoch".into(), json!(summary.epochs));
+    results.insert(
+        "train_samples_per_second".into(),
+        json!(summary.train_samples as f64 / secs),
+    );
+    results.insert(
+        "train_tokens_per_second".into(),
+        json!(summary.train_tokens as f64 / secs),
+    );
+    if let Some(mb) = peak_rss_mb() {
+        results.insert("train_peak_rss_mb".into(), json!(mb));
+    }
+    results.insert("trainable_params".into(), json!(counts.trainable));
+    results.insert("all_params".into(), json!(counts.all));
+    results
+}
+
+/// Writes `all_results.json`, `trainer_state.json` and `loss_curve.png` (train loss, eval
+/// loss, and the eval metric `curve_metric` when evaluations have it).
+pub(crate) fn write_run_files(
+    out: &Path,
+    results: serde_json::Map<String, serde_json::Value>,
+    progress: &Progress,
+    summary: &TrainSummary,
+    curve_metric: &str,
+) -> Result<()> {
+    whet_models::fsutil::write_atomic(
+        &out.join("all_results.json"),
+        serde_json::to_string_pretty(&serde_json::Value::Object(results))?.as_bytes(),
+    )?;
+    whet_models::fsutil::write_atomic(
+        &out.join("trainer_state.json"),
+        serde_json::to_string_pretty(&json!({"log_history": progress.log, "best_step": summary.best_step, "global_step": summary.steps}))?
+            .as_bytes(),
+    )?;
+    let points = |f: &dyn Fn(&EvalLog) -> Option<f64>| -> Vec<(f64, f64)> {
+        summary
+            .evals
+            .iter()
+            .filter_map(|e| Some((e.step as f64, f(e)?)))
+            .collect()
+    };
+    let mut series = vec![
+        Series {
+            name: "train loss".into(),
+            points: summary
+                .history
+                .iter()
+                .map(|s| (s.step as f64, s.loss))
+                .collect(),
+            color: [31, 119, 180],
+        },
+        Series {
+            name: "eval loss".into(),
+            points: points(&|e| Some(e.loss)),
+            color: [214, 39, 40],
+        },
+    ];
+    let metric = points(&|e| e.metrics.get(curve_metric).copied());
+    if !metric.is_empty() {
+        series.push(Series {
+            name: format!("eval {}", curve_metric.replace('_', " ")),
+            points: metric,
+            color: [44, 160, 44],
+        });
+    }
+    line_chart(&out.join("loss_curve.png"), "optimizer step", &series)?;
+    Ok(())
+}
+
+pub fn train(recipe_path: &Path, set: &[String], resume: Option<&str>) -> Result<()> {
+    let (recipe, resume) = start_run(recipe_path, set, resume)?;
+    if recipe.task == Task::CausalLm {
+        return crate::train_lm::train(recipe, resume);
+    }
+    let out = recipe.training.output_dir.clone();
 
     let device = Device::flex().autodiff();
     device.seed(recipe.training.seed);
@@ -202,20 +317,7 @@ pub fn train(recipe_path: &Path, set: &[String], resume: Option<&str>) -> Result
     show_examples("before training (random head):", &p, &recipe, &device)?;
 
     let total = recipe.training.total_steps(p.train.encoded.len());
-    let bar = ProgressBar::new(total as u64);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps | {msg} | ETA {eta}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    bar.enable_steady_tick(Duration::from_millis(250));
-    let mut progress = Progress {
-        bar,
-        logging_steps: recipe.training.logging_steps,
-        log: vec![],
-        labels: p.labels.0.clone(),
-    };
+    let mut progress = progress(total, recipe.training.logging_steps, p.labels.0.clone());
     if let Some(r) = &resume {
         println!("resuming from {}", r.display());
     }
@@ -239,72 +341,9 @@ pub fn train(recipe_path: &Path, set: &[String], resume: Option<&str>) -> Result
         test_report = Some((loss, r));
     }
     let secs = summary.train_runtime;
-    results.insert("train_loss".into(), json!(summary.train_loss));
-    results.insert("train_runtime".into(), json!(secs));
-    results.insert("train_samples".into(), json!(summary.train_samples));
-    results.insert("train_steps".into(), json!(summary.steps));
-    results.insert("epoch".into(), json!(summary.epochs));
-    results.insert(
-        "train_samples_per_second".into(),
-        json!(summary.train_samples as f64 / secs),
-    );
-    results.insert(
-        "train_tokens_per_second".into(),
-        json!(summary.train_tokens as f64 / secs),
-    );
-    if let Some(mb) = peak_rss_mb() {
-        results.insert("train_peak_rss_mb".into(), json!(mb));
-    }
-    results.insert("trainable_params".into(), json!(p.counts.trainable));
-    results.insert("all_params".into(), json!(p.counts.all));
-    let results = serde_json::Value::Object(results);
-    whet_models::fsutil::write_atomic(
-        &out.join("all_results.json"),
-        serde_json::to_string_pretty(&results)?.as_bytes(),
-    )?;
-    whet_models::fsutil::write_atomic(
-        &out.join("trainer_state.json"),
-        serde_json::to_string_pretty(&json!({"log_history": progress.log, "best_step": summary.best_step, "global_step": summary.steps}))?
-            .as_bytes(),
-    )?;
+    results.extend(train_results(&summary, &p.counts));
+    write_run_files(&out, results, &progress, &summary, "accuracy")?;
     classify::save(&p, &recipe, &out).map_err(|e| anyhow!(e))?;
-
-    let loss_points: Vec<(f64, f64)> = summary
-        .history
-        .iter()
-        .map(|s| (s.step as f64, s.loss))
-        .collect();
-    let eval_points: Vec<(f64, f64)> = summary
-        .evals
-        .iter()
-        .map(|e| (e.step as f64, e.loss))
-        .collect();
-    let acc_points: Vec<(f64, f64)> = summary
-        .evals
-        .iter()
-        .filter_map(|e| Some((e.step as f64, *e.metrics.get("accuracy")?)))
-        .collect();
-    line_chart(
-        &out.join("loss_curve.png"),
-        "optimizer step",
-        &[
-            Series {
-                name: "train loss".into(),
-                points: loss_points,
-                color: [31, 119, 180],
-            },
-            Series {
-                name: "eval loss".into(),
-                points: eval_points,
-                color: [214, 39, 40],
-            },
-            Series {
-                name: "eval accuracy".into(),
-                points: acc_points,
-                color: [44, 160, 44],
-            },
-        ],
-    )?;
 
     show_examples("after training:", &p, &recipe, &device)?;
     if let Some((loss, r)) = &test_report {

@@ -1,0 +1,546 @@
+//! Causal language modelling end to end (`task = "causal-lm"`): plain text (one example per
+//! text, `block_size` blocks, or packed rows), prompt templates and chat conversations as
+//! training examples; next-token loss on the part to learn; perplexity; and output the Python
+//! world loads (a `transformers` folder, or a `peft` adapter with `task_type = "CAUSAL_LM"`).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use burn::module::Module;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use rayon::prelude::*;
+use serde_json::Value;
+use whet_data::{Encoding, IGNORE, LmExample, Table, chat, group_texts, pack, prompt_completion};
+use whet_models::{
+    CausalLm, CausalModel, ChatMessage, Checkpoint, DecoderInput, ExportParams, Mode, TextTokenizer,
+};
+use whet_peft::{LoraConfig, ParamCounts, apply_lora, save_adapter, set_trainable};
+
+use crate::recipe::{DataSpec, Method, Recipe};
+use crate::trainer::{BatchCounts, Evaluation, Objective};
+
+/// Next-token prediction; the loss averages over the learnt tokens of a step.
+pub struct LanguageModelling {
+    pub pad_id: u32,
+}
+
+/// A right-padded batch of language-modelling rows.
+#[derive(Debug, Clone)]
+pub struct LmBatch {
+    pub batch: usize,
+    pub len: usize,
+    pub input_ids: Vec<i64>,
+    pub attention_mask: Vec<i64>,
+    pub position_ids: Vec<i64>,
+    /// Present when a row packs several documents.
+    pub document_ids: Option<Vec<i64>>,
+    /// Flat `row * len + t` of every position whose next token is learnt, and that token.
+    pub predicting: Vec<i64>,
+    pub targets: Vec<i64>,
+    /// Real (non-pad) tokens.
+    pub tokens: usize,
+}
+
+impl LanguageModelling {
+    fn input(&self, b: &LmBatch, device: &Device) -> DecoderInput {
+        let t = |v: &Vec<i64>| {
+            Tensor::<2, Int>::from_data(TensorData::new(v.clone(), [b.batch, b.len]), device)
+        };
+        DecoderInput {
+            input_ids: t(&b.input_ids),
+            attention_mask: t(&b.attention_mask),
+            position_ids: Some(t(&b.position_ids)),
+            document_ids: b.document_ids.as_ref().map(t),
+        }
+    }
+
+    /// Summed next-token cross-entropy of a batch. The LM head runs only at the positions
+    /// whose next token is learnt: prompts and padding cost no vocabulary projection.
+    fn loss(&self, model: &CausalModel, b: &LmBatch, mode: Mode, device: &Device) -> Tensor<1> {
+        let hidden = model.forward_hidden(self.input(b, device), None, mode);
+        let [rows, t, h] = hidden.dims();
+        let n = b.predicting.len();
+        if n == 0 {
+            // Nothing to learn in this batch: a zero that still belongs to the graph.
+            return hidden.sum().mul_scalar(0.0);
+        }
+        let index = Tensor::<1, Int>::from_data(TensorData::new(b.predicting.clone(), [n]), device);
+        // (B, T, H) -> (B*T, H) -> (N, H) -> (1, N, H) -> (1, N, V) -> (N, V)
+        let picked = hidden.reshape([rows * t, h]).select(0, index);
+        let logits = model.lm_logits(picked.reshape([1, n, h]));
+        let v = logits.dims()[2];
+        let logp = burn::tensor::activation::log_softmax(logits.reshape([n, v]), 1);
+        let targets = Tensor::<1, Int>::from_data(TensorData::new(b.targets.clone(), [n]), device);
+        -logp.gather(1, targets.reshape([n, 1])).sum()
+    }
+}
+
+impl Objective for LanguageModelling {
+    type Model = CausalModel;
+    type Example = LmExample;
+    type Batch = LmBatch;
+
+    fn collate(&self, items: &[&LmExample]) -> LmBatch {
+        let len = items.iter().map(|e| e.ids.len()).max().unwrap_or(1).max(1);
+        let batch = items.len();
+        let packed = items.iter().any(|e| e.document_ids.iter().any(|&d| d > 0));
+        let mut b = LmBatch {
+            batch,
+            len,
+            input_ids: vec![self.pad_id as i64; batch * len],
+            attention_mask: vec![0; batch * len],
+            position_ids: vec![0; batch * len],
+            // Padding gets a document of its own (it is masked anyway).
+            document_ids: packed.then(|| vec![i64::from(u32::MAX); batch * len]),
+            predicting: Vec::new(),
+            targets: Vec::new(),
+            tokens: 0,
+        };
+        for (r, e) in items.iter().enumerate() {
+            let at = r * len;
+            for (k, &id) in e.ids.iter().enumerate() {
+                b.input_ids[at + k] = id as i64;
+                b.attention_mask[at + k] = 1;
+                b.position_ids[at + k] = e.position_ids[k] as i64;
+                if let Some(d) = &mut b.document_ids {
+                    d[at + k] = e.document_ids[k] as i64;
+                }
+            }
+            // Position k predicts the token at k + 1.
+            for k in 0..e.ids.len().saturating_sub(1) {
+                if e.labels[k + 1] != IGNORE {
+                    b.predicting.push((at + k) as i64);
+                    b.targets.push(e.labels[k + 1]);
+                }
+            }
+            b.tokens += e.ids.len();
+        }
+        b
+    }
+
+    fn counts(&self, b: &LmBatch) -> BatchCounts {
+        BatchCounts {
+            units: b.targets.len(),
+            samples: b.batch,
+            tokens: b.tokens,
+        }
+    }
+
+    fn summed_loss(
+        &self,
+        model: &CausalModel,
+        b: &LmBatch,
+        device: &Device,
+    ) -> Result<Tensor<1>, String> {
+        Ok(self.loss(model, b, Mode::Train, device))
+    }
+
+    fn evaluate(
+        &self,
+        model: &CausalModel,
+        data: &[LmExample],
+        batch_size: usize,
+        device: &Device,
+    ) -> Result<Evaluation, String> {
+        let (loss, _) = evaluate_lm(model, data, batch_size, self.pad_id, device);
+        Ok(Evaluation {
+            loss,
+            metrics: BTreeMap::from([("perplexity".to_string(), loss.exp())]),
+            report: None,
+        })
+    }
+}
+
+/// Mean next-token loss over every learnt token of `data` (not a mean of batch means), and
+/// the number of those tokens; perplexity is its exponential.
+pub fn evaluate_lm(
+    model: &CausalModel,
+    data: &[LmExample],
+    batch_size: usize,
+    pad_id: u32,
+    device: &Device,
+) -> (f64, usize) {
+    let model = &model.valid();
+    let device = &device.clone().without_autodiff();
+    let objective = LanguageModelling { pad_id };
+    let (mut sum, mut units) = (0.0, 0);
+    for chunk in data.chunks(batch_size.max(1)) {
+        let items: Vec<&LmExample> = chunk.iter().collect();
+        let b = objective.collate(&items);
+        units += b.targets.len();
+        sum += objective
+            .loss(model, &b, Mode::Eval, device)
+            .into_scalar::<f32>() as f64;
+    }
+    (sum / units.max(1) as f64, units)
+}
+
+/// Everything a causal-LM run prepared before training.
+pub struct LmPrepared {
+    pub checkpoint: Checkpoint,
+    pub tokenizer: TextTokenizer,
+    pub train: Vec<LmExample>,
+    pub validation: Option<Vec<LmExample>>,
+    pub test: Option<Vec<LmExample>>,
+    /// Examples left out: too long (with `too_long = "skip"`) or with nothing to learn.
+    pub skipped: usize,
+    pub pad_id: u32,
+    pub model: CausalModel,
+    pub counts: ParamCounts,
+    pub lora: Option<LoraConfig>,
+    /// How the data became examples, for the run's header.
+    pub data_kind: String,
+}
+
+/// A table's rows with their `path:line` origin.
+fn rows(table: &Table) -> Vec<(String, BTreeMap<String, Value>)> {
+    table
+        .rows
+        .iter()
+        .map(|(line, row)| (format!("{}:{line}", table.path.display()), row.clone()))
+        .collect()
+}
+
+/// A row's conversation: a list of `{role, content}` objects.
+fn messages(
+    row: &BTreeMap<String, Value>,
+    column: &str,
+    origin: &str,
+) -> Result<Vec<ChatMessage>, String> {
+    let value = row
+        .get(column)
+        .ok_or_else(|| format!("{origin}: no field {column:?} (data.messages_column)"))?;
+    let list = value
+        .as_array()
+        .ok_or_else(|| format!("{origin}: field {column:?} is not a list of messages"))?;
+    list.iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let field = |k: &str| {
+                m.get(k)
+                    .and_then(|v| v.as_str())
+                    .map(String::from)
+                    .ok_or_else(|| {
+                        format!("{origin}: message {i} of {column:?} has no string field {k:?}")
+                    })
+            };
+            Ok(ChatMessage {
+                role: field("role")?,
+                content: field("content")?,
+            })
+        })
+        .collect()
+}
+
+/// The assistant turn(s) of a row's `completion_column`.
+fn completion(
+    row: &BTreeMap<String, Value>,
+    column: &str,
+    origin: &str,
+) -> Result<Vec<ChatMessage>, String> {
+    let assistant = |s: &str| ChatMessage {
+        role: "assistant".into(),
+        content: s.to_string(),
+    };
+    match row.get(column) {
+        Some(Value::String(s)) => Ok(vec![assistant(s)]),
+        Some(Value::Array(items)) => match items.first() {
+            Some(Value::String(s)) => Ok(vec![assistant(s)]),
+            Some(Value::Object(_)) => messages(row, column, origin),
+            _ => Err(format!("{origin}: field {column:?} holds no answer")),
+        },
+        Some(other) => Err(format!("{origin}: field {column:?} is not text ({other})")),
+        None => Err(format!(
+            "{origin}: no field {column:?} (data.completion_column)"
+        )),
+    }
+}
+
+/// A row's text from `data.text_column`.
+fn text<'a>(
+    row: &'a BTreeMap<String, Value>,
+    column: &str,
+    origin: &str,
+) -> Result<&'a str, String> {
+    match row.get(column) {
+        Some(Value::String(s)) => Ok(s),
+        Some(other) => Err(format!("{origin}: field {column:?} is not text ({other})")),
+        None => Err(format!("{origin}: no field {column:?} (data.text_column)")),
+    }
+}
+
+/// Turns rows into examples as the data options say; returns them and the number skipped.
+fn build(
+    d: &DataSpec,
+    tokenizer: &TextTokenizer,
+    rows: &[(String, BTreeMap<String, Value>)],
+) -> Result<(Vec<LmExample>, usize), String> {
+    let learn_all = !d.completion_only_loss;
+    let (max_length, too_long) = (d.max_length, d.too_long);
+    let template = d.template.as_ref().map(|t| t.resolve()).transpose()?;
+    if let Some(block) = d.block_size {
+        // run_clm.py: tokenize every text, concatenate, cut into blocks.
+        let docs: Vec<Vec<u32>> = rows
+            .par_iter()
+            .map(|(origin, row)| {
+                let t = text(row, &d.text_column, origin)?;
+                tokenizer
+                    .encode(t, true)
+                    .map_err(|e| format!("{origin}: {e}"))
+            })
+            .collect::<Result<_, String>>()?;
+        return Ok((group_texts(&docs, block), 0));
+    }
+    let made: Vec<Option<LmExample>> = rows
+        .par_iter()
+        .map(|(origin, row)| -> Result<Option<LmExample>, String> {
+            let ex = if let Some(col) = &d.messages_column {
+                let mut msgs = messages(row, col, origin)?;
+                if let Some(c) = &d.completion_column {
+                    msgs.extend(completion(row, c, origin)?);
+                }
+                chat(tokenizer, &msgs, learn_all, max_length, too_long, origin)
+            } else if let Some(t) = &template {
+                let (prompt, completion) = t.render(row, origin).map_err(|e| e.to_string())?;
+                prompt_completion(
+                    tokenizer,
+                    &prompt,
+                    &completion,
+                    learn_all,
+                    max_length,
+                    too_long,
+                    origin,
+                )
+            } else {
+                // A whole text is learnt, then EOS so the model learns where texts end.
+                let t = text(row, &d.text_column, origin)?;
+                prompt_completion(tokenizer, "", t, true, max_length, too_long, origin)
+            };
+            ex.map_err(|e| e.to_string())
+        })
+        .collect::<Result<_, String>>()?;
+    let mut skipped = 0;
+    let mut out = Vec::with_capacity(made.len());
+    for ex in made {
+        match ex {
+            // The first token is never predicted: an example needs a learnt token after it.
+            Some(e) if e.labels.iter().skip(1).any(|&l| l != IGNORE) => out.push(e),
+            _ => skipped += 1,
+        }
+    }
+    if d.packing {
+        out = pack(&out, max_length);
+    }
+    Ok((out, skipped))
+}
+
+/// Reads and tokenizes the data, loads the decoder and applies the method.
+pub fn prepare(recipe: &Recipe, device: &Device) -> Result<LmPrepared, String> {
+    let d = &recipe.data;
+    let enc: Encoding = d
+        .encoding
+        .parse()
+        .map_err(|e| format!("data.encoding: {e}"))?;
+    let read = |p: &Path| Table::read(p, enc).map_err(|e| e.to_string());
+    let checkpoint = Checkpoint::open(&recipe.model).map_err(|e| e.to_string())?;
+    if !checkpoint.family().is_decoder() {
+        return Err(format!(
+            "task = \"causal-lm\" needs a decoder (GPT-2 or LLaMA family); {} is {}",
+            recipe.model.display(),
+            checkpoint.family()
+        ));
+    }
+    let limit = d.block_size.unwrap_or(d.max_length);
+    if limit > checkpoint.max_positions() {
+        return Err(format!(
+            "data.{} = {limit} exceeds the model's {} positions ({})",
+            if d.block_size.is_some() {
+                "block_size"
+            } else {
+                "max_length"
+            },
+            checkpoint.max_positions(),
+            recipe.model.display()
+        ));
+    }
+    if d.completion_column.is_some() && d.messages_column.is_none() {
+        return Err("data.completion_column goes with data.messages_column".into());
+    }
+    if d.messages_column.is_some() && d.template.is_some() {
+        return Err("data.messages_column and data.template exclude each other".into());
+    }
+    if d.block_size.is_some() && (d.messages_column.is_some() || d.template.is_some() || d.packing)
+    {
+        return Err(
+            "data.block_size is for plain text; it excludes messages_column, template and packing"
+                .into(),
+        );
+    }
+    let tokenizer = checkpoint.tokenizer().map_err(|e| e.to_string())?;
+    let pad_id = checkpoint
+        .pad_token_id()
+        .or(tokenizer.pad.as_ref().map(|p| p.id))
+        .or(tokenizer.eos.as_ref().map(|p| p.id))
+        .ok_or_else(|| {
+            format!(
+                "{}: no pad or EOS token to pad with",
+                recipe.model.display()
+            )
+        })?;
+
+    let train_rows = rows(&read(&d.train)?);
+    let file_rows = |p: &Option<std::path::PathBuf>| -> Result<Option<Vec<_>>, String> {
+        p.as_ref().map(|p| read(p).map(|t| rows(&t))).transpose()
+    };
+    let (mut validation, mut test) = (file_rows(&d.validation)?, file_rows(&d.test)?);
+    let train_rows = match &d.split {
+        Some(s) if validation.is_none() && test.is_none() => {
+            let (tr, va, te) = s.apply(&train_rows)?;
+            validation = va;
+            test = te;
+            tr
+        }
+        _ => train_rows,
+    };
+    let (train, mut skipped) = build(d, &tokenizer, &train_rows)?;
+    if train.is_empty() {
+        return Err(format!(
+            "{}: no training example is left (skipped {skipped}: too long, or nothing to learn)",
+            d.train.display()
+        ));
+    }
+    let mut split = |r: Option<Vec<_>>| -> Result<Option<Vec<LmExample>>, String> {
+        match r {
+            None => Ok(None),
+            Some(r) => {
+                let (ex, s) = build(d, &tokenizer, &r)?;
+                skipped += s;
+                Ok(Some(ex))
+            }
+        }
+    };
+    let validation = split(validation)?;
+    let test = split(test)?;
+    let data_kind = if let Some(b) = d.block_size {
+        format!("plain text in blocks of {b} tokens")
+    } else if let Some(c) = &d.messages_column {
+        format!("chat conversations from {c:?} (tokenizer's chat template)")
+    } else if let Some(t) = &d.template {
+        match t {
+            crate::recipe::TemplateSpec::Named(n) => format!("template {n:?}"),
+            crate::recipe::TemplateSpec::Custom(_) => "prompt / completion template".into(),
+        }
+    } else {
+        format!("plain text from {:?}, one example per text", d.text_column)
+    } + if d.packing { ", packed" } else { "" };
+
+    let mut model = checkpoint
+        .load_causal_lm(device)
+        .map_err(|e| e.to_string())?;
+    let (counts, lora) = match recipe.method {
+        Method::Full => {
+            set_trainable(&mut model, &|_| true);
+            let n = count(&model);
+            (
+                ParamCounts {
+                    trainable: n,
+                    all: n,
+                },
+                None,
+            )
+        }
+        Method::Head => {
+            return Err(
+                "method = \"head\" trains a new classification head; causal-lm has none (use full or lora)"
+                    .into(),
+            );
+        }
+        Method::Lora => {
+            let cfg = recipe
+                .lora
+                .clone()
+                .ok_or("method = \"lora\" needs [lora]")?;
+            let report = apply_lora(&mut model, &cfg, device).map_err(|e| e.to_string())?;
+            (report.counts, Some(cfg))
+        }
+    };
+    Ok(LmPrepared {
+        checkpoint,
+        tokenizer,
+        train,
+        validation,
+        test,
+        skipped,
+        pad_id,
+        model,
+        counts,
+        lora,
+        data_kind,
+    })
+}
+
+fn count<M: ExportParams>(model: &M) -> usize {
+    model
+        .named_params()
+        .iter()
+        .map(|p| p.to_checkpoint_values().0.iter().product::<usize>())
+        .sum()
+}
+
+/// Saves the result into `out`: a `peft` adapter (`CAUSAL_LM`) for LoRA, a `transformers`
+/// folder otherwise; both with the tokenizer.
+pub fn save(p: &LmPrepared, recipe: &Recipe, out: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    match &p.lora {
+        Some(cfg) => {
+            let base = recipe.model.canonicalize().unwrap_or(recipe.model.clone());
+            save_adapter(&p.model, cfg, &base.to_string_lossy(), "CAUSAL_LM", out)
+                .map_err(|e| e.to_string())?;
+        }
+        None => {
+            p.checkpoint
+                .write_causal_lm_config(out)
+                .map_err(|e| e.to_string())?;
+            let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = p
+                .model
+                .named_params()
+                .iter()
+                .map(|np| {
+                    let (s, v) = np.to_checkpoint_values();
+                    (np.name.clone(), s, v)
+                })
+                .collect();
+            let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+            whet_models::weights::write_safetensors(
+                &out.join("model.safetensors"),
+                &tensors,
+                Some(meta),
+            )
+            .map_err(|e| e.to_string())?;
+        }
+    }
+    p.checkpoint
+        .write_tokenizer_files(&p.tokenizer, out)
+        .map_err(|e| e.to_string())
+}
+
+/// Trains a causal LM (see [`crate::trainer::train`]).
+pub fn run_training(
+    p: &mut LmPrepared,
+    recipe: &Recipe,
+    device: &Device,
+    observer: &mut dyn crate::Observer,
+    resume: Option<&Path>,
+) -> Result<crate::TrainSummary, String> {
+    let objective = LanguageModelling { pad_id: p.pad_id };
+    crate::trainer::train(
+        &objective,
+        &mut p.model,
+        &p.train,
+        p.validation.as_deref(),
+        &recipe.training,
+        device,
+        observer,
+        resume,
+    )
+}
