@@ -4,6 +4,7 @@
 pub mod classification;
 pub mod error;
 pub mod lm;
+pub mod qa;
 pub mod table;
 
 pub use classification::{
@@ -12,4 +13,5 @@ pub use classification::{
 };
 pub use error::{DataError, Result};
 pub use lm::{IGNORE, LmExample, Template, TooLong, chat, group_texts, pack, prompt_completion};
+pub use qa::{Answer, QaColumns, QaExample, QaFeature, qa_examples, qa_features};
 pub use table::{Encoding, Table};

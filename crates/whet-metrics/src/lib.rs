@@ -222,6 +222,59 @@ pub fn perplexity(mean_loss: f64) -> f64 {
     mean_loss.exp()
 }
 
+/// SQuAD's answer normalisation: lower case, no punctuation, no articles (a, an, the), single
+/// spaces.
+fn squad_normalize(s: &str) -> Vec<String> {
+    let lower: String = s
+        .to_lowercase()
+        .chars()
+        .filter(|c| !c.is_ascii_punctuation())
+        .collect();
+    lower
+        .split_whitespace()
+        .filter(|w| !matches!(*w, "a" | "an" | "the"))
+        .map(String::from)
+        .collect()
+}
+
+/// Exact match and token F1 of a predicted answer against gold answers (the best over them),
+/// each 0 or 1 / in [0, 1], as the official SQuAD v1.1 script computes them. No gold answers
+/// (an unanswerable question) count as a match only for an empty prediction.
+pub fn squad_scores(prediction: &str, golds: &[String]) -> (f64, f64) {
+    if golds.is_empty() {
+        let empty = squad_normalize(prediction).is_empty();
+        return (f64::from(u8::from(empty)), f64::from(u8::from(empty)));
+    }
+    let p = squad_normalize(prediction);
+    let mut best = (0.0f64, 0.0f64);
+    for g in golds {
+        let g = squad_normalize(g);
+        let em = f64::from(u8::from(p == g));
+        let mut counts: std::collections::HashMap<&str, i64> = std::collections::HashMap::new();
+        for w in &g {
+            *counts.entry(w).or_default() += 1;
+        }
+        let mut common = 0i64;
+        for w in &p {
+            if let Some(c) = counts.get_mut(w.as_str())
+                && *c > 0
+            {
+                *c -= 1;
+                common += 1;
+            }
+        }
+        let f1 = if common == 0 {
+            0.0
+        } else {
+            let precision = common as f64 / p.len() as f64;
+            let recall = common as f64 / g.len() as f64;
+            2.0 * precision * recall / (precision + recall)
+        };
+        best = (best.0.max(em), best.1.max(f1));
+    }
+    best
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -297,5 +350,18 @@ mod tests {
     fn perplexity_is_exp_of_loss() {
         close(perplexity(0.0), 1.0);
         close(perplexity(2.0f64.ln()), 2.0);
+    }
+
+    #[test]
+    fn squad_scores_normalise_and_take_the_best_gold() {
+        let golds = vec!["the Eiffel Tower".to_string(), "Tower".to_string()];
+        // Articles, case and punctuation do not count.
+        assert_eq!(squad_scores("Eiffel tower!", &golds), (1.0, 1.0));
+        // "eiffel" vs gold 1 ["eiffel", "tower"]: precision 1, recall 1/2, F1 2/3.
+        let (em, f1) = squad_scores("Eiffel", &golds);
+        assert_eq!(em, 0.0);
+        assert!((f1 - 2.0 / 3.0).abs() < 1e-12, "{f1}");
+        assert_eq!(squad_scores("Paris", &golds), (0.0, 0.0));
+        assert_eq!(squad_scores("", &[]), (1.0, 1.0));
     }
 }

@@ -293,6 +293,38 @@ impl Checkpoint {
         })
     }
 
+    /// Loads a BERT-family model with the extractive question-answering head (`qa_outputs`,
+    /// initialised when absent and then named in the second value).
+    pub fn load_question_answering(
+        &self,
+        device: &Device,
+    ) -> Result<(bert::BertForQuestionAnswering, Vec<String>)> {
+        match &self.config {
+            FamilyConfig::Bert(c) => bert::BertForQuestionAnswering::load(&self.weights(device), c),
+            _ => Err(ModelError::Input(format!(
+                "question answering is implemented for the BERT family; {} is {}",
+                self.path.display(),
+                self.family()
+            ))),
+        }
+    }
+
+    /// Writes the checkpoint's `config.json` with `BertForQuestionAnswering` as architecture.
+    pub fn write_question_answering_config(&self, out: &Path) -> Result<()> {
+        let mut json: serde_json::Value = config::read_json(&self.path.join("config.json"))?;
+        if let serde_json::Value::Object(map) = &mut json {
+            map.retain(|_, v| !v.is_null());
+            map.insert(
+                "architectures".into(),
+                serde_json::json!(["BertForQuestionAnswering"]),
+            );
+        }
+        let text =
+            serde_json::to_string_pretty(&json).map_err(|e| ModelError::Input(e.to_string()))?;
+        std::fs::create_dir_all(out).map_err(|e| ModelError::io(out, e))?;
+        fsutil::write_atomic(&out.join("config.json"), text.as_bytes())
+    }
+
     /// Sets the classification labels (id order); the head is sized to them when it is new.
     pub fn set_labels(&mut self, labels: &[String]) {
         let head = self.head_mut();

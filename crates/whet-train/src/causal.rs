@@ -90,8 +90,8 @@ impl Objective for LanguageModelling {
             input_ids: vec![self.pad_id as i64; batch * len],
             attention_mask: vec![0; batch * len],
             position_ids: vec![0; batch * len],
-            // Padding gets a document of its own (it is masked anyway).
-            document_ids: packed.then(|| vec![i64::from(u32::MAX); batch * len]),
+            // Padding gets a document of its own, -1 (it is masked anyway).
+            document_ids: packed.then(|| vec![-1; batch * len]),
             predicting: Vec::new(),
             targets: Vec::new(),
             tokens: 0,
@@ -190,6 +190,9 @@ pub struct LmPrepared {
     pub lora: Option<LoraConfig>,
     /// How the data became examples, for the run's header.
     pub data_kind: String,
+    /// The rows of each split (`train`, `validation`, `test`), as read: written to
+    /// `OUT/data/` so another tool can repeat the run on the same split.
+    pub rows: Vec<(&'static str, Vec<BTreeMap<String, Value>>)>,
 }
 
 /// A table's rows with their `path:line` origin.
@@ -402,6 +405,14 @@ pub fn prepare(recipe: &Recipe, device: &Device) -> Result<LmPrepared, String> {
         }
         _ => train_rows,
     };
+    let plain =
+        |r: &[(String, BTreeMap<String, Value>)]| r.iter().map(|(_, row)| row.clone()).collect();
+    let mut split_rows = vec![("train", plain(&train_rows))];
+    for (name, part) in [("validation", &validation), ("test", &test)] {
+        if let Some(part) = part {
+            split_rows.push((name, plain(part)));
+        }
+    }
     let (train, mut skipped) = build(d, &tokenizer, &train_rows)?;
     if train.is_empty() {
         return Err(format!(
@@ -476,6 +487,7 @@ pub fn prepare(recipe: &Recipe, device: &Device) -> Result<LmPrepared, String> {
         counts,
         lora,
         data_kind,
+        rows: split_rows,
     })
 }
 

@@ -23,6 +23,9 @@ pub enum Task {
     /// Next-token prediction (`AutoModelForCausalLM`): plain text, prompt templates or chat
     /// conversations; the loss is taken on the part to learn only.
     CausalLm,
+    /// Extractive question answering (`AutoModelForQuestionAnswering`, BERT family): SQuAD-format
+    /// data, start and end of the answer span.
+    QuestionAnswering,
 }
 
 impl Task {
@@ -66,10 +69,7 @@ pub type Parts<T> = (Vec<T>, Option<Vec<T>>, Option<Vec<T>>);
 
 impl SplitSpec {
     /// Cuts `all` into train, validation and test parts (empty parts are `None`).
-    pub fn apply<T: Clone>(
-        &self,
-        all: &[T],
-    ) -> Result<Parts<T>, String> {
+    pub fn apply<T: Clone>(&self, all: &[T]) -> Result<Parts<T>, String> {
         let size = |v: Option<f64>| {
             v.map(|x| {
                 if x >= 1.0 {
@@ -161,6 +161,34 @@ pub struct DataSpec {
     /// are counted and reported).
     #[serde(default)]
     pub too_long: TooLong,
+    /// question-answering: the columns of SQuAD-format data.
+    #[serde(default = "d_question")]
+    pub question_column: String,
+    #[serde(default = "d_context")]
+    pub context_column: String,
+    /// `{"text": [...], "answer_start": [...]}` (character offsets into the context).
+    #[serde(default = "d_answers")]
+    pub answers_column: String,
+    /// question-answering: overlap in tokens of consecutive windows of a long context
+    /// (default max_length / 3, as run_qa.py's 128 of 384).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub doc_stride: Option<usize>,
+    /// question-answering: longest answer, in tokens, that evaluation predicts.
+    #[serde(default = "d_max_answer")]
+    pub max_answer_length: usize,
+}
+
+fn d_question() -> String {
+    "question".into()
+}
+fn d_context() -> String {
+    "context".into()
+}
+fn d_answers() -> String {
+    "answers".into()
+}
+fn d_max_answer() -> usize {
+    30
 }
 
 /// `data.template`: a built-in template by name, or a custom one.

@@ -3,6 +3,7 @@
 mod plot;
 mod train;
 mod train_lm;
+mod train_qa;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -25,7 +26,8 @@ const RECIPE_HELP: &str = "\
 RECIPE KEYS (TOML; any key can be overridden with --set KEY=VALUE; `<cache>` in a path is the
 asset cache, WHET_CACHE or ./cache):
   model          a Hugging Face folder or a .gguf file
-  task           sequence-classification (default) | multi-label-classification | causal-lm
+  task           sequence-classification (default) | multi-label-classification | causal-lm |
+                 question-answering (BERT family)
   method         full (default) | head | lora (head: classification only)
   [data]
     train, validation, test   .jsonl, .csv, .tsv, .parquet or .txt (one text per line) files
@@ -50,6 +52,11 @@ asset cache, WHET_CACHE or ./cache):
     packing        pack examples into rows of max_length tokens; attention stays inside each
                    example and positions restart (default false)
     too_long       an example over max_length: error (default) | truncate | skip (counted)
+    question-answering only (SQuAD format):
+    question_column, context_column, answers_column   default question, context, answers
+                   ({\"text\": [...], \"answer_start\": [...]}, character offsets)
+    doc_stride     token overlap of the windows of a long context (default max_length / 3)
+    max_answer_length    longest predicted answer in tokens (default 30)
   [head]           unfreeze_top_layers = N (method = head; default 0)
   [lora]           as peft.LoraConfig: r (8), lora_alpha (8), lora_dropout (0), target_modules,
                    bias (none | all | lora_only), modules_to_save, use_rslora (false)
@@ -62,7 +69,8 @@ asset cache, WHET_CACHE or ./cache):
     constant_with_warmup), warmup_steps (0), warmup_ratio (0), eval_strategy (no | steps |
     epoch), eval_steps, save_strategy (steps), save_steps (500), save_total_limit,
     load_best_model_at_end (false), metric_for_best_model (loss | accuracy | f1 | precision |
-    recall | matthews_correlation; causal-lm: loss | perplexity), greater_is_better, early_stopping_patience,
+    recall | matthews_correlation; causal-lm: loss | perplexity; question-answering: loss |
+    exact_match | f1), greater_is_better, early_stopping_patience,
     logging_steps (500), seed (42)";
 
 #[derive(Subcommand, Debug)]
@@ -120,13 +128,25 @@ enum Command {
         /// The trained model folder.
         #[arg(long)]
         model: PathBuf,
+        /// text-classification (default) or question-answering (with --question and
+        /// --context; prints {"score", "start", "end", "answer"} as
+        /// pipeline("question-answering")).
+        #[arg(long, default_value = "text-classification")]
+        task: String,
+        /// question-answering: the question.
+        #[arg(long)]
+        question: Option<String>,
+        /// question-answering: the text that holds the answer.
+        #[arg(long)]
+        context: Option<String>,
         /// A text to classify (repeatable).
         #[arg(long)]
         text: Vec<String>,
         /// A file with one text per line.
         #[arg(long)]
         file: Option<PathBuf>,
-        /// Print the K most likely labels per text instead of the best one.
+        /// Print the K most likely labels per text (or the K best answers) instead of the best
+        /// one.
         #[arg(long)]
         top_k: Option<usize>,
     },
@@ -260,10 +280,24 @@ fn run(cli: Cli) -> Result<()> {
         ),
         Command::Predict {
             model,
+            task,
+            question,
+            context,
             text,
             file,
             top_k,
-        } => train::predict(&model, text, file, top_k),
+        } => match task.as_str() {
+            "text-classification" => train::predict(&model, text, file, top_k),
+            "question-answering" => {
+                let (Some(q), Some(c)) = (question, context) else {
+                    anyhow::bail!("--task question-answering needs --question and --context");
+                };
+                train_qa::predict(&model, &q, &c, top_k)
+            }
+            other => {
+                anyhow::bail!("--task {other:?}: use text-classification or question-answering")
+            }
+        },
     }
 }
 

@@ -282,8 +282,10 @@ pub(crate) fn write_run_files(
 
 pub fn train(recipe_path: &Path, set: &[String], resume: Option<&str>) -> Result<()> {
     let (recipe, resume) = start_run(recipe_path, set, resume)?;
-    if recipe.task == Task::CausalLm {
-        return crate::train_lm::train(recipe, resume);
+    match recipe.task {
+        Task::CausalLm => return crate::train_lm::train(recipe, resume),
+        Task::QuestionAnswering => return crate::train_qa::train(recipe, resume),
+        Task::SequenceClassification | Task::MultiLabelClassification => {}
     }
     let out = recipe.training.output_dir.clone();
 

@@ -83,6 +83,15 @@ pub fn train(recipe: Recipe, resume: Option<PathBuf>) -> Result<()> {
         }
     );
     println!("{}", p.counts.line());
+    let data_dir = out.join("data");
+    std::fs::create_dir_all(&data_dir)?;
+    for (name, rows) in &p.rows {
+        let text: String = rows.iter().map(|r| json!(r).to_string() + "\n").collect();
+        whet_models::fsutil::write_atomic(
+            &data_dir.join(format!("{name}.jsonl")),
+            text.as_bytes(),
+        )?;
+    }
     show_generations("before training (greedy):", &p, &device)?;
 
     let total = recipe.training.total_steps(p.train.len());

@@ -646,3 +646,292 @@ fn decoder_classification_trains_through_the_cli() {
         assert!(["yes", "no"].contains(&p["label"].as_str().unwrap()), "{p}");
     }
 }
+
+/// Question / answer rows over the tiny word vocabulary: the answer repeats the question's last
+/// word, so there is something to learn.
+fn qa_data(dir: &Path) -> PathBuf {
+    let mut text = String::new();
+    for i in 0..24 {
+        let (a, b) = (10 + i % 40, 50 + (i * 7) % 40);
+        text += &format!("{{\"q\": \"w{a} w{b}\", \"a\": \"w{b} w{b}\"}}\n");
+    }
+    let p = dir.join("qa.jsonl");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// Instruction tuning with a template (LoRA on LLaMA) and packed plain text (full GPT-2)
+/// through the CLI: eval loss and perplexity in all_results.json, a peft CAUSAL_LM adapter or a
+/// GPT2LMHeadModel folder, the split written, and the result generating text.
+#[test]
+fn causal_lm_trains_through_the_cli() {
+    for (fixture, method, data_opts, extra) in [
+        (
+            "tiny-llama",
+            "lora",
+            "template = { prompt = \"{q} <bos>\", completion = \"{a}\" }",
+            "[lora]\nr = 4\nlora_alpha = 8\ntarget_modules = [\"q_proj\", \"v_proj\", \"down_proj\"]",
+        ),
+        (
+            "tiny-gpt2",
+            "full",
+            "text_column = \"q\"\npacking = true",
+            "",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let model = tiny_decoder(fixture, dir.path());
+        let data = qa_data(dir.path());
+        let out = dir.path().join("out");
+        let recipe = format!(
+            "model = \"{}\"\ntask = \"causal-lm\"\nmethod = \"{method}\"\n[data]\ntrain = \"{}\"\n\
+             max_length = 16\n{data_opts}\n[data.split]\nvalidation = 6\n{extra}\n[training]\n\
+             output_dir = \"{}\"\nlearning_rate = 1e-2\nper_device_train_batch_size = 4\n\
+             max_steps = 4\neval_strategy = \"steps\"\neval_steps = 2\nlogging_steps = 1\n",
+            model.display(),
+            data.display(),
+            out.display()
+        );
+        let r = dir.path().join("recipe.toml");
+        std::fs::write(&r, recipe).unwrap();
+        let text = ok(&["train", r.to_str().unwrap()]);
+        assert!(
+            text.contains("before training") && text.contains("after training"),
+            "{fixture}: {text}"
+        );
+        assert!(text.contains("perplexity"), "{fixture}: {text}");
+        let results: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("all_results.json")).unwrap())
+                .unwrap();
+        let (loss, ppl) = (
+            results["eval_loss"].as_f64().unwrap(),
+            results["eval_perplexity"].as_f64().unwrap(),
+        );
+        assert!((ppl - loss.exp()).abs() < 1e-6 * ppl, "{results}");
+        assert!(results["eval_tokens"].as_u64().unwrap() > 0, "{results}");
+        let state = std::fs::read_to_string(out.join("trainer_state.json")).unwrap();
+        assert!(state.contains("eval_perplexity"), "{state}");
+        assert!(out.join("loss_curve.png").is_file());
+        let train_rows = std::fs::read_to_string(out.join("data/train.jsonl")).unwrap();
+        assert_eq!(
+            train_rows.lines().count(),
+            18,
+            "24 rows less 6 for validation"
+        );
+        if method == "lora" {
+            let cfg: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(out.join("adapter_config.json")).unwrap(),
+            )
+            .unwrap();
+            assert_eq!(cfg["task_type"], "CAUSAL_LM");
+            assert!(out.join("adapter_model.safetensors").is_file());
+        } else {
+            let cfg: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap())
+                    .unwrap();
+            assert_eq!(cfg["architectures"][0], "GPT2LMHeadModel");
+            assert!(
+                out.join("model.safetensors").is_file() && out.join("tokenizer.json").is_file()
+            );
+        }
+        let generated = ok(&[
+            "generate",
+            "--model",
+            out.to_str().unwrap(),
+            "--prompt",
+            "w12 w57",
+            "--max-new-tokens",
+            "3",
+        ]);
+        assert!(generated.contains("w12 w57"), "{fixture}: {generated}");
+    }
+}
+
+/// Bad causal-LM data: a template naming a missing field (file and line), an example longer
+/// than max_length (or counted when skipped), a classification-only method.
+#[test]
+fn bad_causal_lm_input_gets_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_decoder("tiny-llama", dir.path());
+    let data = qa_data(dir.path());
+    let recipe = |extra: &str| {
+        let r = dir.path().join("recipe.toml");
+        std::fs::write(
+            &r,
+            format!(
+                "model = \"{}\"\ntask = \"causal-lm\"\n[data]\ntrain = \"{}\"\n{extra}\n{}\n\
+                 [training]\noutput_dir = \"{}\"\nmax_steps = 1\n",
+                model.display(),
+                data.display(),
+                if extra.contains("max_length") {
+                    ""
+                } else {
+                    "max_length = 16"
+                },
+                dir.path().join("out").display()
+            ),
+        )
+        .unwrap();
+        r
+    };
+    let e = err(&[
+        "train",
+        recipe("template = { prompt = \"{question}\", completion = \"{a}\" }")
+            .to_str()
+            .unwrap(),
+    ]);
+    assert!(e.contains("question") && e.contains("qa.jsonl:1"), "{e}");
+
+    let e = err(&[
+        "train",
+        recipe("template = { prompt = \"{q}\", completion = \"{a}\" }\nmax_length = 3")
+            .to_str()
+            .unwrap(),
+    ]);
+    assert!(e.contains("qa.jsonl:1") && e.contains("too_long"), "{e}");
+
+    let e = err(&[
+        "train",
+        recipe(
+            "template = { prompt = \"{q}\", completion = \"{a}\" }\nmax_length = 4\n\
+             too_long = \"skip\"",
+        )
+        .to_str()
+        .unwrap(),
+    ]);
+    assert!(
+        e.contains("skipped 24"),
+        "every row is too long, and counted: {e}"
+    );
+
+    let e = err(&["train", recipe("template = \"alpaca\"").to_str().unwrap()]);
+    assert!(
+        e.contains("instruction"),
+        "the alpaca template needs an instruction field: {e}"
+    );
+
+    let e = err(&["train", recipe("").to_str().unwrap()]);
+    assert!(e.contains("\"text\""), "no text column: {e}");
+
+    let e = err(&["train", recipe("template = \"vicuna\"").to_str().unwrap()]);
+    assert!(e.contains("alpaca"), "{e}");
+}
+
+/// Extractive question answering on MiniLM through the CLI: SQuAD-format data with long
+/// contexts cut into windows, exact match and F1 in all_results.json, a
+/// BertForQuestionAnswering folder (full) or a QUESTION_ANS adapter (LoRA), and the
+/// question-answering pipeline returning a span of the context.
+#[test]
+fn question_answering_trains_and_answers_through_the_cli() {
+    let data = root().join("tests/fixtures/qa/facts.jsonl");
+    for (method, lr, extra) in [
+        ("full", "3e-4", ""),
+        (
+            "lora",
+            "2e-3",
+            "[lora]\nr = 8\nlora_alpha = 16\ntarget_modules = [\"query\", \"value\"]",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let r = dir.path().join("recipe.toml");
+        std::fs::write(
+            &r,
+            format!(
+                "model = \"{}\"\ntask = \"question-answering\"\nmethod = \"{method}\"\n[data]\n\
+                 train = \"{}\"\nmax_length = 48\ndoc_stride = 16\n[data.split]\nvalidation = 12\n\
+                 {extra}\n[training]\noutput_dir = \"{}\"\nlearning_rate = {lr}\n\
+                 per_device_train_batch_size = 8\nnum_train_epochs = 4\neval_strategy = \"epoch\"\n\
+                 metric_for_best_model = \"f1\"\n",
+                minilm().display(),
+                data.display(),
+                out.display()
+            ),
+        )
+        .unwrap();
+        let text = ok(&["train", r.to_str().unwrap()]);
+        assert!(
+            text.contains("windows") && text.contains("exact match"),
+            "{text}"
+        );
+        let results: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("all_results.json")).unwrap())
+                .unwrap();
+        let (em, f1) = (
+            results["eval_exact_match"].as_f64().unwrap(),
+            results["eval_f1"].as_f64().unwrap(),
+        );
+        assert!(
+            (0.0..=100.0).contains(&em) && em <= f1 && f1 <= 100.0,
+            "{results}"
+        );
+        // The facts are easy: a few epochs of full fine-tuning find most answers; LoRA's few
+        // steps at least lower the evaluation loss.
+        if method == "full" {
+            assert!(f1 > 50.0, "{method}: F1 {f1} after training\n{text}");
+        }
+        let state: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("trainer_state.json")).unwrap())
+                .unwrap();
+        let evals: Vec<f64> = state["log_history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|e| e["eval_loss"].as_f64())
+            .collect();
+        assert!(
+            evals.len() == 4 && evals[3] < evals[0],
+            "{method}: {evals:?}"
+        );
+        if method == "full" {
+            let cfg: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap())
+                    .unwrap();
+            assert_eq!(cfg["architectures"][0], "BertForQuestionAnswering");
+        } else {
+            let cfg: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(out.join("adapter_config.json")).unwrap(),
+            )
+            .unwrap();
+            assert_eq!(cfg["task_type"], "QUESTION_ANS");
+        }
+        let context = "Ines was born in Quito in 1977. Ines works as a chemist.";
+        let answer = ok(&[
+            "predict",
+            "--task",
+            "question-answering",
+            "--model",
+            out.to_str().unwrap(),
+            "--question",
+            "Where was Ines born?",
+            "--context",
+            context,
+            "--top-k",
+            "2",
+        ]);
+        let lines: Vec<serde_json::Value> = answer
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2, "{answer}");
+        for a in &lines {
+            let (s, e) = (
+                a["start"].as_u64().unwrap() as usize,
+                a["end"].as_u64().unwrap() as usize,
+            );
+            assert_eq!(a["answer"].as_str().unwrap(), &context[s..e], "{a}");
+            assert!((0.0..=1.0).contains(&a["score"].as_f64().unwrap()));
+        }
+        assert!(lines[0]["score"].as_f64() >= lines[1]["score"].as_f64());
+    }
+    let e = err(&[
+        "predict",
+        "--task",
+        "question-answering",
+        "--model",
+        minilm().to_str().unwrap(),
+        "--question",
+        "q",
+    ]);
+    assert!(e.contains("--context"), "{e}");
+}

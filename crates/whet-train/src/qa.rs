@@ -1,0 +1,576 @@
+//! Extractive question answering end to end (`task = "question-answering"`, BERT family):
+//! SQuAD-format data cut into windows, the start/end loss, exact match and F1 as the SQuAD
+//! script computes them, the `pipeline("question-answering")` answer, and output the Python
+//! world loads (`BertForQuestionAnswering` folder, or a `peft` adapter with `qa_outputs`).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use burn::module::Module;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use serde::Serialize;
+use whet_data::{Encoding, QaColumns, QaExample, QaFeature, Table, qa_examples, qa_features};
+use whet_metrics::squad_scores;
+use whet_models::bert::{BertForQuestionAnswering, EncoderInput};
+use whet_models::{Checkpoint, ExportParams, Mode, TextTokenizer};
+use whet_peft::{LoraConfig, ParamCounts, apply_lora, save_adapter, set_trainable};
+
+use crate::recipe::{Method, Recipe};
+use crate::trainer::{BatchCounts, Evaluation, Objective};
+
+/// Start and end of the answer span; evaluation scores the evaluation examples.
+pub struct QuestionAnswering {
+    pub pad_id: u32,
+    /// The examples the evaluation features were cut from.
+    pub eval_examples: Vec<QaExample>,
+    pub max_answer_length: usize,
+}
+
+/// A right-padded batch of windows.
+#[derive(Debug, Clone)]
+pub struct QaBatch {
+    pub batch: usize,
+    pub len: usize,
+    pub input_ids: Vec<i64>,
+    pub token_type_ids: Vec<i64>,
+    pub attention_mask: Vec<i64>,
+    pub starts: Vec<i64>,
+    pub ends: Vec<i64>,
+    pub tokens: usize,
+}
+
+fn collate(items: &[&QaFeature], pad_id: u32) -> QaBatch {
+    let len = items.iter().map(|f| f.ids.len()).max().unwrap_or(1).max(1);
+    let batch = items.len();
+    let mut b = QaBatch {
+        batch,
+        len,
+        input_ids: vec![pad_id as i64; batch * len],
+        token_type_ids: vec![0; batch * len],
+        attention_mask: vec![0; batch * len],
+        starts: items.iter().map(|f| f.start as i64).collect(),
+        ends: items.iter().map(|f| f.end as i64).collect(),
+        tokens: items.iter().map(|f| f.ids.len()).sum(),
+    };
+    for (r, f) in items.iter().enumerate() {
+        for (k, (&id, &ty)) in f.ids.iter().zip(&f.type_ids).enumerate() {
+            b.input_ids[r * len + k] = id as i64;
+            b.token_type_ids[r * len + k] = ty as i64;
+            b.attention_mask[r * len + k] = 1;
+        }
+    }
+    b
+}
+
+/// Start and end logits `[B, T]` of a batch.
+fn logits(
+    model: &BertForQuestionAnswering,
+    b: &QaBatch,
+    mode: Mode,
+    device: &Device,
+) -> (Tensor<2>, Tensor<2>) {
+    let t = |v: &Vec<i64>| {
+        Tensor::<2, Int>::from_data(TensorData::new(v.clone(), [b.batch, b.len]), device)
+    };
+    let out = model.forward(
+        EncoderInput {
+            input_ids: t(&b.input_ids),
+            attention_mask: t(&b.attention_mask),
+            token_type_ids: Some(t(&b.token_type_ids)),
+        },
+        mode,
+    );
+    (out.start, out.end)
+}
+
+/// `(CE(start) + CE(end)) / 2` summed over the batch, as `BertForQuestionAnswering` computes
+/// its (mean) loss.
+fn summed_span_loss(start: Tensor<2>, end: Tensor<2>, b: &QaBatch, device: &Device) -> Tensor<1> {
+    let n = b.batch;
+    let ce = |logits: Tensor<2>, target: &Vec<i64>| {
+        let idx = Tensor::<2, Int>::from_data(TensorData::new(target.clone(), [n, 1]), device);
+        -burn::tensor::activation::log_softmax(logits, 1)
+            .gather(1, idx)
+            .sum()
+    };
+    (ce(start, &b.starts) + ce(end, &b.ends)).div_scalar(2.0)
+}
+
+fn to_vec(t: Tensor<2>) -> Vec<f32> {
+    t.into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .unwrap_or_default()
+}
+
+/// A window with its start and end logits.
+pub type ScoredWindow<'a> = (&'a QaFeature, &'a [f32], &'a [f32]);
+
+/// The best span of one example over its windows, as `run_qa.py`'s post-processing picks it:
+/// the 20 highest start and end logits of each window, spans inside the context, not reversed,
+/// at most `max_answer_length` tokens; the highest `start + end` logit wins. Returns the
+/// character span in the context.
+pub fn best_span(windows: &[ScoredWindow<'_>], max_answer_length: usize) -> Option<(usize, usize)> {
+    let top = |v: &[f32], f: &QaFeature| {
+        let mut idx: Vec<usize> = (0..f.ids.len())
+            .filter(|&i| f.context_offsets[i].is_some())
+            .collect();
+        idx.sort_by(|&a, &b| v[b].total_cmp(&v[a]));
+        idx.truncate(20);
+        idx
+    };
+    let mut best: Option<(f32, (usize, usize))> = None;
+    for (f, start, end) in windows {
+        for &s in &top(start, f) {
+            for &e in &top(end, f) {
+                if e < s || e - s + 1 > max_answer_length {
+                    continue;
+                }
+                let score = start[s] + end[e];
+                if best.is_none_or(|(b, _)| score > b)
+                    && let (Some(a), Some(z)) = (f.context_offsets[s], f.context_offsets[e])
+                {
+                    best = Some((score, (a.0, z.1)));
+                }
+            }
+        }
+    }
+    best.map(|(_, span)| span)
+}
+
+/// The characters `[a, b)` of `text`.
+fn chars(text: &str, a: usize, b: usize) -> String {
+    text.chars().skip(a).take(b.saturating_sub(a)).collect()
+}
+
+impl QuestionAnswering {
+    /// Loss, and per example the predicted answer text.
+    fn run(
+        &self,
+        model: &BertForQuestionAnswering,
+        data: &[QaFeature],
+        batch_size: usize,
+        device: &Device,
+    ) -> (f64, Vec<String>) {
+        let model = &model.valid();
+        let device = &device.clone().without_autodiff();
+        let (mut loss, mut starts, mut ends) = (0.0, Vec::new(), Vec::new());
+        for chunk in data.chunks(batch_size.max(1)) {
+            let items: Vec<&QaFeature> = chunk.iter().collect();
+            let b = collate(&items, self.pad_id);
+            let (s, e) = logits(model, &b, Mode::Eval, device);
+            loss += summed_span_loss(s.clone(), e.clone(), &b, device).into_scalar::<f32>() as f64;
+            let (s, e) = (to_vec(s), to_vec(e));
+            for r in 0..b.batch {
+                starts.push(s[r * b.len..(r + 1) * b.len].to_vec());
+                ends.push(e[r * b.len..(r + 1) * b.len].to_vec());
+            }
+        }
+        let mut by_example: BTreeMap<usize, Vec<ScoredWindow<'_>>> = BTreeMap::new();
+        for (i, f) in data.iter().enumerate() {
+            by_example
+                .entry(f.example)
+                .or_default()
+                .push((f, &starts[i], &ends[i]));
+        }
+        let answers = (0..self.eval_examples.len())
+            .map(|k| {
+                let ex = &self.eval_examples[k];
+                by_example
+                    .get(&k)
+                    .and_then(|w| best_span(w, self.max_answer_length))
+                    .map(|(a, b)| chars(&ex.context, a, b))
+                    .unwrap_or_default()
+            })
+            .collect();
+        (loss / data.len().max(1) as f64, answers)
+    }
+}
+
+/// Exact match and F1 in percent (as `evaluate.load("squad")`), averaged over examples.
+pub fn squad_metrics(examples: &[QaExample], predictions: &[String]) -> (f64, f64) {
+    let (mut em, mut f1) = (0.0, 0.0);
+    for (ex, p) in examples.iter().zip(predictions) {
+        let golds: Vec<String> = ex.answers.iter().map(|a| a.text.clone()).collect();
+        let (e, f) = squad_scores(p, &golds);
+        em += e;
+        f1 += f;
+    }
+    let n = examples.len().max(1) as f64;
+    (100.0 * em / n, 100.0 * f1 / n)
+}
+
+impl Objective for QuestionAnswering {
+    type Model = BertForQuestionAnswering;
+    type Example = QaFeature;
+    type Batch = QaBatch;
+
+    fn collate(&self, items: &[&QaFeature]) -> QaBatch {
+        collate(items, self.pad_id)
+    }
+
+    fn counts(&self, b: &QaBatch) -> BatchCounts {
+        BatchCounts {
+            units: b.batch,
+            samples: b.batch,
+            tokens: b.tokens,
+        }
+    }
+
+    fn summed_loss(
+        &self,
+        model: &BertForQuestionAnswering,
+        b: &QaBatch,
+        device: &Device,
+    ) -> Result<Tensor<1>, String> {
+        let (s, e) = logits(model, b, Mode::Train, device);
+        Ok(summed_span_loss(s, e, b, device))
+    }
+
+    fn evaluate(
+        &self,
+        model: &BertForQuestionAnswering,
+        data: &[QaFeature],
+        batch_size: usize,
+        device: &Device,
+    ) -> Result<Evaluation, String> {
+        let (loss, answers) = self.run(model, data, batch_size, device);
+        let (em, f1) = squad_metrics(&self.eval_examples, &answers);
+        Ok(Evaluation {
+            loss,
+            metrics: BTreeMap::from([("exact_match".to_string(), em), ("f1".to_string(), f1)]),
+            report: None,
+        })
+    }
+}
+
+/// A split: examples and their windows.
+pub struct QaSplit {
+    pub examples: Vec<QaExample>,
+    pub features: Vec<QaFeature>,
+}
+
+/// Everything a question-answering run prepared before training.
+pub struct QaPrepared {
+    pub checkpoint: Checkpoint,
+    pub tokenizer: TextTokenizer,
+    pub train: QaSplit,
+    pub validation: Option<QaSplit>,
+    pub test: Option<QaSplit>,
+    pub pad_id: u32,
+    pub doc_stride: usize,
+    pub model: BertForQuestionAnswering,
+    pub counts: ParamCounts,
+    pub lora: Option<LoraConfig>,
+    pub fresh: Vec<String>,
+}
+
+/// Reads and windows the data, loads the model and applies the method.
+pub fn prepare(recipe: &Recipe, device: &Device) -> Result<QaPrepared, String> {
+    let d = &recipe.data;
+    let enc: Encoding = d
+        .encoding
+        .parse()
+        .map_err(|e| format!("data.encoding: {e}"))?;
+    let cols = QaColumns {
+        question: d.question_column.clone(),
+        context: d.context_column.clone(),
+        answers: d.answers_column.clone(),
+    };
+    let read = |p: &Path| -> Result<Vec<QaExample>, String> {
+        let t = Table::read(p, enc).map_err(|e| e.to_string())?;
+        qa_examples(&t, &cols).map_err(|e| e.to_string())
+    };
+    let all = read(&d.train)?;
+    let mut validation = d.validation.as_deref().map(read).transpose()?;
+    let mut test = d.test.as_deref().map(read).transpose()?;
+    let train = match &d.split {
+        Some(s) if validation.is_none() && test.is_none() => {
+            let (tr, va, te) = s.apply(&all)?;
+            validation = va;
+            test = te;
+            tr
+        }
+        _ => all,
+    };
+    let checkpoint = Checkpoint::open(&recipe.model).map_err(|e| e.to_string())?;
+    if d.max_length > checkpoint.max_positions() {
+        return Err(format!(
+            "data.max_length = {} exceeds the model's {} positions ({})",
+            d.max_length,
+            checkpoint.max_positions(),
+            recipe.model.display()
+        ));
+    }
+    let doc_stride = d.doc_stride.unwrap_or(d.max_length / 3);
+    let tokenizer = checkpoint.tokenizer().map_err(|e| e.to_string())?;
+    let pad_id = checkpoint
+        .pad_token_id()
+        .or(tokenizer.pad.as_ref().map(|p| p.id))
+        .unwrap_or(0);
+    let window = |ex: Vec<QaExample>| -> Result<QaSplit, String> {
+        let features =
+            qa_features(&tokenizer, &ex, d.max_length, doc_stride).map_err(|e| e.to_string())?;
+        Ok(QaSplit {
+            examples: ex,
+            features,
+        })
+    };
+    let train = window(train)?;
+    if train.features.is_empty() {
+        return Err(format!(
+            "{}: the training split is empty",
+            d.train.display()
+        ));
+    }
+    let validation = validation.map(window).transpose()?;
+    let test = test.map(window).transpose()?;
+    let (mut model, fresh) = checkpoint
+        .load_question_answering(device)
+        .map_err(|e| e.to_string())?;
+    let head = |name: &str| name.starts_with("qa_outputs.");
+    let (counts, lora) = match recipe.method {
+        Method::Full => {
+            set_trainable(&mut model, &|_| true);
+            let n = count(&model, &|_| true);
+            (
+                ParamCounts {
+                    trainable: n,
+                    all: n,
+                },
+                None,
+            )
+        }
+        Method::Head => {
+            set_trainable(&mut model, &head);
+            (
+                ParamCounts {
+                    trainable: count(&model, &head),
+                    all: count(&model, &|_| true),
+                },
+                None,
+            )
+        }
+        Method::Lora => {
+            let mut cfg = recipe
+                .lora
+                .clone()
+                .ok_or("method = \"lora\" needs [lora]")?;
+            // peft's task_type = "QUESTION_ANS" saves the span head with the adapter.
+            if !cfg.modules_to_save.iter().any(|m| m == "qa_outputs") {
+                cfg.modules_to_save.push("qa_outputs".into());
+            }
+            let report = apply_lora(&mut model, &cfg, device).map_err(|e| e.to_string())?;
+            (report.counts, Some(cfg))
+        }
+    };
+    Ok(QaPrepared {
+        checkpoint,
+        tokenizer,
+        train,
+        validation,
+        test,
+        pad_id,
+        doc_stride,
+        model,
+        counts,
+        lora,
+        fresh,
+    })
+}
+
+fn count(model: &BertForQuestionAnswering, keep: &dyn Fn(&str) -> bool) -> usize {
+    model
+        .named_params()
+        .iter()
+        .filter(|p| keep(&p.name))
+        .map(|p| p.to_checkpoint_values().0.iter().product::<usize>())
+        .sum()
+}
+
+/// The objective of a prepared run (evaluation on the validation split).
+pub fn objective(p: &QaPrepared, recipe: &Recipe) -> QuestionAnswering {
+    QuestionAnswering {
+        pad_id: p.pad_id,
+        eval_examples: p
+            .validation
+            .as_ref()
+            .map(|v| v.examples.clone())
+            .unwrap_or_default(),
+        max_answer_length: recipe.data.max_answer_length,
+    }
+}
+
+/// Trains (see [`crate::trainer::train`]).
+pub fn run_training(
+    p: &mut QaPrepared,
+    recipe: &Recipe,
+    device: &Device,
+    observer: &mut dyn crate::Observer,
+    resume: Option<&Path>,
+) -> Result<crate::TrainSummary, String> {
+    let objective = objective(p, recipe);
+    crate::trainer::train(
+        &objective,
+        &mut p.model,
+        &p.train.features,
+        p.validation.as_ref().map(|v| v.features.as_slice()),
+        &recipe.training,
+        device,
+        observer,
+        resume,
+    )
+}
+
+/// Loss, exact match and F1 of a split.
+pub fn evaluate_split(
+    p: &QaPrepared,
+    recipe: &Recipe,
+    split: &QaSplit,
+    device: &Device,
+) -> Evaluation {
+    let objective = QuestionAnswering {
+        eval_examples: split.examples.clone(),
+        ..objective(p, recipe)
+    };
+    let (loss, answers) = objective.run(
+        &p.model,
+        &split.features,
+        recipe.training.per_device_eval_batch_size,
+        device,
+    );
+    let (em, f1) = squad_metrics(&split.examples, &answers);
+    Evaluation {
+        loss,
+        metrics: BTreeMap::from([("exact_match".to_string(), em), ("f1".to_string(), f1)]),
+        report: None,
+    }
+}
+
+/// Saves the result: a `peft` adapter (`QUESTION_ANS`) for LoRA, a `transformers` folder
+/// otherwise, with the tokenizer and `qa.json` (max_length, doc_stride).
+pub fn save(p: &QaPrepared, recipe: &Recipe, out: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    match &p.lora {
+        Some(cfg) => {
+            let base = recipe.model.canonicalize().unwrap_or(recipe.model.clone());
+            save_adapter(&p.model, cfg, &base.to_string_lossy(), "QUESTION_ANS", out)
+                .map_err(|e| e.to_string())?;
+        }
+        None => {
+            p.checkpoint
+                .write_question_answering_config(out)
+                .map_err(|e| e.to_string())?;
+            let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = p
+                .model
+                .named_params()
+                .iter()
+                .map(|np| {
+                    let (s, v) = np.to_checkpoint_values();
+                    (np.name.clone(), s, v)
+                })
+                .collect();
+            let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+            whet_models::weights::write_safetensors(
+                &out.join("model.safetensors"),
+                &tensors,
+                Some(meta),
+            )
+            .map_err(|e| e.to_string())?;
+        }
+    }
+    p.checkpoint
+        .write_tokenizer_files(&p.tokenizer, out)
+        .map_err(|e| e.to_string())?;
+    let info = serde_json::json!({
+        "task": "question-answering",
+        "max_length": recipe.data.max_length,
+        "doc_stride": p.doc_stride,
+        "base_model": recipe.model,
+    });
+    whet_models::fsutil::write_atomic(&out.join("qa.json"), info.to_string().as_bytes())
+        .map_err(|e| e.to_string())
+}
+
+/// One answer of the question-answering pipeline.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct QaAnswer {
+    pub score: f64,
+    /// Character offsets in the context.
+    pub start: usize,
+    pub end: usize,
+    pub answer: String,
+}
+
+/// Answers as `pipeline("question-answering")` gives them: per window, softmax of the start
+/// and end logits over the context tokens and `[CLS]`, `[CLS]` then dropped; a span's score
+/// is `p_start · p_end`; spans of at most `max_answer_len` tokens; the `top_k` best over all
+/// windows.
+#[allow(clippy::too_many_arguments)]
+pub fn answer(
+    model: &BertForQuestionAnswering,
+    tokenizer: &TextTokenizer,
+    question: &str,
+    context: &str,
+    max_length: usize,
+    doc_stride: usize,
+    max_answer_len: usize,
+    top_k: usize,
+    device: &Device,
+) -> Result<Vec<QaAnswer>, String> {
+    let ex = QaExample {
+        question: question.to_string(),
+        context: context.to_string(),
+        answers: vec![],
+        origin: "input".into(),
+    };
+    let features =
+        qa_features(tokenizer, &[ex], max_length, doc_stride).map_err(|e| e.to_string())?;
+    let model = &model.valid();
+    let device = &device.clone().without_autodiff();
+    let mut found: Vec<QaAnswer> = Vec::new();
+    for f in &features {
+        let b = collate(&[f], 0);
+        let (s, e) = logits(model, &b, Mode::Eval, device);
+        let probs = |v: Vec<f32>| {
+            let allowed = |i: usize| i == 0 || f.context_offsets[i].is_some();
+            let max = (0..v.len())
+                .filter(|&i| allowed(i))
+                .map(|i| v[i])
+                .fold(f32::NEG_INFINITY, f32::max);
+            let ex: Vec<f64> = (0..v.len())
+                .map(|i| {
+                    if allowed(i) {
+                        ((v[i] - max) as f64).exp()
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let sum: f64 = ex.iter().sum();
+            let mut p: Vec<f64> = ex.iter().map(|x| x / sum).collect();
+            p[0] = 0.0;
+            p
+        };
+        let (ps, pe) = (probs(to_vec(s)), probs(to_vec(e)));
+        for (i, p_start) in ps.iter().enumerate() {
+            for (j, p_end) in pe.iter().enumerate().take(i + max_answer_len).skip(i) {
+                if let (Some(a), Some(z)) = (f.context_offsets[i], f.context_offsets[j]) {
+                    found.push(QaAnswer {
+                        score: p_start * p_end,
+                        start: a.0,
+                        end: z.1,
+                        answer: chars(context, a.0, z.1),
+                    });
+                }
+            }
+        }
+    }
+    found.sort_by(|a, b| b.score.total_cmp(&a.score));
+    found.dedup_by(|a, b| a.start == b.start && a.end == b.end);
+    found.truncate(top_k.max(1));
+    if found.is_empty() {
+        return Err("the context holds no token to answer with".into());
+    }
+    Ok(found)
+}

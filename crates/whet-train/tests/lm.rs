@@ -1,0 +1,194 @@
+//! The causal-LM objective against `transformers` (`tests/fixtures/tiny-*`, from
+//! `scripts/make_fixtures.py`: `model(input_ids, attention_mask, labels=labels).loss` and its
+//! gradients), and packed rows against the same documents in rows of their own.
+
+mod common;
+
+use burn::tensor::{Device, Tensor};
+use common::fixtures;
+use safetensors::SafeTensors;
+use whet_data::{IGNORE, LmExample, pack};
+use whet_models::{Checkpoint, VisitParams, Visitor};
+use whet_train::Objective;
+use whet_train::causal::{LanguageModelling, evaluate_lm};
+
+fn values<T: Copy>(st: &SafeTensors, k: &str, f: fn(&[u8]) -> T, width: usize) -> Vec<T> {
+    st.tensor(k)
+        .unwrap_or_else(|_| panic!("no {k}"))
+        .data()
+        .chunks_exact(width)
+        .map(f)
+        .collect()
+}
+
+fn f32s(st: &SafeTensors, k: &str) -> Vec<f32> {
+    values(st, k, |b| f32::from_le_bytes(b.try_into().unwrap()), 4)
+}
+
+fn i64s(st: &SafeTensors, k: &str) -> Vec<i64> {
+    values(st, k, |b| i64::from_le_bytes(b.try_into().unwrap()), 8)
+}
+
+/// The fixture's right-padded rows as unpadded examples with the fixture's labels.
+fn fixture_examples(st: &SafeTensors) -> Vec<LmExample> {
+    let (ids, mask, labels) = (
+        i64s(st, "input_ids_right"),
+        i64s(st, "attention_mask_right"),
+        i64s(st, "labels"),
+    );
+    let t = st.tensor("input_ids_right").unwrap().shape()[1];
+    (0..ids.len() / t)
+        .map(|r| {
+            let n = mask[r * t..(r + 1) * t].iter().filter(|&&m| m == 1).count();
+            LmExample {
+                ids: ids[r * t..r * t + n].iter().map(|&i| i as u32).collect(),
+                labels: labels[r * t..r * t + n].to_vec(),
+                position_ids: (0..n as u32).collect(),
+                document_ids: vec![0; n],
+                origin: format!("row {r}"),
+            }
+        })
+        .collect()
+}
+
+fn rel(a: f32, b: f32) -> f32 {
+    (a - b).abs() / b.abs().max(1e-6)
+}
+
+/// Evaluation loss (mean over learnt tokens) equals `transformers`' causal-LM loss.
+#[test]
+fn evaluation_loss_matches_transformers() {
+    for dir in ["tiny-gpt2", "tiny-llama"] {
+        let root = fixtures().join(dir);
+        let bytes = std::fs::read(root.join("fixture.safetensors")).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let device = Device::flex();
+        let model = Checkpoint::open(&root)
+            .unwrap()
+            .load_causal_lm(&device)
+            .unwrap();
+        let (loss, units) = evaluate_lm(&model, &fixture_examples(&st), 2, 0, &device);
+        let want = f32s(&st, "loss")[0];
+        assert!(rel(loss as f32, want) < 1e-5, "{dir}: {loss} vs {want}");
+        let learnt: usize = fixture_examples(&st)
+            .iter()
+            .map(|e| e.labels.iter().skip(1).filter(|&&l| l != IGNORE).count())
+            .sum();
+        assert_eq!(units, learnt, "{dir}");
+    }
+}
+
+/// The training loss and its gradients equal `transformers`' (tiny-llama has no dropout, so
+/// training mode computes what the fixture's forward did).
+#[test]
+fn training_loss_and_gradients_match_transformers() {
+    let root = fixtures().join("tiny-llama");
+    let bytes = std::fs::read(root.join("fixture.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let device = Device::flex().autodiff();
+    let mut model = Checkpoint::open(&root)
+        .unwrap()
+        .load_causal_lm(&device)
+        .unwrap();
+    whet_peft::set_trainable(&mut model, &|_| true);
+    let objective = LanguageModelling { pad_id: 0 };
+    let examples = fixture_examples(&st);
+    let batch = objective.collate(&examples.iter().collect::<Vec<_>>());
+    let units = objective.counts(&batch).units;
+    let loss = objective
+        .summed_loss(&model, &batch, &device)
+        .unwrap()
+        .div_scalar(units as f64);
+    let want = f32s(&st, "loss")[0];
+    let got = loss.clone().into_scalar::<f32>();
+    assert!(rel(got, want) < 1e-5, "{got} vs {want}");
+    let grads = loss.backward();
+
+    // Vectors and the embedding share PyTorch's layout: compare their gradients directly.
+    struct Grads<'a>(&'a burn::tensor::Gradients, Vec<(String, Vec<f32>)>);
+    impl Visitor for Grads<'_> {
+        fn vector(&mut self, name: &str, p: &mut burn::module::Param<Tensor<1>>) {
+            if let Some(g) = p.val().grad(self.0) {
+                self.1
+                    .push((name.into(), g.into_data().try_to_vec::<f32>().unwrap()));
+            }
+        }
+        fn matrix(
+            &mut self,
+            name: &str,
+            p: &mut burn::module::Param<Tensor<2>>,
+            layout: whet_models::weights::Layout,
+        ) {
+            if matches!(layout, whet_models::weights::Layout::Same)
+                && let Some(g) = p.val().grad(self.0)
+            {
+                self.1
+                    .push((name.into(), g.into_data().try_to_vec::<f32>().unwrap()));
+            }
+        }
+    }
+    let mut v = Grads(&grads, vec![]);
+    model.visit_params("", &mut v);
+    let checked: Vec<&str> = v.1.iter().map(|(n, _)| n.as_str()).collect();
+    assert!(
+        checked.contains(&"model.embed_tokens.weight") && checked.contains(&"model.norm.weight"),
+        "{checked:?}"
+    );
+    for (name, got) in &v.1 {
+        let want = f32s(&st, &format!("grad.{name}"));
+        let scale = want.iter().map(|x| x.abs()).fold(0.0, f32::max).max(1e-6);
+        let d = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(d / scale < 1e-4, "{name}: relative error {}", d / scale);
+    }
+}
+
+/// Documents packed into one row give the loss they give in rows of their own: attention stays
+/// inside each document and positions restart (GPT-2's learnt positions and LLaMA's rotary
+/// ones both depend on it).
+#[test]
+fn packed_rows_compute_what_separate_rows_do() {
+    let docs: Vec<LmExample> = [
+        vec![5u32, 9, 23, 40, 7],
+        vec![61, 3, 18, 77],
+        vec![11, 12, 13],
+    ]
+    .into_iter()
+    .enumerate()
+    .map(|(i, ids)| LmExample {
+        labels: ids.iter().map(|&t| t as i64).collect(),
+        position_ids: (0..ids.len() as u32).collect(),
+        document_ids: vec![0; ids.len()],
+        ids,
+        origin: format!("doc {i}"),
+    })
+    .collect();
+    let packed = pack(&docs, 16);
+    assert_eq!(packed.len(), 1, "three short documents fit one row");
+    for dir in ["tiny-gpt2", "tiny-llama"] {
+        let device = Device::flex();
+        let model = Checkpoint::open(fixtures().join(dir))
+            .unwrap()
+            .load_causal_lm(&device)
+            .unwrap();
+        let (separate, n1) = evaluate_lm(&model, &docs, 8, 0, &device);
+        let (together, n2) = evaluate_lm(&model, &packed, 8, 0, &device);
+        assert_eq!(n1, n2, "{dir}: the same tokens are learnt");
+        assert!(
+            rel(together as f32, separate as f32) < 1e-5,
+            "{dir}: packed {together} vs separate {separate}"
+        );
+        // Without the document mask the packed row would see the previous documents.
+        let mut leaky = packed.clone();
+        leaky[0].document_ids.fill(0);
+        leaky[0].document_ids[0] = 1; // keeps the batch "packed" but puts all later tokens together
+        let (mixed, _) = evaluate_lm(&model, &leaky, 8, 0, &device);
+        assert!(
+            rel(mixed as f32, separate as f32) > 1e-4,
+            "{dir}: the document mask must matter ({mixed} vs {separate})"
+        );
+    }
+}
