@@ -46,6 +46,11 @@ def main() -> int:
     else:
         model = load_base(auto, out)
     model.eval()
+    if qa and adapter.is_file():
+        # peft 0.21's PeftModelForQuestionAnswering.forward drops token_type_ids (and
+        # position_ids) before calling the model, so BERT sees every token as segment A.
+        # Call the LoRA-injected model itself, which takes them.
+        model = model.get_base_model()
     batch = {k: exp[k].long() for k in ("input_ids", "attention_mask", "token_type_ids") if k in exp}
     with torch.inference_mode():
         res = model(**batch)
