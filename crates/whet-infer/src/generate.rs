@@ -149,6 +149,115 @@ pub fn generate<M: CausalLm>(
     Ok(out)
 }
 
+/// Continues several prompts at once, left-padded with `pad_id` as `transformers` pads a
+/// decoder batch: the mask hides the padding, positions count real tokens only (the first real
+/// token of each row has position 0), and every row goes through one forward pass per step
+/// with the key/value cache. A finished row is fed padding until all rows are done. Returns
+/// each row's new tokens (its EOS included); greedy rows equal what [`generate`] gives alone.
+pub fn generate_batch<M: CausalLm>(
+    model: &M,
+    prompts: &[Vec<u32>],
+    config: &GenerationConfig,
+    pad_id: u32,
+    device: &burn::tensor::Device,
+) -> Result<Vec<Vec<u32>>> {
+    let b = prompts.len();
+    if b == 0 {
+        return Ok(vec![]);
+    }
+    if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
+        return Err(ModelError::Input(format!(
+            "prompt {i} encodes to no tokens"
+        )));
+    }
+    let width = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+    if width + config.max_new_tokens > model.max_positions() {
+        return Err(ModelError::Input(format!(
+            "the longest prompt ({width} tokens) + max_new_tokens ({}) exceeds the model's {} positions",
+            config.max_new_tokens,
+            model.max_positions()
+        )));
+    }
+    let mut rng = match config.sampling {
+        Sampling::Sample { seed, .. } => Some(StdRng::seed_from_u64(seed)),
+        Sampling::Greedy => None,
+    };
+    // (B, width) left-padded ids, mask and positions.
+    let mut ids = Vec::with_capacity(b * width);
+    let mut mask: Vec<Vec<i64>> = Vec::with_capacity(b);
+    let mut positions = Vec::with_capacity(b * width);
+    for p in prompts {
+        let pad = width - p.len();
+        ids.extend(std::iter::repeat_n(pad_id as i64, pad));
+        ids.extend(p.iter().map(|&t| t as i64));
+        mask.push([vec![0; pad], vec![1; p.len()]].concat());
+        positions.extend(std::iter::repeat_n(0, pad));
+        positions.extend(0..p.len() as i64);
+    }
+    let mut next_pos: Vec<i64> = prompts.iter().map(|p| p.len() as i64).collect();
+    let mut cache = model.new_cache();
+    let mut out: Vec<Vec<u32>> = vec![vec![]; b];
+    let mut done = vec![false; b];
+    let mut t = width;
+    for _ in 0..config.max_new_tokens {
+        let tensor = |v: Vec<i64>, cols: usize| {
+            Tensor::<2, Int>::from_data(TensorData::new(v, [b, cols]), device)
+        };
+        let cols = mask[0].len();
+        let input = DecoderInput {
+            input_ids: tensor(std::mem::take(&mut ids), t),
+            attention_mask: tensor(mask.concat(), cols),
+            position_ids: Some(tensor(std::mem::take(&mut positions), t)),
+            document_ids: None,
+        };
+        let hidden = model.forward_hidden(input, Some(&mut cache), Mode::Eval);
+        let h = hidden.dims()[2];
+        // (B, t, H) -> (B, 1, H) -> (B, 1, V)
+        let logits: Vec<f32> = model
+            .lm_logits(hidden.slice([0..b, t - 1..t, 0..h]))
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .map_err(|e| ModelError::Input(format!("cannot read logits: {e:?}")))?;
+        let v = logits.len() / b;
+        for r in 0..b {
+            let token = if done[r] {
+                pad_id
+            } else {
+                let mut row = logits[r * v..(r + 1) * v].to_vec();
+                if config.repetition_penalty != 1.0 {
+                    let seen: Vec<u32> = prompts[r].iter().chain(&out[r]).copied().collect();
+                    penalize_repetition(&mut row, &seen, config.repetition_penalty);
+                }
+                let token = match (&config.sampling, rng.as_mut()) {
+                    (
+                        Sampling::Sample {
+                            temperature,
+                            top_k,
+                            top_p,
+                            ..
+                        },
+                        Some(rng),
+                    ) => sample(&row, *temperature, *top_k, *top_p, rng),
+                    _ => argmax(&row),
+                };
+                out[r].push(token);
+                done[r] = config.eos_token_ids.contains(&token);
+                token
+            };
+            ids.push(token as i64);
+            positions.push(next_pos[r]);
+            next_pos[r] += 1;
+            mask[r].push(1);
+        }
+        if done.iter().all(|&d| d) {
+            break;
+        }
+        t = 1;
+    }
+    Ok(out)
+}
+
 /// Index of the largest value; the first one on ties.
 pub fn argmax(values: &[f32]) -> u32 {
     let mut best = 0;

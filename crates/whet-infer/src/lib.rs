@@ -3,4 +3,4 @@
 
 pub mod generate;
 
-pub use generate::{GenerationConfig, Sampling, generate, penalize_repetition};
+pub use generate::{GenerationConfig, Sampling, generate, generate_batch, penalize_repetition};

@@ -14,6 +14,9 @@
 //!   constant; the scores get the gradient.
 //! - [`dropout`]: inverted dropout whose mask is a hash of a seed and the element index
 //!   ([`DropMask`]), regenerated in the backward pass rather than stored.
+//! - [`cross_entropy_sum`]: `Σ_rows logsumexp(row) − row[target]` in one pass per row, and the
+//!   gradient `softmax(row) − onehot(target)` in one pass back, writing no log-probability
+//!   tensor (a language model's `[tokens, vocab]` logits are the largest tensor of its step).
 //!
 //! The functions accept every backend: tensors on another backend (a GPU) take burn's own
 //! composed ops, so results agree everywhere and only the speed differs.
@@ -50,6 +53,8 @@ pub trait FusedOps: burn::backend::Backend {
         p: f64,
         seed: u64,
     ) -> FloatTensor<Self>;
+    /// `Σ_r logsumexp(logits[r]) − logits[r, targets[r]]` of `[N, C]` logits, shape `[1]`.
+    fn fused_cross_entropy_sum(logits: FloatTensor<Self>, targets: Vec<u32>) -> FloatTensor<Self>;
 }
 
 /// Exact GELU, `0.5·x·(1 + erf(x/√2))`, as `torch.nn.functional.gelu`.
@@ -106,6 +111,29 @@ pub fn attention_probs(scores: Tensor<4>, bias: Tensor<4>, scale: f32, p: f64) -
         scale,
         p,
         seed,
+    ))
+}
+
+/// Cross-entropy summed over rows: `Σ_r −log softmax(logits[r])[targets[r]]`.
+///
+/// # Shapes
+/// - logits `[N, C]`, `targets.len() == N`
+/// - output `[1]`
+pub fn cross_entropy_sum(logits: Tensor<2>, targets: &[u32]) -> Tensor<1> {
+    if !on_flex(&logits) {
+        let [n, _] = logits.dims();
+        let device = logits.device();
+        let t = Tensor::<1, burn::tensor::Int>::from_data(
+            TensorData::new(targets.iter().map(|&t| t as i64).collect(), [n]),
+            &device,
+        );
+        return -burn::tensor::activation::log_softmax(logits, 1)
+            .gather(1, t.reshape([n, 1]))
+            .sum();
+    }
+    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_cross_entropy_sum(
+        logits.into_dispatch(),
+        targets.to_vec(),
     ))
 }
 
@@ -438,6 +466,63 @@ fn attention_probs_backward(
     new_tensor(out, probs)
 }
 
+multiversion!(logsumexp_row(row: &[f32], out: &mut f32) {
+    let mut max = f32::MIN;
+    for &x in row {
+        max = max.max(x);
+    }
+    let mut sum = 0.0;
+    for &x in row {
+        sum += exp(x - max);
+    }
+    *out = max + sum.ln();
+});
+
+multiversion!(cross_entropy_grad_row(row: &[f32], lse: f32, g: f32, out: &mut [f32]) {
+    for (o, &x) in out.iter_mut().zip(row) {
+        *o = g * exp(x - lse);
+    }
+});
+
+/// Per-row log-sum-exp of `[N, C]` logits.
+fn row_logsumexp(logits: &FlexTensor) -> Vec<f32> {
+    let c = *logits.layout().shape().as_slice().last().unwrap_or(&1);
+    let x = values(logits);
+    let mut lse = vec![0f32; x.len() / c.max(1)];
+    lse.par_iter_mut()
+        .zip(x.par_chunks(c.max(1)))
+        .for_each(|(l, row)| logsumexp_row(row, l));
+    lse
+}
+
+/// `Σ_r lse[r] − logits[r, t_r]` as a `[1]` tensor.
+fn cross_entropy_forward(logits: &FlexTensor, lse: &[f32], targets: &[u32]) -> FlexTensor {
+    let c = *logits.layout().shape().as_slice().last().unwrap_or(&1);
+    let x = values(logits);
+    let loss: f64 = lse
+        .iter()
+        .zip(targets)
+        .enumerate()
+        .map(|(r, (&l, &t))| (l - x[r * c + t as usize]) as f64)
+        .sum();
+    FlexTensor::from_data(TensorData::new(vec![loss as f32], [1]))
+}
+
+/// `g · (softmax(logits) − onehot(targets))`.
+fn cross_entropy_backward(logits: &FlexTensor, lse: &[f32], targets: &[u32], g: f32) -> FlexTensor {
+    let c = *logits.layout().shape().as_slice().last().unwrap_or(&1);
+    let x = values(logits);
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(c.max(1))
+        .zip(x.par_chunks(c.max(1)))
+        .enumerate()
+        .for_each(|(r, (o, row))| {
+            cross_entropy_grad_row(row, lse[r], g, o);
+            o[targets[r] as usize] -= g;
+        });
+    new_tensor(out, logits)
+}
+
 // ---------------------------------------------------------------------------------------------
 // The backend implementations.
 
@@ -459,6 +544,11 @@ impl FusedOps for Flex {
     ) -> FlexTensor {
         let mask = DropMask::new(p, seed);
         attention_probs_forward(&dense(scores), &dense(bias), scale, &mask).1
+    }
+
+    fn fused_cross_entropy_sum(logits: FlexTensor, targets: Vec<u32>) -> FlexTensor {
+        let logits = dense(logits);
+        cross_entropy_forward(&logits, &row_logsumexp(&logits), &targets)
     }
 }
 
@@ -568,6 +658,38 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
             ((probs, scale, mask), out)
         })
     }
+
+    fn fused_cross_entropy_sum(logits: FloatTensor<Self>, targets: Vec<u32>) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct CrossEntropyBackward;
+
+        impl Backward<Flex, 1> for CrossEntropyBackward {
+            /// The logits, their row log-sum-exp, the targets.
+            type State = (FlexTensor, Vec<f32>, Vec<u32>);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 1>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let [parent] = ops.parents;
+                let grad = grads.consume::<Flex>(&ops.node);
+                let g = values(&dense(grad)).first().copied().unwrap_or(0.0);
+                let (logits, lse, targets) = ops.state;
+                if let Some(node) = parent {
+                    let dx = cross_entropy_backward(&logits, &lse, &targets, g);
+                    grads.register::<Flex>(node.id, dx);
+                }
+            }
+        }
+
+        one_input::<C, _>(CrossEntropyBackward, logits, |x| {
+            let lse = row_logsumexp(&x);
+            let out = cross_entropy_forward(&x, &lse, &targets);
+            ((x, lse, targets), out)
+        })
+    }
 }
 
 #[cfg(test)]
@@ -638,6 +760,36 @@ mod tests {
             b.grad(&gb).unwrap_or_else(|| panic!("no grad")),
         );
         assert!(max_diff(ga, gb) < 1e-5);
+    }
+
+    #[test]
+    fn fused_cross_entropy_matches_composed_ops_in_value_and_gradient() {
+        let device = Device::flex().autodiff();
+        let x = Tensor::<2>::random([7, 1000], Distribution::Normal(0.0, 4.0), &device);
+        let targets: Vec<u32> = vec![0, 999, 17, 500, 3, 3, 250];
+        let a = x.clone().require_grad();
+        let b = x.require_grad();
+        let la = cross_entropy_sum(a.clone(), &targets);
+        let t = Tensor::<1, burn::tensor::Int>::from_data(
+            TensorData::new(targets.iter().map(|&t| t as i64).collect(), [7]),
+            &device,
+        );
+        let lb = -burn::tensor::activation::log_softmax(b.clone(), 1)
+            .gather(1, t.reshape([7, 1]))
+            .sum();
+        let (va, vb) = (
+            la.clone().into_scalar::<f32>(),
+            lb.clone().into_scalar::<f32>(),
+        );
+        assert!((va - vb).abs() < 1e-4 * vb.abs(), "{va} vs {vb}");
+        // Scale the loss so the incoming gradient is not 1.
+        let ga = la.mul_scalar(0.5).backward();
+        let gb = lb.mul_scalar(0.5).backward();
+        let (ga, gb) = (
+            a.grad(&ga).unwrap_or_else(|| panic!("no grad")),
+            b.grad(&gb).unwrap_or_else(|| panic!("no grad")),
+        );
+        assert!(max_diff(ga, gb) < 1e-6);
     }
 
     #[test]

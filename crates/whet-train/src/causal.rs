@@ -69,9 +69,8 @@ impl LanguageModelling {
         let picked = hidden.reshape([rows * t, h]).select(0, index);
         let logits = model.lm_logits(picked.reshape([1, n, h]));
         let v = logits.dims()[2];
-        let logp = burn::tensor::activation::log_softmax(logits.reshape([n, v]), 1);
-        let targets = Tensor::<1, Int>::from_data(TensorData::new(b.targets.clone(), [n]), device);
-        -logp.gather(1, targets.reshape([n, 1])).sum()
+        let targets: Vec<u32> = b.targets.iter().map(|&t| t as u32).collect();
+        whet_models::kernels::cross_entropy_sum(logits.reshape([n, v]), &targets)
     }
 }
 

@@ -170,9 +170,17 @@ struct GenerateArgs {
     /// it) to apply to --model.
     #[arg(long, value_name = "DIR")]
     adapter: Option<PathBuf>,
-    /// The text to continue (with --chat: the user message).
+    /// The text to continue (with --chat: the user message). Repeatable: several prompts are
+    /// generated in batches (left-padded) and printed as JSON lines
+    /// {"prompt", "generated_text"}; one prompt streams its text.
     #[arg(long)]
-    prompt: String,
+    prompt: Vec<String>,
+    /// A file of prompts, one per line, generated in batches like repeated --prompt.
+    #[arg(long, value_name = "FILE")]
+    prompts_file: Option<PathBuf>,
+    /// Prompts per forward pass when several are given.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
     /// Most tokens to generate; generation also stops at the model's end-of-sequence token.
     #[arg(long, default_value_t = 64)]
     max_new_tokens: usize,
@@ -439,25 +447,42 @@ fn generate(args: GenerateArgs) -> Result<()> {
         Some(p) => few_shot(p, args.chat)?,
         None => (String::new(), vec![]),
     };
-    let (text, add_special) = if args.chat {
-        let mut messages = Vec::new();
-        if let Some(system) = args.system {
+    let render = |user: &str| -> Result<Vec<u32>> {
+        let (text, add_special) = if args.chat {
+            let mut messages = Vec::new();
+            if let Some(system) = &args.system {
+                messages.push(ChatMessage {
+                    role: "system".into(),
+                    content: system.clone(),
+                });
+            }
+            messages.extend(exchanges.iter().cloned());
             messages.push(ChatMessage {
-                role: "system".into(),
-                content: system,
+                role: "user".into(),
+                content: user.to_string(),
             });
-        }
-        messages.extend(exchanges);
-        messages.push(ChatMessage {
-            role: "user".into(),
-            content: args.prompt.clone(),
-        });
-        // The template already holds any BOS, as transformers' apply_chat_template assumes.
-        (tokenizer.apply_chat_template(&messages, true)?, false)
-    } else {
-        (format!("{shots}{}", args.prompt), true)
+            // The template already holds any BOS, as transformers' apply_chat_template
+            // assumes.
+            (tokenizer.apply_chat_template(&messages, true)?, false)
+        } else {
+            (format!("{shots}{user}"), true)
+        };
+        Ok(tokenizer.encode(&text, add_special)?)
     };
-    let prompt = tokenizer.encode(&text, add_special)?;
+    let mut prompts = args.prompt.clone();
+    if let Some(f) = &args.prompts_file {
+        let content =
+            std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?;
+        prompts.extend(
+            content
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(String::from),
+        );
+    }
+    if prompts.is_empty() {
+        bail!("nothing to generate from: give --prompt or --prompts-file");
+    }
     let mut eos = ckpt.eos_token_ids();
     if let Some(e) = &tokenizer.eos {
         eos.push(e.id);
@@ -476,8 +501,14 @@ fn generate(args: GenerateArgs) -> Result<()> {
         eos_token_ids: eos.clone(),
         repetition_penalty: args.repetition_penalty,
     };
+    if prompts.len() > 1 {
+        return generate_many(
+            &model, &tokenizer, &prompts, &render, &config, &args, &device,
+        );
+    }
+    let prompt = render(&prompts[0])?;
     if !args.chat {
-        print!("{}", args.prompt);
+        print!("{}", prompts[0]);
     }
     let mut stream = tokenizer.inner.decode_stream(true);
     let mut stdout = std::io::stdout();
@@ -512,6 +543,58 @@ fn generate(args: GenerateArgs) -> Result<()> {
         tokens.len(),
         secs,
         tokens.len() as f64 / secs
+    );
+    Ok(())
+}
+
+/// Several prompts in batches of `--batch-size`: one JSON line per prompt, cut at the first
+/// stop string.
+fn generate_many(
+    model: &whet_models::CausalModel,
+    tokenizer: &whet_models::TextTokenizer,
+    prompts: &[String],
+    render: &dyn Fn(&str) -> Result<Vec<u32>>,
+    config: &GenerationConfig,
+    args: &GenerateArgs,
+    device: &burn::tensor::Device,
+) -> Result<()> {
+    let pad = tokenizer
+        .pad
+        .as_ref()
+        .or(tokenizer.eos.as_ref())
+        .map_or(0, |t| t.id);
+    let start = std::time::Instant::now();
+    let mut new_tokens = 0;
+    for chunk in prompts.chunks(args.batch_size.max(1)) {
+        let ids: Vec<Vec<u32>> = chunk.iter().map(|p| render(p)).collect::<Result<_>>()?;
+        let outs = whet_infer::generate_batch(model, &ids, config, pad, device)?;
+        for (p, out) in chunk.iter().zip(outs) {
+            new_tokens += out.len();
+            let mut text = tokenizer
+                .inner
+                .decode(&out, true)
+                .map_err(|e| anyhow::anyhow!("cannot decode: {e}"))?;
+            if let Some(end) = args
+                .stop
+                .iter()
+                .filter(|s| !s.is_empty())
+                .filter_map(|s| text.find(s.as_str()).map(|i| i + s.len()))
+                .min()
+            {
+                text.truncate(end);
+            }
+            println!(
+                "{}",
+                serde_json::json!({"prompt": p, "generated_text": text})
+            );
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    eprintln!(
+        "[{} prompts in batches of {}, {new_tokens} new tokens in {secs:.2}s, {:.1} tokens/s]",
+        prompts.len(),
+        args.batch_size.max(1),
+        new_tokens as f64 / secs
     );
     Ok(())
 }

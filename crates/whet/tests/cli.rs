@@ -310,3 +310,53 @@ fn help_explains_every_option() {
         assert!(top.contains(cmd), "{cmd} missing from --help");
     }
 }
+
+/// Several prompts are generated in left-padded batches: each JSON line holds what the prompt
+/// generates alone (greedy), whatever the batch size.
+#[test]
+fn generate_batches_several_prompts() {
+    let model = smollm2();
+    let m = model.to_str().unwrap();
+    let prompts = ["The capital of France is", "1, 2, 3, 4,", "Hello"];
+    let alone: Vec<String> = prompts
+        .iter()
+        .map(|p| {
+            ok(&[
+                "generate",
+                "--model",
+                m,
+                "--prompt",
+                p,
+                "--max-new-tokens",
+                "6",
+            ])
+            .trim_end_matches('\n')
+            .to_string()
+        })
+        .collect();
+    for batch in ["2", "3"] {
+        let mut args = vec![
+            "generate",
+            "--model",
+            m,
+            "--max-new-tokens",
+            "6",
+            "--batch-size",
+            batch,
+        ];
+        for p in &prompts {
+            args.extend(["--prompt", p]);
+        }
+        let out = ok(&args);
+        let lines: Vec<serde_json::Value> = out
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 3, "{out}");
+        for ((line, p), single) in lines.iter().zip(&prompts).zip(&alone) {
+            assert_eq!(line["prompt"], *p);
+            let text = format!("{p}{}", line["generated_text"].as_str().unwrap());
+            assert_eq!(&text, single, "batch size {batch}");
+        }
+    }
+}
