@@ -12,9 +12,9 @@ use rayon::prelude::*;
 use serde_json::Value;
 use whet_data::{Encoding, IGNORE, LmExample, Table, chat, group_texts, pack, prompt_completion};
 use whet_models::{
-    CausalLm, CausalModel, ChatMessage, Checkpoint, DecoderInput, ExportParams, Mode, TextTokenizer,
+    CausalLm, CausalModel, ChatMessage, Checkpoint, DecoderInput, Mode, TextTokenizer,
 };
-use whet_peft::{LoraConfig, ParamCounts, apply_lora, save_adapter, set_trainable};
+use whet_peft::{LoraConfig, ParamCounts, apply_lora, set_trainable};
 
 use crate::recipe::{DataSpec, Method, Recipe};
 use crate::trainer::{BatchCounts, Evaluation, Objective};
@@ -450,7 +450,7 @@ pub fn prepare(recipe: &Recipe, device: &Device) -> Result<LmPrepared, String> {
     let (counts, lora) = match recipe.method {
         Method::Full => {
             set_trainable(&mut model, &|_| true);
-            let n = count(&model);
+            let n = crate::output::param_count(&model, &|_| true);
             (
                 ParamCounts {
                     trainable: n,
@@ -490,44 +490,19 @@ pub fn prepare(recipe: &Recipe, device: &Device) -> Result<LmPrepared, String> {
     })
 }
 
-fn count<M: ExportParams>(model: &M) -> usize {
-    model
-        .named_params()
-        .iter()
-        .map(|p| p.to_checkpoint_values().0.iter().product::<usize>())
-        .sum()
-}
-
 /// Saves the result into `out`: a `peft` adapter (`CAUSAL_LM`) for LoRA, a `transformers`
 /// folder otherwise; both with the tokenizer.
 pub fn save(p: &LmPrepared, recipe: &Recipe, out: &Path) -> Result<(), String> {
     std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
     match &p.lora {
         Some(cfg) => {
-            let base = recipe.model.canonicalize().unwrap_or(recipe.model.clone());
-            save_adapter(&p.model, cfg, &base.to_string_lossy(), "CAUSAL_LM", out)
-                .map_err(|e| e.to_string())?;
+            crate::output::save_lora(&p.model, cfg, &recipe.model, "CAUSAL_LM", out)?;
         }
         None => {
             p.checkpoint
                 .write_causal_lm_config(out)
                 .map_err(|e| e.to_string())?;
-            let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = p
-                .model
-                .named_params()
-                .iter()
-                .map(|np| {
-                    let (s, v) = np.to_checkpoint_values();
-                    (np.name.clone(), s, v)
-                })
-                .collect();
-            let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-            whet_models::weights::write_safetensors(
-                &out.join("model.safetensors"),
-                &tensors,
-                Some(meta),
-            )
-            .map_err(|e| e.to_string())?;
+            crate::output::save_weights(&p.model, out)?;
         }
     }
     p.checkpoint

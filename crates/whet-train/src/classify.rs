@@ -10,7 +10,7 @@ use whet_data::{
 };
 use whet_models::config::ProblemType;
 use whet_models::{Checkpoint, Classifier, ExportParams, TextTokenizer};
-use whet_peft::{LoraConfig, ParamCounts, apply_lora, save_adapter, set_trainable};
+use whet_peft::{LoraConfig, ParamCounts, apply_lora, set_trainable};
 
 use crate::recipe::{Method, Recipe};
 use crate::seqcls::{evaluate, train_classifier};
@@ -152,7 +152,7 @@ pub fn prepare(recipe: &Recipe, device: &Device) -> Result<Prepared, String> {
     let (counts, lora) = match recipe.method {
         Method::Full => {
             set_trainable(&mut model, &|_| true);
-            let n = count(&model);
+            let n = crate::output::param_count(&model, &|_| true);
             (
                 ParamCounts {
                     trainable: n,
@@ -166,13 +166,8 @@ pub fn prepare(recipe: &Recipe, device: &Device) -> Result<Prepared, String> {
             let trainable =
                 |name: &str| head(name) || top.iter().any(|p| name.contains(p.as_str()));
             set_trainable(&mut model, &trainable);
-            let all = count(&model);
-            let trainable_n = model
-                .named_params()
-                .iter()
-                .filter(|p| trainable(&p.name))
-                .map(|p| p.to_checkpoint_values().0.iter().product::<usize>())
-                .sum();
+            let all = crate::output::param_count(&model, &|_| true);
+            let trainable_n = crate::output::param_count(&model, &trainable);
             (
                 ParamCounts {
                     trainable: trainable_n,
@@ -210,14 +205,6 @@ pub fn prepare(recipe: &Recipe, device: &Device) -> Result<Prepared, String> {
         lora,
         fresh,
     })
-}
-
-fn count(model: &Classifier) -> usize {
-    model
-        .named_params()
-        .iter()
-        .map(|p| p.to_checkpoint_values().0.iter().product::<usize>())
-        .sum()
 }
 
 /// Name fragments of the top `n` transformer layers (`layer.5.`, `layers.29.`, `h.11.`).
@@ -378,31 +365,13 @@ pub fn save(p: &Prepared, recipe: &Recipe, out: &Path) -> Result<(), String> {
     std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
     match &p.lora {
         Some(cfg) => {
-            let base = recipe.model.canonicalize().unwrap_or(recipe.model.clone());
-            save_adapter(&p.model, cfg, &base.to_string_lossy(), "SEQ_CLS", out)
-                .map_err(|e| e.to_string())?;
+            crate::output::save_lora(&p.model, cfg, &recipe.model, "SEQ_CLS", out)?;
         }
         None => {
             p.checkpoint
                 .write_classifier_config(&p.labels.0, out)
                 .map_err(|e| e.to_string())?;
-            let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = p
-                .model
-                .named_params()
-                .iter()
-                .map(|np| {
-                    let (s, v) = np.to_checkpoint_values();
-                    (np.name.clone(), s, v)
-                })
-                .collect();
-            let mut meta = std::collections::HashMap::new();
-            meta.insert("format".to_string(), "pt".to_string());
-            whet_models::weights::write_safetensors(
-                &out.join("model.safetensors"),
-                &tensors,
-                Some(meta),
-            )
-            .map_err(|e| e.to_string())?;
+            crate::output::save_weights(&p.model, out)?;
         }
     }
     let tok = p

@@ -6,6 +6,7 @@ pub mod causal;
 pub mod checkpoint;
 pub mod classify;
 pub mod optim;
+pub mod output;
 pub mod qa;
 pub mod recipe;
 pub mod schedule;

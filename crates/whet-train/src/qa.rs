@@ -12,8 +12,8 @@ use serde::Serialize;
 use whet_data::{Encoding, QaColumns, QaExample, QaFeature, Table, qa_examples, qa_features};
 use whet_metrics::squad_scores;
 use whet_models::bert::{BertForQuestionAnswering, EncoderInput};
-use whet_models::{Checkpoint, ExportParams, Mode, TextTokenizer};
-use whet_peft::{LoraConfig, ParamCounts, apply_lora, save_adapter, set_trainable};
+use whet_models::{Checkpoint, Mode, TextTokenizer};
+use whet_peft::{LoraConfig, ParamCounts, apply_lora, set_trainable};
 
 use crate::recipe::{Method, Recipe};
 use crate::trainer::{BatchCounts, Evaluation, Objective};
@@ -332,7 +332,7 @@ pub fn prepare(recipe: &Recipe, device: &Device) -> Result<QaPrepared, String> {
     let (counts, lora) = match recipe.method {
         Method::Full => {
             set_trainable(&mut model, &|_| true);
-            let n = count(&model, &|_| true);
+            let n = crate::output::param_count(&model, &|_| true);
             (
                 ParamCounts {
                     trainable: n,
@@ -345,8 +345,8 @@ pub fn prepare(recipe: &Recipe, device: &Device) -> Result<QaPrepared, String> {
             set_trainable(&mut model, &head);
             (
                 ParamCounts {
-                    trainable: count(&model, &head),
-                    all: count(&model, &|_| true),
+                    trainable: crate::output::param_count(&model, &head),
+                    all: crate::output::param_count(&model, &|_| true),
                 },
                 None,
             )
@@ -377,15 +377,6 @@ pub fn prepare(recipe: &Recipe, device: &Device) -> Result<QaPrepared, String> {
         lora,
         fresh,
     })
-}
-
-fn count(model: &BertForQuestionAnswering, keep: &dyn Fn(&str) -> bool) -> usize {
-    model
-        .named_params()
-        .iter()
-        .filter(|p| keep(&p.name))
-        .map(|p| p.to_checkpoint_values().0.iter().product::<usize>())
-        .sum()
 }
 
 /// The objective of a prepared run (evaluation on the validation split).
@@ -453,30 +444,13 @@ pub fn save(p: &QaPrepared, recipe: &Recipe, out: &Path) -> Result<(), String> {
     std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
     match &p.lora {
         Some(cfg) => {
-            let base = recipe.model.canonicalize().unwrap_or(recipe.model.clone());
-            save_adapter(&p.model, cfg, &base.to_string_lossy(), "QUESTION_ANS", out)
-                .map_err(|e| e.to_string())?;
+            crate::output::save_lora(&p.model, cfg, &recipe.model, "QUESTION_ANS", out)?;
         }
         None => {
             p.checkpoint
                 .write_question_answering_config(out)
                 .map_err(|e| e.to_string())?;
-            let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = p
-                .model
-                .named_params()
-                .iter()
-                .map(|np| {
-                    let (s, v) = np.to_checkpoint_values();
-                    (np.name.clone(), s, v)
-                })
-                .collect();
-            let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-            whet_models::weights::write_safetensors(
-                &out.join("model.safetensors"),
-                &tensors,
-                Some(meta),
-            )
-            .map_err(|e| e.to_string())?;
+            crate::output::save_weights(&p.model, out)?;
         }
     }
     p.checkpoint

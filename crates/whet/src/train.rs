@@ -280,6 +280,37 @@ pub(crate) fn write_run_files(
     Ok(())
 }
 
+/// The closing lines of a run: speed, loss, memory, and what was written where.
+pub(crate) fn print_summary(
+    summary: &TrainSummary,
+    start: std::time::Instant,
+    unit: &str,
+    out: &Path,
+    adapter: bool,
+    files: &str,
+) {
+    let secs = summary.train_runtime;
+    println!(
+        "done: {} steps ({:.2} epochs) in {secs:.1}s, {:.1} {unit}/s, {:.0} tokens/s, train loss {:.4}, peak RSS {:.0} MB, total {:.1}s",
+        summary.steps,
+        summary.epochs,
+        summary.train_samples as f64 / secs,
+        summary.train_tokens as f64 / secs,
+        summary.train_loss,
+        peak_rss_mb().unwrap_or(0.0),
+        start.elapsed().as_secs_f64()
+    );
+    println!(
+        "wrote {} ({}; {files})",
+        out.display(),
+        if adapter {
+            "peft adapter: adapter_config.json, adapter_model.safetensors"
+        } else {
+            "transformers folder: config.json, model.safetensors"
+        }
+    );
+}
+
 pub fn train(recipe_path: &Path, set: &[String], resume: Option<&str>) -> Result<()> {
     let (recipe, resume) = start_run(recipe_path, set, resume)?;
     match recipe.task {
@@ -342,7 +373,6 @@ pub fn train(recipe_path: &Path, set: &[String], resume: Option<&str>) -> Result
         results.extend(classify::metric_map("test", loss, &r, &p.labels));
         test_report = Some((loss, r));
     }
-    let secs = summary.train_runtime;
     results.extend(train_results(&summary, &p.counts));
     write_run_files(&out, results, &progress, &summary, "accuracy")?;
     classify::save(&p, &recipe, &out).map_err(|e| anyhow!(e))?;
@@ -351,25 +381,13 @@ pub fn train(recipe_path: &Path, set: &[String], resume: Option<&str>) -> Result
     if let Some((loss, r)) = &test_report {
         println!("{}", eval_table("test set", *loss, r, &p.labels.0));
     }
-    println!(
-        "done: {} steps ({:.2} epochs) in {:.1}s, {:.1} samples/s, {:.0} tokens/s, train loss {:.4}, peak RSS {:.0} MB, total {:.1}s",
-        summary.steps,
-        summary.epochs,
-        secs,
-        summary.train_samples as f64 / secs,
-        summary.train_tokens as f64 / secs,
-        summary.train_loss,
-        peak_rss_mb().unwrap_or(0.0),
-        start.elapsed().as_secs_f64()
-    );
-    println!(
-        "wrote {} ({}; all_results.json, trainer_state.json, recipe.resolved.toml, loss_curve.png: blue train loss, red eval loss, green eval accuracy)",
-        out.display(),
-        if p.lora.is_some() {
-            "peft adapter: adapter_config.json, adapter_model.safetensors"
-        } else {
-            "transformers folder: config.json, model.safetensors"
-        }
+    print_summary(
+        &summary,
+        start,
+        "samples",
+        &out,
+        p.lora.is_some(),
+        "all_results.json, trainer_state.json, recipe.resolved.toml, loss_curve.png: blue train loss, red eval loss, green eval accuracy",
     );
     Ok(())
 }

@@ -13,7 +13,7 @@ use whet_infer::{GenerationConfig, generate};
 use whet_train::Recipe;
 use whet_train::causal::{self, LmPrepared};
 
-use crate::train::{peak_rss_mb, progress, train_results, truncate, write_run_files};
+use crate::train::{print_summary, progress, train_results, truncate, write_run_files};
 
 /// Up to three examples' prompts (the tokens before the first learnt one; for plain text the
 /// first quarter) and their greedy continuations.
@@ -126,26 +126,13 @@ pub fn train(recipe: Recipe, resume: Option<PathBuf>) -> Result<()> {
     for l in lines {
         println!("{l}");
     }
-    let secs = summary.train_runtime;
-    println!(
-        "done: {} steps ({:.2} epochs) in {:.1}s, {:.1} samples/s, {:.0} tokens/s, train loss {:.4}, peak RSS {:.0} MB, total {:.1}s",
-        summary.steps,
-        summary.epochs,
-        secs,
-        summary.train_samples as f64 / secs,
-        summary.train_tokens as f64 / secs,
-        summary.train_loss,
-        peak_rss_mb().unwrap_or(0.0),
-        start.elapsed().as_secs_f64()
-    );
-    println!(
-        "wrote {} ({}; all_results.json, trainer_state.json, recipe.resolved.toml, loss_curve.png: blue train loss, red eval loss)",
-        out.display(),
-        if p.lora.is_some() {
-            "peft adapter: adapter_config.json, adapter_model.safetensors"
-        } else {
-            "transformers folder: config.json, model.safetensors"
-        }
+    print_summary(
+        &summary,
+        start,
+        "samples",
+        &out,
+        p.lora.is_some(),
+        "all_results.json, trainer_state.json, recipe.resolved.toml, loss_curve.png: blue train loss, red eval loss",
     );
     Ok(())
 }

@@ -11,7 +11,7 @@ use serde_json::json;
 use whet_train::Recipe;
 use whet_train::qa::{self, QaPrepared};
 
-use crate::train::{peak_rss_mb, progress, train_results, truncate, write_run_files};
+use crate::train::{print_summary, progress, train_results, truncate, write_run_files};
 
 /// The pipeline's best answer to a few questions of the held-out split, with the gold answer.
 fn show_answers(title: &str, p: &QaPrepared, recipe: &Recipe, device: &Device) -> Result<()> {
@@ -115,26 +115,13 @@ pub fn train(recipe: Recipe, resume: Option<PathBuf>) -> Result<()> {
     for l in lines {
         println!("{l}");
     }
-    let secs = summary.train_runtime;
-    println!(
-        "done: {} steps ({:.2} epochs) in {:.1}s, {:.1} windows/s, {:.0} tokens/s, train loss {:.4}, peak RSS {:.0} MB, total {:.1}s",
-        summary.steps,
-        summary.epochs,
-        secs,
-        summary.train_samples as f64 / secs,
-        summary.train_tokens as f64 / secs,
-        summary.train_loss,
-        peak_rss_mb().unwrap_or(0.0),
-        start.elapsed().as_secs_f64()
-    );
-    println!(
-        "wrote {} ({}; qa.json, all_results.json, trainer_state.json, recipe.resolved.toml, loss_curve.png)",
-        out.display(),
-        if p.lora.is_some() {
-            "peft adapter: adapter_config.json, adapter_model.safetensors"
-        } else {
-            "transformers folder: config.json, model.safetensors"
-        }
+    print_summary(
+        &summary,
+        start,
+        "windows",
+        &out,
+        p.lora.is_some(),
+        "qa.json, all_results.json, trainer_state.json, recipe.resolved.toml, loss_curve.png",
     );
     Ok(())
 }
