@@ -190,3 +190,35 @@ fn blocks_drop_the_remainder_and_packing_restarts_positions() {
     );
     assert_eq!(rows[1].ids, vec![6, 7, 8, 9]);
 }
+
+/// A chat template that fails (an unknown filter, or the template's own `raise_exception`)
+/// and a tokenizer without one are errors naming the example.
+#[test]
+fn chat_templates_that_fail_are_named() {
+    let mut tok = smollm2();
+    let messages = vec![
+        ChatMessage {
+            role: "user".into(),
+            content: "hi".into(),
+        },
+        ChatMessage {
+            role: "assistant".into(),
+            content: "hello".into(),
+        },
+    ];
+    for (template, needle) in [
+        ("{% for m in messages %}{{ m.content | nosuchfilter }}{% endfor %}", "nosuchfilter"),
+        ("{{ raise_exception('roles must alternate') }}", "roles must alternate"),
+    ] {
+        tok.chat_template = Some(template.into());
+        let e = chat(&tok, &messages, false, 512, TooLong::Error, "chats.jsonl:4")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("chats.jsonl:4") && e.contains(needle), "{e}");
+    }
+    tok.chat_template = None;
+    let e = chat(&tok, &messages, false, 512, TooLong::Error, "chats.jsonl:4")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("chats.jsonl:4") && e.contains("chat template"), "{e}");
+}
