@@ -207,8 +207,14 @@ fn chat_templates_that_fail_are_named() {
         },
     ];
     for (template, needle) in [
-        ("{% for m in messages %}{{ m.content | nosuchfilter }}{% endfor %}", "nosuchfilter"),
-        ("{{ raise_exception('roles must alternate') }}", "roles must alternate"),
+        (
+            "{% for m in messages %}{{ m.content | nosuchfilter }}{% endfor %}",
+            "nosuchfilter",
+        ),
+        (
+            "{{ raise_exception('roles must alternate') }}",
+            "roles must alternate",
+        ),
     ] {
         tok.chat_template = Some(template.into());
         let e = chat(&tok, &messages, false, 512, TooLong::Error, "chats.jsonl:4")
@@ -220,5 +226,8 @@ fn chat_templates_that_fail_are_named() {
     let e = chat(&tok, &messages, false, 512, TooLong::Error, "chats.jsonl:4")
         .unwrap_err()
         .to_string();
-    assert!(e.contains("chats.jsonl:4") && e.contains("chat template"), "{e}");
+    assert!(
+        e.contains("chats.jsonl:4") && e.contains("chat template"),
+        "{e}"
+    );
 }
