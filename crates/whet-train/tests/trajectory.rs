@@ -219,6 +219,7 @@ fn lora_matches_peft_adamw_step_for_step() {
 #[test]
 #[ignore = "diagnostic: needs WHET_LORA_TRAJECTORY from scripts/lora_long_trajectory.py"]
 fn long_lora_trajectory() {
+    whet_models::init_threads();
     let dir = std::path::PathBuf::from(
         std::env::var("WHET_LORA_TRAJECTORY").expect("WHET_LORA_TRAJECTORY"),
     );

@@ -34,6 +34,7 @@ fn time<T>(reps: usize, mut f: impl FnMut() -> T) -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
+    whet_models::init_threads();
     let args: Vec<String> = std::env::args().collect();
     let (minilm, smollm) = match args.as_slice() {
         [_, a, b] => (a.clone(), b.clone()),

@@ -16,6 +16,7 @@ use whet_models::{CausalLm, Checkpoint, DecoderInput, TextTokenizer};
 use whet_train::classify::load_trained;
 
 fn main() -> anyhow::Result<()> {
+    whet_models::init_threads();
     let args: Vec<String> = std::env::args().collect();
     let [_, model, out] = args.as_slice() else {
         anyhow::bail!("usage: export_logits MODEL_DIR OUT.safetensors");

@@ -1,6 +1,7 @@
 //! Matmul throughput of burn-flex on this machine (GFLOPS), to compare with PyTorch's.
 use burn::tensor::{Device, Distribution, Tensor};
 fn main() {
+    whet_models::init_threads();
     let device = Device::flex();
     for n in [384usize, 1024, 2048] {
         let a = Tensor::<2>::random([n, n], Distribution::Normal(0.0, 1.0), &device);
