@@ -33,6 +33,8 @@ def main():
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--out", required=True)
     ap.add_argument("--seed", type=int, default=42, help="training seed (head init, dropout, order)")
+    ap.add_argument("--no-dropout", action="store_true",
+                    help="hidden, attention and LoRA dropout 0 (to compare with whet on a model whose config has them at 0)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -62,12 +64,13 @@ def main():
             return d
 
     dtrain, dval, dtest = DS(train), DS(val), DS(test)
+    off = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0) if args.no_dropout else {}
     model = AutoModelForSequenceClassification.from_pretrained(
-        args.model, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=l2i)
+        args.model, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=l2i, **off)
     lr = 5e-5
     if args.method == "lora":
         from peft import LoraConfig, get_peft_model
-        model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, lora_dropout=0.1,
+        model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, lora_dropout=0.0 if args.no_dropout else 0.1,
                                                  target_modules=["query", "value"]))
         model.print_trainable_parameters()
         lr = 1e-3
