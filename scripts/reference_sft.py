@@ -88,7 +88,10 @@ def main():
                     max_steps=args.max_steps, max_length=256, logging_steps=10, save_strategy="no",
                     eval_strategy="no", seed=args.seed, report_to=[], use_cpu=True,
                     dataloader_num_workers=0, packing=False, completion_only_loss=(args.kind == "chat"),
-                    dataset_num_proc=None, gradient_checkpointing=False)
+                    dataset_num_proc=None,
+                    # SFTConfig turns on gradient checkpointing and bf16 autocast by default; whet
+                    # computes in f32 without recomputation, so compare like with like.
+                    gradient_checkpointing=False, bf16=False)
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=dtrain, eval_dataset=dval,
                          processing_class=tok, peft_config=peft_config)
     if args.method == "lora":

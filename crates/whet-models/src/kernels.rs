@@ -824,6 +824,34 @@ mod tests {
     /// With dropout the output is the dropout-free probabilities masked and scaled, and the
     /// gradient flows only through kept values: both checked against the mask the output shows.
     #[test]
+    fn consecutive_dropout_masks_are_independent() {
+        // Masks of successive calls (as LoRA's q / k / v adapters draw on one input) and of
+        // successive steps (seed, seed + 1) must not repeat or correlate: both-dropped should
+        // be p² of the elements.
+        let device = Device::flex().autodiff();
+        let x = Tensor::<2>::ones([200, 500], &device);
+        let dropped = |t: Tensor<2>| -> Vec<bool> {
+            t.into_data()
+                .convert::<f32>()
+                .try_to_vec::<f32>()
+                .unwrap_or_default()
+                .iter()
+                .map(|&v| v == 0.0)
+                .collect()
+        };
+        device.seed(42);
+        let a = dropped(dropout(x.clone(), 0.25));
+        let b = dropped(dropout(x.clone(), 0.25));
+        device.seed(43);
+        let c = dropped(dropout(x.clone(), 0.25));
+        for (name, other) in [("next call", &b), ("next step", &c)] {
+            let both =
+                a.iter().zip(other).filter(|(p, q)| **p && **q).count() as f64 / a.len() as f64;
+            assert!((both - 0.0625).abs() < 0.005, "{name}: both dropped {both}");
+        }
+    }
+
+    #[test]
     fn dropout_masks_are_seeded_and_their_gradient_uses_the_same_mask() {
         let device = Device::flex().autodiff();
         let x = Tensor::<2>::random([64, 300], Distribution::Normal(1.0, 0.1), &device);
