@@ -164,6 +164,26 @@ fn full_fine_tuning_matches(case: &str) {
     );
 }
 
+/// Sets every adapter to the reference's random initial one (`init.*`; peft stores A
+/// `[r, in]` and B `[out, r]`, whet their transposes).
+fn start_from_reference_adapter(model: &mut Classifier, st: &SafeTensors, device: &Device) {
+    let load = |k: &str, dims: [usize; 2]| {
+        let [cols, rows] = dims;
+        let t = Tensor::<2>::from_data(TensorData::new(f32s(st, k), [rows, cols]), device);
+        Param::from_tensor(Tensor::from_data(t.transpose().into_data(), device))
+    };
+    whet_peft::for_each_adapter(model, &mut |name, a| {
+        a.a = load(
+            &format!("init.base_model.model.{name}.lora_A.weight"),
+            a.a.shape().dims(),
+        );
+        a.b = load(
+            &format!("init.base_model.model.{name}.lora_B.weight"),
+            a.b.shape().dims(),
+        );
+    });
+}
+
 #[test]
 fn lora_matches_peft_adamw_step_for_step() {
     let bytes = std::fs::read(fixtures().join("train/bert-lora-adamw.safetensors")).unwrap();
@@ -180,22 +200,7 @@ fn lora_matches_peft_adamw_step_for_step() {
         use_rslora: false,
     };
     whet_peft::apply_lora(&mut model, &cfg, &device).unwrap();
-    // Start from the reference's random initial adapter (peft stores A [r, in], B [out, r]).
-    let load = |k: &str, dims: [usize; 2]| {
-        let [cols, rows] = dims;
-        let t = Tensor::<2>::from_data(TensorData::new(f32s(&st, k), [rows, cols]), &device);
-        Param::from_tensor(Tensor::from_data(t.transpose().into_data(), &device))
-    };
-    whet_peft::for_each_adapter(&mut model, &mut |name, a| {
-        a.a = load(
-            &format!("init.base_model.model.{name}.lora_A.weight"),
-            a.a.shape().dims(),
-        );
-        a.b = load(
-            &format!("init.base_model.model.{name}.lora_B.weight"),
-            a.b.shape().dims(),
-        );
-    });
+    start_from_reference_adapter(&mut model, &st, &device);
     run(&mut model, &st, &device);
     let dirout = tempfile::tempdir().unwrap();
     whet_peft::save_adapter(&model, &cfg, "tiny-bert", "SEQ_CLS", dirout.path()).unwrap();
@@ -240,21 +245,7 @@ fn long_lora_trajectory() {
         use_rslora: false,
     };
     whet_peft::apply_lora(&mut model, &cfg, &device).unwrap();
-    let load = |k: &str, dims: [usize; 2]| {
-        let [cols, rows] = dims;
-        let t = Tensor::<2>::from_data(TensorData::new(f32s(&st, k), [rows, cols]), &device);
-        Param::from_tensor(Tensor::from_data(t.transpose().into_data(), &device))
-    };
-    whet_peft::for_each_adapter(&mut model, &mut |name, a| {
-        a.a = load(
-            &format!("init.base_model.model.{name}.lora_A.weight"),
-            a.a.shape().dims(),
-        );
-        a.b = load(
-            &format!("init.base_model.model.{name}.lora_B.weight"),
-            a.b.shape().dims(),
-        );
-    });
+    start_from_reference_adapter(&mut model, &st, &device);
     let mut opt = Optimizer::new(OptimConfig {
         kind: OptimizerKind::Adamw,
         beta1: 0.9,
