@@ -50,6 +50,11 @@ CASES = {
     "llama-lora-rslora": ("tiny-llama-cls", dict(r=4, lora_alpha=16, lora_dropout=0.0,
                                                  target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=True)),
     "distilbert-lora": ("tiny-distilbert", dict(r=2, lora_alpha=4, target_modules=["q_lin", "v_lin"])),
+    # IA3: output scaling of keys / values, input scaling of the feed-forward output layer.
+    "bert-ia3": ("tiny-bert", dict(peft_type="IA3", target_modules=["key", "value", "output.dense"],
+                                   feedforward_modules=["output.dense"])),
+    "llama-ia3": ("tiny-llama-cls", dict(peft_type="IA3", target_modules=["k_proj", "v_proj", "down_proj"],
+                                         feedforward_modules=["down_proj"])),
 }
 BATCH_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -67,14 +72,17 @@ def load_base(base: str):
 
 
 def make_case(case: str) -> None:
-    from peft import LoraConfig, get_peft_model
+    from peft import IA3Config, LoraConfig, get_peft_model
 
     base_name, lora_kw = CASES[case]
+    lora_kw = dict(lora_kw)
+    kind = lora_kw.pop("peft_type", "LORA")
+    config_class = IA3Config if kind == "IA3" else LoraConfig
     fx = load_torch(FIXTURES / base_name / "fixture.safetensors")
     batch = {k: fx[k] for k in BATCH_KEYS if k in fx}
 
     torch.manual_seed(0)
-    model = get_peft_model(load_base(base_name), LoraConfig(task_type="SEQ_CLS", **lora_kw))
+    model = get_peft_model(load_base(base_name), config_class(task_type="SEQ_CLS", **lora_kw))
 
     torch.manual_seed(1)
     perturbed_head = []
@@ -82,6 +90,8 @@ def make_case(case: str) -> None:
         for name, p in model.named_parameters():
             if ".lora_B." in name:
                 p.copy_(0.1 * torch.randn(p.shape))
+            elif ".ia3_l." in name:  # starts at ones: move every scale
+                p.add_(0.2 * torch.randn(p.shape))
             elif ".modules_to_save.default." in name:
                 p.add_(0.05 * torch.randn(p.shape))
                 perturbed_head.append(name)
@@ -117,10 +127,11 @@ def make_case(case: str) -> None:
     save_torch({k: v.detach().contiguous() for k, v in tensors.items()}, d / "expected.safetensors")
 
     saved = load_torch(d / "adapter_model.safetensors")
-    lora_modules = [n for n, m in model.named_modules() if hasattr(m, "lora_A")]
+    lora_modules = [n for n, m in model.named_modules() if hasattr(m, "lora_A") or hasattr(m, "ia3_l")]
     write_json(d / "expected.json", {
         "base_fixture": base_name,
         "lora_config": {"task_type": "SEQ_CLS", **lora_kw},
+        **({"peft_type": kind} if kind != "LORA" else {}),
         "trainable_parameters": {"trainable": trainable, "all": total},
         "print_trainable_parameters": printed,
         "modules_to_save": sorted(model.peft_config["default"].modules_to_save or []),

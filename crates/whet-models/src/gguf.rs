@@ -90,10 +90,10 @@ impl GgufSource {
 /// (hd/2, 2) interleaved pairs go back to (2, hd/2) halves.
 ///
 /// `numpy: w.reshape(n_head, hd // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)`
-fn unpermute(values: &[f32], rows: usize, cols: usize, n_head: usize) -> Vec<f32> {
+fn unpermute<T: Copy + Default>(values: &[T], rows: usize, cols: usize, n_head: usize) -> Vec<T> {
     let hd = rows / n_head;
     let half = hd / 2;
-    let mut out = vec![0f32; values.len()];
+    let mut out = vec![T::default(); values.len()];
     for h in 0..n_head {
         for i in 0..half {
             for j in 0..2 {
@@ -126,6 +126,33 @@ impl TensorSource for GgufSource {
         let mut n: Vec<_> = self.names.keys().cloned().collect();
         n.sort();
         n
+    }
+
+    fn read_quantized(&self, name: &str) -> Option<Result<(whet_gguf::GgmlType, Vec<u8>)>> {
+        let t = self.file.tensor(self.names.get(name)?)?;
+        let (per, bytes) = t.ty.block()?;
+        let shape = t.shape();
+        if per == 1 || shape.len() != 2 || !shape[1].is_multiple_of(per) {
+            return None;
+        }
+        let raw = match self.file.raw(t) {
+            Ok(r) => r,
+            Err(e) => return Some(Err(e.into())),
+        };
+        let heads = match self.permute {
+            Some((q, _)) if name.ends_with("self_attn.q_proj.weight") => Some(q),
+            Some((_, k)) if name.ends_with("self_attn.k_proj.weight") => Some(k),
+            _ => None,
+        };
+        // Rows are whole blocks, so the q/k row permutation moves bytes of whole rows.
+        let row_bytes = shape[1] / per * bytes;
+        Some(Ok((
+            t.ty,
+            match heads {
+                Some(n_head) => unpermute(raw, shape[0], row_bytes, n_head),
+                None => raw.to_vec(),
+            },
+        )))
     }
 
     fn read_f32(&self, name: &str) -> Result<Vec<f32>> {

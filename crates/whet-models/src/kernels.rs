@@ -32,6 +32,9 @@ use burn::backend::{Dispatch, DispatchDevice, Flex, backend_extension};
 use burn::tensor::{DType, Tensor, TensorData};
 use rayon::prelude::*;
 
+use crate::quant::QuantMatrix;
+use std::sync::Arc;
+
 /// Elements per rayon task: small enough to split a `[16, 64, 1536]` activation over the cores,
 /// large enough that scheduling stays negligible.
 const CHUNK: usize = 16 * 1024;
@@ -55,6 +58,9 @@ pub trait FusedOps: burn::backend::Backend {
     ) -> FloatTensor<Self>;
     /// `Σ_r logsumexp(logits[r]) − logits[r, targets[r]]` of `[N, C]` logits, shape `[1]`.
     fn fused_cross_entropy_sum(logits: FloatTensor<Self>, targets: Vec<u32>) -> FloatTensor<Self>;
+    /// `x · Wᵀ` for `[N, in]` inputs and a frozen quantised `W` `[out, in]`, dequantised inside
+    /// the op in both passes (the f32 weight is never kept for the backward pass).
+    fn fused_quant_matmul(x: FloatTensor<Self>, w: Arc<QuantMatrix>) -> FloatTensor<Self>;
 }
 
 /// Exact GELU, `0.5·x·(1 + erf(x/√2))`, as `torch.nn.functional.gelu`.
@@ -135,6 +141,102 @@ pub fn cross_entropy_sum(logits: Tensor<2>, targets: &[u32]) -> Tensor<1> {
         logits.into_dispatch(),
         targets.to_vec(),
     ))
+}
+
+/// `x · Wᵀ` with a frozen quantised weight `W` `[out, in]`: the product a QLoRA base layer
+/// computes. Only `x` gets a gradient; on the CPU backend the f32 weight exists only while one
+/// matmul runs (it is dequantised again in the backward pass, as bitsandbytes' `MatMul4Bit`
+/// does), elsewhere it is dequantised into a constant tensor.
+///
+/// # Shapes
+/// - x `[..., in]`
+/// - output `[..., out]`
+pub fn quant_matmul<const D: usize>(x: Tensor<D>, w: &Arc<QuantMatrix>) -> Tensor<D> {
+    let dims = x.dims();
+    let (rows, cols) = w.dims();
+    let n: usize = dims[..D - 1].iter().product();
+    let mut out_dims = dims;
+    out_dims[D - 1] = rows;
+    let x2: Tensor<2> = x.reshape([n, cols]);
+    let y: Tensor<2> = if on_flex(&x2) {
+        Tensor::from_dispatch(<Dispatch as FusedOps>::fused_quant_matmul(
+            x2.into_dispatch(),
+            w.clone(),
+        ))
+    } else {
+        let device = x2.device();
+        let wt = Tensor::<2>::from_data(TensorData::new(w.dequantize(), [rows, cols]), &device);
+        x2.matmul(wt.transpose())
+    };
+    y.reshape(out_dims)
+}
+
+/// `dst[m, n] = lhs[m, k] · rhs[k, n]` with explicit (row, column) strides, through the gemm
+/// crate burn's CPU backend uses.
+#[allow(clippy::too_many_arguments)]
+fn gemm_strided(
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: &[f32],
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: &[f32],
+    (rhs_rs, rhs_cs): (usize, usize),
+    dst: &mut [f32],
+) {
+    assert!(dst.len() >= m * n);
+    let parallelism = if m * n * k >= 64 * 64 * 64 {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: every index the strides reach lies inside the slices: lhs (m-1)·rs + (k-1)·cs,
+    // rhs (k-1)·rs + (n-1)·cs and dst (m-1)·n + n-1, as the callers' shapes imply.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+/// `y [N, out] = x [N, in] · Wᵀ`.
+fn quant_matmul_forward(x: &FlexTensor, w: &QuantMatrix) -> FlexTensor {
+    let (rows, cols) = w.dims();
+    let xv = values(x);
+    let n = xv.len() / cols;
+    let wd = w.dequantize();
+    let mut y = vec![0f32; n * rows];
+    gemm_strided(n, rows, cols, xv, (cols, 1), &wd, (1, cols), &mut y);
+    FlexTensor::from_data(TensorData::new(y, [n, rows]))
+}
+
+/// `dx [N, in] = dy [N, out] · W`.
+fn quant_matmul_backward(dy: &FlexTensor, w: &QuantMatrix) -> FlexTensor {
+    let (rows, cols) = w.dims();
+    let gv = values(dy);
+    let n = gv.len() / rows;
+    let wd = w.dequantize();
+    let mut dx = vec![0f32; n * cols];
+    gemm_strided(n, cols, rows, gv, (rows, 1), &wd, (cols, 1), &mut dx);
+    FlexTensor::from_data(TensorData::new(dx, [n, cols]))
 }
 
 /// Whether a tensor lives on the CPU backend these kernels are written for. `WHET_KERNELS=off`
@@ -550,6 +652,10 @@ impl FusedOps for Flex {
         let logits = dense(logits);
         cross_entropy_forward(&logits, &row_logsumexp(&logits), &targets)
     }
+
+    fn fused_quant_matmul(x: FlexTensor, w: Arc<QuantMatrix>) -> FlexTensor {
+        quant_matmul_forward(&dense(x), &w)
+    }
 }
 
 /// Runs a fused op with one differentiable input: `forward` gets the dense input and returns
@@ -688,6 +794,35 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
             let lse = row_logsumexp(&x);
             let out = cross_entropy_forward(&x, &lse, &targets);
             ((x, lse, targets), out)
+        })
+    }
+
+    fn fused_quant_matmul(x: FloatTensor<Self>, w: Arc<QuantMatrix>) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct QuantMatmulBackward;
+
+        impl Backward<Flex, 1> for QuantMatmulBackward {
+            /// The quantised weight (shared, not copied).
+            type State = Arc<QuantMatrix>;
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 1>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let [parent] = ops.parents;
+                let grad = grads.consume::<Flex>(&ops.node);
+                if let Some(node) = parent {
+                    let dx = quant_matmul_backward(&dense(grad), &ops.state);
+                    grads.register::<Flex>(node.id, dx);
+                }
+            }
+        }
+
+        one_input::<C, _>(QuantMatmulBackward, x, |input| {
+            let out = quant_matmul_forward(&input, &w);
+            (w, out)
         })
     }
 }

@@ -9,7 +9,10 @@ use burn::tensor::module::{attention, embedding};
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Distribution, Int, Tensor};
 
+use std::sync::Arc;
+
 use crate::error::Result;
+use crate::quant::QuantMatrix;
 use crate::weights::{Layout, VisitParams, Visitor, Weights, join};
 
 /// Whether a forward pass trains (dropout active) or evaluates.
@@ -38,8 +41,8 @@ pub enum TorchLinear {
 /// files never mention one).
 #[derive(Module, Debug)]
 pub struct Linear {
-    /// `[d_in, d_out]`
-    pub weight: Param<Tensor<2>>,
+    /// The weight: an f32 parameter, or a frozen quantised matrix (QLoRA).
+    pub weight: LinearWeight,
     /// `[d_out]`
     pub bias: Option<Param<Tensor<1>>>,
     /// Checkpoint layout of `weight`; the one place PyTorch's `[out, in]` is translated.
@@ -47,6 +50,38 @@ pub struct Linear {
     pub stored_as: TorchLinear,
     /// An adapter added to the layer's output.
     pub adapter: Option<LowRank>,
+    /// IA3 scaling vectors (peft's `ia3_l`), attached from outside like `adapter`.
+    pub ia3: Option<Ia3>,
+}
+
+/// How a linear layer holds its weight.
+#[derive(Module, Debug)]
+pub enum LinearWeight {
+    /// `[d_in, d_out]` in f32, trainable or frozen.
+    Dense(Param<Tensor<2>>),
+    /// A frozen base weight kept quantised (NF4 or ggml blocks) and dequantised inside the
+    /// matmul; it has no gradient and is never saved with an adapter.
+    Quantized(FrozenQuant),
+}
+
+/// A shared handle on a frozen [`QuantMatrix`] (`[out, in]`), outside burn's parameter tree.
+#[derive(Module, Debug)]
+pub struct FrozenQuant {
+    #[module(skip)]
+    pub matrix: Arc<QuantMatrix>,
+}
+
+/// IA3 (Liu et al. 2022, <https://arxiv.org/abs/2205.05638>) as `peft`'s `IA3Layer`: a learned
+/// vector scaling the layer's output (`y = base(x) ⊙ l`, keys and values) or, for feed-forward
+/// modules, its input (`y = base(x ⊙ l)`).
+#[derive(Module, Debug)]
+pub struct Ia3 {
+    /// `[d_out]` for output scaling, `[d_in]` for input scaling.
+    pub scale: Param<Tensor<1>>,
+    /// Whether the input (feed-forward) rather than the output is scaled.
+    pub on_input: bool,
+    /// When false the vector is skipped (peft's `disable_adapter`).
+    pub enabled: bool,
 }
 
 /// A low-rank update computed on the activations, as `peft`'s LoRA layer does:
@@ -91,9 +126,14 @@ impl Linear {
         bias: bool,
         stored_as: TorchLinear,
     ) -> Result<Self> {
-        let weight = match stored_as {
-            TorchLinear::Linear => vb.tensor_transposed("weight", [d_out, d_in])?,
-            TorchLinear::Conv1D => vb.tensor("weight", [d_in, d_out])?,
+        let weight = match vb.quantized_linear("weight", d_in, d_out, stored_as)? {
+            Some(q) => LinearWeight::Quantized(FrozenQuant {
+                matrix: Arc::new(q),
+            }),
+            None => LinearWeight::Dense(Param::from_tensor(match stored_as {
+                TorchLinear::Linear => vb.tensor_transposed("weight", [d_out, d_in])?,
+                TorchLinear::Conv1D => vb.tensor("weight", [d_in, d_out])?,
+            })),
         };
         let bias = if bias {
             Some(vb.param("bias", [d_out])?)
@@ -101,10 +141,11 @@ impl Linear {
             None
         };
         Ok(Self {
-            weight: Param::from_tensor(weight),
+            weight,
             bias,
             stored_as,
             adapter: None,
+            ia3: None,
         })
     }
 
@@ -119,14 +160,15 @@ impl Linear {
         device: &burn::tensor::Device,
     ) -> Self {
         Self {
-            weight: Param::from_tensor(Tensor::random(
+            weight: LinearWeight::Dense(Param::from_tensor(Tensor::random(
                 [d_in, d_out],
                 Distribution::Normal(0.0, std),
                 device,
-            )),
+            ))),
             bias: bias.then(|| Param::from_tensor(Tensor::zeros([d_out], device))),
             stored_as,
             adapter: None,
+            ia3: None,
         }
     }
 
@@ -134,11 +176,28 @@ impl Linear {
     /// - input `[..., d_in]`
     /// - output `[..., d_out]`
     pub fn forward<const D: usize>(&self, x: Tensor<D>, mode: Mode) -> Tensor<D> {
-        let y = burn::tensor::module::linear(
-            x.clone(),
-            self.weight.val(),
-            self.bias.as_ref().map(|b| b.val()),
-        );
+        let ia3 = self.ia3.as_ref().filter(|l| l.enabled);
+        // IA3 on a feed-forward module scales the input of the base layer only (peft's
+        // `IA3Layer.forward`: `base_layer(x * ia3_l)`); LoRA keeps the unscaled input.
+        let base_in = match ia3 {
+            Some(l) if l.on_input => x.clone() * l.scale.val().unsqueeze(),
+            _ => x.clone(),
+        };
+        let bias = self.bias.as_ref().map(|b| b.val());
+        let y = match &self.weight {
+            LinearWeight::Dense(w) => burn::tensor::module::linear(base_in, w.val(), bias),
+            LinearWeight::Quantized(q) => {
+                let y = crate::kernels::quant_matmul(base_in, &q.matrix);
+                match bias {
+                    Some(b) => y + b.unsqueeze(),
+                    None => y,
+                }
+            }
+        };
+        let y = match ia3 {
+            Some(l) if !l.on_input => y * l.scale.val().unsqueeze(),
+            _ => y,
+        };
         match &self.adapter {
             Some(a) if a.enabled => y + a.forward(x, mode),
             _ => y,
@@ -147,8 +206,37 @@ impl Linear {
 
     /// `(d_in, d_out)`.
     pub fn dims(&self) -> (usize, usize) {
-        let [i, o] = self.weight.shape().dims();
-        (i, o)
+        match &self.weight {
+            LinearWeight::Dense(w) => {
+                let [i, o] = w.shape().dims();
+                (i, o)
+            }
+            LinearWeight::Quantized(q) => {
+                let (o, i) = q.matrix.dims();
+                (i, o)
+            }
+        }
+    }
+
+    /// The f32 weight `[d_in, d_out]`: the parameter, or the quantised matrix dequantised (a
+    /// constant without gradient).
+    pub fn dense_weight(&self, device: &burn::tensor::Device) -> Tensor<2> {
+        match &self.weight {
+            LinearWeight::Dense(w) => w.val(),
+            LinearWeight::Quantized(q) => {
+                let (o, i) = q.matrix.dims();
+                Tensor::<2>::from_data(
+                    burn::tensor::TensorData::new(q.matrix.dequantize(), [o, i]),
+                    device,
+                )
+                .transpose()
+            }
+        }
+    }
+
+    /// Whether the weight is held quantised.
+    pub fn is_quantized(&self) -> bool {
+        matches!(self.weight, LinearWeight::Quantized(_))
     }
 }
 
@@ -161,7 +249,10 @@ impl VisitParams for Linear {
             TorchLinear::Linear => Layout::Transposed,
             TorchLinear::Conv1D => Layout::Same,
         };
-        v.matrix(&join(prefix, "weight"), &mut self.weight, layout);
+        match &mut self.weight {
+            LinearWeight::Dense(w) => v.matrix(&join(prefix, "weight"), w, layout),
+            LinearWeight::Quantized(q) => v.quantized(&join(prefix, "weight"), &q.matrix),
+        }
         if let Some(b) = &mut self.bias {
             v.vector(&join(prefix, "bias"), b);
         }

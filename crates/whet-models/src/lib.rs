@@ -17,6 +17,7 @@ pub mod gpt2;
 pub mod kernels;
 pub mod layers;
 pub mod llama;
+pub mod quant;
 pub mod tokenizer;
 pub mod weights;
 
@@ -29,7 +30,9 @@ pub use decoder::{CausalLm, DecoderInput, KvCache};
 pub use error::{ModelError, Result};
 pub use layers::Mode;
 pub use tokenizer::{ChatMessage, TextTokenizer};
-pub use weights::{ExportParams, NamedParam, TensorSource, VisitParams, Visitor, Weights};
+pub use weights::{
+    ExportParams, NamedParam, QuantPolicy, TensorSource, VisitParams, Visitor, Weights,
+};
 
 use crate::bert::BertConfig;
 use crate::distilbert::DistilBertConfig;
@@ -142,6 +145,8 @@ pub struct Checkpoint {
     pub config: FamilyConfig,
     /// Tensors under Hugging Face names.
     pub source: Arc<dyn TensorSource>,
+    /// Which linear layers the loaders keep quantised (QLoRA); None loads everything in f32.
+    pub quantization: Option<weights::QuantPolicy>,
     gguf: Option<Arc<whet_gguf::GgufFile>>,
 }
 
@@ -157,6 +162,7 @@ impl Checkpoint {
                 format: Format::Gguf,
                 config: FamilyConfig::Llama(config),
                 source,
+                quantization: None,
                 gguf: Some(file),
             });
         }
@@ -201,6 +207,7 @@ impl Checkpoint {
             format: Format::Folder,
             config,
             source,
+            quantization: None,
             gguf: None,
         })
     }
@@ -222,7 +229,7 @@ impl Checkpoint {
 
     /// A weight reader creating tensors on `device`.
     pub fn weights(&self, device: &Device) -> Weights {
-        Weights::new(self.source.clone(), device)
+        Weights::new(self.source.clone(), device).with_quantization(self.quantization.clone())
     }
 
     /// The tokenizer stored with the model.

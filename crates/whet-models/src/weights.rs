@@ -18,6 +18,8 @@ use burn::tensor::{Device, Tensor, TensorData};
 use safetensors::Dtype;
 
 use crate::error::{ModelError, Result};
+use crate::layers::TorchLinear;
+use crate::quant::{QuantMatrix, QuantSpec};
 
 /// A store of named tensors that can be read as f32.
 pub trait TensorSource: Send + Sync {
@@ -31,6 +33,30 @@ pub trait TensorSource: Send + Sync {
     fn names(&self) -> Vec<String>;
     /// The tensor's stored dtype, for display (`whet info`).
     fn dtype(&self, name: &str) -> Option<String>;
+    /// The stored ggml blocks of a quantised `[rows, cols]` tensor, row-major in Hugging Face
+    /// order (so rows may be permuted as `read_f32` permutes values). None when the tensor is
+    /// not stored in a quantised block format.
+    fn read_quantized(&self, _name: &str) -> Option<Result<(whet_gguf::GgmlType, Vec<u8>)>> {
+        None
+    }
+}
+
+/// Which linear layers a loader keeps quantised, and how.
+#[derive(Debug, Clone)]
+pub struct QuantPolicy {
+    /// The storage.
+    pub spec: QuantSpec,
+    /// Modules left in f32, matched as name suffixes (heads, `modules_to_save`), as
+    /// `BitsAndBytesConfig.llm_int8_skip_modules`.
+    pub skip: Vec<String>,
+}
+
+impl QuantPolicy {
+    fn skips(&self, module: &str) -> bool {
+        self.skip
+            .iter()
+            .any(|k| module == k || module.ends_with(&format!(".{k}")))
+    }
 }
 
 /// A path-scoped handle on a [`TensorSource`] that builds burn tensors on a device.
@@ -39,6 +65,7 @@ pub struct Weights {
     source: Arc<dyn TensorSource>,
     prefix: String,
     device: Device,
+    quant: Option<Arc<QuantPolicy>>,
 }
 
 impl Weights {
@@ -48,7 +75,14 @@ impl Weights {
             source,
             prefix: String::new(),
             device: device.clone(),
+            quant: None,
         }
+    }
+
+    /// The same view, loading linear layers quantised as `policy` says.
+    pub fn with_quantization(mut self, policy: Option<QuantPolicy>) -> Self {
+        self.quant = policy.map(Arc::new);
+        self
     }
 
     /// A view one level down: `pp("encoder")` then `tensor("weight")` reads `encoder.weight`.
@@ -57,6 +91,7 @@ impl Weights {
             source: self.source.clone(),
             prefix: self.path(&name.to_string()),
             device: self.device.clone(),
+            quant: self.quant.clone(),
         }
     }
 
@@ -82,6 +117,81 @@ impl Weights {
     /// The underlying source.
     pub fn source(&self) -> &Arc<dyn TensorSource> {
         &self.source
+    }
+
+    /// The quantised weight `name` of the linear layer at this view, when the quantisation
+    /// policy covers it: NF4 of the f32 values (one layer in f32 at a time), or the GGUF file's
+    /// own blocks. The matrix is `[d_out, d_in]` whatever `stored_as` is.
+    pub fn quantized_linear(
+        &self,
+        name: &str,
+        d_in: usize,
+        d_out: usize,
+        stored_as: TorchLinear,
+    ) -> Result<Option<QuantMatrix>> {
+        let Some(policy) = &self.quant else {
+            return Ok(None);
+        };
+        if policy.skips(&self.prefix) || !self.contains(name) {
+            return Ok(None);
+        }
+        let full = self.path(name);
+        match policy.spec {
+            QuantSpec::Nf4 { double_quant } => {
+                let values = match stored_as {
+                    TorchLinear::Linear => self.checked_values(name, [d_out, d_in])?,
+                    TorchLinear::Conv1D => {
+                        let v = self.checked_values(name, [d_in, d_out])?;
+                        let mut t = vec![0f32; v.len()];
+                        for i in 0..d_in {
+                            for o in 0..d_out {
+                                t[o * d_in + i] = v[i * d_out + o];
+                            }
+                        }
+                        t
+                    }
+                };
+                Ok(Some(QuantMatrix::nf4(&values, d_out, d_in, double_quant)))
+            }
+            QuantSpec::Gguf => {
+                if stored_as != TorchLinear::Linear {
+                    return Ok(None);
+                }
+                let Some(raw) = self.source.read_quantized(&full) else {
+                    return Ok(None);
+                };
+                let (ty, raw) = raw?;
+                self.checked_values_shape(&full, [d_out, d_in])?;
+                QuantMatrix::ggml(ty, raw, d_out, d_in)
+                    .map(Some)
+                    .map_err(|message| ModelError::Input(format!("{full}: {message}")))
+            }
+        }
+    }
+
+    fn checked_values_shape(&self, full: &str, shape: [usize; 2]) -> Result<()> {
+        let actual = self
+            .source
+            .shape(full)
+            .ok_or_else(|| ModelError::MissingTensor {
+                name: full.to_string(),
+                source_name: self.source.source_name(),
+            })?;
+        if actual != shape {
+            return Err(ModelError::ShapeMismatch {
+                name: full.to_string(),
+                source_name: self.source.source_name(),
+                expected: shape.to_vec(),
+                actual,
+            });
+        }
+        Ok(())
+    }
+
+    fn checked_values(&self, name: &str, shape: [usize; 2]) -> Result<Vec<f32>> {
+        let full = self.path(name);
+        self.checked_values_shape(&full, shape)?;
+        self.source.read_f32(&full)
     }
 
     /// Reads `name` and checks that its shape is `shape` (PyTorch order).
@@ -221,6 +331,9 @@ pub trait Visitor {
     fn linear(&mut self, _name: &str, _layer: &mut crate::layers::Linear) -> bool {
         false
     }
+    /// A frozen quantised weight (`[out, in]`; no parameter, no gradient). Ignored unless
+    /// overridden.
+    fn quantized(&mut self, _name: &str, _matrix: &crate::quant::QuantMatrix) {}
 }
 
 /// A module whose parameters can be visited under their checkpoint names.

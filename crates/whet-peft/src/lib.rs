@@ -1,21 +1,332 @@
 //! Parameter-efficient fine-tuning for whet, attached from outside the model code.
 //!
 //! The models expose every parameter and every linear layer under its Hugging Face name
-//! through [`VisitParams`]; this crate walks them to freeze the base, to attach LoRA adapters
-//! to the layers `target_modules` names (matched as `peft` matches them), to count trainable
-//! parameters as `peft` prints them, and to save and load adapters in `peft`'s file format.
+//! through [`VisitParams`]; this crate walks them to freeze the base, to attach adapters
+//! (LoRA in [`lora`], IA3 in [`ia3`]) to the layers `target_modules` names (matched as `peft`
+//! matches them), to count trainable parameters as `peft` prints them, and to save and load
+//! adapters in `peft`'s file format ([`PeftConfig`] dispatches on `peft_type`).
 
+pub mod ia3;
 pub mod lora;
 
+pub use ia3::{Ia3Config, apply_ia3, merge_ia3};
 pub use lora::{
-    LoraConfig, LoraReport, apply_lora, for_each_adapter, load_adapter, merge_lora,
-    read_adapter_config, save_adapter, set_adapters_enabled,
+    LoraConfig, LoraReport, apply_lora, for_each_adapter, merge_lora, save_adapter,
+    set_adapters_enabled,
 };
 
+use std::collections::HashMap;
+use std::path::Path;
+
 use burn::module::Param;
-use burn::tensor::Tensor;
-use whet_models::weights::Layout;
+use burn::tensor::{Device, Tensor, TensorData};
+use whet_models::layers::Linear;
+use whet_models::weights::{Layout, SafetensorsSource, TensorSource, tensor_values, write_safetensors};
 use whet_models::{VisitParams, Visitor};
+
+/// An adapter method's configuration, as `peft` writes it in `adapter_config.json`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PeftConfig {
+    /// `peft_type = "LORA"`.
+    Lora(LoraConfig),
+    /// `peft_type = "IA3"`.
+    Ia3(Ia3Config),
+}
+
+impl PeftConfig {
+    /// Attaches fresh adapters and freezes the rest (see [`apply_lora`], [`apply_ia3`]).
+    pub fn apply<M: VisitParams>(&self, model: &mut M, device: &Device) -> Result<LoraReport> {
+        match self {
+            PeftConfig::Lora(c) => apply_lora(model, c, device),
+            PeftConfig::Ia3(c) => apply_ia3(model, c, device),
+        }
+    }
+
+    /// Saves the adapters of `model` in `peft`'s format into `dir`.
+    pub fn save<M: VisitParams + Clone>(
+        &self,
+        model: &M,
+        base_model: &str,
+        task_type: &str,
+        dir: &Path,
+    ) -> Result<()> {
+        match self {
+            PeftConfig::Lora(c) => lora::save_adapter(model, c, base_model, task_type, dir),
+            PeftConfig::Ia3(c) => ia3::save_adapter(model, c, base_model, task_type, dir),
+        }
+    }
+
+    /// The modules trained in full and saved with the adapter.
+    pub fn modules_to_save_mut(&mut self) -> &mut Vec<String> {
+        match self {
+            PeftConfig::Lora(c) => &mut c.modules_to_save,
+            PeftConfig::Ia3(c) => &mut c.modules_to_save,
+        }
+    }
+
+    /// `peft_type` as peft spells it.
+    pub fn peft_type(&self) -> &'static str {
+        match self {
+            PeftConfig::Lora(_) => "LORA",
+            PeftConfig::Ia3(_) => "IA3",
+        }
+    }
+}
+
+/// Reads `adapter_config.json` of a peft adapter folder (LoRA or IA3).
+pub fn read_adapter_config(dir: &Path) -> Result<PeftConfig> {
+    let path = dir.join("adapter_config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| PeftError::Adapter {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    let mut json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| PeftError::Adapter {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+    // peft writes null for "no modules to save" (and for IA3's default feedforward modules).
+    for key in ["modules_to_save", "feedforward_modules"] {
+        if json.get(key).is_some_and(|v| v.is_null()) {
+            json[key] = serde_json::json!([]);
+        }
+    }
+    let bad = |e: serde_json::Error| PeftError::Adapter {
+        path: path.clone(),
+        message: e.to_string(),
+    };
+    let peft_type = json
+        .get("peft_type")
+        .and_then(|v| v.as_str())
+        .unwrap_or("LORA")
+        .to_string();
+    match peft_type.as_str() {
+        "LORA" => Ok(PeftConfig::Lora(serde_json::from_value(json).map_err(bad)?)),
+        "IA3" => Ok(PeftConfig::Ia3(serde_json::from_value(json).map_err(bad)?)),
+        other => Err(PeftError::Adapter {
+            path,
+            message: format!("peft_type {other:?} is not supported (LORA and IA3 are)"),
+        }),
+    }
+}
+
+/// Loads a peft adapter folder (LoRA or IA3) onto `model`: attaches adapters as the config says
+/// and fills them (and the `modules_to_save` tensors) from `adapter_model.safetensors`.
+pub fn load_adapter<M: VisitParams>(
+    model: &mut M,
+    dir: &Path,
+    device: &Device,
+) -> Result<PeftConfig> {
+    let mut config = read_adapter_config(dir)?;
+    let file = dir.join("adapter_model.safetensors");
+    let source = SafetensorsSource::open(&file)?;
+    // peft adds the head of a SEQ_CLS model to modules_to_save itself; the saved keys say
+    // which base tensors the adapter replaces.
+    let adapter_keys = [".lora_", ".ia3_l"];
+    for name in source.names() {
+        if let Some(rest) = name.strip_prefix(PREFIX)
+            && !adapter_keys.iter().any(|k| rest.contains(k))
+            && let Some((module, _)) = rest.rsplit_once('.')
+        {
+            let modules = config.modules_to_save_mut();
+            if !modules.iter().any(|k| module.ends_with(k.as_str())) {
+                modules.push(module.to_string());
+            }
+        }
+    }
+    config.apply(model, device)?;
+    let mut reader = Reader {
+        source: &source,
+        device,
+        used: 0,
+        error: None,
+        file: &file,
+    };
+    match &config {
+        PeftConfig::Lora(_) => fill(model, &mut reader, &mut lora::fill_layer),
+        PeftConfig::Ia3(_) => fill(model, &mut reader, &mut ia3::fill_layer),
+    }
+    if let Some(e) = reader.error {
+        return Err(e);
+    }
+    let used = reader.used;
+    let total = source.names().len();
+    if used != total {
+        return Err(PeftError::Adapter {
+            path: file.clone(),
+            message: format!(
+                "{} of its {total} tensors match no module of the model (was it trained on another base?)",
+                total - used
+            ),
+        });
+    }
+    Ok(config)
+}
+
+/// Key prefix of every tensor in a peft adapter file.
+pub(crate) const PREFIX: &str = "base_model.model.";
+
+/// Whether parameter `name` belongs to a module listed in `modules_to_save`. peft matches
+/// these by plain suffix (`key.endswith(name)`), so "classifier" also takes DistilBERT's
+/// `pre_classifier`; whet does the same so both train and save the same tensors.
+pub(crate) fn in_modules(name: &str, modules: &[String]) -> bool {
+    let module = name.rsplit_once('.').map(|(m, _)| m).unwrap_or(name);
+    modules.iter().any(|k| module.ends_with(k.as_str()))
+}
+
+/// One tensor for an adapter file: key, shape, row-major values.
+pub(crate) type SavedTensor = (String, Vec<usize>, Vec<f32>);
+
+/// The tensors of an adapter file: the `modules_to_save` parameters in checkpoint layout, and
+/// what `layer` writes for each linear layer.
+pub(crate) fn collect_tensors<M: VisitParams + Clone>(
+    model: &M,
+    modules_to_save: &[String],
+    layer: &mut dyn FnMut(&str, &Linear, &mut Vec<SavedTensor>),
+) -> Vec<SavedTensor> {
+    struct Collect<'a> {
+        modules: &'a [String],
+        layer: &'a mut dyn FnMut(&str, &Linear, &mut Vec<SavedTensor>),
+        out: Vec<SavedTensor>,
+    }
+    impl Visitor for Collect<'_> {
+        fn vector(&mut self, name: &str, p: &mut Param<Tensor<1>>) {
+            if in_modules(name, self.modules) {
+                let t = p.val();
+                let dims = t.dims().to_vec();
+                self.out
+                    .push((format!("{PREFIX}{name}"), dims, tensor_values(t.into_data())));
+            }
+        }
+        fn matrix(&mut self, name: &str, p: &mut Param<Tensor<2>>, layout: Layout) {
+            if in_modules(name, self.modules) {
+                let t = match layout {
+                    Layout::Same => p.val(),
+                    Layout::Transposed => p.val().transpose(),
+                };
+                let dims = t.dims().to_vec();
+                self.out
+                    .push((format!("{PREFIX}{name}"), dims, tensor_values(t.into_data())));
+            }
+        }
+        fn linear(&mut self, name: &str, layer: &mut Linear) -> bool {
+            (self.layer)(name, layer, &mut self.out);
+            false
+        }
+    }
+    let mut c = Collect {
+        modules: modules_to_save,
+        layer,
+        out: vec![],
+    };
+    model.clone().visit_params("", &mut c);
+    c.out
+}
+
+/// Writes `adapter_model.safetensors` and `adapter_config.json` into `dir`.
+pub(crate) fn write_adapter(
+    dir: &Path,
+    tensors: &[SavedTensor],
+    config: &serde_json::Value,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| PeftError::Adapter {
+        path: dir.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    write_safetensors(&dir.join("adapter_model.safetensors"), tensors, Some(meta))?;
+    let text =
+        serde_json::to_string_pretty(config).map_err(|e| PeftError::Config(e.to_string()))?;
+    whet_models::fsutil::write_atomic(&dir.join("adapter_config.json"), text.as_bytes())?;
+    Ok(())
+}
+
+/// Reads an adapter file's tensors with their shapes checked, counting those used.
+pub(crate) struct Reader<'a> {
+    source: &'a SafetensorsSource,
+    device: &'a Device,
+    used: usize,
+    error: Option<PeftError>,
+    file: &'a Path,
+}
+
+impl Reader<'_> {
+    /// Records the first error.
+    pub(crate) fn fail(&mut self, message: String) {
+        self.error.get_or_insert(PeftError::Adapter {
+            path: self.file.to_path_buf(),
+            message,
+        });
+    }
+
+    /// The tensor `key` as `shape` (stored order), if present with that shape.
+    pub(crate) fn read<const D: usize>(&mut self, key: &str, shape: [usize; D]) -> Option<Tensor<D>> {
+        let got = self.source.shape(key)?;
+        if got != shape {
+            self.fail(format!(
+                "tensor {key} has shape {got:?}, the model needs {shape:?}"
+            ));
+            return None;
+        }
+        match self.source.read_f32(key) {
+            Ok(values) => {
+                self.used += 1;
+                Some(Tensor::from_data(TensorData::new(values, shape), self.device))
+            }
+            Err(e) => {
+                self.fail(e.to_string());
+                None
+            }
+        }
+    }
+
+    /// The device tensors are made on.
+    pub(crate) fn device(&self) -> &Device {
+        self.device
+    }
+}
+
+/// Fills `modules_to_save` parameters from the reader, and each linear layer through `layer`.
+fn fill<M: VisitParams>(
+    model: &mut M,
+    reader: &mut Reader,
+    layer: &mut dyn FnMut(&str, &mut Linear, &mut Reader),
+) {
+    struct Fill<'a, 'b> {
+        reader: &'a mut Reader<'b>,
+        layer: &'a mut dyn FnMut(&str, &mut Linear, &mut Reader),
+    }
+    impl Visitor for Fill<'_, '_> {
+        fn vector(&mut self, name: &str, p: &mut Param<Tensor<1>>) {
+            let n = p.shape().num_elements();
+            if let Some(t) = self.reader.read(&format!("{PREFIX}{name}"), [n]) {
+                *p = Param::from_tensor(t).set_require_grad(p.val().is_require_grad());
+            }
+        }
+        fn matrix(&mut self, name: &str, p: &mut Param<Tensor<2>>, layout: Layout) {
+            let [a, b] = p.shape().dims();
+            let stored = match layout {
+                Layout::Same => [a, b],
+                Layout::Transposed => [b, a],
+            };
+            if let Some(t) = self.reader.read(&format!("{PREFIX}{name}"), stored) {
+                let t = if layout == Layout::Transposed {
+                    t.transpose()
+                } else {
+                    t
+                };
+                // Re-laid out on the host: see Weights::tensor_transposed.
+                let t = Tensor::from_data(t.into_data(), self.reader.device());
+                *p = Param::from_tensor(t).set_require_grad(p.val().is_require_grad());
+            }
+        }
+        fn linear(&mut self, name: &str, layer: &mut Linear) -> bool {
+            (self.layer)(name, layer, self.reader);
+            false
+        }
+    }
+    model.visit_params("", &mut Fill { reader, layer });
+}
 
 /// Errors of this crate.
 #[derive(Debug, thiserror::Error)]

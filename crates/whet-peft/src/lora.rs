@@ -7,19 +7,19 @@
 //! `base_model.model.<module>.lora_A.weight` (`[r, in]`), `.lora_B.weight` (`[out, r]`) and
 //! `base_model.model.<param>` for `modules_to_save`.
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use burn::module::Param;
-use burn::tensor::{Device, Distribution, Tensor, TensorData};
+use burn::tensor::{Device, Distribution, Tensor};
 use serde::{Deserialize, Serialize};
-use whet_models::layers::{Linear, LowRank};
-use whet_models::weights::{
-    Layout, SafetensorsSource, TensorSource, tensor_values, write_safetensors,
-};
+use whet_models::layers::{Linear, LinearWeight, LowRank};
+use whet_models::weights::{Layout, tensor_values};
 use whet_models::{VisitParams, Visitor};
 
-use crate::{ParamCounts, PeftError, Result, matches_target, set_trainable};
+use crate::{
+    PREFIX, ParamCounts, PeftError, Reader, Result, collect_tensors, in_modules, matches_target,
+    set_trainable, write_adapter,
+};
 
 /// LoRA hyper-parameters, named and defaulted as `peft.LoraConfig`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -101,14 +101,6 @@ pub struct LoraReport {
     pub counts: ParamCounts,
 }
 
-/// Whether parameter `name` belongs to a module listed in `modules_to_save`. peft matches
-/// these by plain suffix (`key.endswith(name)`), so "classifier" also takes DistilBERT's
-/// `pre_classifier`; whet does the same so both train and save the same tensors.
-fn in_modules(name: &str, modules: &[String]) -> bool {
-    let module = name.rsplit_once('.').map(|(m, _)| m).unwrap_or(name);
-    modules.iter().any(|k| module.ends_with(k.as_str()))
-}
-
 /// Attaches fresh LoRA adapters to the layers `config.target_modules` names, freezes every
 /// other parameter except `modules_to_save` (and biases as `config.bias` says), and returns
 /// the adapted modules and the parameter counts.
@@ -170,20 +162,20 @@ pub fn apply_lora<M: VisitParams>(
                 })
     };
     set_trainable(model, &trainable);
-    let counts = count(model, config, &trainable);
+    let counts = count(model, &config.modules_to_save, &trainable);
     Ok(LoraReport { targeted, counts })
 }
 
 /// Counts as `peft` does: adapters and trainable base parameters are trainable; "all" adds the
 /// adapters and a second copy of every `modules_to_save` parameter (peft keeps the original
 /// and trains a copy).
-fn count<M: VisitParams>(
+pub(crate) fn count<M: VisitParams>(
     model: &mut M,
-    config: &LoraConfig,
+    modules_to_save: &[String],
     trainable: &dyn Fn(&str) -> bool,
 ) -> ParamCounts {
     struct Count<'a> {
-        config: &'a LoraConfig,
+        modules_to_save: &'a [String],
         trainable: &'a dyn Fn(&str) -> bool,
         c: ParamCounts,
     }
@@ -193,7 +185,7 @@ fn count<M: VisitParams>(
             if (self.trainable)(name) {
                 self.c.trainable += n;
             }
-            if in_modules(name, &self.config.modules_to_save) {
+            if in_modules(name, self.modules_to_save) {
                 self.c.all += n;
             }
         }
@@ -211,11 +203,21 @@ fn count<M: VisitParams>(
                 self.c.all += n;
                 self.c.trainable += n;
             }
+            if let Some(l) = &layer.ia3 {
+                let n = l.scale.shape().num_elements();
+                self.c.all += n;
+                self.c.trainable += n;
+            }
             false
+        }
+        fn quantized(&mut self, _: &str, m: &whet_models::quant::QuantMatrix) {
+            // Counted as the weights it stands for (peft counts a bitsandbytes 4-bit tensor by
+            // its logical size too: numel × 2 of the packed bytes).
+            self.c.all += m.num_elements();
         }
     }
     let mut v = Count {
-        config,
+        modules_to_save,
         trainable,
         c: ParamCounts {
             trainable: 0,
@@ -255,8 +257,6 @@ fn adapter_config_json(
     })
 }
 
-const PREFIX: &str = "base_model.model.";
-
 /// Saves the adapters (and `modules_to_save`) of `model` as `peft` does, into `dir`.
 pub fn save_adapter<M: VisitParams + Clone>(
     model: &M,
@@ -265,257 +265,66 @@ pub fn save_adapter<M: VisitParams + Clone>(
     task_type: &str,
     dir: &Path,
 ) -> Result<()> {
-    struct Collect<'a> {
-        config: &'a LoraConfig,
-        out: Vec<(String, Vec<usize>, Vec<f32>)>,
-    }
-    impl Collect<'_> {
-        fn push(&mut self, name: String, t: Tensor<2>) {
-            let dims = t.dims().to_vec();
-            self.out.push((name, dims, tensor_values(t.into_data())));
-        }
-    }
-    impl Visitor for Collect<'_> {
-        fn vector(&mut self, name: &str, p: &mut Param<Tensor<1>>) {
-            if in_modules(name, &self.config.modules_to_save) {
-                let t = p.val();
+    let tensors = collect_tensors(model, &config.modules_to_save, &mut |name, layer, out| {
+        if let Some(a) = &layer.adapter {
+            // whet holds A [in, r] and B [r, out]; peft stores lora_A [r, in], lora_B [out, r].
+            for (key, t) in [("lora_A", a.a.val()), ("lora_B", a.b.val())] {
+                let t = t.transpose();
                 let dims = t.dims().to_vec();
-                self.out.push((
-                    format!("{PREFIX}{name}"),
+                out.push((
+                    format!("{PREFIX}{name}.{key}.weight"),
                     dims,
                     tensor_values(t.into_data()),
                 ));
             }
         }
-        fn matrix(&mut self, name: &str, p: &mut Param<Tensor<2>>, layout: Layout) {
-            if in_modules(name, &self.config.modules_to_save) {
-                let t = match layout {
-                    Layout::Same => p.val(),
-                    Layout::Transposed => p.val().transpose(),
-                };
-                self.push(format!("{PREFIX}{name}"), t);
-            }
-        }
-        fn linear(&mut self, name: &str, layer: &mut Linear) -> bool {
-            if let Some(a) = &layer.adapter {
-                // whet holds A [in, r] and B [r, out]; peft stores lora_A [r, in], lora_B [out, r].
-                self.push(
-                    format!("{PREFIX}{name}.lora_A.weight"),
-                    a.a.val().transpose(),
-                );
-                self.push(
-                    format!("{PREFIX}{name}.lora_B.weight"),
-                    a.b.val().transpose(),
-                );
-            }
-            false
-        }
-    }
-    let mut c = Collect {
-        config,
-        out: vec![],
-    };
-    model.clone().visit_params("", &mut c);
-    std::fs::create_dir_all(dir).map_err(|e| PeftError::Adapter {
-        path: dir.to_path_buf(),
-        message: e.to_string(),
-    })?;
-    let mut meta = HashMap::new();
-    meta.insert("format".to_string(), "pt".to_string());
-    write_safetensors(&dir.join("adapter_model.safetensors"), &c.out, Some(meta))?;
-    let text = serde_json::to_string_pretty(&adapter_config_json(config, base_model, task_type))
-        .map_err(|e| PeftError::Config(e.to_string()))?;
-    whet_models::fsutil::write_atomic(&dir.join("adapter_config.json"), text.as_bytes())?;
-    Ok(())
+    });
+    write_adapter(dir, &tensors, &adapter_config_json(config, base_model, task_type))
 }
 
-/// Reads `adapter_config.json` of a peft LoRA adapter folder.
-pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig> {
-    let path = dir.join("adapter_config.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| PeftError::Adapter {
-        path: path.clone(),
-        message: e.to_string(),
-    })?;
-    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| PeftError::Adapter {
-        path: path.clone(),
-        message: e.to_string(),
-    })?;
-    let peft_type = json
-        .get("peft_type")
-        .and_then(|v| v.as_str())
-        .unwrap_or("LORA");
-    if peft_type != "LORA" {
-        return Err(PeftError::Adapter {
-            path,
-            message: format!("peft_type {peft_type:?} is not supported here (LORA is)"),
-        });
-    }
-    let mut json = json;
-    // peft writes null for "no modules to save" and may write a set-like list order.
-    if json.get("modules_to_save").is_some_and(|v| v.is_null()) {
-        json["modules_to_save"] = serde_json::json!([]);
-    }
-    serde_json::from_value(json).map_err(|e| PeftError::Adapter {
-        path,
-        message: e.to_string(),
-    })
-}
-
-/// Loads a peft LoRA adapter folder onto `model`: attaches adapters as the config says and
-/// fills them (and the `modules_to_save` tensors) from `adapter_model.safetensors`.
-pub fn load_adapter<M: VisitParams>(
-    model: &mut M,
-    dir: &Path,
-    device: &Device,
-) -> Result<LoraConfig> {
-    let mut config = read_adapter_config(dir)?;
-    let file = dir.join("adapter_model.safetensors");
-    let source = SafetensorsSource::open(&file)?;
-    // peft adds the head of a SEQ_CLS model to modules_to_save itself; the saved keys say
-    // which base tensors the adapter replaces.
-    for name in source.names() {
-        if let Some(rest) = name.strip_prefix(PREFIX)
-            && !rest.contains(".lora_")
-            && let Some((module, _)) = rest.rsplit_once('.')
-            && !config
-                .modules_to_save
-                .iter()
-                .any(|k| module.ends_with(k.as_str()))
-        {
-            config.modules_to_save.push(module.to_string());
-        }
-    }
-    apply_lora(model, &config, device)?;
-    struct Fill<'a> {
-        source: &'a SafetensorsSource,
-        device: &'a Device,
-        used: usize,
-        error: Option<PeftError>,
-        file: &'a Path,
-    }
-    impl Fill<'_> {
-        fn read(&mut self, key: &str, shape: [usize; 2]) -> Option<Tensor<2>> {
-            let got = self.source.shape(key)?;
-            if got != shape {
-                self.error.get_or_insert(PeftError::Adapter {
-                    path: self.file.to_path_buf(),
-                    message: format!("tensor {key} has shape {got:?}, the model needs {shape:?}"),
-                });
-                return None;
+/// Fills the LoRA adapter of one layer from peft's `lora_A` / `lora_B` tensors.
+pub(crate) fn fill_layer(name: &str, layer: &mut Linear, reader: &mut Reader) {
+    let (d_in, d_out) = layer.dims();
+    if let Some(ad) = &mut layer.adapter {
+        let r = ad.a.shape().dims::<2>()[1];
+        let a = reader.read(&format!("{PREFIX}{name}.lora_A.weight"), [r, d_in]);
+        let b = reader.read(&format!("{PREFIX}{name}.lora_B.weight"), [d_out, r]);
+        match (a, b) {
+            (Some(a), Some(b)) => {
+                let device = reader.device().clone();
+                ad.a = Param::from_tensor(Tensor::from_data(a.transpose().into_data(), &device));
+                ad.b = Param::from_tensor(Tensor::from_data(b.transpose().into_data(), &device));
             }
-            let values = self.source.read_f32(key).ok()?;
-            self.used += 1;
-            Some(Tensor::from_data(
-                TensorData::new(values, shape),
-                self.device,
-            ))
+            _ => reader.fail(format!("no lora_A / lora_B weights for module {name}")),
         }
     }
-    impl Visitor for Fill<'_> {
-        fn vector(&mut self, name: &str, p: &mut Param<Tensor<1>>) {
-            let key = format!("{PREFIX}{name}");
-            if let Some(shape) = self.source.shape(&key) {
-                let n = p.shape().num_elements();
-                if shape != [n] {
-                    self.error.get_or_insert(PeftError::Adapter {
-                        path: self.file.to_path_buf(),
-                        message: format!("tensor {key} has shape {shape:?}, the model needs [{n}]"),
-                    });
-                    return;
-                }
-                if let Ok(v) = self.source.read_f32(&key) {
-                    self.used += 1;
-                    let t = Tensor::from_data(TensorData::new(v, [n]), self.device);
-                    *p = Param::from_tensor(t).set_require_grad(p.val().is_require_grad());
-                }
-            }
-        }
-        fn matrix(&mut self, name: &str, p: &mut Param<Tensor<2>>, layout: Layout) {
-            let key = format!("{PREFIX}{name}");
-            let [a, b] = p.shape().dims();
-            let stored = match layout {
-                Layout::Same => [a, b],
-                Layout::Transposed => [b, a],
-            };
-            if let Some(t) = self.read(&key, stored) {
-                let t = if layout == Layout::Transposed {
-                    t.transpose()
-                } else {
-                    t
-                };
-                // Re-laid out on the host: see Weights::tensor_transposed.
-                let t = Tensor::from_data(t.into_data(), self.device);
-                *p = Param::from_tensor(t).set_require_grad(p.val().is_require_grad());
-            }
-        }
-        fn linear(&mut self, name: &str, layer: &mut Linear) -> bool {
-            let (d_in, d_out) = layer.dims();
-            if let Some(ad) = &mut layer.adapter {
-                let r = ad.a.shape().dims::<2>()[1];
-                let a = self.read(&format!("{PREFIX}{name}.lora_A.weight"), [r, d_in]);
-                let b = self.read(&format!("{PREFIX}{name}.lora_B.weight"), [d_out, r]);
-                match (a, b) {
-                    (Some(a), Some(b)) => {
-                        ad.a = Param::from_tensor(Tensor::from_data(
-                            a.transpose().into_data(),
-                            self.device,
-                        ));
-                        ad.b = Param::from_tensor(Tensor::from_data(
-                            b.transpose().into_data(),
-                            self.device,
-                        ));
-                    }
-                    _ => {
-                        self.error.get_or_insert(PeftError::Adapter {
-                            path: self.file.to_path_buf(),
-                            message: format!("no lora_A / lora_B weights for module {name}"),
-                        });
-                    }
-                }
-            }
-            false
-        }
-    }
-    let mut fill = Fill {
-        source: &source,
-        device,
-        used: 0,
-        error: None,
-        file: &file,
-    };
-    model.visit_params("", &mut fill);
-    if let Some(e) = fill.error {
-        return Err(e);
-    }
-    let used = fill.used;
-    let total = source.names().len();
-    if used != total {
-        return Err(PeftError::Adapter {
-            path: file,
-            message: format!(
-                "{} of its {total} tensors match no module of the model (was it trained on another base?)",
-                total - used
-            ),
-        });
-    }
-    Ok(config)
 }
 
 /// Folds every adapter into its base weight (`W += A B · scaling`) and removes it, as
-/// `merge_and_unload` does.
-pub fn merge_lora<M: VisitParams>(model: &mut M) {
-    struct Merge;
+/// `merge_and_unload` does. A quantised base weight is dequantised to f32 first (merging into
+/// NF4 would round the update away); the names of those layers are returned so the caller can
+/// say so.
+pub fn merge_lora<M: VisitParams>(model: &mut M) -> Vec<String> {
+    struct Merge(Vec<String>);
     impl Visitor for Merge {
-        fn linear(&mut self, _: &str, layer: &mut Linear) -> bool {
+        fn linear(&mut self, name: &str, layer: &mut Linear) -> bool {
             if let Some(a) = layer.adapter.take() {
-                let merged = layer.weight.val() + a.delta();
-                let device = merged.device();
-                layer.weight = Param::from_tensor(Tensor::from_data(merged.into_data(), &device));
+                let device = a.a.val().device();
+                if layer.is_quantized() {
+                    self.0.push(name.to_string());
+                }
+                let merged = layer.dense_weight(&device) + a.delta();
+                layer.weight = LinearWeight::Dense(Param::from_tensor(Tensor::from_data(
+                    merged.into_data(),
+                    &device,
+                )));
             }
             true
         }
     }
-    model.visit_params("", &mut Merge);
+    let mut m = Merge(vec![]);
+    model.visit_params("", &mut m);
+    m.0
 }
 
 /// Calls `f` with the module name and adapter of every adapted linear layer.
@@ -532,7 +341,19 @@ pub fn for_each_adapter<M: VisitParams>(model: &mut M, f: &mut dyn FnMut(&str, &
     model.visit_params("", &mut Each(f));
 }
 
-/// Switches every adapter on or off (peft's `disable_adapter` context).
+/// Switches every adapter (LoRA and IA3) on or off (peft's `disable_adapter` context).
 pub fn set_adapters_enabled<M: VisitParams>(model: &mut M, enabled: bool) {
-    for_each_adapter(model, &mut |_, a| a.enabled = enabled);
+    struct Switch(bool);
+    impl Visitor for Switch {
+        fn linear(&mut self, _: &str, layer: &mut Linear) -> bool {
+            if let Some(a) = &mut layer.adapter {
+                a.enabled = self.0;
+            }
+            if let Some(l) = &mut layer.ia3 {
+                l.enabled = self.0;
+            }
+            true
+        }
+    }
+    model.visit_params("", &mut Switch(enabled));
 }

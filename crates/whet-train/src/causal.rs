@@ -14,7 +14,7 @@ use whet_data::{Encoding, IGNORE, LmExample, Table, chat, group_texts, pack, pro
 use whet_models::{
     CausalLm, CausalModel, ChatMessage, Checkpoint, DecoderInput, Mode, TextTokenizer,
 };
-use whet_peft::{LoraConfig, ParamCounts, apply_lora, set_trainable};
+use whet_peft::{ParamCounts, PeftConfig};
 
 use crate::recipe::{DataSpec, Method, Recipe};
 use crate::trainer::{BatchCounts, Evaluation, Objective};
@@ -186,7 +186,8 @@ pub struct LmPrepared {
     pub pad_id: u32,
     pub model: CausalModel,
     pub counts: ParamCounts,
-    pub lora: Option<LoraConfig>,
+    /// The adapter method's configuration (None for full training).
+    pub adapter: Option<PeftConfig>,
     /// How the data became examples, for the run's header.
     pub data_kind: String,
     /// The rows of each split (`train`, `validation`, `test`), as read: written to
@@ -344,7 +345,8 @@ pub fn prepare(recipe: &Recipe, device: &Device) -> Result<LmPrepared, String> {
         .parse()
         .map_err(|e| format!("data.encoding: {e}"))?;
     let read = |p: &Path| Table::read(p, enc).map_err(|e| e.to_string());
-    let checkpoint = Checkpoint::open(&recipe.model).map_err(|e| e.to_string())?;
+    let mut checkpoint = Checkpoint::open(&recipe.model).map_err(|e| e.to_string())?;
+    checkpoint.quantization = crate::method::quant_policy(recipe, &[]);
     if !checkpoint.family().is_decoder() {
         return Err(format!(
             "task = \"causal-lm\" needs a decoder (GPT-2 or LLaMA family); {} is {}",
@@ -447,31 +449,18 @@ pub fn prepare(recipe: &Recipe, device: &Device) -> Result<LmPrepared, String> {
     let mut model = checkpoint
         .load_causal_lm(device)
         .map_err(|e| e.to_string())?;
-    let (counts, lora) = match recipe.method {
-        Method::Full => {
-            set_trainable(&mut model, &|_| true);
-            let n = crate::output::param_count(&model, &|_| true);
-            (
-                ParamCounts {
-                    trainable: n,
-                    all: n,
-                },
-                None,
-            )
-        }
+    let (counts, adapter) = match recipe.method {
+        Method::Full => (crate::method::full(&mut model), None),
         Method::Head => {
             return Err(
                 "method = \"head\" trains a new classification head; causal-lm has none (use full or lora)"
                     .into(),
             );
         }
-        Method::Lora => {
-            let cfg = recipe
-                .lora
-                .clone()
-                .ok_or("method = \"lora\" needs [lora]")?;
-            let report = apply_lora(&mut model, &cfg, device).map_err(|e| e.to_string())?;
-            (report.counts, Some(cfg))
+        Method::Lora | Method::Qlora | Method::Ia3 => {
+            let (counts, cfg) = crate::method::attach_adapter(&mut model, recipe, &[], device)?
+                .ok_or("the adapter method needs its table ([lora] or [ia3])")?;
+            (counts, Some(cfg))
         }
     };
     Ok(LmPrepared {
@@ -484,7 +473,7 @@ pub fn prepare(recipe: &Recipe, device: &Device) -> Result<LmPrepared, String> {
         pad_id,
         model,
         counts,
-        lora,
+        adapter,
         data_kind,
         rows: split_rows,
     })
@@ -494,9 +483,9 @@ pub fn prepare(recipe: &Recipe, device: &Device) -> Result<LmPrepared, String> {
 /// folder otherwise; both with the tokenizer.
 pub fn save(p: &LmPrepared, recipe: &Recipe, out: &Path) -> Result<(), String> {
     std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
-    match &p.lora {
+    match &p.adapter {
         Some(cfg) => {
-            crate::output::save_lora(&p.model, cfg, &recipe.model, "CAUSAL_LM", out)?;
+            crate::output::save_adapter(&p.model, cfg, &recipe.model, "CAUSAL_LM", out)?;
         }
         None => {
             p.checkpoint

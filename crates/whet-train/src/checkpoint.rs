@@ -54,6 +54,9 @@ fn for_trainable<M: VisitParams + ?Sized>(
                 (self.0)(format!("{name}.lora_A"), &mut a.a);
                 (self.0)(format!("{name}.lora_B"), &mut a.b);
             }
+            if let Some(l) = &mut layer.ia3 {
+                (self.0)(crate::optim::ia3_name(name), &mut l.scale);
+            }
             false
         }
     }

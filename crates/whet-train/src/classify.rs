@@ -10,7 +10,7 @@ use whet_data::{
 };
 use whet_models::config::ProblemType;
 use whet_models::{Checkpoint, Classifier, ExportParams, TextTokenizer};
-use whet_peft::{LoraConfig, ParamCounts, apply_lora, set_trainable};
+use whet_peft::{ParamCounts, PeftConfig, set_trainable};
 
 use crate::recipe::{Method, Recipe};
 use crate::seqcls::{evaluate, train_classifier};
@@ -35,7 +35,8 @@ pub struct Prepared {
     pub pad_id: u32,
     pub model: Classifier,
     pub counts: ParamCounts,
-    pub lora: Option<LoraConfig>,
+    /// The adapter method's configuration (None for full and head training).
+    pub adapter: Option<PeftConfig>,
     /// Head tensors that were initialised (not in the checkpoint).
     pub fresh: Vec<String>,
 }
@@ -95,6 +96,7 @@ pub fn prepare(recipe: &Recipe, device: &Device) -> Result<Prepared, String> {
     }
 
     let mut checkpoint = Checkpoint::open(&recipe.model).map_err(|e| e.to_string())?;
+    checkpoint.quantization = crate::method::quant_policy(recipe, HEAD_MODULES);
     if d.max_length > checkpoint.max_positions() {
         return Err(format!(
             "data.max_length = {} exceeds the model's {} positions ({})",
@@ -149,18 +151,8 @@ pub fn prepare(recipe: &Recipe, device: &Device) -> Result<Prepared, String> {
         let module = name.rsplit_once('.').map(|(m, _)| m).unwrap_or(name);
         ["classifier", "score"].iter().any(|k| module.ends_with(k))
     };
-    let (counts, lora) = match recipe.method {
-        Method::Full => {
-            set_trainable(&mut model, &|_| true);
-            let n = crate::output::param_count(&model, &|_| true);
-            (
-                ParamCounts {
-                    trainable: n,
-                    all: n,
-                },
-                None,
-            )
-        }
+    let (counts, adapter) = match recipe.method {
+        Method::Full => (crate::method::full(&mut model), None),
         Method::Head => {
             let top = top_layers(&model, recipe.head.unfreeze_top_layers);
             let trainable =
@@ -176,19 +168,12 @@ pub fn prepare(recipe: &Recipe, device: &Device) -> Result<Prepared, String> {
                 None,
             )
         }
-        Method::Lora => {
-            let mut cfg = recipe
-                .lora
-                .clone()
-                .ok_or("method = \"lora\" needs [lora]")?;
+        Method::Lora | Method::Qlora | Method::Ia3 => {
             // peft's task_type = "SEQ_CLS" saves the head with the adapter.
-            for m in ["classifier", "score"] {
-                if !cfg.modules_to_save.iter().any(|x| x == m) {
-                    cfg.modules_to_save.push(m.to_string());
-                }
-            }
-            let report = apply_lora(&mut model, &cfg, device).map_err(|e| e.to_string())?;
-            (report.counts, Some(cfg))
+            let (counts, cfg) =
+                crate::method::attach_adapter(&mut model, recipe, HEAD_MODULES, device)?
+                    .ok_or("the adapter method needs its table ([lora] or [ia3])")?;
+            (counts, Some(cfg))
         }
     };
     Ok(Prepared {
@@ -202,10 +187,13 @@ pub fn prepare(recipe: &Recipe, device: &Device) -> Result<Prepared, String> {
         pad_id,
         model,
         counts,
-        lora,
+        adapter,
         fresh,
     })
 }
+
+/// The sequence-classification heads of the families (trained in full with an adapter).
+const HEAD_MODULES: &[&str] = &["classifier", "score"];
 
 /// Name fragments of the top `n` transformer layers (`layer.5.`, `layers.29.`, `h.11.`).
 fn top_layers(model: &Classifier, n: usize) -> Vec<String> {
@@ -363,9 +351,9 @@ pub fn evaluate_split(
 /// otherwise; both with the tokenizer and `labels.json`.
 pub fn save(p: &Prepared, recipe: &Recipe, out: &Path) -> Result<(), String> {
     std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
-    match &p.lora {
+    match &p.adapter {
         Some(cfg) => {
-            crate::output::save_lora(&p.model, cfg, &recipe.model, "SEQ_CLS", out)?;
+            crate::output::save_adapter(&p.model, cfg, &recipe.model, "SEQ_CLS", out)?;
         }
         None => {
             p.checkpoint

@@ -3,6 +3,7 @@
 
 pub mod args;
 pub mod causal;
+pub mod method;
 pub mod checkpoint;
 pub mod classify;
 pub mod optim;

@@ -71,6 +71,11 @@ fn adapter_names(module: &str) -> (String, String) {
     (format!("{module}.lora_A"), format!("{module}.lora_B"))
 }
 
+/// IA3 vector name: `<module>.ia3_l`.
+pub(crate) fn ia3_name(module: &str) -> String {
+    format!("{module}.ia3_l")
+}
+
 impl GradStore {
     /// Adds the gradients of every trainable parameter of `model` found in `grads`.
     pub fn accumulate<M: VisitParams>(&mut self, model: &mut M, grads: &Gradients) {
@@ -106,6 +111,9 @@ impl GradStore {
                     let (na, nb) = adapter_names(name);
                     self.add(na, &a.a.val());
                     self.add(nb, &a.b.val());
+                }
+                if let Some(l) = &layer.ia3 {
+                    self.add(ia3_name(name), &l.scale.val());
                 }
                 false
             }
@@ -189,6 +197,9 @@ impl Optimizer {
                     let (na, nb) = adapter_names(name);
                     self.update(&na, &mut a.a);
                     self.update(&nb, &mut a.b);
+                }
+                if let Some(l) = &mut layer.ia3 {
+                    self.update(&ia3_name(name), &mut l.scale);
                 }
                 false
             }

@@ -1,10 +1,10 @@
 //! What every task saves the same way: a full model's weights under their Hugging Face names,
-//! a LoRA adapter in `peft`'s format, and parameter counts.
+//! an adapter (LoRA, IA3) in `peft`'s format, and parameter counts.
 
 use std::path::Path;
 
 use whet_models::{ExportParams, VisitParams};
-use whet_peft::LoraConfig;
+use whet_peft::PeftConfig;
 
 /// Values in the parameters whose name `keep` accepts.
 pub fn param_count<M: ExportParams>(model: &M, keep: &dyn Fn(&str) -> bool) -> usize {
@@ -33,9 +33,9 @@ pub fn save_weights<M: ExportParams>(model: &M, out: &Path) -> Result<(), String
 
 /// `adapter_config.json` + `adapter_model.safetensors` with `peft`'s `task_type`, naming the
 /// base model by its absolute path.
-pub fn save_lora<M: VisitParams + Clone>(
+pub fn save_adapter<M: VisitParams + Clone>(
     model: &M,
-    config: &LoraConfig,
+    config: &PeftConfig,
     base_model: &Path,
     task_type: &str,
     out: &Path,
@@ -43,6 +43,7 @@ pub fn save_lora<M: VisitParams + Clone>(
     let base = base_model
         .canonicalize()
         .unwrap_or(base_model.to_path_buf());
-    whet_peft::save_adapter(model, config, &base.to_string_lossy(), task_type, out)
+    config
+        .save(model, &base.to_string_lossy(), task_type, out)
         .map_err(|e| e.to_string())
 }

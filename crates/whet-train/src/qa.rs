@@ -13,7 +13,7 @@ use whet_data::{Encoding, QaColumns, QaExample, QaFeature, Table, qa_examples, q
 use whet_metrics::squad_scores;
 use whet_models::bert::{BertForQuestionAnswering, EncoderInput};
 use whet_models::{Checkpoint, Mode, TextTokenizer};
-use whet_peft::{LoraConfig, ParamCounts, apply_lora, set_trainable};
+use whet_peft::{ParamCounts, PeftConfig, set_trainable};
 
 use crate::recipe::{Method, Recipe};
 use crate::trainer::{BatchCounts, Evaluation, Objective};
@@ -261,7 +261,8 @@ pub struct QaPrepared {
     pub doc_stride: usize,
     pub model: BertForQuestionAnswering,
     pub counts: ParamCounts,
-    pub lora: Option<LoraConfig>,
+    /// The adapter method's configuration (None for full and head training).
+    pub adapter: Option<PeftConfig>,
     pub fresh: Vec<String>,
 }
 
@@ -293,7 +294,8 @@ pub fn prepare(recipe: &Recipe, device: &Device) -> Result<QaPrepared, String> {
         }
         _ => all,
     };
-    let checkpoint = Checkpoint::open(&recipe.model).map_err(|e| e.to_string())?;
+    let mut checkpoint = Checkpoint::open(&recipe.model).map_err(|e| e.to_string())?;
+    checkpoint.quantization = crate::method::quant_policy(recipe, &["qa_outputs"]);
     if d.max_length > checkpoint.max_positions() {
         return Err(format!(
             "data.max_length = {} exceeds the model's {} positions ({})",
@@ -329,18 +331,8 @@ pub fn prepare(recipe: &Recipe, device: &Device) -> Result<QaPrepared, String> {
         .load_question_answering(device)
         .map_err(|e| e.to_string())?;
     let head = |name: &str| name.starts_with("qa_outputs.");
-    let (counts, lora) = match recipe.method {
-        Method::Full => {
-            set_trainable(&mut model, &|_| true);
-            let n = crate::output::param_count(&model, &|_| true);
-            (
-                ParamCounts {
-                    trainable: n,
-                    all: n,
-                },
-                None,
-            )
-        }
+    let (counts, adapter) = match recipe.method {
+        Method::Full => (crate::method::full(&mut model), None),
         Method::Head => {
             set_trainable(&mut model, &head);
             (
@@ -351,17 +343,12 @@ pub fn prepare(recipe: &Recipe, device: &Device) -> Result<QaPrepared, String> {
                 None,
             )
         }
-        Method::Lora => {
-            let mut cfg = recipe
-                .lora
-                .clone()
-                .ok_or("method = \"lora\" needs [lora]")?;
+        Method::Lora | Method::Qlora | Method::Ia3 => {
             // peft's task_type = "QUESTION_ANS" saves the span head with the adapter.
-            if !cfg.modules_to_save.iter().any(|m| m == "qa_outputs") {
-                cfg.modules_to_save.push("qa_outputs".into());
-            }
-            let report = apply_lora(&mut model, &cfg, device).map_err(|e| e.to_string())?;
-            (report.counts, Some(cfg))
+            let (counts, cfg) =
+                crate::method::attach_adapter(&mut model, recipe, &["qa_outputs"], device)?
+                    .ok_or("the adapter method needs its table ([lora] or [ia3])")?;
+            (counts, Some(cfg))
         }
     };
     Ok(QaPrepared {
@@ -374,7 +361,7 @@ pub fn prepare(recipe: &Recipe, device: &Device) -> Result<QaPrepared, String> {
         doc_stride,
         model,
         counts,
-        lora,
+        adapter,
         fresh,
     })
 }
@@ -442,9 +429,9 @@ pub fn evaluate_split(
 /// otherwise, with the tokenizer and `qa.json` (max_length, doc_stride).
 pub fn save(p: &QaPrepared, recipe: &Recipe, out: &Path) -> Result<(), String> {
     std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
-    match &p.lora {
+    match &p.adapter {
         Some(cfg) => {
-            crate::output::save_lora(&p.model, cfg, &recipe.model, "QUESTION_ANS", out)?;
+            crate::output::save_adapter(&p.model, cfg, &recipe.model, "QUESTION_ANS", out)?;
         }
         None => {
             p.checkpoint

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use whet_data::{Side, Template, TooLong};
-use whet_peft::LoraConfig;
+use whet_peft::{Ia3Config, LoraConfig};
 
 use crate::args::TrainingArguments;
 
@@ -47,6 +47,42 @@ pub enum Method {
     Head,
     /// LoRA adapters (`[lora]`) plus the head.
     Lora,
+    /// QLoRA: LoRA (`[lora]`) over a frozen base quantised to NF4 with double quantisation
+    /// (`[quantization]` changes how).
+    Qlora,
+    /// IA3 scaling vectors (`[ia3]`) plus the head.
+    Ia3,
+}
+
+impl Method {
+    /// Whether the method trains an adapter over a frozen base.
+    pub fn is_adapter(self) -> bool {
+        matches!(self, Method::Lora | Method::Qlora | Method::Ia3)
+    }
+}
+
+/// `[quantization]`: how the frozen base of an adapter method is stored, named after
+/// `transformers.BitsAndBytesConfig`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct QuantizationSpec {
+    /// Quantise the base's linear layers to 4 bits (NF4, blocks of 64).
+    #[serde(default)]
+    pub load_in_4bit: bool,
+    /// The 4-bit type; only "nf4" is implemented.
+    #[serde(default = "d_nf4")]
+    pub bnb_4bit_quant_type: String,
+    /// Quantise the NF4 block scales again (8-bit, blocks of 256).
+    #[serde(default)]
+    pub bnb_4bit_use_double_quant: bool,
+    /// Keep a GGUF base's quantised linear weights in the file's own blocks (Q4_0, Q4_1,
+    /// Q8_0, ...), dequantised one layer at a time, instead of loading them as f32.
+    #[serde(default)]
+    pub keep_gguf_quantized: bool,
+}
+
+fn d_nf4() -> String {
+    "nf4".into()
 }
 
 /// Sizes of a seeded split of a single data file: counts (>= 1) or fractions (< 1).
@@ -252,6 +288,10 @@ pub struct Recipe {
     #[serde(default)]
     pub lora: Option<LoraConfig>,
     #[serde(default)]
+    pub ia3: Option<Ia3Config>,
+    #[serde(default)]
+    pub quantization: Option<QuantizationSpec>,
+    #[serde(default)]
     pub head: HeadSpec,
     pub training: TrainingArguments,
 }
@@ -327,11 +367,60 @@ impl Recipe {
             *p = expand(p);
         }
         recipe.training.output_dir = expand(&recipe.training.output_dir);
-        if recipe.method == Method::Lora && recipe.lora.is_none() {
-            return Err("method = \"lora\" needs a [lora] table (at least target_modules)".into());
+        match recipe.method {
+            Method::Lora | Method::Qlora if recipe.lora.is_none() => {
+                return Err(format!(
+                    "method = \"{}\" needs a [lora] table (at least target_modules)",
+                    if recipe.method == Method::Lora { "lora" } else { "qlora" }
+                ));
+            }
+            Method::Ia3 if recipe.ia3.is_none() => {
+                return Err(
+                    "method = \"ia3\" needs an [ia3] table (at least target_modules, and \
+                     feedforward_modules for the feed-forward layers)"
+                        .into(),
+                );
+            }
+            _ => {}
+        }
+        if let Some(q) = &recipe.quantization {
+            if !recipe.method.is_adapter() {
+                return Err(
+                    "[quantization] freezes the base: use it with method = \"lora\", \"qlora\" \
+                     or \"ia3\", not full or head training"
+                        .into(),
+                );
+            }
+            if q.bnb_4bit_quant_type != "nf4" {
+                return Err(format!(
+                    "quantization.bnb_4bit_quant_type = {:?}: only \"nf4\" is implemented",
+                    q.bnb_4bit_quant_type
+                ));
+            }
+            if q.load_in_4bit && q.keep_gguf_quantized {
+                return Err(
+                    "quantization: load_in_4bit and keep_gguf_quantized exclude each other (NF4 \
+                     of the f32 weights, or the GGUF file's own blocks)"
+                        .into(),
+                );
+            }
         }
         recipe.training.validate()?;
         Ok(recipe)
+    }
+
+    /// How the frozen base is stored: `[quantization]`, or NF4 with double quantisation for
+    /// `method = "qlora"` without one; None loads it in f32.
+    pub fn quant_spec(&self) -> Option<whet_models::quant::QuantSpec> {
+        use whet_models::quant::QuantSpec;
+        match (&self.quantization, self.method) {
+            (Some(q), _) if q.keep_gguf_quantized => Some(QuantSpec::Gguf),
+            (Some(q), _) if q.load_in_4bit => Some(QuantSpec::Nf4 {
+                double_quant: q.bnb_4bit_use_double_quant,
+            }),
+            (None, Method::Qlora) => Some(QuantSpec::Nf4 { double_quant: true }),
+            _ => None,
+        }
     }
 
     /// The resolved recipe as TOML (written into the output folder).

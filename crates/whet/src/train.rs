@@ -386,7 +386,7 @@ pub fn train(recipe_path: &Path, set: &[String], resume: Option<&str>) -> Result
         start,
         "samples",
         &out,
-        p.lora.is_some(),
+        p.adapter.is_some(),
         "all_results.json, trainer_state.json, recipe.resolved.toml, loss_curve.png: blue train loss, red eval loss, green eval accuracy",
     );
     Ok(())

@@ -131,7 +131,7 @@ pub fn train(recipe: Recipe, resume: Option<PathBuf>) -> Result<()> {
         start,
         "samples",
         &out,
-        p.lora.is_some(),
+        p.adapter.is_some(),
         "all_results.json, trainer_state.json, recipe.resolved.toml, loss_curve.png: blue train loss, red eval loss",
     );
     Ok(())

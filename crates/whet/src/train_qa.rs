@@ -120,7 +120,7 @@ pub fn train(recipe: Recipe, resume: Option<PathBuf>) -> Result<()> {
         start,
         "windows",
         &out,
-        p.lora.is_some(),
+        p.adapter.is_some(),
         "qa.json, all_results.json, trainer_state.json, recipe.resolved.toml, loss_curve.png",
     );
     Ok(())

@@ -1,0 +1,375 @@
+//! Frozen quantised linear weights, kept quantised in memory and dequantised one layer at a time
+//! inside the matmul (forward and backward), for QLoRA-style training of adapters over a 4-bit
+//! base.
+//!
+//! Two storages:
+//! - **NF4** as QLoRA defines it (Dettmers et al. 2023, <https://arxiv.org/abs/2305.14314>) and
+//!   `bitsandbytes.functional.quantize_4bit(quant_type="nf4", blocksize=64)` computes it: the
+//!   weight flattened row-major in blocks of 64, each block scaled by its absolute maximum and
+//!   every value replaced by the index of the nearest of the 16 NormalFloat levels, two indices
+//!   a byte (first in the high nibble). With double quantisation (`compress_statistics=True`,
+//!   `bnb_4bit_use_double_quant`) the per-block scales are themselves quantised: their mean is
+//!   subtracted and the rest stored as 8-bit codes of bitsandbytes' dynamic map in blocks of 256,
+//!   each with an f32 absolute maximum.
+//! - **ggml blocks** (Q4_0, Q4_1, Q8_0, ... as a GGUF file stores them), so LoRA trains over a
+//!   GGUF base without dequantising the whole model.
+//!
+//! Why by hand: no crate quantises to NF4 outside bitsandbytes' CUDA/C++ library.
+//!
+//! A [`QuantMatrix`] is always the PyTorch `nn.Linear` layout `[out, in]`, row-major.
+
+use rayon::prelude::*;
+use whet_gguf::GgmlType;
+
+/// The 16 NormalFloat-4 levels (bitsandbytes' `NF4` table: quantiles of N(0, 1) scaled to
+/// [-1, 1] with an exact zero).
+pub const NF4_LEVELS: [f32; 16] = [
+    -1.0,
+    -0.696_192_8,
+    -0.525_073_05,
+    -0.394_917_5,
+    -0.284_441_38,
+    -0.184_773_43,
+    -0.091_050_036,
+    0.0,
+    0.079_580_3,
+    0.160_930_2,
+    0.246_112_3,
+    0.337_915_24,
+    0.440_709_83,
+    0.562_617,
+    0.722_956_84,
+    1.0,
+];
+
+/// Values per NF4 block (bitsandbytes' default `blocksize` for 4-bit).
+pub const NF4_BLOCK: usize = 64;
+/// Scales per block of the second quantisation.
+pub const DQ_BLOCK: usize = 256;
+
+/// How a frozen base's linear layers are stored (a recipe's `[quantization]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuantSpec {
+    /// NF4 in blocks of 64, with or without double quantisation of the scales.
+    Nf4 { double_quant: bool },
+    /// The GGUF file's own quantised blocks, as stored (other files: no quantisation).
+    Gguf,
+}
+
+/// bitsandbytes' signed dynamic 8-bit map (`create_dynamic_map(signed=True)`): for each decade
+/// exponent `e = 0..7`, `2^e` linearly spaced fractions in (0.1, 1) scaled by `10^(e-6)`, both
+/// signs, plus 0 and 1; 256 values sorted.
+pub fn dynamic_map() -> [f32; 256] {
+    let mut data: Vec<f32> = Vec::with_capacity(256);
+    for i in 0..7i32 {
+        let items = (1usize << i) + 1;
+        // torch.linspace(0.1, 1, items) in f32, then the midpoints of neighbours.
+        let step = (1.0f32 - 0.1) / (items - 1) as f32;
+        let bounds: Vec<f32> = (0..items).map(|k| 0.1 + step * k as f32).collect();
+        let scale = 10f64.powi(i - 6);
+        for w in bounds.windows(2) {
+            let mean = (w[0] + w[1]) / 2.0;
+            data.push((scale * mean as f64) as f32);
+            data.push((-scale * mean as f64) as f32);
+        }
+    }
+    data.push(0.0);
+    data.push(1.0);
+    data.sort_by(f32::total_cmp);
+    let mut out = [0f32; 256];
+    out.copy_from_slice(&data);
+    out
+}
+
+/// Index of the level in sorted `levels` nearest to `x`.
+fn nearest(levels: &[f32], x: f32) -> u8 {
+    let i = levels.partition_point(|&l| l < x);
+    if i == 0 {
+        return 0;
+    }
+    if i == levels.len() {
+        return (levels.len() - 1) as u8;
+    }
+    if (x - levels[i - 1]) <= (levels[i] - x) {
+        (i - 1) as u8
+    } else {
+        i as u8
+    }
+}
+
+/// The per-block scales of an NF4 matrix.
+#[derive(Debug, Clone)]
+enum Scales {
+    /// One f32 absolute maximum per block.
+    F32(Vec<f32>),
+    /// Double quantisation: `absmax[b] = DYNAMIC[codes[b]] · outer[b / 256] + offset`.
+    Double {
+        codes: Vec<u8>,
+        outer: Vec<f32>,
+        offset: f32,
+    },
+}
+
+#[derive(Debug, Clone)]
+enum Storage {
+    Nf4 { packed: Vec<u8>, scales: Scales },
+    Ggml { ty: GgmlType, raw: Vec<u8> },
+}
+
+/// A frozen `[rows, cols]` (`[out, in]`) weight held quantised.
+#[derive(Debug, Clone)]
+pub struct QuantMatrix {
+    rows: usize,
+    cols: usize,
+    storage: Storage,
+}
+
+impl QuantMatrix {
+    /// Quantises `values` (`[rows, cols]` row-major) to NF4 in blocks of 64.
+    pub fn nf4(values: &[f32], rows: usize, cols: usize, double_quant: bool) -> Self {
+        assert_eq!(values.len(), rows * cols, "NF4: values do not fill [{rows}, {cols}]");
+        let blocks: Vec<&[f32]> = values.chunks(NF4_BLOCK).collect();
+        let absmax: Vec<f32> = blocks
+            .par_iter()
+            .map(|b| b.iter().fold(0f32, |m, v| m.max(v.abs())))
+            .collect();
+        let mut packed = vec![0u8; values.len().div_ceil(2)];
+        packed
+            .par_chunks_mut(NF4_BLOCK / 2)
+            .zip(blocks.par_iter().zip(absmax.par_iter()))
+            .for_each(|(out, (b, &m))| {
+                let inv = if m > 0.0 { 1.0 / m } else { 0.0 };
+                for (k, pair) in b.chunks(2).enumerate() {
+                    let hi = nearest(&NF4_LEVELS, pair[0] * inv);
+                    let lo = pair.get(1).map_or(0, |&v| nearest(&NF4_LEVELS, v * inv));
+                    out[k] = (hi << 4) | lo;
+                }
+            });
+        let scales = if double_quant {
+            double_quantise(&absmax)
+        } else {
+            Scales::F32(absmax)
+        };
+        Self {
+            rows,
+            cols,
+            storage: Storage::Nf4 { packed, scales },
+        }
+    }
+
+    /// Wraps ggml blocks of a `[rows, cols]` tensor (rows of whole blocks).
+    pub fn ggml(ty: GgmlType, raw: Vec<u8>, rows: usize, cols: usize) -> Result<Self, String> {
+        let (per, bytes) = ty
+            .block()
+            .ok_or_else(|| format!("ggml type {ty} cannot be dequantised"))?;
+        if !cols.is_multiple_of(per) {
+            return Err(format!(
+                "rows of {cols} values are not whole {ty} blocks of {per}"
+            ));
+        }
+        let want = rows * cols / per * bytes;
+        if raw.len() != want {
+            return Err(format!(
+                "{ty} [{rows}, {cols}] needs {want} bytes, got {}",
+                raw.len()
+            ));
+        }
+        Ok(Self {
+            rows,
+            cols,
+            storage: Storage::Ggml { ty, raw },
+        })
+    }
+
+    /// `(rows, cols)` = `(out, in)`.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    /// Number of weights represented.
+    pub fn num_elements(&self) -> usize {
+        self.rows * self.cols
+    }
+
+    /// Bytes held (codes and scales).
+    pub fn storage_bytes(&self) -> usize {
+        match &self.storage {
+            Storage::Nf4 { packed, scales } => {
+                packed.len()
+                    + match scales {
+                        Scales::F32(s) => 4 * s.len(),
+                        Scales::Double { codes, outer, .. } => codes.len() + 4 * outer.len() + 4,
+                    }
+            }
+            Storage::Ggml { raw, .. } => raw.len(),
+        }
+    }
+
+    /// A short name of the storage: `nf4`, `nf4+dq`, or the ggml type.
+    pub fn kind(&self) -> String {
+        match &self.storage {
+            Storage::Nf4 {
+                scales: Scales::F32(_),
+                ..
+            } => "nf4".into(),
+            Storage::Nf4 { .. } => "nf4+dq".into(),
+            Storage::Ggml { ty, .. } => ty.to_string(),
+        }
+    }
+
+    /// The per-block absolute maxima NF4 dequantises with (after undoing the second
+    /// quantisation); empty for ggml storage.
+    pub fn block_scales(&self) -> Vec<f32> {
+        match &self.storage {
+            Storage::Nf4 { scales, .. } => scales_f32(scales),
+            Storage::Ggml { .. } => vec![],
+        }
+    }
+
+    /// The second quantisation of an NF4 matrix's scales: 8-bit codes, the f32 maximum of each
+    /// block of 256, and the subtracted mean.
+    pub fn double_quant_state(&self) -> Option<(&[u8], &[f32], f32)> {
+        match &self.storage {
+            Storage::Nf4 {
+                scales:
+                    Scales::Double {
+                        codes,
+                        outer,
+                        offset,
+                    },
+                ..
+            } => Some((codes, outer, *offset)),
+            _ => None,
+        }
+    }
+
+    /// The packed NF4 bytes (two codes a byte, first in the high nibble).
+    pub fn nf4_packed(&self) -> Option<&[u8]> {
+        match &self.storage {
+            Storage::Nf4 { packed, .. } => Some(packed),
+            Storage::Ggml { .. } => None,
+        }
+    }
+
+    /// The NF4 level indices, one per weight (empty for ggml storage).
+    pub fn nf4_codes(&self) -> Vec<u8> {
+        match &self.storage {
+            Storage::Nf4 { packed, .. } => {
+                let mut out: Vec<u8> = packed.iter().flat_map(|b| [b >> 4, b & 0x0F]).collect();
+                out.truncate(self.num_elements());
+                out
+            }
+            Storage::Ggml { .. } => vec![],
+        }
+    }
+
+    /// The weights as f32, `[rows, cols]` row-major, computed in parallel.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.num_elements()];
+        self.dequantize_into(&mut out);
+        out
+    }
+
+    /// Writes the weights into `out` (`[rows, cols]` row-major).
+    pub fn dequantize_into(&self, out: &mut [f32]) {
+        assert_eq!(out.len(), self.num_elements());
+        match &self.storage {
+            Storage::Nf4 { packed, scales } => {
+                let absmax = scales_f32(scales);
+                out.par_chunks_mut(NF4_BLOCK)
+                    .zip(packed.par_chunks(NF4_BLOCK / 2))
+                    .zip(absmax.par_iter())
+                    .for_each(|((y, q), &m)| {
+                        for (k, v) in y.iter_mut().enumerate() {
+                            let b = q[k / 2];
+                            let code = if k % 2 == 0 { b >> 4 } else { b & 0x0F };
+                            *v = NF4_LEVELS[code as usize] * m;
+                        }
+                    });
+            }
+            Storage::Ggml { ty, raw } => {
+                let (per, bytes) = ty.block().unwrap_or((1, 4));
+                // Rows are whole blocks (checked in `ggml`), so rows dequantise independently.
+                let row_bytes = self.cols / per * bytes;
+                let cols = self.cols;
+                out.par_chunks_mut(cols)
+                    .zip(raw.par_chunks(row_bytes))
+                    .for_each(|(y, r)| {
+                        if let Some(v) = whet_gguf::dequantize(*ty, r, cols) {
+                            y.copy_from_slice(&v);
+                        }
+                    });
+            }
+        }
+    }
+}
+
+fn double_quantise(absmax: &[f32]) -> Scales {
+    let offset = (absmax.iter().map(|&v| v as f64).sum::<f64>() / absmax.len().max(1) as f64) as f32;
+    let map = dynamic_map();
+    let centred: Vec<f32> = absmax.iter().map(|&v| v - offset).collect();
+    let mut codes = vec![0u8; centred.len()];
+    let mut outer = Vec::with_capacity(centred.len().div_ceil(DQ_BLOCK));
+    for (c, b) in codes.chunks_mut(DQ_BLOCK).zip(centred.chunks(DQ_BLOCK)) {
+        let m = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let inv = if m > 0.0 { 1.0 / m } else { 0.0 };
+        for (q, &v) in c.iter_mut().zip(b) {
+            *q = nearest(&map, (v * inv).clamp(-1.0, 1.0));
+        }
+        outer.push(m);
+    }
+    Scales::Double {
+        codes,
+        outer,
+        offset,
+    }
+}
+
+fn scales_f32(scales: &Scales) -> Vec<f32> {
+    match scales {
+        Scales::F32(s) => s.clone(),
+        Scales::Double {
+            codes,
+            outer,
+            offset,
+        } => {
+            let map = dynamic_map();
+            codes
+                .iter()
+                .enumerate()
+                .map(|(i, &c)| map[c as usize] * outer[i / DQ_BLOCK] + offset)
+                .collect()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dynamic_map_is_bitsandbytes_shape() {
+        let m = dynamic_map();
+        // Symmetric except for the extra 1.0: the extremes are ±(1 - 0.9/128).
+        assert_eq!(m[0], -m[254]);
+        assert!((m[254] - (1.0 - 0.9 / 128.0)).abs() < 1e-6, "{}", m[254]);
+        assert!(m.windows(2).all(|w| w[0] <= w[1]));
+        assert_eq!(m[255], 1.0);
+        assert!(m.contains(&0.0));
+        // The smallest magnitude is 1e-6 times the midpoint of linspace(0.1, 1, 2) = 0.55.
+        let smallest = m.iter().filter(|v| **v > 0.0).fold(f32::MAX, |a, &b| a.min(b));
+        assert!((smallest - 0.55e-6).abs() < 1e-12, "{smallest}");
+    }
+
+    #[test]
+    fn nearest_picks_the_closest_level() {
+        assert_eq!(nearest(&NF4_LEVELS, -2.0), 0);
+        assert_eq!(nearest(&NF4_LEVELS, 2.0), 15);
+        assert_eq!(nearest(&NF4_LEVELS, 0.0), 7);
+        assert_eq!(nearest(&NF4_LEVELS, 0.03), 7);
+        assert_eq!(nearest(&NF4_LEVELS, 0.05), 8);
+        for (i, &l) in NF4_LEVELS.iter().enumerate() {
+            assert_eq!(nearest(&NF4_LEVELS, l) as usize, i);
+        }
+    }
+}

@@ -1,0 +1,65 @@
+//! The recipe's method applied to a loaded model the same way for every task: full training,
+//! or an adapter (LoRA, QLoRA, IA3) over a frozen base, possibly quantised. `method = "head"`
+//! stays with each task, since what counts as the head (and the top layers) is the task's.
+
+use burn::tensor::Device;
+use whet_models::{ExportParams, QuantPolicy, VisitParams};
+use whet_peft::{ParamCounts, PeftConfig, set_trainable};
+
+use crate::recipe::{Method, Recipe};
+
+/// Which linear layers the loader keeps quantised for this recipe: every layer of the base
+/// except the task's head modules and `modules_to_save`, as `BitsAndBytesConfig` leaves the
+/// output head in full precision. None when the recipe quantises nothing.
+pub fn quant_policy(recipe: &Recipe, head_modules: &[&str]) -> Option<QuantPolicy> {
+    let spec = recipe.quant_spec()?;
+    let mut skip: Vec<String> = head_modules.iter().map(|s| s.to_string()).collect();
+    skip.push("lm_head".into());
+    if let Some(c) = adapter_config(recipe, &[]) {
+        let mut c = c;
+        skip.append(c.modules_to_save_mut());
+    }
+    Some(QuantPolicy { spec, skip })
+}
+
+/// The adapter configuration of an adapter method, with the task's head modules added to
+/// `modules_to_save` (as peft's `task_type` does); None for full and head training.
+pub fn adapter_config(recipe: &Recipe, head_modules: &[&str]) -> Option<PeftConfig> {
+    let mut config = match recipe.method {
+        Method::Lora | Method::Qlora => PeftConfig::Lora(recipe.lora.clone()?),
+        Method::Ia3 => PeftConfig::Ia3(recipe.ia3.clone()?),
+        Method::Full | Method::Head => return None,
+    };
+    let modules = config.modules_to_save_mut();
+    for m in head_modules {
+        if !modules.iter().any(|x| x == m) {
+            modules.push(m.to_string());
+        }
+    }
+    Some(config)
+}
+
+/// Makes every parameter trainable; returns the counts.
+pub fn full<M: VisitParams + ExportParams>(model: &mut M) -> ParamCounts {
+    set_trainable(model, &|_| true);
+    let n = crate::output::param_count(model, &|_| true);
+    ParamCounts {
+        trainable: n,
+        all: n,
+    }
+}
+
+/// Attaches the recipe's adapter (the head modules train and are saved with it); None for
+/// full and head training.
+pub fn attach_adapter<M: VisitParams>(
+    model: &mut M,
+    recipe: &Recipe,
+    head_modules: &[&str],
+    device: &Device,
+) -> Result<Option<(ParamCounts, PeftConfig)>, String> {
+    let Some(config) = adapter_config(recipe, head_modules) else {
+        return Ok(None);
+    };
+    let report = config.apply(model, device).map_err(|e| e.to_string())?;
+    Ok(Some((report.counts, config)))
+}

@@ -1,0 +1,92 @@
+#!/usr/bin/env python3
+"""Regenerate tests/fixtures/quant/nf4.safetensors: NF4 quantisation by bitsandbytes on CPU.
+
+    .venv-ref/bin/python scripts/make_quant_fixtures.py
+
+For three fixed weights (seed 0; a [48, 160] N(0, 0.02) matrix, 120 blocks of 64, so the second
+quantisation has a partial block of 256; a [300, 64] matrix with heavy-tailed rows; a [4, 64]
+matrix with an all-zero block) it stores, under the case name C:
+
+    C.weight        f32   the input, [out, in] as nn.Linear holds it
+    C.packed        u8    quantize_4bit(quant_type="nf4", blocksize=64) codes, two per byte
+    C.absmax        f32   the per-block absolute maxima without double quantisation
+    C.dq_absmax     u8    with compress_statistics=True: the 8-bit codes of (absmax - offset)
+    C.dq_outer      f32   the second quantisation's per-256 absolute maxima
+    C.dq_offset     f32   [1] the mean subtracted before the second quantisation
+    C.dequant       f32   the weight the double-quantised state stands for:
+                          NF4[code] * (dynamic_map[dq_absmax] * dq_outer + dq_offset)
+    C.dequant_plain f32   NF4[code] * absmax
+    dynamic_map     f32   [256] create_dynamic_map(signed=True)
+
+The two dequantised tensors are computed here from bitsandbytes' codes and scales by the
+QLoRA paper's formula, not by `dequantize_4bit`: on CPU (bitsandbytes 0.50.2 without the
+`kernels` package) `dequantize_4bit` does not invert its own `quantize_4bit` (for a [2, 64]
+N(0, 1) matrix it maps a weight of -1.1258 with block absmax 2.3744, code 2 = level -0.5251, to
+-0.9701 = -0.4086 · absmax, which is no NF4 level). The codes themselves are nearest-level NF4,
+checked below against an independent argmin.
+
+bitsandbytes' CPU path on one thread: reruns write identical bytes.
+"""
+
+from pathlib import Path
+
+import torch
+import bitsandbytes.functional as F
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "tests" / "fixtures" / "quant" / "nf4.safetensors"
+
+torch.set_num_threads(1)
+torch.manual_seed(0)
+
+
+def cases():
+    a = 0.02 * torch.randn(48, 160)
+    b = torch.randn(300, 64) * torch.linspace(0.1, 3.0, 300).unsqueeze(1)
+    b[7, 3] = 25.0  # an outlier dominates its block
+    c = torch.randn(4, 64)
+    c[2].zero_()
+    return {"a": a, "b": b, "c": c}
+
+
+NF4 = torch.tensor([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+                    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+                    0.07958029955625534, 0.16093020141124725, 0.24611230194568634,
+                    0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+                    0.7229568362236023, 1.0])
+
+
+def codes_of(packed: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.stack([packed >> 4, packed & 15], 1).flatten()[:n].long()
+
+
+def main() -> None:
+    out = {"dynamic_map": F.create_dynamic_map(signed=True).float()}
+    for name, w in cases().items():
+        q, st = F.quantize_4bit(w, blocksize=64, compress_statistics=False, quant_type="nf4")
+        qd, sd = F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+        assert torch.equal(q, qd), "double quantisation changed the 4-bit codes"
+        out[f"{name}.weight"] = w
+        out[f"{name}.packed"] = q.flatten()
+        out[f"{name}.absmax"] = st.absmax.float()
+        out[f"{name}.dq_absmax"] = sd.absmax.flatten()
+        out[f"{name}.dq_outer"] = sd.state2.absmax.float()
+        out[f"{name}.dq_offset"] = torch.tensor([float(sd.offset)])
+        codes = codes_of(q.flatten(), w.numel())
+        nearest = (w.reshape(-1, 64) / st.absmax.reshape(-1, 1)).nan_to_num(0.0).reshape(-1, 1)
+        assert torch.equal(codes, (nearest - NF4).abs().argmin(1)), "codes are not nearest-level"
+        dmap = out["dynamic_map"]
+        absmax_dq = dmap[sd.absmax.long()] * sd.state2.absmax.float().repeat_interleave(256)[: st.absmax.numel()] + sd.offset
+        out[f"{name}.dequant"] = (NF4[codes] * absmax_dq.repeat_interleave(64)).reshape(w.shape)
+        out[f"{name}.dequant_plain"] = (NF4[codes] * st.absmax.float().repeat_interleave(64)).reshape(w.shape)
+        err = (out[f"{name}.dequant"] - w).abs().max().item()
+        print(f"{name}: {list(w.shape)}, {st.absmax.numel()} blocks, max |dequant - w| = {err:.3g}")
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in out.items()}, OUT)
+    OUT.chmod(0o644)
+    print(f"wrote {OUT.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
