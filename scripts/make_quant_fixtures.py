@@ -22,10 +22,19 @@ The two dequantised tensors are computed here from bitsandbytes' codes and scale
 QLoRA paper's formula, not by `dequantize_4bit`: on CPU (bitsandbytes 0.50.2 without the
 `kernels` package) `dequantize_4bit` does not invert its own `quantize_4bit` (for a [2, 64]
 N(0, 1) matrix it maps a weight of -1.1258 with block absmax 2.3744, code 2 = level -0.5251, to
--0.9701 = -0.4086 · absmax, which is no NF4 level). The codes themselves are nearest-level NF4,
-checked below against an independent argmin.
+-0.9701 = -0.4086 · absmax, which is no NF4 level). The 4-bit codes themselves are nearest-level
+NF4, checked below against an independent argmin. Its 8-bit search for the double-quantised
+scales is not exactly nearest (about 0.2% of SmolLM2's scales get a neighbouring level); whet
+takes the nearest, and its test allows those codes to differ by one.
 
 bitsandbytes' CPU path on one thread: reruns write identical bytes.
+
+It also writes tests/fixtures/quant/smollm2_nf4.safetensors (needs cache/smollm2 from
+scripts/fetch_assets.sh): SmolLM2-135M-Instruct loaded by transformers from its GGUF file (f32),
+every linear layer but the tied head replaced by its NF4 dequantisation (bitsandbytes' codes and
+scales, as above), with and without double quantisation; for one prompt (`input_ids`):
+`logits_nf4`, `logits_nf4_dq` and `logits_f32` (the unquantised model) at every position for the
+token ids `vocab_subset` (every 16th id), and `last_nf4_dq`, the last position's full row.
 """
 
 from pathlib import Path
@@ -86,6 +95,49 @@ def main() -> None:
     save_file({k: v.contiguous() for k, v in out.items()}, OUT)
     OUT.chmod(0o644)
     print(f"wrote {OUT.relative_to(ROOT)}")
+    smollm2(out["dynamic_map"])
+
+
+def nf4_dequantised(w: torch.Tensor, double_quant: bool, dmap: torch.Tensor) -> torch.Tensor:
+    q, st = F.quantize_4bit(w, blocksize=64, compress_statistics=double_quant, quant_type="nf4")
+    codes = codes_of(q.flatten(), w.numel())
+    if double_quant:
+        n = (w.numel() + 63) // 64
+        absmax = dmap[st.absmax.long()] * st.state2.absmax.float().repeat_interleave(256)[:n] + st.offset
+    else:
+        absmax = st.absmax.float()
+    return (NF4[codes] * absmax.repeat_interleave(64)[: w.numel()]).reshape(w.shape)
+
+
+def smollm2(dmap: torch.Tensor) -> None:
+    from transformers import AutoModelForCausalLM
+
+    gguf = ROOT / "cache" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    ids = torch.tensor([[1, 504, 3458, 314, 260, 1345, 28]])
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                    attn_implementation="eager").eval()
+
+    subset = torch.arange(0, 49152, 16)
+    out = {"input_ids": ids, "vocab_subset": subset}
+    full = {}
+    with torch.no_grad():
+        full["logits_f32"] = load()(ids).logits[0]
+        for key, dq in [("logits_nf4", False), ("logits_nf4_dq", True)]:
+            m = load()
+            for name, mod in m.named_modules():
+                if isinstance(mod, torch.nn.Linear) and name != "lm_head":
+                    mod.weight.data = nf4_dequantised(mod.weight.data, dq, dmap)
+            full[key] = m(ids).logits[0]
+    for k, v in full.items():
+        out[k] = v[:, subset]
+    out["last_nf4_dq"] = full["logits_nf4_dq"][-1]
+    path = OUT.parent / "smollm2_nf4.safetensors"
+    save_file({k: v.contiguous() for k, v in out.items()}, path)
+    path.chmod(0o644)
+    d = (full["logits_nf4_dq"] - full["logits_f32"]).abs()
+    print(f"wrote {path.relative_to(ROOT)}: NF4+DQ moves logits by max {d.max():.3g}, mean {d.mean():.3g}")
 
 
 if __name__ == "__main__":
