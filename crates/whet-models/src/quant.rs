@@ -127,7 +127,11 @@ pub struct QuantMatrix {
 impl QuantMatrix {
     /// Quantises `values` (`[rows, cols]` row-major) to NF4 in blocks of 64.
     pub fn nf4(values: &[f32], rows: usize, cols: usize, double_quant: bool) -> Self {
-        assert_eq!(values.len(), rows * cols, "NF4: values do not fill [{rows}, {cols}]");
+        assert_eq!(
+            values.len(),
+            rows * cols,
+            "NF4: values do not fill [{rows}, {cols}]"
+        );
         let blocks: Vec<&[f32]> = values.chunks(NF4_BLOCK).collect();
         let absmax: Vec<f32> = blocks
             .par_iter()
@@ -305,7 +309,8 @@ impl QuantMatrix {
 }
 
 fn double_quantise(absmax: &[f32]) -> Scales {
-    let offset = (absmax.iter().map(|&v| v as f64).sum::<f64>() / absmax.len().max(1) as f64) as f32;
+    let offset =
+        (absmax.iter().map(|&v| v as f64).sum::<f64>() / absmax.len().max(1) as f64) as f32;
     let map = dynamic_map();
     let centred: Vec<f32> = absmax.iter().map(|&v| v - offset).collect();
     let mut codes = vec![0u8; centred.len()];
@@ -357,7 +362,10 @@ mod tests {
         assert_eq!(m[255], 1.0);
         assert!(m.contains(&0.0));
         // The smallest magnitude is 1e-6 times the midpoint of linspace(0.1, 1, 2) = 0.55.
-        let smallest = m.iter().filter(|v| **v > 0.0).fold(f32::MAX, |a, &b| a.min(b));
+        let smallest = m
+            .iter()
+            .filter(|v| **v > 0.0)
+            .fold(f32::MAX, |a, &b| a.min(b));
         assert!((smallest - 0.55e-6).abs() < 1e-12, "{smallest}");
     }
 

@@ -14,7 +14,9 @@ use whet_models::quant::{QuantMatrix, QuantSpec, dynamic_map};
 use whet_models::{CausalLm, Checkpoint, DecoderInput, Mode, QuantPolicy, VisitParams, Visitor};
 
 fn read(st: &SafeTensors, name: &str) -> (Vec<usize>, Vec<u8>) {
-    let t = st.tensor(name).unwrap_or_else(|_| panic!("fixture has no {name}"));
+    let t = st
+        .tensor(name)
+        .unwrap_or_else(|_| panic!("fixture has no {name}"));
     (t.shape().to_vec(), t.data().to_vec())
 }
 
@@ -41,38 +43,67 @@ fn nf4_with_double_quantisation_matches_bitsandbytes() {
 
         let plain = QuantMatrix::nf4(&w, rows, cols, false);
         let packed = read(&st, &format!("{case}.packed")).1;
-        assert_eq!(plain.nf4_packed().unwrap(), &packed[..], "{case}: NF4 codes");
+        assert_eq!(
+            plain.nf4_packed().unwrap(),
+            &packed[..],
+            "{case}: NF4 codes"
+        );
         let absmax = f32s(&read(&st, &format!("{case}.absmax")).1);
         assert_eq!(plain.block_scales(), absmax, "{case}: block absmax");
         let want = f32s(&read(&st, &format!("{case}.dequant_plain")).1);
-        assert!(max_abs_diff(&plain.dequantize(), &want) < 1e-6, "{case}: dequantised");
+        assert!(
+            max_abs_diff(&plain.dequantize(), &want) < 1e-6,
+            "{case}: dequantised"
+        );
 
         let dq = QuantMatrix::nf4(&w, rows, cols, true);
-        assert_eq!(dq.nf4_packed().unwrap(), &packed[..], "{case}: NF4 codes (double quant)");
+        assert_eq!(
+            dq.nf4_packed().unwrap(),
+            &packed[..],
+            "{case}: NF4 codes (double quant)"
+        );
         let (codes, outer, offset) = dq.double_quant_state().unwrap();
         // bitsandbytes takes the mean in f32, whet in f64 (the offset may differ in the last
         // bit), and its CPU search for the 8-bit level is not exactly nearest: a few scales
         // near the midpoint of two levels get the neighbour. Every other code agrees exactly.
         let want_codes = &read(&st, &format!("{case}.dq_absmax")).1;
-        let ties: Vec<usize> = (0..codes.len()).filter(|&i| codes[i] != want_codes[i]).collect();
+        let ties: Vec<usize> = (0..codes.len())
+            .filter(|&i| codes[i] != want_codes[i])
+            .collect();
         assert!(
             ties.len() <= codes.len().div_ceil(100)
                 && ties.iter().all(|&i| codes[i].abs_diff(want_codes[i]) == 1),
             "{case}: 8-bit scale codes differ at {ties:?}"
         );
         let want_outer = f32s(&read(&st, &format!("{case}.dq_outer")).1);
-        assert!(max_abs_diff(outer, &want_outer) <= 1e-6 * want_outer[0].abs(), "{case}: outer absmax");
+        assert!(
+            max_abs_diff(outer, &want_outer) <= 1e-6 * want_outer[0].abs(),
+            "{case}: outer absmax"
+        );
         let want_offset = f32s(&read(&st, &format!("{case}.dq_offset")).1)[0];
-        assert!((offset - want_offset).abs() <= 1e-7 * want_offset.abs().max(1.0), "{case}: offset");
+        assert!(
+            (offset - want_offset).abs() <= 1e-7 * want_offset.abs().max(1.0),
+            "{case}: offset"
+        );
         let want = f32s(&read(&st, &format!("{case}.dequant")).1);
         let got = dq.dequantize();
         for (b, (g, w)) in got.chunks(64).zip(want.chunks(64)).enumerate() {
-            let tol = if ties.contains(&b) { 0.02 * absmax[b] } else { 1e-6 };
-            assert!(max_abs_diff(g, w) <= tol, "{case}: dequantised block {b} (double quant)");
+            let tol = if ties.contains(&b) {
+                0.02 * absmax[b]
+            } else {
+                1e-6
+            };
+            assert!(
+                max_abs_diff(g, w) <= tol,
+                "{case}: dequantised block {b} (double quant)"
+            );
         }
         // Storage: half a byte per weight plus one byte per 64 and 4 per 256 * 64.
         assert!(dq.storage_bytes() < plain.storage_bytes());
-        assert!(dq.storage_bytes() <= w.len() / 2 + w.len().div_ceil(64) + 4 * w.len().div_ceil(64 * 256) + 4);
+        assert!(
+            dq.storage_bytes()
+                <= w.len() / 2 + w.len().div_ceil(64) + 4 * w.len().div_ceil(64 * 256) + 4
+        );
     }
 }
 
@@ -80,10 +111,13 @@ fn nf4_with_double_quantisation_matches_bitsandbytes() {
 fn quantised_matmul_equals_the_f32_matmul_in_value_and_gradient() {
     let device = Device::flex().autodiff();
     let (rows, cols) = (40, 96);
-    let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.1).collect();
+    let w: Vec<f32> = (0..rows * cols)
+        .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.1)
+        .collect();
     let q = Arc::new(QuantMatrix::nf4(&w, rows, cols, true));
     let wd = Tensor::<2>::from_data(TensorData::new(q.dequantize(), [rows, cols]), &device);
-    let x = Tensor::<3>::random([2, 5, cols], Distribution::Normal(0.0, 1.0), &device).require_grad();
+    let x =
+        Tensor::<3>::random([2, 5, cols], Distribution::Normal(0.0, 1.0), &device).require_grad();
     let y1 = whet_models::kernels::quant_matmul(x.clone(), &q);
     let y2 = x.clone().matmul(wd.transpose().unsqueeze());
     let d = (y1.clone() - y2.clone()).abs().max().into_scalar::<f32>();
@@ -115,7 +149,10 @@ fn quantised_kinds<M: VisitParams>(model: &mut M) -> std::collections::BTreeMap<
 fn a_gguf_base_kept_in_its_blocks_gives_the_f32_logits() {
     let path = asset("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
     let device = Device::flex();
-    let dense = Checkpoint::open(&path).unwrap().load_causal_lm(&device).unwrap();
+    let dense = Checkpoint::open(&path)
+        .unwrap()
+        .load_causal_lm(&device)
+        .unwrap();
     let mut ckpt = Checkpoint::open(&path).unwrap();
     ckpt.quantization = Some(QuantPolicy {
         spec: QuantSpec::Gguf,
@@ -125,9 +162,24 @@ fn a_gguf_base_kept_in_its_blocks_gives_the_f32_logits() {
     let kinds = quantised_kinds(&mut kept);
     assert_eq!(kinds.get("Q4_1"), Some(&210), "{kinds:?}");
     let ids: Vec<i64> = vec![1, 504, 3458, 314, 260, 1345, 28, 2];
-    let input = || DecoderInput::unpadded(Tensor::from_data(TensorData::new(ids.clone(), [1, 8]), &device));
-    let a = dense.forward_logits(input(), Mode::Eval).into_data().convert::<f32>().to_vec::<f32>().unwrap();
-    let b = kept.forward_logits(input(), Mode::Eval).into_data().convert::<f32>().to_vec::<f32>().unwrap();
+    let input = || {
+        DecoderInput::unpadded(Tensor::from_data(
+            TensorData::new(ids.clone(), [1, 8]),
+            &device,
+        ))
+    };
+    let a = dense
+        .forward_logits(input(), Mode::Eval)
+        .into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .unwrap();
+    let b = kept
+        .forward_logits(input(), Mode::Eval)
+        .into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .unwrap();
     let d = max_abs_diff(&a, &b);
     assert!(d < 1e-3, "logits differ by {d}");
 }
@@ -151,7 +203,10 @@ fn nf4_smollm2_gives_the_logits_of_the_reference_nf4_model() {
         let mut nf4 = ckpt.load_causal_lm(&device).unwrap();
         let kind = if double_quant { "nf4+dq" } else { "nf4" };
         assert_eq!(quantised_kinds(&mut nf4).get(kind), Some(&210));
-        let input = DecoderInput::unpadded(Tensor::from_data(TensorData::new(ids.clone(), [1, t]), &device));
+        let input = DecoderInput::unpadded(Tensor::from_data(
+            TensorData::new(ids.clone(), [1, t]),
+            &device,
+        ));
         let logits = values(nf4.forward_logits(input, Mode::Eval));
         let vocab = logits.len() / t;
         let got: Vec<f32> = logits
@@ -164,15 +219,32 @@ fn nf4_smollm2_gives_the_logits_of_the_reference_nf4_model() {
         // than -8.87e-5), whet takes the nearest. Those blocks move by about 1%, the logits
         // by a few hundredths, a hundredth of what NF4 itself moves them.
         let want = fx.f32(key);
-        let (tol, mean_tol) = if double_quant { (0.15, 0.03) } else { (1e-2, 2e-3) };
+        let (tol, mean_tol) = if double_quant {
+            (0.15, 0.03)
+        } else {
+            (1e-2, 2e-3)
+        };
         assert_close(key, &got, &want, tol);
-        let mean = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).sum::<f32>() / got.len() as f32;
+        let mean = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .sum::<f32>()
+            / got.len() as f32;
         assert!(mean < mean_tol, "{key}: mean abs diff {mean}");
         if double_quant {
-            assert_close("last position", &logits[(t - 1) * vocab..], &fx.f32("last_nf4_dq"), tol);
+            assert_close(
+                "last position",
+                &logits[(t - 1) * vocab..],
+                &fx.f32("last_nf4_dq"),
+                tol,
+            );
         }
         // The check has teeth: NF4 moves SmolLM2's logits far beyond the tolerance.
         let moved = max_abs_diff(&got, &fx.f32("logits_f32"));
-        assert!(moved > 1.0, "NF4 logits should differ from f32 ones, by {moved}");
+        assert!(
+            moved > 1.0,
+            "NF4 logits should differ from f32 ones, by {moved}"
+        );
     }
 }

@@ -172,7 +172,11 @@ pub fn save_adapter<M: VisitParams + Clone>(
             ));
         }
     });
-    write_adapter(dir, &tensors, &adapter_config_json(config, base_model, task_type))
+    write_adapter(
+        dir,
+        &tensors,
+        &adapter_config_json(config, base_model, task_type),
+    )
 }
 
 /// Fills the IA3 vector of one layer from peft's `ia3_l` tensor.
@@ -213,7 +217,9 @@ pub fn merge_ia3<M: VisitParams>(model: &mut M) -> Vec<String> {
                     merged.into_data(),
                     &device,
                 )));
-                if !l.on_input && let Some(b) = &mut layer.bias {
+                if !l.on_input
+                    && let Some(b) = &mut layer.bias
+                {
                     let scaled = b.val() * scale;
                     *b = Param::from_tensor(Tensor::from_data(scaled.into_data(), &device))
                         .set_require_grad(b.val().is_require_grad());

@@ -21,7 +21,9 @@ use std::path::Path;
 use burn::module::Param;
 use burn::tensor::{Device, Tensor, TensorData};
 use whet_models::layers::Linear;
-use whet_models::weights::{Layout, SafetensorsSource, TensorSource, tensor_values, write_safetensors};
+use whet_models::weights::{
+    Layout, SafetensorsSource, TensorSource, tensor_values, write_safetensors,
+};
 use whet_models::{VisitParams, Visitor};
 
 /// An adapter method's configuration, as `peft` writes it in `adapter_config.json`.
@@ -194,8 +196,11 @@ pub(crate) fn collect_tensors<M: VisitParams + Clone>(
             if in_modules(name, self.modules) {
                 let t = p.val();
                 let dims = t.dims().to_vec();
-                self.out
-                    .push((format!("{PREFIX}{name}"), dims, tensor_values(t.into_data())));
+                self.out.push((
+                    format!("{PREFIX}{name}"),
+                    dims,
+                    tensor_values(t.into_data()),
+                ));
             }
         }
         fn matrix(&mut self, name: &str, p: &mut Param<Tensor<2>>, layout: Layout) {
@@ -205,8 +210,11 @@ pub(crate) fn collect_tensors<M: VisitParams + Clone>(
                     Layout::Transposed => p.val().transpose(),
                 };
                 let dims = t.dims().to_vec();
-                self.out
-                    .push((format!("{PREFIX}{name}"), dims, tensor_values(t.into_data())));
+                self.out.push((
+                    format!("{PREFIX}{name}"),
+                    dims,
+                    tensor_values(t.into_data()),
+                ));
             }
         }
         fn linear(&mut self, name: &str, layer: &mut Linear) -> bool {
@@ -260,7 +268,11 @@ impl Reader<'_> {
     }
 
     /// The tensor `key` as `shape` (stored order), if present with that shape.
-    pub(crate) fn read<const D: usize>(&mut self, key: &str, shape: [usize; D]) -> Option<Tensor<D>> {
+    pub(crate) fn read<const D: usize>(
+        &mut self,
+        key: &str,
+        shape: [usize; D],
+    ) -> Option<Tensor<D>> {
         let got = self.source.shape(key)?;
         if got != shape {
             self.fail(format!(
@@ -271,7 +283,10 @@ impl Reader<'_> {
         match self.source.read_f32(key) {
             Ok(values) => {
                 self.used += 1;
-                Some(Tensor::from_data(TensorData::new(values, shape), self.device))
+                Some(Tensor::from_data(
+                    TensorData::new(values, shape),
+                    self.device,
+                ))
             }
             Err(e) => {
                 self.fail(e.to_string());

@@ -279,7 +279,11 @@ pub fn save_adapter<M: VisitParams + Clone>(
             }
         }
     });
-    write_adapter(dir, &tensors, &adapter_config_json(config, base_model, task_type))
+    write_adapter(
+        dir,
+        &tensors,
+        &adapter_config_json(config, base_model, task_type),
+    )
 }
 
 /// Fills the LoRA adapter of one layer from peft's `lora_A` / `lora_B` tensors.

@@ -3,9 +3,9 @@
 
 pub mod args;
 pub mod causal;
-pub mod method;
 pub mod checkpoint;
 pub mod classify;
+pub mod method;
 pub mod optim;
 pub mod output;
 pub mod qa;

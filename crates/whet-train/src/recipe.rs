@@ -371,7 +371,11 @@ impl Recipe {
             Method::Lora | Method::Qlora if recipe.lora.is_none() => {
                 return Err(format!(
                     "method = \"{}\" needs a [lora] table (at least target_modules)",
-                    if recipe.method == Method::Lora { "lora" } else { "qlora" }
+                    if recipe.method == Method::Lora {
+                        "lora"
+                    } else {
+                        "qlora"
+                    }
                 ));
             }
             Method::Ia3 if recipe.ia3.is_none() => {
