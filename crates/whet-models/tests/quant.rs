@@ -172,13 +172,13 @@ fn a_gguf_base_kept_in_its_blocks_gives_the_f32_logits() {
         .forward_logits(input(), Mode::Eval)
         .into_data()
         .convert::<f32>()
-        .to_vec::<f32>()
+        .try_to_vec::<f32>()
         .unwrap();
     let b = kept
         .forward_logits(input(), Mode::Eval)
         .into_data()
         .convert::<f32>()
-        .to_vec::<f32>()
+        .try_to_vec::<f32>()
         .unwrap();
     let d = max_abs_diff(&a, &b);
     assert!(d < 1e-3, "logits differ by {d}");

@@ -411,6 +411,15 @@ pub struct Trained {
 /// Loads what [`save`] wrote (a LoRA adapter folder or a full model folder), or any
 /// `transformers` sequence-classification folder.
 pub fn load_trained(dir: &Path, device: &Device) -> Result<Trained, String> {
+    load_trained_on(dir, None, device)
+}
+
+/// As [`load_trained`], with the base of an adapter folder given (`None`: the base it names).
+pub fn load_trained_on(
+    dir: &Path,
+    base: Option<&Path>,
+    device: &Device,
+) -> Result<Trained, String> {
     let meta: Option<serde_json::Value> = std::fs::read_to_string(dir.join("labels.json"))
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok());
@@ -430,8 +439,8 @@ pub fn load_trained(dir: &Path, device: &Device) -> Result<Trained, String> {
             .and_then(|m| m["base_model"].as_str())
             .map(PathBuf::from);
         let from_cfg = cfg["base_model_name_or_path"].as_str().map(PathBuf::from);
-        from_meta
-            .filter(|p| p.exists())
+        base.map(Path::to_path_buf)
+            .or(from_meta.filter(|p| p.exists()))
             .or(from_cfg)
             .ok_or_else(|| {
                 format!(

@@ -1,5 +1,6 @@
 //! The `whet` command line: glue between the library crates, nothing more.
 
+mod merge;
 mod plot;
 mod train;
 mod train_lm;
@@ -28,7 +29,7 @@ asset cache, WHET_CACHE or ./cache):
   model          a Hugging Face folder or a .gguf file
   task           sequence-classification (default) | multi-label-classification | causal-lm |
                  question-answering (BERT family)
-  method         full (default) | head | lora (head: classification only)
+  method         full (default) | head | lora | qlora | ia3 (head: classification and QA)
   [data]
     train, validation, test   .jsonl, .csv, .tsv, .parquet or .txt (one text per line) files
                    (validation/test optional)
@@ -59,7 +60,18 @@ asset cache, WHET_CACHE or ./cache):
     max_answer_length    longest predicted answer in tokens (default 30)
   [head]           unfreeze_top_layers = N (method = head; default 0)
   [lora]           as peft.LoraConfig: r (8), lora_alpha (8), lora_dropout (0), target_modules,
-                   bias (none | all | lora_only), modules_to_save, use_rslora (false)
+                   bias (none | all | lora_only), modules_to_save, use_rslora (false);
+                   method = lora or qlora
+  [ia3]            as peft.IA3Config (method = ia3): target_modules, feedforward_modules (the
+                   targets whose input is scaled, a subset; default none), modules_to_save
+  [quantization]   how an adapter method stores the frozen base (names of BitsAndBytesConfig):
+    load_in_4bit   NF4 in blocks of 64 (default false; method = qlora without this table:
+                   NF4 with double quantisation)
+    bnb_4bit_quant_type        nf4 (the only type)
+    bnb_4bit_use_double_quant  quantise the block scales to 8 bits, blocks of 256 (false)
+    keep_gguf_quantized        a GGUF base keeps its own Q4_0 / Q4_1 / Q8_0 / ... blocks (false)
+                   Heads and modules_to_save stay f32; quantised layers are dequantised one at
+                   a time inside the matmul, forward and backward.
   [training]       as transformers.TrainingArguments (defaults in brackets):
     output_dir, learning_rate (5e-5), per_device_train_batch_size (8),
     per_device_eval_batch_size (8), num_train_epochs (3), max_steps (-1: off),
@@ -149,6 +161,21 @@ enum Command {
         /// one.
         #[arg(long)]
         top_k: Option<usize>,
+    },
+    /// Fold a LoRA or IA3 adapter into its base model and write a Hugging Face folder that
+    /// `transformers` loads (peft's merge_and_unload + save_pretrained): config.json,
+    /// model.safetensors (f32), the tokenizer, and labels.json for a classifier. A quantised
+    /// base (a GGUF file's Q4_1 / Q8_0 blocks, an adapter trained over NF4) is dequantised to
+    /// f32 first, and the command says so: nothing is merged into 4 bits.
+    Merge {
+        /// The base model folder or .gguf file (default: the base the adapter names).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// The adapter folder (adapter_config.json + adapter_model.safetensors).
+        #[arg(long)]
+        adapter: PathBuf,
+        /// The folder to write (created if needed).
+        out_dir: PathBuf,
     },
     /// Convert a GGUF file into a Hugging Face folder that `transformers` loads (config.json,
     /// model.safetensors in f32, tokenizer.json, tokenizer_config.json with the chat template).
@@ -266,6 +293,11 @@ fn run(cli: Cli) -> Result<()> {
         Command::Info { path } => info(path),
         Command::Generate(args) => generate(args),
         Command::Convert { gguf, out_dir } => convert(gguf, out_dir),
+        Command::Merge {
+            model,
+            adapter,
+            out_dir,
+        } => merge::merge(model.as_deref(), &adapter, &out_dir),
         Command::Train {
             recipe,
             set,
