@@ -29,6 +29,10 @@ takes the nearest, and its test allows those codes to differ by one.
 
 bitsandbytes' CPU path on one thread: reruns write identical bytes.
 
+tests/fixtures/quant/adamw8bit.safetensors: three AdamW8bit steps on CPU (see `adamw8bit`):
+parameters after each step, the gradients, the final 8-bit states and block maxima, and
+create_dynamic_map(signed=False) (the second moment's map).
+
 It also writes tests/fixtures/quant/smollm2_nf4.safetensors (needs cache/smollm2 from
 scripts/fetch_assets.sh): SmolLM2-135M-Instruct loaded by transformers from its GGUF file (f32),
 every linear layer but the tied head replaced by its NF4 dequantisation (bitsandbytes' codes and
@@ -95,7 +99,36 @@ def main() -> None:
     save_file({k: v.contiguous() for k, v in out.items()}, OUT)
     OUT.chmod(0o644)
     print(f"wrote {OUT.relative_to(ROOT)}")
+    adamw8bit()
     smollm2(out["dynamic_map"])
+
+
+def adamw8bit() -> None:
+    """bitsandbytes.optim.AdamW8bit on CPU: three steps on a [5000] parameter (8-bit states,
+    blocks of 256) and a [100] one (below min_8bit_size 4096: 32-bit states), fixed gradients."""
+    import bitsandbytes as bnb
+
+    torch.manual_seed(1)
+    a = torch.nn.Parameter(torch.randn(5000))
+    b = torch.nn.Parameter(torch.randn(100))
+    out = {"a.init": a.detach().clone(), "b.init": b.detach().clone(),
+           "dynamic_map_unsigned": F.create_dynamic_map(signed=False).float()}
+    opt = bnb.optim.AdamW8bit([a, b], lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    for step in range(1, 4):
+        a.grad = torch.randn(5000) * 0.1
+        b.grad = torch.randn(100) * 0.1
+        out[f"a.grad{step}"], out[f"b.grad{step}"] = a.grad.clone(), b.grad.clone()
+        opt.step()
+        out[f"a.step{step}"], out[f"b.step{step}"] = a.detach().clone(), b.detach().clone()
+    st = opt.state[a]
+    for k in ["state1", "state2", "absmax1", "absmax2"]:
+        out[f"a.{k}"] = st[k]
+    for k in ["state1", "state2"]:  # also as f32, for readers of f32 tensors only
+        out[f"a.{k}_as_f32"] = st[k].float()
+    path = OUT.parent / "adamw8bit.safetensors"
+    save_file({k: v.contiguous() for k, v in out.items()}, path)
+    path.chmod(0o644)
+    print(f"wrote {path.relative_to(ROOT)}: state dtypes {st['state1'].dtype}, {st['absmax1'].numel()} blocks")
 
 
 def nf4_dequantised(w: torch.Tensor, double_quant: bool, dmap: torch.Tensor) -> torch.Tensor:

@@ -60,17 +60,31 @@ pub enum QuantSpec {
 /// exponent `e = 0..7`, `2^e` linearly spaced fractions in (0.1, 1) scaled by `10^(e-6)`, both
 /// signs, plus 0 and 1; 256 values sorted.
 pub fn dynamic_map() -> [f32; 256] {
+    dynamic_map_of(true)
+}
+
+/// bitsandbytes' unsigned dynamic map (`create_dynamic_map(signed=False)`): as the signed one
+/// with twice the fractions per decade and no negative half (Adam's second moment).
+pub fn dynamic_map_unsigned() -> [f32; 256] {
+    dynamic_map_of(false)
+}
+
+fn dynamic_map_of(signed: bool) -> [f32; 256] {
+    // Python's 10 ** (e - 6) for e = 0..7, each the nearest double to the power of ten.
+    const DECADES: [f64; 7] = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0];
     let mut data: Vec<f32> = Vec::with_capacity(256);
-    for i in 0..7i32 {
-        let items = (1usize << i) + 1;
-        // torch.linspace(0.1, 1, items) in f32, then the midpoints of neighbours.
+    for (i, &scale) in DECADES.iter().enumerate() {
+        let items = (1usize << (i + if signed { 0 } else { 1 })) + 1;
+        // torch.linspace(0.1, 1, items), then the midpoints of neighbours (equal to
+        // bitsandbytes' map within an ulp: its tests compare with a relative 1e-6).
         let step = (1.0f32 - 0.1) / (items - 1) as f32;
         let bounds: Vec<f32> = (0..items).map(|k| 0.1 + step * k as f32).collect();
-        let scale = 10f64.powi(i - 6);
         for w in bounds.windows(2) {
             let mean = (w[0] + w[1]) / 2.0;
             data.push((scale * mean as f64) as f32);
-            data.push((-scale * mean as f64) as f32);
+            if signed {
+                data.push((-scale * mean as f64) as f32);
+            }
         }
     }
     data.push(0.0);
@@ -345,6 +359,64 @@ fn scales_f32(scales: &Scales) -> Vec<f32> {
                 .map(|(i, &c)| map[c as usize] * outer[i / DQ_BLOCK] + offset)
                 .collect()
         }
+    }
+}
+
+/// Values quantised blockwise to 8 bits over a dynamic map, as bitsandbytes'
+/// `quantize_blockwise` stores 8-bit optimizer states: blocks of [`DQ_BLOCK`] (256), each
+/// scaled by its absolute maximum, every value the index of the nearest map level.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Blockwise8 {
+    /// One code per value.
+    pub codes: Vec<u8>,
+    /// One f32 absolute maximum per block.
+    pub absmax: Vec<f32>,
+    /// Signed map (`true`) or unsigned map (non-negative values).
+    pub signed: bool,
+}
+
+impl Blockwise8 {
+    /// Quantises `values` (non-negative ones when `signed` is false).
+    pub fn quantize(values: &[f32], signed: bool) -> Self {
+        let map = dynamic_map_of(signed);
+        let mut codes = vec![0u8; values.len()];
+        let mut absmax = vec![0f32; values.len().div_ceil(DQ_BLOCK)];
+        codes
+            .par_chunks_mut(DQ_BLOCK)
+            .zip(values.par_chunks(DQ_BLOCK))
+            .zip(absmax.par_iter_mut())
+            .for_each(|((c, v), m)| {
+                *m = v.iter().fold(0f32, |a, x| a.max(x.abs()));
+                let inv = if *m > 0.0 { 1.0 / *m } else { 0.0 };
+                for (q, &x) in c.iter_mut().zip(v) {
+                    *q = nearest(&map, (x * inv).clamp(-1.0, 1.0));
+                }
+            });
+        Self {
+            codes,
+            absmax,
+            signed,
+        }
+    }
+
+    /// The values the codes stand for.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let map = dynamic_map_of(self.signed);
+        let mut out = vec![0f32; self.codes.len()];
+        out.par_chunks_mut(DQ_BLOCK)
+            .zip(self.codes.par_chunks(DQ_BLOCK))
+            .zip(self.absmax.par_iter())
+            .for_each(|((y, c), &m)| {
+                for (v, &q) in y.iter_mut().zip(c) {
+                    *v = map[q as usize] * m;
+                }
+            });
+        out
+    }
+
+    /// Bytes held.
+    pub fn storage_bytes(&self) -> usize {
+        self.codes.len() + 4 * self.absmax.len()
     }
 }
 

@@ -17,7 +17,8 @@ use whet_models::weights::{
 };
 use whet_models::{VisitParams, Visitor};
 
-use crate::optim::{Moments, Optimizer};
+use crate::optim::{Moments, Moments8, Optimizer};
+use whet_models::quant::Blockwise8;
 
 /// Where a run stands.
 #[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
@@ -144,6 +145,22 @@ pub fn save<M: VisitParams + ?Sized>(
             ));
         }
     }
+    // 8-bit moments as they are (codes stored as exact small floats), so a resumed run
+    // continues from the same quantised state.
+    let mut names: Vec<&String> = opt.moments8.keys().collect();
+    names.sort();
+    for name in names {
+        let q = &opt.moments8[name];
+        for (k, b) in [("m8", &q.m), ("v8", &q.v)] {
+            let codes: Vec<f32> = b.codes.iter().map(|&c| c as f32).collect();
+            moments.push((format!("{k}.{name}"), vec![codes.len()], codes));
+            moments.push((
+                format!("{k}absmax.{name}"),
+                vec![b.absmax.len()],
+                b.absmax.clone(),
+            ));
+        }
+    }
     write_safetensors(&tmp.join("optimizer.safetensors"), &moments, None)
         .map_err(|e| e.to_string())?;
     let text = serde_json::to_string_pretty(state).map_err(|e| e.to_string())?;
@@ -221,6 +238,33 @@ pub fn load<M: VisitParams + ?Sized>(
         );
     }
     opt.moments = m;
+    let mut q8 = HashMap::new();
+    for key in moments.names() {
+        let Some(name) = key.strip_prefix("m8.") else {
+            continue;
+        };
+        let read = |k: &str, signed: bool| -> Result<Blockwise8, String> {
+            let codes = moments
+                .read_f32(&format!("{k}.{name}"))
+                .map_err(|e| e.to_string())?;
+            let absmax = moments
+                .read_f32(&format!("{k}absmax.{name}"))
+                .map_err(|e| e.to_string())?;
+            Ok(Blockwise8 {
+                codes: codes.iter().map(|&c| c as u8).collect(),
+                absmax,
+                signed,
+            })
+        };
+        q8.insert(
+            name.to_string(),
+            Moments8 {
+                m: read("m8", true)?,
+                v: read("v8", false)?,
+            },
+        );
+    }
+    opt.moments8 = q8;
     opt.step = state.optimizer_steps;
     Ok(state)
 }

@@ -350,3 +350,47 @@ fn qlora_gradients_equal_lora_over_the_dequantised_base() {
         }
     }
 }
+
+/// A checkpoint keeps 8-bit optimizer states exactly (codes and block maxima), next to f32
+/// ones, so a resumed AdamW8bit run continues from the same quantised moments.
+#[test]
+fn checkpoints_keep_8bit_optimizer_states_exactly() {
+    use whet_models::quant::Blockwise8;
+    use whet_train::optim::{Moments8, OptimConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let device = Device::flex().autodiff();
+    let mut model = load(tiny_bert_no_dropout().path(), false, &device);
+    let mut opt = Optimizer::new(OptimConfig {
+        kind: OptimizerKind::Adamw8bit,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.0,
+    });
+    opt.step = 7;
+    let values: Vec<f32> = (0..5000)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) * 1e-3)
+        .collect();
+    let squares: Vec<f32> = values.iter().map(|v| v * v).collect();
+    let q = Moments8 {
+        m: Blockwise8::quantize(&values, true),
+        v: Blockwise8::quantize(&squares, false),
+    };
+    opt.moments8
+        .insert("bert.embeddings.word_embeddings.weight".into(), q.clone());
+    let state = checkpoint::TrainerState {
+        global_step: 7,
+        optimizer_steps: 7,
+        ..Default::default()
+    };
+    let saved = checkpoint::save(dir.path(), &mut model, &opt, &state, None).unwrap();
+    let mut back = Optimizer::new(opt.config);
+    let got = checkpoint::load(&saved, &mut model, &mut back, &device).unwrap();
+    assert_eq!(got.optimizer_steps, 7);
+    assert_eq!(back.moments8.len(), 1);
+    assert_eq!(back.moments8["bert.embeddings.word_embeddings.weight"], q);
+    assert!(
+        q.m.storage_bytes() * 3 < 4 * values.len(),
+        "8-bit state is under a quarter"
+    );
+}
