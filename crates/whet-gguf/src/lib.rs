@@ -10,6 +10,8 @@
 //! inside a whole tensor framework (candle, llama.cpp bindings) or parse the container without
 //! dequantising K-quants; this file needs neither a framework nor unsafe code beyond the mmap.
 
+pub mod writer;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::File;

@@ -129,3 +129,75 @@ fn a_hand_written_f32_tensor_reads_back() {
     assert_eq!(file.dequantize(&file.tensors[0]).unwrap(), vec![1.5, -2.0]);
     assert_eq!(file.tensors[0].shape(), vec![2]);
 }
+
+/// The writer's files read back: metadata of every type, and F32 / F16 / Q8_0 / Q4_0 tensors
+/// whose dequantised values are within each format's rounding of the input.
+#[test]
+fn written_files_read_back_with_their_metadata_and_tensors() {
+    use whet_gguf::writer::{GgufWriter, encode};
+    use whet_gguf::{GgmlType, GgufFile, Value};
+    let values: Vec<f32> = (0..64 * 3)
+        .map(|i| ((i * 37 % 97) as f32 - 48.0) / 16.0)
+        .collect();
+    let mut w = GgufWriter::new();
+    w.set("general.architecture", Value::String("llama".into()));
+    w.set("llama.block_count", Value::U32(2));
+    w.set("llama.rope.freq_base", Value::F32(10000.0));
+    w.set("tokenizer.ggml.add_bos_token", Value::Bool(true));
+    w.set(
+        "tokenizer.ggml.tokens",
+        Value::Array(vec![Value::String("a".into()), Value::String("ü b".into())]),
+    );
+    w.set(
+        "tokenizer.ggml.token_type",
+        Value::Array(vec![Value::I32(1), Value::I32(3)]),
+    );
+    for (name, ty) in [
+        ("f32", GgmlType::F32),
+        ("f16", GgmlType::F16),
+        ("q8", GgmlType::Q8_0),
+        ("q4", GgmlType::Q4_0),
+    ] {
+        w.add_tensor(name, &[3, 64], ty, encode(ty, &values).unwrap());
+    }
+    assert!(
+        encode(GgmlType::Q8_0, &values[..40]).is_none(),
+        "partial blocks are refused"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("w.gguf");
+    w.write(&path).unwrap();
+    let f = GgufFile::open(&path).unwrap();
+    assert_eq!(f.get_str("general.architecture").unwrap(), "llama");
+    assert_eq!(f.get_u64("llama.block_count").unwrap(), 2);
+    assert_eq!(f.get_f64("llama.rope.freq_base").unwrap(), 10000.0);
+    assert_eq!(
+        f.get("tokenizer.ggml.add_bos_token")
+            .and_then(|v| v.as_bool()),
+        Some(true)
+    );
+    assert_eq!(
+        f.get_strings("tokenizer.ggml.tokens").unwrap(),
+        vec!["a", "ü b"]
+    );
+    let amax = values.iter().fold(0f32, |m, v| m.max(v.abs()));
+    for (name, tol) in [
+        ("f32", 0.0),
+        ("f16", 2e-3),
+        ("q8", amax / 127.0),
+        ("q4", amax / 8.0),
+    ] {
+        let t = f.tensor(name).unwrap();
+        assert_eq!(t.shape(), vec![3, 64], "{name}");
+        let back = f.dequantize(t).unwrap();
+        let d = back
+            .iter()
+            .zip(&values)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(d <= tol, "{name}: off by {d} (tolerance {tol})");
+        if name == "q4" {
+            assert!(d > 0.0, "Q4_0 rounds");
+        }
+    }
+}

@@ -441,3 +441,286 @@ mod tests {
         assert_eq!(out, vec![0.0, 2.0, 1.0, 3.0]);
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Export
+
+/// The ggml name of a Hugging Face LLaMA-family tensor name (the inverse of [`hf_name`]).
+pub fn ggml_name(hf: &str) -> Option<String> {
+    let fixed = match hf {
+        "model.embed_tokens.weight" => Some("token_embd.weight"),
+        "model.norm.weight" => Some("output_norm.weight"),
+        "lm_head.weight" => Some("output.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (module, kind) = rest.rsplit_once('.')?;
+    let g = match module {
+        "input_layernorm" => "attn_norm",
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "post_attention_layernorm" => "ffn_norm",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{g}.{kind}"))
+}
+
+/// llama.cpp's permutation of q/k rows for its interleaved rotary layout (`convert_hf_to_gguf`'s
+/// `LlamaModel.permute`), the inverse of [`unpermute`].
+fn permute(values: &[f32], rows: usize, cols: usize, n_head: usize) -> Vec<f32> {
+    let hd = rows / n_head;
+    let half = hd / 2;
+    let mut out = vec![0f32; values.len()];
+    for h in 0..n_head {
+        for i in 0..half {
+            for j in 0..2 {
+                let dst = h * hd + i * 2 + j;
+                let src = h * hd + j * half + i;
+                out[dst * cols..(dst + 1) * cols]
+                    .copy_from_slice(&values[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+/// What [`export`] wrote.
+#[derive(Debug, Clone)]
+pub struct ExportSummary {
+    /// Tensors written.
+    pub tensors: usize,
+    /// Tensors by stored type.
+    pub types: std::collections::BTreeMap<String, usize>,
+    /// 2-D tensors whose rows are not whole 32-value blocks, written as F16 instead (as
+    /// llama.cpp's quantiser falls back).
+    pub fallbacks: Vec<String>,
+    /// Bytes of the file.
+    pub bytes: usize,
+}
+
+/// The tokenizer as GGUF metadata (`tokenizer.ggml.*`, byte-level BPE as llama.cpp's "gpt2"
+/// model, and the chat template), from a `tokenizers` byte-level BPE tokenizer.
+fn tokenizer_metadata(tok: &TextTokenizer) -> Result<Vec<(String, whet_gguf::Value)>> {
+    use whet_gguf::Value;
+    let bad = |message: String| ModelError::Tokenizer {
+        source_name: tok.source.clone(),
+        message,
+    };
+    let json: serde_json::Value =
+        serde_json::from_str(&tok.inner.to_string(false).map_err(|e| bad(e.to_string()))?)
+            .map_err(|e| bad(e.to_string()))?;
+    let model = &json["model"];
+    if model["type"] != "BPE" {
+        return Err(bad(format!(
+            "GGUF export writes byte-level BPE tokenizers (llama.cpp's \"gpt2\"); this one is {}",
+            model["type"]
+        )));
+    }
+    let vocab = tok.inner.get_vocab(true);
+    let n = vocab.values().map(|&i| i as usize + 1).max().unwrap_or(0);
+    let mut tokens = vec![String::new(); n];
+    for (t, &i) in &vocab {
+        tokens[i as usize] = t.clone();
+    }
+    if let Some(i) = tokens.iter().position(|t| t.is_empty()) {
+        return Err(bad(format!("the vocabulary has no token with id {i}")));
+    }
+    // Token types: 1 normal, 3 control (special added tokens), 4 user-defined (other added).
+    let mut types = vec![1i32; n];
+    for added in json["added_tokens"].as_array().into_iter().flatten() {
+        if let Some(id) = added["id"].as_u64().filter(|&i| (i as usize) < n) {
+            types[id as usize] = if added["special"].as_bool() == Some(true) {
+                3
+            } else {
+                4
+            };
+        }
+    }
+    let merges: Vec<Value> = model["merges"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| match m {
+            serde_json::Value::String(s) => Value::String(s.clone()),
+            serde_json::Value::Array(p) => Value::String(format!(
+                "{} {}",
+                p.first().and_then(|v| v.as_str()).unwrap_or_default(),
+                p.get(1).and_then(|v| v.as_str()).unwrap_or_default()
+            )),
+            _ => Value::String(String::new()),
+        })
+        .collect();
+    let add_prefix_space = json["pre_tokenizer"]["add_prefix_space"]
+        .as_bool()
+        .unwrap_or(false)
+        || json["pre_tokenizer"]["pretokenizers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|p| p["add_prefix_space"].as_bool() == Some(true));
+    // Whether encoding adds BOS: what the post-processor does to a plain text.
+    let add_bos = match (&tok.bos, tok.inner.encode("a", true)) {
+        (Some(b), Ok(e)) => e.get_ids().first() == Some(&b.id),
+        _ => false,
+    };
+    let mut out = vec![
+        ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
+        (
+            "tokenizer.ggml.tokens".into(),
+            Value::Array(tokens.into_iter().map(Value::String).collect()),
+        ),
+        (
+            "tokenizer.ggml.token_type".into(),
+            Value::Array(types.into_iter().map(Value::I32).collect()),
+        ),
+        ("tokenizer.ggml.merges".into(), Value::Array(merges)),
+        ("tokenizer.ggml.add_bos_token".into(), Value::Bool(add_bos)),
+        (
+            "tokenizer.ggml.add_space_prefix".into(),
+            Value::Bool(add_prefix_space),
+        ),
+    ];
+    for (key, special) in [
+        ("bos_token_id", &tok.bos),
+        ("eos_token_id", &tok.eos),
+        ("padding_token_id", &tok.pad),
+    ] {
+        if let Some(s) = special {
+            out.push((format!("tokenizer.ggml.{key}"), Value::U32(s.id)));
+        }
+    }
+    if let Some(t) = &tok.chat_template {
+        out.push(("tokenizer.chat_template".into(), Value::String(t.clone())));
+    }
+    Ok(out)
+}
+
+/// Writes a LLaMA-family checkpoint (a folder, or a GGUF file re-encoded) as a GGUF v3 file:
+/// architecture metadata as llama.cpp's converter writes it, the tokenizer and chat template,
+/// norms in F32 and matrices as `ty` (F16, Q8_0 or Q4_0; F16 where rows are not whole blocks),
+/// q/k rows permuted for llama.cpp's rotary layout.
+pub fn export(
+    source: &dyn TensorSource,
+    config: &LlamaConfig,
+    tok: &TextTokenizer,
+    ty: whet_gguf::GgmlType,
+    out: &Path,
+) -> Result<ExportSummary> {
+    use whet_gguf::writer::{GgufWriter, encode};
+    use whet_gguf::{GgmlType, Value};
+    if !matches!(
+        ty,
+        GgmlType::F16 | GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::F32
+    ) {
+        return Err(ModelError::Input(format!(
+            "GGUF export writes f32, f16, q8_0 or q4_0, not {ty}"
+        )));
+    }
+    let arch = match config.model_type.as_str() {
+        a @ ("llama" | "mistral" | "qwen2") => a.to_string(),
+        other => {
+            return Err(ModelError::Input(format!(
+                "GGUF export covers the LLaMA family (llama, mistral, qwen2), not {other:?}"
+            )));
+        }
+    };
+    let mut w = GgufWriter::new();
+    let k = |s: &str| format!("{arch}.{s}");
+    let u = |v: usize| Value::U32(v as u32);
+    w.set("general.architecture", Value::String(arch.clone()));
+    w.set(
+        "general.name",
+        Value::String(
+            out.file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        ),
+    );
+    w.set(
+        "general.alignment",
+        Value::U32(whet_gguf::writer::ALIGNMENT as u32),
+    );
+    // llama_ftype: ALL_F32 0, MOSTLY_F16 1, MOSTLY_Q4_0 2, MOSTLY_Q8_0 7.
+    let ftype = match ty {
+        GgmlType::F32 => 0,
+        GgmlType::F16 => 1,
+        GgmlType::Q4_0 => 2,
+        _ => 7,
+    };
+    w.set("general.file_type", Value::U32(ftype));
+    w.set(&k("vocab_size"), u(config.vocab_size));
+    w.set(&k("context_length"), u(config.max_position_embeddings));
+    w.set(&k("embedding_length"), u(config.hidden_size));
+    w.set(&k("block_count"), u(config.num_hidden_layers));
+    w.set(&k("feed_forward_length"), u(config.intermediate_size));
+    w.set(&k("attention.head_count"), u(config.num_attention_heads));
+    w.set(&k("attention.head_count_kv"), u(config.kv_heads()));
+    w.set(&k("attention.key_length"), u(config.head_dim()));
+    w.set(&k("attention.value_length"), u(config.head_dim()));
+    w.set(&k("rope.dimension_count"), u(config.head_dim()));
+    w.set(&k("rope.freq_base"), Value::F32(config.theta() as f32));
+    w.set(
+        &k("attention.layer_norm_rms_epsilon"),
+        Value::F32(config.rms_norm_eps as f32),
+    );
+    for (key, value) in tokenizer_metadata(tok)? {
+        w.set(&key, value);
+    }
+    let permute_heads = matches!(arch.as_str(), "llama" | "mistral");
+    let mut summary = ExportSummary {
+        tensors: 0,
+        types: Default::default(),
+        fallbacks: vec![],
+        bytes: 0,
+    };
+    for name in source.names() {
+        if config.tie_word_embeddings && name == "lm_head.weight" {
+            continue;
+        }
+        let Some(g) = ggml_name(&name) else {
+            continue;
+        };
+        let shape = source.shape(&name).unwrap_or_default();
+        let mut values = source.read_f32(&name)?;
+        if permute_heads && shape.len() == 2 {
+            if name.ends_with("self_attn.q_proj.weight") {
+                values = permute(&values, shape[0], shape[1], config.num_attention_heads);
+            } else if name.ends_with("self_attn.k_proj.weight") {
+                values = permute(&values, shape[0], shape[1], config.kv_heads());
+            }
+        }
+        let want = if shape.len() == 2 { ty } else { GgmlType::F32 };
+        let (stored, data) = match encode(want, &values) {
+            Some(d)
+                if shape.len() != 2
+                    || shape[1].is_multiple_of(32)
+                    || want == GgmlType::F16
+                    || want == GgmlType::F32 =>
+            {
+                (want, d)
+            }
+            _ => {
+                summary.fallbacks.push(name.clone());
+                let d = encode(GgmlType::F16, &values).unwrap_or_default();
+                (GgmlType::F16, d)
+            }
+        };
+        *summary.types.entry(stored.to_string()).or_default() += 1;
+        summary.tensors += 1;
+        w.add_tensor(&g, &shape, stored, data);
+    }
+    let bytes = w.to_bytes();
+    summary.bytes = bytes.len();
+    crate::fsutil::write_atomic(out, &bytes)?;
+    Ok(summary)
+}

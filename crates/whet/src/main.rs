@@ -177,6 +177,22 @@ enum Command {
         /// The folder to write (created if needed).
         out_dir: PathBuf,
     },
+    /// Write a LLaMA-family model (a Hugging Face folder, e.g. one `whet merge` wrote, or a
+    /// .gguf file) as a GGUF file llama.cpp and `gguf` read: architecture metadata, the
+    /// tokenizer and its chat template, norms in F32, matrices as --type (F16 where a row is not
+    /// whole 32-value blocks).
+    Export {
+        /// The model folder or .gguf file (an adapter: merge it first with `whet merge`).
+        model: PathBuf,
+        /// The file to write.
+        out: PathBuf,
+        /// Output format; gguf is the only one.
+        #[arg(long, default_value = "gguf")]
+        format: String,
+        /// Tensor type of the matrices: f32, f16, q8_0 or q4_0.
+        #[arg(long = "type", default_value = "f16")]
+        ty: String,
+    },
     /// Convert a GGUF file into a Hugging Face folder that `transformers` loads (config.json,
     /// model.safetensors in f32, tokenizer.json, tokenizer_config.json with the chat template).
     Convert {
@@ -293,6 +309,12 @@ fn run(cli: Cli) -> Result<()> {
         Command::Info { path } => info(path),
         Command::Generate(args) => generate(args),
         Command::Convert { gguf, out_dir } => convert(gguf, out_dir),
+        Command::Export {
+            model,
+            out,
+            format,
+            ty,
+        } => export(&model, &out, &format, &ty),
         Command::Merge {
             model,
             adapter,
@@ -628,6 +650,54 @@ fn generate_many(
         args.batch_size.max(1),
         new_tokens as f64 / secs
     );
+    Ok(())
+}
+
+fn export(model: &std::path::Path, out: &std::path::Path, format: &str, ty: &str) -> Result<()> {
+    use whet_gguf::GgmlType;
+    if format != "gguf" {
+        bail!("--format {format:?}: gguf is the only export format");
+    }
+    let ty = match ty.to_ascii_lowercase().as_str() {
+        "f32" => GgmlType::F32,
+        "f16" => GgmlType::F16,
+        "q8_0" => GgmlType::Q8_0,
+        "q4_0" => GgmlType::Q4_0,
+        other => bail!("--type {other:?}: use f32, f16, q8_0 or q4_0"),
+    };
+    if model.join("adapter_config.json").is_file() {
+        bail!(
+            "{} is an adapter: fold it into its base first (whet merge --adapter {} MERGED), then export MERGED",
+            model.display(),
+            model.display()
+        );
+    }
+    let ckpt = Checkpoint::open(model)?;
+    let whet_models::FamilyConfig::Llama(config) = &ckpt.config else {
+        bail!(
+            "{} is a {} model; GGUF export covers the LLaMA family",
+            model.display(),
+            ckpt.family()
+        );
+    };
+    let tok = ckpt
+        .tokenizer()
+        .with_context(|| format!("the GGUF file needs the tokenizer of {}", model.display()))?;
+    let s = whet_models::gguf::export(ckpt.source.as_ref(), config, &tok, ty, out)?;
+    let types: Vec<String> = s.types.iter().map(|(t, n)| format!("{n} {t}")).collect();
+    println!(
+        "wrote {} ({} tensors: {}; {:.1} MB)",
+        out.display(),
+        s.tensors,
+        types.join(", "),
+        s.bytes as f64 / 1e6
+    );
+    if !s.fallbacks.is_empty() {
+        println!(
+            "rows not whole 32-value blocks, written as F16: {}",
+            s.fallbacks.join(", ")
+        );
+    }
     Ok(())
 }
 

@@ -360,3 +360,144 @@ fn generate_batches_several_prompts() {
         }
     }
 }
+
+/// `whet export --format gguf`: SmolLM2 as a Hugging Face folder (from `whet convert`) written
+/// as F16, Q8_0 and Q4_0 GGUF files that whet loads back: same config, the tokenizer and chat
+/// template in the metadata (encoding as the folder's tokenizer does), logits within each
+/// type's rounding of the folder's.
+#[test]
+fn export_writes_gguf_files_that_load_back_to_the_same_model() {
+    use burn::tensor::{Device, Tensor, TensorData};
+    use whet_models::{CausalLm, Checkpoint, DecoderInput, FamilyConfig, Mode};
+    let tmp = tempfile::tempdir().unwrap();
+    let folder = tmp.path().join("smollm2-hf");
+    ok(&[
+        "convert",
+        smollm2().to_str().unwrap(),
+        folder.to_str().unwrap(),
+    ]);
+    let device = Device::flex();
+    let reference = Checkpoint::open(&folder).unwrap();
+    let ref_tok = reference.tokenizer().unwrap();
+    let text = "The capital of France is Paris. Ünïcode, too!";
+    let ids: Vec<i64> = ref_tok
+        .inner
+        .encode(text, true)
+        .unwrap()
+        .get_ids()
+        .iter()
+        .map(|&i| i as i64)
+        .collect();
+    let logits = |c: &Checkpoint| -> Vec<f32> {
+        let t = ids.len();
+        let input = DecoderInput::unpadded(Tensor::from_data(
+            TensorData::new(ids.clone(), [1, t]),
+            &device,
+        ));
+        c.load_causal_lm(&device)
+            .unwrap()
+            .forward_logits(input, Mode::Eval)
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .unwrap()
+    };
+    let want = logits(&reference);
+    // (max, mean) bounds: SmolLM2's Q4_1-derived weights are large (up to 5), so a Q8_0 step
+    // (a block's max / 127) moves its logits by tenths; scripts/check_gguf_export.py checks
+    // the Q8_0 bytes against gguf's own quantiser.
+    for (ty, tol, mean_tol) in [("f16", 0.1, 0.01), ("q8_0", 2.0, 0.3)] {
+        let out = tmp.path().join(format!("smollm2-{ty}.gguf"));
+        let said = ok(&[
+            "export",
+            folder.to_str().unwrap(),
+            out.to_str().unwrap(),
+            "--type",
+            ty,
+        ]);
+        assert!(said.contains("tensors"), "{said}");
+        let info = ok(&["info", out.to_str().unwrap()]);
+        assert!(info.contains(&ty.to_uppercase()), "{info}");
+        assert!(info.contains("chat template: yes"), "{info}");
+        let back = Checkpoint::open(&out).unwrap();
+        let (FamilyConfig::Llama(a), FamilyConfig::Llama(b)) = (&back.config, &reference.config)
+        else {
+            panic!("not llama")
+        };
+        assert_eq!(
+            (
+                a.num_hidden_layers,
+                a.hidden_size,
+                a.kv_heads(),
+                a.vocab_size,
+                a.tie_word_embeddings
+            ),
+            (
+                b.num_hidden_layers,
+                b.hidden_size,
+                b.kv_heads(),
+                b.vocab_size,
+                b.tie_word_embeddings
+            )
+        );
+        assert!(
+            (a.theta() - b.theta()).abs() < 1e-6 && (a.rms_norm_eps - b.rms_norm_eps).abs() < 1e-9
+        );
+        let tok = back.tokenizer().unwrap();
+        assert_eq!(
+            tok.inner.encode(text, true).unwrap().get_ids(),
+            ref_tok.inner.encode(text, true).unwrap().get_ids(),
+            "{ty}: tokenizer"
+        );
+        assert_eq!(tok.chat_template, ref_tok.chat_template);
+        assert_eq!(
+            tok.eos.as_ref().map(|s| s.id),
+            ref_tok.eos.as_ref().map(|s| s.id)
+        );
+        let got = logits(&back);
+        let d = got
+            .iter()
+            .zip(&want)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        let mean = got
+            .iter()
+            .zip(&want)
+            .map(|(x, y)| (x - y).abs())
+            .sum::<f32>()
+            / got.len() as f32;
+        assert!(
+            d < tol && mean < mean_tol,
+            "{ty}: logits differ by {d} (mean {mean})"
+        );
+    }
+    // Q4_0 from the original GGUF file: re-quantising a 4-bit model to another 4-bit layout
+    // moves SmolLM2's logits about as much as NF4 does (a mean of about 2), so only a bound.
+    let out = tmp.path().join("smollm2-q4_0.gguf");
+    ok(&[
+        "export",
+        smollm2().to_str().unwrap(),
+        out.to_str().unwrap(),
+        "--type",
+        "q4_0",
+    ]);
+    let got = logits(&Checkpoint::open(&out).unwrap());
+    let mean = got
+        .iter()
+        .zip(&want)
+        .map(|(x, y)| (x - y).abs())
+        .sum::<f32>()
+        / got.len() as f32;
+    assert!(
+        got.iter().all(|v| v.is_finite()) && mean < 4.0,
+        "Q4_0: mean logit difference {mean}"
+    );
+    let err = err(&[
+        "export",
+        folder.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "--type",
+        "q5_k",
+    ]);
+    assert!(err.contains("q5_k"), "{err}");
+}
