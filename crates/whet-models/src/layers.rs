@@ -52,6 +52,41 @@ pub struct Linear {
     pub adapter: Option<LowRank>,
     /// IA3 scaling vectors (peft's `ia3_l`), attached from outside like `adapter`.
     pub ia3: Option<Ia3>,
+    /// A bottleneck adapter on the layer's output (Houlsby / Pfeiffer), attached from outside.
+    pub bottleneck: Option<Bottleneck>,
+}
+
+/// A bottleneck adapter (Houlsby et al. 2019, <https://arxiv.org/abs/1902.00751>; Pfeiffer et
+/// al. 2021, <https://arxiv.org/abs/2005.00247>) on a sub-layer's output projection:
+/// `y + up(act(down(y)))`, with `up` starting at zero so the adapter starts as the identity.
+#[derive(Module, Debug)]
+pub struct Bottleneck {
+    /// `[d, r]`
+    pub down: Param<Tensor<2>>,
+    /// `[r]`
+    pub down_bias: Param<Tensor<1>>,
+    /// `[r, d]`
+    pub up: Param<Tensor<2>>,
+    /// `[d]`
+    pub up_bias: Param<Tensor<1>>,
+    /// The non-linearity between the projections.
+    #[module(skip)]
+    pub act: crate::config::Activation,
+    /// When false the adapter is skipped.
+    pub enabled: bool,
+}
+
+impl Bottleneck {
+    /// # Shapes
+    /// - y `[..., d]`
+    /// - output `[..., d]`
+    pub fn forward<const D: usize>(&self, y: Tensor<D>) -> Tensor<D> {
+        // (..., d) x (d, r) -> (..., r) -> (..., r) x (r, d) -> (..., d)
+        let h =
+            burn::tensor::module::linear(y.clone(), self.down.val(), Some(self.down_bias.val()));
+        let h = self.act.forward(h);
+        y + burn::tensor::module::linear(h, self.up.val(), Some(self.up_bias.val()))
+    }
 }
 
 /// How a linear layer holds its weight.
@@ -146,6 +181,7 @@ impl Linear {
             stored_as,
             adapter: None,
             ia3: None,
+            bottleneck: None,
         })
     }
 
@@ -169,6 +205,7 @@ impl Linear {
             stored_as,
             adapter: None,
             ia3: None,
+            bottleneck: None,
         }
     }
 
@@ -198,8 +235,12 @@ impl Linear {
             Some(l) if !l.on_input => y * l.scale.val().unsqueeze(),
             _ => y,
         };
-        match &self.adapter {
+        let y = match &self.adapter {
             Some(a) if a.enabled => y + a.forward(x, mode),
+            _ => y,
+        };
+        match &self.bottleneck {
+            Some(b) if b.enabled => b.forward(y),
             _ => y,
         }
     }

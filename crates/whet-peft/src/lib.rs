@@ -6,9 +6,11 @@
 //! matches them), to count trainable parameters as `peft` prints them, and to save and load
 //! adapters in `peft`'s file format ([`PeftConfig`] dispatches on `peft_type`).
 
+pub mod bottleneck;
 pub mod ia3;
 pub mod lora;
 
+pub use bottleneck::{BottleneckConfig, BottleneckKind, apply_bottleneck};
 pub use ia3::{Ia3Config, apply_ia3, merge_ia3};
 pub use lora::{
     LoraConfig, LoraReport, apply_lora, for_each_adapter, merge_lora, save_adapter,
@@ -33,6 +35,8 @@ pub enum PeftConfig {
     Lora(LoraConfig),
     /// `peft_type = "IA3"`.
     Ia3(Ia3Config),
+    /// whet's `peft_type = "BOTTLENECK"` (Houlsby / Pfeiffer adapters; peft has none).
+    Bottleneck(BottleneckConfig),
 }
 
 impl PeftConfig {
@@ -41,6 +45,7 @@ impl PeftConfig {
         match self {
             PeftConfig::Lora(c) => apply_lora(model, c, device),
             PeftConfig::Ia3(c) => apply_ia3(model, c, device),
+            PeftConfig::Bottleneck(c) => apply_bottleneck(model, c, device),
         }
     }
 
@@ -55,6 +60,9 @@ impl PeftConfig {
         match self {
             PeftConfig::Lora(c) => lora::save_adapter(model, c, base_model, task_type, dir),
             PeftConfig::Ia3(c) => ia3::save_adapter(model, c, base_model, task_type, dir),
+            PeftConfig::Bottleneck(c) => {
+                bottleneck::save_adapter(model, c, base_model, task_type, dir)
+            }
         }
     }
 
@@ -63,6 +71,7 @@ impl PeftConfig {
         match self {
             PeftConfig::Lora(c) => &mut c.modules_to_save,
             PeftConfig::Ia3(c) => &mut c.modules_to_save,
+            PeftConfig::Bottleneck(c) => &mut c.modules_to_save,
         }
     }
 
@@ -71,6 +80,7 @@ impl PeftConfig {
         match self {
             PeftConfig::Lora(_) => "LORA",
             PeftConfig::Ia3(_) => "IA3",
+            PeftConfig::Bottleneck(_) => "BOTTLENECK",
         }
     }
 }
@@ -105,9 +115,14 @@ pub fn read_adapter_config(dir: &Path) -> Result<PeftConfig> {
     match peft_type.as_str() {
         "LORA" => Ok(PeftConfig::Lora(serde_json::from_value(json).map_err(bad)?)),
         "IA3" => Ok(PeftConfig::Ia3(serde_json::from_value(json).map_err(bad)?)),
+        "BOTTLENECK" => Ok(PeftConfig::Bottleneck(
+            serde_json::from_value(json).map_err(bad)?,
+        )),
         other => Err(PeftError::Adapter {
             path,
-            message: format!("peft_type {other:?} is not supported (LORA and IA3 are)"),
+            message: format!(
+                "peft_type {other:?} is not supported (LORA, IA3 and whet's BOTTLENECK are)"
+            ),
         }),
     }
 }
@@ -124,7 +139,7 @@ pub fn load_adapter<M: VisitParams>(
     let source = SafetensorsSource::open(&file)?;
     // peft adds the head of a SEQ_CLS model to modules_to_save itself; the saved keys say
     // which base tensors the adapter replaces.
-    let adapter_keys = [".lora_", ".ia3_l"];
+    let adapter_keys = [".lora_", ".ia3_l", ".adapter_down.", ".adapter_up."];
     for name in source.names() {
         if let Some(rest) = name.strip_prefix(PREFIX)
             && !adapter_keys.iter().any(|k| rest.contains(k))
@@ -147,6 +162,7 @@ pub fn load_adapter<M: VisitParams>(
     match &config {
         PeftConfig::Lora(_) => fill(model, &mut reader, &mut lora::fill_layer),
         PeftConfig::Ia3(_) => fill(model, &mut reader, &mut ia3::fill_layer),
+        PeftConfig::Bottleneck(_) => fill(model, &mut reader, &mut bottleneck::fill_layer),
     }
     if let Some(e) = reader.error {
         return Err(e);

@@ -208,6 +208,14 @@ pub(crate) fn count<M: VisitParams>(
                 self.c.all += n;
                 self.c.trainable += n;
             }
+            if let Some(b) = &layer.bottleneck {
+                let n = b.down.shape().num_elements()
+                    + b.down_bias.shape().num_elements()
+                    + b.up.shape().num_elements()
+                    + b.up_bias.shape().num_elements();
+                self.c.all += n;
+                self.c.trainable += n;
+            }
             false
         }
         fn quantized(&mut self, _: &str, m: &whet_models::quant::QuantMatrix) {
@@ -355,6 +363,9 @@ pub fn set_adapters_enabled<M: VisitParams>(model: &mut M, enabled: bool) {
             }
             if let Some(l) = &mut layer.ia3 {
                 l.enabled = self.0;
+            }
+            if let Some(b) = &mut layer.bottleneck {
+                b.enabled = self.0;
             }
             true
         }

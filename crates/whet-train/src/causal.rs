@@ -457,7 +457,7 @@ pub fn prepare(recipe: &Recipe, device: &Device) -> Result<LmPrepared, String> {
                     .into(),
             );
         }
-        Method::Lora | Method::Qlora | Method::Ia3 => {
+        Method::Lora | Method::Qlora | Method::Ia3 | Method::Bottleneck => {
             let (counts, cfg) = crate::method::attach_adapter(&mut model, recipe, &[], device)?
                 .ok_or("the adapter method needs its table ([lora] or [ia3])")?;
             (counts, Some(cfg))

@@ -58,6 +58,13 @@ fn for_trainable<M: VisitParams + ?Sized>(
             if let Some(l) = &mut layer.ia3 {
                 (self.0)(crate::optim::ia3_name(name), &mut l.scale);
             }
+            if let Some(b) = &mut layer.bottleneck {
+                let [dw, db, uw, ub] = crate::optim::bottleneck_names(name);
+                (self.0)(dw, &mut b.down);
+                (self.0)(db, &mut b.down_bias);
+                (self.0)(uw, &mut b.up);
+                (self.0)(ub, &mut b.up_bias);
+            }
             false
         }
     }

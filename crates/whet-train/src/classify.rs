@@ -168,7 +168,7 @@ pub fn prepare(recipe: &Recipe, device: &Device) -> Result<Prepared, String> {
                 None,
             )
         }
-        Method::Lora | Method::Qlora | Method::Ia3 => {
+        Method::Lora | Method::Qlora | Method::Ia3 | Method::Bottleneck => {
             // peft's task_type = "SEQ_CLS" saves the head with the adapter.
             let (counts, cfg) =
                 crate::method::attach_adapter(&mut model, recipe, HEAD_MODULES, device)?

@@ -28,6 +28,15 @@ pub fn adapter_config(recipe: &Recipe, head_modules: &[&str]) -> Option<PeftConf
     let mut config = match recipe.method {
         Method::Lora | Method::Qlora => PeftConfig::Lora(recipe.lora.clone()?),
         Method::Ia3 => PeftConfig::Ia3(recipe.ia3.clone()?),
+        // The defaults (Houlsby, reduction 16, ReLU) need no table.
+        Method::Bottleneck => PeftConfig::Bottleneck(recipe.bottleneck.clone().unwrap_or(
+            whet_peft::BottleneckConfig {
+                adapter_type: Default::default(),
+                reduction_factor: 16,
+                non_linearity: whet_models::config::Activation::Relu,
+                modules_to_save: vec![],
+            },
+        )),
         Method::Full | Method::Head => return None,
     };
     let modules = config.modules_to_save_mut();

@@ -81,6 +81,16 @@ fn adapter_names(module: &str) -> (String, String) {
     (format!("{module}.lora_A"), format!("{module}.lora_B"))
 }
 
+/// Bottleneck adapter parameter names (biases end in `bias`, so they are not decayed).
+pub(crate) fn bottleneck_names(module: &str) -> [String; 4] {
+    [
+        format!("{module}.adapter_down.weight"),
+        format!("{module}.adapter_down.bias"),
+        format!("{module}.adapter_up.weight"),
+        format!("{module}.adapter_up.bias"),
+    ]
+}
+
 /// IA3 vector name: `<module>.ia3_l`.
 pub(crate) fn ia3_name(module: &str) -> String {
     format!("{module}.ia3_l")
@@ -124,6 +134,13 @@ impl GradStore {
                 }
                 if let Some(l) = &layer.ia3 {
                     self.add(ia3_name(name), &l.scale.val());
+                }
+                if let Some(b) = &layer.bottleneck {
+                    let [dw, db, uw, ub] = bottleneck_names(name);
+                    self.add(dw, &b.down.val());
+                    self.add(db, &b.down_bias.val());
+                    self.add(uw, &b.up.val());
+                    self.add(ub, &b.up_bias.val());
                 }
                 false
             }
@@ -236,6 +253,13 @@ impl Optimizer {
                 }
                 if let Some(l) = &mut layer.ia3 {
                     self.update(&ia3_name(name), &mut l.scale);
+                }
+                if let Some(b) = &mut layer.bottleneck {
+                    let [dw, db, uw, ub] = bottleneck_names(name);
+                    self.update(&dw, &mut b.down);
+                    self.update(&db, &mut b.down_bias);
+                    self.update(&uw, &mut b.up);
+                    self.update(&ub, &mut b.up_bias);
                 }
                 false
             }

@@ -343,7 +343,7 @@ pub fn prepare(recipe: &Recipe, device: &Device) -> Result<QaPrepared, String> {
                 None,
             )
         }
-        Method::Lora | Method::Qlora | Method::Ia3 => {
+        Method::Lora | Method::Qlora | Method::Ia3 | Method::Bottleneck => {
             // peft's task_type = "QUESTION_ANS" saves the span head with the adapter.
             let (counts, cfg) =
                 crate::method::attach_adapter(&mut model, recipe, &["qa_outputs"], device)?

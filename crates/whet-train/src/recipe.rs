@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use whet_data::{Side, Template, TooLong};
-use whet_peft::{Ia3Config, LoraConfig};
+use whet_peft::{BottleneckConfig, Ia3Config, LoraConfig};
 
 use crate::args::TrainingArguments;
 
@@ -52,12 +52,17 @@ pub enum Method {
     Qlora,
     /// IA3 scaling vectors (`[ia3]`) plus the head.
     Ia3,
+    /// Bottleneck adapters (`[bottleneck]`: Houlsby or Pfeiffer) plus the head.
+    Bottleneck,
 }
 
 impl Method {
     /// Whether the method trains an adapter over a frozen base.
     pub fn is_adapter(self) -> bool {
-        matches!(self, Method::Lora | Method::Qlora | Method::Ia3)
+        matches!(
+            self,
+            Method::Lora | Method::Qlora | Method::Ia3 | Method::Bottleneck
+        )
     }
 }
 
@@ -289,6 +294,8 @@ pub struct Recipe {
     pub lora: Option<LoraConfig>,
     #[serde(default)]
     pub ia3: Option<Ia3Config>,
+    #[serde(default)]
+    pub bottleneck: Option<BottleneckConfig>,
     #[serde(default)]
     pub quantization: Option<QuantizationSpec>,
     #[serde(default)]

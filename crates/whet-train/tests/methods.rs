@@ -119,6 +119,10 @@ fn adapter_tensors(model: &Classifier) -> Vec<(String, Vec<f32>)> {
                 self.0
                     .push((format!("{name}.ia3_l"), v(l.scale.val().unsqueeze())));
             }
+            if let Some(b) = &layer.bottleneck {
+                self.0.push((format!("{name}.down"), v(b.down.val())));
+                self.0.push((format!("{name}.up"), v(b.up.val())));
+            }
             false
         }
     }
@@ -157,7 +161,21 @@ fn methods() -> Vec<(&'static str, PeftConfig, bool)> {
         modules_to_save: vec![],
         init_ia3_weights: true,
     });
+    let houlsby = PeftConfig::Bottleneck(whet_peft::BottleneckConfig {
+        adapter_type: whet_peft::BottleneckKind::Houlsby,
+        reduction_factor: 4,
+        non_linearity: whet_models::config::Activation::Relu,
+        modules_to_save: vec![],
+    });
+    let pfeiffer = PeftConfig::Bottleneck(whet_peft::BottleneckConfig {
+        adapter_type: whet_peft::BottleneckKind::Pfeiffer,
+        reduction_factor: 8,
+        non_linearity: whet_models::config::Activation::Silu,
+        modules_to_save: vec![],
+    });
     vec![
+        ("houlsby", houlsby, false),
+        ("pfeiffer over nf4", pfeiffer, true),
         ("lora", lora.clone(), false),
         ("qlora", lora, true),
         ("ia3", ia3.clone(), false),
@@ -185,6 +203,20 @@ fn every_method_trains_only_its_adapter_and_disables_saves_and_merges_exactly() 
                 "{what}: a fresh adapter changes the output"
             );
             let start = adapter_tensors(&model);
+            if let PeftConfig::Bottleneck(b) = &config {
+                // Houlsby: two adapters a layer (attention and feed-forward), Pfeiffer: one.
+                let per_layer = if b.adapter_type == whet_peft::BottleneckKind::Houlsby {
+                    2
+                } else {
+                    1
+                };
+                assert_eq!(
+                    report.targeted.len(),
+                    2 * per_layer,
+                    "{what}: {:?}",
+                    report.targeted
+                );
+            }
 
             let mut args = TrainingArguments::new("unused");
             args.max_steps = 3;
@@ -248,6 +280,8 @@ fn every_method_trains_only_its_adapter_and_disables_saves_and_merges_exactly() 
             let folded = match config {
                 PeftConfig::Lora(_) => whet_peft::merge_lora(&mut again),
                 PeftConfig::Ia3(_) => whet_peft::merge_ia3(&mut again),
+                // Non-linear: nothing to fold (whet merge refuses them).
+                PeftConfig::Bottleneck(_) => continue,
             };
             assert_eq!(
                 !folded.is_empty(),
@@ -288,7 +322,8 @@ fn qlora_gradients_equal_lora_over_the_dequantised_base() {
     ] {
         let device = Device::flex().autodiff();
         let mut q = load(&dir, true, &device);
-        let PeftConfig::Lora(cfg) = methods().remove(1).1 else {
+        let Some((_, PeftConfig::Lora(cfg), _)) = methods().into_iter().find(|m| m.0 == "qlora")
+        else {
             unreachable!()
         };
         let mut cfg = cfg;

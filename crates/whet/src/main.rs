@@ -29,7 +29,8 @@ asset cache, WHET_CACHE or ./cache):
   model          a Hugging Face folder or a .gguf file
   task           sequence-classification (default) | multi-label-classification | causal-lm |
                  question-answering (BERT family)
-  method         full (default) | head | lora | qlora | ia3 (head: classification and QA)
+  method         full (default) | head | lora | qlora | ia3 | bottleneck (head: classification
+                 and QA)
   [data]
     train, validation, test   .jsonl, .csv, .tsv, .parquet or .txt (one text per line) files
                    (validation/test optional)
@@ -64,6 +65,10 @@ asset cache, WHET_CACHE or ./cache):
                    method = lora or qlora
   [ia3]            as peft.IA3Config (method = ia3): target_modules, feedforward_modules (the
                    targets whose input is scaled, a subset; default none), modules_to_save
+  [bottleneck]     method = bottleneck: adapter_type (houlsby: after attention and feed-forward |
+                   pfeiffer: after feed-forward), reduction_factor (16), non_linearity (relu |
+                   silu | gelu | gelu_new), modules_to_save; whet's own format (peft has none;
+                   see the README); not mergeable (non-linear)
   [quantization]   how an adapter method stores the frozen base (names of BitsAndBytesConfig):
     load_in_4bit   NF4 in blocks of 64 (default false; method = qlora without this table:
                    NF4 with double quantisation)

@@ -35,6 +35,8 @@ fn fold<M: VisitParams>(model: &mut M, config: &PeftConfig) -> Vec<String> {
     match config {
         PeftConfig::Lora(_) => whet_peft::merge_lora(model),
         PeftConfig::Ia3(_) => whet_peft::merge_ia3(model),
+        // Refused in `merge` before anything is loaded.
+        PeftConfig::Bottleneck(_) => vec![],
     }
 }
 
@@ -51,6 +53,13 @@ pub fn merge(base: Option<&Path>, adapter: &Path, out: &Path) -> Result<()> {
         })?,
     };
     let config = whet_peft::read_adapter_config(adapter)?;
+    if let PeftConfig::Bottleneck(_) = config {
+        bail!(
+            "{}: bottleneck adapters are non-linear (y + up(act(down(y)))) and cannot be folded \
+             into the base weights; use the adapter folder with its base instead",
+            adapter.display()
+        );
+    }
     let ckpt = Checkpoint::open(&base)?;
     // Never merge into a quantised base silently: whet loads it in f32 and merges there.
     if ckpt.format == Format::Gguf {

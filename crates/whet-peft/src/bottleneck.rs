@@ -1,0 +1,220 @@
+//! Bottleneck adapters: Houlsby (Houlsby et al. 2019, <https://arxiv.org/abs/1902.00751>: after
+//! the attention and the feed-forward sub-layers) and Pfeiffer (Pfeiffer et al. 2021,
+//! <https://arxiv.org/abs/2005.00247>: after the feed-forward sub-layer only). Each adapter sits
+//! on a sub-layer's output projection, before its dropout and residual: `y + up(act(down(y)))`,
+//! `down` `[d, d / reduction_factor]` drawn from N(0, 0.02), `up` zero, so training starts from
+//! the base model.
+//!
+//! `peft` has no bottleneck adapters, so the files are whet's own, laid out as peft's (see
+//! [`FORMAT`]).
+
+use std::path::Path;
+
+use burn::module::Param;
+use burn::tensor::{Device, Distribution, Tensor};
+use serde::{Deserialize, Serialize};
+use whet_models::config::Activation;
+use whet_models::layers::{Bottleneck, Linear};
+use whet_models::weights::tensor_values;
+use whet_models::{VisitParams, Visitor};
+
+use crate::lora::{LoraReport, count};
+use crate::{
+    PREFIX, PeftError, Reader, Result, collect_tensors, in_modules, set_trainable, write_adapter,
+};
+
+/// The file format, for the README and `--help`.
+pub const FORMAT: &str = "\
+adapter_config.json: {\"peft_type\": \"BOTTLENECK\", \"adapter_type\": \"houlsby\" | \"pfeiffer\",
+  \"reduction_factor\": N, \"non_linearity\": \"relu\" | \"silu\" | \"gelu\" | \"gelu_new\",
+  \"target_modules\": [the adapted output projections], \"modules_to_save\", \"task_type\",
+  \"base_model_name_or_path\", \"format\": \"whet\"}
+adapter_model.safetensors: for each adapted module M (d outputs, r = d / reduction_factor),
+  base_model.model.M.adapter_down.weight [r, d], .adapter_down.bias [r],
+  base_model.model.M.adapter_up.weight [d, r], .adapter_up.bias [d] (PyTorch nn.Linear layout),
+  and base_model.model.<param> for modules_to_save.";
+
+/// Which sub-layers get an adapter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BottleneckKind {
+    /// After attention and after the feed-forward block.
+    #[default]
+    Houlsby,
+    /// After the feed-forward block only.
+    Pfeiffer,
+}
+
+/// Bottleneck adapter hyper-parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BottleneckConfig {
+    /// Houlsby or Pfeiffer placement.
+    #[serde(default)]
+    pub adapter_type: BottleneckKind,
+    /// Hidden size divided by this is the bottleneck width.
+    #[serde(default = "d_reduction")]
+    pub reduction_factor: usize,
+    /// The non-linearity between the projections.
+    #[serde(default = "d_act")]
+    pub non_linearity: Activation,
+    /// Modules trained in full and saved with the adapter (the classification head).
+    #[serde(default)]
+    pub modules_to_save: Vec<String>,
+}
+
+fn d_reduction() -> usize {
+    16
+}
+fn d_act() -> Activation {
+    Activation::Relu
+}
+
+/// Output projections of the attention sub-layer, by family (BERT, DistilBERT, GPT-2, LLaMA).
+const ATTENTION_OUT: &[&str] = &[
+    "attention.output.dense",
+    "attention.out_lin",
+    "attn.c_proj",
+    "self_attn.o_proj",
+];
+/// Output projections of the feed-forward sub-layer (BERT's is `layer.N.output.dense`).
+const FFN_OUT: &[&str] = &["mlp.down_proj", "mlp.c_proj", "ffn.lin2"];
+
+fn is_attention_out(name: &str) -> bool {
+    ATTENTION_OUT.iter().any(|k| name.ends_with(k))
+}
+
+fn is_ffn_out(name: &str) -> bool {
+    FFN_OUT.iter().any(|k| name.ends_with(k))
+        || (name.ends_with(".output.dense") && !name.ends_with("attention.output.dense"))
+}
+
+impl BottleneckConfig {
+    fn targets(&self, name: &str) -> bool {
+        is_ffn_out(name) || (self.adapter_type == BottleneckKind::Houlsby && is_attention_out(name))
+    }
+}
+
+/// Attaches bottleneck adapters after the sub-layers `config.adapter_type` names, freezes every
+/// other parameter except `modules_to_save`, and returns the adapted modules and the counts.
+pub fn apply_bottleneck<M: VisitParams>(
+    model: &mut M,
+    config: &BottleneckConfig,
+    device: &Device,
+) -> Result<LoraReport> {
+    if config.reduction_factor == 0 {
+        return Err(PeftError::Config(
+            "bottleneck reduction_factor must be at least 1".into(),
+        ));
+    }
+    struct Attach<'a> {
+        config: &'a BottleneckConfig,
+        device: &'a Device,
+        targeted: Vec<String>,
+    }
+    impl Visitor for Attach<'_> {
+        fn linear(&mut self, name: &str, layer: &mut Linear) -> bool {
+            if self.config.targets(name) {
+                let (_, d) = layer.dims();
+                let r = (d / self.config.reduction_factor).max(1);
+                layer.bottleneck = Some(Bottleneck {
+                    down: Param::from_tensor(Tensor::random(
+                        [d, r],
+                        Distribution::Normal(0.0, 0.02),
+                        self.device,
+                    )),
+                    down_bias: Param::from_tensor(Tensor::zeros([r], self.device)),
+                    up: Param::from_tensor(Tensor::zeros([r, d], self.device)),
+                    up_bias: Param::from_tensor(Tensor::zeros([d], self.device)),
+                    act: self.config.non_linearity,
+                    enabled: true,
+                });
+                self.targeted.push(name.to_string());
+            }
+            true
+        }
+    }
+    let mut attach = Attach {
+        config,
+        device,
+        targeted: vec![],
+    };
+    model.visit_params("", &mut attach);
+    if attach.targeted.is_empty() {
+        return Err(PeftError::Config(
+            "no attention or feed-forward output projection found for bottleneck adapters".into(),
+        ));
+    }
+    let trainable = |name: &str| in_modules(name, &config.modules_to_save);
+    set_trainable(model, &trainable);
+    let counts = count(model, &config.modules_to_save, &trainable);
+    Ok(LoraReport {
+        targeted: attach.targeted,
+        counts,
+    })
+}
+
+/// Saves the adapters (and `modules_to_save`) into `dir` in whet's format ([`FORMAT`]).
+pub fn save_adapter<M: VisitParams + Clone>(
+    model: &M,
+    config: &BottleneckConfig,
+    base_model: &str,
+    task_type: &str,
+    dir: &Path,
+) -> Result<()> {
+    let mut targets = vec![];
+    let tensors = collect_tensors(model, &config.modules_to_save, &mut |name, layer, out| {
+        if let Some(b) = &layer.bottleneck {
+            targets.push(name.to_string());
+            // whet holds [in, out]; the file has nn.Linear's [out, in].
+            let m = |t: Tensor<2>| {
+                let t = t.transpose();
+                (t.dims().to_vec(), tensor_values(t.into_data()))
+            };
+            let v = |t: Tensor<1>| (t.dims().to_vec(), tensor_values(t.into_data()));
+            for (key, (dims, values)) in [
+                ("adapter_down.weight", m(b.down.val())),
+                ("adapter_down.bias", v(b.down_bias.val())),
+                ("adapter_up.weight", m(b.up.val())),
+                ("adapter_up.bias", v(b.up_bias.val())),
+            ] {
+                out.push((format!("{PREFIX}{name}.{key}"), dims, values));
+            }
+        }
+    });
+    let json = serde_json::json!({
+        "peft_type": "BOTTLENECK",
+        "format": "whet",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model,
+        "adapter_type": config.adapter_type,
+        "reduction_factor": config.reduction_factor,
+        "non_linearity": config.non_linearity,
+        "target_modules": targets,
+        "modules_to_save": config.modules_to_save,
+    });
+    write_adapter(dir, &tensors, &json)
+}
+
+/// Fills the bottleneck adapter of one layer from its four tensors.
+pub(crate) fn fill_layer(name: &str, layer: &mut Linear, reader: &mut Reader) {
+    if let Some(b) = &mut layer.bottleneck {
+        let [d, r] = b.down.shape().dims();
+        let key = |k: &str| format!("{PREFIX}{name}.{k}");
+        let down = reader.read(&key("adapter_down.weight"), [r, d]);
+        let down_bias = reader.read(&key("adapter_down.bias"), [r]);
+        let up = reader.read(&key("adapter_up.weight"), [d, r]);
+        let up_bias = reader.read(&key("adapter_up.bias"), [d]);
+        match (down, down_bias, up, up_bias) {
+            (Some(dw), Some(db), Some(uw), Some(ub)) => {
+                let device = reader.device().clone();
+                let host =
+                    |t: Tensor<2>| Tensor::<2>::from_data(t.transpose().into_data(), &device);
+                b.down = Param::from_tensor(host(dw));
+                b.down_bias = Param::from_tensor(db);
+                b.up = Param::from_tensor(host(uw));
+                b.up_bias = Param::from_tensor(ub);
+            }
+            _ => reader.fail(format!("no bottleneck adapter weights for module {name}")),
+        }
+    }
+}
