@@ -3,7 +3,8 @@
 # (MiniLM, 3-class tweet sentiment, seeded 8000 / 1000 / 1000 split, one epoch), then peak
 # memory of LoRA against QLoRA on SmolLM2 (chat SFT, 20 steps). One run after the other,
 # THREADS threads each. Prints a Markdown table; runs land in runs/methods-*.
-# Usage: scripts/bench_methods.sh [THREADS] [SEED]     (about 25 minutes on 2 cores)
+# Usage: scripts/bench_methods.sh [THREADS] [SEED] [RUN...]   (about 40 minutes on 2 cores)
+# With RUN names (e.g. tweets-ia3 smollm2-qlora) only those rows run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 THREADS=${1:-$(nproc)}
@@ -13,8 +14,10 @@ cargo build -p whet 2>/dev/null
 W=target/debug/whet
 set -f  # the --set values below hold brackets
 IA3='--set ia3.target_modules=["key","value","output.dense"] --set ia3.feedforward_modules=["output.dense"]'
+ONLY=" ${*:3} "
 run() { # name recipe args...
     local name=$1 recipe=$2; shift 2
+    [[ "$ONLY" == "  " || "$ONLY" == *" $name "* ]] || return 0
     local out=runs/methods-$name-seed$SEED
     RAYON_NUM_THREADS=$THREADS $W train "$recipe" --set training.output_dir=\"$out\" \
         --set training.save_strategy=\"no\" --set training.seed=$SEED "$@" >"$out.log" 2>&1 \
@@ -39,6 +42,9 @@ run tweets-lora recipes/tweets-lora.toml
 run tweets-qlora recipes/tweets-lora.toml --set method=qlora
 # IA3 learns scales, not updates: it takes a larger learning rate (peft's IA3 examples: 1e-2 -- 3e-2).
 run tweets-ia3 recipes/tweets-lora.toml --set method=ia3 $IA3 --set training.learning_rate=1e-2
+run tweets-bottleneck recipes/tweets-lora.toml --set method=bottleneck
+run tweets-full-adamw8bit recipes/tweets-lora.toml --set method=full --set training.learning_rate=5e-5 \
+    --set training.optim=\"adamw_bnb_8bit\"
 STEPS='--set training.max_steps=20 --set training.eval_strategy="no"'
 run smollm2-lora recipes/smollm2-dates-lora.toml $STEPS
 run smollm2-qlora recipes/smollm2-dates-lora.toml --set method=qlora $STEPS
