@@ -560,6 +560,13 @@ impl GgufFile {
 /// Dequantises `n` values of type `ty` from `raw`; None for an unsupported type.
 pub fn dequantize(ty: GgmlType, raw: &[u8], n: usize) -> Option<Vec<f32>> {
     let mut out = vec![0f32; n];
+    dequantize_into(ty, raw, &mut out)?;
+    Some(out)
+}
+
+/// Dequantises `out.len()` values of type `ty` from `raw` into `out`; None for an unsupported
+/// type.
+pub fn dequantize_into(ty: GgmlType, raw: &[u8], out: &mut [f32]) -> Option<()> {
     let (per, bytes) = ty.block()?;
     let blocks = raw.chunks_exact(bytes).zip(out.chunks_exact_mut(per));
     match ty {
@@ -580,7 +587,7 @@ pub fn dequantize(ty: GgmlType, raw: &[u8], n: usize) -> Option<Vec<f32>> {
         GgmlType::Q6K => blocks.for_each(|(b, y)| q6_k(b, y)),
         GgmlType::Other(_) => return None,
     }
-    Some(out)
+    Some(())
 }
 
 fn h(b: &[u8], at: usize) -> f32 {

@@ -309,13 +309,11 @@ impl QuantMatrix {
                 let (per, bytes) = ty.block().unwrap_or((1, 4));
                 // Rows are whole blocks (checked in `ggml`), so rows dequantise independently.
                 let row_bytes = self.cols / per * bytes;
-                let cols = self.cols;
-                out.par_chunks_mut(cols)
+                out.par_chunks_mut(self.cols)
                     .zip(raw.par_chunks(row_bytes))
                     .for_each(|(y, r)| {
-                        if let Some(v) = whet_gguf::dequantize(*ty, r, cols) {
-                            y.copy_from_slice(&v);
-                        }
+                        // The type was checked in `ggml`.
+                        let _ = whet_gguf::dequantize_into(*ty, r, y);
                     });
             }
         }
