@@ -13,14 +13,14 @@ use std::path::Path;
 use burn::module::Param;
 use burn::tensor::{Device, Distribution, Tensor};
 use serde::{Deserialize, Serialize};
+use whet_models::VisitParams;
 use whet_models::config::Activation;
 use whet_models::layers::{Bottleneck, Linear};
 use whet_models::weights::tensor_values;
-use whet_models::{VisitParams, Visitor};
 
-use crate::lora::{LoraReport, count};
+use crate::lora::LoraReport;
 use crate::{
-    PREFIX, PeftError, Reader, Result, collect_tensors, in_modules, set_trainable, write_adapter,
+    PREFIX, PeftError, Reader, Result, attach_each, collect_tensors, freeze_all_but, write_adapter,
 };
 
 /// The file format, for the README and `--help`.
@@ -106,51 +106,32 @@ pub fn apply_bottleneck<M: VisitParams>(
             "bottleneck reduction_factor must be at least 1".into(),
         ));
     }
-    struct Attach<'a> {
-        config: &'a BottleneckConfig,
-        device: &'a Device,
-        targeted: Vec<String>,
-    }
-    impl Visitor for Attach<'_> {
-        fn linear(&mut self, name: &str, layer: &mut Linear) -> bool {
-            if self.config.targets(name) {
-                let (_, d) = layer.dims();
-                let r = (d / self.config.reduction_factor).max(1);
-                layer.bottleneck = Some(Bottleneck {
-                    down: Param::from_tensor(Tensor::random(
-                        [d, r],
-                        Distribution::Normal(0.0, 0.02),
-                        self.device,
-                    )),
-                    down_bias: Param::from_tensor(Tensor::zeros([r], self.device)),
-                    up: Param::from_tensor(Tensor::zeros([r, d], self.device)),
-                    up_bias: Param::from_tensor(Tensor::zeros([d], self.device)),
-                    act: self.config.non_linearity,
-                    enabled: true,
-                });
-                self.targeted.push(name.to_string());
-            }
-            true
+    let targeted = attach_each(model, &mut |name, layer| {
+        if !config.targets(name) {
+            return false;
         }
-    }
-    let mut attach = Attach {
-        config,
-        device,
-        targeted: vec![],
-    };
-    model.visit_params("", &mut attach);
-    if attach.targeted.is_empty() {
+        let (_, d) = layer.dims();
+        let r = (d / config.reduction_factor).max(1);
+        layer.bottleneck = Some(Bottleneck {
+            down: Param::from_tensor(Tensor::random(
+                [d, r],
+                Distribution::Normal(0.0, 0.02),
+                device,
+            )),
+            down_bias: Param::from_tensor(Tensor::zeros([r], device)),
+            up: Param::from_tensor(Tensor::zeros([r, d], device)),
+            up_bias: Param::from_tensor(Tensor::zeros([d], device)),
+            act: config.non_linearity,
+            enabled: true,
+        });
+        true
+    });
+    if targeted.is_empty() {
         return Err(PeftError::Config(
             "no attention or feed-forward output projection found for bottleneck adapters".into(),
         ));
     }
-    let trainable = |name: &str| in_modules(name, &config.modules_to_save);
-    set_trainable(model, &trainable);
-    let counts = count(model, &config.modules_to_save, &trainable);
-    Ok(LoraReport {
-        targeted: attach.targeted,
-        counts,
-    })
+    Ok(freeze_all_but(model, &config.modules_to_save, targeted))
 }
 
 /// Saves the adapters (and `modules_to_save`) into `dir` in whet's format ([`FORMAT`]).

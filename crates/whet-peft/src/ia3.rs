@@ -17,10 +17,10 @@ use whet_models::layers::{Ia3, Linear, LinearWeight};
 use whet_models::weights::tensor_values;
 use whet_models::{VisitParams, Visitor};
 
-use crate::lora::{LoraReport, count};
+use crate::lora::LoraReport;
 use crate::{
-    PREFIX, PeftError, Reader, Result, collect_tensors, in_modules, matches_target, set_trainable,
-    write_adapter,
+    PREFIX, PeftError, Reader, Result, attach_each, collect_tensors, freeze_all_but,
+    matches_target, write_adapter,
 };
 
 /// IA3 hyper-parameters, named and defaulted as `peft.IA3Config`.
@@ -81,56 +81,33 @@ pub fn apply_ia3<M: VisitParams>(
     device: &Device,
 ) -> Result<LoraReport> {
     config.validate()?;
-    struct Attach<'a> {
-        config: &'a Ia3Config,
-        device: &'a Device,
-        targeted: Vec<String>,
-    }
-    impl Visitor for Attach<'_> {
-        fn linear(&mut self, name: &str, layer: &mut Linear) -> bool {
-            if matches_target(name, &self.config.target_modules) {
-                let (d_in, d_out) = layer.dims();
-                let on_input = self.config.is_feedforward(name);
-                let n = if on_input { d_in } else { d_out };
-                let scale = if self.config.init_ia3_weights {
-                    Tensor::ones([n], self.device)
-                } else {
-                    Tensor::random(
-                        [n],
-                        burn::tensor::Distribution::Normal(1.0, 0.1),
-                        self.device,
-                    )
-                };
-                layer.ia3 = Some(Ia3 {
-                    scale: Param::from_tensor(scale),
-                    on_input,
-                    enabled: true,
-                });
-                self.targeted.push(name.to_string());
-            }
-            true
+    let targeted = attach_each(model, &mut |name, layer| {
+        if !matches_target(name, &config.target_modules) {
+            return false;
         }
-    }
-    let mut attach = Attach {
-        config,
-        device,
-        targeted: vec![],
-    };
-    model.visit_params("", &mut attach);
-    if attach.targeted.is_empty() {
+        let (d_in, d_out) = layer.dims();
+        let on_input = config.is_feedforward(name);
+        let n = if on_input { d_in } else { d_out };
+        let scale = if config.init_ia3_weights {
+            Tensor::ones([n], device)
+        } else {
+            Tensor::random([n], burn::tensor::Distribution::Normal(1.0, 0.1), device)
+        };
+        layer.ia3 = Some(Ia3 {
+            scale: Param::from_tensor(scale),
+            on_input,
+            enabled: true,
+        });
+        true
+    });
+    if targeted.is_empty() {
         return Err(PeftError::Config(format!(
             "ia3 target modules {:?} not found in the base model (linear layers are named like \
              \"encoder.layer.0.attention.self.key\")",
             config.target_modules
         )));
     }
-    let trainable = |name: &str| in_modules(name, &config.modules_to_save);
-    set_trainable(model, &trainable);
-    let counts = count(model, &config.modules_to_save, &trainable);
-    Ok(LoraReport {
-        targeted: attach.targeted,
-        counts,
-    })
+    Ok(freeze_all_but(model, &config.modules_to_save, targeted))
 }
 
 fn adapter_config_json(config: &Ia3Config, base_model: &str, task_type: &str) -> serde_json::Value {

@@ -181,6 +181,45 @@ pub fn load_adapter<M: VisitParams>(
     Ok(config)
 }
 
+/// Offers every linear layer of `model` to `attach`, which returns whether it attached an
+/// adapter; returns the names of the adapted layers (the visiting shared by every method).
+pub(crate) fn attach_each<M: VisitParams>(
+    model: &mut M,
+    attach: &mut dyn FnMut(&str, &mut Linear) -> bool,
+) -> Vec<String> {
+    struct Attach<'a> {
+        attach: &'a mut dyn FnMut(&str, &mut Linear) -> bool,
+        targeted: Vec<String>,
+    }
+    impl Visitor for Attach<'_> {
+        fn linear(&mut self, name: &str, layer: &mut Linear) -> bool {
+            if (self.attach)(name, layer) {
+                self.targeted.push(name.to_string());
+            }
+            true
+        }
+    }
+    let mut a = Attach {
+        attach,
+        targeted: vec![],
+    };
+    model.visit_params("", &mut a);
+    a.targeted
+}
+
+/// Freezes every base parameter except `modules_to_save` and counts as peft does (the adapters
+/// attached before are trainable by construction).
+pub(crate) fn freeze_all_but<M: VisitParams>(
+    model: &mut M,
+    modules_to_save: &[String],
+    targeted: Vec<String>,
+) -> lora::LoraReport {
+    let trainable = |name: &str| in_modules(name, modules_to_save);
+    set_trainable(model, &trainable);
+    let counts = lora::count(model, modules_to_save, &trainable);
+    lora::LoraReport { targeted, counts }
+}
+
 /// Key prefix of every tensor in a peft adapter file.
 pub(crate) const PREFIX: &str = "base_model.model.";
 

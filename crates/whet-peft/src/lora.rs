@@ -17,8 +17,8 @@ use whet_models::weights::{Layout, tensor_values};
 use whet_models::{VisitParams, Visitor};
 
 use crate::{
-    PREFIX, ParamCounts, PeftError, Reader, Result, collect_tensors, in_modules, matches_target,
-    set_trainable, write_adapter,
+    PREFIX, ParamCounts, PeftError, Reader, Result, attach_each, collect_tensors, in_modules,
+    matches_target, set_trainable, write_adapter,
 };
 
 /// LoRA hyper-parameters, named and defaulted as `peft.LoraConfig`.
@@ -110,48 +110,34 @@ pub fn apply_lora<M: VisitParams>(
     device: &Device,
 ) -> Result<LoraReport> {
     config.validate()?;
-    struct Attach<'a> {
-        config: &'a LoraConfig,
-        device: &'a Device,
-        targeted: Vec<String>,
-    }
-    impl Visitor for Attach<'_> {
-        fn linear(&mut self, name: &str, layer: &mut Linear) -> bool {
-            if matches_target(name, &self.config.target_modules) {
-                let (d_in, d_out) = layer.dims();
-                let r = self.config.r;
-                // kaiming_uniform_(a = sqrt(5)) on lora_A [r, in]: bound = 1 / sqrt(in)
-                let bound = 1.0 / (d_in as f64).sqrt();
-                layer.adapter = Some(LowRank {
-                    a: Param::from_tensor(Tensor::random(
-                        [d_in, r],
-                        Distribution::Uniform(-bound, bound),
-                        self.device,
-                    )),
-                    b: Param::from_tensor(Tensor::zeros([r, d_out], self.device)),
-                    scaling: self.config.scaling(),
-                    dropout: self.config.lora_dropout,
-                    enabled: true,
-                });
-                self.targeted.push(name.to_string());
-            }
-            true
+    let targeted = attach_each(model, &mut |name, layer| {
+        if !matches_target(name, &config.target_modules) {
+            return false;
         }
-    }
-    let mut attach = Attach {
-        config,
-        device,
-        targeted: vec![],
-    };
-    model.visit_params("", &mut attach);
-    if attach.targeted.is_empty() {
+        let (d_in, d_out) = layer.dims();
+        let r = config.r;
+        // kaiming_uniform_(a = sqrt(5)) on lora_A [r, in]: bound = 1 / sqrt(in)
+        let bound = 1.0 / (d_in as f64).sqrt();
+        layer.adapter = Some(LowRank {
+            a: Param::from_tensor(Tensor::random(
+                [d_in, r],
+                Distribution::Uniform(-bound, bound),
+                device,
+            )),
+            b: Param::from_tensor(Tensor::zeros([r, d_out], device)),
+            scaling: config.scaling(),
+            dropout: config.lora_dropout,
+            enabled: true,
+        });
+        true
+    });
+    if targeted.is_empty() {
         return Err(PeftError::Config(format!(
             "target modules {:?} not found in the base model (linear layers are named like \
              \"encoder.layer.0.attention.self.query\")",
             config.target_modules
         )));
     }
-    let targeted = attach.targeted;
     let trainable = |name: &str| {
         in_modules(name, &config.modules_to_save)
             || (name.ends_with(".bias")

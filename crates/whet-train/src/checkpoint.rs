@@ -257,6 +257,19 @@ pub fn load<M: VisitParams + ?Sized>(
             let absmax = moments
                 .read_f32(&format!("{k}absmax.{name}"))
                 .map_err(|e| e.to_string())?;
+            // A damaged file must not become silently wrong moments.
+            if codes
+                .iter()
+                .any(|&c| !(0.0..=255.0).contains(&c) || c.fract() != 0.0)
+                || absmax.len() != codes.len().div_ceil(whet_models::quant::DQ_BLOCK)
+            {
+                return Err(format!(
+                    "{}: 8-bit optimizer state {k}.{name} is damaged ({} codes, {} block scales)",
+                    dir.join("optimizer.safetensors").display(),
+                    codes.len(),
+                    absmax.len()
+                ));
+            }
             Ok(Blockwise8 {
                 codes: codes.iter().map(|&c| c as u8).collect(),
                 absmax,
