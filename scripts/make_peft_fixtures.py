@@ -58,6 +58,26 @@ CASES = {
 }
 BATCH_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
+# Prompt learning (prefix tuning, prompt tuning): (base fixture, task type, config). The prompt
+# encoder keeps peft's N(0, 1) / default init; the head's modules_to_save copy is moved as above.
+PROMPT_CASES = {
+    "bert-prefix": ("tiny-bert", "SEQ_CLS", dict(peft_type="PREFIX_TUNING", num_virtual_tokens=3)),
+    "bert-prompt": ("tiny-bert", "SEQ_CLS", dict(peft_type="PROMPT_TUNING", num_virtual_tokens=4)),
+    "distilbert-prompt": ("tiny-distilbert", "SEQ_CLS",
+                          dict(peft_type="PROMPT_TUNING", num_virtual_tokens=2, token_dim=32,
+                               num_attention_heads=4, num_layers=2)),
+    "gpt2-prefix-proj": ("tiny-gpt2-cls", "SEQ_CLS",
+                         dict(peft_type="PREFIX_TUNING", num_virtual_tokens=3, prefix_projection=True,
+                              encoder_hidden_size=16)),
+    "llama-prefix-proj": ("tiny-llama-cls", "SEQ_CLS",
+                          dict(peft_type="PREFIX_TUNING", num_virtual_tokens=2, prefix_projection=True,
+                               encoder_hidden_size=12)),
+    "llama-prompt": ("tiny-llama-cls", "SEQ_CLS", dict(peft_type="PROMPT_TUNING", num_virtual_tokens=3)),
+    # Causal LM: logits and the loss with labels, on the right-padded batch.
+    "llama-prefix-lm": ("tiny-llama", "CAUSAL_LM", dict(peft_type="PREFIX_TUNING", num_virtual_tokens=3)),
+    "gpt2-prompt-lm": ("tiny-gpt2", "CAUSAL_LM", dict(peft_type="PROMPT_TUNING", num_virtual_tokens=2)),
+}
+
 
 def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -146,24 +166,92 @@ def make_case(case: str) -> None:
           f"adapter effect {d_adapt:.3g}", flush=True)
 
 
+def make_prompt_case(case: str) -> None:
+    from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    base_name, task, kw = PROMPT_CASES[case]
+    kw = dict(kw)
+    kind = kw.pop("peft_type")
+    config_class = PrefixTuningConfig if kind == "PREFIX_TUNING" else PromptTuningConfig
+    fx = load_torch(FIXTURES / base_name / "fixture.safetensors")
+    if task == "CAUSAL_LM":
+        batch = {"input_ids": fx["input_ids_right"], "attention_mask": fx["attention_mask_right"]}
+        auto = AutoModelForCausalLM
+    else:
+        batch = {k: fx[k] for k in BATCH_KEYS if k in fx}
+        auto = AutoModelForSequenceClassification
+    base = auto.from_pretrained(f"tests/fixtures/{base_name}", dtype=torch.float32,
+                                attn_implementation="eager").eval()
+    torch.manual_seed(0)
+    model = get_peft_model(base, config_class(task_type=task, **kw))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".modules_to_save.default." in name:
+                p.add_(0.05 * torch.randn(p.shape))
+    model.eval()
+
+    d = OUT / case
+    d.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(d)
+    (d / "README.md").unlink(missing_ok=True)
+    with torch.no_grad():
+        extra = {}
+        # peft 0.21's disable_adapter() fails for prompt learning on SEQ_CLS models, so the
+        # base logits are the base fixture's own (the same model with its original head).
+        if task == "CAUSAL_LM":
+            out = model(**batch, labels=fx["labels"])
+            extra["loss"] = out.loss.reshape(1)
+            base_logits = fx["logits_right"]
+        else:
+            out = model(**batch)
+            base_logits = fx["logits"]
+        logits = out.logits
+    # transformers' decoder classifiers pool the last position when given inputs_embeds (a
+    # soft prompt), padding or not; only rows without padding are comparable there.
+    full_rows = [i for i, m in enumerate(batch["attention_mask"]) if bool(m.all())]
+    comparable = list(range(len(batch["input_ids"])))
+    if task == "SEQ_CLS" and kind == "PROMPT_TUNING" and base_name in ("tiny-llama-cls", "tiny-gpt2-cls"):
+        comparable = full_rows
+    trainable, total = model.get_nb_trainable_parameters()
+    tensors = {**batch, "logits": logits, "base_logits": base_logits, **extra}
+    if task == "CAUSAL_LM":
+        tensors["labels"] = fx["labels"]
+    save_torch({k: v.detach().contiguous() for k, v in tensors.items()}, d / "expected.safetensors")
+    saved = load_torch(d / "adapter_model.safetensors")
+    write_json(d / "expected.json", {
+        "base_fixture": base_name,
+        "task_type": task,
+        "peft_type": kind,
+        "config": kw,
+        "trainable_parameters": {"trainable": trainable, "all": total},
+        "comparable_rows": comparable,
+        "adapter_keys": {k: list(v.shape) for k, v in sorted(saved.items())},
+        "expected_tensors": {k: list(v.shape) for k, v in tensors.items()},
+    })
+    print(f"{case}: trainable {trainable} of {total}; saved {sorted(saved)}", flush=True)
+
+
 def main() -> None:
     # peft stores target_modules from a Python set: pin the string hash seed so the order that
     # lands in adapter_config.json (and so its bytes) is the same on every run.
     if os.environ.get("PYTHONHASHSEED") != "0":
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "PYTHONHASHSEED": "0"})
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
+    known = {**CASES, **PROMPT_CASES}
+    ap.add_argument("--only", default=",".join(known), help=f"comma-separated subset of {','.join(known)}")
     args = ap.parse_args()
     cases = [c for c in args.only.split(",") if c]
-    unknown = [c for c in cases if c not in CASES]
+    unknown = [c for c in cases if c not in known]
     if unknown:
-        ap.error(f"unknown case(s) {unknown}; known: {list(CASES)}")
-    missing = sorted({CASES[c][0] for c in cases if not (FIXTURES / CASES[c][0] / "model.safetensors").is_file()})
+        ap.error(f"unknown case(s) {unknown}; known: {list(known)}")
+    missing = sorted({known[c][0] for c in cases if not (FIXTURES / known[c][0] / "model.safetensors").is_file()})
     if missing:
         sys.exit(f"make_peft_fixtures: missing base fixtures {missing}; run scripts/make_fixtures.py --only tiny")
     os.chdir(ROOT)
     for c in cases:
-        make_case(c)
+        make_case(c) if c in CASES else make_prompt_case(c)
     for p in OUT.rglob("*"):  # safetensors writes 0600; keep the tree readable like any checkout
         if p.is_file():
             p.chmod(0o644)

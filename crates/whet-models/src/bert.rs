@@ -17,6 +17,7 @@ use crate::layers::{
     Embedding, LayerNorm, Linear, Mode, TorchLinear, attention_bias, dropout, merge_heads,
     scaled_dot_product, split_heads,
 };
+use crate::prompt::{PromptEncoder, PromptShape, PromptSlot, VirtualTokens, widen_mask};
 use crate::weights::{VisitParams, Visitor, Weights, join};
 
 /// BERT hyper-parameters, as in `transformers.BertConfig`.
@@ -116,15 +117,35 @@ impl BertEmbeddings {
         })
     }
 
+    /// Embeds the tokens, after a soft prompt when there is one (it gets positions `0..P` and
+    /// token type 0, as peft's prompt tuning passes it through `inputs_embeds`); `first` is the
+    /// first position's number (`P` after a key/value prefix, as transformers numbers tokens
+    /// after `past_key_values`).
+    ///
     /// # Shapes
-    /// - ids, token types `[B, T]`
-    /// - output `[B, T, H]`
-    fn forward(&self, ids: Tensor<2, Int>, types: Tensor<2, Int>, mode: Mode) -> Tensor<3> {
-        let [b, t] = ids.dims();
-        let positions = Tensor::<1, Int>::arange(0..t as i64, &ids.device())
+    /// - ids, token types `[B, T]`, soft prompt `[B, P, H]`
+    /// - output `[B, P + T, H]` (`P` = 0 without a soft prompt)
+    fn forward(
+        &self,
+        ids: Tensor<2, Int>,
+        types: Tensor<2, Int>,
+        soft_prompt: Option<Tensor<3>>,
+        first: usize,
+        mode: Mode,
+    ) -> Tensor<3> {
+        let mut words = self.word_embeddings.forward(ids);
+        let mut types = types;
+        if let Some(e) = soft_prompt {
+            let [b, p, _] = e.dims();
+            // (B, P, H) ++ (B, T, H) -> (B, P + T, H)
+            words = Tensor::cat(vec![e, words], 1);
+            types = Tensor::cat(vec![Tensor::zeros([b, p], &types.device()), types], 1);
+        }
+        let [b, t, _] = words.dims();
+        let positions = Tensor::<1, Int>::arange(first as i64..(first + t) as i64, &types.device())
             .reshape([1, t])
             .expand([b, t]);
-        let x = self.word_embeddings.forward(ids)
+        let x = words
             + self.position_embeddings.forward(positions)
             + self.token_type_embeddings.forward(types);
         dropout(self.layer_norm.forward(x), self.dropout, mode)
@@ -186,12 +207,23 @@ impl BertLayer {
     }
 
     /// # Shapes
-    /// - x `[B, T, H]`, bias `[B, 1, T, T]`
+    /// - x `[B, T, H]`, bias `[B, 1, T, P + T]`, prefix keys and values `[B, heads, P, hd]`
     /// - output `[B, T, H]`
-    fn forward(&self, x: Tensor<3>, bias: Tensor<4>, mode: Mode) -> Tensor<3> {
+    fn forward(
+        &self,
+        x: Tensor<3>,
+        bias: Tensor<4>,
+        prefix: Option<&(Tensor<4>, Tensor<4>)>,
+        mode: Mode,
+    ) -> Tensor<3> {
         let q = split_heads(self.query.forward(x.clone(), mode), self.heads);
-        let k = split_heads(self.key.forward(x.clone(), mode), self.heads);
-        let v = split_heads(self.value.forward(x.clone(), mode), self.heads);
+        let mut k = split_heads(self.key.forward(x.clone(), mode), self.heads);
+        let mut v = split_heads(self.value.forward(x.clone(), mode), self.heads);
+        if let Some((pk, pv)) = prefix {
+            // (B, h, P, hd) ++ (B, h, T, hd) -> (B, h, P + T, hd)
+            k = Tensor::cat(vec![pk.clone(), k], 2);
+            v = Tensor::cat(vec![pv.clone(), v], 2);
+        }
         let ctx = merge_heads(scaled_dot_product(
             q,
             k,
@@ -239,6 +271,8 @@ pub struct BertModel {
     pub layers: Vec<BertLayer>,
     /// Dense + tanh on the first token; absent in some checkpoints.
     pub pooler: Option<Linear>,
+    /// Virtual tokens of prompt learning, attached from outside (whet-peft).
+    pub prompt: Option<PromptEncoder>,
 }
 
 /// Outputs of [`BertModel::forward`].
@@ -271,27 +305,63 @@ impl BertModel {
             embeddings: BertEmbeddings::load(&vb.pp("embeddings"), c)?,
             layers,
             pooler,
+            prompt: None,
         })
     }
 
+    /// Virtual tokens (prompt learning) go in front: a soft prompt makes the output `P`
+    /// positions longer, and the first of them is what the pooler reads, as in peft.
+    ///
     /// # Shapes
     /// - input ids and mask `[B, T]`
-    /// - last hidden state `[B, T, H]`, pooler output `[B, H]`
+    /// - last hidden state `[B, P + T, H]` (`P` = 0 without a soft prompt), pooler output `[B, H]`
     pub fn forward(&self, input: EncoderInput, mode: Mode) -> EncoderOutput {
         let [b, t] = input.input_ids.dims();
         let types = input
             .token_type_ids
             .unwrap_or_else(|| Tensor::zeros([b, t], &input.input_ids.device()));
-        let bias = attention_bias(input.attention_mask.equal_elem(1), t, false);
-        let mut x = self.embeddings.forward(input.input_ids, types, mode);
-        for layer in &self.layers {
-            x = layer.forward(x, bias.clone(), mode);
+        let (mut mask, mut soft_prompt, mut prefix, mut first) =
+            (input.attention_mask, None, None, 0);
+        if let Some(vt) = self.prompt.as_ref().and_then(|e| e.virtual_tokens(b)) {
+            mask = widen_mask(mask, vt.len());
+            match vt {
+                VirtualTokens::Embeddings(e) => soft_prompt = Some(e),
+                VirtualTokens::KeyValues(kv) => {
+                    first = kv.first().map(|(k, _)| k.dims()[2]).unwrap_or(0);
+                    prefix = Some(kv);
+                }
+            }
+        }
+        let mut x = self
+            .embeddings
+            .forward(input.input_ids, types, soft_prompt, first, mode);
+        let bias = attention_bias(mask.equal_elem(1), x.dims()[1], false);
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(x, bias.clone(), prefix.as_ref().map(|kv| &kv[i]), mode);
         }
         let pooler_output = self.pooler.as_ref().map(|p| pool(p, x.clone(), mode));
         EncoderOutput {
             last_hidden_state: x,
             pooler_output,
         }
+    }
+
+    /// The sizes of this model's virtual tokens.
+    pub fn prompt_shape(&self) -> PromptShape {
+        let hidden = self.embeddings.word_embeddings.weight.dims()[1];
+        let heads = self.layers[0].heads;
+        PromptShape {
+            layers: self.layers.len(),
+            hidden,
+            kv_heads: heads,
+            head_dim: hidden / heads,
+            takes_prefix: true,
+        }
+    }
+
+    /// Positions a soft prompt adds in front of the output.
+    pub fn virtual_positions(&self) -> usize {
+        self.prompt.as_ref().map_or(0, |e| e.output_offset())
     }
 }
 
@@ -304,6 +374,13 @@ impl VisitParams for BertModel {
         if let Some(pooler) = &mut self.pooler {
             pooler.visit_params(&join(p, "pooler.dense"), v);
         }
+        let shape = self.prompt_shape();
+        let slot = PromptSlot {
+            encoder: &mut self.prompt,
+            shape,
+            word_embeddings: &self.embeddings.word_embeddings,
+        };
+        crate::prompt::visit_slot(slot, p, v);
     }
 }
 
@@ -444,11 +521,18 @@ impl BertForQuestionAnswering {
         ))
     }
 
+    /// A soft prompt's positions are dropped, so the logits index the input tokens (peft
+    /// would score the virtual positions as well).
+    ///
     /// # Shapes
     /// - start and end logits `[B, T]`
     pub fn forward(&self, input: EncoderInput, mode: Mode) -> SpanLogits {
         let x = self.bert.forward(input, mode).last_hidden_state;
-        let [b, t, _] = x.dims();
+        let p = self.bert.virtual_positions();
+        let [b, n, _] = x.dims();
+        // (B, P + T, H) -> (B, T, H)
+        let x = x.slice([0..b, p..n]);
+        let t = n - p;
         // (B, T, H) -> (B, T, 2)
         let logits = self.qa_outputs.forward(x, mode);
         SpanLogits {

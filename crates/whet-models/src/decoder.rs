@@ -115,6 +115,57 @@ impl KvCache {
     }
 }
 
+/// Places a decoder's virtual tokens on a call that starts a sequence (no cache, or an empty
+/// one): the mask gains `P` ones in front; a key/value prefix goes into the cache (`local` when
+/// the caller passed none), so the new tokens are numbered from `P` as after `P` cached tokens;
+/// a soft prompt is returned, to be prepended to the token embeddings, with explicit positions
+/// widened to `0..P` then the given ones shifted by `P`. Later calls of a cached sequence find
+/// the prefix in the cache and place nothing (their mask must then cover it).
+pub(crate) fn place_virtual_tokens<'a>(
+    encoder: Option<&crate::prompt::PromptEncoder>,
+    input: &mut DecoderInput,
+    cache: Option<&'a mut KvCache>,
+    local: &'a mut KvCache,
+) -> (Option<&'a mut KvCache>, Option<Tensor<3>>) {
+    use crate::prompt::{VirtualTokens, prompt_positions, widen_mask};
+    let starts = cache.as_ref().is_none_or(|c| c.is_empty());
+    let batch = input.input_ids.dims()[0];
+    let Some(vt) = encoder
+        .filter(|_| starts)
+        .and_then(|e| e.virtual_tokens(batch))
+    else {
+        return (cache, None);
+    };
+    let p = vt.len();
+    input.attention_mask = widen_mask(input.attention_mask.clone(), p);
+    match vt {
+        VirtualTokens::Embeddings(e) => {
+            input.position_ids = input
+                .position_ids
+                .take()
+                .map(|pos| prompt_positions(pos, p));
+            (cache, Some(e))
+        }
+        VirtualTokens::KeyValues(kv) => {
+            input.position_ids = input
+                .position_ids
+                .take()
+                .map(|pos| pos.add_scalar(p as i64));
+            let layers = kv.into_iter().map(Some).collect();
+            match cache {
+                Some(c) => {
+                    c.layers = layers;
+                    (Some(c), None)
+                }
+                None => {
+                    local.layers = layers;
+                    (Some(local), None)
+                }
+            }
+        }
+    }
+}
+
 /// A decoder with a language-modelling head, as generation needs it.
 pub trait CausalLm {
     /// Final hidden states (after the last norm).
@@ -148,6 +199,12 @@ pub trait CausalLm {
 
     /// Vocabulary size.
     fn vocab_size(&self) -> usize;
+
+    /// Positions a soft prompt adds in front of the hidden states of a call that starts a
+    /// sequence (0 without one).
+    fn virtual_positions(&self) -> usize {
+        0
+    }
 }
 
 /// Index of each row's last non-pad token, as `transformers`' `*ForSequenceClassification`

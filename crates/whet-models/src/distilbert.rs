@@ -16,6 +16,7 @@ use crate::layers::{
     Embedding, LayerNorm, Linear, Mode, TorchLinear, attention_bias, dropout, merge_heads,
     scaled_dot_product, split_heads,
 };
+use crate::prompt::{PromptEncoder, PromptShape, PromptSlot, VirtualTokens, widen_mask};
 use crate::weights::{VisitParams, Visitor, Weights, join};
 
 /// DistilBERT hyper-parameters, as in `transformers.DistilBertConfig`.
@@ -148,6 +149,8 @@ pub struct DistilBertModel {
     pub embeddings_norm: LayerNorm,
     pub layers: Vec<DistilBertLayer>,
     pub dropout: f64,
+    /// A soft prompt (prompt tuning), attached from outside (whet-peft).
+    pub prompt: Option<PromptEncoder>,
 }
 
 impl DistilBertModel {
@@ -171,25 +174,56 @@ impl DistilBertModel {
             embeddings_norm: LayerNorm::load(&vb.pp("embeddings.LayerNorm"), c.dim, LN_EPS)?,
             layers,
             dropout: c.dropout,
+            prompt: None,
         })
     }
 
+    /// A soft prompt goes in front with positions `0..P`, as peft passes it through
+    /// `inputs_embeds`; the first-token head then reads the first virtual token, as in peft.
+    ///
     /// # Shapes
     /// - ids and mask `[B, T]`
-    /// - output `[B, T, D]`
+    /// - output `[B, P + T, D]` (`P` = 0 without a soft prompt)
     pub fn forward(&self, input: EncoderInput, mode: Mode) -> Tensor<3> {
-        let [b, t] = input.input_ids.dims();
-        let positions = Tensor::<1, Int>::arange(0..t as i64, &input.input_ids.device())
+        let [b, _] = input.input_ids.dims();
+        let mut words = self.word_embeddings.forward(input.input_ids);
+        let mut mask = input.attention_mask;
+        match self.prompt.as_ref().and_then(|e| e.virtual_tokens(b)) {
+            None => {}
+            Some(VirtualTokens::Embeddings(e)) => {
+                mask = widen_mask(mask, e.dims()[1]);
+                // (B, P, D) ++ (B, T, D) -> (B, P + T, D)
+                words = Tensor::cat(vec![e, words], 1);
+            }
+            // whet-peft refuses to attach one: `prompt_shape().takes_prefix` is false.
+            Some(VirtualTokens::KeyValues(_)) => {
+                unreachable!("DistilBERT takes no key/value prefix")
+            }
+        }
+        let t = words.dims()[1];
+        let positions = Tensor::<1, Int>::arange(0..t as i64, &mask.device())
             .reshape([1, t])
             .expand([b, t]);
-        let x = self.word_embeddings.forward(input.input_ids)
-            + self.position_embeddings.forward(positions);
+        let x = words + self.position_embeddings.forward(positions);
         let mut x = dropout(self.embeddings_norm.forward(x), self.dropout, mode);
-        let bias = attention_bias(input.attention_mask.equal_elem(1), t, false);
+        let bias = attention_bias(mask.equal_elem(1), t, false);
         for layer in &self.layers {
             x = layer.forward(x, bias.clone(), mode);
         }
         x
+    }
+
+    /// The sizes of this model's virtual tokens (a soft prompt only).
+    pub fn prompt_shape(&self) -> PromptShape {
+        let hidden = self.word_embeddings.weight.dims()[1];
+        let heads = self.layers[0].heads;
+        PromptShape {
+            layers: self.layers.len(),
+            hidden,
+            kv_heads: heads,
+            head_dim: hidden / heads,
+            takes_prefix: false,
+        }
     }
 }
 
@@ -204,6 +238,13 @@ impl VisitParams for DistilBertModel {
         for (i, l) in self.layers.iter_mut().enumerate() {
             l.visit_params(&join(p, &format!("transformer.layer.{i}")), v);
         }
+        let shape = self.prompt_shape();
+        let slot = PromptSlot {
+            encoder: &mut self.prompt,
+            shape,
+            word_embeddings: &self.word_embeddings,
+        };
+        crate::prompt::visit_slot(slot, p, v);
     }
 }
 

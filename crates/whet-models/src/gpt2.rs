@@ -10,12 +10,15 @@ use burn::tensor::{Int, Tensor};
 use serde::Deserialize;
 
 use crate::config::{Activation, HeadFields};
-use crate::decoder::{CausalLm, DecoderInput, KvCache, gather_positions, last_non_pad};
+use crate::decoder::{
+    CausalLm, DecoderInput, KvCache, gather_positions, last_non_pad, place_virtual_tokens,
+};
 use crate::error::Result;
 use crate::layers::{
     Embedding, LayerNorm, Linear, Mode, TorchLinear, dropout, merge_heads, scaled_dot_product,
     split_heads,
 };
+use crate::prompt::{PromptEncoder, PromptShape, PromptSlot};
 use crate::weights::{VisitParams, Visitor, Weights, join};
 
 /// GPT-2 hyper-parameters, as in `transformers.GPT2Config`.
@@ -148,6 +151,8 @@ pub struct Gpt2Model {
     pub h: Vec<Gpt2Block>,
     pub ln_f: LayerNorm,
     pub embd_pdrop: f64,
+    /// Virtual tokens of prompt learning, attached from outside (whet-peft).
+    pub prompt: Option<PromptEncoder>,
 }
 
 impl Gpt2Model {
@@ -161,6 +166,7 @@ impl Gpt2Model {
                 .collect::<Result<_>>()?,
             ln_f: LayerNorm::load(&vb.pp("ln_f"), c.n_embd, c.layer_norm_epsilon)?,
             embd_pdrop: c.embd_pdrop,
+            prompt: None,
         })
     }
 
@@ -169,18 +175,27 @@ impl Gpt2Model {
     pub fn forward(
         &self,
         input: DecoderInput,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
         mode: Mode,
     ) -> Tensor<3> {
-        let [b, t] = input.input_ids.dims();
+        let mut input = input;
+        let mut local = KvCache::default();
+        let (mut cache, soft_prompt) =
+            place_virtual_tokens(self.prompt.as_ref(), &mut input, cache, &mut local);
+        let mut x = self.wte.forward(input.input_ids.clone());
+        if let Some(e) = soft_prompt {
+            // (B, P, E) ++ (B, T, E) -> (B, P + T, E)
+            x = Tensor::cat(vec![e, x], 1);
+        }
+        let [b, t, _] = x.dims();
         let past = cache.as_ref().map(|c| c.len()).unwrap_or(0);
         let bias = crate::decoder::decoder_bias(&input, t);
         let positions = input.position_ids.unwrap_or_else(|| {
-            Tensor::<1, Int>::arange(past as i64..(past + t) as i64, &input.input_ids.device())
+            Tensor::<1, Int>::arange(past as i64..(past + t) as i64, &x.device())
                 .reshape([1, t])
                 .expand([b, t])
         });
-        let x = self.wte.forward(input.input_ids) + self.wpe.forward(positions);
+        let x = x + self.wpe.forward(positions);
         let mut x = dropout(x, self.embd_pdrop, mode);
         for (i, block) in self.h.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| (c, i));
@@ -198,6 +213,33 @@ impl VisitParams for Gpt2Model {
             block.visit_params(&join(p, &format!("h.{i}")), v);
         }
         self.ln_f.visit_params(&join(p, "ln_f"), v);
+        let shape = self.prompt_shape();
+        let slot = PromptSlot {
+            encoder: &mut self.prompt,
+            shape,
+            word_embeddings: &self.wte,
+        };
+        crate::prompt::visit_slot(slot, p, v);
+    }
+}
+
+impl Gpt2Model {
+    /// The sizes of this model's virtual tokens.
+    pub fn prompt_shape(&self) -> PromptShape {
+        let e = self.wte.weight.dims()[1];
+        let heads = self.h[0].heads;
+        PromptShape {
+            layers: self.h.len(),
+            hidden: e,
+            kv_heads: heads,
+            head_dim: e / heads,
+            takes_prefix: true,
+        }
+    }
+
+    /// Positions a soft prompt adds in front of the output.
+    pub fn virtual_positions(&self) -> usize {
+        self.prompt.as_ref().map_or(0, |e| e.output_offset())
     }
 }
 
@@ -251,6 +293,10 @@ impl CausalLm for Gpt2LmHeadModel {
     fn vocab_size(&self) -> usize {
         self.transformer.wte.weight.dims()[0]
     }
+
+    fn virtual_positions(&self) -> usize {
+        self.transformer.virtual_positions()
+    }
 }
 
 impl VisitParams for Gpt2LmHeadModel {
@@ -291,7 +337,9 @@ impl Gpt2ForSequenceClassification {
     /// # Shapes
     /// - logits `[B, num_labels]`
     pub fn forward(&self, input: DecoderInput, mode: Mode) -> Result<Tensor<2>> {
-        let last = last_non_pad(&input.input_ids, self.pad_token_id)?;
+        // A soft prompt puts its positions in front of every row's tokens.
+        let last = last_non_pad(&input.input_ids, self.pad_token_id)?
+            .add_scalar(self.transformer.virtual_positions() as i64);
         let h = self.transformer.forward(input, None, mode);
         Ok(gather_positions(self.score.forward(h, mode), last))
     }

@@ -17,6 +17,7 @@ pub mod gpt2;
 pub mod kernels;
 pub mod layers;
 pub mod llama;
+pub mod prompt;
 pub mod quant;
 pub mod tokenizer;
 pub mod weights;
@@ -29,6 +30,7 @@ use burn::tensor::{Device, Tensor};
 pub use decoder::{CausalLm, DecoderInput, KvCache};
 pub use error::{ModelError, Result};
 pub use layers::Mode;
+pub use prompt::{PromptEncoder, PromptKind, PromptShape, VirtualTokens};
 pub use tokenizer::{ChatMessage, TextTokenizer};
 pub use weights::{
     ExportParams, NamedParam, QuantPolicy, TensorSource, VisitParams, Visitor, Weights,
@@ -575,6 +577,13 @@ impl CausalLm for CausalModel {
         match self {
             CausalModel::Gpt2(m) => m.vocab_size(),
             CausalModel::Llama(m) => m.vocab_size(),
+        }
+    }
+
+    fn virtual_positions(&self) -> usize {
+        match self {
+            CausalModel::Gpt2(m) => m.virtual_positions(),
+            CausalModel::Llama(m) => m.virtual_positions(),
         }
     }
 }

@@ -11,11 +11,14 @@ use burn::tensor::{Int, Tensor, TensorData};
 use serde::Deserialize;
 
 use crate::config::{Activation, HeadFields};
-use crate::decoder::{CausalLm, DecoderInput, KvCache, gather_positions, last_non_pad};
+use crate::decoder::{
+    CausalLm, DecoderInput, KvCache, gather_positions, last_non_pad, place_virtual_tokens,
+};
 use crate::error::{ModelError, Result};
 use crate::layers::{
     Embedding, Linear, Mode, RmsNorm, TorchLinear, merge_heads, scaled_dot_product, split_heads,
 };
+use crate::prompt::{PromptEncoder, PromptShape, PromptSlot};
 use crate::weights::{VisitParams, Visitor, Weights, join};
 
 /// LLaMA hyper-parameters, as in `transformers.LlamaConfig` (and Mistral / Qwen2 configs).
@@ -330,6 +333,8 @@ pub struct LlamaModel {
     /// `[hd / 2]`, a constant (not trained).
     #[module(skip)]
     pub inv_freq: Tensor<1>,
+    /// Virtual tokens of prompt learning, attached from outside (whet-peft).
+    pub prompt: Option<PromptEncoder>,
 }
 
 impl LlamaModel {
@@ -345,6 +350,7 @@ impl LlamaModel {
                 .collect::<Result<_>>()?,
             norm: RmsNorm::load(&vb.pp("norm"), c.hidden_size, c.rms_norm_eps)?,
             inv_freq: Tensor::from_data(TensorData::new(inv_freq, [n]), vb.device()),
+            prompt: None,
         })
     }
 
@@ -353,19 +359,27 @@ impl LlamaModel {
     pub fn forward(
         &self,
         input: DecoderInput,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
         mode: Mode,
     ) -> Tensor<3> {
-        let [b, t] = input.input_ids.dims();
+        let mut input = input;
+        let mut local = KvCache::default();
+        let (mut cache, soft_prompt) =
+            place_virtual_tokens(self.prompt.as_ref(), &mut input, cache, &mut local);
+        let mut x = self.embed_tokens.forward(input.input_ids.clone());
+        if let Some(e) = soft_prompt {
+            // (B, P, H) ++ (B, T, H) -> (B, P + T, H)
+            x = Tensor::cat(vec![e, x], 1);
+        }
+        let [b, t, _] = x.dims();
         let past = cache.as_ref().map(|c| c.len()).unwrap_or(0);
         let bias = crate::decoder::decoder_bias(&input, t);
         let positions = input.position_ids.unwrap_or_else(|| {
-            Tensor::<1, Int>::arange(past as i64..(past + t) as i64, &input.input_ids.device())
+            Tensor::<1, Int>::arange(past as i64..(past + t) as i64, &x.device())
                 .reshape([1, t])
                 .expand([b, t])
         });
         let rope = Rope::new(positions, self.inv_freq.clone());
-        let mut x = self.embed_tokens.forward(input.input_ids);
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| (c, i));
             x = layer.forward(x, &rope, bias.clone(), layer_cache, mode);
@@ -381,6 +395,33 @@ impl VisitParams for LlamaModel {
             layer.visit_params(&join(p, &format!("layers.{i}")), v);
         }
         self.norm.visit_params(&join(p, "norm"), v);
+        let shape = self.prompt_shape();
+        let slot = PromptSlot {
+            encoder: &mut self.prompt,
+            shape,
+            word_embeddings: &self.embed_tokens,
+        };
+        crate::prompt::visit_slot(slot, p, v);
+    }
+}
+
+impl LlamaModel {
+    /// The sizes of this model's virtual tokens.
+    pub fn prompt_shape(&self) -> PromptShape {
+        let first = &self.layers[0];
+        let kv_dim = first.k_proj.dims().1;
+        PromptShape {
+            layers: self.layers.len(),
+            hidden: self.embed_tokens.weight.dims()[1],
+            kv_heads: first.kv_heads,
+            head_dim: kv_dim / first.kv_heads,
+            takes_prefix: true,
+        }
+    }
+
+    /// Positions a soft prompt adds in front of the output.
+    pub fn virtual_positions(&self) -> usize {
+        self.prompt.as_ref().map_or(0, |e| e.output_offset())
     }
 }
 
@@ -445,6 +486,10 @@ impl CausalLm for LlamaForCausalLm {
     fn vocab_size(&self) -> usize {
         self.model.embed_tokens.weight.dims()[0]
     }
+
+    fn virtual_positions(&self) -> usize {
+        self.model.virtual_positions()
+    }
 }
 
 impl VisitParams for LlamaForCausalLm {
@@ -488,7 +533,9 @@ impl LlamaForSequenceClassification {
     /// # Shapes
     /// - logits `[B, num_labels]`
     pub fn forward(&self, input: DecoderInput, mode: Mode) -> Result<Tensor<2>> {
-        let last = last_non_pad(&input.input_ids, self.pad_token_id)?;
+        // A soft prompt puts its positions in front of every row's tokens.
+        let last = last_non_pad(&input.input_ids, self.pad_token_id)?
+            .add_scalar(self.model.virtual_positions() as i64);
         let h = self.model.forward(input, None, mode);
         Ok(gather_positions(self.score.forward(h, mode), last))
     }

@@ -334,6 +334,11 @@ pub trait Visitor {
     /// A frozen quantised weight (`[out, in]`; no parameter, no gradient). Ignored unless
     /// overridden.
     fn quantized(&mut self, _name: &str, _matrix: &crate::quant::QuantMatrix) {}
+    /// A family's slot for virtual tokens (prompt learning), before the encoder's parameters.
+    /// Return `true` to skip the default visit of those parameters.
+    fn prompt(&mut self, _name: &str, _slot: &mut crate::prompt::PromptSlot<'_>) -> bool {
+        false
+    }
 }
 
 /// A module whose parameters can be visited under their checkpoint names.

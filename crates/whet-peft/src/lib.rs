@@ -9,6 +9,7 @@
 pub mod bottleneck;
 pub mod ia3;
 pub mod lora;
+pub mod prompt;
 
 pub use bottleneck::{BottleneckConfig, BottleneckKind, apply_bottleneck};
 pub use ia3::{Ia3Config, apply_ia3, merge_ia3};
@@ -16,6 +17,7 @@ pub use lora::{
     LoraConfig, LoraReport, apply_lora, for_each_adapter, merge_lora, save_adapter,
     set_adapters_enabled,
 };
+pub use prompt::{PrefixTuningConfig, PromptConfig, PromptInit, PromptTuningConfig, apply_prompt};
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -37,6 +39,8 @@ pub enum PeftConfig {
     Ia3(Ia3Config),
     /// whet's `peft_type = "BOTTLENECK"` (Houlsby / Pfeiffer adapters; peft has none).
     Bottleneck(BottleneckConfig),
+    /// `peft_type = "PREFIX_TUNING"` or `"PROMPT_TUNING"` (virtual tokens).
+    Prompt(PromptConfig),
 }
 
 impl PeftConfig {
@@ -46,6 +50,7 @@ impl PeftConfig {
             PeftConfig::Lora(c) => apply_lora(model, c, device),
             PeftConfig::Ia3(c) => apply_ia3(model, c, device),
             PeftConfig::Bottleneck(c) => apply_bottleneck(model, c, device),
+            PeftConfig::Prompt(c) => apply_prompt(model, c, device),
         }
     }
 
@@ -63,6 +68,7 @@ impl PeftConfig {
             PeftConfig::Bottleneck(c) => {
                 bottleneck::save_adapter(model, c, base_model, task_type, dir)
             }
+            PeftConfig::Prompt(c) => prompt::save_adapter(model, c, base_model, task_type, dir),
         }
     }
 
@@ -72,6 +78,8 @@ impl PeftConfig {
             PeftConfig::Lora(c) => &mut c.modules_to_save,
             PeftConfig::Ia3(c) => &mut c.modules_to_save,
             PeftConfig::Bottleneck(c) => &mut c.modules_to_save,
+            PeftConfig::Prompt(PromptConfig::Prefix(c)) => &mut c.modules_to_save,
+            PeftConfig::Prompt(PromptConfig::Prompt(c)) => &mut c.modules_to_save,
         }
     }
 
@@ -81,7 +89,15 @@ impl PeftConfig {
             PeftConfig::Lora(_) => "LORA",
             PeftConfig::Ia3(_) => "IA3",
             PeftConfig::Bottleneck(_) => "BOTTLENECK",
+            PeftConfig::Prompt(PromptConfig::Prefix(_)) => "PREFIX_TUNING",
+            PeftConfig::Prompt(PromptConfig::Prompt(_)) => "PROMPT_TUNING",
         }
+    }
+
+    /// Whether the method adds virtual tokens (prefix or prompt tuning) rather than changing
+    /// layers: nothing to merge, and packed rows cannot take it.
+    pub fn is_prompt_learning(&self) -> bool {
+        matches!(self, PeftConfig::Prompt(_))
     }
 }
 
@@ -118,10 +134,14 @@ pub fn read_adapter_config(dir: &Path) -> Result<PeftConfig> {
         "BOTTLENECK" => Ok(PeftConfig::Bottleneck(
             serde_json::from_value(json).map_err(bad)?,
         )),
+        "PREFIX_TUNING" | "PROMPT_TUNING" => Ok(PeftConfig::Prompt(
+            prompt::from_json(&peft_type, json).map_err(bad)?,
+        )),
         other => Err(PeftError::Adapter {
             path,
             message: format!(
-                "peft_type {other:?} is not supported (LORA, IA3 and whet's BOTTLENECK are)"
+                "peft_type {other:?} is not supported (LORA, IA3, PREFIX_TUNING, PROMPT_TUNING \
+                 and whet's BOTTLENECK are)"
             ),
         }),
     }
@@ -139,6 +159,14 @@ pub fn load_adapter<M: VisitParams>(
     let source = SafetensorsSource::open(&file)?;
     // peft adds the head of a SEQ_CLS model to modules_to_save itself; the saved keys say
     // which base tensors the adapter replaces.
+    if config.is_prompt_learning() {
+        let modules = config.modules_to_save_mut();
+        for m in prompt::saved_modules(&source) {
+            if !modules.iter().any(|k| m.ends_with(k.as_str())) {
+                modules.push(m);
+            }
+        }
+    }
     let adapter_keys = [".lora_", ".ia3_l", ".adapter_down.", ".adapter_up."];
     for name in source.names() {
         if let Some(rest) = name.strip_prefix(PREFIX)
@@ -152,6 +180,10 @@ pub fn load_adapter<M: VisitParams>(
         }
     }
     config.apply(model, device)?;
+    if let PeftConfig::Prompt(c) = &config {
+        let used = prompt::fill(model, c, &source, &file, device)?;
+        return check_all_used(&file, used, source.names().len()).map(|_| config);
+    }
     let mut reader = Reader {
         source: &source,
         device,
@@ -163,22 +195,27 @@ pub fn load_adapter<M: VisitParams>(
         PeftConfig::Lora(_) => fill(model, &mut reader, &mut lora::fill_layer),
         PeftConfig::Ia3(_) => fill(model, &mut reader, &mut ia3::fill_layer),
         PeftConfig::Bottleneck(_) => fill(model, &mut reader, &mut bottleneck::fill_layer),
+        PeftConfig::Prompt(_) => unreachable!("filled above"),
     }
     if let Some(e) = reader.error {
         return Err(e);
     }
-    let used = reader.used;
-    let total = source.names().len();
+    check_all_used(&file, reader.used, source.names().len())?;
+    Ok(config)
+}
+
+/// An adapter file whose tensors were not all used was made for another model.
+fn check_all_used(file: &Path, used: usize, total: usize) -> Result<()> {
     if used != total {
         return Err(PeftError::Adapter {
-            path: file.clone(),
+            path: file.to_path_buf(),
             message: format!(
                 "{} of its {total} tensors match no module of the model (was it trained on another base?)",
                 total - used
             ),
         });
     }
-    Ok(config)
+    Ok(())
 }
 
 /// Offers every linear layer of `model` to `attach`, which returns whether it attached an

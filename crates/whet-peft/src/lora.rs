@@ -339,8 +339,10 @@ pub fn for_each_adapter<M: VisitParams>(model: &mut M, f: &mut dyn FnMut(&str, &
     model.visit_params("", &mut Each(f));
 }
 
-/// Switches every adapter (LoRA and IA3) on or off (peft's `disable_adapter` context).
+/// Switches every adapter (LoRA, IA3, bottleneck, virtual tokens) on or off (peft's
+/// `disable_adapter` context).
 pub fn set_adapters_enabled<M: VisitParams>(model: &mut M, enabled: bool) {
+    crate::prompt::set_enabled(model, enabled);
     struct Switch(bool);
     impl Visitor for Switch {
         fn linear(&mut self, _: &str, layer: &mut Linear) -> bool {

@@ -212,6 +212,9 @@ fn adapters_saved_by_peft_load_to_the_same_logits_and_counts() {
         let meta: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(case.join("expected.json")).unwrap())
                 .unwrap();
+        if meta.get("comparable_rows").is_some() {
+            continue; // prompt learning: tests/prompt.rs
+        }
         let base = fixtures().join(meta["base_fixture"].as_str().unwrap());
         let device = Device::flex();
         let (mut model, _) = Checkpoint::open(&base)

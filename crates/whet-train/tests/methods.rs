@@ -99,6 +99,7 @@ fn base_tensors(model: &Classifier) -> Vec<(String, Vec<f32>)> {
     let mut all: Vec<(String, Vec<f32>)> = model
         .named_params()
         .iter()
+        .filter(|p| !p.name.contains("prompt_encoder."))
         .map(|p| (p.name.clone(), p.to_checkpoint_values().1))
         .collect();
     all.extend(q.0);
@@ -128,6 +129,14 @@ fn adapter_tensors(model: &Classifier) -> Vec<(String, Vec<f32>)> {
     }
     let mut a = A(vec![]);
     model.clone().visit_params("", &mut a);
+    // Prompt encoders (prefix and prompt tuning) are plain parameters of the model's slot.
+    a.0.extend(
+        model
+            .named_params()
+            .iter()
+            .filter(|p| p.name.contains("prompt_encoder."))
+            .map(|p| (p.name.clone(), p.to_checkpoint_values().1)),
+    );
     a.0
 }
 
@@ -173,7 +182,26 @@ fn methods() -> Vec<(&'static str, PeftConfig, bool)> {
         non_linearity: whet_models::config::Activation::Silu,
         modules_to_save: vec![],
     });
+    let prefix = PeftConfig::Prompt(whet_peft::PromptConfig::Prefix(
+        whet_peft::PrefixTuningConfig {
+            num_virtual_tokens: 3,
+            prefix_projection: true,
+            encoder_hidden_size: Some(8),
+            modules_to_save: vec![],
+        },
+    ));
+    let prompt = PeftConfig::Prompt(whet_peft::PromptConfig::Prompt(
+        whet_peft::PromptTuningConfig {
+            num_virtual_tokens: 2,
+            prompt_tuning_init: whet_peft::PromptInit::Random,
+            prompt_tuning_init_text: None,
+            init_token_ids: vec![],
+            modules_to_save: vec![],
+        },
+    ));
     vec![
+        ("prefix", prefix, false),
+        ("prompt over nf4", prompt, true),
         ("houlsby", houlsby, false),
         ("pfeiffer over nf4", pfeiffer, true),
         ("lora", lora.clone(), false),
@@ -198,8 +226,9 @@ fn every_method_trains_only_its_adapter_and_disables_saves_and_merges_exactly() 
             let report = config.apply(&mut model, &device).unwrap();
             assert!(report.counts.trainable > 0 && report.counts.trainable < report.counts.all);
             let fresh = logits(&model, &device);
+            // Virtual tokens change the output from the start (peft's start at random too).
             assert!(
-                max_diff(&fresh, &base_logits) < 1e-6,
+                config.is_prompt_learning() || max_diff(&fresh, &base_logits) < 1e-6,
                 "{what}: a fresh adapter changes the output"
             );
             let start = adapter_tensors(&model);
@@ -280,8 +309,8 @@ fn every_method_trains_only_its_adapter_and_disables_saves_and_merges_exactly() 
             let folded = match config {
                 PeftConfig::Lora(_) => whet_peft::merge_lora(&mut again),
                 PeftConfig::Ia3(_) => whet_peft::merge_ia3(&mut again),
-                // Non-linear: nothing to fold (whet merge refuses them).
-                PeftConfig::Bottleneck(_) => continue,
+                // Non-linear, or no layer to fold into: whet merge refuses them.
+                PeftConfig::Bottleneck(_) | PeftConfig::Prompt(_) => continue,
             };
             assert_eq!(
                 !folded.is_empty(),

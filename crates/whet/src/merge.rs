@@ -36,7 +36,7 @@ fn fold<M: VisitParams>(model: &mut M, config: &PeftConfig) -> Vec<String> {
         PeftConfig::Lora(_) => whet_peft::merge_lora(model),
         PeftConfig::Ia3(_) => whet_peft::merge_ia3(model),
         // Refused in `merge` before anything is loaded.
-        PeftConfig::Bottleneck(_) => vec![],
+        PeftConfig::Bottleneck(_) | PeftConfig::Prompt(_) => vec![],
     }
 }
 
@@ -53,6 +53,14 @@ pub fn merge(base: Option<&Path>, adapter: &Path, out: &Path) -> Result<()> {
         })?,
     };
     let config = whet_peft::read_adapter_config(adapter)?;
+    if let PeftConfig::Prompt(_) = config {
+        bail!(
+            "{}: {} adds virtual tokens in front of the input and changes no weight, so there is \
+             nothing to fold into the base; use the adapter folder with its base instead",
+            adapter.display(),
+            config.peft_type()
+        );
+    }
     if let PeftConfig::Bottleneck(_) = config {
         bail!(
             "{}: bottleneck adapters are non-linear (y + up(act(down(y)))) and cannot be folded \
