@@ -179,11 +179,17 @@ pub fn load_adapter<M: VisitParams>(
             }
         }
     }
-    config.apply(model, device)?;
     if let PeftConfig::Prompt(c) = &config {
+        // The saved embeddings replace the start at once, so it is drawn, whatever it was.
+        let mut start = c.clone();
+        if let PromptConfig::Prompt(p) = &mut start {
+            p.prompt_tuning_init = PromptInit::Random;
+        }
+        apply_prompt(model, &start, device)?;
         let used = prompt::fill(model, c, &source, &file, device)?;
         return check_all_used(&file, used, source.names().len()).map(|_| config);
     }
+    config.apply(model, device)?;
     let mut reader = Reader {
         source: &source,
         device,

@@ -22,6 +22,9 @@ use crate::trainer::{BatchCounts, Evaluation, Objective};
 /// Next-token prediction; the loss averages over the learnt tokens of a step.
 pub struct LanguageModelling {
     pub pad_id: u32,
+    /// The model's soft-prompt positions (0 without prompt tuning): the first token of each row
+    /// is then learnt too.
+    pub soft_prompt: usize,
 }
 
 /// A right-padded batch of language-modelling rows.
@@ -37,8 +40,36 @@ pub struct LmBatch {
     /// Flat `row * len + t` of every position whose next token is learnt, and that token.
     pub predicting: Vec<i64>,
     pub targets: Vec<i64>,
+    /// Per row, the first token's label (IGNORE when it is not learnt): after a soft prompt
+    /// the last virtual position predicts it, as peft's prompt tuning learns it.
+    pub first_labels: Vec<i64>,
     /// Real (non-pad) tokens.
     pub tokens: usize,
+}
+
+impl LmBatch {
+    /// The learnt positions and their targets when the model puts `p` soft-prompt positions in
+    /// front of each row: every position moves by `p`, and the last virtual position predicts
+    /// the first token where that is learnt (peft prefixes the labels with `p` ignored ones).
+    fn after_soft_prompt(&self, p: usize) -> (Vec<i64>, Vec<i64>) {
+        if p == 0 {
+            return (self.predicting.clone(), self.targets.clone());
+        }
+        let (len, wide) = (self.len as i64, (self.len + p) as i64);
+        let mut predicting = Vec::with_capacity(self.predicting.len() + self.batch);
+        let mut targets = Vec::with_capacity(predicting.capacity());
+        for (row, &first) in self.first_labels.iter().enumerate() {
+            if first != IGNORE {
+                predicting.push(row as i64 * wide + p as i64 - 1);
+                targets.push(first);
+            }
+        }
+        for (&at, &t) in self.predicting.iter().zip(&self.targets) {
+            predicting.push((at / len) * wide + at % len + p as i64);
+            targets.push(t);
+        }
+        (predicting, targets)
+    }
 }
 
 impl LanguageModelling {
@@ -59,17 +90,18 @@ impl LanguageModelling {
     fn loss(&self, model: &CausalModel, b: &LmBatch, mode: Mode, device: &Device) -> Tensor<1> {
         let hidden = model.forward_hidden(self.input(b, device), None, mode);
         let [rows, t, h] = hidden.dims();
-        let n = b.predicting.len();
+        let (predicting, targets) = b.after_soft_prompt(model.virtual_positions());
+        let n = predicting.len();
         if n == 0 {
             // Nothing to learn in this batch: a zero that still belongs to the graph.
             return hidden.sum().mul_scalar(0.0);
         }
-        let index = Tensor::<1, Int>::from_data(TensorData::new(b.predicting.clone(), [n]), device);
+        let index = Tensor::<1, Int>::from_data(TensorData::new(predicting, [n]), device);
         // (B, T, H) -> (B*T, H) -> (N, H) -> (1, N, H) -> (1, N, V) -> (N, V)
         let picked = hidden.reshape([rows * t, h]).select(0, index);
         let logits = model.lm_logits(picked.reshape([1, n, h]));
         let v = logits.dims()[2];
-        let targets: Vec<u32> = b.targets.iter().map(|&t| t as u32).collect();
+        let targets: Vec<u32> = targets.iter().map(|&t| t as u32).collect();
         whet_models::kernels::cross_entropy_sum(logits.reshape([n, v]), &targets)
     }
 }
@@ -93,6 +125,7 @@ impl Objective for LanguageModelling {
             document_ids: packed.then(|| vec![-1; batch * len]),
             predicting: Vec::new(),
             targets: Vec::new(),
+            first_labels: vec![IGNORE; batch],
             tokens: 0,
         };
         for (r, e) in items.iter().enumerate() {
@@ -104,6 +137,9 @@ impl Objective for LanguageModelling {
                 if let Some(d) = &mut b.document_ids {
                     d[at + k] = e.document_ids[k] as i64;
                 }
+            }
+            if let Some(&first) = e.labels.first() {
+                b.first_labels[r] = first;
             }
             // Position k predicts the token at k + 1.
             for k in 0..e.ids.len().saturating_sub(1) {
@@ -119,7 +155,12 @@ impl Objective for LanguageModelling {
 
     fn counts(&self, b: &LmBatch) -> BatchCounts {
         BatchCounts {
-            units: b.targets.len(),
+            units: b.targets.len()
+                + if self.soft_prompt > 0 {
+                    b.first_labels.iter().filter(|&&l| l != IGNORE).count()
+                } else {
+                    0
+                },
             samples: b.batch,
             tokens: b.tokens,
         }
@@ -161,12 +202,15 @@ pub fn evaluate_lm(
 ) -> (f64, usize) {
     let model = &model.valid();
     let device = &device.clone().without_autodiff();
-    let objective = LanguageModelling { pad_id };
+    let objective = LanguageModelling {
+        pad_id,
+        soft_prompt: model.virtual_positions(),
+    };
     let (mut sum, mut units) = (0.0, 0);
     for chunk in data.chunks(batch_size.max(1)) {
         let items: Vec<&LmExample> = chunk.iter().collect();
         let b = objective.collate(&items);
-        units += b.targets.len();
+        units += objective.counts(&b).units;
         sum += objective
             .loss(model, &b, Mode::Eval, device)
             .into_scalar::<f32>() as f64;
@@ -457,8 +501,13 @@ pub fn prepare(recipe: &Recipe, device: &Device) -> Result<LmPrepared, String> {
                     .into(),
             );
         }
-        Method::Lora | Method::Qlora | Method::Ia3 | Method::Bottleneck => {
-            let (counts, cfg) = crate::method::attach_adapter(&mut model, recipe, &[], device)?
+        Method::Lora
+        | Method::Qlora
+        | Method::Ia3
+        | Method::Bottleneck
+        | Method::PrefixTuning
+        | Method::PromptTuning => {
+            let (counts, cfg) = crate::method::attach_adapter(&mut model, recipe, &[], &tokenizer, device)?
                 .ok_or("the adapter method needs its table ([lora] or [ia3])")?;
             (counts, Some(cfg))
         }
@@ -507,7 +556,10 @@ pub fn run_training(
     observer: &mut dyn crate::Observer,
     resume: Option<&Path>,
 ) -> Result<crate::TrainSummary, String> {
-    let objective = LanguageModelling { pad_id: p.pad_id };
+    let objective = LanguageModelling {
+        pad_id: p.pad_id,
+        soft_prompt: p.model.virtual_positions(),
+    };
     crate::trainer::train(
         &objective,
         &mut p.model,

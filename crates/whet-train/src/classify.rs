@@ -168,10 +168,15 @@ pub fn prepare(recipe: &Recipe, device: &Device) -> Result<Prepared, String> {
                 None,
             )
         }
-        Method::Lora | Method::Qlora | Method::Ia3 | Method::Bottleneck => {
+        Method::Lora
+        | Method::Qlora
+        | Method::Ia3
+        | Method::Bottleneck
+        | Method::PrefixTuning
+        | Method::PromptTuning => {
             // peft's task_type = "SEQ_CLS" saves the head with the adapter.
             let (counts, cfg) =
-                crate::method::attach_adapter(&mut model, recipe, HEAD_MODULES, device)?
+                crate::method::attach_adapter(&mut model, recipe, HEAD_MODULES, &tokenizer, device)?
                     .ok_or("the adapter method needs its table ([lora] or [ia3])")?;
             (counts, Some(cfg))
         }

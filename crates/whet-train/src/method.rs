@@ -1,10 +1,10 @@
 //! The recipe's method applied to a loaded model the same way for every task: full training,
-//! or an adapter (LoRA, QLoRA, IA3) over a frozen base, possibly quantised. `method = "head"`
+//! or an adapter (LoRA, QLoRA, IA3, bottleneck, prefix or prompt tuning) over a frozen base, possibly quantised. `method = "head"`
 //! stays with each task, since what counts as the head (and the top layers) is the task's.
 
 use burn::tensor::Device;
-use whet_models::{ExportParams, QuantPolicy, VisitParams};
-use whet_peft::{ParamCounts, PeftConfig, set_trainable};
+use whet_models::{ExportParams, QuantPolicy, TextTokenizer, VisitParams};
+use whet_peft::{ParamCounts, PeftConfig, PromptConfig, PromptInit, set_trainable};
 
 use crate::recipe::{Method, Recipe};
 
@@ -37,6 +37,12 @@ pub fn adapter_config(recipe: &Recipe, head_modules: &[&str]) -> Option<PeftConf
                 modules_to_save: vec![],
             },
         )),
+        Method::PrefixTuning => PeftConfig::Prompt(PromptConfig::Prefix(
+            recipe.prefix_tuning.clone()?,
+        )),
+        Method::PromptTuning => PeftConfig::Prompt(PromptConfig::Prompt(
+            recipe.prompt_tuning.clone()?,
+        )),
         Method::Full | Method::Head => return None,
     };
     let modules = config.modules_to_save_mut();
@@ -59,16 +65,26 @@ pub fn full<M: VisitParams + ExportParams>(model: &mut M) -> ParamCounts {
 }
 
 /// Attaches the recipe's adapter (the head modules train and are saved with it); None for
-/// full and head training.
+/// full and head training. A soft prompt that starts from a text gets that text's token ids
+/// from `tokenizer`, special tokens included, as peft tokenizes it.
 pub fn attach_adapter<M: VisitParams>(
     model: &mut M,
     recipe: &Recipe,
     head_modules: &[&str],
+    tokenizer: &TextTokenizer,
     device: &Device,
 ) -> Result<Option<(ParamCounts, PeftConfig)>, String> {
-    let Some(config) = adapter_config(recipe, head_modules) else {
+    let Some(mut config) = adapter_config(recipe, head_modules) else {
         return Ok(None);
     };
+    if let PeftConfig::Prompt(PromptConfig::Prompt(c)) = &mut config
+        && c.prompt_tuning_init == PromptInit::Text
+    {
+        let text = c.prompt_tuning_init_text.as_deref().unwrap_or_default();
+        c.init_token_ids = tokenizer
+            .encode(text, true)
+            .map_err(|e| format!("prompt_tuning.prompt_tuning_init_text: {e}"))?;
+    }
     let report = config.apply(model, device).map_err(|e| e.to_string())?;
     Ok(Some((report.counts, config)))
 }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use whet_data::{Side, Template, TooLong};
-use whet_peft::{BottleneckConfig, Ia3Config, LoraConfig};
+use whet_peft::{BottleneckConfig, Ia3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig};
 
 use crate::args::TrainingArguments;
 
@@ -54,6 +54,14 @@ pub enum Method {
     Ia3,
     /// Bottleneck adapters (`[bottleneck]`: Houlsby or Pfeiffer) plus the head.
     Bottleneck,
+    /// Prefix tuning (`[prefix_tuning]`): trainable keys and values before every attention
+    /// layer, plus the head.
+    #[serde(rename = "prefix_tuning", alias = "prefix-tuning")]
+    PrefixTuning,
+    /// Prompt tuning (`[prompt_tuning]`): a trainable soft prompt before the embeddings, plus
+    /// the head.
+    #[serde(rename = "prompt_tuning", alias = "prompt-tuning")]
+    PromptTuning,
 }
 
 impl Method {
@@ -61,7 +69,12 @@ impl Method {
     pub fn is_adapter(self) -> bool {
         matches!(
             self,
-            Method::Lora | Method::Qlora | Method::Ia3 | Method::Bottleneck
+            Method::Lora
+                | Method::Qlora
+                | Method::Ia3
+                | Method::Bottleneck
+                | Method::PrefixTuning
+                | Method::PromptTuning
         )
     }
 }
@@ -297,6 +310,10 @@ pub struct Recipe {
     #[serde(default)]
     pub bottleneck: Option<BottleneckConfig>,
     #[serde(default)]
+    pub prefix_tuning: Option<PrefixTuningConfig>,
+    #[serde(default)]
+    pub prompt_tuning: Option<PromptTuningConfig>,
+    #[serde(default)]
     pub quantization: Option<QuantizationSpec>,
     #[serde(default)]
     pub head: HeadSpec,
@@ -384,6 +401,27 @@ impl Recipe {
                         "qlora"
                     }
                 ));
+            }
+            Method::PrefixTuning if recipe.prefix_tuning.is_none() => {
+                return Err(
+                    "method = \"prefix_tuning\" needs a [prefix_tuning] table (at least \
+                     num_virtual_tokens)"
+                        .into(),
+                );
+            }
+            Method::PromptTuning if recipe.prompt_tuning.is_none() => {
+                return Err(
+                    "method = \"prompt_tuning\" needs a [prompt_tuning] table (at least \
+                     num_virtual_tokens)"
+                        .into(),
+                );
+            }
+            Method::PrefixTuning | Method::PromptTuning if recipe.data.packing => {
+                return Err(
+                    "data.packing = true cannot combine with prefix or prompt tuning: the \
+                     virtual tokens would sit in front of only the first packed example"
+                        .into(),
+                );
             }
             Method::Ia3 if recipe.ia3.is_none() => {
                 return Err(

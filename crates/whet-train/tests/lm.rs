@@ -91,7 +91,10 @@ fn training_loss_and_gradients_match_transformers() {
         .load_causal_lm(&device)
         .unwrap();
     whet_peft::set_trainable(&mut model, &|_| true);
-    let objective = LanguageModelling { pad_id: 0 };
+    let objective = LanguageModelling {
+        pad_id: 0,
+        soft_prompt: 0,
+    };
     let examples = fixture_examples(&st);
     let batch = objective.collate(&examples.iter().collect::<Vec<_>>());
     let units = objective.counts(&batch).units;
@@ -190,5 +193,38 @@ fn packed_rows_compute_what_separate_rows_do() {
             rel(mixed as f32, separate as f32) > 1e-4,
             "{dir}: the document mask must matter ({mixed} vs {separate})"
         );
+    }
+}
+
+/// With peft-saved prefix and prompt tuning adapters, the objective's loss (mean over learnt
+/// tokens) equals peft's: a soft prompt moves every position and its last virtual position
+/// learns each row's first token, as peft's labels prefixed with -100 make it.
+#[test]
+fn loss_with_prefix_and_prompt_adapters_matches_peft() {
+    for (case, base) in [("llama-prefix-lm", "tiny-llama"), ("gpt2-prompt-lm", "tiny-gpt2")] {
+        let root = fixtures().join(base);
+        let bytes = std::fs::read(root.join("fixture.safetensors")).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let peft = fixtures().join("peft").join(case);
+        let want_bytes = std::fs::read(peft.join("expected.safetensors")).unwrap();
+        let want = f32s(&SafeTensors::deserialize(&want_bytes).unwrap(), "loss")[0];
+        let device = Device::flex();
+        let mut model = Checkpoint::open(&root)
+            .unwrap()
+            .load_causal_lm(&device)
+            .unwrap();
+        whet_peft::load_adapter(&mut model, &peft, &device).unwrap();
+        let examples = fixture_examples(&st);
+        let (loss, units) = evaluate_lm(&model, &examples, 2, 0, &device);
+        assert!(rel(loss as f32, want) < 1e-5, "{case}: {loss} vs {want}");
+        let soft = whet_models::CausalLm::virtual_positions(&model) > 0;
+        let learnt: usize = examples
+            .iter()
+            .map(|e| {
+                let skip = if soft { 0 } else { 1 };
+                e.labels.iter().skip(skip).filter(|&&l| l != IGNORE).count()
+            })
+            .sum();
+        assert_eq!(units, learnt, "{case}");
     }
 }

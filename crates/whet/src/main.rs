@@ -29,8 +29,8 @@ asset cache, WHET_CACHE or ./cache):
   model          a Hugging Face folder or a .gguf file
   task           sequence-classification (default) | multi-label-classification | causal-lm |
                  question-answering (BERT family)
-  method         full (default) | head | lora | qlora | ia3 | bottleneck (head: classification
-                 and QA)
+  method         full (default) | head | lora | qlora | ia3 | bottleneck | prefix_tuning |
+                 prompt_tuning (head: classification and QA)
   [data]
     train, validation, test   .jsonl, .csv, .tsv, .parquet or .txt (one text per line) files
                    (validation/test optional)
@@ -69,6 +69,14 @@ asset cache, WHET_CACHE or ./cache):
                    pfeiffer: after feed-forward), reduction_factor (16), non_linearity (relu |
                    silu | gelu | gelu_new), modules_to_save; whet's own format (peft has none;
                    see the README); not mergeable (non-linear)
+  [prefix_tuning]  as peft.PrefixTuningConfig: num_virtual_tokens, prefix_projection (false: train
+                   the keys and values directly; true: peft's Linear-tanh-Linear MLP makes them),
+                   encoder_hidden_size (the MLP's width; default the key width), modules_to_save.
+                   Not for DistilBERT (transformers' DistilBERT takes no past keys and values)
+  [prompt_tuning]  as peft.PromptTuningConfig: num_virtual_tokens, prompt_tuning_init (RANDOM |
+                   TEXT | SAMPLE_VOCAB), prompt_tuning_init_text (with TEXT), modules_to_save.
+                   Virtual tokens go before the input (a decoder classifier pools the last real
+                   token; a QA model drops their positions); neither method packs or merges
   [quantization]   how an adapter method stores the frozen base (names of BitsAndBytesConfig):
     load_in_4bit   NF4 in blocks of 64 (default false; method = qlora without this table:
                    NF4 with double quantisation)

@@ -1072,3 +1072,82 @@ fn qlora_and_ia3_train_and_merge_through_the_cli() {
         assert!(d < 1e-5, "{method}: merged logits differ by {d}");
     }
 }
+
+/// Prefix tuning (with peft's projection) and prompt tuning (started from a text) train a causal
+/// LM through the CLI and save peft's format; the adapter changes the model; merge refuses them
+/// with the reason; packing is refused for them before anything loads.
+#[test]
+fn prefix_and_prompt_tuning_train_through_the_cli() {
+    for (method, extra, peft_type, width) in [
+        (
+            "prefix_tuning",
+            "[prefix_tuning]\nnum_virtual_tokens = 3\nprefix_projection = true\nencoder_hidden_size = 8",
+            "PREFIX_TUNING",
+            2 * 2 * 16, // layers * 2 * (kv heads * head dim)
+        ),
+        (
+            "prompt_tuning",
+            "[prompt_tuning]\nnum_virtual_tokens = 4\nprompt_tuning_init = \"TEXT\"\n\
+             prompt_tuning_init_text = \"answer the question\"",
+            "PROMPT_TUNING",
+            32, // hidden size
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let model = tiny_decoder("tiny-llama", dir.path());
+        let data = qa_data(dir.path());
+        let out = dir.path().join("out");
+        let recipe = format!(
+            "model = \"{}\"\ntask = \"causal-lm\"\nmethod = \"{method}\"\n[data]\ntrain = \"{}\"\n\
+             max_length = 16\ntemplate = {{ prompt = \"{{q}} <bos>\", completion = \"{{a}}\" }}\n\
+             {extra}\n[training]\noutput_dir = \"{}\"\nlearning_rate = 5e-2\n\
+             per_device_train_batch_size = 4\nmax_steps = 3\nlogging_steps = 1\n",
+            model.display(),
+            data.display(),
+            out.display()
+        );
+        let r = dir.path().join("recipe.toml");
+        std::fs::write(&r, &recipe).unwrap();
+        let text = ok(&["train", r.to_str().unwrap()]);
+        assert!(text.contains("after training"), "{method}: {text}");
+        let cfg: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(cfg["peft_type"], peft_type, "{cfg}");
+        assert_eq!(cfg["task_type"], "CAUSAL_LM", "{cfg}");
+        let bytes = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let e = st.tensor("prompt_embeddings").unwrap();
+        assert_eq!(
+            e.shape(),
+            [cfg["num_virtual_tokens"].as_u64().unwrap() as usize, width]
+        );
+
+        let base = lm_logits(&model, None);
+        let tuned = lm_logits(&model, Some(&out));
+        // A soft prompt adds its positions in front: compare the input's own positions.
+        let tail = &tuned[tuned.len() - base.len()..];
+        assert!(
+            max_diff(tail, &base) > 1e-4,
+            "{method}: the adapter changes nothing"
+        );
+
+        let o = whet(&[
+            "merge",
+            "--adapter",
+            out.to_str().unwrap(),
+            dir.path().join("merged").to_str().unwrap(),
+        ]);
+        assert!(!o.status.success());
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(stderr.contains("nothing to fold"), "{stderr}");
+
+        std::fs::write(&r, recipe.replace("max_length = 16\n", "max_length = 16\npacking = true\n"))
+            .unwrap();
+        let o = whet(&["train", r.to_str().unwrap()]);
+        assert!(!o.status.success());
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(stderr.contains("packing"), "{stderr}");
+    }
+}
