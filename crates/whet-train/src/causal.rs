@@ -507,8 +507,9 @@ pub fn prepare(recipe: &Recipe, device: &Device) -> Result<LmPrepared, String> {
         | Method::Bottleneck
         | Method::PrefixTuning
         | Method::PromptTuning => {
-            let (counts, cfg) = crate::method::attach_adapter(&mut model, recipe, &[], &tokenizer, device)?
-                .ok_or("the adapter method needs its table ([lora] or [ia3])")?;
+            let (counts, cfg) =
+                crate::method::attach_adapter(&mut model, recipe, &[], &tokenizer, device)?
+                    .ok_or("the adapter method needs its table ([lora] or [ia3])")?;
             (counts, Some(cfg))
         }
     };

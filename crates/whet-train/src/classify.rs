@@ -175,9 +175,14 @@ pub fn prepare(recipe: &Recipe, device: &Device) -> Result<Prepared, String> {
         | Method::PrefixTuning
         | Method::PromptTuning => {
             // peft's task_type = "SEQ_CLS" saves the head with the adapter.
-            let (counts, cfg) =
-                crate::method::attach_adapter(&mut model, recipe, HEAD_MODULES, &tokenizer, device)?
-                    .ok_or("the adapter method needs its table ([lora] or [ia3])")?;
+            let (counts, cfg) = crate::method::attach_adapter(
+                &mut model,
+                recipe,
+                HEAD_MODULES,
+                &tokenizer,
+                device,
+            )?
+            .ok_or("the adapter method needs its table ([lora] or [ia3])")?;
             (counts, Some(cfg))
         }
     };

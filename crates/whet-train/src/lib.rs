@@ -8,6 +8,7 @@ pub mod classify;
 pub mod method;
 pub mod optim;
 pub mod output;
+pub mod plan;
 pub mod qa;
 pub mod recipe;
 pub mod schedule;

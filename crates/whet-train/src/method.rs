@@ -37,12 +37,12 @@ pub fn adapter_config(recipe: &Recipe, head_modules: &[&str]) -> Option<PeftConf
                 modules_to_save: vec![],
             },
         )),
-        Method::PrefixTuning => PeftConfig::Prompt(PromptConfig::Prefix(
-            recipe.prefix_tuning.clone()?,
-        )),
-        Method::PromptTuning => PeftConfig::Prompt(PromptConfig::Prompt(
-            recipe.prompt_tuning.clone()?,
-        )),
+        Method::PrefixTuning => {
+            PeftConfig::Prompt(PromptConfig::Prefix(recipe.prefix_tuning.clone()?))
+        }
+        Method::PromptTuning => {
+            PeftConfig::Prompt(PromptConfig::Prompt(recipe.prompt_tuning.clone()?))
+        }
         Method::Full | Method::Head => return None,
     };
     let modules = config.modules_to_save_mut();

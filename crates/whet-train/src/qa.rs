@@ -350,9 +350,14 @@ pub fn prepare(recipe: &Recipe, device: &Device) -> Result<QaPrepared, String> {
         | Method::PrefixTuning
         | Method::PromptTuning => {
             // peft's task_type = "QUESTION_ANS" saves the span head with the adapter.
-            let (counts, cfg) =
-                crate::method::attach_adapter(&mut model, recipe, &["qa_outputs"], &tokenizer, device)?
-                    .ok_or("the adapter method needs its table ([lora] or [ia3])")?;
+            let (counts, cfg) = crate::method::attach_adapter(
+                &mut model,
+                recipe,
+                &["qa_outputs"],
+                &tokenizer,
+                device,
+            )?
+            .ok_or("the adapter method needs its table ([lora] or [ia3])")?;
             (counts, Some(cfg))
         }
     };

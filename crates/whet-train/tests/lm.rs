@@ -201,7 +201,10 @@ fn packed_rows_compute_what_separate_rows_do() {
 /// learns each row's first token, as peft's labels prefixed with -100 make it.
 #[test]
 fn loss_with_prefix_and_prompt_adapters_matches_peft() {
-    for (case, base) in [("llama-prefix-lm", "tiny-llama"), ("gpt2-prompt-lm", "tiny-gpt2")] {
+    for (case, base) in [
+        ("llama-prefix-lm", "tiny-llama"),
+        ("gpt2-prompt-lm", "tiny-gpt2"),
+    ] {
         let root = fixtures().join(base);
         let bytes = std::fs::read(root.join("fixture.safetensors")).unwrap();
         let st = SafeTensors::deserialize(&bytes).unwrap();

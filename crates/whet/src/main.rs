@@ -1,6 +1,7 @@
 //! The `whet` command line: glue between the library crates, nothing more.
 
 mod merge;
+mod plan;
 mod plot;
 mod train;
 mod train_lm;
@@ -124,6 +125,24 @@ enum Command {
         /// the given checkpoint folder. The run ends with the weights an uninterrupted run has.
         #[arg(long, value_name = "CHECKPOINT", num_args = 0..=1, default_missing_value = "latest")]
         resume: Option<String>,
+        /// Train even when the memory plan (see `whet plan`) predicts a peak above the memory
+        /// this machine has available.
+        #[arg(long)]
+        no_memory_check: bool,
+    },
+    /// Predict the peak memory of a recipe's training run before running it: weights,
+    /// gradients, optimizer state, activations of the largest batch the data makes, and the
+    /// process itself; says whether it fits the memory available and what to change if not.
+    /// `whet train` checks the same plan before its first step.
+    Plan {
+        /// The recipe file.
+        recipe: PathBuf,
+        /// Override a recipe value, as for `whet train` (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Print the plan as JSON (bytes per part).
+        #[arg(long)]
+        json: bool,
     },
     /// Evaluate a trained classifier (a folder written by `whet train`, LoRA or full) on a
     /// labelled JSONL or CSV file; prints and returns accuracy, F1, MCC and the confusion matrix.
@@ -337,7 +356,12 @@ fn run(cli: Cli) -> Result<()> {
             recipe,
             set,
             resume,
-        } => train::train(&recipe, &set, resume.as_deref()),
+            no_memory_check,
+        } => {
+            plan::SKIP_CHECK.store(no_memory_check, std::sync::atomic::Ordering::Relaxed);
+            train::train(&recipe, &set, resume.as_deref())
+        }
+        Command::Plan { recipe, set, json } => plan::run(&recipe, &set, json),
         Command::Eval {
             model,
             data,

@@ -324,6 +324,7 @@ pub fn train(recipe_path: &Path, set: &[String], resume: Option<&str>) -> Result
     device.seed(recipe.training.seed);
     let start = std::time::Instant::now();
     let mut p = classify::prepare(&recipe, &device).map_err(|e| anyhow!(e))?;
+    crate::plan::check(&whet_train::plan::for_classifier(&mut p, &recipe))?;
     println!(
         "model {} ({}), method {:?}, {} labels: {}",
         recipe.model.display(),

@@ -60,6 +60,7 @@ pub fn train(recipe: Recipe, resume: Option<PathBuf>) -> Result<()> {
     device.seed(recipe.training.seed);
     let start = std::time::Instant::now();
     let mut p = causal::prepare(&recipe, &device).map_err(|e| anyhow!(e))?;
+    crate::plan::check(&whet_train::plan::for_causal_lm(&mut p, &recipe))?;
     println!(
         "model {} ({}), method {:?}, causal language modelling",
         recipe.model.display(),

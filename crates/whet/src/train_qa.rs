@@ -52,6 +52,7 @@ pub fn train(recipe: Recipe, resume: Option<PathBuf>) -> Result<()> {
     device.seed(recipe.training.seed);
     let start = std::time::Instant::now();
     let mut p = qa::prepare(&recipe, &device).map_err(|e| anyhow!(e))?;
+    crate::plan::check(&whet_train::plan::for_question_answering(&mut p, &recipe))?;
     println!(
         "model {} ({}), method {:?}, extractive question answering",
         recipe.model.display(),

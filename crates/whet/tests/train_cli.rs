@@ -1143,11 +1143,76 @@ fn prefix_and_prompt_tuning_train_through_the_cli() {
         let stderr = String::from_utf8_lossy(&o.stderr);
         assert!(stderr.contains("nothing to fold"), "{stderr}");
 
-        std::fs::write(&r, recipe.replace("max_length = 16\n", "max_length = 16\npacking = true\n"))
-            .unwrap();
+        std::fs::write(
+            &r,
+            recipe.replace("max_length = 16\n", "max_length = 16\npacking = true\n"),
+        )
+        .unwrap();
         let o = whet(&["train", r.to_str().unwrap()]);
         assert!(!o.status.success());
         let stderr = String::from_utf8_lossy(&o.stderr);
         assert!(stderr.contains("packing"), "{stderr}");
     }
+}
+
+/// `whet plan` predicts a peak whose parts follow the method (full training holds gradients and
+/// AdamW state for every weight, LoRA for its adapters only), and `whet train` refuses, with
+/// the parts and the advice, a run whose plan exceeds the memory budget; --no-memory-check
+/// runs it anyway.
+#[test]
+fn plan_predicts_by_part_and_train_refuses_what_cannot_fit() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = |method: &str, extra: &str| -> serde_json::Value {
+        let r = recipe(dir.path(), method, extra);
+        serde_json::from_str(&ok(&["plan", r.to_str().unwrap(), "--json"])).unwrap()
+    };
+    let full = plan("full", "");
+    let lora = plan(
+        "lora",
+        "[lora]\nr = 4\ntarget_modules = [\"query\", \"value\"]",
+    );
+    let n = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap();
+    // MiniLM-L6: 22.7M f32 weights.
+    assert!(
+        (n(&full, "weights") as f64 - 4.0 * 22.7e6).abs() < 4.0 * 0.2e6,
+        "{full}"
+    );
+    assert_eq!(
+        n(&full, "optimizer"),
+        n(&full, "weights"),
+        "two moments per weight"
+    );
+    assert_eq!(n(&full, "gradients"), n(&full, "weights"));
+    assert!(
+        n(&lora, "optimizer") < n(&full, "optimizer") / 100,
+        "{lora}"
+    );
+    assert!(n(&lora, "activations") > 0);
+
+    let r = recipe(dir.path(), "full", "");
+    let text = ok(&["plan", r.to_str().unwrap()]);
+    assert!(
+        text.contains("activations") && text.contains("peak"),
+        "{text}"
+    );
+
+    let limited = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_whet"))
+            .env("WHET_CACHE", cache())
+            .env("WHET_MEMORY_LIMIT_MB", "200")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let o = limited(&["train", r.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        stderr.contains("needs about")
+            && stderr.contains("adamw_bnb_8bit")
+            && stderr.contains("lora"),
+        "{stderr}"
+    );
+    let o = limited(&["train", r.to_str().unwrap(), "--no-memory-check"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }

@@ -1,0 +1,477 @@
+//! A memory plan for a run: the peak resident memory a training step will need, in parts
+//! (weights, gradients, optimizer state, activations, the process itself), predicted from the
+//! loaded model and the tokenized data before the first step, so `whet train` can refuse a run
+//! that cannot fit and `whet plan` can say why.
+//!
+//! The parts:
+//! - weights: every f32 parameter, and quantised layers at their stored size;
+//! - gradients: each trainable parameter twice (burn's gradient, then the flattened copy the
+//!   gradient store keeps for accumulation and clipping);
+//! - optimizer: AdamW's two f32 moments; 8-bit AdamW's two byte codes plus a scale per block of
+//!   256 (f32 moments for parameters under 4096 values); nothing for SGD;
+//! - activations: what the autodiff graph keeps for the backward pass on the largest batch the
+//!   data can make (the `batch` longest examples, padded to the longest): per layer and token a
+//!   number of hidden-, feed-forward- and key-sized vectors, the attention probabilities, and
+//!   for a language model the logits of the learnt tokens (three vocabulary-sized rows each:
+//!   logits, softmax, gradient);
+//! - the process: the binary, thread stacks, tokenizer and data, and the allocator's slack,
+//!   a constant measured on the tiny models plus the tokenized data.
+//!
+//! The per-token counts come from the tensors each family's forward keeps (written out in
+//! `activation_vectors`); BENCHMARKS.md compares the plan with measured peaks.
+
+use serde::Serialize;
+use whet_models::quant::QuantMatrix;
+use whet_models::weights::Layout;
+use whet_models::{Checkpoint, Family, FamilyConfig, VisitParams, Visitor};
+
+use crate::optim::{MIN_8BIT_SIZE, OptimizerKind};
+
+/// The sizes of a model that activations depend on.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct ModelDims {
+    pub layers: usize,
+    pub hidden: usize,
+    pub heads: usize,
+    pub kv_dim: usize,
+    pub intermediate: usize,
+    pub vocab: usize,
+    /// A gated feed-forward (SwiGLU): three feed-forward-sized tensors kept instead of two.
+    pub gated: bool,
+}
+
+impl ModelDims {
+    /// Reads the sizes from a checkpoint's config.
+    pub fn of(checkpoint: &Checkpoint) -> Self {
+        match &checkpoint.config {
+            FamilyConfig::Bert(c) => Self {
+                layers: c.num_hidden_layers,
+                hidden: c.hidden_size,
+                heads: c.num_attention_heads,
+                kv_dim: c.hidden_size,
+                intermediate: c.intermediate_size,
+                vocab: c.vocab_size,
+                gated: false,
+            },
+            FamilyConfig::DistilBert(c) => Self {
+                layers: c.n_layers,
+                hidden: c.dim,
+                heads: c.n_heads,
+                kv_dim: c.dim,
+                intermediate: c.hidden_dim,
+                vocab: c.vocab_size,
+                gated: false,
+            },
+            FamilyConfig::Gpt2(c) => Self {
+                layers: c.n_layer,
+                hidden: c.n_embd,
+                heads: c.n_head,
+                kv_dim: c.n_embd,
+                intermediate: c.n_inner.unwrap_or(4 * c.n_embd),
+                vocab: c.vocab_size,
+                gated: false,
+            },
+            FamilyConfig::Llama(c) => Self {
+                layers: c.num_hidden_layers,
+                hidden: c.hidden_size,
+                heads: c.num_attention_heads,
+                kv_dim: c.kv_heads() * c.head_dim(),
+                intermediate: c.intermediate_size,
+                vocab: c.vocab_size,
+                gated: true,
+            },
+        }
+    }
+}
+
+/// The largest batch a run will see.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct BatchShape {
+    pub rows: usize,
+    /// Padded length.
+    pub len: usize,
+    /// Positions whose next token is learnt (language models; 0 for classifiers).
+    pub learnt: usize,
+}
+
+impl BatchShape {
+    /// The `rows` longest of `examples` (length, learnt tokens), padded to the longest.
+    pub fn largest(rows: usize, mut examples: Vec<(usize, usize)>) -> Self {
+        examples.sort_unstable_by(|a, b| b.cmp(a));
+        let top = &examples[..rows.min(examples.len())];
+        Self {
+            rows: top.len().max(1),
+            len: top.first().map(|e| e.0).unwrap_or(1).max(1),
+            learnt: top.iter().map(|e| e.1).sum(),
+        }
+    }
+}
+
+/// A predicted peak, in bytes, by part.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct MemoryPlan {
+    pub weights: u64,
+    pub gradients: u64,
+    pub optimizer: u64,
+    pub activations: u64,
+    pub process: u64,
+    pub total: u64,
+}
+
+/// The process's own memory: binary, threads, allocator; measured with the tiny models, where
+/// everything else is negligible (whet's own peak on them is about this).
+const PROCESS_BYTES: u64 = 110 << 20;
+
+/// Hidden-sized (`h`), feed-forward-sized (`i`) and key-sized (`kv`) vectors the backward pass
+/// keeps per token and layer.
+fn activation_vectors(family: Family, gated: bool) -> (f64, f64, f64) {
+    match family {
+        // norm in and out twice, q, attention context, its projection, residual, MLP output,
+        // dropout masks of the post-norm encoders (~4 h of 1-byte masks ~ 1 h).
+        Family::Bert | Family::DistilBert => (11.0, 2.0, 2.0),
+        Family::Gpt2 => (10.0, 2.0, 2.0),
+        // RMSNorm in and out twice, q and rotated q, context, o_proj, residual, down_proj;
+        // gate, up, activation, product; k, v and rotated k.
+        Family::Llama if gated => (10.0, 4.0, 3.0),
+        Family::Llama => (10.0, 2.0, 3.0),
+    }
+}
+
+/// Weights (f32 parameters and quantised layers) and trainable parameters of a model: bytes
+/// held, and per trainable parameter its number of values.
+pub fn weight_bytes<M: VisitParams>(model: &mut M) -> (u64, Vec<usize>) {
+    struct W {
+        bytes: u64,
+        trainable: Vec<usize>,
+    }
+    impl Visitor for W {
+        fn vector(&mut self, _: &str, p: &mut burn::module::Param<burn::tensor::Tensor<1>>) {
+            let n = p.shape().num_elements();
+            self.bytes += 4 * n as u64;
+            if p.val().is_require_grad() {
+                self.trainable.push(n);
+            }
+        }
+        fn matrix(
+            &mut self,
+            _: &str,
+            p: &mut burn::module::Param<burn::tensor::Tensor<2>>,
+            _: Layout,
+        ) {
+            let n = p.shape().num_elements();
+            self.bytes += 4 * n as u64;
+            if p.val().is_require_grad() {
+                self.trainable.push(n);
+            }
+        }
+        fn linear(&mut self, _: &str, layer: &mut whet_models::layers::Linear) -> bool {
+            let mut add = |n: usize| {
+                self.bytes += 4 * n as u64;
+                self.trainable.push(n);
+            };
+            if let Some(a) = &layer.adapter {
+                add(a.a.shape().num_elements());
+                add(a.b.shape().num_elements());
+            }
+            if let Some(l) = &layer.ia3 {
+                add(l.scale.shape().num_elements());
+            }
+            if let Some(b) = &layer.bottleneck {
+                add(b.down.shape().num_elements());
+                add(b.up.shape().num_elements());
+                add(b.down_bias.shape().num_elements() + b.up_bias.shape().num_elements());
+            }
+            false
+        }
+        fn quantized(&mut self, _: &str, m: &QuantMatrix) {
+            self.bytes += m.storage_bytes() as u64;
+        }
+    }
+    let mut w = W {
+        bytes: 0,
+        trainable: vec![],
+    };
+    model.visit_params("", &mut w);
+    (w.bytes, w.trainable)
+}
+
+/// Predicts the peak of a training run.
+pub fn predict(
+    family: Family,
+    dims: ModelDims,
+    weights: u64,
+    trainable: &[usize],
+    optim: OptimizerKind,
+    batch: BatchShape,
+    data_bytes: u64,
+) -> MemoryPlan {
+    let n_trainable: u64 = trainable.iter().map(|&n| n as u64).sum();
+    let gradients = 2 * 4 * n_trainable;
+    let optimizer: u64 = match optim {
+        OptimizerKind::Adamw => 8 * n_trainable,
+        OptimizerKind::Adamw8bit => trainable
+            .iter()
+            .map(|&n| {
+                if n < MIN_8BIT_SIZE {
+                    8 * n as u64
+                } else {
+                    2 * n as u64 + 2 * 4 * n.div_ceil(256) as u64
+                }
+            })
+            .sum(),
+        OptimizerKind::Sgd => 0,
+    };
+    let tokens = (batch.rows * batch.len) as f64;
+    let (ch, ci, ckv) = activation_vectors(family, dims.gated);
+    let per_layer = tokens
+        * (ch * dims.hidden as f64 + ci * dims.intermediate as f64 + ckv * dims.kv_dim as f64)
+        // attention probabilities, and the dropped-out copy training keeps
+        + 2.0 * (batch.rows * dims.heads * batch.len * batch.len) as f64;
+    let embeddings = 2.0 * tokens * dims.hidden as f64;
+    let logits = 3.0 * batch.learnt as f64 * dims.vocab as f64;
+    let activations = (4.0 * (dims.layers as f64 * per_layer + embeddings + logits)) as u64;
+    let process = PROCESS_BYTES + data_bytes;
+    MemoryPlan {
+        weights,
+        gradients,
+        optimizer,
+        activations,
+        process,
+        total: weights + gradients + optimizer + activations + process,
+    }
+}
+
+/// Memory this machine can still give the run: `MemAvailable` of `/proc/meminfo`, plus what the
+/// process holds already (the loaded model is part of the plan), or `WHET_MEMORY_LIMIT_MB` when
+/// that is set and smaller (a budget for a shared machine). None where neither is known.
+pub fn available_bytes() -> Option<u64> {
+    let limit = std::env::var("WHET_MEMORY_LIMIT_MB")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|mb| mb << 20);
+    match (machine_bytes(), limit) {
+        (Some(m), Some(l)) => Some(m.min(l)),
+        (m, l) => m.or(l),
+    }
+}
+
+fn machine_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb = |key: &str| -> Option<u64> {
+        let line = info.lines().find(|l| l.starts_with(key))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    };
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let rss: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0);
+    Some((kb("MemAvailable:")? + rss) * 1024)
+}
+
+impl MemoryPlan {
+    /// A table of the parts, in MB.
+    pub fn table(&self) -> String {
+        let mb = |b: u64| b as f64 / (1u64 << 20) as f64;
+        format!(
+            "  weights      {:>9.1} MB\n  gradients    {:>9.1} MB\n  optimizer    {:>9.1} MB\n  \
+             activations  {:>9.1} MB\n  process      {:>9.1} MB\n  peak         {:>9.1} MB",
+            mb(self.weights),
+            mb(self.gradients),
+            mb(self.optimizer),
+            mb(self.activations),
+            mb(self.process),
+            mb(self.total)
+        )
+    }
+
+    /// What to change when the plan does not fit, largest part first.
+    pub fn advice(&self) -> String {
+        let mut parts = [
+            (
+                self.activations,
+                "activations: lower per_device_train_batch_size (and raise gradient_accumulation_steps to keep the effective batch) or data.max_length",
+            ),
+            (
+                self.optimizer + self.gradients,
+                "gradients and optimizer state: train an adapter (method = \"lora\" / \"qlora\" / \"ia3\") or use optim = \"adamw_bnb_8bit\"",
+            ),
+            (
+                self.weights,
+                "weights: quantise the frozen base (method = \"qlora\", or [quantization] keep_gguf_quantized for a GGUF base)",
+            ),
+        ];
+        parts.sort_by(|a, b| b.0.cmp(&a.0));
+        parts
+            .iter()
+            .map(|(_, s)| format!("  - {s}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+/// Bytes the tokenized data holds: ids, labels, positions and the read rows, ~24 per token.
+fn data_bytes(tokens: usize) -> u64 {
+    24 * tokens as u64
+}
+
+/// The plan of a prepared classification run.
+pub fn for_classifier(p: &mut crate::classify::Prepared, recipe: &crate::Recipe) -> MemoryPlan {
+    let lens: Vec<(usize, usize)> = p.train.encoded.iter().map(|e| (e.ids.len(), 0)).collect();
+    let tokens = lens.iter().map(|e| e.0).sum();
+    let batch = BatchShape::largest(recipe.training.per_device_train_batch_size, lens);
+    let (weights, trainable) = weight_bytes(&mut p.model);
+    predict(
+        p.checkpoint.family(),
+        ModelDims::of(&p.checkpoint),
+        weights,
+        &trainable,
+        recipe.training.optim,
+        batch,
+        data_bytes(tokens),
+    )
+}
+
+/// The plan of a prepared causal-LM run.
+pub fn for_causal_lm(p: &mut crate::causal::LmPrepared, recipe: &crate::Recipe) -> MemoryPlan {
+    let lens: Vec<(usize, usize)> = p
+        .train
+        .iter()
+        .map(|e| {
+            let learnt = e
+                .labels
+                .iter()
+                .skip(1)
+                .filter(|&&l| l != whet_data::IGNORE)
+                .count();
+            (e.ids.len(), learnt)
+        })
+        .collect();
+    let tokens = lens.iter().map(|e| e.0).sum();
+    let batch = BatchShape::largest(recipe.training.per_device_train_batch_size, lens);
+    let (weights, trainable) = weight_bytes(&mut p.model);
+    predict(
+        p.checkpoint.family(),
+        ModelDims::of(&p.checkpoint),
+        weights,
+        &trainable,
+        recipe.training.optim,
+        batch,
+        data_bytes(tokens),
+    )
+}
+
+/// The plan of a prepared question-answering run.
+pub fn for_question_answering(p: &mut crate::qa::QaPrepared, recipe: &crate::Recipe) -> MemoryPlan {
+    let lens: Vec<(usize, usize)> = p.train.features.iter().map(|f| (f.ids.len(), 0)).collect();
+    let tokens = lens.iter().map(|e| e.0).sum();
+    let batch = BatchShape::largest(recipe.training.per_device_train_batch_size, lens);
+    let (weights, trainable) = weight_bytes(&mut p.model);
+    predict(
+        p.checkpoint.family(),
+        ModelDims::of(&p.checkpoint),
+        weights,
+        &trainable,
+        recipe.training.optim,
+        batch,
+        data_bytes(tokens),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dims() -> ModelDims {
+        ModelDims {
+            layers: 2,
+            hidden: 32,
+            heads: 4,
+            kv_dim: 32,
+            intermediate: 37,
+            vocab: 99,
+            gated: false,
+        }
+    }
+
+    fn shape(rows: usize, len: usize, learnt: usize) -> BatchShape {
+        BatchShape { rows, len, learnt }
+    }
+
+    /// Gradients and optimizer state follow the trainable parameters as the optimizer holds
+    /// them; 8-bit AdamW keeps f32 moments for small parameters.
+    #[test]
+    fn gradients_and_optimizer_follow_the_trainable_parameters() {
+        let trainable = [10_000, 100];
+        let p = predict(
+            Family::Bert,
+            dims(),
+            4_000_000,
+            &trainable,
+            OptimizerKind::Adamw,
+            shape(8, 16, 0),
+            0,
+        );
+        assert_eq!(p.weights, 4_000_000);
+        assert_eq!(p.gradients, 2 * 4 * 10_100);
+        assert_eq!(p.optimizer, 8 * 10_100);
+        let q = predict(
+            Family::Bert,
+            dims(),
+            4_000_000,
+            &trainable,
+            OptimizerKind::Adamw8bit,
+            shape(8, 16, 0),
+            0,
+        );
+        assert_eq!(
+            q.optimizer,
+            2 * 10_000 + 8 * 10_000u64.div_ceil(256) + 8 * 100
+        );
+        let s = predict(
+            Family::Bert,
+            dims(),
+            4_000_000,
+            &trainable,
+            OptimizerKind::Sgd,
+            shape(8, 16, 0),
+            0,
+        );
+        assert_eq!(s.optimizer, 0);
+        assert_eq!(
+            p.total,
+            p.weights + p.gradients + p.optimizer + p.activations + p.process
+        );
+    }
+
+    /// Activations grow linearly with rows, faster than linearly with length (attention), and
+    /// a language model pays for the logits of its learnt tokens.
+    #[test]
+    fn activations_scale_with_the_batch() {
+        let a = |rows, len, learnt| {
+            predict(
+                Family::Llama,
+                dims(),
+                0,
+                &[],
+                OptimizerKind::Adamw,
+                shape(rows, len, learnt),
+                0,
+            )
+            .activations
+        };
+        assert_eq!(a(8, 16, 0), 2 * a(4, 16, 0));
+        assert!(a(4, 32, 0) > 2 * a(4, 16, 0));
+        assert_eq!(a(4, 16, 10) - a(4, 16, 0), 4 * 3 * 10 * 99);
+    }
+
+    /// The largest batch is the longest examples, padded to the longest.
+    #[test]
+    fn the_largest_batch_is_the_longest_examples() {
+        let b = BatchShape::largest(2, vec![(5, 1), (9, 4), (7, 2), (3, 0)]);
+        assert_eq!((b.rows, b.len, b.learnt), (2, 9, 6));
+        let one = BatchShape::largest(8, vec![(4, 3)]);
+        assert_eq!((one.rows, one.len, one.learnt), (1, 4, 3));
+    }
+}
