@@ -1179,7 +1179,7 @@ fn plan_predicts_by_part_and_train_refuses_what_cannot_fit() {
     );
     assert_eq!(
         n(&full, "optimizer"),
-        n(&full, "weights"),
+        2 * n(&full, "weights"),
         "two moments per weight"
     );
     assert_eq!(n(&full, "gradients"), n(&full, "weights"));
