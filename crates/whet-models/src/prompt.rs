@@ -69,6 +69,8 @@ pub struct PromptEncoder {
 }
 
 /// Virtual tokens for one batch.
+// Made once per forward pass, so the size difference of the variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum VirtualTokens {
     /// `[B, P, hidden]`, prepended to the token embeddings.
@@ -138,7 +140,7 @@ impl PromptEncoder {
                 let pick = |i: usize| {
                     // (1, KV, P, hd) -> (B, KV, P, hd)
                     all.clone()
-                        .slice([i..i + 1])
+                        .slice(i..i + 1)
                         .reshape([1, kvh, p, hd])
                         .expand([batch, kvh, p, hd])
                 };

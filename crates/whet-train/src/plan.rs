@@ -309,7 +309,7 @@ impl MemoryPlan {
                 "weights: quantise the frozen base (method = \"qlora\", or [quantization] keep_gguf_quantized for a GGUF base)",
             ),
         ];
-        parts.sort_by(|a, b| b.0.cmp(&a.0));
+        parts.sort_by_key(|p| std::cmp::Reverse(p.0));
         parts
             .iter()
             .map(|(_, s)| format!("  - {s}"))
