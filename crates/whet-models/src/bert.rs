@@ -327,7 +327,7 @@ impl BertModel {
             match vt {
                 VirtualTokens::Embeddings(e) => soft_prompt = Some(e),
                 VirtualTokens::KeyValues(kv) => {
-                    first = kv.first().map(|(k, _)| k.dims()[2]).unwrap_or(0);
+                    first = mask.dims()[1] - t;
                     prefix = Some(kv);
                 }
             }

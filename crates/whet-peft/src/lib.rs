@@ -179,17 +179,19 @@ pub fn load_adapter<M: VisitParams>(
             }
         }
     }
-    if let PeftConfig::Prompt(c) = &config {
-        // The saved embeddings replace the start at once, so it is drawn, whatever it was.
-        let mut start = c.clone();
-        if let PromptConfig::Prompt(p) = &mut start {
-            p.prompt_tuning_init = PromptInit::Random;
+    match &config {
+        PeftConfig::Prompt(c) => {
+            // The saved embeddings replace the start at once, so it is drawn, whatever it was.
+            let mut start = c.clone();
+            if let PromptConfig::Prompt(p) = &mut start {
+                p.prompt_tuning_init = PromptInit::Random;
+            }
+            apply_prompt(model, &start, device)?;
         }
-        apply_prompt(model, &start, device)?;
-        let used = prompt::fill(model, c, &source, &file, device)?;
-        return check_all_used(&file, used, source.names().len()).map(|_| config);
+        _ => {
+            config.apply(model, device)?;
+        }
     }
-    config.apply(model, device)?;
     let mut reader = Reader {
         source: &source,
         device,
@@ -198,10 +200,14 @@ pub fn load_adapter<M: VisitParams>(
         file: &file,
     };
     match &config {
-        PeftConfig::Lora(_) => fill(model, &mut reader, &mut lora::fill_layer),
-        PeftConfig::Ia3(_) => fill(model, &mut reader, &mut ia3::fill_layer),
-        PeftConfig::Bottleneck(_) => fill(model, &mut reader, &mut bottleneck::fill_layer),
-        PeftConfig::Prompt(_) => unreachable!("filled above"),
+        PeftConfig::Lora(_) => fill(model, &mut reader, PREFIX, &mut lora::fill_layer),
+        PeftConfig::Ia3(_) => fill(model, &mut reader, PREFIX, &mut ia3::fill_layer),
+        PeftConfig::Bottleneck(_) => fill(model, &mut reader, PREFIX, &mut bottleneck::fill_layer),
+        PeftConfig::Prompt(c) => {
+            prompt::fill_embeddings(model, c, &mut reader)?;
+            // Prompt learning saves the head under `base_model.`, without `model.`.
+            fill(model, &mut reader, prompt::PROMPT_PREFIX, &mut |_, _, _| {});
+        }
     }
     if let Some(e) = reader.error {
         return Err(e);
@@ -399,20 +405,23 @@ impl Reader<'_> {
     }
 }
 
-/// Fills `modules_to_save` parameters from the reader, and each linear layer through `layer`.
+/// Fills the parameters the file holds (`modules_to_save`, under `<prefix><name>`) from the
+/// reader, and each linear layer through `layer`.
 fn fill<M: VisitParams>(
     model: &mut M,
     reader: &mut Reader,
+    prefix: &str,
     layer: &mut dyn FnMut(&str, &mut Linear, &mut Reader),
 ) {
     struct Fill<'a, 'b> {
         reader: &'a mut Reader<'b>,
+        prefix: &'a str,
         layer: &'a mut dyn FnMut(&str, &mut Linear, &mut Reader),
     }
     impl Visitor for Fill<'_, '_> {
         fn vector(&mut self, name: &str, p: &mut Param<Tensor<1>>) {
             let n = p.shape().num_elements();
-            if let Some(t) = self.reader.read(&format!("{PREFIX}{name}"), [n]) {
+            if let Some(t) = self.reader.read(&format!("{}{name}", self.prefix), [n]) {
                 *p = Param::from_tensor(t).set_require_grad(p.val().is_require_grad());
             }
         }
@@ -422,7 +431,7 @@ fn fill<M: VisitParams>(
                 Layout::Same => [a, b],
                 Layout::Transposed => [b, a],
             };
-            if let Some(t) = self.reader.read(&format!("{PREFIX}{name}"), stored) {
+            if let Some(t) = self.reader.read(&format!("{}{name}", self.prefix), stored) {
                 let t = if layout == Layout::Transposed {
                     t.transpose()
                 } else {
@@ -438,7 +447,14 @@ fn fill<M: VisitParams>(
             false
         }
     }
-    model.visit_params("", &mut Fill { reader, layer });
+    model.visit_params(
+        "",
+        &mut Fill {
+            reader,
+            prefix,
+            layer,
+        },
+    );
 }
 
 /// Errors of this crate.

@@ -19,14 +19,14 @@ use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use whet_models::layers::{Linear, LinearWeight, TorchLinear};
 use whet_models::prompt::{PromptEncoder, PromptKind, PromptShape, PromptSlot};
-use whet_models::weights::{Layout, SafetensorsSource, TensorSource, tensor_values};
+use whet_models::weights::{SafetensorsSource, TensorSource, tensor_values};
 use whet_models::{VisitParams, Visitor};
 
 use crate::lora::LoraReport;
-use crate::{PeftError, Result, SavedTensor, in_modules, write_adapter};
+use crate::{PeftError, Reader, Result, SavedTensor, in_modules, write_adapter};
 
 /// Key prefix of `modules_to_save` tensors in a prompt-learning adapter file.
-const PROMPT_PREFIX: &str = "base_model.";
+pub(crate) const PROMPT_PREFIX: &str = "base_model.";
 
 /// The tensor holding the virtual tokens.
 const EMBEDDINGS_KEY: &str = "prompt_embeddings";
@@ -389,24 +389,14 @@ pub fn save_adapter<M: VisitParams + Clone>(
     )
 }
 
-/// Fills the attached encoder (without projection: a loaded prefix is the saved one) and the
-/// `modules_to_save` tensors from a peft prompt-learning file; returns how many tensors it used.
-pub(crate) fn fill<M: VisitParams>(
+/// Fills the attached encoder from the file's `prompt_embeddings`, without a projection: a
+/// loaded prefix is the saved one, as in peft's inference mode.
+pub(crate) fn fill_embeddings<M: VisitParams>(
     model: &mut M,
     config: &PromptConfig,
-    source: &SafetensorsSource,
-    file: &Path,
-    device: &Device,
-) -> Result<usize> {
-    let bad = |message: String| PeftError::Adapter {
-        path: file.to_path_buf(),
-        message,
-    };
-    let shape = source
-        .shape(EMBEDDINGS_KEY)
-        .ok_or_else(|| bad(format!("no {EMBEDDINGS_KEY} tensor")))?;
-    let values = source.read_f32(EMBEDDINGS_KEY)?;
-    let mut result = Ok(());
+    reader: &mut Reader,
+) -> Result<()> {
+    let mut read = None;
     with_slot(model, &mut |slot| {
         let p = config.num_virtual_tokens();
         let s = slot.shape;
@@ -414,97 +404,21 @@ pub(crate) fn fill<M: VisitParams>(
             PromptConfig::Prefix(_) => [p, s.layers * 2 * s.kv_dim()],
             PromptConfig::Prompt(_) => [p, s.hidden],
         };
-        if shape != want {
-            result = Err(bad(format!(
-                "tensor {EMBEDDINGS_KEY} has shape {shape:?}, the model needs {want:?}"
-            )));
-            return Ok(());
+        read = Some(reader.read(EMBEDDINGS_KEY, want));
+        if let (Some(Some(t)), Some(e)) = (&read, slot.encoder.as_mut()) {
+            let trains = e.embedding.val().is_require_grad();
+            e.embedding = Param::from_tensor(t.clone()).set_require_grad(trains);
+            e.transform_in = None;
+            e.transform_out = None;
         }
-        let e = slot
-            .encoder
-            .as_mut()
-            .ok_or_else(|| bad("no encoder attached".into()))?;
-        let t = Tensor::<2>::from_data(TensorData::new(values.clone(), want), device);
-        e.embedding = Param::from_tensor(t).set_require_grad(e.embedding.val().is_require_grad());
-        e.transform_in = None;
-        e.transform_out = None;
         Ok(())
     })?;
-    result?;
-    let mut used = 1;
-    // modules_to_save: `base_model.<param>`.
-    struct Heads<'a> {
-        source: &'a SafetensorsSource,
-        modules: &'a [String],
-        device: &'a Device,
-        used: usize,
-        error: Option<PeftError>,
-        file: &'a Path,
+    if let Some(None) = read
+        && reader.error.is_none()
+    {
+        reader.fail(format!("no {EMBEDDINGS_KEY} tensor"));
     }
-    impl Heads<'_> {
-        fn read(&mut self, name: &str, shape: Vec<usize>) -> Option<Vec<f32>> {
-            if !in_modules(name, self.modules) {
-                return None;
-            }
-            let key = format!("{PROMPT_PREFIX}{name}");
-            let got = self.source.shape(&key)?;
-            if got != shape {
-                self.error.get_or_insert(PeftError::Adapter {
-                    path: self.file.to_path_buf(),
-                    message: format!("tensor {key} has shape {got:?}, the model needs {shape:?}"),
-                });
-                return None;
-            }
-            match self.source.read_f32(&key) {
-                Ok(v) => {
-                    self.used += 1;
-                    Some(v)
-                }
-                Err(e) => {
-                    self.error.get_or_insert(e.into());
-                    None
-                }
-            }
-        }
-    }
-    impl Visitor for Heads<'_> {
-        fn vector(&mut self, name: &str, p: &mut Param<Tensor<1>>) {
-            let n = p.shape().num_elements();
-            if let Some(v) = self.read(name, vec![n]) {
-                let t = Tensor::from_data(TensorData::new(v, [n]), self.device);
-                *p = Param::from_tensor(t).set_require_grad(p.val().is_require_grad());
-            }
-        }
-        fn matrix(&mut self, name: &str, p: &mut Param<Tensor<2>>, layout: Layout) {
-            let [a, b] = p.shape().dims();
-            let stored = match layout {
-                Layout::Same => [a, b],
-                Layout::Transposed => [b, a],
-            };
-            if let Some(v) = self.read(name, stored.to_vec()) {
-                let t = Tensor::<2>::from_data(TensorData::new(v, stored), self.device);
-                let t = match layout {
-                    Layout::Same => t,
-                    Layout::Transposed => Tensor::from_data(t.transpose().into_data(), self.device),
-                };
-                *p = Param::from_tensor(t).set_require_grad(p.val().is_require_grad());
-            }
-        }
-    }
-    let mut heads = Heads {
-        source,
-        modules: config.modules_to_save(),
-        device,
-        used: 0,
-        error: None,
-        file,
-    };
-    model.visit_params("", &mut heads);
-    if let Some(e) = heads.error {
-        return Err(e);
-    }
-    used += heads.used;
-    Ok(used)
+    Ok(())
 }
 
 /// Reads the method out of a prompt-learning `adapter_config.json`.

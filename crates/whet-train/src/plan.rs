@@ -323,15 +323,19 @@ fn data_bytes(tokens: usize) -> u64 {
     24 * tokens as u64
 }
 
-/// The plan of a prepared classification run.
-pub fn for_classifier(p: &mut crate::classify::Prepared, recipe: &crate::Recipe) -> MemoryPlan {
-    let lens: Vec<(usize, usize)> = p.train.encoded.iter().map(|e| (e.ids.len(), 0)).collect();
+/// The plan of a run over `lens` (each training example's length and learnt tokens).
+fn plan_of<M: VisitParams>(
+    checkpoint: &Checkpoint,
+    model: &mut M,
+    recipe: &crate::Recipe,
+    lens: Vec<(usize, usize)>,
+) -> MemoryPlan {
     let tokens = lens.iter().map(|e| e.0).sum();
     let batch = BatchShape::largest(recipe.training.per_device_train_batch_size, lens);
-    let (weights, trainable) = weight_bytes(&mut p.model);
+    let (weights, trainable) = weight_bytes(model);
     predict(
-        p.checkpoint.family(),
-        ModelDims::of(&p.checkpoint),
+        checkpoint.family(),
+        ModelDims::of(checkpoint),
         weights,
         &trainable,
         recipe.training.optim,
@@ -340,9 +344,15 @@ pub fn for_classifier(p: &mut crate::classify::Prepared, recipe: &crate::Recipe)
     )
 }
 
+/// The plan of a prepared classification run.
+pub fn for_classifier(p: &mut crate::classify::Prepared, recipe: &crate::Recipe) -> MemoryPlan {
+    let lens = p.train.encoded.iter().map(|e| (e.ids.len(), 0)).collect();
+    plan_of(&p.checkpoint, &mut p.model, recipe, lens)
+}
+
 /// The plan of a prepared causal-LM run.
 pub fn for_causal_lm(p: &mut crate::causal::LmPrepared, recipe: &crate::Recipe) -> MemoryPlan {
-    let lens: Vec<(usize, usize)> = p
+    let lens = p
         .train
         .iter()
         .map(|e| {
@@ -355,35 +365,13 @@ pub fn for_causal_lm(p: &mut crate::causal::LmPrepared, recipe: &crate::Recipe) 
             (e.ids.len(), learnt)
         })
         .collect();
-    let tokens = lens.iter().map(|e| e.0).sum();
-    let batch = BatchShape::largest(recipe.training.per_device_train_batch_size, lens);
-    let (weights, trainable) = weight_bytes(&mut p.model);
-    predict(
-        p.checkpoint.family(),
-        ModelDims::of(&p.checkpoint),
-        weights,
-        &trainable,
-        recipe.training.optim,
-        batch,
-        data_bytes(tokens),
-    )
+    plan_of(&p.checkpoint, &mut p.model, recipe, lens)
 }
 
 /// The plan of a prepared question-answering run.
 pub fn for_question_answering(p: &mut crate::qa::QaPrepared, recipe: &crate::Recipe) -> MemoryPlan {
-    let lens: Vec<(usize, usize)> = p.train.features.iter().map(|f| (f.ids.len(), 0)).collect();
-    let tokens = lens.iter().map(|e| e.0).sum();
-    let batch = BatchShape::largest(recipe.training.per_device_train_batch_size, lens);
-    let (weights, trainable) = weight_bytes(&mut p.model);
-    predict(
-        p.checkpoint.family(),
-        ModelDims::of(&p.checkpoint),
-        weights,
-        &trainable,
-        recipe.training.optim,
-        batch,
-        data_bytes(tokens),
-    )
+    let lens = p.train.features.iter().map(|f| (f.ids.len(), 0)).collect();
+    plan_of(&p.checkpoint, &mut p.model, recipe, lens)
 }
 
 #[cfg(test)]
