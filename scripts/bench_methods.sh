@@ -43,6 +43,11 @@ run tweets-qlora recipes/tweets-lora.toml --set method=qlora
 # IA3 learns scales, not updates: it takes a larger learning rate (peft's IA3 examples: 1e-2 -- 3e-2).
 run tweets-ia3 recipes/tweets-lora.toml --set method=ia3 $IA3 --set training.learning_rate=1e-2
 run tweets-bottleneck recipes/tweets-lora.toml --set method=bottleneck
+# Virtual tokens, like IA3's scales, train at a larger learning rate than LoRA's updates.
+run tweets-prefix recipes/tweets-lora.toml --set method=prefix_tuning \
+    --set prefix_tuning.num_virtual_tokens=20 --set training.learning_rate=1e-2
+run tweets-prompt recipes/tweets-lora.toml --set method=prompt_tuning \
+    --set prompt_tuning.num_virtual_tokens=20 --set training.learning_rate=1e-2
 run tweets-full-adamw8bit recipes/tweets-lora.toml --set method=full --set training.learning_rate=5e-5 \
     --set training.optim=\"adamw_bnb_8bit\"
 STEPS='--set training.max_steps=20 --set training.eval_strategy="no"'

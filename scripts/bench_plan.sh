@@ -20,7 +20,7 @@ name, plan, res = sys.argv[1:]
 p = json.load(open(plan)); r = json.load(open(res))
 mb = lambda b: b / 2**20
 pred, meas = mb(p["total"]), r["train_peak_rss_mb"]
-parts = ", ".join(f"{k} {mb(p[k]):.0f}" for k in ["weights", "gradients", "optimizer", "activations", "process"])
+parts = ", ".join(f"{k} {mb(p[k]):.0f}" for k in ["weights", "process", "optimizer", "gradients", "activations"])
 print(f"| {name} | {pred:.0f} MB | {meas:.0f} MB | {pred / meas:.2f} | {parts} |", flush=True)
 PY
 }
@@ -30,9 +30,12 @@ echo "|---|---|---|---|---|"
 # short run is the largest batch the plan sizes; the date conversations differ by a few tokens.
 T=(--set data.max_length=24)
 run tweets-lora recipes/tweets-lora.toml "${T[@]}"
-run tweets-full recipes/tweets-lora.toml "${T[@]}" --set method=full --set training.learning_rate=5e-5
-run tweets-full-8bit recipes/tweets-lora.toml "${T[@]}" --set method=full --set training.optim=adamw_bnb_8bit
 run tweets-lora-bs64 recipes/tweets-lora.toml "${T[@]}" --set training.per_device_train_batch_size=64
-S=()
-run smollm2-lora recipes/smollm2-dates-lora.toml "${S[@]}"
-run smollm2-qlora recipes/smollm2-dates-lora.toml "${S[@]}" --set method=qlora
+run tweets-full recipes/tweets-lora.toml "${T[@]}" --set method=full --set training.learning_rate=5e-5
+run tweets-full-bs64 recipes/tweets-lora.toml "${T[@]}" --set method=full --set training.per_device_train_batch_size=64
+run tweets-full-8bit recipes/tweets-lora.toml "${T[@]}" --set method=full --set training.optim=adamw_bnb_8bit
+for b in 1 4 8; do
+  run smollm2-lora-bs$b recipes/smollm2-dates-lora.toml --set training.per_device_train_batch_size=$b
+done
+run smollm2-full recipes/smollm2-dates-lora.toml --set method=full --set training.learning_rate=1e-5
+run smollm2-qlora recipes/smollm2-dates-lora.toml --set method=qlora

@@ -5,6 +5,9 @@
 //!
 //! The parts:
 //! - weights: every f32 parameter, and quantised layers at their stored size;
+//! - the process: what it holds once the model is loaded and the data tokenized, beyond the
+//!   weights (measured, VmRSS: binary, threads, tokenizer, data, a memory-mapped GGUF file,
+//!   what loading left in the allocator); a constant plus the data where /proc is missing;
 //! - gradients: one f32 value per trainable parameter;
 //! - optimizer: AdamW's two f32 moments; 8-bit AdamW's two byte codes plus a scale per block of
 //!   256 (f32 moments for parameters under 4096 values), and the f32 moments it decodes for the
@@ -12,16 +15,19 @@
 //!   for SGD;
 //! - activations: what the autodiff graph keeps for the backward pass on the largest batch the
 //!   data can make (the `batch` longest examples, padded to the longest): per layer and token a
-//!   number of hidden-, feed-forward- and key-sized vectors, the attention probabilities, and
-//!   for a language model the logits of the learnt tokens (three vocabulary-sized rows each:
-//!   logits, softmax, gradient);
-//! - the process: the binary, thread stacks, tokenizer and data, and the allocator's slack,
-//!   a constant plus the tokenized data.
+//!   number of hidden-, feed-forward- and key-sized vectors, the attention probabilities, the
+//!   inputs of adapters with dropout, and for a language model the logits of the learnt tokens
+//!   (three vocabulary-sized rows each) and three copies of the `[vocab, hidden]` head matrix
+//!   (transposed for the product and its backward pass).
+//!
+//! The peak is weights + process + optimizer + the larger of the activations and the
+//! gradients + [`OVERLAP`] of the smaller: the backward pass frees activations as it makes
+//! gradients, so full fine-tuning peaks below their sum.
 //!
 //! The per-token counts come from the tensors each family's forward keeps (written out in
-//! `activation_vectors`); not all of them are live at once, and [`LIVE_FRACTION`] and
-//! [`PROCESS_BYTES`] are the two constants fitted to two measured MiniLM runs (batch 16 and 64).
-//! BENCHMARKS.md compares the plan with measured peaks on other configurations.
+//! `activation_vectors`); not all of them are live at once, and [`LIVE_FRACTION`] is fitted to
+//! two measured MiniLM LoRA runs (batch 16 and 64), [`OVERLAP`] to two full fine-tunings. BENCHMARKS.md compares the plan with measured
+//! peaks on other configurations and on SmolLM2.
 
 use serde::Serialize;
 use whet_models::quant::QuantMatrix;
@@ -113,6 +119,11 @@ impl BatchShape {
 /// A predicted peak, in bytes, by part.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct MemoryPlan {
+    /// Resident memory of the process once the model is loaded and the data tokenized
+    /// (measured: VmRSS), 0 where unknown.
+    pub loaded: u64,
+    /// The largest batch, whose activations the plan sizes.
+    pub batch: BatchShape,
     pub weights: u64,
     pub gradients: u64,
     pub optimizer: u64,
@@ -121,12 +132,27 @@ pub struct MemoryPlan {
     pub total: u64,
 }
 
-/// The process's own memory: binary, threads, tokenizer, allocator (fitted, see the module doc).
+/// What a model's parameters weigh in a plan.
+#[derive(Debug, Clone, Default)]
+pub struct ParamBytes {
+    /// Bytes held by the weights (f32 parameters, quantised layers as stored).
+    pub weights: u64,
+    /// Values of each trainable parameter.
+    pub trainable: Vec<usize>,
+    /// Summed input width of the adapters with dropout (each keeps its dropped-out input).
+    pub dropout_inputs: usize,
+}
+
+/// The process's own memory (binary, threads, tokenizer, allocator) where it cannot be read.
 pub const PROCESS_BYTES: u64 = 140 << 20;
 
 /// The share of the counted activation tensors live at the peak (fitted, see the module doc):
 /// the backward pass frees the forward's tensors as it consumes them.
 pub const LIVE_FRACTION: f64 = 0.62;
+
+/// The share of the smaller of activations and gradients live together with the larger,
+/// fitted to full fine-tuning of MiniLM (batch 16) and SmolLM2 (batch 4).
+pub const OVERLAP: f64 = 0.5;
 
 /// Hidden-sized (`h`), feed-forward-sized (`i`) and key-sized (`kv`) vectors the backward pass
 /// keeps per token and layer.
@@ -136,27 +162,30 @@ fn activation_vectors(family: Family, gated: bool) -> (f64, f64, f64) {
         // dropout masks of the post-norm encoders (~4 h of 1-byte masks ~ 1 h).
         Family::Bert | Family::DistilBert => (11.0, 2.0, 2.0),
         Family::Gpt2 => (10.0, 2.0, 2.0),
-        // RMSNorm in and out twice, q and rotated q, context, o_proj, residual, down_proj;
-        // gate, up, activation, product; k, v and rotated k.
-        Family::Llama if gated => (10.0, 4.0, 3.0),
-        Family::Llama => (10.0, 2.0, 3.0),
+        // RMSNorm's input, normalised and scaled values twice (6), q and its two rotary
+        // halves (3), keys and values repeated to every head (2), context, o_proj, residual,
+        // down_proj (4), one more for the residual stream (1); gate, up, activation, product;
+        // k, v, and k's two rotary halves.
+        Family::Llama if gated => (16.0, 4.0, 5.0),
+        Family::Llama => (16.0, 2.0, 5.0),
     }
 }
 
-/// Weights (f32 parameters and quantised layers) and trainable parameters of a model: bytes
-/// held, and per trainable parameter its number of values.
-pub fn weight_bytes<M: VisitParams>(model: &mut M) -> (u64, Vec<usize>) {
-    struct W {
-        bytes: u64,
-        trainable: Vec<usize>,
+/// Weights (f32 parameters and quantised layers), trainable parameters and adapter inputs
+/// kept for dropout, of a model.
+pub fn param_bytes<M: VisitParams>(model: &mut M) -> ParamBytes {
+    struct W(ParamBytes);
+    impl W {
+        fn add(&mut self, n: usize, trains: bool) {
+            self.0.weights += 4 * n as u64;
+            if trains {
+                self.0.trainable.push(n);
+            }
+        }
     }
     impl Visitor for W {
         fn vector(&mut self, _: &str, p: &mut burn::module::Param<burn::tensor::Tensor<1>>) {
-            let n = p.shape().num_elements();
-            self.bytes += 4 * n as u64;
-            if p.val().is_require_grad() {
-                self.trainable.push(n);
-            }
+            self.add(p.shape().num_elements(), p.val().is_require_grad());
         }
         fn matrix(
             &mut self,
@@ -164,53 +193,52 @@ pub fn weight_bytes<M: VisitParams>(model: &mut M) -> (u64, Vec<usize>) {
             p: &mut burn::module::Param<burn::tensor::Tensor<2>>,
             _: Layout,
         ) {
-            let n = p.shape().num_elements();
-            self.bytes += 4 * n as u64;
-            if p.val().is_require_grad() {
-                self.trainable.push(n);
-            }
+            self.add(p.shape().num_elements(), p.val().is_require_grad());
         }
         fn linear(&mut self, _: &str, layer: &mut whet_models::layers::Linear) -> bool {
-            let mut add = |n: usize| {
-                self.bytes += 4 * n as u64;
-                self.trainable.push(n);
-            };
             if let Some(a) = &layer.adapter {
-                add(a.a.shape().num_elements());
-                add(a.b.shape().num_elements());
+                self.add(a.a.shape().num_elements(), true);
+                self.add(a.b.shape().num_elements(), true);
+                if a.dropout > 0.0 {
+                    self.0.dropout_inputs += layer.dims().0;
+                }
             }
             if let Some(l) = &layer.ia3 {
-                add(l.scale.shape().num_elements());
+                self.add(l.scale.shape().num_elements(), true);
             }
             if let Some(b) = &layer.bottleneck {
-                add(b.down.shape().num_elements());
-                add(b.up.shape().num_elements());
-                add(b.down_bias.shape().num_elements() + b.up_bias.shape().num_elements());
+                for n in [&b.down, &b.up].map(|p| p.shape().num_elements()) {
+                    self.add(n, true);
+                }
+                let biases = b.down_bias.shape().num_elements() + b.up_bias.shape().num_elements();
+                self.add(biases, true);
             }
             false
         }
         fn quantized(&mut self, _: &str, m: &QuantMatrix) {
-            self.bytes += m.storage_bytes() as u64;
+            self.0.weights += m.storage_bytes() as u64;
         }
     }
-    let mut w = W {
-        bytes: 0,
-        trainable: vec![],
-    };
+    let mut w = W(ParamBytes::default());
     model.visit_params("", &mut w);
-    (w.bytes, w.trainable)
+    w.0
 }
 
-/// Predicts the peak of a training run.
+/// Predicts the peak of a training run. `loaded` is the process's resident memory with the
+/// model loaded (None: estimated from `data_bytes`); `lm_head` whether the loss runs a
+/// vocabulary head.
+#[allow(clippy::too_many_arguments)]
 pub fn predict(
     family: Family,
     dims: ModelDims,
-    weights: u64,
-    trainable: &[usize],
+    params: &ParamBytes,
     optim: OptimizerKind,
     batch: BatchShape,
+    lm_head: bool,
+    loaded: Option<u64>,
     data_bytes: u64,
 ) -> MemoryPlan {
+    let trainable = &params.trainable;
     let n_trainable: u64 = trainable.iter().map(|&n| n as u64).sum();
     let gradients = 4 * n_trainable;
     let optimizer: u64 = match optim {
@@ -233,18 +261,34 @@ pub fn predict(
         * (ch * dims.hidden as f64 + ci * dims.intermediate as f64 + ckv * dims.kv_dim as f64)
         // attention probabilities, and the dropped-out copy training keeps
         + 2.0 * (batch.rows * dims.heads * batch.len * batch.len) as f64;
+    let adapters = tokens * params.dropout_inputs as f64;
     let embeddings = 2.0 * tokens * dims.hidden as f64;
     let logits = 3.0 * batch.learnt as f64 * dims.vocab as f64;
-    let activations =
-        (LIVE_FRACTION * 4.0 * (dims.layers as f64 * per_layer + embeddings + logits)) as u64;
-    let process = PROCESS_BYTES + data_bytes;
+    let kept = dims.layers as f64 * per_layer + adapters + embeddings + logits;
+    let head = if lm_head {
+        3 * 4 * (dims.vocab * dims.hidden) as u64
+    } else {
+        0
+    };
+    let activations = (LIVE_FRACTION * 4.0 * kept) as u64 + head;
+    let weights = params.weights;
+    let process = match loaded {
+        Some(rss) => rss.saturating_sub(weights),
+        None => PROCESS_BYTES + data_bytes,
+    };
     MemoryPlan {
+        loaded: loaded.unwrap_or(0),
+        batch,
         weights,
         gradients,
         optimizer,
         activations,
         process,
-        total: weights + gradients + optimizer + activations + process,
+        total: weights
+            + process
+            + optimizer
+            + gradients.max(activations)
+            + (OVERLAP * gradients.min(activations) as f64) as u64,
     }
 }
 
@@ -260,6 +304,19 @@ pub fn available_bytes() -> Option<u64> {
         (Some(m), Some(l)) => Some(m.min(l)),
         (m, l) => m.or(l),
     }
+}
+
+/// This process's resident memory now (VmRSS).
+pub fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
 }
 
 fn machine_bytes() -> Option<u64> {
@@ -278,17 +335,26 @@ fn machine_bytes() -> Option<u64> {
 }
 
 impl MemoryPlan {
-    /// A table of the parts, in MB.
+    /// A table of the parts, in MB, with the batch the activations are sized for.
     pub fn table(&self) -> String {
         let mb = |b: u64| b as f64 / (1u64 << 20) as f64;
+        let b = self.batch;
+        let learnt = if b.learnt > 0 {
+            format!(", {} learnt tokens", b.learnt)
+        } else {
+            String::new()
+        };
         format!(
-            "  weights      {:>9.1} MB\n  gradients    {:>9.1} MB\n  optimizer    {:>9.1} MB\n  \
-             activations  {:>9.1} MB\n  process      {:>9.1} MB\n  peak         {:>9.1} MB",
+            "  weights      {:>9.1} MB\n  process      {:>9.1} MB   (loaded, beyond the weights)\n  \
+             optimizer    {:>9.1} MB\n  gradients    {:>9.1} MB\n  activations  {:>9.1} MB   \
+             (largest batch: {} x {} tokens{learnt})\n  peak         {:>9.1} MB",
             mb(self.weights),
-            mb(self.gradients),
-            mb(self.optimizer),
-            mb(self.activations),
             mb(self.process),
+            mb(self.optimizer),
+            mb(self.gradients),
+            mb(self.activations),
+            b.rows,
+            b.len,
             mb(self.total)
         )
     }
@@ -332,14 +398,14 @@ fn plan_of<M: VisitParams>(
 ) -> MemoryPlan {
     let tokens = lens.iter().map(|e| e.0).sum();
     let batch = BatchShape::largest(recipe.training.per_device_train_batch_size, lens);
-    let (weights, trainable) = weight_bytes(model);
     predict(
         checkpoint.family(),
         ModelDims::of(checkpoint),
-        weights,
-        &trainable,
+        &param_bytes(model),
         recipe.training.optim,
         batch,
+        recipe.task == crate::Task::CausalLm,
+        resident_bytes(),
         data_bytes(tokens),
     )
 }
@@ -398,14 +464,19 @@ mod tests {
     /// them; 8-bit AdamW keeps f32 moments for small parameters.
     #[test]
     fn gradients_and_optimizer_follow_the_trainable_parameters() {
-        let trainable = [10_000, 100];
+        let params = ParamBytes {
+            weights: 4_000_000,
+            trainable: vec![10_000, 100],
+            dropout_inputs: 0,
+        };
         let p = predict(
             Family::Bert,
             dims(),
-            4_000_000,
-            &trainable,
+            &params,
             OptimizerKind::Adamw,
             shape(8, 16, 0),
+            false,
+            None,
             0,
         );
         assert_eq!(p.weights, 4_000_000);
@@ -414,10 +485,11 @@ mod tests {
         let q = predict(
             Family::Bert,
             dims(),
-            4_000_000,
-            &trainable,
+            &params,
             OptimizerKind::Adamw8bit,
             shape(8, 16, 0),
+            false,
+            None,
             0,
         );
         assert_eq!(
@@ -427,16 +499,36 @@ mod tests {
         let s = predict(
             Family::Bert,
             dims(),
-            4_000_000,
-            &trainable,
+            &params,
             OptimizerKind::Sgd,
             shape(8, 16, 0),
+            false,
+            None,
             0,
         );
         assert_eq!(s.optimizer, 0);
+        // Gradients and activations peak partly together.
+        let (big, small) = (
+            p.gradients.max(p.activations),
+            p.gradients.min(p.activations),
+        );
         assert_eq!(
             p.total,
-            p.weights + p.gradients + p.optimizer + p.activations + p.process
+            p.weights + p.process + p.optimizer + big + (OVERLAP * small as f64) as u64
+        );
+        let rss = predict(
+            Family::Bert,
+            dims(),
+            &params,
+            OptimizerKind::Sgd,
+            shape(8, 16, 0),
+            false,
+            Some(9_000_000),
+            0,
+        );
+        assert_eq!(
+            rss.process, 5_000_000,
+            "the loaded process beyond its weights"
         );
     }
 
@@ -445,13 +537,16 @@ mod tests {
     #[test]
     fn activations_scale_with_the_batch() {
         let a = |rows, len, learnt| {
+            let params = ParamBytes::default();
+            let o = OptimizerKind::Adamw;
             predict(
                 Family::Llama,
                 dims(),
-                0,
-                &[],
-                OptimizerKind::Adamw,
+                &params,
+                o,
                 shape(rows, len, learnt),
+                false,
+                None,
                 0,
             )
             .activations
@@ -460,6 +555,18 @@ mod tests {
         assert!(a(4, 32, 0) > 2 * a(4, 16, 0));
         let logits = (LIVE_FRACTION * 4.0 * 3.0 * 10.0 * 99.0) as u64;
         assert!((a(4, 16, 10) - a(4, 16, 0)).abs_diff(logits) <= 1);
+        // A language model's head: three [vocab, hidden] copies.
+        let lm = predict(
+            Family::Llama,
+            dims(),
+            &ParamBytes::default(),
+            OptimizerKind::Adamw,
+            shape(4, 16, 0),
+            true,
+            None,
+            0,
+        );
+        assert_eq!(lm.activations - a(4, 16, 0), 3 * 4 * 99 * 32);
     }
 
     /// The largest batch is the longest examples, padded to the longest.
