@@ -4,6 +4,7 @@
 pub mod classification;
 pub mod error;
 pub mod lm;
+pub mod preference;
 pub mod qa;
 pub mod table;
 
@@ -13,5 +14,6 @@ pub use classification::{
 };
 pub use error::{DataError, Result};
 pub use lm::{IGNORE, LmExample, Template, TooLong, chat, group_texts, pack, prompt_completion};
+pub use preference::{PreferencePair, read_pairs};
 pub use qa::{Answer, QaColumns, QaExample, QaFeature, qa_examples, qa_features};
 pub use table::{Encoding, Table};

@@ -1,0 +1,260 @@
+//! Preference pairs for reward modelling and DPO, in the shapes `trl` takes them: `prompt`,
+//! `chosen`, `rejected` columns (explicit prompt), or `chosen` and `rejected` only (the prompt
+//! inside both), and BIG-bench's `hhh_alignment` `task.json` files (`examples` of `input` and
+//! `target_scores`, the better answer scored 1, each worse one 0).
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::error::{DataError, Result};
+use crate::table::{Encoding, Table};
+
+/// One ranked pair: the prompt, the preferred and the dispreferred continuation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreferencePair {
+    /// Empty when the prompt is inside `chosen` and `rejected` (trl's implicit prompt).
+    pub prompt: String,
+    pub chosen: String,
+    pub rejected: String,
+    /// `file:line` (or `file: example N`) for error messages.
+    pub origin: String,
+}
+
+impl PreferencePair {
+    /// The chosen and rejected texts as the model reads them: the prompt followed by each.
+    pub fn texts(&self) -> (String, String) {
+        (
+            format!("{}{}", self.prompt, self.chosen),
+            format!("{}{}", self.prompt, self.rejected),
+        )
+    }
+}
+
+fn value_error(path: &Path, line: usize, column: &str, message: String) -> DataError {
+    DataError::Value {
+        path: path.to_path_buf(),
+        line,
+        column: column.to_string(),
+        message,
+    }
+}
+
+/// Checks a pair: its two answers differ (a pair whose answers are equal teaches nothing and
+/// usually means the columns were mapped wrongly).
+fn checked(pair: PreferencePair, path: &Path, line: usize) -> Result<PreferencePair> {
+    if pair.chosen == pair.rejected {
+        return Err(value_error(
+            path,
+            line,
+            "rejected",
+            "chosen and rejected are identical; a preference pair needs two different answers"
+                .into(),
+        ));
+    }
+    Ok(pair)
+}
+
+/// The pairs of a table with `chosen` and `rejected` columns, and `prompt` when it has one.
+pub fn preference_pairs(table: &Table) -> Result<Vec<PreferencePair>> {
+    table.require(&["chosen", "rejected"])?;
+    let explicit = table.columns.iter().any(|c| c == "prompt");
+    let path = &table.path;
+    let mut pairs = Vec::with_capacity(table.rows.len());
+    for (line, row) in &table.rows {
+        let text = |column: &str| -> Result<String> {
+            match row.get(column) {
+                Some(Value::String(s)) => Ok(s.clone()),
+                None | Some(Value::Null) => Err(value_error(
+                    path,
+                    *line,
+                    column,
+                    "missing: every row needs chosen and rejected (and prompt, when the file \
+                     has that column)"
+                        .into(),
+                )),
+                Some(Value::Array(_)) => Err(value_error(
+                    path,
+                    *line,
+                    column,
+                    "conversational preference data (lists of messages) is not supported yet; \
+                     give the texts as strings"
+                        .into(),
+                )),
+                Some(other) => Ok(other.to_string()),
+            }
+        };
+        let pair = PreferencePair {
+            prompt: if explicit { text("prompt")? } else { String::new() },
+            chosen: text("chosen")?,
+            rejected: text("rejected")?,
+            origin: format!("{}:{line}", path.display()),
+        };
+        pairs.push(checked(pair, path, *line)?);
+    }
+    Ok(pairs)
+}
+
+/// Reads a preference file: a BIG-bench `task.json` (by its `examples` list), or any table
+/// [`Table::read`] reads with `chosen` / `rejected` columns.
+pub fn read_pairs(path: &Path, encoding: Encoding) -> Result<Vec<PreferencePair>> {
+    let is_bigbench = path.extension().is_some_and(|e| e == "json")
+        && std::fs::read(path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+            .is_some_and(|v| v.get("examples").is_some());
+    let pairs = if is_bigbench {
+        bigbench_pairs(path)?
+    } else {
+        preference_pairs(&Table::read(path, encoding)?)?
+    };
+    if pairs.is_empty() {
+        return Err(DataError::Empty {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(pairs)
+}
+
+/// The pairs of a BIG-bench task (`hhh_alignment`): per example, the answer scored 1 against
+/// each answer scored 0, after the `input` prompt and a space.
+pub fn bigbench_pairs(path: &Path) -> Result<Vec<PreferencePair>> {
+    let bytes = std::fs::read(path).map_err(|e| DataError::Io {
+        path: path.to_path_buf(),
+        source: e,
+    })?;
+    let json: Value = serde_json::from_slice(&bytes).map_err(|e| DataError::Format {
+        path: path.to_path_buf(),
+        message: format!("not a BIG-bench task.json: {e}"),
+    })?;
+    let examples = json
+        .get("examples")
+        .and_then(|e| e.as_array())
+        .ok_or_else(|| DataError::Format {
+            path: path.to_path_buf(),
+            message: "no \"examples\" list".into(),
+        })?;
+    let mut pairs = Vec::new();
+    for (i, ex) in examples.iter().enumerate() {
+        let n = i + 1;
+        let bad = |message: String| DataError::Format {
+            path: path.to_path_buf(),
+            message: format!("example {n}: {message}"),
+        };
+        let input = ex
+            .get("input")
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| bad("no \"input\" text".into()))?;
+        let scores = ex
+            .get("target_scores")
+            .and_then(|v| v.as_object())
+            .ok_or_else(|| bad("no \"target_scores\" object".into()))?;
+        let mut better = None;
+        let mut worse = Vec::new();
+        for (answer, score) in scores {
+            match score.as_f64() {
+                Some(s) if s > 0.5 => better = Some(answer.clone()),
+                Some(_) => worse.push(answer.clone()),
+                None => return Err(bad(format!("score of {answer:?} is not a number"))),
+            }
+        }
+        let better = better.ok_or_else(|| bad("no answer scored 1".into()))?;
+        if worse.is_empty() {
+            return Err(bad("no answer scored 0".into()));
+        }
+        for w in worse {
+            let pair = PreferencePair {
+                prompt: format!("{input} "),
+                chosen: better.clone(),
+                rejected: w,
+                origin: format!("{}: example {n}", path.display()),
+            };
+            pairs.push(checked(pair, path, n)?);
+        }
+    }
+    Ok(pairs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn explicit_and_implicit_prompts_read_as_trl_takes_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(
+            dir.path(),
+            "a.jsonl",
+            "{\"prompt\": \"Q: hi\\nA:\", \"chosen\": \" hello\", \"rejected\": \" go away\"}\n",
+        );
+        let pairs = read_pairs(&p, Encoding::Utf8).unwrap();
+        assert_eq!(pairs.len(), 1);
+        assert_eq!(pairs[0].texts().0, "Q: hi\nA: hello");
+        assert_eq!(pairs[0].texts().1, "Q: hi\nA: go away");
+        let p = write(
+            dir.path(),
+            "b.jsonl",
+            "{\"chosen\": \"Q: hi A: hello\", \"rejected\": \"Q: hi A: no\"}\n",
+        );
+        let pairs = read_pairs(&p, Encoding::Utf8).unwrap();
+        assert_eq!(pairs[0].prompt, "");
+        assert_eq!(pairs[0].texts().0, "Q: hi A: hello");
+    }
+
+    #[test]
+    fn bad_pairs_get_errors_that_name_file_line_and_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let same = write(
+            dir.path(),
+            "same.jsonl",
+            "{\"chosen\": \"a\", \"rejected\": \"b\"}\n{\"chosen\": \"x\", \"rejected\": \"x\"}\n",
+        );
+        let e = read_pairs(&same, Encoding::Utf8).unwrap_err().to_string();
+        assert!(e.contains("same.jsonl:2") && e.contains("identical"), "{e}");
+        let missing = write(
+            dir.path(),
+            "missing.jsonl",
+            "{\"chosen\": \"a\", \"rejected\": \"b\"}\n{\"chosen\": \"c\"}\n",
+        );
+        let e = read_pairs(&missing, Encoding::Utf8).unwrap_err().to_string();
+        assert!(e.contains("missing.jsonl:2") && e.contains("rejected"), "{e}");
+        let no_column = write(dir.path(), "nocol.jsonl", "{\"chosen\": \"a\"}\n");
+        let e = read_pairs(&no_column, Encoding::Utf8).unwrap_err().to_string();
+        assert!(e.contains("rejected"), "{e}");
+        let empty = write(dir.path(), "empty.jsonl", "");
+        let e = read_pairs(&empty, Encoding::Utf8).unwrap_err().to_string();
+        assert!(e.contains("no rows"), "{e}");
+        let bb = write(
+            dir.path(),
+            "task.json",
+            "{\"examples\": [{\"input\": \"q\", \"target_scores\": {\"a\": 1, \"b\": 1}}]}",
+        );
+        let e = read_pairs(&bb, Encoding::Utf8).unwrap_err().to_string();
+        assert!(e.contains("example 1") && e.contains("scored 0"), "{e}");
+    }
+
+    #[test]
+    fn bigbench_examples_pair_the_better_answer_with_each_worse_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(
+            dir.path(),
+            "task.json",
+            r#"{"name": "hhh", "examples": [
+                {"input": "How do I bake bread?", "target_scores": {"Mix flour and water.": 1, "No.": 0}},
+                {"input": "Hi", "target_scores": {"Hello!": 1, "Go away.": 0, "...": 0}}
+            ]}"#,
+        );
+        let pairs = read_pairs(&p, Encoding::Utf8).unwrap();
+        assert_eq!(pairs.len(), 3);
+        assert_eq!(pairs[0].texts().0, "How do I bake bread? Mix flour and water.");
+        assert_eq!(pairs[0].texts().1, "How do I bake bread? No.");
+        assert!(pairs[1..].iter().all(|p| p.chosen == "Hello!"));
+        assert!(pairs[2].origin.ends_with("example 2"));
+    }
+}
