@@ -85,7 +85,11 @@ pub fn preference_pairs(table: &Table) -> Result<Vec<PreferencePair>> {
             }
         };
         let pair = PreferencePair {
-            prompt: if explicit { text("prompt")? } else { String::new() },
+            prompt: if explicit {
+                text("prompt")?
+            } else {
+                String::new()
+            },
             chosen: text("chosen")?,
             rejected: text("rejected")?,
             origin: format!("{}:{line}", path.display()),
@@ -222,10 +226,17 @@ mod tests {
             "missing.jsonl",
             "{\"chosen\": \"a\", \"rejected\": \"b\"}\n{\"chosen\": \"c\"}\n",
         );
-        let e = read_pairs(&missing, Encoding::Utf8).unwrap_err().to_string();
-        assert!(e.contains("missing.jsonl:2") && e.contains("rejected"), "{e}");
+        let e = read_pairs(&missing, Encoding::Utf8)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("missing.jsonl:2") && e.contains("rejected"),
+            "{e}"
+        );
         let no_column = write(dir.path(), "nocol.jsonl", "{\"chosen\": \"a\"}\n");
-        let e = read_pairs(&no_column, Encoding::Utf8).unwrap_err().to_string();
+        let e = read_pairs(&no_column, Encoding::Utf8)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("rejected"), "{e}");
         let empty = write(dir.path(), "empty.jsonl", "");
         let e = read_pairs(&empty, Encoding::Utf8).unwrap_err().to_string();
@@ -252,7 +263,10 @@ mod tests {
         );
         let pairs = read_pairs(&p, Encoding::Utf8).unwrap();
         assert_eq!(pairs.len(), 3);
-        assert_eq!(pairs[0].texts().0, "How do I bake bread? Mix flour and water.");
+        assert_eq!(
+            pairs[0].texts().0,
+            "How do I bake bread? Mix flour and water."
+        );
         assert_eq!(pairs[0].texts().1, "How do I bake bread? No.");
         assert!(pairs[1..].iter().all(|p| p.chosen == "Hello!"));
         assert!(pairs[2].origin.ends_with("example 2"));

@@ -11,6 +11,7 @@ pub mod output;
 pub mod plan;
 pub mod qa;
 pub mod recipe;
+pub mod reward;
 pub mod schedule;
 pub mod seqcls;
 pub mod trainer;
