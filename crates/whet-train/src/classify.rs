@@ -95,33 +95,7 @@ pub fn prepare(recipe: &Recipe, device: &Device) -> Result<Prepared, String> {
         ));
     }
 
-    let mut checkpoint = Checkpoint::open(&recipe.model).map_err(|e| e.to_string())?;
-    checkpoint.quantization = crate::method::quant_policy(recipe, HEAD_MODULES);
-    if d.max_length > checkpoint.max_positions() {
-        return Err(format!(
-            "data.max_length = {} exceeds the model's {} positions ({})",
-            d.max_length,
-            checkpoint.max_positions(),
-            recipe.model.display()
-        ));
-    }
-    let tokenizer = checkpoint.tokenizer().map_err(|e| e.to_string())?;
-    let pad_id = match checkpoint
-        .pad_token_id()
-        .or(tokenizer.pad.as_ref().map(|p| p.id))
-    {
-        Some(p) => p,
-        None => {
-            // A decoder without a pad token pads with EOS, as the GPT-2 tutorial does.
-            let eos = tokenizer
-                .eos
-                .as_ref()
-                .map(|e| e.id)
-                .ok_or("the model has neither a pad nor an EOS token")?;
-            checkpoint.set_pad_token_id(eos);
-            eos
-        }
-    };
+    let (mut checkpoint, tokenizer, pad_id) = open_checkpoint(recipe)?;
     checkpoint.set_labels(&labels.0);
     if multi {
         checkpoint.set_problem_type(ProblemType::MultiLabelClassification);
@@ -147,45 +121,7 @@ pub fn prepare(recipe: &Recipe, device: &Device) -> Result<Prepared, String> {
     let (mut model, fresh) = checkpoint
         .load_classifier(device)
         .map_err(|e| e.to_string())?;
-    let head = |name: &str| {
-        let module = name.rsplit_once('.').map(|(m, _)| m).unwrap_or(name);
-        ["classifier", "score"].iter().any(|k| module.ends_with(k))
-    };
-    let (counts, adapter) = match recipe.method {
-        Method::Full => (crate::method::full(&mut model), None),
-        Method::Head => {
-            let top = top_layers(&model, recipe.head.unfreeze_top_layers);
-            let trainable =
-                |name: &str| head(name) || top.iter().any(|p| name.contains(p.as_str()));
-            set_trainable(&mut model, &trainable);
-            let all = crate::output::param_count(&model, &|_| true);
-            let trainable_n = crate::output::param_count(&model, &trainable);
-            (
-                ParamCounts {
-                    trainable: trainable_n,
-                    all,
-                },
-                None,
-            )
-        }
-        Method::Lora
-        | Method::Qlora
-        | Method::Ia3
-        | Method::Bottleneck
-        | Method::PrefixTuning
-        | Method::PromptTuning => {
-            // peft's task_type = "SEQ_CLS" saves the head with the adapter.
-            let (counts, cfg) = crate::method::attach_adapter(
-                &mut model,
-                recipe,
-                HEAD_MODULES,
-                &tokenizer,
-                device,
-            )?
-            .ok_or("the adapter method needs its table ([lora] or [ia3])")?;
-            (counts, Some(cfg))
-        }
-    };
+    let (counts, adapter) = apply_method(&mut model, recipe, &tokenizer, device)?;
     Ok(Prepared {
         checkpoint,
         tokenizer,
@@ -316,6 +252,84 @@ pub fn metric_map(
     m
 }
 
+/// Opens the recipe's model for a classifier head: the checkpoint (its base quantised as the
+/// method asks), its tokenizer, and the padding id (EOS for a decoder without a pad token).
+pub(crate) fn open_checkpoint(recipe: &Recipe) -> Result<(Checkpoint, TextTokenizer, u32), String> {
+    let d = &recipe.data;
+    let mut checkpoint = Checkpoint::open(&recipe.model).map_err(|e| e.to_string())?;
+    checkpoint.quantization = crate::method::quant_policy(recipe, HEAD_MODULES);
+    if d.max_length > checkpoint.max_positions() {
+        return Err(format!(
+            "data.max_length = {} exceeds the model's {} positions ({})",
+            d.max_length,
+            checkpoint.max_positions(),
+            recipe.model.display()
+        ));
+    }
+    let tokenizer = checkpoint.tokenizer().map_err(|e| e.to_string())?;
+    let pad_id = match checkpoint
+        .pad_token_id()
+        .or(tokenizer.pad.as_ref().map(|p| p.id))
+    {
+        Some(p) => p,
+        None => {
+            // A decoder without a pad token pads with EOS, as the GPT-2 tutorial does.
+            let eos = tokenizer
+                .eos
+                .as_ref()
+                .map(|e| e.id)
+                .ok_or("the model has neither a pad nor an EOS token")?;
+            checkpoint.set_pad_token_id(eos);
+            eos
+        }
+    };
+    Ok((checkpoint, tokenizer, pad_id))
+}
+
+/// Applies the recipe's method to a classifier: full training, the head (and top layers), or
+/// an adapter that saves the head with it (peft's `task_type = "SEQ_CLS"`).
+pub(crate) fn apply_method(
+    model: &mut Classifier,
+    recipe: &Recipe,
+    tokenizer: &TextTokenizer,
+    device: &Device,
+) -> Result<(ParamCounts, Option<PeftConfig>), String> {
+    let head = |name: &str| {
+        let module = name.rsplit_once('.').map(|(m, _)| m).unwrap_or(name);
+        ["classifier", "score"].iter().any(|k| module.ends_with(k))
+    };
+    Ok(match recipe.method {
+        Method::Full => (crate::method::full(model), None),
+        Method::Head => {
+            let top = top_layers(model, recipe.head.unfreeze_top_layers);
+            let trainable =
+                |name: &str| head(name) || top.iter().any(|p| name.contains(p.as_str()));
+            set_trainable(model, &trainable);
+            let all = crate::output::param_count(model, &|_| true);
+            let trainable_n = crate::output::param_count(model, &trainable);
+            (
+                ParamCounts {
+                    trainable: trainable_n,
+                    all,
+                },
+                None,
+            )
+        }
+        Method::Lora
+        | Method::Qlora
+        | Method::Ia3
+        | Method::Bottleneck
+        | Method::PrefixTuning
+        | Method::PromptTuning => {
+            // peft's task_type = "SEQ_CLS" saves the head with the adapter.
+            let (counts, cfg) =
+                crate::method::attach_adapter(model, recipe, HEAD_MODULES, tokenizer, device)?
+                    .ok_or("the adapter method needs its table ([lora] or [ia3])")?;
+            (counts, Some(cfg))
+        }
+    })
+}
+
 /// Runs training (from a checkpoint folder when `resume` names one) and returns the summary.
 pub fn run_training(
     p: &mut Prepared,
@@ -360,51 +374,75 @@ pub fn evaluate_split(
 /// Saves the result into `out`: a `peft` adapter folder for LoRA, a `transformers` folder
 /// otherwise; both with the tokenizer and `labels.json`.
 pub fn save(p: &Prepared, recipe: &Recipe, out: &Path) -> Result<(), String> {
-    std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
-    match &p.adapter {
-        Some(cfg) => {
-            crate::output::save_adapter(&p.model, cfg, &recipe.model, "SEQ_CLS", out)?;
-        }
-        None => {
-            p.checkpoint
-                .write_classifier_config(&p.labels.0, out)
-                .map_err(|e| e.to_string())?;
-            crate::output::save_weights(&p.model, out)?;
-        }
-    }
-    let tok = p
-        .tokenizer
-        .inner
-        .to_string(true)
-        .map_err(|e| e.to_string())?;
-    whet_models::fsutil::write_atomic(&out.join("tokenizer.json"), tok.as_bytes())
-        .map_err(|e| e.to_string())?;
-    if recipe.model.is_dir() {
-        for f in [
-            "tokenizer_config.json",
-            "special_tokens_map.json",
-            "vocab.txt",
-        ] {
-            let src = recipe.model.join(f);
-            if src.is_file() {
-                std::fs::copy(&src, out.join(f)).map_err(|e| format!("{}: {e}", src.display()))?;
-            }
-        }
-    }
     let problem_type = if p.multi_label {
         ProblemType::MultiLabelClassification
     } else {
         ProblemType::SingleLabelClassification
     };
-    let labels = json!({
-        "labels": p.labels.0,
-        "problem_type": problem_type,
-        "max_length": recipe.data.max_length,
-        "base_model": recipe.model,
-    });
-    whet_models::fsutil::write_atomic(&out.join("labels.json"), labels.to_string().as_bytes())
-        .map_err(|e| e.to_string())?;
-    Ok(())
+    let saved = Saved {
+        checkpoint: &p.checkpoint,
+        tokenizer: &p.tokenizer,
+        model: &p.model,
+        adapter: p.adapter.as_ref(),
+        labels: &p.labels.0,
+        problem_type,
+    };
+    saved.write(recipe, out)
+}
+
+/// What a classifier run writes: the model or adapter, the tokenizer, `labels.json`.
+pub(crate) struct Saved<'a> {
+    pub checkpoint: &'a Checkpoint,
+    pub tokenizer: &'a TextTokenizer,
+    pub model: &'a Classifier,
+    pub adapter: Option<&'a PeftConfig>,
+    pub labels: &'a [String],
+    pub problem_type: ProblemType,
+}
+
+impl Saved<'_> {
+    pub(crate) fn write(&self, recipe: &Recipe, out: &Path) -> Result<(), String> {
+        std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+        match self.adapter {
+            Some(cfg) => {
+                crate::output::save_adapter(self.model, cfg, &recipe.model, "SEQ_CLS", out)?;
+            }
+            None => {
+                self.checkpoint
+                    .write_classifier_config(self.labels, out)
+                    .map_err(|e| e.to_string())?;
+                crate::output::save_weights(self.model, out)?;
+            }
+        }
+        let tok = self
+            .tokenizer
+            .inner
+            .to_string(true)
+            .map_err(|e| e.to_string())?;
+        whet_models::fsutil::write_atomic(&out.join("tokenizer.json"), tok.as_bytes())
+            .map_err(|e| e.to_string())?;
+        if recipe.model.is_dir() {
+            for f in [
+                "tokenizer_config.json",
+                "special_tokens_map.json",
+                "vocab.txt",
+            ] {
+                let src = recipe.model.join(f);
+                if src.is_file() {
+                    std::fs::copy(&src, out.join(f))
+                        .map_err(|e| format!("{}: {e}", src.display()))?;
+                }
+            }
+        }
+        let labels = json!({
+            "labels": self.labels,
+            "problem_type": self.problem_type,
+            "max_length": recipe.data.max_length,
+            "base_model": recipe.model,
+        });
+        whet_models::fsutil::write_atomic(&out.join("labels.json"), labels.to_string().as_bytes())
+            .map_err(|e| e.to_string())
+    }
 }
 
 /// A trained classifier ready for use.

@@ -434,6 +434,21 @@ pub fn for_causal_lm(p: &mut crate::causal::LmPrepared, recipe: &crate::Recipe) 
     plan_of(&p.checkpoint, &mut p.model, recipe, lens)
 }
 
+/// The plan of a prepared reward-model run: a batch of pairs runs as twice the rows.
+pub fn for_reward_model(
+    p: &mut crate::reward::RewardPrepared,
+    recipe: &crate::Recipe,
+) -> MemoryPlan {
+    let lens = p
+        .train
+        .iter()
+        .flat_map(|e| [(e.chosen.ids.len(), 0), (e.rejected.ids.len(), 0)])
+        .collect();
+    let mut doubled = recipe.clone();
+    doubled.training.per_device_train_batch_size *= 2;
+    plan_of(&p.checkpoint, &mut p.model, &doubled, lens)
+}
+
 /// The plan of a prepared question-answering run.
 pub fn for_question_answering(p: &mut crate::qa::QaPrepared, recipe: &crate::Recipe) -> MemoryPlan {
     let lens = p.train.features.iter().map(|f| (f.ids.len(), 0)).collect();

@@ -26,6 +26,9 @@ pub enum Task {
     /// Extractive question answering (`AutoModelForQuestionAnswering`, BERT family): SQuAD-format
     /// data, start and end of the answer span.
     QuestionAnswering,
+    /// A reward model (trl's `RewardTrainer`): a one-output classifier trained on preference
+    /// pairs (`prompt` / `chosen` / `rejected`, or BIG-bench `task.json`).
+    RewardModel,
 }
 
 impl Task {

@@ -155,3 +155,144 @@ pub fn encode_pair(chosen: (Vec<u32>, Vec<u32>), rejected: (Vec<u32>, Vec<u32>))
         rejected: side(rejected),
     }
 }
+
+/// Everything a reward-model run prepared before training.
+pub struct RewardPrepared {
+    pub checkpoint: whet_models::Checkpoint,
+    pub tokenizer: whet_models::TextTokenizer,
+    pub train: Vec<EncodedPair>,
+    pub validation: Option<Vec<EncodedPair>>,
+    pub test: Option<Vec<EncodedPair>>,
+    pub pad_id: u32,
+    pub model: Classifier,
+    pub counts: whet_peft::ParamCounts,
+    pub adapter: Option<whet_peft::PeftConfig>,
+    /// Head tensors that were initialised (not in the checkpoint).
+    pub fresh: Vec<String>,
+    /// Pairs whose texts were cut to `max_length`.
+    pub truncated: usize,
+}
+
+/// The one label of a reward model's head.
+const REWARD_LABEL: &str = "reward";
+
+/// Reads the pairs, tokenizes them (the prompt followed by each answer, with the model's
+/// special tokens, cut to `max_length` from the truncation side), loads a one-output
+/// classifier and applies the method.
+pub fn prepare(recipe: &crate::Recipe, device: &Device) -> Result<RewardPrepared, String> {
+    let d = &recipe.data;
+    let enc: whet_data::Encoding = d
+        .encoding
+        .parse()
+        .map_err(|e| format!("data.encoding: {e}"))?;
+    let read = |p: &std::path::Path| whet_data::read_pairs(p, enc).map_err(|e| e.to_string());
+    let all = read(&d.train)?;
+    let mut validation = d.validation.as_deref().map(read).transpose()?;
+    let mut test = d.test.as_deref().map(read).transpose()?;
+    let train = match &d.split {
+        Some(s) if validation.is_none() && test.is_none() => {
+            let (tr, va, te) = s.apply(&all)?;
+            validation = va;
+            test = te;
+            tr
+        }
+        _ => all,
+    };
+    if train.is_empty() {
+        return Err(format!(
+            "{}: the training split is empty",
+            d.train.display()
+        ));
+    }
+    let (mut checkpoint, tokenizer, pad_id) = crate::classify::open_checkpoint(recipe)?;
+    checkpoint.set_labels(&[REWARD_LABEL.to_string()]);
+    let mut truncated = 0;
+    let mut encode = |pairs: Vec<whet_data::PreferencePair>| -> Result<Vec<EncodedPair>, String> {
+        let mut side = |text: &str, origin: &str| -> Result<(Vec<u32>, Vec<u32>), String> {
+            let mut ids = tokenizer
+                .encode(text, true)
+                .map_err(|e| format!("{origin}: {e}"))?;
+            if ids.len() > d.max_length {
+                truncated += 1;
+                ids = match d.truncation_side {
+                    whet_data::Side::Right => ids[..d.max_length].to_vec(),
+                    whet_data::Side::Left => ids[ids.len() - d.max_length..].to_vec(),
+                };
+            }
+            let n = ids.len();
+            Ok((ids, vec![0; n]))
+        };
+        pairs
+            .iter()
+            .map(|p| {
+                let (c, r) = p.texts();
+                Ok(encode_pair(side(&c, &p.origin)?, side(&r, &p.origin)?))
+            })
+            .collect()
+    };
+    let train = encode(train)?;
+    let validation = validation.map(&mut encode).transpose()?;
+    let test = test.map(&mut encode).transpose()?;
+    let (mut model, fresh) = checkpoint
+        .load_classifier(device)
+        .map_err(|e| e.to_string())?;
+    let (counts, adapter) = crate::classify::apply_method(&mut model, recipe, &tokenizer, device)?;
+    Ok(RewardPrepared {
+        checkpoint,
+        tokenizer,
+        train,
+        validation,
+        test,
+        pad_id,
+        model,
+        counts,
+        adapter,
+        fresh,
+        truncated,
+    })
+}
+
+impl RewardPrepared {
+    /// The objective for this model.
+    pub fn objective(&self) -> PairwiseReward {
+        PairwiseReward {
+            pad_id: self.pad_id,
+            with_types: matches!(self.model, Classifier::Bert(_)),
+        }
+    }
+
+    /// Trains (from a checkpoint folder when `resume` names one).
+    pub fn run_training(
+        &mut self,
+        recipe: &crate::Recipe,
+        device: &Device,
+        observer: &mut dyn crate::Observer,
+        resume: Option<&std::path::Path>,
+    ) -> Result<crate::TrainSummary, String> {
+        let objective = self.objective();
+        crate::trainer::train(
+            &objective,
+            &mut self.model,
+            &self.train,
+            self.validation.as_deref(),
+            &recipe.training,
+            device,
+            observer,
+            resume,
+        )
+    }
+
+    /// Saves a `transformers` folder (one-output `*ForSequenceClassification`) or a peft
+    /// `SEQ_CLS` adapter, with the tokenizer and `labels.json`.
+    pub fn save(&self, recipe: &crate::Recipe, out: &std::path::Path) -> Result<(), String> {
+        crate::classify::Saved {
+            checkpoint: &self.checkpoint,
+            tokenizer: &self.tokenizer,
+            model: &self.model,
+            adapter: self.adapter.as_ref(),
+            labels: &[REWARD_LABEL.to_string()],
+            problem_type: whet_models::config::ProblemType::Regression,
+        }
+        .write(recipe, out)
+    }
+}

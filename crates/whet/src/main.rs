@@ -6,6 +6,7 @@ mod plot;
 mod train;
 mod train_lm;
 mod train_qa;
+mod train_reward;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -29,7 +30,10 @@ RECIPE KEYS (TOML; any key can be overridden with --set KEY=VALUE; `<cache>` in 
 asset cache, WHET_CACHE or ./cache):
   model          a Hugging Face folder or a .gguf file
   task           sequence-classification (default) | multi-label-classification | causal-lm |
-                 question-answering (BERT family)
+                 question-answering (BERT family) | reward-model (a one-output classifier on
+                 preference pairs: columns prompt / chosen / rejected, or chosen / rejected with
+                 the prompt inside, or a BIG-bench task.json; trl's pairwise loss; held-out
+                 pairwise accuracy)
   method         full (default) | head | lora | qlora | ia3 | bottleneck | prefix_tuning |
                  prompt_tuning (head: classification and QA)
   [data]

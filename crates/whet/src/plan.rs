@@ -46,6 +46,10 @@ pub fn run(recipe_path: &Path, set: &[String], json: bool) -> Result<()> {
             let mut p = causal::prepare(&recipe, &device).map_err(|e| anyhow!(e))?;
             plan::for_causal_lm(&mut p, &recipe)
         }
+        Task::RewardModel => {
+            let mut p = whet_train::reward::prepare(&recipe, &device).map_err(|e| anyhow!(e))?;
+            plan::for_reward_model(&mut p, &recipe)
+        }
         Task::QuestionAnswering => {
             let mut p = qa::prepare(&recipe, &device).map_err(|e| anyhow!(e))?;
             plan::for_question_answering(&mut p, &recipe)

@@ -316,6 +316,7 @@ pub fn train(recipe_path: &Path, set: &[String], resume: Option<&str>) -> Result
     match recipe.task {
         Task::CausalLm => return crate::train_lm::train(recipe, resume),
         Task::QuestionAnswering => return crate::train_qa::train(recipe, resume),
+        Task::RewardModel => return crate::train_reward::train(recipe, resume),
         Task::SequenceClassification | Task::MultiLabelClassification => {}
     }
     let out = recipe.training.output_dir.clone();

@@ -1216,3 +1216,100 @@ fn plan_predicts_by_part_and_train_refuses_what_cannot_fit() {
     let o = limited(&["train", r.to_str().unwrap(), "--no-memory-check"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+/// A reward model trains on preference pairs through the CLI (MiniLM, full and LoRA): the
+/// saved model has one output, all_results.json holds the held-out pairwise accuracy, and
+/// training raises it on pairs whose better answer is always the positive one. Bad pairs get
+/// errors naming the file, line and field.
+#[test]
+fn reward_model_trains_on_preference_pairs() {
+    let dir = tempfile::tempdir().unwrap();
+    let line = |p: &str, c: &str, r: &str| {
+        format!("{{\"prompt\": \"{p}\", \"chosen\": \" {c}\", \"rejected\": \" {r}\"}}\n")
+    };
+    let (mut train, mut val) = (String::new(), String::new());
+    for i in 0..4 {
+        for (p, n) in POS.iter().zip(NEG) {
+            train += &line(&format!("review {i}:"), p, n);
+        }
+    }
+    for (p, n) in POS.iter().zip(NEG) {
+        val += &line("review:", p, n);
+    }
+    let (t, v) = (dir.path().join("pairs.jsonl"), dir.path().join("val.jsonl"));
+    std::fs::write(&t, &train).unwrap();
+    std::fs::write(&v, &val).unwrap();
+    for (method, extra) in [
+        ("full", ""),
+        (
+            "lora",
+            "[lora]\nr = 4\nlora_alpha = 8\ntarget_modules = [\"query\", \"value\"]",
+        ),
+    ] {
+        let out = dir.path().join(format!("out-{method}"));
+        let recipe = format!(
+            "model = \"{}\"\ntask = \"reward-model\"\nmethod = \"{method}\"\n[data]\ntrain = \"{}\"\n\
+             validation = \"{}\"\nmax_length = 32\n{extra}\n[training]\noutput_dir = \"{}\"\n\
+             learning_rate = 1e-3\nper_device_train_batch_size = 8\nnum_train_epochs = 3\n\
+             eval_strategy = \"epoch\"\nlogging_steps = 1\n",
+            minilm().display(),
+            t.display(),
+            v.display(),
+            out.display()
+        );
+        let r = dir.path().join("reward.toml");
+        std::fs::write(&r, &recipe).unwrap();
+        let text = ok(&["train", r.to_str().unwrap()]);
+        assert!(text.contains("pairwise accuracy"), "{method}: {text}");
+        let results: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("all_results.json")).unwrap())
+                .unwrap();
+        let acc = results["eval_accuracy"].as_f64().unwrap();
+        assert!(
+            acc >= 0.8,
+            "{method}: held-out pairwise accuracy {acc}: {results}"
+        );
+        assert!(results["eval_rewards/margins"].as_f64().unwrap() > 0.0);
+        let config_file = if method == "full" {
+            "config.json"
+        } else {
+            "adapter_config.json"
+        };
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join(config_file)).unwrap()).unwrap();
+        if method == "full" {
+            assert_eq!(cfg["id2label"].as_object().unwrap().len(), 1, "{cfg}");
+            assert_eq!(cfg["architectures"][0], "BertForSequenceClassification");
+        } else {
+            assert_eq!(cfg["task_type"], "SEQ_CLS");
+        }
+    }
+
+    // Bad input: identical answers, a missing field, an empty file.
+    let bad = |name: &str, text: &str| -> String {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        let recipe = format!(
+            "model = \"{}\"\ntask = \"reward-model\"\n[data]\ntrain = \"{}\"\n[training]\n\
+             output_dir = \"{}\"\nmax_steps = 1\n",
+            minilm().display(),
+            p.display(),
+            dir.path().join("bad-out").display()
+        );
+        let r = dir.path().join("bad.toml");
+        std::fs::write(&r, recipe).unwrap();
+        err(&["train", r.to_str().unwrap()])
+    };
+    let e = bad("same.jsonl", &(line("q", "a", "b") + &line("q", "x", "x")));
+    assert!(e.contains("same.jsonl:2") && e.contains("identical"), "{e}");
+    let e = bad(
+        "missing.jsonl",
+        &(line("q", "a", "b") + "{\"prompt\": \"q\", \"chosen\": \"a\"}\n"),
+    );
+    assert!(
+        e.contains("missing.jsonl:2") && e.contains("rejected"),
+        "{e}"
+    );
+    let e = bad("empty.jsonl", "");
+    assert!(e.contains("empty.jsonl") && e.contains("no rows"), "{e}");
+}
