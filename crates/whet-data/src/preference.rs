@@ -100,8 +100,33 @@ pub fn preference_pairs(table: &Table) -> Result<Vec<PreferencePair>> {
 }
 
 /// Reads a preference file: a BIG-bench `task.json` (by its `examples` list), or any table
-/// [`Table::read`] reads with `chosen` / `rejected` columns.
+/// [`Table::read`] reads with `chosen` / `rejected` columns; or a folder, whose
+/// `*/task.json` files are read in name order (BIG-bench's `hhh_alignment` folder: harmless,
+/// helpful, honest, other).
 pub fn read_pairs(path: &Path, encoding: Encoding) -> Result<Vec<PreferencePair>> {
+    if path.is_dir() {
+        let io = |e| DataError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        };
+        let mut tasks: Vec<_> = std::fs::read_dir(path)
+            .map_err(io)?
+            .filter_map(|e| e.ok().map(|e| e.path().join("task.json")))
+            .filter(|p| p.is_file())
+            .collect();
+        tasks.sort();
+        if tasks.is_empty() {
+            return Err(DataError::Format {
+                path: path.to_path_buf(),
+                message: "a folder of preference data needs */task.json files (BIG-bench)".into(),
+            });
+        }
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(bigbench_pairs(&t)?);
+        }
+        return Ok(all);
+    }
     let is_bigbench = path.extension().is_some_and(|e| e == "json")
         && std::fs::read(path)
             .ok()
@@ -270,5 +295,18 @@ mod tests {
         assert_eq!(pairs[0].texts().1, "How do I bake bread? No.");
         assert!(pairs[1..].iter().all(|p| p.chosen == "Hello!"));
         assert!(pairs[2].origin.ends_with("example 2"));
+        // A folder of tasks reads each */task.json in name order.
+        let sub = dir.path().join("tasks/b");
+        std::fs::create_dir_all(&sub).unwrap();
+        std::fs::copy(&p, sub.join("task.json")).unwrap();
+        std::fs::create_dir_all(dir.path().join("tasks/a")).unwrap();
+        write(
+            &dir.path().join("tasks/a"),
+            "task.json",
+            r#"{"examples": [{"input": "q", "target_scores": {"yes": 1, "no": 0}}]}"#,
+        );
+        let all = read_pairs(&dir.path().join("tasks"), Encoding::Utf8).unwrap();
+        assert_eq!(all.len(), 4);
+        assert_eq!(all[0].chosen, "yes");
     }
 }
