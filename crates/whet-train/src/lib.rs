@@ -5,6 +5,7 @@ pub mod args;
 pub mod causal;
 pub mod checkpoint;
 pub mod classify;
+pub mod dpo;
 pub mod method;
 pub mod optim;
 pub mod output;
