@@ -51,7 +51,7 @@ impl LmBatch {
     /// The learnt positions and their targets when the model puts `p` soft-prompt positions in
     /// front of each row: every position moves by `p`, and the last virtual position predicts
     /// the first token where that is learnt (peft prefixes the labels with `p` ignored ones).
-    fn after_soft_prompt(&self, p: usize) -> (Vec<i64>, Vec<i64>) {
+    pub(crate) fn after_soft_prompt(&self, p: usize) -> (Vec<i64>, Vec<i64>) {
         if p == 0 {
             return (self.predicting.clone(), self.targets.clone());
         }
@@ -73,7 +73,7 @@ impl LmBatch {
 }
 
 impl LanguageModelling {
-    fn input(&self, b: &LmBatch, device: &Device) -> DecoderInput {
+    pub(crate) fn input(&self, b: &LmBatch, device: &Device) -> DecoderInput {
         let t = |v: &Vec<i64>| {
             Tensor::<2, Int>::from_data(TensorData::new(v.clone(), [b.batch, b.len]), device)
         };
@@ -381,6 +381,63 @@ fn build(
     Ok((out, skipped))
 }
 
+/// Opens the recipe's model as a decoder (with the recipe's quantization policy), its
+/// tokenizer, and the id to pad with (pad, else EOS); `task` names the task in the error.
+pub fn open_decoder(recipe: &Recipe, task: &str) -> Result<(Checkpoint, TextTokenizer, u32), String> {
+    let mut checkpoint = Checkpoint::open(&recipe.model).map_err(|e| e.to_string())?;
+    checkpoint.quantization = crate::method::quant_policy(recipe, &[]);
+    if !checkpoint.family().is_decoder() {
+        return Err(format!(
+            "task = \"{task}\" needs a decoder (GPT-2 or LLaMA family); {} is {}",
+            recipe.model.display(),
+            checkpoint.family()
+        ));
+    }
+    let tokenizer = checkpoint.tokenizer().map_err(|e| e.to_string())?;
+    let pad_id = checkpoint
+        .pad_token_id()
+        .or(tokenizer.pad.as_ref().map(|p| p.id))
+        .or(tokenizer.eos.as_ref().map(|p| p.id))
+        .ok_or_else(|| {
+            format!(
+                "{}: no pad or EOS token to pad with",
+                recipe.model.display()
+            )
+        })?;
+    Ok((checkpoint, tokenizer, pad_id))
+}
+
+/// Applies the recipe's method to a decoder: full training, or an adapter (`head` has no
+/// meaning without a classification head). Returns the parameter counts and the adapter's
+/// configuration.
+pub fn apply_decoder_method(
+    model: &mut CausalModel,
+    recipe: &Recipe,
+    tokenizer: &TextTokenizer,
+    device: &Device,
+) -> Result<(ParamCounts, Option<PeftConfig>), String> {
+    Ok(match recipe.method {
+        Method::Full => (crate::method::full(model), None),
+        Method::Head => {
+            return Err(format!(
+                "method = \"head\" trains a new classification head; {:?} has none (use full or lora)",
+                recipe.task
+            ));
+        }
+        Method::Lora
+        | Method::Qlora
+        | Method::Ia3
+        | Method::Bottleneck
+        | Method::PrefixTuning
+        | Method::PromptTuning => {
+            let (counts, cfg) =
+                crate::method::attach_adapter(model, recipe, &[], tokenizer, device)?
+                    .ok_or("the adapter method needs its table ([lora] or [ia3])")?;
+            (counts, Some(cfg))
+        }
+    })
+}
+
 /// Reads and tokenizes the data, loads the decoder and applies the method.
 pub fn prepare(recipe: &Recipe, device: &Device) -> Result<LmPrepared, String> {
     let d = &recipe.data;
@@ -389,15 +446,7 @@ pub fn prepare(recipe: &Recipe, device: &Device) -> Result<LmPrepared, String> {
         .parse()
         .map_err(|e| format!("data.encoding: {e}"))?;
     let read = |p: &Path| Table::read(p, enc).map_err(|e| e.to_string());
-    let mut checkpoint = Checkpoint::open(&recipe.model).map_err(|e| e.to_string())?;
-    checkpoint.quantization = crate::method::quant_policy(recipe, &[]);
-    if !checkpoint.family().is_decoder() {
-        return Err(format!(
-            "task = \"causal-lm\" needs a decoder (GPT-2 or LLaMA family); {} is {}",
-            recipe.model.display(),
-            checkpoint.family()
-        ));
-    }
+    let (checkpoint, tokenizer, pad_id) = open_decoder(recipe, "causal-lm")?;
     let limit = d.block_size.unwrap_or(d.max_length);
     if limit > checkpoint.max_positions() {
         return Err(format!(
@@ -424,18 +473,6 @@ pub fn prepare(recipe: &Recipe, device: &Device) -> Result<LmPrepared, String> {
                 .into(),
         );
     }
-    let tokenizer = checkpoint.tokenizer().map_err(|e| e.to_string())?;
-    let pad_id = checkpoint
-        .pad_token_id()
-        .or(tokenizer.pad.as_ref().map(|p| p.id))
-        .or(tokenizer.eos.as_ref().map(|p| p.id))
-        .ok_or_else(|| {
-            format!(
-                "{}: no pad or EOS token to pad with",
-                recipe.model.display()
-            )
-        })?;
-
     let train_rows = rows(&read(&d.train)?);
     let file_rows = |p: &Option<std::path::PathBuf>| -> Result<Option<Vec<_>>, String> {
         p.as_ref().map(|p| read(p).map(|t| rows(&t))).transpose()
@@ -493,26 +530,7 @@ pub fn prepare(recipe: &Recipe, device: &Device) -> Result<LmPrepared, String> {
     let mut model = checkpoint
         .load_causal_lm(device)
         .map_err(|e| e.to_string())?;
-    let (counts, adapter) = match recipe.method {
-        Method::Full => (crate::method::full(&mut model), None),
-        Method::Head => {
-            return Err(
-                "method = \"head\" trains a new classification head; causal-lm has none (use full or lora)"
-                    .into(),
-            );
-        }
-        Method::Lora
-        | Method::Qlora
-        | Method::Ia3
-        | Method::Bottleneck
-        | Method::PrefixTuning
-        | Method::PromptTuning => {
-            let (counts, cfg) =
-                crate::method::attach_adapter(&mut model, recipe, &[], &tokenizer, device)?
-                    .ok_or("the adapter method needs its table ([lora] or [ia3])")?;
-            (counts, Some(cfg))
-        }
-    };
+    let (counts, adapter) = apply_decoder_method(&mut model, recipe, &tokenizer, device)?;
     Ok(LmPrepared {
         checkpoint,
         tokenizer,
@@ -532,20 +550,33 @@ pub fn prepare(recipe: &Recipe, device: &Device) -> Result<LmPrepared, String> {
 /// Saves the result into `out`: a `peft` adapter (`CAUSAL_LM`) for LoRA, a `transformers`
 /// folder otherwise; both with the tokenizer.
 pub fn save(p: &LmPrepared, recipe: &Recipe, out: &Path) -> Result<(), String> {
+    save_decoder(&p.checkpoint, &p.tokenizer, &p.model, p.adapter.as_ref(), recipe, out)
+}
+
+/// Writes a trained decoder: a `peft` `CAUSAL_LM` adapter, or a `transformers` folder; both
+/// with the tokenizer.
+pub fn save_decoder(
+    checkpoint: &Checkpoint,
+    tokenizer: &TextTokenizer,
+    model: &CausalModel,
+    adapter: Option<&PeftConfig>,
+    recipe: &Recipe,
+    out: &Path,
+) -> Result<(), String> {
     std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
-    match &p.adapter {
+    match adapter {
         Some(cfg) => {
-            crate::output::save_adapter(&p.model, cfg, &recipe.model, "CAUSAL_LM", out)?;
+            crate::output::save_adapter(model, cfg, &recipe.model, "CAUSAL_LM", out)?;
         }
         None => {
-            p.checkpoint
+            checkpoint
                 .write_causal_lm_config(out)
                 .map_err(|e| e.to_string())?;
-            crate::output::save_weights(&p.model, out)?;
+            crate::output::save_weights(model, out)?;
         }
     }
-    p.checkpoint
-        .write_tokenizer_files(&p.tokenizer, out)
+    checkpoint
+        .write_tokenizer_files(tokenizer, out)
         .map_err(|e| e.to_string())
 }
 

@@ -111,3 +111,536 @@ impl DpoOutput {
         ])
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The `dpo` task: pairs tokenized as trl tokenizes them, the policy's and the reference's
+// sequence log-probabilities, the loss above.
+
+use std::cell::RefCell;
+use std::path::Path;
+
+use burn::module::Module;
+use burn::tensor::{Device, Int, TensorData};
+use whet_data::{IGNORE, LmExample, PreferencePair};
+use whet_models::{CausalLm, CausalModel, Checkpoint, Mode, TextTokenizer};
+use whet_peft::{ParamCounts, PeftConfig};
+
+use crate::causal::{LanguageModelling, LmBatch};
+use crate::trainer::{BatchCounts, Evaluation, Objective};
+
+/// The `[dpo]` table of a recipe (`DPOConfig`'s names and defaults).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DpoConfig {
+    /// How far the policy may move from the reference (the KL weight).
+    #[serde(default = "default_beta")]
+    pub beta: f64,
+    #[serde(default)]
+    pub loss_type: DpoLossType,
+    /// Computes the reference's log-probabilities once, before training, instead of one extra
+    /// forward pass per step (trl's `precompute_ref_log_probs`). The reference is frozen and
+    /// runs in evaluation mode, so both give the same numbers.
+    #[serde(default)]
+    pub precompute_ref_log_probs: bool,
+}
+
+fn default_beta() -> f64 {
+    0.1
+}
+
+impl Default for DpoConfig {
+    fn default() -> Self {
+        Self {
+            beta: default_beta(),
+            loss_type: DpoLossType::default(),
+            precompute_ref_log_probs: false,
+        }
+    }
+}
+
+/// A tokenized pair: prompt + chosen and prompt + rejected, the answer tokens learnt.
+#[derive(Debug, Clone)]
+pub struct DpoExample {
+    pub chosen: LmExample,
+    pub rejected: LmExample,
+    /// The reference's sequence log-probabilities (chosen, rejected) when precomputed.
+    pub reference: Option<(f32, f32)>,
+}
+
+/// Where the reference log-probabilities come from.
+pub enum Reference {
+    /// The policy with its adapter switched off (peft's `disable_adapter`): no second copy.
+    AdapterOff,
+    /// A frozen copy of the starting model (full fine-tuning).
+    Frozen(Box<CausalModel>),
+    /// Stored in each example before training.
+    Precomputed,
+}
+
+/// The DPO objective. Its unit is the pair.
+pub struct Dpo {
+    pub lm: LanguageModelling,
+    pub beta: f64,
+    pub loss_type: DpoLossType,
+    pub reference: Reference,
+    /// Sums of the logged metrics over the micro-batches of the current step, and their pairs.
+    logged: RefCell<(BTreeMap<String, f64>, usize)>,
+}
+
+/// Chosen rows then rejected rows.
+pub struct DpoBatch {
+    pub pairs: usize,
+    pub rows: LmBatch,
+    /// Completion tokens of each row.
+    pub lengths: Vec<usize>,
+    /// `[2B]` precomputed reference log-probabilities.
+    pub reference: Option<Vec<f32>>,
+}
+
+/// Summed log-probabilities of each row's learnt tokens: `[rows]`. The LM head runs only at
+/// those positions, one row at a time, so no `[rows, T, V]` logits tensor exists.
+pub fn row_logps(
+    model: &CausalModel,
+    lm: &LanguageModelling,
+    b: &LmBatch,
+    mode: Mode,
+    device: &Device,
+) -> Tensor<1> {
+    let hidden = model.forward_hidden(lm.input(b, device), None, mode);
+    let [rows, t, h] = hidden.dims();
+    let (predicting, targets) = b.after_soft_prompt(model.virtual_positions());
+    let flat = hidden.reshape([rows * t, h]);
+    let mut per_row: Vec<(Vec<i64>, Vec<u32>)> = vec![(vec![], vec![]); rows];
+    for (&at, &target) in predicting.iter().zip(&targets) {
+        let r = at as usize / t;
+        per_row[r].0.push(at);
+        per_row[r].1.push(target as u32);
+    }
+    let sums: Vec<Tensor<1>> = per_row
+        .into_iter()
+        .map(|(at, targets)| {
+            if at.is_empty() {
+                return flat.clone().sum().mul_scalar(0.0);
+            }
+            let n = at.len();
+            let index = Tensor::<1, Int>::from_data(TensorData::new(at, [n]), device);
+            // (N, H) -> (1, N, H) -> (1, N, V) -> (N, V)
+            let picked = flat.clone().select(0, index).reshape([1, n, h]);
+            let logits = model.lm_logits(picked);
+            let v = logits.dims()[2];
+            whet_models::kernels::cross_entropy_sum(logits.reshape([n, v]), &targets).neg()
+        })
+        .collect();
+    Tensor::cat(sums, 0)
+}
+
+impl Dpo {
+    pub fn new(lm: LanguageModelling, cfg: &DpoConfig, reference: Reference) -> Self {
+        Self {
+            lm,
+            beta: cfg.beta,
+            loss_type: cfg.loss_type,
+            reference,
+            logged: RefCell::new((BTreeMap::new(), 0)),
+        }
+    }
+
+    /// The reference's `[2B]` log-probabilities of a batch, a constant on `device`.
+    pub fn reference_logps(
+        &self,
+        policy: &CausalModel,
+        b: &DpoBatch,
+        device: &Device,
+    ) -> Result<Tensor<1>, String> {
+        let plain = device.clone().without_autodiff();
+        let logps = match &self.reference {
+            Reference::Precomputed => {
+                let v = b
+                    .reference
+                    .clone()
+                    .ok_or("reference log-probabilities were not precomputed")?;
+                let n = v.len();
+                return Ok(Tensor::from_data(TensorData::new(v, [n]), device));
+            }
+            Reference::Frozen(m) => row_logps(m, &self.lm, &b.rows, Mode::Eval, &plain),
+            Reference::AdapterOff => {
+                let mut base = policy.valid();
+                whet_peft::set_adapters_enabled(&mut base, false);
+                row_logps(&base, &self.lm, &b.rows, Mode::Eval, &plain)
+            }
+        };
+        // Back onto the training device as a constant.
+        let n = logps.dims()[0];
+        let v: Vec<f32> = logps.into_data().convert::<f32>().try_to_vec::<f32>().unwrap_or_default();
+        Ok(Tensor::from_data(TensorData::new(v, [n]), device))
+    }
+
+    fn output(
+        &self,
+        model: &CausalModel,
+        b: &DpoBatch,
+        mode: Mode,
+        device: &Device,
+    ) -> Result<DpoOutput, String> {
+        let reference = self.reference_logps(model, b, device)?;
+        let policy = PairLogps {
+            logps: row_logps(model, &self.lm, &b.rows, mode, device),
+            lengths: b.lengths.clone(),
+        };
+        Ok(dpo_loss(&policy, reference, self.beta, self.loss_type))
+    }
+
+    /// Stores each example's reference log-probabilities (in batches of `batch_size`), from
+    /// the adapter-off base or the frozen copy: call before switching to `Precomputed`.
+    pub fn precompute(
+        &self,
+        policy: &CausalModel,
+        data: &mut [DpoExample],
+        batch_size: usize,
+        device: &Device,
+    ) -> Result<(), String> {
+        for chunk in data.chunks_mut(batch_size.max(1)) {
+            let items: Vec<&DpoExample> = chunk.iter().collect();
+            let mut b = self.collate(&items);
+            b.reference = None;
+            let r = self.reference_logps(policy, &b, device)?;
+            let v: Vec<f32> = r.into_data().convert::<f32>().try_to_vec::<f32>().unwrap_or_default();
+            let n = chunk.len();
+            for (i, e) in chunk.iter_mut().enumerate() {
+                e.reference = Some((v[i], v[n + i]));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Objective for Dpo {
+    type Model = CausalModel;
+    type Example = DpoExample;
+    type Batch = DpoBatch;
+
+    fn collate(&self, items: &[&DpoExample]) -> DpoBatch {
+        let rows: Vec<&LmExample> = items
+            .iter()
+            .map(|p| &p.chosen)
+            .chain(items.iter().map(|p| &p.rejected))
+            .collect();
+        // IPO divides by the completion mask's sum, as trl does.
+        let lengths = rows
+            .iter()
+            .map(|e| e.labels.iter().filter(|&&l| l != IGNORE).count())
+            .collect();
+        let reference = items
+            .iter()
+            .map(|p| p.reference.map(|r| r.0))
+            .chain(items.iter().map(|p| p.reference.map(|r| r.1)))
+            .collect::<Option<Vec<f32>>>();
+        DpoBatch {
+            pairs: items.len(),
+            rows: self.lm.collate(&rows),
+            lengths,
+            reference,
+        }
+    }
+
+    fn counts(&self, b: &DpoBatch) -> BatchCounts {
+        BatchCounts {
+            units: b.pairs,
+            samples: b.pairs,
+            tokens: b.rows.tokens,
+        }
+    }
+
+    fn summed_loss(
+        &self,
+        model: &CausalModel,
+        b: &DpoBatch,
+        device: &Device,
+    ) -> Result<Tensor<1>, String> {
+        let out = self.output(model, b, Mode::Train, device)?;
+        let mut logged = self.logged.borrow_mut();
+        for (k, v) in out.metrics() {
+            *logged.0.entry(k).or_default() += v * b.pairs as f64;
+        }
+        logged.1 += b.pairs;
+        Ok(out.loss.mul_scalar(b.pairs as f64))
+    }
+
+    /// The step's mean chosen and rejected rewards, margin and accuracy, as trl logs them.
+    fn take_step_metrics(&self) -> BTreeMap<String, f64> {
+        let (sums, n) = std::mem::take(&mut *self.logged.borrow_mut());
+        sums.into_iter()
+            .map(|(k, v)| (k, v / n.max(1) as f64))
+            .collect()
+    }
+
+    /// Mean loss and the reward metrics over `data`, in evaluation mode.
+    fn evaluate(
+        &self,
+        model: &CausalModel,
+        data: &[DpoExample],
+        batch_size: usize,
+        device: &Device,
+    ) -> Result<Evaluation, String> {
+        let model = &model.valid();
+        let device = &device.clone().without_autodiff();
+        let (mut loss, mut sums) = (0.0, BTreeMap::<String, f64>::new());
+        for chunk in data.chunks(batch_size.max(1)) {
+            let items: Vec<&DpoExample> = chunk.iter().collect();
+            let b = self.collate(&items);
+            let out = self.output(model, &b, Mode::Eval, device)?;
+            let n = chunk.len() as f64;
+            loss += out.loss.clone().into_scalar::<f32>() as f64 * n;
+            for (k, v) in out.metrics() {
+                *sums.entry(k).or_default() += v * n;
+            }
+        }
+        let n = data.len().max(1) as f64;
+        Ok(Evaluation {
+            loss: loss / n,
+            metrics: sums.into_iter().map(|(k, v)| (k, v / n)).collect(),
+            report: None,
+        })
+    }
+}
+
+/// trl's implicit prompt: the longest common prefix of `chosen` and `rejected` (on character
+/// boundaries), the answers being the rest.
+pub fn split_implicit_prompt(chosen: &str, rejected: &str) -> (String, String, String) {
+    let mut end = 0;
+    for ((i, a), b) in chosen.char_indices().zip(rejected.chars()) {
+        if a != b {
+            break;
+        }
+        end = i + a.len_utf8();
+    }
+    (
+        chosen[..end].to_string(),
+        chosen[end..].to_string(),
+        rejected[end..].to_string(),
+    )
+}
+
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+/// Tokenizes a pair as trl 1.16's `DPOTrainer` does: no special tokens added, EOS after each
+/// answer, the answer starting where the tokenized prompt and prompt + answer diverge; then
+/// each sequence cut to `max_length` (`Side::Right` keeps the start, trl's `keep_start`).
+/// `None` when the prompt alone fills `max_length` with `keep_start` (trl drops those).
+pub fn encode_dpo_pair(
+    tokenizer: &TextTokenizer,
+    pair: &PreferencePair,
+    max_length: usize,
+    side: whet_data::Side,
+) -> Result<Option<DpoExample>, String> {
+    let (prompt, chosen, rejected) = if pair.prompt.is_empty() {
+        split_implicit_prompt(&pair.chosen, &pair.rejected)
+    } else {
+        (
+            pair.prompt.clone(),
+            pair.chosen.clone(),
+            pair.rejected.clone(),
+        )
+    };
+    let enc = |t: &str| {
+        tokenizer
+            .encode(t, false)
+            .map_err(|e| format!("{}: {e}", pair.origin))
+    };
+    let eos = tokenizer.eos.as_ref().map(|e| e.id);
+    let p = enc(&prompt)?;
+    let mut c = enc(&format!("{prompt}{chosen}"))?;
+    let mut r = enc(&format!("{prompt}{rejected}"))?;
+    if let Some(e) = eos {
+        for s in [&mut c, &mut r] {
+            if s.last() != Some(&e) {
+                s.push(e);
+            }
+        }
+    }
+    let prompt_len = common_prefix(&p, &c).min(common_prefix(&p, &r));
+    if side == whet_data::Side::Right && prompt_len >= max_length {
+        return Ok(None);
+    }
+    let example = |ids: Vec<u32>| -> Result<LmExample, String> {
+        let mut labels: Vec<i64> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| if i < prompt_len { IGNORE } else { t as i64 })
+            .collect();
+        let mut ids = ids;
+        if ids.len() > max_length {
+            let cut = match side {
+                whet_data::Side::Right => 0..max_length,
+                whet_data::Side::Left => ids.len() - max_length..ids.len(),
+            };
+            ids = ids[cut.clone()].to_vec();
+            labels = labels[cut].to_vec();
+        }
+        if labels.iter().skip(1).all(|&l| l == IGNORE) {
+            return Err(format!(
+                "{}: the answer has no token to learn after tokenization (empty answer?)",
+                pair.origin
+            ));
+        }
+        let n = ids.len();
+        Ok(LmExample {
+            ids,
+            labels,
+            position_ids: (0..n as u32).collect(),
+            document_ids: vec![0; n],
+            origin: pair.origin.clone(),
+        })
+    };
+    Ok(Some(DpoExample {
+        chosen: example(c)?,
+        rejected: example(r)?,
+        reference: None,
+    }))
+}
+
+/// Everything a DPO run prepared before training.
+pub struct DpoPrepared {
+    pub checkpoint: Checkpoint,
+    pub tokenizer: TextTokenizer,
+    pub train: Vec<DpoExample>,
+    pub validation: Option<Vec<DpoExample>>,
+    pub test: Option<Vec<DpoExample>>,
+    /// Pairs left out because the prompt alone fills `max_length`.
+    pub dropped: usize,
+    pub model: CausalModel,
+    pub counts: ParamCounts,
+    pub adapter: Option<PeftConfig>,
+    pub objective: Dpo,
+}
+
+/// Reads the pairs, tokenizes them, loads the decoder, keeps the reference (the base with the
+/// adapter off, or a frozen copy for full training) and applies the method.
+pub fn prepare(recipe: &crate::Recipe, device: &Device) -> Result<DpoPrepared, String> {
+    let d = &recipe.data;
+    let cfg = recipe.dpo.clone().unwrap_or_default();
+    if !(cfg.beta > 0.0 && cfg.beta.is_finite()) {
+        return Err(format!("dpo.beta must be positive, got {}", cfg.beta));
+    }
+    let enc: whet_data::Encoding = d
+        .encoding
+        .parse()
+        .map_err(|e| format!("data.encoding: {e}"))?;
+    let read = |p: &Path| whet_data::read_pairs(p, enc).map_err(|e| e.to_string());
+    let all = read(&d.train)?;
+    let mut validation = d.validation.as_deref().map(read).transpose()?;
+    let mut test = d.test.as_deref().map(read).transpose()?;
+    let train = match &d.split {
+        Some(s) if validation.is_none() && test.is_none() => {
+            let (tr, va, te) = s.apply(&all)?;
+            validation = va;
+            test = te;
+            tr
+        }
+        _ => all,
+    };
+    let (checkpoint, tokenizer, pad_id) = crate::causal::open_decoder(recipe, "dpo")?;
+    if d.max_length > checkpoint.max_positions() {
+        return Err(format!(
+            "data.max_length = {} exceeds the model's {} positions ({})",
+            d.max_length,
+            checkpoint.max_positions(),
+            recipe.model.display()
+        ));
+    }
+    let mut dropped = 0;
+    let mut encode = |pairs: Vec<PreferencePair>| -> Result<Vec<DpoExample>, String> {
+        let mut out = Vec::with_capacity(pairs.len());
+        for p in &pairs {
+            match encode_dpo_pair(&tokenizer, p, d.max_length, d.truncation_side)? {
+                Some(e) => out.push(e),
+                None => dropped += 1,
+            }
+        }
+        Ok(out)
+    };
+    let mut train = encode(train)?;
+    let mut validation = validation.map(&mut encode).transpose()?;
+    let mut test = test.map(&mut encode).transpose()?;
+    if train.is_empty() {
+        return Err(format!(
+            "{}: no training pair is left (dropped {dropped} whose prompt fills max_length = {})",
+            d.train.display(),
+            d.max_length
+        ));
+    }
+    let mut model = checkpoint
+        .load_causal_lm(device)
+        .map_err(|e| e.to_string())?;
+    let frozen = (recipe.method == crate::Method::Full).then(|| model.valid());
+    let (counts, adapter) =
+        crate::causal::apply_decoder_method(&mut model, recipe, &tokenizer, device)?;
+    let lm = LanguageModelling {
+        pad_id,
+        soft_prompt: model.virtual_positions(),
+    };
+    let reference = match frozen {
+        Some(m) => Reference::Frozen(Box::new(m)),
+        None => Reference::AdapterOff,
+    };
+    let mut objective = Dpo::new(lm, &cfg, reference);
+    if cfg.precompute_ref_log_probs {
+        let batch = recipe.training.per_device_eval_batch_size;
+        for split in [Some(&mut train), validation.as_mut(), test.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            objective.precompute(&model, split, batch, device)?;
+        }
+        // The frozen copy is no longer needed.
+        objective.reference = Reference::Precomputed;
+    }
+    Ok(DpoPrepared {
+        checkpoint,
+        tokenizer,
+        train,
+        validation,
+        test,
+        dropped,
+        model,
+        counts,
+        adapter,
+        objective,
+    })
+}
+
+impl DpoPrepared {
+    /// Trains (from a checkpoint folder when `resume` names one).
+    pub fn run_training(
+        &mut self,
+        recipe: &crate::Recipe,
+        device: &Device,
+        observer: &mut dyn crate::Observer,
+        resume: Option<&Path>,
+    ) -> Result<crate::TrainSummary, String> {
+        crate::trainer::train(
+            &self.objective,
+            &mut self.model,
+            &self.train,
+            self.validation.as_deref(),
+            &recipe.training,
+            device,
+            observer,
+            resume,
+        )
+    }
+
+    /// Saves a `peft` `CAUSAL_LM` adapter or a `transformers` folder, with the tokenizer.
+    pub fn save(&self, recipe: &crate::Recipe, out: &Path) -> Result<(), String> {
+        crate::causal::save_decoder(
+            &self.checkpoint,
+            &self.tokenizer,
+            &self.model,
+            self.adapter.as_ref(),
+            recipe,
+            out,
+        )
+    }
+}

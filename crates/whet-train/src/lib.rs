@@ -10,6 +10,7 @@ pub mod method;
 pub mod optim;
 pub mod output;
 pub mod plan;
+pub mod ppo;
 pub mod qa;
 pub mod recipe;
 pub mod reward;

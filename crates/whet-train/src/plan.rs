@@ -404,7 +404,7 @@ fn plan_of<M: VisitParams>(
         &param_bytes(model),
         recipe.training.optim,
         batch,
-        recipe.task == crate::Task::CausalLm,
+        matches!(recipe.task, crate::Task::CausalLm | crate::Task::Dpo),
         resident_bytes(),
         data_bytes(tokens),
     )
@@ -447,6 +447,29 @@ pub fn for_reward_model(
     let mut doubled = recipe.clone();
     doubled.training.per_device_train_batch_size *= 2;
     plan_of(&p.checkpoint, &mut p.model, &doubled, lens)
+}
+
+/// The plan of a prepared DPO run: chosen and rejected rows in one batch, and for full
+/// training the frozen reference's weights once more (the trained ones part from them at the
+/// first update).
+pub fn for_dpo(p: &mut crate::dpo::DpoPrepared, recipe: &crate::Recipe) -> MemoryPlan {
+    let learnt = |e: &whet_data::LmExample| {
+        let n = e.labels.iter().skip(1).filter(|&&l| l != whet_data::IGNORE).count();
+        (e.ids.len(), n)
+    };
+    let lens = p
+        .train
+        .iter()
+        .flat_map(|e| [learnt(&e.chosen), learnt(&e.rejected)])
+        .collect();
+    let mut doubled = recipe.clone();
+    doubled.training.per_device_train_batch_size *= 2;
+    let mut plan = plan_of(&p.checkpoint, &mut p.model, &doubled, lens);
+    if matches!(p.objective.reference, crate::dpo::Reference::Frozen(_)) {
+        plan.weights *= 2;
+        plan.total += plan.weights / 2;
+    }
+    plan
 }
 
 /// The plan of a prepared question-answering run.

@@ -29,6 +29,12 @@ pub enum Task {
     /// A reward model (trl's `RewardTrainer`): a one-output classifier trained on preference
     /// pairs (`prompt` / `chosen` / `rejected`, or BIG-bench `task.json`).
     RewardModel,
+    /// Direct preference optimisation (trl's `DPOTrainer`): a decoder trained on preference
+    /// pairs against a frozen reference, with a `[dpo]` table.
+    Dpo,
+    /// PPO against a trained reward model (RLHF, trl's `PPOTrainer`): a decoder with a value
+    /// head samples responses to prompts, with a `[ppo]` table.
+    Ppo,
 }
 
 impl Task {
@@ -320,6 +326,12 @@ pub struct Recipe {
     pub quantization: Option<QuantizationSpec>,
     #[serde(default)]
     pub head: HeadSpec,
+    /// `task = "dpo"`'s settings.
+    #[serde(default)]
+    pub dpo: Option<crate::dpo::DpoConfig>,
+    /// `task = "ppo"`'s settings.
+    #[serde(default)]
+    pub ppo: Option<crate::ppo::PpoConfig>,
     pub training: TrainingArguments,
 }
 
@@ -394,6 +406,9 @@ impl Recipe {
             *p = expand(p);
         }
         recipe.training.output_dir = expand(&recipe.training.output_dir);
+        if let Some(p) = recipe.ppo.as_mut() {
+            p.reward_model = expand(&p.reward_model);
+        }
         match recipe.method {
             Method::Lora | Method::Qlora if recipe.lora.is_none() => {
                 return Err(format!(

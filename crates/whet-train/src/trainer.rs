@@ -36,6 +36,11 @@ pub trait Objective {
         batch: &Self::Batch,
         device: &Device,
     ) -> Result<Tensor<1>, String>;
+    /// Metrics gathered while computing the losses of the step just taken (logged with it);
+    /// most objectives have none.
+    fn take_step_metrics(&self) -> BTreeMap<String, f64> {
+        BTreeMap::new()
+    }
     /// Loss and metrics over a dataset, in evaluation mode.
     fn evaluate(
         &self,
@@ -89,6 +94,9 @@ pub struct StepLog {
     pub learning_rate: f64,
     pub grad_norm: f64,
     pub samples_per_second: f64,
+    /// What the objective logs per step (DPO's rewards, PPO's KL), flattened into the log.
+    #[serde(flatten, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metrics: BTreeMap<String, f64>,
 }
 
 /// One evaluation.
@@ -250,6 +258,7 @@ pub fn train<O: Objective>(
                 learning_rate: lr,
                 grad_norm,
                 samples_per_second: state.samples as f64 / start.elapsed().as_secs_f64(),
+                metrics: objective.take_step_metrics(),
             };
             observer.step(&log);
             history.push(log);

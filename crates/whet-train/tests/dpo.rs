@@ -85,3 +85,190 @@ fn dpo_losses_gradients_and_rewards_match_trl() {
         }
     }
 }
+
+use whet_data::{IGNORE, LmExample, PreferencePair, Side};
+use whet_models::{Checkpoint, Mode};
+use whet_train::Objective;
+use whet_train::causal::LanguageModelling;
+use whet_train::dpo::{Dpo, DpoConfig, DpoExample, Reference, encode_dpo_pair, row_logps};
+
+fn ints(st: &SafeTensors, k: &str) -> Vec<i64> {
+    st.tensor(k)
+        .unwrap()
+        .data()
+        .chunks_exact(8)
+        .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+        .collect()
+}
+
+/// Rows of tiny-llama's transformers fixture whose tokens from position 3 on are the answer.
+fn answer_rows(st: &SafeTensors) -> (Vec<LmExample>, Vec<f64>) {
+    let ids = ints(st, "input_ids_right");
+    let mask = ints(st, "attention_mask_right");
+    let (logits, shape) = floats(st, "logits_right");
+    let [rows, t, v] = [shape[0], shape[1], shape[2]];
+    let mut examples = Vec::new();
+    let mut want = Vec::new();
+    for r in 0..rows {
+        let len = mask[r * t..(r + 1) * t].iter().sum::<i64>() as usize;
+        let row: Vec<u32> = ids[r * t..r * t + len].iter().map(|&i| i as u32).collect();
+        let labels = row
+            .iter()
+            .enumerate()
+            .map(|(k, &i)| if k < 3 { IGNORE } else { i as i64 })
+            .collect();
+        // transformers' log-softmax at each position k predicting token k + 1 of the answer.
+        let mut sum = 0.0f64;
+        for k in 2..len - 1 {
+            let l = &logits[(r * t + k) * v..(r * t + k + 1) * v];
+            let max = l.iter().cloned().fold(f32::MIN, f32::max) as f64;
+            let lse = max + l.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
+            sum += l[row[k + 1] as usize] as f64 - lse;
+        }
+        want.push(sum);
+        examples.push(LmExample {
+            position_ids: (0..len as u32).collect(),
+            document_ids: vec![0; len],
+            ids: row,
+            labels,
+            origin: format!("row {r}"),
+        });
+    }
+    (examples, want)
+}
+
+/// The policy's sequence log-probabilities equal those of transformers' logits for the same
+/// tiny LLaMA (`tests/fixtures/tiny-llama`), over the answer tokens only, with padding.
+#[test]
+fn sequence_logps_match_transformers_logits() {
+    let bytes = std::fs::read(fixtures().join("tiny-llama/fixture.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let (examples, want) = answer_rows(&st);
+    let device = Device::flex();
+    let model = Checkpoint::open(fixtures().join("tiny-llama"))
+        .unwrap()
+        .load_causal_lm(&device)
+        .unwrap();
+    let lm = LanguageModelling {
+        pad_id: 0,
+        soft_prompt: 0,
+    };
+    let rows: Vec<&LmExample> = examples.iter().collect();
+    let b = lm.collate(&rows);
+    let got: Vec<f32> = row_logps(&model, &lm, &b, Mode::Eval, &device)
+        .into_data()
+        .try_to_vec::<f32>()
+        .unwrap();
+    for (g, w) in got.iter().zip(&want) {
+        assert!((*g as f64 - w).abs() < 1e-4, "{got:?} vs {want:?}");
+    }
+}
+
+/// With a trained adapter (peft's prefix tuning of tiny-llama), the adapter-off reference gives
+/// exactly the base model's log-probabilities (and the policy others); precomputing stores the
+/// same numbers.
+#[test]
+fn the_adapter_off_reference_is_the_base_model() {
+    let bytes = std::fs::read(fixtures().join("tiny-llama/fixture.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let (examples, _) = answer_rows(&st);
+    let device = Device::flex().autodiff();
+    let ck = Checkpoint::open(fixtures().join("tiny-llama")).unwrap();
+    let base = ck.load_causal_lm(&device).unwrap();
+    let mut policy = base.clone();
+    whet_peft::load_adapter(
+        &mut policy,
+        &fixtures().join("peft/llama-prefix-lm"),
+        &device,
+    )
+    .unwrap();
+    let lm = || LanguageModelling {
+        pad_id: 0,
+        soft_prompt: 0,
+    };
+    let mut pairs = vec![DpoExample {
+        chosen: examples[0].clone(),
+        rejected: examples[1].clone(),
+        reference: None,
+    }];
+    let dpo = Dpo::new(lm(), &DpoConfig::default(), Reference::AdapterOff);
+    let b = dpo.collate(&pairs.iter().collect::<Vec<_>>());
+    let values = |t: Tensor<1>| t.into_data().try_to_vec::<f32>().unwrap();
+    let reference = values(dpo.reference_logps(&policy, &b, &device).unwrap());
+    let plain = device.clone().without_autodiff();
+    let base_logps = values(row_logps(&base, &lm(), &b.rows, Mode::Eval, &plain));
+    let policy_logps = values(row_logps(&policy, &lm(), &b.rows, Mode::Eval, &plain));
+    assert_eq!(reference, base_logps);
+    assert!(
+        (reference[0] - policy_logps[0]).abs() > 1e-3,
+        "{reference:?} {policy_logps:?}"
+    );
+    dpo.precompute(&policy, &mut pairs, 4, &device).unwrap();
+    assert_eq!(pairs[0].reference, Some((base_logps[0], base_logps[1])));
+}
+
+fn word_tokenizer() -> whet_models::TextTokenizer {
+    let dir = tempfile::tempdir().unwrap();
+    let mut vocab = serde_json::Map::new();
+    for (i, t) in ["<unk>", "<eos>", "a", "b", "c", "d", "e"].iter().enumerate() {
+        vocab.insert(t.to_string(), i.into());
+    }
+    let tokenizer = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [{"id": 1, "content": "<eos>", "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true}],
+        "normalizer": null, "pre_tokenizer": {"type": "WhitespaceSplit"},
+        "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
+    });
+    std::fs::write(dir.path().join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    std::fs::write(
+        dir.path().join("tokenizer_config.json"),
+        r#"{"eos_token": "<eos>", "unk_token": "<unk>"}"#,
+    )
+    .unwrap();
+    whet_models::TextTokenizer::from_folder(dir.path()).unwrap()
+}
+
+/// Pairs become rows as trl's DPOTrainer makes them: EOS after each answer, the answer learnt
+/// and the prompt not, the prompt taken from the common start when there is no prompt column,
+/// `keep_start` truncation, and a prompt that fills max_length drops the pair.
+#[test]
+fn pairs_are_tokenized_as_trl_does() {
+    let tok = word_tokenizer();
+    let pair = |p: &str, c: &str, r: &str| PreferencePair {
+        prompt: p.into(),
+        chosen: c.into(),
+        rejected: r.into(),
+        origin: "pairs.jsonl:1".into(),
+    };
+    let e = encode_dpo_pair(&tok, &pair("a b", " c", " d e"), 16, Side::Right)
+        .unwrap()
+        .unwrap();
+    assert_eq!(e.chosen.ids, vec![2, 3, 4, 1]);
+    assert_eq!(e.chosen.labels, vec![IGNORE, IGNORE, 4, 1]);
+    assert_eq!(e.rejected.ids, vec![2, 3, 5, 6, 1]);
+    assert_eq!(e.rejected.labels, vec![IGNORE, IGNORE, 5, 6, 1]);
+    // The implicit prompt: the same rows.
+    let implicit = encode_dpo_pair(&tok, &pair("", "a b c", "a b d e"), 16, Side::Right)
+        .unwrap()
+        .unwrap();
+    assert_eq!(implicit.chosen.labels, e.chosen.labels);
+    assert_eq!(implicit.rejected.labels, e.rejected.labels);
+    // keep_start: the first 3 tokens.
+    let cut = encode_dpo_pair(&tok, &pair("a b", " c", " d e"), 3, Side::Right)
+        .unwrap()
+        .unwrap();
+    assert_eq!(cut.rejected.ids, vec![2, 3, 5]);
+    assert!(
+        encode_dpo_pair(&tok, &pair("a b c", " d", " e"), 3, Side::Right)
+            .unwrap()
+            .is_none()
+    );
+    // An answer that tokenizes to nothing but EOS still has a token to learn; an empty answer
+    // after truncation from the left is an error naming the pair.
+    let err = encode_dpo_pair(&tok, &pair("a b c d", " e", " c"), 1, Side::Left)
+        .map(|_| ())
+        .unwrap_err();
+    assert!(err.contains("pairs.jsonl:1"), "{err}");
+}

@@ -6,6 +6,8 @@ mod plot;
 mod train;
 mod train_lm;
 mod train_qa;
+mod train_dpo;
+mod train_ppo;
 mod train_reward;
 
 use std::io::Write;
@@ -33,7 +35,10 @@ asset cache, WHET_CACHE or ./cache):
                  question-answering (BERT family) | reward-model (a one-output classifier on
                  preference pairs: columns prompt / chosen / rejected, or chosen / rejected with
                  the prompt inside, or a BIG-bench task.json; trl's pairwise loss; held-out
-                 pairwise accuracy)
+                 pairwise accuracy) | dpo (a decoder on the same pairs, trl's DPOTrainer:
+                 frozen reference = the base with the adapter off, or a frozen copy for full) |
+                 ppo (RLHF: a decoder with a value head samples responses to prompts, scored by
+                 a trained reward model, with a KL penalty to the reference; trl's PPOTrainer)
   method         full (default) | head | lora | qlora | ia3 | bottleneck | prefix_tuning |
                  prompt_tuning (head: classification and QA)
   [data]
@@ -64,6 +69,17 @@ asset cache, WHET_CACHE or ./cache):
                    ({\"text\": [...], \"answer_start\": [...]}, character offsets)
     doc_stride     token overlap of the windows of a long context (default max_length / 3)
     max_answer_length    longest predicted answer in tokens (default 30)
+  [dpo]            task = dpo: beta (0.1), loss_type (sigmoid | ipo), precompute_ref_log_probs
+                   (false: the reference runs each step; true: once, before training). data:
+                   max_length cuts prompt + answer (truncation_side right keeps the start)
+  [ppo]            task = ppo, as trl's PPOConfig: reward_model (a folder written by task =
+                   reward-model; required), num_ppo_epochs (4), num_mini_batches (1), kl_coef
+                   (0.05), cliprange (0.2), vf_coef (0.1), cliprange_value (0.2), gamma (1.0), lam
+                   (0.95), whiten_rewards (false), temperature (0.7), response_length (53),
+                   missing_eos_penalty (none), prompt_column (\"prompt\"; a table of preference
+                   pairs or a BIG-bench folder gives its prompts), reward_max_length (512). A
+                   step is one rollout batch of per_device_train_batch_size x
+                   gradient_accumulation_steps prompts; data.max_length cuts prompts from the left
   [head]           unfreeze_top_layers = N (method = head; default 0)
   [lora]           as peft.LoraConfig: r (8), lora_alpha (8), lora_dropout (0), target_modules,
                    bias (none | all | lora_only), modules_to_save, use_rslora (false);

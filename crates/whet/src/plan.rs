@@ -50,6 +50,16 @@ pub fn run(recipe_path: &Path, set: &[String], json: bool) -> Result<()> {
             let mut p = whet_train::reward::prepare(&recipe, &device).map_err(|e| anyhow!(e))?;
             plan::for_reward_model(&mut p, &recipe)
         }
+        Task::Dpo => {
+            let mut p = whet_train::dpo::prepare(&recipe, &device).map_err(|e| anyhow!(e))?;
+            plan::for_dpo(&mut p, &recipe)
+        }
+        Task::Ppo => {
+            anyhow::bail!(
+                "whet plan does not cover task = \"ppo\" yet (generation and the reward model \
+                 change the peak); run it and read train_peak_rss_mb in all_results.json"
+            )
+        }
         Task::QuestionAnswering => {
             let mut p = qa::prepare(&recipe, &device).map_err(|e| anyhow!(e))?;
             plan::for_question_answering(&mut p, &recipe)

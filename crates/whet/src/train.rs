@@ -317,6 +317,8 @@ pub fn train(recipe_path: &Path, set: &[String], resume: Option<&str>) -> Result
         Task::CausalLm => return crate::train_lm::train(recipe, resume),
         Task::QuestionAnswering => return crate::train_qa::train(recipe, resume),
         Task::RewardModel => return crate::train_reward::train(recipe, resume),
+        Task::Dpo => return crate::train_dpo::train(recipe, resume),
+        Task::Ppo => return crate::train_ppo::train(recipe, resume),
         Task::SequenceClassification | Task::MultiLabelClassification => {}
     }
     let out = recipe.training.output_dir.clone();
