@@ -383,7 +383,10 @@ fn build(
 
 /// Opens the recipe's model as a decoder (with the recipe's quantization policy), its
 /// tokenizer, and the id to pad with (pad, else EOS); `task` names the task in the error.
-pub fn open_decoder(recipe: &Recipe, task: &str) -> Result<(Checkpoint, TextTokenizer, u32), String> {
+pub fn open_decoder(
+    recipe: &Recipe,
+    task: &str,
+) -> Result<(Checkpoint, TextTokenizer, u32), String> {
     let mut checkpoint = Checkpoint::open(&recipe.model).map_err(|e| e.to_string())?;
     checkpoint.quantization = crate::method::quant_policy(recipe, &[]);
     if !checkpoint.family().is_decoder() {
@@ -550,7 +553,14 @@ pub fn prepare(recipe: &Recipe, device: &Device) -> Result<LmPrepared, String> {
 /// Saves the result into `out`: a `peft` adapter (`CAUSAL_LM`) for LoRA, a `transformers`
 /// folder otherwise; both with the tokenizer.
 pub fn save(p: &LmPrepared, recipe: &Recipe, out: &Path) -> Result<(), String> {
-    save_decoder(&p.checkpoint, &p.tokenizer, &p.model, p.adapter.as_ref(), recipe, out)
+    save_decoder(
+        &p.checkpoint,
+        &p.tokenizer,
+        &p.model,
+        p.adapter.as_ref(),
+        recipe,
+        out,
+    )
 }
 
 /// Writes a trained decoder: a `peft` `CAUSAL_LM` adapter, or a `transformers` folder; both

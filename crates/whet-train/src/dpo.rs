@@ -271,7 +271,11 @@ impl Dpo {
         };
         // Back onto the training device as a constant.
         let n = logps.dims()[0];
-        let v: Vec<f32> = logps.into_data().convert::<f32>().try_to_vec::<f32>().unwrap_or_default();
+        let v: Vec<f32> = logps
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .unwrap_or_default();
         Ok(Tensor::from_data(TensorData::new(v, [n]), device))
     }
 
@@ -304,7 +308,11 @@ impl Dpo {
             let mut b = self.collate(&items);
             b.reference = None;
             let r = self.reference_logps(policy, &b, device)?;
-            let v: Vec<f32> = r.into_data().convert::<f32>().try_to_vec::<f32>().unwrap_or_default();
+            let v: Vec<f32> = r
+                .into_data()
+                .convert::<f32>()
+                .try_to_vec::<f32>()
+                .unwrap_or_default();
             let n = chunk.len();
             for (i, e) in chunk.iter_mut().enumerate() {
                 e.reference = Some((v[i], v[n + i]));

@@ -454,7 +454,12 @@ pub fn for_reward_model(
 /// first update).
 pub fn for_dpo(p: &mut crate::dpo::DpoPrepared, recipe: &crate::Recipe) -> MemoryPlan {
     let learnt = |e: &whet_data::LmExample| {
-        let n = e.labels.iter().skip(1).filter(|&&l| l != whet_data::IGNORE).count();
+        let n = e
+            .labels
+            .iter()
+            .skip(1)
+            .filter(|&&l| l != whet_data::IGNORE)
+            .count();
         (e.ids.len(), n)
     };
     let lens = p

@@ -27,7 +27,9 @@ use serde::{Deserialize, Serialize};
 use whet_data::{Encoded, IGNORE, LmExample, Target, collate, epoch_order};
 use whet_infer::{GenerationConfig, Sampling, generate_batch};
 use whet_models::weights::{Layout, Visitor, join};
-use whet_models::{CausalLm, CausalModel, Checkpoint, Classifier, Mode, TextTokenizer, VisitParams};
+use whet_models::{
+    CausalLm, CausalModel, Checkpoint, Classifier, Mode, TextTokenizer, VisitParams,
+};
 use whet_peft::{ParamCounts, PeftConfig};
 
 use crate::args::Strategy;
@@ -85,6 +87,9 @@ pub struct PpoConfig {
     /// Tokens of prompt + response the reward model reads (the start of a longer text is cut).
     #[serde(default = "d_reward_max_length")]
     pub reward_max_length: usize,
+    /// Responses sampled per held-out prompt at each evaluation (their scores are averaged).
+    #[serde(default = "d_one")]
+    pub eval_samples: usize,
 }
 
 fn d_ppo_epochs() -> usize {
@@ -138,7 +143,11 @@ pub fn gae(
         let (start, end) = (w[0], w[1]);
         let mut last = 0f64;
         for t in (start..end).rev() {
-            let next = if t + 1 < end { values[t + 1] as f64 } else { 0.0 };
+            let next = if t + 1 < end {
+                values[t + 1] as f64
+            } else {
+                0.0
+            };
             let delta = rewards[t] as f64 + gamma * next - values[t] as f64;
             last = delta + gamma * lam * last;
             adv[t] = last as f32;
@@ -587,7 +596,10 @@ pub fn read_prompts(
         }
     }
     if out.is_empty() {
-        return Err(format!("{}: no prompts (an empty prompt set)", path.display()));
+        return Err(format!(
+            "{}: no prompts (an empty prompt set)",
+            path.display()
+        ));
     }
     Ok(out)
 }
@@ -610,14 +622,14 @@ pub fn prepare(recipe: &crate::Recipe, device: &Device) -> Result<PpoPrepared, S
     positive(config.temperature, "temperature")?;
     positive(config.cliprange, "cliprange")?;
     positive(config.cliprange_value, "cliprange_value")?;
-    if config.num_ppo_epochs == 0 || config.num_mini_batches == 0 || config.response_length == 0
-    {
+    if config.num_ppo_epochs == 0 || config.num_mini_batches == 0 || config.response_length == 0 {
         return Err(
             "ppo.num_ppo_epochs, ppo.num_mini_batches and ppo.response_length must be at least 1"
                 .into(),
         );
     }
-    let rollout = recipe.training.per_device_train_batch_size * recipe.training.gradient_accumulation_steps;
+    let rollout =
+        recipe.training.per_device_train_batch_size * recipe.training.gradient_accumulation_steps;
     if !rollout.is_multiple_of(config.num_mini_batches) {
         return Err(format!(
             "ppo.num_mini_batches = {} must divide the rollout batch (per_device_train_batch_size \
@@ -864,8 +876,8 @@ impl PpoPrepared {
         })
     }
 
-    /// Responses to every prompt of `prompts` (sampled with `seed`, as in training), scored, with
-    /// their KL to the reference.
+    /// `eval_samples` responses to every prompt of `prompts` (sampled with `seed`, as in
+    /// training), scored, with their KL to the reference.
     pub fn evaluate(
         &self,
         prompts: &Prompts,
@@ -873,7 +885,10 @@ impl PpoPrepared {
         batch: usize,
         device: &Device,
     ) -> Result<PolicyEval, String> {
-        let all: Vec<usize> = (0..prompts.ids.len()).collect();
+        let k = self.config.eval_samples.max(1);
+        let all: Vec<usize> = (0..prompts.ids.len())
+            .flat_map(|i| std::iter::repeat_n(i, k))
+            .collect();
         let r = self.rollout(prompts, &all, seed, batch, device)?;
         let (kl, _, score) = r.summary();
         let n = r.rows.len().max(1) as f64;
@@ -920,13 +935,19 @@ impl PpoPrepared {
         let (mut history, mut evals) = (Vec::new(), Vec::new());
         let eval_seed = args.seed.wrapping_add(0x5eed);
         let eval_batch = args.per_device_eval_batch_size;
-        let run_eval = |me: &Self, step: usize, evals: &mut Vec<EvalLog>, observer: &mut dyn Observer| -> Result<(), String> {
+        let run_eval = |me: &Self,
+                        step: usize,
+                        evals: &mut Vec<EvalLog>,
+                        observer: &mut dyn Observer|
+         -> Result<(), String> {
             if let Some(v) = &me.validation {
                 let e = me.evaluate(v, eval_seed, eval_batch, device)?;
                 let log = EvalLog {
                     step,
                     epoch: step as f64 / per_epoch as f64,
-                    loss: -e.score,
+                    // PPO has no evaluation loss: this is minus the RLHF objective,
+                    // -(score - kl_coef KL), so lower is better as for a loss.
+                    loss: -(e.score - me.config.kl_coef * e.kl),
                     metrics: e.metrics(),
                     report: None,
                 };
@@ -951,7 +972,16 @@ impl PpoPrepared {
                 .unwrap_or_default();
             let seed = args.seed.wrapping_mul(1_000_003).wrapping_add(step as u64);
             let r = self.rollout(&self.train, &picked, seed, micro, device)?;
-            let stats = self.update(&r, &cfg, &mut opt, args, step, warmup, total_updates, device)?;
+            let stats = self.update(
+                &r,
+                &cfg,
+                &mut opt,
+                args,
+                step,
+                warmup,
+                total_updates,
+                device,
+            )?;
             step += 1;
             state.samples += r.rows.len();
             state.tokens += r.rows.iter().map(|e| e.ids.len()).sum::<usize>();
@@ -964,10 +994,7 @@ impl PpoPrepared {
             metrics.insert("objective/non_score_reward".into(), non_score);
             metrics.insert("objective/rlhf_reward".into(), score + non_score);
             metrics.insert("objective/scores".into(), score);
-            metrics.insert(
-                "val/num_eos_tokens".into(),
-                r.ended as f64,
-            );
+            metrics.insert("val/num_eos_tokens".into(), r.ended as f64);
             let log = StepLog {
                 step,
                 total_steps: total,
@@ -999,7 +1026,13 @@ impl PpoPrepared {
             if do_save {
                 state.global_step = step;
                 state.optimizer_steps = opt.step;
-                checkpoint::save(&args.output_dir, &mut self.model, &opt, &state, args.save_total_limit)?;
+                checkpoint::save(
+                    &args.output_dir,
+                    &mut self.model,
+                    &opt,
+                    &state,
+                    args.save_total_limit,
+                )?;
             }
         }
         Ok(TrainSummary {
@@ -1105,7 +1138,10 @@ impl PpoPrepared {
             metrics: BTreeMap::from([
                 ("loss/policy_avg".to_string(), acc.policy / t),
                 ("loss/value_avg".to_string(), acc.value / t),
-                ("policy/clipfrac_avg".to_string(), acc.policy_clipped as f64 / t),
+                (
+                    "policy/clipfrac_avg".to_string(),
+                    acc.policy_clipped as f64 / t,
+                ),
                 ("val/clipfrac_avg".to_string(), acc.value_clipped as f64 / t),
                 ("policy/approxkl_avg".to_string(), acc.approxkl / t),
                 ("policy/entropy_avg".to_string(), acc.entropy / t),

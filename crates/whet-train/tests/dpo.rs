@@ -210,7 +210,10 @@ fn the_adapter_off_reference_is_the_base_model() {
 fn word_tokenizer() -> whet_models::TextTokenizer {
     let dir = tempfile::tempdir().unwrap();
     let mut vocab = serde_json::Map::new();
-    for (i, t) in ["<unk>", "<eos>", "a", "b", "c", "d", "e"].iter().enumerate() {
+    for (i, t) in ["<unk>", "<eos>", "a", "b", "c", "d", "e"]
+        .iter()
+        .enumerate()
+    {
         vocab.insert(t.to_string(), i.into());
     }
     let tokenizer = serde_json::json!({

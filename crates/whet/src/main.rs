@@ -4,10 +4,10 @@ mod merge;
 mod plan;
 mod plot;
 mod train;
-mod train_lm;
-mod train_qa;
 mod train_dpo;
+mod train_lm;
 mod train_ppo;
+mod train_qa;
 mod train_reward;
 
 use std::io::Write;
@@ -77,7 +77,8 @@ asset cache, WHET_CACHE or ./cache):
                    (0.05), cliprange (0.2), vf_coef (0.1), cliprange_value (0.2), gamma (1.0), lam
                    (0.95), whiten_rewards (false), temperature (0.7), response_length (53),
                    missing_eos_penalty (none), prompt_column (\"prompt\"; a table of preference
-                   pairs or a BIG-bench folder gives its prompts), reward_max_length (512). A
+                   pairs or a BIG-bench folder gives its prompts), reward_max_length (512),
+                   eval_samples (1: responses per held-out prompt at each evaluation). A
                    step is one rollout batch of per_device_train_batch_size x
                    gradient_accumulation_steps prompts; data.max_length cuts prompts from the left
   [head]           unfreeze_top_layers = N (method = head; default 0)

@@ -40,7 +40,10 @@ pub fn train(recipe: Recipe, resume: Option<PathBuf>) -> Result<()> {
         p.test.as_ref().map_or(0, |s| s.len()),
         recipe.data.max_length,
         if p.dropped > 0 {
-            format!(" ({} pairs dropped: the prompt fills max_length)", p.dropped)
+            format!(
+                " ({} pairs dropped: the prompt fills max_length)",
+                p.dropped
+            )
         } else {
             String::new()
         }

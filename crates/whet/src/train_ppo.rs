@@ -53,7 +53,10 @@ pub fn train(recipe: Recipe, resume: Option<PathBuf>) -> Result<()> {
     let seed = recipe.training.seed.wrapping_add(0x7e57);
     let batch = recipe.training.per_device_eval_batch_size;
     let before = match (&p.test, &resume) {
-        (Some(t), None) => Some(p.evaluate(t, seed, batch, &device).map_err(|e| anyhow!(e))?),
+        (Some(t), None) => Some(
+            p.evaluate(t, seed, batch, &device)
+                .map_err(|e| anyhow!(e))?,
+        ),
         _ => None,
     };
 
@@ -70,7 +73,9 @@ pub fn train(recipe: Recipe, resume: Option<PathBuf>) -> Result<()> {
     let mut results = serde_json::Map::new();
     let mut lines = Vec::new();
     if let Some(t) = &p.test {
-        let after = p.evaluate(t, seed, batch, &device).map_err(|e| anyhow!(e))?;
+        let after = p
+            .evaluate(t, seed, batch, &device)
+            .map_err(|e| anyhow!(e))?;
         for (k, v) in after.metrics() {
             results.insert(format!("test_{k}"), json!(v));
         }

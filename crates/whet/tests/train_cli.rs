@@ -1251,7 +1251,7 @@ fn reward_model_trains_on_preference_pairs() {
             "model = \"{}\"\ntask = \"reward-model\"\nmethod = \"{method}\"\n[data]\ntrain = \"{}\"\n\
              validation = \"{}\"\nmax_length = 32\n{extra}\n[training]\noutput_dir = \"{}\"\n\
              learning_rate = 1e-3\nper_device_train_batch_size = 8\nnum_train_epochs = 3\n\
-             eval_strategy = \"epoch\"\nlogging_steps = 1\n",
+             eval_strategy = \"epoch\"\nlogging_steps = 1\nsave_strategy = \"epoch\"\n",
             minilm().display(),
             t.display(),
             v.display(),
@@ -1282,6 +1282,24 @@ fn reward_model_trains_on_preference_pairs() {
             assert_eq!(cfg["architectures"][0], "BertForSequenceClassification");
         } else {
             assert_eq!(cfg["task_type"], "SEQ_CLS");
+            // Resume from the step-3 checkpoint in a fresh folder: the same final adapter.
+            let again = dir.path().join("out-lora-resumed");
+            let copy = again.join("checkpoint-3");
+            std::fs::create_dir_all(&copy).unwrap();
+            for f in std::fs::read_dir(out.join("checkpoint-3")).unwrap() {
+                let f = f.unwrap().path();
+                std::fs::copy(&f, copy.join(f.file_name().unwrap())).unwrap();
+            }
+            let r2 = dir.path().join("reward-resumed.toml");
+            let moved = recipe.replace(&out.display().to_string(), &again.display().to_string());
+            std::fs::write(&r2, moved).unwrap();
+            let text = ok(&["train", r2.to_str().unwrap(), "--resume"]);
+            assert!(text.contains("resuming from"), "{text}");
+            assert!(
+                std::fs::read(out.join("adapter_model.safetensors")).unwrap()
+                    == std::fs::read(again.join("adapter_model.safetensors")).unwrap(),
+                "the resumed reward-model run ended on other weights"
+            );
         }
     }
 
@@ -1323,7 +1341,11 @@ fn dpo_pairs(dir: &Path) -> (PathBuf, PathBuf) {
     let (mut train, mut val) = (String::new(), String::new());
     for i in 0..16 {
         let p = format!("w{} w{}", 10 + i, 40 + i % 5);
-        train += &line(&p, &format!("w7 w{}", 60 + i % 3), &format!("w9 w{}", 60 + i % 3));
+        train += &line(
+            &p,
+            &format!("w7 w{}", 60 + i % 3),
+            &format!("w9 w{}", 60 + i % 3),
+        );
     }
     for i in 0..6 {
         let p = format!("w{} w{}", 30 + i, 50 + i);
@@ -1360,7 +1382,8 @@ fn dpo_prefers_the_chosen_answers() {
         std::fs::write(&r, text).unwrap();
         r
     };
-    let lora = "[lora]\nr = 4\nlora_alpha = 8\ntarget_modules = [\"q_proj\", \"v_proj\", \"o_proj\"]";
+    let lora =
+        "[lora]\nr = 4\nlora_alpha = 8\ntarget_modules = [\"q_proj\", \"v_proj\", \"o_proj\"]";
     for (method, extra) in [("lora", lora), ("full", "")] {
         let out = dir.path().join(format!("dpo-{method}"));
         let r = recipe(method, extra, &out);
@@ -1379,18 +1402,24 @@ fn dpo_prefers_the_chosen_answers() {
         let margin = results["eval_rewards/margins"].as_f64().unwrap();
         assert!(acc >= 0.8 && margin > 0.0, "{method}: {results}");
         // Before any update the policy is the reference: loss log 2 at step 1 is trl's start.
-        let state: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(out.join("trainer_state.json")).unwrap(),
-        )
-        .unwrap();
+        let state: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("trainer_state.json")).unwrap())
+                .unwrap();
         let first = &state["log_history"][0];
         assert!(
             (first["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-5,
             "{first}"
         );
-        assert!(first["rewards/margins"].as_f64().unwrap().abs() < 1e-6, "{first}");
+        assert!(
+            first["rewards/margins"].as_f64().unwrap().abs() < 1e-6,
+            "{first}"
+        );
         let logged = state["log_history"].as_array().unwrap();
-        assert!(logged.iter().any(|e| e["rewards/accuracies"].as_f64() == Some(1.0)));
+        assert!(
+            logged
+                .iter()
+                .any(|e| e["rewards/accuracies"].as_f64() == Some(1.0))
+        );
         if method == "lora" {
             let cfg: serde_json::Value = serde_json::from_str(
                 &std::fs::read_to_string(out.join("adapter_config.json")).unwrap(),
@@ -1439,7 +1468,10 @@ fn dpo_prefers_the_chosen_answers() {
     let line = |p: &str, c: &str, r: &str| {
         format!("{{\"prompt\": \"{p}\", \"chosen\": \"{c}\", \"rejected\": \"{r}\"}}\n")
     };
-    let e = bad("same.jsonl", &(line("w3", " w4", " w5") + &line("w3", " w6", " w6")));
+    let e = bad(
+        "same.jsonl",
+        &(line("w3", " w4", " w5") + &line("w3", " w6", " w6")),
+    );
     assert!(e.contains("same.jsonl:2") && e.contains("identical"), "{e}");
     let e = bad(
         "missing.jsonl",
@@ -1449,7 +1481,10 @@ fn dpo_prefers_the_chosen_answers() {
     let e = bad("empty.jsonl", "");
     assert!(e.contains("empty.jsonl") && e.contains("no rows"), "{e}");
     let e = bad("long.jsonl", &line("w3 w4 w5 w6 w7", " w8", " w9"));
-    assert!(e.contains("long.jsonl") && e.contains("no training pair is left"), "{e}");
+    assert!(
+        e.contains("long.jsonl") && e.contains("no training pair is left"),
+        "{e}"
+    );
     // A model that is not a decoder.
     let p = dir.path().join("ok.jsonl");
     std::fs::write(&p, line("w3", " w4", " w5")).unwrap();
@@ -1533,7 +1568,11 @@ fn ppo_raises_the_reward_with_a_bounded_kl() {
         .filter(|e| e.get("eval_score").is_some())
         .collect();
     assert_eq!(steps.len(), 60, "{state}");
-    assert!(steps[0]["objective/kl"].as_f64().unwrap().abs() < 1e-6, "{}", steps[0]);
+    assert!(
+        steps[0]["objective/kl"].as_f64().unwrap().abs() < 1e-6,
+        "{}",
+        steps[0]
+    );
     for k in [
         "objective/entropy",
         "objective/scores",
@@ -1544,21 +1583,46 @@ fn ppo_raises_the_reward_with_a_bounded_kl() {
         "loss/policy_avg",
         "loss/value_avg",
     ] {
-        assert!(steps[5][k].as_f64().unwrap().is_finite(), "{k}: {}", steps[5]);
+        assert!(
+            steps[5][k].as_f64().unwrap().is_finite(),
+            "{k}: {}",
+            steps[5]
+        );
     }
     let first = evals[0]["eval_score"].as_f64().unwrap();
     let last = evals.last().unwrap()["eval_score"].as_f64().unwrap();
     let kl = evals.last().unwrap()["eval_kl"].as_f64().unwrap();
     // Seeded: -0.10 -> 1.40 with a KL of 6.1 nats per response when written.
-    assert!(last > first + 0.5, "held-out score {first} -> {last}: {state}");
+    assert!(
+        last > first + 0.5,
+        "held-out score {first} -> {last}: {state}"
+    );
     assert!(kl.abs() < 10.0, "KL {kl}");
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
             .unwrap();
     assert_eq!(cfg["task_type"], "CAUSAL_LM");
-    for f in ["value_head.safetensors", "reward_curve.png", "all_results.json"] {
+    for f in [
+        "value_head.safetensors",
+        "reward_curve.png",
+        "all_results.json",
+    ] {
         assert!(out.join(f).is_file(), "{f}");
     }
+
+    // QLoRA: the policy over an NF4 base (the reference is that base with the adapter off).
+    let q = dir.path().join("ppo-qlora");
+    let r = recipe(&q, "").to_string_lossy().into_owned();
+    let text = ok(&[
+        "train",
+        &r,
+        "--set",
+        "method=\"qlora\"",
+        "--set",
+        "training.max_steps=3",
+    ]);
+    assert!(text.contains("Qlora"), "{text}");
+    assert!(q.join("adapter_model.safetensors").is_file());
 
     // Resume from the step-10 checkpoint in a fresh folder: the same adapter and value head.
     let again = dir.path().join("ppo-resumed");
@@ -1598,17 +1662,29 @@ fn ppo_raises_the_reward_with_a_bounded_kl() {
     let e = bad("empty.jsonl", "", &rm);
     assert!(e.contains("empty.jsonl") && e.contains("no rows"), "{e}");
     let e = bad("noprompt.jsonl", "{\"text\": \"w3 w4\"}\n", &rm);
-    assert!(e.contains("noprompt.jsonl") && e.contains("\"prompt\""), "{e}");
+    assert!(
+        e.contains("noprompt.jsonl") && e.contains("\"prompt\""),
+        "{e}"
+    );
     let e = bad(
         "blank.jsonl",
         "{\"prompt\": \"w3\"}\n{\"prompt\": \"  \"}\n",
         &rm,
     );
-    assert!(e.contains("blank.jsonl") && e.contains("empty prompt"), "{e}");
+    assert!(
+        e.contains("blank.jsonl") && e.contains("empty prompt"),
+        "{e}"
+    );
     let good = "{\"prompt\": \"w3 w4\"}\n";
     let cls = root().join("tests/fixtures/tiny-llama-cls");
     let e = bad("ok1.jsonl", good, &cls);
-    assert!(e.contains("one output") && e.contains("tiny-llama-cls"), "{e}");
+    assert!(
+        e.contains("one output") && e.contains("tiny-llama-cls"),
+        "{e}"
+    );
     let e = bad("ok2.jsonl", good, &dir.path().join("nowhere"));
-    assert!(e.contains("ppo.reward_model") && e.contains("nowhere"), "{e}");
+    assert!(
+        e.contains("ppo.reward_model") && e.contains("nowhere"),
+        "{e}"
+    );
 }

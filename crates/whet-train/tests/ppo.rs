@@ -1,0 +1,140 @@
+//! PPO's arithmetic against trl 0.19's (`tests/fixtures/ppo/steps.safetensors`, from
+//! `scripts/make_ppo_fixture.py`): per-token KL-penalised rewards, GAE, whitened advantages,
+//! returns, the clipped policy and value losses, their clip fractions and gradients.
+
+mod common;
+
+use burn::tensor::{Device, Tensor, TensorData};
+use common::fixtures;
+use safetensors::SafeTensors;
+use whet_train::ppo::{gae, ppo_losses, token_rewards, whiten};
+
+fn floats(st: &SafeTensors, k: &str) -> Vec<f32> {
+    st.tensor(k)
+        .unwrap_or_else(|_| panic!("no {k}"))
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect()
+}
+
+/// The real (non-padding) positions of a `[B, T]` array, flat in row order.
+fn real(v: &[f32], lengths: &[usize], t: usize) -> Vec<f32> {
+    lengths
+        .iter()
+        .enumerate()
+        .flat_map(|(r, &l)| v[r * t..r * t + l].to_vec())
+        .collect()
+}
+
+fn close(got: &[f32], want: &[f32], tol: f32, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    for (g, w) in got.iter().zip(want) {
+        assert!((g - w).abs() <= tol, "{what}: {got:?} vs {want:?}");
+    }
+}
+
+#[test]
+fn ppo_arithmetic_matches_trl() {
+    let bytes = std::fs::read(fixtures().join("ppo/steps.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let lengths: Vec<usize> = st
+        .tensor("lengths")
+        .unwrap()
+        .data()
+        .chunks_exact(8)
+        .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as usize)
+        .collect();
+    let t = 5;
+    let mut offsets = vec![0];
+    for &l in &lengths {
+        offsets.push(offsets.last().unwrap() + l);
+    }
+    let get = |k: &str| real(&floats(&st, k), &lengths, t);
+    let (logps, ref_logps, values) = (get("logprobs"), get("ref_logprobs"), get("values"));
+    let scores = floats(&st, "scores");
+    let rewards = token_rewards(&logps, &ref_logps, &scores, &offsets, 0.05);
+    let (adv, returns) = gae(&rewards, &values, &offsets, 1.0, 0.95);
+    close(&returns, &get("returns"), 1e-5, "returns");
+    let adv = whiten(&adv, true);
+    close(&adv, &get("advantages"), 1e-5, "advantages");
+
+    let device = Device::flex().autodiff();
+    let n = logps.len();
+    let leaf =
+        |v: Vec<f32>| Tensor::<1>::from_data(TensorData::new(v, [n]), &device).require_grad();
+    let (new_l, new_v) = (leaf(get("new_logprobs")), leaf(get("new_values")));
+    let l = ppo_losses(
+        new_l.clone(),
+        new_v.clone(),
+        &logps,
+        &values,
+        &adv,
+        &returns,
+        0.2,
+        0.2,
+    );
+    let scalar = |t: &Tensor<1>| t.clone().into_scalar::<f32>() / n as f32;
+    let one = |k: &str| floats(&st, k)[0];
+    close(&[scalar(&l.policy)], &[one("pg_loss")], 1e-6, "policy loss");
+    close(&[scalar(&l.value)], &[one("vf_loss")], 1e-5, "value loss");
+    close(
+        &[
+            l.policy_clipped as f32 / n as f32,
+            l.value_clipped as f32 / n as f32,
+        ],
+        &[one("pg_clipfrac"), one("vf_clipfrac")],
+        1e-6,
+        "clip fractions",
+    );
+    let loss = (l.policy + l.value.mul_scalar(0.1)).div_scalar(n as f64);
+    let grads = loss.backward();
+    let grad = |p: &Tensor<1>| {
+        p.grad(&grads)
+            .unwrap()
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap()
+    };
+    close(
+        &grad(&new_l),
+        &get("grad_new_logprobs"),
+        1e-6,
+        "d loss / d logps",
+    );
+    close(
+        &grad(&new_v),
+        &get("grad_new_values"),
+        1e-6,
+        "d loss / d values",
+    );
+}
+
+/// GAE's two limits: lam = 1 gives returns equal to the rewards to go (gamma 1, values
+/// cancel), lam = 0 gives the one-step TD errors.
+#[test]
+fn gae_limits() {
+    let rewards = [0.5, -1.0, 2.0, 1.0, 0.25];
+    let values = [0.3, 0.1, -0.2, 0.7, 0.4];
+    let offsets = [0, 3, 5];
+    let (_, returns) = gae(&rewards, &values, &offsets, 1.0, 1.0);
+    close(
+        &returns,
+        &[1.5, 1.0, 2.0, 1.25, 0.25],
+        1e-6,
+        "rewards to go",
+    );
+    let (adv, _) = gae(&rewards, &values, &offsets, 0.9, 0.0);
+    let td = [
+        0.5 + 0.9 * 0.1 - 0.3,
+        -1.0 + 0.9 * -0.2 - 0.1,
+        2.0 + 0.2,
+        1.0 + 0.9 * 0.4 - 0.7,
+        0.25 - 0.4,
+    ];
+    close(&adv, &td, 1e-6, "TD errors");
+    let w = whiten(&[1.0, 2.0, 3.0, 4.0], true);
+    let mean: f32 = w.iter().sum::<f32>() / 4.0;
+    let var: f32 = w.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / 3.0;
+    assert!(mean.abs() < 1e-6 && (var - 1.0).abs() < 1e-4, "{w:?}");
+}
