@@ -115,7 +115,9 @@ pub fn generate<M: CausalLm>(
         let hidden = model.forward_hidden(input, Some(&mut cache), Mode::Eval);
         let [_, _, h] = hidden.dims();
         // Only the last position's logits are needed: (1, 1, H) -> (1, 1, V)
-        let last = hidden.slice([0..1, t - 1..t, 0..h]);
+        // A soft prompt puts its positions in front of the first call's hidden states.
+        let n = hidden.dims()[1];
+        let last = hidden.slice([0..1, n - 1..n, 0..h]);
         let mut logits: Vec<f32> = model
             .lm_logits(last)
             .into_data()
@@ -199,22 +201,38 @@ pub fn generate_batch<M: CausalLm>(
     let mut out: Vec<Vec<u32>> = vec![vec![]; b];
     let mut done = vec![false; b];
     let mut t = width;
+    let (mut first, mut virtual_tokens) = (true, 0usize);
     for _ in 0..config.max_new_tokens {
         let tensor = |v: Vec<i64>, cols: usize| {
             Tensor::<2, Int>::from_data(TensorData::new(v, [b, cols]), device)
         };
-        let cols = mask[0].len();
+        // Virtual tokens (prefix or prompt tuning) sit in the cache in front of the real
+        // ones: the mask covers them, and real positions count from after them.
+        let cols = virtual_tokens + mask[0].len();
+        let full_mask: Vec<i64> = mask
+            .iter()
+            .flat_map(|m| std::iter::repeat_n(1, virtual_tokens).chain(m.iter().copied()))
+            .collect();
+        let shifted: Vec<i64> = std::mem::take(&mut positions)
+            .into_iter()
+            .map(|p| p + virtual_tokens as i64)
+            .collect();
         let input = DecoderInput {
             input_ids: tensor(std::mem::take(&mut ids), t),
-            attention_mask: tensor(mask.concat(), cols),
-            position_ids: Some(tensor(std::mem::take(&mut positions), t)),
+            attention_mask: tensor(full_mask, cols),
+            position_ids: Some(tensor(shifted, t)),
             document_ids: None,
         };
         let hidden = model.forward_hidden(input, Some(&mut cache), Mode::Eval);
-        let h = hidden.dims()[2];
-        // (B, t, H) -> (B, 1, H) -> (B, 1, V)
+        let [_, n, h] = hidden.dims();
+        if first {
+            // The model placed its virtual tokens on this first call.
+            virtual_tokens = cache.len() - width;
+            first = false;
+        }
+        // (B, n, H) -> (B, 1, H) -> (B, 1, V); a soft prompt adds positions in front.
         let logits: Vec<f32> = model
-            .lm_logits(hidden.slice([0..b, t - 1..t, 0..h]))
+            .lm_logits(hidden.slice([0..b, n - 1..n, 0..h]))
             .into_data()
             .convert::<f32>()
             .try_to_vec::<f32>()

@@ -522,6 +522,9 @@ pub struct DpoPrepared {
     pub counts: ParamCounts,
     pub adapter: Option<PeftConfig>,
     pub objective: Dpo,
+    /// The pairs of each split (`train`, `validation`, `test`) as read, for `OUT/data/`: another
+    /// tool can repeat the run on the same split.
+    pub rows: Vec<(&'static str, Vec<PreferencePair>)>,
 }
 
 /// Reads the pairs, tokenizes them, loads the decoder, keeps the reference (the base with the
@@ -557,6 +560,12 @@ pub fn prepare(recipe: &crate::Recipe, device: &Device) -> Result<DpoPrepared, S
             checkpoint.max_positions(),
             recipe.model.display()
         ));
+    }
+    let mut rows = vec![("train", train.clone())];
+    for (name, part) in [("validation", &validation), ("test", &test)] {
+        if let Some(part) = part {
+            rows.push((name, part.clone()));
+        }
     }
     let mut dropped = 0;
     let mut encode = |pairs: Vec<PreferencePair>| -> Result<Vec<DpoExample>, String> {
@@ -616,6 +625,7 @@ pub fn prepare(recipe: &crate::Recipe, device: &Device) -> Result<DpoPrepared, S
         counts,
         adapter,
         objective,
+        rows,
     })
 }
 

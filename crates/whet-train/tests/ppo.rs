@@ -138,3 +138,46 @@ fn gae_limits() {
     let var: f32 = w.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / 3.0;
     assert!(mean.abs() < 1e-6 && (var - 1.0).abs() < 1e-4, "{w:?}");
 }
+
+/// Rollouts generate with the KV cache in left-padded batches; with virtual tokens (peft's
+/// prefix tuning of tiny-llama, prompt tuning of tiny-gpt2) the batch gives the tokens that
+/// greedy decoding without a cache gives, one prompt at a time.
+#[test]
+fn batched_generation_with_virtual_tokens_matches_uncached_decoding() {
+    use burn::tensor::Int;
+    use whet_infer::{GenerationConfig, generate_batch};
+    use whet_models::{CausalLm, Checkpoint, DecoderInput, Mode};
+    let device = Device::flex();
+    for (base, adapter) in [
+        ("tiny-llama", "peft/llama-prefix-lm"),
+        ("tiny-gpt2", "peft/gpt2-prompt-lm"),
+    ] {
+        let mut model = Checkpoint::open(fixtures().join(base))
+            .unwrap()
+            .load_causal_lm(&device)
+            .unwrap();
+        whet_peft::load_adapter(&mut model, &fixtures().join(adapter), &device).unwrap();
+        let prompts: Vec<Vec<u32>> = vec![vec![5, 17, 33, 8], vec![40, 2 + 7]];
+        let config = GenerationConfig::greedy(5, vec![]);
+        let batched = generate_batch(&model, &prompts, &config, 0, &device).unwrap();
+        for (p, got) in prompts.iter().zip(&batched) {
+            let mut ids = p.clone();
+            for _ in 0..5 {
+                let n = ids.len();
+                let input = Tensor::<2, Int>::from_data(
+                    TensorData::new(ids.iter().map(|&i| i as i64).collect(), [1, n]),
+                    &device,
+                );
+                let logits = model.forward_logits(DecoderInput::unpadded(input), Mode::Eval);
+                let [_, t, v] = logits.dims();
+                let last: Vec<f32> = logits
+                    .slice([0..1, t - 1..t, 0..v])
+                    .into_data()
+                    .try_to_vec::<f32>()
+                    .unwrap();
+                ids.push(whet_infer::generate::argmax(&last));
+            }
+            assert_eq!(&ids[p.len()..], &got[..], "{adapter}: prompt {p:?}");
+        }
+    }
+}

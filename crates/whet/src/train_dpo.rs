@@ -49,6 +49,21 @@ pub fn train(recipe: Recipe, resume: Option<PathBuf>) -> Result<()> {
         }
     );
     println!("{}", p.counts.line());
+    let data_dir = out.join("data");
+    std::fs::create_dir_all(&data_dir)?;
+    for (name, pairs) in &p.rows {
+        let text: String = pairs
+            .iter()
+            .map(|r| {
+                json!({"prompt": r.prompt, "chosen": r.chosen, "rejected": r.rejected}).to_string()
+                    + "\n"
+            })
+            .collect();
+        whet_models::fsutil::write_atomic(
+            &data_dir.join(format!("{name}.jsonl")),
+            text.as_bytes(),
+        )?;
+    }
 
     let total = recipe.training.total_steps(p.train.len());
     let mut progress = progress(total, recipe.training.logging_steps, vec![]);
