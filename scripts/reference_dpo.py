@@ -35,6 +35,12 @@ def main():
     gguf = Path(args.gguf)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # transformers dequantises a GGUF file to f32 on load and then refuses to train it as
+    # "quantized": the weights are plain f32 tensors, so drop the marker (as reference_sft.py).
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     rows = [json.loads(l) for l in open(Path(args.data) / "train.jsonl", encoding="utf-8") if l.strip()]
     train = Dataset.from_list(rows)
     cfg = DPOConfig(output_dir="/tmp/reference-dpo", beta=0.1, loss_type=["sigmoid"], max_length=256,

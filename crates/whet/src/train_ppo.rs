@@ -1,5 +1,6 @@
 //! `whet train` for `task = "ppo"`: RLHF against a trained reward model. Held-out prompts are
-//! scored before and after; `reward_curve.png` shows the mean score and KL per iteration.
+//! scored before and after; `reward_curve.png` and `kl_curve.png` show the mean score and the
+//! KL to the reference per iteration.
 
 use std::path::PathBuf;
 
@@ -134,14 +135,20 @@ pub fn train(recipe: Recipe, resume: Option<PathBuf>) -> Result<()> {
                 color: [31, 119, 180],
             },
             Series {
-                name: "train KL".into(),
-                points: per_step("objective/kl"),
-                color: [255, 127, 14],
-            },
-            Series {
                 name: "eval mean score".into(),
                 points: eval("score"),
                 color: [44, 160, 44],
+            },
+        ],
+    )?;
+    line_chart(
+        &out.join("kl_curve.png"),
+        "PPO iteration",
+        &[
+            Series {
+                name: "train KL".into(),
+                points: per_step("objective/kl"),
+                color: [255, 127, 14],
             },
             Series {
                 name: "eval KL".into(),
@@ -161,7 +168,7 @@ pub fn train(recipe: Recipe, resume: Option<PathBuf>) -> Result<()> {
         &out,
         p.adapter.is_some(),
         "value_head.safetensors, all_results.json, trainer_state.json, recipe.resolved.toml, \
-         loss_curve.png, reward_curve.png",
+         loss_curve.png, reward_curve.png, kl_curve.png",
     );
     Ok(())
 }

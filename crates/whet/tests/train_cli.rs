@@ -1605,6 +1605,7 @@ fn ppo_raises_the_reward_with_a_bounded_kl() {
     for f in [
         "value_head.safetensors",
         "reward_curve.png",
+        "kl_curve.png",
         "all_results.json",
     ] {
         assert!(out.join(f).is_file(), "{f}");
