@@ -737,6 +737,9 @@ pub struct PolicyEval {
     pub length: f64,
     /// Share of responses that ended with EOS.
     pub ended: f64,
+    /// The first two responses, with their prompt's index and score (for the run's output).
+    #[serde(skip)]
+    pub examples: Vec<(usize, String, f32)>,
 }
 
 impl PolicyEval {
@@ -892,11 +895,20 @@ impl PpoPrepared {
         let r = self.rollout(prompts, &all, seed, batch, device)?;
         let (kl, _, score) = r.summary();
         let n = r.rows.len().max(1) as f64;
+        let examples = all
+            .iter()
+            .zip(&r.responses)
+            .zip(&r.scores)
+            .step_by(k)
+            .take(2)
+            .map(|((&i, text), &s)| (i, text.clone(), s))
+            .collect();
         Ok(PolicyEval {
             score,
             kl,
             length: r.logps.len() as f64 / n,
             ended: r.ended as f64 / n,
+            examples,
         })
     }
 

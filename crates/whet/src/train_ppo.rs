@@ -73,10 +73,12 @@ pub fn train(recipe: Recipe, resume: Option<PathBuf>) -> Result<()> {
 
     let mut results = serde_json::Map::new();
     let mut lines = Vec::new();
+    let mut after_examples = Vec::new();
     if let Some(t) = &p.test {
         let after = p
             .evaluate(t, seed, batch, &device)
             .map_err(|e| anyhow!(e))?;
+        after_examples = after.examples.clone();
         for (k, v) in after.metrics() {
             results.insert(format!("test_{k}"), json!(v));
         }
@@ -160,6 +162,22 @@ pub fn train(recipe: Recipe, resume: Option<PathBuf>) -> Result<()> {
     p.save(&recipe, &out).map_err(|e| anyhow!(e))?;
     for l in lines {
         println!("{l}");
+    }
+    if let (Some(b), Some(t)) = (&before, &p.test) {
+        for ((i, was, s0), (_, now, s1)) in b.examples.iter().zip(&after_examples) {
+            let prompt = &t.texts[*i];
+            let tail: String = prompt
+                .chars()
+                .rev()
+                .take(120)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            println!("test prompt {i} (its end): {tail:?}");
+            println!("  before (score {s0:.3}): {was:?}");
+            println!("  after  (score {s1:.3}): {now:?}");
+        }
     }
     print_summary(
         &summary,

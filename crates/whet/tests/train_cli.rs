@@ -1538,7 +1538,7 @@ fn ppo_raises_the_reward_with_a_bounded_kl() {
     let recipe = |out: &Path, extra: &str| -> PathBuf {
         let text = format!(
             "model = \"{}\"\ntask = \"ppo\"\nmethod = \"lora\"\n[data]\ntrain = \"{}\"\n\
-             validation = \"{}\"\nmax_length = 8\n[lora]\nr = 8\nlora_alpha = 16\n\
+             validation = \"{}\"\ntest = \"{}\"\nmax_length = 8\n[lora]\nr = 8\nlora_alpha = 16\n\
              target_modules = [\"q_proj\", \"v_proj\", \"o_proj\", \"gate_proj\", \"up_proj\", \"down_proj\"]\n\
              [ppo]\nreward_model = \"{}\"\nresponse_length = 4\ntemperature = 1.0\nkl_coef = 0.1\n\
              {extra}\n[training]\noutput_dir = \"{}\"\nlearning_rate = 1e-2\n\
@@ -1547,6 +1547,7 @@ fn ppo_raises_the_reward_with_a_bounded_kl() {
              per_device_eval_batch_size = 32\n",
             model.display(),
             pairs.display(),
+            val.display(),
             val.display(),
             rm.display(),
             out.display()
@@ -1558,6 +1559,10 @@ fn ppo_raises_the_reward_with_a_bounded_kl() {
     let out = dir.path().join("ppo");
     let text = ok(&["train", recipe(&out, "").to_str().unwrap()]);
     assert!(text.contains("the base with the adapter off"), "{text}");
+    assert!(
+        text.contains("test prompts: mean score") && text.contains("before (score"),
+        "{text}"
+    );
     let state: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("trainer_state.json")).unwrap())
             .unwrap();
