@@ -201,8 +201,8 @@ pub fn generate_batch<M: CausalLm>(
     let mut out: Vec<Vec<u32>> = vec![vec![]; b];
     let mut done = vec![false; b];
     let mut t = width;
-    let (mut first, mut virtual_tokens) = (true, 0usize);
-    for _ in 0..config.max_new_tokens {
+    let mut virtual_tokens = 0;
+    for step in 0..config.max_new_tokens {
         let tensor = |v: Vec<i64>, cols: usize| {
             Tensor::<2, Int>::from_data(TensorData::new(v, [b, cols]), device)
         };
@@ -225,10 +225,9 @@ pub fn generate_batch<M: CausalLm>(
         };
         let hidden = model.forward_hidden(input, Some(&mut cache), Mode::Eval);
         let [_, n, h] = hidden.dims();
-        if first {
+        if step == 0 {
             // The model placed its virtual tokens on this first call.
             virtual_tokens = cache.len() - width;
-            first = false;
         }
         // (B, n, H) -> (B, 1, H) -> (B, 1, V); a soft prompt adds positions in front.
         let logits: Vec<f32> = model

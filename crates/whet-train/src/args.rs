@@ -163,6 +163,26 @@ impl TrainingArguments {
             .max(1)
     }
 
+    /// Whether to evaluate after `step` of `total` (`end_of_epoch`: the step closes an epoch).
+    pub fn evaluates_at(&self, step: usize, total: usize, end_of_epoch: bool) -> bool {
+        match self.eval_strategy {
+            Strategy::No => false,
+            Strategy::Epoch => end_of_epoch,
+            Strategy::Steps => {
+                self.eval_steps.is_some_and(|k| step.is_multiple_of(k)) || step == total
+            }
+        }
+    }
+
+    /// Whether to write a checkpoint after `step`.
+    pub fn saves_at(&self, step: usize, end_of_epoch: bool) -> bool {
+        match self.save_strategy {
+            Strategy::No => false,
+            Strategy::Epoch => end_of_epoch,
+            Strategy::Steps => step.is_multiple_of(self.save_steps.max(1)),
+        }
+    }
+
     /// Total optimizer steps for `n` training examples.
     pub fn total_steps(&self, n: usize) -> usize {
         if self.max_steps > 0 {

@@ -480,16 +480,8 @@ pub fn prepare(recipe: &Recipe, device: &Device) -> Result<LmPrepared, String> {
     let file_rows = |p: &Option<std::path::PathBuf>| -> Result<Option<Vec<_>>, String> {
         p.as_ref().map(|p| read(p).map(|t| rows(&t))).transpose()
     };
-    let (mut validation, mut test) = (file_rows(&d.validation)?, file_rows(&d.test)?);
-    let train_rows = match &d.split {
-        Some(s) if validation.is_none() && test.is_none() => {
-            let (tr, va, te) = s.apply(&train_rows)?;
-            validation = va;
-            test = te;
-            tr
-        }
-        _ => train_rows,
-    };
+    let (validation, test) = (file_rows(&d.validation)?, file_rows(&d.test)?);
+    let (train_rows, validation, test) = d.parts(train_rows, validation, test)?;
     let plain =
         |r: &[(String, BTreeMap<String, Value>)]| r.iter().map(|(_, row)| row.clone()).collect();
     let mut split_rows = vec![("train", plain(&train_rows))];

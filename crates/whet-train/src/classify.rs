@@ -77,17 +77,9 @@ pub fn prepare(recipe: &Recipe, device: &Device) -> Result<Prepared, String> {
             None => Ok(None),
         }
     };
-    let mut validation = load_split(&d.validation)?;
-    let mut test = load_split(&d.test)?;
-    let train = match &d.split {
-        Some(s) if validation.is_none() && test.is_none() => {
-            let (tr, va, te) = s.apply(&all_train)?;
-            validation = va;
-            test = te;
-            tr
-        }
-        _ => all_train,
-    };
+    let validation = load_split(&d.validation)?;
+    let test = load_split(&d.test)?;
+    let (train, validation, test) = d.parts(all_train, validation, test)?;
     if train.is_empty() {
         return Err(format!(
             "{}: the training split is empty",

@@ -541,17 +541,9 @@ pub fn prepare(recipe: &crate::Recipe, device: &Device) -> Result<DpoPrepared, S
         .map_err(|e| format!("data.encoding: {e}"))?;
     let read = |p: &Path| whet_data::read_pairs(p, enc).map_err(|e| e.to_string());
     let all = read(&d.train)?;
-    let mut validation = d.validation.as_deref().map(read).transpose()?;
-    let mut test = d.test.as_deref().map(read).transpose()?;
-    let train = match &d.split {
-        Some(s) if validation.is_none() && test.is_none() => {
-            let (tr, va, te) = s.apply(&all)?;
-            validation = va;
-            test = te;
-            tr
-        }
-        _ => all,
-    };
+    let validation = d.validation.as_deref().map(read).transpose()?;
+    let test = d.test.as_deref().map(read).transpose()?;
+    let (train, validation, test) = d.parts(all, validation, test)?;
     let (checkpoint, tokenizer, pad_id) = crate::causal::open_decoder(recipe, "dpo")?;
     if d.max_length > checkpoint.max_positions() {
         return Err(format!(

@@ -47,6 +47,20 @@ pub struct OptimConfig {
     pub weight_decay: f64,
 }
 
+impl OptimConfig {
+    /// The optimizer `args` name (`optim`, `adam_beta1`, `adam_beta2`, `adam_epsilon`,
+    /// `weight_decay`).
+    pub fn from_args(args: &crate::TrainingArguments) -> Self {
+        Self {
+            kind: args.optim,
+            beta1: args.adam_beta1,
+            beta2: args.adam_beta2,
+            eps: args.adam_epsilon,
+            weight_decay: args.weight_decay,
+        }
+    }
+}
+
 /// Whether `transformers.Trainer` applies weight decay to parameter `name`: not to biases and
 /// not to normalisation layers (LayerNorm, RMSNorm, GPT-2's `ln_*`).
 pub fn decays(name: &str) -> bool {

@@ -416,21 +416,32 @@ pub fn for_classifier(p: &mut crate::classify::Prepared, recipe: &crate::Recipe)
     plan_of(&p.checkpoint, &mut p.model, recipe, lens)
 }
 
+/// A language-modelling row's tokens and learnt (predicted) tokens.
+fn lm_lens(e: &whet_data::LmExample) -> (usize, usize) {
+    let learnt = e
+        .labels
+        .iter()
+        .skip(1)
+        .filter(|&&l| l != whet_data::IGNORE)
+        .count();
+    (e.ids.len(), learnt)
+}
+
+/// [`plan_of`] for a batch of pairs, which runs as twice the rows (chosen, then rejected).
+fn plan_of_pairs<M: VisitParams>(
+    checkpoint: &Checkpoint,
+    model: &mut M,
+    recipe: &crate::Recipe,
+    lens: Vec<(usize, usize)>,
+) -> MemoryPlan {
+    let mut doubled = recipe.clone();
+    doubled.training.per_device_train_batch_size *= 2;
+    plan_of(checkpoint, model, &doubled, lens)
+}
+
 /// The plan of a prepared causal-LM run.
 pub fn for_causal_lm(p: &mut crate::causal::LmPrepared, recipe: &crate::Recipe) -> MemoryPlan {
-    let lens = p
-        .train
-        .iter()
-        .map(|e| {
-            let learnt = e
-                .labels
-                .iter()
-                .skip(1)
-                .filter(|&&l| l != whet_data::IGNORE)
-                .count();
-            (e.ids.len(), learnt)
-        })
-        .collect();
+    let lens = p.train.iter().map(lm_lens).collect();
     plan_of(&p.checkpoint, &mut p.model, recipe, lens)
 }
 
@@ -444,32 +455,19 @@ pub fn for_reward_model(
         .iter()
         .flat_map(|e| [(e.chosen.ids.len(), 0), (e.rejected.ids.len(), 0)])
         .collect();
-    let mut doubled = recipe.clone();
-    doubled.training.per_device_train_batch_size *= 2;
-    plan_of(&p.checkpoint, &mut p.model, &doubled, lens)
+    plan_of_pairs(&p.checkpoint, &mut p.model, recipe, lens)
 }
 
 /// The plan of a prepared DPO run: chosen and rejected rows in one batch, and for full
 /// training the frozen reference's weights once more (the trained ones part from them at the
 /// first update).
 pub fn for_dpo(p: &mut crate::dpo::DpoPrepared, recipe: &crate::Recipe) -> MemoryPlan {
-    let learnt = |e: &whet_data::LmExample| {
-        let n = e
-            .labels
-            .iter()
-            .skip(1)
-            .filter(|&&l| l != whet_data::IGNORE)
-            .count();
-        (e.ids.len(), n)
-    };
     let lens = p
         .train
         .iter()
-        .flat_map(|e| [learnt(&e.chosen), learnt(&e.rejected)])
+        .flat_map(|e| [lm_lens(&e.chosen), lm_lens(&e.rejected)])
         .collect();
-    let mut doubled = recipe.clone();
-    doubled.training.per_device_train_batch_size *= 2;
-    let mut plan = plan_of(&p.checkpoint, &mut p.model, &doubled, lens);
+    let mut plan = plan_of_pairs(&p.checkpoint, &mut p.model, recipe, lens);
     if matches!(p.objective.reference, crate::dpo::Reference::Frozen(_)) {
         plan.weights *= 2;
         plan.total += plan.weights / 2;

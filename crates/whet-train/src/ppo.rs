@@ -413,15 +413,14 @@ impl RewardScorer {
 struct TokenStats {
     /// `[N]` log-probabilities of the tempered distribution.
     logps: Tensor<1>,
-    /// `[N]`, when a value head is given.
-    values: Option<Tensor<1>>,
+    /// `[N, H]` last hidden states at those positions (what a value head reads).
+    hidden: Tensor<2>,
     /// Entropy of each token's tempered distribution.
     entropy: Vec<f32>,
 }
 
 fn token_stats(
     policy: &CausalModel,
-    head: Option<&ValueHead>,
     lm: &LanguageModelling,
     rows: &[&LmExample],
     temperature: f64,
@@ -450,7 +449,7 @@ fn token_stats(
     );
     TokenStats {
         logps,
-        values: head.map(|hd| hd.forward(picked)),
+        hidden: picked,
         entropy,
     }
 }
@@ -643,17 +642,9 @@ pub fn prepare(recipe: &crate::Recipe, device: &Device) -> Result<PpoPrepared, S
         .map_err(|e| format!("data.encoding: {e}"))?;
     let read = |p: &Path| read_prompts(p, enc, &config.prompt_column);
     let all = read(&d.train)?;
-    let mut validation = d.validation.as_deref().map(read).transpose()?;
-    let mut test = d.test.as_deref().map(read).transpose()?;
-    let train = match &d.split {
-        Some(s) if validation.is_none() && test.is_none() => {
-            let (tr, va, te) = s.apply(&all)?;
-            validation = va;
-            test = te;
-            tr
-        }
-        _ => all,
-    };
+    let validation = d.validation.as_deref().map(read).transpose()?;
+    let test = d.test.as_deref().map(read).transpose()?;
+    let (train, validation, test) = d.parts(all, validation, test)?;
     if train.is_empty() {
         return Err(format!(
             "{}: the training split has no prompts",
@@ -832,9 +823,10 @@ impl PpoPrepared {
             }
         }
         let mut offsets = vec![0];
+        let mut end = 0;
         for r in &rows {
-            let n = r.labels.iter().skip(1).filter(|&&l| l != IGNORE).count();
-            offsets.push(offsets.last().unwrap() + n);
+            end += r.labels.iter().skip(1).filter(|&&l| l != IGNORE).count();
+            offsets.push(end);
         }
         let lm = self.lm();
         let (mut logps, mut ref_logps, mut vals, mut entropy) = (vec![], vec![], vec![], vec![]);
@@ -845,18 +837,11 @@ impl PpoPrepared {
         let reference = self.frozen.as_ref().unwrap_or(&base);
         for chunk in rows.chunks(micro.max(1)) {
             let refs: Vec<&LmExample> = chunk.iter().collect();
-            let s = token_stats(
-                &model.policy,
-                Some(&model.value_head),
-                &lm,
-                &refs,
-                cfg.temperature,
-                &plain,
-            );
+            let s = token_stats(&model.policy, &lm, &refs, cfg.temperature, &plain);
             logps.extend(values(s.logps));
-            vals.extend(values(s.values.expect("value head given")));
+            vals.extend(values(model.value_head.forward(s.hidden)));
             entropy.extend(s.entropy);
-            let r = token_stats(reference, None, &lm, &refs, cfg.temperature, &plain);
+            let r = token_stats(reference, &lm, &refs, cfg.temperature, &plain);
             ref_logps.extend(values(r.logps));
         }
         let mut rewards = token_rewards(&logps, &ref_logps, &scores, &offsets, cfg.kl_coef);
@@ -932,13 +917,7 @@ impl PpoPrepared {
         let updates_per_step = cfg.num_ppo_epochs * cfg.num_mini_batches;
         let total_updates = total * updates_per_step;
         let warmup = args.warmup(total_updates);
-        let mut opt = Optimizer::new(OptimConfig {
-            kind: args.optim,
-            beta1: args.adam_beta1,
-            beta2: args.adam_beta2,
-            eps: args.adam_epsilon,
-            weight_decay: args.weight_decay,
-        });
+        let mut opt = Optimizer::new(OptimConfig::from_args(args));
         let mut state = TrainerState::default();
         if let Some(dir) = resume {
             state = checkpoint::load(dir, &mut self.model, &mut opt, device)?;
@@ -1020,21 +999,11 @@ impl PpoPrepared {
             observer.step(&log);
             history.push(log);
             let end_of_epoch = step.is_multiple_of(per_epoch) || step == total;
-            let do_eval = match args.eval_strategy {
-                Strategy::No => false,
-                Strategy::Epoch => end_of_epoch,
-                Strategy::Steps => {
-                    args.eval_steps.is_some_and(|k| step.is_multiple_of(k)) || step == total
-                }
-            };
+            let do_eval = args.evaluates_at(step, total, end_of_epoch);
             if do_eval {
                 run_eval(self, step, &mut evals, observer)?;
             }
-            let do_save = match args.save_strategy {
-                Strategy::No => false,
-                Strategy::Epoch => end_of_epoch,
-                Strategy::Steps => step.is_multiple_of(args.save_steps.max(1)),
-            };
+            let do_save = args.saves_at(step, end_of_epoch);
             if do_save {
                 state.global_step = step;
                 state.optimizer_steps = opt.step;
@@ -1094,18 +1063,11 @@ impl PpoPrepared {
                 let mut grads = GradStore::default();
                 for mb in minibatch.chunks(micro) {
                     let refs: Vec<&LmExample> = mb.iter().map(|&i| &r.rows[i]).collect();
-                    let s = token_stats(
-                        &self.model.policy,
-                        Some(&self.model.value_head),
-                        &lm,
-                        &refs,
-                        cfg.temperature,
-                        device,
-                    );
+                    let s = token_stats(&self.model.policy, &lm, &refs, cfg.temperature, device);
                     let (old_l, old_v, adv, ret) = r.slice(mb);
                     let l = ppo_losses(
                         s.logps,
-                        s.values.expect("value head given"),
+                        self.model.value_head.forward(s.hidden),
                         &old_l,
                         &old_v,
                         &adv,

@@ -283,17 +283,9 @@ pub fn prepare(recipe: &Recipe, device: &Device) -> Result<QaPrepared, String> {
         qa_examples(&t, &cols).map_err(|e| e.to_string())
     };
     let all = read(&d.train)?;
-    let mut validation = d.validation.as_deref().map(read).transpose()?;
-    let mut test = d.test.as_deref().map(read).transpose()?;
-    let train = match &d.split {
-        Some(s) if validation.is_none() && test.is_none() => {
-            let (tr, va, te) = s.apply(&all)?;
-            validation = va;
-            test = te;
-            tr
-        }
-        _ => all,
-    };
+    let validation = d.validation.as_deref().map(read).transpose()?;
+    let test = d.test.as_deref().map(read).transpose()?;
+    let (train, validation, test) = d.parts(all, validation, test)?;
     let mut checkpoint = Checkpoint::open(&recipe.model).map_err(|e| e.to_string())?;
     checkpoint.quantization = crate::method::quant_policy(recipe, &["qa_outputs"]);
     if d.max_length > checkpoint.max_positions() {

@@ -241,6 +241,22 @@ pub struct DataSpec {
     pub max_answer_length: usize,
 }
 
+impl DataSpec {
+    /// The train, validation and test parts: the files as given, or a seeded `split` of the
+    /// training file when it is the only one.
+    pub fn parts<T: Clone>(
+        &self,
+        train: Vec<T>,
+        validation: Option<Vec<T>>,
+        test: Option<Vec<T>>,
+    ) -> Result<Parts<T>, String> {
+        match &self.split {
+            Some(s) if validation.is_none() && test.is_none() => s.apply(&train),
+            _ => Ok((train, validation, test)),
+        }
+    }
+}
+
 fn d_question() -> String {
     "question".into()
 }

@@ -187,17 +187,9 @@ pub fn prepare(recipe: &crate::Recipe, device: &Device) -> Result<RewardPrepared
         .map_err(|e| format!("data.encoding: {e}"))?;
     let read = |p: &std::path::Path| whet_data::read_pairs(p, enc).map_err(|e| e.to_string());
     let all = read(&d.train)?;
-    let mut validation = d.validation.as_deref().map(read).transpose()?;
-    let mut test = d.test.as_deref().map(read).transpose()?;
-    let train = match &d.split {
-        Some(s) if validation.is_none() && test.is_none() => {
-            let (tr, va, te) = s.apply(&all)?;
-            validation = va;
-            test = te;
-            tr
-        }
-        _ => all,
-    };
+    let validation = d.validation.as_deref().map(read).transpose()?;
+    let test = d.test.as_deref().map(read).transpose()?;
+    let (train, validation, test) = d.parts(all, validation, test)?;
     if train.is_empty() {
         return Err(format!(
             "{}: the training split is empty",

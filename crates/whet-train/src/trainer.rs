@@ -12,7 +12,7 @@ use whet_data::epoch_order;
 use whet_metrics::ClassificationReport;
 use whet_models::VisitParams;
 
-use crate::args::{Strategy, TrainingArguments};
+use crate::args::TrainingArguments;
 use crate::checkpoint::{self, TrainerState};
 use crate::optim::{GradStore, OptimConfig, Optimizer};
 use crate::schedule::lr_factor;
@@ -70,6 +70,18 @@ pub struct Evaluation {
     pub metrics: BTreeMap<String, f64>,
     /// The full report of classification tasks.
     pub report: Option<ClassificationReport>,
+}
+
+impl Evaluation {
+    /// `{prefix}_loss` and `{prefix}_{metric}` for `all_results.json` (`eval`, `test`).
+    pub fn results(&self, prefix: &str) -> serde_json::Map<String, serde_json::Value> {
+        let mut m = serde_json::Map::new();
+        m.insert(format!("{prefix}_loss"), self.loss.into());
+        for (k, v) in &self.metrics {
+            m.insert(format!("{prefix}_{k}"), (*v).into());
+        }
+        m
+    }
 }
 
 /// Something that watches training (a progress bar, a log file).
@@ -198,13 +210,7 @@ pub fn train<O: Objective>(
     let steps_per_epoch = args.steps_per_epoch(train.len());
     let micro = args.per_device_train_batch_size;
     let per_step = micro * args.gradient_accumulation_steps;
-    let mut opt = Optimizer::new(OptimConfig {
-        kind: args.optim,
-        beta1: args.adam_beta1,
-        beta2: args.adam_beta2,
-        eps: args.adam_epsilon,
-        weight_decay: args.weight_decay,
-    });
+    let mut opt = Optimizer::new(OptimConfig::from_args(args));
     let start = Instant::now();
     let mut history = Vec::new();
     let mut evals: Vec<EvalLog> = Vec::new();
@@ -264,13 +270,7 @@ pub fn train<O: Objective>(
             history.push(log);
 
             let end_of_epoch = step.is_multiple_of(steps_per_epoch) || step == total;
-            let do_eval = match args.eval_strategy {
-                Strategy::No => false,
-                Strategy::Epoch => end_of_epoch,
-                Strategy::Steps => {
-                    args.eval_steps.is_some_and(|k| step.is_multiple_of(k)) || step == total
-                }
-            };
+            let do_eval = args.evaluates_at(step, total, end_of_epoch);
             if let (true, Some(eval)) = (do_eval, eval) {
                 let r = objective.evaluate(model, eval, args.per_device_eval_batch_size, device)?;
                 let e = EvalLog {
@@ -298,11 +298,7 @@ pub fn train<O: Objective>(
                 }
                 evals.push(e);
             }
-            let do_save = match args.save_strategy {
-                Strategy::No => false,
-                Strategy::Epoch => end_of_epoch,
-                Strategy::Steps => step.is_multiple_of(args.save_steps.max(1)),
-            };
+            let do_save = args.saves_at(step, end_of_epoch);
             if do_save {
                 state.global_step = step;
                 state.optimizer_steps = opt.step;

@@ -84,10 +84,7 @@ pub fn train(recipe: Recipe, resume: Option<PathBuf>) -> Result<()> {
                 .objective
                 .evaluate(&p.model, split, batch, &device)
                 .map_err(|e| anyhow!(e))?;
-            results.insert(format!("{name}_loss"), json!(e.loss));
-            for (k, v) in &e.metrics {
-                results.insert(format!("{name}_{k}"), json!(v));
-            }
+            results.extend(e.results(name));
             lines.push(format!(
                 "{name}: loss {:.4}, reward accuracy {:.4}, mean margin {:.3} ({} pairs)",
                 e.loss,

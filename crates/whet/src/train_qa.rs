@@ -95,10 +95,7 @@ pub fn train(recipe: Recipe, resume: Option<PathBuf>) -> Result<()> {
     for (name, split) in [("eval", &p.validation), ("test", &p.test)] {
         if let Some(split) = split {
             let e = qa::evaluate_split(&p, &recipe, split, &device);
-            results.insert(format!("{name}_loss"), json!(e.loss));
-            for (k, v) in &e.metrics {
-                results.insert(format!("{name}_{k}"), json!(v));
-            }
+            results.extend(e.results(name));
             lines.push(format!(
                 "{name}: loss {:.4}, exact match {:.2}, F1 {:.2} ({} questions)",
                 e.loss,

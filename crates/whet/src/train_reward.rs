@@ -5,7 +5,6 @@ use std::path::PathBuf;
 
 use anyhow::{Result, anyhow};
 use burn::tensor::Device;
-use serde_json::json;
 use whet_train::Objective;
 use whet_train::Recipe;
 use whet_train::reward;
@@ -64,10 +63,7 @@ pub fn train(recipe: Recipe, resume: Option<PathBuf>) -> Result<()> {
             let e = objective
                 .evaluate(&p.model, split, batch, &device)
                 .map_err(|e| anyhow!(e))?;
-            results.insert(format!("{name}_loss"), json!(e.loss));
-            for (k, v) in &e.metrics {
-                results.insert(format!("{name}_{k}"), json!(v));
-            }
+            results.extend(e.results(name));
             lines.push(format!(
                 "{name}: loss {:.4}, pairwise accuracy {:.4}, mean margin {:.3} ({} pairs)",
                 e.loss,
