@@ -284,11 +284,74 @@ def run_causal(name: str, model) -> None:
     })
 
 
+def save_formats() -> None:
+    """tiny-llama's weights as transformers writes big and low-precision checkpoints.
+
+    - `tiny-llama-sharded`: `save_pretrained(max_shard_size="24KB")`, several
+      `model-0000k-of-0000n.safetensors` and `model.safetensors.index.json`;
+    - `tiny-llama-f16` / `tiny-llama-bf16`: `save_pretrained` after `.to(float16 / bfloat16)`
+      (transformers 5 writes `"dtype"` in config.json).
+
+    The reference logits are transformers' own, loading that folder with `dtype=float32`: for the
+    low-precision files that is the rounded weights upcast, which is what whet computes with.
+    """
+    from transformers import LlamaForCausalLM
+
+    base = LlamaForCausalLM.from_pretrained(OUT / "tiny-llama", dtype=torch.float32,
+                                            attn_implementation="eager").eval()
+    ref = load_torch(OUT / "tiny-llama" / "fixture.safetensors")
+    for name, dtype in [("tiny-llama-sharded", None), ("tiny-llama-f16", torch.float16),
+                        ("tiny-llama-bf16", torch.bfloat16)]:
+        d = OUT / name
+        d.mkdir(parents=True, exist_ok=True)
+        if dtype is None:
+            base.save_pretrained(d, max_shard_size="24KB")
+            shards = sorted(p.name for p in d.glob("model-*.safetensors"))
+            if (d / "model.safetensors").exists() or len(shards) < 3:
+                raise SystemExit(f"{name}: expected several shards and no model.safetensors, got {shards}")
+            how = f"{len(shards)} shards listed in model.safetensors.index.json"
+        else:
+            lowp = LlamaForCausalLM.from_pretrained(OUT / "tiny-llama", dtype=torch.float32).to(dtype)
+            lowp.save_pretrained(d)
+            stored = {str(v.dtype) for v in load_torch(d / "model.safetensors").values()}
+            written = json.loads((d / "config.json").read_text())["dtype"]
+            if stored != {str(dtype)} or written != str(dtype).removeprefix("torch."):
+                raise SystemExit(f"{name}: stored dtypes {stored}, config dtype {written!r}")
+            how = f"every tensor stored as {written}"
+        model = LlamaForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="eager").eval()
+        ids_r, mask_r = ref["input_ids_right"], ref["attention_mask_right"]
+        ids_l, mask_l, pos_l = ref["input_ids_left"], ref["attention_mask_left"], ref["position_ids_left"]
+        with torch.no_grad():
+            logits_r = model(input_ids=ids_r, attention_mask=mask_r).logits
+            logits_l = model(input_ids=ids_l, attention_mask=mask_l, position_ids=pos_l).logits
+        # The sharded copy holds tiny-llama's exact values; the rounded ones must move the logits
+        # by more than the test tolerance, or the test could not tell the formats apart.
+        diff = (logits_r - ref["logits_right"]).abs().max().item()
+        if (dtype is None) != (diff == 0.0) or (dtype is not None and diff < 1e-3):
+            raise SystemExit(f"{name}: logits differ from tiny-llama's by {diff}")
+        tensors = contiguous({
+            "input_ids_right": ids_r, "attention_mask_right": mask_r, "logits_right": logits_r,
+            "input_ids_left": ids_l, "attention_mask_left": mask_l, "position_ids_left": pos_l,
+            "logits_left": logits_l,
+        })
+        save_torch(tensors, d / "fixture.safetensors")
+        write_json(d / "fixture.json", {
+            "class": type(model).__name__,
+            "weights": f"tiny-llama's, {how}",
+            "reference": "LlamaForCausalLM.from_pretrained(this folder, dtype=float32), eval, eager attention; "
+                         "the inputs of tiny-llama/fixture.safetensors",
+            "max_abs_diff_from_tiny_llama_logits": diff,
+            "tensors": describe(tensors),
+        })
+        log(f"{name}: {how}, logits differ from tiny-llama's by {diff:.2e}")
+
+
 def make_tiny() -> None:
     from transformers import (BertConfig, BertForQuestionAnswering, BertForSequenceClassification,
                               DistilBertConfig, DistilBertForSequenceClassification, GPT2Config,
                               GPT2ForSequenceClassification, GPT2LMHeadModel, LlamaConfig,
-                              LlamaForCausalLM, LlamaForSequenceClassification)
+                              LlamaForCausalLM, LlamaForSequenceClassification, MistralConfig,
+                              MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
     common = dict(vocab_size=VOCAB, pad_token_id=PAD_ID)
     def bert(num_labels: int) -> BertConfig:
@@ -306,6 +369,20 @@ def make_tiny() -> None:
                     num_attention_heads=HEADS, num_key_value_heads=2, max_position_embeddings=MAX_POS,
                     rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
                     bos_token_id=1, eos_token_id=2)
+    # whet has no sliding-window attention: the window is longer than the sequence (SEQ = 9), so
+    # transformers' sliding-window mask equals the causal one.
+    mistral = MistralConfig(**llama_kw, sliding_window=16)
+    # Qwen2 always has q/k/v biases (o_proj has none); the tied head covers tie_word_embeddings.
+    qwen2 = Qwen2Config(**{**llama_kw, "tie_word_embeddings": True})
+    no_theta = {k: v for k, v in llama_kw.items() if k != "rope_theta"}
+    rope_linear = LlamaConfig(**no_theta, rope_parameters={"rope_type": "linear", "rope_theta": 10000.0,
+                                                           "factor": 2.0})
+    # head_dim 8, theta 1e4: wavelengths 2*pi*{1, 10, 100, 1000}. With an original context of 128
+    # (max_position_embeddings must exceed it) they fall in all three llama3 bands: 6.3 < 128/4 is
+    # kept, 62.8 in [32, 128] is interpolated, 628 and 6283 > 128 are divided by the factor.
+    rope_llama3 = LlamaConfig(**{**no_theta, "max_position_embeddings": 256}, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 128})
 
     specs = [
         ("tiny-bert", BertForSequenceClassification, bert(NUM_LABELS), lambda m: run_seq_cls("tiny-bert", m, True)),
@@ -319,11 +396,26 @@ def make_tiny() -> None:
         ("tiny-llama", LlamaForCausalLM, LlamaConfig(**llama_kw), lambda m: run_causal("tiny-llama", m)),
         ("tiny-llama-cls", LlamaForSequenceClassification, LlamaConfig(**llama_kw, num_labels=NUM_LABELS),
          lambda m: run_seq_cls("tiny-llama-cls", m, False)),
+        ("tiny-mistral", MistralForCausalLM, mistral, lambda m: run_causal("tiny-mistral", m)),
+        ("tiny-qwen2", Qwen2ForCausalLM, qwen2, lambda m: run_causal("tiny-qwen2", m)),
+        ("tiny-llama-rope-linear", LlamaForCausalLM, rope_linear,
+         lambda m: run_causal("tiny-llama-rope-linear", m)),
+        ("tiny-llama-rope-llama3", LlamaForCausalLM, rope_llama3,
+         lambda m: run_causal("tiny-llama-rope-llama3", m)),
     ]
     for name, cls, cfg, run in specs:
         torch.manual_seed(0)
         model = cls(cfg)
         run(save_tiny(name, model, cls, seed=0))
+    # The rope variants share tiny-llama's weights (same seed, same parameters): their logits must
+    # differ from its by more than the test tolerance, or the scaling would go untested.
+    plain = load_torch(OUT / "tiny-llama" / "fixture.safetensors")["logits_right"]
+    for name in ["tiny-llama-rope-linear", "tiny-llama-rope-llama3"]:
+        diff = (load_torch(OUT / name / "fixture.safetensors")["logits_right"] - plain).abs().max().item()
+        if diff < 1e-2:
+            raise SystemExit(f"{name}: rope scaling moves the logits by only {diff}")
+        log(f"{name}: logits differ from tiny-llama's by {diff:.2e}")
+    save_formats()
 
 
 # ---------------------------------------------------------------------------- 3. SmolLM2
@@ -502,7 +594,10 @@ def make_tokenization() -> None:
 
 # ---------------------------------------------------------------------------- 5. GGUF quant types
 
-QUANT_TYPES = ["F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q4_K", "Q6_K"]
+# New types go at the end, so the random stream leaves the earlier quantised tensors' bytes as they
+# were (only t_f32_3d, drawn after the loop, changes when the list grows).
+QUANT_TYPES = ["F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q4_K", "Q6_K", "BF16", "Q5_1", "Q5_K"]
+K_QUANTS = ["Q4_K", "Q5_K", "Q6_K"]
 
 
 def random_kquant_blocks(qtype, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
@@ -510,6 +605,7 @@ def random_kquant_blocks(qtype, rows: int, cols: int, rng: np.random.Generator) 
 
     gguf-py can dequantize but not quantize K-quants. Layouts (ggml-common.h):
       Q4_K, 144 B: d f16 | dmin f16 | scales[12] (6-bit packed) | qs[128]
+      Q5_K, 176 B: d f16 | dmin f16 | scales[12] (6-bit packed) | qh[32] | qs[128]
       Q6_K, 210 B: ql[128] | qh[64] | scales[16] int8 | d f16
     """
     import gguf
@@ -518,7 +614,7 @@ def random_kquant_blocks(qtype, rows: int, cols: int, rng: np.random.Generator) 
     nblocks = rows * cols // block_size
     raw = rng.integers(0, 256, size=(nblocks, type_size), dtype=np.uint8)
     d = rng.uniform(0.001, 0.02, size=nblocks).astype(np.float16).view(np.uint8).reshape(nblocks, 2)
-    if qtype == gguf.GGMLQuantizationType.Q4_K:
+    if qtype in (gguf.GGMLQuantizationType.Q4_K, gguf.GGMLQuantizationType.Q5_K):
         dmin = rng.uniform(0.001, 0.02, size=nblocks).astype(np.float16).view(np.uint8).reshape(nblocks, 2)
         raw[:, 0:2] = d
         raw[:, 2:4] = dmin
@@ -548,7 +644,7 @@ def make_gguf() -> None:
     for name in QUANT_TYPES:
         qt = gguf.GGMLQuantizationType[name]
         x = rng.standard_normal((rows, cols)).astype(np.float32)
-        if qt in (gguf.GGMLQuantizationType.Q4_K, gguf.GGMLQuantizationType.Q6_K):
+        if name in K_QUANTS:
             raw = random_kquant_blocks(qt, rows, cols, rng)
             how = "random blocks, f16 scales in [0.001, 0.02]"
         else:
@@ -590,8 +686,40 @@ def make_gguf() -> None:
                      "test.pi": 3.14159},
         "alignment": 32,
         "tensors": layout,
+        "v2.gguf": "quants.gguf with its version field (bytes 4..8, u32 LE) set to 2",
     })
     log(f"gguf: {len(r.tensors)} tensors")
+    make_gguf_v2(out / "quants.gguf", out / "v2.gguf")
+
+
+def make_gguf_v2(v3: Path, v2: Path) -> None:
+    """A GGUF v2 file: `v3` with the version field set to 2.
+
+    gguf-py writes only v3. The versions differ in the header's version number alone for a
+    little-endian file: v2 made every count and length u64 (v1 had u32 tensor/metadata counts,
+    string and array lengths), and v3 only added big-endian files (llama.cpp PR #3818: "for
+    little-endian it's just a version bump"). So a v3 file relabelled 2 is exactly the v2 file a
+    v2 writer would produce; gguf-py reads it back to confirm.
+    """
+    import struct
+
+    import gguf
+    from gguf import quants
+
+    data = bytearray(v3.read_bytes())
+    if data[:4] != b"GGUF" or struct.unpack_from("<I", data, 4)[0] != 3:
+        raise SystemExit(f"gguf: {v3} is not a little-endian GGUF v3 file")
+    struct.pack_into("<I", data, 4, 2)
+    v2.write_bytes(bytes(data))
+    a, b = gguf.GGUFReader(v3), gguf.GGUFReader(v2)
+    version = b.fields["GGUF.version"].contents()
+    if version != 2 or [t.name for t in a.tensors] != [t.name for t in b.tensors]:
+        raise SystemExit(f"gguf: {v2} reads back as version {version}")
+    for ta, tb in zip(a.tensors, b.tensors):
+        if not np.array_equal(quants.dequantize(np.asarray(ta.data), ta.tensor_type),
+                              quants.dequantize(np.asarray(tb.data), tb.tensor_type)):
+            raise SystemExit(f"gguf: {v2} tensor {tb.name} differs")
+    log(f"gguf: v2 copy with {len(b.tensors)} tensors")
 
 
 # ---------------------------------------------------------------------------- main

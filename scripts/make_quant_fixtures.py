@@ -29,7 +29,8 @@ takes the nearest, and its test allows those codes to differ by one.
 
 bitsandbytes' CPU path on one thread: reruns write identical bytes.
 
-tests/fixtures/quant/adamw8bit.safetensors: three AdamW8bit steps on CPU (see `adamw8bit`):
+tests/fixtures/quant/adamw8bit.safetensors (alone: `make_quant_fixtures.py adamw8bit`): three
+AdamW8bit steps on CPU with nearest-code requantisation (see `adamw8bit`):
 parameters after each step, the gradients, the final 8-bit states and block maxima, and
 create_dynamic_map(signed=False) (the second moment's map).
 
@@ -103,10 +104,43 @@ def main() -> None:
     smollm2(out["dynamic_map"])
 
 
+def bucketize_quantize(A: torch.Tensor, code: torch.Tensor, absmax_out: torch.Tensor,
+                       out_uint8: torch.Tensor, blocksize: int) -> None:
+    """bitsandbytes' own blockwise 8-bit quantiser of its pure-torch backend
+    (bitsandbytes 0.50.2, backends/default/ops.py, `quantize_blockwise`, registered for
+    "default"): per block, scale by 1 / absmax, clamp to [-1, 1], then `torch.bucketize` on the
+    midpoints of the sorted code, i.e. the nearest code with ties to the lower one. Stands in
+    for the CPU backend's native search (`cquantize_blockwise_cpu_fp32`, BinSearch's Direct2),
+    which is not nearest: on 5000 squared N(0, 0.01) values 166 unsigned codes differ from the
+    nearest one, one of them by 7 levels."""
+    A_flat = A.reshape(-1).float()
+    n = A_flat.numel()
+    rem = n % blocksize
+    full = n - rem
+    blocks = full // blocksize
+    A_com = A_flat[:full].reshape(blocks, blocksize)
+    absmax = A_com.abs().max(dim=-1)[0]
+    scaled = torch.clamp(A_com * (1.0 / absmax.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
+    if rem:
+        am = A_flat[full:].abs().max().clamp(min=1e-38)
+        absmax = torch.cat([absmax, am.unsqueeze(0)])
+        scaled = torch.cat([scaled, torch.clamp(A_flat[full:] / am, -1, 1)])
+    bounds = (code[:-1] + code[1:]) / 2
+    q = torch.bucketize(scaled, bounds, out_int32=True).to(torch.uint8)
+    out_uint8.copy_(q.reshape(A.shape))
+    absmax_out.copy_(absmax)
+
+
 def adamw8bit() -> None:
     """bitsandbytes.optim.AdamW8bit on CPU: three steps on a [5000] parameter (8-bit states,
-    blocks of 256) and a [100] one (below min_8bit_size 4096: 32-bit states), fixed gradients."""
+    blocks of 256) and a [100] one (below min_8bit_size 4096: 32-bit states), fixed gradients.
+    The update is bitsandbytes' CPU kernel (backends/cpu/ops.py,
+    `_optimizer_update_8bit_blockwise_cpu`: dequantise, f32 Adam, requantise) with its
+    requantisation done by bitsandbytes' default-backend quantiser (see `bucketize_quantize`)."""
     import bitsandbytes as bnb
+    import bitsandbytes.backends.cpu.ops as cpu_ops
+
+    cpu_ops._quant_blockwise_fp32_direct = bucketize_quantize
 
     torch.manual_seed(1)
     a = torch.nn.Parameter(torch.randn(5000))
@@ -174,4 +208,9 @@ def smollm2(dmap: torch.Tensor) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if sys.argv[1:] == ["adamw8bit"]:  # only the optimizer fixture
+        adamw8bit()
+    else:
+        main()

@@ -6,8 +6,9 @@
 Needs tests/fixtures/tiny-bert (written by scripts/make_fixtures.py). Each case trains the tiny
 BERT classifier for 3 optimizer steps exactly as the Hugging Face Trainer would (AdamW with its
 decay/no-decay parameter groups, gradient clipping to norm 1, linear schedule with 1 warm-up step,
-gradient accumulation) and records the per-step numbers and the final weights, so whet's trainer
-can be checked step for step:
+gradient accumulation) and records the per-step numbers, the weights after each step (`after.{step}.{name}` for the
+steps before the last; the last is `param.*` / `final.*`) and the final weights, so whet's
+trainer can be checked step for step on what each step changed:
 
     bert-adamw        full fine-tuning; all parameters trainable
     bert-lora-adamw   peft LoRA (r 4, alpha 8, query/value) + the trainable classifier copy
@@ -123,7 +124,9 @@ def decay_parameter_names(model: torch.nn.Module) -> list[str]:
     return Trainer.get_decay_parameter_names(None, model)
 
 
-def train(model: torch.nn.Module, mbs: list[dict[str, torch.Tensor]]):
+def train(model: torch.nn.Module, mbs: list[dict[str, torch.Tensor]], snapshot):
+    """Trains over STEPS; `snapshot()` (the trained tensors by name) is recorded after every
+    optimizer step, so a test can compare what each step changed, not only where it ended."""
     from transformers import get_linear_schedule_with_warmup
 
     decay = set(decay_parameter_names(model))
@@ -139,7 +142,7 @@ def train(model: torch.nn.Module, mbs: list[dict[str, torch.Tensor]]):
     params = [p for _, p in named]
 
     model.train()
-    step_loss, grad_norm, lrs, mb_loss = [], [], [], []
+    step_loss, grad_norm, lrs, mb_loss, after = [], [], [], [], []
     k = 0
     for step in STEPS:
         n_step = sum(len(idx) for idx in step)
@@ -166,9 +169,15 @@ def train(model: torch.nn.Module, mbs: list[dict[str, torch.Tensor]]):
         step_loss.append(total)
         grad_norm.append(norm.item())
         lrs.append(lr_now)
+        after.append({k: v.detach().clone() for k, v in snapshot().items()})
     model.eval()
     record = {"step_loss": step_loss, "grad_norm": grad_norm, "lr": lrs, "micro_batch_loss": mb_loss}
-    return record, decay_names, no_decay_names
+    return record, decay_names, no_decay_names, after
+
+
+def per_step(prefix: str, after: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """`after.{step}.{name}`: the tensors after each optimizer step."""
+    return {f"after.{k}.{prefix}{n}": v for k, snap in enumerate(after) for n, v in snap.items()}
 
 
 @torch.no_grad()
@@ -251,7 +260,7 @@ def make_bert_adamw(multi_label: bool = False) -> dict:
         model = load_base()
     init = {n: p.detach().clone() for n, p in model.named_parameters()}
     loss_before = mean_loss(model, mbs)
-    rec, decay, no_decay = train(model, mbs)
+    rec, decay, no_decay, after = train(model, mbs, lambda: dict(model.named_parameters()))
     loss_after = mean_loss(model, mbs)
     final = {n: p.detach().clone() for n, p in model.named_parameters()}
     changed = [n for n in final if not torch.equal(final[n], init[n])]
@@ -263,6 +272,7 @@ def make_bert_adamw(multi_label: bool = False) -> dict:
         "lr": torch.tensor(rec["lr"], dtype=torch.float32),
         **batch_tensors(mbs),
         **{f"param.{n}": v for n, v in final.items()},
+        **per_step("", after[:-1]),
     }
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     save_torch(tensors, OUT / f"{name}.safetensors")
@@ -294,7 +304,7 @@ def make_bert_lora_adamw() -> dict:
     init_sd = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
     frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     loss_before = mean_loss(model, mbs)
-    rec, decay, no_decay = train(model, mbs)
+    rec, decay, no_decay, after = train(model, mbs, lambda: get_peft_model_state_dict(model))
     loss_after = mean_loss(model, mbs)
     final_sd = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
     frozen_moved = [n for n, p in model.named_parameters() if not p.requires_grad and not torch.equal(p, frozen_before[n])]
@@ -314,6 +324,7 @@ def make_bert_lora_adamw() -> dict:
         **batch_tensors(mbs),
         **{f"init.{k}": v for k, v in init_sd.items()},
         **{f"final.{k}": v for k, v in final_sd.items()},
+        **per_step("", after[:-1]),
     }
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     save_torch(tensors, OUT / "bert-lora-adamw.safetensors")

@@ -73,7 +73,9 @@ impl Labels {
     pub fn infer(table: &Table, column: &str) -> Result<Self> {
         table.require(&[column])?;
         let mut names = BTreeSet::new();
-        let mut max_int: Option<u64> = None;
+        let mut ints = BTreeSet::new();
+        // The largest integer id and the line it is on.
+        let mut max_int: Option<(u64, usize)> = None;
         for (line, row) in &table.rows {
             let values = match row.get(column) {
                 Some(Value::Array(items)) => items.iter().collect(),
@@ -86,7 +88,10 @@ impl Labels {
                         let v = n
                             .as_u64()
                             .ok_or_else(|| bad_label(table, *line, column, n))?;
-                        max_int = Some(max_int.map_or(v, |m: u64| m.max(v)));
+                        ints.insert(v);
+                        if max_int.is_none_or(|(m, _)| v > m) {
+                            max_int = Some((v, *line));
+                        }
                     }
                     Value::String(s) => {
                         names.insert(s.clone());
@@ -104,8 +109,28 @@ impl Labels {
                 message: "labels mix numbers and strings; use one kind (or set label_names)".into(),
             });
         }
+        // Integer labels are class ids 0..=max. An id far past the number of distinct labels
+        // is a stray value (or ids that are really names), not a class count to allocate:
+        // more than half of 0..=max unused is refused.
+        if let Some((m, line)) = max_int
+            && m >= 2 * ints.len() as u64
+        {
+            return Err(DataError::Value {
+                path: table.path.clone(),
+                line,
+                column: column.into(),
+                message: format!(
+                    "label {m} is taken as a class id, but only {} distinct integer labels \
+                     occur, so ids 0..={m} would be mostly unused classes: number the classes \
+                     0..{}, write the labels as names (strings), or list them in \
+                     data.label_names",
+                    ints.len(),
+                    ints.len() - 1
+                ),
+            });
+        }
         Ok(match max_int {
-            Some(m) => Labels((0..=m).map(|i| format!("LABEL_{i}")).collect()),
+            Some((m, _)) => Labels((0..=m).map(|i| format!("LABEL_{i}")).collect()),
             None => Labels(names.into_iter().collect()),
         })
     }

@@ -13,7 +13,10 @@ pub use classification::{
     seeded_split, tokenize, tokenize_cached,
 };
 pub use error::{DataError, Result};
-pub use lm::{IGNORE, LmExample, Template, TooLong, chat, group_texts, pack, prompt_completion};
+pub use lm::{
+    IGNORE, Limit, LmExample, Template, TooLong, chat, chat_completion, group_texts, pack,
+    prompt_completion,
+};
 pub use preference::{PreferencePair, read_pairs};
 pub use qa::{Answer, QaColumns, QaExample, QaFeature, qa_examples, qa_features};
 pub use table::{Encoding, Table};

@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use serde_json::Value;
 use whet_models::{ChatMessage, TextTokenizer};
 
+use crate::classification::Side;
 use crate::error::{DataError, Result};
 
 /// The label of a token that is not learnt (PyTorch's `ignore_index`).
@@ -150,8 +151,34 @@ pub enum TooLong {
     Skip,
 }
 
+/// How long an example may be and what happens past that.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit {
+    pub max_length: usize,
+    pub too_long: TooLong,
+    /// Which end [`TooLong::Truncate`] cuts: `Right` keeps the start (trl's `keep_start`),
+    /// `Left` the end.
+    pub side: Side,
+}
+
+impl Limit {
+    /// A limit that truncates (when asked to) from the right, keeping the start.
+    pub fn new(max_length: usize, too_long: TooLong) -> Self {
+        Self {
+            max_length,
+            too_long,
+            side: Side::Right,
+        }
+    }
+}
+
 /// Applies the too-long policy; `None` means skipped.
-fn fit(mut ex: LmExample, max_length: usize, too_long: TooLong) -> Result<Option<LmExample>> {
+fn fit(mut ex: LmExample, limit: Limit) -> Result<Option<LmExample>> {
+    let Limit {
+        max_length,
+        too_long,
+        side,
+    } = limit;
     if ex.ids.len() <= max_length {
         return Ok(Some(ex));
     }
@@ -164,9 +191,14 @@ fn fit(mut ex: LmExample, max_length: usize, too_long: TooLong) -> Result<Option
         ))),
         TooLong::Skip => Ok(None),
         TooLong::Truncate => {
-            ex.ids.truncate(max_length);
-            ex.labels.truncate(max_length);
-            ex.position_ids.truncate(max_length);
+            let keep = match side {
+                Side::Right => 0..max_length,
+                Side::Left => ex.ids.len() - max_length..ex.ids.len(),
+            };
+            ex.ids = ex.ids[keep.clone()].to_vec();
+            ex.labels = ex.labels[keep].to_vec();
+            // Positions count from the first kept token.
+            ex.position_ids = (0..max_length as u32).collect();
             ex.document_ids.truncate(max_length);
             Ok(Some(ex))
         }
@@ -182,8 +214,7 @@ pub fn prompt_completion(
     prompt: &str,
     completion: &str,
     train_on_prompt: bool,
-    max_length: usize,
-    too_long: TooLong,
+    limit: Limit,
     origin: &str,
 ) -> Result<Option<LmExample>> {
     let enc = |text: &str, special: bool| -> Result<Vec<u32>> {
@@ -204,11 +235,7 @@ pub fn prompt_completion(
     labels.extend(c.iter().map(|&t| t as i64));
     let mut ids = p;
     ids.extend(c);
-    fit(
-        LmExample::single(ids, labels, origin.to_string()),
-        max_length,
-        too_long,
-    )
+    fit(LmExample::single(ids, labels, origin.to_string()), limit)
 }
 
 /// A conversation rendered with the tokenizer's chat template, byte for byte as
@@ -220,8 +247,7 @@ pub fn chat(
     tokenizer: &TextTokenizer,
     messages: &[ChatMessage],
     train_on_prompt: bool,
-    max_length: usize,
-    too_long: TooLong,
+    limit: Limit,
     origin: &str,
 ) -> Result<Option<LmExample>> {
     let err = |message: String| DataError::Template {
@@ -262,19 +288,77 @@ pub fn chat(
         .encode(text.as_str(), false)
         .map_err(|e| DataError::Tokenize(format!("{origin}: {e}")))?;
     let ids = enc.get_ids().to_vec();
+    // As transformers' `return_assistant_tokens_mask`: every token from the one holding a
+    // span's first byte to the one holding its last, so a token straddling the edge counts.
     let labels = ids
         .iter()
         .zip(enc.get_offsets())
         .map(|(&id, &(start, end))| {
-            let learnt = train_on_prompt || spans.iter().any(|&(a, b)| start >= a && end <= b);
+            let learnt = train_on_prompt
+                || spans
+                    .iter()
+                    .any(|&(a, b)| end > start && end > a && start < b);
             if learnt { id as i64 } else { IGNORE }
         })
         .collect();
-    fit(
-        LmExample::single(ids, labels, origin.to_string()),
-        max_length,
-        too_long,
-    )
+    fit(LmExample::single(ids, labels, origin.to_string()), limit)
+}
+
+/// A conversational prompt and its completion (`trl`'s prompt-completion data): the prompt
+/// messages rendered with the generation prompt, the whole conversation without; the completion
+/// starts where the two token sequences diverge, as `trl`'s `SFTTrainer` finds it. Only the
+/// completion is learnt unless `train_on_prompt`, whatever assistant turns the prompt holds
+/// (few-shot answers are context, not targets).
+pub fn chat_completion(
+    tokenizer: &TextTokenizer,
+    prompt: &[ChatMessage],
+    completion: &[ChatMessage],
+    train_on_prompt: bool,
+    limit: Limit,
+    origin: &str,
+) -> Result<Option<LmExample>> {
+    let err = |message: String| DataError::Template {
+        origin: origin.to_string(),
+        message,
+    };
+    if completion.is_empty() {
+        return Err(err(
+            "the completion is empty, so there is nothing to learn".into()
+        ));
+    }
+    let render = |msgs: &[ChatMessage], gen_prompt: bool| {
+        tokenizer
+            .apply_chat_template(msgs, gen_prompt)
+            .map_err(|e| err(e.to_string()))
+    };
+    let whole: Vec<ChatMessage> = prompt.iter().chain(completion).cloned().collect();
+    // The template holds BOS itself, as apply_chat_template assumes.
+    let enc = |text: String| {
+        tokenizer
+            .inner
+            .encode(text.as_str(), false)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| DataError::Tokenize(format!("{origin}: {e}")))
+    };
+    let prompt_ids = enc(render(prompt, true)?)?;
+    let ids = enc(render(&whole, false)?)?;
+    let prompt_len = prompt_ids
+        .iter()
+        .zip(&ids)
+        .take_while(|(a, b)| a == b)
+        .count();
+    let labels = ids
+        .iter()
+        .enumerate()
+        .map(|(i, &id)| {
+            if train_on_prompt || i >= prompt_len {
+                id as i64
+            } else {
+                IGNORE
+            }
+        })
+        .collect();
+    fit(LmExample::single(ids, labels, origin.to_string()), limit)
 }
 
 /// Concatenates tokenized documents and cuts the stream into `block_size` blocks, dropping

@@ -302,3 +302,40 @@ fn tokenization_is_cached_by_content() {
     assert!(!hit);
     assert_eq!(again, plain);
 }
+
+#[test]
+fn a_stray_integer_label_is_named_not_allocated() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(
+        &dir,
+        "ids.jsonl",
+        b"{\"text\": \"a\", \"label\": 0}\n{\"text\": \"b\", \"label\": 1}\n\
+          {\"text\": \"c\", \"label\": 4000000000}\n{\"text\": \"d\", \"label\": 1}\n",
+    );
+    let t = Table::read(&p, Encoding::Utf8).unwrap();
+    let e = Labels::infer(&t, "label").unwrap_err().to_string();
+    assert!(
+        e.contains("ids.jsonl:3") && e.contains("4000000000") && e.contains("label_names"),
+        "{e}"
+    );
+    // The same in a multi-label list.
+    let p = write(
+        &dir,
+        "tags.jsonl",
+        b"{\"text\": \"a\", \"label\": [0, 1]}\n{\"text\": \"b\", \"label\": [18446744073709551615]}\n",
+    );
+    let t = Table::read(&p, Encoding::Utf8).unwrap();
+    let e = Labels::infer(&t, "label").unwrap_err().to_string();
+    assert!(
+        e.contains("tags.jsonl:2") && e.contains("18446744073709551615"),
+        "{e}"
+    );
+    // Ids with gaps that still use most of 0..=max are classes, as before.
+    let p = write(
+        &dir,
+        "stars.jsonl",
+        b"{\"text\": \"a\", \"label\": 1}\n{\"text\": \"b\", \"label\": 2}\n{\"text\": \"c\", \"label\": 5}\n{\"text\": \"d\", \"label\": 4}\n",
+    );
+    let t = Table::read(&p, Encoding::Utf8).unwrap();
+    assert_eq!(Labels::infer(&t, "label").unwrap().len(), 6);
+}

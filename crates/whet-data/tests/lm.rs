@@ -69,9 +69,16 @@ fn templates_fill_fields_and_name_a_missing_one() {
 #[test]
 fn prompt_completion_learns_only_the_completion_and_eos() {
     let tok = smollm2();
-    let ex = prompt_completion(&tok, "Q: 2+2?\nA: ", "4", false, 64, TooLong::Error, "t:1")
-        .unwrap()
-        .unwrap();
+    let ex = prompt_completion(
+        &tok,
+        "Q: 2+2?\nA: ",
+        "4",
+        false,
+        Limit::new(64, TooLong::Error),
+        "t:1",
+    )
+    .unwrap()
+    .unwrap();
     let p = tok.encode("Q: 2+2?\nA: ", true).unwrap();
     let c = tok.encode("4", false).unwrap();
     let eos = tok.eos.as_ref().unwrap().id;
@@ -79,34 +86,76 @@ fn prompt_completion_learns_only_the_completion_and_eos() {
     assert!(ex.labels[..p.len()].iter().all(|&l| l == IGNORE));
     assert_eq!(ex.labels[p.len()..], [c[0] as i64, eos as i64]);
     assert_eq!(ex.target_tokens(), c.len() + 1);
-    let all = prompt_completion(&tok, "Q: 2+2?\nA: ", "4", true, 64, TooLong::Error, "t:1")
-        .unwrap()
-        .unwrap();
+    let all = prompt_completion(
+        &tok,
+        "Q: 2+2?\nA: ",
+        "4",
+        true,
+        Limit::new(64, TooLong::Error),
+        "t:1",
+    )
+    .unwrap()
+    .unwrap();
     assert_eq!(all.target_tokens(), all.ids.len());
     // too long: an error naming the example, a skip, or a cut
-    let e =
-        prompt_completion(&tok, "Q: 2+2?\nA: ", "4", false, 3, TooLong::Error, "t:9").unwrap_err();
+    let e = prompt_completion(
+        &tok,
+        "Q: 2+2?\nA: ",
+        "4",
+        false,
+        Limit::new(3, TooLong::Error),
+        "t:9",
+    )
+    .unwrap_err();
     assert!(
         e.to_string().contains("t:9") && e.to_string().contains("max_length = 3"),
         "{e}"
     );
     assert!(
-        prompt_completion(&tok, "Q: 2+2?\nA: ", "4", false, 3, TooLong::Skip, "t:9")
-            .unwrap()
-            .is_none()
+        prompt_completion(
+            &tok,
+            "Q: 2+2?\nA: ",
+            "4",
+            false,
+            Limit::new(3, TooLong::Skip),
+            "t:9"
+        )
+        .unwrap()
+        .is_none()
     );
     let cut = prompt_completion(
         &tok,
         "Q: 2+2?\nA: ",
         "4",
         false,
-        3,
-        TooLong::Truncate,
+        Limit::new(3, TooLong::Truncate),
         "t:9",
     )
     .unwrap()
     .unwrap();
     assert_eq!(cut.ids.len(), 3);
+    // truncation_side = "left" keeps the end: the completion and EOS survive.
+    let whole = prompt_completion(
+        &tok,
+        "Q: 2+2?\nA: ",
+        "4",
+        false,
+        Limit::new(64, TooLong::Error),
+        "t:9",
+    )
+    .unwrap()
+    .unwrap();
+    let left = Limit {
+        side: Side::Left,
+        ..Limit::new(3, TooLong::Truncate)
+    };
+    let end = prompt_completion(&tok, "Q: 2+2?\nA: ", "4", false, left, "t:9")
+        .unwrap()
+        .unwrap();
+    assert_eq!(end.ids, whole.ids[whole.ids.len() - 3..]);
+    assert_eq!(end.labels, whole.labels[whole.labels.len() - 3..]);
+    assert_eq!(end.position_ids, vec![0, 1, 2]);
+    assert_ne!(end.ids, cut.ids);
 }
 
 /// The rendered conversation and its tokens equal `apply_chat_template`'s; exactly the
@@ -122,9 +171,15 @@ fn chat_matches_apply_chat_template_and_masks_all_but_assistant_turns() {
         let messages: Vec<ChatMessage> = serde_json::from_value(case["messages"].clone()).unwrap();
         let text = case["text"].as_str().unwrap();
         assert_eq!(tok.apply_chat_template(&messages, false).unwrap(), text);
-        let ex = chat(&tok, &messages, false, 512, TooLong::Error, "c:1")
-            .unwrap()
-            .unwrap();
+        let ex = chat(
+            &tok,
+            &messages,
+            false,
+            Limit::new(512, TooLong::Error),
+            "c:1",
+        )
+        .unwrap()
+        .unwrap();
         let want: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
         assert_eq!(ex.ids, want);
         // Decode the learnt tokens: exactly the assistant replies with their end of turn.
@@ -153,7 +208,14 @@ fn chat_matches_apply_chat_template_and_masks_all_but_assistant_turns() {
         role: "user".into(),
         content: "hi".into(),
     }];
-    let e = chat(&tok, &no_reply, false, 512, TooLong::Error, "c:7").unwrap_err();
+    let e = chat(
+        &tok,
+        &no_reply,
+        false,
+        Limit::new(512, TooLong::Error),
+        "c:7",
+    )
+    .unwrap_err();
     assert!(
         e.to_string().contains("c:7") && e.to_string().contains("no assistant turn"),
         "{e}"
@@ -217,17 +279,66 @@ fn chat_templates_that_fail_are_named() {
         ),
     ] {
         tok.chat_template = Some(template.into());
-        let e = chat(&tok, &messages, false, 512, TooLong::Error, "chats.jsonl:4")
-            .unwrap_err()
-            .to_string();
+        let e = chat(
+            &tok,
+            &messages,
+            false,
+            Limit::new(512, TooLong::Error),
+            "chats.jsonl:4",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("chats.jsonl:4") && e.contains(needle), "{e}");
     }
     tok.chat_template = None;
-    let e = chat(&tok, &messages, false, 512, TooLong::Error, "chats.jsonl:4")
-        .unwrap_err()
-        .to_string();
+    let e = chat(
+        &tok,
+        &messages,
+        false,
+        Limit::new(512, TooLong::Error),
+        "chats.jsonl:4",
+    )
+    .unwrap_err()
+    .to_string();
     assert!(
         e.contains("chats.jsonl:4") && e.contains("chat template"),
         "{e}"
     );
+}
+
+/// The ids and labels equal those trl's own `SFTTrainer` prepares on SmolLM2
+/// (scripts/make_sft_mask_fixture.py): with a conversational prompt and completion only the
+/// completion is learnt, whatever assistant turns (few-shot answers) the prompt holds; with
+/// messages alone every assistant turn (`assistant_only_loss`).
+#[test]
+fn chat_masks_equal_trls_sft_trainer() {
+    let tok = smollm2();
+    let fixture: Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("tests/fixtures/lm/smollm2-sft-masks.json")).unwrap(),
+    )
+    .unwrap();
+    let msgs = |v: &Value| -> Vec<ChatMessage> { serde_json::from_value(v.clone()).unwrap() };
+    let limit = Limit::new(1024, TooLong::Error);
+    let mut kinds = (0, 0);
+    for (i, case) in fixture["cases"].as_array().unwrap().iter().enumerate() {
+        let ex = match case["kind"].as_str().unwrap() {
+            "prompt_completion" => {
+                kinds.0 += 1;
+                let prompt = msgs(&case["prompt"]);
+                assert!(prompt.iter().any(|m| m.role == "assistant") || i >= 3);
+                chat_completion(&tok, &prompt, &msgs(&case["completion"]), false, limit, "c")
+            }
+            _ => {
+                kinds.1 += 1;
+                chat(&tok, &msgs(&case["messages"]), false, limit, "c")
+            }
+        }
+        .unwrap()
+        .unwrap();
+        let ids: Vec<u32> = serde_json::from_value(case["input_ids"].clone()).unwrap();
+        let labels: Vec<i64> = serde_json::from_value(case["labels"].clone()).unwrap();
+        assert_eq!(ex.ids, ids, "case {i}");
+        assert_eq!(ex.labels, labels, "case {i}");
+    }
+    assert_eq!(kinds, (6, 3));
 }

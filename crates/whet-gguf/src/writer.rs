@@ -194,3 +194,44 @@ fn q4_0_block(x: &[f32]) -> Vec<u8> {
     out.extend((0..16).map(|j| q(x[j]) | (q(x[j + 16]) << 4)));
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `encode` writes the bytes `gguf.quants.quantize` writes (the reference quantisers of
+    /// the `gguf` package, `tests/fixtures/gguf/export.safetensors` from
+    /// `scripts/make_gguf_export_fixture.py`), byte for byte, on rows chosen to probe rounding.
+    #[test]
+    fn encode_is_byte_identical_to_gguf_quants_quantize() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/gguf/export.safetensors");
+        let bytes = std::fs::read(&path).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let input = st.tensor("input").unwrap();
+        let [rows, cols] = [input.shape()[0], input.shape()[1]];
+        let values: Vec<f32> = input
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        for (key, ty) in [
+            ("f16", GgmlType::F16),
+            ("q8_0", GgmlType::Q8_0),
+            ("q4_0", GgmlType::Q4_0),
+        ] {
+            let want = st.tensor(key).unwrap();
+            let row_bytes = want.shape()[1];
+            for r in 0..rows {
+                let got = encode(ty, &values[r * cols..(r + 1) * cols]).unwrap();
+                let expect = &want.data()[r * row_bytes..(r + 1) * row_bytes];
+                let differ = got.iter().zip(expect).filter(|(a, b)| a != b).count();
+                assert_eq!(
+                    (got.len(), differ),
+                    (row_bytes, 0),
+                    "{key}, row {r}: {differ} bytes differ"
+                );
+            }
+        }
+    }
+}

@@ -38,10 +38,40 @@ fn every_quant_type_dequantises_like_the_reference() {
         }
         seen.insert(t.ty.to_string());
     }
-    for ty in ["F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q4_K", "Q6_K"] {
+    for ty in [
+        "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K",
+    ] {
         assert!(seen.contains(ty), "fixture lacks a {ty} tensor");
     }
     assert!(file.get("general.architecture").is_some());
+}
+
+/// A GGUF v2 file (`v2.gguf`: `quants.gguf` relabelled version 2, the layouts being identical
+/// for little-endian files) reads as version 2 with the same metadata, index and values.
+#[test]
+fn a_version_2_file_reads_like_version_3() {
+    let v3 = GgufFile::open(fixture("quants.gguf")).unwrap();
+    let v2 = GgufFile::open(fixture("v2.gguf")).unwrap();
+    assert_eq!((v2.version, v3.version), (2, 3));
+    assert_eq!(v2.metadata, v3.metadata);
+    assert_eq!(v2.get_u64("test.answer").unwrap(), 42);
+    assert_eq!(
+        v2.get_strings("test.strings").unwrap(),
+        vec!["alpha", "βeta", "🦀"]
+    );
+    assert_eq!(v2.tensors.len(), v3.tensors.len());
+    for (a, b) in v2.tensors.iter().zip(&v3.tensors) {
+        assert_eq!(
+            (&a.name, &a.dims, a.ty, a.offset),
+            (&b.name, &b.dims, b.ty, b.offset)
+        );
+        assert_eq!(
+            v2.dequantize(a).unwrap(),
+            v3.dequantize(b).unwrap(),
+            "{}",
+            a.name
+        );
+    }
 }
 
 #[test]

@@ -224,6 +224,17 @@ impl Checkpoint {
         }
     }
 
+    /// `config.json`'s `model_type` (a GGUF file's `general.architecture`): the key peft's
+    /// per-architecture defaults are looked up by.
+    pub fn model_type(&self) -> &str {
+        match &self.config {
+            FamilyConfig::Bert(_) => "bert",
+            FamilyConfig::DistilBert(_) => "distilbert",
+            FamilyConfig::Gpt2(_) => "gpt2",
+            FamilyConfig::Llama(c) => &c.model_type,
+        }
+    }
+
     /// The GGUF file, when the checkpoint is one.
     pub fn gguf(&self) -> Option<&whet_gguf::GgufFile> {
         self.gguf.as_deref()

@@ -377,6 +377,10 @@ impl Blockwise8 {
     /// Quantises `values` (non-negative ones when `signed` is false).
     pub fn quantize(values: &[f32], signed: bool) -> Self {
         let map = dynamic_map_of(signed);
+        // bitsandbytes' quantize_blockwise (its pure-torch backend and what its CUDA kernel
+        // computes): `bucketize` on the midpoints of the map, so a value on a midpoint takes
+        // the lower code. Comparing distances instead rounds differently near the midpoints.
+        let bounds: Vec<f32> = map.windows(2).map(|w| (w[0] + w[1]) / 2.0).collect();
         let mut codes = vec![0u8; values.len()];
         let mut absmax = vec![0f32; values.len().div_ceil(DQ_BLOCK)];
         codes
@@ -385,9 +389,15 @@ impl Blockwise8 {
             .zip(absmax.par_iter_mut())
             .for_each(|((c, v), m)| {
                 *m = v.iter().fold(0f32, |a, x| a.max(x.abs()));
-                let inv = if *m > 0.0 { 1.0 / *m } else { 0.0 };
+                let inv = 1.0 / m.max(1e-38);
+                // bitsandbytes divides in a last, partial block and multiplies by the
+                // reciprocal in the full ones; the roundings differ.
+                let partial = v.len() < DQ_BLOCK;
+                let m = m.max(1e-38);
                 for (q, &x) in c.iter_mut().zip(v) {
-                    *q = nearest(&map, (x * inv).clamp(-1.0, 1.0));
+                    let x = if partial { x / m } else { x * inv };
+                    let x = x.clamp(-1.0, 1.0);
+                    *q = bounds.partition_point(|&b| b < x) as u8;
                 }
             });
         Self {

@@ -1,8 +1,13 @@
 //! Parity of the four families against `transformers` on tiny random models
 //! (`tests/fixtures/tiny-*`, made by `scripts/make_fixtures.py`): logits of padded batches
 //! within 1e-4, and the loss and the gradient of every parameter within 1e-4 relative error.
+//! The LLaMA family also as Mistral and Qwen2, with linear and llama3 rope scaling, and from
+//! sharded, float16 and bfloat16 safetensors.
 
 mod common;
+
+use std::collections::BTreeSet;
+use std::path::Path;
 
 use burn::tensor::{Device, Tensor};
 use common::*;
@@ -162,13 +167,14 @@ fn masked_rows(logits: &[f32], mask: &[i64], vocab: usize) -> Vec<f32> {
         .collect()
 }
 
-fn causal_case(dir: &str) {
-    let root = fixtures().join(dir);
-    let fx = Fixture::open(&root.join("fixture.safetensors"));
-    let ckpt = Checkpoint::open(&root).unwrap();
-
+/// Compares the eval-mode logits of the checkpoint at `root` with the fixture's right- and
+/// left-padded `logits_*`, at the real tokens.
+fn check_causal_logits(root: &Path, fx: &Fixture) {
     let device = eval_device();
-    let model = ckpt.load_causal_lm(&device).unwrap();
+    let model = Checkpoint::open(root)
+        .unwrap()
+        .load_causal_lm(&device)
+        .unwrap();
     let vocab = model.vocab_size();
     for side in ["right", "left"] {
         let ids = fx.ids2(&format!("input_ids_{side}"), &device);
@@ -194,9 +200,18 @@ fn causal_case(dir: &str) {
             LOGITS_TOL,
         );
     }
+}
+
+fn causal_case(dir: &str) {
+    let root = fixtures().join(dir);
+    let fx = Fixture::open(&root.join("fixture.safetensors"));
+    check_causal_logits(&root, &fx);
 
     let device = grad_device();
-    let model = ckpt.load_causal_lm(&device).unwrap();
+    let model = Checkpoint::open(&root)
+        .unwrap()
+        .load_causal_lm(&device)
+        .unwrap();
     let input = DecoderInput {
         input_ids: fx.ids2("input_ids_right", &device),
         attention_mask: fx.ids2("attention_mask_right", &device),
@@ -216,6 +231,114 @@ fn tiny_gpt2_causal_lm() {
 #[test]
 fn tiny_llama_causal_lm() {
     causal_case("tiny-llama");
+}
+
+/// `MistralForCausalLM` with a sliding window (16) longer than the sequence (9): whet has no
+/// sliding-window attention, and here transformers' window masks nothing either.
+#[test]
+fn tiny_mistral_causal_lm() {
+    causal_case("tiny-mistral");
+}
+
+/// `Qwen2ForCausalLM`: biased q/k/v projections (their gradients are among those checked) and a
+/// tied LM head.
+#[test]
+fn tiny_qwen2_causal_lm() {
+    causal_case("tiny-qwen2");
+}
+
+/// LLaMA with `rope_parameters` `{"rope_type": "linear", "factor": 2}`.
+#[test]
+fn tiny_llama_linear_rope_scaling() {
+    causal_case("tiny-llama-rope-linear");
+}
+
+/// LLaMA with llama3 rope scaling (factor 8, original context 128): head_dim 8 puts one frequency
+/// in each of the kept, interpolated and divided bands.
+#[test]
+fn tiny_llama_llama3_rope_scaling() {
+    causal_case("tiny-llama-rope-llama3");
+}
+
+/// The same checkpoints with their config rewritten as transformers 4 wrote it (top-level
+/// `rope_theta` and `rope_scaling`, linear with the old `"type"` key) give the same logits.
+#[test]
+fn rope_scaling_in_the_transformers_4_config_form() {
+    for (dir, scaling) in [
+        (
+            "tiny-llama-rope-linear",
+            serde_json::json!({"type": "linear", "factor": 2.0}),
+        ),
+        (
+            "tiny-llama-rope-llama3",
+            serde_json::json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 128}),
+        ),
+    ] {
+        let root = fixtures().join(dir);
+        let tmp = tempfile::tempdir().unwrap();
+        let mut config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(root.join("config.json")).unwrap()).unwrap();
+        let config_map = config.as_object_mut().unwrap();
+        let params = config_map.remove("rope_parameters").unwrap();
+        assert_eq!(params["rope_theta"], 10000.0, "{dir}");
+        config_map.insert("rope_theta".into(), params["rope_theta"].clone());
+        config_map.insert("rope_scaling".into(), scaling);
+        std::fs::write(
+            tmp.path().join("config.json"),
+            serde_json::to_vec(&config).unwrap(),
+        )
+        .unwrap();
+        std::fs::copy(
+            root.join("model.safetensors"),
+            tmp.path().join("model.safetensors"),
+        )
+        .unwrap();
+        check_causal_logits(
+            tmp.path(),
+            &Fixture::open(&root.join("fixture.safetensors")),
+        );
+    }
+}
+
+/// The storage dtypes named in a safetensors file's header.
+fn stored_dtypes(path: &Path) -> BTreeSet<String> {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    header
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .map(|(_, v)| v["dtype"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// tiny-llama saved in shards (`model.safetensors.index.json` + four files) loads and gives
+/// transformers' logits.
+#[test]
+fn tiny_llama_from_sharded_safetensors() {
+    let root = fixtures().join("tiny-llama-sharded");
+    assert!(!root.join("model.safetensors").exists());
+    assert!(root.join("model.safetensors.index.json").is_file());
+    check_causal_logits(&root, &Fixture::open(&root.join("fixture.safetensors")));
+}
+
+/// tiny-llama saved in float16 and bfloat16: whet upcasts to f32 and matches transformers
+/// loading the same file with `dtype=float32` (the rounding moves the logits by 6e-3 and 3e-2
+/// from tiny-llama's, far beyond the tolerance).
+#[test]
+fn tiny_llama_from_f16_and_bf16_safetensors() {
+    for (dir, dtype) in [("tiny-llama-f16", "F16"), ("tiny-llama-bf16", "BF16")] {
+        let root = fixtures().join(dir);
+        assert_eq!(
+            stored_dtypes(&root.join("model.safetensors")),
+            BTreeSet::from([dtype.to_string()]),
+            "{dir}"
+        );
+        check_causal_logits(&root, &Fixture::open(&root.join("fixture.safetensors")));
+    }
 }
 
 /// Every tensor of the checkpoint comes back out under its own name with its own values: the

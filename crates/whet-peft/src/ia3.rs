@@ -26,12 +26,14 @@ use crate::{
 /// IA3 hyper-parameters, named and defaulted as `peft.IA3Config`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Ia3Config {
-    /// Module names (or name suffixes) to scale, e.g. `["key", "value", "output.dense"]`.
+    /// Module names (or name suffixes) to scale, e.g. `["key", "value", "output.dense"]`;
+    /// empty in a recipe means peft's choice for the architecture.
+    #[serde(default)]
     pub target_modules: Vec<String>,
     /// The targets whose input rather than output is scaled (a subset of `target_modules`,
-    /// matched by suffix as peft does).
+    /// matched by suffix as peft does); None in a recipe means peft's choice.
     #[serde(default)]
-    pub feedforward_modules: Vec<String>,
+    pub feedforward_modules: Option<Vec<String>>,
     /// Modules trained in full and saved with the adapter (the classification head).
     #[serde(default)]
     pub modules_to_save: Vec<String>,
@@ -55,6 +57,7 @@ impl Ia3Config {
         if let Some(ff) = self
             .feedforward_modules
             .iter()
+            .flatten()
             .find(|f| !self.target_modules.iter().any(|t| t == *f))
         {
             return Err(PeftError::Config(format!(
@@ -69,6 +72,7 @@ impl Ia3Config {
     fn is_feedforward(&self, module: &str) -> bool {
         self.feedforward_modules
             .iter()
+            .flatten()
             .any(|k| module.ends_with(k.as_str()))
     }
 }

@@ -7,6 +7,7 @@
 //! adapters in `peft`'s file format ([`PeftConfig`] dispatches on `peft_type`).
 
 pub mod bottleneck;
+pub mod defaults;
 pub mod ia3;
 pub mod lora;
 pub mod prompt;

@@ -33,7 +33,9 @@ pub struct LoraConfig {
     /// Dropout on the adapter input.
     #[serde(default)]
     pub lora_dropout: f64,
-    /// Module names (or name suffixes) to adapt, e.g. `["query", "value"]`.
+    /// Module names (or name suffixes) to adapt, e.g. `["query", "value"]`; empty in a
+    /// recipe means peft's choice for the architecture.
+    #[serde(default)]
     pub target_modules: Vec<String>,
     /// Which biases train: "none", "all" or "lora_only".
     #[serde(default = "default_bias")]

@@ -10,7 +10,10 @@ use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use rayon::prelude::*;
 use serde_json::Value;
-use whet_data::{Encoding, IGNORE, LmExample, Table, chat, group_texts, pack, prompt_completion};
+use whet_data::{
+    Encoding, IGNORE, Limit, LmExample, Table, chat, chat_completion, group_texts, pack,
+    prompt_completion,
+};
 use whet_models::{
     CausalLm, CausalModel, ChatMessage, Checkpoint, DecoderInput, Mode, TextTokenizer,
 };
@@ -323,7 +326,12 @@ fn build(
     rows: &[(String, BTreeMap<String, Value>)],
 ) -> Result<(Vec<LmExample>, usize), String> {
     let learn_all = !d.completion_only_loss;
-    let (max_length, too_long) = (d.max_length, d.too_long);
+    // trl's SFTTrainer keeps the start (`truncation_mode = "keep_start"`).
+    let limit = Limit {
+        max_length: d.max_length,
+        too_long: d.too_long,
+        side: d.side(whet_data::Side::Right),
+    };
     let template = d.template.as_ref().map(|t| t.resolve()).transpose()?;
     if let Some(block) = d.block_size {
         // run_clm.py: tokenize every text, concatenate, cut into blocks.
@@ -342,26 +350,23 @@ fn build(
         .par_iter()
         .map(|(origin, row)| -> Result<Option<LmExample>, String> {
             let ex = if let Some(col) = &d.messages_column {
-                let mut msgs = messages(row, col, origin)?;
-                if let Some(c) = &d.completion_column {
-                    msgs.extend(completion(row, c, origin)?);
+                let msgs = messages(row, col, origin)?;
+                match &d.completion_column {
+                    // trl's prompt-completion data: only the completion is learnt, not the
+                    // assistant turns (few-shot answers) inside the prompt.
+                    Some(c) => {
+                        let answer = completion(row, c, origin)?;
+                        chat_completion(tokenizer, &msgs, &answer, learn_all, limit, origin)
+                    }
+                    None => chat(tokenizer, &msgs, learn_all, limit, origin),
                 }
-                chat(tokenizer, &msgs, learn_all, max_length, too_long, origin)
             } else if let Some(t) = &template {
                 let (prompt, completion) = t.render(row, origin).map_err(|e| e.to_string())?;
-                prompt_completion(
-                    tokenizer,
-                    &prompt,
-                    &completion,
-                    learn_all,
-                    max_length,
-                    too_long,
-                    origin,
-                )
+                prompt_completion(tokenizer, &prompt, &completion, learn_all, limit, origin)
             } else {
                 // A whole text is learnt, then EOS so the model learns where texts end.
                 let t = text(row, &d.text_column, origin)?;
-                prompt_completion(tokenizer, "", t, true, max_length, too_long, origin)
+                prompt_completion(tokenizer, "", t, true, limit, origin)
             };
             ex.map_err(|e| e.to_string())
         })
@@ -376,7 +381,7 @@ fn build(
         }
     }
     if d.packing {
-        out = pack(&out, max_length);
+        out = pack(&out, limit.max_length);
     }
     Ok((out, skipped))
 }

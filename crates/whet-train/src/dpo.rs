@@ -563,7 +563,7 @@ pub fn prepare(recipe: &crate::Recipe, device: &Device) -> Result<DpoPrepared, S
     let mut encode = |pairs: Vec<PreferencePair>| -> Result<Vec<DpoExample>, String> {
         let mut out = Vec::with_capacity(pairs.len());
         for p in &pairs {
-            match encode_dpo_pair(&tokenizer, p, d.max_length, d.truncation_side)? {
+            match encode_dpo_pair(&tokenizer, p, d.max_length, d.side(whet_data::Side::Right))? {
                 Some(e) => out.push(e),
                 None => dropped += 1,
             }

@@ -6,6 +6,7 @@ pub mod causal;
 pub mod checkpoint;
 pub mod classify;
 pub mod dpo;
+pub mod keys;
 pub mod method;
 pub mod optim;
 pub mod output;

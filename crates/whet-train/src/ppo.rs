@@ -661,13 +661,18 @@ pub fn prepare(recipe: &crate::Recipe, device: &Device) -> Result<PpoPrepared, S
         ));
     }
     let mut truncated = 0;
+    // A prompt is continued, so by default it keeps its end.
+    let side = d.side(whet_data::Side::Left);
     let mut encode = |texts: Vec<String>| -> Result<Prompts, String> {
         let mut ids = Vec::with_capacity(texts.len());
         for t in &texts {
             let mut p = tokenizer.encode(t, true).map_err(|e| e.to_string())?;
             if p.len() > d.max_length {
                 truncated += 1;
-                p.drain(..p.len() - d.max_length);
+                match side {
+                    whet_data::Side::Left => drop(p.drain(..p.len() - d.max_length)),
+                    whet_data::Side::Right => p.truncate(d.max_length),
+                }
             }
             ids.push(p);
         }
@@ -952,6 +957,7 @@ impl PpoPrepared {
             run_eval(self, 0, &mut evals, observer)?;
         }
         let mut step = state.global_step;
+        let first_step = step;
         while step < total {
             let epoch = step / per_epoch;
             let order = epoch_order(n, args.seed, epoch);
@@ -1018,6 +1024,7 @@ impl PpoPrepared {
         }
         Ok(TrainSummary {
             steps: step,
+            first_step,
             epochs: step as f64 / per_epoch as f64,
             train_loss: state.loss_sum / step.max(1) as f64,
             train_runtime: start.elapsed().as_secs_f64(),

@@ -182,8 +182,11 @@ pub struct DataSpec {
     pub label_names: Option<Vec<String>>,
     #[serde(default = "d_max_length")]
     pub max_length: usize,
-    #[serde(default)]
-    pub truncation_side: Side,
+    /// Which end a too-long text loses: "right" keeps the start, "left" the end. Absent, each
+    /// task uses its reference's default (see [`DataSpec::side`]); question answering and
+    /// `block_size` blocks cut nothing, so a value there is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub truncation_side: Option<Side>,
     /// Text encoding of CSV files ("utf-8" or "latin-1").
     #[serde(default = "d_encoding")]
     pub encoding: String,
@@ -242,6 +245,11 @@ pub struct DataSpec {
 }
 
 impl DataSpec {
+    /// The truncation side: the recipe's, else `default` (the task reference's).
+    pub fn side(&self, default: Side) -> Side {
+        self.truncation_side.unwrap_or(default)
+    }
+
     /// The train, validation and test parts: the files as given, or a seeded `split` of the
     /// training file when it is the only one.
     pub fn parts<T: Clone>(
@@ -390,12 +398,99 @@ fn set(root: &mut toml::Table, key: &str, raw: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Refuses a key that no table of the recipe knows, naming the table and the closest valid
+/// key (see [`crate::keys`]).
+fn check_keys(root: &toml::Table) -> Result<(), String> {
+    use crate::keys::{check_table, fields_of};
+    check_table(root, "", fields_of::<Recipe>())?;
+    let tables: [(&str, &[&str]); 12] = [
+        ("data", fields_of::<DataSpec>()),
+        ("lora", fields_of::<LoraConfig>()),
+        ("ia3", fields_of::<Ia3Config>()),
+        ("bottleneck", fields_of::<BottleneckConfig>()),
+        ("prefix_tuning", fields_of::<PrefixTuningConfig>()),
+        ("prompt_tuning", fields_of::<PromptTuningConfig>()),
+        ("quantization", fields_of::<QuantizationSpec>()),
+        ("head", fields_of::<HeadSpec>()),
+        ("dpo", fields_of::<crate::dpo::DpoConfig>()),
+        ("ppo", fields_of::<crate::ppo::PpoConfig>()),
+        ("training", fields_of::<TrainingArguments>()),
+        ("data.split", fields_of::<SplitSpec>()),
+    ];
+    for (name, valid) in tables {
+        let mut at = Some(root);
+        for part in name.split('.') {
+            at = at.and_then(|t| t.get(part)).and_then(|v| v.as_table());
+        }
+        if let Some(t) = at {
+            check_table(t, name, valid)?;
+        }
+    }
+    if let Some(t) = root
+        .get("data")
+        .and_then(|d| d.get("template"))
+        .and_then(|v| v.as_table())
+    {
+        check_table(t, "data.template", fields_of::<Template>())?;
+    }
+    Ok(())
+}
+
+/// `method = "qlora"` is LoRA over a 4-bit base: `[quantization]` may say how, but not that
+/// the base stays unquantised or keeps a GGUF file's blocks (that is `method = "lora"` with
+/// `keep_gguf_quantized`). An absent `load_in_4bit` is set, so the table's other keys (double
+/// quantisation) apply to the 4-bit base they describe.
+fn qlora_means_4bit(root: &mut toml::Table) -> Result<(), String> {
+    if root.get("method").and_then(|m| m.as_str()) != Some("qlora") {
+        return Ok(());
+    }
+    let Some(q) = root.get_mut("quantization").and_then(|v| v.as_table_mut()) else {
+        return Ok(());
+    };
+    if q.get("keep_gguf_quantized").and_then(|v| v.as_bool()) == Some(true) {
+        return Err(
+            "method = \"qlora\" quantises the base to NF4, but quantization.keep_gguf_quantized \
+             = true keeps the GGUF file's own blocks: use method = \"lora\" for that"
+                .into(),
+        );
+    }
+    match q.get("load_in_4bit").and_then(|v| v.as_bool()) {
+        Some(false) => Err(
+            "method = \"qlora\" means a 4-bit base, but quantization.load_in_4bit = false: \
+             use method = \"lora\" for an unquantised base"
+                .into(),
+        ),
+        _ => {
+            q.insert("load_in_4bit".into(), toml::Value::Boolean(true));
+            Ok(())
+        }
+    }
+}
+
 impl Recipe {
     /// Reads a recipe file and applies `key=value` overrides.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self, String> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read recipe {}: {e}", path.display()))?;
         Self::parse(&text, overrides).map_err(|e| format!("recipe {}: {e}", path.display()))
+    }
+
+    /// Reads a recipe as [`Recipe::load`] does, then fills in peft's defaults for the model's
+    /// architecture ([`Recipe::resolve_peft_defaults`]); the second value says what was chosen.
+    pub fn load_for_model(
+        path: &Path,
+        overrides: &[String],
+    ) -> Result<(Self, Option<String>), String> {
+        let mut recipe = Self::load(path, overrides)?;
+        let note = match recipe.method {
+            Method::Lora | Method::Qlora | Method::Ia3 => {
+                let checkpoint =
+                    whet_models::Checkpoint::open(&recipe.model).map_err(|e| e.to_string())?;
+                recipe.resolve_peft_defaults(checkpoint.model_type())?
+            }
+            _ => None,
+        };
+        Ok((recipe, note))
     }
 
     /// Parses recipe text and applies `key=value` overrides.
@@ -407,6 +502,8 @@ impl Recipe {
                 .ok_or_else(|| format!("--set {o:?}: expected key=value"))?;
             set(&mut table, k.trim(), v.trim())?;
         }
+        check_keys(&table)?;
+        qlora_means_4bit(&mut table)?;
         let mut recipe: Recipe = toml::Value::Table(table)
             .try_into()
             .map_err(|e: toml::de::Error| e.to_string())?;
@@ -426,16 +523,6 @@ impl Recipe {
             p.reward_model = expand(&p.reward_model);
         }
         match recipe.method {
-            Method::Lora | Method::Qlora if recipe.lora.is_none() => {
-                return Err(format!(
-                    "method = \"{}\" needs a [lora] table (at least target_modules)",
-                    if recipe.method == Method::Lora {
-                        "lora"
-                    } else {
-                        "qlora"
-                    }
-                ));
-            }
             Method::PrefixTuning if recipe.prefix_tuning.is_none() => {
                 return Err(
                     "method = \"prefix_tuning\" needs a [prefix_tuning] table (at least \
@@ -457,16 +544,16 @@ impl Recipe {
                         .into(),
                 );
             }
-            Method::Ia3 if recipe.ia3.is_none() => {
-                return Err(
-                    "method = \"ia3\" needs an [ia3] table (at least target_modules, and \
-                     feedforward_modules for the feed-forward layers)"
-                        .into(),
-                );
-            }
             _ => {}
         }
         if let Some(q) = &recipe.quantization {
+            if !q.load_in_4bit && !q.keep_gguf_quantized {
+                return Err(
+                    "[quantization] quantises nothing: set load_in_4bit = true (NF4) or \
+                     keep_gguf_quantized = true (a GGUF file's own blocks), or remove the table"
+                        .into(),
+                );
+            }
             if !recipe.method.is_adapter() {
                 return Err(
                     "[quantization] freezes the base: use it with method = \"lora\", \"qlora\" \
@@ -488,8 +575,118 @@ impl Recipe {
                 );
             }
         }
+        if let Some(side) = recipe.data.truncation_side {
+            let meaningless = if recipe.task == Task::QuestionAnswering {
+                Some(
+                    "question answering cuts a long context into doc_stride windows, not at one end",
+                )
+            } else if recipe.task == Task::CausalLm && recipe.data.block_size.is_some() {
+                Some("data.block_size cuts the text stream into blocks; no example is truncated")
+            } else {
+                None
+            };
+            if let Some(why) = meaningless {
+                return Err(format!(
+                    "data.truncation_side = \"{}\" means nothing here: {why}",
+                    match side {
+                        Side::Right => "right",
+                        Side::Left => "left",
+                    }
+                ));
+            }
+        }
         recipe.training.validate()?;
         Ok(recipe)
+    }
+
+    /// Fills in what peft's `LoraConfig()` / `IA3Config()` choose when a recipe leaves it
+    /// out: the whole `[lora]` / `[ia3]` table (r 8, alpha 8, dropout 0), and target modules
+    /// (and IA3's feed-forward modules) from peft's table for the model's `model_type`.
+    /// Returns a line saying what was chosen, to print; None when nothing was missing.
+    pub fn resolve_peft_defaults(&mut self, model_type: &str) -> Result<Option<String>, String> {
+        use whet_peft::defaults::{ia3_modules, lora_target_modules};
+        let owned = |l: &[&str]| l.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let unknown = |table: &str, what: &str| {
+            format!(
+                "[{table}] has no {what} and peft has no default for model_type {model_type:?} \
+                 (it has them for bert, gpt2, llama, mistral, qwen2): name them, e.g. \
+                 {what} = [\"q_lin\", \"v_lin\"] for DistilBERT"
+            )
+        };
+        match self.method {
+            Method::Lora | Method::Qlora => {
+                let absent = self.lora.is_none();
+                let lora = self.lora.get_or_insert_with(|| LoraConfig {
+                    r: 8,
+                    lora_alpha: 8.0,
+                    lora_dropout: 0.0,
+                    target_modules: vec![],
+                    bias: "none".into(),
+                    modules_to_save: vec![],
+                    use_rslora: false,
+                });
+                if !lora.target_modules.is_empty() {
+                    return Ok(None);
+                }
+                let targets = lora_target_modules(model_type)
+                    .ok_or_else(|| unknown("lora", "target_modules"))?;
+                lora.target_modules = owned(targets);
+                Ok(Some(format!(
+                    "{}: target_modules = {:?} (peft's default for {model_type}){}",
+                    if absent {
+                        "no [lora] table, so peft's LoraConfig()"
+                    } else {
+                        "[lora]"
+                    },
+                    lora.target_modules,
+                    if absent {
+                        ", r = 8, lora_alpha = 8, lora_dropout = 0"
+                    } else {
+                        ""
+                    },
+                )))
+            }
+            Method::Ia3 => {
+                let absent = self.ia3.is_none();
+                let ia3 = self.ia3.get_or_insert_with(|| Ia3Config {
+                    target_modules: vec![],
+                    feedforward_modules: None,
+                    modules_to_save: vec![],
+                    init_ia3_weights: true,
+                });
+                if !ia3.target_modules.is_empty() && ia3.feedforward_modules.is_some() {
+                    return Ok(None);
+                }
+                let (targets, feedforward) =
+                    ia3_modules(model_type).ok_or_else(|| unknown("ia3", "target_modules"))?;
+                if ia3.target_modules.is_empty() {
+                    ia3.target_modules = owned(targets);
+                }
+                if ia3.feedforward_modules.is_none() {
+                    // peft takes its feed-forward list whole and then requires a subset of the
+                    // targets; keeping the part that is a target spares that error.
+                    let chosen = &ia3.target_modules;
+                    ia3.feedforward_modules = Some(
+                        owned(feedforward)
+                            .into_iter()
+                            .filter(|f| chosen.contains(f))
+                            .collect(),
+                    );
+                }
+                Ok(Some(format!(
+                    "{}: target_modules = {:?}, feedforward_modules = {:?} (peft's defaults for \
+                     {model_type})",
+                    if absent {
+                        "no [ia3] table, so peft's IA3Config()"
+                    } else {
+                        "[ia3]"
+                    },
+                    ia3.target_modules,
+                    ia3.feedforward_modules.as_deref().unwrap_or_default(),
+                )))
+            }
+            _ => Ok(None),
+        }
     }
 
     /// How the frozen base is stored: `[quantization]`, or NF4 with double quantisation for
@@ -553,17 +750,187 @@ learning_rate = 1e-3
     }
 
     #[test]
-    fn unknown_keys_and_missing_lora_are_errors() {
-        let e = Recipe::parse(&BASE.replace("learning_rate", "learning_rat"), &[]).unwrap_err();
-        assert!(e.contains("learning_rat"), "{e}");
-        let e = Recipe::parse(
-            &BASE.replace(
-                "[lora]\nr = 8\nlora_alpha = 16\ntarget_modules = [\"query\", \"value\"]\n",
-                "",
+    fn every_table_refuses_an_unknown_key_naming_the_closest() {
+        let cases: [(&str, &str, &str); 14] = [
+            ("", "modle = \"x\"", "model"),
+            ("data", "max_lenght = 64", "max_length"),
+            ("data.split", "", "test"),
+            ("lora", "lora_alfa = 32", "lora_alpha"),
+            ("ia3", "target_module = [\"key\"]", "target_modules"),
+            ("bottleneck", "reduction_factr = 8", "reduction_factor"),
+            (
+                "prefix_tuning",
+                "num_virtual_token = 4",
+                "num_virtual_tokens",
             ),
+            (
+                "prompt_tuning",
+                "num_virtual_token = 4",
+                "num_virtual_tokens",
+            ),
+            ("quantization", "load_in_4bits = true", "load_in_4bit"),
+            ("head", "unfreeze_top_layer = 1", "unfreeze_top_layers"),
+            ("dpo", "betta = 0.2", "beta"),
+            ("ppo", "kl_coeff = 0.1", "kl_coef"),
+            ("training", "learning_rat = 1", "learning_rate"),
+            ("data.template", "", "prompt"),
+        ];
+        for (table, line, closest) in cases {
+            let text = match table {
+                "" => format!("{line}\n{BASE}"),
+                "data.split" => BASE.replace("[data]\n", "[data]\nsplit = { tset = 0.2 }\n"),
+                "data.template" => BASE.replace(
+                    "[data]\n",
+                    "[data]\ntemplate = { promt = \"Q\", completion = \"A\" }\n",
+                ),
+                "data" | "lora" | "training" => {
+                    BASE.replace(&format!("[{table}]\n"), &format!("[{table}]\n{line}\n"))
+                }
+                _ => format!("{BASE}\n[{table}]\n{line}\n"),
+            };
+            let e = Recipe::parse(&text, &[]).unwrap_err();
+            let place = if table.is_empty() {
+                "top level".to_string()
+            } else {
+                format!("[{table}]")
+            };
+            assert!(
+                e.contains(&place) && e.contains(&format!("closest valid key is {closest:?}")),
+                "{table}: {e}"
+            );
+        }
+        // Through --set too: the typo of the issue.
+        let e = Recipe::parse(BASE, &["lora.lora_alfa=32".into()]).unwrap_err();
+        assert!(
+            e.contains("\"lora_alfa\" in [lora]") && e.contains("\"lora_alpha\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn qlora_always_means_a_4bit_base() {
+        let qlora = |extra: &str| {
+            Recipe::parse(
+                &format!(
+                    "{}\n{extra}",
+                    BASE.replace("method = \"lora\"", "method = \"qlora\"")
+                ),
+                &[],
+            )
+        };
+        use whet_models::quant::QuantSpec;
+        // No table, or a table that only says how: NF4.
+        assert_eq!(
+            qlora("").unwrap().quant_spec(),
+            Some(QuantSpec::Nf4 { double_quant: true })
+        );
+        let r = qlora("[quantization]\nbnb_4bit_use_double_quant = false").unwrap();
+        assert_eq!(
+            r.quant_spec(),
+            Some(QuantSpec::Nf4 {
+                double_quant: false
+            })
+        );
+        let r = qlora("[quantization]\nbnb_4bit_use_double_quant = true").unwrap();
+        assert_eq!(r.quant_spec(), Some(QuantSpec::Nf4 { double_quant: true }));
+        // A table that contradicts it.
+        let e = qlora("[quantization]\nload_in_4bit = false").unwrap_err();
+        assert!(e.contains("load_in_4bit = false"), "{e}");
+        let e = qlora("[quantization]\nkeep_gguf_quantized = true").unwrap_err();
+        assert!(e.contains("keep_gguf_quantized"), "{e}");
+        // A [quantization] table that quantises nothing is refused for lora too.
+        let e = Recipe::parse(
+            &format!("{BASE}\n[quantization]\nbnb_4bit_use_double_quant = true"),
             &[],
         )
         .unwrap_err();
-        assert!(e.contains("[lora]"), "{e}");
+        assert!(e.contains("quantises nothing"), "{e}");
+    }
+
+    #[test]
+    fn peft_defaults_fill_a_missing_lora_or_ia3_table() {
+        let no_table = BASE.replace(
+            "[lora]\nr = 8\nlora_alpha = 16\ntarget_modules = [\"query\", \"value\"]\n",
+            "",
+        );
+        let mut r = Recipe::parse(&no_table, &[]).unwrap();
+        assert!(r.lora.is_none());
+        let said = r.resolve_peft_defaults("llama").unwrap().unwrap();
+        let l = r.lora.as_ref().unwrap();
+        assert_eq!((l.r, l.lora_alpha, l.lora_dropout), (8, 8.0, 0.0));
+        assert_eq!(l.target_modules, ["q_proj", "v_proj"]);
+        assert!(
+            said.contains("q_proj") && said.contains("LoraConfig()"),
+            "{said}"
+        );
+        // A table without target_modules keeps its own values and gets peft's targets.
+        let mut r = Recipe::parse(&no_table, &["lora.r=4".into()]).unwrap();
+        r.resolve_peft_defaults("gpt2").unwrap();
+        let l = r.lora.as_ref().unwrap();
+        assert_eq!(
+            (l.r, l.target_modules.clone()),
+            (4, vec!["c_attn".to_string()])
+        );
+        // Named targets are left alone.
+        let mut r = Recipe::parse(BASE, &[]).unwrap();
+        assert!(r.resolve_peft_defaults("bert").unwrap().is_none());
+        // peft has no default for DistilBERT: an error that says what to write.
+        let mut r = Recipe::parse(&no_table, &[]).unwrap();
+        let e = r.resolve_peft_defaults("distilbert").unwrap_err();
+        assert!(
+            e.contains("distilbert") && e.contains("target_modules"),
+            "{e}"
+        );
+        // IA3: targets and feed-forward modules per architecture.
+        let mut r = Recipe::parse(
+            &no_table.replace("method = \"lora\"", "method = \"ia3\""),
+            &[],
+        )
+        .unwrap();
+        r.resolve_peft_defaults("qwen2").unwrap();
+        let i = r.ia3.as_ref().unwrap();
+        assert_eq!(i.target_modules, ["q_proj", "v_proj", "down_proj"]);
+        assert_eq!(
+            i.feedforward_modules.as_deref(),
+            Some(&["down_proj".to_string()][..])
+        );
+        // Named targets without feed-forward modules: peft's list, kept to the targets.
+        let mut r = Recipe::parse(
+            &no_table.replace("method = \"lora\"", "method = \"ia3\""),
+            &["ia3.target_modules=[\"key\", \"value\"]".into()],
+        )
+        .unwrap();
+        r.resolve_peft_defaults("bert").unwrap();
+        assert_eq!(
+            r.ia3.as_ref().unwrap().feedforward_modules.as_deref(),
+            Some(&[][..])
+        );
+    }
+
+    #[test]
+    fn truncation_side_is_refused_where_it_cuts_nothing() {
+        let r = Recipe::parse(BASE, &[]).unwrap();
+        assert_eq!(r.data.side(Side::Left), Side::Left);
+        let r = Recipe::parse(BASE, &["data.truncation_side=\"left\"".into()]).unwrap();
+        assert_eq!(r.data.side(Side::Right), Side::Left);
+        let e = Recipe::parse(
+            BASE,
+            &[
+                "task=\"question-answering\"".into(),
+                "data.truncation_side=\"left\"".into(),
+            ],
+        )
+        .unwrap_err();
+        assert!(e.contains("doc_stride"), "{e}");
+        let e = Recipe::parse(
+            BASE,
+            &[
+                "task=\"causal-lm\"".into(),
+                "data.block_size=64".into(),
+                "data.truncation_side=\"right\"".into(),
+            ],
+        )
+        .unwrap_err();
+        assert!(e.contains("block_size"), "{e}");
     }
 }

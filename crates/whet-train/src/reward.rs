@@ -206,7 +206,7 @@ pub fn prepare(recipe: &crate::Recipe, device: &Device) -> Result<RewardPrepared
                 .map_err(|e| format!("{origin}: {e}"))?;
             if ids.len() > d.max_length {
                 truncated += 1;
-                ids = match d.truncation_side {
+                ids = match d.side(whet_data::Side::Right) {
                     whet_data::Side::Right => ids[..d.max_length].to_vec(),
                     whet_data::Side::Left => ids[ids.len() - d.max_length..].to_vec(),
                 };

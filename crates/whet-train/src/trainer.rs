@@ -124,7 +124,11 @@ pub struct EvalLog {
 /// What a run did.
 #[derive(Debug, Clone, Serialize)]
 pub struct TrainSummary {
+    /// The optimizer step the run ended at.
     pub steps: usize,
+    /// The step this process started from: 0, or a resumed checkpoint's step. `history`
+    /// holds the steps this process ran.
+    pub first_step: usize,
     pub epochs: f64,
     pub train_loss: f64,
     pub train_runtime: f64,
@@ -223,6 +227,7 @@ pub fn train<O: Objective>(
         state = checkpoint::load(dir, model, &mut opt, device)?;
     }
     let mut step = state.global_step;
+    let first_step = step;
     let mut epoch = step / steps_per_epoch;
     // Steps of the current epoch already taken before a resume.
     let mut skip = step % steps_per_epoch;
@@ -326,6 +331,7 @@ pub fn train<O: Objective>(
     }
     Ok(TrainSummary {
         steps: step,
+        first_step,
         epochs: step as f64 / steps_per_epoch as f64,
         train_loss: loss_sum / step.max(1) as f64,
         train_runtime: start.elapsed().as_secs_f64(),

@@ -107,7 +107,8 @@ fn training_loss_and_gradients_match_transformers() {
     assert!(rel(got, want) < 1e-5, "{got} vs {want}");
     let grads = loss.backward();
 
-    // Vectors and the embedding share PyTorch's layout: compare their gradients directly.
+    // Every parameter's gradient in PyTorch's layout: linear weights (and the LM head) are held
+    // as [in, out], so theirs are transposed back to [out, in].
     struct Grads<'a>(&'a burn::tensor::Gradients, Vec<(String, Vec<f32>)>);
     impl Visitor for Grads<'_> {
         fn vector(&mut self, name: &str, p: &mut burn::module::Param<Tensor<1>>) {
@@ -122,9 +123,11 @@ fn training_loss_and_gradients_match_transformers() {
             p: &mut burn::module::Param<Tensor<2>>,
             layout: whet_models::weights::Layout,
         ) {
-            if matches!(layout, whet_models::weights::Layout::Same)
-                && let Some(g) = p.val().grad(self.0)
-            {
+            if let Some(g) = p.val().grad(self.0) {
+                let g = match layout {
+                    whet_models::weights::Layout::Same => g,
+                    whet_models::weights::Layout::Transposed => g.transpose(),
+                };
                 self.1
                     .push((name.into(), g.into_data().try_to_vec::<f32>().unwrap()));
             }
@@ -132,11 +135,18 @@ fn training_loss_and_gradients_match_transformers() {
     }
     let mut v = Grads(&grads, vec![]);
     model.visit_params("", &mut v);
-    let checked: Vec<&str> = v.1.iter().map(|(n, _)| n.as_str()).collect();
-    assert!(
-        checked.contains(&"model.embed_tokens.weight") && checked.contains(&"model.norm.weight"),
-        "{checked:?}"
-    );
+    // Every parameter transformers has a gradient for, linear layers and lm_head included.
+    let mut checked: Vec<String> = v.1.iter().map(|(n, _)| n.clone()).collect();
+    checked.sort();
+    let mut reference: Vec<String> = st
+        .names()
+        .into_iter()
+        .filter_map(|n| n.strip_prefix("grad.").map(String::from))
+        .collect();
+    reference.sort();
+    assert_eq!(checked, reference);
+    assert!(checked.iter().any(|n| n == "lm_head.weight"));
+    assert!(checked.iter().any(|n| n.ends_with("q_proj.weight")));
     for (name, got) in &v.1 {
         let want = f32s(&st, &format!("grad.{name}"));
         let scale = want.iter().map(|x| x.abs()).fold(0.0, f32::max).max(1e-6);

@@ -166,7 +166,7 @@ fn methods() -> Vec<(&'static str, PeftConfig, bool)> {
             "v_proj".into(),
             "down_proj".into(),
         ],
-        feedforward_modules: vec!["output.dense".into(), "down_proj".into()],
+        feedforward_modules: Some(vec!["output.dense".into(), "down_proj".into()]),
         modules_to_save: vec![],
         init_ia3_weights: true,
     });

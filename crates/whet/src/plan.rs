@@ -39,7 +39,10 @@ pub(crate) fn check(plan: &MemoryPlan) -> Result<()> {
 /// `whet plan`: loads the model and tokenizes the data as `whet train` would, then prints the
 /// predicted peak by part (and as JSON with --json).
 pub fn run(recipe_path: &Path, set: &[String], json: bool) -> Result<()> {
-    let recipe = Recipe::load(recipe_path, set).map_err(|e| anyhow!(e))?;
+    let (recipe, chosen) = Recipe::load_for_model(recipe_path, set).map_err(|e| anyhow!(e))?;
+    if let Some(line) = chosen {
+        eprintln!("{line}");
+    }
     let device = Device::flex().autodiff();
     let plan = match recipe.task {
         Task::CausalLm => {

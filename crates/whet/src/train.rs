@@ -163,7 +163,10 @@ pub(crate) fn start_run(
     set: &[String],
     resume: Option<&str>,
 ) -> Result<(Recipe, Option<PathBuf>)> {
-    let recipe = Recipe::load(recipe_path, set).map_err(|e| anyhow!(e))?;
+    let (recipe, chosen) = Recipe::load_for_model(recipe_path, set).map_err(|e| anyhow!(e))?;
+    if let Some(line) = chosen {
+        eprintln!("{line}");
+    }
     let out = recipe.training.output_dir.clone();
     let resume: Option<PathBuf> = match resume {
         None => None,
@@ -300,6 +303,15 @@ pub(crate) fn print_summary(
         peak_rss_mb().unwrap_or(0.0),
         start.elapsed().as_secs_f64()
     );
+    if summary.first_step > 0 {
+        println!(
+            "resumed at step {}: ran steps {}..={} ({} optimizer steps in this process)",
+            summary.first_step,
+            summary.first_step + 1,
+            summary.steps,
+            summary.history.len()
+        );
+    }
     println!(
         "wrote {} ({}; {files})",
         out.display(),
