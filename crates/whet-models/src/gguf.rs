@@ -199,6 +199,31 @@ pub fn llama_config(file: &GgufFile) -> Result<LlamaConfig> {
     let head_dim = u("attention.key_length")
         .ok()
         .filter(|&d| d != hidden / heads);
+    // Rope scaling in GGUF is either metadata (`rope.scaling.*`) or, for llama3's, a
+    // `rope_freqs` tensor; whet reads neither, so a file using them is refused rather than run
+    // with plain rope.
+    let scaling = file
+        .get(&key("rope.scaling.type"))
+        .and_then(|v| v.as_str())
+        .filter(|t| *t != "none");
+    if let Some(t) = scaling {
+        return Err(ModelError::Config {
+            path: file.path().to_path_buf(),
+            message: format!(
+                "{} = {t:?}: rope scaling from GGUF metadata is not implemented (convert the \
+                 Hugging Face folder instead, whose rope_scaling whet reads)",
+                key("rope.scaling.type")
+            ),
+        });
+    }
+    if file.tensor("rope_freqs.weight").is_some() {
+        return Err(ModelError::Config {
+            path: file.path().to_path_buf(),
+            message: "the rope_freqs.weight tensor (llama3 rope scaling) is not implemented \
+                      for GGUF files: use the Hugging Face folder, whose rope_scaling whet reads"
+                .into(),
+        });
+    }
     let token = |k: &str| {
         file.get(&format!("tokenizer.ggml.{k}"))
             .and_then(|v| v.as_u64())
@@ -227,6 +252,8 @@ pub fn llama_config(file: &GgufFile) -> Result<LlamaConfig> {
         pad_token_id: token("padding_token_id"),
         bos_token_id: token("bos_token_id"),
         eos_token_id: token("eos_token_id").map(|v| v.into()),
+        sliding_window: u("attention.sliding_window").ok(),
+        use_sliding_window: u("attention.sliding_window").ok().map(|_| true),
         head: Default::default(),
     })
 }

@@ -409,7 +409,7 @@ impl Checkpoint {
             FamilyConfig::Bert(c) => c.max_position_embeddings,
             FamilyConfig::DistilBert(c) => c.max_position_embeddings,
             FamilyConfig::Gpt2(c) => c.n_positions,
-            FamilyConfig::Llama(c) => c.max_position_embeddings,
+            FamilyConfig::Llama(c) => c.positions(),
         }
     }
 

@@ -64,6 +64,13 @@ pub struct LlamaConfig {
     pub bos_token_id: Option<u32>,
     #[serde(default)]
     pub eos_token_id: Option<serde_json::Value>,
+    /// Mistral (and Qwen2 with `use_sliding_window`): each token attends to at most this many
+    /// before it. whet has no sliding-window mask, so it limits sequences to the window,
+    /// within which both compute the same ([`LlamaConfig::positions`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_sliding_window: Option<bool>,
     #[serde(flatten, skip_serializing)]
     pub head: HeadFields,
 }
@@ -94,6 +101,25 @@ impl LlamaConfig {
     pub fn head_dim(&self) -> usize {
         self.head_dim
             .unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+
+    /// The attention window, where the architecture uses one: Mistral's `sliding_window`,
+    /// Qwen2's when `use_sliding_window` is true.
+    pub fn attention_window(&self) -> Option<usize> {
+        match self.model_type.as_str() {
+            "mistral" => self.sliding_window,
+            "qwen2" if self.use_sliding_window == Some(true) => self.sliding_window,
+            _ => None,
+        }
+    }
+
+    /// The longest sequence whet computes as transformers does: the position table, or the
+    /// attention window when shorter (past it transformers masks what whet would attend to).
+    pub fn positions(&self) -> usize {
+        self.attention_window()
+            .map_or(self.max_position_embeddings, |w| {
+                w.min(self.max_position_embeddings)
+            })
     }
 
     /// Whether q/k/v projections carry a bias (Qwen2 always does).
@@ -453,7 +479,7 @@ impl LlamaForCausalLm {
         Ok(Self {
             model,
             lm_head,
-            max_positions: c.max_position_embeddings,
+            max_positions: c.positions(),
         })
     }
 }

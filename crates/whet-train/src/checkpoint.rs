@@ -100,6 +100,17 @@ impl<const D: usize> ParamSlot for Param<Tensor<D>> {
     }
 }
 
+/// Fault injection for the crash tests: with `WHET_CRASH_AT=POINT:STEP` the process aborts, as
+/// a kill would, at that point: `step` inside optimizer step STEP (parameters updated, the step
+/// not yet counted), `save` halfway through writing checkpoint-STEP, `load` halfway through
+/// reading it. Unset, it does nothing.
+pub fn crash_point(point: &str, step: usize) {
+    if std::env::var("WHET_CRASH_AT").is_ok_and(|v| v == format!("{point}:{step}")) {
+        eprintln!("WHET_CRASH_AT={point}:{step}: aborting");
+        std::process::abort();
+    }
+}
+
 fn io(p: &Path, e: impl std::fmt::Display) -> String {
     format!("{}: {e}", p.display())
 }
@@ -168,6 +179,7 @@ pub fn save<M: VisitParams + ?Sized>(
             ));
         }
     }
+    crash_point("save", state.global_step);
     write_safetensors(&tmp.join("optimizer.safetensors"), &moments, None)
         .map_err(|e| e.to_string())?;
     let text = serde_json::to_string_pretty(state).map_err(|e| e.to_string())?;
@@ -223,6 +235,7 @@ pub fn load<M: VisitParams + ?Sized>(
     )
     .map_err(|e| io(&dir.join("trainer_state.json"), e))?;
     load_params(dir, model, device)?;
+    crash_point("load", state.global_step);
     let moments =
         SafetensorsSource::open(&dir.join("optimizer.safetensors")).map_err(|e| e.to_string())?;
     let mut m: HashMap<String, Moments> = HashMap::new();

@@ -259,6 +259,7 @@ pub fn train<O: Objective>(
                 device,
             )
             .map_err(|e| e.replace("{step}", &(step + 1).to_string()))?;
+            checkpoint::crash_point("step", step + 1);
             step += 1;
             state.loss_sum += step_loss;
             let log = StepLog {

@@ -29,7 +29,8 @@ struct Cli {
 /// The recipe keys, shown by `whet train --help`.
 const RECIPE_HELP: &str = "\
 RECIPE KEYS (TOML; any key can be overridden with --set KEY=VALUE; `<cache>` in a path is the
-asset cache, WHET_CACHE or ./cache):
+asset cache, WHET_CACHE or ./cache; a key no table knows is an error naming the table and the
+closest valid key, never ignored):
   model          a Hugging Face folder or a .gguf file
   task           sequence-classification (default) | multi-label-classification | causal-lm |
                  question-answering (BERT family) | reward-model (a one-output classifier on
@@ -49,7 +50,10 @@ asset cache, WHET_CACHE or ./cache):
     text_column    default \"text\"; text_pair_column optional
     label_column   default \"label\": class names or ids; lists of them for multi-label
     label_names    class names in id order (default: inferred, sorted)
-    max_length     default 128; truncation_side right (default) | left
+    max_length     default 128
+    truncation_side      right (keeps the start) | left (keeps the end); default each task's
+                   reference: right, but left for ppo prompts; refused for question-answering
+                   and block_size, which cut nothing at one end
     encoding       CSV text encoding: utf-8 (default) | latin-1
     tokenization_cache   keep token ids in <cache>/tokenized/ (default true)
     causal-lm only (default: one example per text_column value, EOS appended, all learnt):
@@ -57,9 +61,13 @@ asset cache, WHET_CACHE or ./cache):
                    completion from each row's fields; EOS is appended to the completion
     messages_column      a column of conversations [{role, content}, ...] rendered with the
                    tokenizer's chat template (apply_chat_template)
-    completion_column    with messages_column: the answer (text, or a list of them: the first),
-                   appended as the assistant turn
-    completion_only_loss learn only the completion / the assistant turns (default true)
+    completion_column    with messages_column: the answer (text, or a list of them: the first,
+                   or a list of messages), appended as the assistant turn; the messages are
+                   then the prompt (trl's conversational prompt-completion data)
+    completion_only_loss with completion_column: learn only the completion, not assistant turns
+                   inside the prompt (few-shot answers) (trl's completion_only_loss); with
+                   messages_column alone: learn every assistant turn (trl's assistant_only_loss);
+                   false learns the whole text (default true)
     block_size     concatenate the texts and cut blocks of N tokens (run_clm.py's group_texts)
     packing        pack examples into rows of max_length tokens; attention stays inside each
                    example and positions restart (default false)
@@ -80,13 +88,18 @@ asset cache, WHET_CACHE or ./cache):
                    pairs or a BIG-bench folder gives its prompts), reward_max_length (512),
                    eval_samples (1: responses per held-out prompt at each evaluation). A
                    step is one rollout batch of per_device_train_batch_size x
-                   gradient_accumulation_steps prompts; data.max_length cuts prompts from the left
+                   gradient_accumulation_steps prompts; data.max_length cuts prompts (from the
+                   left unless truncation_side = right)
   [head]           unfreeze_top_layers = N (method = head; default 0)
-  [lora]           as peft.LoraConfig: r (8), lora_alpha (8), lora_dropout (0), target_modules,
-                   bias (none | all | lora_only), modules_to_save, use_rslora (false);
-                   method = lora or qlora
-  [ia3]            as peft.IA3Config (method = ia3): target_modules, feedforward_modules (the
-                   targets whose input is scaled, a subset; default none), modules_to_save
+  [lora]           as peft.LoraConfig: r (8), lora_alpha (8), lora_dropout (0), target_modules
+                   (default peft's for the model_type: bert query, value; gpt2 c_attn; llama,
+                   mistral, qwen2 q_proj, v_proj; none for distilbert), bias (none | all |
+                   lora_only), modules_to_save, use_rslora (false); method = lora or qlora; the
+                   table may be left out (LoraConfig()); what was chosen is printed
+  [ia3]            as peft.IA3Config (method = ia3; the table may be left out): target_modules
+                   and feedforward_modules (the targets whose input is scaled, a subset) default
+                   to peft's for the model_type (bert key, value, output.dense / output.dense;
+                   llama k_proj, v_proj, down_proj / down_proj; ...), modules_to_save
   [bottleneck]     method = bottleneck: adapter_type (houlsby: after attention and feed-forward |
                    pfeiffer: after feed-forward), reduction_factor (16), non_linearity (relu |
                    silu | gelu | gelu_new), modules_to_save; whet's own format (peft has none;
@@ -100,8 +113,10 @@ asset cache, WHET_CACHE or ./cache):
                    Virtual tokens go before the input (a decoder classifier pools the last real
                    token; a QA model drops their positions); neither method packs or merges
   [quantization]   how an adapter method stores the frozen base (names of BitsAndBytesConfig):
-    load_in_4bit   NF4 in blocks of 64 (default false; method = qlora without this table:
-                   NF4 with double quantisation)
+    load_in_4bit   NF4 in blocks of 64 (default false; method = qlora always means true:
+                   without this table NF4 with double quantisation, and load_in_4bit = false or
+                   keep_gguf_quantized = true with qlora are errors). A table that quantises
+                   nothing is an error
     bnb_4bit_quant_type        nf4 (the only type)
     bnb_4bit_use_double_quant  quantise the block scales to 8 bits, blocks of 256 (false)
     keep_gguf_quantized        a GGUF base keeps its own Q4_0 / Q4_1 / Q8_0 / ... blocks (false)

@@ -77,6 +77,22 @@ logging_steps = 1
     p
 }
 
+/// A resumed run started at checkpoint `from` and ran exactly the steps left to the run's
+/// end (`train_steps` in `all_results.json`), no more, no fewer.
+fn assert_resumed(text: &str, from: usize, out: &Path) {
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("all_results.json")).unwrap())
+            .unwrap();
+    let end = results["train_steps"].as_u64().unwrap() as usize;
+    assert!(end > from, "the run ended at {end}, not after {from}");
+    let want = format!(
+        "resumed at step {from}: ran steps {}..={end} ({} optimizer steps in this process)",
+        from + 1,
+        end - from
+    );
+    assert!(text.contains(&want), "expected {want:?} in:\n{text}");
+}
+
 const LORA: &str = "[lora]\nr = 4\nlora_alpha = 8\ntarget_modules = [\"query\", \"value\"]";
 
 #[test]
@@ -299,6 +315,68 @@ fn bad_data_and_recipes_get_clear_errors() {
     // a misspelt option
     let e = err(&["train", rs, "--set", "training.learning_rat=1"]);
     assert!(e.contains("learning_rat"), "{e}");
+    // a misspelt adapter key: named with its table and the key meant, in train and plan
+    for cmd in ["train", "plan"] {
+        let e = err(&[cmd, rs, "--set", "lora.lora_alfa=32"]);
+        assert!(
+            e.contains("\"lora_alfa\" in [lora]")
+                && e.contains("closest valid key is \"lora_alpha\""),
+            "{e}"
+        );
+    }
+    // a stray integer label is named, not turned into four billion classes
+    let stray = dir.path().join("stray.jsonl");
+    std::fs::write(
+        &stray,
+        "{\"text\": \"a\", \"label\": 0}\n{\"text\": \"b\", \"label\": 1}\n{\"text\": \"c\", \"label\": 4000000000}\n",
+    )
+    .unwrap();
+    let e = err(&[
+        "train",
+        rs,
+        "--set",
+        &format!("data.train=\"{}\"", stray.display()),
+    ]);
+    assert!(
+        e.contains("stray.jsonl:3") && e.contains("4000000000"),
+        "{e}"
+    );
+}
+
+/// `method = "lora"` with no `[lora]` table trains with what peft's `LoraConfig()` picks for
+/// BERT (query and value, r 8, alpha 8) and says so.
+#[test]
+fn lora_without_a_table_uses_peft_defaults_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = recipe(dir.path(), "lora", "");
+    let out = whet(&[
+        "train",
+        r.to_str().unwrap(),
+        "--set",
+        "training.max_steps=1",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("LoraConfig()") && stderr.contains("[\"query\", \"value\"]"),
+        "{stderr}"
+    );
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("out/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (cfg["r"].as_u64(), cfg["lora_alpha"].as_f64()),
+        (Some(8), Some(8.0))
+    );
+    let mut targets: Vec<&str> = cfg["target_modules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    targets.sort();
+    assert_eq!(targets, ["query", "value"]);
 }
 
 #[test]
@@ -334,6 +412,98 @@ fn train_help_explains_its_options() {
     ] {
         assert!(text.contains(phrase), "{phrase}: {text}");
     }
+}
+
+/// A run that dies at many points (inside a step, halfway through writing a checkpoint, halfway
+/// through loading one on resume), resumed after each death, ends on exactly the weights of an
+/// uninterrupted run; a half-written checkpoint is never used and never left behind.
+#[test]
+fn a_run_crashed_at_many_points_resumes_each_time_to_the_same_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = recipe(dir.path(), "lora", LORA);
+    let rs = r.to_str().unwrap();
+    let args = |out: &Path| -> Vec<String> {
+        [
+            "train",
+            rs,
+            "--set",
+            "training.max_steps=6",
+            "--set",
+            "training.save_steps=2",
+            "--set",
+            "training.eval_strategy=\"no\"",
+            "--set",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([format!("training.output_dir=\"{}\"", out.display())])
+        .collect()
+    };
+    let whole = dir.path().join("whole");
+    let a = args(&whole);
+    ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
+
+    let out = dir.path().join("crashed");
+    let run = |crash: Option<&str>, resume: bool| -> std::process::Output {
+        let mut a = args(&out);
+        if resume {
+            a.push("--resume".into());
+        }
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_whet"));
+        cmd.env("WHET_CACHE", cache()).args(&a);
+        if let Some(c) = crash {
+            cmd.env("WHET_CRASH_AT", c);
+        }
+        cmd.output().unwrap()
+    };
+    let latest = || {
+        whet_train::checkpoint::latest(&out).and_then(|p| p.file_name()?.to_str().map(String::from))
+    };
+    let half_written = || {
+        std::fs::read_dir(&out)
+            .unwrap()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().contains(".tmp-"))
+    };
+    // (where it dies, whether it resumes, the newest complete checkpoint after the death)
+    let deaths = [
+        ("step:3", false, "checkpoint-2"),
+        ("load:2", true, "checkpoint-2"),
+        ("save:4", true, "checkpoint-2"),
+        ("step:6", true, "checkpoint-4"),
+        ("save:6", true, "checkpoint-4"),
+        ("load:4", true, "checkpoint-4"),
+    ];
+    for (crash, resume, newest) in deaths {
+        let o = run(Some(crash), resume);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && stderr.contains(&format!("WHET_CRASH_AT={crash}")),
+            "{crash}: the run did not die there:\n{stderr}"
+        );
+        assert!(!out.join("all_results.json").exists(), "{crash}");
+        assert_eq!(latest().as_deref(), Some(newest), "after dying at {crash}");
+        if crash.starts_with("save") {
+            assert!(
+                half_written(),
+                "{crash}: the half-written checkpoint is not where it died"
+            );
+        }
+    }
+    let o = run(None, true);
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        o.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_resumed(&text, 4, &out);
+    assert!(
+        std::fs::read(whole.join("adapter_model.safetensors")).unwrap()
+            == std::fs::read(out.join("adapter_model.safetensors")).unwrap(),
+        "after six deaths the run ended on other weights than an uninterrupted one"
+    );
+    assert!(!half_written(), "a half-written checkpoint was left behind");
 }
 
 /// A run killed with SIGKILL after a checkpoint and resumed with --resume ends with exactly the
@@ -385,11 +555,21 @@ fn a_killed_run_resumes_to_the_same_weights() {
         "the run was killed before it finished"
     );
     assert!(!b.join("checkpoint-12").exists());
+    let from: usize = whet_train::checkpoint::latest(&b)
+        .and_then(|p| {
+            p.file_name()?
+                .to_str()?
+                .strip_prefix("checkpoint-")?
+                .parse()
+                .ok()
+        })
+        .unwrap();
 
     let mut resume = args_b.clone();
     resume.push("--resume");
     let text = ok(&resume);
     assert!(text.contains("resuming from"), "{text}");
+    assert_resumed(&text, from, &b);
     let wa = std::fs::read(a.join("adapter_model.safetensors")).unwrap();
     let wb = std::fs::read(b.join("adapter_model.safetensors")).unwrap();
     assert!(
@@ -1295,6 +1475,7 @@ fn reward_model_trains_on_preference_pairs() {
             std::fs::write(&r2, moved).unwrap();
             let text = ok(&["train", r2.to_str().unwrap(), "--resume"]);
             assert!(text.contains("resuming from"), "{text}");
+            assert_resumed(&text, 3, &again);
             assert!(
                 std::fs::read(out.join("adapter_model.safetensors")).unwrap()
                     == std::fs::read(again.join("adapter_model.safetensors")).unwrap(),
@@ -1439,6 +1620,7 @@ fn dpo_prefers_the_chosen_answers() {
             let r2 = recipe(method, extra, &again);
             let text = ok(&["train", r2.to_str().unwrap(), "--resume"]);
             assert!(text.contains("resuming from"), "{text}");
+            assert_resumed(&text, 8, &again);
             let wa = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
             let wb = std::fs::read(again.join("adapter_model.safetensors")).unwrap();
             assert!(wa == wb, "the resumed DPO run ended on other weights");
@@ -1640,6 +1822,7 @@ fn ppo_raises_the_reward_with_a_bounded_kl() {
     }
     let text = ok(&["train", recipe(&again, "").to_str().unwrap(), "--resume"]);
     assert!(text.contains("resuming from"), "{text}");
+    assert_resumed(&text, 10, &again);
     for f in ["adapter_model.safetensors", "value_head.safetensors"] {
         assert!(
             std::fs::read(out.join(f)).unwrap() == std::fs::read(again.join(f)).unwrap(),
