@@ -582,6 +582,11 @@ impl Recipe {
                 )
             } else if recipe.task == Task::CausalLm && recipe.data.block_size.is_some() {
                 Some("data.block_size cuts the text stream into blocks; no example is truncated")
+            } else if recipe.task == Task::CausalLm && recipe.data.too_long != TooLong::Truncate {
+                Some(
+                    "causal-lm truncates only with data.too_long = \"truncate\" (now a too-long \
+                     example is an error or skipped)",
+                )
             } else {
                 None
             };
@@ -932,5 +937,17 @@ learning_rate = 1e-3
         )
         .unwrap_err();
         assert!(e.contains("block_size"), "{e}");
+        let lm = |too_long: &str| {
+            Recipe::parse(
+                BASE,
+                &[
+                    "task=\"causal-lm\"".into(),
+                    format!("data.too_long=\"{too_long}\""),
+                    "data.truncation_side=\"left\"".into(),
+                ],
+            )
+        };
+        assert!(lm("error").unwrap_err().contains("too_long"));
+        assert_eq!(lm("truncate").unwrap().data.side(Side::Right), Side::Left);
     }
 }

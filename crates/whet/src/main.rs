@@ -52,8 +52,8 @@ closest valid key, never ignored):
     label_names    class names in id order (default: inferred, sorted)
     max_length     default 128
     truncation_side      right (keeps the start) | left (keeps the end); default each task's
-                   reference: right, but left for ppo prompts; refused for question-answering
-                   and block_size, which cut nothing at one end
+                   reference: right, but left for ppo prompts; refused where nothing is cut at
+                   one end: question-answering, block_size, causal-lm without too_long = truncate
     encoding       CSV text encoding: utf-8 (default) | latin-1
     tokenization_cache   keep token ids in <cache>/tokenized/ (default true)
     causal-lm only (default: one example per text_column value, EOS appended, all learnt):
