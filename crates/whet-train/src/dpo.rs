@@ -412,20 +412,40 @@ impl Objective for Dpo {
     }
 }
 
-/// trl's implicit prompt: the longest common prefix of `chosen` and `rejected` (on character
-/// boundaries), the answers being the rest.
+/// trl's implicit prompt (`trl.data_utils.extract_prompt`): the common start of `chosen` and
+/// `rejected` (in characters), the answers being the rest. As trl does, a space just before
+/// the first difference goes to the answers ("The sky is" + " blue."), and when one answer is a
+/// prefix of the other, their last common character goes to the answers too ("ab" + "c" /
+/// "cdef"). One departure: when the texts differ from their first character, trl's index `-1`
+/// would make all of `chosen` but its last character the prompt if `chosen` ends in a space;
+/// whet keeps the prompt empty there.
 pub fn split_implicit_prompt(chosen: &str, rejected: &str) -> (String, String, String) {
-    let mut end = 0;
-    for ((i, a), b) in chosen.char_indices().zip(rejected.chars()) {
-        if a != b {
-            break;
-        }
-        end = i + a.len_utf8();
-    }
+    // Byte offsets of chosen's characters, with its length at the end.
+    let starts: Vec<usize> = chosen
+        .char_indices()
+        .map(|(i, _)| i)
+        .chain([chosen.len()])
+        .collect();
+    let shared = chosen
+        .chars()
+        .zip(rejected.chars())
+        .take_while(|(a, b)| a == b)
+        .count();
+    let common = chosen.chars().count().min(rejected.chars().count());
+    let at = if shared == common {
+        // No difference within the shorter text: trl's loop ends on its last index.
+        shared.saturating_sub(1)
+    } else if shared > 0 && chosen[starts[shared - 1]..].starts_with(' ') {
+        shared - 1
+    } else {
+        shared
+    };
+    // The first `at` characters are shared, so the offset is the same in both texts.
+    let cut = starts[at];
     (
-        chosen[..end].to_string(),
-        chosen[end..].to_string(),
-        rejected[end..].to_string(),
+        chosen[..cut].to_string(),
+        chosen[cut..].to_string(),
+        rejected[cut..].to_string(),
     )
 }
 
@@ -433,8 +453,10 @@ fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
-/// Tokenizes a pair as trl 1.16's `DPOTrainer` does: no special tokens added, EOS after each
-/// answer, the answer starting where the tokenized prompt and prompt + answer diverge; then
+/// Tokenizes a pair as trl 1.16's `DPOTrainer` does: no special tokens added, the EOS text
+/// appended to each answer that does not end with it, the prompt split off as
+/// [`split_implicit_prompt`] does when the pair has none, the answer starting where the
+/// tokenized prompt and prompt + answer diverge; then
 /// each sequence cut to `max_length` (`Side::Right` keeps the start, trl's `keep_start`).
 /// `None` when the prompt alone fills `max_length` with `keep_start` (trl drops those).
 pub fn encode_dpo_pair(
@@ -457,17 +479,15 @@ pub fn encode_dpo_pair(
             .encode(t, false)
             .map_err(|e| format!("{}: {e}", pair.origin))
     };
-    let eos = tokenizer.eos.as_ref().map(|e| e.id);
+    // trl appends the EOS *text* to each answer that does not end with it, then tokenizes; an
+    // empty answer after a prompt ending in EOS text still gets one.
+    let with_eos = |answer: &str| match &tokenizer.eos {
+        Some(e) if !answer.ends_with(&e.text) => format!("{prompt}{answer}{}", e.text),
+        _ => format!("{prompt}{answer}"),
+    };
     let p = enc(&prompt)?;
-    let mut c = enc(&format!("{prompt}{chosen}"))?;
-    let mut r = enc(&format!("{prompt}{rejected}"))?;
-    if let Some(e) = eos {
-        for s in [&mut c, &mut r] {
-            if s.last() != Some(&e) {
-                s.push(e);
-            }
-        }
-    }
+    let c = enc(&with_eos(&chosen))?;
+    let r = enc(&with_eos(&rejected))?;
     let prompt_len = common_prefix(&p, &c).min(common_prefix(&p, &r));
     if side == whet_data::Side::Right && prompt_len >= max_length {
         return Ok(None);

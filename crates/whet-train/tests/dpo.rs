@@ -275,3 +275,118 @@ fn pairs_are_tokenized_as_trl_does() {
         .unwrap_err();
     assert!(err.contains("pairs.jsonl:1"), "{err}");
 }
+
+/// SmolLM2's real tokenizer, from its GGUF (`scripts/fetch_assets.sh --only smollm2`).
+fn smollm2() -> whet_models::TextTokenizer {
+    let cache = std::env::var_os("WHET_CACHE")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| fixtures().join("../../cache"));
+    Checkpoint::open(cache.join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+        .expect("cache/smollm2: run scripts/fetch_assets.sh --only smollm2")
+        .tokenizer()
+        .unwrap()
+}
+
+/// trl's collated row as whet's ids and labels: the answer (`completion_mask` 1) learnt.
+fn trl_row(row: &serde_json::Value) -> (Vec<u32>, Vec<i64>) {
+    let ints = |k: &str| -> Vec<i64> {
+        row[k]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_i64().unwrap())
+            .collect()
+    };
+    let (ids, mask) = (ints("input_ids"), ints("completion_mask"));
+    let labels = ids
+        .iter()
+        .zip(&mask)
+        .map(|(&i, &m)| if m == 1 { i } else { IGNORE })
+        .collect();
+    (ids.iter().map(|&i| i as u32).collect(), labels)
+}
+
+/// On SmolLM2's real tokenizer, whet's rows equal the ones trl 1.16's own `DPOTrainer` prepares
+/// and collates (`tests/fixtures/dpo/smollm2-tokenization.json`, from
+/// `scripts/make_dpo_tokenization_fixture.py`): ids and learnt tokens of the chosen and rejected
+/// rows for 20 pairs at BPE boundaries (prompts ending in spaces, answers merging with the
+/// prompt's last token, whitespace, non-ASCII, digits, special tokens, EOS text, implicit
+/// prompts), `keep_start` truncation at max_length 48, and exactly trl's dropped pairs.
+#[test]
+fn smollm2_pairs_are_tokenized_as_trl_dpo_trainer_does() {
+    let text = std::fs::read_to_string(fixtures().join("dpo/smollm2-tokenization.json")).unwrap();
+    let fixture: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let max_length = fixture["max_length"].as_u64().unwrap() as usize;
+    let tok = smollm2();
+    let cases = fixture["pairs"].as_array().unwrap();
+    assert_eq!(cases.len(), 20);
+    let (mut dropped, mut truncated) = (0, 0);
+    for (i, case) in cases.iter().enumerate() {
+        let s = |k: &str| case[k].as_str().unwrap().to_string();
+        let pair = PreferencePair {
+            prompt: s("prompt"),
+            chosen: s("chosen"),
+            rejected: s("rejected"),
+            origin: format!("pair {i}"),
+        };
+        assert_eq!(
+            case["kind"] == "implicit",
+            pair.prompt.is_empty(),
+            "pair {i}"
+        );
+        let got = encode_dpo_pair(&tok, &pair, max_length, Side::Right)
+            .unwrap_or_else(|e| panic!("pair {i}: {e}"));
+        if case["dropped"].as_bool().unwrap() {
+            assert!(got.is_none(), "pair {i}: trl drops it, whet keeps it");
+            dropped += 1;
+            continue;
+        }
+        let got = got.unwrap_or_else(|| panic!("pair {i}: trl keeps it, whet drops it"));
+        for (side, row) in [("chosen", &got.chosen), ("rejected", &got.rejected)] {
+            let (ids, labels) = trl_row(&case[format!("{side}_row")]);
+            let context = || {
+                format!(
+                    "pair {i} {side} ({:?} + {:?}):\n whet {:?} / {:?}\n trl  {ids:?} / {labels:?}",
+                    pair.prompt, case[side], row.ids, row.labels
+                )
+            };
+            assert_eq!(row.ids, ids, "{}", context());
+            assert_eq!(row.labels, labels, "{}", context());
+            assert_eq!(row.position_ids, (0..ids.len() as u32).collect::<Vec<_>>());
+            truncated += usize::from(ids.len() == max_length);
+        }
+    }
+    // The fixture covers both ends of max_length.
+    assert_eq!(dropped, 1);
+    assert!(truncated >= 2, "{truncated}");
+}
+
+/// whet's implicit prompt is `trl.data_utils.extract_prompt`'s (the same fixture's
+/// `extract_prompt` cases: a space before the first difference goes to the answers, one answer
+/// a prefix of the other, non-ASCII, no common start), except where trl's index turns -1:
+/// texts that differ from the first character with `chosen` ending in a space, where whet keeps
+/// the prompt empty instead of taking all of `chosen` but its last character.
+#[test]
+fn implicit_prompts_are_split_as_trl_extract_prompt_does() {
+    let text = std::fs::read_to_string(fixtures().join("dpo/smollm2-tokenization.json")).unwrap();
+    let fixture: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let mut departures = 0;
+    for case in fixture["extract_prompt"].as_array().unwrap() {
+        let s = |v: &serde_json::Value| v.as_str().unwrap().to_string();
+        let (chosen, rejected) = (s(&case["chosen"]), s(&case["rejected"]));
+        let trl = &case["trl"];
+        let want = (s(&trl["prompt"]), s(&trl["chosen"]), s(&trl["rejected"]));
+        let got = whet_train::dpo::split_implicit_prompt(&chosen, &rejected);
+        if chosen.chars().next() != rejected.chars().next() && chosen.ends_with(' ') {
+            assert_ne!(
+                got, want,
+                "{chosen:?} / {rejected:?}: no longer a departure"
+            );
+            assert_eq!(got, (String::new(), chosen.clone(), rejected.clone()));
+            departures += 1;
+        } else {
+            assert_eq!(got, want, "{chosen:?} / {rejected:?}");
+        }
+    }
+    assert_eq!(departures, 1);
+}

@@ -1,6 +1,8 @@
 //! PPO's arithmetic against trl 0.19's (`tests/fixtures/ppo/steps.safetensors`, from
-//! `scripts/make_ppo_fixture.py`): per-token KL-penalised rewards, GAE, whitened advantages,
-//! returns, the clipped policy and value losses, their clip fractions and gradients.
+//! `scripts/make_ppo_fixture.py`, which runs trl 0.19.1's own functions and the lines of
+//! `PPOTrainer.train`): per-token KL-penalised rewards, GAE, whitened advantages and rewards,
+//! returns, the clipped policy and value losses, their clip fractions, approxkl and ratio
+//! statistics and gradients, and `[ppo]`'s defaults against `PPOConfig`'s.
 
 mod common;
 
@@ -46,6 +48,20 @@ fn ppo_arithmetic_matches_trl() {
         .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as usize)
         .collect();
     let t = 5;
+    // trl's lengths (`sequence_lengths + 1`) count the response up to and with its first EOS
+    // (id 2), the whole row when there is none: the tokens whet's rollouts learn.
+    let responses: Vec<i64> = st
+        .tensor("responses")
+        .unwrap()
+        .data()
+        .chunks_exact(8)
+        .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    let to_eos: Vec<usize> = responses
+        .chunks(t)
+        .map(|row| row.iter().position(|&id| id == 2).map_or(t, |i| i + 1))
+        .collect();
+    assert_eq!(to_eos, lengths);
     let mut offsets = vec![0];
     for &l in &lengths {
         offsets.push(offsets.last().unwrap() + l);
@@ -54,6 +70,13 @@ fn ppo_arithmetic_matches_trl() {
     let (logps, ref_logps, values) = (get("logprobs"), get("ref_logprobs"), get("values"));
     let scores = floats(&st, "scores");
     let rewards = token_rewards(&logps, &ref_logps, &scores, &offsets, 0.05);
+    close(&rewards, &get("rewards"), 1e-6, "rewards");
+    close(
+        &whiten(&rewards, false),
+        &get("whitened_rewards"),
+        1e-5,
+        "whitened rewards",
+    );
     let (adv, returns) = gae(&rewards, &values, &offsets, 1.0, 0.95);
     close(&returns, &get("returns"), 1e-5, "returns");
     let adv = whiten(&adv, true);
@@ -87,6 +110,22 @@ fn ppo_arithmetic_matches_trl() {
         1e-6,
         "clip fractions",
     );
+    // trl logs approxkl and the ratio as means over all B * T positions, padding included,
+    // where the log-ratio is 0 (whet's logs divide by the response tokens instead).
+    let positions = (lengths.len() * t) as f64;
+    let pads = positions - n as f64;
+    close(
+        &[l.half_sq_log_ratio as f32],
+        &[one("approxkl") * positions as f32],
+        1e-5,
+        "approxkl",
+    );
+    close(
+        &[(l.ratio_sum + pads) as f32],
+        &[one("ratio_mean") * positions as f32],
+        1e-5,
+        "ratio",
+    );
     let loss = (l.policy + l.value.mul_scalar(0.1)).div_scalar(n as f64);
     let grads = loss.backward();
     let grad = |p: &Tensor<1>| {
@@ -108,6 +147,29 @@ fn ppo_arithmetic_matches_trl() {
         1e-6,
         "d loss / d values",
     );
+}
+
+/// `[ppo]`'s defaults are trl 0.19.1's `PPOConfig` defaults (the fixture's `ppo_config`
+/// metadata, read from a `PPOConfig()`).
+#[test]
+fn ppo_defaults_are_trl_ppo_config_defaults() {
+    let bytes = std::fs::read(fixtures().join("ppo/steps.safetensors")).unwrap();
+    let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
+    let trl: serde_json::Value =
+        serde_json::from_str(&meta.metadata().as_ref().unwrap()["ppo_config"]).unwrap();
+    let ours: whet_train::ppo::PpoConfig =
+        serde_json::from_value(serde_json::json!({"reward_model": "rm"})).unwrap();
+    let ours = serde_json::to_value(ours).unwrap();
+    let trl = trl.as_object().unwrap();
+    assert_eq!(trl.len(), 12);
+    for (k, want) in trl {
+        let got = &ours[k];
+        let same = match (got.as_f64(), want.as_f64()) {
+            (Some(a), Some(b)) => a == b,
+            _ => got == want,
+        };
+        assert!(same, "{k}: whet {got} vs trl {want}");
+    }
 }
 
 /// GAE's two limits: lam = 1 gives returns equal to the rewards to go (gamma 1, values
