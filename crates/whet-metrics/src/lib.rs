@@ -152,8 +152,10 @@ pub fn matthews(cm: &[Vec<usize>]) -> f64 {
 /// - `accuracy` is subset accuracy (every label of the text right), as `accuracy_score`;
 /// - per-label, macro, micro (global counts) and weighted precision / recall / F1 as
 ///   `precision_recall_fscore_support`;
-/// - `matthews_correlation` is the binary MCC of all label decisions flattened together
-///   (scikit-learn refuses multi-label input here; this is the usual "micro" MCC);
+/// - `matthews_correlation` is the binary MCC of all `n × n_labels` label decisions pooled
+///   together ("micro" MCC): scikit-learn's `matthews_corrcoef` refuses multi-label input,
+///   and this is what it gives on the flattened indicator matrices,
+///   `matthews_corrcoef(Y_true.ravel(), Y_pred.ravel())`; 0 when undefined, as there;
 /// - `confusion` holds one row per label, `[tn, fp, fn, tp]`, as
 ///   `multilabel_confusion_matrix` flattened.
 pub fn multilabel_report(
@@ -344,6 +346,106 @@ mod tests {
         // flattened: tp 3, tn 7, fp 1, fn 1: (21 - 1) / sqrt(4 * 4 * 8 * 8)
         close(r.matthews_correlation, 20.0 / 32.0);
         assert_eq!(r.confusion[1], vec![1, 1, 1, 1]);
+    }
+
+    /// One case of `tests/fixtures/metrics/sklearn.txt` (`scripts/make_metrics_fixture.py`):
+    /// `<case>.<key> <values>` lines.
+    fn sklearn_case(case: &str) -> std::collections::BTreeMap<String, Vec<String>> {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../tests/fixtures/metrics/sklearn.txt"
+        );
+        let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        let found: std::collections::BTreeMap<String, Vec<String>> = text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let (key, values) = l.split_once(' ')?;
+                let key = key.strip_prefix(case)?.strip_prefix('.')?;
+                Some((
+                    key.to_string(),
+                    values.split(' ').map(String::from).collect(),
+                ))
+            })
+            .collect();
+        assert!(!found.is_empty(), "no case {case} in {path}");
+        found
+    }
+
+    fn floats(case: &std::collections::BTreeMap<String, Vec<String>>, key: &str) -> Vec<f64> {
+        case[key].iter().map(|v| v.parse().unwrap()).collect()
+    }
+
+    fn ints(case: &std::collections::BTreeMap<String, Vec<String>>, key: &str) -> Vec<usize> {
+        case[key].iter().map(|v| v.parse().unwrap()).collect()
+    }
+
+    /// Everything but the matrix agrees with scikit-learn's numbers (to 1e-12).
+    fn assert_report_equals(
+        r: &ClassificationReport,
+        want: &std::collections::BTreeMap<String, Vec<String>>,
+    ) {
+        let closes = |got: &[f64], key: &str| {
+            let w = floats(want, key);
+            assert_eq!(got.len(), w.len(), "{key}");
+            for (g, w) in got.iter().zip(&w) {
+                assert!((g - w).abs() < 1e-12, "{key}: {got:?} vs {w:?}");
+            }
+        };
+        closes(&[r.matthews_correlation], "mcc");
+        closes(&[r.accuracy], "accuracy");
+        let per = |f: fn(&ClassScores) -> f64| r.per_class.iter().map(f).collect::<Vec<_>>();
+        closes(&per(|c| c.precision), "precision");
+        closes(&per(|c| c.recall), "recall");
+        closes(&per(|c| c.f1), "f1");
+        let support: Vec<usize> = r.per_class.iter().map(|c| c.support).collect();
+        assert_eq!(support, ints(want, "support"));
+        for (avg, key) in [
+            (r.macro_avg, "macro"),
+            (r.micro_avg, "micro"),
+            (r.weighted_avg, "weighted"),
+        ] {
+            closes(&[avg.precision, avg.recall, avg.f1], key);
+        }
+        let flat: Vec<usize> = r.confusion.iter().flatten().copied().collect();
+        assert_eq!(flat, ints(want, "confusion"));
+    }
+
+    #[test]
+    fn multiclass_report_equals_scikit_learn_fixture() {
+        for name in ["multiclass", "multiclass_constant"] {
+            let case = sklearn_case(name);
+            let n = ints(&case, "n")[0];
+            let r = classification_report(&ints(&case, "true"), &ints(&case, "pred"), n);
+            assert_report_equals(&r, &case);
+        }
+    }
+
+    #[test]
+    fn multilabel_report_equals_scikit_learn_on_flattened_decisions() {
+        for name in ["multilabel", "multilabel_empty"] {
+            let case = sklearn_case(name);
+            let n = ints(&case, "n")[0];
+            // "0110" -> labels {1, 2}
+            let sets = |key: &str| -> Vec<Vec<usize>> {
+                case[key]
+                    .iter()
+                    .map(|row| {
+                        assert_eq!(row.len(), n);
+                        row.char_indices()
+                            .filter(|&(_, c)| c == '1')
+                            .map(|(k, _)| k)
+                            .collect()
+                    })
+                    .collect()
+            };
+            let r = multilabel_report(&sets("true"), &sets("pred"), n);
+            assert_report_equals(&r, &case);
+        }
+        // The example tells the pooled MCC from the mean of per-label MCCs.
+        let case = sklearn_case("multilabel");
+        let (pooled, mean) = (floats(&case, "mcc")[0], floats(&case, "mcc_label_mean")[0]);
+        assert!((pooled - mean).abs() > 0.05, "{pooled} vs {mean}");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! script computes them, the `pipeline("question-answering")` answer, and output the Python
 //! world loads (`BertForQuestionAnswering` folder, or a `peft` adapter with `qa_outputs`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use burn::module::Module;
@@ -465,10 +465,13 @@ pub struct QaAnswer {
     pub answer: String,
 }
 
-/// Answers as `pipeline("question-answering")` gives them: per window, softmax of the start
-/// and end logits over the context tokens and `[CLS]`, `[CLS]` then dropped; a span's score
-/// is `p_start · p_end`; spans of at most `max_answer_len` tokens; the `top_k` best over all
-/// windows.
+/// Answers as `pipeline("question-answering")` gives them (transformers 4.57, the last release
+/// with that pipeline; `align_to_words` on, `handle_impossible_answer` off): per window, the
+/// softmax of the start and end logits over the context tokens and `[CLS]`, `[CLS]` then
+/// dropped; a span's score is `p_start · p_end`, for spans of at most `max_answer_len` tokens;
+/// the window's `2 · top_k + 10` best spans are widened to whole words and become answers,
+/// where a span whose text equals an earlier answer's (ignoring case, from any window) adds
+/// its score to that answer instead; the `top_k` best answers.
 #[allow(clippy::too_many_arguments)]
 pub fn answer(
     model: &BertForQuestionAnswering,
@@ -489,6 +492,19 @@ pub fn answer(
     };
     let features =
         qa_features(tokenizer, &[ex], max_length, doc_stride).map_err(|e| e.to_string())?;
+    // The word of each context token, by its character span: the context's side of a pair is
+    // split into the same words as the context alone.
+    let alone = tokenizer
+        .inner
+        .encode_char_offsets(context, false)
+        .map_err(|e| e.to_string())?;
+    let word_of: HashMap<(usize, usize), u32> = alone
+        .get_offsets()
+        .iter()
+        .zip(alone.get_word_ids())
+        .filter_map(|(&o, w)| w.map(|w| (o, w)))
+        .collect();
+    let top_k = top_k.max(1);
     let model = &model.valid();
     let device = &device.clone().without_autodiff();
     let mut found: Vec<QaAnswer> = Vec::new();
@@ -516,22 +532,52 @@ pub fn answer(
             p
         };
         let (ps, pe) = (probs(to_vec(s)), probs(to_vec(e)));
+        // (score, first token, last token) of the spans inside the context.
+        let mut spans: Vec<(f64, usize, usize)> = Vec::new();
         for (i, p_start) in ps.iter().enumerate() {
             for (j, p_end) in pe.iter().enumerate().take(i + max_answer_len).skip(i) {
-                if let (Some(a), Some(z)) = (f.context_offsets[i], f.context_offsets[j]) {
-                    found.push(QaAnswer {
-                        score: p_start * p_end,
-                        start: a.0,
-                        end: z.1,
-                        answer: chars(context, a.0, z.1),
-                    });
+                if f.context_offsets[i].is_some() && f.context_offsets[j].is_some() {
+                    spans.push((p_start * p_end, i, j));
                 }
             }
         }
+        spans.sort_by(|a, b| b.0.total_cmp(&a.0));
+        spans.truncate(2 * top_k + 10);
+        // The characters of token `i`'s whole word, as far as this window holds it
+        // (`word_to_chars` of the window's encoding).
+        let word_chars = |i: usize| -> Option<(usize, usize)> {
+            let o = f.context_offsets[i]?;
+            let Some(w) = word_of.get(&o) else {
+                return Some(o);
+            };
+            Some(
+                f.context_offsets
+                    .iter()
+                    .flatten()
+                    .filter(|p| word_of.get(p) == Some(w))
+                    .fold(o, |(a, z), p| (a.min(p.0), z.max(p.1))),
+            )
+        };
+        for (score, i, j) in spans {
+            let (Some((a, _)), Some((_, z))) = (word_chars(i), word_chars(j)) else {
+                continue;
+            };
+            let text = chars(context, a, z);
+            let lower = text.to_lowercase();
+            match found.iter_mut().find(|x| x.answer.to_lowercase() == lower) {
+                Some(same) => same.score += score,
+                None => found.push(QaAnswer {
+                    score,
+                    start: a,
+                    end: z,
+                    answer: text,
+                }),
+            }
+        }
     }
+    // Stable, as Python's `sorted`: equal scores keep the order they were found in.
     found.sort_by(|a, b| b.score.total_cmp(&a.score));
-    found.dedup_by(|a, b| a.start == b.start && a.end == b.end);
-    found.truncate(top_k.max(1));
+    found.truncate(top_k);
     if found.is_empty() {
         return Err("the context holds no token to answer with".into());
     }

@@ -1,5 +1,7 @@
 //! The question-answering objective against `transformers`' `BertForQuestionAnswering` loss
-//! (`tests/fixtures/tiny-bert-qa`, from `scripts/make_fixtures.py`), and span selection.
+//! (`tests/fixtures/tiny-bert-qa`, from `scripts/make_fixtures.py`), span selection, and the
+//! answers of `pipeline("question-answering")` (`tests/fixtures/qa-pipeline`, from
+//! `scripts/make_qa_pipeline_fixture.py`; needs cache/minilm).
 
 mod common;
 
@@ -93,4 +95,130 @@ fn the_best_span_is_inside_the_context_ordered_and_short_enough() {
     // Limited to one token, the best single-token span is 6..=6 (5 + 0) vs 4..=4 (0 + 6):
     // 4..=4 wins.
     assert_eq!(best_span(&[(&f, &start, &end)], 1), Some((5, 9)));
+}
+
+/// The asset cache (`WHET_CACHE`, else the repository's `cache/`); `scripts/fetch_assets.sh
+/// --only minilm` fills it.
+fn cache() -> std::path::PathBuf {
+    std::env::var_os("WHET_CACHE")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| fixtures().join("../../cache"))
+}
+
+/// cache/minilm with the span head of `tests/fixtures/qa-pipeline/head.safetensors`: a
+/// temporary model folder (MiniLM's config and tokenizer files) whose
+/// `model.safetensors.index.json` names both weight files where they lie.
+fn minilm_with_span_head() -> tempfile::TempDir {
+    let minilm = cache().join("minilm");
+    assert!(
+        minilm.join("model.safetensors").is_file(),
+        "{} is missing: run scripts/fetch_assets.sh --only minilm",
+        minilm.display()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    for f in [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "vocab.txt",
+    ] {
+        std::fs::copy(minilm.join(f), dir.path().join(f)).unwrap();
+    }
+    let encoder = minilm.join("model.safetensors").canonicalize().unwrap();
+    let head = fixtures()
+        .join("qa-pipeline/head.safetensors")
+        .canonicalize()
+        .unwrap();
+    let index = serde_json::json!({"weight_map": {
+        "embeddings.word_embeddings.weight": encoder,
+        "qa_outputs.weight": head,
+        "qa_outputs.bias": head,
+    }});
+    std::fs::write(
+        dir.path().join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+    dir
+}
+
+#[test]
+fn answers_equal_the_question_answering_pipeline() {
+    use whet_data::{QaExample, qa_features};
+    use whet_train::qa::answer;
+
+    let expected: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("qa-pipeline/expected.json")).unwrap(),
+    )
+    .unwrap();
+    let folder = minilm_with_span_head();
+    let device = Device::flex();
+    let checkpoint = Checkpoint::open(folder.path()).unwrap();
+    let (model, fresh) = checkpoint.load_question_answering(&device).unwrap();
+    assert!(fresh.is_empty(), "the span head was not read: {fresh:?}");
+    let tokenizer = checkpoint.tokenizer().unwrap();
+    let cases = expected["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 5);
+    let mut several_windows = 0;
+    for case in cases {
+        let text = |k: &str| case[k].as_str().unwrap().to_string();
+        let num = |k: &str| case[k].as_u64().unwrap() as usize;
+        let (question, context) = (text("question"), text("context"));
+        assert!(!case["handle_impossible_answer"].as_bool().unwrap());
+        // The pipeline's `doc_stride` is the tokenizer's `stride` (overlap), as whet's.
+        let windows = qa_features(
+            &tokenizer,
+            &[QaExample {
+                question: question.clone(),
+                context: context.clone(),
+                answers: vec![],
+                origin: "case".into(),
+            }],
+            num("max_seq_len"),
+            num("doc_stride"),
+        )
+        .unwrap()
+        .len();
+        assert_eq!(windows, num("windows"), "{question}: windows");
+        several_windows += usize::from(windows > 1);
+        let got = answer(
+            &model,
+            &tokenizer,
+            &question,
+            &context,
+            num("max_seq_len"),
+            num("doc_stride"),
+            num("max_answer_len"),
+            num("top_k"),
+            &device,
+        )
+        .unwrap();
+        let want = case["answers"].as_array().unwrap();
+        let shown: Vec<_> = got
+            .iter()
+            .map(|a| (a.score, a.start, a.end, a.answer.as_str()))
+            .collect();
+        assert_eq!(got.len(), want.len(), "{question}: {shown:?} vs {want:?}");
+        for (g, w) in got.iter().zip(want) {
+            assert_eq!(
+                (g.start, g.end, g.answer.as_str()),
+                (
+                    w["start"].as_u64().unwrap() as usize,
+                    w["end"].as_u64().unwrap() as usize,
+                    w["answer"].as_str().unwrap()
+                ),
+                "{question}: {shown:?} vs {want:?}"
+            );
+            let score = w["score"].as_f64().unwrap();
+            // float32 logits of two implementations: at most 6e-6 apart, relative (keeping the
+            // best of equal answers instead of adding their scores was 5% off).
+            assert!(
+                (g.score - score).abs() <= 5e-5 * score,
+                "{question}: score {} vs {score}",
+                g.score
+            );
+        }
+    }
+    assert_eq!(several_windows, 2, "two cases need doc_stride windows");
 }
