@@ -57,6 +57,8 @@ CASES = [
     # " Felix" completes "Fel": transformers keeps the whole token.
     ("stop_inside_token", STORY, False, None, 40, 1.0, ["Fel"]),
     ("stop_first_of_two", CODE, False, None, 40, 1.0, ["else", "return"]),
+    # The prompt ends in "\n": a stop string may begin in it and end in the generated text.
+    ("stop_begins_in_prompt", CODE, False, None, 40, 1.0, ["\n\n"]),
     ("few_shot_plain", "Q: What is the capital of France?\nA:", False, "few_shot.txt", 16, 1.0,
      ["\n"]),
     ("few_shot_chat", "Translate to French: house", True, "few_shot.jsonl", 24, 1.0, []),
@@ -121,8 +123,11 @@ def main():
             stopped_by = "length"
         if stop:
             # The stop string is completed by the last token, not earlier.
-            assert stopped_by != "stop" or any(s in text for s in stop), (name, text)
-            assert not any(s in tok.decode(new[:-1], skip_special_tokens=True) for s in stop), name
+            # (in the prompt's text followed by the new text, ending in the new text)
+            before = tok.decode(ids, skip_special_tokens=False)
+            assert stopped_by != "stop" or any(s in before + text for s in stop), (name, text)
+            assert not any(s in (before + tok.decode(new[:-1], skip_special_tokens=True))[len(before) - len(s) + 1:]
+                           for s in stop), name
         assert min_gap > 5e-3, (name, min_gap)
         lines += [f"case {name}", f"max_new_tokens {n}", f"repetition_penalty {penalty}"]
         lines += [f"stop {esc(s)}" for s in stop]

@@ -328,8 +328,54 @@ pub fn sample(
     order[keep - 1] as u32
 }
 
+/// Where generated text ends at a stop string, as transformers' `stop_strings` decide it: a
+/// stop string may begin in the prompt (`context`, its decoded text) as long as it ends in the
+/// generated text. Returns the byte offset in `generated` just past the earliest-ending stop
+/// string, or None. Empty stop strings are ignored.
+pub fn stop_end(context: &str, generated: &str, stops: &[String]) -> Option<usize> {
+    let joined = format!("{context}{generated}");
+    stops
+        .iter()
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| {
+            // The first match ending past the context; matches may overlap ("\n\n" in
+            // "\n\n\n"), so search again one character after each too-early one.
+            let mut from = context.len().saturating_sub(s.len());
+            while !joined.is_char_boundary(from) {
+                from -= 1;
+            }
+            while let Some(i) = joined[from..].find(s.as_str()) {
+                let end = from + i + s.len();
+                if end > context.len() {
+                    return Some(end);
+                }
+                from += i + joined[from + i..].chars().next().map_or(1, char::len_utf8);
+            }
+            None
+        })
+        .min()
+        .map(|end| end - context.len())
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_stop_string_may_begin_in_the_prompt() {
+        let stops = vec!["\n\n".to_string(), "".to_string()];
+        // The prompt ends in a newline and the first new token is one: stop after it.
+        assert_eq!(stop_end("def f(n):\n", "\n    return", &stops), Some(1));
+        // Entirely inside the prompt: not a stop.
+        assert_eq!(stop_end("a\n\nb", "cd", &stops), None);
+        assert_eq!(stop_end("", "ab\n\ncd", &stops), Some(4));
+        // The earliest end wins across stop strings.
+        let two = vec!["cd".to_string(), "b".to_string()];
+        assert_eq!(stop_end("a", "bcd", &two), Some(1));
+        // Overlapping: the prompt ends in "\n\n", one more newline ends a new "\n\n".
+        assert_eq!(stop_end("x\n\n", "\ny", &stops), Some(1));
+        assert_eq!(stop_end("é\n", "\né", &stops), Some(1));
+    }
+
     use super::*;
 
     #[test]

@@ -3,4 +3,6 @@
 
 pub mod generate;
 
-pub use generate::{GenerationConfig, Sampling, generate, generate_batch, penalize_repetition};
+pub use generate::{
+    GenerationConfig, Sampling, generate, generate_batch, penalize_repetition, stop_end,
+};

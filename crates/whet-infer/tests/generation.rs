@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use burn::tensor::Device;
-use whet_infer::{GenerationConfig, generate, generate_batch};
+use whet_infer::{GenerationConfig, generate, generate_batch, stop_end};
 use whet_models::{ChatMessage, Checkpoint, TextTokenizer};
 
 fn fixtures() -> PathBuf {
@@ -132,14 +132,6 @@ fn cli_prompt(case: &Case, tok: &TextTokenizer) -> Vec<u32> {
         .unwrap()
 }
 
-/// The text from the first character to the end of the earliest stop string, or all of it.
-fn cut_at_stop(text: &str, stop: &[String]) -> Option<usize> {
-    stop.iter()
-        .filter(|s| !s.is_empty())
-        .filter_map(|s| text.find(s.as_str()).map(|i| i + s.len()))
-        .min()
-}
-
 #[test]
 fn greedy_with_penalty_stop_strings_and_few_shot_equals_transformers() {
     let ckpt = Checkpoint::open(smollm2()).unwrap();
@@ -150,7 +142,7 @@ fn greedy_with_penalty_stop_strings_and_few_shot_equals_transformers() {
     eos.extend(tok.eos.as_ref().map(|e| e.id));
     assert!(eos.contains(&2), "<|im_end|> ends SmolLM2's turns: {eos:?}");
     let cases = cases();
-    assert_eq!(cases.len(), 9);
+    assert_eq!(cases.len(), 10);
     let mut trimmed = 0;
     for case in &cases {
         let prompt = cli_prompt(case, &tok);
@@ -159,8 +151,10 @@ fn greedy_with_penalty_stop_strings_and_few_shot_equals_transformers() {
             repetition_penalty: case.repetition_penalty,
             ..GenerationConfig::greedy(case.max_new_tokens, eos.clone())
         };
-        // The CLI's stop: decode as the tokens come, stop at the token after which the
-        // generated text holds a stop string, print up to the end of that string.
+        // The CLI's stop: decode as the tokens come, stop at the token after which a stop
+        // string ends in the generated text (it may begin in the prompt), print up to the end
+        // of that string.
+        let context = tok.inner.decode(&prompt, false).unwrap();
         let mut stream = tok.inner.decode_stream(true);
         let mut generated = String::new();
         let mut printed = None;
@@ -172,7 +166,7 @@ fn greedy_with_penalty_stop_strings_and_few_shot_equals_transformers() {
                 return true;
             };
             generated.push_str(&piece);
-            printed = cut_at_stop(&generated, &case.stop);
+            printed = stop_end(&context, &generated, &case.stop);
             printed.is_none()
         })
         .unwrap();
@@ -189,7 +183,8 @@ fn greedy_with_penalty_stop_strings_and_few_shot_equals_transformers() {
         // transformers' output ends with the whole token that completed the stop string;
         // whet prints up to the stop string's end.
         let printed = &generated[..printed.unwrap_or(generated.len())];
-        let want = &case.text[..cut_at_stop(&case.text, &case.stop).unwrap_or(case.text.len())];
+        let want =
+            &case.text[..stop_end(&context, &case.text, &case.stop).unwrap_or(case.text.len())];
         assert_eq!(printed, want, "{}: printed text", case.name);
         trimmed += usize::from(printed != case.text);
     }

@@ -640,8 +640,9 @@ fn generate(args: GenerateArgs) -> Result<()> {
     let mut stream = tokenizer.inner.decode_stream(true);
     let mut stdout = std::io::stdout();
     let start = std::time::Instant::now();
-    // Text generated so far, to find stop strings that span tokens.
+    // Text generated so far, to find stop strings that span tokens (or begin in the prompt).
     let mut generated = String::new();
+    let context = tokenizer.inner.decode(&prompt, false).unwrap_or_default();
     let tokens = whet_infer::generate(&model, &prompt, &config, &device, |t| {
         if eos.contains(&t) {
             return true;
@@ -651,12 +652,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         };
         let printed = generated.len();
         generated.push_str(&piece);
-        let stop_at = args
-            .stop
-            .iter()
-            .filter(|s| !s.is_empty())
-            .filter_map(|s| generated.find(s.as_str()).map(|i| i + s.len()))
-            .min();
+        let stop_at = whet_infer::stop_end(&context, &generated, &args.stop);
         let end = stop_at.unwrap_or(generated.len()).max(printed);
         print!("{}", &generated[printed..end]);
         let _ = stdout.flush();
@@ -695,19 +691,17 @@ fn generate_many(
     for chunk in prompts.chunks(args.batch_size.max(1)) {
         let ids: Vec<Vec<u32>> = chunk.iter().map(|p| render(p)).collect::<Result<_>>()?;
         let outs = whet_infer::generate_batch(model, &ids, config, pad, device)?;
-        for (p, out) in chunk.iter().zip(outs) {
+        for ((p, out), prompt_ids) in chunk.iter().zip(outs).zip(&ids) {
             new_tokens += out.len();
+            let context = tokenizer
+                .inner
+                .decode(prompt_ids, false)
+                .unwrap_or_default();
             let mut text = tokenizer
                 .inner
                 .decode(&out, true)
                 .map_err(|e| anyhow::anyhow!("cannot decode: {e}"))?;
-            if let Some(end) = args
-                .stop
-                .iter()
-                .filter(|s| !s.is_empty())
-                .filter_map(|s| text.find(s.as_str()).map(|i| i + s.len()))
-                .min()
-            {
+            if let Some(end) = whet_infer::stop_end(&context, &text, &args.stop) {
                 text.truncate(end);
             }
             println!(
