@@ -293,7 +293,12 @@ pub fn seeded_split<T: Clone>(
     let n = items.len();
     let mut order: Vec<usize> = (0..n).collect();
     order.shuffle(&mut StdRng::seed_from_u64(seed));
-    let fixed: usize = sizes.iter().flatten().map(|s| s.resolve(n)).sum();
+    // Saturating: two counts near usize::MAX (a recipe's `train = 1e300`) are "too many", not
+    // an overflow.
+    let fixed = sizes
+        .iter()
+        .flatten()
+        .fold(0usize, |sum, s| sum.saturating_add(s.resolve(n)));
     if fixed > n {
         return Err(DataError::Split(format!(
             "the requested parts need {fixed} examples, the data has {n}"

@@ -204,13 +204,59 @@ fn read_csv(path: &Path, bytes: &[u8], delimiter: u8, encoding: Encoding) -> Res
 
 /// Parquet through the `parquet` crate's row API (no Arrow): every row becomes a JSON object,
 /// lists (multi-label columns) become arrays. Text in Parquet is UTF-8 by definition.
+///
+/// The parquet crate still panics on some corrupt pages where it should return an error
+/// (apache/arrow-rs#9742; fuzzing found out-of-range slices in its bit reader and assertions
+/// in its dictionary and record decoders): such a panic is caught and becomes the file's
+/// [`DataError::Format`], so a damaged file is an error naming it, not a crash (the panic
+/// hook still prints the crate's message first).
 fn read_parquet(path: &Path, bytes: Vec<u8>) -> Result<Table> {
+    std::panic::catch_unwind(|| parquet_rows(path, bytes)).unwrap_or_else(|panic| {
+        let why = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("no message");
+        Err(DataError::Format {
+            path: path.to_path_buf(),
+            message: format!("not a readable Parquet file: the parquet reader failed ({why})"),
+        })
+    })
+}
+
+fn parquet_rows(path: &Path, bytes: Vec<u8>) -> Result<Table> {
     use parquet::file::reader::{FileReader, SerializedFileReader};
     let format = |e: parquet::errors::ParquetError| DataError::Format {
         path: path.to_path_buf(),
         message: format!("not a readable Parquet file: {e}"),
     };
+    let file_len = bytes.len() as u64;
     let reader = SerializedFileReader::new(bytes::Bytes::from(bytes)).map_err(format)?;
+    // The row API trusts each column chunk's byte range (`ColumnChunkMetaData::byte_range`
+    // panics on a negative offset or size): check every one against the file first.
+    for (g, group) in reader.metadata().row_groups().iter().enumerate() {
+        for column in group.columns() {
+            let start = column
+                .dictionary_page_offset()
+                .unwrap_or(column.data_page_offset());
+            let len = column.compressed_size();
+            let end = u64::try_from(start)
+                .ok()
+                .zip(u64::try_from(len).ok())
+                .and_then(|(start, len)| start.checked_add(len));
+            if end.is_none_or(|end| end > file_len) {
+                return Err(DataError::Format {
+                    path: path.to_path_buf(),
+                    message: format!(
+                        "not a readable Parquet file: column {} of row group {} claims {len} \
+                         bytes at offset {start}, outside the file's {file_len} bytes",
+                        column.column_path(),
+                        g + 1
+                    ),
+                });
+            }
+        }
+    }
     let columns: Vec<String> = reader
         .metadata()
         .file_metadata()

@@ -268,6 +268,26 @@ pub struct GgufFile {
     pub tensors: Vec<TensorInfo>,
 }
 
+/// How deep arrays may nest in metadata. The reader recurses per level, so a file must not
+/// choose the depth (ggml's own reader accepts no nested arrays at all).
+const MAX_ARRAY_DEPTH: usize = 8;
+
+/// The fewest bytes a metadata value of type `ty` takes (a string or an array: its length
+/// fields); None for an unknown type.
+fn encoded_size(ty: u32) -> Option<usize> {
+    Some(match ty {
+        0 | 1 | 7 => 1,
+        2 | 3 => 2,
+        4..=6 => 4,
+        8 | 10..=12 => 8,
+        9 => 12,
+        _ => return None,
+    })
+}
+
+/// The fewest bytes an entry of the tensor index takes: name length, rank, type, offset.
+const MIN_TENSOR_INFO: usize = 8 + 4 + 4 + 8;
+
 struct Cursor<'a> {
     path: &'a Path,
     bytes: &'a [u8],
@@ -315,7 +335,7 @@ impl<'a> Cursor<'a> {
                 path: self.path.to_path_buf(),
                 what: format!("{what} (declared length {n})"),
                 start: self.pos as u64,
-                end: self.pos as u64 + n,
+                end: (self.pos as u64).saturating_add(n),
                 len: self.bytes.len() as u64,
             });
         }
@@ -332,7 +352,8 @@ impl<'a> Cursor<'a> {
         })
     }
 
-    fn value(&mut self, ty: u32, what: &str) -> Result<Value> {
+    /// A value of type `ty`; `depth` counts the arrays it sits in.
+    fn value(&mut self, ty: u32, what: &str, depth: usize) -> Result<Value> {
         Ok(match ty {
             0 => Value::U8(self.array::<1>(what)?[0]),
             1 => Value::I8(self.array::<1>(what)?[0] as i8),
@@ -344,11 +365,22 @@ impl<'a> Cursor<'a> {
             7 => Value::Bool(self.array::<1>(what)?[0] != 0),
             8 => Value::String(self.string(what)?),
             9 => {
+                if depth >= MAX_ARRAY_DEPTH {
+                    return Err(GgufError::Malformed {
+                        path: self.path.to_path_buf(),
+                        what: what.to_string(),
+                        message: format!("arrays nested more than {MAX_ARRAY_DEPTH} deep"),
+                    });
+                }
                 let inner = self.u32(what)?;
                 let n = self.len(what)?;
-                let mut v = Vec::with_capacity(n.min(1 << 20));
+                // Room for as many elements as the rest of the file can hold, not for as many
+                // as the count claims: a count may be garbage.
+                let fits =
+                    encoded_size(inner).map_or(0, |size| (self.bytes.len() - self.pos) / size);
+                let mut v = Vec::with_capacity(n.min(fits));
                 for _ in 0..n {
-                    v.push(self.value(inner, what)?);
+                    v.push(self.value(inner, what, depth + 1)?);
                 }
                 Value::Array(v)
             }
@@ -402,10 +434,10 @@ impl GgufFile {
         for i in 0..n_kv {
             let key = c.string(&format!("metadata key #{i}"))?;
             let ty = c.u32(&format!("type of metadata {key}"))?;
-            let value = c.value(ty, &format!("metadata {key}"))?;
+            let value = c.value(ty, &format!("metadata {key}"), 0)?;
             metadata.insert(key, value);
         }
-        let mut tensors = Vec::with_capacity(n_tensors);
+        let mut tensors = Vec::with_capacity(n_tensors.min((map.len() - c.pos) / MIN_TENSOR_INFO));
         for i in 0..n_tensors {
             let name = c.string(&format!("name of tensor #{i}"))?;
             let n_dims = c.u32(&format!("rank of tensor {name}"))?;
@@ -419,6 +451,18 @@ impl GgufFile {
             let dims = (0..n_dims)
                 .map(|_| c.u64(&format!("dims of tensor {name}")))
                 .collect::<Result<Vec<_>>>()?;
+            // Validated once here, so `numel` never overflows.
+            if dims
+                .iter()
+                .try_fold(1u64, |n, &d| n.checked_mul(d))
+                .is_none()
+            {
+                return Err(GgufError::Malformed {
+                    path: path.clone(),
+                    what: format!("tensor {name}"),
+                    message: format!("dimensions {dims:?} hold more than 2^64 elements"),
+                });
+            }
             let ty = GgmlType::from_id(c.u32(&format!("type of tensor {name}"))?);
             let offset = c.u64(&format!("offset of tensor {name}"))?;
             tensors.push(TensorInfo {
@@ -435,10 +479,28 @@ impl GgufFile {
             .max(1);
         let data_start = (c.pos as u64).div_ceil(alignment) * alignment;
         for t in &mut tensors {
-            t.offset += data_start;
+            let beyond = |t: &TensorInfo, message: String| GgufError::Malformed {
+                path: path.clone(),
+                what: format!("data of tensor {}", t.name),
+                message,
+            };
+            t.offset = t
+                .offset
+                .checked_add(data_start)
+                .ok_or_else(|| beyond(t, format!("offset {} lies beyond any file", t.offset)))?;
             if let Some((per, bytes)) = t.ty.block() {
-                let size = t.numel().div_ceil(per as u64) * bytes as u64;
-                let end = t.offset + size;
+                let size = t.numel().div_ceil(per as u64).checked_mul(bytes as u64);
+                let Some(end) = size.and_then(|size| t.offset.checked_add(size)) else {
+                    return Err(beyond(
+                        t,
+                        format!(
+                            "{} {} values at offset {} end beyond any file",
+                            t.numel(),
+                            t.ty,
+                            t.offset
+                        ),
+                    ));
+                };
                 if end > map.len() as u64 {
                     return Err(GgufError::Truncated {
                         path: path.clone(),

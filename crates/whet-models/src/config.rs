@@ -86,7 +86,23 @@ pub struct HeadFields {
     pub problem_type: Option<ProblemType>,
 }
 
+/// The most labels a classification head may have. A new head (and its `LABEL_i` names) is
+/// sized from the config alone, so the count is bounded before anything is allocated from it;
+/// text classification sets have hundreds or thousands of labels.
+pub const MAX_LABELS: usize = 1 << 16;
+
 impl HeadFields {
+    /// Checks the label count before a head or the label names are sized from it.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let n = self.num_labels();
+        if n > MAX_LABELS {
+            return Err(format!(
+                "num_labels = {n}: a classification head has at most {MAX_LABELS} labels"
+            ));
+        }
+        Ok(())
+    }
+
     /// Number of labels (`transformers` defaults to 2).
     pub fn num_labels(&self) -> usize {
         self.id2label

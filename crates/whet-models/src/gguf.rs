@@ -198,7 +198,7 @@ pub fn llama_config(file: &GgufFile) -> Result<LlamaConfig> {
     };
     let head_dim = u("attention.key_length")
         .ok()
-        .filter(|&d| d != hidden / heads);
+        .filter(|&d| Some(d) != hidden.checked_div(heads));
     // Rope scaling in GGUF is either metadata (`rope.scaling.*`) or, for llama3's, a
     // `rope_freqs` tensor; whet reads neither, so a file using them is refused rather than run
     // with plain rope.
@@ -229,7 +229,7 @@ pub fn llama_config(file: &GgufFile) -> Result<LlamaConfig> {
             .and_then(|v| v.as_u64())
             .map(|v| v as u32)
     };
-    Ok(LlamaConfig {
+    let config = LlamaConfig {
         model_type: arch.clone(),
         vocab_size: vocab,
         hidden_size: hidden,
@@ -255,7 +255,12 @@ pub fn llama_config(file: &GgufFile) -> Result<LlamaConfig> {
         sliding_window: u("attention.sliding_window").ok(),
         use_sliding_window: u("attention.sliding_window").ok().map(|_| true),
         head: Default::default(),
-    })
+    };
+    config.validate().map_err(|message| ModelError::Config {
+        path: file.path().to_path_buf(),
+        message,
+    })?;
+    Ok(config)
 }
 
 /// The tokenizer a GGUF file's metadata describes (byte-level BPE, `tokenizer.ggml.model =

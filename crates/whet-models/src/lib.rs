@@ -128,6 +128,24 @@ pub enum FamilyConfig {
     Llama(LlamaConfig),
 }
 
+impl FamilyConfig {
+    /// Checks what loading would divide by, or size a new table from, before a checkpoint
+    /// tensor can confirm it: every family's label count, LLaMA's heads and head size.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let head = match self {
+            FamilyConfig::Bert(c) => &c.head,
+            FamilyConfig::DistilBert(c) => &c.head,
+            FamilyConfig::Gpt2(c) => &c.head,
+            FamilyConfig::Llama(c) => &c.head,
+        };
+        head.validate()?;
+        match self {
+            FamilyConfig::Llama(c) => c.validate(),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// Where the weights are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -203,6 +221,10 @@ impl Checkpoint {
             })
         };
         let config = parse(raw.clone())?;
+        config.validate().map_err(|message| ModelError::Config {
+            path: config_path.clone(),
+            message,
+        })?;
         let source = Arc::new(SafetensorsSource::open_folder(&path)?);
         Ok(Self {
             path,

@@ -99,8 +99,31 @@ impl LlamaConfig {
 
     /// Per-head dimension.
     pub fn head_dim(&self) -> usize {
+        // `max(1)`: a config without heads is refused by `validate`, not by a division by zero.
         self.head_dim
-            .unwrap_or(self.hidden_size / self.num_attention_heads)
+            .unwrap_or_else(|| self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// Checks what the loader divides by, or sizes a table from, before a tensor's shape can
+    /// confirm it: heads that group evenly, an even head size (rotary embeddings rotate
+    /// halves), at least one layer (whose projections then confirm the head size).
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let (heads, kv, hd) = (self.num_attention_heads, self.kv_heads(), self.head_dim());
+        if heads == 0 || kv == 0 || !heads.is_multiple_of(kv) {
+            return Err(format!(
+                "num_attention_heads = {heads} must be a positive multiple of \
+                 num_key_value_heads = {kv}"
+            ));
+        }
+        if hd == 0 || !hd.is_multiple_of(2) || heads.checked_mul(hd).is_none() {
+            return Err(format!(
+                "head_dim = {hd} must be even and positive (rotary embeddings rotate halves)"
+            ));
+        }
+        if self.num_hidden_layers == 0 {
+            return Err("num_hidden_layers = 0: a decoder needs at least one layer".into());
+        }
+        Ok(())
     }
 
     /// The attention window, where the architecture uses one: Mistral's `sliding_window`,
@@ -366,14 +389,18 @@ pub struct LlamaModel {
 impl LlamaModel {
     /// Loads from `vb` scoped to the `model.` prefix.
     pub fn load(vb: &Weights, c: &LlamaConfig) -> Result<Self> {
+        let embed_tokens = Embedding::load(&vb.pp("embed_tokens"), c.vocab_size, c.hidden_size)?
+            .with_padding_idx(c.pad_token_id);
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| LlamaLayer::load(&vb.pp(format!("layers.{i}")), c))
+            .collect::<Result<_>>()?;
+        // After the layers: their q projections' shapes have confirmed the head size the
+        // rotary table is sized from.
         let inv_freq = c.inv_freq()?;
         let n = inv_freq.len();
         Ok(Self {
-            embed_tokens: Embedding::load(&vb.pp("embed_tokens"), c.vocab_size, c.hidden_size)?
-                .with_padding_idx(c.pad_token_id),
-            layers: (0..c.num_hidden_layers)
-                .map(|i| LlamaLayer::load(&vb.pp(format!("layers.{i}")), c))
-                .collect::<Result<_>>()?,
+            embed_tokens,
+            layers,
             norm: RmsNorm::load(&vb.pp("norm"), c.hidden_size, c.rms_norm_eps)?,
             inv_freq: Tensor::from_data(TensorData::new(inv_freq, [n]), vb.device()),
             prompt: None,

@@ -77,7 +77,7 @@ impl TextTokenizer {
         let tj = dir.join("tokenizer.json");
         let source = tj.display().to_string();
         let mut inner = if tj.is_file() {
-            Tokenizer::from_file(&tj).map_err(|e| tok_err(&source, e))?
+            tokenizer_from_file(&tj, &source)?
         } else if dir.join("vocab.json").is_file() && dir.join("merges.txt").is_file() {
             gpt2_from_files(&dir.join("vocab.json"), &dir.join("merges.txt"))?
         } else {
@@ -86,6 +86,19 @@ impl TextTokenizer {
                 hint: "a model folder needs tokenizer.json (or vocab.json and merges.txt)".into(),
             });
         };
+        if let Some(id) = inner
+            .get_post_processor()
+            .and_then(|p| serde_json::to_value(p).ok())
+            .and_then(|p| undefined_template_token(&p))
+        {
+            return Err(tok_err(
+                &source,
+                format!(
+                    "the post-processor's template uses the special token {id:?}, which its \
+                     special_tokens do not define"
+                ),
+            ));
+        }
         inner
             .with_truncation(None)
             .map_err(|e| tok_err(&source, e))?;
@@ -191,6 +204,39 @@ impl TextTokenizer {
     /// Vocabulary size including added tokens.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
+    }
+}
+
+/// `Tokenizer::from_file`, with a panic of its deserialiser turned into the error it should
+/// have been (tokenizers 0.22 `expect`s a decoder to deserialise, in `decoders/mod.rs`).
+fn tokenizer_from_file(path: &Path, source: &str) -> Result<Tokenizer> {
+    std::panic::catch_unwind(|| Tokenizer::from_file(path))
+        .unwrap_or_else(|_| Err("malformed tokenizer.json (the tokenizers crate panicked)".into()))
+        .map_err(|e| tok_err(source, e))
+}
+
+/// A special token that a `TemplateProcessing` (alone or in a `Sequence`) places but does not
+/// define: tokenizers deserialises such a template and then panics on the first encode.
+fn undefined_template_token(p: &serde_json::Value) -> Option<String> {
+    use serde_json::Value;
+    match p {
+        Value::Object(o) => {
+            if o.get("type").and_then(|t| t.as_str()) == Some("TemplateProcessing") {
+                let defined = o.get("special_tokens").and_then(|s| s.as_object());
+                let undefined = ["single", "pair"]
+                    .iter()
+                    .filter_map(|k| o.get(*k)?.as_array())
+                    .flatten()
+                    .filter_map(|piece| piece.get("SpecialToken")?.get("id")?.as_str())
+                    .find(|id| !defined.is_some_and(|d| d.contains_key(*id)));
+                if let Some(id) = undefined {
+                    return Some(id.to_string());
+                }
+            }
+            o.values().find_map(undefined_template_token)
+        }
+        Value::Array(a) => a.iter().find_map(undefined_template_token),
+        _ => None,
     }
 }
 
