@@ -95,11 +95,23 @@ pub fn prepare(recipe: &Recipe, device: &Device) -> Result<Prepared, String> {
     let tok = |ex: Vec<Example>| -> Result<Split, String> {
         let encoded = if d.tokenization_cache {
             let dir = crate::recipe::cache_dir().join("tokenized");
-            tokenize_cached(&tokenizer, &ex, d.max_length, d.side(whet_data::Side::Right), &dir)
-                .map_err(|e| e.to_string())?
-                .0
+            tokenize_cached(
+                &tokenizer,
+                &ex,
+                d.max_length,
+                d.side(whet_data::Side::Right),
+                &dir,
+            )
+            .map_err(|e| e.to_string())?
+            .0
         } else {
-            tokenize(&tokenizer, &ex, d.max_length, d.side(whet_data::Side::Right)).map_err(|e| e.to_string())?
+            tokenize(
+                &tokenizer,
+                &ex,
+                d.max_length,
+                d.side(whet_data::Side::Right),
+            )
+            .map_err(|e| e.to_string())?
         };
         Ok(Split {
             examples: ex,
