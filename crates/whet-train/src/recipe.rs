@@ -398,6 +398,14 @@ fn set(root: &mut toml::Table, key: &str, raw: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// An adapter configuration with every default its serde impl declares (peft's), as an
+/// empty table gives it.
+fn peft_defaults<T: serde::de::DeserializeOwned>() -> Result<T, String> {
+    toml::Value::Table(toml::Table::new())
+        .try_into()
+        .map_err(|e: toml::de::Error| e.to_string())
+}
+
 /// Refuses a key that no table of the recipe knows, naming the table and the closest valid
 /// key (see [`crate::keys`]).
 fn check_keys(root: &toml::Table) -> Result<(), String> {
@@ -621,15 +629,10 @@ impl Recipe {
         match self.method {
             Method::Lora | Method::Qlora => {
                 let absent = self.lora.is_none();
-                let lora = self.lora.get_or_insert_with(|| LoraConfig {
-                    r: 8,
-                    lora_alpha: 8.0,
-                    lora_dropout: 0.0,
-                    target_modules: vec![],
-                    bias: "none".into(),
-                    modules_to_save: vec![],
-                    use_rslora: false,
-                });
+                let lora = match &mut self.lora {
+                    Some(l) => l,
+                    None => self.lora.insert(peft_defaults::<LoraConfig>()?),
+                };
                 if !lora.target_modules.is_empty() {
                     return Ok(None);
                 }
@@ -653,12 +656,10 @@ impl Recipe {
             }
             Method::Ia3 => {
                 let absent = self.ia3.is_none();
-                let ia3 = self.ia3.get_or_insert_with(|| Ia3Config {
-                    target_modules: vec![],
-                    feedforward_modules: None,
-                    modules_to_save: vec![],
-                    init_ia3_weights: true,
-                });
+                let ia3 = match &mut self.ia3 {
+                    Some(i) => i,
+                    None => self.ia3.insert(peft_defaults::<Ia3Config>()?),
+                };
                 if !ia3.target_modules.is_empty() && ia3.feedforward_modules.is_some() {
                     return Ok(None);
                 }
