@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Side-by-side DPO benchmark: whet against trl's DPOTrainer (+ peft LoRA) on PyTorch, CPU, on
+# the same pairs (whet writes its split to OUT/data), recipes/hhh-dpo.toml's settings, same
+# thread count, one after the other in one run.
+# Usage: scripts/bench/bench_dpo.sh [STEPS] [THREADS]
+# Prints train runtime, pairs/s and peak RSS of both and their ratio.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+STEPS=${1:-10}
+THREADS=${2:-$(nproc)}
+OUT=runs/bench-dpo
+scripts/fetch_assets.sh --only smollm2,hhh >/dev/null
+cargo build --release -p whet 2>/dev/null
+RAYON_NUM_THREADS=$THREADS target/release/whet train recipes/hhh-dpo.toml \
+    --set training.max_steps=$STEPS --set training.eval_strategy=\"no\" \
+    --set training.save_strategy=\"no\" --set training.output_dir=\"$OUT\" >/dev/null
+OMP_NUM_THREADS=$THREADS .venv-ref/bin/python scripts/reference/reference_dpo.py --data $OUT/data \
+    --gguf ${WHET_CACHE:-cache}/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --max-steps $STEPS \
+    --threads $THREADS --out $OUT/reference.json >/dev/null 2>&1
+python3 - "$OUT/all_results.json" "$OUT/reference.json" "$THREADS" <<'PY'
+import json, sys
+w, r, threads = json.load(open(sys.argv[1])), json.load(open(sys.argv[2])), sys.argv[3]
+print(f"threads: {threads}; steps: {r['max_steps']}; reference: {r['impl']}")
+print(f"{'metric':28} {'whet':>10} {'reference':>10} {'whet/ref':>9}")
+for k in ["train_loss", "train_runtime", "train_samples_per_second", "train_peak_rss_mb"]:
+    print(f"{k:28} {w[k]:10.4g} {r[k]:10.4g} {w[k]/r[k]:8.3f}x")
+PY
