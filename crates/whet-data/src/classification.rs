@@ -9,7 +9,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use serde_json::Value;
 use tokenizers::{EncodeInput, TruncationDirection, TruncationParams, TruncationStrategy};
-use whet_models::TextTokenizer;
+use whet_text::TextTokenizer;
 
 use crate::error::{DataError, Result};
 use crate::table::Table;
@@ -449,7 +449,7 @@ pub fn tokenize_cached(
     }
     let encoded = tokenize(tokenizer, examples, max_length, side)?;
     // Best effort: a read-only cache folder only costs the next run a re-tokenization.
-    let _ = whet_models::fsutil::write_atomic(&path, &encode_cache(&encoded));
+    let _ = whet_text::fsutil::write_atomic(&path, &encode_cache(&encoded));
     Ok((encoded, false))
 }
 

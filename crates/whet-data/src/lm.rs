@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 
 use serde_json::Value;
-use whet_models::{ChatMessage, TextTokenizer};
+use whet_text::{ChatMessage, TextTokenizer};
 
 use crate::classification::Side;
 use crate::error::{DataError, Result};

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use serde_json::Value;
 use tokenizers::{TruncationDirection, TruncationParams, TruncationStrategy};
-use whet_models::TextTokenizer;
+use whet_text::TextTokenizer;
 
 use crate::error::{DataError, Result};
 use crate::table::Table;

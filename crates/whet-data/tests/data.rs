@@ -166,7 +166,7 @@ fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
 }
 
-/// Files pyarrow wrote (`scripts/make_data_fixtures.py`): snappy in three row groups, and gzip.
+/// Files pyarrow wrote (`scripts/fixtures/make_data_fixtures.py`): snappy in three row groups, and gzip.
 #[test]
 fn parquet_from_pyarrow_reads_every_cell() {
     for name in ["reviews.parquet", "reviews-gzip.parquet"] {
@@ -265,7 +265,7 @@ fn tokenization_is_cached_by_content() {
     let cache = std::env::var_os("WHET_CACHE")
         .map(PathBuf::from)
         .unwrap_or_else(|| fixtures().join("../../cache"));
-    let tok = whet_models::TextTokenizer::from_folder(&cache.join("minilm"))
+    let tok = whet_text::TextTokenizer::from_folder(&cache.join("minilm"))
         .expect("cache/minilm: run scripts/fetch_assets.sh --only minilm");
     let ex: Vec<Example> = ["a first text", "and a second, longer one with more words"]
         .iter()

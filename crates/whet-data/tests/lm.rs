@@ -1,12 +1,12 @@
 //! Language-modelling data: templates, chat rendering and assistant masks against
-//! `transformers` (`tests/fixtures/lm/`, from `scripts/make_lm_fixtures.py`), blocks and packing.
+//! `transformers` (`tests/fixtures/lm/`, from `scripts/fixtures/make_lm_fixtures.py`), blocks and packing.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde_json::{Value, json};
 use whet_data::*;
-use whet_models::{ChatMessage, Checkpoint, TextTokenizer};
+use whet_text::{ChatMessage, TextTokenizer};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -16,10 +16,8 @@ fn smollm2() -> TextTokenizer {
     let cache = std::env::var_os("WHET_CACHE")
         .map(PathBuf::from)
         .unwrap_or_else(|| root().join("cache"));
-    Checkpoint::open(cache.join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    TextTokenizer::open(&cache.join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
         .expect("cache/smollm2: run scripts/fetch_assets.sh --only smollm2")
-        .tokenizer()
-        .unwrap()
 }
 
 fn row(v: Value) -> BTreeMap<String, Value> {
@@ -307,7 +305,7 @@ fn chat_templates_that_fail_are_named() {
 }
 
 /// The ids and labels equal those trl's own `SFTTrainer` prepares on SmolLM2
-/// (scripts/make_sft_mask_fixture.py): with a conversational prompt and completion only the
+/// (scripts/fixtures/make_sft_mask_fixture.py): with a conversational prompt and completion only the
 /// completion is learnt, whatever assistant turns (few-shot answers) the prompt holds; with
 /// messages alone every assistant turn (`assistant_only_loss`).
 #[test]

@@ -1,11 +1,11 @@
 //! Question-answering data: SQuAD-format rows, answer offsets checked, windows over long
 //! contexts with the answer's tokens labelled (`tests/fixtures/qa/facts.jsonl`, from
-//! `scripts/make_qa_fixtures.py`).
+//! `scripts/fixtures/make_qa_fixtures.py`).
 
 use std::path::PathBuf;
 
 use whet_data::*;
-use whet_models::TextTokenizer;
+use whet_text::TextTokenizer;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")

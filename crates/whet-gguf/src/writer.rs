@@ -201,7 +201,7 @@ mod tests {
 
     /// `encode` writes the bytes `gguf.quants.quantize` writes (the reference quantisers of
     /// the `gguf` package, `tests/fixtures/gguf/export.safetensors` from
-    /// `scripts/make_gguf_export_fixture.py`), byte for byte, on rows chosen to probe rounding.
+    /// `scripts/fixtures/make_gguf_export_fixture.py`), byte for byte, on rows chosen to probe rounding.
     #[test]
     fn encode_is_byte_identical_to_gguf_quants_quantize() {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -1,5 +1,5 @@
 //! Dequantisation of every supported block format against `gguf.quants.dequantize` (fixture
-//! `tests/fixtures/gguf/`, made by `scripts/make_fixtures.py`), and the reader's errors.
+//! `tests/fixtures/gguf/`, made by `scripts/fixtures/make_fixtures.py`), and the reader's errors.
 
 use std::path::{Path, PathBuf};
 

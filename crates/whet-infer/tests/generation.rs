@@ -1,7 +1,7 @@
 //! Greedy generation with a repetition penalty, stop strings and few-shot prompts, set up as
 //! `whet generate --repetition-penalty / --stop / --few-shot` sets it up
 //! (`crates/whet/src/main.rs`), gives the token ids of transformers' `generate` on SmolLM2
-//! (`tests/fixtures/generation`, from `scripts/make_generation_fixture.py`; needs
+//! (`tests/fixtures/generation`, from `scripts/fixtures/make_generation_fixture.py`; needs
 //! cache/smollm2).
 
 use std::path::{Path, PathBuf};

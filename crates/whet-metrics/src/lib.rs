@@ -348,7 +348,7 @@ mod tests {
         assert_eq!(r.confusion[1], vec![1, 1, 1, 1]);
     }
 
-    /// One case of `tests/fixtures/metrics/sklearn.txt` (`scripts/make_metrics_fixture.py`):
+    /// One case of `tests/fixtures/metrics/sklearn.txt` (`scripts/fixtures/make_metrics_fixture.py`):
     /// `<case>.<key> <values>` lines.
     fn sklearn_case(case: &str) -> std::collections::BTreeMap<String, Vec<String>> {
         let path = concat!(

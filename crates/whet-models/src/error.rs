@@ -39,6 +39,10 @@ pub enum ModelError {
     #[error(transparent)]
     Gguf(#[from] whet_gguf::GgufError),
 
+    /// Loading the tokenizer, encoding text or writing a file failed (whet-text).
+    #[error(transparent)]
+    Text(#[from] whet_text::TextError),
+
     /// The checkpoint lacks a tensor the model needs.
     #[error("tensor {name} not found in {source_name}")]
     MissingTensor { name: String, source_name: String },

@@ -8,10 +8,14 @@ use std::sync::Arc;
 
 use whet_gguf::GgufFile;
 
+use crate::TextTokenizer;
 use crate::error::{ModelError, Result};
 use crate::llama::LlamaConfig;
-use crate::tokenizer::{Special, TextTokenizer, byte_level_bpe};
 use crate::weights::TensorSource;
+
+// The tokenizer half of GGUF lives in whet-text (no tensor library needed to tokenize).
+use whet_text::gguf::tokenizer_metadata;
+pub use whet_text::gguf::{tokenizer, tokenizer_config};
 
 /// GGUF architectures read as the LLaMA family.
 const LLAMA_ARCHS: &[&str] = &["llama", "mistral", "qwen2"];
@@ -263,88 +267,6 @@ pub fn llama_config(file: &GgufFile) -> Result<LlamaConfig> {
     Ok(config)
 }
 
-/// The tokenizer a GGUF file's metadata describes (byte-level BPE, `tokenizer.ggml.model =
-/// "gpt2"`), built as `transformers`' `GGUFGPTConverter` builds it, with control and
-/// user-defined tokens registered as special added tokens.
-pub fn tokenizer(file: &GgufFile) -> Result<TextTokenizer> {
-    let source = file.path().display().to_string();
-    let model = file.get_str("tokenizer.ggml.model")?;
-    if model != "gpt2" {
-        return Err(ModelError::Tokenizer {
-            source_name: source,
-            message: format!(
-                "GGUF tokenizer model {model:?} is not supported (byte-level BPE \"gpt2\" is)"
-            ),
-        });
-    }
-    let tokens = file.get_strings("tokenizer.ggml.tokens")?;
-    let merges = file
-        .get_strings("tokenizer.ggml.merges")?
-        .into_iter()
-        .enumerate()
-        .map(|(i, m)| {
-            m.split_once(' ')
-                .map(|(a, b)| (a.to_string(), b.to_string()))
-                .ok_or_else(|| ModelError::Tokenizer {
-                    source_name: source.clone(),
-                    message: format!("merge #{i} {m:?} is not two tokens"),
-                })
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let types: Vec<u64> = file
-        .get("tokenizer.ggml.token_type")
-        .and_then(|v| v.as_array())
-        .map(|a| a.iter().map(|v| v.as_u64().unwrap_or(1)).collect())
-        .unwrap_or_default();
-    let vocab: HashMap<String, u32> = tokens
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.to_string(), i as u32))
-        .collect();
-    // Token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
-    let specials: Vec<String> = tokens
-        .iter()
-        .zip(types.iter())
-        .filter(|(_, ty)| matches!(**ty, 3 | 4))
-        .map(|(t, _)| t.to_string())
-        .collect();
-    let special = |k: &str| -> Option<Special> {
-        let id = file.get(&format!("tokenizer.ggml.{k}"))?.as_u64()? as u32;
-        Some(Special {
-            text: tokens.get(id as usize)?.to_string(),
-            id,
-        })
-    };
-    let bos = special("bos_token_id");
-    let add_bos = file
-        .get("tokenizer.ggml.add_bos_token")
-        .and_then(|v| v.as_bool())
-        .unwrap_or(false);
-    let add_prefix_space = file
-        .get("tokenizer.ggml.add_space_prefix")
-        .and_then(|v| v.as_bool())
-        .unwrap_or(false);
-    let inner = byte_level_bpe(
-        vocab,
-        merges,
-        &specials,
-        add_prefix_space,
-        if add_bos { bos.as_ref() } else { None },
-        &source,
-    )?;
-    Ok(TextTokenizer {
-        inner,
-        eos: special("eos_token_id"),
-        pad: special("padding_token_id"),
-        bos,
-        chat_template: file
-            .get("tokenizer.chat_template")
-            .and_then(|v| v.as_str())
-            .map(String::from),
-        source,
-    })
-}
-
 /// Opens a GGUF file and checks it is a LLaMA-family checkpoint.
 pub fn open(path: &Path) -> Result<(Arc<GgufFile>, LlamaConfig)> {
     let file = Arc::new(GgufFile::open(path)?);
@@ -401,30 +323,6 @@ pub fn convert_to_folder(path: &Path, out: &Path) -> Result<ConvertSummary> {
             .map(|(_, s, _)| s.iter().product::<usize>())
             .sum(),
         skipped: source.unmapped(),
-    })
-}
-
-/// `tokenizer_config.json` for a GGUF's tokenizer: special tokens, whether BOS is added, and
-/// the chat template, so `AutoTokenizer` behaves as the GGUF's tokenizer does.
-pub fn tokenizer_config(
-    file: &GgufFile,
-    tokenizer: &TextTokenizer,
-    max_positions: usize,
-) -> serde_json::Value {
-    let text = |s: &Option<Special>| s.as_ref().map(|s| s.text.clone());
-    let add_bos = file
-        .get("tokenizer.ggml.add_bos_token")
-        .and_then(|v| v.as_bool())
-        .unwrap_or(false);
-    serde_json::json!({
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": text(&tokenizer.bos),
-        "eos_token": text(&tokenizer.eos),
-        "pad_token": text(&tokenizer.pad),
-        "add_bos_token": add_bos,
-        "clean_up_tokenization_spaces": false,
-        "model_max_length": max_positions,
-        "chat_template": tokenizer.chat_template,
     })
 }
 
@@ -538,103 +436,6 @@ pub struct ExportSummary {
     pub fallbacks: Vec<String>,
     /// Bytes of the file.
     pub bytes: usize,
-}
-
-/// The tokenizer as GGUF metadata (`tokenizer.ggml.*`, byte-level BPE as llama.cpp's "gpt2"
-/// model, and the chat template), from a `tokenizers` byte-level BPE tokenizer.
-fn tokenizer_metadata(tok: &TextTokenizer) -> Result<Vec<(String, whet_gguf::Value)>> {
-    use whet_gguf::Value;
-    let bad = |message: String| ModelError::Tokenizer {
-        source_name: tok.source.clone(),
-        message,
-    };
-    let json: serde_json::Value =
-        serde_json::from_str(&tok.inner.to_string(false).map_err(|e| bad(e.to_string()))?)
-            .map_err(|e| bad(e.to_string()))?;
-    let model = &json["model"];
-    if model["type"] != "BPE" {
-        return Err(bad(format!(
-            "GGUF export writes byte-level BPE tokenizers (llama.cpp's \"gpt2\"); this one is {}",
-            model["type"]
-        )));
-    }
-    let vocab = tok.inner.get_vocab(true);
-    let n = vocab.values().map(|&i| i as usize + 1).max().unwrap_or(0);
-    let mut tokens = vec![String::new(); n];
-    for (t, &i) in &vocab {
-        tokens[i as usize] = t.clone();
-    }
-    if let Some(i) = tokens.iter().position(|t| t.is_empty()) {
-        return Err(bad(format!("the vocabulary has no token with id {i}")));
-    }
-    // Token types: 1 normal, 3 control (special added tokens), 4 user-defined (other added).
-    let mut types = vec![1i32; n];
-    for added in json["added_tokens"].as_array().into_iter().flatten() {
-        if let Some(id) = added["id"].as_u64().filter(|&i| (i as usize) < n) {
-            types[id as usize] = if added["special"].as_bool() == Some(true) {
-                3
-            } else {
-                4
-            };
-        }
-    }
-    let merges: Vec<Value> = model["merges"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|m| match m {
-            serde_json::Value::String(s) => Value::String(s.clone()),
-            serde_json::Value::Array(p) => Value::String(format!(
-                "{} {}",
-                p.first().and_then(|v| v.as_str()).unwrap_or_default(),
-                p.get(1).and_then(|v| v.as_str()).unwrap_or_default()
-            )),
-            _ => Value::String(String::new()),
-        })
-        .collect();
-    let add_prefix_space = json["pre_tokenizer"]["add_prefix_space"]
-        .as_bool()
-        .unwrap_or(false)
-        || json["pre_tokenizer"]["pretokenizers"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|p| p["add_prefix_space"].as_bool() == Some(true));
-    // Whether encoding adds BOS: what the post-processor does to a plain text.
-    let add_bos = match (&tok.bos, tok.inner.encode("a", true)) {
-        (Some(b), Ok(e)) => e.get_ids().first() == Some(&b.id),
-        _ => false,
-    };
-    let mut out = vec![
-        ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
-        (
-            "tokenizer.ggml.tokens".into(),
-            Value::Array(tokens.into_iter().map(Value::String).collect()),
-        ),
-        (
-            "tokenizer.ggml.token_type".into(),
-            Value::Array(types.into_iter().map(Value::I32).collect()),
-        ),
-        ("tokenizer.ggml.merges".into(), Value::Array(merges)),
-        ("tokenizer.ggml.add_bos_token".into(), Value::Bool(add_bos)),
-        (
-            "tokenizer.ggml.add_space_prefix".into(),
-            Value::Bool(add_prefix_space),
-        ),
-    ];
-    for (key, special) in [
-        ("bos_token_id", &tok.bos),
-        ("eos_token_id", &tok.eos),
-        ("padding_token_id", &tok.pad),
-    ] {
-        if let Some(s) = special {
-            out.push((format!("tokenizer.ggml.{key}"), Value::U32(s.id)));
-        }
-    }
-    if let Some(t) = &tok.chat_template {
-        out.push(("tokenizer.chat_template".into(), Value::String(t.clone())));
-    }
-    Ok(out)
 }
 
 /// Writes a LLaMA-family checkpoint (a folder, or a GGUF file re-encoded) as a GGUF v3 file:

@@ -111,12 +111,21 @@ pub struct FrozenQuant {
 /// modules, its input (`y = base(x ⊙ l)`).
 #[derive(Module, Debug)]
 pub struct Ia3 {
-    /// `[d_out]` for output scaling, `[d_in]` for input scaling.
-    pub scale: Param<Tensor<1>>,
+    /// peft's `ia3_l` in peft's shape: `[d_out, 1]` for output scaling, `[1, d_in]` for input
+    /// scaling.
+    pub scale: Param<Tensor<2>>,
     /// Whether the input (feed-forward) rather than the output is scaled.
     pub on_input: bool,
     /// When false the vector is skipped (peft's `disable_adapter`).
     pub enabled: bool,
+}
+
+impl Ia3 {
+    /// The scaling vector, flat: `[d_out]` or `[d_in]`.
+    pub fn vector(&self) -> Tensor<1> {
+        let n = self.scale.shape().num_elements();
+        self.scale.val().reshape([n])
+    }
 }
 
 /// A low-rank update computed on the activations, as `peft`'s LoRA layer does:
@@ -217,7 +226,7 @@ impl Linear {
         // IA3 on a feed-forward module scales the input of the base layer only (peft's
         // `IA3Layer.forward`: `base_layer(x * ia3_l)`); LoRA keeps the unscaled input.
         let base_in = match ia3 {
-            Some(l) if l.on_input => x.clone() * l.scale.val().unsqueeze(),
+            Some(l) if l.on_input => x.clone() * l.vector().unsqueeze(),
             _ => x.clone(),
         };
         let bias = self.bias.as_ref().map(|b| b.val());
@@ -232,7 +241,7 @@ impl Linear {
             }
         };
         let y = match ia3 {
-            Some(l) if !l.on_input => y * l.scale.val().unsqueeze(),
+            Some(l) if !l.on_input => y * l.vector().unsqueeze(),
             _ => y,
         };
         let y = match &self.adapter {
@@ -297,7 +306,50 @@ impl VisitParams for Linear {
         if let Some(b) = &mut self.bias {
             v.vector(&join(prefix, "bias"), b);
         }
+        // The adapters' parameters, under the names and layouts of peft's adapter file.
+        if let Some(a) = &mut self.adapter {
+            v.matrix(&join(prefix, "lora_A.weight"), &mut a.a, Layout::Transposed);
+            v.matrix(&join(prefix, "lora_B.weight"), &mut a.b, Layout::Transposed);
+        }
+        if let Some(l) = &mut self.ia3 {
+            v.matrix(&join(prefix, "ia3_l"), &mut l.scale, Layout::Same);
+        }
+        if let Some(b) = &mut self.bottleneck {
+            v.matrix(
+                &join(prefix, "adapter_down.weight"),
+                &mut b.down,
+                Layout::Transposed,
+            );
+            v.vector(&join(prefix, "adapter_down.bias"), &mut b.down_bias);
+            v.matrix(
+                &join(prefix, "adapter_up.weight"),
+                &mut b.up,
+                Layout::Transposed,
+            );
+            v.vector(&join(prefix, "adapter_up.bias"), &mut b.up_bias);
+        }
     }
+}
+
+/// The names, under a linear layer, of the parameters its adapters add (see
+/// [`Linear::visit_params`]): peft's `lora_A` / `lora_B` / `ia3_l` and whet's bottleneck
+/// `adapter_down` / `adapter_up`.
+pub const ADAPTER_PARAMS: [&str; 7] = [
+    "lora_A.weight",
+    "lora_B.weight",
+    "ia3_l",
+    "adapter_down.weight",
+    "adapter_down.bias",
+    "adapter_up.weight",
+    "adapter_up.bias",
+];
+
+/// Whether the parameter `name` belongs to an adapter attached to a linear layer.
+pub fn is_adapter_param(name: &str) -> bool {
+    ADAPTER_PARAMS.iter().any(|p| {
+        name.strip_suffix(p)
+            .is_some_and(|m| m.is_empty() || m.ends_with('.'))
+    })
 }
 
 /// A lookup table `[vocab, dim]`.

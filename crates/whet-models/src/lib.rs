@@ -11,7 +11,6 @@ pub mod config;
 pub mod decoder;
 pub mod distilbert;
 pub mod error;
-pub mod fsutil;
 pub mod gguf;
 pub mod gpt2;
 pub mod kernels;
@@ -19,7 +18,6 @@ pub mod layers;
 pub mod llama;
 pub mod prompt;
 pub mod quant;
-pub mod tokenizer;
 pub mod weights;
 
 use std::path::{Path, PathBuf};
@@ -31,10 +29,13 @@ pub use decoder::{CausalLm, DecoderInput, KvCache};
 pub use error::{ModelError, Result};
 pub use layers::Mode;
 pub use prompt::{PromptEncoder, PromptKind, PromptShape, VirtualTokens};
-pub use tokenizer::{ChatMessage, TextTokenizer};
 pub use weights::{
     ExportParams, NamedParam, QuantPolicy, TensorSource, VisitParams, Visitor, Weights,
 };
+// The tokenizer moved to whet-text; re-exported so `whet_models::TextTokenizer` and
+// `whet_models::tokenizer::*` still resolve. `fsutil` below wraps whet-text's.
+pub use whet_text::tokenizer;
+pub use whet_text::{ChatMessage, TextTokenizer};
 
 use crate::bert::BertConfig;
 use crate::distilbert::DistilBertConfig;
@@ -42,6 +43,16 @@ use crate::gpt2::Gpt2Config;
 use crate::layers::{Linear, TorchLinear};
 use crate::llama::LlamaConfig;
 use crate::weights::SafetensorsSource;
+
+/// Crash-safe file writing: [`whet_text::fsutil`], with this crate's error type.
+pub mod fsutil {
+    use std::path::Path;
+
+    /// Writes `bytes` to `path` atomically: see [`whet_text::fsutil::write_atomic`].
+    pub fn write_atomic(path: &Path, bytes: &[u8]) -> crate::Result<()> {
+        Ok(whet_text::fsutil::write_atomic(path, bytes)?)
+    }
+}
 
 /// Loads a linear head from the checkpoint, or initialises it as `transformers` does for a new
 /// head (weight ~ N(0, std), bias 0). Returns the names it had to initialise.
@@ -269,10 +280,10 @@ impl Checkpoint {
 
     /// The tokenizer stored with the model.
     pub fn tokenizer(&self) -> Result<TextTokenizer> {
-        match &self.gguf {
-            Some(file) => gguf::tokenizer(file),
-            None => TextTokenizer::from_folder(&self.path),
-        }
+        Ok(match &self.gguf {
+            Some(file) => gguf::tokenizer(file)?,
+            None => TextTokenizer::from_folder(&self.path)?,
+        })
     }
 
     /// Token ids that end generation: the config's `eos_token_id` (one or a list).

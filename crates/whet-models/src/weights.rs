@@ -320,14 +320,16 @@ pub fn tensor_values(data: TensorData) -> Vec<f32> {
 /// Visits a model's parameters (and whole linear layers) under their Hugging Face names.
 ///
 /// One traversal per module serves every purpose: exporting for save and gradient checks,
-/// freezing, attaching adapters (whet-peft), counting.
+/// freezing, attaching adapters (whet-peft), counting, the optimizer and checkpoints. An
+/// attached adapter's parameters are visited like any other, under peft's names
+/// ([`crate::layers::ADAPTER_PARAMS`]), after the weight and bias of their layer.
 pub trait Visitor {
     /// A rank-1 parameter (bias, norm weight). Ignored unless overridden.
     fn vector(&mut self, _name: &str, _p: &mut Param<Tensor<1>>) {}
     /// A rank-2 parameter with its checkpoint layout. Ignored unless overridden.
     fn matrix(&mut self, _name: &str, _p: &mut Param<Tensor<2>>, _layout: Layout) {}
-    /// A linear layer as a whole, before its parameters. Return `true` to skip the default
-    /// visit of its weight, bias and adapter.
+    /// A linear layer as a whole, before its parameters: where adapters are attached, merged
+    /// or switched. Return `true` to skip the default visit of its weight, bias and adapters.
     fn linear(&mut self, _name: &str, _layer: &mut crate::layers::Linear) -> bool {
         false
     }

@@ -1,5 +1,5 @@
 //! Parity of the four families against `transformers` on tiny random models
-//! (`tests/fixtures/tiny-*`, made by `scripts/make_fixtures.py`): logits of padded batches
+//! (`tests/fixtures/tiny-*`, made by `scripts/fixtures/make_fixtures.py`): logits of padded batches
 //! within 1e-4, and the loss and the gradient of every parameter within 1e-4 relative error.
 //! The LLaMA family also as Mistral and Qwen2, with linear and llama3 rope scaling, and from
 //! sharded, float16 and bfloat16 safetensors.

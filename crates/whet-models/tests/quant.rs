@@ -1,5 +1,5 @@
 //! Quantised base weights: NF4 with double quantisation against bitsandbytes
-//! (`tests/fixtures/quant/nf4.safetensors`, from `scripts/make_quant_fixtures.py`), the
+//! (`tests/fixtures/quant/nf4.safetensors`, from `scripts/fixtures/make_quant_fixtures.py`), the
 //! quantised matmul against the f32 one in value and gradient, and a GGUF base kept in its own
 //! blocks against the same file loaded as f32.
 

@@ -15,12 +15,11 @@ use burn::tensor::{Device, Distribution, Tensor};
 use serde::{Deserialize, Serialize};
 use whet_models::VisitParams;
 use whet_models::config::Activation;
-use whet_models::layers::{Bottleneck, Linear};
-use whet_models::weights::tensor_values;
+use whet_models::layers::Bottleneck;
 
 use crate::lora::LoraReport;
 use crate::{
-    PREFIX, PeftError, Reader, Result, attach_each, collect_tensors, freeze_all_but, write_adapter,
+    PREFIX, PeftError, Result, attach_each, collect_tensors, freeze_all_but, write_adapter,
 };
 
 /// The file format, for the README and `--help`.
@@ -142,26 +141,11 @@ pub fn save_adapter<M: VisitParams + Clone>(
     task_type: &str,
     dir: &Path,
 ) -> Result<()> {
-    let mut targets = vec![];
-    let tensors = collect_tensors(model, &config.modules_to_save, &mut |name, layer, out| {
-        if let Some(b) = &layer.bottleneck {
-            targets.push(name.to_string());
-            // whet holds [in, out]; the file has nn.Linear's [out, in].
-            let m = |t: Tensor<2>| {
-                let t = t.transpose();
-                (t.dims().to_vec(), tensor_values(t.into_data()))
-            };
-            let v = |t: Tensor<1>| (t.dims().to_vec(), tensor_values(t.into_data()));
-            for (key, (dims, values)) in [
-                ("adapter_down.weight", m(b.down.val())),
-                ("adapter_down.bias", v(b.down_bias.val())),
-                ("adapter_up.weight", m(b.up.val())),
-                ("adapter_up.bias", v(b.up_bias.val())),
-            ] {
-                out.push((format!("{PREFIX}{name}.{key}"), dims, values));
-            }
-        }
-    });
+    let tensors = collect_tensors(model, &config.modules_to_save);
+    let targets: Vec<&str> = tensors
+        .iter()
+        .filter_map(|(key, _, _)| key.strip_prefix(PREFIX)?.strip_suffix(".adapter_down.weight"))
+        .collect();
     let json = serde_json::json!({
         "peft_type": "BOTTLENECK",
         "format": "whet",
@@ -174,28 +158,4 @@ pub fn save_adapter<M: VisitParams + Clone>(
         "modules_to_save": config.modules_to_save,
     });
     write_adapter(dir, &tensors, &json)
-}
-
-/// Fills the bottleneck adapter of one layer from its four tensors.
-pub(crate) fn fill_layer(name: &str, layer: &mut Linear, reader: &mut Reader) {
-    if let Some(b) = &mut layer.bottleneck {
-        let [d, r] = b.down.shape().dims();
-        let key = |k: &str| format!("{PREFIX}{name}.{k}");
-        let down = reader.read(&key("adapter_down.weight"), [r, d]);
-        let down_bias = reader.read(&key("adapter_down.bias"), [r]);
-        let up = reader.read(&key("adapter_up.weight"), [d, r]);
-        let up_bias = reader.read(&key("adapter_up.bias"), [d]);
-        match (down, down_bias, up, up_bias) {
-            (Some(dw), Some(db), Some(uw), Some(ub)) => {
-                let device = reader.device().clone();
-                let host =
-                    |t: Tensor<2>| Tensor::<2>::from_data(t.transpose().into_data(), &device);
-                b.down = Param::from_tensor(host(dw));
-                b.down_bias = Param::from_tensor(db);
-                b.up = Param::from_tensor(host(uw));
-                b.up_bias = Param::from_tensor(ub);
-            }
-            _ => reader.fail(format!("no bottleneck adapter weights for module {name}")),
-        }
-    }
 }

@@ -14,12 +14,11 @@ use burn::module::Param;
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use whet_models::layers::{Ia3, Linear, LinearWeight};
-use whet_models::weights::tensor_values;
 use whet_models::{VisitParams, Visitor};
 
 use crate::lora::LoraReport;
 use crate::{
-    PREFIX, PeftError, Reader, Result, attach_each, collect_tensors, freeze_all_but,
+    PeftError, Result, attach_each, collect_tensors, freeze_all_but,
     matches_target, write_adapter,
 };
 
@@ -92,13 +91,15 @@ pub fn apply_ia3<M: VisitParams>(
         let (d_in, d_out) = layer.dims();
         let on_input = config.is_feedforward(name);
         let n = if on_input { d_in } else { d_out };
-        let scale = if config.init_ia3_weights {
+        let scale: Tensor<1> = if config.init_ia3_weights {
             Tensor::ones([n], device)
         } else {
             Tensor::random([n], burn::tensor::Distribution::Normal(1.0, 0.1), device)
         };
+        // peft's shape: `[1, in]` for input scaling, `[out, 1]` otherwise.
+        let shape = if on_input { [1, n] } else { [n, 1] };
         layer.ia3 = Some(Ia3 {
-            scale: Param::from_tensor(scale),
+            scale: Param::from_tensor(scale.reshape(shape)),
             on_input,
             enabled: true,
         });
@@ -130,12 +131,6 @@ fn adapter_config_json(config: &Ia3Config, base_model: &str, task_type: &str) ->
     })
 }
 
-/// peft's stored shape of a layer's vector: `[1, in]` for input scaling, `[out, 1]` otherwise.
-fn stored_shape(l: &Ia3) -> [usize; 2] {
-    let n = l.scale.shape().num_elements();
-    if l.on_input { [1, n] } else { [n, 1] }
-}
-
 /// Saves the IA3 vectors (and `modules_to_save`) of `model` as `peft` does, into `dir`.
 pub fn save_adapter<M: VisitParams + Clone>(
     model: &M,
@@ -144,34 +139,12 @@ pub fn save_adapter<M: VisitParams + Clone>(
     task_type: &str,
     dir: &Path,
 ) -> Result<()> {
-    let tensors = collect_tensors(model, &config.modules_to_save, &mut |name, layer, out| {
-        if let Some(l) = &layer.ia3 {
-            out.push((
-                format!("{PREFIX}{name}.ia3_l"),
-                stored_shape(l).to_vec(),
-                tensor_values(l.scale.val().into_data()),
-            ));
-        }
-    });
+    let tensors = collect_tensors(model, &config.modules_to_save);
     write_adapter(
         dir,
         &tensors,
         &adapter_config_json(config, base_model, task_type),
     )
-}
-
-/// Fills the IA3 vector of one layer from peft's `ia3_l` tensor.
-pub(crate) fn fill_layer(name: &str, layer: &mut Linear, reader: &mut Reader) {
-    if let Some(l) = &mut layer.ia3 {
-        let key = format!("{PREFIX}{name}.ia3_l");
-        match reader.read(&key, stored_shape(l)) {
-            Some(t) => {
-                let n = l.scale.shape().num_elements();
-                l.scale = Param::from_tensor(t.reshape([n]));
-            }
-            None => reader.fail(format!("no ia3_l vector for module {name}")),
-        }
-    }
 }
 
 /// Folds every IA3 vector into its layer and removes it, as peft's `merge_and_unload`: output
@@ -182,7 +155,7 @@ pub fn merge_ia3<M: VisitParams>(model: &mut M) -> Vec<String> {
     impl Visitor for Merge {
         fn linear(&mut self, name: &str, layer: &mut Linear) -> bool {
             if let Some(l) = layer.ia3.take() {
-                let scale = l.scale.val();
+                let scale = l.vector();
                 let device = scale.device();
                 if layer.is_quantized() {
                     self.0.push(name.to_string());

@@ -25,11 +25,11 @@ use std::path::Path;
 
 use burn::module::Param;
 use burn::tensor::{Device, Tensor, TensorData};
-use whet_models::layers::Linear;
+use whet_models::layers::{Linear, is_adapter_param};
 use whet_models::weights::{
-    Layout, SafetensorsSource, TensorSource, tensor_values, write_safetensors,
+    Layout, SafetensorsSource, TensorSource, write_safetensors,
 };
-use whet_models::{VisitParams, Visitor};
+use whet_models::{ExportParams, VisitParams, Visitor};
 
 /// An adapter method's configuration, as `peft` writes it in `adapter_config.json`.
 #[derive(Debug, Clone, PartialEq)]
@@ -168,10 +168,9 @@ pub fn load_adapter<M: VisitParams>(
             }
         }
     }
-    let adapter_keys = [".lora_", ".ia3_l", ".adapter_down.", ".adapter_up."];
     for name in source.names() {
         if let Some(rest) = name.strip_prefix(PREFIX)
-            && !adapter_keys.iter().any(|k| rest.contains(k))
+            && !is_adapter_param(rest)
             && let Some((module, _)) = rest.rsplit_once('.')
         {
             let modules = config.modules_to_save_mut();
@@ -201,14 +200,12 @@ pub fn load_adapter<M: VisitParams>(
         file: &file,
     };
     match &config {
-        PeftConfig::Lora(_) => fill(model, &mut reader, PREFIX, &mut lora::fill_layer),
-        PeftConfig::Ia3(_) => fill(model, &mut reader, PREFIX, &mut ia3::fill_layer),
-        PeftConfig::Bottleneck(_) => fill(model, &mut reader, PREFIX, &mut bottleneck::fill_layer),
         PeftConfig::Prompt(c) => {
             prompt::fill_embeddings(model, c, &mut reader)?;
             // Prompt learning saves the head under `base_model.`, without `model.`.
-            fill(model, &mut reader, prompt::PROMPT_PREFIX, &mut |_, _, _| {});
+            fill(model, &mut reader, prompt::PROMPT_PREFIX);
         }
+        _ => fill(model, &mut reader, PREFIX),
     }
     if let Some(e) = reader.error {
         return Err(e);
@@ -284,56 +281,21 @@ pub(crate) fn in_modules(name: &str, modules: &[String]) -> bool {
 /// One tensor for an adapter file: key, shape, row-major values.
 pub(crate) type SavedTensor = (String, Vec<usize>, Vec<f32>);
 
-/// The tensors of an adapter file: the `modules_to_save` parameters in checkpoint layout, and
-/// what `layer` writes for each linear layer.
+/// The tensors of an adapter file: the adapters' parameters and the `modules_to_save`
+/// parameters, under `base_model.model.<name>` in checkpoint layout.
 pub(crate) fn collect_tensors<M: VisitParams + Clone>(
     model: &M,
     modules_to_save: &[String],
-    layer: &mut dyn FnMut(&str, &Linear, &mut Vec<SavedTensor>),
 ) -> Vec<SavedTensor> {
-    struct Collect<'a> {
-        modules: &'a [String],
-        layer: &'a mut dyn FnMut(&str, &Linear, &mut Vec<SavedTensor>),
-        out: Vec<SavedTensor>,
-    }
-    impl Visitor for Collect<'_> {
-        fn vector(&mut self, name: &str, p: &mut Param<Tensor<1>>) {
-            if in_modules(name, self.modules) {
-                let t = p.val();
-                let dims = t.dims().to_vec();
-                self.out.push((
-                    format!("{PREFIX}{name}"),
-                    dims,
-                    tensor_values(t.into_data()),
-                ));
-            }
-        }
-        fn matrix(&mut self, name: &str, p: &mut Param<Tensor<2>>, layout: Layout) {
-            if in_modules(name, self.modules) {
-                let t = match layout {
-                    Layout::Same => p.val(),
-                    Layout::Transposed => p.val().transpose(),
-                };
-                let dims = t.dims().to_vec();
-                self.out.push((
-                    format!("{PREFIX}{name}"),
-                    dims,
-                    tensor_values(t.into_data()),
-                ));
-            }
-        }
-        fn linear(&mut self, name: &str, layer: &mut Linear) -> bool {
-            (self.layer)(name, layer, &mut self.out);
-            false
-        }
-    }
-    let mut c = Collect {
-        modules: modules_to_save,
-        layer,
-        out: vec![],
-    };
-    model.clone().visit_params("", &mut c);
-    c.out
+    model
+        .named_params()
+        .iter()
+        .filter(|p| is_adapter_param(&p.name) || in_modules(&p.name, modules_to_save))
+        .map(|p| {
+            let (dims, values) = p.to_checkpoint_values();
+            (format!("{PREFIX}{}", p.name), dims, values)
+        })
+        .collect()
 }
 
 /// Writes `adapter_model.safetensors` and `adapter_config.json` into `dir`.
@@ -406,23 +368,30 @@ impl Reader<'_> {
     }
 }
 
-/// Fills the parameters the file holds (`modules_to_save`, under `<prefix><name>`) from the
-/// reader, and each linear layer through `layer`.
-fn fill<M: VisitParams>(
-    model: &mut M,
-    reader: &mut Reader,
-    prefix: &str,
-    layer: &mut dyn FnMut(&str, &mut Linear, &mut Reader),
-) {
+/// Fills the parameters the file holds (adapters and `modules_to_save`, under
+/// `<prefix><name>`) from the reader; an adapter parameter the file lacks is an error.
+fn fill<M: VisitParams>(model: &mut M, reader: &mut Reader, prefix: &str) {
     struct Fill<'a, 'b> {
         reader: &'a mut Reader<'b>,
         prefix: &'a str,
-        layer: &'a mut dyn FnMut(&str, &mut Linear, &mut Reader),
+    }
+    impl Fill<'_, '_> {
+        /// The stored tensor for parameter `name` of stored shape `shape`, if the file has it.
+        fn read<const D: usize>(&mut self, name: &str, shape: [usize; D]) -> Option<Tensor<D>> {
+            let key = format!("{}{name}", self.prefix);
+            if self.reader.source.shape(&key).is_none() {
+                if is_adapter_param(name) {
+                    self.reader.fail(format!("no tensor {key} for the adapter of this model"));
+                }
+                return None;
+            }
+            self.reader.read(&key, shape)
+        }
     }
     impl Visitor for Fill<'_, '_> {
         fn vector(&mut self, name: &str, p: &mut Param<Tensor<1>>) {
             let n = p.shape().num_elements();
-            if let Some(t) = self.reader.read(&format!("{}{name}", self.prefix), [n]) {
+            if let Some(t) = self.read(name, [n]) {
                 *p = Param::from_tensor(t).set_require_grad(p.val().is_require_grad());
             }
         }
@@ -432,7 +401,7 @@ fn fill<M: VisitParams>(
                 Layout::Same => [a, b],
                 Layout::Transposed => [b, a],
             };
-            if let Some(t) = self.reader.read(&format!("{}{name}", self.prefix), stored) {
+            if let Some(t) = self.read(name, stored) {
                 let t = if layout == Layout::Transposed {
                     t.transpose()
                 } else {
@@ -443,19 +412,8 @@ fn fill<M: VisitParams>(
                 *p = Param::from_tensor(t).set_require_grad(p.val().is_require_grad());
             }
         }
-        fn linear(&mut self, name: &str, layer: &mut Linear) -> bool {
-            (self.layer)(name, layer, self.reader);
-            false
-        }
     }
-    model.visit_params(
-        "",
-        &mut Fill {
-            reader,
-            prefix,
-            layer,
-        },
-    );
+    model.visit_params("", &mut Fill { reader, prefix });
 }
 
 /// Errors of this crate.
@@ -485,16 +443,21 @@ pub fn matches_target(module: &str, keys: &[String]) -> bool {
         .any(|k| module == k || module.ends_with(&format!(".{k}")))
 }
 
-/// Sets which parameters train: `trainable(name)` decides for each base parameter. Adapters
-/// attached later are trainable by construction.
+/// Sets which parameters train: `trainable(name)` decides for each base parameter; the
+/// parameters of attached adapters always train.
 pub fn set_trainable<M: VisitParams>(model: &mut M, trainable: &dyn Fn(&str) -> bool) {
     struct Freeze<'a>(&'a dyn Fn(&str) -> bool);
+    impl Freeze<'_> {
+        fn trains(&self, name: &str) -> bool {
+            is_adapter_param(name) || (self.0)(name)
+        }
+    }
     impl Visitor for Freeze<'_> {
         fn vector(&mut self, name: &str, p: &mut Param<Tensor<1>>) {
-            *p = p.clone().set_require_grad((self.0)(name));
+            *p = p.clone().set_require_grad(self.trains(name));
         }
         fn matrix(&mut self, name: &str, p: &mut Param<Tensor<2>>, _: Layout) {
-            *p = p.clone().set_require_grad((self.0)(name));
+            *p = p.clone().set_require_grad(self.trains(name));
         }
     }
     model.visit_params("", &mut Freeze(trainable));

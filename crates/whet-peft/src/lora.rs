@@ -12,12 +12,12 @@ use std::path::Path;
 use burn::module::Param;
 use burn::tensor::{Device, Distribution, Tensor};
 use serde::{Deserialize, Serialize};
-use whet_models::layers::{Linear, LinearWeight, LowRank};
-use whet_models::weights::{Layout, tensor_values};
+use whet_models::layers::{Linear, LinearWeight, LowRank, is_adapter_param};
+use whet_models::weights::Layout;
 use whet_models::{VisitParams, Visitor};
 
 use crate::{
-    PREFIX, ParamCounts, PeftError, Reader, Result, attach_each, collect_tensors, in_modules,
+    ParamCounts, PeftError, Result, attach_each, collect_tensors, in_modules,
     matches_target, set_trainable, write_adapter,
 };
 
@@ -170,7 +170,7 @@ pub(crate) fn count<M: VisitParams>(
     impl Count<'_> {
         fn add(&mut self, name: &str, n: usize) {
             self.c.all += n;
-            if (self.trainable)(name) {
+            if is_adapter_param(name) || (self.trainable)(name) {
                 self.c.trainable += n;
             }
             if in_modules(name, self.modules_to_save) {
@@ -184,27 +184,6 @@ pub(crate) fn count<M: VisitParams>(
         }
         fn matrix(&mut self, name: &str, p: &mut Param<Tensor<2>>, _: Layout) {
             self.add(name, p.shape().num_elements());
-        }
-        fn linear(&mut self, _: &str, layer: &mut Linear) -> bool {
-            if let Some(a) = &layer.adapter {
-                let n = a.a.shape().num_elements() + a.b.shape().num_elements();
-                self.c.all += n;
-                self.c.trainable += n;
-            }
-            if let Some(l) = &layer.ia3 {
-                let n = l.scale.shape().num_elements();
-                self.c.all += n;
-                self.c.trainable += n;
-            }
-            if let Some(b) = &layer.bottleneck {
-                let n = b.down.shape().num_elements()
-                    + b.down_bias.shape().num_elements()
-                    + b.up.shape().num_elements()
-                    + b.up_bias.shape().num_elements();
-                self.c.all += n;
-                self.c.trainable += n;
-            }
-            false
         }
         fn quantized(&mut self, _: &str, m: &whet_models::quant::QuantMatrix) {
             // Counted as the weights it stands for (peft counts a bitsandbytes 4-bit tensor by
@@ -261,43 +240,12 @@ pub fn save_adapter<M: VisitParams + Clone>(
     task_type: &str,
     dir: &Path,
 ) -> Result<()> {
-    let tensors = collect_tensors(model, &config.modules_to_save, &mut |name, layer, out| {
-        if let Some(a) = &layer.adapter {
-            // whet holds A [in, r] and B [r, out]; peft stores lora_A [r, in], lora_B [out, r].
-            for (key, t) in [("lora_A", a.a.val()), ("lora_B", a.b.val())] {
-                let t = t.transpose();
-                let dims = t.dims().to_vec();
-                out.push((
-                    format!("{PREFIX}{name}.{key}.weight"),
-                    dims,
-                    tensor_values(t.into_data()),
-                ));
-            }
-        }
-    });
+    let tensors = collect_tensors(model, &config.modules_to_save);
     write_adapter(
         dir,
         &tensors,
         &adapter_config_json(config, base_model, task_type),
     )
-}
-
-/// Fills the LoRA adapter of one layer from peft's `lora_A` / `lora_B` tensors.
-pub(crate) fn fill_layer(name: &str, layer: &mut Linear, reader: &mut Reader) {
-    let (d_in, d_out) = layer.dims();
-    if let Some(ad) = &mut layer.adapter {
-        let r = ad.a.shape().dims::<2>()[1];
-        let a = reader.read(&format!("{PREFIX}{name}.lora_A.weight"), [r, d_in]);
-        let b = reader.read(&format!("{PREFIX}{name}.lora_B.weight"), [d_out, r]);
-        match (a, b) {
-            (Some(a), Some(b)) => {
-                let device = reader.device().clone();
-                ad.a = Param::from_tensor(Tensor::from_data(a.transpose().into_data(), &device));
-                ad.b = Param::from_tensor(Tensor::from_data(b.transpose().into_data(), &device));
-            }
-            _ => reader.fail(format!("no lora_A / lora_B weights for module {name}")),
-        }
-    }
 }
 
 /// Folds every adapter into its base weight (`W += A B · scaling`) and removes it, as

@@ -312,7 +312,7 @@ fn saved_embeddings<M: VisitParams + Clone>(model: &M) -> Result<(Tensor<2>, Pro
 
 /// The `modules_to_save` tensors in checkpoint layout, under prompt learning's key prefix.
 fn head_tensors<M: VisitParams + Clone>(model: &M, modules: &[String]) -> Vec<SavedTensor> {
-    crate::collect_tensors(model, modules, &mut |_, _, _| {})
+    crate::collect_tensors(model, modules)
         .into_iter()
         .map(|(k, dims, v)| {
             let name = k.strip_prefix(crate::PREFIX).unwrap_or(&k);

@@ -1,5 +1,5 @@
 //! LoRA invariants (as peft's test_custom_models checks them) and parity with adapters that
-//! `peft` saved (`tests/fixtures/peft/`, made by `scripts/make_peft_fixtures.py`).
+//! `peft` saved (`tests/fixtures/peft/`, made by `scripts/fixtures/make_peft_fixtures.py`).
 
 use std::path::{Path, PathBuf};
 
@@ -132,29 +132,24 @@ fn only_adapters_and_the_head_get_gradients() {
     let logits = model.forward(input(&b, &device), Mode::Train).unwrap();
     let labels = Tensor::<1, Int>::from_data(TensorData::new(vec![0i64, 1, 2], [3]), &device);
     let grads = cross_entropy(logits, labels, -100).backward();
+    // Adapters are parameters like any other, under peft's names: they and the head get a
+    // gradient, nothing else does.
+    let mut adapters = 0;
     for p in model.named_params() {
         let has = match &p.tensor {
             whet_models::weights::AnyTensor::R1(t) => t.grad(&grads).is_some(),
             whet_models::weights::AnyTensor::R2(t) => t.grad(&grads).is_some(),
         };
+        let adapter = p.name.ends_with(".lora_A.weight") || p.name.ends_with(".lora_B.weight");
+        adapters += adapter as usize;
         assert_eq!(
             has,
-            p.name.starts_with("classifier."),
+            adapter || p.name.starts_with("classifier."),
             "{}: gradient {has}",
             p.name
         );
     }
-    // and the adapters do get one
-    let mut factors: Vec<Tensor<2>> = vec![];
-    for_each_adapter(&mut model.clone(), &mut |_, a| {
-        factors.push(a.a.val());
-        factors.push(a.b.val());
-    });
-    assert_eq!(factors.len(), 8);
-    assert!(
-        factors.iter().all(|t| t.grad(&grads).is_some()),
-        "every A and B has a gradient"
-    );
+    assert_eq!(adapters, 8, "A and B of query and value in two layers");
 }
 
 /// Sets every adapter's B to a non-zero value so adapters change the output.

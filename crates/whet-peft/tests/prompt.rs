@@ -1,5 +1,5 @@
 //! Prefix tuning and prompt tuning against adapters that `peft` saved
-//! (`tests/fixtures/peft/*-prefix*`, `*-prompt*`, made by `scripts/make_peft_fixtures.py`):
+//! (`tests/fixtures/peft/*-prefix*`, `*-prompt*`, made by `scripts/fixtures/make_peft_fixtures.py`):
 //! logits (classifiers and causal LMs, with a key/value prefix, a projected prefix, and a soft
 //! prompt), the causal-LM loss, parameter counts, and whet's own save/load round trip.
 

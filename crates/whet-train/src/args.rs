@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::error::{Result, TrainError};
 use crate::optim::OptimizerKind;
 use crate::schedule::Schedule;
 
@@ -202,7 +203,7 @@ impl TrainingArguments {
     }
 
     /// Checks values a person may get wrong, naming the option.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<()> {
         let positive = [
             (
                 "per_device_train_batch_size",
@@ -220,26 +221,35 @@ impl TrainingArguments {
         ];
         for (name, v) in positive {
             if v == 0 {
-                return Err(format!("training.{name} must be at least 1"));
+                return Err(TrainError::option(
+                    format!("training.{name}"),
+                    "must be at least 1",
+                ));
             }
         }
         if self.learning_rate.is_nan() || self.learning_rate <= 0.0 {
-            return Err(format!(
-                "training.learning_rate must be > 0, got {}",
-                self.learning_rate
+            return Err(TrainError::option(
+                "training.learning_rate",
+                format!("must be > 0, got {}", self.learning_rate),
             ));
         }
         if !(0.0..=1.0).contains(&self.warmup_ratio) {
-            return Err(format!(
-                "training.warmup_ratio must be in [0, 1], got {}",
-                self.warmup_ratio
+            return Err(TrainError::option(
+                "training.warmup_ratio",
+                format!("must be in [0, 1], got {}", self.warmup_ratio),
             ));
         }
         if self.eval_strategy == Strategy::Steps && self.eval_steps.is_none() {
-            return Err("training.eval_strategy = \"steps\" needs training.eval_steps".into());
+            return Err(TrainError::option(
+                "training.eval_strategy",
+                "= \"steps\" needs training.eval_steps",
+            ));
         }
         if self.load_best_model_at_end && self.eval_strategy == Strategy::No {
-            return Err("training.load_best_model_at_end needs an eval_strategy".into());
+            return Err(TrainError::option(
+                "training.load_best_model_at_end",
+                "needs an eval_strategy",
+            ));
         }
         Ok(())
     }

@@ -19,6 +19,7 @@ use whet_models::{
 };
 use whet_peft::{ParamCounts, PeftConfig};
 
+use crate::error::{Result, TrainError};
 use crate::recipe::{DataSpec, Method, Recipe};
 use crate::trainer::{BatchCounts, Evaluation, Objective};
 
@@ -169,12 +170,7 @@ impl Objective for LanguageModelling {
         }
     }
 
-    fn summed_loss(
-        &self,
-        model: &CausalModel,
-        b: &LmBatch,
-        device: &Device,
-    ) -> Result<Tensor<1>, String> {
+    fn summed_loss(&self, model: &CausalModel, b: &LmBatch, device: &Device) -> Result<Tensor<1>> {
         Ok(self.loss(model, b, Mode::Train, device))
     }
 
@@ -184,7 +180,7 @@ impl Objective for LanguageModelling {
         data: &[LmExample],
         batch_size: usize,
         device: &Device,
-    ) -> Result<Evaluation, String> {
+    ) -> Result<Evaluation> {
         let (loss, _) = evaluate_lm(model, data, batch_size, self.pad_id, device);
         Ok(Evaluation {
             loss,
@@ -252,17 +248,19 @@ fn rows(table: &Table) -> Vec<(String, BTreeMap<String, Value>)> {
 }
 
 /// A row's conversation: a list of `{role, content}` objects.
-fn messages(
-    row: &BTreeMap<String, Value>,
-    column: &str,
-    origin: &str,
-) -> Result<Vec<ChatMessage>, String> {
-    let value = row
-        .get(column)
-        .ok_or_else(|| format!("{origin}: no field {column:?} (data.messages_column)"))?;
-    let list = value
-        .as_array()
-        .ok_or_else(|| format!("{origin}: field {column:?} is not a list of messages"))?;
+fn messages(row: &BTreeMap<String, Value>, column: &str, origin: &str) -> Result<Vec<ChatMessage>> {
+    let value = row.get(column).ok_or_else(|| {
+        TrainError::row(
+            origin,
+            format!("no field {column:?} (data.messages_column)"),
+        )
+    })?;
+    let list = value.as_array().ok_or_else(|| {
+        TrainError::row(
+            origin,
+            format!("field {column:?} is not a list of messages"),
+        )
+    })?;
     list.iter()
         .enumerate()
         .map(|(i, m)| {
@@ -271,7 +269,10 @@ fn messages(
                     .and_then(|v| v.as_str())
                     .map(String::from)
                     .ok_or_else(|| {
-                        format!("{origin}: message {i} of {column:?} has no string field {k:?}")
+                        TrainError::row(
+                            origin,
+                            format!("message {i} of {column:?} has no string field {k:?}"),
+                        )
                     })
             };
             Ok(ChatMessage {
@@ -287,7 +288,7 @@ fn completion(
     row: &BTreeMap<String, Value>,
     column: &str,
     origin: &str,
-) -> Result<Vec<ChatMessage>, String> {
+) -> Result<Vec<ChatMessage>> {
     let assistant = |s: &str| ChatMessage {
         role: "assistant".into(),
         content: s.to_string(),
@@ -297,25 +298,34 @@ fn completion(
         Some(Value::Array(items)) => match items.first() {
             Some(Value::String(s)) => Ok(vec![assistant(s)]),
             Some(Value::Object(_)) => messages(row, column, origin),
-            _ => Err(format!("{origin}: field {column:?} holds no answer")),
+            _ => Err(TrainError::row(
+                origin,
+                format!("field {column:?} holds no answer"),
+            )),
         },
-        Some(other) => Err(format!("{origin}: field {column:?} is not text ({other})")),
-        None => Err(format!(
-            "{origin}: no field {column:?} (data.completion_column)"
+        Some(other) => Err(TrainError::row(
+            origin,
+            format!("field {column:?} is not text ({other})"),
+        )),
+        None => Err(TrainError::row(
+            origin,
+            format!("no field {column:?} (data.completion_column)"),
         )),
     }
 }
 
 /// A row's text from `data.text_column`.
-fn text<'a>(
-    row: &'a BTreeMap<String, Value>,
-    column: &str,
-    origin: &str,
-) -> Result<&'a str, String> {
+fn text<'a>(row: &'a BTreeMap<String, Value>, column: &str, origin: &str) -> Result<&'a str> {
     match row.get(column) {
         Some(Value::String(s)) => Ok(s),
-        Some(other) => Err(format!("{origin}: field {column:?} is not text ({other})")),
-        None => Err(format!("{origin}: no field {column:?} (data.text_column)")),
+        Some(other) => Err(TrainError::row(
+            origin,
+            format!("field {column:?} is not text ({other})"),
+        )),
+        None => Err(TrainError::row(
+            origin,
+            format!("no field {column:?} (data.text_column)"),
+        )),
     }
 }
 
@@ -324,7 +334,7 @@ fn build(
     d: &DataSpec,
     tokenizer: &TextTokenizer,
     rows: &[(String, BTreeMap<String, Value>)],
-) -> Result<(Vec<LmExample>, usize), String> {
+) -> Result<(Vec<LmExample>, usize)> {
     let learn_all = !d.completion_only_loss;
     // trl's SFTTrainer keeps the start (`truncation_mode = "keep_start"`).
     let limit = Limit {
@@ -341,14 +351,14 @@ fn build(
                 let t = text(row, &d.text_column, origin)?;
                 tokenizer
                     .encode(t, true)
-                    .map_err(|e| format!("{origin}: {e}"))
+                    .map_err(|e| TrainError::encode(origin, e))
             })
-            .collect::<Result<_, String>>()?;
+            .collect::<Result<_>>()?;
         return Ok((group_texts(&docs, block), 0));
     }
     let made: Vec<Option<LmExample>> = rows
         .par_iter()
-        .map(|(origin, row)| -> Result<Option<LmExample>, String> {
+        .map(|(origin, row)| -> Result<Option<LmExample>> {
             let ex = if let Some(col) = &d.messages_column {
                 let msgs = messages(row, col, origin)?;
                 match &d.completion_column {
@@ -361,16 +371,16 @@ fn build(
                     None => chat(tokenizer, &msgs, learn_all, limit, origin),
                 }
             } else if let Some(t) = &template {
-                let (prompt, completion) = t.render(row, origin).map_err(|e| e.to_string())?;
+                let (prompt, completion) = t.render(row, origin)?;
                 prompt_completion(tokenizer, &prompt, &completion, learn_all, limit, origin)
             } else {
                 // A whole text is learnt, then EOS so the model learns where texts end.
                 let t = text(row, &d.text_column, origin)?;
                 prompt_completion(tokenizer, "", t, true, limit, origin)
             };
-            ex.map_err(|e| e.to_string())
+            Ok(ex?)
         })
-        .collect::<Result<_, String>>()?;
+        .collect::<Result<_>>()?;
     let mut skipped = 0;
     let mut out = Vec::with_capacity(made.len());
     for ex in made {
@@ -388,29 +398,26 @@ fn build(
 
 /// Opens the recipe's model as a decoder (with the recipe's quantization policy), its
 /// tokenizer, and the id to pad with (pad, else EOS); `task` names the task in the error.
-pub fn open_decoder(
-    recipe: &Recipe,
-    task: &str,
-) -> Result<(Checkpoint, TextTokenizer, u32), String> {
-    let mut checkpoint = Checkpoint::open(&recipe.model).map_err(|e| e.to_string())?;
+pub fn open_decoder(recipe: &Recipe, task: &str) -> Result<(Checkpoint, TextTokenizer, u32)> {
+    let mut checkpoint = Checkpoint::open(&recipe.model)?;
     checkpoint.quantization = crate::method::quant_policy(recipe, &[]);
     if !checkpoint.family().is_decoder() {
-        return Err(format!(
-            "task = \"{task}\" needs a decoder (GPT-2 or LLaMA family); {} is {}",
-            recipe.model.display(),
-            checkpoint.family()
-        ));
+        return Err(TrainError::NeedsDecoder {
+            task: task.to_string(),
+            model: recipe.model.clone(),
+            family: checkpoint.family().to_string(),
+        });
     }
-    let tokenizer = checkpoint.tokenizer().map_err(|e| e.to_string())?;
+    let tokenizer = checkpoint.tokenizer()?;
     let pad_id = checkpoint
         .pad_token_id()
         .or(tokenizer.pad.as_ref().map(|p| p.id))
         .or(tokenizer.eos.as_ref().map(|p| p.id))
         .ok_or_else(|| {
-            format!(
+            TrainError::Unsuitable(format!(
                 "{}: no pad or EOS token to pad with",
                 recipe.model.display()
-            )
+            ))
         })?;
     Ok((checkpoint, tokenizer, pad_id))
 }
@@ -423,14 +430,11 @@ pub fn apply_decoder_method(
     recipe: &Recipe,
     tokenizer: &TextTokenizer,
     device: &Device,
-) -> Result<(ParamCounts, Option<PeftConfig>), String> {
+) -> Result<(ParamCounts, Option<PeftConfig>)> {
     Ok(match recipe.method {
         Method::Full => (crate::method::full(model), None),
         Method::Head => {
-            return Err(format!(
-                "method = \"head\" trains a new classification head; {:?} has none (use full or lora)",
-                recipe.task
-            ));
+            return Err(TrainError::NoHead { task: recipe.task });
         }
         Method::Lora
         | Method::Qlora
@@ -440,49 +444,50 @@ pub fn apply_decoder_method(
         | Method::PromptTuning => {
             let (counts, cfg) =
                 crate::method::attach_adapter(model, recipe, &[], tokenizer, device)?
-                    .ok_or("the adapter method needs its table ([lora] or [ia3])")?;
+                    .ok_or(TrainError::NoAdapterTable)?;
             (counts, Some(cfg))
         }
     })
 }
 
 /// Reads and tokenizes the data, loads the decoder and applies the method.
-pub fn prepare(recipe: &Recipe, device: &Device) -> Result<LmPrepared, String> {
+pub fn prepare(recipe: &Recipe, device: &Device) -> Result<LmPrepared> {
     let d = &recipe.data;
-    let enc: Encoding = d
-        .encoding
-        .parse()
-        .map_err(|e| format!("data.encoding: {e}"))?;
-    let read = |p: &Path| Table::read(p, enc).map_err(|e| e.to_string());
+    let enc: Encoding = d.encoding.parse().map_err(TrainError::Encoding)?;
+    let read = |p: &Path| Table::read(p, enc).map_err(TrainError::from);
     let (checkpoint, tokenizer, pad_id) = open_decoder(recipe, "causal-lm")?;
     let limit = d.block_size.unwrap_or(d.max_length);
     if limit > checkpoint.max_positions() {
-        return Err(format!(
-            "data.{} = {limit} exceeds the model's {} positions ({})",
-            if d.block_size.is_some() {
-                "block_size"
+        return Err(TrainError::ExceedsPositions {
+            key: if d.block_size.is_some() {
+                "data.block_size"
             } else {
-                "max_length"
+                "data.max_length"
             },
-            checkpoint.max_positions(),
-            recipe.model.display()
-        ));
+            value: limit,
+            positions: checkpoint.max_positions(),
+            model: recipe.model.clone(),
+        });
     }
     if d.completion_column.is_some() && d.messages_column.is_none() {
-        return Err("data.completion_column goes with data.messages_column".into());
+        return Err(TrainError::Recipe(
+            "data.completion_column goes with data.messages_column".into(),
+        ));
     }
     if d.messages_column.is_some() && d.template.is_some() {
-        return Err("data.messages_column and data.template exclude each other".into());
+        return Err(TrainError::Recipe(
+            "data.messages_column and data.template exclude each other".into(),
+        ));
     }
     if d.block_size.is_some() && (d.messages_column.is_some() || d.template.is_some() || d.packing)
     {
-        return Err(
+        return Err(TrainError::Recipe(
             "data.block_size is for plain text; it excludes messages_column, template and packing"
                 .into(),
-        );
+        ));
     }
     let train_rows = rows(&read(&d.train)?);
-    let file_rows = |p: &Option<std::path::PathBuf>| -> Result<Option<Vec<_>>, String> {
+    let file_rows = |p: &Option<std::path::PathBuf>| -> Result<Option<Vec<_>>> {
         p.as_ref().map(|p| read(p).map(|t| rows(&t))).transpose()
     };
     let (validation, test) = (file_rows(&d.validation)?, file_rows(&d.test)?);
@@ -497,12 +502,14 @@ pub fn prepare(recipe: &Recipe, device: &Device) -> Result<LmPrepared, String> {
     }
     let (train, mut skipped) = build(d, &tokenizer, &train_rows)?;
     if train.is_empty() {
-        return Err(format!(
-            "{}: no training example is left (skipped {skipped}: too long, or nothing to learn)",
-            d.train.display()
+        return Err(TrainError::dataset(
+            &d.train,
+            format!(
+                "no training example is left (skipped {skipped}: too long, or nothing to learn)"
+            ),
         ));
     }
-    let mut split = |r: Option<Vec<_>>| -> Result<Option<Vec<LmExample>>, String> {
+    let mut split = |r: Option<Vec<_>>| -> Result<Option<Vec<LmExample>>> {
         match r {
             None => Ok(None),
             Some(r) => {
@@ -527,9 +534,7 @@ pub fn prepare(recipe: &Recipe, device: &Device) -> Result<LmPrepared, String> {
         format!("plain text from {:?}, one example per text", d.text_column)
     } + if d.packing { ", packed" } else { "" };
 
-    let mut model = checkpoint
-        .load_causal_lm(device)
-        .map_err(|e| e.to_string())?;
+    let mut model = checkpoint.load_causal_lm(device)?;
     let (counts, adapter) = apply_decoder_method(&mut model, recipe, &tokenizer, device)?;
     Ok(LmPrepared {
         checkpoint,
@@ -549,7 +554,7 @@ pub fn prepare(recipe: &Recipe, device: &Device) -> Result<LmPrepared, String> {
 
 /// Saves the result into `out`: a `peft` adapter (`CAUSAL_LM`) for LoRA, a `transformers`
 /// folder otherwise; both with the tokenizer.
-pub fn save(p: &LmPrepared, recipe: &Recipe, out: &Path) -> Result<(), String> {
+pub fn save(p: &LmPrepared, recipe: &Recipe, out: &Path) -> Result<()> {
     save_decoder(
         &p.checkpoint,
         &p.tokenizer,
@@ -569,22 +574,19 @@ pub fn save_decoder(
     adapter: Option<&PeftConfig>,
     recipe: &Recipe,
     out: &Path,
-) -> Result<(), String> {
-    std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+) -> Result<()> {
+    std::fs::create_dir_all(out).map_err(|e| TrainError::io(out, e))?;
     match adapter {
         Some(cfg) => {
             crate::output::save_adapter(model, cfg, &recipe.model, "CAUSAL_LM", out)?;
         }
         None => {
-            checkpoint
-                .write_causal_lm_config(out)
-                .map_err(|e| e.to_string())?;
+            checkpoint.write_causal_lm_config(out)?;
             crate::output::save_weights(model, out)?;
         }
     }
-    checkpoint
-        .write_tokenizer_files(tokenizer, out)
-        .map_err(|e| e.to_string())
+    checkpoint.write_tokenizer_files(tokenizer, out)?;
+    Ok(())
 }
 
 /// Trains a causal LM (see [`crate::trainer::train`]).
@@ -594,7 +596,7 @@ pub fn run_training(
     device: &Device,
     observer: &mut dyn crate::Observer,
     resume: Option<&Path>,
-) -> Result<crate::TrainSummary, String> {
+) -> Result<crate::TrainSummary> {
     let objective = LanguageModelling {
         pad_id: p.pad_id,
         soft_prompt: p.model.virtual_positions(),

@@ -11,12 +11,12 @@ use std::path::{Path, PathBuf};
 use burn::module::Param;
 use burn::tensor::{Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
-use whet_models::layers::Linear;
 use whet_models::weights::{
     Layout, SafetensorsSource, TensorSource, tensor_values, write_safetensors,
 };
 use whet_models::{VisitParams, Visitor};
 
+use crate::error::{Result, TrainError};
 use crate::optim::{Moments, Moments8, Optimizer};
 use whet_models::quant::Blockwise8;
 
@@ -33,7 +33,8 @@ pub struct TrainerState {
     pub patience_left: Option<usize>,
 }
 
-/// Visits trainable parameters (those requiring gradients, and adapters) with mutable access.
+/// Visits trainable parameters (those requiring gradients: adapters, heads, or all) with
+/// mutable access.
 fn for_trainable<M: VisitParams + ?Sized>(
     model: &mut M,
     f: &mut dyn FnMut(String, &mut dyn ParamSlot),
@@ -50,23 +51,6 @@ fn for_trainable<M: VisitParams + ?Sized>(
                 (self.0)(name.to_string(), p);
             }
         }
-        fn linear(&mut self, name: &str, layer: &mut Linear) -> bool {
-            if let Some(a) = &mut layer.adapter {
-                (self.0)(format!("{name}.lora_A"), &mut a.a);
-                (self.0)(format!("{name}.lora_B"), &mut a.b);
-            }
-            if let Some(l) = &mut layer.ia3 {
-                (self.0)(crate::optim::ia3_name(name), &mut l.scale);
-            }
-            if let Some(b) = &mut layer.bottleneck {
-                let [dw, db, uw, ub] = crate::optim::bottleneck_names(name);
-                (self.0)(dw, &mut b.down);
-                (self.0)(db, &mut b.down_bias);
-                (self.0)(uw, &mut b.up);
-                (self.0)(ub, &mut b.up_bias);
-            }
-            false
-        }
     }
     model.visit_params("", &mut V(f));
 }
@@ -74,7 +58,8 @@ fn for_trainable<M: VisitParams + ?Sized>(
 /// A parameter of any rank, read and written as flat values.
 trait ParamSlot {
     fn get(&self) -> (Vec<usize>, Vec<f32>);
-    fn set(&mut self, values: Vec<f32>, device: &Device) -> Result<(), String>;
+    /// Err: the parameter's shape, which `values` do not fill.
+    fn set(&mut self, values: Vec<f32>, device: &Device) -> Result<(), Vec<usize>>;
 }
 
 impl<const D: usize> ParamSlot for Param<Tensor<D>> {
@@ -83,13 +68,10 @@ impl<const D: usize> ParamSlot for Param<Tensor<D>> {
         (t.dims().to_vec(), tensor_values(t.into_data()))
     }
 
-    fn set(&mut self, values: Vec<f32>, device: &Device) -> Result<(), String> {
+    fn set(&mut self, values: Vec<f32>, device: &Device) -> Result<(), Vec<usize>> {
         let dims = self.val().dims();
         if dims.iter().product::<usize>() != values.len() {
-            return Err(format!(
-                "shape {dims:?} does not hold {} values",
-                values.len()
-            ));
+            return Err(dims.to_vec());
         }
         let t = Tensor::<D>::from_data(
             TensorData::new(values, dims),
@@ -111,10 +93,6 @@ pub fn crash_point(point: &str, step: usize) {
     }
 }
 
-fn io(p: &Path, e: impl std::fmt::Display) -> String {
-    format!("{}: {e}", p.display())
-}
-
 /// Writes `output_dir/checkpoint-<step>` atomically and prunes old checkpoints beyond `limit`
 /// (never the best one).
 pub fn save<M: VisitParams + ?Sized>(
@@ -123,7 +101,7 @@ pub fn save<M: VisitParams + ?Sized>(
     opt: &Optimizer,
     state: &TrainerState,
     limit: Option<usize>,
-) -> Result<PathBuf, String> {
+) -> Result<PathBuf> {
     let final_dir = output_dir.join(format!("checkpoint-{}", state.global_step));
     let tmp = output_dir.join(format!(
         ".checkpoint-{}.tmp-{}",
@@ -141,14 +119,13 @@ pub fn save<M: VisitParams + ?Sized>(
             let _ = std::fs::remove_dir_all(e.path());
         }
     }
-    std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+    std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
     let mut params = Vec::new();
     for_trainable(model, &mut |name, p| {
         let (s, v) = p.get();
         params.push((name, s, v));
     });
-    write_safetensors(&tmp.join("trainable.safetensors"), &params, None)
-        .map_err(|e| e.to_string())?;
+    write_safetensors(&tmp.join("trainable.safetensors"), &params, None)?;
     let mut moments = Vec::new();
     let mut names: Vec<&String> = opt.moments.keys().collect();
     names.sort();
@@ -180,13 +157,11 @@ pub fn save<M: VisitParams + ?Sized>(
         }
     }
     crash_point("save", state.global_step);
-    write_safetensors(&tmp.join("optimizer.safetensors"), &moments, None)
-        .map_err(|e| e.to_string())?;
-    let text = serde_json::to_string_pretty(state).map_err(|e| e.to_string())?;
-    whet_models::fsutil::write_atomic(&tmp.join("trainer_state.json"), text.as_bytes())
-        .map_err(|e| e.to_string())?;
+    write_safetensors(&tmp.join("optimizer.safetensors"), &moments, None)?;
+    let text = serde_json::to_string_pretty(state)?;
+    whet_models::fsutil::write_atomic(&tmp.join("trainer_state.json"), text.as_bytes())?;
     let _ = std::fs::remove_dir_all(&final_dir);
-    std::fs::rename(&tmp, &final_dir).map_err(|e| io(&final_dir, e))?;
+    std::fs::rename(&tmp, &final_dir).map_err(|e| TrainError::io(&final_dir, e))?;
     if let Some(limit) = limit {
         let mut all = list(output_dir);
         all.retain(|(s, _)| Some(*s) != state.best_step);
@@ -228,24 +203,22 @@ pub fn load<M: VisitParams + ?Sized>(
     model: &mut M,
     opt: &mut Optimizer,
     device: &Device,
-) -> Result<TrainerState, String> {
-    let state: TrainerState = serde_json::from_str(
-        &std::fs::read_to_string(dir.join("trainer_state.json"))
-            .map_err(|e| io(&dir.join("trainer_state.json"), e))?,
-    )
-    .map_err(|e| io(&dir.join("trainer_state.json"), e))?;
+) -> Result<TrainerState> {
+    let path = dir.join("trainer_state.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| TrainError::io(&path, e))?;
+    let state: TrainerState =
+        serde_json::from_str(&text).map_err(|source| TrainError::JsonFile { path, source })?;
     load_params(dir, model, device)?;
     crash_point("load", state.global_step);
-    let moments =
-        SafetensorsSource::open(&dir.join("optimizer.safetensors")).map_err(|e| e.to_string())?;
+    let moments = SafetensorsSource::open(&dir.join("optimizer.safetensors"))?;
     let mut m: HashMap<String, Moments> = HashMap::new();
     let plain = device.clone().without_autodiff();
     for key in moments.names() {
         let Some(name) = key.strip_prefix("m.") else {
             continue;
         };
-        let read = |k: &str| -> Result<Tensor<1>, String> {
-            let v = moments.read_f32(k).map_err(|e| e.to_string())?;
+        let read = |k: &str| -> Result<Tensor<1>> {
+            let v = moments.read_f32(k)?;
             let n = v.len();
             Ok(Tensor::from_data(TensorData::new(v, [n]), &plain))
         };
@@ -263,24 +236,22 @@ pub fn load<M: VisitParams + ?Sized>(
         let Some(name) = key.strip_prefix("m8.") else {
             continue;
         };
-        let read = |k: &str, signed: bool| -> Result<Blockwise8, String> {
-            let codes = moments
-                .read_f32(&format!("{k}.{name}"))
-                .map_err(|e| e.to_string())?;
-            let absmax = moments
-                .read_f32(&format!("{k}absmax.{name}"))
-                .map_err(|e| e.to_string())?;
+        let read = |k: &str, signed: bool| -> Result<Blockwise8> {
+            let codes = moments.read_f32(&format!("{k}.{name}"))?;
+            let absmax = moments.read_f32(&format!("{k}absmax.{name}"))?;
             // A damaged file must not become silently wrong moments.
             if codes
                 .iter()
                 .any(|&c| !(0.0..=255.0).contains(&c) || c.fract() != 0.0)
                 || absmax.len() != codes.len().div_ceil(whet_models::quant::DQ_BLOCK)
             {
-                return Err(format!(
-                    "{}: 8-bit optimizer state {k}.{name} is damaged ({} codes, {} block scales)",
-                    dir.join("optimizer.safetensors").display(),
-                    codes.len(),
-                    absmax.len()
+                return Err(TrainError::checkpoint(
+                    dir.join("optimizer.safetensors"),
+                    format!(
+                        "8-bit optimizer state {k}.{name} is damaged ({} codes, {} block scales)",
+                        codes.len(),
+                        absmax.len()
+                    ),
                 ));
             }
             Ok(Blockwise8 {
@@ -308,9 +279,9 @@ pub fn load_params<M: VisitParams + ?Sized>(
     dir: &Path,
     model: &mut M,
     device: &Device,
-) -> Result<(), String> {
+) -> Result<()> {
     let file = dir.join("trainable.safetensors");
-    let src = SafetensorsSource::open(&file).map_err(|e| e.to_string())?;
+    let src = SafetensorsSource::open(&file)?;
     let mut error = None;
     let mut used = 0;
     for_trainable(model, &mut |name, p| {
@@ -319,15 +290,19 @@ pub fn load_params<M: VisitParams + ?Sized>(
         }
         match src.read_f32(&name) {
             Ok(v) => {
-                if let Err(e) = p.set(v, device) {
-                    error = Some(format!("{}: tensor {name}: {e}", file.display()));
+                let n = v.len();
+                if let Err(dims) = p.set(v, device) {
+                    error = Some(TrainError::checkpoint(
+                        &file,
+                        format!("tensor {name}: shape {dims:?} does not hold {n} values"),
+                    ));
                 }
                 used += 1;
             }
             Err(_) => {
-                error = Some(format!(
-                    "{}: no tensor {name} (another model or method?)",
-                    file.display()
+                error = Some(TrainError::checkpoint(
+                    &file,
+                    format!("no tensor {name} (another model or method?)"),
                 ))
             }
         }
@@ -336,10 +311,9 @@ pub fn load_params<M: VisitParams + ?Sized>(
         return Err(e);
     }
     if used != src.names().len() {
-        return Err(format!(
-            "{}: {} tensors, the model trains {used}",
-            file.display(),
-            src.names().len()
+        return Err(TrainError::checkpoint(
+            &file,
+            format!("{} tensors, the model trains {used}", src.names().len()),
         ));
     }
     Ok(())

@@ -12,6 +12,7 @@ use whet_models::config::ProblemType;
 use whet_models::{Checkpoint, Classifier, ExportParams, TextTokenizer};
 use whet_peft::{ParamCounts, PeftConfig, set_trainable};
 
+use crate::error::{Result, TrainError};
 use crate::recipe::{Method, Recipe};
 use crate::seqcls::{evaluate, train_classifier};
 use crate::trainer::{Observer, TrainSummary};
@@ -41,26 +42,28 @@ pub struct Prepared {
     pub fresh: Vec<String>,
 }
 
-fn encoding(name: &str) -> Result<Encoding, String> {
-    name.parse().map_err(|e| format!("data.encoding: {e}"))
+fn encoding(name: &str) -> Result<Encoding> {
+    name.parse().map_err(TrainError::Encoding)
 }
 
 /// Reads the data, fixes the labels, tokenizes, loads the model and applies the method.
-pub fn prepare(recipe: &Recipe, device: &Device) -> Result<Prepared, String> {
+pub fn prepare(recipe: &Recipe, device: &Device) -> Result<Prepared> {
     let d = &recipe.data;
     let multi = recipe.task.multi_label();
     let enc = encoding(&d.encoding)?;
-    let read = |p: &Path| Table::read(p, enc).map_err(|e| e.to_string());
+    let read = |p: &Path| Table::read(p, enc).map_err(TrainError::from);
     let train_table = read(&d.train)?;
     let labels = match &d.label_names {
         Some(names) => Labels(names.clone()),
-        None => Labels::infer(&train_table, &d.label_column).map_err(|e| e.to_string())?,
+        None => Labels::infer(&train_table, &d.label_column)?,
     };
     if labels.len() < 2 {
-        return Err(format!(
-            "{}: found {} label(s); classification needs at least 2",
-            d.train.display(),
-            labels.len()
+        return Err(TrainError::dataset(
+            &d.train,
+            format!(
+                "found {} label(s); classification needs at least 2",
+                labels.len()
+            ),
         ));
     }
     let cols = Columns {
@@ -68,12 +71,10 @@ pub fn prepare(recipe: &Recipe, device: &Device) -> Result<Prepared, String> {
         text_pair: d.text_pair_column.clone(),
         label: d.label_column.clone(),
     };
-    let all_train = examples(&train_table, &cols, &labels, multi).map_err(|e| e.to_string())?;
-    let load_split = |p: &Option<PathBuf>| -> Result<Option<Vec<Example>>, String> {
+    let all_train = examples(&train_table, &cols, &labels, multi)?;
+    let load_split = |p: &Option<PathBuf>| -> Result<Option<Vec<Example>>> {
         match p {
-            Some(p) => Ok(Some(
-                examples(&read(p)?, &cols, &labels, multi).map_err(|e| e.to_string())?,
-            )),
+            Some(p) => Ok(Some(examples(&read(p)?, &cols, &labels, multi)?)),
             None => Ok(None),
         }
     };
@@ -81,10 +82,7 @@ pub fn prepare(recipe: &Recipe, device: &Device) -> Result<Prepared, String> {
     let test = load_split(&d.test)?;
     let (train, validation, test) = d.parts(all_train, validation, test)?;
     if train.is_empty() {
-        return Err(format!(
-            "{}: the training split is empty",
-            d.train.display()
-        ));
+        return Err(TrainError::dataset(&d.train, "the training split is empty"));
     }
 
     let (mut checkpoint, tokenizer, pad_id) = open_checkpoint(recipe)?;
@@ -92,7 +90,7 @@ pub fn prepare(recipe: &Recipe, device: &Device) -> Result<Prepared, String> {
     if multi {
         checkpoint.set_problem_type(ProblemType::MultiLabelClassification);
     }
-    let tok = |ex: Vec<Example>| -> Result<Split, String> {
+    let tok = |ex: Vec<Example>| -> Result<Split> {
         let encoded = if d.tokenization_cache {
             let dir = crate::recipe::cache_dir().join("tokenized");
             tokenize_cached(
@@ -101,8 +99,7 @@ pub fn prepare(recipe: &Recipe, device: &Device) -> Result<Prepared, String> {
                 d.max_length,
                 d.side(whet_data::Side::Right),
                 &dir,
-            )
-            .map_err(|e| e.to_string())?
+            )?
             .0
         } else {
             tokenize(
@@ -110,8 +107,7 @@ pub fn prepare(recipe: &Recipe, device: &Device) -> Result<Prepared, String> {
                 &ex,
                 d.max_length,
                 d.side(whet_data::Side::Right),
-            )
-            .map_err(|e| e.to_string())?
+            )?
         };
         Ok(Split {
             examples: ex,
@@ -122,9 +118,7 @@ pub fn prepare(recipe: &Recipe, device: &Device) -> Result<Prepared, String> {
     let validation = validation.map(tok).transpose()?;
     let test = test.map(tok).transpose()?;
 
-    let (mut model, fresh) = checkpoint
-        .load_classifier(device)
-        .map_err(|e| e.to_string())?;
+    let (mut model, fresh) = checkpoint.load_classifier(device)?;
     let (counts, adapter) = apply_method(&mut model, recipe, &tokenizer, device)?;
     Ok(Prepared {
         checkpoint,
@@ -181,7 +175,7 @@ pub fn predict(
     pad_id: u32,
     multi_label: bool,
     device: &Device,
-) -> Result<Vec<Vec<f32>>, String> {
+) -> Result<Vec<Vec<f32>>> {
     let ex: Vec<Example> = texts
         .iter()
         .map(|t| Example {
@@ -191,8 +185,7 @@ pub fn predict(
             origin: "input".into(),
         })
         .collect();
-    let enc =
-        tokenize(tokenizer, &ex, max_length, Default::default()).map_err(|e| e.to_string())?;
+    let enc = tokenize(tokenizer, &ex, max_length, Default::default())?;
     // Inference on the plain backend: no autodiff graph is recorded.
     let model = &burn::module::Module::valid(model);
     let device = &device.clone().without_autodiff();
@@ -202,9 +195,7 @@ pub fn predict(
         let items: Vec<&Encoded> = chunk.iter().collect();
         let b = whet_data::collate(&items, pad_id);
         let (input, _) = crate::seqcls::to_input(&b, device, with_types, 0);
-        let logits = model
-            .forward(input, whet_models::Mode::Eval)
-            .map_err(|e| e.to_string())?;
+        let logits = model.forward(input, whet_models::Mode::Eval)?;
         let probs = if multi_label {
             burn::tensor::activation::sigmoid(logits)
         } else {
@@ -215,7 +206,7 @@ pub fn predict(
             .into_data()
             .convert::<f32>()
             .try_to_vec()
-            .map_err(|e| format!("{e:?}"))?;
+            .map_err(TrainError::TensorData)?;
         out.extend((0..n).map(|i| v[i * c..(i + 1) * c].to_vec()));
     }
     Ok(out)
@@ -256,21 +247,26 @@ pub fn metric_map(
     m
 }
 
+/// A model without a token to pad with.
+fn no_pad() -> TrainError {
+    TrainError::Unsuitable("the model has neither a pad nor an EOS token".into())
+}
+
 /// Opens the recipe's model for a classifier head: the checkpoint (its base quantised as the
 /// method asks), its tokenizer, and the padding id (EOS for a decoder without a pad token).
-pub(crate) fn open_checkpoint(recipe: &Recipe) -> Result<(Checkpoint, TextTokenizer, u32), String> {
+pub(crate) fn open_checkpoint(recipe: &Recipe) -> Result<(Checkpoint, TextTokenizer, u32)> {
     let d = &recipe.data;
-    let mut checkpoint = Checkpoint::open(&recipe.model).map_err(|e| e.to_string())?;
+    let mut checkpoint = Checkpoint::open(&recipe.model)?;
     checkpoint.quantization = crate::method::quant_policy(recipe, HEAD_MODULES);
     if d.max_length > checkpoint.max_positions() {
-        return Err(format!(
-            "data.max_length = {} exceeds the model's {} positions ({})",
-            d.max_length,
-            checkpoint.max_positions(),
-            recipe.model.display()
-        ));
+        return Err(TrainError::ExceedsPositions {
+            key: "data.max_length",
+            value: d.max_length,
+            positions: checkpoint.max_positions(),
+            model: recipe.model.clone(),
+        });
     }
-    let tokenizer = checkpoint.tokenizer().map_err(|e| e.to_string())?;
+    let tokenizer = checkpoint.tokenizer()?;
     let pad_id = match checkpoint
         .pad_token_id()
         .or(tokenizer.pad.as_ref().map(|p| p.id))
@@ -278,11 +274,7 @@ pub(crate) fn open_checkpoint(recipe: &Recipe) -> Result<(Checkpoint, TextTokeni
         Some(p) => p,
         None => {
             // A decoder without a pad token pads with EOS, as the GPT-2 tutorial does.
-            let eos = tokenizer
-                .eos
-                .as_ref()
-                .map(|e| e.id)
-                .ok_or("the model has neither a pad nor an EOS token")?;
+            let eos = tokenizer.eos.as_ref().map(|e| e.id).ok_or_else(no_pad)?;
             checkpoint.set_pad_token_id(eos);
             eos
         }
@@ -297,7 +289,7 @@ pub(crate) fn apply_method(
     recipe: &Recipe,
     tokenizer: &TextTokenizer,
     device: &Device,
-) -> Result<(ParamCounts, Option<PeftConfig>), String> {
+) -> Result<(ParamCounts, Option<PeftConfig>)> {
     let head = |name: &str| {
         let module = name.rsplit_once('.').map(|(m, _)| m).unwrap_or(name);
         ["classifier", "score"].iter().any(|k| module.ends_with(k))
@@ -328,7 +320,7 @@ pub(crate) fn apply_method(
             // peft's task_type = "SEQ_CLS" saves the head with the adapter.
             let (counts, cfg) =
                 crate::method::attach_adapter(model, recipe, HEAD_MODULES, tokenizer, device)?
-                    .ok_or("the adapter method needs its table ([lora] or [ia3])")?;
+                    .ok_or(TrainError::NoAdapterTable)?;
             (counts, Some(cfg))
         }
     })
@@ -341,7 +333,7 @@ pub fn run_training(
     device: &Device,
     observer: &mut dyn Observer,
     resume: Option<&Path>,
-) -> Result<TrainSummary, String> {
+) -> Result<TrainSummary> {
     let eval = p.validation.as_ref().map(|s| s.encoded.as_slice());
     train_classifier(
         &mut p.model,
@@ -362,7 +354,7 @@ pub fn evaluate_split(
     split: &Split,
     batch: usize,
     device: &Device,
-) -> Result<(f64, whet_metrics::ClassificationReport), String> {
+) -> Result<(f64, whet_metrics::ClassificationReport)> {
     let (loss, report, _) = evaluate(
         &p.model,
         &split.encoded,
@@ -370,14 +362,13 @@ pub fn evaluate_split(
         batch,
         p.pad_id,
         device,
-    )
-    .map_err(|e| e.to_string())?;
+    )?;
     Ok((loss, report))
 }
 
 /// Saves the result into `out`: a `peft` adapter folder for LoRA, a `transformers` folder
 /// otherwise; both with the tokenizer and `labels.json`.
-pub fn save(p: &Prepared, recipe: &Recipe, out: &Path) -> Result<(), String> {
+pub fn save(p: &Prepared, recipe: &Recipe, out: &Path) -> Result<()> {
     let problem_type = if p.multi_label {
         ProblemType::MultiLabelClassification
     } else {
@@ -405,16 +396,14 @@ pub(crate) struct Saved<'a> {
 }
 
 impl Saved<'_> {
-    pub(crate) fn write(&self, recipe: &Recipe, out: &Path) -> Result<(), String> {
-        std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    pub(crate) fn write(&self, recipe: &Recipe, out: &Path) -> Result<()> {
+        std::fs::create_dir_all(out).map_err(|e| TrainError::io(out, e))?;
         match self.adapter {
             Some(cfg) => {
                 crate::output::save_adapter(self.model, cfg, &recipe.model, "SEQ_CLS", out)?;
             }
             None => {
-                self.checkpoint
-                    .write_classifier_config(self.labels, out)
-                    .map_err(|e| e.to_string())?;
+                self.checkpoint.write_classifier_config(self.labels, out)?;
                 crate::output::save_weights(self.model, out)?;
             }
         }
@@ -422,9 +411,8 @@ impl Saved<'_> {
             .tokenizer
             .inner
             .to_string(true)
-            .map_err(|e| e.to_string())?;
-        whet_models::fsutil::write_atomic(&out.join("tokenizer.json"), tok.as_bytes())
-            .map_err(|e| e.to_string())?;
+            .map_err(TrainError::Tokenizer)?;
+        whet_models::fsutil::write_atomic(&out.join("tokenizer.json"), tok.as_bytes())?;
         if recipe.model.is_dir() {
             for f in [
                 "tokenizer_config.json",
@@ -433,8 +421,7 @@ impl Saved<'_> {
             ] {
                 let src = recipe.model.join(f);
                 if src.is_file() {
-                    std::fs::copy(&src, out.join(f))
-                        .map_err(|e| format!("{}: {e}", src.display()))?;
+                    std::fs::copy(&src, out.join(f)).map_err(|e| TrainError::io(&src, e))?;
                 }
             }
         }
@@ -444,8 +431,8 @@ impl Saved<'_> {
             "max_length": recipe.data.max_length,
             "base_model": recipe.model,
         });
-        whet_models::fsutil::write_atomic(&out.join("labels.json"), labels.to_string().as_bytes())
-            .map_err(|e| e.to_string())
+        whet_models::fsutil::write_atomic(&out.join("labels.json"), labels.to_string().as_bytes())?;
+        Ok(())
     }
 }
 
@@ -462,16 +449,12 @@ pub struct Trained {
 
 /// Loads what [`save`] wrote (a LoRA adapter folder or a full model folder), or any
 /// `transformers` sequence-classification folder.
-pub fn load_trained(dir: &Path, device: &Device) -> Result<Trained, String> {
+pub fn load_trained(dir: &Path, device: &Device) -> Result<Trained> {
     load_trained_on(dir, None, device)
 }
 
 /// As [`load_trained`], with the base of an adapter folder given (`None`: the base it names).
-pub fn load_trained_on(
-    dir: &Path,
-    base: Option<&Path>,
-    device: &Device,
-) -> Result<Trained, String> {
+pub fn load_trained_on(dir: &Path, base: Option<&Path>, device: &Device) -> Result<Trained> {
     let meta: Option<serde_json::Value> = std::fs::read_to_string(dir.join("labels.json"))
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok());
@@ -481,11 +464,10 @@ pub fn load_trained_on(
         .unwrap_or(128) as usize;
     let is_adapter = dir.join("adapter_config.json").is_file();
     let base = if is_adapter {
-        let cfg: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(dir.join("adapter_config.json"))
-                .map_err(|e| format!("{}: {e}", dir.display()))?,
-        )
-        .map_err(|e| format!("{}/adapter_config.json: {e}", dir.display()))?;
+        let path = dir.join("adapter_config.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| TrainError::io(dir, e))?;
+        let cfg: serde_json::Value =
+            serde_json::from_str(&text).map_err(|source| TrainError::JsonFile { path, source })?;
         let from_meta = meta
             .as_ref()
             .and_then(|m| m["base_model"].as_str())
@@ -495,15 +477,12 @@ pub fn load_trained_on(
             .or(from_meta.filter(|p| p.exists()))
             .or(from_cfg)
             .ok_or_else(|| {
-                format!(
-                    "{}: the adapter does not name its base model",
-                    dir.display()
-                )
+                TrainError::checkpoint(dir, "the adapter does not name its base model")
             })?
     } else {
         dir.to_path_buf()
     };
-    let mut checkpoint = Checkpoint::open(&base).map_err(|e| e.to_string())?;
+    let mut checkpoint = Checkpoint::open(&base)?;
     let labels = match meta.as_ref().and_then(|m| m["labels"].as_array()) {
         Some(l) => Labels(
             l.iter()
@@ -519,26 +498,23 @@ pub fn load_trained_on(
         .unwrap_or(checkpoint.head().problem_type == Some(ProblemType::MultiLabelClassification));
     let tokenizer = match whet_models::TextTokenizer::from_folder(dir) {
         Ok(t) => t,
-        Err(_) => checkpoint.tokenizer().map_err(|e| e.to_string())?,
+        Err(_) => checkpoint.tokenizer()?,
     };
     let pad_id = checkpoint
         .pad_token_id()
         .or(tokenizer.pad.as_ref().map(|p| p.id))
         .or(tokenizer.eos.as_ref().map(|p| p.id))
-        .ok_or("the model has neither a pad nor an EOS token")?;
+        .ok_or_else(no_pad)?;
     checkpoint.set_pad_token_id(pad_id);
     checkpoint.set_labels(&labels.0);
-    let (mut model, fresh) = checkpoint
-        .load_classifier(device)
-        .map_err(|e| e.to_string())?;
+    let (mut model, fresh) = checkpoint.load_classifier(device)?;
     if is_adapter {
-        whet_peft::load_adapter(&mut model, dir, device).map_err(|e| e.to_string())?;
+        whet_peft::load_adapter(&mut model, dir, device)?;
     } else if !fresh.is_empty() {
-        return Err(format!(
-            "{} has no trained classification head (missing {}); train it first with `whet train`",
-            dir.display(),
-            fresh.join(", ")
-        ));
+        return Err(TrainError::UntrainedHead {
+            path: dir.to_path_buf(),
+            missing: fresh,
+        });
     }
     Ok(Trained {
         model,

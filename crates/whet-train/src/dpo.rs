@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::error::{Result, TrainError};
 use burn::tensor::Tensor;
 use burn::tensor::activation::log_sigmoid;
 use serde::{Deserialize, Serialize};
@@ -251,14 +252,11 @@ impl Dpo {
         policy: &CausalModel,
         b: &DpoBatch,
         device: &Device,
-    ) -> Result<Tensor<1>, String> {
+    ) -> Result<Tensor<1>> {
         let plain = device.clone().without_autodiff();
         let logps = match &self.reference {
             Reference::Precomputed => {
-                let v = b
-                    .reference
-                    .clone()
-                    .ok_or("reference log-probabilities were not precomputed")?;
+                let v = b.reference.clone().ok_or(TrainError::NotPrecomputed)?;
                 let n = v.len();
                 return Ok(Tensor::from_data(TensorData::new(v, [n]), device));
             }
@@ -285,7 +283,7 @@ impl Dpo {
         b: &DpoBatch,
         mode: Mode,
         device: &Device,
-    ) -> Result<DpoOutput, String> {
+    ) -> Result<DpoOutput> {
         let reference = self.reference_logps(model, b, device)?;
         let policy = PairLogps {
             logps: row_logps(model, &self.lm, &b.rows, mode, device),
@@ -302,7 +300,7 @@ impl Dpo {
         data: &mut [DpoExample],
         batch_size: usize,
         device: &Device,
-    ) -> Result<(), String> {
+    ) -> Result<()> {
         for chunk in data.chunks_mut(batch_size.max(1)) {
             let items: Vec<&DpoExample> = chunk.iter().collect();
             let mut b = self.collate(&items);
@@ -359,12 +357,7 @@ impl Objective for Dpo {
         }
     }
 
-    fn summed_loss(
-        &self,
-        model: &CausalModel,
-        b: &DpoBatch,
-        device: &Device,
-    ) -> Result<Tensor<1>, String> {
+    fn summed_loss(&self, model: &CausalModel, b: &DpoBatch, device: &Device) -> Result<Tensor<1>> {
         let out = self.output(model, b, Mode::Train, device)?;
         let mut logged = self.logged.borrow_mut();
         for (k, v) in out.metrics() {
@@ -389,7 +382,7 @@ impl Objective for Dpo {
         data: &[DpoExample],
         batch_size: usize,
         device: &Device,
-    ) -> Result<Evaluation, String> {
+    ) -> Result<Evaluation> {
         let model = &model.valid();
         let device = &device.clone().without_autodiff();
         let (mut loss, mut sums) = (0.0, BTreeMap::<String, f64>::new());
@@ -464,7 +457,7 @@ pub fn encode_dpo_pair(
     pair: &PreferencePair,
     max_length: usize,
     side: whet_data::Side,
-) -> Result<Option<DpoExample>, String> {
+) -> Result<Option<DpoExample>> {
     let (prompt, chosen, rejected) = if pair.prompt.is_empty() {
         split_implicit_prompt(&pair.chosen, &pair.rejected)
     } else {
@@ -477,7 +470,7 @@ pub fn encode_dpo_pair(
     let enc = |t: &str| {
         tokenizer
             .encode(t, false)
-            .map_err(|e| format!("{}: {e}", pair.origin))
+            .map_err(|e| TrainError::encode(&pair.origin, e))
     };
     // trl appends the EOS *text* to each answer that does not end with it, then tokenizes; an
     // empty answer after a prompt ending in EOS text still gets one.
@@ -492,7 +485,7 @@ pub fn encode_dpo_pair(
     if side == whet_data::Side::Right && prompt_len >= max_length {
         return Ok(None);
     }
-    let example = |ids: Vec<u32>| -> Result<LmExample, String> {
+    let example = |ids: Vec<u32>| -> Result<LmExample> {
         let mut labels: Vec<i64> = ids
             .iter()
             .enumerate()
@@ -508,9 +501,9 @@ pub fn encode_dpo_pair(
             labels = labels[cut].to_vec();
         }
         if labels.iter().skip(1).all(|&l| l == IGNORE) {
-            return Err(format!(
-                "{}: the answer has no token to learn after tokenization (empty answer?)",
-                pair.origin
+            return Err(TrainError::row(
+                &pair.origin,
+                "the answer has no token to learn after tokenization (empty answer?)",
             ));
         }
         let n = ids.len();
@@ -549,29 +542,29 @@ pub struct DpoPrepared {
 
 /// Reads the pairs, tokenizes them, loads the decoder, keeps the reference (the base with the
 /// adapter off, or a frozen copy for full training) and applies the method.
-pub fn prepare(recipe: &crate::Recipe, device: &Device) -> Result<DpoPrepared, String> {
+pub fn prepare(recipe: &crate::Recipe, device: &Device) -> Result<DpoPrepared> {
     let d = &recipe.data;
     let cfg = recipe.dpo.clone().unwrap_or_default();
     if !(cfg.beta > 0.0 && cfg.beta.is_finite()) {
-        return Err(format!("dpo.beta must be positive, got {}", cfg.beta));
+        return Err(TrainError::option(
+            "dpo.beta",
+            format!("must be positive, got {}", cfg.beta),
+        ));
     }
-    let enc: whet_data::Encoding = d
-        .encoding
-        .parse()
-        .map_err(|e| format!("data.encoding: {e}"))?;
-    let read = |p: &Path| whet_data::read_pairs(p, enc).map_err(|e| e.to_string());
+    let enc: whet_data::Encoding = d.encoding.parse().map_err(TrainError::Encoding)?;
+    let read = |p: &Path| whet_data::read_pairs(p, enc).map_err(TrainError::from);
     let all = read(&d.train)?;
     let validation = d.validation.as_deref().map(read).transpose()?;
     let test = d.test.as_deref().map(read).transpose()?;
     let (train, validation, test) = d.parts(all, validation, test)?;
     let (checkpoint, tokenizer, pad_id) = crate::causal::open_decoder(recipe, "dpo")?;
     if d.max_length > checkpoint.max_positions() {
-        return Err(format!(
-            "data.max_length = {} exceeds the model's {} positions ({})",
-            d.max_length,
-            checkpoint.max_positions(),
-            recipe.model.display()
-        ));
+        return Err(TrainError::ExceedsPositions {
+            key: "data.max_length",
+            value: d.max_length,
+            positions: checkpoint.max_positions(),
+            model: recipe.model.clone(),
+        });
     }
     let mut rows = vec![("train", train.clone())];
     for (name, part) in [("validation", &validation), ("test", &test)] {
@@ -580,7 +573,7 @@ pub fn prepare(recipe: &crate::Recipe, device: &Device) -> Result<DpoPrepared, S
         }
     }
     let mut dropped = 0;
-    let mut encode = |pairs: Vec<PreferencePair>| -> Result<Vec<DpoExample>, String> {
+    let mut encode = |pairs: Vec<PreferencePair>| -> Result<Vec<DpoExample>> {
         let mut out = Vec::with_capacity(pairs.len());
         for p in &pairs {
             match encode_dpo_pair(&tokenizer, p, d.max_length, d.side(whet_data::Side::Right))? {
@@ -594,15 +587,15 @@ pub fn prepare(recipe: &crate::Recipe, device: &Device) -> Result<DpoPrepared, S
     let mut validation = validation.map(&mut encode).transpose()?;
     let mut test = test.map(&mut encode).transpose()?;
     if train.is_empty() {
-        return Err(format!(
-            "{}: no training pair is left (dropped {dropped} whose prompt fills max_length = {})",
-            d.train.display(),
-            d.max_length
+        return Err(TrainError::dataset(
+            &d.train,
+            format!(
+                "no training pair is left (dropped {dropped} whose prompt fills max_length = {})",
+                d.max_length
+            ),
         ));
     }
-    let mut model = checkpoint
-        .load_causal_lm(device)
-        .map_err(|e| e.to_string())?;
+    let mut model = checkpoint.load_causal_lm(device)?;
     let frozen = (recipe.method == crate::Method::Full).then(|| model.valid());
     let (counts, adapter) =
         crate::causal::apply_decoder_method(&mut model, recipe, &tokenizer, device)?;
@@ -649,7 +642,7 @@ impl DpoPrepared {
         device: &Device,
         observer: &mut dyn crate::Observer,
         resume: Option<&Path>,
-    ) -> Result<crate::TrainSummary, String> {
+    ) -> Result<crate::TrainSummary> {
         crate::trainer::train(
             &self.objective,
             &mut self.model,
@@ -663,7 +656,7 @@ impl DpoPrepared {
     }
 
     /// Saves a `peft` `CAUSAL_LM` adapter or a `transformers` folder, with the tokenizer.
-    pub fn save(&self, recipe: &crate::Recipe, out: &Path) -> Result<(), String> {
+    pub fn save(&self, recipe: &crate::Recipe, out: &Path) -> Result<()> {
         crate::causal::save_decoder(
             &self.checkpoint,
             &self.tokenizer,

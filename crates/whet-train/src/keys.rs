@@ -7,6 +7,7 @@
 //! `deny_unknown_fields`. The check therefore runs on the TOML before deserialising, with the
 //! field lists read from each struct's own derived `Deserialize` (see [`fields_of`]).
 
+use crate::error::{Result, TrainError};
 use serde::Deserialize;
 use serde::de::{self, Visitor};
 
@@ -80,21 +81,15 @@ pub fn closest<'a>(key: &str, valid: &[&'a str]) -> Option<&'a str> {
 
 /// Checks the keys of one table: the first unknown key is an error naming it, the table and
 /// the closest valid key.
-pub fn check_table(table: &toml::Table, name: &str, valid: &[&str]) -> Result<(), String> {
+pub fn check_table(table: &toml::Table, name: &str, valid: &[&str]) -> Result<()> {
     for key in table.keys() {
         if !valid.contains(&key.as_str()) {
-            let place = if name.is_empty() {
-                "at the top level of the recipe".to_string()
-            } else {
-                format!("in [{name}]")
-            };
-            let hint = closest(key, valid)
-                .map(|c| format!("; the closest valid key is {c:?}"))
-                .unwrap_or_default();
-            return Err(format!(
-                "unknown key {key:?} {place}{hint} (valid keys: {})",
-                valid.join(", ")
-            ));
+            return Err(TrainError::UnknownKey {
+                key: key.clone(),
+                table: name.to_string(),
+                closest: closest(key, valid).map(String::from),
+                valid: valid.iter().map(|v| v.to_string()).collect(),
+            });
         }
     }
     Ok(())

@@ -6,6 +6,7 @@ pub mod causal;
 pub mod checkpoint;
 pub mod classify;
 pub mod dpo;
+pub mod error;
 pub mod keys;
 pub mod method;
 pub mod optim;
@@ -20,6 +21,7 @@ pub mod seqcls;
 pub mod trainer;
 
 pub use args::{Strategy, TrainingArguments};
+pub use error::{Result, TrainError};
 pub use optim::{Optimizer, OptimizerKind};
 pub use recipe::{Method, Recipe, Task};
 pub use schedule::{Schedule, lr_factor};

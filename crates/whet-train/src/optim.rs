@@ -11,7 +11,6 @@ use std::collections::HashMap;
 use burn::module::Param;
 use burn::tensor::{Gradients, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
-use whet_models::layers::Linear;
 use whet_models::quant::Blockwise8;
 use whet_models::weights::{Layout, tensor_values};
 use whet_models::{VisitParams, Visitor};
@@ -90,26 +89,6 @@ pub struct GradStore {
     pub grads: HashMap<String, Tensor<1>>,
 }
 
-/// Adapter parameter names: `<module>.lora_A` / `<module>.lora_B`.
-fn adapter_names(module: &str) -> (String, String) {
-    (format!("{module}.lora_A"), format!("{module}.lora_B"))
-}
-
-/// Bottleneck adapter parameter names (biases end in `bias`, so they are not decayed).
-pub(crate) fn bottleneck_names(module: &str) -> [String; 4] {
-    [
-        format!("{module}.adapter_down.weight"),
-        format!("{module}.adapter_down.bias"),
-        format!("{module}.adapter_up.weight"),
-        format!("{module}.adapter_up.bias"),
-    ]
-}
-
-/// IA3 vector name: `<module>.ia3_l`.
-pub(crate) fn ia3_name(module: &str) -> String {
-    format!("{module}.ia3_l")
-}
-
 impl GradStore {
     /// Adds the gradients of every trainable parameter of `model` found in `grads`.
     pub fn accumulate<M: VisitParams>(&mut self, model: &mut M, grads: &Gradients) {
@@ -139,24 +118,6 @@ impl GradStore {
             }
             fn matrix(&mut self, name: &str, p: &mut Param<Tensor<2>>, _: Layout) {
                 self.add(name.to_string(), &p.val());
-            }
-            fn linear(&mut self, name: &str, layer: &mut Linear) -> bool {
-                if let Some(a) = &layer.adapter {
-                    let (na, nb) = adapter_names(name);
-                    self.add(na, &a.a.val());
-                    self.add(nb, &a.b.val());
-                }
-                if let Some(l) = &layer.ia3 {
-                    self.add(ia3_name(name), &l.scale.val());
-                }
-                if let Some(b) = &layer.bottleneck {
-                    let [dw, db, uw, ub] = bottleneck_names(name);
-                    self.add(dw, &b.down.val());
-                    self.add(db, &b.down_bias.val());
-                    self.add(uw, &b.up.val());
-                    self.add(ub, &b.up_bias.val());
-                }
-                false
             }
         }
         model.visit_params("", &mut Acc { store: self, grads });
@@ -259,24 +220,6 @@ impl Optimizer {
             fn matrix(&mut self, name: &str, p: &mut Param<Tensor<2>>, _: Layout) {
                 self.update(name, p);
             }
-            fn linear(&mut self, name: &str, layer: &mut Linear) -> bool {
-                if let Some(a) = &mut layer.adapter {
-                    let (na, nb) = adapter_names(name);
-                    self.update(&na, &mut a.a);
-                    self.update(&nb, &mut a.b);
-                }
-                if let Some(l) = &mut layer.ia3 {
-                    self.update(&ia3_name(name), &mut l.scale);
-                }
-                if let Some(b) = &mut layer.bottleneck {
-                    let [dw, db, uw, ub] = bottleneck_names(name);
-                    self.update(&dw, &mut b.down);
-                    self.update(&db, &mut b.down_bias);
-                    self.update(&uw, &mut b.up);
-                    self.update(&ub, &mut b.up_bias);
-                }
-                false
-            }
         }
         model.visit_params(
             "",
@@ -370,7 +313,7 @@ mod tests {
     use whet_models::weights::{SafetensorsSource, TensorSource};
 
     /// Three steps of bitsandbytes' AdamW8bit on CPU (`tests/fixtures/quant/adamw8bit.safetensors`,
-    /// from `scripts/make_quant_fixtures.py`): an 8-bit parameter (5000 values: every state code
+    /// from `scripts/fixtures/make_quant_fixtures.py`): an 8-bit parameter (5000 values: every state code
     /// and block maximum) and an f32 one (100 values, under `min_8bit_size`: AdamW exactly).
     #[test]
     fn adamw_8bit_follows_bitsandbytes() {

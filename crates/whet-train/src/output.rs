@@ -5,6 +5,7 @@ use std::path::Path;
 
 use whet_models::{ExportParams, VisitParams};
 use whet_peft::PeftConfig;
+use crate::error::Result;
 
 /// Values in the parameters whose name `keep` accepts.
 pub fn param_count<M: ExportParams>(model: &M, keep: &dyn Fn(&str) -> bool) -> usize {
@@ -17,7 +18,7 @@ pub fn param_count<M: ExportParams>(model: &M, keep: &dyn Fn(&str) -> bool) -> u
 }
 
 /// `out/model.safetensors`: every parameter under its `transformers` name and layout.
-pub fn save_weights<M: ExportParams>(model: &M, out: &Path) -> Result<(), String> {
+pub fn save_weights<M: ExportParams>(model: &M, out: &Path) -> Result<()> {
     let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = model
         .named_params()
         .iter()
@@ -27,8 +28,8 @@ pub fn save_weights<M: ExportParams>(model: &M, out: &Path) -> Result<(), String
         })
         .collect();
     let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-    whet_models::weights::write_safetensors(&out.join("model.safetensors"), &tensors, Some(meta))
-        .map_err(|e| e.to_string())
+    whet_models::weights::write_safetensors(&out.join("model.safetensors"), &tensors, Some(meta))?;
+    Ok(())
 }
 
 /// `adapter_config.json` + `adapter_model.safetensors` with `peft`'s `task_type`, naming the
@@ -39,11 +40,10 @@ pub fn save_adapter<M: VisitParams + Clone>(
     base_model: &Path,
     task_type: &str,
     out: &Path,
-) -> Result<(), String> {
+) -> Result<()> {
     let base = base_model
         .canonicalize()
         .unwrap_or(base_model.to_path_buf());
-    config
-        .save(model, &base.to_string_lossy(), task_type, out)
-        .map_err(|e| e.to_string())
+    config.save(model, &base.to_string_lossy(), task_type, out)?;
+    Ok(())
 }

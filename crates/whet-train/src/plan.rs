@@ -196,22 +196,10 @@ pub fn param_bytes<M: VisitParams>(model: &mut M) -> ParamBytes {
             self.add(p.shape().num_elements(), p.val().is_require_grad());
         }
         fn linear(&mut self, _: &str, layer: &mut whet_models::layers::Linear) -> bool {
-            if let Some(a) = &layer.adapter {
-                self.add(a.a.shape().num_elements(), true);
-                self.add(a.b.shape().num_elements(), true);
-                if a.dropout > 0.0 {
-                    self.0.dropout_inputs += layer.dims().0;
-                }
-            }
-            if let Some(l) = &layer.ia3 {
-                self.add(l.scale.shape().num_elements(), true);
-            }
-            if let Some(b) = &layer.bottleneck {
-                for n in [&b.down, &b.up].map(|p| p.shape().num_elements()) {
-                    self.add(n, true);
-                }
-                let biases = b.down_bias.shape().num_elements() + b.up_bias.shape().num_elements();
-                self.add(biases, true);
+            // LoRA keeps its dropped-out input for the backward pass; its parameters are
+            // counted with every other parameter.
+            if layer.adapter.as_ref().is_some_and(|a| a.dropout > 0.0) {
+                self.0.dropout_inputs += layer.dims().0;
             }
             false
         }

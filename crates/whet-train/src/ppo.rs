@@ -38,6 +38,7 @@ use crate::checkpoint::{self, TrainerState};
 use crate::optim::{GradStore, OptimConfig, Optimizer};
 use crate::schedule::lr_factor;
 use crate::trainer::{EvalLog, Objective, Observer, StepLog, TrainSummary};
+use crate::error::{Result, TrainError};
 
 /// The `[ppo]` table of a recipe (the names and defaults of trl's `PPOConfig`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -328,9 +329,12 @@ pub struct RewardScorer {
 impl RewardScorer {
     /// Opens a reward model folder; refuses one whose head is not in the checkpoint or has more
     /// than one output.
-    pub fn open(path: &Path, max_length: usize) -> Result<Self, String> {
-        let origin = |e: String| format!("ppo.reward_model {}: {e}", path.display());
-        let ck = Checkpoint::open(path).map_err(|e| origin(e.to_string()))?;
+    pub fn open(path: &Path, max_length: usize) -> Result<Self> {
+        let origin = |e: TrainError| TrainError::RewardModel {
+            path: path.to_path_buf(),
+            source: Box::new(e),
+        };
+        let ck = Checkpoint::open(path).map_err(|e| origin(e.into()))?;
         let labels = ck
             .head()
             .id2label
@@ -339,12 +343,12 @@ impl RewardScorer {
             .or(ck.head().num_labels)
             .unwrap_or(2);
         if labels != 1 {
-            return Err(origin(format!(
+            return Err(origin(TrainError::Unsuitable(format!(
                 "a reward model has one output; this one has {labels} labels (train one with \
                  task = \"reward-model\")"
-            )));
+            ))));
         }
-        let tokenizer = ck.tokenizer().map_err(|e| origin(e.to_string()))?;
+        let tokenizer = ck.tokenizer().map_err(|e| origin(e.into()))?;
         let pad_id = ck
             .pad_token_id()
             .or(tokenizer.pad.as_ref().map(|p| p.id))
@@ -353,12 +357,12 @@ impl RewardScorer {
         let device = Device::flex();
         let (model, fresh) = ck
             .load_classifier(&device)
-            .map_err(|e| origin(e.to_string()))?;
+            .map_err(|e| origin(e.into()))?;
         if !fresh.is_empty() {
-            return Err(origin(format!(
+            return Err(origin(TrainError::Unsuitable(format!(
                 "its head ({}) is not in the checkpoint: not a trained reward model",
                 fresh.join(", ")
-            )));
+            ))));
         }
         Ok(Self {
             with_types: matches!(model, Classifier::Bert(_)),
@@ -373,13 +377,16 @@ impl RewardScorer {
 
     /// One score per text; a text over `max_length` tokens loses its start (after the first
     /// token, `[CLS]` for BERT), so the response is always read.
-    pub fn score(&self, texts: &[String]) -> Result<Vec<f32>, String> {
+    pub fn score(&self, texts: &[String]) -> Result<Vec<f32>> {
         let mut encoded = Vec::with_capacity(texts.len());
         for t in texts {
             let mut ids = self
                 .tokenizer
                 .encode(t, true)
-                .map_err(|e| format!("ppo.reward_model {}: {e}", self.path.display()))?;
+                .map_err(|e| TrainError::RewardModel {
+                    path: self.path.clone(),
+                    source: Box::new(e.into()),
+                })?;
             if ids.len() > self.max_length {
                 let cut = ids.len() - self.max_length;
                 ids.drain(1..1 + cut);
@@ -396,10 +403,7 @@ impl RewardScorer {
             let refs: Vec<&Encoded> = chunk.iter().collect();
             let b = collate(&refs, self.pad_id);
             let (input, _) = crate::seqcls::to_input(&b, &self.device, self.with_types, 1);
-            let scores = self
-                .model
-                .forward(input, Mode::Eval)
-                .map_err(|e| e.to_string())?;
+            let scores = self.model.forward(input, Mode::Eval)?;
             out.extend(values(scores.reshape([chunk.len()])));
         }
         Ok(out)
@@ -535,18 +539,17 @@ pub fn read_prompts(
     path: &Path,
     encoding: whet_data::Encoding,
     column: &str,
-) -> Result<Vec<String>, String> {
+) -> Result<Vec<String>> {
     let pairs_only = path.is_dir() || path.file_name().is_some_and(|n| n == "task.json");
     let texts: Vec<String> = if pairs_only {
-        whet_data::read_pairs(path, encoding)
-            .map_err(|e| e.to_string())?
+        whet_data::read_pairs(path, encoding)?
             .into_iter()
             .map(|p| p.prompt)
             .collect()
     } else {
-        let table = whet_data::Table::read(path, encoding).map_err(|e| e.to_string())?;
+        let table = whet_data::Table::read(path, encoding)?;
         if table.rows.is_empty() {
-            return Err(format!("{}: no rows (an empty prompt set)", path.display()));
+            return Err(TrainError::dataset(path, "no rows (an empty prompt set)"));
         }
         if table.rows[0].1.contains_key(column) {
             let mut out = Vec::with_capacity(table.rows.len());
@@ -554,30 +557,29 @@ pub fn read_prompts(
                 match row.get(column) {
                     Some(serde_json::Value::String(s)) => out.push(s.clone()),
                     Some(other) => {
-                        return Err(format!(
-                            "{}:{line}: field {column:?} is not text ({other})",
-                            path.display()
+                        return Err(TrainError::row(
+                            format!("{}:{line}", path.display()),
+                            format!("field {column:?} is not text ({other})"),
                         ));
                     }
                     None => {
-                        return Err(format!(
-                            "{}:{line}: no field {column:?} (ppo.prompt_column)",
-                            path.display()
+                        return Err(TrainError::row(
+                            format!("{}:{line}", path.display()),
+                            format!("no field {column:?} (ppo.prompt_column)"),
                         ));
                     }
                 }
             }
             out
         } else if table.rows[0].1.contains_key("chosen") {
-            whet_data::preference::preference_pairs(&table)
-                .map_err(|e| e.to_string())?
+            whet_data::preference::preference_pairs(&table)?
                 .into_iter()
                 .map(|p| p.prompt)
                 .collect()
         } else {
-            return Err(format!(
-                "{}: no column {column:?} (ppo.prompt_column) and no preference pairs",
-                path.display()
+            return Err(TrainError::dataset(
+                path,
+                format!("no column {column:?} (ppo.prompt_column) and no preference pairs"),
             ));
         }
     };
@@ -585,9 +587,9 @@ pub fn read_prompts(
     let mut out = Vec::new();
     for t in texts {
         if t.trim().is_empty() {
-            return Err(format!(
-                "{}: an empty prompt (PPO continues prompts; pairs need a prompt column)",
-                path.display()
+            return Err(TrainError::dataset(
+                path,
+                "an empty prompt (PPO continues prompts; pairs need a prompt column)",
             ));
         }
         if seen.insert(t.clone()) {
@@ -595,78 +597,82 @@ pub fn read_prompts(
         }
     }
     if out.is_empty() {
-        return Err(format!(
-            "{}: no prompts (an empty prompt set)",
-            path.display()
-        ));
+        return Err(TrainError::dataset(path, "no prompts (an empty prompt set)"));
     }
     Ok(out)
 }
 
 /// Reads the prompts, loads the policy (with the method applied and a value head), the
 /// reference and the reward model.
-pub fn prepare(recipe: &crate::Recipe, device: &Device) -> Result<PpoPrepared, String> {
+pub fn prepare(recipe: &crate::Recipe, device: &Device) -> Result<PpoPrepared> {
     let d = &recipe.data;
     let config = recipe
         .ppo
         .clone()
-        .ok_or("task = \"ppo\" needs a [ppo] table (at least reward_model)")?;
-    let positive = |v: f64, name: &str| -> Result<(), String> {
+        .ok_or_else(|| {
+            TrainError::Recipe(
+                "task = \"ppo\" needs a [ppo] table (at least reward_model)".into(),
+            )
+        })?;
+    let positive = |v: f64, name: &str| -> Result<()> {
         if v > 0.0 && v.is_finite() {
             Ok(())
         } else {
-            Err(format!("ppo.{name} must be positive, got {v}"))
+            Err(TrainError::option(
+                format!("ppo.{name}"),
+                format!("must be positive, got {v}"),
+            ))
         }
     };
     positive(config.temperature, "temperature")?;
     positive(config.cliprange, "cliprange")?;
     positive(config.cliprange_value, "cliprange_value")?;
     if config.num_ppo_epochs == 0 || config.num_mini_batches == 0 || config.response_length == 0 {
-        return Err(
+        return Err(TrainError::Recipe(
             "ppo.num_ppo_epochs, ppo.num_mini_batches and ppo.response_length must be at least 1"
                 .into(),
-        );
+        ));
     }
     let rollout =
         recipe.training.per_device_train_batch_size * recipe.training.gradient_accumulation_steps;
     if !rollout.is_multiple_of(config.num_mini_batches) {
-        return Err(format!(
-            "ppo.num_mini_batches = {} must divide the rollout batch (per_device_train_batch_size \
-             x gradient_accumulation_steps = {rollout})",
-            config.num_mini_batches
+        return Err(TrainError::option(
+            "ppo.num_mini_batches",
+            format!(
+                "= {} must divide the rollout batch (per_device_train_batch_size \
+                 x gradient_accumulation_steps = {rollout})",
+                config.num_mini_batches
+            ),
         ));
     }
-    let enc: whet_data::Encoding = d
-        .encoding
-        .parse()
-        .map_err(|e| format!("data.encoding: {e}"))?;
+    let enc: whet_data::Encoding = d.encoding.parse().map_err(TrainError::Encoding)?;
     let read = |p: &Path| read_prompts(p, enc, &config.prompt_column);
     let all = read(&d.train)?;
     let validation = d.validation.as_deref().map(read).transpose()?;
     let test = d.test.as_deref().map(read).transpose()?;
     let (train, validation, test) = d.parts(all, validation, test)?;
     if train.is_empty() {
-        return Err(format!(
-            "{}: the training split has no prompts",
-            d.train.display()
+        return Err(TrainError::dataset(
+            &d.train,
+            "the training split has no prompts",
         ));
     }
     let (checkpoint, tokenizer, pad_id) = crate::causal::open_decoder(recipe, "ppo")?;
     if d.max_length + config.response_length > checkpoint.max_positions() {
-        return Err(format!(
+        return Err(TrainError::Recipe(format!(
             "data.max_length ({}) + ppo.response_length ({}) exceeds the model's {} positions",
             d.max_length,
             config.response_length,
             checkpoint.max_positions()
-        ));
+        )));
     }
     let mut truncated = 0;
     // A prompt is continued, so by default it keeps its end.
     let side = d.side(whet_data::Side::Left);
-    let mut encode = |texts: Vec<String>| -> Result<Prompts, String> {
+    let mut encode = |texts: Vec<String>| -> Result<Prompts> {
         let mut ids = Vec::with_capacity(texts.len());
         for t in &texts {
-            let mut p = tokenizer.encode(t, true).map_err(|e| e.to_string())?;
+            let mut p = tokenizer.encode(t, true)?;
             if p.len() > d.max_length {
                 truncated += 1;
                 match side {
@@ -682,9 +688,7 @@ pub fn prepare(recipe: &crate::Recipe, device: &Device) -> Result<PpoPrepared, S
     let validation = validation.map(&mut encode).transpose()?;
     let test = test.map(&mut encode).transpose()?;
     let reward = RewardScorer::open(&config.reward_model, config.reward_max_length)?;
-    let mut policy = checkpoint
-        .load_causal_lm(device)
-        .map_err(|e| e.to_string())?;
+    let mut policy = checkpoint.load_causal_lm(device)?;
     let frozen = (recipe.method == crate::Method::Full).then(|| policy.valid());
     let (mut counts, adapter) =
         crate::causal::apply_decoder_method(&mut policy, recipe, &tokenizer, device)?;
@@ -766,7 +770,7 @@ impl PpoPrepared {
         seed: u64,
         micro: usize,
         device: &Device,
-    ) -> Result<Rollout, String> {
+    ) -> Result<Rollout> {
         let cfg = &self.config;
         let plain = device.clone().without_autodiff();
         let model = self.model.valid();
@@ -788,20 +792,13 @@ impl PpoPrepared {
         let mut missing_eos = Vec::with_capacity(picked.len());
         for chunk in picked.chunks(micro.max(1)) {
             let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| prompts.ids[i].clone()).collect();
-            let outs = generate_batch(&model.policy, &batch, &generation, self.pad_id, &plain)
-                .map_err(|e| e.to_string())?;
+            let outs = generate_batch(&model.policy, &batch, &generation, self.pad_id, &plain)?;
             for (&i, out) in chunk.iter().zip(outs) {
                 let reached = out.last().is_some_and(|t| self.eos.contains(t));
                 ended += reached as usize;
                 missing_eos.push(!reached);
-                let text = self
-                    .tokenizer
-                    .decode(&out, true)
-                    .map_err(|e| e.to_string())?;
-                let prompt_text = self
-                    .tokenizer
-                    .decode(&prompts.ids[i], true)
-                    .map_err(|e| e.to_string())?;
+                let text = self.tokenizer.decode(&out, true)?;
+                let prompt_text = self.tokenizer.decode(&prompts.ids[i], true)?;
                 texts.push(format!("{prompt_text}{text}"));
                 responses.push(text);
                 let p = &prompts.ids[i];
@@ -877,7 +874,7 @@ impl PpoPrepared {
         seed: u64,
         batch: usize,
         device: &Device,
-    ) -> Result<PolicyEval, String> {
+    ) -> Result<PolicyEval> {
         let k = self.config.eval_samples.max(1);
         let all: Vec<usize> = (0..prompts.ids.len())
             .flat_map(|i| std::iter::repeat_n(i, k))
@@ -910,7 +907,7 @@ impl PpoPrepared {
         device: &Device,
         observer: &mut dyn Observer,
         resume: Option<&Path>,
-    ) -> Result<TrainSummary, String> {
+    ) -> Result<TrainSummary> {
         let args = &recipe.training;
         args.validate()?;
         let cfg = self.config.clone();
@@ -935,7 +932,7 @@ impl PpoPrepared {
                         step: usize,
                         evals: &mut Vec<EvalLog>,
                         observer: &mut dyn Observer|
-         -> Result<(), String> {
+         -> Result<()> {
             if let Some(v) = &me.validation {
                 let e = me.evaluate(v, eval_seed, eval_batch, device)?;
                 let log = EvalLog {
@@ -1048,7 +1045,7 @@ impl PpoPrepared {
         warmup: usize,
         total_updates: usize,
         device: &Device,
-    ) -> Result<UpdateStats, String> {
+    ) -> Result<UpdateStats> {
         let lm = self.lm();
         let rows = r.rows.len();
         let mini = rows.div_ceil(cfg.num_mini_batches).max(1);
@@ -1087,10 +1084,11 @@ impl PpoPrepared {
                         .div_scalar(denom);
                     let value = loss.clone().into_scalar::<f32>() as f64;
                     if !value.is_finite() {
-                        return Err(format!(
-                            "the PPO loss became {value} at step {} (learning rate too high?); stopping",
-                            step + 1
-                        ));
+                        return Err(TrainError::NonFiniteLoss {
+                            loss: "PPO loss",
+                            step: step + 1,
+                            value,
+                        });
                     }
                     acc.loss += value;
                     acc.policy += l.policy.into_scalar::<f32>() as f64;
@@ -1134,7 +1132,7 @@ impl PpoPrepared {
     /// Writes the policy (a peft `CAUSAL_LM` adapter or a transformers folder, with the
     /// tokenizer) and `value_head.safetensors` (trl's `v_head.summary.weight` `[1, H]` and
     /// `v_head.summary.bias`).
-    pub fn save(&self, recipe: &crate::Recipe, out: &Path) -> Result<(), String> {
+    pub fn save(&self, recipe: &crate::Recipe, out: &Path) -> Result<()> {
         crate::causal::save_decoder(
             &self.checkpoint,
             &self.tokenizer,
@@ -1154,8 +1152,8 @@ impl PpoPrepared {
                 ("v_head.summary.bias".to_string(), vec![1], b),
             ],
             None,
-        )
-        .map_err(|e| e.to_string())
+        )?;
+        Ok(())
     }
 }
 

@@ -17,6 +17,7 @@ use whet_peft::{ParamCounts, PeftConfig, set_trainable};
 
 use crate::recipe::{Method, Recipe};
 use crate::trainer::{BatchCounts, Evaluation, Objective};
+use crate::error::{Result, TrainError};
 
 /// Start and end of the answer span; evaluation scores the evaluation examples.
 pub struct QuestionAnswering {
@@ -222,7 +223,7 @@ impl Objective for QuestionAnswering {
         model: &BertForQuestionAnswering,
         b: &QaBatch,
         device: &Device,
-    ) -> Result<Tensor<1>, String> {
+    ) -> Result<Tensor<1>> {
         let (s, e) = logits(model, b, Mode::Train, device);
         Ok(summed_span_loss(s, e, b, device))
     }
@@ -233,7 +234,7 @@ impl Objective for QuestionAnswering {
         data: &[QaFeature],
         batch_size: usize,
         device: &Device,
-    ) -> Result<Evaluation, String> {
+    ) -> Result<Evaluation> {
         let (loss, answers) = self.run(model, data, batch_size, device);
         let (em, f1) = squad_metrics(&self.eval_examples, &answers);
         Ok(Evaluation {
@@ -267,44 +268,40 @@ pub struct QaPrepared {
 }
 
 /// Reads and windows the data, loads the model and applies the method.
-pub fn prepare(recipe: &Recipe, device: &Device) -> Result<QaPrepared, String> {
+pub fn prepare(recipe: &Recipe, device: &Device) -> Result<QaPrepared> {
     let d = &recipe.data;
-    let enc: Encoding = d
-        .encoding
-        .parse()
-        .map_err(|e| format!("data.encoding: {e}"))?;
+    let enc: Encoding = d.encoding.parse().map_err(TrainError::Encoding)?;
     let cols = QaColumns {
         question: d.question_column.clone(),
         context: d.context_column.clone(),
         answers: d.answers_column.clone(),
     };
-    let read = |p: &Path| -> Result<Vec<QaExample>, String> {
-        let t = Table::read(p, enc).map_err(|e| e.to_string())?;
-        qa_examples(&t, &cols).map_err(|e| e.to_string())
+    let read = |p: &Path| -> Result<Vec<QaExample>> {
+        let t = Table::read(p, enc)?;
+        Ok(qa_examples(&t, &cols)?)
     };
     let all = read(&d.train)?;
     let validation = d.validation.as_deref().map(read).transpose()?;
     let test = d.test.as_deref().map(read).transpose()?;
     let (train, validation, test) = d.parts(all, validation, test)?;
-    let mut checkpoint = Checkpoint::open(&recipe.model).map_err(|e| e.to_string())?;
+    let mut checkpoint = Checkpoint::open(&recipe.model)?;
     checkpoint.quantization = crate::method::quant_policy(recipe, &["qa_outputs"]);
     if d.max_length > checkpoint.max_positions() {
-        return Err(format!(
-            "data.max_length = {} exceeds the model's {} positions ({})",
-            d.max_length,
-            checkpoint.max_positions(),
-            recipe.model.display()
-        ));
+        return Err(TrainError::ExceedsPositions {
+            key: "data.max_length",
+            value: d.max_length,
+            positions: checkpoint.max_positions(),
+            model: recipe.model.clone(),
+        });
     }
     let doc_stride = d.doc_stride.unwrap_or(d.max_length / 3);
-    let tokenizer = checkpoint.tokenizer().map_err(|e| e.to_string())?;
+    let tokenizer = checkpoint.tokenizer()?;
     let pad_id = checkpoint
         .pad_token_id()
         .or(tokenizer.pad.as_ref().map(|p| p.id))
         .unwrap_or(0);
-    let window = |ex: Vec<QaExample>| -> Result<QaSplit, String> {
-        let features =
-            qa_features(&tokenizer, &ex, d.max_length, doc_stride).map_err(|e| e.to_string())?;
+    let window = |ex: Vec<QaExample>| -> Result<QaSplit> {
+        let features = qa_features(&tokenizer, &ex, d.max_length, doc_stride)?;
         Ok(QaSplit {
             examples: ex,
             features,
@@ -312,16 +309,11 @@ pub fn prepare(recipe: &Recipe, device: &Device) -> Result<QaPrepared, String> {
     };
     let train = window(train)?;
     if train.features.is_empty() {
-        return Err(format!(
-            "{}: the training split is empty",
-            d.train.display()
-        ));
+        return Err(TrainError::dataset(&d.train, "the training split is empty"));
     }
     let validation = validation.map(window).transpose()?;
     let test = test.map(window).transpose()?;
-    let (mut model, fresh) = checkpoint
-        .load_question_answering(device)
-        .map_err(|e| e.to_string())?;
+    let (mut model, fresh) = checkpoint.load_question_answering(device)?;
     let head = |name: &str| name.starts_with("qa_outputs.");
     let (counts, adapter) = match recipe.method {
         Method::Full => (crate::method::full(&mut model), None),
@@ -349,7 +341,7 @@ pub fn prepare(recipe: &Recipe, device: &Device) -> Result<QaPrepared, String> {
                 &tokenizer,
                 device,
             )?
-            .ok_or("the adapter method needs its table ([lora] or [ia3])")?;
+            .ok_or(TrainError::NoAdapterTable)?;
             (counts, Some(cfg))
         }
     };
@@ -388,7 +380,7 @@ pub fn run_training(
     device: &Device,
     observer: &mut dyn crate::Observer,
     resume: Option<&Path>,
-) -> Result<crate::TrainSummary, String> {
+) -> Result<crate::TrainSummary> {
     let objective = objective(p, recipe);
     crate::trainer::train(
         &objective,
@@ -429,30 +421,26 @@ pub fn evaluate_split(
 
 /// Saves the result: a `peft` adapter (`QUESTION_ANS`) for LoRA, a `transformers` folder
 /// otherwise, with the tokenizer and `qa.json` (max_length, doc_stride).
-pub fn save(p: &QaPrepared, recipe: &Recipe, out: &Path) -> Result<(), String> {
-    std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+pub fn save(p: &QaPrepared, recipe: &Recipe, out: &Path) -> Result<()> {
+    std::fs::create_dir_all(out).map_err(|e| TrainError::io(out, e))?;
     match &p.adapter {
         Some(cfg) => {
             crate::output::save_adapter(&p.model, cfg, &recipe.model, "QUESTION_ANS", out)?;
         }
         None => {
-            p.checkpoint
-                .write_question_answering_config(out)
-                .map_err(|e| e.to_string())?;
+            p.checkpoint.write_question_answering_config(out)?;
             crate::output::save_weights(&p.model, out)?;
         }
     }
-    p.checkpoint
-        .write_tokenizer_files(&p.tokenizer, out)
-        .map_err(|e| e.to_string())?;
+    p.checkpoint.write_tokenizer_files(&p.tokenizer, out)?;
     let info = serde_json::json!({
         "task": "question-answering",
         "max_length": recipe.data.max_length,
         "doc_stride": p.doc_stride,
         "base_model": recipe.model,
     });
-    whet_models::fsutil::write_atomic(&out.join("qa.json"), info.to_string().as_bytes())
-        .map_err(|e| e.to_string())
+    whet_models::fsutil::write_atomic(&out.join("qa.json"), info.to_string().as_bytes())?;
+    Ok(())
 }
 
 /// One answer of the question-answering pipeline.
@@ -483,21 +471,20 @@ pub fn answer(
     max_answer_len: usize,
     top_k: usize,
     device: &Device,
-) -> Result<Vec<QaAnswer>, String> {
+) -> Result<Vec<QaAnswer>> {
     let ex = QaExample {
         question: question.to_string(),
         context: context.to_string(),
         answers: vec![],
         origin: "input".into(),
     };
-    let features =
-        qa_features(tokenizer, &[ex], max_length, doc_stride).map_err(|e| e.to_string())?;
+    let features = qa_features(tokenizer, &[ex], max_length, doc_stride)?;
     // The word of each context token, by its character span: the context's side of a pair is
     // split into the same words as the context alone.
     let alone = tokenizer
         .inner
         .encode_char_offsets(context, false)
-        .map_err(|e| e.to_string())?;
+        .map_err(TrainError::Tokenizer)?;
     let word_of: HashMap<(usize, usize), u32> = alone
         .get_offsets()
         .iter()
@@ -579,7 +566,7 @@ pub fn answer(
     found.sort_by(|a, b| b.score.total_cmp(&a.score));
     found.truncate(top_k);
     if found.is_empty() {
-        return Err("the context holds no token to answer with".into());
+        return Err(TrainError::EmptyContext);
     }
     Ok(found)
 }

@@ -8,6 +8,7 @@ use whet_data::{Side, Template, TooLong};
 use whet_peft::{BottleneckConfig, Ia3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig};
 
 use crate::args::TrainingArguments;
+use crate::error::{Result, TrainError};
 
 /// What is learnt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -132,7 +133,7 @@ pub type Parts<T> = (Vec<T>, Option<Vec<T>>, Option<Vec<T>>);
 
 impl SplitSpec {
     /// Cuts `all` into train, validation and test parts (empty parts are `None`).
-    pub fn apply<T: Clone>(&self, all: &[T]) -> Result<Parts<T>, String> {
+    pub fn apply<T: Clone>(&self, all: &[T]) -> Result<Parts<T>> {
         let size = |v: Option<f64>| {
             v.map(|x| {
                 if x >= 1.0 {
@@ -146,8 +147,7 @@ impl SplitSpec {
             all,
             &[size(self.train), size(self.validation), size(self.test)],
             self.seed,
-        )
-        .map_err(|e| e.to_string())?;
+        )?;
         let mut it = parts.into_iter();
         let (tr, va, te) = (
             it.next().unwrap_or_default(),
@@ -257,7 +257,7 @@ impl DataSpec {
         train: Vec<T>,
         validation: Option<Vec<T>>,
         test: Option<Vec<T>>,
-    ) -> Result<Parts<T>, String> {
+    ) -> Result<Parts<T>> {
         match &self.split {
             Some(s) if validation.is_none() && test.is_none() => s.apply(&train),
             _ => Ok((train, validation, test)),
@@ -288,13 +288,11 @@ pub enum TemplateSpec {
 }
 
 impl TemplateSpec {
-    pub fn resolve(&self) -> Result<Template, String> {
+    pub fn resolve(&self) -> Result<Template> {
         match self {
             TemplateSpec::Custom(t) => Ok(t.clone()),
             TemplateSpec::Named(n) if n == "alpaca" => Ok(Template::alpaca()),
-            TemplateSpec::Named(n) => Err(format!(
-                "data.template = {n:?}: the built-in templates are \"alpaca\"; or give {{ prompt = \"...\", completion = \"...\" }}"
-            )),
+            TemplateSpec::Named(n) => Err(TrainError::UnknownTemplate { name: n.clone() }),
         }
     }
 }
@@ -375,7 +373,7 @@ fn expand(p: &Path) -> PathBuf {
 }
 
 /// Sets `a.b.c = value` in a TOML table; the value is parsed as TOML, else taken as a string.
-fn set(root: &mut toml::Table, key: &str, raw: &str) -> Result<(), String> {
+fn set(root: &mut toml::Table, key: &str, raw: &str) -> Result<()> {
     let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
         .ok()
         .and_then(|mut t| t.remove("v"))
@@ -384,15 +382,19 @@ fn set(root: &mut toml::Table, key: &str, raw: &str) -> Result<(), String> {
     let last = parts
         .pop()
         .filter(|l| !l.is_empty())
-        .ok_or_else(|| format!("--set {key}: empty key"))?;
+        .ok_or_else(|| TrainError::Override {
+            key: key.to_string(),
+            message: "empty key".into(),
+        })?;
     let mut table = root;
     for part in parts {
         let entry = table
             .entry(part.to_string())
             .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        table = entry
-            .as_table_mut()
-            .ok_or_else(|| format!("--set {key}: {part} is not a table"))?;
+        table = entry.as_table_mut().ok_or_else(|| TrainError::Override {
+            key: key.to_string(),
+            message: format!("{part} is not a table"),
+        })?;
     }
     table.insert(last.to_string(), value);
     Ok(())
@@ -400,15 +402,13 @@ fn set(root: &mut toml::Table, key: &str, raw: &str) -> Result<(), String> {
 
 /// An adapter configuration with every default its serde impl declares (peft's), as an
 /// empty table gives it.
-fn peft_defaults<T: serde::de::DeserializeOwned>() -> Result<T, String> {
-    toml::Value::Table(toml::Table::new())
-        .try_into()
-        .map_err(|e: toml::de::Error| e.to_string())
+fn peft_defaults<T: serde::de::DeserializeOwned>() -> Result<T> {
+    Ok(toml::Value::Table(toml::Table::new()).try_into()?)
 }
 
 /// Refuses a key that no table of the recipe knows, naming the table and the closest valid
 /// key (see [`crate::keys`]).
-fn check_keys(root: &toml::Table) -> Result<(), String> {
+fn check_keys(root: &toml::Table) -> Result<()> {
     use crate::keys::{check_table, fields_of};
     check_table(root, "", fields_of::<Recipe>())?;
     let tables: [(&str, &[&str]); 12] = [
@@ -448,7 +448,7 @@ fn check_keys(root: &toml::Table) -> Result<(), String> {
 /// the base stays unquantised or keeps a GGUF file's blocks (that is `method = "lora"` with
 /// `keep_gguf_quantized`). An absent `load_in_4bit` is set, so the table's other keys (double
 /// quantisation) apply to the 4-bit base they describe.
-fn qlora_means_4bit(root: &mut toml::Table) -> Result<(), String> {
+fn qlora_means_4bit(root: &mut toml::Table) -> Result<()> {
     if root.get("method").and_then(|m| m.as_str()) != Some("qlora") {
         return Ok(());
     }
@@ -456,18 +456,18 @@ fn qlora_means_4bit(root: &mut toml::Table) -> Result<(), String> {
         return Ok(());
     };
     if q.get("keep_gguf_quantized").and_then(|v| v.as_bool()) == Some(true) {
-        return Err(
+        return Err(TrainError::Recipe(
             "method = \"qlora\" quantises the base to NF4, but quantization.keep_gguf_quantized \
              = true keeps the GGUF file's own blocks: use method = \"lora\" for that"
                 .into(),
-        );
+        ));
     }
     match q.get("load_in_4bit").and_then(|v| v.as_bool()) {
-        Some(false) => Err(
+        Some(false) => Err(TrainError::Recipe(
             "method = \"qlora\" means a 4-bit base, but quantization.load_in_4bit = false: \
              use method = \"lora\" for an unquantised base"
                 .into(),
-        ),
+        )),
         _ => {
             q.insert("load_in_4bit".into(), toml::Value::Boolean(true));
             Ok(())
@@ -477,10 +477,15 @@ fn qlora_means_4bit(root: &mut toml::Table) -> Result<(), String> {
 
 impl Recipe {
     /// Reads a recipe file and applies `key=value` overrides.
-    pub fn load(path: &Path, overrides: &[String]) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read recipe {}: {e}", path.display()))?;
-        Self::parse(&text, overrides).map_err(|e| format!("recipe {}: {e}", path.display()))
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|source| TrainError::RecipeRead {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, overrides).map_err(|e| TrainError::InRecipe {
+            path: path.to_path_buf(),
+            source: Box::new(e),
+        })
     }
 
     /// Reads a recipe as [`Recipe::load`] does, then fills in peft's defaults for the model's
@@ -488,12 +493,11 @@ impl Recipe {
     pub fn load_for_model(
         path: &Path,
         overrides: &[String],
-    ) -> Result<(Self, Option<String>), String> {
+    ) -> Result<(Self, Option<String>)> {
         let mut recipe = Self::load(path, overrides)?;
         let note = match recipe.method {
             Method::Lora | Method::Qlora | Method::Ia3 => {
-                let checkpoint =
-                    whet_models::Checkpoint::open(&recipe.model).map_err(|e| e.to_string())?;
+                let checkpoint = whet_models::Checkpoint::open(&recipe.model)?;
                 recipe.resolve_peft_defaults(checkpoint.model_type())?
             }
             _ => None,
@@ -502,19 +506,17 @@ impl Recipe {
     }
 
     /// Parses recipe text and applies `key=value` overrides.
-    pub fn parse(text: &str, overrides: &[String]) -> Result<Self, String> {
-        let mut table: toml::Table = toml::from_str(text).map_err(|e| e.to_string())?;
+    pub fn parse(text: &str, overrides: &[String]) -> Result<Self> {
+        let mut table: toml::Table = toml::from_str(text)?;
         for o in overrides {
             let (k, v) = o
                 .split_once('=')
-                .ok_or_else(|| format!("--set {o:?}: expected key=value"))?;
+                .ok_or_else(|| TrainError::OverrideSyntax { arg: o.clone() })?;
             set(&mut table, k.trim(), v.trim())?;
         }
         check_keys(&table)?;
         qlora_means_4bit(&mut table)?;
-        let mut recipe: Recipe = toml::Value::Table(table)
-            .try_into()
-            .map_err(|e: toml::de::Error| e.to_string())?;
+        let mut recipe: Recipe = toml::Value::Table(table).try_into()?;
         recipe.model = expand(&recipe.model);
         for p in [
             Some(&mut recipe.data.train),
@@ -532,55 +534,55 @@ impl Recipe {
         }
         match recipe.method {
             Method::PrefixTuning if recipe.prefix_tuning.is_none() => {
-                return Err(
+                return Err(TrainError::Recipe(
                     "method = \"prefix_tuning\" needs a [prefix_tuning] table (at least \
                      num_virtual_tokens)"
                         .into(),
-                );
+                ));
             }
             Method::PromptTuning if recipe.prompt_tuning.is_none() => {
-                return Err(
+                return Err(TrainError::Recipe(
                     "method = \"prompt_tuning\" needs a [prompt_tuning] table (at least \
                      num_virtual_tokens)"
                         .into(),
-                );
+                ));
             }
             Method::PrefixTuning | Method::PromptTuning if recipe.data.packing => {
-                return Err(
+                return Err(TrainError::Recipe(
                     "data.packing = true cannot combine with prefix or prompt tuning: the \
                      virtual tokens would sit in front of only the first packed example"
                         .into(),
-                );
+                ));
             }
             _ => {}
         }
         if let Some(q) = &recipe.quantization {
             if !q.load_in_4bit && !q.keep_gguf_quantized {
-                return Err(
+                return Err(TrainError::Recipe(
                     "[quantization] quantises nothing: set load_in_4bit = true (NF4) or \
                      keep_gguf_quantized = true (a GGUF file's own blocks), or remove the table"
                         .into(),
-                );
+                ));
             }
             if !recipe.method.is_adapter() {
-                return Err(
+                return Err(TrainError::Recipe(
                     "[quantization] freezes the base: use it with method = \"lora\", \"qlora\" \
                      or \"ia3\", not full or head training"
                         .into(),
-                );
+                ));
             }
             if q.bnb_4bit_quant_type != "nf4" {
-                return Err(format!(
-                    "quantization.bnb_4bit_quant_type = {:?}: only \"nf4\" is implemented",
-                    q.bnb_4bit_quant_type
+                return Err(TrainError::option(
+                    "quantization.bnb_4bit_quant_type",
+                    format!("= {:?}: only \"nf4\" is implemented", q.bnb_4bit_quant_type),
                 ));
             }
             if q.load_in_4bit && q.keep_gguf_quantized {
-                return Err(
+                return Err(TrainError::Recipe(
                     "quantization: load_in_4bit and keep_gguf_quantized exclude each other (NF4 \
                      of the f32 weights, or the GGUF file's own blocks)"
                         .into(),
-                );
+                ));
             }
         }
         if let Some(side) = recipe.data.truncation_side {
@@ -599,12 +601,15 @@ impl Recipe {
                 None
             };
             if let Some(why) = meaningless {
-                return Err(format!(
-                    "data.truncation_side = \"{}\" means nothing here: {why}",
-                    match side {
-                        Side::Right => "right",
-                        Side::Left => "left",
-                    }
+                return Err(TrainError::option(
+                    "data.truncation_side",
+                    format!(
+                        "= \"{}\" means nothing here: {why}",
+                        match side {
+                            Side::Right => "right",
+                            Side::Left => "left",
+                        }
+                    ),
                 ));
             }
         }
@@ -616,15 +621,13 @@ impl Recipe {
     /// out: the whole `[lora]` / `[ia3]` table (r 8, alpha 8, dropout 0), and target modules
     /// (and IA3's feed-forward modules) from peft's table for the model's `model_type`.
     /// Returns a line saying what was chosen, to print; None when nothing was missing.
-    pub fn resolve_peft_defaults(&mut self, model_type: &str) -> Result<Option<String>, String> {
+    pub fn resolve_peft_defaults(&mut self, model_type: &str) -> Result<Option<String>> {
         use whet_peft::defaults::{ia3_modules, lora_target_modules};
         let owned = |l: &[&str]| l.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        let unknown = |table: &str, what: &str| {
-            format!(
-                "[{table}] has no {what} and peft has no default for model_type {model_type:?} \
-                 (it has them for bert, gpt2, llama, mistral, qwen2): name them, e.g. \
-                 {what} = [\"q_lin\", \"v_lin\"] for DistilBERT"
-            )
+        let unknown = |table: &'static str, what: &'static str| TrainError::NoPeftDefault {
+            table,
+            what,
+            model_type: model_type.to_string(),
         };
         match self.method {
             Method::Lora | Method::Qlora => {
@@ -794,7 +797,7 @@ learning_rate = 1e-3
                 }
                 _ => format!("{BASE}\n[{table}]\n{line}\n"),
             };
-            let e = Recipe::parse(&text, &[]).unwrap_err();
+            let e = Recipe::parse(&text, &[]).unwrap_err().to_string();
             let place = if table.is_empty() {
                 "top level".to_string()
             } else {
@@ -806,7 +809,7 @@ learning_rate = 1e-3
             );
         }
         // Through --set too: the typo of the issue.
-        let e = Recipe::parse(BASE, &["lora.lora_alfa=32".into()]).unwrap_err();
+        let e = Recipe::parse(BASE, &["lora.lora_alfa=32".into()]).unwrap_err().to_string();
         assert!(
             e.contains("\"lora_alfa\" in [lora]") && e.contains("\"lora_alpha\""),
             "{e}"
@@ -840,16 +843,16 @@ learning_rate = 1e-3
         let r = qlora("[quantization]\nbnb_4bit_use_double_quant = true").unwrap();
         assert_eq!(r.quant_spec(), Some(QuantSpec::Nf4 { double_quant: true }));
         // A table that contradicts it.
-        let e = qlora("[quantization]\nload_in_4bit = false").unwrap_err();
+        let e = qlora("[quantization]\nload_in_4bit = false").unwrap_err().to_string();
         assert!(e.contains("load_in_4bit = false"), "{e}");
-        let e = qlora("[quantization]\nkeep_gguf_quantized = true").unwrap_err();
+        let e = qlora("[quantization]\nkeep_gguf_quantized = true").unwrap_err().to_string();
         assert!(e.contains("keep_gguf_quantized"), "{e}");
         // A [quantization] table that quantises nothing is refused for lora too.
         let e = Recipe::parse(
             &format!("{BASE}\n[quantization]\nbnb_4bit_use_double_quant = true"),
             &[],
         )
-        .unwrap_err();
+        .unwrap_err().to_string();
         assert!(e.contains("quantises nothing"), "{e}");
     }
 
@@ -882,7 +885,7 @@ learning_rate = 1e-3
         assert!(r.resolve_peft_defaults("bert").unwrap().is_none());
         // peft has no default for DistilBERT: an error that says what to write.
         let mut r = Recipe::parse(&no_table, &[]).unwrap();
-        let e = r.resolve_peft_defaults("distilbert").unwrap_err();
+        let e = r.resolve_peft_defaults("distilbert").unwrap_err().to_string();
         assert!(
             e.contains("distilbert") && e.contains("target_modules"),
             "{e}"
@@ -926,7 +929,7 @@ learning_rate = 1e-3
                 "data.truncation_side=\"left\"".into(),
             ],
         )
-        .unwrap_err();
+        .unwrap_err().to_string();
         assert!(e.contains("doc_stride"), "{e}");
         let e = Recipe::parse(
             BASE,
@@ -936,7 +939,7 @@ learning_rate = 1e-3
                 "data.truncation_side=\"right\"".into(),
             ],
         )
-        .unwrap_err();
+        .unwrap_err().to_string();
         assert!(e.contains("block_size"), "{e}");
         let lm = |too_long: &str| {
             Recipe::parse(
@@ -948,7 +951,7 @@ learning_rate = 1e-3
                 ],
             )
         };
-        assert!(lm("error").unwrap_err().contains("too_long"));
+        assert!(lm("error").unwrap_err().to_string().contains("too_long"));
         assert_eq!(lm("truncate").unwrap().data.side(Side::Right), Side::Left);
     }
 }

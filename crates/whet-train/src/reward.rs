@@ -12,6 +12,7 @@ use whet_models::{Classifier, Mode};
 
 use crate::seqcls::to_input;
 use crate::trainer::{BatchCounts, Evaluation, Objective};
+use crate::error::{Result, TrainError};
 
 /// A tokenized preference pair.
 #[derive(Debug, Clone)]
@@ -44,14 +45,14 @@ impl PairwiseReward {
         b: &PairBatch,
         mode: Mode,
         device: &Device,
-    ) -> Result<(Tensor<1>, Tensor<1>), String> {
+    ) -> Result<(Tensor<1>, Tensor<1>)> {
         let (input, _) = to_input(&b.rows, device, self.with_types, 1);
-        let scores = model.forward(input, mode).map_err(|e| e.to_string())?;
+        let scores = model.forward(input, mode)?;
         let [rows, width] = scores.dims();
         if width != 1 {
-            return Err(format!(
+            return Err(TrainError::Unsuitable(format!(
                 "a reward model has one output; this head has {width} (num_labels must be 1)"
-            ));
+            )));
         }
         // (2B, 1) -> (2B) -> (B) chosen, (B) rejected
         let r = scores.reshape([rows]);
@@ -95,7 +96,7 @@ impl Objective for PairwiseReward {
         model: &Classifier,
         b: &PairBatch,
         device: &Device,
-    ) -> Result<Tensor<1>, String> {
+    ) -> Result<Tensor<1>> {
         let (c, r) = self.rewards(model, b, Mode::Train, device)?;
         Ok(pairwise_loss(c, r))
     }
@@ -108,7 +109,7 @@ impl Objective for PairwiseReward {
         data: &[EncodedPair],
         batch_size: usize,
         device: &Device,
-    ) -> Result<Evaluation, String> {
+    ) -> Result<Evaluation> {
         use burn::module::Module;
         let model = &model.valid();
         let device = &device.clone().without_autodiff();
@@ -179,31 +180,25 @@ const REWARD_LABEL: &str = "reward";
 /// Reads the pairs, tokenizes them (the prompt followed by each answer, with the model's
 /// special tokens, cut to `max_length` from the truncation side), loads a one-output
 /// classifier and applies the method.
-pub fn prepare(recipe: &crate::Recipe, device: &Device) -> Result<RewardPrepared, String> {
+pub fn prepare(recipe: &crate::Recipe, device: &Device) -> Result<RewardPrepared> {
     let d = &recipe.data;
-    let enc: whet_data::Encoding = d
-        .encoding
-        .parse()
-        .map_err(|e| format!("data.encoding: {e}"))?;
-    let read = |p: &std::path::Path| whet_data::read_pairs(p, enc).map_err(|e| e.to_string());
+    let enc: whet_data::Encoding = d.encoding.parse().map_err(TrainError::Encoding)?;
+    let read = |p: &std::path::Path| whet_data::read_pairs(p, enc).map_err(TrainError::from);
     let all = read(&d.train)?;
     let validation = d.validation.as_deref().map(read).transpose()?;
     let test = d.test.as_deref().map(read).transpose()?;
     let (train, validation, test) = d.parts(all, validation, test)?;
     if train.is_empty() {
-        return Err(format!(
-            "{}: the training split is empty",
-            d.train.display()
-        ));
+        return Err(TrainError::dataset(&d.train, "the training split is empty"));
     }
     let (mut checkpoint, tokenizer, pad_id) = crate::classify::open_checkpoint(recipe)?;
     checkpoint.set_labels(&[REWARD_LABEL.to_string()]);
     let mut truncated = 0;
-    let mut encode = |pairs: Vec<whet_data::PreferencePair>| -> Result<Vec<EncodedPair>, String> {
-        let mut side = |text: &str, origin: &str| -> Result<(Vec<u32>, Vec<u32>), String> {
+    let mut encode = |pairs: Vec<whet_data::PreferencePair>| -> Result<Vec<EncodedPair>> {
+        let mut side = |text: &str, origin: &str| -> Result<(Vec<u32>, Vec<u32>)> {
             let mut ids = tokenizer
                 .encode(text, true)
-                .map_err(|e| format!("{origin}: {e}"))?;
+                .map_err(|e| TrainError::encode(origin, e))?;
             if ids.len() > d.max_length {
                 truncated += 1;
                 ids = match d.side(whet_data::Side::Right) {
@@ -225,9 +220,7 @@ pub fn prepare(recipe: &crate::Recipe, device: &Device) -> Result<RewardPrepared
     let train = encode(train)?;
     let validation = validation.map(&mut encode).transpose()?;
     let test = test.map(&mut encode).transpose()?;
-    let (mut model, fresh) = checkpoint
-        .load_classifier(device)
-        .map_err(|e| e.to_string())?;
+    let (mut model, fresh) = checkpoint.load_classifier(device)?;
     let (counts, adapter) = crate::classify::apply_method(&mut model, recipe, &tokenizer, device)?;
     Ok(RewardPrepared {
         checkpoint,
@@ -260,7 +253,7 @@ impl RewardPrepared {
         device: &Device,
         observer: &mut dyn crate::Observer,
         resume: Option<&std::path::Path>,
-    ) -> Result<crate::TrainSummary, String> {
+    ) -> Result<crate::TrainSummary> {
         let objective = self.objective();
         crate::trainer::train(
             &objective,
@@ -276,7 +269,7 @@ impl RewardPrepared {
 
     /// Saves a `transformers` folder (one-output `*ForSequenceClassification`) or a peft
     /// `SEQ_CLS` adapter, with the tokenizer and `labels.json`.
-    pub fn save(&self, recipe: &crate::Recipe, out: &std::path::Path) -> Result<(), String> {
+    pub fn save(&self, recipe: &crate::Recipe, out: &std::path::Path) -> Result<()> {
         crate::classify::Saved {
             checkpoint: &self.checkpoint,
             tokenizer: &self.tokenizer,

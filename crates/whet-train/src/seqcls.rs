@@ -12,6 +12,7 @@ use whet_models::{Classifier, ClassifierInput, Mode};
 
 use crate::optim::Optimizer;
 use crate::trainer::{BatchCounts, Evaluation, Objective, step_objective};
+use crate::error::Result;
 
 /// Sequence classification over `n_labels` labels.
 pub struct Classification {
@@ -53,11 +54,9 @@ impl Objective for Classification {
         model: &Classifier,
         b: &Batch,
         device: &Device,
-    ) -> Result<Tensor<1>, String> {
+    ) -> Result<Tensor<1>> {
         let (input, labels) = to_input(b, device, self.with_types, self.n_labels);
-        let logits = model
-            .forward(input, Mode::Train)
-            .map_err(|e| e.to_string())?;
+        let logits = model.forward(input, Mode::Train)?;
         Ok(summed_loss(logits, labels))
     }
 
@@ -67,10 +66,9 @@ impl Objective for Classification {
         data: &[Encoded],
         batch_size: usize,
         device: &Device,
-    ) -> Result<Evaluation, String> {
+    ) -> Result<Evaluation> {
         let (loss, report, _) =
-            evaluate(model, data, self.n_labels, batch_size, self.pad_id, device)
-                .map_err(|e| e.to_string())?;
+            evaluate(model, data, self.n_labels, batch_size, self.pad_id, device)?;
         Ok(Evaluation {
             loss,
             metrics: metrics(&report),
@@ -92,7 +90,7 @@ pub fn metrics(r: &ClassificationReport) -> BTreeMap<String, f64> {
 }
 
 /// One optimizer step of a classifier over already padded micro-batches (see
-/// [`step_objective`]).
+/// [`step_objective`]); a non-finite loss names the optimizer's next step.
 pub fn optimizer_step(
     model: &mut Classifier,
     opt: &mut Optimizer,
@@ -101,9 +99,19 @@ pub fn optimizer_step(
     lr: f64,
     max_grad_norm: f64,
     device: &Device,
-) -> Result<(f64, f64), String> {
+) -> Result<(f64, f64)> {
     let objective = Classification::new(model, n_labels, 0);
-    step_objective(&objective, model, opt, batches, lr, max_grad_norm, device)
+    let step = opt.step + 1;
+    step_objective(
+        &objective,
+        model,
+        opt,
+        batches,
+        lr,
+        max_grad_norm,
+        step,
+        device,
+    )
 }
 
 /// The labels of a batch as tensors.
@@ -248,7 +256,7 @@ pub fn train_classifier(
     device: &Device,
     observer: &mut dyn crate::Observer,
     resume: Option<&std::path::Path>,
-) -> Result<crate::TrainSummary, String> {
+) -> Result<crate::TrainSummary> {
     let objective = Classification::new(model, n_labels, pad_id);
     crate::trainer::train(
         &objective, model, train, eval, args, device, observer, resume,

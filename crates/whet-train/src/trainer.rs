@@ -16,6 +16,7 @@ use crate::args::TrainingArguments;
 use crate::checkpoint::{self, TrainerState};
 use crate::optim::{GradStore, OptimConfig, Optimizer};
 use crate::schedule::lr_factor;
+use crate::error::{Result, TrainError};
 
 /// What a task supplies to the trainer.
 pub trait Objective {
@@ -35,7 +36,7 @@ pub trait Objective {
         model: &Self::Model,
         batch: &Self::Batch,
         device: &Device,
-    ) -> Result<Tensor<1>, String>;
+    ) -> Result<Tensor<1>>;
     /// Metrics gathered while computing the losses of the step just taken (logged with it);
     /// most objectives have none.
     fn take_step_metrics(&self) -> BTreeMap<String, f64> {
@@ -48,7 +49,7 @@ pub trait Objective {
         data: &[Self::Example],
         batch_size: usize,
         device: &Device,
-    ) -> Result<Evaluation, String>;
+    ) -> Result<Evaluation>;
 }
 
 /// Sizes of a batch.
@@ -142,8 +143,9 @@ pub struct TrainSummary {
 /// One optimizer step over micro-batches: each contributes its summed loss divided by the
 /// units of the whole step, so the accumulated gradient is the gradient of the step's mean
 /// loss; then clipping to `max_grad_norm` (0: off) and the update at `lr`. Returns the step's
-/// mean loss and the gradient norm before clipping. A non-finite loss is an error whose text
-/// holds `{step}` for the caller to fill in.
+/// mean loss and the gradient norm before clipping. A non-finite loss is
+/// [`TrainError::NonFiniteLoss`] naming `step`, the 1-based number of this step.
+#[allow(clippy::too_many_arguments)]
 pub fn step_objective<O: Objective>(
     objective: &O,
     model: &mut O::Model,
@@ -151,8 +153,9 @@ pub fn step_objective<O: Objective>(
     batches: &[O::Batch],
     lr: f64,
     max_grad_norm: f64,
+    step: usize,
     device: &Device,
-) -> Result<(f64, f64), String> {
+) -> Result<(f64, f64)> {
     let n: usize = batches.iter().map(|b| objective.counts(b).units).sum();
     let mut grads = GradStore::default();
     let mut step_loss = 0.0;
@@ -162,9 +165,11 @@ pub fn step_objective<O: Objective>(
             .div_scalar(n.max(1) as f64);
         let value = loss.clone().into_scalar::<f32>() as f64;
         if !value.is_finite() {
-            return Err(format!(
-                "the loss became {value} at step {{step}} (learning rate too high?); stopping"
-            ));
+            return Err(TrainError::NonFiniteLoss {
+                loss: "loss",
+                step,
+                value,
+            });
         }
         step_loss += value;
         let g = loss.backward();
@@ -177,7 +182,7 @@ pub fn step_objective<O: Objective>(
 
 /// The value of `metric_for_best_model` (default: eval loss, lower is better) and whether
 /// higher is better.
-fn metric(e: &EvalLog, name: Option<&str>) -> Result<(f64, bool), String> {
+fn metric(e: &EvalLog, name: Option<&str>) -> Result<(f64, bool)> {
     let name = name.unwrap_or("loss");
     let name = name.strip_prefix("eval_").unwrap_or(name);
     if name == "loss" {
@@ -185,10 +190,10 @@ fn metric(e: &EvalLog, name: Option<&str>) -> Result<(f64, bool), String> {
     }
     match e.metrics.get(name) {
         Some(&v) => Ok((v, name != "perplexity")),
-        None => Err(format!(
-            "metric_for_best_model {name:?} is not one of loss, {}",
-            e.metrics.keys().cloned().collect::<Vec<_>>().join(", ")
-        )),
+        None => Err(TrainError::UnknownMetric {
+            name: name.to_string(),
+            available: e.metrics.keys().cloned().collect(),
+        }),
     }
 }
 
@@ -204,10 +209,10 @@ pub fn train<O: Objective>(
     device: &Device,
     observer: &mut dyn Observer,
     resume: Option<&std::path::Path>,
-) -> Result<TrainSummary, String> {
+) -> Result<TrainSummary> {
     args.validate()?;
     if train.is_empty() {
-        return Err("the training split is empty".into());
+        return Err(TrainError::EmptyTrainingSplit);
     }
     let total = args.total_steps(train.len());
     let warmup = args.warmup(total);
@@ -256,9 +261,9 @@ pub fn train<O: Objective>(
                 &batches,
                 lr,
                 args.max_grad_norm,
+                step + 1,
                 device,
-            )
-            .map_err(|e| e.replace("{step}", &(step + 1).to_string()))?;
+            )?;
             checkpoint::crash_point("step", step + 1);
             step += 1;
             state.loss_sum += step_loss;

@@ -1,5 +1,5 @@
 //! The DPO loss against trl's (`tests/fixtures/dpo/losses.safetensors`, from
-//! `scripts/make_dpo_fixture.py`, which runs `DPOTrainer._compute_loss` on fixed log-probs):
+//! `scripts/fixtures/make_dpo_fixture.py`, which runs `DPOTrainer._compute_loss` on fixed log-probs):
 //! loss, gradient with respect to the per-token log-probabilities, and the logged rewards, for
 //! the sigmoid and IPO losses.
 
@@ -272,7 +272,8 @@ fn pairs_are_tokenized_as_trl_does() {
     // after truncation from the left is an error naming the pair.
     let err = encode_dpo_pair(&tok, &pair("a b c d", " e", " c"), 1, Side::Left)
         .map(|_| ())
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("pairs.jsonl:1"), "{err}");
 }
 
@@ -308,7 +309,7 @@ fn trl_row(row: &serde_json::Value) -> (Vec<u32>, Vec<i64>) {
 
 /// On SmolLM2's real tokenizer, whet's rows equal the ones trl 1.16's own `DPOTrainer` prepares
 /// and collates (`tests/fixtures/dpo/smollm2-tokenization.json`, from
-/// `scripts/make_dpo_tokenization_fixture.py`): ids and learnt tokens of the chosen and rejected
+/// `scripts/fixtures/make_dpo_tokenization_fixture.py`): ids and learnt tokens of the chosen and rejected
 /// rows for 20 pairs at BPE boundaries (prompts ending in spaces, answers merging with the
 /// prompt's last token, whitespace, non-ASCII, digits, special tokens, EOS text, implicit
 /// prompts), `keep_start` truncation at max_length 48, and exactly trl's dropped pairs.

@@ -1,5 +1,5 @@
 //! The causal-LM objective against `transformers` (`tests/fixtures/tiny-*`, from
-//! `scripts/make_fixtures.py`: `model(input_ids, attention_mask, labels=labels).loss` and its
+//! `scripts/fixtures/make_fixtures.py`: `model(input_ids, attention_mask, labels=labels).loss` and its
 //! gradients), and packed rows against the same documents in rows of their own.
 
 mod common;

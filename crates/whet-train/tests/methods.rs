@@ -12,7 +12,7 @@ use burn::module::Param;
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 use common::*;
 use whet_data::{Encoded, Target};
-use whet_models::layers::{Linear, LinearWeight, cross_entropy};
+use whet_models::layers::{Linear, LinearWeight, cross_entropy, is_adapter_param};
 use whet_models::quant::{QuantMatrix, QuantSpec};
 use whet_models::{
     Checkpoint, Classifier, ClassifierInput, ExportParams, Mode, QuantPolicy, VisitParams, Visitor,
@@ -99,45 +99,22 @@ fn base_tensors(model: &Classifier) -> Vec<(String, Vec<f32>)> {
     let mut all: Vec<(String, Vec<f32>)> = model
         .named_params()
         .iter()
-        .filter(|p| !p.name.contains("prompt_encoder."))
+        .filter(|p| !p.name.contains("prompt_encoder.") && !is_adapter_param(&p.name))
         .map(|p| (p.name.clone(), p.to_checkpoint_values().1))
         .collect();
     all.extend(q.0);
     all
 }
 
-/// Adapter tensors (LoRA A and B, IA3 vectors), by name.
+/// Adapter tensors (LoRA A and B, IA3 vectors, bottleneck projections, prompt encoders), by
+/// name.
 fn adapter_tensors(model: &Classifier) -> Vec<(String, Vec<f32>)> {
-    struct A(Vec<(String, Vec<f32>)>);
-    impl Visitor for A {
-        fn linear(&mut self, name: &str, layer: &mut Linear) -> bool {
-            let v = |t: Tensor<2>| t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap();
-            if let Some(a) = &layer.adapter {
-                self.0.push((format!("{name}.lora_A"), v(a.a.val())));
-                self.0.push((format!("{name}.lora_B"), v(a.b.val())));
-            }
-            if let Some(l) = &layer.ia3 {
-                self.0
-                    .push((format!("{name}.ia3_l"), v(l.scale.val().unsqueeze())));
-            }
-            if let Some(b) = &layer.bottleneck {
-                self.0.push((format!("{name}.down"), v(b.down.val())));
-                self.0.push((format!("{name}.up"), v(b.up.val())));
-            }
-            false
-        }
-    }
-    let mut a = A(vec![]);
-    model.clone().visit_params("", &mut a);
-    // Prompt encoders (prefix and prompt tuning) are plain parameters of the model's slot.
-    a.0.extend(
-        model
-            .named_params()
-            .iter()
-            .filter(|p| p.name.contains("prompt_encoder."))
-            .map(|p| (p.name.clone(), p.to_checkpoint_values().1)),
-    );
-    a.0
+    model
+        .named_params()
+        .iter()
+        .filter(|p| is_adapter_param(&p.name) || p.name.contains("prompt_encoder."))
+        .map(|p| (p.name.clone(), p.to_checkpoint_values().1))
+        .collect()
 }
 
 fn methods() -> Vec<(&'static str, PeftConfig, bool)> {

@@ -1,5 +1,5 @@
 //! PPO's arithmetic against trl 0.19's (`tests/fixtures/ppo/steps.safetensors`, from
-//! `scripts/make_ppo_fixture.py`, which runs trl 0.19.1's own functions and the lines of
+//! `scripts/fixtures/make_ppo_fixture.py`, which runs trl 0.19.1's own functions and the lines of
 //! `PPOTrainer.train`): per-token KL-penalised rewards, GAE, whitened advantages and rewards,
 //! returns, the clipped policy and value losses, their clip fractions, approxkl and ratio
 //! statistics and gradients, and `[ppo]`'s defaults against `PPOConfig`'s.

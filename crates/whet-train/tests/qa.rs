@@ -1,7 +1,7 @@
 //! The question-answering objective against `transformers`' `BertForQuestionAnswering` loss
-//! (`tests/fixtures/tiny-bert-qa`, from `scripts/make_fixtures.py`), span selection, and the
+//! (`tests/fixtures/tiny-bert-qa`, from `scripts/fixtures/make_fixtures.py`), span selection, and the
 //! answers of `pipeline("question-answering")` (`tests/fixtures/qa-pipeline`, from
-//! `scripts/make_qa_pipeline_fixture.py`; needs cache/minilm).
+//! `scripts/fixtures/make_qa_pipeline_fixture.py`; needs cache/minilm).
 
 mod common;
 

@@ -1,5 +1,5 @@
 //! The reward-model objective against trl's `RewardTrainer.compute_loss`
-//! (`tests/fixtures/tiny-bert-reward/`, from `scripts/make_reward_fixture.py`): loss, rewards
+//! (`tests/fixtures/tiny-bert-reward/`, from `scripts/fixtures/make_reward_fixture.py`): loss, rewards
 //! and gradients of a one-output BERT on three fixed pairs, and the pairwise metrics.
 
 mod common;

@@ -1,6 +1,6 @@
 //! The training loop: accumulation equals one big batch, a learnable task is learnt, and the
 //! trajectory of AdamW + clipping + schedule + accumulation equals PyTorch's
-//! (`tests/fixtures/train/`, made by `scripts/make_train_fixtures.py`).
+//! (`tests/fixtures/train/`, made by `scripts/fixtures/make_train_fixtures.py`).
 
 mod common;
 
@@ -188,5 +188,9 @@ fn a_diverging_run_stops_with_a_message() {
         None,
     )
     .unwrap_err();
-    assert!(e.contains("loss became"), "{e}");
+    assert!(
+        matches!(e, whet_train::TrainError::NonFiniteLoss { step: 2.., .. }),
+        "{e}"
+    );
+    assert!(e.to_string().contains("loss became"), "{e}");
 }

@@ -1,6 +1,6 @@
 //! Three optimizer steps of AdamW with clipping, a warmup + linear schedule and gradient
 //! accumulation over uneven micro-batches, against PyTorch + transformers' Trainer rules
-//! (`tests/fixtures/train/`, from `scripts/make_train_fixtures.py`): per-step loss, gradient
+//! (`tests/fixtures/train/`, from `scripts/fixtures/make_train_fixtures.py`): per-step loss, gradient
 //! norm and learning rate, and what each step changed in every parameter (full fine-tuning) or
 //! in the adapter (LoRA), against the reference's change in the same step.
 
@@ -296,9 +296,9 @@ fn lora_matches_peft_adamw_step_for_step() {
 
 /// The real job's LoRA run (MiniLM, r 8 on query/value, lr 1e-3, batch 16), dropout off, from
 /// the reference's start and batches, step for step over a long run: a diagnostic that needs the
-/// cached model and `scripts/lora_long_trajectory.py`'s output in `WHET_LORA_TRAJECTORY`.
+/// cached model and `scripts/reference/lora_long_trajectory.py`'s output in `WHET_LORA_TRAJECTORY`.
 #[test]
-#[ignore = "diagnostic: needs WHET_LORA_TRAJECTORY from scripts/lora_long_trajectory.py"]
+#[ignore = "diagnostic: needs WHET_LORA_TRAJECTORY from scripts/reference/lora_long_trajectory.py"]
 fn long_lora_trajectory() {
     whet_models::init_threads();
     let dir = std::path::PathBuf::from(

@@ -1,4 +1,4 @@
-//! Inference throughput of whet, for `scripts/bench_inference.sh` (which runs the reference
+//! Inference throughput of whet, for `scripts/bench/bench_inference.sh` (which runs the reference
 //! `transformers` script at the same thread count and prints the ratios).
 //!
 //! Prints one JSON object: MiniLM forward tokens/s (batch 8 x 128), SmolLM2 forward tokens/s

@@ -1,9 +1,9 @@
 //! Writes the logits a trained folder (LoRA adapter or full model, as `whet train` saves it)
 //! gives on fixed inputs, with the token batch, for the reference scripts to compare against
 //! `peft` / `transformers` loading the same folder: classifiers for
-//! `scripts/check_peft_adapter.py` and `scripts/check_hf_classifier.py`; causal LMs
+//! `scripts/check/check_peft_adapter.py` and `scripts/check/check_hf_classifier.py`; causal LMs
 //! (`logits [1, T, V]`) and question answering (`start_logits`, `end_logits`) for
-//! `scripts/check_outputs.py`.
+//! `scripts/check/check_outputs.py`.
 //!
 //! Usage: export_logits MODEL_DIR OUT.safetensors
 
@@ -27,7 +27,7 @@ fn main() -> anyhow::Result<()> {
         "QUESTION_ANS" => return question_answering(model.as_ref(), out, &device),
         _ => {}
     }
-    let t = load_trained(model.as_ref(), &device).map_err(|e| anyhow::anyhow!(e))?;
+    let t = load_trained(model.as_ref(), &device)?;
     let texts = [
         "I love this, best day ever!",
         "The train was late again. Terrible service.",

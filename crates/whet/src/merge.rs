@@ -104,15 +104,14 @@ pub fn merge(base: Option<&Path>, adapter: &Path, out: &Path) -> Result<()> {
                 .with_context(|| format!("cannot apply the adapter {}", adapter.display()))?;
             let folded = fold(&mut model, &config);
             ckpt.write_causal_lm_config(out)?;
-            whet_train::output::save_weights(&model, out).map_err(|e| anyhow!(e))?;
+            whet_train::output::save_weights(&model, out)?;
             let tok = ckpt.tokenizer()?;
             ckpt.write_tokenizer_files(&tok, out)?;
             folded
         }
         "SEQ_CLS" => {
             let device = burn::tensor::Device::flex();
-            let mut t = whet_train::classify::load_trained_on(adapter, Some(&base), &device)
-                .map_err(|e| anyhow!(e))?;
+            let mut t = whet_train::classify::load_trained_on(adapter, Some(&base), &device)?;
             let folded = fold(&mut t.model, &config);
             let mut ckpt = Checkpoint::open(&base)?;
             ckpt.set_pad_token_id(t.pad_id);
@@ -121,7 +120,7 @@ pub fn merge(base: Option<&Path>, adapter: &Path, out: &Path) -> Result<()> {
                 ckpt.set_problem_type(whet_models::config::ProblemType::MultiLabelClassification);
             }
             ckpt.write_classifier_config(&t.labels.0, out)?;
-            whet_train::output::save_weights(&t.model, out).map_err(|e| anyhow!(e))?;
+            whet_train::output::save_weights(&t.model, out)?;
             ckpt.write_tokenizer_files(&t.tokenizer, out)?;
             for f in ["labels.json"] {
                 if adapter.join(f).is_file() {
@@ -137,7 +136,7 @@ pub fn merge(base: Option<&Path>, adapter: &Path, out: &Path) -> Result<()> {
                 .with_context(|| format!("cannot apply the adapter {}", adapter.display()))?;
             let folded = fold(&mut model, &config);
             ckpt.write_question_answering_config(out)?;
-            whet_train::output::save_weights(&model, out).map_err(|e| anyhow!(e))?;
+            whet_train::output::save_weights(&model, out)?;
             let tok = match whet_models::TextTokenizer::from_folder(adapter) {
                 Ok(t) => t,
                 Err(_) => ckpt.tokenizer()?,

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use anyhow::{Result, anyhow, bail};
+use anyhow::{Result, bail};
 use burn::tensor::Device;
 use whet_train::plan::{self, MemoryPlan};
 use whet_train::{Recipe, Task, causal, classify, qa};
@@ -39,22 +39,22 @@ pub(crate) fn check(plan: &MemoryPlan) -> Result<()> {
 /// `whet plan`: loads the model and tokenizes the data as `whet train` would, then prints the
 /// predicted peak by part (and as JSON with --json).
 pub fn run(recipe_path: &Path, set: &[String], json: bool) -> Result<()> {
-    let (recipe, chosen) = Recipe::load_for_model(recipe_path, set).map_err(|e| anyhow!(e))?;
+    let (recipe, chosen) = Recipe::load_for_model(recipe_path, set)?;
     if let Some(line) = chosen {
         eprintln!("{line}");
     }
     let device = Device::flex().autodiff();
     let plan = match recipe.task {
         Task::CausalLm => {
-            let mut p = causal::prepare(&recipe, &device).map_err(|e| anyhow!(e))?;
+            let mut p = causal::prepare(&recipe, &device)?;
             plan::for_causal_lm(&mut p, &recipe)
         }
         Task::RewardModel => {
-            let mut p = whet_train::reward::prepare(&recipe, &device).map_err(|e| anyhow!(e))?;
+            let mut p = whet_train::reward::prepare(&recipe, &device)?;
             plan::for_reward_model(&mut p, &recipe)
         }
         Task::Dpo => {
-            let mut p = whet_train::dpo::prepare(&recipe, &device).map_err(|e| anyhow!(e))?;
+            let mut p = whet_train::dpo::prepare(&recipe, &device)?;
             plan::for_dpo(&mut p, &recipe)
         }
         Task::Ppo => {
@@ -64,11 +64,11 @@ pub fn run(recipe_path: &Path, set: &[String], json: bool) -> Result<()> {
             )
         }
         Task::QuestionAnswering => {
-            let mut p = qa::prepare(&recipe, &device).map_err(|e| anyhow!(e))?;
+            let mut p = qa::prepare(&recipe, &device)?;
             plan::for_question_answering(&mut p, &recipe)
         }
         Task::SequenceClassification | Task::MultiLabelClassification => {
-            let mut p = classify::prepare(&recipe, &device).map_err(|e| anyhow!(e))?;
+            let mut p = classify::prepare(&recipe, &device)?;
             plan::for_classifier(&mut p, &recipe)
         }
     };

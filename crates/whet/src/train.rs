@@ -119,8 +119,7 @@ fn show_examples(title: &str, p: &Prepared, recipe: &Recipe, device: &Device) ->
         p.pad_id,
         p.multi_label,
         device,
-    )
-    .map_err(|e| anyhow!(e))?;
+    )?;
     println!("{title}");
     for (e, pr) in picked.iter().zip(&probs) {
         let best = whet_infer_argmax(pr);
@@ -163,7 +162,7 @@ pub(crate) fn start_run(
     set: &[String],
     resume: Option<&str>,
 ) -> Result<(Recipe, Option<PathBuf>)> {
-    let (recipe, chosen) = Recipe::load_for_model(recipe_path, set).map_err(|e| anyhow!(e))?;
+    let (recipe, chosen) = Recipe::load_for_model(recipe_path, set)?;
     if let Some(line) = chosen {
         eprintln!("{line}");
     }
@@ -338,7 +337,7 @@ pub fn train(recipe_path: &Path, set: &[String], resume: Option<&str>) -> Result
     let device = Device::flex().autodiff();
     device.seed(recipe.training.seed);
     let start = std::time::Instant::now();
-    let mut p = classify::prepare(&recipe, &device).map_err(|e| anyhow!(e))?;
+    let mut p = classify::prepare(&recipe, &device)?;
     crate::plan::check(&whet_train::plan::for_classifier(&mut p, &recipe))?;
     println!(
         "model {} ({}), method {:?}, {} labels: {}",
@@ -371,27 +370,26 @@ pub fn train(recipe_path: &Path, set: &[String], resume: Option<&str>) -> Result
         println!("resuming from {}", r.display());
     }
     let summary =
-        classify::run_training(&mut p, &recipe, &device, &mut progress, resume.as_deref())
-            .map_err(|e| anyhow!(e))?;
+        classify::run_training(&mut p, &recipe, &device, &mut progress, resume.as_deref())?;
     progress.bar.finish_and_clear();
 
     let mut results = serde_json::Map::new();
     let eval_bs = recipe.training.per_device_eval_batch_size;
     if let Some(v) = &p.validation {
         let (loss, r) =
-            classify::evaluate_split(&p, v, eval_bs, &device).map_err(|e| anyhow!(e))?;
+            classify::evaluate_split(&p, v, eval_bs, &device)?;
         results.extend(classify::metric_map("eval", loss, &r, &p.labels));
     }
     let mut test_report = None;
     if let Some(t) = &p.test {
         let (loss, r) =
-            classify::evaluate_split(&p, t, eval_bs, &device).map_err(|e| anyhow!(e))?;
+            classify::evaluate_split(&p, t, eval_bs, &device)?;
         results.extend(classify::metric_map("test", loss, &r, &p.labels));
         test_report = Some((loss, r));
     }
     results.extend(train_results(&summary, &p.counts));
     write_run_files(&out, results, &progress, &summary, "accuracy")?;
-    classify::save(&p, &recipe, &out).map_err(|e| anyhow!(e))?;
+    classify::save(&p, &recipe, &out)?;
 
     show_examples("after training:", &p, &recipe, &device)?;
     if let Some((loss, r)) = &test_report {
@@ -448,7 +446,7 @@ pub fn eval(
     batch: usize,
 ) -> Result<()> {
     let device = Device::flex();
-    let t = classify::load_trained(model, &device).map_err(|e| anyhow!(e))?;
+    let t = classify::load_trained(model, &device)?;
     let table = Table::read(data, encoding.parse().map_err(|e: String| anyhow!(e))?)?;
     let cols = Columns {
         text: text_column.into(),
@@ -495,7 +493,7 @@ pub fn predict(
         bail!("nothing to classify: give --text or --file");
     }
     let device = Device::flex();
-    let t = classify::load_trained(model, &device).map_err(|e| anyhow!(e))?;
+    let t = classify::load_trained(model, &device)?;
     let probs = classify::predict(
         &t.model,
         &t.tokenizer,
@@ -504,8 +502,7 @@ pub fn predict(
         t.pad_id,
         t.multi_label,
         &device,
-    )
-    .map_err(|e| anyhow!(e))?;
+    )?;
     for pr in probs {
         let mut order: Vec<usize> = (0..pr.len()).collect();
         order.sort_by(|&a, &b| pr[b].total_cmp(&pr[a]));

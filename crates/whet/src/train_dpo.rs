@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Result, anyhow};
+use anyhow::Result;
 use burn::tensor::Device;
 use serde_json::json;
 use whet_train::Objective;
@@ -17,7 +17,7 @@ pub fn train(recipe: Recipe, resume: Option<PathBuf>) -> Result<()> {
     let device = Device::flex().autodiff();
     device.seed(recipe.training.seed);
     let start = std::time::Instant::now();
-    let mut p = dpo::prepare(&recipe, &device).map_err(|e| anyhow!(e))?;
+    let mut p = dpo::prepare(&recipe, &device)?;
     crate::plan::check(&whet_train::plan::for_dpo(&mut p, &recipe))?;
     let cfg = recipe.dpo.clone().unwrap_or_default();
     println!(
@@ -71,8 +71,7 @@ pub fn train(recipe: Recipe, resume: Option<PathBuf>) -> Result<()> {
         println!("resuming from {}", r.display());
     }
     let summary = p
-        .run_training(&recipe, &device, &mut progress, resume.as_deref())
-        .map_err(|e| anyhow!(e))?;
+        .run_training(&recipe, &device, &mut progress, resume.as_deref())?;
     progress.bar.finish_and_clear();
 
     let batch = recipe.training.per_device_eval_batch_size;
@@ -82,8 +81,7 @@ pub fn train(recipe: Recipe, resume: Option<PathBuf>) -> Result<()> {
         if let Some(split) = split {
             let e = p
                 .objective
-                .evaluate(&p.model, split, batch, &device)
-                .map_err(|e| anyhow!(e))?;
+                .evaluate(&p.model, split, batch, &device)?;
             results.extend(e.results(name));
             lines.push(format!(
                 "{name}: loss {:.4}, reward accuracy {:.4}, mean margin {:.3} ({} pairs)",
@@ -96,7 +94,7 @@ pub fn train(recipe: Recipe, resume: Option<PathBuf>) -> Result<()> {
     }
     results.extend(train_results(&summary, &p.counts));
     write_run_files(&out, results, &progress, &summary, "rewards/accuracies")?;
-    p.save(&recipe, &out).map_err(|e| anyhow!(e))?;
+    p.save(&recipe, &out)?;
     for l in lines {
         println!("{l}");
     }

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Result, anyhow};
+use anyhow::Result;
 use burn::module::Module;
 use burn::tensor::Device;
 use serde_json::json;
@@ -59,7 +59,7 @@ pub fn train(recipe: Recipe, resume: Option<PathBuf>) -> Result<()> {
     let device = Device::flex().autodiff();
     device.seed(recipe.training.seed);
     let start = std::time::Instant::now();
-    let mut p = causal::prepare(&recipe, &device).map_err(|e| anyhow!(e))?;
+    let mut p = causal::prepare(&recipe, &device)?;
     crate::plan::check(&whet_train::plan::for_causal_lm(&mut p, &recipe))?;
     println!(
         "model {} ({}), method {:?}, causal language modelling",
@@ -100,8 +100,7 @@ pub fn train(recipe: Recipe, resume: Option<PathBuf>) -> Result<()> {
     if let Some(r) = &resume {
         println!("resuming from {}", r.display());
     }
-    let summary = causal::run_training(&mut p, &recipe, &device, &mut progress, resume.as_deref())
-        .map_err(|e| anyhow!(e))?;
+    let summary = causal::run_training(&mut p, &recipe, &device, &mut progress, resume.as_deref())?;
     progress.bar.finish_and_clear();
 
     let mut results = serde_json::Map::new();
@@ -121,7 +120,7 @@ pub fn train(recipe: Recipe, resume: Option<PathBuf>) -> Result<()> {
     }
     results.extend(train_results(&summary, &p.counts));
     write_run_files(&out, results, &progress, &summary, "")?;
-    causal::save(&p, &recipe, &out).map_err(|e| anyhow!(e))?;
+    causal::save(&p, &recipe, &out)?;
 
     show_generations("after training (greedy):", &p, &device)?;
     for l in lines {

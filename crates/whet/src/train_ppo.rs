@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Result, anyhow};
+use anyhow::Result;
 use burn::tensor::Device;
 use serde_json::json;
 use whet_train::Recipe;
@@ -18,7 +18,7 @@ pub fn train(recipe: Recipe, resume: Option<PathBuf>) -> Result<()> {
     let device = Device::flex().autodiff();
     device.seed(recipe.training.seed);
     let start = std::time::Instant::now();
-    let mut p = ppo::prepare(&recipe, &device).map_err(|e| anyhow!(e))?;
+    let mut p = ppo::prepare(&recipe, &device)?;
     let cfg = p.config.clone();
     println!(
         "model {} ({}), method {:?}, PPO against the reward model {} (kl_coef {}, {} PPO epochs x \
@@ -55,8 +55,7 @@ pub fn train(recipe: Recipe, resume: Option<PathBuf>) -> Result<()> {
     let batch = recipe.training.per_device_eval_batch_size;
     let before = match (&p.test, &resume) {
         (Some(t), None) => Some(
-            p.evaluate(t, seed, batch, &device)
-                .map_err(|e| anyhow!(e))?,
+            p.evaluate(t, seed, batch, &device)?,
         ),
         _ => None,
     };
@@ -67,8 +66,7 @@ pub fn train(recipe: Recipe, resume: Option<PathBuf>) -> Result<()> {
         println!("resuming from {}", r.display());
     }
     let summary = p
-        .run_training(&recipe, &device, &mut progress, resume.as_deref())
-        .map_err(|e| anyhow!(e))?;
+        .run_training(&recipe, &device, &mut progress, resume.as_deref())?;
     progress.bar.finish_and_clear();
 
     let mut results = serde_json::Map::new();
@@ -76,8 +74,7 @@ pub fn train(recipe: Recipe, resume: Option<PathBuf>) -> Result<()> {
     let mut after_examples = Vec::new();
     if let Some(t) = &p.test {
         let after = p
-            .evaluate(t, seed, batch, &device)
-            .map_err(|e| anyhow!(e))?;
+            .evaluate(t, seed, batch, &device)?;
         after_examples = after.examples.clone();
         for (k, v) in after.metrics() {
             results.insert(format!("test_{k}"), json!(v));
@@ -159,7 +156,7 @@ pub fn train(recipe: Recipe, resume: Option<PathBuf>) -> Result<()> {
             },
         ],
     )?;
-    p.save(&recipe, &out).map_err(|e| anyhow!(e))?;
+    p.save(&recipe, &out)?;
     for l in lines {
         println!("{l}");
     }

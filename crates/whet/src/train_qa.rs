@@ -32,8 +32,7 @@ fn show_answers(title: &str, p: &QaPrepared, recipe: &Recipe, device: &Device) -
             15,
             1,
             device,
-        )
-        .map_err(|e| anyhow!(e))?;
+        )?;
         let gold = ex.answers.first().map_or("", |a| a.text.as_str());
         println!(
             "  {:<50} gold {:<20} predicted {:<20} ({:.2})",
@@ -51,7 +50,7 @@ pub fn train(recipe: Recipe, resume: Option<PathBuf>) -> Result<()> {
     let device = Device::flex().autodiff();
     device.seed(recipe.training.seed);
     let start = std::time::Instant::now();
-    let mut p = qa::prepare(&recipe, &device).map_err(|e| anyhow!(e))?;
+    let mut p = qa::prepare(&recipe, &device)?;
     crate::plan::check(&whet_train::plan::for_question_answering(&mut p, &recipe))?;
     println!(
         "model {} ({}), method {:?}, extractive question answering",
@@ -86,8 +85,7 @@ pub fn train(recipe: Recipe, resume: Option<PathBuf>) -> Result<()> {
     if let Some(r) = &resume {
         println!("resuming from {}", r.display());
     }
-    let summary = qa::run_training(&mut p, &recipe, &device, &mut progress, resume.as_deref())
-        .map_err(|e| anyhow!(e))?;
+    let summary = qa::run_training(&mut p, &recipe, &device, &mut progress, resume.as_deref())?;
     progress.bar.finish_and_clear();
 
     let mut results = serde_json::Map::new();
@@ -107,7 +105,7 @@ pub fn train(recipe: Recipe, resume: Option<PathBuf>) -> Result<()> {
     }
     results.extend(train_results(&summary, &p.counts));
     write_run_files(&out, results, &progress, &summary, "")?;
-    qa::save(&p, &recipe, &out).map_err(|e| anyhow!(e))?;
+    qa::save(&p, &recipe, &out)?;
 
     show_answers("after training:", &p, &recipe, &device)?;
     for l in lines {
@@ -182,8 +180,7 @@ pub fn predict(
         15,
         top_k.unwrap_or(1),
         &device,
-    )
-    .map_err(|e| anyhow!(e))?;
+    )?;
     for a in answers {
         println!("{}", json!(a));
     }

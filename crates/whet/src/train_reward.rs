@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Result, anyhow};
+use anyhow::Result;
 use burn::tensor::Device;
 use whet_train::Objective;
 use whet_train::Recipe;
@@ -16,7 +16,7 @@ pub fn train(recipe: Recipe, resume: Option<PathBuf>) -> Result<()> {
     let device = Device::flex().autodiff();
     device.seed(recipe.training.seed);
     let start = std::time::Instant::now();
-    let mut p = reward::prepare(&recipe, &device).map_err(|e| anyhow!(e))?;
+    let mut p = reward::prepare(&recipe, &device)?;
     crate::plan::check(&whet_train::plan::for_reward_model(&mut p, &recipe))?;
     println!(
         "model {} ({}), method {:?}, reward model (one output, pairwise loss)",
@@ -50,8 +50,7 @@ pub fn train(recipe: Recipe, resume: Option<PathBuf>) -> Result<()> {
         println!("resuming from {}", r.display());
     }
     let summary = p
-        .run_training(&recipe, &device, &mut progress, resume.as_deref())
-        .map_err(|e| anyhow!(e))?;
+        .run_training(&recipe, &device, &mut progress, resume.as_deref())?;
     progress.bar.finish_and_clear();
 
     let objective = p.objective();
@@ -61,8 +60,7 @@ pub fn train(recipe: Recipe, resume: Option<PathBuf>) -> Result<()> {
     for (name, split) in [("eval", &p.validation), ("test", &p.test)] {
         if let Some(split) = split {
             let e = objective
-                .evaluate(&p.model, split, batch, &device)
-                .map_err(|e| anyhow!(e))?;
+                .evaluate(&p.model, split, batch, &device)?;
             results.extend(e.results(name));
             lines.push(format!(
                 "{name}: loss {:.4}, pairwise accuracy {:.4}, mean margin {:.3} ({} pairs)",
@@ -75,7 +73,7 @@ pub fn train(recipe: Recipe, resume: Option<PathBuf>) -> Result<()> {
     }
     results.extend(train_results(&summary, &p.counts));
     write_run_files(&out, results, &progress, &summary, "accuracy")?;
-    p.save(&recipe, &out).map_err(|e| anyhow!(e))?;
+    p.save(&recipe, &out)?;
     for l in lines {
         println!("{l}");
     }

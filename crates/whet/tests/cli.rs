@@ -404,7 +404,7 @@ fn export_writes_gguf_files_that_load_back_to_the_same_model() {
     };
     let want = logits(&reference);
     // (max, mean) bounds: SmolLM2's Q4_1-derived weights are large (up to 5), so a Q8_0 step
-    // (a block's max / 127) moves its logits by tenths; scripts/check_gguf_export.py checks
+    // (a block's max / 127) moves its logits by tenths; scripts/check/check_gguf_export.py checks
     // the Q8_0 bytes against gguf's own quantiser.
     for (ty, tol, mean_tol) in [("f16", 0.1, 0.01), ("q8_0", 2.0, 0.3)] {
         let out = tmp.path().join(format!("smollm2-{ty}.gguf"));

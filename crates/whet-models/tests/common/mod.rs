@@ -1,4 +1,4 @@
-//! Fixture reading for the parity tests (fixtures come from `scripts/make_fixtures.py`).
+//! Fixture reading for the parity tests (fixtures come from `scripts/fixtures/make_fixtures.py`).
 #![allow(dead_code)]
 
 use std::collections::HashMap;

@@ -11,7 +11,7 @@ use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{AddedToken, Tokenizer};
 
-use crate::error::{ModelError, Result};
+use crate::error::{Result, TextError};
 
 /// A special token and its id.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,8 +60,8 @@ impl std::fmt::Debug for TextTokenizer {
     }
 }
 
-fn tok_err(source: &str, e: impl std::fmt::Display) -> ModelError {
-    ModelError::Tokenizer {
+fn tok_err(source: &str, e: impl std::fmt::Display) -> TextError {
+    TextError::Tokenizer {
         source_name: source.to_string(),
         message: e.to_string(),
     }
@@ -81,7 +81,7 @@ impl TextTokenizer {
         } else if dir.join("vocab.json").is_file() && dir.join("merges.txt").is_file() {
             gpt2_from_files(&dir.join("vocab.json"), &dir.join("merges.txt"))?
         } else {
-            return Err(ModelError::MissingFile {
+            return Err(TextError::MissingFile {
                 path: tj,
                 hint: "a model folder needs tokenizer.json (or vocab.json and merges.txt)".into(),
             });
@@ -130,6 +130,16 @@ impl TextTokenizer {
             source,
             inner,
         })
+    }
+
+    /// The tokenizer of a model folder ([`TextTokenizer::from_folder`]) or of a `.gguf` file
+    /// (its metadata, [`crate::gguf::tokenizer`]).
+    pub fn open(path: &Path) -> Result<Self> {
+        if path.is_file() {
+            crate::gguf::tokenizer(&whet_gguf::GgufFile::open(path)?)
+        } else {
+            Self::from_folder(path)
+        }
     }
 
     /// Token ids of `text`; `add_special_tokens` as in `transformers` (BOS/CLS/SEP per the
@@ -244,12 +254,12 @@ fn read_optional_json(path: &Path) -> Result<Option<serde_json::Value>> {
     match std::fs::read_to_string(path) {
         Ok(text) => serde_json::from_str(&text)
             .map(Some)
-            .map_err(|e| ModelError::Config {
+            .map_err(|e| TextError::Config {
                 path: path.to_path_buf(),
                 message: e.to_string(),
             }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(ModelError::io(path, e)),
+        Err(e) => Err(TextError::io(path, e)),
     }
 }
 
@@ -312,13 +322,13 @@ pub fn byte_level_bpe(
 /// (= `vocab.bpe`), as `GPT2TokenizerFast(vocab_file, merges_file)` builds it.
 pub fn gpt2_from_files(vocab: &Path, merges: &Path) -> Result<Tokenizer> {
     let source = vocab.display().to_string();
-    let text = std::fs::read_to_string(vocab).map_err(|e| ModelError::io(vocab, e))?;
+    let text = std::fs::read_to_string(vocab).map_err(|e| TextError::io(vocab, e))?;
     let vocab_map: HashMap<String, u32> =
-        serde_json::from_str(&text).map_err(|e| ModelError::Config {
+        serde_json::from_str(&text).map_err(|e| TextError::Config {
             path: vocab.to_path_buf(),
             message: e.to_string(),
         })?;
-    let merges_text = std::fs::read_to_string(merges).map_err(|e| ModelError::io(merges, e))?;
+    let merges_text = std::fs::read_to_string(merges).map_err(|e| TextError::io(merges, e))?;
     let merges = parse_merges(&merges_text, merges)?;
     let specials: Vec<String> = ["<|endoftext|>"]
         .iter()
@@ -336,10 +346,143 @@ pub fn parse_merges(text: &str, path: &Path) -> Result<Vec<(String, String)>> {
         .map(|(i, l)| {
             l.split_once(' ')
                 .map(|(a, b)| (a.to_string(), b.to_string()))
-                .ok_or_else(|| ModelError::Config {
+                .ok_or_else(|| TextError::Config {
                     path: PathBuf::from(path),
                     message: format!("line {}: a merge needs two tokens, got {l:?}", i + 1),
                 })
         })
         .collect()
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A byte-level BPE over "h", "i", "a" with one merge, `<s>` added as BOS and `</s>` as EOS,
+    /// and a one-line chat template.
+    pub(crate) fn tiny() -> TextTokenizer {
+        let vocab: HashMap<String, u32> = ["h", "i", "hi", "<s>", "</s>", "a"]
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.to_string(), i as u32))
+            .collect();
+        let bos = Special {
+            text: "<s>".into(),
+            id: 3,
+        };
+        let specials = ["<s>".to_string(), "</s>".to_string()];
+        let merges = vec![("h".to_string(), "i".to_string())];
+        let inner = byte_level_bpe(vocab, merges, &specials, false, Some(&bos), "tiny").unwrap();
+        TextTokenizer {
+            inner,
+            bos: Some(bos),
+            eos: Some(Special {
+                text: "</s>".into(),
+                id: 4,
+            }),
+            pad: None,
+            chat_template: Some(
+                "{{ bos_token }}{% for m in messages %}{{ m.role }}: {{ m.content }}{{ eos_token \
+                 }}{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+                    .into(),
+            ),
+            source: "tiny".into(),
+        }
+    }
+
+    fn msg(role: &str, content: &str) -> ChatMessage {
+        ChatMessage {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+
+    #[test]
+    fn encodes_with_bos_and_decodes_without_specials() {
+        let t = tiny();
+        assert_eq!(t.encode("hihi", true).unwrap(), [3, 2, 2]);
+        assert_eq!(t.encode("<s>hi</s>", false).unwrap(), [3, 2, 4]);
+        assert_eq!(t.decode(&[3, 2, 2, 4], true).unwrap(), "hihi");
+        assert_eq!(t.vocab_size(), 6);
+    }
+
+    #[test]
+    fn chat_template_renders_with_bos_eos_and_generation_prompt() {
+        let t = tiny();
+        let m = [msg("user", "hi")];
+        assert_eq!(
+            t.apply_chat_template(&m, true).unwrap(),
+            "<s>user: hi</s>assistant:"
+        );
+        assert_eq!(t.apply_chat_template(&m, false).unwrap(), "<s>user: hi</s>");
+    }
+
+    #[test]
+    fn chat_template_errors_name_the_tokenizer() {
+        let mut t = tiny();
+        t.chat_template = Some("{{ raise_exception('no system role') }}".into());
+        let e = t.apply_chat_template(&[], false).unwrap_err().to_string();
+        assert!(
+            e.starts_with("tokenizer tiny: chat template:") && e.contains("no system role"),
+            "{e}"
+        );
+        t.chat_template = None;
+        let e = t.apply_chat_template(&[], false).unwrap_err().to_string();
+        assert!(e.contains("has no chat template"), "{e}");
+    }
+
+    #[test]
+    fn loads_a_folder_with_specials_and_template() {
+        let t = tiny();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("tokenizer.json"),
+            t.inner.to_string(false).unwrap(),
+        )
+        .unwrap();
+        let config = serde_json::json!({
+            "bos_token": "<s>",
+            "eos_token": {"content": "</s>"},
+            "chat_template": [{"name": "default", "template": "{{ eos_token }}"}],
+        });
+        std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).unwrap();
+        for loaded in [
+            TextTokenizer::from_folder(dir.path()).unwrap(),
+            TextTokenizer::open(dir.path()).unwrap(),
+        ] {
+            assert_eq!(loaded.bos, t.bos);
+            assert_eq!(loaded.eos, t.eos);
+            assert_eq!(loaded.pad, None);
+            assert_eq!(loaded.chat_template.as_deref(), Some("{{ eos_token }}"));
+            assert_eq!(loaded.encode("hihi", true).unwrap(), [3, 2, 2]);
+        }
+    }
+
+    #[test]
+    fn a_folder_without_tokenizer_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = TextTokenizer::from_folder(dir.path()).unwrap_err();
+        assert!(
+            matches!(&e, TextError::MissingFile { path, .. } if path.ends_with("tokenizer.json"))
+        );
+        assert!(e.to_string().starts_with("missing file "), "{e}");
+        std::fs::write(dir.path().join("tokenizer_config.json"), "{").unwrap();
+        let e = TextTokenizer::from_folder(dir.path()).unwrap_err();
+        assert!(e.to_string().starts_with("invalid "), "{e}");
+    }
+
+    #[test]
+    fn merges_parse_after_a_version_header_and_name_a_bad_line() {
+        let p = Path::new("merges.txt");
+        let m = parse_merges("#version: 0.2\nh i\n\nhi i\n", p).unwrap();
+        assert_eq!(
+            m,
+            [("h".into(), "i".into()), ("hi".into(), "i".into())] as [(String, String); 2]
+        );
+        let e = parse_merges("h i\nbad\n", p).unwrap_err().to_string();
+        assert!(
+            e.starts_with("invalid merges.txt: line 2: a merge needs two tokens"),
+            "{e}"
+        );
+    }
 }
