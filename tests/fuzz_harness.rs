@@ -1,6 +1,7 @@
-// Included by crates/*/tests/fuzz.rs with `include!`, so each test binary gets its own global
-// allocator and counters; the including file supplies the `use` lines (std::alloc, atomics,
-// Mutex, ...).
+// Included by crates/*/tests/fuzz.rs with `include!`, so each crate's test binary
+// (tests/main.rs, whose module `fuzz` that file is) gets its own global allocator and
+// counters; each fuzz test runs its cases in a process of its own ([`alone`]). The including
+// file supplies the `use` lines (std::alloc, atomics, Mutex, ...).
 
 /// Forwards to the system allocator, counting live bytes, their peak and the largest single
 /// request while a case runs.
@@ -251,7 +252,7 @@ fn mutate(seed: &[u8], rng: &mut Rng, region: std::ops::Range<usize>) -> Vec<u8>
 }
 
 /// `n` times `WHET_FUZZ_SCALE` (1 when unset): a deeper run, e.g. before a release, is
-/// `WHET_FUZZ_SCALE=20 cargo test -p CRATE --test fuzz`.
+/// `WHET_FUZZ_SCALE=20 cargo test -p CRATE --test main fuzz::`.
 fn scaled(n: usize) -> usize {
     let scale = std::env::var("WHET_FUZZ_SCALE")
         .ok()
@@ -268,6 +269,36 @@ fn cuts(len: usize, dense: usize, sparse: usize, rng: &mut Rng) -> Vec<usize> {
         v.extend((0..sparse).map(|_| dense + rng.below(len - dense)));
     }
     v
+}
+
+/// Whether this test may run its cases in this process. A fuzz test needs a process to itself:
+/// the counters see every thread, the panic hook is global and a hang ends the process, while
+/// the crate's test binary (tests/main.rs) runs its other tests alongside. So unless it is
+/// already alone, the test reruns itself (`--exact`) in a child process of the same binary,
+/// fails as the child fails, and gets `false`: the caller returns.
+fn alone(test: &str) -> bool {
+    // `main::fuzz` in the crate's test binary: the test's name is the path without the crate.
+    let name = match module_path!().split_once("::") {
+        Some((_, module)) => format!("{module}::{test}"),
+        None => test.to_string(),
+    };
+    if std::env::var("WHET_FUZZ_ALONE").is_ok_and(|v| v == name) {
+        return true;
+    }
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let out = std::process::Command::new(exe)
+        .args([name.as_str(), "--exact", "--test-threads=1", "--nocapture"])
+        .env("WHET_FUZZ_ALONE", &name)
+        .output()
+        .expect("the test binary runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprint!("{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success() && stdout.contains(" 1 passed"),
+        "{name} in a process of its own ({}):\n{stdout}",
+        out.status
+    );
+    false
 }
 
 /// Cases of one kind (a format, an entry point), counted and timed together.
@@ -430,6 +461,9 @@ impl Run {
 /// A test that cannot fail is worse than none: the harness must catch what it is for.
 #[test]
 fn the_harness_catches_a_panic_and_an_oversized_allocation() {
+    if !alone("the_harness_catches_a_panic_and_an_oversized_allocation") {
+        return;
+    }
     let mut run = Run::new("harness");
     run.case("fine", 100, || {
         Vec::<u8>::with_capacity(1000).capacity() > 0

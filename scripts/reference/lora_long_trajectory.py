@@ -7,7 +7,7 @@ issue 3, not a committed fixture (it is a few MB and depends on the cached model
 Usage:
   .venv-ref/bin/python scripts/reference/lora_long_trajectory.py --model cache/minilm \
       --csv cache/data/tweets.csv --steps 150 --out /tmp/lora-traj
-  WHET_LORA_TRAJECTORY=/tmp/lora-traj cargo test -p whet-train --test trajectory \
+  WHET_LORA_TRAJECTORY=/tmp/lora-traj cargo test -p whet-train --test main \
       -- --ignored long_lora_trajectory --nocapture
 OUT gets model/ (MiniLM with the reference's fresh classifier, dropout 0 in config.json) and
 trajectory.safetensors (init.* adapter, mb{k}_* batches, step_loss, grad_norm, lr)."""

@@ -3,9 +3,9 @@
 
 pub mod classification;
 pub mod error;
-pub mod lm;
+pub mod causal_lm;
 pub mod preference;
-pub mod qa;
+pub mod question_answering;
 pub mod table;
 
 pub use classification::{
@@ -13,10 +13,10 @@ pub use classification::{
     seeded_split, tokenize, tokenize_cached,
 };
 pub use error::{DataError, Result};
-pub use lm::{
+pub use causal_lm::{
     IGNORE, Limit, LmExample, Template, TooLong, chat, chat_completion, group_texts, pack,
     prompt_completion,
 };
 pub use preference::{PreferencePair, read_pairs};
-pub use qa::{Answer, QaColumns, QaExample, QaFeature, qa_examples, qa_features};
+pub use question_answering::{Answer, QaColumns, QaExample, QaFeature, qa_examples, qa_features};
 pub use table::{Encoding, Table};

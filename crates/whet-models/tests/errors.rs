@@ -1,6 +1,6 @@
 //! Bad input gets a typed error that names the file, tensor or shape.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

@@ -578,6 +578,9 @@ fn tokenizer_regressions(wordpiece: &[u8]) -> Vec<(&'static str, &'static str, V
 
 #[test]
 fn safetensors_headers_and_configs_survive_mutation() {
+    if !alone("safetensors_headers_and_configs_survive_mutation") {
+        return;
+    }
     let mut run = Run::new("folder");
     let mut rng = Rng(0x7361_6665);
     let tmp = scratch();
@@ -661,6 +664,9 @@ type Files = Vec<(&'static str, Vec<u8>)>;
 
 #[test]
 fn tokenizer_files_survive_mutation() {
+    if !alone("tokenizer_files_survive_mutation") {
+        return;
+    }
     let mut run = Run::new("tokenizer");
     let mut rng = Rng(0x746f_6b65);
     let tmp = scratch();
@@ -747,6 +753,9 @@ fn tokenizer_files_survive_mutation() {
 
 #[test]
 fn gguf_checkpoints_survive_mutation() {
+    if !alone("gguf_checkpoints_survive_mutation") {
+        return;
+    }
     let mut run = Run::new("gguf checkpoint");
     let mut rng = Rng(0x0067_6775_666d);
     let tmp = scratch();

@@ -2,7 +2,7 @@
 //! `scripts/fetch_assets.sh`): MiniLM from its Hugging Face folder, SmolLM2 from its GGUF file,
 //! and tokenization of MiniLM, GPT-2 and SmolLM2.
 
-mod common;
+use crate::common;
 
 use burn::tensor::Device;
 use common::*;

@@ -4,7 +4,7 @@
 //! The LLaMA family also as Mistral and Qwen2, with linear and llama3 rope scaling, and from
 //! sharded, float16 and bfloat16 safetensors.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::path::Path;

@@ -3,7 +3,7 @@
 //! quantised matmul against the f32 one in value and gradient, and a GGUF base kept in its own
 //! blocks against the same file loaded as f32.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 

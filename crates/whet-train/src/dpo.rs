@@ -126,7 +126,8 @@ use whet_data::{IGNORE, LmExample, PreferencePair};
 use whet_models::{CausalLm, CausalModel, Checkpoint, Mode, TextTokenizer};
 use whet_peft::{ParamCounts, PeftConfig};
 
-use crate::causal::{LanguageModelling, LmBatch};
+use crate::causal_lm::{LanguageModelling, LmBatch};
+use crate::task::{Outcome, Report, Task};
 use crate::trainer::{BatchCounts, Evaluation, Objective};
 
 /// The `[dpo]` table of a recipe (`DPOConfig`'s names and defaults).
@@ -557,7 +558,7 @@ pub fn prepare(recipe: &crate::Recipe, device: &Device) -> Result<DpoPrepared> {
     let validation = d.validation.as_deref().map(read).transpose()?;
     let test = d.test.as_deref().map(read).transpose()?;
     let (train, validation, test) = d.parts(all, validation, test)?;
-    let (checkpoint, tokenizer, pad_id) = crate::causal::open_decoder(recipe, "dpo")?;
+    let (checkpoint, tokenizer, pad_id) = crate::causal_lm::open_decoder(recipe, "dpo")?;
     if d.max_length > checkpoint.max_positions() {
         return Err(TrainError::ExceedsPositions {
             key: "data.max_length",
@@ -598,7 +599,7 @@ pub fn prepare(recipe: &crate::Recipe, device: &Device) -> Result<DpoPrepared> {
     let mut model = checkpoint.load_causal_lm(device)?;
     let frozen = (recipe.method == crate::Method::Full).then(|| model.valid());
     let (counts, adapter) =
-        crate::causal::apply_decoder_method(&mut model, recipe, &tokenizer, device)?;
+        crate::causal_lm::apply_decoder_method(&mut model, recipe, &tokenizer, device)?;
     let lm = LanguageModelling {
         pad_id,
         soft_prompt: model.virtual_positions(),
@@ -657,7 +658,7 @@ impl DpoPrepared {
 
     /// Saves a `peft` `CAUSAL_LM` adapter or a `transformers` folder, with the tokenizer.
     pub fn save(&self, recipe: &crate::Recipe, out: &Path) -> Result<()> {
-        crate::causal::save_decoder(
+        crate::causal_lm::save_decoder(
             &self.checkpoint,
             &self.tokenizer,
             &self.model,
@@ -665,5 +666,126 @@ impl DpoPrepared {
             recipe,
             out,
         )
+    }
+}
+
+/// A DPO run.
+pub struct DpoTask {
+    p: DpoPrepared,
+    run: crate::task::Run,
+}
+
+impl DpoTask {
+    /// Prepares the run's data, model and reference.
+    pub fn open(run: crate::task::Run) -> Result<Self> {
+        Ok(Self {
+            p: prepare(&run.recipe, &run.device)?,
+            run,
+        })
+    }
+}
+
+impl Task for DpoTask {
+    fn describe(&self) -> Vec<String> {
+        let (p, recipe) = (&self.p, &self.run.recipe);
+        let cfg = recipe.dpo.clone().unwrap_or_default();
+        vec![
+            format!(
+                "model {} ({}), method {:?}, DPO (beta {}, {:?} loss; reference: {})",
+                recipe.model.display(),
+                p.checkpoint.family(),
+                recipe.method,
+                cfg.beta,
+                cfg.loss_type,
+                match p.objective.reference {
+                    Reference::AdapterOff => "the base with the adapter off",
+                    Reference::Frozen(_) => "a frozen copy of the starting model",
+                    Reference::Precomputed => "log-probabilities precomputed before training",
+                }
+            ),
+            format!(
+                "data: {} train / {} validation / {} test pairs, max_length {}{}",
+                p.train.len(),
+                p.validation.as_ref().map_or(0, |s| s.len()),
+                p.test.as_ref().map_or(0, |s| s.len()),
+                recipe.data.max_length,
+                if p.dropped > 0 {
+                    format!(
+                        " ({} pairs dropped: the prompt fills max_length)",
+                        p.dropped
+                    )
+                } else {
+                    String::new()
+                }
+            ),
+            p.counts.line(),
+        ]
+    }
+
+    fn plan(&mut self) -> Option<crate::plan::MemoryPlan> {
+        Some(crate::plan::for_dpo(&mut self.p, &self.run.recipe))
+    }
+
+    fn write_data(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| TrainError::io(dir, e))?;
+        for (name, pairs) in &self.p.rows {
+            let text: String = pairs
+                .iter()
+                .map(|r| {
+                    serde_json::json!({"prompt": r.prompt, "chosen": r.chosen, "rejected": r.rejected})
+                        .to_string()
+                        + "\n"
+                })
+                .collect();
+            whet_text::write_atomic(&dir.join(format!("{name}.jsonl")), text.as_bytes())?;
+        }
+        Ok(())
+    }
+
+    fn total_steps(&self) -> usize {
+        self.run.recipe.training.total_steps(self.p.train.len())
+    }
+
+    fn train(&mut self, observer: &mut dyn crate::Observer) -> Result<crate::TrainSummary> {
+        let run = &self.run;
+        self.p
+            .run_training(&run.recipe, &run.device, observer, run.resume.as_deref())
+    }
+
+    fn evaluate(&mut self, _summary: &crate::TrainSummary) -> Result<Outcome> {
+        let p = &self.p;
+        let batch = self.run.recipe.training.per_device_eval_batch_size;
+        let mut out = Outcome::default();
+        for (name, split) in [("eval", &p.validation), ("test", &p.test)] {
+            if let Some(split) = split {
+                let e = Objective::evaluate(&p.objective, &p.model, split, batch, &self.run.device)?;
+                out.results.extend(e.results(name));
+                out.lines.push(format!(
+                    "{name}: loss {:.4}, reward accuracy {:.4}, mean margin {:.3} ({} pairs)",
+                    e.loss,
+                    e.metrics["rewards/accuracies"],
+                    e.metrics["rewards/margins"],
+                    split.len()
+                ));
+            }
+        }
+        Ok(out)
+    }
+
+    fn save(&self, out: &Path) -> Result<()> {
+        self.p.save(&self.run.recipe, out)
+    }
+
+    fn counts(&self) -> ParamCounts {
+        self.p.counts
+    }
+
+    fn report(&self) -> Report {
+        Report {
+            unit: "pairs",
+            curve_metric: "rewards/accuracies",
+            adapter: self.p.adapter.is_some(),
+            files: "all_results.json, trainer_state.json, recipe.resolved.toml, loss_curve.png",
+        }
     }
 }

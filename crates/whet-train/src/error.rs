@@ -103,7 +103,7 @@ pub enum TrainError {
     #[error(
         "method = \"head\" trains a new classification head; {task:?} has none (use full or lora)"
     )]
-    NoHead { task: crate::Task },
+    NoHead { task: crate::TaskKind },
     /// The model lacks what the task needs (a pad or EOS token, a one-output head).
     #[error("{0}")]
     Unsuitable(String),
@@ -152,6 +152,9 @@ pub enum TrainError {
     /// Attaching, loading or saving an adapter failed (whet-peft).
     #[error(transparent)]
     Peft(#[from] whet_peft::PeftError),
+    /// Loading a trained folder or running a pipeline on it failed (whet-infer).
+    #[error(transparent)]
+    Infer(#[from] whet_infer::InferError),
     /// Loading a tokenizer, encoding text or writing a file failed (whet-text).
     #[error(transparent)]
     Text(#[from] whet_text::TextError),

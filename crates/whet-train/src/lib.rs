@@ -2,9 +2,9 @@
 //! its data and model; the trainer owns the loop.
 
 pub mod args;
-pub mod causal;
+pub mod causal_lm;
 pub mod checkpoint;
-pub mod classify;
+pub mod classification;
 pub mod dpo;
 pub mod error;
 pub mod keys;
@@ -13,19 +13,21 @@ pub mod optim;
 pub mod output;
 pub mod plan;
 pub mod ppo;
-pub mod qa;
+pub mod question_answering;
 pub mod recipe;
 pub mod reward;
 pub mod schedule;
-pub mod seqcls;
+pub mod task;
 pub mod trainer;
 
 pub use args::{Strategy, TrainingArguments};
 pub use error::{Result, TrainError};
 pub use optim::{Optimizer, OptimizerKind};
-pub use recipe::{Method, Recipe, Task};
+pub use recipe::{Method, Recipe, TaskKind};
+pub use task::{Task, open};
 pub use schedule::{Schedule, lr_factor};
-pub use seqcls::{evaluate, optimizer_step, train_classifier};
+pub use classification::objective::{evaluate, optimizer_step, train_classifier};
 pub use trainer::{
-    BatchCounts, EvalLog, Evaluation, Objective, Observer, Silent, StepLog, TrainSummary,
+    BatchCounts, EvalLog, Evaluation, Objective, Observer, Silent, StepAt, StepLog, StepResult,
+    TrainStep, TrainSummary,
 };

@@ -3,9 +3,9 @@
 
 use std::path::Path;
 
+use crate::error::Result;
 use whet_models::{ExportParams, VisitParams};
 use whet_peft::PeftConfig;
-use crate::error::Result;
 
 /// Values in the parameters whose name `keep` accepts.
 pub fn param_count<M: ExportParams>(model: &M, keep: &dyn Fn(&str) -> bool) -> usize {

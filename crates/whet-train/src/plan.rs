@@ -392,14 +392,14 @@ fn plan_of<M: VisitParams>(
         &param_bytes(model),
         recipe.training.optim,
         batch,
-        matches!(recipe.task, crate::Task::CausalLm | crate::Task::Dpo),
+        matches!(recipe.task, crate::TaskKind::CausalLm | crate::TaskKind::Dpo),
         resident_bytes(),
         data_bytes(tokens),
     )
 }
 
 /// The plan of a prepared classification run.
-pub fn for_classifier(p: &mut crate::classify::Prepared, recipe: &crate::Recipe) -> MemoryPlan {
+pub fn for_classifier(p: &mut crate::classification::Prepared, recipe: &crate::Recipe) -> MemoryPlan {
     let lens = p.train.encoded.iter().map(|e| (e.ids.len(), 0)).collect();
     plan_of(&p.checkpoint, &mut p.model, recipe, lens)
 }
@@ -428,7 +428,7 @@ fn plan_of_pairs<M: VisitParams>(
 }
 
 /// The plan of a prepared causal-LM run.
-pub fn for_causal_lm(p: &mut crate::causal::LmPrepared, recipe: &crate::Recipe) -> MemoryPlan {
+pub fn for_causal_lm(p: &mut crate::causal_lm::LmPrepared, recipe: &crate::Recipe) -> MemoryPlan {
     let lens = p.train.iter().map(lm_lens).collect();
     plan_of(&p.checkpoint, &mut p.model, recipe, lens)
 }
@@ -464,7 +464,7 @@ pub fn for_dpo(p: &mut crate::dpo::DpoPrepared, recipe: &crate::Recipe) -> Memor
 }
 
 /// The plan of a prepared question-answering run.
-pub fn for_question_answering(p: &mut crate::qa::QaPrepared, recipe: &crate::Recipe) -> MemoryPlan {
+pub fn for_question_answering(p: &mut crate::question_answering::QaPrepared, recipe: &crate::Recipe) -> MemoryPlan {
     let lens = p.train.features.iter().map(|f| (f.ids.len(), 0)).collect();
     plan_of(&p.checkpoint, &mut p.model, recipe, lens)
 }

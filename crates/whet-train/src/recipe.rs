@@ -13,7 +13,7 @@ use crate::error::{Result, TrainError};
 /// What is learnt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
-pub enum Task {
+pub enum TaskKind {
     /// One label per text (or text pair): softmax and cross-entropy.
     #[default]
     SequenceClassification,
@@ -38,10 +38,10 @@ pub enum Task {
     Ppo,
 }
 
-impl Task {
+impl TaskKind {
     /// Whether each text carries a set of labels.
     pub fn multi_label(self) -> bool {
-        self == Task::MultiLabelClassification
+        self == TaskKind::MultiLabelClassification
     }
 }
 
@@ -330,7 +330,7 @@ pub struct Recipe {
     /// Model folder or .gguf file.
     pub model: PathBuf,
     #[serde(default)]
-    pub task: Task,
+    pub task: TaskKind,
     #[serde(default)]
     pub method: Method,
     pub data: DataSpec,
@@ -490,10 +490,7 @@ impl Recipe {
 
     /// Reads a recipe as [`Recipe::load`] does, then fills in peft's defaults for the model's
     /// architecture ([`Recipe::resolve_peft_defaults`]); the second value says what was chosen.
-    pub fn load_for_model(
-        path: &Path,
-        overrides: &[String],
-    ) -> Result<(Self, Option<String>)> {
+    pub fn load_for_model(path: &Path, overrides: &[String]) -> Result<(Self, Option<String>)> {
         let mut recipe = Self::load(path, overrides)?;
         let note = match recipe.method {
             Method::Lora | Method::Qlora | Method::Ia3 => {
@@ -586,13 +583,13 @@ impl Recipe {
             }
         }
         if let Some(side) = recipe.data.truncation_side {
-            let meaningless = if recipe.task == Task::QuestionAnswering {
+            let meaningless = if recipe.task == TaskKind::QuestionAnswering {
                 Some(
                     "question answering cuts a long context into doc_stride windows, not at one end",
                 )
-            } else if recipe.task == Task::CausalLm && recipe.data.block_size.is_some() {
+            } else if recipe.task == TaskKind::CausalLm && recipe.data.block_size.is_some() {
                 Some("data.block_size cuts the text stream into blocks; no example is truncated")
-            } else if recipe.task == Task::CausalLm && recipe.data.too_long != TooLong::Truncate {
+            } else if recipe.task == TaskKind::CausalLm && recipe.data.too_long != TooLong::Truncate {
                 Some(
                     "causal-lm truncates only with data.too_long = \"truncate\" (now a too-long \
                      example is an error or skipped)",
@@ -809,7 +806,9 @@ learning_rate = 1e-3
             );
         }
         // Through --set too: the typo of the issue.
-        let e = Recipe::parse(BASE, &["lora.lora_alfa=32".into()]).unwrap_err().to_string();
+        let e = Recipe::parse(BASE, &["lora.lora_alfa=32".into()])
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("\"lora_alfa\" in [lora]") && e.contains("\"lora_alpha\""),
             "{e}"
@@ -843,16 +842,21 @@ learning_rate = 1e-3
         let r = qlora("[quantization]\nbnb_4bit_use_double_quant = true").unwrap();
         assert_eq!(r.quant_spec(), Some(QuantSpec::Nf4 { double_quant: true }));
         // A table that contradicts it.
-        let e = qlora("[quantization]\nload_in_4bit = false").unwrap_err().to_string();
+        let e = qlora("[quantization]\nload_in_4bit = false")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("load_in_4bit = false"), "{e}");
-        let e = qlora("[quantization]\nkeep_gguf_quantized = true").unwrap_err().to_string();
+        let e = qlora("[quantization]\nkeep_gguf_quantized = true")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("keep_gguf_quantized"), "{e}");
         // A [quantization] table that quantises nothing is refused for lora too.
         let e = Recipe::parse(
             &format!("{BASE}\n[quantization]\nbnb_4bit_use_double_quant = true"),
             &[],
         )
-        .unwrap_err().to_string();
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("quantises nothing"), "{e}");
     }
 
@@ -885,7 +889,10 @@ learning_rate = 1e-3
         assert!(r.resolve_peft_defaults("bert").unwrap().is_none());
         // peft has no default for DistilBERT: an error that says what to write.
         let mut r = Recipe::parse(&no_table, &[]).unwrap();
-        let e = r.resolve_peft_defaults("distilbert").unwrap_err().to_string();
+        let e = r
+            .resolve_peft_defaults("distilbert")
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("distilbert") && e.contains("target_modules"),
             "{e}"
@@ -929,7 +936,8 @@ learning_rate = 1e-3
                 "data.truncation_side=\"left\"".into(),
             ],
         )
-        .unwrap_err().to_string();
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("doc_stride"), "{e}");
         let e = Recipe::parse(
             BASE,
@@ -939,7 +947,8 @@ learning_rate = 1e-3
                 "data.truncation_side=\"right\"".into(),
             ],
         )
-        .unwrap_err().to_string();
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("block_size"), "{e}");
         let lm = |too_long: &str| {
             Recipe::parse(

@@ -10,9 +10,10 @@ use burn::tensor::{Device, Tensor};
 use whet_data::{Encoded, Target, collate};
 use whet_models::{Classifier, Mode};
 
-use crate::seqcls::to_input;
-use crate::trainer::{BatchCounts, Evaluation, Objective};
 use crate::error::{Result, TrainError};
+use crate::classification::objective::to_input;
+use crate::task::{Outcome, Report, Task};
+use crate::trainer::{BatchCounts, Evaluation, Objective};
 
 /// A tokenized preference pair.
 #[derive(Debug, Clone)]
@@ -91,12 +92,7 @@ impl Objective for PairwiseReward {
         }
     }
 
-    fn summed_loss(
-        &self,
-        model: &Classifier,
-        b: &PairBatch,
-        device: &Device,
-    ) -> Result<Tensor<1>> {
+    fn summed_loss(&self, model: &Classifier, b: &PairBatch, device: &Device) -> Result<Tensor<1>> {
         let (c, r) = self.rewards(model, b, Mode::Train, device)?;
         Ok(pairwise_loss(c, r))
     }
@@ -191,7 +187,7 @@ pub fn prepare(recipe: &crate::Recipe, device: &Device) -> Result<RewardPrepared
     if train.is_empty() {
         return Err(TrainError::dataset(&d.train, "the training split is empty"));
     }
-    let (mut checkpoint, tokenizer, pad_id) = crate::classify::open_checkpoint(recipe)?;
+    let (mut checkpoint, tokenizer, pad_id) = crate::classification::open_checkpoint(recipe)?;
     checkpoint.set_labels(&[REWARD_LABEL.to_string()]);
     let mut truncated = 0;
     let mut encode = |pairs: Vec<whet_data::PreferencePair>| -> Result<Vec<EncodedPair>> {
@@ -221,7 +217,7 @@ pub fn prepare(recipe: &crate::Recipe, device: &Device) -> Result<RewardPrepared
     let validation = validation.map(&mut encode).transpose()?;
     let test = test.map(&mut encode).transpose()?;
     let (mut model, fresh) = checkpoint.load_classifier(device)?;
-    let (counts, adapter) = crate::classify::apply_method(&mut model, recipe, &tokenizer, device)?;
+    let (counts, adapter) = crate::classification::apply_method(&mut model, recipe, &tokenizer, device)?;
     Ok(RewardPrepared {
         checkpoint,
         tokenizer,
@@ -270,7 +266,7 @@ impl RewardPrepared {
     /// Saves a `transformers` folder (one-output `*ForSequenceClassification`) or a peft
     /// `SEQ_CLS` adapter, with the tokenizer and `labels.json`.
     pub fn save(&self, recipe: &crate::Recipe, out: &std::path::Path) -> Result<()> {
-        crate::classify::Saved {
+        crate::classification::Saved {
             checkpoint: &self.checkpoint,
             tokenizer: &self.tokenizer,
             model: &self.model,
@@ -279,5 +275,107 @@ impl RewardPrepared {
             problem_type: whet_models::config::ProblemType::Regression,
         }
         .write(recipe, out)
+    }
+}
+
+/// A reward-model run.
+pub struct RewardTask {
+    p: RewardPrepared,
+    run: crate::task::Run,
+}
+
+impl RewardTask {
+    /// Prepares the run's data and model.
+    pub fn open(run: crate::task::Run) -> Result<Self> {
+        Ok(Self {
+            p: prepare(&run.recipe, &run.device)?,
+            run,
+        })
+    }
+}
+
+impl Task for RewardTask {
+    fn describe(&self) -> Vec<String> {
+        let (p, recipe) = (&self.p, &self.run.recipe);
+        let mut lines = vec![
+            format!(
+                "model {} ({}), method {:?}, reward model (one output, pairwise loss)",
+                recipe.model.display(),
+                p.checkpoint.family(),
+                recipe.method
+            ),
+            format!(
+                "data: {} train / {} validation / {} test pairs, max_length {}{}",
+                p.train.len(),
+                p.validation.as_ref().map_or(0, |s| s.len()),
+                p.test.as_ref().map_or(0, |s| s.len()),
+                recipe.data.max_length,
+                if p.truncated > 0 {
+                    format!(" ({} texts truncated)", p.truncated)
+                } else {
+                    String::new()
+                }
+            ),
+        ];
+        if !p.fresh.is_empty() {
+            lines.push(format!(
+                "newly initialised (not in the checkpoint): {}",
+                p.fresh.join(", ")
+            ));
+        }
+        lines.push(p.counts.line());
+        lines
+    }
+
+    fn plan(&mut self) -> Option<crate::plan::MemoryPlan> {
+        Some(crate::plan::for_reward_model(&mut self.p, &self.run.recipe))
+    }
+
+    fn total_steps(&self) -> usize {
+        self.run.recipe.training.total_steps(self.p.train.len())
+    }
+
+    fn train(&mut self, observer: &mut dyn crate::Observer) -> Result<crate::TrainSummary> {
+        let run = &self.run;
+        self.p
+            .run_training(&run.recipe, &run.device, observer, run.resume.as_deref())
+    }
+
+    fn evaluate(&mut self, _summary: &crate::TrainSummary) -> Result<Outcome> {
+        let p = &self.p;
+        let objective = p.objective();
+        let batch = self.run.recipe.training.per_device_eval_batch_size;
+        let mut out = Outcome::default();
+        for (name, split) in [("eval", &p.validation), ("test", &p.test)] {
+            if let Some(split) = split {
+                let e = Objective::evaluate(&objective, &p.model, split, batch, &self.run.device)?;
+                out.results.extend(e.results(name));
+                out.lines.push(format!(
+                    "{name}: loss {:.4}, pairwise accuracy {:.4}, mean margin {:.3} ({} pairs)",
+                    e.loss,
+                    e.metrics["accuracy"],
+                    e.metrics["rewards/margins"],
+                    split.len()
+                ));
+            }
+        }
+        Ok(out)
+    }
+
+    fn save(&self, out: &std::path::Path) -> Result<()> {
+        self.p.save(&self.run.recipe, out)
+    }
+
+    fn counts(&self) -> whet_peft::ParamCounts {
+        self.p.counts
+    }
+
+    fn report(&self) -> Report {
+        Report {
+            unit: "pairs",
+            curve_metric: "accuracy",
+            adapter: self.p.adapter.is_some(),
+            files: "labels.json, all_results.json, trainer_state.json, recipe.resolved.toml, loss_curve.png",
+        }
     }
 }

@@ -1,7 +1,10 @@
-//! The training loop, one for every task: seeded epoch order, micro-batches with gradient
-//! accumulation whose loss equals the whole batch's, clipping, the schedule, the optimizer,
-//! evaluation by strategy, checkpoints, best model and early stopping. A task plugs in through
-//! [`Objective`]: how its examples become batches, its loss, and its evaluation.
+//! The training loop, one for every task: seeded epoch order, the examples of each optimizer
+//! step, evaluation by strategy, checkpoints, best model and early stopping. A task plugs in
+//! through [`TrainStep`]: what one step does with its examples, and its evaluation. Supervised
+//! tasks supply an [`Objective`] instead (how examples become batches, and the loss), which
+//! takes its steps as micro-batches with gradient accumulation whose loss equals the whole
+//! batch's, clipping, the schedule and the optimizer; PPO supplies its own step (a rollout and
+//! its PPO epochs).
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -14,11 +17,68 @@ use whet_models::VisitParams;
 
 use crate::args::TrainingArguments;
 use crate::checkpoint::{self, TrainerState};
+use crate::error::{Result, TrainError};
 use crate::optim::{GradStore, OptimConfig, Optimizer};
 use crate::schedule::lr_factor;
-use crate::error::{Result, TrainError};
 
-/// What a task supplies to the trainer.
+/// What a task supplies to the trainer: one step over the examples the trainer picked, and
+/// evaluation (as burn's `TrainStep` / `ValidStep`).
+pub trait TrainStep {
+    type Model: VisitParams + Clone;
+    type Example;
+
+    /// Takes optimizer step `at.step` (0-based) of `at.total` with `examples`: the
+    /// `per_device_train_batch_size x gradient_accumulation_steps` examples of this step in the
+    /// seeded epoch order (fewer at the end of an epoch).
+    fn step(
+        &self,
+        model: &mut Self::Model,
+        opt: &mut Optimizer,
+        examples: &[&Self::Example],
+        at: &StepAt,
+    ) -> Result<StepResult>;
+    /// Loss and metrics over a dataset, in evaluation mode.
+    fn evaluate(
+        &self,
+        model: &Self::Model,
+        data: &[Self::Example],
+        batch_size: usize,
+        device: &Device,
+    ) -> Result<Evaluation>;
+    /// Whether the model is also evaluated before the first step, as a baseline the curves
+    /// start from (PPO); that evaluation is logged but does not compete for the best model.
+    fn evaluates_at_start(&self) -> bool {
+        false
+    }
+}
+
+/// Where a step stands.
+pub struct StepAt<'a> {
+    /// 0-based optimizer step.
+    pub step: usize,
+    /// Optimizer steps of the whole run.
+    pub total: usize,
+    pub args: &'a TrainingArguments,
+    pub device: &'a Device,
+}
+
+/// What a step did.
+#[derive(Debug, Clone, Default)]
+pub struct StepResult {
+    /// The step's mean loss.
+    pub loss: f64,
+    pub learning_rate: f64,
+    /// Before clipping.
+    pub grad_norm: f64,
+    /// Examples (or generated responses) and non-padding tokens the step consumed.
+    pub samples: usize,
+    pub tokens: usize,
+    /// What the task logs per step (DPO's rewards, PPO's KL).
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// What a supervised task supplies to the trainer: batches and their loss. Every objective is
+/// a [`TrainStep`] whose step is [`step_objective`] at the scheduled learning rate.
 pub trait Objective {
     type Model: VisitParams + Clone;
     type Example;
@@ -180,6 +240,63 @@ pub fn step_objective<O: Objective>(
     Ok((step_loss, grad_norm))
 }
 
+impl<O: Objective> TrainStep for O {
+    type Model = O::Model;
+    type Example = O::Example;
+
+    fn step(
+        &self,
+        model: &mut O::Model,
+        opt: &mut Optimizer,
+        examples: &[&O::Example],
+        at: &StepAt,
+    ) -> Result<StepResult> {
+        let args = at.args;
+        // Dropout masks depend only on the seed and the step: a resumed run draws the same.
+        at.device.seed(args.seed.wrapping_add(at.step as u64));
+        let batches: Vec<O::Batch> = examples
+            .chunks(args.per_device_train_batch_size)
+            .map(|mb| self.collate(mb))
+            .collect();
+        let (mut samples, mut tokens) = (0, 0);
+        for b in &batches {
+            let c = self.counts(b);
+            samples += c.samples;
+            tokens += c.tokens;
+        }
+        let warmup = args.warmup(at.total);
+        let lr = args.learning_rate * lr_factor(args.lr_scheduler_type, at.step, warmup, at.total);
+        let (loss, grad_norm) = step_objective(
+            self,
+            model,
+            opt,
+            &batches,
+            lr,
+            args.max_grad_norm,
+            at.step + 1,
+            at.device,
+        )?;
+        Ok(StepResult {
+            loss,
+            learning_rate: lr,
+            grad_norm,
+            samples,
+            tokens,
+            metrics: self.take_step_metrics(),
+        })
+    }
+
+    fn evaluate(
+        &self,
+        model: &O::Model,
+        data: &[O::Example],
+        batch_size: usize,
+        device: &Device,
+    ) -> Result<Evaluation> {
+        Objective::evaluate(self, model, data, batch_size, device)
+    }
+}
+
 /// The value of `metric_for_best_model` (default: eval loss, lower is better) and whether
 /// higher is better.
 fn metric(e: &EvalLog, name: Option<&str>) -> Result<(f64, bool)> {
@@ -200,11 +317,11 @@ fn metric(e: &EvalLog, name: Option<&str>) -> Result<(f64, bool)> {
 /// Trains `model` on `train`, evaluating on `eval` as the arguments say; resumes from the
 /// checkpoint folder `resume` when given.
 #[allow(clippy::too_many_arguments)]
-pub fn train<O: Objective>(
-    objective: &O,
-    model: &mut O::Model,
-    train: &[O::Example],
-    eval: Option<&[O::Example]>,
+pub fn train<T: TrainStep>(
+    task: &T,
+    model: &mut T::Model,
+    train: &[T::Example],
+    eval: Option<&[T::Example]>,
     args: &TrainingArguments,
     device: &Device,
     observer: &mut dyn Observer,
@@ -215,15 +332,13 @@ pub fn train<O: Objective>(
         return Err(TrainError::EmptyTrainingSplit);
     }
     let total = args.total_steps(train.len());
-    let warmup = args.warmup(total);
     let steps_per_epoch = args.steps_per_epoch(train.len());
-    let micro = args.per_device_train_batch_size;
-    let per_step = micro * args.gradient_accumulation_steps;
+    let per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps;
     let mut opt = Optimizer::new(OptimConfig::from_args(args));
     let start = Instant::now();
     let mut history = Vec::new();
     let mut evals: Vec<EvalLog> = Vec::new();
-    let mut best: Option<O::Model> = None;
+    let mut best: Option<T::Model> = None;
     let mut state = TrainerState {
         patience_left: args.early_stopping_patience,
         ..Default::default()
@@ -233,6 +348,25 @@ pub fn train<O: Objective>(
     }
     let mut step = state.global_step;
     let first_step = step;
+    let evaluate = |model: &T::Model, step: usize| -> Result<Option<EvalLog>> {
+        let Some(eval) = eval else { return Ok(None) };
+        let r = task.evaluate(model, eval, args.per_device_eval_batch_size, device)?;
+        Ok(Some(EvalLog {
+            step,
+            epoch: step as f64 / steps_per_epoch as f64,
+            loss: r.loss,
+            metrics: r.metrics,
+            report: r.report,
+        }))
+    };
+    if step == 0
+        && task.evaluates_at_start()
+        && args.eval_strategy != crate::args::Strategy::No
+        && let Some(e) = evaluate(model, 0)?
+    {
+        observer.eval(&e);
+        evals.push(e);
+    }
     let mut epoch = step / steps_per_epoch;
     // Steps of the current epoch already taken before a resume.
     let mut skip = step % steps_per_epoch;
@@ -242,55 +376,36 @@ pub fn train<O: Objective>(
             if step >= total {
                 break 'outer;
             }
-            // Dropout masks depend only on the seed and the step: a resumed run draws the same.
-            device.seed(args.seed.wrapping_add(step as u64));
-            let batches: Vec<O::Batch> = chunk
-                .chunks(micro)
-                .map(|mb| objective.collate(&mb.iter().map(|&i| &train[i]).collect::<Vec<_>>()))
-                .collect();
-            for b in &batches {
-                let c = objective.counts(b);
-                state.tokens += c.tokens;
-                state.samples += c.samples;
-            }
-            let lr = args.learning_rate * lr_factor(args.lr_scheduler_type, step, warmup, total);
-            let (step_loss, grad_norm) = step_objective(
-                objective,
-                model,
-                &mut opt,
-                &batches,
-                lr,
-                args.max_grad_norm,
-                step + 1,
+            let examples: Vec<&T::Example> = chunk.iter().map(|&i| &train[i]).collect();
+            let at = StepAt {
+                step,
+                total,
+                args,
                 device,
-            )?;
+            };
+            let r = task.step(model, &mut opt, &examples, &at)?;
             checkpoint::crash_point("step", step + 1);
             step += 1;
-            state.loss_sum += step_loss;
+            state.samples += r.samples;
+            state.tokens += r.tokens;
+            state.loss_sum += r.loss;
             let log = StepLog {
                 step,
                 total_steps: total,
                 epoch: step as f64 / steps_per_epoch as f64,
-                loss: step_loss,
-                learning_rate: lr,
-                grad_norm,
+                loss: r.loss,
+                learning_rate: r.learning_rate,
+                grad_norm: r.grad_norm,
                 samples_per_second: state.samples as f64 / start.elapsed().as_secs_f64(),
-                metrics: objective.take_step_metrics(),
+                metrics: r.metrics,
             };
             observer.step(&log);
             history.push(log);
 
             let end_of_epoch = step.is_multiple_of(steps_per_epoch) || step == total;
-            let do_eval = args.evaluates_at(step, total, end_of_epoch);
-            if let (true, Some(eval)) = (do_eval, eval) {
-                let r = objective.evaluate(model, eval, args.per_device_eval_batch_size, device)?;
-                let e = EvalLog {
-                    step,
-                    epoch: step as f64 / steps_per_epoch as f64,
-                    loss: r.loss,
-                    metrics: r.metrics,
-                    report: r.report,
-                };
+            if args.evaluates_at(step, total, end_of_epoch)
+                && let Some(e) = evaluate(model, step)?
+            {
                 observer.eval(&e);
                 let (value, higher) = metric(&e, args.metric_for_best_model.as_deref())?;
                 let higher = args.greater_is_better.unwrap_or(higher);
@@ -309,8 +424,7 @@ pub fn train<O: Objective>(
                 }
                 evals.push(e);
             }
-            let do_save = args.saves_at(step, end_of_epoch);
-            if do_save {
+            if args.saves_at(step, end_of_epoch) {
                 state.global_step = step;
                 state.optimizer_steps = opt.step;
                 checkpoint::save(&args.output_dir, model, &opt, &state, args.save_total_limit)?;
@@ -322,7 +436,6 @@ pub fn train<O: Objective>(
         skip = 0;
         epoch += 1;
     }
-    let (samples, tokens, loss_sum) = (state.samples, state.tokens, state.loss_sum);
     let best_step = state.best_step;
     if args.load_best_model_at_end {
         match (best, best_step) {
@@ -339,10 +452,10 @@ pub fn train<O: Objective>(
         steps: step,
         first_step,
         epochs: step as f64 / steps_per_epoch as f64,
-        train_loss: loss_sum / step.max(1) as f64,
+        train_loss: state.loss_sum / step.max(1) as f64,
         train_runtime: start.elapsed().as_secs_f64(),
-        train_samples: samples,
-        train_tokens: tokens,
+        train_samples: state.samples,
+        train_tokens: state.tokens,
         history,
         evals,
         best_step,

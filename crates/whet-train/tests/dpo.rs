@@ -3,7 +3,7 @@
 //! loss, gradient with respect to the per-token log-probabilities, and the logged rewards, for
 //! the sigmoid and IPO losses.
 
-mod common;
+use crate::common;
 
 use burn::tensor::{Device, Tensor, TensorData};
 use common::fixtures;
@@ -89,7 +89,7 @@ fn dpo_losses_gradients_and_rewards_match_trl() {
 use whet_data::{IGNORE, LmExample, PreferencePair, Side};
 use whet_models::{Checkpoint, Mode};
 use whet_train::Objective;
-use whet_train::causal::LanguageModelling;
+use whet_train::causal_lm::LanguageModelling;
 use whet_train::dpo::{Dpo, DpoConfig, DpoExample, Reference, encode_dpo_pair, row_logps};
 
 fn ints(st: &SafeTensors, k: &str) -> Vec<i64> {

@@ -350,6 +350,9 @@ fn regressions() -> Vec<(&'static str, String, Vec<String>)> {
 
 #[test]
 fn recipes_survive_mutation() {
+    if !alone("recipes_survive_mutation") {
+        return;
+    }
     let mut run = Run::new("recipe");
     let mut rng = Rng(0x7265_6369_7065);
     let go = |run: &mut Run, label: &str, text: &str, overrides: &[String]| {

@@ -2,7 +2,7 @@
 //! `scripts/fixtures/make_fixtures.py`: `model(input_ids, attention_mask, labels=labels).loss` and its
 //! gradients), and packed rows against the same documents in rows of their own.
 
-mod common;
+use crate::common;
 
 use burn::tensor::{Device, Tensor};
 use common::fixtures;
@@ -10,7 +10,7 @@ use safetensors::SafeTensors;
 use whet_data::{IGNORE, LmExample, pack};
 use whet_models::{Checkpoint, VisitParams, Visitor};
 use whet_train::Objective;
-use whet_train::causal::{LanguageModelling, evaluate_lm};
+use whet_train::causal_lm::{LanguageModelling, evaluate_lm};
 
 fn values<T: Copy>(st: &SafeTensors, k: &str, f: fn(&[u8]) -> T, width: usize) -> Vec<T> {
     st.tensor(k)

@@ -4,7 +4,7 @@
 //! save then load round-trips; merged equals unmerged. Plus QLoRA's gradients against LoRA over
 //! the dequantised base.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

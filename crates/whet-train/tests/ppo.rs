@@ -4,7 +4,7 @@
 //! returns, the clipped policy and value losses, their clip fractions, approxkl and ratio
 //! statistics and gradients, and `[ppo]`'s defaults against `PPOConfig`'s.
 
-mod common;
+use crate::common;
 
 use burn::tensor::{Device, Tensor, TensorData};
 use common::fixtures;

@@ -3,7 +3,7 @@
 //! answers of `pipeline("question-answering")` (`tests/fixtures/qa-pipeline`, from
 //! `scripts/fixtures/make_qa_pipeline_fixture.py`; needs cache/minilm).
 
-mod common;
+use crate::common;
 
 use burn::tensor::Device;
 use common::fixtures;
@@ -11,7 +11,7 @@ use safetensors::SafeTensors;
 use whet_data::QaFeature;
 use whet_models::Checkpoint;
 use whet_train::Objective;
-use whet_train::qa::{QuestionAnswering, best_span};
+use whet_train::question_answering::{QuestionAnswering, best_span};
 
 fn i64s(st: &SafeTensors, k: &str) -> Vec<i64> {
     st.tensor(k)
@@ -146,7 +146,7 @@ fn minilm_with_span_head() -> tempfile::TempDir {
 #[test]
 fn answers_equal_the_question_answering_pipeline() {
     use whet_data::{QaExample, qa_features};
-    use whet_train::qa::answer;
+    use whet_infer::question_answering::answer;
 
     let expected: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(fixtures().join("qa-pipeline/expected.json")).unwrap(),

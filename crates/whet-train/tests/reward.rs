@@ -2,7 +2,7 @@
 //! (`tests/fixtures/tiny-bert-reward/`, from `scripts/fixtures/make_reward_fixture.py`): loss, rewards
 //! and gradients of a one-output BERT on three fixed pairs, and the pairwise metrics.
 
-mod common;
+use crate::common;
 
 use burn::tensor::Device;
 use common::fixtures;

@@ -2,7 +2,7 @@
 //! trajectory of AdamW + clipping + schedule + accumulation equals PyTorch's
 //! (`tests/fixtures/train/`, made by `scripts/fixtures/make_train_fixtures.py`).
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

@@ -4,7 +4,7 @@
 //! norm and learning rate, and what each step changed in every parameter (full fine-tuning) or
 //! in the adapter (LoRA), against the reference's change in the same step.
 
-mod common;
+use crate::common;
 
 use burn::module::Param;
 use burn::tensor::{Device, Tensor, TensorData};

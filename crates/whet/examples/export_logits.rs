@@ -11,9 +11,9 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use whet_data::{Example, collate, tokenize};
+use whet_infer::classification::{load, to_input};
 use whet_models::weights::write_safetensors;
 use whet_models::{CausalLm, Checkpoint, DecoderInput, TextTokenizer};
-use whet_train::classify::load_trained;
 
 fn main() -> anyhow::Result<()> {
     whet_models::init_threads();
@@ -27,7 +27,7 @@ fn main() -> anyhow::Result<()> {
         "QUESTION_ANS" => return question_answering(model.as_ref(), out, &device),
         _ => {}
     }
-    let t = load_trained(model.as_ref(), &device)?;
+    let t = load(model.as_ref(), &device)?;
     let texts = [
         "I love this, best day ever!",
         "The train was late again. Terrible service.",
@@ -46,7 +46,7 @@ fn main() -> anyhow::Result<()> {
     let enc = tokenize(&t.tokenizer, &ex, t.max_length, Default::default())?;
     let b = collate(&enc.iter().collect::<Vec<_>>(), t.pad_id);
     let with_types = matches!(t.model, whet_models::Classifier::Bert(_));
-    let (input, _) = whet_train::seqcls::to_input(&b, &device, with_types, 0);
+    let (input, _) = to_input(&b, &device, with_types, 0);
     let logits = t.model.forward(input, whet_models::Mode::Eval)?;
     let dims = logits.dims().to_vec();
     let values: Vec<f32> = logits

@@ -3,12 +3,8 @@
 mod merge;
 mod plan;
 mod plot;
+mod predict;
 mod train;
-mod train_dpo;
-mod train_lm;
-mod train_ppo;
-mod train_qa;
-mod train_reward;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -367,9 +363,24 @@ fn main() {
     whet_models::init_threads();
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", report(&e));
         std::process::exit(1);
     }
+}
+
+/// An error and its causes joined by `: `, as anyhow's `{:#}` prints them, leaving out a cause
+/// whose text already ends the line: the typed errors of the library crates (`TrainError`,
+/// `DataError`, ...) print their source in their own message and also return it as `source()`.
+fn report(e: &anyhow::Error) -> String {
+    let mut line = e.to_string();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !line.ends_with(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+    }
+    line
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -405,7 +416,7 @@ fn run(cli: Cli) -> Result<()> {
             label_column,
             encoding,
             batch_size,
-        } => train::eval(
+        } => predict::eval(
             &model,
             &data,
             &text_column,
@@ -422,12 +433,12 @@ fn run(cli: Cli) -> Result<()> {
             file,
             top_k,
         } => match task.as_str() {
-            "text-classification" => train::predict(&model, text, file, top_k),
+            "text-classification" => predict::predict(&model, text, file, top_k),
             "question-answering" => {
                 let (Some(q), Some(c)) = (question, context) else {
                     anyhow::bail!("--task question-answering needs --question and --context");
                 };
-                train_qa::predict(&model, &q, &c, top_k)
+                predict::answer(&model, &q, &c, top_k)
             }
             other => {
                 anyhow::bail!("--task {other:?}: use text-classification or question-answering")

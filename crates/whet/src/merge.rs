@@ -111,7 +111,7 @@ pub fn merge(base: Option<&Path>, adapter: &Path, out: &Path) -> Result<()> {
         }
         "SEQ_CLS" => {
             let device = burn::tensor::Device::flex();
-            let mut t = whet_train::classify::load_trained_on(adapter, Some(&base), &device)?;
+            let mut t = whet_infer::classification::load_on(adapter, Some(&base), &device)?;
             let folded = fold(&mut t.model, &config);
             let mut ckpt = Checkpoint::open(&base)?;
             ckpt.set_pad_token_id(t.pad_id);

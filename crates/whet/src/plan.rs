@@ -7,7 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::{Result, bail};
 use burn::tensor::Device;
 use whet_train::plan::{self, MemoryPlan};
-use whet_train::{Recipe, Task, causal, classify, qa};
+use whet_train::Recipe;
+use whet_train::task::Run;
 
 /// Set by `whet train --no-memory-check`.
 pub(crate) static SKIP_CHECK: AtomicBool = AtomicBool::new(false);
@@ -43,34 +44,16 @@ pub fn run(recipe_path: &Path, set: &[String], json: bool) -> Result<()> {
     if let Some(line) = chosen {
         eprintln!("{line}");
     }
-    let device = Device::flex().autodiff();
-    let plan = match recipe.task {
-        Task::CausalLm => {
-            let mut p = causal::prepare(&recipe, &device)?;
-            plan::for_causal_lm(&mut p, &recipe)
-        }
-        Task::RewardModel => {
-            let mut p = whet_train::reward::prepare(&recipe, &device)?;
-            plan::for_reward_model(&mut p, &recipe)
-        }
-        Task::Dpo => {
-            let mut p = whet_train::dpo::prepare(&recipe, &device)?;
-            plan::for_dpo(&mut p, &recipe)
-        }
-        Task::Ppo => {
-            anyhow::bail!(
-                "whet plan does not cover task = \"ppo\" yet (generation and the reward model \
-                 change the peak); run it and read train_peak_rss_mb in all_results.json"
-            )
-        }
-        Task::QuestionAnswering => {
-            let mut p = qa::prepare(&recipe, &device)?;
-            plan::for_question_answering(&mut p, &recipe)
-        }
-        Task::SequenceClassification | Task::MultiLabelClassification => {
-            let mut p = classify::prepare(&recipe, &device)?;
-            plan::for_classifier(&mut p, &recipe)
-        }
+    let mut task = whet_train::open(Run {
+        recipe,
+        device: Device::flex().autodiff(),
+        resume: None,
+    })?;
+    let Some(plan) = task.plan() else {
+        bail!(
+            "whet plan does not cover task = \"ppo\" yet (generation and the reward model \
+             change the peak); run it and read train_peak_rss_mb in all_results.json"
+        )
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&plan)?);

@@ -129,12 +129,8 @@ fn tick_label(v: f64, span: f64) -> String {
     format!("{v:.decimals$}")
 }
 
-/// One curve: points `(x, y)`, a colour and its name in the legend.
-pub struct Series {
-    pub name: String,
-    pub points: Vec<(f64, f64)>,
-    pub color: [u8; 3],
-}
+/// One line of a chart (whet-train's, so a task can describe the charts it wants).
+pub use whet_train::task::Series;
 
 /// Draws the series on shared axes (x: `x_title`, y: auto-scaled, with light grid lines and
 /// numbered ticks), a legend along the top, and writes a PNG.

@@ -1,6 +1,6 @@
 //! The `whet` binary end to end: info, generate (greedy, sampling, chat), convert, --help.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

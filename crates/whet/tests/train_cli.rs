@@ -1,7 +1,7 @@
 //! `whet train`, `whet predict` and `whet eval` end to end on MiniLM with a few examples, and
 //! the errors bad recipes and data get.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

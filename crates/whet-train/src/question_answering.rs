@@ -1,23 +1,25 @@
 //! Extractive question answering end to end (`task = "question-answering"`, BERT family):
 //! SQuAD-format data cut into windows, the start/end loss, exact match and F1 as the SQuAD
-//! script computes them, the `pipeline("question-answering")` answer, and output the Python
-//! world loads (`BertForQuestionAnswering` folder, or a `peft` adapter with `qa_outputs`).
+//! script computes them, and output the Python world loads (`BertForQuestionAnswering` folder,
+//! or a `peft` adapter with `qa_outputs`). The `pipeline("question-answering")` answer, and
+//! loading a saved folder back, are in [`whet_infer::question_answering`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use serde::Serialize;
 use whet_data::{Encoding, QaColumns, QaExample, QaFeature, Table, qa_examples, qa_features};
+use whet_infer::question_answering::{QaBatch, answer, collate, logits};
 use whet_metrics::squad_scores;
-use whet_models::bert::{BertForQuestionAnswering, EncoderInput};
+use whet_models::bert::BertForQuestionAnswering;
 use whet_models::{Checkpoint, Mode, TextTokenizer};
 use whet_peft::{ParamCounts, PeftConfig, set_trainable};
 
-use crate::recipe::{Method, Recipe};
-use crate::trainer::{BatchCounts, Evaluation, Objective};
 use crate::error::{Result, TrainError};
+use crate::recipe::{Method, Recipe};
+use crate::task::{Outcome, Report, Task, one_line};
+use crate::trainer::{BatchCounts, Evaluation, Objective};
 
 /// Start and end of the answer span; evaluation scores the evaluation examples.
 pub struct QuestionAnswering {
@@ -25,63 +27,6 @@ pub struct QuestionAnswering {
     /// The examples the evaluation features were cut from.
     pub eval_examples: Vec<QaExample>,
     pub max_answer_length: usize,
-}
-
-/// A right-padded batch of windows.
-#[derive(Debug, Clone)]
-pub struct QaBatch {
-    pub batch: usize,
-    pub len: usize,
-    pub input_ids: Vec<i64>,
-    pub token_type_ids: Vec<i64>,
-    pub attention_mask: Vec<i64>,
-    pub starts: Vec<i64>,
-    pub ends: Vec<i64>,
-    pub tokens: usize,
-}
-
-fn collate(items: &[&QaFeature], pad_id: u32) -> QaBatch {
-    let len = items.iter().map(|f| f.ids.len()).max().unwrap_or(1).max(1);
-    let batch = items.len();
-    let mut b = QaBatch {
-        batch,
-        len,
-        input_ids: vec![pad_id as i64; batch * len],
-        token_type_ids: vec![0; batch * len],
-        attention_mask: vec![0; batch * len],
-        starts: items.iter().map(|f| f.start as i64).collect(),
-        ends: items.iter().map(|f| f.end as i64).collect(),
-        tokens: items.iter().map(|f| f.ids.len()).sum(),
-    };
-    for (r, f) in items.iter().enumerate() {
-        for (k, (&id, &ty)) in f.ids.iter().zip(&f.type_ids).enumerate() {
-            b.input_ids[r * len + k] = id as i64;
-            b.token_type_ids[r * len + k] = ty as i64;
-            b.attention_mask[r * len + k] = 1;
-        }
-    }
-    b
-}
-
-/// Start and end logits `[B, T]` of a batch.
-fn logits(
-    model: &BertForQuestionAnswering,
-    b: &QaBatch,
-    mode: Mode,
-    device: &Device,
-) -> (Tensor<2>, Tensor<2>) {
-    let t = |v: &Vec<i64>| {
-        Tensor::<2, Int>::from_data(TensorData::new(v.clone(), [b.batch, b.len]), device)
-    };
-    let out = model.forward(
-        EncoderInput {
-            input_ids: t(&b.input_ids),
-            attention_mask: t(&b.attention_mask),
-            token_type_ids: Some(t(&b.token_type_ids)),
-        },
-        mode,
-    );
-    (out.start, out.end)
 }
 
 /// `(CE(start) + CE(end)) / 2` summed over the batch, as `BertForQuestionAnswering` computes
@@ -421,6 +366,7 @@ pub fn evaluate_split(
 
 /// Saves the result: a `peft` adapter (`QUESTION_ANS`) for LoRA, a `transformers` folder
 /// otherwise, with the tokenizer and `qa.json` (max_length, doc_stride).
+/// `whet_infer::question_answering::load` reads it back.
 pub fn save(p: &QaPrepared, recipe: &Recipe, out: &Path) -> Result<()> {
     std::fs::create_dir_all(out).map_err(|e| TrainError::io(out, e))?;
     match &p.adapter {
@@ -443,130 +389,154 @@ pub fn save(p: &QaPrepared, recipe: &Recipe, out: &Path) -> Result<()> {
     Ok(())
 }
 
-/// One answer of the question-answering pipeline.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct QaAnswer {
-    pub score: f64,
-    /// Character offsets in the context.
-    pub start: usize,
-    pub end: usize,
-    pub answer: String,
+/// A question-answering run.
+pub struct QuestionAnsweringTask {
+    p: QaPrepared,
+    run: crate::task::Run,
 }
 
-/// Answers as `pipeline("question-answering")` gives them (transformers 4.57, the last release
-/// with that pipeline; `align_to_words` on, `handle_impossible_answer` off): per window, the
-/// softmax of the start and end logits over the context tokens and `[CLS]`, `[CLS]` then
-/// dropped; a span's score is `p_start · p_end`, for spans of at most `max_answer_len` tokens;
-/// the window's `2 · top_k + 10` best spans are widened to whole words and become answers,
-/// where a span whose text equals an earlier answer's (ignoring case, from any window) adds
-/// its score to that answer instead; the `top_k` best answers.
-#[allow(clippy::too_many_arguments)]
-pub fn answer(
-    model: &BertForQuestionAnswering,
-    tokenizer: &TextTokenizer,
-    question: &str,
-    context: &str,
-    max_length: usize,
-    doc_stride: usize,
-    max_answer_len: usize,
-    top_k: usize,
-    device: &Device,
-) -> Result<Vec<QaAnswer>> {
-    let ex = QaExample {
-        question: question.to_string(),
-        context: context.to_string(),
-        answers: vec![],
-        origin: "input".into(),
-    };
-    let features = qa_features(tokenizer, &[ex], max_length, doc_stride)?;
-    // The word of each context token, by its character span: the context's side of a pair is
-    // split into the same words as the context alone.
-    let alone = tokenizer
-        .inner
-        .encode_char_offsets(context, false)
-        .map_err(TrainError::Tokenizer)?;
-    let word_of: HashMap<(usize, usize), u32> = alone
-        .get_offsets()
-        .iter()
-        .zip(alone.get_word_ids())
-        .filter_map(|(&o, w)| w.map(|w| (o, w)))
-        .collect();
-    let top_k = top_k.max(1);
-    let model = &model.valid();
-    let device = &device.clone().without_autodiff();
-    let mut found: Vec<QaAnswer> = Vec::new();
-    for f in &features {
-        let b = collate(&[f], 0);
-        let (s, e) = logits(model, &b, Mode::Eval, device);
-        let probs = |v: Vec<f32>| {
-            let allowed = |i: usize| i == 0 || f.context_offsets[i].is_some();
-            let max = (0..v.len())
-                .filter(|&i| allowed(i))
-                .map(|i| v[i])
-                .fold(f32::NEG_INFINITY, f32::max);
-            let ex: Vec<f64> = (0..v.len())
-                .map(|i| {
-                    if allowed(i) {
-                        ((v[i] - max) as f64).exp()
-                    } else {
-                        0.0
-                    }
-                })
-                .collect();
-            let sum: f64 = ex.iter().sum();
-            let mut p: Vec<f64> = ex.iter().map(|x| x / sum).collect();
-            p[0] = 0.0;
-            p
+impl QuestionAnsweringTask {
+    /// Prepares the run's data and model.
+    pub fn open(run: crate::task::Run) -> Result<Self> {
+        Ok(Self {
+            p: prepare(&run.recipe, &run.device)?,
+            run,
+        })
+    }
+}
+
+impl Task for QuestionAnsweringTask {
+    fn describe(&self) -> Vec<String> {
+        let (p, recipe) = (&self.p, &self.run.recipe);
+        let sizes = |s: Option<&QaSplit>| {
+            s.map_or("0".to_string(), |s| {
+                format!("{} ({} windows)", s.examples.len(), s.features.len())
+            })
         };
-        let (ps, pe) = (probs(to_vec(s)), probs(to_vec(e)));
-        // (score, first token, last token) of the spans inside the context.
-        let mut spans: Vec<(f64, usize, usize)> = Vec::new();
-        for (i, p_start) in ps.iter().enumerate() {
-            for (j, p_end) in pe.iter().enumerate().take(i + max_answer_len).skip(i) {
-                if f.context_offsets[i].is_some() && f.context_offsets[j].is_some() {
-                    spans.push((p_start * p_end, i, j));
-                }
+        let mut lines = vec![
+            format!(
+                "model {} ({}), method {:?}, extractive question answering",
+                recipe.model.display(),
+                p.checkpoint.family(),
+                recipe.method
+            ),
+            format!(
+                "data: {} train / {} validation / {} test questions, max_length {}, doc_stride {}",
+                sizes(Some(&p.train)),
+                sizes(p.validation.as_ref()),
+                sizes(p.test.as_ref()),
+                recipe.data.max_length,
+                p.doc_stride
+            ),
+        ];
+        if !p.fresh.is_empty() {
+            lines.push(format!(
+                "newly initialised (not in the checkpoint): {}",
+                p.fresh.join(", ")
+            ));
+        }
+        lines.push(p.counts.line());
+        lines
+    }
+
+    fn plan(&mut self) -> Option<crate::plan::MemoryPlan> {
+        Some(crate::plan::for_question_answering(
+            &mut self.p,
+            &self.run.recipe,
+        ))
+    }
+
+    /// The pipeline's best answer to a few held-out questions, with the gold answer.
+    fn sample(&mut self, before: bool) -> Result<Vec<String>> {
+        let p = &self.p;
+        let split = p
+            .validation
+            .as_ref()
+            .or(p.test.as_ref())
+            .unwrap_or(&p.train);
+        let mut lines = vec![
+            if before {
+                "before training:"
+            } else {
+                "after training:"
+            }
+            .to_string(),
+        ];
+        for ex in split.examples.iter().take(3) {
+            let best = answer(
+                &p.model,
+                &p.tokenizer,
+                &ex.question,
+                &ex.context,
+                self.run.recipe.data.max_length,
+                p.doc_stride,
+                15,
+                1,
+                &self.run.device,
+            )?;
+            let gold = ex.answers.first().map_or("", |a| a.text.as_str());
+            lines.push(format!(
+                "  {:<50} gold {:<20} predicted {:<20} ({:.2})",
+                one_line(&ex.question, 50),
+                one_line(gold, 20),
+                one_line(&best[0].answer, 20),
+                best[0].score
+            ));
+        }
+        Ok(lines)
+    }
+
+    fn total_steps(&self) -> usize {
+        self.run
+            .recipe
+            .training
+            .total_steps(self.p.train.features.len())
+    }
+
+    fn train(&mut self, observer: &mut dyn crate::Observer) -> Result<crate::TrainSummary> {
+        let run = &self.run;
+        run_training(
+            &mut self.p,
+            &run.recipe,
+            &run.device,
+            observer,
+            run.resume.as_deref(),
+        )
+    }
+
+    fn evaluate(&mut self, _summary: &crate::TrainSummary) -> Result<Outcome> {
+        let p = &self.p;
+        let mut out = Outcome::default();
+        for (name, split) in [("eval", &p.validation), ("test", &p.test)] {
+            if let Some(split) = split {
+                let e = evaluate_split(p, &self.run.recipe, split, &self.run.device);
+                out.results.extend(e.results(name));
+                out.lines.push(format!(
+                    "{name}: loss {:.4}, exact match {:.2}, F1 {:.2} ({} questions)",
+                    e.loss,
+                    e.metrics["exact_match"],
+                    e.metrics["f1"],
+                    split.examples.len()
+                ));
             }
         }
-        spans.sort_by(|a, b| b.0.total_cmp(&a.0));
-        spans.truncate(2 * top_k + 10);
-        // The characters of token `i`'s whole word, as far as this window holds it
-        // (`word_to_chars` of the window's encoding).
-        let word_chars = |i: usize| -> Option<(usize, usize)> {
-            let o = f.context_offsets[i]?;
-            let Some(w) = word_of.get(&o) else {
-                return Some(o);
-            };
-            Some(
-                f.context_offsets
-                    .iter()
-                    .flatten()
-                    .filter(|p| word_of.get(p) == Some(w))
-                    .fold(o, |(a, z), p| (a.min(p.0), z.max(p.1))),
-            )
-        };
-        for (score, i, j) in spans {
-            let (Some((a, _)), Some((_, z))) = (word_chars(i), word_chars(j)) else {
-                continue;
-            };
-            let text = chars(context, a, z);
-            let lower = text.to_lowercase();
-            match found.iter_mut().find(|x| x.answer.to_lowercase() == lower) {
-                Some(same) => same.score += score,
-                None => found.push(QaAnswer {
-                    score,
-                    start: a,
-                    end: z,
-                    answer: text,
-                }),
-            }
+        Ok(out)
+    }
+
+    fn save(&self, out: &Path) -> Result<()> {
+        save(&self.p, &self.run.recipe, out)
+    }
+
+    fn counts(&self) -> ParamCounts {
+        self.p.counts
+    }
+
+    fn report(&self) -> Report {
+        Report {
+            unit: "windows",
+            curve_metric: "",
+            adapter: self.p.adapter.is_some(),
+            files: "qa.json, all_results.json, trainer_state.json, recipe.resolved.toml, loss_curve.png",
         }
     }
-    // Stable, as Python's `sorted`: equal scores keep the order they were found in.
-    found.sort_by(|a, b| b.score.total_cmp(&a.score));
-    found.truncate(top_k);
-    if found.is_empty() {
-        return Err(TrainError::EmptyContext);
-    }
-    Ok(found)
 }

@@ -5,14 +5,17 @@
 use std::collections::BTreeMap;
 
 use burn::module::Module;
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Tensor};
 use whet_data::{Batch, Encoded, Target, collate};
 use whet_metrics::{ClassificationReport, classification_report, multilabel_report};
-use whet_models::{Classifier, ClassifierInput, Mode};
+use whet_models::{Classifier, Mode};
+// The model input of a padded batch is built as inference builds it; re-exported here for the
+// reward model and PPO's scorer, which import it from this module.
+pub use whet_infer::classification::{BatchLabels, to_input};
 
+use crate::error::Result;
 use crate::optim::Optimizer;
 use crate::trainer::{BatchCounts, Evaluation, Objective, step_objective};
-use crate::error::Result;
 
 /// Sequence classification over `n_labels` labels.
 pub struct Classification {
@@ -49,12 +52,7 @@ impl Objective for Classification {
         }
     }
 
-    fn summed_loss(
-        &self,
-        model: &Classifier,
-        b: &Batch,
-        device: &Device,
-    ) -> Result<Tensor<1>> {
+    fn summed_loss(&self, model: &Classifier, b: &Batch, device: &Device) -> Result<Tensor<1>> {
         let (input, labels) = to_input(b, device, self.with_types, self.n_labels);
         let logits = model.forward(input, Mode::Train)?;
         Ok(summed_loss(logits, labels))
@@ -111,50 +109,6 @@ pub fn optimizer_step(
         max_grad_norm,
         step,
         device,
-    )
-}
-
-/// The labels of a batch as tensors.
-pub enum BatchLabels {
-    /// `[B]` class ids.
-    Class(Tensor<1, Int>),
-    /// `[B, C]` multi-hot.
-    MultiHot(Tensor<2>),
-}
-
-/// Builds model inputs and labels of a padded batch on `device` (`n_labels` sizes the
-/// multi-hot rows of multi-label targets).
-pub fn to_input(
-    b: &Batch,
-    device: &Device,
-    with_types: bool,
-    n_labels: usize,
-) -> (ClassifierInput, BatchLabels) {
-    let t = |v: &Vec<i64>| {
-        Tensor::<2, Int>::from_data(TensorData::new(v.clone(), [b.batch, b.len]), device)
-    };
-    let labels = if b.targets.iter().any(|t| matches!(t, Target::Multi(_))) {
-        let mut hot = vec![0f32; b.batch * n_labels];
-        for (r, t) in b.targets.iter().enumerate() {
-            for &k in t.ids() {
-                hot[r * n_labels + k] = 1.0;
-            }
-        }
-        BatchLabels::MultiHot(Tensor::from_data(
-            TensorData::new(hot, [b.batch, n_labels]),
-            device,
-        ))
-    } else {
-        let ids: Vec<i64> = b.targets.iter().map(|t| t.ids()[0] as i64).collect();
-        BatchLabels::Class(Tensor::from_data(TensorData::new(ids, [b.batch]), device))
-    };
-    (
-        ClassifierInput {
-            input_ids: t(&b.input_ids),
-            attention_mask: t(&b.attention_mask),
-            token_type_ids: with_types.then(|| t(&b.token_type_ids)),
-        },
-        labels,
     )
 }
 

@@ -1,6 +1,8 @@
 //! The sequence-classification task end to end: data, labels, method, training, evaluation,
 //! and output the Python world loads (a `transformers` folder, or a `peft` adapter).
 
+pub mod objective;
+
 use std::path::{Path, PathBuf};
 
 use burn::tensor::Device;
@@ -8,14 +10,16 @@ use serde_json::json;
 use whet_data::{
     Columns, Encoded, Encoding, Example, Labels, Table, Target, examples, tokenize, tokenize_cached,
 };
+use whet_infer::classification::predict;
 use whet_models::config::ProblemType;
 use whet_models::{Checkpoint, Classifier, ExportParams, TextTokenizer};
 use whet_peft::{ParamCounts, PeftConfig, set_trainable};
 
 use crate::error::{Result, TrainError};
 use crate::recipe::{Method, Recipe};
-use crate::seqcls::{evaluate, train_classifier};
+use crate::task::{Outcome, Report, Task, one_line};
 use crate::trainer::{Observer, TrainSummary};
+use objective::{evaluate, train_classifier};
 
 /// A labelled split: examples and their tokens.
 pub struct Split {
@@ -163,53 +167,6 @@ fn top_layers(model: &Classifier, n: usize) -> Vec<String> {
         .filter(|(_, i)| *i + n > max)
         .map(|(k, i)| format!(".{k}.{i}."))
         .collect()
-}
-
-/// Per-label scores for texts: softmax probabilities, or for a multi-label model one sigmoid
-/// per label (as `pipeline("text-classification")` picks by `problem_type`).
-pub fn predict(
-    model: &Classifier,
-    tokenizer: &TextTokenizer,
-    texts: &[String],
-    max_length: usize,
-    pad_id: u32,
-    multi_label: bool,
-    device: &Device,
-) -> Result<Vec<Vec<f32>>> {
-    let ex: Vec<Example> = texts
-        .iter()
-        .map(|t| Example {
-            text: t.clone(),
-            text_pair: None,
-            label: Target::Class(0),
-            origin: "input".into(),
-        })
-        .collect();
-    let enc = tokenize(tokenizer, &ex, max_length, Default::default())?;
-    // Inference on the plain backend: no autodiff graph is recorded.
-    let model = &burn::module::Module::valid(model);
-    let device = &device.clone().without_autodiff();
-    let with_types = matches!(model, Classifier::Bert(_));
-    let mut out = Vec::new();
-    for chunk in enc.chunks(32) {
-        let items: Vec<&Encoded> = chunk.iter().collect();
-        let b = whet_data::collate(&items, pad_id);
-        let (input, _) = crate::seqcls::to_input(&b, device, with_types, 0);
-        let logits = model.forward(input, whet_models::Mode::Eval)?;
-        let probs = if multi_label {
-            burn::tensor::activation::sigmoid(logits)
-        } else {
-            burn::tensor::activation::softmax(logits, 1)
-        };
-        let [n, c] = probs.dims();
-        let v: Vec<f32> = probs
-            .into_data()
-            .convert::<f32>()
-            .try_to_vec()
-            .map_err(TrainError::TensorData)?;
-        out.extend((0..n).map(|i| v[i * c..(i + 1) * c].to_vec()));
-    }
-    Ok(out)
 }
 
 /// Metrics of one split as `eval_*` / `test_*` keys.
@@ -367,7 +324,8 @@ pub fn evaluate_split(
 }
 
 /// Saves the result into `out`: a `peft` adapter folder for LoRA, a `transformers` folder
-/// otherwise; both with the tokenizer and `labels.json`.
+/// otherwise; both with the tokenizer and `labels.json`. `whet_infer::classification::load`
+/// reads it back.
 pub fn save(p: &Prepared, recipe: &Recipe, out: &Path) -> Result<()> {
     let problem_type = if p.multi_label {
         ProblemType::MultiLabelClassification
@@ -436,92 +394,223 @@ impl Saved<'_> {
     }
 }
 
-/// A trained classifier ready for use.
-pub struct Trained {
-    pub model: Classifier,
-    pub tokenizer: TextTokenizer,
-    pub labels: Labels,
-    /// Sigmoid per label rather than softmax.
-    pub multi_label: bool,
-    pub max_length: usize,
-    pub pad_id: u32,
+/// A classification run (`sequence-classification`, `multi-label-classification`).
+pub struct ClassificationTask {
+    p: Prepared,
+    run: crate::task::Run,
 }
 
-/// Loads what [`save`] wrote (a LoRA adapter folder or a full model folder), or any
-/// `transformers` sequence-classification folder.
-pub fn load_trained(dir: &Path, device: &Device) -> Result<Trained> {
-    load_trained_on(dir, None, device)
-}
-
-/// As [`load_trained`], with the base of an adapter folder given (`None`: the base it names).
-pub fn load_trained_on(dir: &Path, base: Option<&Path>, device: &Device) -> Result<Trained> {
-    let meta: Option<serde_json::Value> = std::fs::read_to_string(dir.join("labels.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok());
-    let max_length = meta
-        .as_ref()
-        .and_then(|m| m["max_length"].as_u64())
-        .unwrap_or(128) as usize;
-    let is_adapter = dir.join("adapter_config.json").is_file();
-    let base = if is_adapter {
-        let path = dir.join("adapter_config.json");
-        let text = std::fs::read_to_string(&path).map_err(|e| TrainError::io(dir, e))?;
-        let cfg: serde_json::Value =
-            serde_json::from_str(&text).map_err(|source| TrainError::JsonFile { path, source })?;
-        let from_meta = meta
-            .as_ref()
-            .and_then(|m| m["base_model"].as_str())
-            .map(PathBuf::from);
-        let from_cfg = cfg["base_model_name_or_path"].as_str().map(PathBuf::from);
-        base.map(Path::to_path_buf)
-            .or(from_meta.filter(|p| p.exists()))
-            .or(from_cfg)
-            .ok_or_else(|| {
-                TrainError::checkpoint(dir, "the adapter does not name its base model")
-            })?
-    } else {
-        dir.to_path_buf()
-    };
-    let mut checkpoint = Checkpoint::open(&base)?;
-    let labels = match meta.as_ref().and_then(|m| m["labels"].as_array()) {
-        Some(l) => Labels(
-            l.iter()
-                .filter_map(|v| v.as_str().map(String::from))
-                .collect(),
-        ),
-        None => Labels(checkpoint.head().labels()),
-    };
-    let multi_label = meta
-        .as_ref()
-        .and_then(|m| m["problem_type"].as_str())
-        .map(|p| p == "multi_label_classification")
-        .unwrap_or(checkpoint.head().problem_type == Some(ProblemType::MultiLabelClassification));
-    let tokenizer = match whet_models::TextTokenizer::from_folder(dir) {
-        Ok(t) => t,
-        Err(_) => checkpoint.tokenizer()?,
-    };
-    let pad_id = checkpoint
-        .pad_token_id()
-        .or(tokenizer.pad.as_ref().map(|p| p.id))
-        .or(tokenizer.eos.as_ref().map(|p| p.id))
-        .ok_or_else(no_pad)?;
-    checkpoint.set_pad_token_id(pad_id);
-    checkpoint.set_labels(&labels.0);
-    let (mut model, fresh) = checkpoint.load_classifier(device)?;
-    if is_adapter {
-        whet_peft::load_adapter(&mut model, dir, device)?;
-    } else if !fresh.is_empty() {
-        return Err(TrainError::UntrainedHead {
-            path: dir.to_path_buf(),
-            missing: fresh,
-        });
+impl ClassificationTask {
+    /// Prepares the run's data and model.
+    pub fn open(run: crate::task::Run) -> Result<Self> {
+        Ok(Self {
+            p: prepare(&run.recipe, &run.device)?,
+            run,
+        })
     }
-    Ok(Trained {
-        model,
-        tokenizer,
-        labels,
-        multi_label,
-        max_length,
-        pad_id,
-    })
+
+    /// A few texts of the held-out split with their true and predicted labels.
+    fn examples(&self, title: &str) -> Result<Vec<String>> {
+        let p = &self.p;
+        let split = p
+            .test
+            .as_ref()
+            .or(p.validation.as_ref())
+            .unwrap_or(&p.train);
+        let picked: Vec<&Example> = split.examples.iter().take(5).collect();
+        let texts: Vec<String> = picked.iter().map(|e| e.text.clone()).collect();
+        let probs = predict(
+            &p.model,
+            &p.tokenizer,
+            &texts,
+            self.run.recipe.data.max_length,
+            p.pad_id,
+            p.multi_label,
+            &self.run.device,
+        )?;
+        let mut lines = vec![title.to_string()];
+        for (e, pr) in picked.iter().zip(&probs) {
+            let best = (0..pr.len())
+                .reduce(|b, i| if pr[i] > pr[b] { i } else { b })
+                .unwrap_or(0);
+            let predicted = if p.multi_label {
+                Target::Multi((0..pr.len()).filter(|&k| pr[k] > 0.5).collect())
+            } else {
+                Target::Class(best)
+            };
+            lines.push(format!(
+                "  {:<62} true {:<10} predicted {:<10} ({:.2})",
+                one_line(&e.text, 62),
+                one_line(&label_text(&p.labels, &e.label), 10),
+                one_line(&label_text(&p.labels, &predicted), 10),
+                pr[best]
+            ));
+        }
+        Ok(lines)
+    }
+}
+
+/// A target as label names: `pos`, or `joy,love` for several labels.
+fn label_text(labels: &Labels, t: &Target) -> String {
+    let names: Vec<&str> = t.ids().iter().map(|&i| labels.0[i].as_str()).collect();
+    names.join(",")
+}
+
+/// A classification report as a table: the headline metrics, then one row per label.
+pub fn report_table(
+    title: &str,
+    loss: f64,
+    r: &whet_metrics::ClassificationReport,
+    labels: &[String],
+) -> String {
+    let mut s = format!(
+        "{title}\n  loss {loss:.4} | accuracy {:.4} | macro F1 {:.4} | weighted F1 {:.4} | MCC {:.4} | {} samples\n",
+        r.accuracy, r.macro_avg.f1, r.weighted_avg.f1, r.matthews_correlation, r.samples
+    );
+    s.push_str(&format!(
+        "  {:<14} {:>9} {:>9} {:>9} {:>8}\n",
+        "label", "precision", "recall", "f1", "support"
+    ));
+    for (l, c) in labels.iter().zip(&r.per_class) {
+        s.push_str(&format!(
+            "  {:<14} {:>9.4} {:>9.4} {:>9.4} {:>8}\n",
+            one_line(l, 14),
+            c.precision,
+            c.recall,
+            c.f1,
+            c.support
+        ));
+    }
+    s
+}
+
+impl Task for ClassificationTask {
+    fn describe(&self) -> Vec<String> {
+        let (p, recipe) = (&self.p, &self.run.recipe);
+        let mut lines = vec![
+            format!(
+                "model {} ({}), method {:?}, {} labels: {}",
+                recipe.model.display(),
+                p.checkpoint.family(),
+                recipe.method,
+                p.labels.len(),
+                p.labels.0.join(", ")
+            ),
+            format!(
+                "data: {} train / {} validation / {} test examples, max_length {}",
+                p.train.encoded.len(),
+                p.validation.as_ref().map_or(0, |s| s.encoded.len()),
+                p.test.as_ref().map_or(0, |s| s.encoded.len()),
+                recipe.data.max_length
+            ),
+        ];
+        if !p.fresh.is_empty() {
+            lines.push(format!(
+                "newly initialised (not in the checkpoint): {}",
+                p.fresh.join(", ")
+            ));
+        }
+        lines.push(p.counts.line());
+        lines
+    }
+
+    fn plan(&mut self) -> Option<crate::plan::MemoryPlan> {
+        Some(crate::plan::for_classifier(&mut self.p, &self.run.recipe))
+    }
+
+    /// The exact splits of the run as JSONL (`text`, `label` name), so a run can be repeated by
+    /// another tool, e.g. the reference script.
+    fn write_data(&self, dir: &Path) -> Result<()> {
+        let p = &self.p;
+        std::fs::create_dir_all(dir).map_err(|e| TrainError::io(dir, e))?;
+        let splits = [
+            ("train", Some(&p.train)),
+            ("validation", p.validation.as_ref()),
+            ("test", p.test.as_ref()),
+        ];
+        for (name, split) in splits {
+            let Some(split) = split else { continue };
+            let mut text = String::new();
+            for e in &split.examples {
+                let label = match &e.label {
+                    Target::Class(c) => json!(p.labels.0[*c]),
+                    Target::Multi(ids) => {
+                        json!(ids.iter().map(|&i| &p.labels.0[i]).collect::<Vec<_>>())
+                    }
+                };
+                let mut row = json!({"text": e.text, "label": label});
+                if let Some(pair) = &e.text_pair {
+                    row["text_pair"] = json!(pair);
+                }
+                text.push_str(&row.to_string());
+                text.push('\n');
+            }
+            whet_text::write_atomic(&dir.join(format!("{name}.jsonl")), text.as_bytes())?;
+        }
+        Ok(())
+    }
+
+    fn sample(&mut self, before: bool) -> Result<Vec<String>> {
+        self.examples(if before {
+            "before training (random head):"
+        } else {
+            "after training:"
+        })
+    }
+
+    fn total_steps(&self) -> usize {
+        self.run
+            .recipe
+            .training
+            .total_steps(self.p.train.encoded.len())
+    }
+
+    fn labels(&self) -> Vec<String> {
+        self.p.labels.0.clone()
+    }
+
+    fn train(&mut self, observer: &mut dyn Observer) -> Result<TrainSummary> {
+        let run = &self.run;
+        run_training(
+            &mut self.p,
+            &run.recipe,
+            &run.device,
+            observer,
+            run.resume.as_deref(),
+        )
+    }
+
+    fn evaluate(&mut self, _summary: &TrainSummary) -> Result<Outcome> {
+        let p = &self.p;
+        let batch = self.run.recipe.training.per_device_eval_batch_size;
+        let mut out = Outcome::default();
+        if let Some(v) = &p.validation {
+            let (loss, r) = evaluate_split(p, v, batch, &self.run.device)?;
+            out.results.extend(metric_map("eval", loss, &r, &p.labels));
+        }
+        if let Some(t) = &p.test {
+            let (loss, r) = evaluate_split(p, t, batch, &self.run.device)?;
+            out.results.extend(metric_map("test", loss, &r, &p.labels));
+            out.lines
+                .push(report_table("test set", loss, &r, &p.labels.0));
+        }
+        Ok(out)
+    }
+
+    fn save(&self, out: &Path) -> Result<()> {
+        save(&self.p, &self.run.recipe, out)
+    }
+
+    fn counts(&self) -> ParamCounts {
+        self.p.counts
+    }
+
+    fn report(&self) -> Report {
+        Report {
+            unit: "samples",
+            curve_metric: "accuracy",
+            adapter: self.p.adapter.is_some(),
+            files: "all_results.json, trainer_state.json, recipe.resolved.toml, loss_curve.png: blue train loss, red eval loss, green eval accuracy",
+        }
+    }
 }

@@ -21,6 +21,7 @@ use whet_peft::{ParamCounts, PeftConfig};
 
 use crate::error::{Result, TrainError};
 use crate::recipe::{DataSpec, Method, Recipe};
+use crate::task::{Outcome, Report, Task, one_line};
 use crate::trainer::{BatchCounts, Evaluation, Objective};
 
 /// Next-token prediction; the loss averages over the learnt tokens of a step.
@@ -611,4 +612,160 @@ pub fn run_training(
         observer,
         resume,
     )
+}
+
+/// A causal-LM run.
+pub struct CausalLmTask {
+    p: LmPrepared,
+    run: crate::task::Run,
+}
+
+impl CausalLmTask {
+    /// Prepares the run's data and model.
+    pub fn open(run: crate::task::Run) -> Result<Self> {
+        Ok(Self {
+            p: prepare(&run.recipe, &run.device)?,
+            run,
+        })
+    }
+}
+
+impl Task for CausalLmTask {
+    fn describe(&self) -> Vec<String> {
+        let (p, recipe) = (&self.p, &self.run.recipe);
+        vec![
+            format!(
+                "model {} ({}), method {:?}, causal language modelling",
+                recipe.model.display(),
+                p.checkpoint.family(),
+                recipe.method
+            ),
+            format!(
+                "data: {}; {} train / {} validation / {} test examples, max_length {}{}",
+                p.data_kind,
+                p.train.len(),
+                p.validation.as_ref().map_or(0, |s| s.len()),
+                p.test.as_ref().map_or(0, |s| s.len()),
+                recipe.data.max_length,
+                if p.skipped > 0 {
+                    format!(
+                        "; skipped {} (too long with too_long = \"skip\", or nothing to learn)",
+                        p.skipped
+                    )
+                } else {
+                    String::new()
+                }
+            ),
+            p.counts.line(),
+        ]
+    }
+
+    fn plan(&mut self) -> Option<crate::plan::MemoryPlan> {
+        Some(crate::plan::for_causal_lm(&mut self.p, &self.run.recipe))
+    }
+
+    fn write_data(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| TrainError::io(dir, e))?;
+        for (name, rows) in &self.p.rows {
+            let text: String = rows
+                .iter()
+                .map(|r| serde_json::json!(r).to_string() + "\n")
+                .collect();
+            whet_text::write_atomic(&dir.join(format!("{name}.jsonl")), text.as_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// Up to three held-out prompts (the tokens before the first learnt one; for plain text
+    /// the first quarter) and their greedy continuations.
+    fn sample(&mut self, before: bool) -> Result<Vec<String>> {
+        let p = &self.p;
+        let split: &[LmExample] = p.validation.as_deref().unwrap_or(&p.train);
+        let model = p.model.valid();
+        let device = self.run.device.clone().without_autodiff();
+        let config = whet_infer::GenerationConfig::greedy(32, p.checkpoint.eos_token_ids());
+        let mut lines = vec![
+            if before {
+                "before training (greedy):"
+            } else {
+                "after training (greedy):"
+            }
+            .to_string(),
+        ];
+        for ex in split.iter().take(3) {
+            // A packed row's first document only.
+            let doc_end = ex
+                .document_ids
+                .iter()
+                .position(|&d| d != ex.document_ids[0])
+                .unwrap_or(ex.ids.len());
+            let first_learnt = (1..doc_end).find(|&k| ex.labels[k] != IGNORE).unwrap_or(1);
+            let cut = if first_learnt > 1 {
+                first_learnt
+            } else {
+                (doc_end / 4).clamp(1, 32)
+            };
+            let prompt = &ex.ids[..cut];
+            let out = whet_infer::generate(&model, prompt, &config, &device, |_| true)?;
+            let decode = |ids: &[u32]| p.tokenizer.inner.decode(ids, true).unwrap_or_default();
+            let one: Vec<char> = one_line(&decode(prompt), usize::MAX).chars().collect();
+            let tail: String = one[one.len().saturating_sub(50)..].iter().collect();
+            lines.push(format!("  …{tail:<50} → {}", one_line(&decode(&out), 90)));
+        }
+        Ok(lines)
+    }
+
+    fn total_steps(&self) -> usize {
+        self.run.recipe.training.total_steps(self.p.train.len())
+    }
+
+    fn train(&mut self, observer: &mut dyn crate::Observer) -> Result<crate::TrainSummary> {
+        let run = &self.run;
+        run_training(
+            &mut self.p,
+            &run.recipe,
+            &run.device,
+            observer,
+            run.resume.as_deref(),
+        )
+    }
+
+    fn evaluate(&mut self, _summary: &crate::TrainSummary) -> Result<Outcome> {
+        let p = &self.p;
+        let batch = self.run.recipe.training.per_device_eval_batch_size;
+        let mut out = Outcome::default();
+        for (name, split) in [("eval", &p.validation), ("test", &p.test)] {
+            if let Some(data) = split {
+                let (loss, tokens) = evaluate_lm(&p.model, data, batch, p.pad_id, &self.run.device);
+                out.results
+                    .insert(format!("{name}_loss"), serde_json::json!(loss));
+                out.results
+                    .insert(format!("{name}_perplexity"), serde_json::json!(loss.exp()));
+                out.results
+                    .insert(format!("{name}_tokens"), serde_json::json!(tokens));
+                out.lines.push(format!(
+                    "{name}: loss {loss:.4}, perplexity {:.3} over {tokens} learnt tokens",
+                    loss.exp()
+                ));
+            }
+        }
+        Ok(out)
+    }
+
+    fn save(&self, out: &Path) -> Result<()> {
+        save(&self.p, &self.run.recipe, out)
+    }
+
+    fn counts(&self) -> ParamCounts {
+        self.p.counts
+    }
+
+    fn report(&self) -> Report {
+        Report {
+            unit: "samples",
+            curve_metric: "",
+            adapter: self.p.adapter.is_some(),
+            files: "all_results.json, trainer_state.json, recipe.resolved.toml, loss_curve.png: blue train loss, red eval loss",
+        }
+    }
 }

@@ -1,0 +1,8 @@
+//! The integration tests of `whet-data`, one module per task, linked as one test binary
+//! (`autotests = false` in Cargo.toml): `cargo test -p whet-data --test main <module>::`
+//! runs one module.
+
+mod data;
+mod fuzz;
+mod lm;
+mod qa;

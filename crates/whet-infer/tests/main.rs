@@ -1,0 +1,6 @@
+//! The integration tests of `whet-infer`, one module per task, linked as one test binary
+//! (`autotests = false` in Cargo.toml): `cargo test -p whet-infer --test main <module>::`
+//! runs one module.
+
+mod batch;
+mod generation;

@@ -1,0 +1,472 @@
+//! PPO against a reward model (`task = "ppo"`, issue 6): the RLHF step of InstructGPT, as
+//! `trl`'s `PPOTrainer` (0.x, removed from trl 1.x) runs it. Each iteration
+//! 1. samples responses to a batch of prompts with the policy (KV cache, temperature);
+//! 2. scores prompt + response with a trained reward model (one output);
+//! 3. takes per-token log-probabilities of the policy and of the reference (the base with the
+//!    adapter switched off, or a frozen copy) and values from a value head on the policy's
+//!    last hidden states;
+//! 4. rewards each token with `-kl_coef * (log p - log p_ref)`, the last one also with the score;
+//!    advantages by GAE (`gamma`, `lam`), whitened;
+//! 5. runs `num_ppo_epochs` passes over the rollouts in `num_mini_batches` shuffled minibatches,
+//!    each an optimizer step on the clipped policy loss plus `vf_coef` times the clipped value
+//!    loss.
+//!
+//! Departures from trl 0.19, on purpose: the score goes on the last response token (trl puts it
+//! one position past the EOS, on a padding slot whose value it also trains), and losses average
+//! over the tokens of a whole minibatch rather than each micro-batch. Dropout is off in every
+//! pass (trl's `disable_dropout`), so the first pass of each iteration has ratio 1 exactly.
+//!
+//! The module by concern: [`maths`] (rewards, GAE, whitening, the clipped losses), [`rollout`]
+//! (sampling responses and what the updates need of them), [`scoring`] (the reward model),
+//! [`step`] (PPO's step on the shared loop and its evaluation), [`task`] (`whet train`'s run).
+
+use std::path::{Path, PathBuf};
+
+use burn::module::{Module, Param};
+use burn::tensor::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+use whet_models::weights::{Layout, Visitor, join};
+use whet_models::{CausalLm, CausalModel, Checkpoint, VisitParams};
+use whet_peft::{ParamCounts, PeftConfig};
+
+use crate::causal_lm::LanguageModelling;
+use crate::error::{Result, TrainError};
+use crate::trainer::{Observer, TrainSummary};
+
+pub mod maths;
+pub mod rollout;
+pub mod scoring;
+pub mod step;
+pub mod task;
+
+pub use maths::{PpoLosses, gae, ppo_losses, token_rewards, whiten};
+pub use rollout::Rollout;
+pub use scoring::RewardScorer;
+pub use step::{PolicyEval, Ppo};
+pub use task::PpoTask;
+
+/// The `[ppo]` table of a recipe (the names and defaults of trl's `PPOConfig`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PpoConfig {
+    /// A reward model folder: a one-output `*ForSequenceClassification` (`task =
+    /// "reward-model"` writes one).
+    pub reward_model: PathBuf,
+    /// Passes over each batch of rollouts.
+    #[serde(default = "d_ppo_epochs")]
+    pub num_ppo_epochs: usize,
+    /// Optimizer steps per pass (the rollout batch is cut into this many minibatches).
+    #[serde(default = "d_one")]
+    pub num_mini_batches: usize,
+    /// Weight of the per-token KL penalty to the reference.
+    #[serde(default = "d_kl_coef")]
+    pub kl_coef: f64,
+    /// Clip range of the policy ratio.
+    #[serde(default = "d_clip")]
+    pub cliprange: f64,
+    /// Weight of the value loss.
+    #[serde(default = "d_vf_coef")]
+    pub vf_coef: f64,
+    /// Clip range of the value update.
+    #[serde(default = "d_clip")]
+    pub cliprange_value: f64,
+    #[serde(default = "d_gamma")]
+    pub gamma: f64,
+    /// GAE's lambda.
+    #[serde(default = "d_lam")]
+    pub lam: f64,
+    /// Whiten the rewards (before GAE) too.
+    #[serde(default)]
+    pub whiten_rewards: bool,
+    /// Sampling temperature; log-probabilities are of the tempered distribution, as in trl.
+    #[serde(default = "d_temperature")]
+    pub temperature: f64,
+    /// New tokens per response at most (a response ends at EOS).
+    #[serde(default = "d_response_length")]
+    pub response_length: usize,
+    /// Subtracted from the score of a response that did not reach EOS.
+    #[serde(default)]
+    pub missing_eos_penalty: Option<f64>,
+    /// The prompt column of a table (a table of preference pairs gives its prompts).
+    #[serde(default = "d_prompt_column")]
+    pub prompt_column: String,
+    /// Tokens of prompt + response the reward model reads (the start of a longer text is cut).
+    #[serde(default = "d_reward_max_length")]
+    pub reward_max_length: usize,
+    /// Responses sampled per held-out prompt at each evaluation (their scores are averaged).
+    #[serde(default = "d_one")]
+    pub eval_samples: usize,
+}
+
+fn d_ppo_epochs() -> usize {
+    4
+}
+fn d_one() -> usize {
+    1
+}
+fn d_kl_coef() -> f64 {
+    0.05
+}
+fn d_clip() -> f64 {
+    0.2
+}
+fn d_vf_coef() -> f64 {
+    0.1
+}
+fn d_gamma() -> f64 {
+    1.0
+}
+fn d_lam() -> f64 {
+    0.95
+}
+fn d_temperature() -> f64 {
+    0.7
+}
+fn d_response_length() -> usize {
+    53
+}
+fn d_prompt_column() -> String {
+    "prompt".into()
+}
+fn d_reward_max_length() -> usize {
+    512
+}
+
+// ---------------------------------------------------------------------------------------------
+// The trained model: the policy with a value head.
+
+/// A linear value head on the policy's last hidden states (trl's `ValueHead`: `v_head.summary`,
+/// saved `[1, H]` as PyTorch stores it). Starts at zero: every first value is 0.
+#[derive(Module, Debug)]
+pub struct ValueHead {
+    /// `[H, 1]`.
+    pub weight: Param<Tensor<2>>,
+    /// `[1]`.
+    pub bias: Param<Tensor<1>>,
+}
+
+impl ValueHead {
+    pub fn new(hidden: usize, device: &Device) -> Self {
+        Self {
+            weight: Param::from_tensor(Tensor::zeros([hidden, 1], device)),
+            bias: Param::from_tensor(Tensor::zeros([1], device)),
+        }
+    }
+
+    /// # Shapes
+    /// - x `[N, H]`
+    /// - output `[N]`
+    pub fn forward(&self, x: Tensor<2>) -> Tensor<1> {
+        let n = x.dims()[0];
+        (x.matmul(self.weight.val()) + self.bias.val().reshape([1, 1])).reshape([n])
+    }
+}
+
+/// The policy and its value head, trained together (one optimizer, one checkpoint).
+#[derive(Module, Debug)]
+pub struct PolicyWithValue {
+    pub policy: CausalModel,
+    pub value_head: ValueHead,
+}
+
+impl VisitParams for PolicyWithValue {
+    fn visit_params(&mut self, prefix: &str, v: &mut dyn Visitor) {
+        self.policy.visit_params(prefix, v);
+        v.matrix(
+            &join(prefix, "v_head.summary.weight"),
+            &mut self.value_head.weight,
+            Layout::Transposed,
+        );
+        v.vector(
+            &join(prefix, "v_head.summary.bias"),
+            &mut self.value_head.bias,
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The prompts and the prepared run.
+
+/// A prompt, tokenized (cut to its last `max_length` tokens), and its text.
+#[derive(Debug, Clone)]
+pub struct Prompt {
+    pub ids: Vec<u32>,
+    pub text: String,
+}
+
+/// Everything a PPO run prepared before training.
+pub struct PpoPrepared {
+    pub checkpoint: Checkpoint,
+    pub train: Vec<Prompt>,
+    pub validation: Option<Vec<Prompt>>,
+    pub test: Option<Vec<Prompt>>,
+    pub model: PolicyWithValue,
+    pub counts: ParamCounts,
+    pub adapter: Option<PeftConfig>,
+    /// The step: configuration, tokenizer, reference and reward model.
+    pub objective: Ppo,
+    /// Prompts cut to max_length.
+    pub truncated: usize,
+}
+
+/// The prompts of a data file: a table's `prompt_column`, the prompts of preference pairs, or
+/// BIG-bench task folders; each distinct prompt once, in file order.
+pub fn read_prompts(
+    path: &Path,
+    encoding: whet_data::Encoding,
+    column: &str,
+) -> Result<Vec<String>> {
+    let pairs_only = path.is_dir() || path.file_name().is_some_and(|n| n == "task.json");
+    let texts: Vec<String> = if pairs_only {
+        whet_data::read_pairs(path, encoding)?
+            .into_iter()
+            .map(|p| p.prompt)
+            .collect()
+    } else {
+        let table = whet_data::Table::read(path, encoding)?;
+        if table.rows.is_empty() {
+            return Err(TrainError::dataset(path, "no rows (an empty prompt set)"));
+        }
+        if table.rows[0].1.contains_key(column) {
+            let mut out = Vec::with_capacity(table.rows.len());
+            for (line, row) in &table.rows {
+                match row.get(column) {
+                    Some(serde_json::Value::String(s)) => out.push(s.clone()),
+                    Some(other) => {
+                        return Err(TrainError::row(
+                            format!("{}:{line}", path.display()),
+                            format!("field {column:?} is not text ({other})"),
+                        ));
+                    }
+                    None => {
+                        return Err(TrainError::row(
+                            format!("{}:{line}", path.display()),
+                            format!("no field {column:?} (ppo.prompt_column)"),
+                        ));
+                    }
+                }
+            }
+            out
+        } else if table.rows[0].1.contains_key("chosen") {
+            whet_data::preference::preference_pairs(&table)?
+                .into_iter()
+                .map(|p| p.prompt)
+                .collect()
+        } else {
+            return Err(TrainError::dataset(
+                path,
+                format!("no column {column:?} (ppo.prompt_column) and no preference pairs"),
+            ));
+        }
+    };
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for t in texts {
+        if t.trim().is_empty() {
+            return Err(TrainError::dataset(
+                path,
+                "an empty prompt (PPO continues prompts; pairs need a prompt column)",
+            ));
+        }
+        if seen.insert(t.clone()) {
+            out.push(t);
+        }
+    }
+    if out.is_empty() {
+        return Err(TrainError::dataset(
+            path,
+            "no prompts (an empty prompt set)",
+        ));
+    }
+    Ok(out)
+}
+
+/// Reads the prompts, loads the policy (with the method applied and a value head), the
+/// reference and the reward model.
+pub fn prepare(recipe: &crate::Recipe, device: &Device) -> Result<PpoPrepared> {
+    let d = &recipe.data;
+    let config = recipe.ppo.clone().ok_or_else(|| {
+        TrainError::Recipe("task = \"ppo\" needs a [ppo] table (at least reward_model)".into())
+    })?;
+    let positive = |v: f64, name: &str| -> Result<()> {
+        if v > 0.0 && v.is_finite() {
+            Ok(())
+        } else {
+            Err(TrainError::option(
+                format!("ppo.{name}"),
+                format!("must be positive, got {v}"),
+            ))
+        }
+    };
+    positive(config.temperature, "temperature")?;
+    positive(config.cliprange, "cliprange")?;
+    positive(config.cliprange_value, "cliprange_value")?;
+    if config.num_ppo_epochs == 0 || config.num_mini_batches == 0 || config.response_length == 0 {
+        return Err(TrainError::Recipe(
+            "ppo.num_ppo_epochs, ppo.num_mini_batches and ppo.response_length must be at least 1"
+                .into(),
+        ));
+    }
+    let rollout =
+        recipe.training.per_device_train_batch_size * recipe.training.gradient_accumulation_steps;
+    if !rollout.is_multiple_of(config.num_mini_batches) {
+        return Err(TrainError::option(
+            "ppo.num_mini_batches",
+            format!(
+                "= {} must divide the rollout batch (per_device_train_batch_size \
+                 x gradient_accumulation_steps = {rollout})",
+                config.num_mini_batches
+            ),
+        ));
+    }
+    let enc: whet_data::Encoding = d.encoding.parse().map_err(TrainError::Encoding)?;
+    let read = |p: &Path| read_prompts(p, enc, &config.prompt_column);
+    let all = read(&d.train)?;
+    let validation = d.validation.as_deref().map(read).transpose()?;
+    let test = d.test.as_deref().map(read).transpose()?;
+    let (train, validation, test) = d.parts(all, validation, test)?;
+    if train.is_empty() {
+        return Err(TrainError::dataset(
+            &d.train,
+            "the training split has no prompts",
+        ));
+    }
+    let (checkpoint, tokenizer, pad_id) = crate::causal_lm::open_decoder(recipe, "ppo")?;
+    if d.max_length + config.response_length > checkpoint.max_positions() {
+        return Err(TrainError::Recipe(format!(
+            "data.max_length ({}) + ppo.response_length ({}) exceeds the model's {} positions",
+            d.max_length,
+            config.response_length,
+            checkpoint.max_positions()
+        )));
+    }
+    let mut truncated = 0;
+    // A prompt is continued, so by default it keeps its end.
+    let side = d.side(whet_data::Side::Left);
+    let mut encode = |texts: Vec<String>| -> Result<Vec<Prompt>> {
+        let mut prompts = Vec::with_capacity(texts.len());
+        for text in texts {
+            let mut ids = tokenizer.encode(&text, true)?;
+            if ids.len() > d.max_length {
+                truncated += 1;
+                match side {
+                    whet_data::Side::Left => drop(ids.drain(..ids.len() - d.max_length)),
+                    whet_data::Side::Right => ids.truncate(d.max_length),
+                }
+            }
+            prompts.push(Prompt { ids, text });
+        }
+        Ok(prompts)
+    };
+    let train = encode(train)?;
+    let validation = validation.map(&mut encode).transpose()?;
+    let test = test.map(&mut encode).transpose()?;
+    let reward = RewardScorer::open(&config.reward_model, config.reward_max_length)?;
+    let mut policy = checkpoint.load_causal_lm(device)?;
+    let frozen = (recipe.method == crate::Method::Full).then(|| policy.valid());
+    let (mut counts, adapter) =
+        crate::causal_lm::apply_decoder_method(&mut policy, recipe, &tokenizer, device)?;
+    let hidden = checkpoint_hidden(&checkpoint);
+    counts.trainable += hidden + 1;
+    counts.all += hidden + 1;
+    let mut eos = checkpoint.eos_token_ids();
+    if eos.is_empty()
+        && let Some(e) = &tokenizer.eos
+    {
+        eos.push(e.id);
+    }
+    let lm = LanguageModelling {
+        pad_id,
+        soft_prompt: policy.virtual_positions(),
+    };
+    Ok(PpoPrepared {
+        checkpoint,
+        train,
+        validation,
+        test,
+        model: PolicyWithValue {
+            policy,
+            value_head: ValueHead::new(hidden, device),
+        },
+        counts,
+        adapter,
+        objective: Ppo {
+            config,
+            tokenizer,
+            frozen,
+            reward,
+            pad_id,
+            eos,
+            eval_seed: recipe.training.seed.wrapping_add(0x5eed),
+            lm,
+        },
+        truncated,
+    })
+}
+
+fn checkpoint_hidden(ck: &Checkpoint) -> usize {
+    crate::plan::ModelDims::of(ck).hidden
+}
+
+impl PpoPrepared {
+    /// Runs PPO on the shared loop (from a checkpoint folder when `resume` names one). One step
+    /// of the summary is one iteration: a rollout batch and its `num_ppo_epochs x
+    /// num_mini_batches` updates.
+    pub fn run_training(
+        &mut self,
+        recipe: &crate::Recipe,
+        device: &Device,
+        observer: &mut dyn Observer,
+        resume: Option<&Path>,
+    ) -> Result<TrainSummary> {
+        crate::trainer::train(
+            &self.objective,
+            &mut self.model,
+            &self.train,
+            self.validation.as_deref(),
+            &recipe.training,
+            device,
+            observer,
+            resume,
+        )
+    }
+
+    /// Scores the policy's responses to `prompts` (`eval_samples` each, sampled with `seed`).
+    pub fn evaluate(
+        &self,
+        prompts: &[Prompt],
+        seed: u64,
+        batch: usize,
+        device: &Device,
+    ) -> Result<PolicyEval> {
+        self.objective
+            .evaluate_policy(&self.model, prompts, seed, batch, device)
+    }
+
+    /// Writes the policy (a peft `CAUSAL_LM` adapter or a transformers folder, with the
+    /// tokenizer) and `value_head.safetensors` (trl's `v_head.summary.weight` `[1, H]` and
+    /// `v_head.summary.bias`).
+    pub fn save(&self, recipe: &crate::Recipe, out: &Path) -> Result<()> {
+        crate::causal_lm::save_decoder(
+            &self.checkpoint,
+            &self.objective.tokenizer,
+            &self.model.policy,
+            self.adapter.as_ref(),
+            recipe,
+            out,
+        )?;
+        let hidden = self.model.value_head.weight.val().dims()[0];
+        let w = maths::values(self.model.value_head.weight.val().reshape([hidden]));
+        let b = maths::values(self.model.value_head.bias.val());
+        let h = w.len();
+        whet_models::weights::write_safetensors(
+            &out.join("value_head.safetensors"),
+            &[
+                ("v_head.summary.weight".to_string(), vec![1, h], w),
+                ("v_head.summary.bias".to_string(), vec![1], b),
+            ],
+            None,
+        )?;
+        Ok(())
+    }
+}

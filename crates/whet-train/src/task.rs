@@ -1,0 +1,133 @@
+//! One fine-tuning task, as `whet train` drives it: [`open`] reads the recipe's task once and
+//! prepares that task's data and model; the [`Task`] then describes itself, plans its memory,
+//! shows a few predictions or samples, trains on the shared loop ([`crate::trainer`]),
+//! evaluates its held-out splits and saves. The CLI has one driver over this trait; a new task
+//! is one implementation of it and one arm in [`open`].
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::Device;
+use whet_peft::ParamCounts;
+
+use crate::error::Result;
+use crate::plan::MemoryPlan;
+use crate::recipe::{Recipe, TaskKind as Kind};
+use crate::trainer::{Observer, TrainSummary};
+
+/// A prepared task: its data tokenized, its model loaded with the method applied.
+pub trait Task {
+    /// The header of a run: model, method, data sizes, trainable parameters.
+    fn describe(&self) -> Vec<String>;
+    /// The predicted peak memory of a training step; None where the plan does not cover the
+    /// task.
+    fn plan(&mut self) -> Option<MemoryPlan>;
+    /// Writes the splits as used, as JSONL files in `dir`, where the task keeps them (so another
+    /// tool can repeat the run).
+    fn write_data(&self, _dir: &Path) -> Result<()> {
+        Ok(())
+    }
+    /// A few predictions or samples on held-out data, before (`before`) or after training, as
+    /// lines to print.
+    fn sample(&mut self, _before: bool) -> Result<Vec<String>> {
+        Ok(vec![])
+    }
+    /// The optimizer steps the run takes.
+    fn total_steps(&self) -> usize;
+    /// Class names, for the evaluation tables of classification; empty elsewhere.
+    fn labels(&self) -> Vec<String> {
+        vec![]
+    }
+    /// Trains on the shared loop, from the checkpoint [`open`] was given when there is one.
+    fn train(&mut self, observer: &mut dyn Observer) -> Result<TrainSummary>;
+    /// Evaluates the held-out splits after training.
+    fn evaluate(&mut self, summary: &TrainSummary) -> Result<Outcome>;
+    /// Saves the model (a `transformers` folder) or the adapter (peft's files) and the task's
+    /// own files into `out`.
+    fn save(&self, out: &Path) -> Result<()>;
+    /// Trainable and total parameters, as peft counts them.
+    fn counts(&self) -> ParamCounts;
+    /// How the run reports itself.
+    fn report(&self) -> Report;
+    /// Charts beyond the loss curve (PPO's reward and KL).
+    fn charts(&self, _summary: &TrainSummary) -> Vec<Chart> {
+        vec![]
+    }
+}
+
+/// What evaluation after training found.
+#[derive(Debug, Clone, Default)]
+pub struct Outcome {
+    /// `eval_*` and `test_*` entries of `all_results.json`.
+    pub results: serde_json::Map<String, serde_json::Value>,
+    /// Lines to print at the end of the run.
+    pub lines: Vec<String>,
+}
+
+/// How a run of a task reports itself.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// What throughput counts: "samples", "pairs", "windows", "responses".
+    pub unit: &'static str,
+    /// The evaluation metric drawn on the loss curve (empty: none).
+    pub curve_metric: &'static str,
+    /// Whether the output folder holds a peft adapter rather than a full model.
+    pub adapter: bool,
+    /// The files the run leaves beyond the model, for the closing line.
+    pub files: &'static str,
+}
+
+/// A line chart: named series of `(x, y)` points.
+#[derive(Debug, Clone)]
+pub struct Chart {
+    /// File name in the output folder.
+    pub file: &'static str,
+    pub x_label: &'static str,
+    pub series: Vec<Series>,
+}
+
+/// One line of a chart.
+#[derive(Debug, Clone)]
+pub struct Series {
+    pub name: String,
+    pub points: Vec<(f64, f64)>,
+    /// RGB.
+    pub color: [u8; 3],
+}
+
+/// Where a run starts: the recipe, the device, and the checkpoint to resume from.
+#[derive(Debug, Clone)]
+pub struct Run {
+    pub recipe: Recipe,
+    pub device: Device,
+    pub resume: Option<PathBuf>,
+}
+
+/// Prepares the task the recipe names: the one place that dispatches on the task kind.
+pub fn open(run: Run) -> Result<Box<dyn Task>> {
+    Ok(match run.recipe.task {
+        Kind::SequenceClassification | Kind::MultiLabelClassification => {
+            Box::new(crate::classification::ClassificationTask::open(run)?)
+        }
+        Kind::CausalLm => Box::new(crate::causal_lm::CausalLmTask::open(run)?),
+        Kind::QuestionAnswering => {
+            Box::new(crate::question_answering::QuestionAnsweringTask::open(run)?)
+        }
+        Kind::RewardModel => Box::new(crate::reward::RewardTask::open(run)?),
+        Kind::Dpo => Box::new(crate::dpo::DpoTask::open(run)?),
+        Kind::Ppo => Box::new(crate::ppo::PpoTask::open(run)?),
+    })
+}
+
+/// Text on one line, cut to `n` characters with an ellipsis.
+pub fn one_line(s: &str, n: usize) -> String {
+    let one_line: String = s.split_whitespace().collect::<Vec<_>>().join(" ");
+    if one_line.chars().count() <= n {
+        one_line
+    } else {
+        one_line
+            .chars()
+            .take(n.saturating_sub(1))
+            .collect::<String>()
+            + "…"
+    }
+}

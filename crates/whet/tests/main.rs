@@ -1,0 +1,7 @@
+//! The integration tests of `whet`, one module per task, linked as one test binary
+//! (`autotests = false` in Cargo.toml): `cargo test -p whet --test main <module>::`
+//! runs one module.
+
+mod cli;
+mod common;
+mod train_cli;
