@@ -7,13 +7,15 @@
 #   diff before.txt after.txt
 #
 # Timing fields (runtime, throughput, peak memory) are dropped from all_results.json and
-# trainer_state.json before hashing; every other byte counts. Needs the assets of
+# trainer_state.json, and OUTPUT_DIR stands for the output folder in recipe.resolved.toml,
+# before hashing; every other byte counts. `--hash-only OUTPUT_DIR` hashes a finished run. Needs the assets of
 # scripts/fetch_assets.sh (all of them) and jq.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-out=${1:?usage: recipe_outputs.sh OUTPUT_DIR}
+hash_only=false
+if [ "${1:-}" = --hash-only ]; then hash_only=true; shift; fi
+out=${1:?usage: recipe_outputs.sh [--hash-only] OUTPUT_DIR}
 whet=${WHET:-target/debug/whet}
-rm -rf "$out" && mkdir -p "$out"
 run() {
   local name=$1; shift
   "$whet" train "recipes/$name.toml" --set "training.output_dir=\"$out/$name\"" \
@@ -21,6 +23,8 @@ run() {
     || { echo "$name failed:" >&2; tail -20 "$out/$name.log" >&2; exit 1; }
 }
 small='data.split={ train = 48, validation = 16, test = 16, seed = 42 }'
+if ! $hash_only; then
+rm -rf "$out" && mkdir -p "$out"
 run tweets-lora --set "$small" --set training.per_device_eval_batch_size=16
 run hhh-reward --set "$small" --set training.save_strategy='"steps"' --set training.save_steps=1
 run hhh-dpo --set "$small" --set training.per_device_train_batch_size=4
@@ -28,6 +32,7 @@ run hhh-ppo --set "$small" --set "ppo.reward_model=\"$out/hhh-reward\"" \
   --set training.per_device_train_batch_size=4 --set training.eval_steps=1 --set training.save_steps=1
 run smollm2-dates-lora --set "$small" --set training.per_device_train_batch_size=4
 run smollm2-hamlet --set training.per_device_train_batch_size=2
+fi
 timing='runtime|per_second|peak_rss'
 find "$out" -mindepth 2 -type f | sort | while read -r f; do
   rel=${f#"$out"/}
@@ -37,6 +42,8 @@ find "$out" -mindepth 2 -type f | sort | while read -r f; do
     */trainer_state.json)
       jq -S "walk(if type == \"object\" then with_entries(select(.key | test(\"$timing\") | not)) else . end)" "$f" \
         | sha256sum | sed "s|-\$|$rel|" ;;
+    */recipe.resolved.toml)
+      sed "s|$out|OUTPUT_DIR|g" "$f" | sha256sum | sed "s|-\$|$rel|" ;;
     *) (cd "$out" && sha256sum "$rel") ;;
   esac
 done

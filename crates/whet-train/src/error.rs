@@ -107,12 +107,6 @@ pub enum TrainError {
     /// The model lacks what the task needs (a pad or EOS token, a one-output head).
     #[error("{0}")]
     Unsuitable(String),
-    /// A saved classifier whose head was never trained.
-    #[error(
-        "{path} has no trained classification head (missing {}); train it first with `whet train`",
-        .missing.join(", ")
-    )]
-    UntrainedHead { path: PathBuf, missing: Vec<String> },
     /// The PPO reward model (`ppo.reward_model`) cannot be used.
     #[error("ppo.reward_model {path}: {source}")]
     RewardModel {
@@ -141,9 +135,6 @@ pub enum TrainError {
     /// There is nothing to train on.
     #[error("the training split is empty")]
     EmptyTrainingSplit,
-    /// A question-answering context without a token an answer could be.
-    #[error("the context holds no token to answer with")]
-    EmptyContext,
 
     // -- Models, adapters, tokenizers, files. -----------------------------------------------
     /// Loading, running or writing a model failed (whet-models).
@@ -161,9 +152,6 @@ pub enum TrainError {
     /// The `tokenizers` library failed (serialising a tokenizer, offsets of a text).
     #[error("{0}")]
     Tokenizer(Box<dyn std::error::Error + Send + Sync>),
-    /// Tensor values cannot be read back.
-    #[error("{0:?}")]
-    TensorData(burn::tensor::DataError),
     /// A file or folder cannot be read or written.
     #[error("{path}: {source}")]
     Io {
