@@ -17,7 +17,7 @@ use whet_models::VisitParams;
 use whet_models::config::Activation;
 use whet_models::layers::Bottleneck;
 
-use crate::lora::LoraReport;
+use crate::AdapterReport;
 use crate::{
     PREFIX, PeftError, Result, attach_each, collect_tensors, freeze_all_but, write_adapter,
 };
@@ -99,7 +99,7 @@ pub fn apply_bottleneck<M: VisitParams>(
     model: &mut M,
     config: &BottleneckConfig,
     device: &Device,
-) -> Result<LoraReport> {
+) -> Result<AdapterReport> {
     if config.reduction_factor == 0 {
         return Err(PeftError::Config(
             "bottleneck reduction_factor must be at least 1".into(),
@@ -144,7 +144,10 @@ pub fn save_adapter<M: VisitParams + Clone>(
     let tensors = collect_tensors(model, &config.modules_to_save);
     let targets: Vec<&str> = tensors
         .iter()
-        .filter_map(|(key, _, _)| key.strip_prefix(PREFIX)?.strip_suffix(".adapter_down.weight"))
+        .filter_map(|(key, _, _)| {
+            key.strip_prefix(PREFIX)?
+                .strip_suffix(".adapter_down.weight")
+        })
         .collect();
     let json = serde_json::json!({
         "peft_type": "BOTTLENECK",

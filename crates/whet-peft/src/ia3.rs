@@ -16,10 +16,9 @@ use serde::{Deserialize, Serialize};
 use whet_models::layers::{Ia3, Linear, LinearWeight};
 use whet_models::{VisitParams, Visitor};
 
-use crate::lora::LoraReport;
+use crate::AdapterReport;
 use crate::{
-    PeftError, Result, attach_each, collect_tensors, freeze_all_but,
-    matches_target, write_adapter,
+    PeftError, Result, attach_each, collect_tensors, freeze_all_but, matches_target, write_adapter,
 };
 
 /// IA3 hyper-parameters, named and defaulted as `peft.IA3Config`.
@@ -82,7 +81,7 @@ pub fn apply_ia3<M: VisitParams>(
     model: &mut M,
     config: &Ia3Config,
     device: &Device,
-) -> Result<LoraReport> {
+) -> Result<AdapterReport> {
     config.validate()?;
     let targeted = attach_each(model, &mut |name, layer| {
         if !matches_target(name, &config.target_modules) {

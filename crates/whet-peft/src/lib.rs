@@ -14,10 +14,7 @@ pub mod prompt;
 
 pub use bottleneck::{BottleneckConfig, BottleneckKind, apply_bottleneck};
 pub use ia3::{Ia3Config, apply_ia3, merge_ia3};
-pub use lora::{
-    LoraConfig, LoraReport, apply_lora, for_each_adapter, merge_lora, save_adapter,
-    set_adapters_enabled,
-};
+pub use lora::{LoraConfig, apply_lora, for_each_adapter, merge_lora, save_adapter};
 pub use prompt::{PrefixTuningConfig, PromptConfig, PromptInit, PromptTuningConfig, apply_prompt};
 
 use std::collections::HashMap;
@@ -26,9 +23,7 @@ use std::path::Path;
 use burn::module::Param;
 use burn::tensor::{Device, Tensor, TensorData};
 use whet_models::layers::{Linear, is_adapter_param};
-use whet_models::weights::{
-    Layout, SafetensorsSource, TensorSource, write_safetensors,
-};
+use whet_models::weights::{Layout, SafetensorsSource, TensorSource, write_safetensors};
 use whet_models::{ExportParams, VisitParams, Visitor};
 
 /// An adapter method's configuration, as `peft` writes it in `adapter_config.json`.
@@ -46,7 +41,7 @@ pub enum PeftConfig {
 
 impl PeftConfig {
     /// Attaches fresh adapters and freezes the rest (see [`apply_lora`], [`apply_ia3`]).
-    pub fn apply<M: VisitParams>(&self, model: &mut M, device: &Device) -> Result<LoraReport> {
+    pub fn apply<M: VisitParams>(&self, model: &mut M, device: &Device) -> Result<AdapterReport> {
         match self {
             PeftConfig::Lora(c) => apply_lora(model, c, device),
             PeftConfig::Ia3(c) => apply_ia3(model, c, device),
@@ -260,11 +255,11 @@ pub(crate) fn freeze_all_but<M: VisitParams>(
     model: &mut M,
     modules_to_save: &[String],
     targeted: Vec<String>,
-) -> lora::LoraReport {
+) -> AdapterReport {
     let trainable = |name: &str| in_modules(name, modules_to_save);
     set_trainable(model, &trainable);
-    let counts = lora::count(model, modules_to_save, &trainable);
-    lora::LoraReport { targeted, counts }
+    let counts = count(model, modules_to_save, &trainable);
+    AdapterReport { targeted, counts }
 }
 
 /// Key prefix of every tensor in a peft adapter file.
@@ -381,7 +376,8 @@ fn fill<M: VisitParams>(model: &mut M, reader: &mut Reader, prefix: &str) {
             let key = format!("{}{name}", self.prefix);
             if self.reader.source.shape(&key).is_none() {
                 if is_adapter_param(name) {
-                    self.reader.fail(format!("no tensor {key} for the adapter of this model"));
+                    self.reader
+                        .fail(format!("no tensor {key} for the adapter of this model"));
                 }
                 return None;
             }
@@ -414,6 +410,86 @@ fn fill<M: VisitParams>(model: &mut M, reader: &mut Reader, prefix: &str) {
         }
     }
     model.visit_params("", &mut Fill { reader, prefix });
+}
+
+/// What attaching an adapter did.
+#[derive(Debug, Clone)]
+pub struct AdapterReport {
+    /// Names of the adapted modules.
+    pub targeted: Vec<String>,
+    /// Trainable and total parameters, counted as `peft` counts them.
+    pub counts: ParamCounts,
+}
+
+/// Counts as `peft` does: adapters and trainable base parameters are trainable; "all" adds the
+/// adapters and a second copy of every `modules_to_save` parameter (peft keeps the original
+/// and trains a copy).
+pub(crate) fn count<M: VisitParams>(
+    model: &mut M,
+    modules_to_save: &[String],
+    trainable: &dyn Fn(&str) -> bool,
+) -> ParamCounts {
+    struct Count<'a> {
+        modules_to_save: &'a [String],
+        trainable: &'a dyn Fn(&str) -> bool,
+        c: ParamCounts,
+    }
+    impl Count<'_> {
+        fn add(&mut self, name: &str, n: usize) {
+            self.c.all += n;
+            if is_adapter_param(name) || (self.trainable)(name) {
+                self.c.trainable += n;
+            }
+            if in_modules(name, self.modules_to_save) {
+                self.c.all += n;
+            }
+        }
+    }
+    impl Visitor for Count<'_> {
+        fn vector(&mut self, name: &str, p: &mut Param<Tensor<1>>) {
+            self.add(name, p.shape().num_elements());
+        }
+        fn matrix(&mut self, name: &str, p: &mut Param<Tensor<2>>, _: Layout) {
+            self.add(name, p.shape().num_elements());
+        }
+        fn quantized(&mut self, _: &str, m: &whet_models::quant::QuantMatrix) {
+            // Counted as the weights it stands for (peft counts a bitsandbytes 4-bit tensor by
+            // its logical size too: numel × 2 of the packed bytes).
+            self.c.all += m.num_elements();
+        }
+    }
+    let mut v = Count {
+        modules_to_save,
+        trainable,
+        c: ParamCounts {
+            trainable: 0,
+            all: 0,
+        },
+    };
+    model.visit_params("", &mut v);
+    v.c
+}
+
+/// Switches every adapter (LoRA, IA3, bottleneck, virtual tokens) on or off (peft's
+/// `disable_adapter` context).
+pub fn set_adapters_enabled<M: VisitParams>(model: &mut M, enabled: bool) {
+    prompt::set_enabled(model, enabled);
+    struct Switch(bool);
+    impl Visitor for Switch {
+        fn linear(&mut self, _: &str, layer: &mut Linear) -> bool {
+            if let Some(a) = &mut layer.adapter {
+                a.enabled = self.0;
+            }
+            if let Some(l) = &mut layer.ia3 {
+                l.enabled = self.0;
+            }
+            if let Some(b) = &mut layer.bottleneck {
+                b.enabled = self.0;
+            }
+            true
+        }
+    }
+    model.visit_params("", &mut Switch(enabled));
 }
 
 /// Errors of this crate.

@@ -12,13 +12,12 @@ use std::path::Path;
 use burn::module::Param;
 use burn::tensor::{Device, Distribution, Tensor};
 use serde::{Deserialize, Serialize};
-use whet_models::layers::{Linear, LinearWeight, LowRank, is_adapter_param};
-use whet_models::weights::Layout;
+use whet_models::layers::{Linear, LinearWeight, LowRank};
 use whet_models::{VisitParams, Visitor};
 
 use crate::{
-    ParamCounts, PeftError, Result, attach_each, collect_tensors, in_modules,
-    matches_target, set_trainable, write_adapter,
+    AdapterReport, PeftError, Result, attach_each, collect_tensors, in_modules, matches_target,
+    set_trainable, write_adapter,
 };
 
 /// LoRA hyper-parameters, named and defaulted as `peft.LoraConfig`.
@@ -94,15 +93,6 @@ impl LoraConfig {
     }
 }
 
-/// What [`apply_lora`] did.
-#[derive(Debug, Clone)]
-pub struct LoraReport {
-    /// Names of the adapted modules.
-    pub targeted: Vec<String>,
-    /// Trainable and total parameters, counted as `peft` counts them.
-    pub counts: ParamCounts,
-}
-
 /// Attaches fresh LoRA adapters to the layers `config.target_modules` names, freezes every
 /// other parameter except `modules_to_save` (and biases as `config.bias` says), and returns
 /// the adapted modules and the parameter counts.
@@ -110,7 +100,7 @@ pub fn apply_lora<M: VisitParams>(
     model: &mut M,
     config: &LoraConfig,
     device: &Device,
-) -> Result<LoraReport> {
+) -> Result<AdapterReport> {
     config.validate()?;
     let targeted = attach_each(model, &mut |name, layer| {
         if !matches_target(name, &config.target_modules) {
@@ -150,57 +140,8 @@ pub fn apply_lora<M: VisitParams>(
                 })
     };
     set_trainable(model, &trainable);
-    let counts = count(model, &config.modules_to_save, &trainable);
-    Ok(LoraReport { targeted, counts })
-}
-
-/// Counts as `peft` does: adapters and trainable base parameters are trainable; "all" adds the
-/// adapters and a second copy of every `modules_to_save` parameter (peft keeps the original
-/// and trains a copy).
-pub(crate) fn count<M: VisitParams>(
-    model: &mut M,
-    modules_to_save: &[String],
-    trainable: &dyn Fn(&str) -> bool,
-) -> ParamCounts {
-    struct Count<'a> {
-        modules_to_save: &'a [String],
-        trainable: &'a dyn Fn(&str) -> bool,
-        c: ParamCounts,
-    }
-    impl Count<'_> {
-        fn add(&mut self, name: &str, n: usize) {
-            self.c.all += n;
-            if is_adapter_param(name) || (self.trainable)(name) {
-                self.c.trainable += n;
-            }
-            if in_modules(name, self.modules_to_save) {
-                self.c.all += n;
-            }
-        }
-    }
-    impl Visitor for Count<'_> {
-        fn vector(&mut self, name: &str, p: &mut Param<Tensor<1>>) {
-            self.add(name, p.shape().num_elements());
-        }
-        fn matrix(&mut self, name: &str, p: &mut Param<Tensor<2>>, _: Layout) {
-            self.add(name, p.shape().num_elements());
-        }
-        fn quantized(&mut self, _: &str, m: &whet_models::quant::QuantMatrix) {
-            // Counted as the weights it stands for (peft counts a bitsandbytes 4-bit tensor by
-            // its logical size too: numel × 2 of the packed bytes).
-            self.c.all += m.num_elements();
-        }
-    }
-    let mut v = Count {
-        modules_to_save,
-        trainable,
-        c: ParamCounts {
-            trainable: 0,
-            all: 0,
-        },
-    };
-    model.visit_params("", &mut v);
-    v.c
+    let counts = crate::count(model, &config.modules_to_save, &trainable);
+    Ok(AdapterReport { targeted, counts })
 }
 
 /// The `adapter_config.json` peft writes, with whet's values.
@@ -287,26 +228,4 @@ pub fn for_each_adapter<M: VisitParams>(model: &mut M, f: &mut dyn FnMut(&str, &
         }
     }
     model.visit_params("", &mut Each(f));
-}
-
-/// Switches every adapter (LoRA, IA3, bottleneck, virtual tokens) on or off (peft's
-/// `disable_adapter` context).
-pub fn set_adapters_enabled<M: VisitParams>(model: &mut M, enabled: bool) {
-    crate::prompt::set_enabled(model, enabled);
-    struct Switch(bool);
-    impl Visitor for Switch {
-        fn linear(&mut self, _: &str, layer: &mut Linear) -> bool {
-            if let Some(a) = &mut layer.adapter {
-                a.enabled = self.0;
-            }
-            if let Some(l) = &mut layer.ia3 {
-                l.enabled = self.0;
-            }
-            if let Some(b) = &mut layer.bottleneck {
-                b.enabled = self.0;
-            }
-            true
-        }
-    }
-    model.visit_params("", &mut Switch(enabled));
 }

@@ -22,7 +22,7 @@ use whet_models::prompt::{PromptEncoder, PromptKind, PromptShape, PromptSlot};
 use whet_models::weights::{SafetensorsSource, TensorSource, tensor_values};
 use whet_models::{VisitParams, Visitor};
 
-use crate::lora::LoraReport;
+use crate::AdapterReport;
 use crate::{PeftError, Reader, Result, SavedTensor, in_modules, write_adapter};
 
 /// Key prefix of `modules_to_save` tensors in a prompt-learning adapter file.
@@ -260,7 +260,7 @@ pub fn apply_prompt<M: VisitParams>(
     model: &mut M,
     config: &PromptConfig,
     device: &Device,
-) -> Result<LoraReport> {
+) -> Result<AdapterReport> {
     config.validate()?;
     with_slot(model, &mut |slot| {
         let encoder = new_encoder(
@@ -275,8 +275,8 @@ pub fn apply_prompt<M: VisitParams>(
     let modules = config.modules_to_save().to_vec();
     let trainable = |name: &str| is_prompt_param(name) || in_modules(name, &modules);
     crate::set_trainable(model, &trainable);
-    let counts = crate::lora::count(model, &modules, &trainable);
-    Ok(LoraReport {
+    let counts = crate::count(model, &modules, &trainable);
+    Ok(AdapterReport {
         targeted: vec!["prompt_encoder".into()],
         counts,
     })

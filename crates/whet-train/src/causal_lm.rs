@@ -435,7 +435,9 @@ pub fn apply_decoder_method(
     Ok(match recipe.method {
         Method::Full => (crate::method::full(model), None),
         Method::Head => {
-            return Err(TrainError::NoHead { task: recipe.task });
+            return Err(TrainError::NoHead {
+                task: format!("{:?}", recipe.task),
+            });
         }
         Method::Lora
         | Method::Qlora
@@ -661,7 +663,17 @@ impl Task for CausalLmTask {
     }
 
     fn plan(&mut self) -> Option<crate::plan::MemoryPlan> {
-        Some(crate::plan::for_causal_lm(&mut self.p, &self.run.recipe))
+        let p = &mut self.p;
+        let lens = p.train.iter().map(crate::plan::lm_lens).collect();
+        let args = &self.run.recipe.training;
+        Some(crate::plan::plan_of(
+            &p.checkpoint,
+            &mut p.model,
+            args,
+            lens,
+            true,
+            1,
+        ))
     }
 
     fn write_data(&self, dir: &Path) -> Result<()> {

@@ -9,20 +9,9 @@
 use std::collections::BTreeMap;
 
 use crate::error::{Result, TrainError};
+pub use crate::recipe::{DpoConfig, DpoLossType};
 use burn::tensor::Tensor;
 use burn::tensor::activation::log_sigmoid;
-use serde::{Deserialize, Serialize};
-
-/// Which DPO loss (`loss_type` of `DPOConfig`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum DpoLossType {
-    /// The DPO paper's loss.
-    #[default]
-    Sigmoid,
-    /// Identity preference optimisation (Azar et al. 2023), length-normalised as trl does.
-    Ipo,
-}
 
 /// Sequence log-probabilities of a batch: `[2B]`, chosen rows first.
 #[derive(Debug, Clone)]
@@ -129,36 +118,6 @@ use whet_peft::{ParamCounts, PeftConfig};
 use crate::causal_lm::{LanguageModelling, LmBatch};
 use crate::task::{Outcome, Report, Task};
 use crate::trainer::{BatchCounts, Evaluation, Objective};
-
-/// The `[dpo]` table of a recipe (`DPOConfig`'s names and defaults).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DpoConfig {
-    /// How far the policy may move from the reference (the KL weight).
-    #[serde(default = "default_beta")]
-    pub beta: f64,
-    #[serde(default)]
-    pub loss_type: DpoLossType,
-    /// Computes the reference's log-probabilities once, before training, instead of one extra
-    /// forward pass per step (trl's `precompute_ref_log_probs`). The reference is frozen and
-    /// runs in evaluation mode, so both give the same numbers.
-    #[serde(default)]
-    pub precompute_ref_log_probs: bool,
-}
-
-fn default_beta() -> f64 {
-    0.1
-}
-
-impl Default for DpoConfig {
-    fn default() -> Self {
-        Self {
-            beta: default_beta(),
-            loss_type: DpoLossType::default(),
-            precompute_ref_log_probs: false,
-        }
-    }
-}
 
 /// A tokenized pair: prompt + chosen and prompt + rejected, the answer tokens learnt.
 #[derive(Debug, Clone)]
@@ -723,7 +682,26 @@ impl Task for DpoTask {
     }
 
     fn plan(&mut self) -> Option<crate::plan::MemoryPlan> {
-        Some(crate::plan::for_dpo(&mut self.p, &self.run.recipe))
+        let p = &mut self.p;
+        let lens = p
+            .train
+            .iter()
+            .flat_map(|e| {
+                [
+                    crate::plan::lm_lens(&e.chosen),
+                    crate::plan::lm_lens(&e.rejected),
+                ]
+            })
+            .collect();
+        let args = &self.run.recipe.training;
+        let mut plan = crate::plan::plan_of(&p.checkpoint, &mut p.model, args, lens, true, 2);
+        // Full training keeps the frozen reference's weights once more (the trained ones part
+        // from them at the first update).
+        if matches!(p.objective.reference, Reference::Frozen(_)) {
+            plan.weights *= 2;
+            plan.total += plan.weights / 2;
+        }
+        Some(plan)
     }
 
     fn write_data(&self, dir: &Path) -> Result<()> {
@@ -758,7 +736,8 @@ impl Task for DpoTask {
         let mut out = Outcome::default();
         for (name, split) in [("eval", &p.validation), ("test", &p.test)] {
             if let Some(split) = split {
-                let e = Objective::evaluate(&p.objective, &p.model, split, batch, &self.run.device)?;
+                let e =
+                    Objective::evaluate(&p.objective, &p.model, split, batch, &self.run.device)?;
                 out.results.extend(e.results(name));
                 out.lines.push(format!(
                     "{name}: loss {:.4}, reward accuracy {:.4}, mean margin {:.3} ({} pairs)",

@@ -103,7 +103,8 @@ pub enum TrainError {
     #[error(
         "method = \"head\" trains a new classification head; {task:?} has none (use full or lora)"
     )]
-    NoHead { task: crate::TaskKind },
+    /// The task, as the recipe's `Debug` names it (`CausalLm`).
+    NoHead { task: String },
     /// The model lacks what the task needs (a pad or EOS token, a one-output head).
     #[error("{0}")]
     Unsuitable(String),
@@ -182,7 +183,7 @@ pub enum TrainError {
         step: usize,
         value: f64,
     },
-    /// DPO's `Precomputed` reference used before [`crate::dpo::Dpo::precompute`] filled it.
+    /// DPO's `Precomputed` reference used before DPO's `precompute` filled it.
     #[error("reference log-probabilities were not precomputed")]
     NotPrecomputed,
 }

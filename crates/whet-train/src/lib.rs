@@ -21,13 +21,29 @@ pub mod task;
 pub mod trainer;
 
 pub use args::{Strategy, TrainingArguments};
+pub use classification::objective::{evaluate, optimizer_step, train_classifier};
 pub use error::{Result, TrainError};
 pub use optim::{Optimizer, OptimizerKind};
 pub use recipe::{Method, Recipe, TaskKind};
-pub use task::{Task, open};
 pub use schedule::{Schedule, lr_factor};
-pub use classification::objective::{evaluate, optimizer_step, train_classifier};
+pub use task::{Run, Task};
 pub use trainer::{
     BatchCounts, EvalLog, Evaluation, Objective, Observer, Silent, StepAt, StepLog, StepResult,
     TrainStep, TrainSummary,
 };
+
+/// Prepares the task the recipe names: the one place that dispatches on the task kind.
+pub fn open(run: Run) -> Result<Box<dyn Task>> {
+    Ok(match run.recipe.task {
+        TaskKind::SequenceClassification | TaskKind::MultiLabelClassification => {
+            Box::new(crate::classification::ClassificationTask::open(run)?)
+        }
+        TaskKind::CausalLm => Box::new(crate::causal_lm::CausalLmTask::open(run)?),
+        TaskKind::QuestionAnswering => {
+            Box::new(crate::question_answering::QuestionAnsweringTask::open(run)?)
+        }
+        TaskKind::RewardModel => Box::new(crate::reward::RewardTask::open(run)?),
+        TaskKind::Dpo => Box::new(crate::dpo::DpoTask::open(run)?),
+        TaskKind::Ppo => Box::new(crate::ppo::PpoTask::open(run)?),
+    })
+}

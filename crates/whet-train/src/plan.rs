@@ -377,35 +377,35 @@ fn data_bytes(tokens: usize) -> u64 {
     24 * tokens as u64
 }
 
-/// The plan of a run over `lens` (each training example's length and learnt tokens).
-fn plan_of<M: VisitParams>(
+/// The plan of a run over `lens` (each training example's length and learnt tokens);
+/// `lm_head`: the model predicts every token's next token (causal LM, DPO), so the logits of
+/// the learnt tokens count too. `rows_per_example`: 2 for pairs, which run as chosen and
+/// rejected rows in one batch.
+pub fn plan_of<M: VisitParams>(
     checkpoint: &Checkpoint,
     model: &mut M,
-    recipe: &crate::Recipe,
+    args: &crate::TrainingArguments,
     lens: Vec<(usize, usize)>,
+    lm_head: bool,
+    rows_per_example: usize,
 ) -> MemoryPlan {
     let tokens = lens.iter().map(|e| e.0).sum();
-    let batch = BatchShape::largest(recipe.training.per_device_train_batch_size, lens);
+    let rows = args.per_device_train_batch_size * rows_per_example;
+    let batch = BatchShape::largest(rows, lens);
     predict(
         checkpoint.family(),
         ModelDims::of(checkpoint),
         &param_bytes(model),
-        recipe.training.optim,
+        args.optim,
         batch,
-        matches!(recipe.task, crate::TaskKind::CausalLm | crate::TaskKind::Dpo),
+        lm_head,
         resident_bytes(),
         data_bytes(tokens),
     )
 }
 
-/// The plan of a prepared classification run.
-pub fn for_classifier(p: &mut crate::classification::Prepared, recipe: &crate::Recipe) -> MemoryPlan {
-    let lens = p.train.encoded.iter().map(|e| (e.ids.len(), 0)).collect();
-    plan_of(&p.checkpoint, &mut p.model, recipe, lens)
-}
-
 /// A language-modelling row's tokens and learnt (predicted) tokens.
-fn lm_lens(e: &whet_data::LmExample) -> (usize, usize) {
+pub fn lm_lens(e: &whet_data::LmExample) -> (usize, usize) {
     let learnt = e
         .labels
         .iter()
@@ -413,60 +413,6 @@ fn lm_lens(e: &whet_data::LmExample) -> (usize, usize) {
         .filter(|&&l| l != whet_data::IGNORE)
         .count();
     (e.ids.len(), learnt)
-}
-
-/// [`plan_of`] for a batch of pairs, which runs as twice the rows (chosen, then rejected).
-fn plan_of_pairs<M: VisitParams>(
-    checkpoint: &Checkpoint,
-    model: &mut M,
-    recipe: &crate::Recipe,
-    lens: Vec<(usize, usize)>,
-) -> MemoryPlan {
-    let mut doubled = recipe.clone();
-    doubled.training.per_device_train_batch_size *= 2;
-    plan_of(checkpoint, model, &doubled, lens)
-}
-
-/// The plan of a prepared causal-LM run.
-pub fn for_causal_lm(p: &mut crate::causal_lm::LmPrepared, recipe: &crate::Recipe) -> MemoryPlan {
-    let lens = p.train.iter().map(lm_lens).collect();
-    plan_of(&p.checkpoint, &mut p.model, recipe, lens)
-}
-
-/// The plan of a prepared reward-model run: a batch of pairs runs as twice the rows.
-pub fn for_reward_model(
-    p: &mut crate::reward::RewardPrepared,
-    recipe: &crate::Recipe,
-) -> MemoryPlan {
-    let lens = p
-        .train
-        .iter()
-        .flat_map(|e| [(e.chosen.ids.len(), 0), (e.rejected.ids.len(), 0)])
-        .collect();
-    plan_of_pairs(&p.checkpoint, &mut p.model, recipe, lens)
-}
-
-/// The plan of a prepared DPO run: chosen and rejected rows in one batch, and for full
-/// training the frozen reference's weights once more (the trained ones part from them at the
-/// first update).
-pub fn for_dpo(p: &mut crate::dpo::DpoPrepared, recipe: &crate::Recipe) -> MemoryPlan {
-    let lens = p
-        .train
-        .iter()
-        .flat_map(|e| [lm_lens(&e.chosen), lm_lens(&e.rejected)])
-        .collect();
-    let mut plan = plan_of_pairs(&p.checkpoint, &mut p.model, recipe, lens);
-    if matches!(p.objective.reference, crate::dpo::Reference::Frozen(_)) {
-        plan.weights *= 2;
-        plan.total += plan.weights / 2;
-    }
-    plan
-}
-
-/// The plan of a prepared question-answering run.
-pub fn for_question_answering(p: &mut crate::question_answering::QaPrepared, recipe: &crate::Recipe) -> MemoryPlan {
-    let lens = p.train.features.iter().map(|f| (f.ids.len(), 0)).collect();
-    plan_of(&p.checkpoint, &mut p.model, recipe, lens)
 }
 
 #[cfg(test)]

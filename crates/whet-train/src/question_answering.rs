@@ -440,9 +440,16 @@ impl Task for QuestionAnsweringTask {
     }
 
     fn plan(&mut self) -> Option<crate::plan::MemoryPlan> {
-        Some(crate::plan::for_question_answering(
-            &mut self.p,
-            &self.run.recipe,
+        let p = &mut self.p;
+        let lens = p.train.features.iter().map(|f| (f.ids.len(), 0)).collect();
+        let args = &self.run.recipe.training;
+        Some(crate::plan::plan_of(
+            &p.checkpoint,
+            &mut p.model,
+            args,
+            lens,
+            false,
+            1,
         ))
     }
 

@@ -350,10 +350,10 @@ pub struct Recipe {
     pub head: HeadSpec,
     /// `task = "dpo"`'s settings.
     #[serde(default)]
-    pub dpo: Option<crate::dpo::DpoConfig>,
+    pub dpo: Option<DpoConfig>,
     /// `task = "ppo"`'s settings.
     #[serde(default)]
-    pub ppo: Option<crate::ppo::PpoConfig>,
+    pub ppo: Option<PpoConfig>,
     pub training: TrainingArguments,
 }
 
@@ -420,8 +420,8 @@ fn check_keys(root: &toml::Table) -> Result<()> {
         ("prompt_tuning", fields_of::<PromptTuningConfig>()),
         ("quantization", fields_of::<QuantizationSpec>()),
         ("head", fields_of::<HeadSpec>()),
-        ("dpo", fields_of::<crate::dpo::DpoConfig>()),
-        ("ppo", fields_of::<crate::ppo::PpoConfig>()),
+        ("dpo", fields_of::<DpoConfig>()),
+        ("ppo", fields_of::<PpoConfig>()),
         ("training", fields_of::<TrainingArguments>()),
         ("data.split", fields_of::<SplitSpec>()),
     ];
@@ -589,7 +589,8 @@ impl Recipe {
                 )
             } else if recipe.task == TaskKind::CausalLm && recipe.data.block_size.is_some() {
                 Some("data.block_size cuts the text stream into blocks; no example is truncated")
-            } else if recipe.task == TaskKind::CausalLm && recipe.data.too_long != TooLong::Truncate {
+            } else if recipe.task == TaskKind::CausalLm && recipe.data.too_long != TooLong::Truncate
+            {
                 Some(
                     "causal-lm truncates only with data.too_long = \"truncate\" (now a too-long \
                      example is an error or skipped)",
@@ -713,6 +714,137 @@ impl Recipe {
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_default()
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The preference-tuning tables.
+
+/// Which DPO loss (`loss_type` of `DPOConfig`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DpoLossType {
+    /// The DPO paper's loss.
+    #[default]
+    Sigmoid,
+    /// Identity preference optimisation (Azar et al. 2023), length-normalised as trl does.
+    Ipo,
+}
+
+/// The `[dpo]` table of a recipe (`DPOConfig`'s names and defaults).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DpoConfig {
+    /// How far the policy may move from the reference (the KL weight).
+    #[serde(default = "default_beta")]
+    pub beta: f64,
+    #[serde(default)]
+    pub loss_type: DpoLossType,
+    /// Computes the reference's log-probabilities once, before training, instead of one extra
+    /// forward pass per step (trl's `precompute_ref_log_probs`). The reference is frozen and
+    /// runs in evaluation mode, so both give the same numbers.
+    #[serde(default)]
+    pub precompute_ref_log_probs: bool,
+}
+
+fn default_beta() -> f64 {
+    0.1
+}
+
+impl Default for DpoConfig {
+    fn default() -> Self {
+        Self {
+            beta: default_beta(),
+            loss_type: DpoLossType::default(),
+            precompute_ref_log_probs: false,
+        }
+    }
+}
+
+/// The `[ppo]` table of a recipe (the names and defaults of trl's `PPOConfig`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PpoConfig {
+    /// A reward model folder: a one-output `*ForSequenceClassification` (`task =
+    /// "reward-model"` writes one).
+    pub reward_model: PathBuf,
+    /// Passes over each batch of rollouts.
+    #[serde(default = "d_ppo_epochs")]
+    pub num_ppo_epochs: usize,
+    /// Optimizer steps per pass (the rollout batch is cut into this many minibatches).
+    #[serde(default = "d_one")]
+    pub num_mini_batches: usize,
+    /// Weight of the per-token KL penalty to the reference.
+    #[serde(default = "d_kl_coef")]
+    pub kl_coef: f64,
+    /// Clip range of the policy ratio.
+    #[serde(default = "d_clip")]
+    pub cliprange: f64,
+    /// Weight of the value loss.
+    #[serde(default = "d_vf_coef")]
+    pub vf_coef: f64,
+    /// Clip range of the value update.
+    #[serde(default = "d_clip")]
+    pub cliprange_value: f64,
+    #[serde(default = "d_gamma")]
+    pub gamma: f64,
+    /// GAE's lambda.
+    #[serde(default = "d_lam")]
+    pub lam: f64,
+    /// Whiten the rewards (before GAE) too.
+    #[serde(default)]
+    pub whiten_rewards: bool,
+    /// Sampling temperature; log-probabilities are of the tempered distribution, as in trl.
+    #[serde(default = "d_temperature")]
+    pub temperature: f64,
+    /// New tokens per response at most (a response ends at EOS).
+    #[serde(default = "d_response_length")]
+    pub response_length: usize,
+    /// Subtracted from the score of a response that did not reach EOS.
+    #[serde(default)]
+    pub missing_eos_penalty: Option<f64>,
+    /// The prompt column of a table (a table of preference pairs gives its prompts).
+    #[serde(default = "d_prompt_column")]
+    pub prompt_column: String,
+    /// Tokens of prompt + response the reward model reads (the start of a longer text is cut).
+    #[serde(default = "d_reward_max_length")]
+    pub reward_max_length: usize,
+    /// Responses sampled per held-out prompt at each evaluation (their scores are averaged).
+    #[serde(default = "d_one")]
+    pub eval_samples: usize,
+}
+
+fn d_ppo_epochs() -> usize {
+    4
+}
+fn d_one() -> usize {
+    1
+}
+fn d_kl_coef() -> f64 {
+    0.05
+}
+fn d_clip() -> f64 {
+    0.2
+}
+fn d_vf_coef() -> f64 {
+    0.1
+}
+fn d_gamma() -> f64 {
+    1.0
+}
+fn d_lam() -> f64 {
+    0.95
+}
+fn d_temperature() -> f64 {
+    0.7
+}
+fn d_response_length() -> usize {
+    53
+}
+fn d_prompt_column() -> String {
+    "prompt".into()
+}
+fn d_reward_max_length() -> usize {
+    512
 }
 
 #[cfg(test)]

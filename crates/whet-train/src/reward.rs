@@ -10,8 +10,8 @@ use burn::tensor::{Device, Tensor};
 use whet_data::{Encoded, Target, collate};
 use whet_models::{Classifier, Mode};
 
-use crate::error::{Result, TrainError};
 use crate::classification::objective::to_input;
+use crate::error::{Result, TrainError};
 use crate::task::{Outcome, Report, Task};
 use crate::trainer::{BatchCounts, Evaluation, Objective};
 
@@ -217,7 +217,8 @@ pub fn prepare(recipe: &crate::Recipe, device: &Device) -> Result<RewardPrepared
     let validation = validation.map(&mut encode).transpose()?;
     let test = test.map(&mut encode).transpose()?;
     let (mut model, fresh) = checkpoint.load_classifier(device)?;
-    let (counts, adapter) = crate::classification::apply_method(&mut model, recipe, &tokenizer, device)?;
+    let (counts, adapter) =
+        crate::classification::apply_method(&mut model, recipe, &tokenizer, device)?;
     Ok(RewardPrepared {
         checkpoint,
         tokenizer,
@@ -328,7 +329,21 @@ impl Task for RewardTask {
     }
 
     fn plan(&mut self) -> Option<crate::plan::MemoryPlan> {
-        Some(crate::plan::for_reward_model(&mut self.p, &self.run.recipe))
+        let p = &mut self.p;
+        let lens = p
+            .train
+            .iter()
+            .flat_map(|e| [(e.chosen.ids.len(), 0), (e.rejected.ids.len(), 0)])
+            .collect();
+        let args = &self.run.recipe.training;
+        Some(crate::plan::plan_of(
+            &p.checkpoint,
+            &mut p.model,
+            args,
+            lens,
+            false,
+            2,
+        ))
     }
 
     fn total_steps(&self) -> usize {

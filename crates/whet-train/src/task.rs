@@ -1,8 +1,8 @@
-//! One fine-tuning task, as `whet train` drives it: [`open`] reads the recipe's task once and
+//! One fine-tuning task, as `whet train` drives it: [`crate::open`] reads the recipe's task once and
 //! prepares that task's data and model; the [`Task`] then describes itself, plans its memory,
 //! shows a few predictions or samples, trains on the shared loop ([`crate::trainer`]),
 //! evaluates its held-out splits and saves. The CLI has one driver over this trait; a new task
-//! is one implementation of it and one arm in [`open`].
+//! is one implementation of it and one arm in [`crate::open`].
 
 use std::path::{Path, PathBuf};
 
@@ -11,7 +11,7 @@ use whet_peft::ParamCounts;
 
 use crate::error::Result;
 use crate::plan::MemoryPlan;
-use crate::recipe::{Recipe, TaskKind as Kind};
+use crate::recipe::Recipe;
 use crate::trainer::{Observer, TrainSummary};
 
 /// A prepared task: its data tokenized, its model loaded with the method applied.
@@ -37,7 +37,7 @@ pub trait Task {
     fn labels(&self) -> Vec<String> {
         vec![]
     }
-    /// Trains on the shared loop, from the checkpoint [`open`] was given when there is one.
+    /// Trains on the shared loop, from the checkpoint [`crate::open`] was given when there is one.
     fn train(&mut self, observer: &mut dyn Observer) -> Result<TrainSummary>;
     /// Evaluates the held-out splits after training.
     fn evaluate(&mut self, summary: &TrainSummary) -> Result<Outcome>;
@@ -100,22 +100,6 @@ pub struct Run {
     pub recipe: Recipe,
     pub device: Device,
     pub resume: Option<PathBuf>,
-}
-
-/// Prepares the task the recipe names: the one place that dispatches on the task kind.
-pub fn open(run: Run) -> Result<Box<dyn Task>> {
-    Ok(match run.recipe.task {
-        Kind::SequenceClassification | Kind::MultiLabelClassification => {
-            Box::new(crate::classification::ClassificationTask::open(run)?)
-        }
-        Kind::CausalLm => Box::new(crate::causal_lm::CausalLmTask::open(run)?),
-        Kind::QuestionAnswering => {
-            Box::new(crate::question_answering::QuestionAnsweringTask::open(run)?)
-        }
-        Kind::RewardModel => Box::new(crate::reward::RewardTask::open(run)?),
-        Kind::Dpo => Box::new(crate::dpo::DpoTask::open(run)?),
-        Kind::Ppo => Box::new(crate::ppo::PpoTask::open(run)?),
-    })
 }
 
 /// Text on one line, cut to `n` characters with an ellipsis.

@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Result, bail};
 use burn::tensor::Device;
-use whet_train::plan::{self, MemoryPlan};
 use whet_train::Recipe;
+use whet_train::plan::{self, MemoryPlan};
 use whet_train::task::Run;
 
 /// Set by `whet train --no-memory-check`.

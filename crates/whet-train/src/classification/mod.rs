@@ -515,7 +515,17 @@ impl Task for ClassificationTask {
     }
 
     fn plan(&mut self) -> Option<crate::plan::MemoryPlan> {
-        Some(crate::plan::for_classifier(&mut self.p, &self.run.recipe))
+        let p = &mut self.p;
+        let lens = p.train.encoded.iter().map(|e| (e.ids.len(), 0)).collect();
+        let args = &self.run.recipe.training;
+        Some(crate::plan::plan_of(
+            &p.checkpoint,
+            &mut p.model,
+            args,
+            lens,
+            false,
+            1,
+        ))
     }
 
     /// The exact splits of the run as JSONL (`text`, `label` name), so a run can be repeated by

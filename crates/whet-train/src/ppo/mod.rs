@@ -20,11 +20,10 @@
 //! (sampling responses and what the updates need of them), [`scoring`] (the reward model),
 //! [`step`] (PPO's step on the shared loop and its evaluation), [`task`] (`whet train`'s run).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use burn::module::{Module, Param};
 use burn::tensor::{Device, Tensor};
-use serde::{Deserialize, Serialize};
 use whet_models::weights::{Layout, Visitor, join};
 use whet_models::{CausalLm, CausalModel, Checkpoint, VisitParams};
 use whet_peft::{ParamCounts, PeftConfig};
@@ -45,92 +44,7 @@ pub use scoring::RewardScorer;
 pub use step::{PolicyEval, Ppo};
 pub use task::PpoTask;
 
-/// The `[ppo]` table of a recipe (the names and defaults of trl's `PPOConfig`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PpoConfig {
-    /// A reward model folder: a one-output `*ForSequenceClassification` (`task =
-    /// "reward-model"` writes one).
-    pub reward_model: PathBuf,
-    /// Passes over each batch of rollouts.
-    #[serde(default = "d_ppo_epochs")]
-    pub num_ppo_epochs: usize,
-    /// Optimizer steps per pass (the rollout batch is cut into this many minibatches).
-    #[serde(default = "d_one")]
-    pub num_mini_batches: usize,
-    /// Weight of the per-token KL penalty to the reference.
-    #[serde(default = "d_kl_coef")]
-    pub kl_coef: f64,
-    /// Clip range of the policy ratio.
-    #[serde(default = "d_clip")]
-    pub cliprange: f64,
-    /// Weight of the value loss.
-    #[serde(default = "d_vf_coef")]
-    pub vf_coef: f64,
-    /// Clip range of the value update.
-    #[serde(default = "d_clip")]
-    pub cliprange_value: f64,
-    #[serde(default = "d_gamma")]
-    pub gamma: f64,
-    /// GAE's lambda.
-    #[serde(default = "d_lam")]
-    pub lam: f64,
-    /// Whiten the rewards (before GAE) too.
-    #[serde(default)]
-    pub whiten_rewards: bool,
-    /// Sampling temperature; log-probabilities are of the tempered distribution, as in trl.
-    #[serde(default = "d_temperature")]
-    pub temperature: f64,
-    /// New tokens per response at most (a response ends at EOS).
-    #[serde(default = "d_response_length")]
-    pub response_length: usize,
-    /// Subtracted from the score of a response that did not reach EOS.
-    #[serde(default)]
-    pub missing_eos_penalty: Option<f64>,
-    /// The prompt column of a table (a table of preference pairs gives its prompts).
-    #[serde(default = "d_prompt_column")]
-    pub prompt_column: String,
-    /// Tokens of prompt + response the reward model reads (the start of a longer text is cut).
-    #[serde(default = "d_reward_max_length")]
-    pub reward_max_length: usize,
-    /// Responses sampled per held-out prompt at each evaluation (their scores are averaged).
-    #[serde(default = "d_one")]
-    pub eval_samples: usize,
-}
-
-fn d_ppo_epochs() -> usize {
-    4
-}
-fn d_one() -> usize {
-    1
-}
-fn d_kl_coef() -> f64 {
-    0.05
-}
-fn d_clip() -> f64 {
-    0.2
-}
-fn d_vf_coef() -> f64 {
-    0.1
-}
-fn d_gamma() -> f64 {
-    1.0
-}
-fn d_lam() -> f64 {
-    0.95
-}
-fn d_temperature() -> f64 {
-    0.7
-}
-fn d_response_length() -> usize {
-    53
-}
-fn d_prompt_column() -> String {
-    "prompt".into()
-}
-fn d_reward_max_length() -> usize {
-    512
-}
+pub use crate::recipe::PpoConfig;
 
 // ---------------------------------------------------------------------------------------------
 // The trained model: the policy with a value head.
