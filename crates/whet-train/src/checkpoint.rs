@@ -223,7 +223,7 @@ pub fn load<M: VisitParams + ?Sized>(
             Ok(Tensor::from_data(TensorData::new(v, [n]), &plain))
         };
         m.insert(
-            name.to_string(),
+            current_name(name),
             Moments {
                 m: read(&key)?,
                 v: read(&format!("v.{name}"))?,
@@ -261,7 +261,7 @@ pub fn load<M: VisitParams + ?Sized>(
             })
         };
         q8.insert(
-            name.to_string(),
+            current_name(name),
             Moments8 {
                 m: read("m8", true)?,
                 v: read("v8", false)?,
@@ -271,6 +271,17 @@ pub fn load<M: VisitParams + ?Sized>(
     opt.moments8 = q8;
     opt.step = state.optimizer_steps;
     Ok(state)
+}
+
+/// A parameter's name as this version spells it: checkpoints written before adapters were
+/// parameters named LoRA's factors `<module>.lora_A` / `.lora_B`, now peft's
+/// `<module>.lora_A.weight`.
+fn current_name(name: &str) -> String {
+    if name.ends_with(".lora_A") || name.ends_with(".lora_B") {
+        format!("{name}.weight")
+    } else {
+        name.to_string()
+    }
 }
 
 /// Restores the trainable parameters of a checkpoint (used for resuming and for loading the
@@ -288,7 +299,17 @@ pub fn load_params<M: VisitParams + ?Sized>(
         if error.is_some() {
             return;
         }
-        match src.read_f32(&name) {
+        let stored = src.read_f32(&name).or_else(|e| {
+            // Checkpoints before adapters were parameters named LoRA's factors without
+            // `.weight`; they resume as they are.
+            match name.strip_suffix(".weight") {
+                Some(old) if old.ends_with(".lora_A") || old.ends_with(".lora_B") => {
+                    src.read_f32(old)
+                }
+                _ => Err(e),
+            }
+        });
+        match stored {
             Ok(v) => {
                 let n = v.len();
                 if let Err(dims) = p.set(v, device) {
@@ -317,4 +338,28 @@ pub fn load_params<M: VisitParams + ?Sized>(
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::current_name;
+
+    /// LoRA factors saved before adapters were parameters resume under peft's names; nothing
+    /// else is renamed.
+    #[test]
+    fn old_lora_names_map_to_peft_names() {
+        assert_eq!(
+            current_name("model.layers.0.self_attn.q_proj.lora_A"),
+            "model.layers.0.self_attn.q_proj.lora_A.weight"
+        );
+        assert_eq!(current_name("x.lora_B"), "x.lora_B.weight");
+        for same in [
+            "x.lora_A.weight",
+            "x.ia3_l",
+            "x.adapter_up.bias",
+            "classifier.weight",
+        ] {
+            assert_eq!(current_name(same), same);
+        }
+    }
 }
