@@ -2,7 +2,7 @@
 //! (`autotests = false` in Cargo.toml): `cargo test -p whet-data --test main <module>::`
 //! runs one module.
 
+mod causal_lm;
 mod data;
 mod fuzz;
-mod lm;
-mod qa;
+mod question_answering;

@@ -2,13 +2,13 @@
 //! (`autotests = false` in Cargo.toml): `cargo test -p whet-train --test main <module>::`
 //! runs one module.
 
+mod causal_lm;
 mod common;
 mod dpo;
 mod fuzz;
-mod lm;
 mod methods;
 mod ppo;
-mod qa;
+mod question_answering;
 mod reward;
 mod train;
 mod trajectory;
