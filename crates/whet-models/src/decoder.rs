@@ -302,6 +302,7 @@ mod tests {
     /// Both orders of the tied head give `h Eᵀ`, in value and in gradient.
     #[test]
     fn tied_logits_agree_for_few_and_many_rows() {
+        let _rng = crate::test_rng();
         let device = Device::flex().autodiff();
         let e =
             Tensor::<2>::random([50, 8], Distribution::Normal(0.0, 1.0), &device).require_grad();

@@ -834,6 +834,7 @@ mod tests {
 
     #[test]
     fn exp_and_normal_cdf_match_libm() {
+        let _rng = crate::test_rng();
         let mut worst_exp = 0f32;
         let mut worst_cdf = 0f64;
         for i in -20_000..=20_000 {
@@ -880,6 +881,7 @@ mod tests {
 
     #[test]
     fn fused_gelu_matches_burn_in_value_and_gradient() {
+        let _rng = crate::test_rng();
         let device = Device::flex().autodiff();
         let x = Tensor::<3>::random([2, 5, 300], Distribution::Normal(0.0, 3.0), &device);
         let a = x.clone().require_grad();
@@ -899,6 +901,7 @@ mod tests {
 
     #[test]
     fn fused_cross_entropy_matches_composed_ops_in_value_and_gradient() {
+        let _rng = crate::test_rng();
         let device = Device::flex().autodiff();
         device.seed(11);
         let x = Tensor::<2>::random([7, 1000], Distribution::Normal(0.0, 4.0), &device);
@@ -933,6 +936,7 @@ mod tests {
 
     #[test]
     fn fused_attention_probs_match_composed_ops_in_value_and_gradient() {
+        let _rng = crate::test_rng();
         let device = Device::flex().autodiff();
         let [b, h, tq, tk] = [2, 3, 5, 7];
         let s = Tensor::<4>::random([b, h, tq, tk], Distribution::Normal(0.0, 2.0), &device);
@@ -964,6 +968,7 @@ mod tests {
     /// gradient flows only through kept values: both checked against the mask the output shows.
     #[test]
     fn consecutive_dropout_masks_are_independent() {
+        let _rng = crate::test_rng();
         // Masks of successive calls (as LoRA's q / k / v adapters draw on one input) and of
         // successive steps (seed, seed + 1) must not repeat or correlate: both-dropped should
         // be p² of the elements.
@@ -992,6 +997,7 @@ mod tests {
 
     #[test]
     fn dropout_masks_are_seeded_and_their_gradient_uses_the_same_mask() {
+        let _rng = crate::test_rng();
         let device = Device::flex().autodiff();
         let x = Tensor::<2>::random([64, 300], Distribution::Normal(1.0, 0.1), &device);
         device.seed(7);

@@ -741,3 +741,12 @@ pub fn init_threads() {
         .start_handler(|_| flush_denormals())
         .build_global();
 }
+
+/// The device's random generator is one per process and unit tests run in parallel threads: a
+/// test that seeds it or draws from it holds this lock, so a seeded test draws exactly what its
+/// seed gives.
+#[cfg(test)]
+pub(crate) fn test_rng() -> std::sync::MutexGuard<'static, ()> {
+    static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    RNG.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -20,7 +20,7 @@ use whet_models::{
 use whet_peft::{ParamCounts, PeftConfig};
 
 use crate::error::{Result, TrainError};
-use crate::recipe::{DataSpec, Method, Recipe};
+use crate::recipe::{DataSpec, Recipe};
 use crate::task::{Outcome, Report, Task, one_line};
 use crate::trainer::{BatchCounts, Evaluation, Objective};
 
@@ -432,25 +432,7 @@ pub fn apply_decoder_method(
     tokenizer: &TextTokenizer,
     device: &Device,
 ) -> Result<(ParamCounts, Option<PeftConfig>)> {
-    Ok(match recipe.method {
-        Method::Full => (crate::method::full(model), None),
-        Method::Head => {
-            return Err(TrainError::NoHead {
-                task: format!("{:?}", recipe.task),
-            });
-        }
-        Method::Lora
-        | Method::Qlora
-        | Method::Ia3
-        | Method::Bottleneck
-        | Method::PrefixTuning
-        | Method::PromptTuning => {
-            let (counts, cfg) =
-                crate::method::attach_adapter(model, recipe, &[], tokenizer, device)?
-                    .ok_or(TrainError::NoAdapterTable)?;
-            (counts, Some(cfg))
-        }
-    })
+    crate::method::apply(model, recipe, None, &[], tokenizer, device)
 }
 
 /// Reads and tokenizes the data, loads the decoder and applies the method.

@@ -1,6 +1,7 @@
 //! The recipe's method applied to a loaded model the same way for every task: full training,
-//! or an adapter (LoRA, QLoRA, IA3, bottleneck, prefix or prompt tuning) over a frozen base, possibly quantised. `method = "head"`
-//! stays with each task, since what counts as the head (and the top layers) is the task's.
+//! the task's head (what counts as the head, and the top layers, is the task's to say), or an
+//! adapter (LoRA, QLoRA, IA3, bottleneck, prefix or prompt tuning) over a frozen base, possibly
+//! quantised, saved with the task's head modules.
 
 use burn::tensor::Device;
 use whet_models::{ExportParams, QuantPolicy, TextTokenizer, VisitParams};
@@ -88,4 +89,37 @@ pub fn attach_adapter<M: VisitParams>(
     }
     let report = config.apply(model, device)?;
     Ok(Some((report.counts, config)))
+}
+
+/// Applies the recipe's method to `model`: every parameter trains (`full`); only those `head`
+/// accepts train (`head`; None where the task has no head to train); or the recipe's adapter
+/// is attached and the task's `head_modules` train and are saved with it, as peft's
+/// `task_type` does. Returns the parameter counts and the adapter's configuration.
+pub fn apply<M: VisitParams + ExportParams>(
+    model: &mut M,
+    recipe: &Recipe,
+    head: Option<&dyn Fn(&str) -> bool>,
+    head_modules: &[&str],
+    tokenizer: &TextTokenizer,
+    device: &Device,
+) -> Result<(ParamCounts, Option<PeftConfig>)> {
+    match recipe.method {
+        Method::Full => Ok((full(model), None)),
+        Method::Head => {
+            let head = head.ok_or_else(|| TrainError::NoHead {
+                task: format!("{:?}", recipe.task),
+            })?;
+            set_trainable(model, head);
+            let counts = ParamCounts {
+                trainable: crate::output::param_count(model, head),
+                all: crate::output::param_count(model, &|_| true),
+            };
+            Ok((counts, None))
+        }
+        _ => {
+            let (counts, config) = attach_adapter(model, recipe, head_modules, tokenizer, device)?
+                .ok_or(TrainError::NoAdapterTable)?;
+            Ok((counts, Some(config)))
+        }
+    }
 }

@@ -14,10 +14,10 @@ use whet_infer::question_answering::{QaBatch, answer, collate, logits};
 use whet_metrics::squad_scores;
 use whet_models::bert::BertForQuestionAnswering;
 use whet_models::{Checkpoint, Mode, TextTokenizer};
-use whet_peft::{ParamCounts, PeftConfig, set_trainable};
+use whet_peft::{ParamCounts, PeftConfig};
 
 use crate::error::{Result, TrainError};
-use crate::recipe::{Method, Recipe};
+use crate::recipe::Recipe;
 use crate::task::{Outcome, Report, Task, one_line};
 use crate::trainer::{BatchCounts, Evaluation, Objective};
 
@@ -260,36 +260,15 @@ pub fn prepare(recipe: &Recipe, device: &Device) -> Result<QaPrepared> {
     let test = test.map(window).transpose()?;
     let (mut model, fresh) = checkpoint.load_question_answering(device)?;
     let head = |name: &str| name.starts_with("qa_outputs.");
-    let (counts, adapter) = match recipe.method {
-        Method::Full => (crate::method::full(&mut model), None),
-        Method::Head => {
-            set_trainable(&mut model, &head);
-            (
-                ParamCounts {
-                    trainable: crate::output::param_count(&model, &head),
-                    all: crate::output::param_count(&model, &|_| true),
-                },
-                None,
-            )
-        }
-        Method::Lora
-        | Method::Qlora
-        | Method::Ia3
-        | Method::Bottleneck
-        | Method::PrefixTuning
-        | Method::PromptTuning => {
-            // peft's task_type = "QUESTION_ANS" saves the span head with the adapter.
-            let (counts, cfg) = crate::method::attach_adapter(
-                &mut model,
-                recipe,
-                &["qa_outputs"],
-                &tokenizer,
-                device,
-            )?
-            .ok_or(TrainError::NoAdapterTable)?;
-            (counts, Some(cfg))
-        }
-    };
+    // peft's task_type = "QUESTION_ANS" saves the span head with the adapter.
+    let (counts, adapter) = crate::method::apply(
+        &mut model,
+        recipe,
+        Some(&head),
+        &["qa_outputs"],
+        &tokenizer,
+        device,
+    )?;
     Ok(QaPrepared {
         checkpoint,
         tokenizer,

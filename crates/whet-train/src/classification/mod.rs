@@ -13,10 +13,10 @@ use whet_data::{
 use whet_infer::classification::predict;
 use whet_models::config::ProblemType;
 use whet_models::{Checkpoint, Classifier, ExportParams, TextTokenizer};
-use whet_peft::{ParamCounts, PeftConfig, set_trainable};
+use whet_peft::{ParamCounts, PeftConfig};
 
 use crate::error::{Result, TrainError};
-use crate::recipe::{Method, Recipe};
+use crate::recipe::Recipe;
 use crate::task::{Outcome, Report, Task, one_line};
 use crate::trainer::{Observer, TrainSummary};
 use objective::{evaluate, train_classifier};
@@ -251,36 +251,17 @@ pub(crate) fn apply_method(
         let module = name.rsplit_once('.').map(|(m, _)| m).unwrap_or(name);
         ["classifier", "score"].iter().any(|k| module.ends_with(k))
     };
-    Ok(match recipe.method {
-        Method::Full => (crate::method::full(model), None),
-        Method::Head => {
-            let top = top_layers(model, recipe.head.unfreeze_top_layers);
-            let trainable =
-                |name: &str| head(name) || top.iter().any(|p| name.contains(p.as_str()));
-            set_trainable(model, &trainable);
-            let all = crate::output::param_count(model, &|_| true);
-            let trainable_n = crate::output::param_count(model, &trainable);
-            (
-                ParamCounts {
-                    trainable: trainable_n,
-                    all,
-                },
-                None,
-            )
-        }
-        Method::Lora
-        | Method::Qlora
-        | Method::Ia3
-        | Method::Bottleneck
-        | Method::PrefixTuning
-        | Method::PromptTuning => {
-            // peft's task_type = "SEQ_CLS" saves the head with the adapter.
-            let (counts, cfg) =
-                crate::method::attach_adapter(model, recipe, HEAD_MODULES, tokenizer, device)?
-                    .ok_or(TrainError::NoAdapterTable)?;
-            (counts, Some(cfg))
-        }
-    })
+    let top = top_layers(model, recipe.head.unfreeze_top_layers);
+    let trainable = |name: &str| head(name) || top.iter().any(|p| name.contains(p.as_str()));
+    // peft's task_type = "SEQ_CLS" saves the head with the adapter.
+    crate::method::apply(
+        model,
+        recipe,
+        Some(&trainable),
+        HEAD_MODULES,
+        tokenizer,
+        device,
+    )
 }
 
 /// Runs training (from a checkpoint folder when `resume` names one) and returns the summary.
