@@ -194,3 +194,115 @@ fn a_diverging_run_stops_with_a_message() {
     );
     assert!(e.to_string().contains("loss became"), "{e}");
 }
+
+/// A task that supplies its own step (as PPO does) gets the shared loop's evaluation, best
+/// model and early stopping: the model's one value counts the steps taken, and the evaluation
+/// loss of each step is scripted.
+#[test]
+fn a_task_with_its_own_step_gets_best_model_and_early_stopping() {
+    use burn::module::Param;
+    use burn::tensor::{Tensor, TensorData};
+    use whet_models::{VisitParams, Visitor};
+
+    #[derive(Clone)]
+    struct Counter {
+        steps: Param<Tensor<1>>,
+    }
+    impl VisitParams for Counter {
+        fn visit_params(&mut self, prefix: &str, v: &mut dyn Visitor) {
+            v.vector(&format!("{prefix}steps"), &mut self.steps);
+        }
+    }
+    impl Counter {
+        fn value(&self) -> usize {
+            self.steps.val().into_data().to_vec::<f32>().unwrap()[0] as usize
+        }
+    }
+    /// The eval loss after `k` steps is `losses[k]`; the start is scored best of all, and must
+    /// not count as the best model.
+    struct Scripted {
+        losses: Vec<f64>,
+        device: Device,
+    }
+    impl TrainStep for Scripted {
+        type Model = Counter;
+        type Example = usize;
+        fn step(
+            &self,
+            model: &mut Counter,
+            _opt: &mut Optimizer,
+            examples: &[&usize],
+            at: &StepAt,
+        ) -> whet_train::Result<StepResult> {
+            let next = (at.step + 1) as f32;
+            let t = Tensor::<1>::from_data(TensorData::new(vec![next], [1]), &self.device);
+            model.steps = Param::from_tensor(t);
+            Ok(StepResult {
+                loss: 1.0,
+                samples: examples.len(),
+                ..Default::default()
+            })
+        }
+        fn evaluate(
+            &self,
+            model: &Counter,
+            _data: &[usize],
+            _batch_size: usize,
+            _device: &Device,
+        ) -> whet_train::Result<Evaluation> {
+            Ok(Evaluation {
+                loss: self.losses[model.value()],
+                metrics: Default::default(),
+                report: None,
+            })
+        }
+        fn evaluates_at_start(&self) -> bool {
+            true
+        }
+    }
+    let device = Device::flex();
+    let task = Scripted {
+        losses: vec![0.1, 3.0, 2.0, 2.5, 2.6, 2.7, 2.8, 2.9],
+        device: device.clone(),
+    };
+    let zero = Tensor::<1>::from_data(TensorData::new(vec![0.0f32], [1]), &device);
+    let mut model = Counter {
+        steps: Param::from_tensor(zero),
+    };
+    let data: Vec<usize> = (0..7).collect();
+    let mut args = TrainingArguments::new("unused");
+    args.per_device_train_batch_size = 1;
+    args.num_train_epochs = 1.0;
+    args.eval_strategy = Strategy::Steps;
+    args.eval_steps = Some(1);
+    args.save_strategy = Strategy::No;
+    args.load_best_model_at_end = true;
+    args.early_stopping_patience = Some(2);
+    let s = whet_train::trainer::train(
+        &task,
+        &mut model,
+        &data,
+        Some(&data),
+        &args,
+        &device,
+        &mut Silent,
+        None,
+    )
+    .unwrap();
+    let steps: Vec<usize> = s.evals.iter().map(|e| e.step).collect();
+    assert_eq!(
+        steps,
+        [0, 1, 2, 3, 4],
+        "a baseline at 0, then every step until patience ran out"
+    );
+    assert_eq!(
+        s.steps, 4,
+        "two evaluations without improvement after step 2 stop the run"
+    );
+    assert_eq!(
+        s.best_step,
+        Some(2),
+        "the baseline does not compete for the best model"
+    );
+    assert_eq!(model.value(), 2, "the best model is loaded at the end");
+}
