@@ -215,7 +215,7 @@ fn a_task_with_its_own_step_gets_best_model_and_early_stopping() {
     }
     impl Counter {
         fn value(&self) -> usize {
-            self.steps.val().into_data().to_vec::<f32>().unwrap()[0] as usize
+            self.steps.val().into_data().try_to_vec::<f32>().unwrap()[0] as usize
         }
     }
     /// The eval loss after `k` steps is `losses[k]`; the start is scored best of all, and must
