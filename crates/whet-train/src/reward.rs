@@ -318,13 +318,7 @@ impl Task for RewardTask {
                 }
             ),
         ];
-        if !p.fresh.is_empty() {
-            lines.push(format!(
-                "newly initialised (not in the checkpoint): {}",
-                p.fresh.join(", ")
-            ));
-        }
-        lines.push(p.counts.line());
+        lines.extend(crate::task::closing_lines(&p.fresh, &p.counts));
         lines
     }
 

@@ -102,6 +102,20 @@ pub struct Run {
     pub resume: Option<PathBuf>,
 }
 
+/// The last lines of a run's header: the head tensors newly initialised (not in the
+/// checkpoint), if any, and the trainable parameters as peft prints them.
+pub fn closing_lines(fresh: &[String], counts: &ParamCounts) -> Vec<String> {
+    let mut lines = Vec::new();
+    if !fresh.is_empty() {
+        lines.push(format!(
+            "newly initialised (not in the checkpoint): {}",
+            fresh.join(", ")
+        ));
+    }
+    lines.push(counts.line());
+    lines
+}
+
 /// Text on one line, cut to `n` characters with an ellipsis.
 pub fn one_line(s: &str, n: usize) -> String {
     let one_line: String = s.split_whitespace().collect::<Vec<_>>().join(" ");

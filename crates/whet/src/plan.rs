@@ -44,6 +44,7 @@ pub fn run(recipe_path: &Path, set: &[String], json: bool) -> Result<()> {
     if let Some(line) = chosen {
         eprintln!("{line}");
     }
+    let kind = recipe.task;
     let mut task = whet_train::open(Run {
         recipe,
         device: Device::flex().autodiff(),
@@ -51,8 +52,8 @@ pub fn run(recipe_path: &Path, set: &[String], json: bool) -> Result<()> {
     })?;
     let Some(plan) = task.plan() else {
         bail!(
-            "whet plan does not cover task = \"ppo\" yet (generation and the reward model \
-             change the peak); run it and read train_peak_rss_mb in all_results.json"
+            "whet plan does not cover task {kind:?} yet (for PPO, generation and the reward \
+             model change the peak); run it and read train_peak_rss_mb in all_results.json"
         )
     };
     if json {

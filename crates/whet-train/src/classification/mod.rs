@@ -485,13 +485,7 @@ impl Task for ClassificationTask {
                 recipe.data.max_length
             ),
         ];
-        if !p.fresh.is_empty() {
-            lines.push(format!(
-                "newly initialised (not in the checkpoint): {}",
-                p.fresh.join(", ")
-            ));
-        }
-        lines.push(p.counts.line());
+        lines.extend(crate::task::closing_lines(&p.fresh, &p.counts));
         lines
     }
 
