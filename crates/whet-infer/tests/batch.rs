@@ -3,7 +3,6 @@
 
 use std::path::PathBuf;
 
-use burn::tensor::Device;
 use whet_infer::{GenerationConfig, generate, generate_batch};
 use whet_models::Checkpoint;
 
@@ -19,7 +18,7 @@ fn batched_greedy_rows_equal_single_generation() {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
             .join("../../tests/fixtures")
             .join(dir);
-        let device = Device::flex();
+        let device = whet_models::device::for_tests();
         let model = Checkpoint::open(&root)
             .unwrap()
             .load_causal_lm(&device)

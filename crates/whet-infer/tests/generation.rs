@@ -6,7 +6,6 @@
 
 use std::path::{Path, PathBuf};
 
-use burn::tensor::Device;
 use whet_infer::{GenerationConfig, generate, generate_batch, stop_end};
 use whet_models::{ChatMessage, Checkpoint, TextTokenizer};
 
@@ -136,7 +135,7 @@ fn cli_prompt(case: &Case, tok: &TextTokenizer) -> Vec<u32> {
 fn greedy_with_penalty_stop_strings_and_few_shot_equals_transformers() {
     let ckpt = Checkpoint::open(smollm2()).unwrap();
     let tok = ckpt.tokenizer().unwrap();
-    let device = Device::flex();
+    let device = whet_models::device::for_tests();
     let model = ckpt.load_causal_lm(&device).unwrap();
     let mut eos = ckpt.eos_token_ids();
     eos.extend(tok.eos.as_ref().map(|e| e.id));
@@ -198,7 +197,7 @@ fn greedy_with_penalty_stop_strings_and_few_shot_equals_transformers() {
 fn batched_prompts_with_penalty_equal_transformers() {
     let ckpt = Checkpoint::open(smollm2()).unwrap();
     let tok = ckpt.tokenizer().unwrap();
-    let device = Device::flex();
+    let device = whet_models::device::for_tests();
     let model = ckpt.load_causal_lm(&device).unwrap();
     let mut eos = ckpt.eos_token_ids();
     eos.extend(tok.eos.as_ref().map(|e| e.id));

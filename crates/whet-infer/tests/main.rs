@@ -3,4 +3,5 @@
 //! runs one module.
 
 mod batch;
+mod device;
 mod generation;

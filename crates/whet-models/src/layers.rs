@@ -205,7 +205,7 @@ impl Linear {
         device: &burn::tensor::Device,
     ) -> Self {
         Self {
-            weight: LinearWeight::Dense(Param::from_tensor(Tensor::random(
+            weight: LinearWeight::Dense(Param::from_tensor(crate::device::random(
                 [d_in, d_out],
                 Distribution::Normal(0.0, std),
                 device,

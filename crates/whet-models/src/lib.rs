@@ -9,6 +9,7 @@
 pub mod bert;
 pub mod config;
 pub mod decoder;
+pub mod device;
 pub mod distilbert;
 pub mod error;
 pub mod gguf;

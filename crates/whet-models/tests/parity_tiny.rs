@@ -21,12 +21,13 @@ use whet_models::{
 const LOGITS_TOL: f32 = 1e-4;
 const GRAD_TOL: f32 = 1e-4;
 
+/// `WHET_TEST_DEVICE` (default cpu): the same tolerances hold on every device.
 fn eval_device() -> Device {
-    Device::flex()
+    whet_models::device::for_tests()
 }
 
 fn grad_device() -> Device {
-    Device::flex().autodiff()
+    eval_device().autodiff()
 }
 
 /// Backpropagates `loss` and compares it and every parameter's gradient with the fixture.

@@ -112,7 +112,7 @@ pub fn apply_bottleneck<M: VisitParams>(
         let (_, d) = layer.dims();
         let r = (d / config.reduction_factor).max(1);
         layer.bottleneck = Some(Bottleneck {
-            down: Param::from_tensor(Tensor::random(
+            down: Param::from_tensor(whet_models::device::random(
                 [d, r],
                 Distribution::Normal(0.0, 0.02),
                 device,

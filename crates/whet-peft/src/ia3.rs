@@ -93,7 +93,7 @@ pub fn apply_ia3<M: VisitParams>(
         let scale: Tensor<1> = if config.init_ia3_weights {
             Tensor::ones([n], device)
         } else {
-            Tensor::random([n], burn::tensor::Distribution::Normal(1.0, 0.1), device)
+            whet_models::device::random([n], burn::tensor::Distribution::Normal(1.0, 0.1), device)
         };
         // peft's shape: `[1, in]` for input scaling, `[out, 1]` otherwise.
         let shape = if on_input { [1, n] } else { [n, 1] };

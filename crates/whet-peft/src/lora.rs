@@ -111,7 +111,7 @@ pub fn apply_lora<M: VisitParams>(
         // kaiming_uniform_(a = sqrt(5)) on lora_A [r, in]: bound = 1 / sqrt(in)
         let bound = 1.0 / (d_in as f64).sqrt();
         layer.adapter = Some(LowRank {
-            a: Param::from_tensor(Tensor::random(
+            a: Param::from_tensor(whet_models::device::random(
                 [d_in, r],
                 Distribution::Uniform(-bound, bound),
                 device,

@@ -137,8 +137,16 @@ fn torch_linear(d_in: usize, d_out: usize, device: &Device) -> Linear {
     let bound = 1.0 / (d_in as f64).sqrt();
     let u = Distribution::Uniform(-bound, bound);
     Linear {
-        weight: LinearWeight::Dense(Param::from_tensor(Tensor::random([d_in, d_out], u, device))),
-        bias: Some(Param::from_tensor(Tensor::random([d_out], u, device))),
+        weight: LinearWeight::Dense(Param::from_tensor(whet_models::device::random(
+            [d_in, d_out],
+            u,
+            device,
+        ))),
+        bias: Some(Param::from_tensor(whet_models::device::random(
+            [d_out],
+            u,
+            device,
+        ))),
         stored_as: TorchLinear::Linear,
         adapter: None,
         ia3: None,
@@ -154,7 +162,8 @@ fn new_encoder(
     device: &Device,
 ) -> Result<PromptEncoder> {
     let p = config.num_virtual_tokens();
-    let normal = |d: usize| Tensor::<2>::random([p, d], Distribution::Normal(0.0, 1.0), device);
+    let normal =
+        |d: usize| whet_models::device::random([p, d], Distribution::Normal(0.0, 1.0), device);
     let (embedding, transform_in, transform_out, kind) = match config {
         PromptConfig::Prefix(c) => {
             if !shape.takes_prefix {
@@ -206,8 +215,11 @@ fn new_encoder(
                     rows((0..p).map(|i| ids[i % ids.len()] as i64).collect())
                 }
                 PromptInit::SampleVocab => {
-                    let ids =
-                        Tensor::<1>::random([p], Distribution::Uniform(0.0, vocab as f64), device);
+                    let ids = whet_models::device::random(
+                        [p],
+                        Distribution::Uniform(0.0, vocab as f64),
+                        device,
+                    );
                     let ids: Vec<i64> = tensor_values(ids.into_data())
                         .into_iter()
                         .map(|x| (x as i64).min(vocab as i64 - 1))

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 
 use burn::module::Param;
-use burn::tensor::{Gradients, Tensor, TensorData};
+use burn::tensor::{Device, Gradients, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use whet_models::quant::Blockwise8;
 use whet_models::weights::{Layout, tensor_values};
@@ -130,6 +130,36 @@ impl GradStore {
             .map(|g| g.clone().square().sum().into_scalar::<f32>() as f64)
             .sum::<f64>()
             .sqrt()
+    }
+
+    /// [`clip`](Self::clip) without reading anything back: the norm and the clipping
+    /// coefficient stay on the device (as torch's `clip_grad_norm_`, which multiplies by
+    /// `clamp(max_norm / (norm + 1e-6), max=1)` unconditionally). Returns the norm, `[1]`.
+    pub fn clip_on_device(&mut self, max_norm: f64, device: &Device) -> Tensor<1> {
+        // Sorted, so the float sum is the same on every run (a HashMap's order is not).
+        let mut names: Vec<&String> = self.grads.keys().collect();
+        names.sort();
+        let squares: Vec<Tensor<1>> = names
+            .iter()
+            .map(|n| self.grads[*n].clone().square().sum())
+            .collect();
+        let norm = if squares.is_empty() {
+            Tensor::zeros([1], &device.clone().inner())
+        } else {
+            Tensor::cat(squares, 0).sum().sqrt()
+        };
+        if max_norm > 0.0 {
+            let coef = norm
+                .clone()
+                .add_scalar(1e-6)
+                .recip()
+                .mul_scalar(max_norm)
+                .clamp_max(1.0);
+            for g in self.grads.values_mut() {
+                *g = g.clone() * coef.clone();
+            }
+        }
+        norm
     }
 
     /// Scales gradients so their global norm is at most `max_norm` (as `clip_grad_norm_`:

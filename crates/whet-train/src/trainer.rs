@@ -62,14 +62,65 @@ pub struct StepAt<'a> {
     pub device: &'a Device,
 }
 
+/// A number a step computed. On the CPU it is read at once (free there); on a GPU it stays
+/// on the device until it is logged, because reading a value back waits for every kernel
+/// queued before it and would stall the device at every micro-batch.
+#[derive(Debug, Clone)]
+pub enum Reading {
+    Host(f64),
+    /// A one-value tensor, not yet read (boxed: a tensor handle is large and most readings,
+    /// on the CPU, are plain numbers).
+    Device(Box<Tensor<1>>),
+}
+
+impl Default for Reading {
+    fn default() -> Self {
+        Self::Host(0.0)
+    }
+}
+
+impl From<f64> for Reading {
+    fn from(v: f64) -> Self {
+        Self::Host(v)
+    }
+}
+
+/// Reads `readings` with one transfer for all the device ones.
+pub(crate) fn read_all(readings: Vec<Reading>) -> Vec<f64> {
+    let on_device: Vec<Tensor<1>> = readings
+        .iter()
+        .filter_map(|r| match r {
+            Reading::Device(t) => Some((**t).clone()),
+            Reading::Host(_) => None,
+        })
+        .collect();
+    let mut read = if on_device.is_empty() {
+        Vec::new()
+    } else {
+        Tensor::cat(on_device, 0)
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .unwrap_or_default()
+    }
+    .into_iter();
+    readings
+        .into_iter()
+        .map(|r| match r {
+            Reading::Host(v) => v,
+            Reading::Device(_) => read.next().map_or(f64::NAN, f64::from),
+        })
+        .collect()
+}
+
 /// What a step did.
 #[derive(Debug, Clone, Default)]
 pub struct StepResult {
     /// The step's mean loss.
-    pub loss: f64,
+    pub loss: Reading,
     pub learning_rate: f64,
     /// Before clipping.
-    pub grad_norm: f64,
+    pub grad_norm: Reading,
     /// Examples (or generated responses) and non-padding tokens the step consumed.
     pub samples: usize,
     pub tokens: usize,
@@ -147,8 +198,11 @@ impl Evaluation {
 
 /// Something that watches training (a progress bar, a log file).
 pub trait Observer {
-    /// After each optimizer step.
+    /// After each optimizer step, with its numbers; on a GPU these are read when logged
+    /// (`logging_steps`), so several steps may arrive at once.
     fn step(&mut self, _s: &StepLog) {}
+    /// After each optimizer step, at once: `step` of `total` are done.
+    fn tick(&mut self, _step: usize, _total: usize) {}
     /// After each evaluation.
     fn eval(&mut self, _e: &EvalLog) {}
 }
@@ -203,8 +257,9 @@ pub struct TrainSummary {
 /// One optimizer step over micro-batches: each contributes its summed loss divided by the
 /// units of the whole step, so the accumulated gradient is the gradient of the step's mean
 /// loss; then clipping to `max_grad_norm` (0: off) and the update at `lr`. Returns the step's
-/// mean loss and the gradient norm before clipping. A non-finite loss is
-/// [`TrainError::NonFiniteLoss`] naming `step`, the 1-based number of this step.
+/// mean loss and the gradient norm before clipping. On the CPU a non-finite loss is
+/// [`TrainError::NonFiniteLoss`] naming `step`, the 1-based number of this step; on a GPU both
+/// numbers stay on the device and the training loop checks the loss when it reads it.
 #[allow(clippy::too_many_arguments)]
 pub fn step_objective<O: Objective>(
     objective: &O,
@@ -215,29 +270,52 @@ pub fn step_objective<O: Objective>(
     max_grad_norm: f64,
     step: usize,
     device: &Device,
-) -> Result<(f64, f64)> {
+) -> Result<(Reading, Reading)> {
     let n: usize = batches.iter().map(|b| objective.counts(b).units).sum();
+    let on_host = whet_models::device::is_flex(device);
     let mut grads = GradStore::default();
-    let mut step_loss = 0.0;
+    let mut host_loss = 0.0;
+    let mut device_loss: Option<Tensor<1>> = None;
     for b in batches {
         let loss = objective
             .summed_loss(model, b, device)?
             .div_scalar(n.max(1) as f64);
-        let value = loss.clone().into_scalar::<f32>() as f64;
-        if !value.is_finite() {
-            return Err(TrainError::NonFiniteLoss {
-                loss: "loss",
-                step,
-                value,
+        if on_host {
+            let value = loss.clone().into_scalar::<f32>() as f64;
+            if !value.is_finite() {
+                return Err(TrainError::NonFiniteLoss {
+                    loss: "loss",
+                    step,
+                    value,
+                });
+            }
+            host_loss += value;
+        } else {
+            // The inner (non-autodiff) tensor: the gradient norm lives there too, and the
+            // two are read back together.
+            let value = loss.clone().inner();
+            device_loss = Some(match device_loss {
+                Some(sum) => sum + value,
+                None => value,
             });
         }
-        step_loss += value;
         let g = loss.backward();
         grads.accumulate(model, &g);
     }
-    let grad_norm = grads.clip(max_grad_norm);
+    let (loss, grad_norm) = if on_host {
+        (
+            Reading::Host(host_loss),
+            Reading::Host(grads.clip(max_grad_norm)),
+        )
+    } else {
+        let loss = device_loss.unwrap_or_else(|| Tensor::zeros([1], &device.clone().inner()));
+        (
+            Reading::Device(Box::new(loss)),
+            Reading::Device(Box::new(grads.clip_on_device(max_grad_norm, device))),
+        )
+    };
     opt.step(model, &grads, lr);
-    Ok((step_loss, grad_norm))
+    Ok((loss, grad_norm))
 }
 
 impl<O: Objective> TrainStep for O {
@@ -253,7 +331,7 @@ impl<O: Objective> TrainStep for O {
     ) -> Result<StepResult> {
         let args = at.args;
         // Dropout masks depend only on the seed and the step: a resumed run draws the same.
-        at.device.seed(args.seed.wrapping_add(at.step as u64));
+        whet_models::device::seed(at.device, args.seed.wrapping_add(at.step as u64));
         let batches: Vec<O::Batch> = examples
             .chunks(args.per_device_train_batch_size)
             .map(|mb| self.collate(mb))
@@ -295,6 +373,36 @@ impl<O: Objective> TrainStep for O {
     ) -> Result<Evaluation> {
         Objective::evaluate(self, model, data, batch_size, device)
     }
+}
+
+/// Reads the pending steps' loss and gradient norm (one transfer), checks the losses are
+/// finite, adds them to the run's sum and hands each step's log to the observer, in order.
+fn flush(
+    pending: &mut Vec<(StepLog, Reading, Reading)>,
+    state: &mut TrainerState,
+    history: &mut Vec<StepLog>,
+    observer: &mut dyn Observer,
+) -> Result<()> {
+    let mut readings = Vec::with_capacity(2 * pending.len());
+    for (_, loss, norm) in pending.iter_mut() {
+        readings.push(std::mem::take(loss));
+        readings.push(std::mem::take(norm));
+    }
+    let values = read_all(readings);
+    for ((mut log, _, _), v) in pending.drain(..).zip(values.chunks_exact(2)) {
+        (log.loss, log.grad_norm) = (v[0], v[1]);
+        if !log.loss.is_finite() {
+            return Err(TrainError::NonFiniteLoss {
+                loss: "loss",
+                step: log.step,
+                value: log.loss,
+            });
+        }
+        state.loss_sum += log.loss;
+        observer.step(&log);
+        history.push(log);
+    }
+    Ok(())
 }
 
 /// The value of `metric_for_best_model` (default: eval loss, lower is better) and whether
@@ -348,6 +456,8 @@ pub fn train<T: TrainStep>(
     }
     let mut step = state.global_step;
     let first_step = step;
+    // Steps whose loss and gradient norm are not read yet (on a GPU, until logged).
+    let mut pending: Vec<(StepLog, Reading, Reading)> = Vec::new();
     let evaluate = |model: &T::Model, step: usize| -> Result<Option<EvalLog>> {
         let Some(eval) = eval else { return Ok(None) };
         let r = task.evaluate(model, eval, args.per_device_eval_batch_size, device)?;
@@ -388,24 +498,35 @@ pub fn train<T: TrainStep>(
             step += 1;
             state.samples += r.samples;
             state.tokens += r.tokens;
-            state.loss_sum += r.loss;
             let log = StepLog {
                 step,
                 total_steps: total,
                 epoch: step as f64 / steps_per_epoch as f64,
-                loss: r.loss,
+                loss: 0.0,
                 learning_rate: r.learning_rate,
-                grad_norm: r.grad_norm,
+                grad_norm: 0.0,
                 samples_per_second: state.samples as f64 / start.elapsed().as_secs_f64(),
                 metrics: r.metrics,
             };
-            observer.step(&log);
-            history.push(log);
+            pending.push((log, r.loss, r.grad_norm));
+            observer.tick(step, total);
 
             let end_of_epoch = step.is_multiple_of(steps_per_epoch) || step == total;
-            if args.evaluates_at(step, total, end_of_epoch)
-                && let Some(e) = evaluate(model, step)?
+            let evaluates = args.evaluates_at(step, total, end_of_epoch);
+            let saves = args.saves_at(step, end_of_epoch);
+            // Read the step's numbers when they are logged, or when an evaluation, a checkpoint
+            // or the end needs them; on the CPU at once.
+            if step.is_multiple_of(args.logging_steps.max(1))
+                || step == total
+                || evaluates
+                || saves
+                || pending
+                    .iter()
+                    .all(|(_, l, g)| matches!((l, g), (Reading::Host(_), Reading::Host(_))))
             {
+                flush(&mut pending, &mut state, &mut history, observer)?;
+            }
+            if evaluates && let Some(e) = evaluate(model, step)? {
                 observer.eval(&e);
                 let (value, higher) = metric(&e, args.metric_for_best_model.as_deref())?;
                 let higher = args.greater_is_better.unwrap_or(higher);
@@ -424,7 +545,7 @@ pub fn train<T: TrainStep>(
                 }
                 evals.push(e);
             }
-            if args.saves_at(step, end_of_epoch) {
+            if saves {
                 state.global_step = step;
                 state.optimizer_steps = opt.step;
                 checkpoint::save(&args.output_dir, model, &opt, &state, args.save_total_limit)?;
@@ -436,6 +557,7 @@ pub fn train<T: TrainStep>(
         skip = 0;
         epoch += 1;
     }
+    flush(&mut pending, &mut state, &mut history, observer)?;
     let best_step = state.best_step;
     if args.load_best_model_at_end {
         match (best, best_step) {

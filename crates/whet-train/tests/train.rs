@@ -238,7 +238,7 @@ fn a_task_with_its_own_step_gets_best_model_and_early_stopping() {
             let t = Tensor::<1>::from_data(TensorData::new(vec![next], [1]), &self.device);
             model.steps = Param::from_tensor(t);
             Ok(StepResult {
-                loss: 1.0,
+                loss: 1.0.into(),
                 samples: examples.len(),
                 ..Default::default()
             })

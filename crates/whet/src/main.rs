@@ -11,7 +11,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use std::sync::OnceLock;
 use whet_infer::{GenerationConfig, Sampling};
+use whet_models::device::{DeviceSpec, Opened};
 use whet_models::{ChatMessage, Checkpoint, Format};
 
 /// Fine-tune pretrained transformer language models, in Rust.
@@ -20,6 +22,13 @@ use whet_models::{ChatMessage, Checkpoint, Format};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Where to compute: cpu (the default), cuda or cuda:N, wgpu (a hardware adapter, else the
+    /// software one), wgpu:cpu (the software adapter, e.g. Mesa's lavapipe) or auto (CUDA, then
+    /// a hardware wgpu adapter, then the CPU). WHET_DEVICE sets it too. cuda and wgpu need a
+    /// whet built with `--features cuda` / `--features wgpu`. Checkpoints and outputs are the
+    /// same files on every device.
+    #[arg(long, global = true, value_name = "DEVICE")]
+    device: Option<String>,
 }
 
 /// The recipe keys, shown by `whet train --help`.
@@ -384,6 +393,15 @@ fn report(e: &anyhow::Error) -> String {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    // Parsed now, so a misspelt device fails before any work; opened on first use, so the
+    // commands that compute nothing (info, plan, convert) never start a GPU runtime.
+    let spec = match cli.device.as_deref() {
+        Some(s) => s.parse()?,
+        None => DeviceSpec::from_env()?,
+    };
+    DEVICE_SPEC
+        .set(spec)
+        .map_err(|_| anyhow::anyhow!("the device was set twice"))?;
     match cli.command {
         Command::Info { path } => info(path),
         Command::Generate(args) => generate(args),
@@ -447,8 +465,17 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn device() -> burn::tensor::Device {
-    burn::tensor::Device::flex()
+static DEVICE_SPEC: OnceLock<DeviceSpec> = OnceLock::new();
+static DEVICE: OnceLock<Opened> = OnceLock::new();
+
+/// The device of `--device` / `WHET_DEVICE`, opened on the first call.
+pub(crate) fn device() -> Result<Opened> {
+    if let Some(d) = DEVICE.get() {
+        return Ok(d.clone());
+    }
+    let spec = DEVICE_SPEC.get().copied().unwrap_or(DeviceSpec::Cpu);
+    let opened = whet_models::device::open(spec)?;
+    Ok(DEVICE.get_or_init(|| opened).clone())
 }
 
 fn info(path: PathBuf) -> Result<()> {
@@ -575,7 +602,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
     let tokenizer = ckpt
         .tokenizer()
         .with_context(|| format!("generation needs the tokenizer of {}", base.display()))?;
-    let device = device();
+    let device = device()?.device;
     let mut model = ckpt.load_causal_lm(&device)?;
     if let Some(dir) = &adapter {
         whet_peft::load_adapter(&mut model, dir, &device)

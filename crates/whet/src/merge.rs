@@ -95,7 +95,7 @@ pub fn merge(base: Option<&Path>, adapter: &Path, out: &Path) -> Result<()> {
              base weights, which the quantised ones approximated, not back into 4 bits"
         );
     }
-    let device = burn::tensor::Device::flex();
+    let device = crate::device()?.device;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let folded = match task.as_str() {
         "CAUSAL_LM" => {
@@ -110,7 +110,6 @@ pub fn merge(base: Option<&Path>, adapter: &Path, out: &Path) -> Result<()> {
             folded
         }
         "SEQ_CLS" => {
-            let device = burn::tensor::Device::flex();
             let mut t = whet_infer::classification::load_on(adapter, Some(&base), &device)?;
             let folded = fold(&mut t.model, &config);
             let mut ckpt = Checkpoint::open(&base)?;

@@ -4,7 +4,6 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
-use burn::tensor::Device;
 use serde_json::json;
 use whet_data::{Columns, Table, examples, tokenize};
 use whet_infer::classification as classify;
@@ -21,7 +20,7 @@ pub fn eval(
     encoding: &str,
     batch: usize,
 ) -> Result<()> {
-    let device = Device::flex();
+    let device = crate::device()?.device;
     let t = classify::load(model, &device)?;
     let table = Table::read(data, encoding.parse().map_err(|e: String| anyhow!(e))?)?;
     let cols = Columns {
@@ -70,7 +69,7 @@ pub fn predict(
     if texts.is_empty() {
         bail!("nothing to classify: give --text or --file");
     }
-    let device = Device::flex();
+    let device = crate::device()?.device;
     let t = classify::load(model, &device)?;
     let probs = t.predict(&texts, &device)?;
     for pr in probs {
@@ -97,7 +96,7 @@ pub fn predict(
 /// `whet predict --task question-answering`: JSON lines `{"score", "start", "end", "answer"}`
 /// as `pipeline("question-answering")` returns them.
 pub fn answer(model_dir: &Path, question: &str, context: &str, top_k: Option<usize>) -> Result<()> {
-    let device = Device::flex();
+    let device = crate::device()?.device;
     let t = qa::load(model_dir, &device)?;
     let answers = t.answer(question, context, 15, top_k.unwrap_or(1), &device)?;
     for a in answers {

@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
-use burn::tensor::Device;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use whet_train::classification::report_table;
@@ -33,8 +32,11 @@ struct Progress {
 }
 
 impl Observer for Progress {
+    fn tick(&mut self, step: usize, _total: usize) {
+        self.bar.set_position(step as u64);
+    }
+
     fn step(&mut self, s: &StepLog) {
-        self.bar.set_position(s.step as u64);
         self.bar.set_message(format!(
             "epoch {:.2} | loss {:.4} | lr {:.2e} | {:.1} samples/s",
             s.epoch, s.loss, s.learning_rate, s.samples_per_second
@@ -238,8 +240,9 @@ pub fn train(recipe_path: &Path, set: &[String], resume: Option<&str>) -> Result
     let (recipe, resume) = start_run(recipe_path, set, resume)?;
     let out = recipe.training.output_dir.clone();
     let logging_steps = recipe.training.logging_steps;
-    let device = Device::flex().autodiff();
-    device.seed(recipe.training.seed);
+    let opened = crate::device()?;
+    let device = opened.device.clone().autodiff();
+    whet_models::device::seed(&device, recipe.training.seed);
     let start = std::time::Instant::now();
     let resuming = resume.clone();
     let mut task = whet_train::open(Run {
@@ -247,7 +250,14 @@ pub fn train(recipe_path: &Path, set: &[String], resume: Option<&str>) -> Result
         device,
         resume,
     })?;
-    if let Some(plan) = task.plan() {
+    if !opened.is_cpu() {
+        // The plan predicts this process's host memory; on a GPU the weights, gradients,
+        // optimizer state and activations live in device memory, which it does not measure.
+        println!(
+            "device: {} (the host-memory plan check does not apply)",
+            opened.name
+        );
+    } else if let Some(plan) = task.plan() {
         crate::plan::check(&plan)?;
     }
     print_lines(&task.describe());

@@ -4,4 +4,5 @@
 
 mod cli;
 mod common;
+mod device_cli;
 mod train_cli;

@@ -683,7 +683,7 @@ fn parquet_data_trains() {
 
 /// A copy of a tiny random decoder fixture (no pad token) with a word-level tokenizer over its
 /// 99 ids: `<unk>` 0, `<bos>` 1, `<eos>` 2, `w3` .. `w98`.
-fn tiny_decoder(fixture: &str, dir: &Path) -> PathBuf {
+pub(crate) fn tiny_decoder(fixture: &str, dir: &Path) -> PathBuf {
     let src = root().join("tests/fixtures").join(fixture);
     let dst = dir.join(fixture);
     std::fs::create_dir_all(&dst).unwrap();
@@ -856,7 +856,7 @@ fn decoder_classification_trains_through_the_cli() {
 
 /// Question / answer rows over the tiny word vocabulary: the answer repeats the question's last
 /// word, so there is something to learn.
-fn qa_data(dir: &Path) -> PathBuf {
+pub(crate) fn qa_data(dir: &Path) -> PathBuf {
     let mut text = String::new();
     for i in 0..24 {
         let (a, b) = (10 + i % 40, 50 + (i * 7) % 40);

@@ -15,7 +15,7 @@ pub use whet_infer::classification::{BatchLabels, to_input};
 
 use crate::error::Result;
 use crate::optim::Optimizer;
-use crate::trainer::{BatchCounts, Evaluation, Objective, step_objective};
+use crate::trainer::{BatchCounts, Evaluation, Objective, read_all, step_objective};
 
 /// Sequence classification over `n_labels` labels.
 pub struct Classification {
@@ -100,7 +100,7 @@ pub fn optimizer_step(
 ) -> Result<(f64, f64)> {
     let objective = Classification::new(model, n_labels, 0);
     let step = opt.step + 1;
-    step_objective(
+    let (loss, norm) = step_objective(
         &objective,
         model,
         opt,
@@ -109,7 +109,16 @@ pub fn optimizer_step(
         max_grad_norm,
         step,
         device,
-    )
+    )?;
+    let v = read_all(vec![loss, norm]);
+    if !v[0].is_finite() {
+        return Err(crate::error::TrainError::NonFiniteLoss {
+            loss: "loss",
+            step,
+            value: v[0],
+        });
+    }
+    Ok((v[0], v[1]))
 }
 
 /// The loss of a batch summed over its rows (callers divide by the sample count):

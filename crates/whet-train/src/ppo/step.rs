@@ -106,9 +106,9 @@ impl TrainStep for Ppo {
         metrics.insert("objective/scores".into(), score);
         metrics.insert("val/num_eos_tokens".into(), r.ended as f64);
         Ok(StepResult {
-            loss: stats.loss,
+            loss: stats.loss.into(),
             learning_rate: stats.lr,
-            grad_norm: stats.grad_norm,
+            grad_norm: stats.grad_norm.into(),
             samples: r.rows.len(),
             tokens: r.rows.iter().map(|e| e.ids.len()).sum(),
             metrics,

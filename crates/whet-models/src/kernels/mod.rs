@@ -1,5 +1,7 @@
-//! Fused CPU kernels for the element-wise hot spots of a training step, with their own backward
-//! passes, plugged into burn through its backend-extension API.
+//! Fused kernels for the element-wise hot spots of a training step, with their own backward
+//! passes, plugged into burn through its backend-extension API: loops over f32 slices on the CPU
+//! backend `Flex` ([`flex`]), CubeCL kernels on the `Cube` backend that serves wgpu, CUDA and
+//! ROCm (`cube`, with the `wgpu` or `cuda` feature).
 //!
 //! Why by hand: on burn's `flex` backend exact GELU calls libm's scalar `erff` per element in
 //! both directions (15-17% of a MiniLM step), and under autodiff softmax is decomposed into
@@ -13,35 +15,35 @@
 //!   gradient `scale·P⊙(dP − Σ dP⊙P)` in one pass back. The bias (padding / causal mask) is a
 //!   constant; the scores get the gradient.
 //! - [`dropout`]: inverted dropout whose mask is a hash of a seed and the element index
-//!   ([`DropMask`]), regenerated in the backward pass rather than stored.
+//!   ([`DropMask`]), regenerated in the backward pass rather than stored. The CPU and the GPU
+//!   kernels hash alike, so a seed draws the same mask on every backend.
 //! - [`cross_entropy_sum`]: `Σ_rows logsumexp(row) − row[target]` in one pass per row, and the
 //!   gradient `softmax(row) − onehot(target)` in one pass back, writing no log-probability
 //!   tensor (a language model's `[tokens, vocab]` logits are the largest tensor of its step).
 //!
-//! The functions accept every backend: tensors on another backend (a GPU) take burn's own
-//! composed ops, so results agree everywhere and only the speed differs.
+//! The functions accept every backend: tensors on a backend without these kernels take burn's
+//! own composed ops, so results agree everywhere and only the speed differs.
+
+mod flex;
+
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+mod cube;
 
 use burn::backend::autodiff::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::backend::flex::FlexTensor;
-use burn::backend::tensor::FloatTensor;
-use burn::backend::{Dispatch, DispatchDevice, Flex, backend_extension};
-use burn::tensor::{DType, Tensor, TensorData};
-use rayon::prelude::*;
+use burn::backend::tensor::{FloatTensor, IntTensor};
+use burn::backend::{Backend, Dispatch, DispatchDevice, Flex, backend_extension};
+use burn::tensor::{Tensor, TensorData};
 
 use crate::quant::QuantMatrix;
 use std::sync::Arc;
 
-/// Elements per rayon task: small enough to split a `[16, 64, 1536]` activation over the cores,
-/// large enough that scheduling stays negligible.
-const CHUNK: usize = 16 * 1024;
-
-/// The fused operations, implemented for `Flex` and differentiated by hand for
-/// `Autodiff<Flex>`.
-#[backend_extension(Autodiff, Flex)]
+/// The fused operations, implemented for `Flex` and `Cube` and differentiated by hand for
+/// `Autodiff` over either.
+#[backend_extension(Autodiff, Flex, Cube: cfg(any(feature = "wgpu", feature = "cuda")))]
 pub trait FusedOps: burn::backend::Backend {
     /// Exact (erf) GELU.
     fn fused_gelu(x: FloatTensor<Self>) -> FloatTensor<Self>;
@@ -65,7 +67,7 @@ pub trait FusedOps: burn::backend::Backend {
 
 /// Exact GELU, `0.5·x·(1 + erf(x/√2))`, as `torch.nn.functional.gelu`.
 pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
-    if !on_flex(&x) {
+    if !fused(&x) {
         return burn::tensor::activation::gelu(x);
     }
     Tensor::from_dispatch(<Dispatch as FusedOps>::fused_gelu(x.into_dispatch()))
@@ -74,7 +76,7 @@ pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
 /// Inverted dropout in training: each value zeroed with probability `p`, the rest scaled by
 /// `1 / (1 - p)`.
 pub fn dropout<const D: usize>(x: Tensor<D>, p: f64) -> Tensor<D> {
-    if !on_flex(&x) {
+    if !fused(&x) {
         let keep = x.random_like(burn::tensor::Distribution::Bernoulli(1.0 - p));
         return x * keep / (1.0 - p);
     }
@@ -94,7 +96,7 @@ pub fn dropout<const D: usize>(x: Tensor<D>, p: f64) -> Tensor<D> {
 /// - bias `[B, 1, Tq, Tk]`
 /// - output `[B, H, Tq, Tk]`
 pub fn attention_probs(scores: Tensor<4>, bias: Tensor<4>, scale: f32, p: f64) -> Tensor<4> {
-    if !on_flex(&scores) {
+    if !fused(&scores) {
         let [b, h, tq, tk] = scores.dims();
         let probs = burn::tensor::activation::softmax(
             scores.mul_scalar(scale) + bias.expand([b, h, tq, tk]),
@@ -126,7 +128,7 @@ pub fn attention_probs(scores: Tensor<4>, bias: Tensor<4>, scale: f32, p: f64) -
 /// - logits `[N, C]`, `targets.len() == N`
 /// - output `[1]`
 pub fn cross_entropy_sum(logits: Tensor<2>, targets: &[u32]) -> Tensor<1> {
-    if !on_flex(&logits) {
+    if !fused(&logits) {
         let [n, _] = logits.dims();
         let device = logits.device();
         let t = Tensor::<1, burn::tensor::Int>::from_data(
@@ -144,9 +146,9 @@ pub fn cross_entropy_sum(logits: Tensor<2>, targets: &[u32]) -> Tensor<1> {
 }
 
 /// `x · Wᵀ` with a frozen quantised weight `W` `[out, in]`: the product a QLoRA base layer
-/// computes. Only `x` gets a gradient; on the CPU backend the f32 weight exists only while one
-/// matmul runs (it is dequantised again in the backward pass, as bitsandbytes' `MatMul4Bit`
-/// does), elsewhere it is dequantised into a constant tensor.
+/// computes. Only `x` gets a gradient. With the fused kernels the f32 weight exists only while
+/// one matmul runs (it is dequantised again in the backward pass, as bitsandbytes' `MatMul4Bit`
+/// does); on other backends it is dequantised into a constant tensor.
 ///
 /// # Shapes
 /// - x `[..., in]`
@@ -158,7 +160,7 @@ pub fn quant_matmul<const D: usize>(x: Tensor<D>, w: &Arc<QuantMatrix>) -> Tenso
     let mut out_dims = dims;
     out_dims[D - 1] = rows;
     let x2: Tensor<2> = x.reshape([n, cols]);
-    let y: Tensor<2> = if on_flex(&x2) {
+    let y: Tensor<2> = if fused(&x2) {
         Tensor::from_dispatch(<Dispatch as FusedOps>::fused_quant_matmul(
             x2.into_dispatch(),
             w.clone(),
@@ -171,138 +173,23 @@ pub fn quant_matmul<const D: usize>(x: Tensor<D>, w: &Arc<QuantMatrix>) -> Tenso
     y.reshape(out_dims)
 }
 
-/// `dst[m, n] = lhs[m, k] · rhs[k, n]` with explicit (row, column) strides, through the gemm
-/// crate burn's CPU backend uses.
-#[allow(clippy::too_many_arguments)]
-fn gemm_strided(
-    m: usize,
-    n: usize,
-    k: usize,
-    lhs: &[f32],
-    (lhs_rs, lhs_cs): (usize, usize),
-    rhs: &[f32],
-    (rhs_rs, rhs_cs): (usize, usize),
-    dst: &mut [f32],
-) {
-    assert!(dst.len() >= m * n);
-    let parallelism = if m * n * k >= 64 * 64 * 64 {
-        gemm::Parallelism::Rayon(0)
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: every index the strides reach lies inside the slices: lhs (m-1)·rs + (k-1)·cs,
-    // rhs (k-1)·rs + (n-1)·cs and dst (m-1)·n + n-1, as the callers' shapes imply.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            lhs.as_ptr(),
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs.as_ptr(),
-            rhs_cs as isize,
-            rhs_rs as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        );
-    }
-}
-
-/// `y [N, out] = x [N, in] · Wᵀ`.
-fn quant_matmul_forward(x: &FlexTensor, w: &QuantMatrix) -> FlexTensor {
-    let (rows, cols) = w.dims();
-    let xv = values(x);
-    let n = xv.len() / cols;
-    let wd = w.dequantize();
-    let mut y = vec![0f32; n * rows];
-    gemm_strided(n, rows, cols, xv, (cols, 1), &wd, (1, cols), &mut y);
-    FlexTensor::from_data(TensorData::new(y, [n, rows]))
-}
-
-/// `dx [N, in] = dy [N, out] · W`.
-fn quant_matmul_backward(dy: &FlexTensor, w: &QuantMatrix) -> FlexTensor {
-    let (rows, cols) = w.dims();
-    let gv = values(dy);
-    let n = gv.len() / rows;
-    let wd = w.dequantize();
-    let mut dx = vec![0f32; n * cols];
-    gemm_strided(n, cols, rows, gv, (rows, 1), &wd, (cols, 1), &mut dx);
-    FlexTensor::from_data(TensorData::new(dx, [n, cols]))
-}
-
-/// Whether a tensor lives on the CPU backend these kernels are written for. `WHET_KERNELS=off`
-/// takes burn's composed ops everywhere (to compare the two paths).
-fn on_flex<const D: usize>(x: &Tensor<D>) -> bool {
+/// Whether a tensor lives on a backend these kernels are written for: the CPU backend, and with
+/// the `wgpu` or `cuda` feature the CubeCL one. `WHET_KERNELS=off` takes burn's composed ops
+/// everywhere (to compare the two paths).
+fn fused<const D: usize>(x: &Tensor<D>) -> bool {
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let off = *OFF.get_or_init(|| std::env::var("WHET_KERNELS").is_ok_and(|v| v == "off"));
-    !off && matches!(x.device().inner().as_dispatch(), DispatchDevice::Flex(_))
-}
-
-// ---------------------------------------------------------------------------------------------
-// Forward and backward kernels on contiguous f32 slices.
-
-/// The contiguous f32 values of a tensor (copied into a dense buffer if it is a strided view or
-/// another float type).
-fn dense(t: FlexTensor) -> FlexTensor {
-    let t = if t.dtype() == DType::F32 {
-        t
-    } else {
-        FlexTensor::from_data(t.into_data().convert::<f32>())
-    };
-    if t.as_slice::<f32>().is_some() {
-        t
-    } else {
-        t.to_contiguous()
+    if off {
+        return false;
+    }
+    match x.device().inner().as_dispatch() {
+        DispatchDevice::Flex(_) => true,
+        #[cfg(any(feature = "wgpu", feature = "cuda"))]
+        DispatchDevice::Cube(_) => true,
+        #[allow(unreachable_patterns)]
+        _ => false,
     }
 }
-
-fn values(t: &FlexTensor) -> &[f32] {
-    t.as_slice::<f32>().unwrap_or(&[])
-}
-
-fn new_tensor(values: Vec<f32>, like: &FlexTensor) -> FlexTensor {
-    FlexTensor::from_data(TensorData::new(values, like.layout().shape().clone()))
-}
-
-/// Runs `body` compiled for the best vector extension this CPU has: the same scalar code,
-/// auto-vectorised 16 or 8 lanes wide instead of SSE2's 4.
-macro_rules! multiversion {
-    ($name:ident ($($arg:ident : $ty:ty),*) $body:block) => {
-        fn $name($($arg: $ty),*) {
-            #[inline(always)]
-            fn body($($arg: $ty),*) $body
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f")]
-                fn avx512($($arg: $ty),*) { body($($arg),*) }
-                #[target_feature(enable = "avx2,fma")]
-                fn avx2($($arg: $ty),*) { body($($arg),*) }
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    // SAFETY: the CPU supports the feature the function was compiled for.
-                    return unsafe { avx512($($arg),*) };
-                }
-                if std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-                {
-                    // SAFETY: as above.
-                    return unsafe { avx2($($arg),*) };
-                }
-            }
-            body($($arg),*)
-        }
-    };
-}
-
-const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
 
 /// Dropout keep decisions as a pure function of `(seed, element index)`, so the backward pass
 /// regenerates the mask instead of storing it, and the loop vectorises (burn's `random_like`
@@ -357,7 +244,20 @@ fn lowbias32(mut x: u32) -> u32 {
 /// A fresh seed from burn's random generator (seeded per step by the trainer), so masks are
 /// reproducible from the training seed and a resumed run draws the same ones.
 fn draw_seed(device: &burn::tensor::Device) -> u64 {
-    let r = Tensor::<1>::random([2], burn::tensor::Distribution::Uniform(0.0, 1.0), device);
+    fn cpu(device: &burn::tensor::Device) -> burn::tensor::Device {
+        if crate::device::is_flex(device) {
+            device.clone()
+        } else {
+            burn::tensor::Device::flex()
+        }
+    }
+    // Drawn on the CPU (see `device::random`): the same seeds on every device, and no read-back
+    // from a GPU at each dropout layer.
+    let r = crate::device::random(
+        [2],
+        burn::tensor::Distribution::Uniform(0.0, 1.0),
+        &cpu(device),
+    );
     let v: Vec<f32> = r
         .into_data()
         .convert::<f32>()
@@ -367,340 +267,135 @@ fn draw_seed(device: &burn::tensor::Device) -> u64 {
     bits(v.first()) | (bits(v.get(1)) << 24)
 }
 
-/// `e^x` for `x` in `[-87.3, 88.7]` (clamped), relative error about 1e-7: Cody-Waite range
-/// reduction to `r ∈ [-ln2/2, ln2/2]`, Cephes' degree-5 polynomial, the power of two built in the
-/// exponent bits. Branch-free so loops over it vectorise.
-#[inline(always)]
-fn exp(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    // Adding and subtracting 1.5·2^23 rounds to the nearest integer without a call to roundf.
-    const ROUND: f32 = 12_582_912.0;
-    let x = x.clamp(-87.3, 88.7);
-    let v = x * LOG2E + ROUND;
-    let n = v - ROUND;
-    let r = x - n * LN2_HI - n * LN2_LO;
-    let p = 1.987_569_1e-4;
-    let p = p * r + 1.398_199_9e-3;
-    let p = p * r + 8.333_452e-3;
-    let p = p * r + 4.166_579_6e-2;
-    let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 0.5;
-    let e = p * (r * r) + r + 1.0;
-    // v's low mantissa bits hold n (its ulp is 1): 2^n from integer ops only, no float-to-int
-    // conversion (Rust's saturating `as` would keep the loop scalar).
-    let n_bits = v.to_bits().wrapping_sub(ROUND.to_bits());
-    e * f32::from_bits(n_bits.wrapping_add(127) << 23)
-}
-
-/// `(Φ(x), φ(x))`: the standard normal CDF `0.5·(1 + erf(x/√2))` and density. erf by
-/// Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7), whose `e^{-z²}` is the density's
-/// exponential, so both come from one `exp`.
-#[inline(always)]
-fn normal_cdf_pdf(x: f32) -> (f32, f32) {
-    const P: f32 = 0.327_591_1;
-    const A: [f32; 5] = [
-        0.254_829_6,
-        -0.284_496_74,
-        1.421_413_8,
-        -1.453_152,
-        1.061_405_4,
-    ];
-    let z = x.abs() * std::f32::consts::FRAC_1_SQRT_2;
-    let e = exp(-0.5 * x * x);
-    let t = 1.0 / (1.0 + P * z);
-    let poly = t * (A[0] + t * (A[1] + t * (A[2] + t * (A[3] + t * A[4]))));
-    let erf_abs = 1.0 - poly * e;
-    let erf = erf_abs.copysign(x);
-    (0.5 * (1.0 + erf), FRAC_1_SQRT_2PI * e)
-}
-
-multiversion!(gelu_forward_slice(x: &[f32], out: &mut [f32]) {
-    for (o, &v) in out.iter_mut().zip(x) {
-        *o = v * normal_cdf_pdf(v).0;
-    }
-});
-
-multiversion!(gelu_backward_slice(x: &[f32], grad: &[f32], out: &mut [f32]) {
-    for ((o, &v), &g) in out.iter_mut().zip(x).zip(grad) {
-        let (cdf, pdf) = normal_cdf_pdf(v);
-        *o = g * (cdf + v * pdf);
-    }
-});
-
-fn gelu_forward(x: &FlexTensor) -> FlexTensor {
-    let xs = values(x);
-    let mut out = vec![0f32; xs.len()];
-    out.par_chunks_mut(CHUNK)
-        .zip(xs.par_chunks(CHUNK))
-        .for_each(|(o, x)| gelu_forward_slice(x, o));
-    new_tensor(out, x)
-}
-
-fn gelu_backward(x: &FlexTensor, grad: &FlexTensor) -> FlexTensor {
-    let (xs, gs) = (values(x), values(grad));
-    let mut out = vec![0f32; xs.len()];
-    out.par_chunks_mut(CHUNK)
-        .zip(xs.par_chunks(CHUNK).zip(gs.par_chunks(CHUNK)))
-        .for_each(|(o, (x, g))| gelu_backward_slice(x, g, o));
-    new_tensor(out, x)
-}
-
-multiversion!(dropout_slice(x: &[f32], mask: &DropMask, base: u32, out: &mut [f32]) {
-    for (j, (o, &v)) in out.iter_mut().zip(x).enumerate() {
-        *o = v * mask.factor(base.wrapping_add(j as u32));
-    }
-});
-
-fn dropout_apply(x: &FlexTensor, mask: &DropMask) -> FlexTensor {
-    let xs = values(x);
-    let mut out = vec![0f32; xs.len()];
-    out.par_chunks_mut(CHUNK)
-        .zip(xs.par_chunks(CHUNK))
-        .enumerate()
-        .for_each(|(k, (o, x))| dropout_slice(x, mask, (k * CHUNK) as u32, o));
-    new_tensor(out, x)
-}
-
-multiversion!(softmax_row(
-    scores: &[f32],
-    bias: &[f32],
-    scale: f32,
-    mask: &DropMask,
-    base: u32,
-    probs: &mut [f32],
-    out: &mut [f32]
-) {
-    let mut max = f32::MIN;
-    for (p, (&s, &b)) in probs.iter_mut().zip(scores.iter().zip(bias)) {
-        *p = s * scale + b;
-        max = max.max(*p);
-    }
-    let mut sum = 0.0;
-    for p in probs.iter_mut() {
-        *p = exp(*p - max);
-        sum += *p;
-    }
-    let inv = 1.0 / sum;
-    for (j, (o, p)) in out.iter_mut().zip(probs.iter_mut()).enumerate() {
-        *p *= inv;
-        *o = *p * mask.factor(base.wrapping_add(j as u32));
-    }
-});
-
-multiversion!(softmax_backward_row(
-    probs: &[f32],
-    grad: &[f32],
-    scale: f32,
-    mask: &DropMask,
-    base: u32,
-    out: &mut [f32]
-) {
-    // dP = dOut ⊙ keep · keep_scale; dS = scale · P ⊙ (dP − Σ dP ⊙ P)
-    for (j, (o, &g)) in out.iter_mut().zip(grad).enumerate() {
-        *o = g * mask.factor(base.wrapping_add(j as u32));
-    }
-    let mut dot = 0.0;
-    for (&p, &d) in probs.iter().zip(out.iter()) {
-        dot += d * p;
-    }
-    for (o, &p) in out.iter_mut().zip(probs) {
-        *o = scale * p * (*o - dot);
-    }
-});
-
-/// Rows of `[B, H, Tq, Tk]` handed to one rayon task.
-fn rows_per_task(tk: usize) -> usize {
-    (CHUNK / tk.max(1)).max(1)
-}
-
-/// `(probs before dropout, output)`.
-fn attention_probs_forward(
-    scores: &FlexTensor,
-    bias: &FlexTensor,
-    scale: f32,
-    mask: &DropMask,
-) -> (FlexTensor, FlexTensor) {
-    let dims = scores.layout().shape().to_vec();
-    let (h, tq, tk) = (dims[1], dims[2], dims[3]);
-    let (s, bias_v) = (values(scores), values(bias));
-    let mut probs = vec![0f32; s.len()];
-    let mut out = vec![0f32; s.len()];
-    let per_task = rows_per_task(tk);
-    probs
-        .par_chunks_mut(per_task * tk)
-        .zip(out.par_chunks_mut(per_task * tk))
-        .enumerate()
-        .for_each(|(task, (p_rows, o_rows))| {
-            for (i, (p, o)) in p_rows.chunks_mut(tk).zip(o_rows.chunks_mut(tk)).enumerate() {
-                let row = task * per_task + i;
-                // row = ((bi · H) + hi) · Tq + qi; the bias row drops the head.
-                let (bi, qi) = (row / (h * tq), row % tq);
-                let brow = (bi * tq + qi) * tk;
-                let at = row * tk;
-                let bias_row = &bias_v[brow..brow + tk];
-                softmax_row(&s[at..at + tk], bias_row, scale, mask, at as u32, p, o);
-            }
-        });
-    (new_tensor(probs, scores), new_tensor(out, scores))
-}
-
-fn attention_probs_backward(
-    probs: &FlexTensor,
-    grad: &FlexTensor,
-    scale: f32,
-    mask: &DropMask,
-) -> FlexTensor {
-    let tk = *probs.layout().shape().as_slice().last().unwrap_or(&1);
-    let (p, g) = (values(probs), values(grad));
-    let mut out = vec![0f32; p.len()];
-    let per_task = rows_per_task(tk) * tk;
-    out.par_chunks_mut(per_task)
-        .enumerate()
-        .for_each(|(task, o_rows)| {
-            let start = task * per_task;
-            for (i, o) in o_rows.chunks_mut(tk).enumerate() {
-                let at = start + i * tk;
-                softmax_backward_row(&p[at..at + tk], &g[at..at + tk], scale, mask, at as u32, o);
-            }
-        });
-    new_tensor(out, probs)
-}
-
-multiversion!(logsumexp_row(row: &[f32], out: &mut f32) {
-    let mut max = f32::MIN;
-    for &x in row {
-        max = max.max(x);
-    }
-    let mut sum = 0.0;
-    for &x in row {
-        sum += exp(x - max);
-    }
-    *out = max + sum.ln();
-});
-
-multiversion!(cross_entropy_grad_row(row: &[f32], lse: f32, g: f32, out: &mut [f32]) {
-    for (o, &x) in out.iter_mut().zip(row) {
-        *o = g * exp(x - lse);
-    }
-});
-
-/// Per-row log-sum-exp of `[N, C]` logits.
-fn row_logsumexp(logits: &FlexTensor) -> Vec<f32> {
-    let c = *logits.layout().shape().as_slice().last().unwrap_or(&1);
-    let x = values(logits);
-    let mut lse = vec![0f32; x.len() / c.max(1)];
-    lse.par_iter_mut()
-        .zip(x.par_chunks(c.max(1)))
-        .for_each(|(l, row)| logsumexp_row(row, l));
-    lse
-}
-
-/// `Σ_r lse[r] − logits[r, t_r]` as a `[1]` tensor.
-fn cross_entropy_forward(logits: &FlexTensor, lse: &[f32], targets: &[u32]) -> FlexTensor {
-    let c = *logits.layout().shape().as_slice().last().unwrap_or(&1);
-    let x = values(logits);
-    let loss: f64 = lse
-        .iter()
-        .zip(targets)
-        .enumerate()
-        .map(|(r, (&l, &t))| (l - x[r * c + t as usize]) as f64)
-        .sum();
-    FlexTensor::from_data(TensorData::new(vec![loss as f32], [1]))
-}
-
-/// `g · (softmax(logits) − onehot(targets))`.
-fn cross_entropy_backward(logits: &FlexTensor, lse: &[f32], targets: &[u32], g: f32) -> FlexTensor {
-    let c = *logits.layout().shape().as_slice().last().unwrap_or(&1);
-    let x = values(logits);
-    let mut out = vec![0f32; x.len()];
-    out.par_chunks_mut(c.max(1))
-        .zip(x.par_chunks(c.max(1)))
-        .enumerate()
-        .for_each(|(r, (o, row))| {
-            cross_entropy_grad_row(row, lse[r], g, o);
-            o[targets[r] as usize] -= g;
-        });
-    new_tensor(out, logits)
-}
-
-// ---------------------------------------------------------------------------------------------
-// The backend implementations.
-
-impl FusedOps for Flex {
-    fn fused_gelu(x: FlexTensor) -> FlexTensor {
-        gelu_forward(&dense(x))
-    }
-
-    fn fused_dropout(x: FlexTensor, p: f64, seed: u64) -> FlexTensor {
-        dropout_apply(&dense(x), &DropMask::new(p, seed))
-    }
-
-    fn fused_attention_probs(
-        scores: FlexTensor,
-        bias: FlexTensor,
+/// What a backend supplies so that `Autodiff` over it can differentiate the fused ops: each
+/// forward, returning what its backward pass keeps, and each backward pass.
+trait Kernels: Backend {
+    /// The layout the kernels read (dense f32 on the CPU, contiguous on a device), applied
+    /// once to a differentiated input so that the backward pass keeps it in that form.
+    fn prepare(x: FloatTensor<Self>) -> FloatTensor<Self>;
+    fn gelu(x: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// `grad · GELU'(x)`.
+    fn gelu_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// `x ⊙ mask` (the backward pass of dropout is dropout of the gradient).
+    fn dropout(x: FloatTensor<Self>, mask: DropMask) -> FloatTensor<Self>;
+    /// `(probabilities before dropout, output)`.
+    fn attention_probs(
+        scores: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
         scale: f32,
-        p: f64,
-        seed: u64,
-    ) -> FlexTensor {
-        let mask = DropMask::new(p, seed);
-        attention_probs_forward(&dense(scores), &dense(bias), scale, &mask).1
-    }
-
-    fn fused_cross_entropy_sum(logits: FlexTensor, targets: Vec<u32>) -> FlexTensor {
-        let logits = dense(logits);
-        cross_entropy_forward(&logits, &row_logsumexp(&logits), &targets)
-    }
-
-    fn fused_quant_matmul(x: FlexTensor, w: Arc<QuantMatrix>) -> FlexTensor {
-        quant_matmul_forward(&dense(x), &w)
-    }
+        mask: DropMask,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+    /// The gradient of the scores from the probabilities before dropout.
+    fn attention_probs_backward(
+        probs: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        scale: f32,
+        mask: DropMask,
+    ) -> FloatTensor<Self>;
+    /// The targets as a `[N]` u32 tensor on the device of `like`.
+    fn targets(targets: &[u32], like: &FloatTensor<Self>) -> IntTensor<Self>;
+    /// `(loss [1], row log-sum-exp [N])`.
+    fn cross_entropy(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+    /// `grad · (softmax(logits) − onehot(targets))`, `grad` of shape `[1]`.
+    fn cross_entropy_backward(
+        logits: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
+    /// `x [N, in] · Wᵀ`.
+    fn quant_matmul(x: FloatTensor<Self>, w: &Arc<QuantMatrix>) -> FloatTensor<Self>;
+    /// `dy [N, out] · W`.
+    fn quant_matmul_backward(dy: FloatTensor<Self>, w: &Arc<QuantMatrix>) -> FloatTensor<Self>;
 }
 
-/// Runs a fused op with one differentiable input: `forward` gets the dense input and returns
+/// The forward passes without a graph, shared by the backends that implement [`Kernels`].
+macro_rules! fused_ops_from_kernels {
+    ($backend:ty) => {
+        impl FusedOps for $backend {
+            fn fused_gelu(x: FloatTensor<Self>) -> FloatTensor<Self> {
+                <Self as Kernels>::gelu(x)
+            }
+
+            fn fused_dropout(x: FloatTensor<Self>, p: f64, seed: u64) -> FloatTensor<Self> {
+                <Self as Kernels>::dropout(x, DropMask::new(p, seed))
+            }
+
+            fn fused_attention_probs(
+                scores: FloatTensor<Self>,
+                bias: FloatTensor<Self>,
+                scale: f32,
+                p: f64,
+                seed: u64,
+            ) -> FloatTensor<Self> {
+                let mask = DropMask::new(p, seed);
+                <Self as Kernels>::attention_probs(scores, bias, scale, mask).1
+            }
+
+            fn fused_cross_entropy_sum(
+                logits: FloatTensor<Self>,
+                targets: Vec<u32>,
+            ) -> FloatTensor<Self> {
+                let targets = <Self as Kernels>::targets(&targets, &logits);
+                <Self as Kernels>::cross_entropy(logits, targets).0
+            }
+
+            fn fused_quant_matmul(x: FloatTensor<Self>, w: Arc<QuantMatrix>) -> FloatTensor<Self> {
+                <Self as Kernels>::quant_matmul(x, &w)
+            }
+        }
+    };
+}
+
+fused_ops_from_kernels!(Flex);
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+fused_ops_from_kernels!(burn_cubecl::CubeBackend);
+
+/// Runs a fused op with one differentiable input: `forward` gets the prepared input and returns
 /// what the backward pass keeps and the output. Without a graph (the input needs no gradient)
 /// the kept state is dropped.
-fn one_input<C: CheckpointStrategy, Bw: Backward<Flex, 1>>(
+fn one_input<B: Kernels, C: CheckpointStrategy, Bw: Backward<B, 1>>(
     backward: Bw,
-    x: FloatTensor<Autodiff<Flex, C>>,
-    forward: impl FnOnce(FlexTensor) -> (Bw::State, FlexTensor),
-) -> FloatTensor<Autodiff<Flex, C>> {
+    x: FloatTensor<Autodiff<B, C>>,
+    forward: impl FnOnce(FloatTensor<B>) -> (Bw::State, FloatTensor<B>),
+) -> FloatTensor<Autodiff<B, C>> {
     match backward.prepare::<C>([x.node()]).compute_bound().stateful() {
         OpsKind::Tracked(prep) => {
-            let (state, out) = forward(dense(x.primitive().clone()));
+            let (state, out) = forward(B::prepare(x.primitive().clone()));
             prep.finish(state, out)
         }
-        OpsKind::UnTracked(prep) => prep.finish(forward(dense(x.into_primitive())).1),
+        OpsKind::UnTracked(prep) => prep.finish(forward(B::prepare(x.into_primitive())).1),
     }
 }
 
-impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
+impl<B: Kernels, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
     fn fused_gelu(x: FloatTensor<Self>) -> FloatTensor<Self> {
         #[derive(Debug)]
         struct GeluBackward;
 
-        impl Backward<Flex, 1> for GeluBackward {
-            /// The (dense) input.
-            type State = FlexTensor;
+        impl<B: Kernels> Backward<B, 1> for GeluBackward {
+            /// The (prepared) input.
+            type State = FloatTensor<B>;
 
             fn backward(
                 self,
-                ops: Ops<FlexTensor, 1>,
+                ops: Ops<Self::State, 1>,
                 grads: &mut Gradients,
                 _: &mut Checkpointer,
             ) {
                 let [parent] = ops.parents;
-                let grad = grads.consume::<Flex>(&ops.node);
+                let grad = grads.consume::<B>(&ops.node);
                 if let Some(node) = parent {
-                    grads.register::<Flex>(node.id, gelu_backward(&ops.state, &dense(grad)));
+                    grads.register::<B>(node.id, <B as Kernels>::gelu_backward(ops.state, grad));
                 }
             }
         }
 
-        one_input::<C, _>(GeluBackward, x, |input| {
-            let out = gelu_forward(&input);
-            (input, out)
+        one_input::<B, C, _>(GeluBackward, x, |input| {
+            (input.clone(), <B as Kernels>::gelu(input))
         })
     }
 
@@ -708,23 +403,21 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
         #[derive(Debug)]
         struct DropoutBackward;
 
-        impl Backward<Flex, 1> for DropoutBackward {
+        impl<B: Kernels> Backward<B, 1> for DropoutBackward {
             /// The mask, regenerated from its seed.
             type State = DropMask;
 
             fn backward(self, ops: Ops<DropMask, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
                 let [parent] = ops.parents;
-                let grad = grads.consume::<Flex>(&ops.node);
+                let grad = grads.consume::<B>(&ops.node);
                 if let Some(node) = parent {
-                    grads.register::<Flex>(node.id, dropout_apply(&dense(grad), &ops.state));
+                    grads.register::<B>(node.id, B::dropout(grad, ops.state));
                 }
             }
         }
 
         let mask = DropMask::new(p, seed);
-        one_input::<C, _>(DropoutBackward, x, |input| {
-            (mask, dropout_apply(&input, &mask))
-        })
+        one_input::<B, C, _>(DropoutBackward, x, |input| (mask, B::dropout(input, mask)))
     }
 
     fn fused_attention_probs(
@@ -737,9 +430,9 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
         #[derive(Debug)]
         struct ProbsBackward;
 
-        impl Backward<Flex, 1> for ProbsBackward {
+        impl<B: Kernels> Backward<B, 1> for ProbsBackward {
             /// Probabilities before dropout, scale, dropout mask.
-            type State = (FlexTensor, f32, DropMask);
+            type State = (FloatTensor<B>, f32, DropMask);
 
             fn backward(
                 self,
@@ -748,19 +441,20 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
                 _: &mut Checkpointer,
             ) {
                 let [parent] = ops.parents;
-                let grad = grads.consume::<Flex>(&ops.node);
+                let grad = grads.consume::<B>(&ops.node);
                 let (probs, scale, mask) = ops.state;
                 if let Some(node) = parent {
-                    let g = attention_probs_backward(&probs, &dense(grad), scale, &mask);
-                    grads.register::<Flex>(node.id, g);
+                    let g = B::attention_probs_backward(probs, grad, scale, mask);
+                    grads.register::<B>(node.id, g);
                 }
             }
         }
 
-        let bias = dense(bias.into_primitive());
+        // The bias is a constant (a mask): it takes no gradient even if it is tracked.
+        let bias = bias.into_primitive();
         let mask = DropMask::new(p, seed);
-        one_input::<C, _>(ProbsBackward, scores, |s| {
-            let (probs, out) = attention_probs_forward(&s, &bias, scale, &mask);
+        one_input::<B, C, _>(ProbsBackward, scores, |s| {
+            let (probs, out) = B::attention_probs(s, bias, scale, mask);
             ((probs, scale, mask), out)
         })
     }
@@ -769,9 +463,9 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
         #[derive(Debug)]
         struct CrossEntropyBackward;
 
-        impl Backward<Flex, 1> for CrossEntropyBackward {
+        impl<B: Kernels> Backward<B, 1> for CrossEntropyBackward {
             /// The logits, their row log-sum-exp, the targets.
-            type State = (FlexTensor, Vec<f32>, Vec<u32>);
+            type State = (FloatTensor<B>, FloatTensor<B>, IntTensor<B>);
 
             fn backward(
                 self,
@@ -780,20 +474,19 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
                 _: &mut Checkpointer,
             ) {
                 let [parent] = ops.parents;
-                let grad = grads.consume::<Flex>(&ops.node);
-                let g = values(&dense(grad)).first().copied().unwrap_or(0.0);
+                let grad = grads.consume::<B>(&ops.node);
                 let (logits, lse, targets) = ops.state;
                 if let Some(node) = parent {
-                    let dx = cross_entropy_backward(&logits, &lse, &targets, g);
-                    grads.register::<Flex>(node.id, dx);
+                    let dx = B::cross_entropy_backward(logits, lse, targets, grad);
+                    grads.register::<B>(node.id, dx);
                 }
             }
         }
 
-        one_input::<C, _>(CrossEntropyBackward, logits, |x| {
-            let lse = row_logsumexp(&x);
-            let out = cross_entropy_forward(&x, &lse, &targets);
-            ((x, lse, targets), out)
+        one_input::<B, C, _>(CrossEntropyBackward, logits, |x| {
+            let targets = B::targets(&targets, &x);
+            let (loss, lse) = B::cross_entropy(x.clone(), targets.clone());
+            ((x, lse, targets), loss)
         })
     }
 
@@ -801,7 +494,7 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
         #[derive(Debug)]
         struct QuantMatmulBackward;
 
-        impl Backward<Flex, 1> for QuantMatmulBackward {
+        impl<B: Kernels> Backward<B, 1> for QuantMatmulBackward {
             /// The quantised weight (shared, not copied).
             type State = Arc<QuantMatrix>;
 
@@ -812,16 +505,15 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
                 _: &mut Checkpointer,
             ) {
                 let [parent] = ops.parents;
-                let grad = grads.consume::<Flex>(&ops.node);
+                let grad = grads.consume::<B>(&ops.node);
                 if let Some(node) = parent {
-                    let dx = quant_matmul_backward(&dense(grad), &ops.state);
-                    grads.register::<Flex>(node.id, dx);
+                    grads.register::<B>(node.id, B::quant_matmul_backward(grad, &ops.state));
                 }
             }
         }
 
-        one_input::<C, _>(QuantMatmulBackward, x, |input| {
-            let out = quant_matmul_forward(&input, &w);
+        one_input::<B, C, _>(QuantMatmulBackward, x, |input| {
+            let out = B::quant_matmul(input, &w);
             (w, out)
         })
     }
@@ -829,6 +521,7 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
 
 #[cfg(test)]
 mod tests {
+    use super::flex::{exp, normal_cdf_pdf};
     use super::*;
     use burn::tensor::{Device, Distribution};
 
@@ -1055,5 +748,212 @@ mod tests {
         for (pv, dv) in p.iter().zip(&d) {
             assert!(*dv == 0.0 || (dv - 2.0 * pv).abs() < 1e-6);
         }
+    }
+}
+
+/// The CubeCL kernels on Mesa's software Vulkan device (llvmpipe), against burn's composed ops
+/// on the same device and against the CPU kernels.
+///
+/// Tolerances: both sides compute in f32 and differ in summation order (a cube's tree against a
+/// sequential loop) and in exp / erf (the device's own against the CPU kernels' polynomials,
+/// each within a few ulp or 1.5e-7 absolute), so values agree to about 1e-6 relative; the
+/// bounds below leave a factor of ten or more over that and stay far below any real error
+/// (a wrong index, a missing scale), which moves results by whole units.
+#[cfg(all(test, feature = "wgpu"))]
+mod cube_tests {
+    use super::*;
+    use burn::tensor::{Device, DeviceKind, Distribution};
+
+    fn gpu() -> Device {
+        Device::wgpu(DeviceKind::Cpu)
+    }
+
+    fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+        t.into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .unwrap_or_else(|e| panic!("tensor data: {e:?}"))
+    }
+
+    /// Every `|a − b| ≤ atol + rtol·|b|`; names the worst element otherwise.
+    fn assert_close<const D: usize>(a: Tensor<D>, b: Tensor<D>, rtol: f32, atol: f32, what: &str) {
+        let (a, b) = (values(a), values(b));
+        assert_eq!(a.len(), b.len(), "{what}: lengths");
+        assert!(!a.is_empty(), "{what}: empty");
+        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+            assert!(
+                (x - y).abs() <= atol + rtol * y.abs(),
+                "{what}: element {i} is {x}, want {y}"
+            );
+        }
+    }
+
+    fn grad_of<const D: usize>(x: &Tensor<D>, g: &burn::tensor::Gradients) -> Tensor<D> {
+        x.grad(g).unwrap_or_else(|| panic!("no gradient"))
+    }
+
+    fn fused_dropout<const D: usize>(x: Tensor<D>, p: f64, seed: u64) -> Tensor<D> {
+        Tensor::from_dispatch(<Dispatch as FusedOps>::fused_dropout(
+            x.into_dispatch(),
+            p,
+            seed,
+        ))
+    }
+
+    fn fused_probs(s: Tensor<4>, bias: Tensor<4>, scale: f32, p: f64, seed: u64) -> Tensor<4> {
+        Tensor::from_dispatch(<Dispatch as FusedOps>::fused_attention_probs(
+            s.into_dispatch(),
+            bias.into_dispatch(),
+            scale,
+            p,
+            seed,
+        ))
+    }
+
+    #[test]
+    fn cube_gelu_matches_burn_in_value_and_gradient() {
+        let _rng = crate::test_rng();
+        let device = gpu().autodiff();
+        let x = Tensor::<3>::random([2, 5, 300], Distribution::Normal(0.0, 3.0), &device);
+        assert!(fused(&x), "a wgpu tensor takes the kernels");
+        let a = x.clone().require_grad();
+        let ya = gelu(a.clone());
+        let yb = burn::tensor::activation::gelu(x.clone());
+        assert_close(ya.clone(), yb, 1e-5, 1e-6, "gelu");
+        let w = Tensor::<3>::random([2, 5, 300], Distribution::Normal(0.0, 1.0), &device);
+        let ga = (ya * w.clone()).sum().backward();
+        // burn's own GELU backward on this backend is the derivative of the tanh approximation
+        // (off by up to 2e-4); the exact one is Φ(x) + x·φ(x), composed here from burn's ops.
+        let cdf = (x.clone() / std::f32::consts::SQRT_2).erf().add_scalar(1.0) / 2.0;
+        let pdf = (x.clone().powi_scalar(2) / -2.0).exp() * 0.398_942_3;
+        let want = w * (cdf + x * pdf);
+        assert_close(grad_of(&a, &ga), want, 1e-5, 1e-6, "gelu gradient");
+    }
+
+    /// The same seed keeps the same elements on the GPU as on the CPU, in the forward pass and
+    /// in the gradient.
+    #[test]
+    fn cube_dropout_draws_the_cpu_mask() {
+        let _rng = crate::test_rng();
+        let cpu = Device::flex().autodiff();
+        let x = Tensor::<2>::random([64, 300], Distribution::Normal(1.0, 0.1), &cpu);
+        let xg = Tensor::<2>::from_data(x.to_data(), &gpu().autodiff());
+        let seed = 0x0123_4567_89ab_cdef;
+        let (a, b) = (x.require_grad(), xg.require_grad());
+        let (ya, yb) = (
+            fused_dropout(a.clone(), 0.25, seed),
+            fused_dropout(b.clone(), 0.25, seed),
+        );
+        let (va, vb) = (values(ya.clone()), values(yb.clone()));
+        let zeros = |v: &[f32]| v.iter().map(|&x| x == 0.0).collect::<Vec<_>>();
+        assert_eq!(zeros(&va), zeros(&vb), "same seed, same mask");
+        let dropped = zeros(&va).iter().filter(|&&z| z).count() as f64 / va.len() as f64;
+        assert!((dropped - 0.25).abs() < 0.02, "dropped fraction {dropped}");
+        // The same product `x · (1 / 0.75)` on both.
+        assert_eq!(va, vb);
+        let (ga, gb) = (ya.sum().backward(), yb.sum().backward());
+        assert_eq!(values(grad_of(&a, &ga)), values(grad_of(&b, &gb)));
+    }
+
+    #[test]
+    fn cube_attention_probs_match_burn_and_the_cpu_kernel() {
+        let _rng = crate::test_rng();
+        let device = gpu().autodiff();
+        // Rows of 300 keys: longer than a cube (256 units), so units stride.
+        let [b, h, tq, tk] = [2, 3, 5, 300];
+        let s = Tensor::<4>::random([b, h, tq, tk], Distribution::Normal(0.0, 2.0), &device);
+        let mut bias = vec![0f32; b * tq * tk];
+        for (i, v) in bias.iter_mut().enumerate() {
+            if i % tk >= tk - 1 - (i / (tq * tk)) * 7 {
+                *v = crate::layers::MASK_VALUE; // pad the last keys of each row
+            }
+        }
+        let bias = Tensor::<4>::from_data(TensorData::new(bias, [b, 1, tq, tk]), &device);
+        let scale = 0.37;
+        let (a, c) = (s.clone().require_grad(), s.clone().require_grad());
+        let pa = attention_probs(a.clone(), bias.clone(), scale, 0.0);
+        let pc = burn::tensor::activation::softmax(
+            c.clone().mul_scalar(scale) + bias.clone().expand([b, h, tq, tk]),
+            3,
+        );
+        assert_close(pa.clone(), pc.clone(), 1e-4, 1e-7, "probabilities");
+        let w = Tensor::<4>::random([b, h, tq, tk], Distribution::Normal(0.0, 1.0), &device);
+        let ga = (pa * w.clone()).sum().backward();
+        let gc = (pc * w.clone()).sum().backward();
+        assert_close(
+            grad_of(&a, &ga),
+            grad_of(&c, &gc),
+            1e-4,
+            1e-6,
+            "score gradient",
+        );
+
+        // With dropout: the CPU kernel with the same seed drops the same probabilities.
+        let cpu = Device::flex().autodiff();
+        let to_cpu = |t: &Tensor<4>| Tensor::<4>::from_data(t.to_data(), &cpu);
+        let (sg, sc) = (s.clone().require_grad(), to_cpu(&s).require_grad());
+        let seed = 99;
+        let pg = fused_probs(sg.clone(), bias.clone(), scale, 0.3, seed);
+        let pc = fused_probs(sc.clone(), to_cpu(&bias), scale, 0.3, seed);
+        let pg_cpu = Tensor::<4>::from_data(pg.to_data(), &cpu);
+        assert_close(pg_cpu, pc.clone(), 1e-4, 1e-7, "dropped probabilities");
+        let gg = (pg * w.clone()).sum().backward();
+        let gc = (pc * to_cpu(&w)).sum().backward();
+        let gg_cpu = Tensor::<4>::from_data(grad_of(&sg, &gg).to_data(), &cpu);
+        assert_close(
+            gg_cpu,
+            grad_of(&sc, &gc),
+            1e-4,
+            1e-6,
+            "dropped score gradient",
+        );
+    }
+
+    #[test]
+    fn cube_cross_entropy_matches_burn_in_value_and_gradient() {
+        let _rng = crate::test_rng();
+        let device = gpu().autodiff();
+        let x = Tensor::<2>::random([7, 1000], Distribution::Normal(0.0, 4.0), &device);
+        let targets: Vec<u32> = vec![0, 999, 17, 500, 3, 3, 250];
+        let (a, b) = (x.clone().require_grad(), x.require_grad());
+        let la = cross_entropy_sum(a.clone(), &targets);
+        let t = Tensor::<1, burn::tensor::Int>::from_data(
+            TensorData::new(targets.iter().map(|&t| t as i64).collect(), [7]),
+            &device,
+        );
+        let lb = -burn::tensor::activation::log_softmax(b.clone(), 1)
+            .gather(1, t.reshape([7, 1]))
+            .sum();
+        assert_close(la.clone(), lb.clone(), 1e-5, 0.0, "loss");
+        // Scale the loss so the incoming gradient is not 1.
+        let ga = la.mul_scalar(0.5).backward();
+        let gb = lb.mul_scalar(0.5).backward();
+        assert_close(
+            grad_of(&a, &ga),
+            grad_of(&b, &gb),
+            1e-4,
+            1e-7,
+            "logit gradient",
+        );
+    }
+
+    #[test]
+    fn cube_quant_matmul_matches_the_cpu_kernel() {
+        let _rng = crate::test_rng();
+        let cpu = Device::flex().autodiff();
+        let (rows, cols) = (48, 128);
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+            .collect();
+        let w = Arc::new(QuantMatrix::nf4(&w, rows, cols, true));
+        let x = Tensor::<3>::random([2, 3, cols], Distribution::Normal(0.0, 1.0), &cpu);
+        let xg = Tensor::<3>::from_data(x.to_data(), &gpu().autodiff());
+        let (a, b) = (x.require_grad(), xg.require_grad());
+        let (ya, yb) = (quant_matmul(a.clone(), &w), quant_matmul(b.clone(), &w));
+        let yb_cpu = Tensor::<3>::from_data(yb.to_data(), &cpu);
+        assert_close(yb_cpu, ya.clone(), 1e-4, 1e-5, "product");
+        let (ga, gb) = (ya.sum().backward(), yb.sum().backward());
+        let gb_cpu = Tensor::<3>::from_data(grad_of(&b, &gb).to_data(), &cpu);
+        assert_close(gb_cpu, grad_of(&a, &ga), 1e-4, 1e-5, "input gradient");
     }
 }

@@ -1,0 +1,467 @@
+//! The CPU kernels: loops over contiguous f32 slices, split over rayon's threads and compiled
+//! for the widest vector extension the CPU has.
+
+use burn::backend::Flex;
+use burn::backend::flex::FlexTensor;
+use burn::backend::tensor::{FloatTensor, IntTensor};
+use burn::tensor::{DType, TensorData};
+use rayon::prelude::*;
+use std::sync::Arc;
+
+use super::{DropMask, Kernels};
+use crate::quant::QuantMatrix;
+
+/// Elements per rayon task: small enough to split a `[16, 64, 1536]` activation over the cores,
+/// large enough that scheduling stays negligible.
+const CHUNK: usize = 16 * 1024;
+
+/// `dst[m, n] = lhs[m, k] · rhs[k, n]` with explicit (row, column) strides, through the gemm
+/// crate burn's CPU backend uses.
+#[allow(clippy::too_many_arguments)]
+fn gemm_strided(
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: &[f32],
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: &[f32],
+    (rhs_rs, rhs_cs): (usize, usize),
+    dst: &mut [f32],
+) {
+    assert!(dst.len() >= m * n);
+    let parallelism = if m * n * k >= 64 * 64 * 64 {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: every index the strides reach lies inside the slices: lhs (m-1)·rs + (k-1)·cs,
+    // rhs (k-1)·rs + (n-1)·cs and dst (m-1)·n + n-1, as the callers' shapes imply.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+/// `y [N, out] = x [N, in] · Wᵀ`.
+fn quant_matmul_forward(x: &FlexTensor, w: &QuantMatrix) -> FlexTensor {
+    let (rows, cols) = w.dims();
+    let xv = values(x);
+    let n = xv.len() / cols;
+    let wd = w.dequantize();
+    let mut y = vec![0f32; n * rows];
+    gemm_strided(n, rows, cols, xv, (cols, 1), &wd, (1, cols), &mut y);
+    FlexTensor::from_data(TensorData::new(y, [n, rows]))
+}
+
+/// `dx [N, in] = dy [N, out] · W`.
+fn quant_matmul_backward(dy: &FlexTensor, w: &QuantMatrix) -> FlexTensor {
+    let (rows, cols) = w.dims();
+    let gv = values(dy);
+    let n = gv.len() / rows;
+    let wd = w.dequantize();
+    let mut dx = vec![0f32; n * cols];
+    gemm_strided(n, cols, rows, gv, (rows, 1), &wd, (cols, 1), &mut dx);
+    FlexTensor::from_data(TensorData::new(dx, [n, cols]))
+}
+
+/// The contiguous f32 values of a tensor (copied into a dense buffer if it is a strided view or
+/// another float type).
+fn dense(t: FlexTensor) -> FlexTensor {
+    let t = if t.dtype() == DType::F32 {
+        t
+    } else {
+        FlexTensor::from_data(t.into_data().convert::<f32>())
+    };
+    if t.as_slice::<f32>().is_some() {
+        t
+    } else {
+        t.to_contiguous()
+    }
+}
+
+fn values(t: &FlexTensor) -> &[f32] {
+    t.as_slice::<f32>().unwrap_or(&[])
+}
+
+fn new_tensor(values: Vec<f32>, like: &FlexTensor) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(values, like.layout().shape().clone()))
+}
+
+/// Runs `body` compiled for the best vector extension this CPU has: the same scalar code,
+/// auto-vectorised 16 or 8 lanes wide instead of SSE2's 4.
+macro_rules! multiversion {
+    ($name:ident ($($arg:ident : $ty:ty),*) $body:block) => {
+        fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                fn avx512($($arg: $ty),*) { body($($arg),*) }
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2($($arg: $ty),*) { body($($arg),*) }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU supports the feature the function was compiled for.
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: as above.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+
+const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
+
+/// `e^x` for `x` in `[-87.3, 88.7]` (clamped), relative error about 1e-7: Cody-Waite range
+/// reduction to `r ∈ [-ln2/2, ln2/2]`, Cephes' degree-5 polynomial, the power of two built in the
+/// exponent bits. Branch-free so loops over it vectorise.
+#[inline(always)]
+pub(super) fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Adding and subtracting 1.5·2^23 rounds to the nearest integer without a call to roundf.
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.3, 88.7);
+    let v = x * LOG2E + ROUND;
+    let n = v - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = 1.987_569_1e-4;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 0.5;
+    let e = p * (r * r) + r + 1.0;
+    // v's low mantissa bits hold n (its ulp is 1): 2^n from integer ops only, no float-to-int
+    // conversion (Rust's saturating `as` would keep the loop scalar).
+    let n_bits = v.to_bits().wrapping_sub(ROUND.to_bits());
+    e * f32::from_bits(n_bits.wrapping_add(127) << 23)
+}
+
+/// `(Φ(x), φ(x))`: the standard normal CDF `0.5·(1 + erf(x/√2))` and density. erf by
+/// Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7), whose `e^{-z²}` is the density's
+/// exponential, so both come from one `exp`.
+#[inline(always)]
+pub(super) fn normal_cdf_pdf(x: f32) -> (f32, f32) {
+    const P: f32 = 0.327_591_1;
+    const A: [f32; 5] = [
+        0.254_829_6,
+        -0.284_496_74,
+        1.421_413_8,
+        -1.453_152,
+        1.061_405_4,
+    ];
+    let z = x.abs() * std::f32::consts::FRAC_1_SQRT_2;
+    let e = exp(-0.5 * x * x);
+    let t = 1.0 / (1.0 + P * z);
+    let poly = t * (A[0] + t * (A[1] + t * (A[2] + t * (A[3] + t * A[4]))));
+    let erf_abs = 1.0 - poly * e;
+    let erf = erf_abs.copysign(x);
+    (0.5 * (1.0 + erf), FRAC_1_SQRT_2PI * e)
+}
+
+multiversion!(gelu_forward_slice(x: &[f32], out: &mut [f32]) {
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = v * normal_cdf_pdf(v).0;
+    }
+});
+
+multiversion!(gelu_backward_slice(x: &[f32], grad: &[f32], out: &mut [f32]) {
+    for ((o, &v), &g) in out.iter_mut().zip(x).zip(grad) {
+        let (cdf, pdf) = normal_cdf_pdf(v);
+        *o = g * (cdf + v * pdf);
+    }
+});
+
+fn gelu_forward(x: &FlexTensor) -> FlexTensor {
+    let xs = values(x);
+    let mut out = vec![0f32; xs.len()];
+    out.par_chunks_mut(CHUNK)
+        .zip(xs.par_chunks(CHUNK))
+        .for_each(|(o, x)| gelu_forward_slice(x, o));
+    new_tensor(out, x)
+}
+
+fn gelu_backward(x: &FlexTensor, grad: &FlexTensor) -> FlexTensor {
+    let (xs, gs) = (values(x), values(grad));
+    let mut out = vec![0f32; xs.len()];
+    out.par_chunks_mut(CHUNK)
+        .zip(xs.par_chunks(CHUNK).zip(gs.par_chunks(CHUNK)))
+        .for_each(|(o, (x, g))| gelu_backward_slice(x, g, o));
+    new_tensor(out, x)
+}
+
+multiversion!(dropout_slice(x: &[f32], mask: &DropMask, base: u32, out: &mut [f32]) {
+    for (j, (o, &v)) in out.iter_mut().zip(x).enumerate() {
+        *o = v * mask.factor(base.wrapping_add(j as u32));
+    }
+});
+
+fn dropout_apply(x: &FlexTensor, mask: &DropMask) -> FlexTensor {
+    let xs = values(x);
+    let mut out = vec![0f32; xs.len()];
+    out.par_chunks_mut(CHUNK)
+        .zip(xs.par_chunks(CHUNK))
+        .enumerate()
+        .for_each(|(k, (o, x))| dropout_slice(x, mask, (k * CHUNK) as u32, o));
+    new_tensor(out, x)
+}
+
+multiversion!(softmax_row(
+    scores: &[f32],
+    bias: &[f32],
+    scale: f32,
+    mask: &DropMask,
+    base: u32,
+    probs: &mut [f32],
+    out: &mut [f32]
+) {
+    let mut max = f32::MIN;
+    for (p, (&s, &b)) in probs.iter_mut().zip(scores.iter().zip(bias)) {
+        *p = s * scale + b;
+        max = max.max(*p);
+    }
+    let mut sum = 0.0;
+    for p in probs.iter_mut() {
+        *p = exp(*p - max);
+        sum += *p;
+    }
+    let inv = 1.0 / sum;
+    for (j, (o, p)) in out.iter_mut().zip(probs.iter_mut()).enumerate() {
+        *p *= inv;
+        *o = *p * mask.factor(base.wrapping_add(j as u32));
+    }
+});
+
+multiversion!(softmax_backward_row(
+    probs: &[f32],
+    grad: &[f32],
+    scale: f32,
+    mask: &DropMask,
+    base: u32,
+    out: &mut [f32]
+) {
+    // dP = dOut ⊙ keep · keep_scale; dS = scale · P ⊙ (dP − Σ dP ⊙ P)
+    for (j, (o, &g)) in out.iter_mut().zip(grad).enumerate() {
+        *o = g * mask.factor(base.wrapping_add(j as u32));
+    }
+    let mut dot = 0.0;
+    for (&p, &d) in probs.iter().zip(out.iter()) {
+        dot += d * p;
+    }
+    for (o, &p) in out.iter_mut().zip(probs) {
+        *o = scale * p * (*o - dot);
+    }
+});
+
+/// Rows of `[B, H, Tq, Tk]` handed to one rayon task.
+fn rows_per_task(tk: usize) -> usize {
+    (CHUNK / tk.max(1)).max(1)
+}
+
+/// `(probs before dropout, output)`.
+fn attention_probs_forward(
+    scores: &FlexTensor,
+    bias: &FlexTensor,
+    scale: f32,
+    mask: &DropMask,
+) -> (FlexTensor, FlexTensor) {
+    let dims = scores.layout().shape().to_vec();
+    let (h, tq, tk) = (dims[1], dims[2], dims[3]);
+    let (s, bias_v) = (values(scores), values(bias));
+    let mut probs = vec![0f32; s.len()];
+    let mut out = vec![0f32; s.len()];
+    let per_task = rows_per_task(tk);
+    probs
+        .par_chunks_mut(per_task * tk)
+        .zip(out.par_chunks_mut(per_task * tk))
+        .enumerate()
+        .for_each(|(task, (p_rows, o_rows))| {
+            for (i, (p, o)) in p_rows.chunks_mut(tk).zip(o_rows.chunks_mut(tk)).enumerate() {
+                let row = task * per_task + i;
+                // row = ((bi · H) + hi) · Tq + qi; the bias row drops the head.
+                let (bi, qi) = (row / (h * tq), row % tq);
+                let brow = (bi * tq + qi) * tk;
+                let at = row * tk;
+                let bias_row = &bias_v[brow..brow + tk];
+                softmax_row(&s[at..at + tk], bias_row, scale, mask, at as u32, p, o);
+            }
+        });
+    (new_tensor(probs, scores), new_tensor(out, scores))
+}
+
+fn attention_probs_backward(
+    probs: &FlexTensor,
+    grad: &FlexTensor,
+    scale: f32,
+    mask: &DropMask,
+) -> FlexTensor {
+    let tk = *probs.layout().shape().as_slice().last().unwrap_or(&1);
+    let (p, g) = (values(probs), values(grad));
+    let mut out = vec![0f32; p.len()];
+    let per_task = rows_per_task(tk) * tk;
+    out.par_chunks_mut(per_task)
+        .enumerate()
+        .for_each(|(task, o_rows)| {
+            let start = task * per_task;
+            for (i, o) in o_rows.chunks_mut(tk).enumerate() {
+                let at = start + i * tk;
+                softmax_backward_row(&p[at..at + tk], &g[at..at + tk], scale, mask, at as u32, o);
+            }
+        });
+    new_tensor(out, probs)
+}
+
+multiversion!(logsumexp_row(row: &[f32], out: &mut f32) {
+    let mut max = f32::MIN;
+    for &x in row {
+        max = max.max(x);
+    }
+    let mut sum = 0.0;
+    for &x in row {
+        sum += exp(x - max);
+    }
+    *out = max + sum.ln();
+});
+
+multiversion!(cross_entropy_grad_row(row: &[f32], lse: f32, g: f32, out: &mut [f32]) {
+    for (o, &x) in out.iter_mut().zip(row) {
+        *o = g * exp(x - lse);
+    }
+});
+
+/// Per-row log-sum-exp of `[N, C]` logits.
+fn row_logsumexp(logits: &FlexTensor) -> Vec<f32> {
+    let c = *logits.layout().shape().as_slice().last().unwrap_or(&1);
+    let x = values(logits);
+    let mut lse = vec![0f32; x.len() / c.max(1)];
+    lse.par_iter_mut()
+        .zip(x.par_chunks(c.max(1)))
+        .for_each(|(l, row)| logsumexp_row(row, l));
+    lse
+}
+
+/// `Σ_r lse[r] − logits[r, t_r]` as a `[1]` tensor.
+fn cross_entropy_forward(logits: &FlexTensor, lse: &[f32], targets: &[u32]) -> FlexTensor {
+    let c = *logits.layout().shape().as_slice().last().unwrap_or(&1);
+    let x = values(logits);
+    let loss: f64 = lse
+        .iter()
+        .zip(targets)
+        .enumerate()
+        .map(|(r, (&l, &t))| (l - x[r * c + t as usize]) as f64)
+        .sum();
+    FlexTensor::from_data(TensorData::new(vec![loss as f32], [1]))
+}
+
+/// `g · (softmax(logits) − onehot(targets))`.
+fn cross_entropy_backward(logits: &FlexTensor, lse: &[f32], targets: &[u32], g: f32) -> FlexTensor {
+    let c = *logits.layout().shape().as_slice().last().unwrap_or(&1);
+    let x = values(logits);
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(c.max(1))
+        .zip(x.par_chunks(c.max(1)))
+        .enumerate()
+        .for_each(|(r, (o, row))| {
+            cross_entropy_grad_row(row, lse[r], g, o);
+            o[targets[r] as usize] -= g;
+        });
+    new_tensor(out, logits)
+}
+
+fn target_values(t: &FlexTensor) -> &[u32] {
+    t.as_slice::<u32>().unwrap_or(&[])
+}
+
+impl Kernels for Flex {
+    fn prepare(x: FlexTensor) -> FlexTensor {
+        dense(x)
+    }
+
+    fn gelu(x: FlexTensor) -> FlexTensor {
+        gelu_forward(&dense(x))
+    }
+
+    fn gelu_backward(x: FlexTensor, grad: FlexTensor) -> FlexTensor {
+        gelu_backward(&dense(x), &dense(grad))
+    }
+
+    fn dropout(x: FlexTensor, mask: DropMask) -> FlexTensor {
+        dropout_apply(&dense(x), &mask)
+    }
+
+    fn attention_probs(
+        scores: FlexTensor,
+        bias: FlexTensor,
+        scale: f32,
+        mask: DropMask,
+    ) -> (FlexTensor, FlexTensor) {
+        attention_probs_forward(&dense(scores), &dense(bias), scale, &mask)
+    }
+
+    fn attention_probs_backward(
+        probs: FlexTensor,
+        grad: FlexTensor,
+        scale: f32,
+        mask: DropMask,
+    ) -> FlexTensor {
+        attention_probs_backward(&dense(probs), &dense(grad), scale, &mask)
+    }
+
+    fn targets(targets: &[u32], _like: &FlexTensor) -> IntTensor<Self> {
+        FlexTensor::from_data(TensorData::new(targets.to_vec(), [targets.len()]))
+    }
+
+    fn cross_entropy(logits: FlexTensor, targets: FlexTensor) -> (FlexTensor, FlexTensor) {
+        let logits = dense(logits);
+        let lse = row_logsumexp(&logits);
+        let loss = cross_entropy_forward(&logits, &lse, target_values(&targets));
+        let rows = lse.len();
+        (loss, FlexTensor::from_data(TensorData::new(lse, [rows])))
+    }
+
+    fn cross_entropy_backward(
+        logits: FlexTensor,
+        lse: FlexTensor,
+        targets: FlexTensor,
+        grad: FlexTensor,
+    ) -> FloatTensor<Self> {
+        let g = values(&dense(grad)).first().copied().unwrap_or(0.0);
+        let lse = dense(lse);
+        cross_entropy_backward(&dense(logits), values(&lse), target_values(&targets), g)
+    }
+
+    fn quant_matmul(x: FlexTensor, w: &Arc<QuantMatrix>) -> FlexTensor {
+        quant_matmul_forward(&dense(x), w)
+    }
+
+    fn quant_matmul_backward(dy: FlexTensor, w: &Arc<QuantMatrix>) -> FlexTensor {
+        quant_matmul_backward(&dense(dy), w)
+    }
+}

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The device half of the test command: the GPU code path on Mesa's software Vulkan (lavapipe,
+# a wgpu adapter of kind Cpu), and a check that the CUDA build compiles without the toolkit.
+# Run by scripts/test.sh after the CPU tests; installs lavapipe when it is missing.
+#
+#   scripts/test_devices.sh [LOG]   appends the cargo test output to LOG when given
+set -euo pipefail
+cd "$(dirname "$0")/.."
+log=${1:-/dev/null}
+
+if ! ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1; then
+    echo "installing Mesa's software Vulkan driver (mesa-vulkan-drivers)"
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq mesa-vulkan-drivers >/dev/null
+fi
+
+echo "== cargo check --features cuda (no CUDA toolkit needed to build)"
+cargo check -p whet --features cuda
+
+# Only the software adapter: a machine with a GPU would otherwise test that instead.
+export WHET_TEST_DEVICE=wgpu:cpu
+status=0
+run() {
+    echo "== WHET_TEST_DEVICE=$WHET_TEST_DEVICE cargo test $*"
+    cargo test --no-fail-fast "$@" 2>&1 | tee -a "$log" || status=$?
+}
+run -p whet-models --features wgpu --lib -- device:: kernels::
+run -p whet-models --features wgpu --test main -- parity_tiny::
+run -p whet-infer --features wgpu --test main -- device::
+run -p whet --features wgpu --test main -- device_cli::
+exit $status
