@@ -178,15 +178,22 @@ pub fn open_named(arg: Option<&str>) -> Result<Opened, DeviceError> {
 /// The device tests run on: `WHET_TEST_DEVICE` (same spellings as `--device`), default `cpu`.
 /// A device that cannot be opened fails the test that asked, naming why.
 pub fn for_tests() -> Device {
-    let spec = match std::env::var("WHET_TEST_DEVICE") {
-        Ok(s) if !s.trim().is_empty() => s
-            .parse()
-            .unwrap_or_else(|e| panic!("WHET_TEST_DEVICE: {e}")),
-        _ => DeviceSpec::Cpu,
-    };
-    open(spec)
-        .unwrap_or_else(|e| panic!("WHET_TEST_DEVICE: {e}"))
-        .device
+    // Opened once per process: test threads opening a wgpu adapter at the same time race to
+    // register its runtime, and the loser's `init` fails.
+    static DEVICE: std::sync::OnceLock<Device> = std::sync::OnceLock::new();
+    DEVICE
+        .get_or_init(|| {
+            let spec = match std::env::var("WHET_TEST_DEVICE") {
+                Ok(s) if !s.trim().is_empty() => s
+                    .parse()
+                    .unwrap_or_else(|e| panic!("WHET_TEST_DEVICE: {e}")),
+                _ => DeviceSpec::Cpu,
+            };
+            open(spec)
+                .unwrap_or_else(|e| panic!("WHET_TEST_DEVICE: {e}"))
+                .device
+        })
+        .clone()
 }
 
 #[cfg_attr(not(feature = "wgpu"), allow(dead_code))]

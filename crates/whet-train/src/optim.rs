@@ -29,6 +29,16 @@ pub enum OptimizerKind {
     /// moments (bitsandbytes' `min_8bit_size`).
     #[serde(alias = "adamw_bnb_8bit", alias = "adamw8bit")]
     Adamw8bit,
+    /// `paged_adamw_32bit`: AdamW whose f32 moments live in host memory between steps and go to
+    /// the device for each parameter's update (bitsandbytes pages them through CUDA unified
+    /// memory; whet copies them explicitly). The same numbers as `adamw_torch`, with the
+    /// moments' 8 bytes per trainable value off the device. On the CPU it is `adamw_torch`.
+    #[serde(rename = "paged_adamw_32bit", alias = "paged_adamw")]
+    PagedAdamw32bit,
+    /// `paged_adamw_8bit`: as `adamw_bnb_8bit`, whose 8-bit moments whet already keeps in
+    /// host memory, and the f32 moments of the small parameters paged as `paged_adamw_32bit`.
+    #[serde(rename = "paged_adamw_8bit")]
+    PagedAdamw8bit,
     /// Plain SGD (no momentum).
     Sgd,
 }
@@ -73,6 +83,12 @@ pub fn decays(name: &str) -> bool {
         .unwrap_or(module)
         .to_ascii_lowercase();
     !(last.contains("norm") || last.starts_with("ln_"))
+}
+
+/// `t` on `device`, through host data: device-to-device moves between the CPU backend and a
+/// GPU runtime go through the host anyway, and this keeps the tensor's values bit for bit.
+fn move_to(t: Tensor<1>, device: &Device) -> Tensor<1> {
+    Tensor::from_data(t.into_data(), device)
 }
 
 /// First and second moments of one parameter (flattened).
@@ -274,7 +290,9 @@ impl Optimizer {
                 };
                 p - g.mul_scalar(lr)
             }
-            OptimizerKind::Adamw8bit if g.dims()[0] >= MIN_8BIT_SIZE => {
+            OptimizerKind::Adamw8bit | OptimizerKind::PagedAdamw8bit
+                if g.dims()[0] >= MIN_8BIT_SIZE =>
+            {
                 let n = g.dims()[0];
                 let device = g.device();
                 // The update uses the new moments in f32; only what is kept between steps is
@@ -297,12 +315,34 @@ impl Optimizer {
                 self.moments8.insert(name.to_string(), q);
                 p
             }
-            OptimizerKind::Adamw | OptimizerKind::Adamw8bit => {
-                let st = self.moments.remove(name).unwrap_or_else(|| Moments {
-                    m: g.zeros_like(),
-                    v: g.zeros_like(),
-                });
-                let (p, st) = self.adam(p, g, st, lr, wd);
+            OptimizerKind::Adamw
+            | OptimizerKind::Adamw8bit
+            | OptimizerKind::PagedAdamw32bit
+            | OptimizerKind::PagedAdamw8bit => {
+                let device = g.device();
+                let paged = matches!(
+                    c.kind,
+                    OptimizerKind::PagedAdamw32bit | OptimizerKind::PagedAdamw8bit
+                ) && !whet_models::device::is_flex(&device);
+                let st = match self.moments.remove(name) {
+                    Some(st) if paged => Moments {
+                        m: move_to(st.m, &device),
+                        v: move_to(st.v, &device),
+                    },
+                    Some(st) => st,
+                    None => Moments {
+                        m: g.zeros_like(),
+                        v: g.zeros_like(),
+                    },
+                };
+                let (p, mut st) = self.adam(p, g, st, lr, wd);
+                if paged {
+                    let host = Device::flex();
+                    st = Moments {
+                        m: move_to(st.m, &host),
+                        v: move_to(st.v, &host),
+                    };
+                }
                 self.moments.insert(name.to_string(), st);
                 p
             }

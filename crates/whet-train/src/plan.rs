@@ -230,8 +230,9 @@ pub fn predict(
     let n_trainable: u64 = trainable.iter().map(|&n| n as u64).sum();
     let gradients = 4 * n_trainable;
     let optimizer: u64 = match optim {
-        OptimizerKind::Adamw => 8 * n_trainable,
-        OptimizerKind::Adamw8bit => trainable
+        // The plan is of the CPU run, where paged moments are ordinary ones.
+        OptimizerKind::Adamw | OptimizerKind::PagedAdamw32bit => 8 * n_trainable,
+        OptimizerKind::Adamw8bit | OptimizerKind::PagedAdamw8bit => trainable
             .iter()
             .map(|&n| {
                 if n < MIN_8BIT_SIZE {

@@ -7,6 +7,7 @@ mod common;
 mod dpo;
 mod fuzz;
 mod methods;
+mod paged;
 mod ppo;
 mod question_answering;
 mod reward;

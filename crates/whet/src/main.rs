@@ -132,7 +132,9 @@ closest valid key, never ignored):
     per_device_eval_batch_size (8), num_train_epochs (3), max_steps (-1: off),
     gradient_accumulation_steps (1), weight_decay (0; never on biases and norms),
     adam_beta1 (0.9), adam_beta2 (0.999), adam_epsilon (1e-8), max_grad_norm (1.0; 0 off),
-    optim (adamw_torch | adamw_bnb_8bit: moments in 8 bits, as bitsandbytes' AdamW8bit | sgd),
+    optim (adamw_torch | adamw_bnb_8bit: moments in 8 bits, as bitsandbytes' AdamW8bit |
+    paged_adamw_32bit / paged_adamw_8bit: on a GPU, moments kept in host memory and moved to
+    the device per parameter at the step | sgd),
     lr_scheduler_type (linear | cosine | constant | constant_with_warmup), warmup_steps (0),
     warmup_ratio (0), eval_strategy (no | steps | epoch), eval_steps, save_strategy (steps), save_steps (500), save_total_limit,
     load_best_model_at_end (false), metric_for_best_model (loss | accuracy | f1 | precision |
