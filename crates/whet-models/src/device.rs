@@ -102,7 +102,7 @@ pub struct Opened {
 impl Opened {
     /// Whether the device is burn's `flex` CPU backend (whet's fused CPU kernels run there).
     pub fn is_cpu(&self) -> bool {
-        self.name.starts_with("cpu")
+        is_flex(&self.device)
     }
 }
 
