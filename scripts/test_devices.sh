@@ -33,6 +33,6 @@ run() {
 run -p whet-models --features wgpu --lib -- device:: kernels::
 run -p whet-models --features wgpu --test main -- parity_tiny::
 run -p whet-infer --features wgpu --test main -- device::
-run -p whet-train --features wgpu --test main -- paged::
+run -p whet-train --features wgpu --test main -- paged:: precision::
 run -p whet --features wgpu --test main -- device_cli::
 exit $status

@@ -270,11 +270,10 @@ pub fn tied_logits(hidden: Tensor<3>, embedding: Tensor<2>) -> Tensor<3> {
     let rows = hidden.reshape([b * t, h]);
     if b * t > h {
         // (B*T, H) x (H, V) -> (B*T, V) -> (B, T, V)
-        return rows.matmul(embedding.transpose()).reshape([b, t, v]);
+        return crate::precision::matmul(rows, embedding.transpose()).reshape([b, t, v]);
     }
     // (V, H) x (H, B*T) -> (V, B*T) -> (B*T, V) -> (B, T, V)
-    embedding
-        .matmul(rows.transpose())
+    crate::precision::matmul(embedding, rows.transpose())
         .transpose()
         .reshape([b, t, v])
 }

@@ -82,10 +82,9 @@ impl Bottleneck {
     /// - output `[..., d]`
     pub fn forward<const D: usize>(&self, y: Tensor<D>) -> Tensor<D> {
         // (..., d) x (d, r) -> (..., r) -> (..., r) x (r, d) -> (..., d)
-        let h =
-            burn::tensor::module::linear(y.clone(), self.down.val(), Some(self.down_bias.val()));
+        let h = crate::precision::linear(y.clone(), self.down.val(), Some(self.down_bias.val()));
         let h = self.act.forward(h);
-        y + burn::tensor::module::linear(h, self.up.val(), Some(self.up_bias.val()))
+        y + crate::precision::linear(h, self.up.val(), Some(self.up_bias.val()))
     }
 }
 
@@ -151,8 +150,8 @@ impl LowRank {
     pub fn forward<const D: usize>(&self, x: Tensor<D>, mode: Mode) -> Tensor<D> {
         let x = dropout(x, self.dropout, mode);
         // (..., in) x (in, r) -> (..., r) x (r, out) -> (..., out)
-        let h = burn::tensor::module::linear(x, self.a.val(), None);
-        burn::tensor::module::linear(h, self.b.val(), None).mul_scalar(self.scaling)
+        let h = crate::precision::linear(x, self.a.val(), None);
+        crate::precision::linear(h, self.b.val(), None).mul_scalar(self.scaling)
     }
 
     /// The dense update `A · B · scaling` `[d_in, d_out]`, for merging.
@@ -231,9 +230,9 @@ impl Linear {
         };
         let bias = self.bias.as_ref().map(|b| b.val());
         let y = match &self.weight {
-            LinearWeight::Dense(w) => burn::tensor::module::linear(base_in, w.val(), bias),
+            LinearWeight::Dense(w) => crate::precision::linear(base_in, w.val(), bias),
             LinearWeight::Quantized(q) => {
-                let y = crate::kernels::quant_matmul(base_in, &q.matrix);
+                let y = crate::precision::quant_matmul(base_in, &q.matrix);
                 match bias {
                     Some(b) => y + b.unsqueeze(),
                     None => y,
@@ -539,16 +538,19 @@ pub fn scaled_dot_product(
 ) -> Tensor<4> {
     let [b, h, tq, hd] = q.dims();
     let tk = k.dims()[2];
-    if mode == Mode::Eval {
+    // burn's fused attention computes in its inputs' type; under mixed precision the two
+    // products go to 16 bits and the softmax stays f32, as in training.
+    if mode == Mode::Eval && crate::precision::compute().is_none() {
         let bias = bias.expand([b, h, tq, tk]);
         return attention(q, k, v, None, Some(bias), AttentionModuleOptions::default());
     }
+    let dropout_p = if mode == Mode::Eval { 0.0 } else { dropout_p };
     let scale = 1.0 / (hd as f32).sqrt();
     // (B, H, Tq, hd) x (B, H, hd, Tk) -> (B, H, Tq, Tk)
-    let scores = q.matmul(k.swap_dims(2, 3));
+    let scores = crate::precision::matmul(q, k.swap_dims(2, 3));
     let probs = crate::kernels::attention_probs(scores, bias, scale, dropout_p);
     // (B, H, Tq, Tk) x (B, H, Tk, hd) -> (B, H, Tq, hd)
-    probs.matmul(v)
+    crate::precision::matmul(probs, v)
 }
 
 /// Splits `[B, T, H*hd]` into heads `[B, H, T, hd]`.

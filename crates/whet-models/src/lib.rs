@@ -17,6 +17,7 @@ pub mod gpt2;
 pub mod kernels;
 pub mod layers;
 pub mod llama;
+pub mod precision;
 pub mod prompt;
 pub mod quant;
 pub mod weights;

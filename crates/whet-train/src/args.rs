@@ -80,6 +80,15 @@ pub struct TrainingArguments {
     pub logging_steps: usize,
     #[serde(default = "d_seed")]
     pub seed: u64,
+    /// Mixed precision in bfloat16: matrix products in bf16, weights, optimizer moments,
+    /// softmax, norms and the loss in f32 (see `whet_models::precision`). The device must
+    /// have bf16 arithmetic (CUDA and the CPU do; wgpu does not).
+    #[serde(default)]
+    pub bf16: bool,
+    /// Mixed precision in float16, as `bf16`, with dynamic loss scaling (`LossScaler`,
+    /// PyTorch's `GradScaler`): a step whose gradients overflow is skipped.
+    #[serde(default)]
+    pub fp16: bool,
 }
 
 fn d_lr() -> f64 {
@@ -153,6 +162,8 @@ impl TrainingArguments {
             early_stopping_patience: None,
             logging_steps: d_logging(),
             seed: d_seed(),
+            bf16: false,
+            fp16: false,
         }
     }
 
@@ -203,7 +214,22 @@ impl TrainingArguments {
     }
 
     /// Checks values a person may get wrong, naming the option.
+    /// The 16-bit type of mixed precision, if `bf16` or `fp16` asks for one.
+    pub fn compute_dtype(&self) -> Option<burn::tensor::FloatDType> {
+        match (self.bf16, self.fp16) {
+            (true, _) => Some(burn::tensor::FloatDType::BF16),
+            (_, true) => Some(burn::tensor::FloatDType::F16),
+            _ => None,
+        }
+    }
+
     pub fn validate(&self) -> Result<()> {
+        if self.bf16 && self.fp16 {
+            return Err(TrainError::option(
+                "training.fp16",
+                "and training.bf16 cannot both be true: pick one 16-bit type",
+            ));
+        }
         let positive = [
             (
                 "per_device_train_batch_size",

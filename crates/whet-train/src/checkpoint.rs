@@ -31,6 +31,9 @@ pub struct TrainerState {
     pub best_metric: Option<f64>,
     pub best_step: Option<usize>,
     pub patience_left: Option<usize>,
+    /// fp16's loss scale, when the run has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scaler: Option<crate::scaler::LossScaler>,
 }
 
 /// Visits trainable parameters (those requiring gradients: adapters, heads, or all) with

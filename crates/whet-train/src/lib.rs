@@ -16,6 +16,7 @@ pub mod ppo;
 pub mod question_answering;
 pub mod recipe;
 pub mod reward;
+pub mod scaler;
 pub mod schedule;
 pub mod task;
 pub mod trainer;

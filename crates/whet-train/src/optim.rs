@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 
+use crate::scaler::LossScaler;
 use burn::module::Param;
 use burn::tensor::{Device, Gradients, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
@@ -145,6 +146,13 @@ impl GradStore {
         model.visit_params("", &mut Acc { store: self, grads });
     }
 
+    /// Multiplies every gradient by `factor` (undoing the fp16 loss scale).
+    pub fn scale(&mut self, factor: f64) {
+        for g in self.grads.values_mut() {
+            *g = g.clone().mul_scalar(factor);
+        }
+    }
+
     /// The global L2 norm of all gradients.
     pub fn norm(&self) -> f64 {
         self.grads
@@ -214,6 +222,8 @@ pub struct Optimizer {
     pub moments: HashMap<String, Moments>,
     /// 8-bit moments (`Adamw8bit`, parameters of at least [`MIN_8BIT_SIZE`] values).
     pub moments8: HashMap<String, Moments8>,
+    /// Dynamic loss scaling (`fp16 = true`).
+    pub scaler: Option<LossScaler>,
 }
 
 impl Optimizer {
@@ -224,7 +234,20 @@ impl Optimizer {
             step: 0,
             moments: HashMap::new(),
             moments8: HashMap::new(),
+            scaler: None,
         }
+    }
+
+    /// What the loss is multiplied by before the backward pass: the loss scale with fp16,
+    /// else 1.
+    pub fn loss_scale(&self) -> f64 {
+        self.scaler.map_or(1.0, |s| s.scale)
+    }
+
+    /// Optimizer steps skipped for overflowing fp16 gradients: the schedule does not count
+    /// them.
+    pub fn skipped_steps(&self) -> usize {
+        self.scaler.map_or(0, |s| s.skipped)
     }
 
     /// Bytes the optimizer state holds (f32 moments at 4 bytes a value, 8-bit ones at one

@@ -19,6 +19,7 @@ use crate::args::TrainingArguments;
 use crate::checkpoint::{self, TrainerState};
 use crate::error::{Result, TrainError};
 use crate::optim::{GradStore, OptimConfig, Optimizer};
+use crate::scaler::LossScaler;
 use crate::schedule::lr_factor;
 
 /// What a task supplies to the trainer: one step over the examples the trainer picked, and
@@ -273,6 +274,7 @@ pub fn step_objective<O: Objective>(
 ) -> Result<(Reading, Reading)> {
     let n: usize = batches.iter().map(|b| objective.counts(b).units).sum();
     let on_host = whet_models::device::is_flex(device);
+    let loss_scale = opt.loss_scale();
     let mut grads = GradStore::default();
     let mut host_loss = 0.0;
     let mut device_loss: Option<Tensor<1>> = None;
@@ -299,23 +301,57 @@ pub fn step_objective<O: Objective>(
                 None => value,
             });
         }
-        let g = loss.backward();
+        let g = if loss_scale == 1.0 {
+            loss.backward()
+        } else {
+            loss.mul_scalar(loss_scale).backward()
+        };
         grads.accumulate(model, &g);
     }
-    let (loss, grad_norm) = if on_host {
-        (
-            Reading::Host(host_loss),
-            Reading::Host(grads.clip(max_grad_norm)),
-        )
+    let loss = if on_host {
+        Reading::Host(host_loss)
     } else {
         let loss = device_loss.unwrap_or_else(|| Tensor::zeros([1], &device.clone().inner()));
-        (
-            Reading::Device(Box::new(loss)),
-            Reading::Device(Box::new(grads.clip_on_device(max_grad_norm, device))),
-        )
+        Reading::Device(Box::new(loss))
     };
-    opt.step(model, &grads, lr);
+    let grad_norm = finish_step(opt, model, &mut grads, lr, max_grad_norm, device);
     Ok((loss, grad_norm))
+}
+
+/// The end of an optimizer step, after the backward passes: undoes the fp16 loss scale,
+/// clips to `max_grad_norm` (0: off) and updates, unless fp16 gradients overflowed; then the
+/// step is skipped and the scale backs off ([`crate::scaler::LossScaler`]). Returns the
+/// gradient norm before clipping. On a GPU it stays on the device, except with fp16: deciding
+/// whether to step reads it, as `GradScaler.step` reads its overflow flag.
+pub fn finish_step<M: VisitParams>(
+    opt: &mut Optimizer,
+    model: &mut M,
+    grads: &mut GradStore,
+    lr: f64,
+    max_grad_norm: f64,
+    device: &Device,
+) -> Reading {
+    if let Some(s) = opt.scaler {
+        grads.scale(1.0 / s.scale);
+    }
+    let norm = if whet_models::device::is_flex(device) {
+        Reading::Host(grads.clip(max_grad_norm))
+    } else {
+        Reading::Device(Box::new(grads.clip_on_device(max_grad_norm, device)))
+    };
+    if opt.scaler.is_none() {
+        opt.step(model, grads, lr);
+        return norm;
+    }
+    let value = read_all(vec![norm])[0];
+    if opt
+        .scaler
+        .as_mut()
+        .is_some_and(|s| s.update(value.is_finite()))
+    {
+        opt.step(model, grads, lr);
+    }
+    Reading::Host(value)
 }
 
 impl<O: Objective> TrainStep for O {
@@ -343,7 +379,10 @@ impl<O: Objective> TrainStep for O {
             tokens += c.tokens;
         }
         let warmup = args.warmup(at.total);
-        let lr = args.learning_rate * lr_factor(args.lr_scheduler_type, at.step, warmup, at.total);
+        // Steps skipped for fp16 overflow do not advance the schedule (as `Trainer`).
+        let scheduled = at.step.saturating_sub(opt.skipped_steps());
+        let lr =
+            args.learning_rate * lr_factor(args.lr_scheduler_type, scheduled, warmup, at.total);
         let (loss, grad_norm) = step_objective(
             self,
             model,
@@ -443,6 +482,32 @@ pub fn train<T: TrainStep>(
     let steps_per_epoch = args.steps_per_epoch(train.len());
     let per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps;
     let mut opt = Optimizer::new(OptimConfig::from_args(args));
+    if args.fp16 {
+        opt.scaler = Some(LossScaler::default());
+    }
+    let compute = args.compute_dtype();
+    if let Some(dt) = compute
+        && !device.supports_dtype(dt)
+    {
+        return Err(TrainError::option(
+            if args.bf16 {
+                "training.bf16"
+            } else {
+                "training.fp16"
+            },
+            format!(
+                "the device {device:?} has no {dt:?} arithmetic{}",
+                if args.bf16 {
+                    " (wgpu's shaders have no bf16): use fp16 = true there, or a CUDA device"
+                } else {
+                    ""
+                }
+            ),
+        ));
+    }
+    // Matrix products in 16 bits for the whole run, evaluation included (as `Trainer` runs
+    // both under autocast).
+    let _precision = whet_models::precision::scope(compute);
     let start = Instant::now();
     let mut history = Vec::new();
     let mut evals: Vec<EvalLog> = Vec::new();
@@ -453,6 +518,11 @@ pub fn train<T: TrainStep>(
     };
     if let Some(dir) = resume {
         state = checkpoint::load(dir, model, &mut opt, device)?;
+        if opt.scaler.is_some()
+            && let Some(s) = state.loss_scaler
+        {
+            opt.scaler = Some(s);
+        }
     }
     let mut step = state.global_step;
     let first_step = step;
@@ -548,6 +618,7 @@ pub fn train<T: TrainStep>(
             if saves {
                 state.global_step = step;
                 state.optimizer_steps = opt.step;
+                state.loss_scaler = opt.scaler;
                 checkpoint::save(&args.output_dir, model, &opt, &state, args.save_total_limit)?;
             }
             if state.patience_left == Some(0) {

@@ -9,6 +9,7 @@ mod fuzz;
 mod methods;
 mod paged;
 mod ppo;
+mod precision;
 mod question_answering;
 mod reward;
 mod train;

@@ -67,6 +67,7 @@ fn train(kind: OptimizerKind, device: &Device) -> (Vec<f32>, Option<u64>) {
 
 #[test]
 fn paged_adamw_updates_as_adamw_and_keeps_its_moments_off_the_device() {
+    let _device = crate::common::device_lock();
     let device = whet_models::device::for_tests().autodiff();
     let (plain, plain_bytes) = train(OptimizerKind::Adamw, &device);
     let (paged, paged_bytes) = train(OptimizerKind::PagedAdamw32bit, &device);

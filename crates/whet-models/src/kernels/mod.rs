@@ -167,7 +167,8 @@ pub fn quant_matmul<const D: usize>(x: Tensor<D>, w: &Arc<QuantMatrix>) -> Tenso
         ))
     } else {
         let device = x2.device();
-        let wt = Tensor::<2>::from_data(TensorData::new(w.dequantize(), [rows, cols]), &device);
+        let wt = Tensor::<2>::from_data(TensorData::new(w.dequantize(), [rows, cols]), &device)
+            .cast(x2.dtype());
         x2.matmul(wt.transpose())
     };
     y.reshape(out_dims)

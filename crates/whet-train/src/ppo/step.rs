@@ -20,6 +20,7 @@ use crate::error::{Result, TrainError};
 use crate::optim::{GradStore, Optimizer};
 use crate::schedule::lr_factor;
 use crate::trainer::{Evaluation, StepAt, StepResult, TrainStep};
+use crate::trainer::{finish_step, read_all};
 
 /// PPO as a [`TrainStep`]: everything a step needs besides the trained policy and value head.
 pub struct Ppo {
@@ -244,14 +245,20 @@ impl Ppo {
                     acc.ratio += l.ratio_sum;
                     acc.entropy += s.entropy.iter().map(|&e| e as f64).sum::<f64>();
                     acc.tokens += old_l.len();
-                    let g = loss.backward();
+                    let g = loss.mul_scalar(opt.loss_scale()).backward();
                     grads.accumulate(model, &g);
                 }
                 acc.updates += 1;
                 lr = args.learning_rate
                     * lr_factor(args.lr_scheduler_type, update, warmup, total_updates);
-                grad_norm = grads.clip(args.max_grad_norm);
-                opt.step(model, &grads, lr);
+                grad_norm = read_all(vec![finish_step(
+                    opt,
+                    model,
+                    &mut grads,
+                    lr,
+                    args.max_grad_norm,
+                    device,
+                )])[0];
             }
         }
         let t = acc.tokens.max(1) as f64;

@@ -26,3 +26,10 @@ pub fn tiny_bert_no_dropout() -> tempfile::TempDir {
     std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
     dir
 }
+
+/// Held by tests that seed the random generator and draw from it, or measure the device's
+/// memory: the generator and the memory pool are shared by every test thread of the binary.
+pub fn device_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
