@@ -79,6 +79,15 @@ pub fn dpo_loss(
 }
 
 impl DpoOutput {
+    /// Sums over the batch's pairs of the chosen and of the rejected rewards, and the number of
+    /// pairs whose chosen reward is higher: `[3]`, left on the device.
+    pub fn metric_sums(&self) -> Tensor<1> {
+        let c = self.chosen_rewards.clone().inner();
+        let r = self.rejected_rewards.clone().inner();
+        let right = c.clone().greater(r.clone()).float().sum();
+        Tensor::cat(vec![c.sum(), r.sum(), right], 0)
+    }
+
     /// trl's logged reward metrics: means of the chosen and rejected rewards, of the margin,
     /// and the share of pairs whose chosen reward is higher.
     pub fn metrics(&self) -> BTreeMap<String, f64> {
@@ -117,7 +126,7 @@ use whet_peft::{ParamCounts, PeftConfig};
 
 use crate::causal_lm::{LanguageModelling, LmBatch};
 use crate::task::{Outcome, Report, Task};
-use crate::trainer::{BatchCounts, Evaluation, Objective};
+use crate::trainer::{BatchCounts, Evaluation, Objective, Reading};
 
 /// A tokenized pair: prompt + chosen and prompt + rejected, the answer tokens learnt.
 #[derive(Debug, Clone)]
@@ -144,8 +153,8 @@ pub struct Dpo {
     pub beta: f64,
     pub loss_type: DpoLossType,
     pub reference: Reference,
-    /// Sums of the logged metrics over the micro-batches of the current step, and their pairs.
-    logged: RefCell<(BTreeMap<String, f64>, usize)>,
+    /// [`DpoOutput::metric_sums`] over the micro-batches of the current step, and their pairs.
+    logged: RefCell<(Option<Tensor<1>>, usize)>,
 }
 
 /// Chosen rows then rejected rows.
@@ -202,7 +211,7 @@ impl Dpo {
             beta: cfg.beta,
             loss_type: cfg.loss_type,
             reference,
-            logged: RefCell::new((BTreeMap::new(), 0)),
+            logged: RefCell::new((None, 0)),
         }
     }
 
@@ -227,14 +236,12 @@ impl Dpo {
                 row_logps(&base, &self.lm, &b.rows, Mode::Eval, &plain)
             }
         };
-        // Back onto the training device as a constant.
-        let n = logps.dims()[0];
-        let v: Vec<f32> = logps
-            .into_data()
-            .convert::<f32>()
-            .try_to_vec::<f32>()
-            .unwrap_or_default();
-        Ok(Tensor::from_data(TensorData::new(v, [n]), device))
+        // Onto the training device as a constant: the same memory, nothing read back.
+        Ok(if device.is_autodiff() {
+            logps.autodiff()
+        } else {
+            logps
+        })
     }
 
     fn output(
@@ -319,20 +326,31 @@ impl Objective for Dpo {
 
     fn summed_loss(&self, model: &CausalModel, b: &DpoBatch, device: &Device) -> Result<Tensor<1>> {
         let out = self.output(model, b, Mode::Train, device)?;
+        let sums = out.metric_sums();
         let mut logged = self.logged.borrow_mut();
-        for (k, v) in out.metrics() {
-            *logged.0.entry(k).or_default() += v * b.pairs as f64;
-        }
+        logged.0 = Some(match logged.0.take() {
+            Some(s) => s + sums,
+            None => sums,
+        });
         logged.1 += b.pairs;
         Ok(out.loss.mul_scalar(b.pairs as f64))
     }
 
     /// The step's mean chosen and rejected rewards, margin and accuracy, as trl logs them.
-    fn take_step_metrics(&self) -> BTreeMap<String, f64> {
+    /// On a GPU they stay there until the step is logged.
+    fn take_step_metrics(&self) -> BTreeMap<String, Reading> {
         let (sums, n) = std::mem::take(&mut *self.logged.borrow_mut());
-        sums.into_iter()
-            .map(|(k, v)| (k, v / n.max(1) as f64))
-            .collect()
+        let Some(sums) = sums else {
+            return BTreeMap::new();
+        };
+        let means = sums.div_scalar(n.max(1) as f64);
+        let at = |i: usize| means.clone().slice([i..i + 1]);
+        BTreeMap::from([
+            ("rewards/chosen".into(), Reading::of(at(0))),
+            ("rewards/rejected".into(), Reading::of(at(1))),
+            ("rewards/margins".into(), Reading::of(at(0) - at(1))),
+            ("rewards/accuracies".into(), Reading::of(at(2))),
+        ])
     }
 
     /// Mean loss and the reward metrics over `data`, in evaluation mode.

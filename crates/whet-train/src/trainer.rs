@@ -74,6 +74,17 @@ pub enum Reading {
     Device(Box<Tensor<1>>),
 }
 
+impl Reading {
+    /// A one-value tensor read at once on the CPU, where reading is free, and kept on a GPU.
+    pub fn of(t: Tensor<1>) -> Self {
+        if whet_models::device::is_flex(&t.device()) {
+            Self::Host(t.into_scalar::<f32>() as f64)
+        } else {
+            Self::Device(Box::new(t.inner()))
+        }
+    }
+}
+
 impl Default for Reading {
     fn default() -> Self {
         Self::Host(0.0)
@@ -126,7 +137,7 @@ pub struct StepResult {
     pub samples: usize,
     pub tokens: usize,
     /// What the task logs per step (DPO's rewards, PPO's KL).
-    pub metrics: BTreeMap<String, f64>,
+    pub metrics: BTreeMap<String, Reading>,
 }
 
 /// What a supervised task supplies to the trainer: batches and their loss. Every objective is
@@ -151,7 +162,7 @@ pub trait Objective {
     ) -> Result<Tensor<1>>;
     /// Metrics gathered while computing the losses of the step just taken (logged with it);
     /// most objectives have none.
-    fn take_step_metrics(&self) -> BTreeMap<String, f64> {
+    fn take_step_metrics(&self) -> BTreeMap<String, Reading> {
         BTreeMap::new()
     }
     /// Loss and metrics over a dataset, in evaluation mode.
@@ -414,22 +425,38 @@ impl<O: Objective> TrainStep for O {
     }
 }
 
-/// Reads the pending steps' loss and gradient norm (one transfer), checks the losses are
-/// finite, adds them to the run's sum and hands each step's log to the observer, in order.
+/// A step taken whose numbers are not read yet (on a GPU, until logged).
+struct Pending {
+    /// The log, its loss, gradient norm and metrics still unset.
+    log: StepLog,
+    loss: Reading,
+    grad_norm: Reading,
+    metrics: BTreeMap<String, Reading>,
+}
+
+impl Pending {
+    fn readings(&self) -> impl Iterator<Item = &Reading> {
+        [&self.loss, &self.grad_norm]
+            .into_iter()
+            .chain(self.metrics.values())
+    }
+}
+
+/// Reads the pending steps' loss, gradient norm and metrics (one transfer), checks the losses
+/// are finite, adds them to the run's sum and hands each step's log to the observer, in order.
 fn flush(
-    pending: &mut Vec<(StepLog, Reading, Reading)>,
+    pending: &mut Vec<Pending>,
     state: &mut TrainerState,
     history: &mut Vec<StepLog>,
     observer: &mut dyn Observer,
 ) -> Result<()> {
-    let mut readings = Vec::with_capacity(2 * pending.len());
-    for (_, loss, norm) in pending.iter_mut() {
-        readings.push(std::mem::take(loss));
-        readings.push(std::mem::take(norm));
-    }
-    let values = read_all(readings);
-    for ((mut log, _, _), v) in pending.drain(..).zip(values.chunks_exact(2)) {
-        (log.loss, log.grad_norm) = (v[0], v[1]);
+    let readings: Vec<Reading> = pending.iter().flat_map(|p| p.readings().cloned()).collect();
+    let mut values = read_all(readings).into_iter();
+    for p in pending.drain(..) {
+        let mut log = p.log;
+        let mut next = || values.next().unwrap_or(f64::NAN);
+        (log.loss, log.grad_norm) = (next(), next());
+        log.metrics = p.metrics.into_keys().map(|k| (k, next())).collect();
         if !log.loss.is_finite() {
             return Err(TrainError::NonFiniteLoss {
                 loss: "loss",
@@ -527,7 +554,7 @@ pub fn train<T: TrainStep>(
     let mut step = state.global_step;
     let first_step = step;
     // Steps whose loss and gradient norm are not read yet (on a GPU, until logged).
-    let mut pending: Vec<(StepLog, Reading, Reading)> = Vec::new();
+    let mut pending: Vec<Pending> = Vec::new();
     let evaluate = |model: &T::Model, step: usize| -> Result<Option<EvalLog>> {
         let Some(eval) = eval else { return Ok(None) };
         let r = task.evaluate(model, eval, args.per_device_eval_batch_size, device)?;
@@ -576,9 +603,14 @@ pub fn train<T: TrainStep>(
                 learning_rate: r.learning_rate,
                 grad_norm: 0.0,
                 samples_per_second: state.samples as f64 / start.elapsed().as_secs_f64(),
-                metrics: r.metrics,
+                metrics: BTreeMap::new(),
             };
-            pending.push((log, r.loss, r.grad_norm));
+            pending.push(Pending {
+                log,
+                loss: r.loss,
+                grad_norm: r.grad_norm,
+                metrics: r.metrics,
+            });
             observer.tick(step, total);
 
             let end_of_epoch = step.is_multiple_of(steps_per_epoch) || step == total;
@@ -592,7 +624,8 @@ pub fn train<T: TrainStep>(
                 || saves
                 || pending
                     .iter()
-                    .all(|(_, l, g)| matches!((l, g), (Reading::Host(_), Reading::Host(_))))
+                    .flat_map(Pending::readings)
+                    .all(|r| matches!(r, Reading::Host(_)))
             {
                 flush(&mut pending, &mut state, &mut history, observer)?;
             }

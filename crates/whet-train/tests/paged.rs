@@ -2,8 +2,9 @@
 //! this module on `wgpu:cpu`): the same updates as `adamw_torch` bit for bit, and on a GPU
 //! runtime the moments' 8 bytes per value off the device, read from its memory pool.
 
+use crate::common::fixed_tensor;
 use burn::module::Param;
-use burn::tensor::{Device, Distribution, Tensor};
+use burn::tensor::{Device, Tensor};
 use whet_models::weights::Layout;
 use whet_models::{VisitParams, Visitor};
 use whet_train::optim::{GradStore, OptimConfig, Optimizer, OptimizerKind};
@@ -28,10 +29,9 @@ const COLS: usize = 512;
 /// device memory in use (bytes, when the device reports it) with the model and the optimizer
 /// alive after the last step.
 fn train(kind: OptimizerKind, device: &Device) -> (Vec<f32>, Option<u64>) {
-    whet_models::device::seed(device, 5);
-    let w = whet_models::device::random([ROWS, COLS], Distribution::Normal(0.0, 0.1), device);
-    let x = whet_models::device::random([8, ROWS], Distribution::Normal(0.0, 1.0), device);
-    let y = whet_models::device::random([8, COLS], Distribution::Normal(0.0, 1.0), device);
+    let w = fixed_tensor([ROWS, COLS], 1, 0.1, device);
+    let x = fixed_tensor([8, ROWS], 2, 1.0, device);
+    let y = fixed_tensor([8, COLS], 3, 1.0, device);
     let mut model = Toy {
         w: Param::from_tensor(w.require_grad()),
         b: Param::from_tensor(Tensor::<1>::zeros([COLS], device).require_grad()),
@@ -67,6 +67,7 @@ fn train(kind: OptimizerKind, device: &Device) -> (Vec<f32>, Option<u64>) {
 
 #[test]
 fn paged_adamw_updates_as_adamw_and_keeps_its_moments_off_the_device() {
+    // Other tests' allocations would enter the measurement.
     let _device = crate::common::device_lock();
     let device = whet_models::device::for_tests().autodiff();
     let (plain, plain_bytes) = train(OptimizerKind::Adamw, &device);

@@ -4,7 +4,7 @@
 //! had is a clear error.
 
 use crate::common;
-use crate::train_cli::{qa_data, tiny_decoder};
+use crate::train_cli::{dpo_pairs, qa_data, tiny_decoder};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -264,5 +264,62 @@ fn mixed_precision_trains_near_the_f32_run() {
             key == "fp16",
             "{key}: {state}"
         );
+    }
+}
+
+/// DPO with LoRA on the test device (the reference is the adapter switched off, computed
+/// without autodiff and used as a constant on the training device): the CPU's weights within
+/// 1e-4, and trl's reward metrics, kept on the device until each second step is logged, equal
+/// to the CPU's logged ones.
+#[test]
+fn dpo_on_the_test_device_logs_and_ends_as_the_cpu() {
+    let device = test_device();
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_decoder("tiny-llama", dir.path());
+    let (train_file, _) = dpo_pairs(dir.path());
+    let r = dir.path().join("dpo.toml");
+    std::fs::write(
+        &r,
+        format!(
+            "model = \"{}\"\ntask = \"dpo\"\nmethod = \"lora\"\n[data]\ntrain = \"{}\"\n\
+             max_length = 16\n{LORA}\n[dpo]\nbeta = 0.5\n[training]\noutput_dir = \"{}\"\n\
+             learning_rate = 5e-3\nper_device_train_batch_size = 2\n\
+             gradient_accumulation_steps = 2\nmax_steps = 4\nlogging_steps = 2\n\
+             save_strategy = \"no\"\n",
+            model.display(),
+            train_file.display(),
+            dir.path().join("out").display(),
+        ),
+    )
+    .unwrap();
+    let (cpu, dev) = (dir.path().join("cpu"), dir.path().join("dev"));
+    train(&r, "cpu", &cpu, &[]);
+    train(&r, &device, &dev, &[]);
+    let file = "adapter_model.safetensors";
+    assert_same_weights(&cpu.join(file), &dev.join(file), 1e-4, "dpo");
+    let logs = |out: &Path| -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(out.join("trainer_state.json")).unwrap();
+        let state: serde_json::Value = serde_json::from_str(&text).unwrap();
+        state["log_history"].as_array().unwrap().clone()
+    };
+    let (a, b) = (logs(&cpu), logs(&dev));
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        for key in [
+            "loss",
+            "rewards/chosen",
+            "rewards/rejected",
+            "rewards/margins",
+            "rewards/accuracies",
+        ] {
+            let (p, q) = (x[key].as_f64(), y[key].as_f64());
+            let (Some(p), Some(q)) = (p, q) else {
+                panic!("step {}: {key} missing: {x} / {y}", x["step"]);
+            };
+            assert!(
+                (p - q).abs() <= 1e-4 * (1.0 + p.abs()),
+                "{key}: {p} on cpu, {q}"
+            );
+        }
     }
 }

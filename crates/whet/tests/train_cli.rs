@@ -1515,7 +1515,7 @@ fn reward_model_trains_on_preference_pairs() {
 
 /// Word pairs for DPO on the tiny decoders: the prompt `wA wB`, the chosen answer holds `w7`,
 /// the rejected one `w9`.
-fn dpo_pairs(dir: &Path) -> (PathBuf, PathBuf) {
+pub(crate) fn dpo_pairs(dir: &Path) -> (PathBuf, PathBuf) {
     let line = |p: &str, c: &str, r: &str| {
         format!("{{\"prompt\": \"{p}\", \"chosen\": \" {c}\", \"rejected\": \" {r}\"}}\n")
     };

@@ -112,7 +112,7 @@ impl TrainStep for Ppo {
             grad_norm: stats.grad_norm.into(),
             samples: r.rows.len(),
             tokens: r.rows.iter().map(|e| e.ids.len()).sum(),
-            metrics,
+            metrics: metrics.into_iter().map(|(k, v)| (k, v.into())).collect(),
         })
     }
 
