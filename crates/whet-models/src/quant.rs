@@ -269,6 +269,16 @@ impl QuantMatrix {
         }
     }
 
+    /// The ggml type and stored blocks of a matrix held as ggml blocks (for the device kernels,
+    /// which read the blocks as they are stored).
+    #[cfg_attr(not(any(feature = "wgpu", feature = "cuda")), allow(dead_code))]
+    pub(crate) fn ggml_blocks(&self) -> Option<(GgmlType, &[u8])> {
+        match &self.storage {
+            Storage::Ggml { ty, raw } => Some((*ty, raw)),
+            Storage::Nf4 { .. } => None,
+        }
+    }
+
     /// The NF4 level indices, one per weight (empty for ggml storage).
     pub fn nf4_codes(&self) -> Vec<u8> {
         match &self.storage {

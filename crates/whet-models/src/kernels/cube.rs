@@ -6,6 +6,10 @@
 //! shared-memory tree for the max and the sum, so a 150k-word vocabulary row is read by a whole
 //! cube rather than by one unit.
 //!
+//! A frozen quantised weight is uploaded once per device (NF4 codes or ggml blocks as stored,
+//! four bytes to a u32 word: WGSL has no u8 or f16 loads) and dequantised to f32, one unit per
+//! element, by each product that needs it.
+//!
 //! The dropout mask is [`DropMask`]'s hash computed in u32 arithmetic, which wraps on every
 //! runtime as Rust's `wrapping_mul` does: a seed keeps the same elements on the GPU as on the
 //! CPU.
@@ -24,6 +28,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use super::{DropMask, Kernels};
 use crate::quant::{NF4_LEVELS, QuantMatrix};
+use whet_gguf::GgmlType;
 
 /// The lowest finite f32: the start of a running maximum. WGSL has no infinity literal, and a
 /// masked score (`MASK_VALUE`, itself `f32::MIN`) must still win against it.
@@ -557,47 +562,340 @@ fn nf4_dequantize_kernel(words: &[u32], absmax: &[f32], levels: &[f32], out: &mu
     if e >= out.len() {
         terminate!();
     }
-    let byte = e / 2;
-    let bits = (words[byte / 4] >> (8 * (byte % 4)) as u32) & 0xffu32;
+    let bits = byte_at(words, e / 2);
     // Even elements sit in the high nibble.
     let code = select(e % 2 == 1, bits & 0xfu32, bits >> 4u32);
     out[e] = levels[code as usize] * absmax[e / 64];
 }
 
-/// An NF4 weight's storage on one device: uploaded by the first product on that device and
-/// kept as long as the weight lives, so each later pass moves no weight bytes to the device.
-struct Nf4OnDevice {
-    weight: Weak<QuantMatrix>,
-    device: burn_cubecl::CubeDevice,
-    words: CubeTensor,
-    absmax: CubeTensor,
-    levels: CubeTensor,
+// ---------------------------------------------------------------------------------------------
+// ggml blocks on the device.
+//
+// The kernel follows `whet_gguf`'s host dequantisers (ggml-quants.c's `dequantize_row_*`) value
+// for value, and its results equal theirs bit for bit: every product in them is exact in f32
+// (an f16 significand of 11 bits times integers of at most 12 bits together), so the only
+// rounding is the final add or subtract of Q4_1, Q5_1, Q4_K and Q5_K, which the host rounds
+// once too, and a device that fuses the multiply and the add into an FMA gets the same value.
+
+/// Byte `at` of bytes stored four to a little-endian u32 word (WGSL has no u8 loads).
+#[cube]
+fn byte_at(words: &[u32], at: usize) -> u32 {
+    (words[at / 4] >> (8 * (at % 4)) as u32) & 0xffu32
 }
 
-/// The f32 weight `[out, in]` on the device of `like`, for this one product: NF4 dequantised
-/// on the device from its cached codes; other storages (ggml blocks) dequantised on the host
-/// and uploaded.
+/// The signed byte (i8) at `at`.
+#[cube]
+fn i8_at(words: &[u32], at: usize) -> i32 {
+    let b = byte_at(words, at);
+    i32::cast_from(b) - select(b >= 128u32, 256i32, 0i32)
+}
+
+/// The little-endian u16 at an even byte `at` (so it never straddles two words: every ggml
+/// block and every f16 in one starts at an even byte).
+#[cube]
+fn u16_at(words: &[u32], at: usize) -> u32 {
+    (words[at / 4] >> (8 * (at % 4)) as u32) & 0xffffu32
+}
+
+/// The f16 at `at` as f32, as `half::f16::to_f32` converts it (WGSL has no f16 loads): ±0 and
+/// subnormals exactly (`mantissa · 2⁻²⁴`, a product exact in f32), infinities, and NaNs with the
+/// quiet bit set and the payload kept.
+#[cube]
+fn f16_at(words: &[u32], at: usize) -> f32 {
+    let h = u16_at(words, at);
+    let sign = (h & 0x8000u32) << 16u32;
+    let exp = (h >> 10u32) & 0x1fu32;
+    let man = h & 0x3ffu32;
+    // Rebias the exponent (15 → 127) and widen the mantissa (10 → 23 bits).
+    let normal = sign | ((exp + 112u32) << 23u32) | (man << 13u32);
+    let quiet = select(man != 0u32, 0x40_0000u32, 0u32);
+    let inf_nan = sign | 0x7f80_0000u32 | quiet | (man << 13u32);
+    let tiny = sign | u32::reinterpret(f32::cast_from(man) * 5.960_464_5e-8f32);
+    f32::reinterpret(select(
+        exp == 0u32,
+        tiny,
+        select(exp == 31u32, inf_nan, normal),
+    ))
+}
+
+/// The bf16 at `at` as f32 (its top half), NaNs quietened as `half::bf16::to_f32` does.
+#[cube]
+fn bf16_at(words: &[u32], at: usize) -> f32 {
+    let h = u16_at(words, at);
+    let quiet = select((h & 0x7fffu32) > 0x7f80u32, 0x40u32, 0u32);
+    f32::reinterpret((h | quiet) << 16u32)
+}
+
+/// The 4-bit value of element `k` (0..32) of Q4_0 / Q4_1 / Q5_0 / Q5_1 from the 16 bytes at
+/// `qs`: low nibbles hold elements 0..16, high nibbles 16..32.
+#[cube]
+fn nibble_32(words: &[u32], qs: usize, k: usize) -> u32 {
+    (byte_at(words, qs + k % 16) >> (4 * (k / 16)) as u32) & 0xfu32
+}
+
+/// The fifth bit of element `k` (0..32) of Q5_0 / Q5_1: bit `k` of the little-endian u32 at
+/// `qh`, as 0 or 16.
+#[cube]
+fn fifth_bit(words: &[u32], qh: usize, k: usize) -> u32 {
+    ((byte_at(words, qh + k / 8) >> (k % 8) as u32) & 1u32) << 4u32
+}
+
+/// Q4_0: d (f16), qs (16 bytes); `(q − 8) · d`.
+#[cube]
+fn q4_0(words: &[u32], base: usize, k: usize) -> f32 {
+    let d = f16_at(words, base);
+    let q = nibble_32(words, base + 2, k);
+    f32::cast_from(i32::cast_from(q) - 8i32) * d
+}
+
+/// Q4_1: d, m (f16), qs (16 bytes); `q · d + m`.
+#[cube]
+fn q4_1(words: &[u32], base: usize, k: usize) -> f32 {
+    let d = f16_at(words, base);
+    let m = f16_at(words, base + 2);
+    let q = nibble_32(words, base + 4, k);
+    f32::cast_from(q) * d + m
+}
+
+/// Q5_0: d (f16), qh (u32 of fifth bits), qs (16 bytes); `(q − 16) · d`.
+#[cube]
+fn q5_0(words: &[u32], base: usize, k: usize) -> f32 {
+    let d = f16_at(words, base);
+    let q = nibble_32(words, base + 6, k) | fifth_bit(words, base + 2, k);
+    f32::cast_from(i32::cast_from(q) - 16i32) * d
+}
+
+/// Q5_1: d, m (f16), qh (u32), qs (16 bytes); `q · d + m`.
+#[cube]
+fn q5_1(words: &[u32], base: usize, k: usize) -> f32 {
+    let d = f16_at(words, base);
+    let m = f16_at(words, base + 2);
+    let q = nibble_32(words, base + 8, k) | fifth_bit(words, base + 4, k);
+    f32::cast_from(q) * d + m
+}
+
+/// Q8_0: d (f16), 32 signed bytes; `q · d`.
+#[cube]
+fn q8_0(words: &[u32], base: usize, k: usize) -> f32 {
+    let d = f16_at(words, base);
+    f32::cast_from(i8_at(words, base + 2 + k)) * d
+}
+
+/// The 6-bit scale (`which = 0`) or min (`which = 4`) of sub-block `j` (0..8) of Q4_K / Q5_K
+/// from the 12 bytes at `at`, as ggml's `get_scale_min_k4` unpacks them: sub-blocks 0..4 take
+/// the low six bits of byte `j` (scales) or `j + 4` (mins); sub-blocks 4..8 a nibble of byte
+/// `j + 4` (low: scales, high: mins) under the top two bits of byte `j − 4` (scales) or `j`
+/// (mins). With `i = j mod 4` those bytes are `i + which` and `i + 8` for every `j`.
+#[cube]
+fn scale_min_k4(words: &[u32], at: usize, j: usize, which: u32) -> f32 {
+    let i = j % 4;
+    let own = byte_at(words, at + i + which as usize);
+    let shared = byte_at(words, at + i + 8);
+    let packed = ((shared >> which) & 0xfu32) | ((own >> 6u32) << 4u32);
+    f32::cast_from(select(j < 4, own & 63u32, packed))
+}
+
+/// Q4_K: d, dmin (f16), scales (12 bytes), qs (128 bytes). Four chunks of 64 elements, each
+/// 32 bytes of qs: low nibbles are sub-block `2c`, high nibbles `2c + 1`, each with its own
+/// scale and min; `d · scale · q − dmin · min`.
+#[cube]
+fn q4_k(words: &[u32], base: usize, k: usize) -> f32 {
+    let d = f16_at(words, base);
+    let dmin = f16_at(words, base + 2);
+    let chunk = k / 64;
+    let high = (k % 64) / 32;
+    let l = k % 32;
+    let j = 2 * chunk + high;
+    let d1 = d * scale_min_k4(words, base + 4, j, 0u32);
+    let m1 = dmin * scale_min_k4(words, base + 4, j, 4u32);
+    let q = (byte_at(words, base + 16 + 32 * chunk + l) >> (4 * high) as u32) & 0xfu32;
+    d1 * f32::cast_from(q) - m1
+}
+
+/// Q5_K: d, dmin (f16), scales (12 bytes), qh (32 bytes), qs (128 bytes): Q4_K's layout with
+/// a fifth bit per element, bit `j` (the sub-block) of qh byte `l`.
+#[cube]
+fn q5_k(words: &[u32], base: usize, k: usize) -> f32 {
+    let d = f16_at(words, base);
+    let dmin = f16_at(words, base + 2);
+    let chunk = k / 64;
+    let high = (k % 64) / 32;
+    let l = k % 32;
+    let j = 2 * chunk + high;
+    let d1 = d * scale_min_k4(words, base + 4, j, 0u32);
+    let m1 = dmin * scale_min_k4(words, base + 4, j, 4u32);
+    let low = (byte_at(words, base + 48 + 32 * chunk + l) >> (4 * high) as u32) & 0xfu32;
+    let fifth = ((byte_at(words, base + 16 + l) >> j as u32) & 1u32) << 4u32;
+    d1 * f32::cast_from(low + fifth) - m1
+}
+
+/// Q6_K: ql (128 bytes), qh (64 bytes), scales (16 signed bytes), d (f16, last). Two halves of
+/// 128 elements, each four quarters of 32: quarter `r` takes the low (r = 0, 1) or high
+/// (r = 2, 3) nibbles of ql byte `l + 32·(r mod 2)`, bits `2r, 2r + 1` of qh byte `l`, and
+/// scale `l / 16 + 2r`; `d · scale · (q − 32)`.
+#[cube]
+fn q6_k(words: &[u32], base: usize, k: usize) -> f32 {
+    let d = f16_at(words, base + 208);
+    let half = k / 128;
+    let r = (k % 128) / 32;
+    let l = k % 32;
+    let ql = byte_at(words, base + 64 * half + 32 * (r % 2) + l);
+    let qh = byte_at(words, base + 128 + 32 * half + l);
+    let q = ((ql >> (4 * (r / 2)) as u32) & 0xfu32) | (((qh >> (2 * r) as u32) & 3u32) << 4u32);
+    let scale = i8_at(words, base + 192 + 8 * half + l / 16 + 2 * r);
+    d * f32::cast_from(scale) * f32::cast_from(i32::cast_from(q) - 32i32)
+}
+
+/// The ggml types the device dequantises: [`GgmlType`] less its unknown ids, as a kernel's
+/// comptime argument (one compiled kernel per type).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum GgmlFormat {
+    F32,
+    F16,
+    Bf16,
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q8_0,
+    Q4K,
+    Q5K,
+    Q6K,
+}
+
+impl GgmlFormat {
+    /// The kernel's format of `ty` and its block `(elements, bytes)`; None for a type the kernel
+    /// does not read.
+    fn of(ty: GgmlType) -> Option<(Self, (usize, usize))> {
+        let format = match ty {
+            GgmlType::F32 => Self::F32,
+            GgmlType::F16 => Self::F16,
+            GgmlType::BF16 => Self::Bf16,
+            GgmlType::Q4_0 => Self::Q4_0,
+            GgmlType::Q4_1 => Self::Q4_1,
+            GgmlType::Q5_0 => Self::Q5_0,
+            GgmlType::Q5_1 => Self::Q5_1,
+            GgmlType::Q8_0 => Self::Q8_0,
+            GgmlType::Q4K => Self::Q4K,
+            GgmlType::Q5K => Self::Q5K,
+            GgmlType::Q6K => Self::Q6K,
+            GgmlType::Other(_) => return None,
+        };
+        Some((format, ty.block()?))
+    }
+}
+
+/// `out[e]` = element `e` of a `[rows, cols]` weight stored as ggml blocks of `per` elements in
+/// `bytes` bytes, read four bytes to a u32 word. Rows are whole blocks, so the flat index finds
+/// the block.
+#[cube(launch)]
+fn ggml_dequantize_kernel(
+    words: &[u32],
+    out: &mut [f32],
+    #[comptime] format: GgmlFormat,
+    #[comptime] per: usize,
+    #[comptime] bytes: usize,
+) {
+    let e = ABSOLUTE_POS;
+    if e >= out.len() {
+        terminate!();
+    }
+    let base = e / per * bytes;
+    let k = e % per;
+    out[e] = match format {
+        GgmlFormat::F32 => f32::reinterpret(words[base / 4]),
+        GgmlFormat::F16 => f16_at(words, base),
+        GgmlFormat::Bf16 => bf16_at(words, base),
+        GgmlFormat::Q4_0 => q4_0(words, base, k),
+        GgmlFormat::Q4_1 => q4_1(words, base, k),
+        GgmlFormat::Q5_0 => q5_0(words, base, k),
+        GgmlFormat::Q5_1 => q5_1(words, base, k),
+        GgmlFormat::Q8_0 => q8_0(words, base, k),
+        GgmlFormat::Q4K => q4_k(words, base, k),
+        GgmlFormat::Q5K => q5_k(words, base, k),
+        GgmlFormat::Q6K => q6_k(words, base, k),
+    };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Quantised weights on the device.
+
+/// What a quantised weight keeps on a device: its storage as stored, bytes packed four to a
+/// u32 word.
+// One lives per weight and device and is cloned once per product: the NF4 variant's three
+// tensor handles are not worth a box.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone)]
+enum OnDevice {
+    /// NF4: the packed codes, the per-block absolute maxima (second quantisation undone), the
+    /// 16 levels.
+    Nf4 {
+        words: CubeTensor,
+        absmax: CubeTensor,
+        levels: CubeTensor,
+    },
+    /// ggml blocks, with the format and the block `(elements, bytes)` the kernel reads them in.
+    Ggml {
+        words: CubeTensor,
+        format: GgmlFormat,
+        block: (usize, usize),
+    },
+}
+
+/// A weight's storage on one device: uploaded by the first product on that device and kept as
+/// long as the weight lives, so each later pass moves no weight bytes to the device.
+struct Cached {
+    weight: Weak<QuantMatrix>,
+    device: burn_cubecl::CubeDevice,
+    stored: OnDevice,
+}
+
+/// The f32 weight `[out, in]` on the device of `like`, for this one product, dequantised on the
+/// device from its cached storage (NF4 codes or ggml blocks).
 fn dequantized(w: &Arc<QuantMatrix>, like: &CubeTensor) -> FloatTensor<CubeBackend> {
     let (rows, cols) = w.dims();
-    let weight = match w.nf4_packed() {
-        Some(packed) => {
-            let (words, absmax, levels) = nf4_on_device(w, packed, like);
-            let n = rows * cols;
-            let out = empty_f32(Shape::new([rows, cols]), like);
-            if n > 0 {
-                let (count, dim) = elementwise_grid(like, n);
-                nf4_dequantize_kernel::launch(
-                    &like.client.clone(),
-                    count,
-                    dim,
-                    words.into_buffer_arg(),
-                    absmax.into_buffer_arg(),
-                    levels.into_buffer_arg(),
-                    out.clone().into_buffer_arg(),
-                );
-            }
+    let n = rows * cols;
+    let out = empty_f32(Shape::new([rows, cols]), like);
+    if n == 0 {
+        return to_dtype(out, like.dtype);
+    }
+    let (count, dim) = elementwise_grid(like, n);
+    let client = like.client.clone();
+    let weight = match on_device(w, like) {
+        Some(OnDevice::Nf4 {
+            words,
+            absmax,
+            levels,
+        }) => {
+            nf4_dequantize_kernel::launch(
+                &client,
+                count,
+                dim,
+                words.into_buffer_arg(),
+                absmax.into_buffer_arg(),
+                levels.into_buffer_arg(),
+                out.clone().into_buffer_arg(),
+            );
             out
         }
+        Some(OnDevice::Ggml {
+            words,
+            format,
+            block: (per, bytes),
+        }) => {
+            ggml_dequantize_kernel::launch(
+                &client,
+                count,
+                dim,
+                words.into_buffer_arg(),
+                out.clone().into_buffer_arg(),
+                format,
+                per,
+                bytes,
+            );
+            out
+        }
+        // A storage the kernels do not read (none that `QuantMatrix` builds today).
         None => {
             let data = TensorData::new(w.dequantize(), [rows, cols]);
             CubeBackend::float_from_data(data, &like.device)
@@ -606,23 +904,56 @@ fn dequantized(w: &Arc<QuantMatrix>, like: &CubeTensor) -> FloatTensor<CubeBacke
     to_dtype(weight, like.dtype)
 }
 
-/// The cached device copy of an NF4 weight's codes, scales and levels.
-fn nf4_on_device(
-    w: &Arc<QuantMatrix>,
-    packed: &[u8],
-    like: &CubeTensor,
-) -> (CubeTensor, CubeTensor, CubeTensor) {
-    static CACHE: Mutex<Vec<Nf4OnDevice>> = Mutex::new(Vec::new());
+/// The cached device copy of `w`'s storage on the device of `like`, uploaded on the first call
+/// per device; None for a storage the kernels do not read.
+fn on_device(w: &Arc<QuantMatrix>, like: &CubeTensor) -> Option<OnDevice> {
+    static CACHE: Mutex<Vec<Cached>> = Mutex::new(Vec::new());
     let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
     let found = cache
         .iter()
         .find(|c| std::ptr::eq(c.weight.as_ptr(), Arc::as_ptr(w)) && c.device == like.device);
     if let Some(c) = found {
-        return (c.words.clone(), c.absmax.clone(), c.levels.clone());
+        return Some(c.stored.clone());
     }
+    let stored = upload(w, like)?;
     // A dropped weight's address can be reused by a new one: its entry goes first.
     cache.retain(|c| c.weight.strong_count() > 0);
-    let words: Vec<u32> = packed
+    cache.push(Cached {
+        weight: Arc::downgrade(w),
+        device: like.device.clone(),
+        stored: stored.clone(),
+    });
+    Some(stored)
+}
+
+/// `w`'s storage copied to the device of `like`; None for a storage the kernels do not read.
+fn upload(w: &Arc<QuantMatrix>, like: &CubeTensor) -> Option<OnDevice> {
+    let upload_f32 = |v: Vec<f32>| {
+        let len = v.len();
+        f32_contiguous(CubeBackend::float_from_data(
+            TensorData::new(v, [len]),
+            &like.device,
+        ))
+    };
+    if let Some(packed) = w.nf4_packed() {
+        return Some(OnDevice::Nf4 {
+            words: upload_words(packed, like),
+            absmax: upload_f32(w.block_scales()),
+            levels: upload_f32(NF4_LEVELS.to_vec()),
+        });
+    }
+    let (ty, raw) = w.ggml_blocks()?;
+    let (format, block) = GgmlFormat::of(ty)?;
+    Some(OnDevice::Ggml {
+        words: upload_words(raw, like),
+        format,
+        block,
+    })
+}
+
+/// `bytes` as little-endian u32 words (the last padded with zeros) on the device of `like`.
+fn upload_words(bytes: &[u8], like: &CubeTensor) -> CubeTensor {
+    let words: Vec<u32> = bytes
         .chunks(4)
         .map(|b| {
             let mut word = [0u8; 4];
@@ -630,30 +961,236 @@ fn nf4_on_device(
             u32::from_le_bytes(word)
         })
         .collect();
-    let words_len = words.len();
-    let absmax = w.block_scales();
-    let absmax_len = absmax.len();
-    let upload_f32 = |v: Vec<f32>, len: usize| {
-        f32_contiguous(CubeBackend::float_from_data(
-            TensorData::new(v, [len]),
-            &like.device,
-        ))
-    };
-    let entry = Nf4OnDevice {
-        weight: Arc::downgrade(w),
-        device: like.device.clone(),
-        words: into_contiguous(CubeBackend::int_from_data(
-            TensorData::new(words, [words_len]),
-            &like.device,
-        )),
-        absmax: upload_f32(absmax, absmax_len),
-        levels: upload_f32(NF4_LEVELS.to_vec(), NF4_LEVELS.len()),
-    };
-    let tensors = (
-        entry.words.clone(),
-        entry.absmax.clone(),
-        entry.levels.clone(),
-    );
-    cache.push(entry);
-    tensors
+    let len = words.len();
+    into_contiguous(CubeBackend::int_from_data(
+        TensorData::new(words, [len]),
+        &like.device,
+    ))
+}
+
+/// The ggml kernel on Mesa's software Vulkan device against the host dequantiser
+/// ([`QuantMatrix::dequantize`], whet-gguf's), for every ggml type: the dequantised weight bit
+/// for bit, and `quant_matmul`'s product and input gradient against composed ops over the
+/// host's weight. The blocks are random bytes with f16 scales of every kind (normal of either
+/// sign, ±0, subnormal): whet-gguf's writer quantises to four of the eleven types only, and
+/// random bytes reach every bit of every layout.
+#[cfg(all(test, feature = "wgpu"))]
+mod tests {
+    use super::*;
+    use crate::kernels::quant_matmul;
+    use burn::tensor::{Device, DeviceKind, Distribution, Tensor};
+
+    const TYPES: [GgmlType; 11] = [
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::BF16,
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q8_0,
+        GgmlType::Q4K,
+        GgmlType::Q5K,
+        GgmlType::Q6K,
+    ];
+
+    fn gpu() -> Device {
+        Device::wgpu(DeviceKind::Cpu)
+    }
+
+    fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+        t.into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .unwrap_or_else(|e| panic!("tensor data: {e:?}"))
+    }
+
+    /// A deterministic stream of bits (xorshift32).
+    struct Bits(u32);
+
+    impl Bits {
+        fn next(&mut self) -> u32 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 17;
+            self.0 ^= self.0 << 5;
+            self.0
+        }
+    }
+
+    /// The `i`-th f16 of a test matrix: mostly normal values of either sign in [2⁻¹⁰, 2⁻²),
+    /// and in turn +0, −0 and subnormals of either sign (the kernel's other conversion path).
+    fn f16_bits(bits: &mut Bits, i: usize) -> u16 {
+        let r = bits.next();
+        let sign = (r >> 31) as u16 * 0x8000;
+        let mantissa = (r & 0x3ff) as u16;
+        match i % 8 {
+            2 => 0,
+            3 => 0x8000,
+            5 | 6 => sign | mantissa.max(1),
+            _ => sign | ((5 + (r >> 10) % 8) as u16) << 10 | mantissa,
+        }
+    }
+
+    /// `rows × cols` values of `ty` as ggml stores them: random bytes, with the f16 fields of
+    /// each block (and every F16, BF16 and F32 value) finite.
+    fn blocks(ty: GgmlType, rows: usize, cols: usize, bits: &mut Bits) -> Vec<u8> {
+        let (per, bytes) = ty.block().unwrap_or_else(|| panic!("{ty} has no blocks"));
+        let mut raw: Vec<u8> = (0..rows * cols / per * bytes)
+            .map(|_| bits.next() as u8)
+            .collect();
+        // Where each block keeps its f16 scales (d, and m or dmin).
+        let halves: &[usize] = match ty {
+            GgmlType::F16 | GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => &[0],
+            GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4K | GgmlType::Q5K => &[0, 2],
+            GgmlType::Q6K => &[208],
+            _ => &[],
+        };
+        for (i, block) in raw.chunks_exact_mut(bytes).enumerate() {
+            for &at in halves {
+                block[at..at + 2].copy_from_slice(&f16_bits(bits, i).to_le_bytes());
+            }
+            match ty {
+                // The f16 values widened (exponents 117..=124), and in turn zeros and subnormals.
+                GgmlType::BF16 => {
+                    let h = f16_bits(bits, i);
+                    let exp = if h & 0x7c00 == 0 {
+                        0
+                    } else {
+                        112 + (h >> 10 & 0x1f)
+                    };
+                    let bf = (h & 0x8000) | exp << 7 | (h & 0x7f);
+                    block.copy_from_slice(&bf.to_le_bytes());
+                }
+                // Magnitudes in [2⁻¹⁰, 2⁶), and in turn subnormals.
+                GgmlType::F32 => {
+                    let r = bits.next();
+                    let exp = match i % 8 {
+                        2 => 0,
+                        _ => 117 + r % 16,
+                    };
+                    let v = (r & 0x807f_ffff) | exp << 23;
+                    block.copy_from_slice(&v.to_le_bytes());
+                }
+                _ => {}
+            }
+        }
+        raw
+    }
+
+    /// A `[5, 2 blocks]` matrix of `ty` (64 columns for the one-value types).
+    fn matrix(ty: GgmlType, bits: &mut Bits) -> Arc<QuantMatrix> {
+        let (per, _) = ty.block().unwrap_or_else(|| panic!("{ty} has no blocks"));
+        let (rows, cols) = (5, 2 * per.max(32));
+        let raw = blocks(ty, rows, cols, bits);
+        Arc::new(QuantMatrix::ggml(ty, raw, rows, cols).unwrap_or_else(|e| panic!("{e}")))
+    }
+
+    #[test]
+    fn ggml_blocks_dequantise_on_the_device_bit_for_bit() {
+        let _rng = crate::test_rng();
+        let like = Tensor::<1>::zeros([1], &gpu())
+            .try_into_primitive::<CubeBackend>()
+            .unwrap_or_else(|e| panic!("not a cube tensor: {e:?}"));
+        let mut bits = Bits(0x9e37_79b9);
+        for ty in TYPES {
+            let w = matrix(ty, &mut bits);
+            assert!(
+                matches!(on_device(&w, &like), Some(OnDevice::Ggml { .. })),
+                "{ty} is read on the device"
+            );
+            let want = w.dequantize();
+            let mut distinct: Vec<u32> = want.iter().map(|v| v.to_bits()).collect();
+            distinct.sort_unstable();
+            distinct.dedup();
+            assert!(
+                distinct.len() > want.len() / 8,
+                "{ty}: test data too uniform"
+            );
+            let cols = w.dims().1;
+            // Twice: a launch must leave the cached blocks as they were.
+            for pass in 0..2 {
+                let got = values(Tensor::<2>::from_primitive::<CubeBackend>(dequantized(
+                    &w, &like,
+                )));
+                assert_eq!(got.len(), want.len(), "{ty}: length");
+                for (i, (g, h)) in got.iter().zip(&want).enumerate() {
+                    assert_eq!(
+                        g.to_bits(),
+                        h.to_bits(),
+                        "{ty}, pass {pass}: element [{}, {}] is {g:e}, the host's {h:e}",
+                        i / cols,
+                        i % cols
+                    );
+                }
+            }
+        }
+    }
+
+    /// Infinities and NaNs of F16 and BF16 weights (no arithmetic touches them): NaNs come
+    /// back quiet with their payload, as `half` converts them.
+    #[test]
+    fn f16_and_bf16_infinities_and_nans_convert_as_half_does() {
+        let _rng = crate::test_rng();
+        let like = Tensor::<1>::zeros([1], &gpu())
+            .try_into_primitive::<CubeBackend>()
+            .unwrap_or_else(|e| panic!("not a cube tensor: {e:?}"));
+        let f16s: [u16; 6] = [0x7c00, 0xfc00, 0x7c01, 0x7e00, 0xfd55, 0x3c00];
+        let bf16s: [u16; 6] = [0x7f80, 0xff80, 0x7f81, 0x7fc0, 0xffa5, 0x3f80];
+        for (ty, halves) in [(GgmlType::F16, f16s), (GgmlType::BF16, bf16s)] {
+            let raw: Vec<u8> = halves.iter().flat_map(|h| h.to_le_bytes()).collect();
+            let w = Arc::new(QuantMatrix::ggml(ty, raw, 2, 3).unwrap_or_else(|e| panic!("{e}")));
+            let got = values(Tensor::<2>::from_primitive::<CubeBackend>(dequantized(
+                &w, &like,
+            )));
+            let want = w.dequantize();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "{ty}");
+        }
+    }
+
+    #[test]
+    fn ggml_quant_matmul_matches_composed_ops_in_value_and_gradient() {
+        let _rng = crate::test_rng();
+        let device = gpu().autodiff();
+        let mut bits = Bits(0x0bad_5eed);
+        // |a − b| ≤ 1e-5 · (1 + |b|): both sides multiply the same f32 weight on the same
+        // device, so they differ at most in summation order; a wrong weight moves whole units.
+        let close = |a: Vec<f32>, b: Vec<f32>, what: &str| {
+            assert_eq!(a.len(), b.len(), "{what}: lengths");
+            for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+                assert!(
+                    (x - y).abs() <= 1e-5 * (1.0 + y.abs()),
+                    "{what}: element {i} is {x}, want {y}"
+                );
+            }
+        };
+        for ty in TYPES {
+            let w = matrix(ty, &mut bits);
+            let (rows, cols) = w.dims();
+            let host =
+                Tensor::<2>::from_data(TensorData::new(w.dequantize(), [rows, cols]), &device);
+            let x = Tensor::<3>::random([2, 3, cols], Distribution::Normal(0.0, 1.0), &device);
+            let (a, b) = (x.clone().require_grad(), x.require_grad());
+            // y [2, 3, out] = x [2, 3, in] · Wᵀ
+            let ya = quant_matmul(a.clone(), &w);
+            let yb = b
+                .clone()
+                .reshape([6, cols])
+                .matmul(host.transpose())
+                .reshape([2, 3, rows]);
+            close(
+                values(ya.clone()),
+                values(yb.clone()),
+                &format!("{ty} product"),
+            );
+            let r = Tensor::<3>::random([2, 3, rows], Distribution::Normal(0.0, 1.0), &device);
+            let (ga, gb) = ((ya * r.clone()).sum().backward(), (yb * r).sum().backward());
+            let grad = |t: &Tensor<3>, g| values(t.grad(g).unwrap_or_else(|| panic!("no grad")));
+            close(
+                grad(&a, &ga),
+                grad(&b, &gb),
+                &format!("{ty} input gradient"),
+            );
+        }
+    }
 }
