@@ -22,8 +22,7 @@
 #     and logs.tar.gz beside it ($OUT is the device tool's output folder; here runs/gpu-check/).
 # A rerun of part of it: GPU_CHECK_SKIP=parity,generate and/or GPU_CHECK_ONLY_TRAIN=llama-1b.
 # What whet must offer: `--device cuda` (or WHET_DEVICE=cuda), WHET_TEST_DEVICE in the parity
-# tests, and `--set training.bf16=true` for bf16 (WHET_BF16_SET overrides the key); a whet
-# without bf16 refuses the key and its rows say "refused".
+# tests, and `--set training.bf16=true` for bf16 (WHET_BF16_SET overrides the key).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE=gpu
