@@ -18,8 +18,11 @@
 //!
 //! A [`QuantMatrix`] is always the PyTorch `nn.Linear` layout `[out, in]`, row-major.
 
+use burn::tensor::{Device, Int, Tensor, TensorData};
 use rayon::prelude::*;
 use whet_gguf::GgmlType;
+
+use crate::weights::tensor_values;
 
 /// The 16 NormalFloat-4 levels (bitsandbytes' `NF4` table: quantiles of N(0, 1) scaled to
 /// [-1, 1] with an exact zero).
@@ -69,7 +72,7 @@ pub fn dynamic_map_unsigned() -> [f32; 256] {
     dynamic_map_of(false)
 }
 
-fn dynamic_map_of(signed: bool) -> [f32; 256] {
+pub(crate) fn dynamic_map_of(signed: bool) -> [f32; 256] {
     // Python's 10 ** (e - 6) for e = 0..7, each the nearest double to the power of ten.
     const DECADES: [f64; 7] = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0];
     let mut data: Vec<f32> = Vec::with_capacity(256);
@@ -370,6 +373,19 @@ fn scales_f32(scales: &Scales) -> Vec<f32> {
     }
 }
 
+/// The smallest block maximum [`Blockwise8`] scales by (bitsandbytes' guard for an all-zero
+/// block; a subnormal f32).
+pub(crate) const ABSMAX_FLOOR: f32 = 1e-38;
+
+/// The 255 midpoints of neighbouring levels of a dynamic map: a value's [`Blockwise8`] code is
+/// the number of midpoints below it.
+pub(crate) fn dynamic_midpoints(signed: bool) -> Vec<f32> {
+    dynamic_map_of(signed)
+        .windows(2)
+        .map(|w| (w[0] + w[1]) / 2.0)
+        .collect()
+}
+
 /// Values quantised blockwise to 8 bits over a dynamic map, as bitsandbytes'
 /// `quantize_blockwise` stores 8-bit optimizer states: blocks of [`DQ_BLOCK`] (256), each
 /// scaled by its absolute maximum, every value the index of the nearest map level.
@@ -386,11 +402,10 @@ pub struct Blockwise8 {
 impl Blockwise8 {
     /// Quantises `values` (non-negative ones when `signed` is false).
     pub fn quantize(values: &[f32], signed: bool) -> Self {
-        let map = dynamic_map_of(signed);
         // bitsandbytes' quantize_blockwise (its pure-torch backend and what its CUDA kernel
         // computes): `bucketize` on the midpoints of the map, so a value on a midpoint takes
         // the lower code. Comparing distances instead rounds differently near the midpoints.
-        let bounds: Vec<f32> = map.windows(2).map(|w| (w[0] + w[1]) / 2.0).collect();
+        let bounds = dynamic_midpoints(signed);
         let mut codes = vec![0u8; values.len()];
         let mut absmax = vec![0f32; values.len().div_ceil(DQ_BLOCK)];
         codes
@@ -399,11 +414,11 @@ impl Blockwise8 {
             .zip(absmax.par_iter_mut())
             .for_each(|((c, v), m)| {
                 *m = v.iter().fold(0f32, |a, x| a.max(x.abs()));
-                let inv = 1.0 / m.max(1e-38);
+                let inv = 1.0 / m.max(ABSMAX_FLOOR);
                 // bitsandbytes divides in a last, partial block and multiplies by the
                 // reciprocal in the full ones; the roundings differ.
                 let partial = v.len() < DQ_BLOCK;
-                let m = m.max(1e-38);
+                let m = m.max(ABSMAX_FLOOR);
                 for (q, &x) in c.iter_mut().zip(v) {
                     let x = if partial { x / m } else { x * inv };
                     let x = x.clamp(-1.0, 1.0);
@@ -435,6 +450,152 @@ impl Blockwise8 {
     /// Bytes held.
     pub fn storage_bytes(&self) -> usize {
         self.codes.len() + 4 * self.absmax.len()
+    }
+}
+
+/// [`Blockwise8`] values kept in the memory of the device that uses them: in host memory on the
+/// CPU backend, in device memory on a GPU runtime (with the `wgpu` or `cuda` feature), where
+/// CubeCL kernels quantise and dequantise them with the host's codes and values bit for bit, so
+/// that an optimizer step keeping 8-bit moments reads nothing back to the host.
+// One per optimizer moment, held in a map: the device variant's two tensor handles are not
+// worth a box.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone)]
+pub enum Blockwise8State {
+    /// In host memory.
+    Host(Blockwise8),
+    /// In the memory of the device the tensors live on.
+    Device {
+        /// The codes, four to a u32 word, the first in the low byte; the last word padded with
+        /// zero codes. `[⌈len / 4⌉]`, dtype u32.
+        words: Tensor<1, Int>,
+        /// One absolute maximum per block of [`DQ_BLOCK`] values, `[⌈len / 256⌉]`.
+        absmax: Tensor<1>,
+        /// Values represented.
+        len: usize,
+        /// Signed map (`true`) or unsigned map (non-negative values).
+        signed: bool,
+    },
+}
+
+impl Blockwise8State {
+    /// Quantises `values` where they live: into device memory on a device with the kernels
+    /// (a GPU runtime), else into host memory by [`Blockwise8::quantize`] (the CPU backend,
+    /// whose memory is the host's, or `WHET_KERNELS=off`).
+    pub fn quantize(values: Tensor<1>, signed: bool) -> Self {
+        match crate::kernels::blockwise8_quantize(&values, signed) {
+            Some((words, absmax)) => Self::Device {
+                words,
+                absmax,
+                len: values.dims()[0],
+                signed,
+            },
+            None => Self::quantize_on_host(values, signed),
+        }
+    }
+
+    /// Quantises `values` into host memory whatever their device (a paged optimizer's states;
+    /// on a GPU this reads the values back).
+    pub fn quantize_on_host(values: Tensor<1>, signed: bool) -> Self {
+        Self::Host(Blockwise8::quantize(
+            &tensor_values(values.into_data()),
+            signed,
+        ))
+    }
+
+    /// The host values `q` in the memory of `device`: uploaded to a device with the kernels,
+    /// else kept as they are.
+    pub fn from_host(q: Blockwise8, device: &Device) -> Self {
+        match crate::kernels::blockwise8_upload(&q, device) {
+            Some((words, absmax)) => Self::Device {
+                words,
+                absmax,
+                len: q.codes.len(),
+                signed: q.signed,
+            },
+            None => Self::Host(q),
+        }
+    }
+
+    /// The values the codes stand for, `[len]` f32 on `device` (host values are moved there;
+    /// device values are dequantised on their device and moved only if it is another).
+    pub fn dequantize(&self, device: &Device) -> Tensor<1> {
+        match self {
+            Self::Host(q) => {
+                Tensor::from_data(TensorData::new(q.dequantize(), [q.codes.len()]), device)
+            }
+            Self::Device {
+                words,
+                absmax,
+                len,
+                signed,
+            } => {
+                let values = crate::kernels::blockwise8_dequantize(
+                    words.clone(),
+                    absmax.clone(),
+                    *len,
+                    *signed,
+                );
+                match values {
+                    Some(values) if values.device() == *device => values,
+                    Some(values) => values.to_device(device),
+                    // Only a device with the kernels makes such words; read back otherwise.
+                    None => Self::Host(self.to_host()).dequantize(device),
+                }
+            }
+        }
+    }
+
+    /// A host copy (read back from the device for device values: for checkpoints and tests).
+    pub fn to_host(&self) -> Blockwise8 {
+        match self {
+            Self::Host(q) => q.clone(),
+            Self::Device {
+                words,
+                absmax,
+                len,
+                signed,
+            } => {
+                let mut codes: Vec<u8> = words
+                    .clone()
+                    .into_data()
+                    .iter::<u32>()
+                    .flat_map(u32::to_le_bytes)
+                    .collect();
+                codes.truncate(*len);
+                Blockwise8 {
+                    codes,
+                    absmax: tensor_values(absmax.clone().into_data()),
+                    signed: *signed,
+                }
+            }
+        }
+    }
+
+    /// Whether the values are in device memory.
+    pub fn is_on_device(&self) -> bool {
+        matches!(self, Self::Device { .. })
+    }
+
+    /// Values represented.
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Host(q) => q.codes.len(),
+            Self::Device { len, .. } => *len,
+        }
+    }
+
+    /// Whether no values are represented.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes held, in host or device memory (on a device the codes take whole u32 words).
+    pub fn storage_bytes(&self) -> usize {
+        match self {
+            Self::Host(q) => q.storage_bytes(),
+            Self::Device { len, .. } => 4 * len.div_ceil(4) + 4 * len.div_ceil(DQ_BLOCK),
+        }
     }
 }
 

@@ -144,12 +144,12 @@ pub fn save<M: VisitParams + ?Sized>(
         }
     }
     // 8-bit moments as they are (codes stored as exact small floats), so a resumed run
-    // continues from the same quantised state.
+    // continues from the same quantised state; moments on a GPU are read back here.
     let mut names: Vec<&String> = opt.moments8.keys().collect();
     names.sort();
     for name in names {
-        let q = &opt.moments8[name];
-        for (k, b) in [("m8", &q.m), ("v8", &q.v)] {
+        let (m, v) = opt.moments8[name].to_host();
+        for (k, b) in [("m8", &m), ("v8", &v)] {
             let codes: Vec<f32> = b.codes.iter().map(|&c| c as f32).collect();
             moments.push((format!("{k}.{name}"), vec![codes.len()], codes));
             moments.push((
@@ -263,12 +263,15 @@ pub fn load<M: VisitParams + ?Sized>(
                 signed,
             })
         };
+        // Back where the optimizer keeps them: on a GPU in its memory, unless paged.
         q8.insert(
             current_name(name),
-            Moments8 {
-                m: read("m8", true)?,
-                v: read("v8", false)?,
-            },
+            Moments8::from_host(
+                read("m8", true)?,
+                read("v8", false)?,
+                opt.config.kind,
+                &plain,
+            ),
         );
     }
     opt.moments8 = q8;

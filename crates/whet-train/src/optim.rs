@@ -12,7 +12,7 @@ use crate::scaler::LossScaler;
 use burn::module::Param;
 use burn::tensor::{Device, Gradients, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
-use whet_models::quant::Blockwise8;
+use whet_models::quant::{Blockwise8, Blockwise8State};
 use whet_models::weights::{Layout, tensor_values};
 use whet_models::{VisitParams, Visitor};
 
@@ -26,7 +26,8 @@ pub enum OptimizerKind {
     Adamw,
     /// AdamW with 8-bit moments, as bitsandbytes' `AdamW8bit` (`optim = "adamw_bnb_8bit"`):
     /// each moment quantised blockwise (blocks of 256, the signed dynamic map for the first,
-    /// the unsigned one for the second) between steps; parameters under 4096 values keep f32
+    /// the unsigned one for the second) between steps, in the memory of the device that trains
+    /// (quantised and dequantised there on a GPU); parameters under 4096 values keep f32
     /// moments (bitsandbytes' `min_8bit_size`).
     #[serde(alias = "adamw_bnb_8bit", alias = "adamw8bit")]
     Adamw8bit,
@@ -36,8 +37,9 @@ pub enum OptimizerKind {
     /// moments' 8 bytes per trainable value off the device. On the CPU it is `adamw_torch`.
     #[serde(rename = "paged_adamw_32bit", alias = "paged_adamw")]
     PagedAdamw32bit,
-    /// `paged_adamw_8bit`: as `adamw_bnb_8bit`, whose 8-bit moments whet already keeps in
-    /// host memory, and the f32 moments of the small parameters paged as `paged_adamw_32bit`.
+    /// `paged_adamw_8bit`: as `adamw_bnb_8bit` with the 8-bit moments kept in host memory
+    /// between steps, and the f32 moments of the small parameters paged as
+    /// `paged_adamw_32bit`. The same numbers as `adamw_bnb_8bit`.
     #[serde(rename = "paged_adamw_8bit")]
     PagedAdamw8bit,
     /// Plain SGD (no momentum).
@@ -207,11 +209,54 @@ impl GradStore {
     }
 }
 
-/// Both moments of one parameter quantised to 8 bits (`Adamw8bit`).
-#[derive(Debug, Clone, PartialEq)]
+/// Both moments of one parameter quantised to 8 bits (`Adamw8bit`, `PagedAdamw8bit`).
+#[derive(Debug, Clone)]
 pub struct Moments8 {
-    pub m: Blockwise8,
-    pub v: Blockwise8,
+    pub m: Blockwise8State,
+    pub v: Blockwise8State,
+}
+
+impl Moments8 {
+    /// New moments quantised where `kind` keeps them: in host memory for `paged_adamw_8bit`,
+    /// else on the device they were computed on (host memory on the CPU backend).
+    fn quantize(m: Tensor<1>, v: Tensor<1>, kind: OptimizerKind) -> Self {
+        if kind == OptimizerKind::PagedAdamw8bit {
+            Self {
+                m: Blockwise8State::quantize_on_host(m, true),
+                v: Blockwise8State::quantize_on_host(v, false),
+            }
+        } else {
+            Self {
+                m: Blockwise8State::quantize(m, true),
+                v: Blockwise8State::quantize(v, false),
+            }
+        }
+    }
+
+    /// Host moments (a checkpoint's) placed where `kind` keeps them on `device`.
+    pub fn from_host(m: Blockwise8, v: Blockwise8, kind: OptimizerKind, device: &Device) -> Self {
+        if kind == OptimizerKind::PagedAdamw8bit {
+            Self {
+                m: Blockwise8State::Host(m),
+                v: Blockwise8State::Host(v),
+            }
+        } else {
+            Self {
+                m: Blockwise8State::from_host(m, device),
+                v: Blockwise8State::from_host(v, device),
+            }
+        }
+    }
+
+    /// Host copies of both moments (read back from a GPU).
+    pub fn to_host(&self) -> (Blockwise8, Blockwise8) {
+        (self.m.to_host(), self.v.to_host())
+    }
+
+    /// Bytes held, in host or device memory.
+    pub fn storage_bytes(&self) -> usize {
+        self.m.storage_bytes() + self.v.storage_bytes()
+    }
 }
 
 /// Optimizer state: step count and per-parameter moments, keyed by name.
@@ -258,11 +303,7 @@ impl Optimizer {
             .values()
             .map(|m| 4 * (m.m.dims()[0] + m.v.dims()[0]))
             .sum();
-        let q8: usize = self
-            .moments8
-            .values()
-            .map(|m| m.m.storage_bytes() + m.v.storage_bytes())
-            .sum();
+        let q8: usize = self.moments8.values().map(Moments8::storage_bytes).sum();
         f32s + q8
     }
 
@@ -322,14 +363,14 @@ impl Optimizer {
             OptimizerKind::Adamw8bit | OptimizerKind::PagedAdamw8bit
                 if g.dims()[0] >= MIN_8BIT_SIZE =>
             {
-                let n = g.dims()[0];
                 let device = g.device();
                 // The update uses the new moments in f32; only what is kept between steps is
-                // 8-bit (as bitsandbytes' blockwise kernel).
+                // 8-bit (as bitsandbytes' blockwise kernel). On a GPU both conversions run
+                // there, so the step reads nothing back.
                 let st = match self.moments8.remove(name) {
                     Some(q) => Moments {
-                        m: Tensor::from_data(TensorData::new(q.m.dequantize(), [n]), &device),
-                        v: Tensor::from_data(TensorData::new(q.v.dequantize(), [n]), &device),
+                        m: q.m.dequantize(&device),
+                        v: q.v.dequantize(&device),
                     },
                     None => Moments {
                         m: g.zeros_like(),
@@ -337,10 +378,7 @@ impl Optimizer {
                     },
                 };
                 let (p, st) = self.adam(p, g, st, lr, wd);
-                let q = Moments8 {
-                    m: Blockwise8::quantize(&tensor_values(st.m.into_data()), true),
-                    v: Blockwise8::quantize(&tensor_values(st.v.into_data()), false),
-                };
+                let q = Moments8::quantize(st.m, st.v, c.kind);
                 self.moments8.insert(name.to_string(), q);
                 p
             }
@@ -458,14 +496,14 @@ mod tests {
             }
         }
         assert!(opt.moments.contains_key("b.weight") && !opt.moments.contains_key("a.weight"));
-        let q = &opt.moments8["a.weight"];
-        assert_eq!(q.m.absmax.len(), 20);
-        for (mine, key) in [(&q.m.absmax, "a.absmax1"), (&q.v.absmax, "a.absmax2")] {
+        let (qm, qv) = opt.moments8["a.weight"].to_host();
+        assert_eq!(qm.absmax.len(), 20);
+        for (mine, key) in [(&qm.absmax, "a.absmax1"), (&qv.absmax, "a.absmax2")] {
             for (x, y) in mine.iter().zip(read(key)) {
                 assert!((x - y).abs() <= 1e-6 * y.abs(), "{key}: {x} vs {y}");
             }
         }
-        for (mine, key) in [(&q.m, "a.state1"), (&q.v, "a.state2")] {
+        for (mine, key) in [(&qm, "a.state1"), (&qv, "a.state2")] {
             let want = read(&format!("{key}_as_f32"));
             let same = mine
                 .codes
@@ -482,7 +520,7 @@ mod tests {
         }
         // A quarter of the f32 state's bytes, plus the block scales.
         assert_eq!(
-            q.m.storage_bytes() + q.v.storage_bytes(),
+            opt.moments8["a.weight"].storage_bytes(),
             2 * (5000 + 4 * 20)
         );
     }

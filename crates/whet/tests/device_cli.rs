@@ -98,23 +98,84 @@ const LORA: &str =
 /// Four steps of LoRA, full fine-tuning and QLoRA (NF4 base) on the test device end within
 /// 1e-4 of the CPU's weights (relative to each tensor's largest value): float sums in another
 /// order, compounded over four Adam steps at a high learning rate, stay far below it, while a
-/// wrong kernel or a step that ran twice is far above it.
+/// wrong kernel or a step that ran twice is far above it. Full fine-tuning runs once more with
+/// `adamw_bnb_8bit`, over a vocabulary widened so that the embedding and the LM head keep
+/// 8-bit moments (quantised on the device there, on the host on the CPU).
 #[test]
 fn training_on_the_test_device_ends_with_the_cpu_weights() {
     let device = test_device();
-    for (method, extra, file) in [
-        ("lora", LORA, "adapter_model.safetensors"),
-        ("full", "", "model.safetensors"),
-        ("qlora", LORA, "adapter_model.safetensors"),
+    for (method, extra, file, optim) in [
+        ("lora", LORA, "adapter_model.safetensors", None),
+        ("full", "", "model.safetensors", None),
+        ("qlora", LORA, "adapter_model.safetensors", None),
+        ("full", "", "model.safetensors", Some("adamw_bnb_8bit")),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let r = recipe(dir.path(), method, extra);
+        let (set, what) = match optim {
+            Some(optim) => {
+                widen_vocabulary(&dir.path().join("tiny-llama"), 150);
+                let set = vec!["--set".to_string(), format!("training.optim=\"{optim}\"")];
+                (set, format!("{method}, {optim}"))
+            }
+            None => (vec![], method.to_string()),
+        };
+        let set: Vec<&str> = set.iter().map(String::as_str).collect();
         let (cpu, dev) = (dir.path().join("cpu"), dir.path().join("dev"));
-        train(&r, "cpu", &cpu, &[]);
-        let text = train(&r, &device, &dev, &[]);
-        assert!(text.contains("after training"), "{method}: {text}");
-        assert_same_weights(&cpu.join(file), &dev.join(file), 1e-4, method);
+        train(&r, "cpu", &cpu, &set);
+        let text = train(&r, &device, &dev, &set);
+        assert!(text.contains("after training"), "{what}: {text}");
+        assert_same_weights(&cpu.join(file), &dev.join(file), 1e-4, &what);
+        if optim.is_some() {
+            // The widened matrices did keep 8-bit moments (codes and block maxima saved).
+            let saved = tensors(&dev.join("checkpoint-4/optimizer.safetensors"));
+            for name in ["model.embed_tokens.weight", "lm_head.weight"] {
+                assert_eq!(
+                    saved[&format!("m8absmax.{name}")].len(),
+                    19,
+                    "{what}: {name}"
+                );
+            }
+        }
     }
+}
+
+/// Widens the vocabulary of the tiny-llama copy in `model` to `vocab` rows (new embedding and
+/// LM-head rows of small fixed values; the tokenizer never emits their ids), so that both
+/// matrices reach `adamw_bnb_8bit`'s 8-bit moments: 4096 values and up (the fixture's are
+/// 99 × 32), 150 × 32 making 18 blocks of 256 and a partial one.
+fn widen_vocabulary(model: &Path, vocab: usize) {
+    let file = model.join("model.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let widened: Vec<(String, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let mut shape = view.shape().to_vec();
+            let mut data = view.data().to_vec();
+            if name == "model.embed_tokens.weight" || name == "lm_head.weight" {
+                let hidden = shape[1];
+                let fixed = (shape[0] * hidden..vocab * hidden)
+                    .map(|i| ((i * 37 % 101) as f32 - 50.0) * 4e-4);
+                data.extend(fixed.flat_map(f32::to_le_bytes));
+                shape[0] = vocab;
+            }
+            (name, shape, data)
+        })
+        .collect();
+    let views = widened.iter().map(|(name, shape, data)| {
+        let view =
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+        (name.clone(), view)
+    });
+    std::fs::write(&file, safetensors::serialize(views, None).unwrap()).unwrap();
+    let config = model.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    cfg["vocab_size"] = vocab.into();
+    std::fs::write(&config, cfg.to_string()).unwrap();
 }
 
 /// A checkpoint written on the CPU resumes on the test device, and one written there resumes

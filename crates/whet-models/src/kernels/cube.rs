@@ -10,6 +10,11 @@
 //! four bytes to a u32 word: WGSL has no u8 or f16 loads) and dequantised to f32, one unit per
 //! element, by each product that needs it.
 //!
+//! Blockwise 8-bit values (8-bit optimizer moments) stay on the device between steps: one cube
+//! per block of 256 finds its maximum and writes its codes, four to a u32 word, and one unit
+//! per value dequantises. Their arithmetic is integer arithmetic, to give the host's codes on
+//! every runtime (see the section's header).
+//!
 //! The dropout mask is [`DropMask`]'s hash computed in u32 arithmetic, which wraps on every
 //! runtime as Rust's `wrapping_mul` does: a seed keeps the same elements on the GPU as on the
 //! CPU.
@@ -27,7 +32,9 @@ use cubecl::{CubeCount, CubeDim, calculate_cube_count_elemwise};
 use std::sync::{Arc, Mutex, Weak};
 
 use super::{DropMask, Kernels};
-use crate::quant::{NF4_LEVELS, QuantMatrix};
+use crate::quant::{
+    ABSMAX_FLOOR, Blockwise8, DQ_BLOCK, NF4_LEVELS, QuantMatrix, dynamic_map_of, dynamic_midpoints,
+};
 use whet_gguf::GgmlType;
 
 /// The lowest finite f32: the start of a running maximum. WGSL has no infinity literal, and a
@@ -953,6 +960,11 @@ fn upload(w: &Arc<QuantMatrix>, like: &CubeTensor) -> Option<OnDevice> {
 
 /// `bytes` as little-endian u32 words (the last padded with zeros) on the device of `like`.
 fn upload_words(bytes: &[u8], like: &CubeTensor) -> CubeTensor {
+    upload_words_to(bytes, &like.device)
+}
+
+/// `bytes` as little-endian u32 words (the last padded with zeros) on `device`.
+fn upload_words_to(bytes: &[u8], device: &burn_cubecl::CubeDevice) -> CubeTensor {
     let words: Vec<u32> = bytes
         .chunks(4)
         .map(|b| {
@@ -964,8 +976,355 @@ fn upload_words(bytes: &[u8], like: &CubeTensor) -> CubeTensor {
     let len = words.len();
     into_contiguous(CubeBackend::int_from_data(
         TensorData::new(words, [len]),
-        &like.device,
+        device,
     ))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Blockwise 8-bit values on the device (bitsandbytes' 8-bit optimizer states).
+//
+// The codes must be the host's ([`Blockwise8::quantize`]) bit for bit, so that training on a
+// GPU keeps the moments the CPU keeps. The device's own f32 arithmetic does not promise that:
+// WGSL allows a division 2.5 ulp off (drivers commonly multiply by an approximate reciprocal)
+// and allows flushing subnormals to zero (an all-zero block divides by 1e-38, itself
+// subnormal). Mesa's lavapipe happens to do both exactly (the tests below pass there with the
+// device's own `/` and `*` too); other drivers need not. So the kernels read floats as their
+// bits and compute what decides a code (the block's reciprocal and each product, or each
+// quotient in a partial block) and each dequantised product in integer arithmetic, rounded to
+// nearest even as the host's f32 operations are; what is left (the block maximum as a maximum
+// of magnitude bits, comparisons with normal midpoints) is exact on every device.
+
+/// The significand of a finite nonzero f32 `bits`, normalised to [2²³, 2²⁴) (a subnormal's
+/// shifted up).
+#[cube]
+fn significand(bits: u32) -> u32 {
+    let field = (bits >> 23u32) & 0xffu32;
+    let fraction = bits & 0x7f_ffffu32;
+    // A subnormal's fraction is below 2²³: at least 9 leading zeros, so `up` is at least 1.
+    let up = fraction.leading_zeros() - 8u32;
+    select(field == 0u32, fraction << up, fraction | 0x80_0000u32)
+}
+
+/// The power of two that [`significand`] scales by: `value = significand(bits) · 2^exponent`.
+#[cube]
+fn exponent(bits: u32) -> i32 {
+    let field = (bits >> 23u32) & 0xffu32;
+    let fraction = bits & 0x7f_ffffu32;
+    let up = fraction.leading_zeros() - 8u32;
+    select(
+        field == 0u32,
+        -149i32 - i32::cast_from(up),
+        i32::cast_from(field) - 150i32,
+    )
+}
+
+/// The f32 bits nearest (ties to even) to `sign · (hi + lo / 2²⁴) · 2^(biased − 150)`: `hi` a
+/// significand in [2²³, 2²⁴), `lo` the 24 bits below it, whose lowest may stand for any nonzero
+/// bits further down (a sticky bit), `biased` the exponent field the value would have if normal.
+/// Below the normal range the significand first shifts right into the rounding, as IEEE 754's
+/// subnormals do; above it the result is infinite.
+#[cube]
+fn round_to_f32(sign: u32, biased: i32, hi: u32, lo: u32) -> u32 {
+    // Bits of `hi` that fall below a subnormal's last bit; from 25 on, all of `hi` is less than
+    // half the smallest subnormal and the result is zero either way.
+    let shift = u32::cast_from(min(max(1i32 - biased, 0i32), 25i32));
+    let kept = hi >> shift;
+    // What falls off against half a unit of the last kept bit.
+    let s = max(shift, 1u32);
+    let out = hi & ((1u32 << s) - 1u32);
+    let half = 1u32 << (s - 1u32);
+    let above = (shift == 0u32 && lo > 0x80_0000u32)
+        || (shift > 0u32 && (out > half || (out == half && lo != 0u32)));
+    let tie = (shift == 0u32 && lo == 0x80_0000u32) || (shift > 0u32 && out == half && lo == 0u32);
+    let up = above || (tie && (kept & 1u32) == 1u32);
+    let magnitude = kept + select(up, 1u32, 0u32);
+    // A normal value's hidden bit adds the last 1 to its exponent field (and a carry out of the
+    // significand moves the exponent on); a subnormal's field is 0, and a carry into bit 23
+    // makes the smallest normal.
+    let field = u32::cast_from(max(biased - 1i32, 0i32)) << 23u32;
+    select(
+        biased > 254i32,
+        sign | 0x7f80_0000u32,
+        sign | (field + magnitude),
+    )
+}
+
+/// `a · b` of finite f32 bits, rounded to nearest even, in integer arithmetic.
+#[cube]
+fn mul_rn(a: u32, b: u32) -> u32 {
+    let sign = (a ^ b) & 0x8000_0000u32;
+    let sa = significand(a);
+    let sb = significand(b);
+    // The 48-bit product from 12-bit halves (every partial product fits a u32), as the 24 bits
+    // above 2²⁴ (`hi`) and the 24 below (`lo`).
+    let (ah, al) = (sa >> 12u32, sa & 0xfffu32);
+    let (bh, bl) = (sb >> 12u32, sb & 0xfffu32);
+    let mid = ah * bl + al * bh;
+    let low = al * bl + ((mid & 0xfffu32) << 12u32);
+    let lo = low & 0xff_ffffu32;
+    let hi = ah * bh + (mid >> 12u32) + (low >> 24u32);
+    // The product lies in [2⁴⁶, 2⁴⁸): bring its leading bit to 2⁴⁷.
+    let short = hi < 0x80_0000u32;
+    let hi = select(short, (hi << 1u32) | (lo >> 23u32), hi);
+    let lo = select(short, (lo << 1u32) & 0xff_ffffu32, lo);
+    let biased = exponent(a) + exponent(b) + 174i32 - select(short, 1i32, 0i32);
+    let zero = (a & 0x7fff_ffffu32) == 0u32 || (b & 0x7fff_ffffu32) == 0u32;
+    select(zero, sign, round_to_f32(sign, biased, hi, lo))
+}
+
+/// `a / b` of finite f32 bits, `b` nonzero, rounded to nearest even, in integer arithmetic.
+#[cube]
+fn div_rn(a: u32, b: u32) -> u32 {
+    let sign = (a ^ b) & 0x8000_0000u32;
+    let sa = significand(a);
+    let sb = significand(b);
+    let small = sa < sb;
+    // Long division of r / sb ∈ [1, 2): 24 significand bits and the round bit; what remains
+    // is the sticky bit.
+    let mut r = select(small, sa << 1u32, sa);
+    let mut q = 0u32;
+    let mut i = 0u32;
+    while i < 25u32 {
+        q <<= 1u32;
+        if r >= sb {
+            r -= sb;
+            q += 1u32;
+        }
+        r <<= 1u32;
+        i += 1u32;
+    }
+    let lo = ((q & 1u32) << 23u32) | select(r != 0u32, 1u32, 0u32);
+    let biased = exponent(a) - exponent(b) + 127i32 - select(small, 1i32, 0i32);
+    select(
+        (a & 0x7fff_ffffu32) == 0u32,
+        sign,
+        round_to_f32(sign, biased, q >> 1u32, lo),
+    )
+}
+
+/// The code of the f32 `x` (bits) in a block scaled by `scale` (`max(absmax, 1e-38)`, bits) with
+/// reciprocal `inv`, as [`Blockwise8::quantize`] computes it: `x · inv` in a full block, `x /
+/// scale` in a partial last one, clamped to [−1, 1], then the number of the map's 255 midpoints
+/// below it (a binary search). A NaN takes code 0, as the host's search gives it.
+#[cube]
+fn blockwise8_code(x: u32, scale: u32, inv: u32, partial: bool, bounds: &[f32]) -> u32 {
+    let sign = x & 0x8000_0000u32;
+    let magnitude = x & 0x7fff_ffffu32;
+    // An infinite maximum scales every finite value to zero, and an infinite value to NaN
+    // (∞ · 0, ∞ / ∞).
+    let infinite_scale = scale >= 0x7f80_0000u32;
+    let nan = magnitude > 0x7f80_0000u32 || (infinite_scale && magnitude == 0x7f80_0000u32);
+    let mut scaled = sign;
+    if !infinite_scale && !nan {
+        if partial {
+            scaled = div_rn(x, scale);
+        } else {
+            scaled = mul_rn(x, inv);
+        }
+    }
+    // |x| ≤ absmax, but the reciprocal's rounding can take a product past 1.
+    let scaled = select(
+        (scaled & 0x7fff_ffffu32) > 0x3f80_0000u32,
+        sign | 0x3f80_0000u32,
+        scaled,
+    );
+    // The midpoints are normal floats, at least 1e-7 from zero, so comparing with them is
+    // exact on every device (even one that reads a subnormal `y` as zero: same count).
+    let y = f32::reinterpret(scaled);
+    let mut below = 0u32;
+    let mut step = 128u32;
+    while step > 0u32 {
+        // `below + step` never passes 255: the steps left sum to at most 2·step − 1.
+        if bounds[(below + step - 1u32) as usize] < y {
+            below += step;
+        }
+        step /= 2u32;
+    }
+    select(nan, 0u32, below)
+}
+
+/// One cube of 64 units per block of 256 values, a unit per u32 word of four codes: the block's
+/// absolute maximum (a maximum of magnitude bits, which order as the magnitudes do; NaNs
+/// skipped, as `f32::max` skips them), then each unit's four codes.
+#[cube(launch)]
+fn blockwise8_quantize_kernel(
+    values: &[f32],
+    bounds: &[f32],
+    words: &mut [u32],
+    absmax: &mut [f32],
+    blocks: u32,
+    floor: u32,
+) {
+    let block = cube_row(blocks);
+    let unit = UNIT_POS as usize;
+    let word = block * 64 + unit;
+    let n = values.len();
+    let mut shared = Shared::<[u32]>::new_slice(64usize);
+
+    let mut local = 0u32;
+    let mut k = 0usize;
+    while k < 4 {
+        let e = word * 4 + k;
+        if e < n {
+            let magnitude = u32::reinterpret(values[e]) & 0x7fff_ffffu32;
+            if magnitude <= 0x7f80_0000u32 {
+                local = max(local, magnitude);
+            }
+        }
+        k += 1;
+    }
+    shared[unit] = local;
+    sync_cube();
+    let mut stride = 32usize;
+    while stride > 0 {
+        if unit < stride {
+            shared[unit] = max(shared[unit], shared[unit + stride]);
+        }
+        sync_cube();
+        stride /= 2;
+    }
+    let m = shared[0];
+    if unit == 0 {
+        absmax[block] = f32::reinterpret(m);
+    }
+    if word >= words.len() {
+        terminate!();
+    }
+
+    let scale = max(m, floor);
+    let partial = (block + 1) * 256 > n;
+    let inv = div_rn(0x3f80_0000u32, scale);
+    let mut packed = 0u32;
+    let mut k = 0usize;
+    while k < 4 {
+        let e = word * 4 + k;
+        if e < n {
+            let code = blockwise8_code(u32::reinterpret(values[e]), scale, inv, partial, bounds);
+            packed |= code << (8 * k) as u32;
+        }
+        k += 1;
+    }
+    words[word] = packed;
+}
+
+/// `out[e] = map[code e] · absmax[e / 256]`, one unit per value; the product rounded in integer
+/// arithmetic (a device that flushes subnormals would lose a tiny block's values).
+#[cube(launch)]
+fn blockwise8_dequantize_kernel(words: &[u32], absmax: &[f32], map: &[f32], out: &mut [f32]) {
+    let e = ABSOLUTE_POS;
+    if e >= out.len() {
+        terminate!();
+    }
+    let level = map[byte_at(words, e) as usize];
+    let scale = absmax[e / 256];
+    let (a, b) = (u32::reinterpret(level), u32::reinterpret(scale));
+    let finite = (a & 0x7f80_0000u32) != 0x7f80_0000u32 && (b & 0x7f80_0000u32) != 0x7f80_0000u32;
+    out[e] = select(finite, f32::reinterpret(mul_rn(a, b)), level * scale);
+}
+
+/// A dynamic map and its midpoints on one device, uploaded once.
+struct Tables {
+    device: burn_cubecl::CubeDevice,
+    signed: bool,
+    map: CubeTensor,
+    midpoints: CubeTensor,
+}
+
+/// The `(map, midpoints)` of the signed or unsigned dynamic map on `device`.
+fn tables(device: &burn_cubecl::CubeDevice, signed: bool) -> (CubeTensor, CubeTensor) {
+    static CACHE: Mutex<Vec<Tables>> = Mutex::new(Vec::new());
+    let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(t) = cache
+        .iter()
+        .find(|t| t.signed == signed && t.device == *device)
+    {
+        return (t.map.clone(), t.midpoints.clone());
+    }
+    let upload = |v: Vec<f32>| {
+        let len = v.len();
+        into_contiguous(CubeBackend::float_from_data(
+            TensorData::new(v, [len]),
+            device,
+        ))
+    };
+    let t = Tables {
+        device: device.clone(),
+        signed,
+        map: upload(dynamic_map_of(signed).to_vec()),
+        midpoints: upload(dynamic_midpoints(signed)),
+    };
+    let out = (t.map.clone(), t.midpoints.clone());
+    cache.push(t);
+    out
+}
+
+/// [`Blockwise8::quantize`] of `[n]` values on their device: `(words [⌈n/4⌉] u32, absmax
+/// [⌈n/256⌉] f32)`, codes four to a word, the first in the low byte.
+pub(super) fn blockwise8_quantize(values: CubeTensor, signed: bool) -> (CubeTensor, CubeTensor) {
+    let values = f32_contiguous(values);
+    let n = values.meta.num_elements();
+    let blocks = n.div_ceil(DQ_BLOCK);
+    let words = empty_device_contiguous_dtype(
+        values.client.clone(),
+        values.device.clone(),
+        Shape::new([n.div_ceil(4)]),
+        DType::U32,
+    );
+    let absmax = empty_f32(Shape::new([blocks]), &values);
+    if n > 0 {
+        let (_, midpoints) = tables(&values.device, signed);
+        let dim = CubeDim::new_1d(64);
+        let count = calculate_cube_count_elemwise(&values.client, blocks * 64, dim);
+        blockwise8_quantize_kernel::launch(
+            &values.client.clone(),
+            count,
+            dim,
+            values.into_buffer_arg(),
+            midpoints.into_buffer_arg(),
+            words.clone().into_buffer_arg(),
+            absmax.clone().into_buffer_arg(),
+            blocks as u32,
+            ABSMAX_FLOOR.to_bits(),
+        );
+    }
+    (words, absmax)
+}
+
+/// Host values laid out as [`blockwise8_quantize`] leaves them, on `device`.
+pub(super) fn blockwise8_upload(
+    q: &Blockwise8,
+    device: &burn_cubecl::CubeDevice,
+) -> (CubeTensor, CubeTensor) {
+    let blocks = q.absmax.len();
+    let absmax = into_contiguous(CubeBackend::float_from_data(
+        TensorData::new(q.absmax.clone(), [blocks]),
+        device,
+    ));
+    (upload_words_to(&q.codes, device), absmax)
+}
+
+/// The `[len]` f32 values that `(words, absmax)` of [`blockwise8_quantize`] stand for.
+pub(super) fn blockwise8_dequantize(
+    words: CubeTensor,
+    absmax: CubeTensor,
+    len: usize,
+    signed: bool,
+) -> CubeTensor {
+    let out = empty_f32(Shape::new([len]), &absmax);
+    if len > 0 {
+        let (map, _) = tables(&absmax.device, signed);
+        let (count, dim) = elementwise_grid(&absmax, len);
+        blockwise8_dequantize_kernel::launch(
+            &absmax.client.clone(),
+            count,
+            dim,
+            into_contiguous(words).into_buffer_arg(),
+            f32_contiguous(absmax).into_buffer_arg(),
+            map.into_buffer_arg(),
+            out.clone().into_buffer_arg(),
+        );
+    }
+    out
 }
 
 /// The ggml kernel on Mesa's software Vulkan device against the host dequantiser
@@ -1192,5 +1551,236 @@ mod tests {
                 &format!("{ty} input gradient"),
             );
         }
+    }
+
+    /// Values exercising every branch of the 8-bit codes: five blocks of 256 and a partial last
+    /// block of 77, non-negative unless `signed`.
+    fn blockwise8_values(signed: bool) -> Vec<f32> {
+        let mut bits = Bits(0x5eed_1234);
+        let mut uniform = move || (bits.next() >> 8) as f32 / (1u32 << 24) as f32;
+        let midpoints = dynamic_midpoints(signed);
+        let nudge = |x: f32, ulps: i32| f32::from_bits((x.to_bits() as i32 + ulps) as u32);
+        let mut v = Vec::new();
+        // Magnitudes over eight decades, so codes of every decade of the map.
+        for _ in 0..256 {
+            let m = 10f32.powi(-((uniform() * 8.0) as i32)) * (0.1 + 0.9 * uniform());
+            v.push(if signed && uniform() < 0.5 { -m } else { m });
+        }
+        // An all-zero block (scaled by the subnormal 1e-38).
+        v.extend([0.0; 256]);
+        // Every midpoint exactly: a power-of-two maximum has an exact reciprocal, so `x · inv`
+        // is the midpoint itself and takes the lower code.
+        v.push(0.5);
+        v.extend(midpoints.iter().map(|b| b * 0.5));
+        // Within an ulp of each midpoint under a maximum whose reciprocal rounds, with zeros of
+        // both signs and a subnormal.
+        v.extend([0.3, if signed { -0.0 } else { 0.0 }, 1e-45]);
+        v.extend((0..253).map(|j| nudge(midpoints[j] * 0.3, j as i32 % 3 - 1)));
+        // Subnormals only: the maximum, its reciprocal and every scaled value leave the normal
+        // range of the operands.
+        for k in 0..256 {
+            let m = 3e-39 * uniform();
+            v.push(if signed && k % 2 == 1 { -m } else { m });
+        }
+        // The partial last block divides: midpoints times a power of two land on them exactly,
+        // then values around them.
+        v.push(0.125);
+        v.extend(midpoints.iter().step_by(8).map(|b| b * 0.125));
+        v.extend((0..44).map(|j| nudge(midpoints[j * 5] * 0.11, j as i32 % 3 - 1)));
+        assert_eq!(v.len(), 5 * 256 + 77);
+        v
+    }
+
+    /// The same f32 bits (NaNs of either sign and payload count as one).
+    fn assert_same_bits(got: &[f32], want: &[f32], what: &str) {
+        assert_eq!(got.len(), want.len(), "{what}: length");
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
+                "{what}: element {i} is {g:e}, the host's {w:e}"
+            );
+        }
+    }
+
+    /// The device's codes and block maxima are the host's, and both dequantise to the same
+    /// values bit for bit: in the cases `blockwise8_values` builds (ties on the midpoints, an
+    /// all-zero block, subnormals, a partial last block), on random values over a few blocks,
+    /// and with NaN and infinite values.
+    #[test]
+    fn blockwise8_codes_on_the_device_are_the_hosts_bit_for_bit() {
+        use crate::quant::Blockwise8State;
+        let _rng = crate::test_rng();
+        let device = gpu();
+        let mut bits = Bits(0x0123_4567);
+        let mut normal = move || {
+            let u = (bits.next() >> 8) as f32 / (1u32 << 24) as f32 + 1e-7;
+            let w = (bits.next() >> 8) as f32 / (1u32 << 24) as f32;
+            (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * w).cos()
+        };
+        let random: Vec<f32> = (0..7 * 256 + 200).map(|_| normal() * 1e-3).collect();
+        let mut special = random[..600].to_vec();
+        special[3] = f32::NAN;
+        special[300] = f32::INFINITY;
+        special[301] = 1.0;
+        special[590] = -f32::NAN;
+        for signed in [true, false] {
+            let own = |v: &[f32]| -> Vec<f32> {
+                if signed {
+                    v.to_vec()
+                } else {
+                    v.iter()
+                        .map(|x| if x.is_nan() { *x } else { x.abs() })
+                        .collect()
+                }
+            };
+            for (case, v) in [
+                ("cases", blockwise8_values(signed)),
+                ("random", own(&random)),
+                ("special", own(&special)),
+            ] {
+                let what = format!("{case}, signed {signed}");
+                let host = Blockwise8::quantize(&v, signed);
+                let t = Tensor::<1>::from_data(TensorData::new(v.clone(), [v.len()]), &device);
+                let q = Blockwise8State::quantize(t, signed);
+                assert!(q.is_on_device(), "{what}: quantised on the host");
+                assert_eq!(q.len(), v.len());
+                let got = q.to_host();
+                assert_same_bits(&got.absmax, &host.absmax, &format!("{what}: absmax"));
+                for (i, (g, h)) in got.codes.iter().zip(&host.codes).enumerate() {
+                    assert_eq!(
+                        g,
+                        h,
+                        "{what}: code {i} (value {:e}, block maximum {:e})",
+                        v[i],
+                        host.absmax[i / 256]
+                    );
+                }
+                assert_eq!(got, host, "{what}");
+                let want = host.dequantize();
+                assert_same_bits(
+                    &values(q.dequantize(&device)),
+                    &want,
+                    &format!("{what}: dequantised"),
+                );
+                // Host values uploaded (a checkpoint loaded) dequantise alike and come back as
+                // they went.
+                let up = Blockwise8State::from_host(host.clone(), &device);
+                assert!(up.is_on_device());
+                assert_eq!(up.to_host(), host, "{what}: uploaded");
+                assert_same_bits(
+                    &values(up.dequantize(&device)),
+                    &want,
+                    &format!("{what}: uploaded, dequantised"),
+                );
+                assert_eq!(up.storage_bytes(), q.storage_bytes());
+            }
+            // The cases reach what they are built for: ties take the lower code, the all-zero
+            // block the code of zero, the subnormal block codes other than zero's.
+            let v = blockwise8_values(signed);
+            let host = Blockwise8::quantize(&v, signed);
+            let zero = dynamic_map_of(signed).iter().position(|&l| l == 0.0);
+            assert!(
+                host.codes[513..768]
+                    .iter()
+                    .enumerate()
+                    .all(|(j, &c)| c as usize == j)
+            );
+            assert!(
+                host.codes[256..512]
+                    .iter()
+                    .all(|&c| Some(c as usize) == zero)
+            );
+            let mut distinct = host.codes[1024..1280].to_vec();
+            distinct.sort_unstable();
+            distinct.dedup();
+            assert!(
+                distinct.len() > 30,
+                "subnormal block: {} codes",
+                distinct.len()
+            );
+        }
+    }
+
+    #[cube(launch)]
+    fn arithmetic_kernel(a: &[u32], b: &[u32], product: &mut [u32], quotient: &mut [u32]) {
+        let i = ABSOLUTE_POS;
+        if i >= product.len() {
+            terminate!();
+        }
+        product[i] = mul_rn(a[i], b[i]);
+        quotient[i] = div_rn(a[i], b[i]);
+    }
+
+    /// The integer `mul_rn` and `div_rn` give the host's f32 `*` and `/` bit for bit, over
+    /// random finite operands of every exponent, subnormals, zeros, results that underflow to
+    /// subnormals or zero and products that overflow.
+    #[test]
+    fn integer_f32_arithmetic_rounds_as_the_host() {
+        let _rng = crate::test_rng();
+        let like = Tensor::<1>::zeros([1], &gpu())
+            .try_into_primitive::<CubeBackend>()
+            .unwrap_or_else(|e| panic!("not a cube tensor: {e:?}"));
+        let mut bits = Bits(0x2545_f491);
+        let mut operand = move || {
+            let r = bits.next();
+            let field = match bits.next() % 8 {
+                0 => 0,
+                1 => 1 + bits.next() % 3,
+                2 => 60 + bits.next() % 20,
+                3 => 250 + bits.next() % 5,
+                _ => 1 + bits.next() % 254,
+            };
+            let fraction = match r % 16 {
+                0 => 0,
+                1 => r >> 31,
+                _ => r & 0x7f_ffff,
+            };
+            (r & 0x8000_0000) | field << 23 | fraction
+        };
+        let n = 1 << 18;
+        let (a, b): (Vec<u32>, Vec<u32>) = (0..n)
+            .map(|_| (operand(), operand()))
+            .filter(|&(_, b)| b & 0x7fff_ffff != 0)
+            .unzip();
+        let n = a.len();
+        let upload = |v: &[u32]| upload_words_to(&bytes(v), &like.device);
+        fn bytes(v: &[u32]) -> Vec<u8> {
+            v.iter().flat_map(|w| w.to_le_bytes()).collect()
+        }
+        let empty = || {
+            empty_device_contiguous_dtype(
+                like.client.clone(),
+                like.device.clone(),
+                Shape::new([n]),
+                DType::U32,
+            )
+        };
+        let (product, quotient) = (empty(), empty());
+        let (count, dim) = elementwise_grid(&like, n);
+        arithmetic_kernel::launch(
+            &like.client.clone(),
+            count,
+            dim,
+            upload(&a).into_buffer_arg(),
+            upload(&b).into_buffer_arg(),
+            product.clone().into_buffer_arg(),
+            quotient.clone().into_buffer_arg(),
+        );
+        let read = |t: CubeTensor| -> Vec<u32> {
+            Tensor::<1, burn::tensor::Int>::from_primitive::<CubeBackend>(t)
+                .into_data()
+                .iter::<u32>()
+                .collect()
+        };
+        let (product, quotient) = (read(product), read(quotient));
+        let mut subnormal = 0;
+        for i in 0..n {
+            let (x, y) = (f32::from_bits(a[i]), f32::from_bits(b[i]));
+            let (p, q) = (x * y, x / y);
+            subnormal += usize::from(p.is_subnormal()) + usize::from(q.is_subnormal());
+            assert_eq!(product[i], p.to_bits(), "{x:e} · {y:e} = {p:e}");
+            assert_eq!(quotient[i], q.to_bits(), "{x:e} / {y:e} = {q:e}");
+        }
+        assert!(subnormal > n / 100, "{subnormal} subnormal results of {n}");
     }
 }

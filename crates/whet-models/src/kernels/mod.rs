@@ -20,6 +20,9 @@
 //! - [`cross_entropy_sum`]: `Σ_rows logsumexp(row) − row[target]` in one pass per row, and the
 //!   gradient `softmax(row) − onehot(target)` in one pass back, writing no log-probability
 //!   tensor (a language model's `[tokens, vocab]` logits are the largest tensor of its step).
+//! - [`Blockwise8State`](crate::quant::Blockwise8State)'s device side: bitsandbytes' blockwise
+//!   8-bit quantisation of optimizer moments and its inverse on a GPU, the host's codes bit for
+//!   bit, so that an 8-bit optimizer step reads nothing back (on the CPU the host code runs).
 //!
 //! The functions accept every backend: tensors on a backend without these kernels take burn's
 //! own composed ops, so results agree everywhere and only the speed differs.
@@ -36,9 +39,9 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{Backend, Dispatch, DispatchDevice, Flex, backend_extension};
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
 
-use crate::quant::QuantMatrix;
+use crate::quant::{Blockwise8, QuantMatrix};
 use std::sync::Arc;
 
 /// The fused operations, implemented for `Flex` and `Cube` and differentiated by hand for
@@ -174,13 +177,98 @@ pub fn quant_matmul<const D: usize>(x: Tensor<D>, w: &Arc<QuantMatrix>) -> Tenso
     y.reshape(out_dims)
 }
 
+/// bitsandbytes' blockwise 8-bit quantisation ([`Blockwise8::quantize`]) computed on the device
+/// `values` live on, when it runs the CubeCL kernels: `(words, absmax)`, the codes four to a u32
+/// word, the same codes and maxima as the host's. None elsewhere: the CPU backend quantises on
+/// the host, whose memory is its own.
+pub(crate) fn blockwise8_quantize(
+    values: &Tensor<1>,
+    signed: bool,
+) -> Option<(Tensor<1, Int>, Tensor<1>)> {
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    if on_cube(&values.device()) {
+        use burn_cubecl::CubeBackend;
+        if let Ok(x) = values.clone().inner().try_into_primitive::<CubeBackend>() {
+            let (words, absmax) = cube::blockwise8_quantize(x, signed);
+            return Some((
+                Tensor::from_primitive::<CubeBackend>(words),
+                Tensor::from_primitive::<CubeBackend>(absmax),
+            ));
+        }
+    }
+    #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
+    let _ = (values, signed);
+    None
+}
+
+/// Host values `q` uploaded as [`blockwise8_quantize`] lays them out, onto `device` when it runs
+/// the CubeCL kernels; None elsewhere.
+pub(crate) fn blockwise8_upload(
+    q: &Blockwise8,
+    device: &burn::tensor::Device,
+) -> Option<(Tensor<1, Int>, Tensor<1>)> {
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    if on_cube(device) {
+        let device = device.clone().inner();
+        if let DispatchDevice::Cube(cube_device) = device.as_dispatch() {
+            let (words, absmax) = cube::blockwise8_upload(q, cube_device);
+            return Some((
+                Tensor::from_primitive::<burn_cubecl::CubeBackend>(words),
+                Tensor::from_primitive::<burn_cubecl::CubeBackend>(absmax),
+            ));
+        }
+    }
+    #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
+    let _ = (q, device);
+    None
+}
+
+/// The `len` values that [`blockwise8_quantize`]'s `(words, absmax)` stand for, `[len]` f32,
+/// dequantised by a kernel on their device; None on a device without the kernels.
+pub(crate) fn blockwise8_dequantize(
+    words: Tensor<1, Int>,
+    absmax: Tensor<1>,
+    len: usize,
+    signed: bool,
+) -> Option<Tensor<1>> {
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    if on_cube(&absmax.device()) {
+        use burn_cubecl::CubeBackend;
+        if let (Ok(w), Ok(a)) = (
+            words.clone().try_into_primitive::<CubeBackend>(),
+            absmax.clone().try_into_primitive::<CubeBackend>(),
+        ) {
+            return Some(Tensor::from_primitive::<CubeBackend>(
+                cube::blockwise8_dequantize(w, a, len, signed),
+            ));
+        }
+    }
+    #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
+    let _ = (words, absmax, len, signed);
+    None
+}
+
+/// `WHET_KERNELS=off`: burn's composed ops everywhere (to compare the two paths).
+fn kernels_off() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OFF.get_or_init(|| std::env::var("WHET_KERNELS").is_ok_and(|v| v == "off"))
+}
+
+/// Whether `device` runs the CubeCL kernels (a GPU runtime, kernels not turned off).
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+fn on_cube(device: &burn::tensor::Device) -> bool {
+    !kernels_off()
+        && matches!(
+            device.clone().inner().as_dispatch(),
+            DispatchDevice::Cube(_)
+        )
+}
+
 /// Whether a tensor lives on a backend these kernels are written for: the CPU backend, and with
 /// the `wgpu` or `cuda` feature the CubeCL one. `WHET_KERNELS=off` takes burn's composed ops
 /// everywhere (to compare the two paths).
 fn fused<const D: usize>(x: &Tensor<D>) -> bool {
-    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let off = *OFF.get_or_init(|| std::env::var("WHET_KERNELS").is_ok_and(|v| v == "off"));
-    if off {
+    if kernels_off() {
         return false;
     }
     match x.device().inner().as_dispatch() {
