@@ -344,7 +344,7 @@ impl Objective for Dpo {
             return BTreeMap::new();
         };
         let means = sums.div_scalar(n.max(1) as f64);
-        let at = |i: usize| means.clone().slice([i..i + 1]);
+        let at = |i: usize| means.clone().narrow(0, i, 1);
         BTreeMap::from([
             ("rewards/chosen".into(), Reading::of(at(0))),
             ("rewards/rejected".into(), Reading::of(at(1))),
