@@ -33,6 +33,8 @@ def main():
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--out", required=True)
     ap.add_argument("--seed", type=int, default=42, help="training seed (head init, dropout, order)")
+    ap.add_argument("--bf16", action="store_true",
+                    help="TrainingArguments(bf16=True): autocast to bfloat16 (on the CPU: oneDNN's bf16 kernels)")
     ap.add_argument("--no-dropout", action="store_true",
                     help="hidden, attention and LoRA dropout 0 (to compare with whet on a model whose config has them at 0)")
     args = ap.parse_args()
@@ -78,7 +80,7 @@ def main():
     targs = TrainingArguments(output_dir="/tmp/whet-ref-out", learning_rate=lr, per_device_train_batch_size=16,
                               per_device_eval_batch_size=64, num_train_epochs=args.epochs, eval_strategy="epoch",
                               save_strategy="no", logging_steps=50, seed=args.seed, report_to=[], use_cpu=True,
-                              dataloader_num_workers=0)
+                              dataloader_num_workers=0, bf16=args.bf16)
     trainer = Trainer(model=model, args=targs, train_dataset=dtrain, eval_dataset=dval,
                       data_collator=DataCollatorWithPadding(tok), compute_metrics=lambda p: {
                           "accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())})
@@ -101,7 +103,7 @@ def main():
     tokens = sum(len(e["input_ids"]) for e in dtrain.enc) * args.epochs
     result = {
         "impl": f"transformers {__import__('transformers').__version__} + peft {__import__('peft').__version__} / torch {torch.__version__}",
-        "method": args.method, "threads": args.threads,
+        "method": args.method, "threads": args.threads, "bf16": args.bf16,
         "test_accuracy": acc, "test_f1": float(f1.mean()), "test_matthews_correlation": float(mcc),
         "train_runtime": runtime, "train_samples_per_second": len(dtrain) * args.epochs / runtime,
         "train_tokens_per_second": tokens / runtime, "train_loss": out.training_loss,

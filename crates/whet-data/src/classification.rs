@@ -544,6 +544,36 @@ pub fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
     order
 }
 
+/// `order` regrouped so that batches hold examples of similar `lengths`, as `transformers`'
+/// `get_length_grouped_indices`: cut into megabatches of `min(n / (4·batch), 50)` (at least 1)
+/// batches, each sorted longest first (ties keep their order), then the megabatch holding the
+/// longest example swaps its first element with the first megabatch's, so the longest example
+/// comes first.
+pub fn length_grouped(order: &[usize], lengths: &[usize], batch: usize) -> Vec<usize> {
+    let batch = batch.max(1);
+    let mult = (order.len() / (batch * 4)).clamp(1, 50);
+    let mut megabatches: Vec<Vec<usize>> = order
+        .chunks(mult * batch)
+        .map(|m| {
+            let mut m = m.to_vec();
+            m.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
+            m
+        })
+        .collect();
+    // The first megabatch with the largest maximum, as torch.argmax picks the first.
+    let mut longest = 0;
+    for (i, m) in megabatches.iter().enumerate() {
+        if lengths[m[0]] > lengths[megabatches[longest][0]] {
+            longest = i;
+        }
+    }
+    if longest > 0 {
+        let first = megabatches[0][0];
+        megabatches[0][0] = std::mem::replace(&mut megabatches[longest][0], first);
+    }
+    megabatches.concat()
+}
+
 /// Reads a table, naming the option that pointed at it if it is missing.
 pub fn read_table(path: &Path, encoding: crate::table::Encoding) -> Result<Table> {
     Table::read(path, encoding)

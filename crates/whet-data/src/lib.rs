@@ -14,7 +14,7 @@ pub use causal_lm::{
 };
 pub use classification::{
     Batch, Columns, Encoded, Example, Labels, Side, Size, Target, collate, epoch_order, examples,
-    seeded_split, tokenize, tokenize_cached,
+    length_grouped, seeded_split, tokenize, tokenize_cached,
 };
 pub use error::{DataError, Result};
 pub use preference::{PreferencePair, read_pairs};

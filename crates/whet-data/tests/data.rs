@@ -162,6 +162,36 @@ fn epoch_order_is_a_seeded_permutation_that_changes_per_epoch() {
     assert_eq!(s, (0..50).collect::<Vec<_>>());
 }
 
+/// `group_by_length`'s regrouping equals transformers' `get_length_grouped_indices` on the same
+/// permutations (`scripts/fixtures/make_length_grouped_fixture.py`): megabatch sizes, the
+/// stable longest-first sort and the longest example moved to the front.
+#[test]
+fn length_grouping_matches_transformers() {
+    let text = std::fs::read_to_string(fixtures().join("data/length_grouped.json")).unwrap();
+    let fixture: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let list = |v: &serde_json::Value| -> Vec<usize> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as usize)
+            .collect()
+    };
+    let cases = fixture["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 4);
+    for case in cases {
+        let (lengths, order) = (list(&case["lengths"]), list(&case["order"]));
+        let batch = case["batch"].as_u64().unwrap() as usize;
+        let got = length_grouped(&order, &lengths, batch);
+        assert_eq!(
+            got,
+            list(&case["grouped"]),
+            "{} examples, batch {batch}",
+            order.len()
+        );
+        assert_ne!(got, order, "nothing regrouped");
+    }
+}
+
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
 }

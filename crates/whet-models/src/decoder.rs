@@ -72,10 +72,19 @@ pub fn position_ids(mask: &[i64], b: usize, t: usize) -> Vec<i64> {
 }
 
 /// Cached keys and values of every layer, grown by each forward call.
+///
+/// A one-token call (a generation step) writes its position in place: a layer's buffers keep
+/// spare room, doubled when full, so a step copies one position instead of the whole cache
+/// (`Tensor::cat` at every step and layer made generation quadratic in its length). Longer
+/// calls (a prompt, a training forward) concatenate, so they never carry spare room. The
+/// buffers are written only while no one else holds them (burn's CPU backend copies a tensor
+/// that is shared before writing), so the views handed out stay valid.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
-    /// Per layer: keys and values `[B, H_kv, T_past, hd]`.
-    pub layers: Vec<Option<(Tensor<4>, Tensor<4>)>>,
+    /// Per layer: key and value buffers `[B, H_kv, capacity, hd]`, of which the first
+    /// `lens[layer]` positions hold values.
+    layers: Vec<Option<(Tensor<4>, Tensor<4>)>>,
+    lens: Vec<usize>,
 }
 
 impl KvCache {
@@ -83,21 +92,27 @@ impl KvCache {
     pub fn new(n_layers: usize) -> Self {
         Self {
             layers: vec![None; n_layers],
+            lens: vec![0; n_layers],
         }
     }
 
     /// Number of cached positions.
     pub fn len(&self) -> usize {
-        self.layers
-            .first()
-            .and_then(|l| l.as_ref())
-            .map(|(k, _)| k.dims()[2])
-            .unwrap_or(0)
+        self.lens.first().copied().unwrap_or(0)
     }
 
     /// Whether nothing is cached yet.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Starts every layer with the given keys and values (a prefix of virtual tokens).
+    ///
+    /// # Shapes
+    /// - each key and value `[B, H_kv, P, hd]`
+    pub fn set(&mut self, layers: Vec<(Tensor<4>, Tensor<4>)>) {
+        self.lens = layers.iter().map(|(k, _)| k.dims()[2]).collect();
+        self.layers = layers.into_iter().map(Some).collect();
     }
 
     /// Appends this step's keys and values for `layer` and returns the full ones.
@@ -106,12 +121,46 @@ impl KvCache {
     /// - k, v `[B, H_kv, T, hd]`
     /// - output `[B, H_kv, T_past + T, hd]`
     pub fn append(&mut self, layer: usize, k: Tensor<4>, v: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
-        let (k, v) = match self.layers[layer].take() {
-            Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
-            None => (k, v),
+        if self.lens.len() < self.layers.len() {
+            self.lens.resize(self.layers.len(), 0);
+        }
+        let [b, h, t, hd] = k.dims();
+        let len = self.lens[layer];
+        let (kb, vb) = match self.layers[layer].take() {
+            None => {
+                self.layers[layer] = Some((k.clone(), v.clone()));
+                self.lens[layer] = t;
+                return (k, v);
+            }
+            Some((pk, pv)) if t > 1 => {
+                let valid = |x: Tensor<4>| x.slice([0..b, 0..h, 0..len, 0..hd]);
+                let (k, v) = (
+                    Tensor::cat(vec![valid(pk), k], 2),
+                    Tensor::cat(vec![valid(pv), v], 2),
+                );
+                self.layers[layer] = Some((k.clone(), v.clone()));
+                self.lens[layer] = len + t;
+                return (k, v);
+            }
+            Some(buffers) => buffers,
         };
-        self.layers[layer] = Some((k.clone(), v.clone()));
-        (k, v)
+        let (kb, vb) = if len + t <= kb.dims()[2] {
+            (kb, vb)
+        } else {
+            // [B, H_kv, len, hd] ++ spare: room for as many positions again.
+            let grow = |x: Tensor<4>| {
+                let spare = Tensor::<4>::zeros([b, h, len.max(t), hd], &x.device());
+                Tensor::cat(vec![x.slice([0..b, 0..h, 0..len, 0..hd]), spare], 2)
+            };
+            (grow(kb), grow(vb))
+        };
+        let at = [0..b, 0..h, len..len + t, 0..hd];
+        let (kb, vb) = (kb.slice_assign(at.clone(), k), vb.slice_assign(at, v));
+        self.lens[layer] = len + t;
+        let valid = [0..b, 0..h, 0..len + t, 0..hd];
+        let out = (kb.clone().slice(valid.clone()), vb.clone().slice(valid));
+        self.layers[layer] = Some((kb, vb));
+        out
     }
 }
 
@@ -151,14 +200,13 @@ pub(crate) fn place_virtual_tokens<'a>(
                 .position_ids
                 .take()
                 .map(|pos| pos.add_scalar(p as i64));
-            let layers = kv.into_iter().map(Some).collect();
             match cache {
                 Some(c) => {
-                    c.layers = layers;
+                    c.set(kv);
                     (Some(c), None)
                 }
                 None => {
-                    local.layers = layers;
+                    local.set(kv);
                     (Some(local), None)
                 }
             }
@@ -333,5 +381,33 @@ mod tests {
                 .into_scalar();
             assert!(d < 1e-4, "{t} rows, embedding gradient: {d}");
         }
+    }
+
+    /// A prompt then one-token steps: the cache returns what concatenation would, and its
+    /// buffers grow by doubling, not by one position per step (between growths a step writes
+    /// its position into the buffer).
+    #[test]
+    fn one_token_steps_write_the_cache_in_place() {
+        let device = Device::flex();
+        let kv = |t: usize, seed: f32| {
+            let values: Vec<f32> = (0..2 * 3 * t * 4).map(|i| seed + i as f32).collect();
+            Tensor::<4>::from_data(burn::tensor::TensorData::new(values, [2, 3, t, 4]), &device)
+        };
+        let mut cache = KvCache::new(1);
+        let (mut want_k, mut want_v) = (kv(5, 0.0), kv(5, 0.5));
+        cache.append(0, want_k.clone(), want_v.clone());
+        let mut capacities = vec![];
+        for step in 0..12 {
+            let (k, v) = (kv(1, 1000.0 * step as f32), kv(1, -1000.0 * step as f32));
+            want_k = Tensor::cat(vec![want_k, k.clone()], 2);
+            want_v = Tensor::cat(vec![want_v, v.clone()], 2);
+            let (got_k, got_v) = cache.append(0, k, v);
+            assert_eq!(got_k.into_data(), want_k.clone().into_data());
+            assert_eq!(got_v.into_data(), want_v.clone().into_data());
+            assert_eq!(cache.len(), 6 + step);
+            let (buffer, _) = cache.layers[0].as_ref().unwrap();
+            capacities.push(buffer.dims()[2]);
+        }
+        assert_eq!(capacities, [10, 10, 10, 10, 10, 20, 20, 20, 20, 20, 20, 20]);
     }
 }

@@ -133,7 +133,10 @@ pub fn random<const D: usize>(shape: [usize; D], dist: Distribution, device: &De
     }
     // Through the host data rather than `to_device`: the tensor then takes the target device's
     // autodiff tracking (moved from the plain CPU device, it would not take gradients).
-    Tensor::from_data(Tensor::<D>::random(shape, dist, &Device::flex()).into_data(), device)
+    Tensor::from_data(
+        Tensor::<D>::random(shape, dist, &Device::flex()).into_data(),
+        device,
+    )
 }
 
 /// Opens `spec`, checking that the device computes. `auto` tries CUDA, then a hardware wgpu

@@ -429,7 +429,7 @@ impl LayerNorm {
 
     /// Normalises over the last axis.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        burn::tensor::module::layer_norm(x, self.weight.val(), Some(self.bias.val()), self.eps)
+        crate::kernels::layer_norm(x, self.weight.val(), self.bias.val(), self.eps)
     }
 }
 
@@ -460,13 +460,7 @@ impl RmsNorm {
 
     /// Normalises over the last axis.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let rms = x
-            .clone()
-            .square()
-            .mean_dim(D - 1)
-            .add_scalar(self.eps)
-            .sqrt();
-        (x / rms) * self.weight.val().unsqueeze()
+        crate::kernels::rms_norm(x, self.weight.val(), self.eps)
     }
 }
 

@@ -11,6 +11,10 @@
 //! as good, at the cost of the memory autocast saves on them (the matmul inputs that autodiff
 //! keeps for the backward pass are the 16-bit casts).
 //!
+//! On the CPU, bf16 products run the [`crate::kernels::bf16_matmul`] kernel (AVX512-BF16): the
+//! operands are rounded to bf16 inside it and never stored as bf16 tensors, and the products of
+//! the backward pass are bf16 too, as under autocast.
+//!
 //! The compute type is a per-thread setting, entered with [`scope`] for the length of a
 //! training run (autocast is a context in the same way); forwards on other threads, and tests
 //! running beside one another, are not affected.
@@ -74,6 +78,20 @@ pub fn linear<const D: usize>(
 ) -> Tensor<D> {
     match compute() {
         None => burn::tensor::module::linear(x, weight, bias),
+        Some(FloatDType::BF16) if crate::device::is_flex(&x.device()) => {
+            let dims = x.dims();
+            let [d_in, d_out] = weight.dims();
+            let n: usize = dims[..D - 1].iter().product();
+            // [N, d_in] · [d_in, d_out]: f32 in and out, bf16 operands inside the kernel.
+            let y = crate::kernels::bf16_matmul(x.reshape([n, d_in]), weight);
+            let y = match bias {
+                Some(b) => y + b.unsqueeze::<2>(),
+                None => y,
+            };
+            let mut out = dims;
+            out[D - 1] = d_out;
+            y.reshape(out)
+        }
         Some(dt) => up(burn::tensor::module::linear(
             down(x, dt),
             down(weight, dt),
@@ -86,6 +104,9 @@ pub fn linear<const D: usize>(
 pub fn matmul<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> Tensor<D> {
     match compute() {
         None => a.matmul(b),
+        Some(FloatDType::BF16) if crate::device::is_flex(&a.device()) => {
+            crate::kernels::bf16_matmul(a, b)
+        }
         Some(dt) => up(down(a, dt).matmul(down(b, dt))),
     }
 }

@@ -89,6 +89,13 @@ pub struct TrainingArguments {
     /// PyTorch's `GradScaler`): a step whose gradients overflow is skipped.
     #[serde(default)]
     pub fp16: bool,
+    /// Batches of similar lengths, as `transformers`' `LengthGroupedSampler`: the epoch's
+    /// shuffled order is cut into megabatches of up to 50 optimizer steps' examples, each sorted
+    /// longest first (the longest example of the epoch goes first, so a run that runs out of
+    /// memory does so at once), so that a batch carries less padding. It changes which examples
+    /// share a batch, so it is off by default, as in `transformers`.
+    #[serde(default)]
+    pub group_by_length: bool,
 }
 
 fn d_lr() -> f64 {
@@ -164,6 +171,7 @@ impl TrainingArguments {
             seed: d_seed(),
             bf16: false,
             fp16: false,
+            group_by_length: false,
         }
     }
 

@@ -116,6 +116,10 @@ impl Objective for LanguageModelling {
     type Example = LmExample;
     type Batch = LmBatch;
 
+    fn length(&self, example: &LmExample) -> usize {
+        example.ids.len()
+    }
+
     fn collate(&self, items: &[&LmExample]) -> LmBatch {
         let len = items.iter().map(|e| e.ids.len()).max().unwrap_or(1).max(1);
         let batch = items.len();

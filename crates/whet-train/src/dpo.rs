@@ -292,6 +292,10 @@ impl Objective for Dpo {
     type Example = DpoExample;
     type Batch = DpoBatch;
 
+    fn length(&self, pair: &DpoExample) -> usize {
+        pair.chosen.ids.len().max(pair.rejected.ids.len())
+    }
+
     fn collate(&self, items: &[&DpoExample]) -> DpoBatch {
         let rows: Vec<&LmExample> = items
             .iter()

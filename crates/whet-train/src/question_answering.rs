@@ -155,6 +155,10 @@ impl Objective for QuestionAnswering {
         collate(items, self.pad_id)
     }
 
+    fn length(&self, example: &QaFeature) -> usize {
+        example.ids.len()
+    }
+
     fn counts(&self, b: &QaBatch) -> BatchCounts {
         BatchCounts {
             units: b.batch,

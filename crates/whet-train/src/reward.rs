@@ -72,6 +72,10 @@ impl Objective for PairwiseReward {
     type Example = EncodedPair;
     type Batch = PairBatch;
 
+    fn length(&self, pair: &EncodedPair) -> usize {
+        pair.chosen.ids.len().max(pair.rejected.ids.len())
+    }
+
     fn collate(&self, items: &[&EncodedPair]) -> PairBatch {
         let rows: Vec<&Encoded> = items
             .iter()

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use burn::tensor::{Device, Tensor};
 use serde::Serialize;
-use whet_data::epoch_order;
+use whet_data::{epoch_order, length_grouped};
 use whet_metrics::ClassificationReport;
 use whet_models::VisitParams;
 
@@ -51,6 +51,8 @@ pub trait TrainStep {
     fn evaluates_at_start(&self) -> bool {
         false
     }
+    /// What `group_by_length` sorts by: the tokens of the longest row the example makes.
+    fn length(&self, example: &Self::Example) -> usize;
 }
 
 /// Where a step stands.
@@ -149,6 +151,8 @@ pub trait Objective {
 
     /// Pads a micro-batch.
     fn collate(&self, items: &[&Self::Example]) -> Self::Batch;
+    /// The tokens of the longest row the example makes in a batch (`group_by_length`).
+    fn length(&self, example: &Self::Example) -> usize;
     /// What a batch holds.
     fn counts(&self, batch: &Self::Batch) -> BatchCounts;
     /// The training-mode loss of a batch summed over its units; the trainer divides by the
@@ -217,6 +221,9 @@ pub trait Observer {
     fn tick(&mut self, _step: usize, _total: usize) {}
     /// After each evaluation.
     fn eval(&mut self, _e: &EvalLog) {}
+    /// Something the run decided that the person should know (an option it could not honour
+    /// as asked on this machine, and what it does instead).
+    fn note(&mut self, _text: &str) {}
 }
 
 /// No-op observer.
@@ -423,6 +430,10 @@ impl<O: Objective> TrainStep for O {
     ) -> Result<Evaluation> {
         Objective::evaluate(self, model, data, batch_size, device)
     }
+
+    fn length(&self, example: &O::Example) -> usize {
+        Objective::length(self, example)
+    }
 }
 
 /// A step taken whose numbers are not read yet (on a GPU, until logged).
@@ -512,7 +523,19 @@ pub fn train<T: TrainStep>(
     if args.fp16 {
         opt.scaler = Some(LossScaler::default());
     }
-    let compute = args.compute_dtype();
+    let mut compute = args.compute_dtype();
+    if compute == Some(burn::tensor::FloatDType::BF16)
+        && whet_models::device::is_flex(device)
+        && !whet_models::kernels::bf16::available()
+    {
+        // As the issue asks: bf16 on a CPU only where it has bf16 dot products; elsewhere the
+        // casts would only add work to f32 products.
+        observer.note(
+            "bf16 = true: this CPU has no AVX512-BF16 (nor AMX), so the matrix products run in \
+             f32",
+        );
+        compute = None;
+    }
     if let Some(dt) = compute
         && !device.supports_dtype(dt)
     {
@@ -574,11 +597,17 @@ pub fn train<T: TrainStep>(
         observer.eval(&e);
         evals.push(e);
     }
+    let lengths: Option<Vec<usize>> = args
+        .group_by_length
+        .then(|| train.iter().map(|e| task.length(e)).collect());
     let mut epoch = step / steps_per_epoch;
     // Steps of the current epoch already taken before a resume.
     let mut skip = step % steps_per_epoch;
     'outer: while step < total {
-        let order = epoch_order(train.len(), args.seed, epoch);
+        let mut order = epoch_order(train.len(), args.seed, epoch);
+        if let Some(lengths) = &lengths {
+            order = length_grouped(&order, lengths, per_step);
+        }
         for chunk in order.chunks(per_step).skip(skip) {
             if step >= total {
                 break 'outer;

@@ -259,6 +259,9 @@ fn a_task_with_its_own_step_gets_best_model_and_early_stopping() {
         fn evaluates_at_start(&self) -> bool {
             true
         }
+        fn length(&self, example: &usize) -> usize {
+            *example
+        }
     }
     let device = Device::flex();
     let task = Scripted {
@@ -305,4 +308,95 @@ fn a_task_with_its_own_step_gets_best_model_and_early_stopping() {
         "the baseline does not compete for the best model"
     );
     assert_eq!(model.value(), 2, "the best model is loaded at the end");
+}
+
+/// `group_by_length = true` hands the steps transformers' length-grouped order of the epoch's
+/// permutation (megabatches sorted longest first, the longest example first), which pads less
+/// than the plain shuffled order the run takes without it.
+#[test]
+fn group_by_length_hands_steps_examples_of_similar_lengths() {
+    use std::cell::RefCell;
+    use whet_models::{VisitParams, Visitor};
+
+    #[derive(Clone)]
+    struct Nothing;
+    impl VisitParams for Nothing {
+        fn visit_params(&mut self, _prefix: &str, _v: &mut dyn Visitor) {}
+    }
+    /// Records the examples (their lengths) of every step.
+    struct Recorder(RefCell<Vec<usize>>);
+    impl TrainStep for Recorder {
+        type Model = Nothing;
+        type Example = usize;
+        fn step(
+            &self,
+            _model: &mut Nothing,
+            _opt: &mut Optimizer,
+            examples: &[&usize],
+            _at: &StepAt,
+        ) -> whet_train::Result<StepResult> {
+            self.0.borrow_mut().extend(examples.iter().map(|&&e| e));
+            Ok(StepResult {
+                loss: 1.0.into(),
+                samples: examples.len(),
+                ..Default::default()
+            })
+        }
+        fn evaluate(
+            &self,
+            _model: &Nothing,
+            _data: &[usize],
+            _batch_size: usize,
+            _device: &Device,
+        ) -> whet_train::Result<Evaluation> {
+            unreachable!("no evaluation in this run")
+        }
+        fn length(&self, example: &usize) -> usize {
+            *example
+        }
+    }
+    // Lengths 1..=40 in a scrambled order: example i is its own length.
+    let data: Vec<usize> = (0..160).map(|i| (i * 37) % 40 + 1).collect();
+    let run = |grouped: bool| -> Vec<usize> {
+        let task = Recorder(RefCell::new(Vec::new()));
+        let mut args = TrainingArguments::new("unused");
+        args.per_device_train_batch_size = 4;
+        args.gradient_accumulation_steps = 2;
+        args.num_train_epochs = 1.0;
+        args.eval_strategy = Strategy::No;
+        args.save_strategy = Strategy::No;
+        args.group_by_length = grouped;
+        let device = Device::flex();
+        whet_train::trainer::train(
+            &task,
+            &mut Nothing,
+            &data,
+            None,
+            &args,
+            &device,
+            &mut Silent,
+            None,
+        )
+        .unwrap();
+        task.0.into_inner()
+    };
+    let (plain, grouped) = (run(false), run(true));
+    let order = whet_data::epoch_order(data.len(), 42, 0);
+    let lengths_of = |o: &[usize]| o.iter().map(|&i| data[i]).collect::<Vec<_>>();
+    assert_eq!(plain, lengths_of(&order));
+    // Steps of 4 × 2 examples: megabatches of min(160 / 32, 50) = 5 steps.
+    let want = lengths_of(&whet_data::length_grouped(&order, &data, 8));
+    assert_eq!(grouped, want);
+    assert_eq!(grouped[0], 40, "the longest example comes first");
+    let padded = |lens: &[usize]| -> usize {
+        lens.chunks(4)
+            .map(|b| b.len() * b.iter().max().unwrap())
+            .sum()
+    };
+    let real: usize = data.iter().sum();
+    let (p, g) = (padded(&plain), padded(&grouped));
+    assert!(
+        (g - real) * 4 < p - real,
+        "grouping should remove most padding: {p} -> {g} slots for {real} tokens"
+    );
 }

@@ -143,7 +143,10 @@ closest valid key, never ignored):
     logging_steps (500), seed (42),
     bf16 / fp16 (false): mixed precision, matrix products in bfloat16 / float16 with the
     weights, optimizer moments, softmax, norms and the loss in f32; fp16 adds dynamic loss
-    scaling (a step whose gradients overflow is skipped); wgpu has no bf16";
+    scaling (a step whose gradients overflow is skipped); wgpu has no bf16; the CPU runs
+    bf16 products only with AVX512-BF16 (elsewhere it says so and computes in f32),
+    group_by_length (false): batches of similar lengths, as transformers' LengthGroupedSampler
+    (megabatches of up to 50 steps sorted longest first): less padding, other batches";
 
 #[derive(Subcommand, Debug)]
 enum Command {

@@ -59,6 +59,10 @@ impl Observer for Progress {
         }
         self.log.push(entry);
     }
+
+    fn note(&mut self, text: &str) {
+        self.bar.suspend(|| eprintln!("note: {text}"));
+    }
 }
 
 /// ` | name value` for each metric.

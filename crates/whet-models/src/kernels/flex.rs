@@ -8,7 +8,7 @@ use burn::tensor::{DType, TensorData};
 use rayon::prelude::*;
 use std::sync::Arc;
 
-use super::{DropMask, Kernels};
+use super::{CpuKernels, DropMask, Kernels, bf16};
 use crate::quant::QuantMatrix;
 
 /// Elements per rayon task: small enough to split a `[16, 64, 1536]` activation over the cores,
@@ -395,6 +395,73 @@ fn cross_entropy_backward(logits: &FlexTensor, lse: &[f32], targets: &[u32], g: 
     new_tensor(out, logits)
 }
 
+/// An f32 tensor whose strides are all positive (a transposed view stays a view; anything else
+/// is copied dense), so that [`bf16::gemm`] reads it in place.
+fn strided_f32(t: FlexTensor) -> FlexTensor {
+    let t = if t.dtype() == DType::F32 {
+        t
+    } else {
+        FlexTensor::from_data(t.into_data().convert::<f32>())
+    };
+    if t.layout().has_positive_strides() {
+        t
+    } else {
+        t.to_contiguous()
+    }
+}
+
+/// `lhs [..., m, k] · rhs [..., k, n]` with [`bf16::gemm`], one product per index of the
+/// (equal) leading dimensions; products too small to split are spread over the threads
+/// instead.
+fn bf16_matmul(lhs: FlexTensor, rhs: FlexTensor) -> FlexTensor {
+    let (lhs, rhs) = (strided_f32(lhs), strided_f32(rhs));
+    let (ll, rl) = (lhs.layout(), rhs.layout());
+    let (ls, rs) = (ll.shape(), rl.shape());
+    let d = ls.num_dims();
+    let (m, k, n) = (ls[d - 2], ls[d - 1], rs[d - 1]);
+    let lead: Vec<usize> = (0..d - 2).map(|i| ls[i]).collect();
+    let batches: usize = lead.iter().product();
+    fn operand<'a>(t: &'a FlexTensor, b: usize, lead: &[usize]) -> bf16::Strided<'a> {
+        let d = lead.len() + 2;
+        let layout = t.layout();
+        let strides = layout.strides();
+        let (mut offset, mut rest) = (layout.start_offset(), b);
+        for i in (0..d - 2).rev() {
+            offset += (rest % lead[i]) * strides[i] as usize;
+            rest /= lead[i];
+        }
+        bf16::Strided {
+            values: t.storage::<f32>(),
+            offset,
+            rs: strides[d - 2] as usize,
+            cs: strides[d - 1] as usize,
+        }
+    }
+    let mut out = vec![0f32; batches * m * n];
+    let one = |b: usize, dst: &mut [f32]| {
+        bf16::gemm(
+            m,
+            n,
+            k,
+            operand(&lhs, b, &lead),
+            operand(&rhs, b, &lead),
+            dst,
+        );
+    };
+    if batches > 1 && m * n * k < 128 * 128 * 128 {
+        out.par_chunks_mut((m * n).max(1))
+            .enumerate()
+            .for_each(|(b, dst)| one(b, dst));
+    } else {
+        for (b, dst) in out.chunks_mut((m * n).max(1)).enumerate() {
+            one(b, dst);
+        }
+    }
+    let mut shape = lead;
+    shape.extend([m, n]);
+    FlexTensor::from_data(TensorData::new(out, shape))
+}
+
 fn target_values(t: &FlexTensor) -> &[u32] {
     t.as_slice::<u32>().unwrap_or(&[])
 }
@@ -463,5 +530,253 @@ impl Kernels for Flex {
 
     fn quant_matmul_backward(dy: FlexTensor, w: &Arc<QuantMatrix>) -> FlexTensor {
         quant_matmul_backward(&dense(dy), w)
+    }
+
+    fn bf16_matmul(lhs: FlexTensor, rhs: FlexTensor) -> FlexTensor {
+        bf16_matmul(lhs, rhs)
+    }
+}
+
+/// Rows of `d` values handed to one rayon task.
+fn rows_per_chunk(d: usize) -> usize {
+    (CHUNK / d.max(1)).max(1)
+}
+
+/// `Σ a·b` with 16 independent partial sums, so that the loop vectorises (a single running sum
+/// must keep its order and stays scalar).
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..16 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut tail = 0f32;
+    for (x, y) in ra.iter().zip(rb) {
+        tail += x * y;
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `Σ a` as [`dot`] sums.
+#[inline(always)]
+fn sum(a: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let ca = a.chunks_exact(16);
+    let tail: f32 = ca.remainder().iter().sum();
+    for x in ca {
+        for i in 0..16 {
+            acc[i] += x[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+multiversion!(rms_norm_rows(
+    x: &[f32],
+    w: &[f32],
+    eps: f32,
+    out: &mut [f32],
+    rstd: &mut [f32]
+) {
+    let d = w.len();
+    for ((xr, or), r) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)).zip(rstd.iter_mut()) {
+        *r = 1.0 / (dot(xr, xr) / d as f32 + eps).sqrt();
+        for ((o, &v), &wv) in or.iter_mut().zip(xr).zip(w) {
+            *o = v * *r * wv;
+        }
+    }
+});
+
+multiversion!(rms_norm_backward_rows(
+    x: &[f32],
+    w: &[f32],
+    rstd: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    dw: &mut [f32]
+) {
+    let d = w.len();
+    let rows = x.chunks_exact(d).zip(dy.chunks_exact(d)).zip(dx.chunks_exact_mut(d));
+    for (((xr, gr), dxr), &r) in rows.zip(rstd) {
+        // g = dy ⊙ w; dx = r·(g − x·r²·mean(g ⊙ x)); dw += dy ⊙ x·r
+        for ((o, &g), &wv) in dxr.iter_mut().zip(gr).zip(w) {
+            *o = g * wv;
+        }
+        let c = r * r * dot(dxr, xr) / d as f32;
+        for (o, &v) in dxr.iter_mut().zip(xr) {
+            *o = r * (*o - v * c);
+        }
+        for ((a, &g), &v) in dw.iter_mut().zip(gr).zip(xr) {
+            *a += g * v * r;
+        }
+    }
+});
+
+multiversion!(layer_norm_rows(
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    eps: f32,
+    out: &mut [f32],
+    stats: &mut [f32]
+) {
+    let d = w.len();
+    let rows = x.chunks_exact(d).zip(out.chunks_exact_mut(d));
+    for ((xr, or), st) in rows.zip(stats.chunks_exact_mut(2)) {
+        let mean = sum(xr) / d as f32;
+        // Two passes, as PyTorch's (biased) variance: no cancellation for large means.
+        for (o, &v) in or.iter_mut().zip(xr) {
+            *o = v - mean;
+        }
+        let r = 1.0 / (dot(or, or) / d as f32 + eps).sqrt();
+        (st[0], st[1]) = (mean, r);
+        for ((o, &wv), &bv) in or.iter_mut().zip(w).zip(b) {
+            *o = *o * r * wv + bv;
+        }
+    }
+});
+
+multiversion!(layer_norm_backward_rows(
+    x: &[f32],
+    w: &[f32],
+    stats: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    dw: &mut [f32],
+    db: &mut [f32],
+    xhat: &mut [f32]
+) {
+    let d = w.len();
+    let rows = x.chunks_exact(d).zip(dy.chunks_exact(d)).zip(dx.chunks_exact_mut(d));
+    for (((xr, gr), dxr), st) in rows.zip(stats.chunks_exact(2)) {
+        let (mean, r) = (st[0], st[1]);
+        // x̂ = (x − μ)·r; g = dy ⊙ w; dx = r·(g − mean(g) − x̂·mean(g ⊙ x̂));
+        // dw += dy ⊙ x̂; db += dy
+        for (h, &v) in xhat.iter_mut().zip(xr) {
+            *h = (v - mean) * r;
+        }
+        for ((o, &g), &wv) in dxr.iter_mut().zip(gr).zip(w) {
+            *o = g * wv;
+        }
+        let mg = sum(dxr) / d as f32;
+        let mgx = dot(dxr, xhat) / d as f32;
+        for (o, &h) in dxr.iter_mut().zip(xhat.iter()) {
+            *o = r * (*o - mg - h * mgx);
+        }
+        for ((a, &g), &h) in dw.iter_mut().zip(gr).zip(xhat.iter()) {
+            *a += g * h;
+        }
+        for (a, &g) in db.iter_mut().zip(gr) {
+            *a += g;
+        }
+    }
+});
+
+/// Adds each task's partial parameter gradients into one.
+fn add_partials(partials: Vec<Vec<f32>>, d: usize) -> Vec<f32> {
+    partials.into_iter().fold(vec![0f32; d], |mut acc, p| {
+        for (a, v) in acc.iter_mut().zip(p) {
+            *a += v;
+        }
+        acc
+    })
+}
+
+impl CpuKernels for Flex {
+    fn rms_norm(x: FlexTensor, w: FlexTensor, eps: f32) -> (FlexTensor, FlexTensor) {
+        let (x, w) = (dense(x), dense(w));
+        let (xs, ws) = (values(&x), values(&w));
+        let d = ws.len();
+        let rows = xs.len() / d.max(1);
+        let (mut out, mut rstd) = (vec![0f32; xs.len()], vec![0f32; rows]);
+        let per = rows_per_chunk(d);
+        out.par_chunks_mut(per * d)
+            .zip(rstd.par_chunks_mut(per))
+            .zip(xs.par_chunks(per * d))
+            .for_each(|((o, r), x)| rms_norm_rows(x, ws, eps, o, r));
+        let y = new_tensor(out, &x);
+        (y, FlexTensor::from_data(TensorData::new(rstd, [rows])))
+    }
+
+    fn rms_norm_backward(
+        x: FlexTensor,
+        w: FlexTensor,
+        rstd: FlexTensor,
+        dy: FlexTensor,
+    ) -> (FlexTensor, FlexTensor) {
+        let (x, w, rstd, dy) = (dense(x), dense(w), dense(rstd), dense(dy));
+        let (xs, ws, rs, gs) = (values(&x), values(&w), values(&rstd), values(&dy));
+        let d = ws.len();
+        let mut dx = vec![0f32; xs.len()];
+        let per = rows_per_chunk(d);
+        let partials: Vec<Vec<f32>> = dx
+            .par_chunks_mut(per * d)
+            .zip(xs.par_chunks(per * d).zip(gs.par_chunks(per * d)))
+            .zip(rs.par_chunks(per))
+            .map(|((o, (x, g)), r)| {
+                let mut dw = vec![0f32; d];
+                rms_norm_backward_rows(x, ws, r, g, o, &mut dw);
+                dw
+            })
+            .collect();
+        let dw = add_partials(partials, d);
+        (
+            new_tensor(dx, &x),
+            FlexTensor::from_data(TensorData::new(dw, [d])),
+        )
+    }
+
+    fn layer_norm(
+        x: FlexTensor,
+        w: FlexTensor,
+        b: FlexTensor,
+        eps: f32,
+    ) -> (FlexTensor, FlexTensor) {
+        let (x, w, b) = (dense(x), dense(w), dense(b));
+        let (xs, ws, bs) = (values(&x), values(&w), values(&b));
+        let d = ws.len();
+        let rows = xs.len() / d.max(1);
+        let (mut out, mut stats) = (vec![0f32; xs.len()], vec![0f32; 2 * rows]);
+        let per = rows_per_chunk(d);
+        out.par_chunks_mut(per * d)
+            .zip(stats.par_chunks_mut(2 * per))
+            .zip(xs.par_chunks(per * d))
+            .for_each(|((o, s), x)| layer_norm_rows(x, ws, bs, eps, o, s));
+        let y = new_tensor(out, &x);
+        (y, FlexTensor::from_data(TensorData::new(stats, [rows, 2])))
+    }
+
+    fn layer_norm_backward(
+        x: FlexTensor,
+        w: FlexTensor,
+        stats: FlexTensor,
+        dy: FlexTensor,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        let (x, w, stats, dy) = (dense(x), dense(w), dense(stats), dense(dy));
+        let (xs, ws, ss, gs) = (values(&x), values(&w), values(&stats), values(&dy));
+        let d = ws.len();
+        let mut dx = vec![0f32; xs.len()];
+        let per = rows_per_chunk(d);
+        let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
+            .par_chunks_mut(per * d)
+            .zip(xs.par_chunks(per * d).zip(gs.par_chunks(per * d)))
+            .zip(ss.par_chunks(2 * per))
+            .map(|((o, (x, g)), s)| {
+                let (mut dw, mut db, mut xhat) = (vec![0f32; d], vec![0f32; d], vec![0f32; d]);
+                layer_norm_backward_rows(x, ws, s, g, o, &mut dw, &mut db, &mut xhat);
+                (dw, db)
+            })
+            .collect();
+        let (dws, dbs): (Vec<_>, Vec<_>) = partials.into_iter().unzip();
+        let tensor = |v: Vec<f32>| FlexTensor::from_data(TensorData::new(v, [d]));
+        (
+            new_tensor(dx, &x),
+            tensor(add_partials(dws, d)),
+            tensor(add_partials(dbs, d)),
+        )
     }
 }

@@ -20,6 +20,8 @@
 //! - [`cross_entropy_sum`]: `Σ_rows logsumexp(row) − row[target]` in one pass per row, and the
 //!   gradient `softmax(row) − onehot(target)` in one pass back, writing no log-probability
 //!   tensor (a language model's `[tokens, vocab]` logits are the largest tensor of its step).
+//! - [`bf16_matmul`]: matrix products with bf16 operands and f32 sums, the arithmetic of
+//!   `torch.autocast`'s bf16 on the CPU, with AVX512-BF16 dot products ([`bf16`]).
 //! - [`Blockwise8State`](crate::quant::Blockwise8State)'s device side: bitsandbytes' blockwise
 //!   8-bit quantisation of optimizer moments and its inverse on a GPU, the host's codes bit for
 //!   bit, so that an 8-bit optimizer step reads nothing back (on the CPU the host code runs).
@@ -27,6 +29,7 @@
 //! The functions accept every backend: tensors on a backend without these kernels take burn's
 //! own composed ops, so results agree everywhere and only the speed differs.
 
+pub mod bf16;
 mod flex;
 
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
@@ -38,7 +41,7 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::tensor::{FloatTensor, IntTensor};
-use burn::backend::{Backend, Dispatch, DispatchDevice, Flex, backend_extension};
+use burn::backend::{Backend, Dispatch, DispatchDevice, Flex, TensorMetadata, backend_extension};
 use burn::tensor::{Int, Tensor, TensorData};
 
 use crate::quant::{Blockwise8, QuantMatrix};
@@ -66,6 +69,69 @@ pub trait FusedOps: burn::backend::Backend {
     /// `x · Wᵀ` for `[N, in]` inputs and a frozen quantised `W` `[out, in]`, dequantised inside
     /// the op in both passes (the f32 weight is never kept for the backward pass).
     fn fused_quant_matmul(x: FloatTensor<Self>, w: Arc<QuantMatrix>) -> FloatTensor<Self>;
+    /// `lhs · rhs` over the last two dimensions (the leading ones equal), the operands rounded
+    /// to bf16 and the sums f32; the output is f32.
+    fn fused_bf16_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self>;
+}
+
+/// The normalisations, fused on the CPU only (a GPU runtime runs burn's composed ops for them):
+/// under autodiff burn decomposes each into eight or nine tracked ops with a full-size tensor
+/// apiece, in both passes.
+#[backend_extension(Autodiff, Flex)]
+pub trait CpuFusedOps: burn::backend::Backend {
+    /// `x / sqrt(mean(x²) + eps) · weight` over the last dimension.
+    fn fused_rms_norm(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        eps: f64,
+    ) -> FloatTensor<Self>;
+    /// `(x − mean(x)) / sqrt(var(x) + eps) · weight + bias` over the last dimension.
+    fn fused_layer_norm(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        eps: f64,
+    ) -> FloatTensor<Self>;
+}
+
+/// `LlamaRMSNorm`: `x / sqrt(mean(x²) + eps) · weight` over the last dimension, in one pass
+/// each way on the CPU.
+///
+/// # Shapes
+/// - x `[..., d]`, weight `[d]`
+/// - output `[..., d]`
+pub fn rms_norm<const D: usize>(x: Tensor<D>, weight: Tensor<1>, eps: f64) -> Tensor<D> {
+    if !on_flex(&x) {
+        let rms = x.clone().square().mean_dim(D - 1).add_scalar(eps).sqrt();
+        return (x / rms) * weight.unsqueeze();
+    }
+    Tensor::from_dispatch(<Dispatch as CpuFusedOps>::fused_rms_norm(
+        x.into_dispatch(),
+        weight.into_dispatch(),
+        eps,
+    ))
+}
+
+/// `torch.nn.functional.layer_norm` over the last dimension, in one pass each way on the CPU.
+///
+/// # Shapes
+/// - x `[..., d]`, weight and bias `[d]`
+/// - output `[..., d]`
+pub fn layer_norm<const D: usize>(
+    x: Tensor<D>,
+    weight: Tensor<1>,
+    bias: Tensor<1>,
+    eps: f64,
+) -> Tensor<D> {
+    if !on_flex(&x) {
+        return burn::tensor::module::layer_norm(x, weight, Some(bias), eps);
+    }
+    Tensor::from_dispatch(<Dispatch as CpuFusedOps>::fused_layer_norm(
+        x.into_dispatch(),
+        weight.into_dispatch(),
+        bias.into_dispatch(),
+        eps,
+    ))
 }
 
 /// Exact GELU, `0.5·x·(1 + erf(x/√2))`, as `torch.nn.functional.gelu`.
@@ -177,6 +243,31 @@ pub fn quant_matmul<const D: usize>(x: Tensor<D>, w: &Arc<QuantMatrix>) -> Tenso
     y.reshape(out_dims)
 }
 
+/// `a · b` over the last two dimensions with the operands rounded to bf16 and the sums kept in
+/// f32, as a matrix product under `torch.autocast(device_type="cpu", dtype=torch.bfloat16)`;
+/// inputs, output and gradients are f32. On the CPU backend of a CPU with AVX512-BF16
+/// ([`bf16::available`]) it runs the [`bf16`] kernel in both passes (no bf16 tensor is ever
+/// made); elsewhere the composed casts and matmul compute it.
+///
+/// # Shapes
+/// - a `[..., m, k]`, b `[..., k, n]`, the leading dimensions equal
+/// - output `[..., m, n]`
+pub fn bf16_matmul<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> Tensor<D> {
+    let (da, db) = (a.dims(), b.dims());
+    let flex = matches!(a.device().inner().as_dispatch(), DispatchDevice::Flex(_));
+    if !flex || kernels_off() || !bf16::available() || da[..D - 2] != db[..D - 2] {
+        let bf = burn::tensor::FloatDType::BF16;
+        return a
+            .cast(bf)
+            .matmul(b.cast(bf))
+            .cast(burn::tensor::FloatDType::F32);
+    }
+    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_bf16_matmul(
+        a.into_dispatch(),
+        b.into_dispatch(),
+    ))
+}
+
 /// bitsandbytes' blockwise 8-bit quantisation ([`Blockwise8::quantize`]) computed on the device
 /// `values` live on, when it runs the CubeCL kernels: `(words, absmax)`, the codes four to a u32
 /// word, the same codes and maxima as the host's. None elsewhere: the CPU backend quantises on
@@ -278,6 +369,11 @@ fn fused<const D: usize>(x: &Tensor<D>) -> bool {
         #[allow(unreachable_patterns)]
         _ => false,
     }
+}
+
+/// Whether a tensor lives on the CPU backend with the kernels on (the CPU-only fused ops).
+fn on_flex<const D: usize>(x: &Tensor<D>) -> bool {
+    !kernels_off() && matches!(x.device().inner().as_dispatch(), DispatchDevice::Flex(_))
 }
 
 /// Dropout keep decisions as a pure function of `(seed, element index)`, so the backward pass
@@ -399,6 +495,175 @@ trait Kernels: Backend {
     fn quant_matmul(x: FloatTensor<Self>, w: &Arc<QuantMatrix>) -> FloatTensor<Self>;
     /// `dy [N, out] · W`.
     fn quant_matmul_backward(dy: FloatTensor<Self>, w: &Arc<QuantMatrix>) -> FloatTensor<Self>;
+    /// `lhs · rhs` with bf16 operands and f32 sums (see [`bf16_matmul`]): by default burn's
+    /// own casts and matmul.
+    fn bf16_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
+        use burn::tensor::FloatDType::{BF16, F32};
+        let product = Self::float_matmul(Self::float_cast(lhs, BF16), Self::float_cast(rhs, BF16));
+        Self::float_cast(product, F32)
+    }
+}
+
+/// What the CPU backend supplies for [`CpuFusedOps`]: forwards returning what their backward
+/// passes keep, and the backward passes.
+trait CpuKernels: Kernels {
+    /// `(output, 1 / rms per row [rows])`.
+    fn rms_norm(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        eps: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+    /// `(dx, dweight)`.
+    fn rms_norm_backward(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        rstd: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+    /// `(output, (mean, 1 / std) per row [rows, 2])`.
+    fn layer_norm(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        eps: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+    /// `(dx, dweight, dbias)`.
+    fn layer_norm_backward(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        stats: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+}
+
+impl CpuFusedOps for Flex {
+    fn fused_rms_norm(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        eps: f64,
+    ) -> FloatTensor<Self> {
+        <Self as CpuKernels>::rms_norm(x, weight, eps as f32).0
+    }
+
+    fn fused_layer_norm(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        eps: f64,
+    ) -> FloatTensor<Self> {
+        <Self as CpuKernels>::layer_norm(x, weight, bias, eps as f32).0
+    }
+}
+
+impl<B: CpuKernels, C: CheckpointStrategy> CpuFusedOps for Autodiff<B, C> {
+    fn fused_rms_norm(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        eps: f64,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct RmsNormBackward;
+
+        impl<B: CpuKernels> Backward<B, 2> for RmsNormBackward {
+            /// The input, the weight, 1 / rms per row.
+            type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 2>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let [x_node, w_node] = ops.parents;
+                let dy = grads.consume::<B>(&ops.node);
+                let (x, w, rstd) = ops.state;
+                let (dx, dw) = B::rms_norm_backward(x, w, rstd, dy);
+                if let Some(node) = x_node {
+                    grads.register::<B>(node.id, dx);
+                }
+                if let Some(node) = w_node {
+                    grads.register::<B>(node.id, dw);
+                }
+            }
+        }
+
+        let eps = eps as f32;
+        match RmsNormBackward
+            .prepare::<C>([x.node(), weight.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (x, w) = (
+                    B::prepare(x.into_primitive()),
+                    B::prepare(weight.into_primitive()),
+                );
+                let (y, rstd) = <B as CpuKernels>::rms_norm(x.clone(), w.clone(), eps);
+                prep.finish((x, w, rstd), y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(
+                <B as CpuKernels>::rms_norm(x.into_primitive(), weight.into_primitive(), eps).0,
+            ),
+        }
+    }
+
+    fn fused_layer_norm(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        eps: f64,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct LayerNormBackward;
+
+        impl<B: CpuKernels> Backward<B, 3> for LayerNormBackward {
+            /// The input, the weight, (mean, 1 / std) per row.
+            type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 3>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let [x_node, w_node, b_node] = ops.parents;
+                let dy = grads.consume::<B>(&ops.node);
+                let (x, w, stats) = ops.state;
+                let (dx, dw, db) = B::layer_norm_backward(x, w, stats, dy);
+                for (node, g) in [(x_node, dx), (w_node, dw), (b_node, db)] {
+                    if let Some(node) = node {
+                        grads.register::<B>(node.id, g);
+                    }
+                }
+            }
+        }
+
+        let eps = eps as f32;
+        match LayerNormBackward
+            .prepare::<C>([x.node(), weight.node(), bias.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (x, w) = (
+                    B::prepare(x.into_primitive()),
+                    B::prepare(weight.into_primitive()),
+                );
+                let (y, stats) =
+                    <B as CpuKernels>::layer_norm(x.clone(), w.clone(), bias.into_primitive(), eps);
+                prep.finish((x, w, stats), y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(
+                <B as CpuKernels>::layer_norm(
+                    x.into_primitive(),
+                    weight.into_primitive(),
+                    bias.into_primitive(),
+                    eps,
+                )
+                .0,
+            ),
+        }
+    }
 }
 
 /// The forward passes without a graph, shared by the backends that implement [`Kernels`].
@@ -434,6 +699,13 @@ macro_rules! fused_ops_from_kernels {
 
             fn fused_quant_matmul(x: FloatTensor<Self>, w: Arc<QuantMatrix>) -> FloatTensor<Self> {
                 <Self as Kernels>::quant_matmul(x, &w)
+            }
+
+            fn fused_bf16_matmul(
+                lhs: FloatTensor<Self>,
+                rhs: FloatTensor<Self>,
+            ) -> FloatTensor<Self> {
+                <Self as Kernels>::bf16_matmul(lhs, rhs)
             }
         }
     };
@@ -606,6 +878,55 @@ impl<B: Kernels, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
             (w, out)
         })
     }
+
+    fn fused_bf16_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct Bf16MatmulBackward;
+
+        impl<B: Kernels> Backward<B, 2> for Bf16MatmulBackward {
+            /// The left operand when the right one takes a gradient, and the other way round.
+            type State = (Option<FloatTensor<B>>, Option<FloatTensor<B>>);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 2>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let [lhs_node, rhs_node] = ops.parents;
+                let grad = grads.consume::<B>(&ops.node);
+                let (lhs, rhs) = ops.state;
+                let transposed = |t: FloatTensor<B>| {
+                    let d = t.rank();
+                    B::float_swap_dims(t, d - 2, d - 1)
+                };
+                // Both products of the backward pass in bf16 too, as autocast runs them.
+                if let (Some(node), Some(rhs)) = (lhs_node, rhs) {
+                    let g = B::bf16_matmul(grad.clone(), transposed(rhs));
+                    grads.register::<B>(node.id, g);
+                }
+                if let (Some(node), Some(lhs)) = (rhs_node, lhs) {
+                    grads.register::<B>(node.id, B::bf16_matmul(transposed(lhs), grad));
+                }
+            }
+        }
+
+        let (lhs_tracked, rhs_tracked) = (lhs.is_tracked(), rhs.is_tracked());
+        match Bf16MatmulBackward
+            .prepare::<C>([lhs.node(), rhs.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (l, r) = (lhs.into_primitive(), rhs.into_primitive());
+                let out = B::bf16_matmul(l.clone(), r.clone());
+                prep.finish((rhs_tracked.then_some(l), lhs_tracked.then_some(r)), out)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(B::bf16_matmul(lhs.into_primitive(), rhs.into_primitive()))
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -659,6 +980,137 @@ mod tests {
 
     fn max_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
         (a - b).abs().max().into_scalar::<f32>()
+    }
+
+    /// bf16 products against f32 ones, attention-shaped (`[B, H, T, d] · [B, H, d, T]` with the
+    /// right operand a transposed view): the value and both gradients within bf16's rounding of
+    /// sums of 20 and 11 products of N(0, 1) values (about 2⁻⁸ of Σ|a||b| ≈ 13), and not equal
+    /// to the f32 ones (the rounding is really there).
+    #[test]
+    fn bf16_matmul_is_the_f32_product_within_bf16_rounding_in_value_and_gradients() {
+        let _rng = crate::test_rng();
+        let device = Device::flex().autodiff();
+        let a = Tensor::<4>::random([2, 3, 9, 20], Distribution::Normal(0.0, 1.0), &device);
+        let bt = Tensor::<4>::random([2, 3, 11, 20], Distribution::Normal(0.0, 1.0), &device);
+        let (a1, b1) = (a.clone().require_grad(), bt.clone().require_grad());
+        let (a2, b2) = (a.require_grad(), bt.require_grad());
+        let y1 = bf16_matmul(a1.clone(), b1.clone().swap_dims(2, 3));
+        let y2 = a2.clone().matmul(b2.clone().swap_dims(2, 3));
+        let close = |x: Tensor<4>, y: Tensor<4>, what: &str| {
+            let d = max_diff(x, y);
+            assert!(d > 0.0 && d < 0.1, "{what}: off by {d}");
+        };
+        close(y1.clone(), y2.clone(), "product");
+        let w = Tensor::<4>::random([2, 3, 9, 11], Distribution::Normal(0.0, 1.0), &device);
+        let g1 = (y1 * w.clone()).sum().backward();
+        let g2 = (y2 * w).sum().backward();
+        let grad = |t: &Tensor<4>, g| t.grad(g).unwrap_or_else(|| panic!("no grad"));
+        close(grad(&a1, &g1), grad(&a2, &g2), "left gradient");
+        close(grad(&b1, &g1), grad(&b2, &g2), "right gradient");
+    }
+
+    /// On a CPU with AVX512-BF16 the CPU backend's product is the kernel's, bit for bit (the
+    /// composed casts would round the output to bf16 too); a frozen right operand takes no
+    /// gradient while the left one does.
+    #[test]
+    fn bf16_matmul_on_the_cpu_runs_the_kernel() {
+        if !bf16::available() {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        let _rng = crate::test_rng();
+        let device = Device::flex().autodiff();
+        let (m, k, n) = (37, 70, 45);
+        let x = Tensor::<2>::random([m, k], Distribution::Normal(0.0, 1.0), &device);
+        let w = Tensor::<2>::random([k, n], Distribution::Normal(0.0, 1.0), &device);
+        let x = x.require_grad();
+        let y = bf16_matmul(x.clone(), w.clone());
+        let values = |t: Tensor<2>| t.into_data().convert::<f32>().to_vec::<f32>().unwrap();
+        let (xv, wv) = (values(x.clone().inner()), values(w.clone().inner()));
+        let mut want = vec![0f32; m * n];
+        bf16::emulate(
+            m,
+            n,
+            k,
+            bf16::Strided {
+                values: &xv,
+                offset: 0,
+                rs: k,
+                cs: 1,
+            },
+            bf16::Strided {
+                values: &wv,
+                offset: 0,
+                rs: n,
+                cs: 1,
+            },
+            &mut want,
+        );
+        let got = values(y.clone().inner());
+        assert!(
+            got.iter()
+                .zip(&want)
+                .all(|(g, w)| g.to_bits() == w.to_bits())
+        );
+        let grads = y.sum().backward();
+        assert!(x.grad(&grads).is_some());
+        assert!(w.grad(&grads).is_none());
+    }
+
+    /// RMSNorm and LayerNorm against burn's composed ops: the output and the gradients of the
+    /// input, the weight and the bias, with rows wider than a vector and a ragged tail (d = 37)
+    /// and an offset mean (the two-pass variance).
+    #[test]
+    fn fused_norms_match_composed_ops_in_value_and_gradients() {
+        let _rng = crate::test_rng();
+        let device = Device::flex().autodiff();
+        let (rows, d) = ([3, 5], 37);
+        let x = Tensor::<3>::random(
+            [rows[0], rows[1], d],
+            Distribution::Normal(4.0, 2.0),
+            &device,
+        );
+        let w = Tensor::<1>::random([d], Distribution::Normal(1.0, 0.3), &device);
+        let b = Tensor::<1>::random([d], Distribution::Normal(0.0, 0.3), &device);
+        let up = Tensor::<3>::random(
+            [rows[0], rows[1], d],
+            Distribution::Normal(0.0, 1.0),
+            &device,
+        );
+        let grads_of = |fused: bool, layer: bool| {
+            let (x, w, b) = (
+                x.clone().require_grad(),
+                w.clone().require_grad(),
+                b.clone().require_grad(),
+            );
+            let y = match (fused, layer) {
+                (true, true) => layer_norm(x.clone(), w.clone(), b.clone(), 1e-5),
+                (false, true) => {
+                    burn::tensor::module::layer_norm(x.clone(), w.clone(), Some(b.clone()), 1e-5)
+                }
+                (true, false) => rms_norm(x.clone(), w.clone(), 1e-5),
+                (false, false) => {
+                    let rms = x.clone().square().mean_dim(2).add_scalar(1e-5).sqrt();
+                    (x.clone() / rms) * w.clone().unsqueeze()
+                }
+            };
+            let g = (y.clone() * up.clone()).sum().backward();
+            let gb = if layer { b.grad(&g) } else { None };
+            (y.inner(), x.grad(&g).unwrap(), w.grad(&g).unwrap(), gb)
+        };
+        for layer in [false, true] {
+            let (y1, gx1, gw1, gb1) = grads_of(true, layer);
+            let (y2, gx2, gw2, gb2) = grads_of(false, layer);
+            let what = if layer { "layer norm" } else { "rms norm" };
+            assert!(max_diff(y1, y2) < 1e-5, "{what}: output");
+            assert!(max_diff(gx1, gx2) < 1e-5, "{what}: input gradient");
+            assert!(max_diff(gw1, gw2) < 1e-4, "{what}: weight gradient");
+            if let (Some(a), Some(b)) = (gb1, gb2) {
+                assert!(max_diff(a, b) < 1e-4, "{what}: bias gradient");
+            } else {
+                assert!(!layer, "no bias gradient");
+            }
+        }
     }
 
     #[test]

@@ -44,6 +44,10 @@ impl Objective for Classification {
         collate(items, self.pad_id)
     }
 
+    fn length(&self, example: &Encoded) -> usize {
+        example.ids.len()
+    }
+
     fn counts(&self, b: &Batch) -> BatchCounts {
         BatchCounts {
             units: b.batch,

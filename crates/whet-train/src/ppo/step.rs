@@ -138,6 +138,11 @@ impl TrainStep for Ppo {
     fn evaluates_at_start(&self) -> bool {
         true
     }
+
+    /// The prompt's tokens: generation pads prompts to the batch's longest.
+    fn length(&self, prompt: &Prompt) -> usize {
+        prompt.ids.len()
+    }
 }
 
 impl Ppo {
