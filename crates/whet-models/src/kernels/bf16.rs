@@ -82,6 +82,23 @@ fn from_bf16_daz(h: u32) -> f32 {
 /// `dst [m, n] (row-major) = bf16(a) [m, k] · bf16(b) [k, n]`, accumulated in f32 (see the
 /// module's doc for the exact arithmetic). Overwrites `dst`.
 pub(crate) fn gemm(m: usize, n: usize, k: usize, a: Strided, b: Strided, dst: &mut [f32]) {
+    gemm_with(m, n, k, a, b, dst, true);
+}
+
+/// [`gemm`] on the calling thread only: for the products of a batch, which are spread over the
+/// threads one product each (splitting each small product as well cost more than it saved).
+pub(crate) fn gemm_in_one_thread(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Strided,
+    b: Strided,
+    dst: &mut [f32],
+) {
+    gemm_with(m, n, k, a, b, dst, false);
+}
+
+fn gemm_with(m: usize, n: usize, k: usize, a: Strided, b: Strided, dst: &mut [f32], threads: bool) {
     assert!(
         dst.len() >= m * n,
         "bf16 gemm: output of {} < {m}×{n}",
@@ -92,7 +109,7 @@ pub(crate) fn gemm(m: usize, n: usize, k: usize, a: Strided, b: Strided, dst: &m
     }
     #[cfg(target_arch = "x86_64")]
     if available() {
-        simd::gemm(m, n, k, a, b, dst);
+        simd::gemm(m, n, k, a, b, dst, threads);
         return;
     }
     emulate(m, n, k, a, b, dst);
@@ -285,9 +302,17 @@ mod simd {
         out
     }
 
-    pub(super) fn gemm(m: usize, n: usize, k: usize, a: Strided, b: Strided, dst: &mut [f32]) {
+    pub(super) fn gemm(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: Strided,
+        b: Strided,
+        dst: &mut [f32],
+        threads: bool,
+    ) {
         let kp = k.div_ceil(2);
-        let parallel = m * n * k >= 64 * 64 * 64;
+        let parallel = threads && m * n * k >= 64 * 64 * 64;
         let (pa, pb) = (pack_a(m, k, a, parallel), pack_b(k, n, b, parallel));
         let c = SendPtr(dst.as_mut_ptr());
         let (row_blocks, col_blocks) = (m.div_ceil(MC), n.div_ceil(NC));
@@ -302,7 +327,7 @@ mod simd {
             // inside the packed buffers, whose sizes follow from m, n and k.
             unsafe { block(kp, &pa, &pb, c.0, n, rows, cols) };
         };
-        if tasks > 1 && m * n * k >= 64 * 64 * 64 {
+        if tasks > 1 && parallel {
             (0..tasks).into_par_iter().for_each(run);
         } else {
             (0..tasks).for_each(run);

@@ -411,8 +411,7 @@ fn strided_f32(t: FlexTensor) -> FlexTensor {
 }
 
 /// `lhs [..., m, k] · rhs [..., k, n]` with [`bf16::gemm`], one product per index of the
-/// (equal) leading dimensions; products too small to split are spread over the threads
-/// instead.
+/// (equal) leading dimensions; a batch's products are spread over the threads, one each.
 fn bf16_matmul(lhs: FlexTensor, rhs: FlexTensor) -> FlexTensor {
     let (lhs, rhs) = (strided_f32(lhs), strided_f32(rhs));
     let (ll, rl) = (lhs.layout(), rhs.layout());
@@ -438,24 +437,14 @@ fn bf16_matmul(lhs: FlexTensor, rhs: FlexTensor) -> FlexTensor {
         }
     }
     let mut out = vec![0f32; batches * m * n];
-    let one = |b: usize, dst: &mut [f32]| {
-        bf16::gemm(
-            m,
-            n,
-            k,
-            operand(&lhs, b, &lead),
-            operand(&rhs, b, &lead),
-            dst,
-        );
-    };
-    if batches > 1 && m * n * k < 128 * 128 * 128 {
+    let (l, r) = (&lhs, &rhs);
+    let (a, b) = (|i| operand(l, i, &lead), |i| operand(r, i, &lead));
+    if batches > 1 {
         out.par_chunks_mut((m * n).max(1))
             .enumerate()
-            .for_each(|(b, dst)| one(b, dst));
+            .for_each(|(i, dst)| bf16::gemm_in_one_thread(m, n, k, a(i), b(i), dst));
     } else {
-        for (b, dst) in out.chunks_mut((m * n).max(1)).enumerate() {
-            one(b, dst);
-        }
+        bf16::gemm(m, n, k, a(0), b(0), &mut out);
     }
     let mut shape = lead;
     shape.extend([m, n]);
