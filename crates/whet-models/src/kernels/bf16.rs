@@ -242,6 +242,14 @@ mod simd {
     unsafe impl Send for SendPtr {}
     unsafe impl Sync for SendPtr {}
 
+    impl SendPtr {
+        /// Through a method, so that a closure captures the whole `SendPtr` (Send), not its
+        /// raw-pointer field.
+        fn get(self) -> *mut f32 {
+            self.0
+        }
+    }
+
     /// [`pack_lines`] compiled for AVX-512, so that its loops vectorise 16 wide.
     #[target_feature(enable = "avx512f,avx512bw")]
     #[allow(clippy::too_many_arguments)]
@@ -266,38 +274,28 @@ mod simd {
         );
     }
 
-    /// Packs `a` `[m, k]` into slivers of [`MR`] rows, `[sliver][pair][row]`: each u32 the bf16 of
-    /// `(a[r, 2p], a[r, 2p + 1])`, zeros past the edges.
-    fn pack_a(m: usize, k: usize, a: Strided, parallel: bool) -> Vec<u32> {
+    /// Packs `lines` lines of `x` in groups of `width`, each group `[pair][line]`: u32 bf16 pairs
+    /// along `k`, zeros past the edges. `A` `[m, k]` packs its rows into slivers of [`MR`]
+    /// (`lines_are_rows`), `B` `[k, n]` its columns into panels of [`NR`].
+    fn pack(
+        x: Strided,
+        lines_are_rows: bool,
+        lines: usize,
+        k: usize,
+        width: usize,
+        parallel: bool,
+    ) -> Vec<u32> {
         let kp = k.div_ceil(2);
-        let mut out = vec![0u32; m.div_ceil(MR) * kp * MR];
-        let one = |(s, sliver): (usize, &mut [u32])| {
-            let rows = MR.min(m - s * MR);
+        let mut out = vec![0u32; lines.div_ceil(width) * kp * width];
+        let one = |(g, group): (usize, &mut [u32])| {
+            let len = width.min(lines - g * width);
             // SAFETY: only called where the CPU has AVX-512 (see `gemm`).
-            unsafe { wide_lines(a, true, s * MR, rows, k, MR, sliver) };
+            unsafe { wide_lines(x, lines_are_rows, g * width, len, k, width, group) };
         };
         if parallel {
-            out.par_chunks_mut(kp * MR).enumerate().for_each(one);
+            out.par_chunks_mut(kp * width).enumerate().for_each(one);
         } else {
-            out.chunks_mut(kp * MR).enumerate().for_each(one);
-        }
-        out
-    }
-
-    /// Packs `b` `[k, n]` into panels of [`NR`] columns, `[panel][pair][column]`: each u32 the bf16
-    /// of `(b[2p, c], b[2p + 1, c])`, zeros past the edges.
-    fn pack_b(k: usize, n: usize, b: Strided, parallel: bool) -> Vec<u32> {
-        let kp = k.div_ceil(2);
-        let mut out = vec![0u32; n.div_ceil(NR) * kp * NR];
-        let one = |(q, panel): (usize, &mut [u32])| {
-            let cols = NR.min(n - q * NR);
-            // SAFETY: as in `pack_a`.
-            unsafe { wide_lines(b, false, q * NR, cols, k, NR, panel) };
-        };
-        if parallel {
-            out.par_chunks_mut(kp * NR).enumerate().for_each(one);
-        } else {
-            out.chunks_mut(kp * NR).enumerate().for_each(one);
+            out.chunks_mut(kp * width).enumerate().for_each(one);
         }
         out
     }
@@ -313,19 +311,21 @@ mod simd {
     ) {
         let kp = k.div_ceil(2);
         let parallel = threads && m * n * k >= 64 * 64 * 64;
-        let (pa, pb) = (pack_a(m, k, a, parallel), pack_b(k, n, b, parallel));
+        let (pa, pb) = (
+            pack(a, true, m, k, MR, parallel),
+            pack(b, false, n, k, NR, parallel),
+        );
         let c = SendPtr(dst.as_mut_ptr());
         let (row_blocks, col_blocks) = (m.div_ceil(MC), n.div_ceil(NC));
         let tasks = row_blocks * col_blocks;
         let run = |t: usize| {
-            let c = c;
             let (rb, cb) = (t / col_blocks, t % col_blocks);
             let rows = (rb * MC)..(m.min((rb + 1) * MC));
             let cols = (cb * NC)..(n.min((cb + 1) * NC));
             // SAFETY: AVX512-BF16 is present (checked by the caller); the task writes only the
             // rows × cols block of C, disjoint from every other task's, and every read stays
             // inside the packed buffers, whose sizes follow from m, n and k.
-            unsafe { block(kp, &pa, &pb, c.0, n, rows, cols) };
+            unsafe { block(kp, &pa, &pb, c.get(), n, rows, cols) };
         };
         if tasks > 1 && parallel {
             (0..tasks).into_par_iter().for_each(run);

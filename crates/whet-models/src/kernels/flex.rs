@@ -636,10 +636,10 @@ multiversion!(layer_norm_backward_rows(
     dy: &[f32],
     dx: &mut [f32],
     dw: &mut [f32],
-    db: &mut [f32],
-    xhat: &mut [f32]
+    db: &mut [f32]
 ) {
     let d = w.len();
+    let mut xhat = vec![0f32; d];
     let rows = x.chunks_exact(d).zip(dy.chunks_exact(d)).zip(dx.chunks_exact_mut(d));
     for (((xr, gr), dxr), st) in rows.zip(stats.chunks_exact(2)) {
         let (mean, r) = (st[0], st[1]);
@@ -652,7 +652,7 @@ multiversion!(layer_norm_backward_rows(
             *o = g * wv;
         }
         let mg = sum(dxr) / d as f32;
-        let mgx = dot(dxr, xhat) / d as f32;
+        let mgx = dot(dxr, &xhat) / d as f32;
         for (o, &h) in dxr.iter_mut().zip(xhat.iter()) {
             *o = r * (*o - mg - h * mgx);
         }
@@ -755,8 +755,8 @@ impl CpuKernels for Flex {
             .zip(xs.par_chunks(per * d).zip(gs.par_chunks(per * d)))
             .zip(ss.par_chunks(2 * per))
             .map(|((o, (x, g)), s)| {
-                let (mut dw, mut db, mut xhat) = (vec![0f32; d], vec![0f32; d], vec![0f32; d]);
-                layer_norm_backward_rows(x, ws, s, g, o, &mut dw, &mut db, &mut xhat);
+                let (mut dw, mut db) = (vec![0f32; d], vec![0f32; d]);
+                layer_norm_backward_rows(x, ws, s, g, o, &mut dw, &mut db);
                 (dw, db)
             })
             .collect();

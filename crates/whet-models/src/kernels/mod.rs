@@ -1025,7 +1025,7 @@ mod tests {
         let w = Tensor::<2>::random([k, n], Distribution::Normal(0.0, 1.0), &device);
         let x = x.require_grad();
         let y = bf16_matmul(x.clone(), w.clone());
-        let values = |t: Tensor<2>| t.into_data().convert::<f32>().to_vec::<f32>().unwrap();
+        let values = |t: Tensor<2>| t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap();
         let (xv, wv) = (values(x.clone().inner()), values(w.clone().inner()));
         let mut want = vec![0f32; m * n];
         bf16::emulate(
