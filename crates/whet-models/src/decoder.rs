@@ -121,9 +121,6 @@ impl KvCache {
     /// - k, v `[B, H_kv, T, hd]`
     /// - output `[B, H_kv, T_past + T, hd]`
     pub fn append(&mut self, layer: usize, k: Tensor<4>, v: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
-        if self.lens.len() < self.layers.len() {
-            self.lens.resize(self.layers.len(), 0);
-        }
         let [b, h, t, hd] = k.dims();
         let len = self.lens[layer];
         let (kb, vb) = match self.layers[layer].take() {

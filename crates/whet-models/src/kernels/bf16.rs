@@ -178,7 +178,6 @@ fn pairs_across(lo: &[f32], hi: Option<&[f32]>, out: &mut [u32]) {
 /// Packs `len` lines of an operand into `[pair][width]` u32 (`width` ≥ `len`, zeros beyond):
 /// line `l` is row `first + l` of `A` (`lines_are_rows`) or column `first + l` of `B`, and
 /// `k` runs along the other index. Whichever stride is 1 decides the loop that vectorises.
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn pack_lines(
     x: Strided,
@@ -188,7 +187,6 @@ fn pack_lines(
     k: usize,
     width: usize,
     out: &mut [u32],
-    scratch: &mut Vec<u32>,
 ) {
     // (stride between lines, stride along k)
     let (ls, ks) = if lines_are_rows {
@@ -200,10 +198,10 @@ fn pack_lines(
     let base = x.offset + first * ls;
     if ks == 1 && k > 0 {
         // Each line's k values are contiguous: convert the line, then spread its pairs.
-        scratch.resize(kp, 0);
+        let mut scratch = vec![0u32; kp];
         for l in 0..len {
             let start = base + l * ls;
-            pairs_of_line(&x.values[start..start + k], scratch);
+            pairs_of_line(&x.values[start..start + k], &mut scratch);
             for (p, &v) in scratch.iter().enumerate() {
                 out[p * width + l] = v;
             }
@@ -252,7 +250,6 @@ mod simd {
 
     /// [`pack_lines`] compiled for AVX-512, so that its loops vectorise 16 wide.
     #[target_feature(enable = "avx512f,avx512bw")]
-    #[allow(clippy::too_many_arguments)]
     fn wide_lines(
         x: Strided,
         lines_are_rows: bool,
@@ -262,16 +259,7 @@ mod simd {
         width: usize,
         out: &mut [u32],
     ) {
-        pack_lines(
-            x,
-            lines_are_rows,
-            first,
-            len,
-            k,
-            width,
-            out,
-            &mut Vec::new(),
-        );
+        pack_lines(x, lines_are_rows, first, len, k, width, out);
     }
 
     /// Packs `lines` lines of `x` in groups of `width`, each group `[pair][line]`: u32 bf16 pairs

@@ -254,8 +254,7 @@ pub fn quant_matmul<const D: usize>(x: Tensor<D>, w: &Arc<QuantMatrix>) -> Tenso
 /// - output `[..., m, n]`
 pub fn bf16_matmul<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> Tensor<D> {
     let (da, db) = (a.dims(), b.dims());
-    let flex = matches!(a.device().inner().as_dispatch(), DispatchDevice::Flex(_));
-    if !flex || kernels_off() || !bf16::available() || da[..D - 2] != db[..D - 2] {
+    if !on_flex(&a) || !bf16::available() || da[..D - 2] != db[..D - 2] {
         let bf = burn::tensor::FloatDType::BF16;
         return a
             .cast(bf)
