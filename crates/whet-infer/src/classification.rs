@@ -8,6 +8,7 @@ use std::path::Path;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use whet_data::{Batch, Encoded, Example, Labels, Target, collate, tokenize};
 use whet_models::config::ProblemType;
+use whet_models::unpad::Unpadded;
 use whet_models::{Checkpoint, Classifier, ClassifierInput, Mode, TextTokenizer};
 
 use crate::error::{InferError, Result};
@@ -22,12 +23,14 @@ pub enum BatchLabels {
 }
 
 /// Builds model inputs and labels of a padded batch on `device` (`n_labels` sizes the
-/// multi-hot rows of multi-label targets).
+/// multi-hot rows of multi-label targets); `padding_free` runs the model without the batch's
+/// padding ([`whet_models::unpad`]).
 pub fn to_input(
     b: &Batch,
     device: &Device,
     with_types: bool,
     n_labels: usize,
+    padding_free: bool,
 ) -> (ClassifierInput, BatchLabels) {
     let t = |v: &Vec<i64>| {
         Tensor::<2, Int>::from_data(TensorData::new(v.clone(), [b.batch, b.len]), device)
@@ -52,6 +55,7 @@ pub fn to_input(
             input_ids: t(&b.input_ids),
             attention_mask: t(&b.attention_mask),
             token_type_ids: with_types.then(|| t(&b.token_type_ids)),
+            unpadded: padding_free.then(|| Unpadded::from_mask(&b.attention_mask, b.batch, b.len)),
         },
         labels,
     )
@@ -86,7 +90,7 @@ pub fn predict(
     for chunk in enc.chunks(32) {
         let items: Vec<&Encoded> = chunk.iter().collect();
         let b = collate(&items, pad_id);
-        let (input, _) = to_input(&b, device, with_types, 0);
+        let (input, _) = to_input(&b, device, with_types, 0, true);
         let logits = model.forward(input, Mode::Eval)?;
         let probs = if multi_label {
             burn::tensor::activation::sigmoid(logits)

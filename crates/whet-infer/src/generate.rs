@@ -111,6 +111,7 @@ pub fn generate<M: CausalLm>(
             attention_mask: Tensor::ones([1, past + t], device),
             position_ids: None,
             document_ids: None,
+            unpadded: None,
         };
         let hidden = model.forward_hidden(input, Some(&mut cache), Mode::Eval);
         let [_, _, h] = hidden.dims();
@@ -222,6 +223,7 @@ pub fn generate_batch<M: CausalLm>(
             attention_mask: tensor(full_mask, cols),
             position_ids: Some(tensor(shifted, t)),
             document_ids: None,
+            unpadded: None,
         };
         let hidden = model.forward_hidden(input, Some(&mut cache), Mode::Eval);
         let [_, n, h] = hidden.dims();

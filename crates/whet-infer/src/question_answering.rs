@@ -12,6 +12,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use serde::Serialize;
 use whet_data::{QaExample, QaFeature, qa_features};
 use whet_models::bert::{BertForQuestionAnswering, EncoderInput};
+use whet_models::unpad::Unpadded;
 use whet_models::{Checkpoint, Mode, TextTokenizer};
 
 use crate::error::{InferError, Result};
@@ -54,11 +55,13 @@ pub fn collate(items: &[&QaFeature], pad_id: u32) -> QaBatch {
     b
 }
 
-/// Start and end logits `[B, T]` of a batch.
+/// Start and end logits `[B, T]` of a batch; `padding_free` runs the model without the
+/// batch's padding ([`whet_models::unpad`]).
 pub fn logits(
     model: &BertForQuestionAnswering,
     b: &QaBatch,
     mode: Mode,
+    padding_free: bool,
     device: &Device,
 ) -> (Tensor<2>, Tensor<2>) {
     let t = |v: &Vec<i64>| {
@@ -69,6 +72,7 @@ pub fn logits(
             input_ids: t(&b.input_ids),
             attention_mask: t(&b.attention_mask),
             token_type_ids: Some(t(&b.token_type_ids)),
+            unpadded: padding_free.then(|| Unpadded::from_mask(&b.attention_mask, b.batch, b.len)),
         },
         mode,
     );
@@ -141,7 +145,7 @@ pub fn answer(
     let mut found: Vec<QaAnswer> = Vec::new();
     for f in &features {
         let b = collate(&[f], 0);
-        let (s, e) = logits(model, &b, Mode::Eval, device);
+        let (s, e) = logits(model, &b, Mode::Eval, true, device);
         let probs = |v: Vec<f32>| {
             let allowed = |i: usize| i == 0 || f.context_offsets[i].is_some();
             let max = (0..v.len())

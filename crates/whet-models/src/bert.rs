@@ -18,6 +18,7 @@ use crate::layers::{
     scaled_dot_product, split_heads,
 };
 use crate::prompt::{PromptEncoder, PromptShape, PromptSlot, VirtualTokens, widen_mask};
+use crate::unpad::{Layout, Unpadded};
 use crate::weights::{VisitParams, Visitor, Weights, join};
 
 /// BERT hyper-parameters, as in `transformers.BertConfig`.
@@ -81,6 +82,9 @@ pub struct EncoderInput {
     pub attention_mask: Tensor<2, Int>,
     /// `[B, T]`, segment ids; zeros when absent.
     pub token_type_ids: Option<Tensor<2, Int>>,
+    /// Where the real tokens are, to run padding-free ([`crate::unpad`]); `None` runs the
+    /// padded rows as they are.
+    pub unpadded: Option<Unpadded>,
 }
 
 /// Word + position + token-type embeddings, then LayerNorm and dropout.
@@ -206,32 +210,37 @@ impl BertLayer {
         })
     }
 
+    /// Token-wise layers run in `layout`, attention on padded rows.
+    ///
     /// # Shapes
-    /// - x `[B, T, H]`, bias `[B, 1, T, P + T]`, prefix keys and values `[B, heads, P, hd]`
-    /// - output `[B, T, H]`
+    /// - x `[B, T, H]` (`[1, N, H]` padding-free), bias `[B, 1, T, P + T]`, prefix keys and
+    ///   values `[B, heads, P, hd]`
+    /// - output as x
     fn forward(
         &self,
         x: Tensor<3>,
+        layout: &Layout,
         bias: Tensor<4>,
         prefix: Option<&(Tensor<4>, Tensor<4>)>,
         mode: Mode,
     ) -> Tensor<3> {
-        let q = split_heads(self.query.forward(x.clone(), mode), self.heads);
-        let mut k = split_heads(self.key.forward(x.clone(), mode), self.heads);
-        let mut v = split_heads(self.value.forward(x.clone(), mode), self.heads);
+        let heads = |y: Tensor<3>| split_heads(layout.pad(y), self.heads);
+        let q = heads(self.query.forward(x.clone(), mode));
+        let mut k = heads(self.key.forward(x.clone(), mode));
+        let mut v = heads(self.value.forward(x.clone(), mode));
         if let Some((pk, pv)) = prefix {
             // (B, h, P, hd) ++ (B, h, T, hd) -> (B, h, P + T, hd)
             k = Tensor::cat(vec![pk.clone(), k], 2);
             v = Tensor::cat(vec![pv.clone(), v], 2);
         }
-        let ctx = merge_heads(scaled_dot_product(
+        let ctx = layout.enter(merge_heads(scaled_dot_product(
             q,
             k,
             v,
             bias,
             self.attention_dropout,
             mode,
-        ));
+        )));
         let attn = dropout(
             self.attention_output.forward(ctx, mode),
             self.hidden_dropout,
@@ -332,13 +341,21 @@ impl BertModel {
                 }
             }
         }
-        let mut x = self
+        let p = soft_prompt.as_ref().map_or(0, |e| e.dims()[1]);
+        let layout = Layout::new(
+            input.unpadded.map(|u| u.widen(p)).as_ref(),
+            &input.input_ids.device(),
+        );
+        let x = self
             .embeddings
             .forward(input.input_ids, types, soft_prompt, first, mode);
         let bias = attention_bias(mask.equal_elem(1), x.dims()[1], false);
+        let mut x = layout.enter(x);
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(x, bias.clone(), prefix.as_ref().map(|kv| &kv[i]), mode);
+            let prefix = prefix.as_ref().map(|kv| &kv[i]);
+            x = layer.forward(x, &layout, bias.clone(), prefix, mode);
         }
+        let x = layout.pad(x);
         let pooler_output = self.pooler.as_ref().map(|p| pool(p, x.clone(), mode));
         EncoderOutput {
             last_hidden_state: x,

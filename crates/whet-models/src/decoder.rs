@@ -19,6 +19,9 @@ pub struct DecoderInput {
     /// `[B, T]` for rows packed with several documents: a token attends only to earlier tokens
     /// of the same document (no cache). `None`: one document per row.
     pub document_ids: Option<Tensor<2, Int>>,
+    /// Where the real tokens of the `[B, T]` new tokens are, to run padding-free
+    /// ([`crate::unpad`]); `None` runs the padded rows as they are.
+    pub unpadded: Option<crate::unpad::Unpadded>,
 }
 
 impl DecoderInput {
@@ -30,6 +33,7 @@ impl DecoderInput {
             attention_mask: mask,
             position_ids: None,
             document_ids: None,
+            unpadded: None,
         }
     }
 }

@@ -17,6 +17,7 @@ use crate::layers::{
     scaled_dot_product, split_heads,
 };
 use crate::prompt::{PromptEncoder, PromptShape, PromptSlot, VirtualTokens, widen_mask};
+use crate::unpad::Layout;
 use crate::weights::{VisitParams, Visitor, Weights, join};
 
 /// DistilBERT hyper-parameters, as in `transformers.DistilBertConfig`.
@@ -100,21 +101,24 @@ impl DistilBertLayer {
         })
     }
 
+    /// Token-wise layers run in `layout`, attention on padded rows.
+    ///
     /// # Shapes
-    /// - x `[B, T, D]`, bias `[B, 1, T, T]`
-    /// - output `[B, T, D]`
-    fn forward(&self, x: Tensor<3>, bias: Tensor<4>, mode: Mode) -> Tensor<3> {
-        let q = split_heads(self.q_lin.forward(x.clone(), mode), self.heads);
-        let k = split_heads(self.k_lin.forward(x.clone(), mode), self.heads);
-        let v = split_heads(self.v_lin.forward(x.clone(), mode), self.heads);
-        let ctx = merge_heads(scaled_dot_product(
+    /// - x `[B, T, D]` (`[1, N, D]` padding-free), bias `[B, 1, T, T]`
+    /// - output as x
+    fn forward(&self, x: Tensor<3>, layout: &Layout, bias: Tensor<4>, mode: Mode) -> Tensor<3> {
+        let heads = |y: Tensor<3>| split_heads(layout.pad(y), self.heads);
+        let q = heads(self.q_lin.forward(x.clone(), mode));
+        let k = heads(self.k_lin.forward(x.clone(), mode));
+        let v = heads(self.v_lin.forward(x.clone(), mode));
+        let ctx = layout.enter(merge_heads(scaled_dot_product(
             q,
             k,
             v,
             bias,
             self.attention_dropout,
             mode,
-        ));
+        )));
         let sa = self
             .sa_layer_norm
             .forward(self.out_lin.forward(ctx, mode) + x);
@@ -188,10 +192,12 @@ impl DistilBertModel {
         let [b, _] = input.input_ids.dims();
         let mut words = self.word_embeddings.forward(input.input_ids);
         let mut mask = input.attention_mask;
+        let mut unpadded = input.unpadded;
         match self.prompt.as_ref().and_then(|e| e.virtual_tokens(b)) {
             None => {}
             Some(VirtualTokens::Embeddings(e)) => {
                 mask = widen_mask(mask, e.dims()[1]);
+                unpadded = unpadded.map(|u| u.widen(e.dims()[1]));
                 // (B, P, D) ++ (B, T, D) -> (B, P + T, D)
                 words = Tensor::cat(vec![e, words], 1);
             }
@@ -205,12 +211,14 @@ impl DistilBertModel {
             .reshape([1, t])
             .expand([b, t]);
         let x = words + self.position_embeddings.forward(positions);
-        let mut x = dropout(self.embeddings_norm.forward(x), self.dropout, mode);
+        let x = dropout(self.embeddings_norm.forward(x), self.dropout, mode);
+        let layout = Layout::new(unpadded.as_ref(), &mask.device());
         let bias = attention_bias(mask.equal_elem(1), t, false);
+        let mut x = layout.enter(x);
         for layer in &self.layers {
-            x = layer.forward(x, bias.clone(), mode);
+            x = layer.forward(x, &layout, bias.clone(), mode);
         }
-        x
+        layout.pad(x)
     }
 
     /// The sizes of this model's virtual tokens (a soft prompt only).

@@ -19,6 +19,7 @@ use crate::layers::{
     split_heads,
 };
 use crate::prompt::{PromptEncoder, PromptShape, PromptSlot};
+use crate::unpad::Layout;
 use crate::weights::{VisitParams, Visitor, Weights, join};
 
 /// GPT-2 hyper-parameters, as in `transformers.GPT2Config`.
@@ -104,26 +105,37 @@ impl Gpt2Block {
         })
     }
 
+    /// Token-wise layers run in `layout`, attention on padded rows.
+    ///
     /// # Shapes
-    /// - x `[B, T, E]`, bias `[B, 1, T, T_past + T]`
-    /// - output `[B, T, E]`
+    /// - x `[B, T, E]` (`[1, N, E]` padding-free), bias `[B, 1, T, T_past + T]`
+    /// - output as x
     fn forward(
         &self,
         x: Tensor<3>,
+        layout: &Layout,
         bias: Tensor<4>,
         cache: Option<(&mut KvCache, usize)>,
         mode: Mode,
     ) -> Tensor<3> {
-        let [b, t, e] = x.dims();
         // (B, T, E) -> (B, T, 3E) -> three (B, T, E)
-        let qkv = self.c_attn.forward(self.ln_1.forward(x.clone()), mode);
+        let qkv = layout.pad(self.c_attn.forward(self.ln_1.forward(x.clone()), mode));
+        let [b, t, e3] = qkv.dims();
+        let e = e3 / 3;
         let q = split_heads(qkv.clone().slice([0..b, 0..t, 0..e]), self.heads);
         let mut k = split_heads(qkv.clone().slice([0..b, 0..t, e..2 * e]), self.heads);
         let mut v = split_heads(qkv.slice([0..b, 0..t, 2 * e..3 * e]), self.heads);
         if let Some((cache, layer)) = cache {
             (k, v) = cache.append(layer, k, v);
         }
-        let ctx = merge_heads(scaled_dot_product(q, k, v, bias, self.attn_pdrop, mode));
+        let ctx = layout.enter(merge_heads(scaled_dot_product(
+            q,
+            k,
+            v,
+            bias,
+            self.attn_pdrop,
+            mode,
+        )));
         let x = x + dropout(self.attn_proj.forward(ctx, mode), self.resid_pdrop, mode);
         let h = self
             .act
@@ -196,12 +208,16 @@ impl Gpt2Model {
                 .expand([b, t])
         });
         let x = x + self.wpe.forward(positions);
-        let mut x = dropout(x, self.embd_pdrop, mode);
+        let unpadded = input
+            .unpadded
+            .map(|u| u.widen(t - input.input_ids.dims()[1]));
+        let layout = Layout::new(unpadded.as_ref(), &x.device());
+        let mut x = layout.enter(dropout(x, self.embd_pdrop, mode));
         for (i, block) in self.h.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| (c, i));
-            x = block.forward(x, bias.clone(), layer_cache, mode);
+            x = block.forward(x, &layout, bias.clone(), layer_cache, mode);
         }
-        self.ln_f.forward(x)
+        layout.pad(self.ln_f.forward(x))
     }
 }
 

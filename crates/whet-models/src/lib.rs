@@ -20,6 +20,7 @@ pub mod llama;
 pub mod precision;
 pub mod prompt;
 pub mod quant;
+pub mod unpad;
 pub mod weights;
 
 use std::path::{Path, PathBuf};
@@ -663,6 +664,9 @@ pub struct ClassifierInput {
     pub attention_mask: Tensor<2, burn::tensor::Int>,
     /// `[B, T]`, encoders only.
     pub token_type_ids: Option<Tensor<2, burn::tensor::Int>>,
+    /// Where the real tokens are, to run padding-free ([`unpad`]); `None` runs the padded
+    /// rows as they are.
+    pub unpadded: Option<unpad::Unpadded>,
 }
 
 impl Classifier {
@@ -673,12 +677,14 @@ impl Classifier {
             input_ids: input.input_ids.clone(),
             attention_mask: input.attention_mask.clone(),
             token_type_ids: input.token_type_ids.clone(),
+            unpadded: input.unpadded.clone(),
         };
         let dec = || DecoderInput {
             input_ids: input.input_ids.clone(),
             attention_mask: input.attention_mask.clone(),
             position_ids: None,
             document_ids: None,
+            unpadded: input.unpadded.clone(),
         };
         match self {
             Classifier::Bert(m) => Ok(m.forward(enc(), mode)),

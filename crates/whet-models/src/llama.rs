@@ -19,6 +19,7 @@ use crate::layers::{
     Embedding, Linear, Mode, RmsNorm, TorchLinear, merge_heads, scaled_dot_product, split_heads,
 };
 use crate::prompt::{PromptEncoder, PromptShape, PromptSlot};
+use crate::unpad::Layout;
 use crate::weights::{VisitParams, Visitor, Weights, join};
 
 /// LLaMA hyper-parameters, as in `transformers.LlamaConfig` (and Mistral / Qwen2 configs).
@@ -316,27 +317,25 @@ impl LlamaLayer {
         })
     }
 
+    /// Token-wise layers run in `layout`, attention on padded rows.
+    ///
     /// # Shapes
-    /// - x `[B, T, H]`, bias `[B, 1, T, T_past + T]`
-    /// - output `[B, T, H]`
+    /// - x `[B, T, H]` (`[1, N, H]` padding-free), bias `[B, 1, T, T_past + T]`
+    /// - output as x
     fn forward(
         &self,
         x: Tensor<3>,
+        layout: &Layout,
         rope: &Rope,
         bias: Tensor<4>,
         cache: Option<(&mut KvCache, usize)>,
         mode: Mode,
     ) -> Tensor<3> {
         let h = self.input_layernorm.forward(x.clone());
-        let q = rope.apply(split_heads(
-            self.q_proj.forward(h.clone(), mode),
-            self.heads,
-        ));
-        let mut k = rope.apply(split_heads(
-            self.k_proj.forward(h.clone(), mode),
-            self.kv_heads,
-        ));
-        let mut v = split_heads(self.v_proj.forward(h, mode), self.kv_heads);
+        let heads = |y: Tensor<3>, n| split_heads(layout.pad(y), n);
+        let q = rope.apply(heads(self.q_proj.forward(h.clone(), mode), self.heads));
+        let mut k = rope.apply(heads(self.k_proj.forward(h.clone(), mode), self.kv_heads));
+        let mut v = heads(self.v_proj.forward(h, mode), self.kv_heads);
         if let Some((cache, layer)) = cache {
             (k, v) = cache.append(layer, k, v);
         }
@@ -349,7 +348,7 @@ impl LlamaLayer {
             self.attention_dropout,
             mode,
         );
-        let x = x + self.o_proj.forward(merge_heads(ctx), mode);
+        let x = x + self.o_proj.forward(layout.enter(merge_heads(ctx)), mode);
         let h = self.post_attention_layernorm.forward(x.clone());
         let gated = self.act.forward(self.gate_proj.forward(h.clone(), mode))
             * self.up_proj.forward(h, mode);
@@ -433,11 +432,16 @@ impl LlamaModel {
                 .expand([b, t])
         });
         let rope = Rope::new(positions, self.inv_freq.clone());
+        let unpadded = input
+            .unpadded
+            .map(|u| u.widen(t - input.input_ids.dims()[1]));
+        let layout = Layout::new(unpadded.as_ref(), &x.device());
+        let mut x = layout.enter(x);
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| (c, i));
-            x = layer.forward(x, &rope, bias.clone(), layer_cache, mode);
+            x = layer.forward(x, &layout, &rope, bias.clone(), layer_cache, mode);
         }
-        self.norm.forward(x)
+        layout.pad(self.norm.forward(x))
     }
 }
 

@@ -28,6 +28,7 @@ mod whet_infer_free {
                 attention_mask: Tensor::ones([1, cache.len() + t], device),
                 position_ids: None,
                 document_ids: None,
+                unpadded: None,
             };
             let h = model.forward_hidden(input, Some(&mut cache), Mode::Eval);
             let [_, _, d] = h.dims();
@@ -65,6 +66,7 @@ fn minilm_hidden_states_match_transformers() {
             input_ids: fx.ids2("input_ids", &device),
             attention_mask: fx.ids2("attention_mask", &device),
             token_type_ids: Some(fx.ids2("token_type_ids", &device)),
+            unpadded: None,
         },
         Mode::Eval,
     );

@@ -14,6 +14,7 @@ use common::*;
 use whet_models::bert::{BertConfig, BertForQuestionAnswering, EncoderInput};
 use whet_models::decoder::{causal_lm_loss, position_ids};
 use whet_models::layers::cross_entropy;
+use whet_models::unpad::Unpadded;
 use whet_models::{
     CausalLm, Checkpoint, Classifier, ClassifierInput, DecoderInput, ExportParams, Mode, NamedParam,
 };
@@ -70,7 +71,23 @@ fn check_loss_and_grads(fx: &Fixture, loss: Tensor<1>, params: Vec<NamedParam>) 
     );
 }
 
+/// The padding-free layout of the fixture's `[B, T]` mask `name`, when `padding_free`; the
+/// mask must have padding, or padding-free would test nothing.
+fn unpadded(fx: &Fixture, name: &str, padding_free: bool) -> Option<Unpadded> {
+    let mask = fx.i64(name);
+    assert!(mask.contains(&0), "{name} has no padding");
+    let [b, t] = fx.ids2(name, &Device::flex()).dims();
+    padding_free.then(|| Unpadded::from_mask(&mask, b, t))
+}
+
+/// Logits, loss and every gradient equal transformers', padded and padding-free.
 fn classifier_case(dir: &str) {
+    for padding_free in [false, true] {
+        classifier_case_with(dir, padding_free);
+    }
+}
+
+fn classifier_case_with(dir: &str, padding_free: bool) {
     let root = fixtures().join(dir);
     let fx = Fixture::open(&root.join("fixture.safetensors"));
     let ckpt = Checkpoint::open(&root).unwrap();
@@ -88,6 +105,7 @@ fn classifier_case(dir: &str) {
         token_type_ids: fx
             .has("token_type_ids")
             .then(|| fx.ids2("token_type_ids", d)),
+        unpadded: unpadded(&fx, "attention_mask", padding_free),
     };
     let logits = model.forward(input(&device), Mode::Eval).unwrap();
     assert_close("logits", &values(logits), &fx.f32("logits"), LOGITS_TOL);
@@ -120,12 +138,44 @@ fn tiny_llama_sequence_classification() {
     classifier_case("tiny-llama-cls");
 }
 
+/// Start and end logits, loss and gradients equal transformers'; padding-free, the logits at the
+/// real tokens do (transformers' loss takes the padding positions' logits into its softmax, and
+/// a padding-free batch has none: the trainer leaves them out, see whet-train's QA objective).
 #[test]
 fn tiny_bert_question_answering() {
     let root = fixtures().join("tiny-bert-qa");
     let fx = Fixture::open(&root.join("fixture.safetensors"));
     let ckpt = Checkpoint::open(&root).unwrap();
     let config = BertConfig::from_folder(&root).unwrap();
+    let mask = fx.i64("attention_mask");
+    let real = |v: Vec<f32>| -> Vec<f32> {
+        v.into_iter()
+            .zip(&mask)
+            .filter(|(_, m)| **m == 1)
+            .map(|(x, _)| x)
+            .collect()
+    };
+    {
+        let device = eval_device();
+        let (model, _) = BertForQuestionAnswering::load(&ckpt.weights(&device), &config).unwrap();
+        let out = model.forward(
+            EncoderInput {
+                input_ids: fx.ids2("input_ids", &device),
+                attention_mask: fx.ids2("attention_mask", &device),
+                token_type_ids: Some(fx.ids2("token_type_ids", &device)),
+                unpadded: unpadded(&fx, "attention_mask", true),
+            },
+            Mode::Eval,
+        );
+        for (name, got) in [("start", out.start), ("end", out.end)] {
+            assert_close(
+                &format!("{name} (padding-free)"),
+                &real(values(got)),
+                &real(fx.f32(&format!("{name}_logits"))),
+                LOGITS_TOL,
+            );
+        }
+    }
     for (device, grads) in [(eval_device(), false), (grad_device(), true)] {
         let (model, fresh) =
             BertForQuestionAnswering::load(&ckpt.weights(&device), &config).unwrap();
@@ -137,6 +187,7 @@ fn tiny_bert_question_answering() {
                 token_type_ids: fx
                     .has("token_type_ids")
                     .then(|| fx.ids2("token_type_ids", &device)),
+                unpadded: None,
             },
             Mode::Eval,
         );
@@ -169,7 +220,7 @@ fn masked_rows(logits: &[f32], mask: &[i64], vocab: usize) -> Vec<f32> {
 }
 
 /// Compares the eval-mode logits of the checkpoint at `root` with the fixture's right- and
-/// left-padded `logits_*`, at the real tokens.
+/// left-padded `logits_*`, at the real tokens, padded and padding-free.
 fn check_causal_logits(root: &Path, fx: &Fixture) {
     let device = eval_device();
     let model = Checkpoint::open(root)
@@ -177,7 +228,12 @@ fn check_causal_logits(root: &Path, fx: &Fixture) {
         .load_causal_lm(&device)
         .unwrap();
     let vocab = model.vocab_size();
-    for side in ["right", "left"] {
+    for (side, padding_free) in [
+        ("right", false),
+        ("left", false),
+        ("right", true),
+        ("left", true),
+    ] {
         let ids = fx.ids2(&format!("input_ids_{side}"), &device);
         let mask_values = fx.i64(&format!("attention_mask_{side}"));
         let [b, t] = ids.dims();
@@ -190,12 +246,13 @@ fn check_causal_logits(root: &Path, fx: &Fixture) {
             attention_mask: fx.ids2(&format!("attention_mask_{side}"), &device),
             position_ids: (side == "left").then_some(positions),
             document_ids: None,
+            unpadded: unpadded(fx, &format!("attention_mask_{side}"), padding_free),
         };
         let logits = values(model.forward_logits(input, Mode::Eval));
         // Padded positions carry no meaning (and differ between attention kernels): compare the
         // real tokens.
         assert_close(
-            &format!("logits ({side} padding)"),
+            &format!("logits ({side} padding, padding-free {padding_free})"),
             &masked_rows(&logits, &mask_values, vocab),
             &masked_rows(&fx.f32(&format!("logits_{side}")), &mask_values, vocab),
             LOGITS_TOL,
@@ -208,20 +265,23 @@ fn causal_case(dir: &str) {
     let fx = Fixture::open(&root.join("fixture.safetensors"));
     check_causal_logits(&root, &fx);
 
-    let device = grad_device();
-    let model = Checkpoint::open(&root)
-        .unwrap()
-        .load_causal_lm(&device)
-        .unwrap();
-    let input = DecoderInput {
-        input_ids: fx.ids2("input_ids_right", &device),
-        attention_mask: fx.ids2("attention_mask_right", &device),
-        position_ids: None,
-        document_ids: None,
-    };
-    let logits = model.forward_logits(input, Mode::Eval);
-    let loss = causal_lm_loss(logits, fx.ids2("labels", &device));
-    check_loss_and_grads(&fx, loss, model.named_params());
+    for padding_free in [false, true] {
+        let device = grad_device();
+        let model = Checkpoint::open(&root)
+            .unwrap()
+            .load_causal_lm(&device)
+            .unwrap();
+        let input = DecoderInput {
+            input_ids: fx.ids2("input_ids_right", &device),
+            attention_mask: fx.ids2("attention_mask_right", &device),
+            position_ids: None,
+            document_ids: None,
+            unpadded: unpadded(&fx, "attention_mask_right", padding_free),
+        };
+        let logits = model.forward_logits(input, Mode::Eval);
+        let loss = causal_lm_loss(logits, fx.ids2("labels", &device));
+        check_loss_and_grads(&fx, loss, model.named_params());
+    }
 }
 
 #[test]
@@ -421,6 +481,7 @@ fn train_mode_applies_dropout() {
         input_ids: fx.ids2("input_ids", &device),
         attention_mask: fx.ids2("attention_mask", &device),
         token_type_ids: None,
+        unpadded: None,
     };
     let eval_a = values(model.forward(input.clone(), Mode::Eval).unwrap());
     let eval_b = values(model.forward(input.clone(), Mode::Eval).unwrap());

@@ -53,6 +53,7 @@ fn input(b: &Batch, device: &Device) -> ClassifierInput {
         input_ids: t(&b.ids.0),
         attention_mask: t(&b.mask),
         token_type_ids: b.types.as_ref().map(t),
+        unpadded: None,
     }
 }
 

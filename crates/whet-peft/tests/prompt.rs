@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use whet_models::decoder::causal_lm_loss;
+use whet_models::unpad::Unpadded;
 use whet_models::{
     CausalLm, Checkpoint, Classifier, ClassifierInput, DecoderInput, ExportParams, Mode,
 };
@@ -86,21 +87,35 @@ fn prompt_cases() -> Vec<PathBuf> {
     cases
 }
 
-fn classifier_logits(model: &Classifier, ex: &Expected, device: &Device) -> Vec<f32> {
+/// The fixture's batch without its padding when `padding_free`: the virtual tokens must then
+/// join the real tokens in the model's padding-free layout.
+fn unpadded(ex: &Expected, padding_free: bool) -> Option<Unpadded> {
+    let (mask, s) = ex.ints("attention_mask").unwrap();
+    padding_free.then(|| Unpadded::from_mask(&mask, s[0], s[1]))
+}
+
+fn classifier_logits(
+    model: &Classifier,
+    ex: &Expected,
+    padding_free: bool,
+    device: &Device,
+) -> Vec<f32> {
     let input = ClassifierInput {
         input_ids: ex.int_tensor("input_ids", device).unwrap(),
         attention_mask: ex.int_tensor("attention_mask", device).unwrap(),
         token_type_ids: ex.int_tensor("token_type_ids", device),
+        unpadded: unpadded(ex, padding_free),
     };
     values(model.forward(input, Mode::Eval).unwrap())
 }
 
-fn lm_input(ex: &Expected, device: &Device) -> DecoderInput {
+fn lm_input(ex: &Expected, padding_free: bool, device: &Device) -> DecoderInput {
     DecoderInput {
         input_ids: ex.int_tensor("input_ids", device).unwrap(),
         attention_mask: ex.int_tensor("attention_mask", device).unwrap(),
         position_ids: None,
         document_ids: None,
+        unpadded: unpadded(ex, padding_free),
     }
 }
 
@@ -112,11 +127,15 @@ fn rows(v: &[f32], width: usize, rows: &[usize]) -> Vec<f32> {
 }
 
 /// peft → whet: every prompt-learning adapter peft saved loads onto its base and gives peft's
-/// logits (and, for causal LMs, peft's loss); whet counts parameters as peft does.
+/// logits (and, for causal LMs, peft's loss), padded and padding-free; whet counts parameters as
+/// peft does.
 #[test]
 fn adapters_saved_by_peft_give_peft_logits_loss_and_counts() {
     let device = Device::flex();
-    for case in prompt_cases() {
+    for (case, padding_free) in prompt_cases()
+        .into_iter()
+        .flat_map(|c| [(c.clone(), false), (c, true)])
+    {
         let m = meta(&case);
         let base = Checkpoint::open(fixtures().join(m["base_fixture"].as_str().unwrap())).unwrap();
         let ex = Expected::open(&case);
@@ -131,14 +150,18 @@ fn adapters_saved_by_peft_give_peft_logits_loss_and_counts() {
         let (config, counts) = if m["task_type"] == "CAUSAL_LM" {
             let mut lm = base.load_causal_lm(&device).unwrap();
             let config = load_adapter(&mut lm, &case, &device).unwrap();
-            let logits = lm.forward_logits(lm_input(&ex, &device), Mode::Eval);
+            let logits = lm.forward_logits(lm_input(&ex, padding_free, &device), Mode::Eval);
             assert_eq!(logits.dims().to_vec(), shape, "{}", case.display());
             let got = values(logits.clone());
             let d = max_diff(
                 &rows(&got, width, &comparable),
                 &rows(&want, width, &comparable),
             );
-            assert!(d <= 1e-4, "{}: logits differ by {d}", case.display());
+            assert!(
+                d <= 1e-4,
+                "{} (padding-free {padding_free}): logits differ by {d}",
+                case.display()
+            );
             // peft prefixes the labels with -100 for a soft prompt's positions.
             let (labels, ls) = ex.ints("labels").unwrap();
             let p = lm.virtual_positions();
@@ -163,12 +186,16 @@ fn adapters_saved_by_peft_give_peft_logits_loss_and_counts() {
         } else {
             let (mut model, _) = base.load_classifier(&device).unwrap();
             let config = load_adapter(&mut model, &case, &device).unwrap();
-            let got = classifier_logits(&model, &ex, &device);
+            let got = classifier_logits(&model, &ex, padding_free, &device);
             let d = max_diff(
                 &rows(&got, width, &comparable),
                 &rows(&want, width, &comparable),
             );
-            assert!(d <= 1e-4, "{}: logits differ by {d}", case.display());
+            assert!(
+                d <= 1e-4,
+                "{} (padding-free {padding_free}): logits differ by {d}",
+                case.display()
+            );
             // The adapter changes the output: the comparison is not of the base with itself.
             let base_logits = ex.floats("base_logits").0;
             let moved = max_diff(
@@ -210,7 +237,10 @@ fn a_soft_prompt_classifier_pools_the_last_real_token_of_padded_rows() {
     let (mut model, _) = base.load_classifier(&device).unwrap();
     load_adapter(&mut model, &case, &device).unwrap();
     let ex = Expected::open(&case);
-    let batch = classifier_logits(&model, &ex, &device);
+    let batch = classifier_logits(&model, &ex, false, &device);
+    let free = classifier_logits(&model, &ex, true, &device);
+    let d = max_diff(&free, &batch);
+    assert!(d < 1e-5, "padding-free vs padded {d}");
     let (ids, s) = ex.ints("input_ids").unwrap();
     let (mask, _) = ex.ints("attention_mask").unwrap();
     for r in 0..s[0] {
@@ -231,6 +261,7 @@ fn a_soft_prompt_classifier_pools_the_last_real_token_of_padded_rows() {
                         input_ids: row(&ids),
                         attention_mask: row(&mask),
                         token_type_ids: None,
+                        unpadded: None,
                     },
                     Mode::Eval,
                 )
@@ -270,7 +301,7 @@ fn save_then_load_round_trips_and_disabled_is_the_base() {
             .unwrap()
             .load_classifier(&device)
             .unwrap();
-        let base_logits = classifier_logits(&model, &ex, &device);
+        let base_logits = classifier_logits(&model, &ex, true, &device);
         let report = apply_prompt(&mut model, &config, &device).unwrap();
         assert!(report.counts.trainable > 0);
         // Only the encoder and the head train.
@@ -282,14 +313,14 @@ fn save_then_load_round_trips_and_disabled_is_the_base() {
             let expected = p.name.contains("prompt_encoder.") || p.name.starts_with("classifier.");
             assert_eq!(trains, expected, "{}", p.name);
         }
-        let with = classifier_logits(&model, &ex, &device);
+        let with = classifier_logits(&model, &ex, true, &device);
         assert!(
             max_diff(&with, &base_logits) > 1e-3,
             "virtual tokens change the output"
         );
         set_adapters_enabled(&mut model, false);
         assert_eq!(
-            max_diff(&classifier_logits(&model, &ex, &device), &base_logits),
+            max_diff(&classifier_logits(&model, &ex, true, &device), &base_logits),
             0.0
         );
         set_adapters_enabled(&mut model, true);
@@ -304,7 +335,7 @@ fn save_then_load_round_trips_and_disabled_is_the_base() {
             .unwrap();
         let back = load_adapter(&mut loaded, out.path(), &device).unwrap();
         assert_eq!(back.peft_type(), peft.peft_type());
-        let d = max_diff(&classifier_logits(&loaded, &ex, &device), &with);
+        let d = max_diff(&classifier_logits(&loaded, &ex, true, &device), &with);
         assert!(
             d < 1e-5,
             "{}: reloaded logits differ by {d}",

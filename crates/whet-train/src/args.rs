@@ -96,6 +96,24 @@ pub struct TrainingArguments {
     /// share a batch, so it is off by default, as in `transformers`.
     #[serde(default)]
     pub group_by_length: bool,
+    /// Batches run without their padding (`trl`'s `padding_free`), in training and in the
+    /// run's evaluations: projections, feed-forward layers and norms see only the real tokens,
+    /// flattened into one row, and attention alone puts them back into their rows (see
+    /// `whet_models::unpad`). Unset, it is on wherever the result is the padded batch's up to
+    /// float rounding (tests show it for every family and task): every task but question
+    /// answering, whose loss (as `transformers` computes it) takes the padding positions'
+    /// logits into its softmax; there `true` leaves them out, as if each window ran alone.
+    /// Dropout draws its masks over the real tokens only, so `false` repeats the random stream
+    /// of a padded run. The pipelines (`whet predict`) always run padding-free.
+    #[serde(default)]
+    pub padding_free: Option<bool>,
+}
+
+impl TrainingArguments {
+    /// `padding_free` as set, or the task's default when unset.
+    pub fn padding_free_or(&self, task_default: bool) -> bool {
+        self.padding_free.unwrap_or(task_default)
+    }
 }
 
 fn d_lr() -> f64 {
@@ -172,6 +190,7 @@ impl TrainingArguments {
             bf16: false,
             fp16: false,
             group_by_length: false,
+            padding_free: None,
         }
     }
 

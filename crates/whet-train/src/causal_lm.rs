@@ -14,6 +14,7 @@ use whet_data::{
     Encoding, IGNORE, Limit, LmExample, Table, chat, chat_completion, group_texts, pack,
     prompt_completion,
 };
+use whet_models::unpad::Unpadded;
 use whet_models::{
     CausalLm, CausalModel, ChatMessage, Checkpoint, DecoderInput, Mode, TextTokenizer,
 };
@@ -30,6 +31,8 @@ pub struct LanguageModelling {
     /// The model's soft-prompt positions (0 without prompt tuning): the first token of each row
     /// is then learnt too.
     pub soft_prompt: usize,
+    /// Batches run without their padding (`training.padding_free`).
+    pub padding_free: bool,
 }
 
 /// A right-padded batch of language-modelling rows.
@@ -87,6 +90,9 @@ impl LanguageModelling {
             attention_mask: t(&b.attention_mask),
             position_ids: Some(t(&b.position_ids)),
             document_ids: b.document_ids.as_ref().map(t),
+            unpadded: self
+                .padding_free
+                .then(|| Unpadded::from_mask(&b.attention_mask, b.batch, b.len)),
         }
     }
 
@@ -186,7 +192,14 @@ impl Objective for LanguageModelling {
         batch_size: usize,
         device: &Device,
     ) -> Result<Evaluation> {
-        let (loss, _) = evaluate_lm(model, data, batch_size, self.pad_id, device);
+        let (loss, _) = evaluate_lm(
+            model,
+            data,
+            batch_size,
+            self.pad_id,
+            self.padding_free,
+            device,
+        );
         Ok(Evaluation {
             loss,
             metrics: BTreeMap::from([("perplexity".to_string(), loss.exp())]),
@@ -196,12 +209,14 @@ impl Objective for LanguageModelling {
 }
 
 /// Mean next-token loss over every learnt token of `data` (not a mean of batch means), and
-/// the number of those tokens; perplexity is its exponential.
+/// the number of those tokens; perplexity is its exponential. `padding_free` runs the batches
+/// without their padding.
 pub fn evaluate_lm(
     model: &CausalModel,
     data: &[LmExample],
     batch_size: usize,
     pad_id: u32,
+    padding_free: bool,
     device: &Device,
 ) -> (f64, usize) {
     let model = &model.valid();
@@ -209,6 +224,7 @@ pub fn evaluate_lm(
     let objective = LanguageModelling {
         pad_id,
         soft_prompt: model.virtual_positions(),
+        padding_free,
     };
     let (mut sum, mut units) = (0.0, 0);
     for chunk in data.chunks(batch_size.max(1)) {
@@ -589,6 +605,7 @@ pub fn run_training(
     let objective = LanguageModelling {
         pad_id: p.pad_id,
         soft_prompt: p.model.virtual_positions(),
+        padding_free: recipe.training.padding_free_or(true),
     };
     crate::trainer::train(
         &objective,
@@ -734,7 +751,14 @@ impl Task for CausalLmTask {
         let mut out = Outcome::default();
         for (name, split) in [("eval", &p.validation), ("test", &p.test)] {
             if let Some(data) = split {
-                let (loss, tokens) = evaluate_lm(&p.model, data, batch, p.pad_id, &self.run.device);
+                let (loss, tokens) = evaluate_lm(
+                    &p.model,
+                    data,
+                    batch,
+                    p.pad_id,
+                    self.run.recipe.training.padding_free_or(true),
+                    &self.run.device,
+                );
                 out.results
                     .insert(format!("{name}_loss"), serde_json::json!(loss));
                 out.results

@@ -584,6 +584,7 @@ pub fn prepare(recipe: &crate::Recipe, device: &Device) -> Result<DpoPrepared> {
     let lm = LanguageModelling {
         pad_id,
         soft_prompt: model.virtual_positions(),
+        padding_free: recipe.training.padding_free_or(true),
     };
     let reference = match frozen {
         Some(m) => Reference::Frozen(Box::new(m)),

@@ -27,13 +27,32 @@ pub struct QuestionAnswering {
     /// The examples the evaluation features were cut from.
     pub eval_examples: Vec<QaExample>,
     pub max_answer_length: usize,
+    /// Batches run without their padding (`training.padding_free`, off unless set): the loss
+    /// then leaves padding positions out of its softmax, which `transformers` counts in (so
+    /// its loss depends on how far a batch is padded), as if each window ran alone.
+    pub padding_free: bool,
 }
 
 /// `(CE(start) + CE(end)) / 2` summed over the batch, as `BertForQuestionAnswering` computes
-/// its (mean) loss.
-fn summed_span_loss(start: Tensor<2>, end: Tensor<2>, b: &QaBatch, device: &Device) -> Tensor<1> {
+/// its (mean) loss. Its softmax runs over the padding positions too; a padding-free batch has
+/// no logits there (see [`QuestionAnswering::padding_free`]), so they are left out of it.
+fn summed_span_loss(
+    start: Tensor<2>,
+    end: Tensor<2>,
+    b: &QaBatch,
+    padding_free: bool,
+    device: &Device,
+) -> Tensor<1> {
     let n = b.batch;
+    let padding = padding_free.then(|| {
+        let mask = TensorData::new(b.attention_mask.clone(), [n, b.len]);
+        Tensor::<2, Int>::from_data(mask, device).equal_elem(0)
+    });
     let ce = |logits: Tensor<2>, target: &Vec<i64>| {
+        let logits = match &padding {
+            Some(p) => logits.mask_fill(p.clone(), whet_models::layers::MASK_VALUE),
+            None => logits,
+        };
         let idx = Tensor::<2, Int>::from_data(TensorData::new(target.clone(), [n, 1]), device);
         -burn::tensor::activation::log_softmax(logits, 1)
             .gather(1, idx)
@@ -104,8 +123,9 @@ impl QuestionAnswering {
         for chunk in data.chunks(batch_size.max(1)) {
             let items: Vec<&QaFeature> = chunk.iter().collect();
             let b = collate(&items, self.pad_id);
-            let (s, e) = logits(model, &b, Mode::Eval, device);
-            loss += summed_span_loss(s.clone(), e.clone(), &b, device).into_scalar::<f32>() as f64;
+            let (s, e) = logits(model, &b, Mode::Eval, self.padding_free, device);
+            loss += summed_span_loss(s.clone(), e.clone(), &b, self.padding_free, device)
+                .into_scalar::<f32>() as f64;
             let (s, e) = (to_vec(s), to_vec(e));
             for r in 0..b.batch {
                 starts.push(s[r * b.len..(r + 1) * b.len].to_vec());
@@ -173,8 +193,8 @@ impl Objective for QuestionAnswering {
         b: &QaBatch,
         device: &Device,
     ) -> Result<Tensor<1>> {
-        let (s, e) = logits(model, b, Mode::Train, device);
-        Ok(summed_span_loss(s, e, b, device))
+        let (s, e) = logits(model, b, Mode::Train, self.padding_free, device);
+        Ok(summed_span_loss(s, e, b, self.padding_free, device))
     }
 
     fn evaluate(
@@ -298,6 +318,7 @@ pub fn objective(p: &QaPrepared, recipe: &Recipe) -> QuestionAnswering {
             .map(|v| v.examples.clone())
             .unwrap_or_default(),
         max_answer_length: recipe.data.max_answer_length,
+        padding_free: recipe.training.padding_free_or(false),
     }
 }
 

@@ -27,6 +27,8 @@ pub struct PairwiseReward {
     pub pad_id: u32,
     /// Whether the model takes token type ids (the BERT family).
     pub with_types: bool,
+    /// Batches run without their padding (`training.padding_free`).
+    pub padding_free: bool,
 }
 
 /// Chosen rows then rejected rows, padded to the longest of both.
@@ -47,7 +49,7 @@ impl PairwiseReward {
         mode: Mode,
         device: &Device,
     ) -> Result<(Tensor<1>, Tensor<1>)> {
-        let (input, _) = to_input(&b.rows, device, self.with_types, 1);
+        let (input, _) = to_input(&b.rows, device, self.with_types, 1, self.padding_free);
         let scores = model.forward(input, mode)?;
         let [rows, width] = scores.dims();
         if width != 1 {
@@ -239,11 +241,12 @@ pub fn prepare(recipe: &crate::Recipe, device: &Device) -> Result<RewardPrepared
 }
 
 impl RewardPrepared {
-    /// The objective for this model.
-    pub fn objective(&self) -> PairwiseReward {
+    /// The objective for this model (`padding_free` as `training.padding_free`).
+    pub fn objective(&self, padding_free: bool) -> PairwiseReward {
         PairwiseReward {
             pad_id: self.pad_id,
             with_types: matches!(self.model, Classifier::Bert(_)),
+            padding_free,
         }
     }
 
@@ -255,7 +258,7 @@ impl RewardPrepared {
         observer: &mut dyn crate::Observer,
         resume: Option<&std::path::Path>,
     ) -> Result<crate::TrainSummary> {
-        let objective = self.objective();
+        let objective = self.objective(recipe.training.padding_free_or(true));
         crate::trainer::train(
             &objective,
             &mut self.model,
@@ -356,7 +359,7 @@ impl Task for RewardTask {
 
     fn evaluate(&mut self, _summary: &crate::TrainSummary) -> Result<Outcome> {
         let p = &self.p;
-        let objective = p.objective();
+        let objective = p.objective(self.run.recipe.training.padding_free_or(true));
         let batch = self.run.recipe.training.per_device_eval_batch_size;
         let mut out = Outcome::default();
         for (name, split) in [("eval", &p.validation), ("test", &p.test)] {

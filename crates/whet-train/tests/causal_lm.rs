@@ -67,9 +67,16 @@ fn evaluation_loss_matches_transformers() {
             .unwrap()
             .load_causal_lm(&device)
             .unwrap();
-        let (loss, units) = evaluate_lm(&model, &fixture_examples(&st), 2, 0, &device);
-        let want = f32s(&st, "loss")[0];
-        assert!(rel(loss as f32, want) < 1e-5, "{dir}: {loss} vs {want}");
+        for padding_free in [false, true] {
+            let (loss, _) =
+                evaluate_lm(&model, &fixture_examples(&st), 2, 0, padding_free, &device);
+            let want = f32s(&st, "loss")[0];
+            assert!(
+                rel(loss as f32, want) < 1e-5,
+                "{dir} (padding-free {padding_free}): {loss} vs {want}"
+            );
+        }
+        let (_, units) = evaluate_lm(&model, &fixture_examples(&st), 2, 0, true, &device);
         let learnt: usize = fixture_examples(&st)
             .iter()
             .map(|e| e.labels.iter().skip(1).filter(|&&l| l != IGNORE).count())
@@ -82,6 +89,12 @@ fn evaluation_loss_matches_transformers() {
 /// training mode computes what the fixture's forward did).
 #[test]
 fn training_loss_and_gradients_match_transformers() {
+    for padding_free in [false, true] {
+        check_training_loss_and_gradients(padding_free);
+    }
+}
+
+fn check_training_loss_and_gradients(padding_free: bool) {
     let root = fixtures().join("tiny-llama");
     let bytes = std::fs::read(root.join("fixture.safetensors")).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
@@ -94,9 +107,14 @@ fn training_loss_and_gradients_match_transformers() {
     let objective = LanguageModelling {
         pad_id: 0,
         soft_prompt: 0,
+        padding_free,
     };
     let examples = fixture_examples(&st);
     let batch = objective.collate(&examples.iter().collect::<Vec<_>>());
+    assert!(
+        batch.tokens < batch.batch * batch.len,
+        "the fixture's rows are padded"
+    );
     let units = objective.counts(&batch).units;
     let loss = objective
         .summed_loss(&model, &batch, &device)
@@ -104,7 +122,10 @@ fn training_loss_and_gradients_match_transformers() {
         .div_scalar(units as f64);
     let want = f32s(&st, "loss")[0];
     let got = loss.clone().into_scalar::<f32>();
-    assert!(rel(got, want) < 1e-5, "{got} vs {want}");
+    assert!(
+        rel(got, want) < 1e-5,
+        "padding-free {padding_free}: {got} vs {want}"
+    );
     let grads = loss.backward();
 
     // Every parameter's gradient in PyTorch's layout: linear weights (and the LM head) are held
@@ -155,7 +176,11 @@ fn training_loss_and_gradients_match_transformers() {
             .zip(&want)
             .map(|(a, b)| (a - b).abs())
             .fold(0.0, f32::max);
-        assert!(d / scale < 1e-4, "{name}: relative error {}", d / scale);
+        assert!(
+            d / scale < 1e-4,
+            "{name} (padding-free {padding_free}): relative error {}",
+            d / scale
+        );
     }
 }
 
@@ -187,8 +212,8 @@ fn packed_rows_compute_what_separate_rows_do() {
             .unwrap()
             .load_causal_lm(&device)
             .unwrap();
-        let (separate, n1) = evaluate_lm(&model, &docs, 8, 0, &device);
-        let (together, n2) = evaluate_lm(&model, &packed, 8, 0, &device);
+        let (separate, n1) = evaluate_lm(&model, &docs, 8, 0, true, &device);
+        let (together, n2) = evaluate_lm(&model, &packed, 8, 0, true, &device);
         assert_eq!(n1, n2, "{dir}: the same tokens are learnt");
         assert!(
             rel(together as f32, separate as f32) < 1e-5,
@@ -198,7 +223,7 @@ fn packed_rows_compute_what_separate_rows_do() {
         let mut leaky = packed.clone();
         leaky[0].document_ids.fill(0);
         leaky[0].document_ids[0] = 1; // keeps the batch "packed" but puts all later tokens together
-        let (mixed, _) = evaluate_lm(&model, &leaky, 8, 0, &device);
+        let (mixed, _) = evaluate_lm(&model, &leaky, 8, 0, true, &device);
         assert!(
             rel(mixed as f32, separate as f32) > 1e-4,
             "{dir}: the document mask must matter ({mixed} vs {separate})"
@@ -228,7 +253,7 @@ fn loss_with_prefix_and_prompt_adapters_matches_peft() {
             .unwrap();
         whet_peft::load_adapter(&mut model, &peft, &device).unwrap();
         let examples = fixture_examples(&st);
-        let (loss, units) = evaluate_lm(&model, &examples, 2, 0, &device);
+        let (loss, units) = evaluate_lm(&model, &examples, 2, 0, true, &device);
         assert!(rel(loss as f32, want) < 1e-5, "{case}: {loss} vs {want}");
         let soft = whet_models::CausalLm::virtual_positions(&model) > 0;
         let learnt: usize = examples

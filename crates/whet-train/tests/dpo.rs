@@ -152,6 +152,7 @@ fn sequence_logps_match_transformers_logits() {
     let lm = LanguageModelling {
         pad_id: 0,
         soft_prompt: 0,
+        padding_free: true,
     };
     let rows: Vec<&LmExample> = examples.iter().collect();
     let b = lm.collate(&rows);
@@ -185,6 +186,7 @@ fn the_adapter_off_reference_is_the_base_model() {
     let lm = || LanguageModelling {
         pad_id: 0,
         soft_prompt: 0,
+        padding_free: true,
     };
     let mut pairs = vec![DpoExample {
         chosen: examples[0].clone(),

@@ -65,6 +65,7 @@ fn batch(device: &Device) -> ClassifierInput {
         input_ids: t(ids),
         attention_mask: t(mask),
         token_type_ids: None,
+        unpadded: None,
     }
 }
 

@@ -61,6 +61,7 @@ fn span_loss_matches_transformers() {
         pad_id: 0,
         eval_examples: vec![],
         max_answer_length: 30,
+        padding_free: false,
     };
     // One batch padded to the longest row, as the fixture's: like `transformers`, the softmax
     // runs over padded positions too, so the loss depends on the padding.

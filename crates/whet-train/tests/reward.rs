@@ -84,6 +84,7 @@ fn pairwise_loss_and_gradients_match_trl() {
     let objective = PairwiseReward {
         pad_id: 0,
         with_types: true,
+        padding_free: true,
     };
     let data = pairs(&st);
     let batch = objective.collate(&data.iter().collect::<Vec<_>>());

@@ -52,6 +52,7 @@ fn main() -> anyhow::Result<()> {
         input_ids: ids(b, t, config.vocab_size, &device),
         attention_mask: Tensor::ones([b, t], &device),
         token_type_ids: None,
+        unpadded: None,
     };
     let secs = time(5, || {
         let out = bert.forward(input.clone(), Mode::Eval).last_hidden_state;

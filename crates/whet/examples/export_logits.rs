@@ -46,7 +46,7 @@ fn main() -> anyhow::Result<()> {
     let enc = tokenize(&t.tokenizer, &ex, t.max_length, Default::default())?;
     let b = collate(&enc.iter().collect::<Vec<_>>(), t.pad_id);
     let with_types = matches!(t.model, whet_models::Classifier::Bert(_));
-    let (input, _) = to_input(&b, &device, with_types, 0);
+    let (input, _) = to_input(&b, &device, with_types, 0, true);
     let logits = t.model.forward(input, whet_models::Mode::Eval)?;
     let dims = logits.dims().to_vec();
     let values: Vec<f32> = logits
@@ -178,6 +178,7 @@ fn question_answering(dir: &Path, out: &str, device: &Device) -> anyhow::Result<
             input_ids: tensor(&ids),
             attention_mask: tensor(&vec![1; t]),
             token_type_ids: Some(tensor(&types)),
+            unpadded: None,
         },
         whet_models::Mode::Eval,
     );

@@ -146,7 +146,11 @@ closest valid key, never ignored):
     scaling (a step whose gradients overflow is skipped); wgpu has no bf16; the CPU runs
     bf16 products only with AVX512-BF16 (elsewhere it says so and computes in f32),
     group_by_length (false): batches of similar lengths, as transformers' LengthGroupedSampler
-    (megabatches of up to 50 steps sorted longest first): less padding, other batches";
+    (megabatches of up to 50 steps sorted longest first): less padding, other batches,
+    padding_free (true; question-answering: false): projections and feed-forward layers
+    skip the batch's padding (attention alone runs on padded rows), in training and
+    evaluation; equal to padded batches up to float rounding, only dropout's random masks
+    differ; question answering then leaves padding out of the span softmax";
 
 #[derive(Subcommand, Debug)]
 enum Command {

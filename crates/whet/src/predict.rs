@@ -30,8 +30,15 @@ pub fn eval(
     };
     let ex = examples(&table, &cols, &t.labels, t.multi_label)?;
     let enc = tokenize(&t.tokenizer, &ex, t.max_length, Default::default())?;
-    let (loss, r, _) =
-        whet_train::evaluate(&t.model, &enc, t.labels.len(), batch, t.pad_id, &device)?;
+    let (loss, r, _) = whet_train::evaluate(
+        &t.model,
+        &enc,
+        t.labels.len(),
+        batch,
+        t.pad_id,
+        true,
+        &device,
+    )?;
     println!(
         "{}",
         report_table(

@@ -286,11 +286,12 @@ pub fn run_training(
     )
 }
 
-/// Evaluates a split.
+/// Evaluates a split (padding-free when asked).
 pub fn evaluate_split(
     p: &Prepared,
     split: &Split,
     batch: usize,
+    padding_free: bool,
     device: &Device,
 ) -> Result<(f64, whet_metrics::ClassificationReport)> {
     let (loss, report, _) = evaluate(
@@ -299,6 +300,7 @@ pub fn evaluate_split(
         p.labels.len(),
         batch,
         p.pad_id,
+        padding_free,
         device,
     )?;
     Ok((loss, report))
@@ -568,13 +570,14 @@ impl Task for ClassificationTask {
     fn evaluate(&mut self, _summary: &TrainSummary) -> Result<Outcome> {
         let p = &self.p;
         let batch = self.run.recipe.training.per_device_eval_batch_size;
+        let padding_free = self.run.recipe.training.padding_free_or(true);
         let mut out = Outcome::default();
         if let Some(v) = &p.validation {
-            let (loss, r) = evaluate_split(p, v, batch, &self.run.device)?;
+            let (loss, r) = evaluate_split(p, v, batch, padding_free, &self.run.device)?;
             out.results.extend(metric_map("eval", loss, &r, &p.labels));
         }
         if let Some(t) = &p.test {
-            let (loss, r) = evaluate_split(p, t, batch, &self.run.device)?;
+            let (loss, r) = evaluate_split(p, t, batch, padding_free, &self.run.device)?;
             out.results.extend(metric_map("test", loss, &r, &p.labels));
             out.lines
                 .push(report_table("test set", loss, &r, &p.labels.0));

@@ -23,14 +23,17 @@ pub struct Classification {
     pub pad_id: u32,
     /// Whether the model takes token type ids (the BERT family).
     pub with_types: bool,
+    /// Batches run without their padding (`training.padding_free`).
+    pub padding_free: bool,
 }
 
 impl Classification {
-    pub fn new(model: &Classifier, n_labels: usize, pad_id: u32) -> Self {
+    pub fn new(model: &Classifier, n_labels: usize, pad_id: u32, padding_free: bool) -> Self {
         Self {
             n_labels,
             pad_id,
             with_types: matches!(model, Classifier::Bert(_)),
+            padding_free,
         }
     }
 }
@@ -57,7 +60,8 @@ impl Objective for Classification {
     }
 
     fn summed_loss(&self, model: &Classifier, b: &Batch, device: &Device) -> Result<Tensor<1>> {
-        let (input, labels) = to_input(b, device, self.with_types, self.n_labels);
+        let (input, labels) =
+            to_input(b, device, self.with_types, self.n_labels, self.padding_free);
         let logits = model.forward(input, Mode::Train)?;
         Ok(summed_loss(logits, labels))
     }
@@ -69,8 +73,15 @@ impl Objective for Classification {
         batch_size: usize,
         device: &Device,
     ) -> Result<Evaluation> {
-        let (loss, report, _) =
-            evaluate(model, data, self.n_labels, batch_size, self.pad_id, device)?;
+        let (loss, report, _) = evaluate(
+            model,
+            data,
+            self.n_labels,
+            batch_size,
+            self.pad_id,
+            self.padding_free,
+            device,
+        )?;
         Ok(Evaluation {
             loss,
             metrics: metrics(&report),
@@ -102,7 +113,7 @@ pub fn optimizer_step(
     max_grad_norm: f64,
     device: &Device,
 ) -> Result<(f64, f64)> {
-    let objective = Classification::new(model, n_labels, 0);
+    let objective = Classification::new(model, n_labels, 0, true);
     let step = opt.step + 1;
     let (loss, norm) = step_objective(
         &objective,
@@ -181,13 +192,14 @@ pub fn report(truth: &[Target], preds: &[Target], n_labels: usize) -> Classifica
     }
 }
 
-/// Loss and predictions over a dataset, in evaluation mode.
+/// Loss and predictions over a dataset, in evaluation mode (padding-free when asked).
 pub fn evaluate(
     model: &Classifier,
     data: &[Encoded],
     n_labels: usize,
     batch_size: usize,
     pad_id: u32,
+    padding_free: bool,
     device: &Device,
 ) -> whet_models::Result<(f64, ClassificationReport, Vec<Target>)> {
     // Evaluate on the plain backend: no autodiff graph is recorded for forward passes that are
@@ -201,7 +213,7 @@ pub fn evaluate(
     for chunk in data.chunks(batch_size.max(1)) {
         let items: Vec<&Encoded> = chunk.iter().collect();
         let b = collate(&items, pad_id);
-        let (input, labels) = to_input(&b, device, with_types, n_labels);
+        let (input, labels) = to_input(&b, device, with_types, n_labels, padding_free);
         let logits = model.forward(input, Mode::Eval)?;
         loss += summed_loss(logits.clone(), labels).into_scalar::<f32>() as f64;
         preds.extend(predictions(logits, multi));
@@ -224,7 +236,7 @@ pub fn train_classifier(
     observer: &mut dyn crate::Observer,
     resume: Option<&std::path::Path>,
 ) -> Result<crate::TrainSummary> {
-    let objective = Classification::new(model, n_labels, pad_id);
+    let objective = Classification::new(model, n_labels, pad_id, args.padding_free_or(true));
     crate::trainer::train(
         &objective, model, train, eval, args, device, observer, resume,
     )

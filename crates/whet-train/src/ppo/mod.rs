@@ -292,6 +292,7 @@ pub fn prepare(recipe: &crate::Recipe, device: &Device) -> Result<PpoPrepared> {
     let lm = LanguageModelling {
         pad_id,
         soft_prompt: policy.virtual_positions(),
+        padding_free: recipe.training.padding_free_or(true),
     };
     Ok(PpoPrepared {
         checkpoint,

@@ -94,8 +94,13 @@ impl RewardScorer {
         for chunk in encoded.chunks(16) {
             let refs: Vec<&Encoded> = chunk.iter().collect();
             let b = collate(&refs, self.pad_id);
-            let (input, _) =
-                crate::classification::objective::to_input(&b, &self.device, self.with_types, 1);
+            let (input, _) = crate::classification::objective::to_input(
+                &b,
+                &self.device,
+                self.with_types,
+                1,
+                true,
+            );
             let scores = self.model.forward(input, Mode::Eval)?;
             out.extend(values(scores.reshape([chunk.len()])));
         }
