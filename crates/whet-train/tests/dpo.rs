@@ -138,7 +138,8 @@ fn answer_rows(st: &SafeTensors) -> (Vec<LmExample>, Vec<f64>) {
 }
 
 /// The policy's sequence log-probabilities equal those of transformers' logits for the same
-/// tiny LLaMA (`tests/fixtures/tiny-llama`), over the answer tokens only, with padding.
+/// tiny LLaMA (`tests/fixtures/tiny-llama`), over the answer tokens only, with padding, padded and
+/// padding-free.
 #[test]
 fn sequence_logps_match_transformers_logits() {
     let bytes = std::fs::read(fixtures().join("tiny-llama/fixture.safetensors")).unwrap();
@@ -149,19 +150,25 @@ fn sequence_logps_match_transformers_logits() {
         .unwrap()
         .load_causal_lm(&device)
         .unwrap();
-    let lm = LanguageModelling {
-        pad_id: 0,
-        soft_prompt: 0,
-        padding_free: true,
-    };
-    let rows: Vec<&LmExample> = examples.iter().collect();
-    let b = lm.collate(&rows);
-    let got: Vec<f32> = row_logps(&model, &lm, &b, Mode::Eval, &device)
-        .into_data()
-        .try_to_vec::<f32>()
-        .unwrap();
-    for (g, w) in got.iter().zip(&want) {
-        assert!((*g as f64 - w).abs() < 1e-4, "{got:?} vs {want:?}");
+    for padding_free in [false, true] {
+        let lm = LanguageModelling {
+            pad_id: 0,
+            soft_prompt: 0,
+            padding_free,
+        };
+        let rows: Vec<&LmExample> = examples.iter().collect();
+        let b = lm.collate(&rows);
+        assert!(b.tokens < b.batch * b.len, "the rows are padded");
+        let got: Vec<f32> = row_logps(&model, &lm, &b, Mode::Eval, &device)
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
+        for (g, w) in got.iter().zip(&want) {
+            assert!(
+                (*g as f64 - w).abs() < 1e-4,
+                "padding-free {padding_free}: {got:?} vs {want:?}"
+            );
+        }
     }
 }
 

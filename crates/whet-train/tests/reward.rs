@@ -69,8 +69,15 @@ fn rel(a: &[f32], b: &[f32]) -> f32 {
     d / b.iter().map(|x| x.abs()).fold(1e-6, f32::max)
 }
 
+/// Padded and padding-free, the loss, gradients and metrics are trl's.
 #[test]
 fn pairwise_loss_and_gradients_match_trl() {
+    for padding_free in [false, true] {
+        check_pairwise(padding_free);
+    }
+}
+
+fn check_pairwise(padding_free: bool) {
     let root = fixtures().join("tiny-bert-reward");
     let bytes = std::fs::read(root.join("pairs.safetensors")).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
@@ -84,10 +91,18 @@ fn pairwise_loss_and_gradients_match_trl() {
     let objective = PairwiseReward {
         pad_id: 0,
         with_types: true,
-        padding_free: true,
+        padding_free,
     };
     let data = pairs(&st);
     let batch = objective.collate(&data.iter().collect::<Vec<_>>());
+    let lengths: std::collections::BTreeSet<usize> = data
+        .iter()
+        .flat_map(|p| [p.chosen.ids.len(), p.rejected.ids.len()])
+        .collect();
+    assert!(
+        lengths.len() > 1,
+        "rows of several lengths: the batch is padded"
+    );
     let units = objective.counts(&batch).units;
     assert_eq!(units, 3, "the loss averages over pairs");
     let loss = objective
@@ -96,7 +111,10 @@ fn pairwise_loss_and_gradients_match_trl() {
         .div_scalar(units as f64);
     let got = loss.clone().into_scalar::<f32>();
     let want = f32s(&st, "loss")[0];
-    assert!((got - want).abs() < 1e-5, "{got} vs trl {want}");
+    assert!(
+        (got - want).abs() < 1e-5,
+        "padding-free {padding_free}: {got} vs trl {want}"
+    );
     let grads = loss.backward();
     for (name, key) in [
         ("classifier.weight", "grad.classifier.weight"),

@@ -400,3 +400,73 @@ fn group_by_length_hands_steps_examples_of_similar_lengths() {
         "grouping should remove most padding: {p} -> {g} slots for {real} tokens"
     );
 }
+
+/// `padding_free` is on by default and trains what padded batches train: without dropout, a
+/// run over batches of mixed lengths ends with the padded run's weights up to float rounding,
+/// and its evaluation gives the same loss; `false` runs the padded rows.
+#[test]
+fn padding_free_training_ends_where_padded_training_does() {
+    assert_eq!(TrainingArguments::new("unused").padding_free, None);
+    assert!(TrainingArguments::new("unused").padding_free_or(true));
+    let dir = tiny_bert_no_dropout();
+    let device = Device::flex().autodiff();
+    let train = toy(32, 11);
+    let eval = toy(16, 12);
+    let lengths: std::collections::BTreeSet<usize> = train.iter().map(|e| e.ids.len()).collect();
+    assert!(lengths.len() > 3, "batches of mixed lengths carry padding");
+    let run = |padding_free: bool| {
+        let mut model = load(dir.path(), &device);
+        let mut args = TrainingArguments::new("unused");
+        args.learning_rate = 1e-3;
+        args.num_train_epochs = 1.0;
+        args.per_device_train_batch_size = 8;
+        args.eval_strategy = Strategy::No;
+        args.save_strategy = Strategy::No;
+        args.padding_free = Some(padding_free);
+        let s = train_classifier(
+            &mut model,
+            &train,
+            Some(&eval),
+            3,
+            0,
+            &args,
+            &device,
+            &mut Silent,
+            None,
+        )
+        .unwrap();
+        let (loss, _, _) = evaluate(&model, &eval, 3, 16, 0, padding_free, &device).unwrap();
+        (params(&model), s.history.last().unwrap().loss, loss)
+    };
+    let (padded, padded_loss, padded_eval) = run(false);
+    let (free, free_loss, free_eval) = run(true);
+    let (start, _, _) = {
+        let m = load(dir.path(), &device);
+        (params(&m), (), ())
+    };
+    let mut moved = 0.0f32;
+    for (((name, a), (_, b)), (_, s)) in padded.iter().zip(&free).zip(&start) {
+        let scale = a.iter().map(|x| x.abs()).fold(1e-6, f32::max);
+        let d = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max);
+        assert!(
+            d / scale < 1e-4,
+            "{name}: padded vs padding-free {}",
+            d / scale
+        );
+        moved = a
+            .iter()
+            .zip(s)
+            .map(|(x, y)| (x - y).abs())
+            .fold(moved, f32::max);
+    }
+    assert!(moved > 1e-4, "training moved the weights ({moved})");
+    assert!((padded_loss - free_loss).abs() < 1e-4 * padded_loss.abs().max(1.0));
+    assert!(
+        (padded_eval - free_eval).abs() < 1e-5,
+        "{padded_eval} vs {free_eval}"
+    );
+}
