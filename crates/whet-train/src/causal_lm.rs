@@ -178,6 +178,7 @@ impl Objective for LanguageModelling {
                 },
             samples: b.batch,
             tokens: b.tokens,
+            positions: b.batch * b.len,
         }
     }
 
@@ -605,7 +606,7 @@ pub fn run_training(
     let objective = LanguageModelling {
         pad_id: p.pad_id,
         soft_prompt: p.model.virtual_positions(),
-        padding_free: recipe.training.padding_free_or(true),
+        padding_free: recipe.padding_free(),
     };
     crate::trainer::train(
         &objective,
@@ -756,7 +757,7 @@ impl Task for CausalLmTask {
                     data,
                     batch,
                     p.pad_id,
-                    self.run.recipe.training.padding_free_or(true),
+                    self.run.recipe.padding_free(),
                     &self.run.device,
                 );
                 out.results

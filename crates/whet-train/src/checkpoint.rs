@@ -28,6 +28,9 @@ pub struct TrainerState {
     pub loss_sum: f64,
     pub samples: usize,
     pub tokens: usize,
+    /// Padded batch positions (absent in checkpoints of earlier versions).
+    #[serde(default)]
+    pub positions: usize,
     pub best_metric: Option<f64>,
     pub best_step: Option<usize>,
     pub patience_left: Option<usize>,

@@ -325,6 +325,7 @@ impl Objective for Dpo {
             units: b.pairs,
             samples: b.pairs,
             tokens: b.rows.tokens,
+            positions: b.rows.batch * b.rows.len,
         }
     }
 
@@ -584,7 +585,7 @@ pub fn prepare(recipe: &crate::Recipe, device: &Device) -> Result<DpoPrepared> {
     let lm = LanguageModelling {
         pad_id,
         soft_prompt: model.virtual_positions(),
-        padding_free: recipe.training.padding_free_or(true),
+        padding_free: recipe.padding_free(),
     };
     let reference = match frozen {
         Some(m) => Reference::Frozen(Box::new(m)),

@@ -184,6 +184,7 @@ impl Objective for QuestionAnswering {
             units: b.batch,
             samples: b.batch,
             tokens: b.tokens,
+            positions: b.batch * b.len,
         }
     }
 
@@ -318,7 +319,7 @@ pub fn objective(p: &QaPrepared, recipe: &Recipe) -> QuestionAnswering {
             .map(|v| v.examples.clone())
             .unwrap_or_default(),
         max_answer_length: recipe.data.max_answer_length,
-        padding_free: recipe.training.padding_free_or(false),
+        padding_free: recipe.padding_free(),
     }
 }
 

@@ -476,6 +476,13 @@ fn qlora_means_4bit(root: &mut toml::Table) -> Result<()> {
 }
 
 impl Recipe {
+    /// `training.padding_free` as set, or the task's default: on for every task but question
+    /// answering (see [`crate::TrainingArguments::padding_free`]).
+    pub fn padding_free(&self) -> bool {
+        self.training
+            .padding_free_or(self.task != TaskKind::QuestionAnswering)
+    }
+
     /// Reads a recipe file and applies `key=value` overrides.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|source| TrainError::RecipeRead {

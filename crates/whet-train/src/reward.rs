@@ -95,6 +95,7 @@ impl Objective for PairwiseReward {
             units: b.pairs,
             samples: b.pairs,
             tokens: b.rows.tokens,
+            positions: b.rows.batch * b.rows.len,
         }
     }
 
@@ -258,7 +259,7 @@ impl RewardPrepared {
         observer: &mut dyn crate::Observer,
         resume: Option<&std::path::Path>,
     ) -> Result<crate::TrainSummary> {
-        let objective = self.objective(recipe.training.padding_free_or(true));
+        let objective = self.objective(recipe.padding_free());
         crate::trainer::train(
             &objective,
             &mut self.model,
@@ -359,7 +360,7 @@ impl Task for RewardTask {
 
     fn evaluate(&mut self, _summary: &crate::TrainSummary) -> Result<Outcome> {
         let p = &self.p;
-        let objective = p.objective(self.run.recipe.training.padding_free_or(true));
+        let objective = p.objective(self.run.recipe.padding_free());
         let batch = self.run.recipe.training.per_device_eval_batch_size;
         let mut out = Outcome::default();
         for (name, split) in [("eval", &p.validation), ("test", &p.test)] {

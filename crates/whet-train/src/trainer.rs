@@ -138,6 +138,9 @@ pub struct StepResult {
     /// Examples (or generated responses) and non-padding tokens the step consumed.
     pub samples: usize,
     pub tokens: usize,
+    /// Positions of the step's padded batches, padding included (0 when the task pads no
+    /// batches of examples, as PPO's rollouts).
+    pub positions: usize,
     /// What the task logs per step (DPO's rewards, PPO's KL).
     pub metrics: BTreeMap<String, Reading>,
 }
@@ -188,6 +191,8 @@ pub struct BatchCounts {
     pub samples: usize,
     /// Non-padding tokens (throughput).
     pub tokens: usize,
+    /// Positions of the padded batch, padding included.
+    pub positions: usize,
 }
 
 /// The result of evaluating a model on a dataset.
@@ -268,6 +273,9 @@ pub struct TrainSummary {
     pub train_runtime: f64,
     pub train_samples: usize,
     pub train_tokens: usize,
+    /// Positions of the padded training batches, `train_tokens` of them real (0 when the
+    /// task pads no batches of examples).
+    pub train_positions: usize,
     pub history: Vec<StepLog>,
     pub evals: Vec<EvalLog>,
     pub best_step: Option<usize>,
@@ -390,11 +398,12 @@ impl<O: Objective> TrainStep for O {
             .chunks(args.per_device_train_batch_size)
             .map(|mb| self.collate(mb))
             .collect();
-        let (mut samples, mut tokens) = (0, 0);
+        let (mut samples, mut tokens, mut positions) = (0, 0, 0);
         for b in &batches {
             let c = self.counts(b);
             samples += c.samples;
             tokens += c.tokens;
+            positions += c.positions;
         }
         let warmup = args.warmup(at.total);
         // Steps skipped for fp16 overflow do not advance the schedule (as `Trainer`).
@@ -417,6 +426,7 @@ impl<O: Objective> TrainStep for O {
             grad_norm,
             samples,
             tokens,
+            positions,
             metrics: self.take_step_metrics(),
         })
     }
@@ -624,6 +634,7 @@ pub fn train<T: TrainStep>(
             step += 1;
             state.samples += r.samples;
             state.tokens += r.tokens;
+            state.positions += r.positions;
             let log = StepLog {
                 step,
                 total_steps: total,
@@ -711,6 +722,7 @@ pub fn train<T: TrainStep>(
         train_runtime: start.elapsed().as_secs_f64(),
         train_samples: state.samples,
         train_tokens: state.tokens,
+        train_positions: state.positions,
         history,
         evals,
         best_step,

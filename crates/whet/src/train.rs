@@ -139,6 +139,13 @@ fn train_results(
         "train_tokens_per_second".into(),
         json!(summary.train_tokens as f64 / secs),
     );
+    if summary.train_positions > 0 {
+        let padding = summary.train_positions.saturating_sub(summary.train_tokens);
+        results.insert(
+            "train_padding_fraction".into(),
+            json!(padding as f64 / summary.train_positions as f64),
+        );
+    }
     if let Some(mb) = peak_rss_mb() {
         results.insert("train_peak_rss_mb".into(), json!(mb));
     }
@@ -200,6 +207,23 @@ fn write_run_files(
     Ok(())
 }
 
+/// How much of the training batches was padding, and whether the run computed it.
+fn padding_line(summary: &TrainSummary, padding_free: bool) -> Option<String> {
+    let (real, all) = (summary.train_tokens, summary.train_positions);
+    (all > 0).then(|| {
+        format!(
+            "padding: {:.1}% of the training batches' {all} positions ({} real tokens); {}",
+            100.0 * (all - real.min(all)) as f64 / all as f64,
+            real,
+            if padding_free {
+                "padding_free kept it out of the projections and feed-forward layers"
+            } else {
+                "padding_free = false: every layer computed it"
+            }
+        )
+    })
+}
+
 /// The closing lines of a run: speed, loss, memory, and what was written where.
 fn print_summary(
     summary: &TrainSummary,
@@ -244,6 +268,7 @@ pub fn train(recipe_path: &Path, set: &[String], resume: Option<&str>) -> Result
     let (recipe, resume) = start_run(recipe_path, set, resume)?;
     let out = recipe.training.output_dir.clone();
     let logging_steps = recipe.training.logging_steps;
+    let padding_free = recipe.padding_free();
     let opened = crate::device()?;
     let device = opened.device.clone().autodiff();
     whet_models::device::seed(&device, recipe.training.seed);
@@ -295,6 +320,9 @@ pub fn train(recipe_path: &Path, set: &[String], resume: Option<&str>) -> Result
         report.adapter,
         report.files,
     );
+    if let Some(line) = padding_line(&summary, padding_free) {
+        println!("{line}");
+    }
     Ok(())
 }
 

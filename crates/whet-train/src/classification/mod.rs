@@ -570,7 +570,7 @@ impl Task for ClassificationTask {
     fn evaluate(&mut self, _summary: &TrainSummary) -> Result<Outcome> {
         let p = &self.p;
         let batch = self.run.recipe.training.per_device_eval_batch_size;
-        let padding_free = self.run.recipe.training.padding_free_or(true);
+        let padding_free = self.run.recipe.padding_free();
         let mut out = Outcome::default();
         if let Some(v) = &p.validation {
             let (loss, r) = evaluate_split(p, v, batch, padding_free, &self.run.device)?;

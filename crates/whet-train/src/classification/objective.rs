@@ -56,6 +56,7 @@ impl Objective for Classification {
             units: b.batch,
             samples: b.batch,
             tokens: b.tokens,
+            positions: b.batch * b.len,
         }
     }
 

@@ -292,7 +292,7 @@ pub fn prepare(recipe: &crate::Recipe, device: &Device) -> Result<PpoPrepared> {
     let lm = LanguageModelling {
         pad_id,
         soft_prompt: policy.virtual_positions(),
-        padding_free: recipe.training.padding_free_or(true),
+        padding_free: recipe.padding_free(),
     };
     Ok(PpoPrepared {
         checkpoint,

@@ -112,6 +112,8 @@ impl TrainStep for Ppo {
             grad_norm: stats.grad_norm.into(),
             samples: r.rows.len(),
             tokens: r.rows.iter().map(|e| e.ids.len()).sum(),
+            // Not counted: the rollouts' minibatches are padded as the policy generated them.
+            positions: 0,
             metrics: metrics.into_iter().map(|(k, v)| (k, v.into())).collect(),
         })
     }
