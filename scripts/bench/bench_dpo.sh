@@ -10,8 +10,11 @@ STEPS=${1:-10}
 THREADS=${2:-$(nproc)}
 OUT=runs/bench-dpo
 scripts/fetch_assets.sh --only smollm2,hhh >/dev/null
-cargo build --release -p whet 2>/dev/null
-RAYON_NUM_THREADS=$THREADS target/release/whet train recipes/hhh-dpo.toml \
+# The dev profile, as every other benchmark (dependencies at opt-level 3, see Cargo.toml).
+cargo build -p whet 2>/dev/null
+# WHET_PROFILE=FILE (scripts/bench/bench_all.sh PROFILE=1): whet's side runs under `perf record`.
+PERF=(); [[ -n ${WHET_PROFILE:-} ]] && PERF=(perf record -q -F 199 -o "$WHET_PROFILE" --)
+RAYON_NUM_THREADS=$THREADS "${PERF[@]}" target/debug/whet train recipes/hhh-dpo.toml \
     --set training.max_steps=$STEPS --set training.eval_strategy=\"no\" \
     --set training.save_strategy=\"no\" --set training.output_dir=\"$OUT\" >/dev/null
 OMP_NUM_THREADS=$THREADS .venv-ref/bin/python scripts/reference/reference_dpo.py --data $OUT/data \

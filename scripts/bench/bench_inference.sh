@@ -10,8 +10,13 @@ scripts/fetch_assets.sh --only minilm,smollm2 >/dev/null
 # Dev profile: every dependency (burn, gemm) is built at opt-level 3 (see Cargo.toml), whet's
 # own crates at opt-level 1; a release build of whet changes little here and costs 20 minutes.
 cargo build -p whet --example bench_inference 2>/dev/null
-W=$(RAYON_NUM_THREADS=$THREADS target/debug/examples/bench_inference "$CACHE/minilm" "$CACHE/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+# WHET_PROFILE=FILE (scripts/bench/bench_all.sh PROFILE=1): whet's side runs under `perf record`.
+PERF=(); [[ -n ${WHET_PROFILE:-} ]] && PERF=(perf record -q -F 199 -o "$WHET_PROFILE" --)
+W=$(RAYON_NUM_THREADS=$THREADS "${PERF[@]}" target/debug/examples/bench_inference "$CACHE/minilm" "$CACHE/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 R=$(OMP_NUM_THREADS=$THREADS .venv-ref/bin/python scripts/bench/bench_reference_inference.py "$CACHE/minilm" "$CACHE/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" "$THREADS" 2>/dev/null | tail -1)
+mkdir -p runs/bench-inference
+echo "$W" >runs/bench-inference/whet.json
+echo "$R" >runs/bench-inference/reference.json
 python3 - "$W" "$R" "$THREADS" <<'PY'
 import json, sys
 w, r, threads = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]

@@ -21,7 +21,9 @@ if [[ $PRECISION == bf16 ]]; then OUT=$OUT-bf16; BF16=(--set training.bf16=true)
 scripts/fetch_assets.sh --only minilm,tweets >/dev/null
 cargo build -p whet 2>/dev/null
 LR=1e-3; [[ $METHOD == full ]] && LR=5e-5
-RAYON_NUM_THREADS=$THREADS target/debug/whet train recipes/tweets-lora.toml --set method=$METHOD \
+# WHET_PROFILE=FILE (scripts/bench/bench_all.sh PROFILE=1): whet's side runs under `perf record`.
+PERF=(); [[ -n ${WHET_PROFILE:-} ]] && PERF=(perf record -q -F 199 -o "$WHET_PROFILE" --)
+RAYON_NUM_THREADS=$THREADS "${PERF[@]}" target/debug/whet train recipes/tweets-lora.toml --set method=$METHOD \
     --set training.learning_rate=$LR --set training.output_dir=\"$OUT\" --set training.save_strategy=\"no\" --set training.seed=$SEED "${BF16[@]}" >/dev/null
 OMP_NUM_THREADS=$THREADS .venv-ref/bin/python scripts/reference/reference_classification.py --data $OUT/data \
     --model ${WHET_CACHE:-cache}/minilm --method $METHOD --threads $THREADS --seed $SEED "${REF_BF16[@]}" --out $OUT/reference.json >/dev/null 2>&1

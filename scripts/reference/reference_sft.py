@@ -39,6 +39,8 @@ def main():
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--bf16", action="store_true",
+                    help="SFTConfig(bf16=True): autocast to bfloat16 (on the CPU: oneDNN's bf16 kernels)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -90,8 +92,9 @@ def main():
                     dataloader_num_workers=0, packing=False, completion_only_loss=(args.kind == "chat"),
                     dataset_num_proc=None,
                     # SFTConfig turns on gradient checkpointing and bf16 autocast by default; whet
-                    # computes in f32 without recomputation, so compare like with like.
-                    gradient_checkpointing=False, bf16=False)
+                    # runs without recomputation and in f32 unless `training.bf16 = true`, so
+                    # compare like with like.
+                    gradient_checkpointing=False, bf16=args.bf16)
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=dtrain, eval_dataset=dval,
                          processing_class=tok, peft_config=peft_config)
     if args.method == "lora":
@@ -131,6 +134,7 @@ def main():
         "impl": f"trl {__import__('trl').__version__} + transformers {__import__('transformers').__version__} + "
                 f"peft {__import__('peft').__version__} / torch {torch.__version__}",
         "method": args.method, "kind": args.kind, "threads": args.threads, "max_steps": args.max_steps,
+        "bf16": args.bf16,
         "eval_loss": eval_loss, "eval_perplexity": math.exp(eval_loss), "eval_tokens": count,
         "train_loss": out.training_loss, "train_runtime": runtime,
         "train_tokens_per_second": tokens / runtime,

@@ -416,8 +416,8 @@ impl Optimizer {
         }
     }
 
-    /// PyTorch's AdamW step on one flattened parameter: decoupled decay, bias-corrected
-    /// moments, eps outside the square root. Returns the parameter and the new moments.
+    /// PyTorch's AdamW step on one flattened parameter ([`whet_models::kernels::adamw`]: one
+    /// fused pass on the CPU). Returns the parameter and the new moments.
     fn adam(
         &self,
         p: Tensor<1>,
@@ -427,18 +427,15 @@ impl Optimizer {
         wd: f64,
     ) -> (Tensor<1>, Moments) {
         let c = self.config;
-        let p = if wd > 0.0 {
-            p.mul_scalar(1.0 - lr * wd)
-        } else {
-            p
+        let step = whet_models::kernels::AdamwStep {
+            lr,
+            beta1: c.beta1,
+            beta2: c.beta2,
+            eps: c.eps,
+            weight_decay: wd,
+            step: self.step as i32,
         };
-        let m = st.m.mul_scalar(c.beta1) + g.clone().mul_scalar(1.0 - c.beta1);
-        let v = st.v.mul_scalar(c.beta2) + g.square().mul_scalar(1.0 - c.beta2);
-        let t = self.step as i32;
-        let bc1 = 1.0 - c.beta1.powi(t);
-        let bc2 = 1.0 - c.beta2.powi(t);
-        let denom = v.clone().sqrt().div_scalar(bc2.sqrt()).add_scalar(c.eps);
-        let p = p - (m.clone() / denom).mul_scalar(lr / bc1);
+        let (p, m, v) = whet_models::kernels::adamw(p, g, st.m, st.v, step);
         (p, Moments { m, v })
     }
 }

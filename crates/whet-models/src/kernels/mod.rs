@@ -94,6 +94,102 @@ pub trait CpuFusedOps: burn::backend::Backend {
     ) -> FloatTensor<Self>;
 }
 
+/// The optimizer's update, fused on the CPU only: burn's ops make PyTorch's AdamW step nine
+/// passes over a parameter and its moments (a full-size tensor each), this one pass. Not
+/// differentiated: optimizers update plain tensors.
+#[backend_extension(Flex)]
+pub trait CpuOptimOps: burn::backend::Backend {
+    /// One [`adamw`] step; returns the parameter and both moments.
+    #[allow(clippy::too_many_arguments)]
+    fn fused_adamw(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        m: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        decay: f64,
+        beta1: f64,
+        beta2: f64,
+        bc2_sqrt: f64,
+        eps: f64,
+        step_size: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+}
+
+/// The constants of one AdamW step (PyTorch's `torch.optim.AdamW`, `foreach` off).
+#[derive(Debug, Clone, Copy)]
+pub struct AdamwStep {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Decoupled weight decay (0: none).
+    pub weight_decay: f64,
+    /// The 1-based step number (bias correction).
+    pub step: i32,
+}
+
+/// PyTorch's AdamW step on a flattened parameter: decoupled decay, bias-corrected moments, eps
+/// outside the square root. Returns the parameter and the new moments `(m, v)`. On the CPU
+/// backend it is one pass over the four tensors, with the composed ops' exact f32 arithmetic
+/// (the same operations in the same order, scalars rounded to f32 as burn rounds them), so
+/// both give the same bits; elsewhere the composed ops run.
+///
+/// # Shapes
+/// - every tensor `[n]`
+pub fn adamw(
+    p: Tensor<1>,
+    g: Tensor<1>,
+    m: Tensor<1>,
+    v: Tensor<1>,
+    s: AdamwStep,
+) -> (Tensor<1>, Tensor<1>, Tensor<1>) {
+    let decay = 1.0 - s.lr * s.weight_decay;
+    let bc1 = 1.0 - s.beta1.powi(s.step);
+    let bc2_sqrt = (1.0 - s.beta2.powi(s.step)).sqrt();
+    if !on_flex(&p) {
+        return adamw_composed(p, g, m, v, s);
+    }
+    let (p, m, v) = <Dispatch as CpuOptimOps>::fused_adamw(
+        p.into_dispatch(),
+        g.into_dispatch(),
+        m.into_dispatch(),
+        v.into_dispatch(),
+        if s.weight_decay > 0.0 { decay } else { 1.0 },
+        s.beta1,
+        s.beta2,
+        bc2_sqrt,
+        s.eps,
+        s.lr / bc1,
+    );
+    (
+        Tensor::from_dispatch(p),
+        Tensor::from_dispatch(m),
+        Tensor::from_dispatch(v),
+    )
+}
+
+/// [`adamw`] in burn's ops (every backend; the CPU's fused pass is tested against it).
+pub fn adamw_composed(
+    p: Tensor<1>,
+    g: Tensor<1>,
+    m: Tensor<1>,
+    v: Tensor<1>,
+    s: AdamwStep,
+) -> (Tensor<1>, Tensor<1>, Tensor<1>) {
+    let p = if s.weight_decay > 0.0 {
+        p.mul_scalar(1.0 - s.lr * s.weight_decay)
+    } else {
+        p
+    };
+    let m = m.mul_scalar(s.beta1) + g.clone().mul_scalar(1.0 - s.beta1);
+    let v = v.mul_scalar(s.beta2) + g.square().mul_scalar(1.0 - s.beta2);
+    let bc1 = 1.0 - s.beta1.powi(s.step);
+    let bc2 = 1.0 - s.beta2.powi(s.step);
+    let denom = v.clone().sqrt().div_scalar(bc2.sqrt()).add_scalar(s.eps);
+    let p = p - (m.clone() / denom).mul_scalar(s.lr / bc1);
+    (p, m, v)
+}
+
 /// `LlamaRMSNorm`: `x / sqrt(mean(x²) + eps) · weight` over the last dimension, in one pass
 /// each way on the CPU.
 ///
@@ -1054,6 +1150,55 @@ mod tests {
         let grads = y.sum().backward();
         assert!(x.grad(&grads).is_some());
         assert!(w.grad(&grads).is_none());
+    }
+
+    /// The fused AdamW pass gives the composed ops' bits: parameter and both moments over
+    /// five steps, with and without weight decay, over more elements than one rayon task
+    /// (with a ragged tail) and from a shared parameter (copied, the original untouched).
+    #[test]
+    fn fused_adamw_equals_the_composed_ops_bit_for_bit() {
+        let _rng = crate::test_rng();
+        let device = Device::flex();
+        let n = 40_000 + 7;
+        let bits = |t: &Tensor<1>| -> Vec<u32> {
+            let v: Vec<f32> = t.to_data().try_to_vec().unwrap();
+            v.iter().map(|x| x.to_bits()).collect()
+        };
+        for weight_decay in [0.0, 0.01] {
+            let p0 = Tensor::<1>::random([n], Distribution::Normal(0.0, 0.05), &device);
+            let keep = bits(&p0);
+            let (mut fused, mut composed) = (
+                (p0.clone(), p0.zeros_like(), p0.zeros_like()),
+                (p0.clone(), p0.zeros_like(), p0.zeros_like()),
+            );
+            for step in 1..=5 {
+                let g = Tensor::<1>::random([n], Distribution::Normal(0.0, 1e-2), &device);
+                let s = AdamwStep {
+                    lr: 1e-3,
+                    beta1: 0.9,
+                    beta2: 0.999,
+                    eps: 1e-8,
+                    weight_decay,
+                    step,
+                };
+                let (p, m, v) = fused;
+                fused = adamw(p, g.clone(), m, v, s);
+                let (p, m, v) = composed;
+                composed = adamw_composed(p, g, m, v, s);
+                for (name, a, b) in [
+                    ("param", &fused.0, &composed.0),
+                    ("m", &fused.1, &composed.1),
+                    ("v", &fused.2, &composed.2),
+                ] {
+                    assert!(
+                        bits(a) == bits(b),
+                        "{name} differs at step {step} (weight decay {weight_decay})"
+                    );
+                }
+            }
+            assert_eq!(bits(&p0), keep, "the shared original is not written");
+            assert!(bits(&fused.0) != keep, "the parameter moved");
+        }
     }
 
     /// RMSNorm and LayerNorm against burn's composed ops: the output and the gradients of the
