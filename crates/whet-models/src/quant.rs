@@ -386,6 +386,68 @@ pub(crate) fn dynamic_midpoints(signed: bool) -> Vec<f32> {
         .collect()
 }
 
+/// `bucketize` on a dynamic map's midpoints: a value's code is the number of midpoints below
+/// it. A binary search over the 255 midpoints per value made 8-bit optimizer steps spend most
+/// of their time in mispredicted branches; here the value's top 16 bits (sign, exponent, seven
+/// mantissa bits) index a table of the codes that values with those bits can take (one or
+/// two, as the map's levels are spread), and only those midpoints are compared: the same
+/// count, so the same code, as the full search.
+pub(crate) struct Bucketizer {
+    bounds: Vec<f32>,
+    /// Per top-16-bit key: the codes of the smallest and of the largest value with that key.
+    range: Vec<(u8, u8)>,
+}
+
+impl Bucketizer {
+    /// The bucketizer of the signed or unsigned dynamic map, made once.
+    pub(crate) fn of(signed: bool) -> &'static Bucketizer {
+        static SIGNED: std::sync::OnceLock<Bucketizer> = std::sync::OnceLock::new();
+        static UNSIGNED: std::sync::OnceLock<Bucketizer> = std::sync::OnceLock::new();
+        let cell = if signed { &SIGNED } else { &UNSIGNED };
+        cell.get_or_init(|| Bucketizer::new(dynamic_midpoints(signed)))
+    }
+
+    fn new(bounds: Vec<f32>) -> Self {
+        let count = |x: f32| bounds.partition_point(|&b| b < x) as u8;
+        let range = (0u32..1 << 16)
+            .map(|key| {
+                let (a, b) = (
+                    f32::from_bits(key << 16),
+                    f32::from_bits(key << 16 | 0xffff),
+                );
+                // Negative floats grow more negative as their bits grow.
+                let (lo, hi) = if a.is_sign_negative() { (b, a) } else { (a, b) };
+                (count(lo), count(hi))
+            })
+            .collect();
+        Self { bounds, range }
+    }
+
+    /// The number of midpoints below `x` (0 for NaN, as the full search gives).
+    #[inline]
+    pub(crate) fn code(&self, x: f32) -> u8 {
+        let (lo, hi) = self.range[(x.to_bits() >> 16) as usize];
+        let between = &self.bounds[lo as usize..hi as usize];
+        lo + between.iter().filter(|&&b| b < x).count() as u8
+    }
+}
+
+/// Quantises one block of at most [`DQ_BLOCK`] values into `codes` over the map `bucketizer`
+/// holds; returns the block's absolute maximum.
+pub(crate) fn quantize_block(values: &[f32], bucketizer: &Bucketizer, codes: &mut [u8]) -> f32 {
+    let absmax = values.iter().fold(0f32, |a, x| a.max(x.abs()));
+    let inv = 1.0 / absmax.max(ABSMAX_FLOOR);
+    // bitsandbytes divides in a last, partial block and multiplies by the reciprocal in the
+    // full ones; the roundings differ.
+    let partial = values.len() < DQ_BLOCK;
+    let m = absmax.max(ABSMAX_FLOOR);
+    for (q, &x) in codes.iter_mut().zip(values) {
+        let x = if partial { x / m } else { x * inv };
+        *q = bucketizer.code(x.clamp(-1.0, 1.0));
+    }
+    absmax
+}
+
 /// Values quantised blockwise to 8 bits over a dynamic map, as bitsandbytes'
 /// `quantize_blockwise` stores 8-bit optimizer states: blocks of [`DQ_BLOCK`] (256), each
 /// scaled by its absolute maximum, every value the index of the nearest map level.
@@ -405,29 +467,26 @@ impl Blockwise8 {
         // bitsandbytes' quantize_blockwise (its pure-torch backend and what its CUDA kernel
         // computes): `bucketize` on the midpoints of the map, so a value on a midpoint takes
         // the lower code. Comparing distances instead rounds differently near the midpoints.
-        let bounds = dynamic_midpoints(signed);
+        let bucketizer = Bucketizer::of(signed);
         let mut codes = vec![0u8; values.len()];
         let mut absmax = vec![0f32; values.len().div_ceil(DQ_BLOCK)];
         codes
             .par_chunks_mut(DQ_BLOCK)
             .zip(values.par_chunks(DQ_BLOCK))
             .zip(absmax.par_iter_mut())
-            .for_each(|((c, v), m)| {
-                *m = v.iter().fold(0f32, |a, x| a.max(x.abs()));
-                let inv = 1.0 / m.max(ABSMAX_FLOOR);
-                // bitsandbytes divides in a last, partial block and multiplies by the
-                // reciprocal in the full ones; the roundings differ.
-                let partial = v.len() < DQ_BLOCK;
-                let m = m.max(ABSMAX_FLOOR);
-                for (q, &x) in c.iter_mut().zip(v) {
-                    let x = if partial { x / m } else { x * inv };
-                    let x = x.clamp(-1.0, 1.0);
-                    *q = bounds.partition_point(|&b| b < x) as u8;
-                }
-            });
+            .for_each(|((c, v), m)| *m = quantize_block(v, bucketizer, c));
         Self {
             codes,
             absmax,
+            signed,
+        }
+    }
+
+    /// Zeros (an optimizer's first moments).
+    pub fn zeros(len: usize, signed: bool) -> Self {
+        Self {
+            codes: vec![0; len],
+            absmax: vec![0.0; len.div_ceil(DQ_BLOCK)],
             signed,
         }
     }
@@ -602,6 +661,36 @@ impl Blockwise8State {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The table-guided bucketize gives the full binary search's code for every f32 in
+    /// [-1, 1] with a 16-bit key boundary near it, every midpoint and its neighbours, and NaN.
+    #[test]
+    fn the_bucketizer_counts_as_the_full_search() {
+        for signed in [true, false] {
+            let b = Bucketizer::of(signed);
+            let full = |x: f32| b.bounds.partition_point(|&m| m < x) as u8;
+            let mut xs: Vec<f32> = Vec::new();
+            for &m in &b.bounds {
+                xs.extend([
+                    m,
+                    f32::from_bits(m.to_bits().wrapping_add(1)),
+                    f32::from_bits(m.to_bits().wrapping_sub(1)),
+                ]);
+            }
+            for key in 0u32..1 << 16 {
+                for low in [0u32, 1, 0x7fff, 0x8000, 0xfffe, 0xffff] {
+                    let x = f32::from_bits(key << 16 | low);
+                    if (-1.0..=1.0).contains(&x) {
+                        xs.push(x);
+                    }
+                }
+            }
+            xs.push(f32::NAN);
+            for x in xs {
+                assert_eq!(b.code(x), full(x), "{x:e} (signed {signed})");
+            }
+        }
+    }
 
     #[test]
     fn dynamic_map_is_bitsandbytes_shape() {

@@ -12,6 +12,7 @@ use crate::scaler::LossScaler;
 use burn::module::Param;
 use burn::tensor::{Device, Gradients, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
+use whet_models::kernels;
 use whet_models::quant::{Blockwise8, Blockwise8State};
 use whet_models::weights::{Layout, tensor_values};
 use whet_models::{VisitParams, Visitor};
@@ -361,6 +362,25 @@ impl Optimizer {
                 p - g.mul_scalar(lr)
             }
             OptimizerKind::Adamw8bit | OptimizerKind::PagedAdamw8bit
+                if g.dims()[0] >= MIN_8BIT_SIZE && kernels::on_cpu_kernels(&p) =>
+            {
+                // On the CPU both kinds keep their moments in host memory, and one pass per
+                // block dequantises, updates and quantises them.
+                let n = g.dims()[0];
+                let (mut m, mut v) = match self.moments8.remove(name) {
+                    Some(Moments8 {
+                        m: Blockwise8State::Host(m),
+                        v: Blockwise8State::Host(v),
+                    }) => (m, v),
+                    Some(other) => other.to_host(),
+                    None => (Blockwise8::zeros(n, true), Blockwise8::zeros(n, false)),
+                };
+                let p = kernels::adamw_8bit_on_host(p, g, &mut m, &mut v, self.adamw_step(lr, wd));
+                let (m, v) = (Blockwise8State::Host(m), Blockwise8State::Host(v));
+                self.moments8.insert(name.to_string(), Moments8 { m, v });
+                p
+            }
+            OptimizerKind::Adamw8bit | OptimizerKind::PagedAdamw8bit
                 if g.dims()[0] >= MIN_8BIT_SIZE =>
             {
                 let device = g.device();
@@ -416,8 +436,21 @@ impl Optimizer {
         }
     }
 
-    /// PyTorch's AdamW step on one flattened parameter ([`whet_models::kernels::adamw`]: one
-    /// fused pass on the CPU). Returns the parameter and the new moments.
+    /// The constants of this step's AdamW update at `lr` with weight decay `wd`.
+    fn adamw_step(&self, lr: f64, wd: f64) -> kernels::AdamwStep {
+        let c = self.config;
+        kernels::AdamwStep {
+            lr,
+            beta1: c.beta1,
+            beta2: c.beta2,
+            eps: c.eps,
+            weight_decay: wd,
+            step: self.step as i32,
+        }
+    }
+
+    /// PyTorch's AdamW step on one flattened parameter ([`kernels::adamw`]: one fused pass on
+    /// the CPU). Returns the parameter and the new moments.
     fn adam(
         &self,
         p: Tensor<1>,
@@ -426,16 +459,7 @@ impl Optimizer {
         lr: f64,
         wd: f64,
     ) -> (Tensor<1>, Moments) {
-        let c = self.config;
-        let step = whet_models::kernels::AdamwStep {
-            lr,
-            beta1: c.beta1,
-            beta2: c.beta2,
-            eps: c.eps,
-            weight_decay: wd,
-            step: self.step as i32,
-        };
-        let (p, m, v) = whet_models::kernels::adamw(p, g, st.m, st.v, step);
+        let (p, m, v) = kernels::adamw(p, g, st.m, st.v, self.adamw_step(lr, wd));
         (p, Moments { m, v })
     }
 }

@@ -8,7 +8,7 @@ use burn::tensor::{DType, TensorData};
 use rayon::prelude::*;
 use std::sync::Arc;
 
-use super::{CpuKernels, CpuOptimOps, DropMask, Kernels, bf16};
+use super::{AdamwConsts, CpuKernels, CpuOptimOps, DropMask, Kernels, adamw_element, bf16};
 use crate::quant::QuantMatrix;
 
 /// Elements per rayon task: small enough to split a `[16, 64, 1536]` activation over the cores,
@@ -770,27 +770,9 @@ impl CpuKernels for Flex {
     }
 }
 
-/// The AdamW constants rounded to f32, as burn's scalar ops round them.
-#[derive(Clone, Copy)]
-struct AdamwConsts {
-    decay: f32,
-    beta1: f32,
-    one_minus_beta1: f32,
-    beta2: f32,
-    one_minus_beta2: f32,
-    bc2_sqrt: f32,
-    eps: f32,
-    step_size: f32,
-}
-
 multiversion!(adamw_chunk(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], c: AdamwConsts) {
     for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-        // The composed ops' order: decay, the moments, sqrt(v) / sqrt(bc2) + eps, the step.
-        let decayed = *p * c.decay;
-        *m = *m * c.beta1 + g * c.one_minus_beta1;
-        *v = *v * c.beta2 + (g * g) * c.one_minus_beta2;
-        let denom = v.sqrt() / c.bc2_sqrt + c.eps;
-        *p = decayed - (*m / denom) * c.step_size;
+        adamw_element(p, g, m, v, &c);
     }
 });
 
@@ -817,16 +799,7 @@ impl CpuOptimOps for Flex {
         eps: f64,
         step_size: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        let c = AdamwConsts {
-            decay: decay as f32,
-            beta1: beta1 as f32,
-            one_minus_beta1: (1.0 - beta1) as f32,
-            beta2: beta2 as f32,
-            one_minus_beta2: (1.0 - beta2) as f32,
-            bc2_sqrt: bc2_sqrt as f32,
-            eps: eps as f32,
-            step_size: step_size as f32,
-        };
+        let c = AdamwConsts::new(decay, beta1, beta2, bc2_sqrt, eps, step_size);
         let (mut p, g, mut m, mut v) = (owned(param), dense(grad), owned(m), owned(v));
         let gs = values(&g);
         let n = gs.len();

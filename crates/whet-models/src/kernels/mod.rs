@@ -143,29 +143,141 @@ pub fn adamw(
     v: Tensor<1>,
     s: AdamwStep,
 ) -> (Tensor<1>, Tensor<1>, Tensor<1>) {
-    let decay = 1.0 - s.lr * s.weight_decay;
-    let bc1 = 1.0 - s.beta1.powi(s.step);
-    let bc2_sqrt = (1.0 - s.beta2.powi(s.step)).sqrt();
     if !on_flex(&p) {
         return adamw_composed(p, g, m, v, s);
     }
+    let c = AdamwConsts::of(&s);
     let (p, m, v) = <Dispatch as CpuOptimOps>::fused_adamw(
         p.into_dispatch(),
         g.into_dispatch(),
         m.into_dispatch(),
         v.into_dispatch(),
-        if s.weight_decay > 0.0 { decay } else { 1.0 },
+        c.decay as f64,
         s.beta1,
         s.beta2,
-        bc2_sqrt,
+        c.bc2_sqrt as f64,
         s.eps,
-        s.lr / bc1,
+        c.step_size as f64,
     );
     (
         Tensor::from_dispatch(p),
         Tensor::from_dispatch(m),
         Tensor::from_dispatch(v),
     )
+}
+
+/// The AdamW constants rounded to f32, as burn's scalar ops round them.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AdamwConsts {
+    pub decay: f32,
+    pub beta1: f32,
+    pub one_minus_beta1: f32,
+    pub beta2: f32,
+    pub one_minus_beta2: f32,
+    pub bc2_sqrt: f32,
+    pub eps: f32,
+    pub step_size: f32,
+}
+
+impl AdamwConsts {
+    /// `decay` is 1 without weight decay (`x · 1` is `x`, as the composed ops' skipped product).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        decay: f64,
+        beta1: f64,
+        beta2: f64,
+        bc2_sqrt: f64,
+        eps: f64,
+        step_size: f64,
+    ) -> Self {
+        Self {
+            decay: decay as f32,
+            beta1: beta1 as f32,
+            one_minus_beta1: (1.0 - beta1) as f32,
+            beta2: beta2 as f32,
+            one_minus_beta2: (1.0 - beta2) as f32,
+            bc2_sqrt: bc2_sqrt as f32,
+            eps: eps as f32,
+            step_size: step_size as f32,
+        }
+    }
+
+    fn of(s: &AdamwStep) -> Self {
+        let decay = if s.weight_decay > 0.0 {
+            1.0 - s.lr * s.weight_decay
+        } else {
+            1.0
+        };
+        let bc1 = 1.0 - s.beta1.powi(s.step);
+        let bc2_sqrt = (1.0 - s.beta2.powi(s.step)).sqrt();
+        Self::new(decay, s.beta1, s.beta2, bc2_sqrt, s.eps, s.lr / bc1)
+    }
+}
+
+/// One element of the AdamW step, in the composed ops' order: decay, the moments,
+/// `sqrt(v) / sqrt(bc2) + eps`, the step.
+#[inline(always)]
+pub(crate) fn adamw_element(p: &mut f32, g: f32, m: &mut f32, v: &mut f32, c: &AdamwConsts) {
+    let decayed = *p * c.decay;
+    *m = *m * c.beta1 + g * c.one_minus_beta1;
+    *v = *v * c.beta2 + (g * g) * c.one_minus_beta2;
+    let denom = v.sqrt() / c.bc2_sqrt + c.eps;
+    *p = decayed - (*m / denom) * c.step_size;
+}
+
+/// The 8-bit AdamW step on the CPU, one pass per block of [`crate::quant::DQ_BLOCK`] as
+/// bitsandbytes' blockwise kernel: the block's moments are dequantised, updated with the
+/// parameter by [`adamw`]'s arithmetic, and quantised again by [`Blockwise8::quantize`]'s
+/// rule, so the parameter and the codes equal those of dequantise, [`adamw_composed`],
+/// quantise. Returns the parameter, on `p`'s device.
+///
+/// # Shapes
+/// - p, g `[n]`; m, v hold `n` values (`m` signed, `v` unsigned)
+pub fn adamw_8bit_on_host(
+    p: Tensor<1>,
+    g: Tensor<1>,
+    m: &mut Blockwise8,
+    v: &mut Blockwise8,
+    s: AdamwStep,
+) -> Tensor<1> {
+    use crate::quant::{Bucketizer, DQ_BLOCK, dynamic_map_of, quantize_block};
+    use rayon::prelude::*;
+    let device = p.device();
+    let n = p.dims()[0];
+    let host = |t: Tensor<1>| -> Vec<f32> {
+        t.into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .expect("values converted to f32")
+    };
+    let (mut ps, gs) = (host(p), host(g));
+    let c = AdamwConsts::of(&s);
+    let (map_m, map_v) = (dynamic_map_of(true), dynamic_map_of(false));
+    let (bounds_m, bounds_v) = (Bucketizer::of(true), Bucketizer::of(false));
+    ps.par_chunks_mut(DQ_BLOCK)
+        .zip(gs.par_chunks(DQ_BLOCK))
+        .zip(
+            m.codes
+                .par_chunks_mut(DQ_BLOCK)
+                .zip(m.absmax.par_iter_mut()),
+        )
+        .zip(
+            v.codes
+                .par_chunks_mut(DQ_BLOCK)
+                .zip(v.absmax.par_iter_mut()),
+        )
+        .for_each(|(((p, g), (mc, ma)), (vc, va))| {
+            let (mut mb, mut vb) = ([0f32; DQ_BLOCK], [0f32; DQ_BLOCK]);
+            let len = p.len();
+            for k in 0..len {
+                mb[k] = map_m[mc[k] as usize] * *ma;
+                vb[k] = map_v[vc[k] as usize] * *va;
+                adamw_element(&mut p[k], g[k], &mut mb[k], &mut vb[k], &c);
+            }
+            *ma = quantize_block(&mb[..len], bounds_m, mc);
+            *va = quantize_block(&vb[..len], bounds_v, vc);
+        });
+    Tensor::from_data(TensorData::new(ps, [n]), &device)
 }
 
 /// [`adamw`] in burn's ops (every backend; the CPU's fused pass is tested against it).
@@ -464,6 +576,12 @@ fn fused<const D: usize>(x: &Tensor<D>) -> bool {
         #[allow(unreachable_patterns)]
         _ => false,
     }
+}
+
+/// Whether the CPU kernels serve a tensor: it lives on the CPU backend and `WHET_KERNELS` does
+/// not turn them off (callers of [`adamw_8bit_on_host`] check it).
+pub fn on_cpu_kernels<const D: usize>(x: &Tensor<D>) -> bool {
+    on_flex(x)
 }
 
 /// Whether a tensor lives on the CPU backend with the kernels on (the CPU-only fused ops).
@@ -1199,6 +1317,55 @@ mod tests {
             assert_eq!(bits(&p0), keep, "the shared original is not written");
             assert!(bits(&fused.0) != keep, "the parameter moved");
         }
+    }
+
+    /// The one-pass 8-bit AdamW gives what dequantising, the composed AdamW and quantising give:
+    /// the same parameter bits and the same codes and block maxima, over three steps from zero
+    /// moments, with a partial last block and weight decay.
+    #[test]
+    fn fused_8bit_adamw_equals_dequantise_update_quantise() {
+        let _rng = crate::test_rng();
+        let device = Device::flex();
+        let n = 3 * crate::quant::DQ_BLOCK + 77;
+        let p0 = Tensor::<1>::random([n], Distribution::Normal(0.0, 0.05), &device);
+        let bits = |t: &Tensor<1>| -> Vec<u32> {
+            let v: Vec<f32> = t.to_data().try_to_vec().unwrap();
+            v.iter().map(|x| x.to_bits()).collect()
+        };
+        let host = |t: Tensor<1>| -> Vec<f32> { t.into_data().try_to_vec().unwrap() };
+        let (mut pf, mut mf, mut vf) = (
+            p0.clone(),
+            Blockwise8::zeros(n, true),
+            Blockwise8::zeros(n, false),
+        );
+        let (mut pc, mut mc, mut vc) =
+            (p0, Blockwise8::zeros(n, true), Blockwise8::zeros(n, false));
+        for step in 1..=3 {
+            let g = Tensor::<1>::random([n], Distribution::Normal(0.0, 1e-2), &device);
+            let s = AdamwStep {
+                lr: 1e-3,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 0.01,
+                step,
+            };
+            pf = adamw_8bit_on_host(pf, g.clone(), &mut mf, &mut vf, s);
+            let t = |v: Vec<f32>| Tensor::<1>::from_data(TensorData::new(v, [n]), &device);
+            let (p, m, v) = adamw_composed(pc, g, t(mc.dequantize()), t(vc.dequantize()), s);
+            (pc, mc, vc) = (
+                p,
+                Blockwise8::quantize(&host(m), true),
+                Blockwise8::quantize(&host(v), false),
+            );
+            assert!(bits(&pf) == bits(&pc), "parameter differs at step {step}");
+            assert_eq!(mf, mc, "first moments differ at step {step}");
+            assert_eq!(vf, vc, "second moments differ at step {step}");
+        }
+        assert!(
+            mf.codes.iter().any(|&c| c != mf.codes[0]),
+            "the moments moved"
+        );
     }
 
     /// RMSNorm and LayerNorm against burn's composed ops: the output and the gradients of the
