@@ -350,8 +350,14 @@ impl LlamaLayer {
         );
         let x = x + self.o_proj.forward(layout.enter(merge_heads(ctx)), mode);
         let h = self.post_attention_layernorm.forward(x.clone());
-        let gated = self.act.forward(self.gate_proj.forward(h.clone(), mode))
-            * self.up_proj.forward(h, mode);
+        let (gate, up) = (
+            self.gate_proj.forward(h.clone(), mode),
+            self.up_proj.forward(h, mode),
+        );
+        let gated = match self.act {
+            Activation::Silu => crate::kernels::swiglu(gate, up),
+            act => act.forward(gate) * up,
+        };
         x + self.down_proj.forward(gated, mode)
     }
 }

@@ -675,7 +675,53 @@ fn add_partials(partials: Vec<Vec<f32>>, d: usize) -> Vec<f32> {
     })
 }
 
+// `silu(g) · u`, the sigmoid through the vectorised `exp`.
+multiversion!(swiglu_slice(g: &[f32], u: &[f32], out: &mut [f32]) {
+    for ((o, &a), &b) in out.iter_mut().zip(g).zip(u) {
+        let s = 1.0 / (1.0 + exp(-a));
+        *o = a * s * b;
+    }
+});
+
+// `dg = dy · u · s · (1 + g · (1 − s))`, `du = dy · g · s` with `s = sigmoid(g)`.
+multiversion!(swiglu_backward_slice(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f32]) {
+    for ((((dg, du), &a), &b), &d) in dg.iter_mut().zip(du.iter_mut()).zip(g).zip(u).zip(dy) {
+        let s = 1.0 / (1.0 + exp(-a));
+        *du = d * a * s;
+        *dg = d * b * s * (1.0 + a * (1.0 - s));
+    }
+});
+
 impl CpuKernels for Flex {
+    fn swiglu(gate: FlexTensor, up: FlexTensor) -> FlexTensor {
+        let (g, u) = (dense(gate), dense(up));
+        let (gs, us) = (values(&g), values(&u));
+        let mut out = vec![0f32; gs.len()];
+        out.par_chunks_mut(CHUNK)
+            .zip(gs.par_chunks(CHUNK).zip(us.par_chunks(CHUNK)))
+            .for_each(|(o, (g, u))| swiglu_slice(g, u, o));
+        new_tensor(out, &g)
+    }
+
+    fn swiglu_backward(
+        gate: FlexTensor,
+        up: FlexTensor,
+        dy: FlexTensor,
+    ) -> (FlexTensor, FlexTensor) {
+        let (g, u, d) = (dense(gate), dense(up), dense(dy));
+        let (gs, us, ds) = (values(&g), values(&u), values(&d));
+        let (mut dg, mut du) = (vec![0f32; gs.len()], vec![0f32; gs.len()]);
+        dg.par_chunks_mut(CHUNK)
+            .zip(du.par_chunks_mut(CHUNK))
+            .zip(
+                gs.par_chunks(CHUNK)
+                    .zip(us.par_chunks(CHUNK))
+                    .zip(ds.par_chunks(CHUNK)),
+            )
+            .for_each(|((dg, du), ((g, u), d))| swiglu_backward_slice(g, u, d, dg, du));
+        (new_tensor(dg, &g), new_tensor(du, &g))
+    }
+
     fn rms_norm(x: FlexTensor, w: FlexTensor, eps: f32) -> (FlexTensor, FlexTensor) {
         let (x, w) = (dense(x), dense(w));
         let (xs, ws) = (values(&x), values(&w));
