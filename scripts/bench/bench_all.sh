@@ -74,7 +74,7 @@ PY
                 echo "# perf profile of whet's side of '$name' ($cmd), round $round"
                 echo "# $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs); self time by symbol"
                 perf report -i "$OUT/$slug.perf" --stdio --no-children --sort symbol 2>/dev/null \
-                    | grep -v '^#' | grep -v '^$' | head -30
+                    | grep -v '^#' | grep -v '^$' | head -30 | sed "s/ *- *- *$//"
             } >benchmarks/profiles/$slug.txt
         fi
     done
