@@ -67,6 +67,8 @@ impl Unpadded {
 }
 
 /// How a forward pass holds its tokens between attention calls.
+// One per forward pass: the size of the tensor handle in one variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub(crate) enum Layout {
     /// `[B, T, H]`, padding included.
