@@ -10,6 +10,7 @@
 #   BF16 (default: whether the CPU has AVX512-BF16): also the bf16 rows (both sides in bf16).
 #   PROFILE=1: the last round records whet's side of every row with `perf record` (199 Hz,
 #   user space), and benchmarks/profiles/ROW.txt gets its hottest symbols.
+#   RESUME=1: keeps runs/bench-all/results.jsonl and runs only the (row, round) pairs it lacks.
 #
 # Rows, each a committed side-by-side script (see its header for the settings):
 #   minilm-lora   scripts/bench/bench_train.sh lora      the README's main job, 1 epoch
@@ -30,7 +31,8 @@ if [[ -z ${BF16:-} ]]; then
 fi
 OUT=runs/bench-all
 mkdir -p $OUT benchmarks/profiles
-: >$OUT/results.jsonl
+[[ ${RESUME:-0} == 1 ]] || : >$OUT/results.jsonl
+touch $OUT/results.jsonl
 
 # name | command | output folder | throughput key (whet's all_results.json, the reference's json)
 rows=(
@@ -54,6 +56,10 @@ for round in $(seq 1 "$ROUNDS"); do
     for row in "${rows[@]}"; do
         IFS='|' read -r name cmd dir key <<<"$row"
         slug=${name// /-}
+        if grep -q "\"row\": \"$name\", \"round\": $round," $OUT/results.jsonl; then
+            echo "round $round: $name (done before)" >&2
+            continue
+        fi
         profile=()
         if [[ ${PROFILE:-0} == 1 && $round == "$ROUNDS" ]]; then
             profile=(env WHET_PROFILE="$PWD/$OUT/$slug.perf")
@@ -73,8 +79,9 @@ PY
             {
                 echo "# perf profile of whet's side of '$name' ($cmd), round $round"
                 echo "# $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs); self time by symbol"
+                # `head` closes the pipe early: not a failure.
                 perf report -i "$OUT/$slug.perf" --stdio --no-children --sort symbol 2>/dev/null \
-                    | grep -v '^#' | grep -v '^$' | head -30 | sed "s/ *- *- *$//"
+                    | grep -v '^#' | grep -v '^$' | head -30 | sed "s/ *- *- *$//" || true
             } >benchmarks/profiles/$slug.txt
         fi
     done
@@ -104,7 +111,7 @@ for name in dict.fromkeys(r["row"] for r in rows):
     rss = ""
     if rs[0]["whet_rss"] and rs[0]["reference_rss"]:
         rss = f"{med('whet_rss'):.0f} / {med('reference_rss'):.0f}"
-    out.append(f"| {name} | {rs[0]['key']} | {med('whet'):.1f} | {med('reference'):.1f} | "
+    out.append(f"| {name} | {rs[0]['key']} | {med('whet'):.4g} | {med('reference'):.4g} | "
                f"{statistics.median(ratios):.2f}x | {min(ratios):.2f}-{max(ratios):.2f}x | {rss} |")
 refs = sorted({r["reference_impl"] for r in rows if r["reference_impl"]})
 out += ["", "References: " + "; ".join(refs) + "."]
