@@ -247,11 +247,7 @@ impl Rope {
     /// # Shapes
     /// - x `[B, H, T, hd]`
     fn apply(&self, x: Tensor<4>) -> Tensor<4> {
-        let [b, h, t, d] = x.dims();
-        let x1 = x.clone().slice([0..b, 0..h, 0..t, 0..d / 2]);
-        let x2 = x.clone().slice([0..b, 0..h, 0..t, d / 2..d]);
-        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-        x * self.cos.clone() + rotated * self.sin.clone()
+        crate::kernels::rope(x, self.cos.clone(), self.sin.clone())
     }
 }
 

@@ -73,6 +73,28 @@ fn span_loss_matches_transformers() {
         ((got as f32) - want).abs() <= 1e-5 * want.abs(),
         "{got} vs {want}"
     );
+    // `padding_free = true` leaves the padding out of the softmax: the padded batch's loss is
+    // then that of each window run alone (a batch of one has no padding), which the padded
+    // batch's is not.
+    let free = QuestionAnswering {
+        pad_id: 0,
+        eval_examples: vec![],
+        max_answer_length: 30,
+        padding_free: true,
+    };
+    let batched = free.evaluate(&model, &features, 3, &device).unwrap().loss;
+    let alone = objective
+        .evaluate(&model, &features, 1, &device)
+        .unwrap()
+        .loss;
+    assert!(
+        (batched - alone).abs() <= 1e-5 * alone.abs(),
+        "padding-free batch {batched} vs windows alone {alone}"
+    );
+    assert!(
+        (batched - got).abs() > 1e-4 * got.abs(),
+        "the padding counts in transformers' loss ({got} vs {batched})"
+    );
 }
 
 #[test]

@@ -692,7 +692,55 @@ multiversion!(swiglu_backward_slice(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [
     }
 });
 
+// One row of rotary embedding over `d = 2h` values. Forward:
+// `y_lo = x_lo·c_lo − x_hi·s_lo`, `y_hi = x_hi·c_hi + x_lo·s_hi` (the composed ops' products
+// and sums, so the same bits); backward (the transpose):
+// `dx_lo = dy_lo·c_lo + dy_hi·s_hi`, `dx_hi = dy_hi·c_hi − dy_lo·s_lo`.
+multiversion!(rope_row(x: &[f32], c: &[f32], s: &[f32], out: &mut [f32], backward: bool) {
+    let h = x.len() / 2;
+    let (x_lo, x_hi) = x.split_at(h);
+    let (c_lo, c_hi) = c.split_at(h);
+    let (s_lo, s_hi) = s.split_at(h);
+    let (o_lo, o_hi) = out.split_at_mut(h);
+    if backward {
+        for i in 0..h {
+            o_lo[i] = x_lo[i] * c_lo[i] + x_hi[i] * s_hi[i];
+            o_hi[i] = x_hi[i] * c_hi[i] - x_lo[i] * s_lo[i];
+        }
+    } else {
+        for i in 0..h {
+            o_lo[i] = x_lo[i] * c_lo[i] + -x_hi[i] * s_lo[i];
+            o_hi[i] = x_hi[i] * c_hi[i] + x_lo[i] * s_hi[i];
+        }
+    }
+});
+
 impl CpuKernels for Flex {
+    fn rope(x: FlexTensor, cos: FlexTensor, sin: FlexTensor, backward: bool) -> FlexTensor {
+        let (x, c, s) = (dense(x), dense(cos), dense(sin));
+        let dims = x.layout().shape().to_vec();
+        let (heads, t, d) = (dims[1], dims[2], dims[3]);
+        let (xs, cs, ss) = (values(&x), values(&c), values(&s));
+        let mut out = vec![0f32; xs.len()];
+        // One task per (batch, head): T rows of d, reading the batch's T rows of the tables.
+        out.par_chunks_mut(t * d)
+            .zip(xs.par_chunks(t * d))
+            .enumerate()
+            .for_each(|(bh, (o, x))| {
+                let table = (bh / heads) * t * d..(bh / heads + 1) * t * d;
+                let (c, s) = (&cs[table.clone()], &ss[table]);
+                for (((o, x), c), s) in o
+                    .chunks_mut(d)
+                    .zip(x.chunks(d))
+                    .zip(c.chunks(d))
+                    .zip(s.chunks(d))
+                {
+                    rope_row(x, c, s, o, backward);
+                }
+            });
+        new_tensor(out, &x)
+    }
+
     fn swiglu(gate: FlexTensor, up: FlexTensor) -> FlexTensor {
         let (g, u) = (dense(gate), dense(up));
         let (gs, us) = (values(&g), values(&u));

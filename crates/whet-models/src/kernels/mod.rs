@@ -94,6 +94,12 @@ pub trait CpuFusedOps: burn::backend::Backend {
     ) -> FloatTensor<Self>;
     /// `silu(gate) · up`, the gated feed-forward of LLaMA's MLP.
     fn fused_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// `x · cos + rotate_half(x) · sin`; `cos` and `sin` are constants (no gradient).
+    fn fused_rope(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
 }
 
 /// The optimizer's update, fused on the CPU only: burn's ops make PyTorch's AdamW step nine
@@ -337,6 +343,35 @@ pub fn swiglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
         gate.into_dispatch(),
         up.into_dispatch(),
     ))
+}
+
+/// Rotary position embeddings as transformers' `apply_rotary_pos_emb`: `x · cos +
+/// rotate_half(x) · sin` with `rotate_half([x1, x2]) = [−x2, x1]`, in one pass each way on the
+/// CPU (burn's ops make two slices, a negation, a concatenation, two products and a sum, each a
+/// full-size tensor, for q and k of every layer). The forward pass gives the composed ops' bits.
+///
+/// # Shapes
+/// - x `[B, H, T, hd]`, cos and sin `[B, 1, T, hd]` (constants)
+/// - output `[B, H, T, hd]`
+pub fn rope(x: Tensor<4>, cos: Tensor<4>, sin: Tensor<4>) -> Tensor<4> {
+    let [b, _, t, d] = x.dims();
+    if !on_flex(&x) || cos.dims() != [b, 1, t, d] || sin.dims() != [b, 1, t, d] || d % 2 != 0 {
+        return rope_composed(x, cos, sin);
+    }
+    Tensor::from_dispatch(<Dispatch as CpuFusedOps>::fused_rope(
+        x.into_dispatch(),
+        cos.into_dispatch(),
+        sin.into_dispatch(),
+    ))
+}
+
+/// [`rope`] in burn's ops (every backend; the CPU's fused op is tested against it).
+pub fn rope_composed(x: Tensor<4>, cos: Tensor<4>, sin: Tensor<4>) -> Tensor<4> {
+    let [b, h, t, d] = x.dims();
+    let x1 = x.clone().slice([0..b, 0..h, 0..t, 0..d / 2]);
+    let x2 = x.clone().slice([0..b, 0..h, 0..t, d / 2..d]);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+    x * cos + rotated * sin
 }
 
 /// `torch.nn.functional.layer_norm` over the last dimension, in one pass each way on the CPU.
@@ -739,6 +774,14 @@ trait Kernels: Backend {
 /// What the CPU backend supplies for [`CpuFusedOps`]: forwards returning what their backward
 /// passes keep, and the backward passes.
 trait CpuKernels: Kernels {
+    /// [`rope`] of `[B, H, T, hd]` with `[B, 1, T, hd]` tables; `backward`: its transpose,
+    /// the input gradient of an output gradient.
+    fn rope(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        backward: bool,
+    ) -> FloatTensor<Self>;
     /// `silu(gate) · up`.
     fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self>;
     /// `(dgate, dup)` of [`swiglu`].
@@ -796,6 +839,14 @@ impl CpuFusedOps for Flex {
 
     fn fused_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
         <Self as CpuKernels>::swiglu(gate, up)
+    }
+
+    fn fused_rope(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        <Self as CpuKernels>::rope(x, cos, sin, false)
     }
 }
 
@@ -894,6 +945,54 @@ impl<B: CpuKernels, C: CheckpointStrategy> CpuFusedOps for Autodiff<B, C> {
                 gate.into_primitive(),
                 up.into_primitive(),
             )),
+        }
+    }
+
+    fn fused_rope(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct RopeBackward;
+
+        impl<B: CpuKernels> Backward<B, 1> for RopeBackward {
+            /// The cos and sin tables.
+            type State = (FloatTensor<B>, FloatTensor<B>);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 1>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let [x_node] = ops.parents;
+                let dy = grads.consume::<B>(&ops.node);
+                let (cos, sin) = ops.state;
+                if let Some(node) = x_node {
+                    grads.register::<B>(node.id, B::rope(dy, cos, sin, true));
+                }
+            }
+        }
+
+        // The tables are constants (made from integer positions): only x is differentiated.
+        let (cos, sin) = (
+            B::prepare(cos.into_primitive()),
+            B::prepare(sin.into_primitive()),
+        );
+        match RopeBackward
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let y =
+                    <B as CpuKernels>::rope(x.into_primitive(), cos.clone(), sin.clone(), false);
+                prep.finish((cos, sin), y)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(<B as CpuKernels>::rope(x.into_primitive(), cos, sin, false))
+            }
         }
     }
 
@@ -1443,6 +1542,47 @@ mod tests {
             mf.codes.iter().any(|&c| c != mf.codes[0]),
             "the moments moved"
         );
+    }
+
+    /// The fused rotary embedding against burn's composed ops: the output bit for bit and the
+    /// input gradient, for a strided input (heads split from `[B, T, H, hd]`, as attention
+    /// makes it) and tables that differ per batch row.
+    #[test]
+    fn fused_rope_matches_composed_ops_in_value_and_gradient() {
+        let _rng = crate::test_rng();
+        let device = Device::flex().autodiff();
+        let (b, h, t, d) = (2, 3, 5, 8);
+        let x = Tensor::<4>::random([b, t, h, d], Distribution::Normal(0.0, 1.0), &device)
+            .swap_dims(1, 2);
+        let angles =
+            Tensor::<4>::random([b, 1, t, d / 2], Distribution::Uniform(-3.0, 3.0), &device);
+        let angles = Tensor::cat(vec![angles.clone(), angles], 3);
+        let (cos, sin) = (angles.clone().cos(), angles.sin());
+        let dy = Tensor::<4>::random([b, h, t, d], Distribution::Normal(0.0, 1.0), &device);
+        let run = |fused: bool| {
+            let x = x.clone().require_grad();
+            let y = if fused {
+                rope(x.clone(), cos.clone(), sin.clone())
+            } else {
+                rope_composed(x.clone(), cos.clone(), sin.clone())
+            };
+            let grads = (y.clone() * dy.clone()).sum().backward();
+            let dx = x.grad(&grads).unwrap();
+            (
+                y.inner().into_data().try_to_vec::<f32>().unwrap(),
+                dx.into_data().try_to_vec::<f32>().unwrap(),
+            )
+        };
+        let (fused, composed) = (run(true), run(false));
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&fused.0), bits(&composed.0), "output");
+        let d = fused
+            .1
+            .iter()
+            .zip(&composed.1)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(d < 1e-6, "input gradient: {d}");
     }
 
     /// The fused SwiGLU against burn's `silu(gate) * up`: the output and both gradients, over
