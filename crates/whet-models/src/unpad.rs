@@ -33,16 +33,6 @@ impl Unpadded {
         Self { rows, cols, keep }
     }
 
-    /// Real tokens.
-    pub fn tokens(&self) -> usize {
-        self.keep.len()
-    }
-
-    /// Positions of the padded batch (`B * T`).
-    pub fn positions(&self) -> usize {
-        self.rows * self.cols
-    }
-
     /// The same batch after `p` virtual tokens (a soft prompt, all real) in front of each row.
     pub fn widen(&self, p: usize) -> Self {
         if p == 0 {
@@ -151,7 +141,7 @@ mod tests {
         let w = u.widen(2);
         // Rows of 5: [v v 1 1 0], [v v 1 0 0]
         assert_eq!(w.keep, vec![0, 1, 2, 3, 5, 6, 7]);
-        assert_eq!((w.rows, w.cols, w.positions(), w.tokens()), (2, 5, 10, 7));
+        assert_eq!((w.rows, w.cols), (2, 5));
     }
 
     #[test]

@@ -100,7 +100,7 @@ pub struct TrainingArguments {
     /// run's evaluations: projections, feed-forward layers and norms see only the real tokens,
     /// flattened into one row, and attention alone puts them back into their rows (see
     /// `whet_models::unpad`). Unset, it is on wherever the result is the padded batch's up to
-    /// float rounding (tests show it for every family and task): every task but question
+    /// float rounding (the parity tests run both ways): every task but question
     /// answering, whose loss (as `transformers` computes it) takes the padding positions'
     /// logits into its softmax; there `true` leaves them out, as if each window ran alone.
     /// Dropout draws its masks over the real tokens only, so `false` repeats the random stream

@@ -252,12 +252,7 @@ pub fn adamw_8bit_on_host(
     use rayon::prelude::*;
     let device = p.device();
     let n = p.dims()[0];
-    let host = |t: Tensor<1>| -> Vec<f32> {
-        t.into_data()
-            .convert::<f32>()
-            .try_into_vec::<f32>()
-            .expect("values converted to f32")
-    };
+    let host = |t: Tensor<1>| crate::weights::tensor_values(t.into_data());
     let (mut ps, gs) = (host(p), host(g));
     let c = AdamwConsts::of(&s);
     let (map_m, map_v) = (dynamic_map_of(true), dynamic_map_of(false));
