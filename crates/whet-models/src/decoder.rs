@@ -317,6 +317,10 @@ pub fn tied_logits(hidden: Tensor<3>, embedding: Tensor<2>) -> Tensor<3> {
     let [b, t, h] = hidden.dims();
     let [v, _] = embedding.dims();
     let rows = hidden.reshape([b * t, h]);
+    if b * t <= crate::kernels::SKINNY_ROWS && crate::precision::compute().is_none() {
+        // A generation step: dot products of the row with E's stored rows, over every core.
+        return crate::kernels::skinny_matmul(rows, embedding.transpose()).reshape([b, t, v]);
+    }
     if b * t > h {
         // (B*T, H) x (H, V) -> (B*T, V) -> (B, T, V)
         return crate::precision::matmul(rows, embedding.transpose()).reshape([b, t, v]);

@@ -76,7 +76,20 @@ pub fn linear<const D: usize>(
     weight: Tensor<2>,
     bias: Option<Tensor<1>>,
 ) -> Tensor<D> {
+    let rows: usize = x.dims()[..D - 1].iter().product();
     match compute() {
+        None if rows <= crate::kernels::SKINNY_ROWS => {
+            let mut dims = x.dims();
+            let [d_in, d_out] = weight.dims();
+            // One token's step of generation: a matrix-vector product over every core.
+            let y = crate::kernels::skinny_matmul(x.reshape([rows, d_in]), weight);
+            let y = match bias {
+                Some(b) => y + b.unsqueeze::<2>(),
+                None => y,
+            };
+            dims[D - 1] = d_out;
+            y.reshape(dims)
+        }
         None => burn::tensor::module::linear(x, weight, bias),
         Some(FloatDType::BF16) if crate::device::is_flex(&x.device()) => {
             let dims = x.dims();

@@ -8,7 +8,9 @@ use burn::tensor::{DType, TensorData};
 use rayon::prelude::*;
 use std::sync::Arc;
 
-use super::{AdamwConsts, CpuKernels, CpuOptimOps, DropMask, Kernels, adamw_element, bf16};
+use super::{
+    AdamwConsts, CpuKernels, CpuOptimOps, CpuSkinnyOps, DropMask, Kernels, adamw_element, bf16,
+};
 use crate::quant::QuantMatrix;
 
 /// Elements per rayon task: small enough to split a `[16, 64, 1536]` activation over the cores,
@@ -908,5 +910,92 @@ impl CpuOptimOps for Flex {
             .zip(vs.par_chunks_mut(CHUNK))
             .for_each(|(((p, g), m), v)| adamw_chunk(p, g, m, v, c));
         (p, m, v)
+    }
+}
+
+impl CpuSkinnyOps for Flex {
+    /// `w` cut into one contiguous stretch of memory a thread, each multiplied by the gemm
+    /// crate on that thread (with a single row, its matrix-vector loop, which reads `w` in
+    /// place): a row-major `w` by its rows (the threads' partial products are summed), the
+    /// transpose of a row-major matrix (tied embeddings) by its columns.
+    fn fused_skinny_matmul(x: FlexTensor, w: FlexTensor) -> FlexTensor {
+        let x = dense(x);
+        let xs = values(&x);
+        let (m, k) = (x.layout().shape()[0], x.layout().shape()[1]);
+        let n = w.layout().shape()[1];
+        let transposed = w.dtype() == DType::F32
+            && w.layout().strides() == [1, k as isize]
+            && w.layout().start_offset() == 0;
+        let w = if transposed { w } else { dense(w) };
+        let ws = &w.storage::<f32>()[..k * n];
+        // (row, column) strides of w's element (i, j).
+        let (rs, cs) = if transposed { (1, k) } else { (n, 1) };
+        // Below a quarter million weights a second thread costs more than it saves; above, at
+        // least two pieces, so that the split runs (and is tested) on any machine.
+        let parts = if k * n < 1 << 18 {
+            1
+        } else {
+            rayon::current_num_threads().max(2)
+        };
+        // The split dimension: w's rows when row-major, its columns when transposed.
+        let split = if transposed { n } else { k };
+        let step = split.div_ceil(parts).max(1);
+        // One product over w's rows i0..i0 + rows and columns j0..j0 + cols: [m, cols].
+        let product = |(i0, rows): (usize, usize), (j0, cols): (usize, usize)| {
+            let mut dst = vec![0f32; m * cols];
+            // SAFETY: x is [m, k] dense, read at columns i0..i0 + rows; w's elements
+            // (i0 + i, j0 + j) lie at (i0 + i)·rs + (j0 + j)·cs < k·n; dst is [m, cols].
+            unsafe {
+                gemm::gemm(
+                    m,
+                    cols,
+                    rows,
+                    dst.as_mut_ptr(),
+                    1,
+                    cols as isize,
+                    false,
+                    xs.as_ptr().add(i0),
+                    1,
+                    k as isize,
+                    ws.as_ptr().add(i0 * rs + j0 * cs),
+                    cs as isize,
+                    rs as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+            dst
+        };
+        let pieces: Vec<Vec<f32>> = (0..split.div_ceil(step))
+            .into_par_iter()
+            .map(|p| {
+                let range = (p * step, step.min(split - p * step));
+                if transposed {
+                    product((0, k), range)
+                } else {
+                    product(range, (0, n))
+                }
+            })
+            .collect();
+        let mut out = vec![0f32; m * n];
+        if transposed {
+            for (p, piece) in pieces.iter().enumerate() {
+                let (j0, cols) = (p * step, step.min(n - p * step));
+                for (r, row) in piece.chunks(cols).enumerate() {
+                    out[r * n + j0..r * n + j0 + cols].copy_from_slice(row);
+                }
+            }
+        } else {
+            for piece in &pieces {
+                for (o, v) in out.iter_mut().zip(piece) {
+                    *o += v;
+                }
+            }
+        }
+        FlexTensor::from_data(TensorData::new(out, [m, n]))
     }
 }

@@ -123,6 +123,43 @@ pub trait CpuOptimOps: burn::backend::Backend {
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 }
 
+/// Products of a few rows by a large matrix, on the CPU only and never differentiated: the
+/// one-token steps of generation.
+#[backend_extension(Flex)]
+pub trait CpuSkinnyOps: burn::backend::Backend {
+    /// [`skinny_matmul`]: `x [m, k] · w [k, n]` for small `m`.
+    fn fused_skinny_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self>;
+}
+
+/// The most rows [`skinny_matmul`] takes; above it the gemm crate's packed kernel is faster.
+pub const SKINNY_ROWS: usize = 4;
+
+/// `x · w` for at most [`SKINNY_ROWS`] rows, split over rayon's threads by blocks of `w`'s
+/// columns, reading `w` once in place (row-major, or the transpose of a row-major matrix).
+///
+/// Why: a generation step multiplies one token's row by every weight matrix. The gemm crate
+/// routes that to a matrix-vector loop on a single thread (its `gemv` path takes no
+/// parallelism), so the step ran on one core whatever `RAYON_NUM_THREADS` said; and with two
+/// to four rows (batched generation, or a few new tokens) it packs the skinny operand as for a
+/// large product. Falls back to burn's matmul for tensors that autodiff tracks, more rows, or
+/// another backend.
+///
+/// # Shapes
+/// - x `[m, k]`, w `[k, n]`
+/// - output `[m, n]`
+pub fn skinny_matmul(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
+    let untracked = !x.is_tracked() && !w.is_tracked();
+    if !on_flex(&x) || x.dims()[0] > SKINNY_ROWS || !untracked {
+        return x.matmul(w);
+    }
+    let autodiff = x.is_autodiff();
+    let y = Tensor::from_dispatch(<Dispatch as CpuSkinnyOps>::fused_skinny_matmul(
+        x.inner().into_dispatch(),
+        w.inner().into_dispatch(),
+    ));
+    if autodiff { y.autodiff() } else { y }
+}
+
 /// The constants of one AdamW step (PyTorch's `torch.optim.AdamW`, `foreach` off).
 #[derive(Debug, Clone, Copy)]
 pub struct AdamwStep {
@@ -1578,6 +1615,40 @@ mod tests {
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
         assert!(d < 1e-6, "input gradient: {d}");
+    }
+
+    /// The skinny product against burn's matmul: 1 to 4 rows, a row-major weight and the
+    /// transpose of one (tied embeddings), whole and split into ragged pieces, on the plain
+    /// and the autodiff device; a tracked input takes burn's matmul and keeps its gradient;
+    /// 5 rows take burn's matmul too.
+    #[test]
+    fn skinny_matmul_equals_matmul() {
+        let _rng = crate::test_rng();
+        // A small product on one thread; a large one (over 2^18 weights) split in pieces.
+        for (device, (k, n)) in [
+            (Device::flex(), (37, 557)),
+            (Device::flex().autodiff(), (37, 557)),
+            (Device::flex(), (301, 1013)),
+        ] {
+            let w = Tensor::<2>::random([k, n], Distribution::Normal(0.0, 1.0), &device);
+            let wt_rows = Tensor::<2>::random([n, k], Distribution::Normal(0.0, 1.0), &device);
+            for m in 1..=5 {
+                let x = Tensor::<2>::random([m, k], Distribution::Normal(0.0, 1.0), &device);
+                for w in [w.clone(), wt_rows.clone().transpose()] {
+                    let want = x.clone().matmul(w.clone());
+                    let got = skinny_matmul(x.clone(), w);
+                    assert_eq!(got.dims(), [m, n]);
+                    let d = max_diff(got, want);
+                    assert!(d < 1e-4, "{m} rows: off by {d}");
+                }
+            }
+        }
+        let device = Device::flex().autodiff();
+        let x = Tensor::<2>::random([1, 8], Distribution::Normal(0.0, 1.0), &device).require_grad();
+        let w = Tensor::<2>::random([8, 3], Distribution::Normal(0.0, 1.0), &device);
+        let grads = skinny_matmul(x.clone(), w.clone()).sum().backward();
+        let want = w.inner().sum_dim(1).reshape([1, 8]);
+        assert!(max_diff(x.grad(&grads).expect("no input gradient"), want) < 1e-5);
     }
 
     /// The fused SwiGLU against burn's `silu(gate) * up`: the output and both gradients, over
