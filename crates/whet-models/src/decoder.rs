@@ -235,6 +235,18 @@ pub trait CausalLm {
     /// - output `[B, T, V]`
     fn lm_logits(&self, hidden: Tensor<3>) -> Tensor<3>;
 
+    /// Next-token cross-entropy summed over `hidden`'s rows against `targets`: what
+    /// [`crate::kernels::cross_entropy_sum`] of [`Self::lm_logits`] gives. A plain head (tied
+    /// embeddings, or an LM head without bias or adapter) computes it without the `[N, V]`
+    /// logits ([`crate::kernels::linear_cross_entropy_sum`]).
+    ///
+    /// # Shapes
+    /// - hidden `[N, H]`, `targets.len() == N`
+    /// - output `[1]`
+    fn lm_cross_entropy_sum(&self, hidden: Tensor<2>, targets: &[u32]) -> Tensor<1> {
+        logits_cross_entropy_sum(self, hidden, targets)
+    }
+
     /// Logits of every position.
     fn forward_logits(&self, input: DecoderInput, mode: Mode) -> Tensor<3> {
         self.lm_logits(self.forward_hidden(input, None, mode))
@@ -329,6 +341,19 @@ pub fn tied_logits(hidden: Tensor<3>, embedding: Tensor<2>) -> Tensor<3> {
     crate::precision::matmul(embedding, rows.transpose())
         .transpose()
         .reshape([b, t, v])
+}
+
+/// [`CausalLm::lm_cross_entropy_sum`] through the logits.
+pub fn logits_cross_entropy_sum<M: CausalLm + ?Sized>(
+    model: &M,
+    hidden: Tensor<2>,
+    targets: &[u32],
+) -> Tensor<1> {
+    let [n, h] = hidden.dims();
+    // (N, H) -> (1, N, H) -> (1, N, V) -> (N, V)
+    let logits = model.lm_logits(hidden.reshape([1, n, h]));
+    let v = logits.dims()[2];
+    crate::kernels::cross_entropy_sum(logits.reshape([n, v]), targets)
 }
 
 /// Next-token cross-entropy as `transformers`' causal-LM loss: logits at position `t` predict

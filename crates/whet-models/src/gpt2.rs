@@ -298,6 +298,10 @@ impl CausalLm for Gpt2LmHeadModel {
         crate::decoder::tied_logits(hidden, self.transformer.wte.weight.val())
     }
 
+    fn lm_cross_entropy_sum(&self, hidden: Tensor<2>, targets: &[u32]) -> Tensor<1> {
+        crate::kernels::linear_cross_entropy_sum(hidden, self.transformer.wte.weight.val(), targets)
+    }
+
     fn new_cache(&self) -> KvCache {
         KvCache::new(self.transformer.h.len())
     }

@@ -606,6 +606,13 @@ impl CausalLm for CausalModel {
         }
     }
 
+    fn lm_cross_entropy_sum(&self, hidden: Tensor<2>, targets: &[u32]) -> Tensor<1> {
+        match self {
+            CausalModel::Gpt2(m) => m.lm_cross_entropy_sum(hidden, targets),
+            CausalModel::Llama(m) => m.lm_cross_entropy_sum(hidden, targets),
+        }
+    }
+
     fn new_cache(&self) -> KvCache {
         match self {
             CausalModel::Gpt2(m) => m.new_cache(),

@@ -534,6 +534,29 @@ impl CausalLm for LlamaForCausalLm {
         }
     }
 
+    fn lm_cross_entropy_sum(&self, hidden: Tensor<2>, targets: &[u32]) -> Tensor<1> {
+        use crate::layers::LinearWeight;
+        let weight = match &self.lm_head {
+            None => Some(self.model.embed_tokens.weight.val()),
+            // [H, V] read as its transpose [V, H], in place.
+            Some(head) => match &head.weight {
+                LinearWeight::Dense(w)
+                    if head.bias.is_none()
+                        && head.adapter.is_none()
+                        && head.ia3.is_none()
+                        && head.bottleneck.is_none() =>
+                {
+                    Some(w.val().transpose())
+                }
+                _ => None,
+            },
+        };
+        match weight {
+            Some(w) => crate::kernels::linear_cross_entropy_sum(hidden, w, targets),
+            None => crate::decoder::logits_cross_entropy_sum(self, hidden, targets),
+        }
+    }
+
     fn new_cache(&self) -> KvCache {
         KvCache::new(self.model.layers.len())
     }

@@ -108,12 +108,10 @@ impl LanguageModelling {
             return hidden.sum().mul_scalar(0.0);
         }
         let index = Tensor::<1, Int>::from_data(TensorData::new(predicting, [n]), device);
-        // (B, T, H) -> (B*T, H) -> (N, H) -> (1, N, H) -> (1, N, V) -> (N, V)
+        // (B, T, H) -> (B*T, H) -> (N, H)
         let picked = hidden.reshape([rows * t, h]).select(0, index);
-        let logits = model.lm_logits(picked.reshape([1, n, h]));
-        let v = logits.dims()[2];
         let targets: Vec<u32> = targets.iter().map(|&t| t as u32).collect();
-        whet_models::kernels::cross_entropy_sum(logits.reshape([n, v]), &targets)
+        model.lm_cross_entropy_sum(picked, &targets)
     }
 }
 

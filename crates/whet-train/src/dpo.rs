@@ -194,11 +194,8 @@ pub fn row_logps(
             }
             let n = at.len();
             let index = Tensor::<1, Int>::from_data(TensorData::new(at, [n]), device);
-            // (N, H) -> (1, N, H) -> (1, N, V) -> (N, V)
-            let picked = flat.clone().select(0, index).reshape([1, n, h]);
-            let logits = model.lm_logits(picked);
-            let v = logits.dims()[2];
-            whet_models::kernels::cross_entropy_sum(logits.reshape([n, v]), &targets).neg()
+            let picked = flat.clone().select(0, index);
+            model.lm_cross_entropy_sum(picked, &targets).neg()
         })
         .collect();
     Tensor::cat(sums, 0)

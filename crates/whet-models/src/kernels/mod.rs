@@ -100,6 +100,12 @@ pub trait CpuFusedOps: burn::backend::Backend {
         cos: FloatTensor<Self>,
         sin: FloatTensor<Self>,
     ) -> FloatTensor<Self>;
+    /// [`linear_cross_entropy_sum`]: `Σ_r −log softmax(hidden[r] · weightᵀ)[targets[r]]`.
+    fn fused_linear_cross_entropy_sum(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        targets: Vec<u32>,
+    ) -> FloatTensor<Self>;
 }
 
 /// The optimizer's update, fused on the CPU only: burn's ops make PyTorch's AdamW step nine
@@ -508,6 +514,39 @@ pub fn cross_entropy_sum(logits: Tensor<2>, targets: &[u32]) -> Tensor<1> {
     ))
 }
 
+/// Cross-entropy summed over rows of the logits `hidden · weightᵀ`, without the `[N, V]`
+/// logits: `Σ_r −log softmax(hidden[r] · weightᵀ)[targets[r]]`, a language model's loss through
+/// its LM head (Liger's fused linear cross-entropy; Wijmans et al. 2024's cut cross-entropy).
+///
+/// Why: the logits of a 4 × 256-token batch over a 49152-word vocabulary are 200 MB, kept from
+/// the forward pass to the backward, and their gradient is another 200 MB; together the largest
+/// tensors of a small model's step. On the CPU the rows go through in chunks of 128: each
+/// chunk's logits are computed, turned into the loss and in place into its gradient (softmax −
+/// onehot), which is multiplied into the gradients of the hidden rows and of the weight (the
+/// latter only when the weight trains) before the next chunk reuses the buffer. The backward
+/// pass then only scales them by the upstream gradient, so there is no second vocabulary
+/// product. Elsewhere (a GPU, or a 16-bit compute scope) it is the logits and
+/// [`cross_entropy_sum`].
+///
+/// # Shapes
+/// - hidden `[N, D]`, weight `[V, D]`, `targets.len() == N`
+/// - output `[1]`
+pub fn linear_cross_entropy_sum(
+    hidden: Tensor<2>,
+    weight: Tensor<2>,
+    targets: &[u32],
+) -> Tensor<1> {
+    if !on_flex(&hidden) || crate::precision::compute().is_some() {
+        let logits = crate::precision::matmul(hidden, weight.transpose());
+        return cross_entropy_sum(logits, targets);
+    }
+    Tensor::from_dispatch(<Dispatch as CpuFusedOps>::fused_linear_cross_entropy_sum(
+        hidden.into_dispatch(),
+        weight.into_dispatch(),
+        targets.to_vec(),
+    ))
+}
+
 /// `x · Wᵀ` with a frozen quantised weight `W` `[out, in]`: the product a QLoRA base layer
 /// computes. Only `x` gets a gradient. With the fused kernels the f32 weight exists only while
 /// one matmul runs (it is dequantised again in the backward pass, as bitsandbytes' `MatMul4Bit`
@@ -806,6 +845,21 @@ trait Kernels: Backend {
 /// What the CPU backend supplies for [`CpuFusedOps`]: forwards returning what their backward
 /// passes keep, and the backward passes.
 trait CpuKernels: Kernels {
+    /// `(loss [1], dloss/dhidden, dloss/dweight)` of [`linear_cross_entropy_sum`] with
+    /// `weight` `[V, D]`; each gradient only when asked for.
+    fn linear_cross_entropy(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        targets: &[u32],
+        grad_hidden: bool,
+        grad_weight: bool,
+    ) -> (
+        FloatTensor<Self>,
+        Option<FloatTensor<Self>>,
+        Option<FloatTensor<Self>>,
+    );
+    /// `t · by` for `by` of shape `[1]`.
+    fn scale_by(t: FloatTensor<Self>, by: FloatTensor<Self>) -> FloatTensor<Self>;
     /// [`rope`] of `[B, H, T, hd]` with `[B, 1, T, hd]` tables; `backward`: its transpose,
     /// the input gradient of an output gradient.
     fn rope(
@@ -852,6 +906,14 @@ trait CpuKernels: Kernels {
 }
 
 impl CpuFusedOps for Flex {
+    fn fused_linear_cross_entropy_sum(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        targets: Vec<u32>,
+    ) -> FloatTensor<Self> {
+        <Self as CpuKernels>::linear_cross_entropy(hidden, weight, &targets, false, false).0
+    }
+
     fn fused_rms_norm(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
@@ -883,6 +945,65 @@ impl CpuFusedOps for Flex {
 }
 
 impl<B: CpuKernels, C: CheckpointStrategy> CpuFusedOps for Autodiff<B, C> {
+    fn fused_linear_cross_entropy_sum(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        targets: Vec<u32>,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct LinearCrossEntropyBackward;
+
+        impl<B: CpuKernels> Backward<B, 2> for LinearCrossEntropyBackward {
+            /// The gradients of the loss (an upstream gradient of 1) for the hidden rows and
+            /// the weight, computed in the forward pass.
+            type State = (Option<FloatTensor<B>>, Option<FloatTensor<B>>);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 2>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let [hidden_node, weight_node] = ops.parents;
+                let g = grads.consume::<B>(&ops.node);
+                let (dh, dw) = ops.state;
+                for (node, d) in [(hidden_node, dh), (weight_node, dw)] {
+                    if let (Some(node), Some(d)) = (node, d) {
+                        grads.register::<B>(node.id, B::scale_by(d, g.clone()));
+                    }
+                }
+            }
+        }
+
+        let (grad_hidden, grad_weight) = (hidden.is_tracked(), weight.is_tracked());
+        match LinearCrossEntropyBackward
+            .prepare::<C>([hidden.node(), weight.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (loss, dh, dw) = <B as CpuKernels>::linear_cross_entropy(
+                    hidden.into_primitive(),
+                    weight.into_primitive(),
+                    &targets,
+                    grad_hidden,
+                    grad_weight,
+                );
+                prep.finish((dh, dw), loss)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(
+                <B as CpuKernels>::linear_cross_entropy(
+                    hidden.into_primitive(),
+                    weight.into_primitive(),
+                    &targets,
+                    false,
+                    false,
+                )
+                .0,
+            ),
+        }
+    }
+
     fn fused_rms_norm(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
@@ -1615,6 +1736,51 @@ mod tests {
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
         assert!(d < 1e-6, "input gradient: {d}");
+    }
+
+    /// The chunked LM-head loss against the logits and `cross_entropy_sum`: the loss and the
+    /// gradients of the hidden rows and of the weight, over 300 rows (two whole chunks of 128
+    /// and a ragged one), with the weight `[V, D]` (tied embeddings) and as the transpose of a
+    /// `[D, V]` head, under an upstream gradient of −3 (DPO negates the sum); and with a frozen
+    /// weight, which gets no gradient.
+    #[test]
+    fn linear_cross_entropy_equals_the_logits_path() {
+        let _rng = crate::test_rng();
+        let device = Device::flex().autodiff();
+        let (n, d, v) = (300, 24, 97);
+        let targets: Vec<u32> = (0..n as u32).map(|i| (i * 37 + 5) % v as u32).collect();
+        for (transposed, frozen) in [(false, false), (true, false), (false, true)] {
+            let h =
+                Tensor::<2>::random([n, d], Distribution::Normal(0.0, 1.0), &device).require_grad();
+            let stored = if transposed { [d, v] } else { [v, d] };
+            let mut w = Tensor::<2>::random(stored, Distribution::Normal(0.0, 0.5), &device);
+            if !frozen {
+                w = w.require_grad();
+            }
+            let as_vd = |w: Tensor<2>| if transposed { w.transpose() } else { w };
+            let run = |fused: bool| {
+                let loss = if fused {
+                    linear_cross_entropy_sum(h.clone(), as_vd(w.clone()), &targets)
+                } else {
+                    cross_entropy_sum(h.clone().matmul(as_vd(w.clone()).transpose()), &targets)
+                };
+                let grads = loss.clone().mul_scalar(-3.0).backward();
+                (
+                    loss.inner(),
+                    h.grad(&grads).expect("no hidden gradient"),
+                    w.grad(&grads),
+                )
+            };
+            let ((l0, dh0, dw0), (l1, dh1, dw1)) = (run(false), run(true));
+            let l: f32 = l0.clone().into_scalar();
+            assert!(max_diff(l0, l1) <= 1e-5 * l.abs(), "loss");
+            assert!(max_diff(dh0, dh1) < 1e-4, "hidden gradient");
+            match (dw0, dw1) {
+                (Some(a), Some(b)) => assert!(max_diff(a, b) < 1e-4, "weight gradient"),
+                (None, None) => assert!(frozen),
+                _ => panic!("the weight's gradient exists on one path only"),
+            }
+        }
     }
 
     /// The skinny product against burn's matmul: 1 to 4 rows, a row-major weight and the
