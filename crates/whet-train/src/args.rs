@@ -107,9 +107,40 @@ pub struct TrainingArguments {
     /// of a padded run. The pipelines (`whet predict`) always run padding-free.
     #[serde(default)]
     pub padding_free: Option<bool>,
+    /// Where the logs go besides the terminal, as `TrainingArguments.report_to` (a name or a
+    /// list of names): `"jsonl"` writes `OUT/logs.jsonl`, one JSON object a log line or
+    /// evaluation; `"tensorboard"` writes TensorBoard event files into `OUT/runs`
+    /// (`train/loss`, `train/learning_rate`, `train/grad_norm`, `train/epoch`,
+    /// `train/tokens_per_second`, `eval/loss`, `eval/METRIC`, as transformers'
+    /// `TensorBoardCallback` names them); `"all"` both; `"none"` (or nothing) neither. Other
+    /// integrations (wandb, mlflow, ...) are refused.
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub report_to: Vec<String>,
+}
+
+/// The names `report_to` takes.
+pub const REPORTERS: [&str; 4] = ["jsonl", "tensorboard", "all", "none"];
+
+/// A string or a list of strings, as `transformers` takes `report_to`.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
 }
 
 impl TrainingArguments {
+    /// Whether `report_to` names `name` ("all" names every one).
+    pub fn reports_to(&self, name: &str) -> bool {
+        self.report_to.iter().any(|r| r == name || r == "all")
+    }
+
     /// `padding_free` as set, or the task's default when unset.
     pub fn padding_free_or(&self, task_default: bool) -> bool {
         self.padding_free.unwrap_or(task_default)
@@ -191,6 +222,7 @@ impl TrainingArguments {
             fp16: false,
             group_by_length: false,
             padding_free: None,
+            report_to: vec![],
         }
     }
 
@@ -279,6 +311,19 @@ impl TrainingArguments {
                     "must be at least 1",
                 ));
             }
+        }
+        if let Some(r) = self
+            .report_to
+            .iter()
+            .find(|r| !REPORTERS.contains(&r.as_str()))
+        {
+            return Err(TrainError::option(
+                "training.report_to",
+                format!(
+                    "{r:?} is not an integration whet writes; it takes {}",
+                    REPORTERS.map(|n| format!("{n:?}")).join(", ")
+                ),
+            ));
         }
         if self.learning_rate.is_nan() || self.learning_rate <= 0.0 {
             return Err(TrainError::option(

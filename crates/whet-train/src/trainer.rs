@@ -245,6 +245,8 @@ pub struct StepLog {
     pub learning_rate: f64,
     pub grad_norm: f64,
     pub samples_per_second: f64,
+    /// Tokens of the training batches (padding left out), per second of this process.
+    pub tokens_per_second: f64,
     /// What the objective logs per step (DPO's rewards, PPO's KL), flattened into the log.
     #[serde(flatten, skip_serializing_if = "BTreeMap::is_empty")]
     pub metrics: BTreeMap<String, f64>,
@@ -643,6 +645,7 @@ pub fn train<T: TrainStep>(
                 learning_rate: r.learning_rate,
                 grad_norm: 0.0,
                 samples_per_second: state.samples as f64 / start.elapsed().as_secs_f64(),
+                tokens_per_second: state.tokens as f64 / start.elapsed().as_secs_f64(),
                 metrics: BTreeMap::new(),
             };
             pending.push(Pending {

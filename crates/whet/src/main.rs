@@ -4,6 +4,7 @@ mod merge;
 mod plan;
 mod plot;
 mod predict;
+mod report;
 mod train;
 
 use std::io::Write;
@@ -140,7 +141,10 @@ closest valid key, never ignored):
     load_best_model_at_end (false), metric_for_best_model (loss | accuracy | f1 | precision |
     recall | matthews_correlation; causal-lm: loss | perplexity; question-answering: loss |
     exact_match | f1), greater_is_better, early_stopping_patience,
-    logging_steps (500), seed (42),
+    logging_steps (500): a log every N steps (one JSON line on stderr when stderr is not a
+    terminal, as Trainer prints it; the progress bar otherwise), seed (42),
+    report_to (none): jsonl (OUT/logs.jsonl), tensorboard (event files in OUT/runs), all,
+    or a list of them; other integrations are refused,
     bf16 / fp16 (false): mixed precision, matrix products in bfloat16 / float16 with the
     weights, optimizer moments, softmax, norms and the loss in f32; fp16 adds dynamic loss
     scaling (a step whose gradients overflow is skipped); wgpu has no bf16; the CPU runs

@@ -3,6 +3,8 @@
 //! and the files left in the output folder. What differs between tasks comes from the task
 //! ([`whet_train::Task`]); `whet_train::open` is the only place that looks at the task kind.
 
+use std::fs::File;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -14,6 +16,7 @@ use whet_train::task::Run;
 use whet_train::{EvalLog, Observer, Recipe, StepLog, TrainSummary};
 
 use crate::plot::{Series, line_chart};
+use crate::report::EventWriter;
 
 /// Peak resident memory of this process in MB (VmHWM), where /proc exists.
 pub(crate) fn peak_rss_mb() -> Option<f64> {
@@ -29,6 +32,43 @@ struct Progress {
     log: Vec<serde_json::Value>,
     /// Class names for evaluation tables (empty for language modelling).
     labels: Vec<String>,
+    /// stderr is not a terminal (a log file, CI, `nohup`): the bar draws nothing there, so
+    /// each log is a line of its own, as `Trainer` prints it.
+    plain: bool,
+    /// `report_to = ["jsonl"]`: `OUT/logs.jsonl`.
+    jsonl: Option<File>,
+    /// `report_to = ["tensorboard"]`: an event file in `OUT/runs`.
+    tensorboard: Option<EventWriter>,
+}
+
+impl Progress {
+    /// Sends one log to the files `report_to` names. A write that fails is said once and
+    /// that file is dropped: the run goes on.
+    fn report(&mut self, entry: &serde_json::Value, step: usize, scalars: Vec<(String, f32)>) {
+        if let Some(f) = &mut self.jsonl
+            && let Err(e) = writeln!(f, "{entry}")
+        {
+            self.bar.suspend(|| {
+                eprintln!("note: logs.jsonl cannot be written ({e}); no more logs go there")
+            });
+            self.jsonl = None;
+        }
+        if let Some(w) = &mut self.tensorboard
+            && let Err(e) = w.scalars(wall_time(), step as i64, &scalars)
+        {
+            self.bar.suspend(|| {
+                eprintln!("note: the TensorBoard event file cannot be written ({e:#}); no more logs go there")
+            });
+            self.tensorboard = None;
+        }
+    }
+}
+
+/// Seconds since the Unix epoch, as an event's `wall_time`.
+fn wall_time() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 impl Observer for Progress {
@@ -38,11 +78,31 @@ impl Observer for Progress {
 
     fn step(&mut self, s: &StepLog) {
         self.bar.set_message(format!(
-            "epoch {:.2} | loss {:.4} | lr {:.2e} | {:.1} samples/s",
-            s.epoch, s.loss, s.learning_rate, s.samples_per_second
+            "epoch {:.2} | loss {:.4} | lr {:.2e} | {:.0} tokens/s",
+            s.epoch, s.loss, s.learning_rate, s.tokens_per_second
         ));
         if s.step.is_multiple_of(self.logging_steps) || s.step == s.total_steps {
-            self.log.push(json!(s));
+            let entry = json!(s);
+            if self.plain {
+                eprintln!("{entry}");
+            }
+            let mut scalars = vec![
+                ("train/loss".to_string(), s.loss as f32),
+                ("train/learning_rate".to_string(), s.learning_rate as f32),
+                ("train/grad_norm".to_string(), s.grad_norm as f32),
+                ("train/epoch".to_string(), s.epoch as f32),
+                (
+                    "train/tokens_per_second".to_string(),
+                    s.tokens_per_second as f32,
+                ),
+            ];
+            scalars.extend(
+                s.metrics
+                    .iter()
+                    .map(|(k, v)| (format!("train/{k}"), *v as f32)),
+            );
+            self.report(&entry, s.step, scalars);
+            self.log.push(entry);
         }
     }
 
@@ -54,9 +114,12 @@ impl Observer for Progress {
         };
         self.bar.suspend(|| println!("{text}"));
         let mut entry = json!({"step": e.step, "epoch": e.epoch, "eval_loss": e.loss});
+        let mut scalars = vec![("eval/loss".to_string(), e.loss as f32)];
         for (k, v) in &e.metrics {
             entry[format!("eval_{k}")] = json!(v);
+            scalars.push((format!("eval/{k}"), *v as f32));
         }
+        self.report(&entry, e.step, scalars);
         self.log.push(entry);
     }
 
@@ -101,8 +164,30 @@ fn start_run(
     Ok((recipe, resume))
 }
 
-/// The progress bar of a run of `total` optimizer steps.
-fn progress(total: usize, logging_steps: usize, labels: Vec<String>) -> Progress {
+/// The progress bar of a run of `total` optimizer steps, and the log files of `report_to`.
+fn progress(
+    total: usize,
+    training: &whet_train::TrainingArguments,
+    labels: Vec<String>,
+) -> Result<Progress> {
+    let out = &training.output_dir;
+    let jsonl = if training.reports_to("jsonl") {
+        let path = out.join("logs.jsonl");
+        // Appended to, so that a resumed run continues the file.
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        Some(f)
+    } else {
+        None
+    };
+    let tensorboard = if training.reports_to("tensorboard") {
+        Some(EventWriter::create(&out.join("runs"), wall_time())?)
+    } else {
+        None
+    };
     let bar = ProgressBar::new(total as u64);
     bar.set_style(
         ProgressStyle::with_template(
@@ -111,12 +196,15 @@ fn progress(total: usize, logging_steps: usize, labels: Vec<String>) -> Progress
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar.enable_steady_tick(Duration::from_millis(250));
-    Progress {
+    Ok(Progress {
         bar,
-        logging_steps,
+        logging_steps: training.logging_steps,
         log: vec![],
         labels,
-    }
+        plain: !std::io::stderr().is_terminal(),
+        jsonl,
+        tensorboard,
+    })
 }
 
 /// The `train_*` keys of `all_results.json`.
@@ -267,7 +355,7 @@ fn print_summary(
 pub fn train(recipe_path: &Path, set: &[String], resume: Option<&str>) -> Result<()> {
     let (recipe, resume) = start_run(recipe_path, set, resume)?;
     let out = recipe.training.output_dir.clone();
-    let logging_steps = recipe.training.logging_steps;
+    let training = recipe.training.clone();
     let padding_free = recipe.padding_free();
     let opened = crate::device()?;
     let device = opened.device.clone().autodiff();
@@ -293,7 +381,7 @@ pub fn train(recipe_path: &Path, set: &[String], resume: Option<&str>) -> Result
     task.write_data(&out.join("data"))?;
     print_lines(&task.sample(true)?);
 
-    let mut progress = progress(task.total_steps(), logging_steps, task.labels());
+    let mut progress = progress(task.total_steps(), &training, task.labels())?;
     if let Some(r) = &resuming {
         println!("resuming from {}", r.display());
     }
@@ -322,6 +410,16 @@ pub fn train(recipe_path: &Path, set: &[String], resume: Option<&str>) -> Result
     );
     if let Some(line) = padding_line(&summary, padding_free) {
         println!("{line}");
+    }
+    if progress.jsonl.is_some() {
+        println!("logs: {}", out.join("logs.jsonl").display());
+    }
+    if let Some(w) = &progress.tensorboard {
+        println!(
+            "TensorBoard: {} (tensorboard --logdir {})",
+            w.path().display(),
+            out.join("runs").display()
+        );
     }
     Ok(())
 }

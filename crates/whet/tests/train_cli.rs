@@ -1877,3 +1877,99 @@ fn ppo_raises_the_reward_with_a_bounded_kl() {
         "{e}"
     );
 }
+
+/// With stderr not a terminal (here a pipe), every `logging_steps` prints one JSON line with
+/// the loss, learning rate, grad norm, epoch and tokens/s; `report_to` writes the same logs and
+/// the evaluations to `logs.jsonl`, and TensorBoard records (their framing and checksums read
+/// back here; `report::tests` compares their bytes with TensorBoard's own writer). An
+/// integration whet does not write is refused by name.
+#[test]
+fn logs_without_a_terminal_and_report_to_jsonl_and_tensorboard() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = recipe(dir.path(), "lora", LORA);
+    let out = dir.path().join("out");
+    let run = whet(&[
+        "train",
+        r.to_str().unwrap(),
+        "--set",
+        "training.report_to=[\"jsonl\", \"tensorboard\"]",
+    ]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    let lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        lines.len(),
+        3,
+        "one line per step (logging_steps = 1):\n{stderr}"
+    );
+    for (i, l) in lines.iter().enumerate() {
+        assert_eq!(l["step"], i + 1, "{l}");
+        for key in [
+            "loss",
+            "learning_rate",
+            "grad_norm",
+            "epoch",
+            "tokens_per_second",
+        ] {
+            assert!(l[key].as_f64().is_some_and(f64::is_finite), "{key} in {l}");
+        }
+        assert!(l["tokens_per_second"].as_f64().unwrap() > 0.0, "{l}");
+    }
+    let jsonl = std::fs::read_to_string(out.join("logs.jsonl")).unwrap();
+    let logged: Vec<serde_json::Value> = jsonl
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(&logged[..3], &lines[..], "the same train logs");
+    assert!(
+        logged[3..]
+            .iter()
+            .any(|l| l["eval_loss"].is_f64() && l["eval_accuracy"].is_f64()),
+        "an evaluation: {jsonl}"
+    );
+    // TensorBoard: records of `len | crc(len) | data | crc(data)`; the file version, then an
+    // event per train log and per evaluation, carrying their tags.
+    let runs: Vec<_> = std::fs::read_dir(out.join("runs")).unwrap().collect();
+    assert_eq!(runs.len(), 1);
+    let bytes = std::fs::read(runs[0].as_ref().unwrap().path()).unwrap();
+    let (mut at, mut records) = (0, vec![]);
+    while at < bytes.len() {
+        let len = u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap()) as usize;
+        let data = &bytes[at + 12..at + 12 + len];
+        let crc = u32::from_le_bytes(bytes[at + 12 + len..at + 16 + len].try_into().unwrap());
+        let masked = crc32c::crc32c(data)
+            .rotate_right(15)
+            .wrapping_add(0xa282_ead8);
+        assert_eq!(crc, masked, "record {} checksum", records.len());
+        records.push(data.to_vec());
+        at += 16 + len;
+    }
+    assert_eq!(at, bytes.len());
+    assert!(records.len() >= 1 + 3 + 1, "{} records", records.len());
+    let has = |tag: &str| {
+        records
+            .iter()
+            .any(|r| r.windows(tag.len()).any(|w| w == tag.as_bytes()))
+    };
+    assert!(has("brain.Event:2") && has("train/loss") && has("train/grad_norm"));
+    assert!(has("eval/loss") && has("eval/accuracy"));
+
+    let bad = whet(&[
+        "train",
+        r.to_str().unwrap(),
+        "--set",
+        "training.report_to=\"wandb\"",
+    ]);
+    let text = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success());
+    assert!(
+        text.contains("training.report_to")
+            && text.contains("\"wandb\"")
+            && text.contains("\"tensorboard\""),
+        "{text}"
+    );
+}
