@@ -167,10 +167,13 @@ enum Command {
     /// Continue a prompt with a decoder model (GPT-2 or LLaMA family), streaming the new text
     /// to stdout. Greedy unless --temperature is given.
     Generate(GenerateArgs),
-    /// Fine-tune a model as a recipe (TOML) says: model, task, method (full, head, lora), data
-    /// and training arguments with the names transformers.TrainingArguments and peft.LoraConfig
-    /// use. Writes checkpoints, the trained model (a transformers folder, or a peft adapter),
-    /// all_results.json, the resolved recipe and a loss curve PNG into training.output_dir.
+    /// Fine-tune a model as a recipe (TOML) says: the model, the task (sequence or multi-label
+    /// classification, causal LM / SFT, question answering, reward model, DPO, PPO), the
+    /// method (full, head, lora, qlora, ia3, bottleneck, prefix_tuning, prompt_tuning), the
+    /// data and training arguments with the names transformers.TrainingArguments, peft's
+    /// configs and trl's use. Writes checkpoints, the trained model (a transformers folder, or
+    /// a peft adapter), all_results.json, trainer_state.json, the resolved recipe and a loss
+    /// curve PNG into training.output_dir. `--help` lists every recipe key.
     #[command(after_long_help = RECIPE_HELP)]
     Train {
         /// The recipe file.

@@ -402,6 +402,49 @@ fn train_help_explains_its_options() {
     ] {
         assert!(text.contains(key), "{key}: {text}");
     }
+    // Every [training] key the recipe takes (serialised defaults include the unset ones), every
+    // method and every task is named, in `whet train --help` and the summary of `whet --help`.
+    let args = serde_json::to_value(whet_train::TrainingArguments::new("out")).unwrap();
+    for key in args.as_object().unwrap().keys() {
+        assert!(
+            text.contains(key.as_str()),
+            "[training] {key} is not in train --help"
+        );
+    }
+    let summary = ok(&["--help"]);
+    for name in [
+        "full",
+        "head",
+        "lora",
+        "qlora",
+        "ia3",
+        "bottleneck",
+        "prefix_tuning",
+        "prompt_tuning",
+    ] {
+        assert!(
+            text.contains(name) && summary.contains(name),
+            "method {name}"
+        );
+    }
+    for task in [
+        "causal-lm",
+        "question-answering",
+        "reward-model",
+        "dpo",
+        "ppo",
+    ] {
+        assert!(text.contains(task), "task {task}");
+    }
+    for task in [
+        "causal LM",
+        "question answering",
+        "reward model",
+        "DPO",
+        "PPO",
+    ] {
+        assert!(summary.contains(task), "task {task} in whet --help");
+    }
     let text = ok(&["predict", "--help"]);
     for phrase in [
         "--model",
