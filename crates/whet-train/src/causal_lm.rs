@@ -786,7 +786,7 @@ impl Task for CausalLmTask {
             unit: "samples",
             curve_metric: "",
             adapter: self.p.adapter.is_some(),
-            files: "all_results.json, trainer_state.json, recipe.resolved.toml, loss_curve.png: blue train loss, red eval loss",
+            files: "all_results.json, trainer_state.json, recipe.resolved.toml, loss_curve.png: train loss faint with its smoothed curve in blue, eval loss red, squares at the evaluations",
         }
     }
 }

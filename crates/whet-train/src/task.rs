@@ -82,6 +82,7 @@ pub struct Chart {
     /// File name in the output folder.
     pub file: &'static str,
     pub x_label: &'static str,
+    pub y_label: &'static str,
     pub series: Vec<Series>,
 }
 
@@ -92,6 +93,20 @@ pub struct Series {
     pub points: Vec<(f64, f64)>,
     /// RGB.
     pub color: [u8; 3],
+    pub style: Style,
+}
+
+/// How a series is drawn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Style {
+    /// A line with a small cross at each point.
+    Line,
+    /// A thin faint line, no markers: raw values under their smoothed curve.
+    Faint,
+    /// A line without markers (a smoothed curve).
+    Plain,
+    /// A line with a large square at each point (evaluations, few and exact).
+    Marked,
 }
 
 /// Where a run starts: the recipe, the device, and the checkpoint to resume from.

@@ -10,7 +10,7 @@ const H: usize = 440;
 /// Plot area margins: left (y tick labels), right, top (legend), bottom (x ticks and title).
 const LEFT: usize = 80;
 const RIGHT: usize = 24;
-const TOP: usize = 48;
+const TOP: usize = 64;
 const BOTTOM: usize = 56;
 /// Each font pixel becomes a `SCALE` x `SCALE` square.
 const SCALE: i64 = 2;
@@ -129,12 +129,37 @@ fn tick_label(v: f64, span: f64) -> String {
     format!("{v:.decimals$}")
 }
 
-/// One line of a chart (whet-train's, so a task can describe the charts it wants).
-pub use whet_train::task::Series;
+/// One line of a chart and how it is drawn (whet-train's, so a task can describe the charts it
+/// wants).
+pub use whet_train::task::{Series, Style};
 
-/// Draws the series on shared axes (x: `x_title`, y: auto-scaled, with light grid lines and
-/// numbered ticks), a legend along the top, and writes a PNG.
-pub fn line_chart(path: &Path, x_title: &str, series: &[Series]) -> std::io::Result<()> {
+/// TensorBoard's scalar smoothing (its default weight, 0.6): an exponential moving average
+/// divided by its weights' sum, so the first points are not pulled toward zero.
+pub fn smooth(points: &[(f64, f64)], weight: f64) -> Vec<(f64, f64)> {
+    let (mut last, mut n) = (0.0, 0i32);
+    points
+        .iter()
+        .map(|&(x, y)| {
+            last = last * weight + (1.0 - weight) * y;
+            n += 1;
+            (x, last / (1.0 - weight.powi(n)))
+        })
+        .collect()
+}
+
+/// `c` mixed with white, `keep` of it left: the faint colour of raw values.
+fn faint(c: [u8; 3], keep: f64) -> [u8; 3] {
+    c.map(|v| (255.0 - (255.0 - v as f64) * keep).round() as u8)
+}
+
+/// Draws the series on shared axes (x: `x_title`, y: `y_title`, auto-scaled, with light grid
+/// lines and numbered ticks), each in its [`Style`], a legend along the top, and writes a PNG.
+pub fn line_chart(
+    path: &Path,
+    x_title: &str,
+    y_title: &str,
+    series: &[Series],
+) -> std::io::Result<()> {
     let all: Vec<(f64, f64)> = series
         .iter()
         .flat_map(|s| s.points.iter().copied())
@@ -177,31 +202,67 @@ pub fn line_chart(path: &Path, x_title: &str, series: &[Series]) -> std::io::Res
             );
             c.line((x, y1), (x, y1 + 5.0), ink);
         }
-        for s in series {
+        // The axes under the series, so that a point on an axis keeps its marker.
+        c.line((x0, y0), (x0, y1), ink);
+        c.line((x0, y1), (x1, y1), ink);
+        // Faint series first, so that the curves over them stay visible.
+        let mut order: Vec<&Series> = series.iter().collect();
+        order.sort_by_key(|s| s.style != Style::Faint);
+        for s in order {
+            let color = match s.style {
+                Style::Faint => faint(s.color, 0.35),
+                _ => s.color,
+            };
             for w in s.points.windows(2) {
-                c.line((sx(w[0].0), sy(w[0].1)), (sx(w[1].0), sy(w[1].1)), s.color);
+                let (a, b) = ((sx(w[0].0), sy(w[0].1)), (sx(w[1].0), sy(w[1].1)));
+                c.line(a, b, color);
+                if s.style == Style::Plain || s.style == Style::Marked {
+                    // Two pixels wide.
+                    c.line((a.0, a.1 + 1.0), (b.0, b.1 + 1.0), color);
+                }
             }
             for p in &s.points {
                 let (x, y) = (sx(p.0) as i64, sy(p.1) as i64);
-                for d in -2..=2 {
-                    c.dot(x + d, y, s.color);
-                    c.dot(x, y + d, s.color);
+                match s.style {
+                    Style::Line => {
+                        for d in -2..=2 {
+                            c.dot(x + d, y, color);
+                            c.dot(x, y + d, color);
+                        }
+                    }
+                    Style::Marked => {
+                        for dx in -4..=4 {
+                            for dy in -4..=4 {
+                                let edge = dx == -4 || dx == 4 || dy == -4 || dy == 4;
+                                c.dot(x + dx, y + dy, if edge { ink } else { color });
+                            }
+                        }
+                    }
+                    Style::Faint | Style::Plain => {}
                 }
             }
         }
     }
-    c.line((x0, y0), (x0, y1), ink);
-    c.line((x0, y1), (x1, y1), ink);
+    if all.is_empty() {
+        c.line((x0, y0), (x0, y1), ink);
+        c.line((x0, y1), (x1, y1), ink);
+    }
     let title_x = ((x0 + x1) / 2.0) as i64 - text_width(x_title) / 2;
     c.text(title_x, (H - BOTTOM) as i64 + 32, x_title, ink);
+    // The y axis's title above it (the bitmap font writes only across).
+    c.text(8, y0 as i64 - 28, y_title, ink);
     // Legend: a colour bar and the name of each series, left to right along the top.
     let mut lx = x0 as i64;
     for s in series.iter().filter(|s| !s.points.is_empty()) {
+        let color = match s.style {
+            Style::Faint => faint(s.color, 0.35),
+            _ => s.color,
+        };
         for dy in 0..4 {
             c.line(
                 (lx as f64, 18.0 + dy as f64),
                 (lx as f64 + 24.0, 18.0 + dy as f64),
-                s.color,
+                color,
             );
         }
         c.text(lx + 32, 13, &s.name, ink);
@@ -216,4 +277,63 @@ pub fn line_chart(path: &Path, x_title: &str, series: &[Series]) -> std::io::Res
         .write_image_data(&c.px)
         .map_err(std::io::Error::other)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// TensorBoard's debiased smoothing, by hand: 0.4·1 / 0.4, then 0.24 / 0.64, 0.144 / 0.784.
+    #[test]
+    fn smoothing_is_tensorboards() {
+        let got = smooth(&[(1.0, 1.0), (2.0, 0.0), (3.0, 0.0)], 0.6);
+        let want = [1.0, 0.375, 0.144 / 0.784];
+        for ((x, y), (i, w)) in got.iter().zip(want.iter().enumerate()) {
+            assert_eq!(*x, i as f64 + 1.0);
+            assert!((y - w).abs() < 1e-12, "{y} vs {w}");
+        }
+    }
+
+    /// The faint series is drawn in its washed-out colour and the marked one with a square
+    /// of its colour, ringed in black, centred on each point.
+    #[test]
+    fn raw_values_are_faint_and_evaluations_marked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.png");
+        let raw = Series {
+            name: "train loss".into(),
+            points: (0..20).map(|i| (i as f64, 2.0 + (i % 3) as f64)).collect(),
+            color: [31, 119, 180],
+            style: Style::Faint,
+        };
+        let eval = Series {
+            name: "eval loss".into(),
+            points: vec![(0.0, 0.0), (19.0, 4.0)],
+            color: [214, 39, 40],
+            style: Style::Marked,
+        };
+        line_chart(&path, "optimizer step", "loss", &[raw, eval]).unwrap();
+        let decoder =
+            png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&path).unwrap()));
+        let mut reader = decoder.read_info().unwrap();
+        let mut px = vec![0; reader.output_buffer_size().unwrap()];
+        reader.next_frame(&mut px).unwrap();
+        let at = |x: usize, y: usize| {
+            [
+                px[(y * W + x) * 3],
+                px[(y * W + x) * 3 + 1],
+                px[(y * W + x) * 3 + 2],
+            ]
+        };
+        let pale = faint([31, 119, 180], 0.35);
+        assert!(px.chunks(3).any(|p| p == pale), "no faint pixels");
+        assert!(
+            !px.chunks(3).any(|p| p == [31, 119, 180]),
+            "raw values drawn at full strength"
+        );
+        // The first evaluation, (0, 0), sits at the plot's bottom-left corner.
+        let (x, y) = (LEFT, H - BOTTOM);
+        assert_eq!(at(x + 1, y - 1), [214, 39, 40]);
+        assert_eq!(at(x + 4, y - 4), [0, 0, 0], "the marker's ring");
+    }
 }

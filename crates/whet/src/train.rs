@@ -15,7 +15,7 @@ use whet_train::classification::report_table;
 use whet_train::task::Run;
 use whet_train::{EvalLog, Observer, Recipe, StepLog, TrainSummary};
 
-use crate::plot::{Series, line_chart};
+use crate::plot::{Series, Style, line_chart, smooth};
 use crate::report::EventWriter;
 
 /// Peak resident memory of this process in MB (VmHWM), where /proc exists.
@@ -267,31 +267,50 @@ fn write_run_files(
             .filter_map(|e| Some((e.step as f64, f(e)?)))
             .collect()
     };
+    let train: Vec<(f64, f64)> = summary
+        .history
+        .iter()
+        .map(|s| (s.step as f64, s.loss))
+        .collect();
+    let blue = [31, 119, 180];
     let mut series = vec![
         Series {
             name: "train loss".into(),
-            points: summary
-                .history
-                .iter()
-                .map(|s| (s.step as f64, s.loss))
-                .collect(),
-            color: [31, 119, 180],
+            points: train.clone(),
+            color: blue,
+            style: Style::Faint,
+        },
+        Series {
+            name: "smoothed".into(),
+            points: smooth(&train, 0.6),
+            color: blue,
+            style: Style::Plain,
         },
         Series {
             name: "eval loss".into(),
             points: points(&|e| Some(e.loss)),
             color: [214, 39, 40],
+            style: Style::Marked,
         },
     ];
     let metric = points(&|e| e.metrics.get(curve_metric).copied());
-    if !metric.is_empty() {
+    let y_title = if metric.is_empty() {
+        "loss".to_string()
+    } else {
         series.push(Series {
             name: format!("eval {}", curve_metric.replace('_', " ")),
             points: metric,
             color: [44, 160, 44],
+            style: Style::Marked,
         });
-    }
-    line_chart(&out.join("loss_curve.png"), "optimizer step", &series)?;
+        format!("loss / {}", curve_metric.replace('_', " "))
+    };
+    line_chart(
+        &out.join("loss_curve.png"),
+        "optimizer step",
+        &y_title,
+        &series,
+    )?;
     Ok(())
 }
 
@@ -394,7 +413,12 @@ pub fn train(recipe_path: &Path, set: &[String], resume: Option<&str>) -> Result
     let report = task.report();
     write_run_files(&out, results, &progress, &summary, report.curve_metric)?;
     for chart in task.charts(&summary) {
-        line_chart(&out.join(chart.file), chart.x_label, &chart.series)?;
+        line_chart(
+            &out.join(chart.file),
+            chart.x_label,
+            chart.y_label,
+            &chart.series,
+        )?;
     }
     task.save(&out)?;
 

@@ -598,7 +598,7 @@ impl Task for ClassificationTask {
             unit: "samples",
             curve_metric: "accuracy",
             adapter: self.p.adapter.is_some(),
-            files: "all_results.json, trainer_state.json, recipe.resolved.toml, loss_curve.png: blue train loss, red eval loss, green eval accuracy",
+            files: "all_results.json, trainer_state.json, recipe.resolved.toml, loss_curve.png: train loss faint with its smoothed curve in blue, eval loss red and eval accuracy green, squares at the evaluations",
         }
     }
 }

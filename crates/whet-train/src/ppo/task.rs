@@ -10,7 +10,7 @@ use whet_peft::ParamCounts;
 
 use super::{PolicyEval, PpoPrepared, prepare};
 use crate::error::Result;
-use crate::task::{Chart, Outcome, Report, Run, Series, Task, one_line};
+use crate::task::{Chart, Outcome, Report, Run, Series, Style, Task, one_line};
 use crate::trainer::{Observer, TrainSummary};
 
 /// A PPO run.
@@ -221,32 +221,38 @@ impl Task for PpoTask {
             Chart {
                 file: "reward_curve.png",
                 x_label: "PPO iteration",
+                y_label: "mean reward-model score",
                 series: vec![
                     Series {
                         name: "train mean score".into(),
                         points: per_step("objective/scores"),
                         color: [31, 119, 180],
+                        style: Style::Line,
                     },
                     Series {
                         name: "eval mean score".into(),
                         points: eval("score"),
                         color: [44, 160, 44],
+                        style: Style::Marked,
                     },
                 ],
             },
             Chart {
                 file: "kl_curve.png",
                 x_label: "PPO iteration",
+                y_label: "KL to the reference",
                 series: vec![
                     Series {
                         name: "train KL".into(),
                         points: per_step("objective/kl"),
                         color: [255, 127, 14],
+                        style: Style::Line,
                     },
                     Series {
                         name: "eval KL".into(),
                         points: eval("kl"),
                         color: [214, 39, 40],
+                        style: Style::Marked,
                     },
                 ],
             },
