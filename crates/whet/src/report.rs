@@ -141,7 +141,7 @@ mod tests {
             1_700_000_001.5,
             0,
             &[
-                ("train/loss".into(), 0.6931),
+                ("train/loss".into(), 0.6832),
                 ("train/learning_rate".into(), 2e-5),
             ],
         )

@@ -1992,7 +1992,8 @@ fn logs_without_a_terminal_and_report_to_jsonl_and_tensorboard() {
         at += 16 + len;
     }
     assert_eq!(at, bytes.len());
-    assert!(records.len() >= 1 + 3 + 1, "{} records", records.len());
+    // The file version, 3 train logs, at least one evaluation.
+    assert!(records.len() >= 5, "{} records", records.len());
     let has = |tag: &str| {
         records
             .iter()
