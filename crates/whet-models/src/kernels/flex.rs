@@ -1001,7 +1001,13 @@ impl CpuSkinnyOps for Flex {
             && w.layout().strides() == [1, k as isize]
             && w.layout().start_offset() == 0;
         let w = if transposed { w } else { dense(w) };
-        let ws = &w.storage::<f32>()[..k * n];
+        // A dense tensor's values start at its offset (`values`); the transposed view was
+        // checked to start at 0.
+        let ws: &[f32] = if transposed {
+            &w.storage::<f32>()[..k * n]
+        } else {
+            values(&w)
+        };
         // (row, column) strides of w's element (i, j).
         let (rs, cs) = if transposed { (1, k) } else { (n, 1) };
         // Below a quarter million weights a second thread costs more than it saves; above, at

@@ -1785,9 +1785,12 @@ mod tests {
         ] {
             let w = Tensor::<2>::random([k, n], Distribution::Normal(0.0, 1.0), &device);
             let wt_rows = Tensor::<2>::random([n, k], Distribution::Normal(0.0, 1.0), &device);
+            // A row-major view that starts inside its buffer: the weight's rows 1..=k of k + 1.
+            let offset = Tensor::<2>::random([k + 1, n], Distribution::Normal(0.0, 1.0), &device)
+                .slice([1..k + 1, 0..n]);
             for m in 1..=5 {
                 let x = Tensor::<2>::random([m, k], Distribution::Normal(0.0, 1.0), &device);
-                for w in [w.clone(), wt_rows.clone().transpose()] {
+                for w in [w.clone(), wt_rows.clone().transpose(), offset.clone()] {
                     let want = x.clone().matmul(w.clone());
                     let got = skinny_matmul(x.clone(), w);
                     assert_eq!(got.dims(), [m, n]);
