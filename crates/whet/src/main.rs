@@ -1,5 +1,6 @@
 //! The `whet` command line: glue between the library crates, nothing more.
 
+mod init;
 mod merge;
 mod plan;
 mod plot;
@@ -156,6 +157,41 @@ closest valid key, never ignored):
     evaluation; equal to padded batches up to float rounding, only dropout's random masks
     differ; question answering then leaves padding out of the span softmax";
 
+/// A model and a data file to infer a recipe from (`whet init`, `whet train` without a recipe).
+#[derive(clap::Args, Debug)]
+struct InferArgs {
+    /// A Hugging Face model folder or a .gguf file.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// A .jsonl, .csv, .tsv, .parquet or .txt file of training rows.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// The task, instead of the one the columns suggest (see `whet train --help`).
+    #[arg(long)]
+    task: Option<String>,
+    /// The method (default lora).
+    #[arg(long)]
+    method: Option<String>,
+}
+
+impl InferArgs {
+    fn infer(&self) -> anyhow::Result<Option<init::Inferred>> {
+        match (&self.model, &self.data) {
+            (Some(m), Some(d)) => Ok(Some(init::infer(
+                m,
+                d,
+                self.task.as_deref(),
+                self.method.as_deref(),
+            )?)),
+            (None, None) if self.task.is_none() && self.method.is_none() => Ok(None),
+            _ => Err(anyhow::anyhow!(
+                "a recipe is inferred from --model and --data together (--task and --method \
+                 refine it)"
+            )),
+        }
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Print a model's architecture, size, tensor dtypes and tokenizer.
@@ -176,8 +212,12 @@ enum Command {
     /// curve PNG into training.output_dir. `--help` lists every recipe key.
     #[command(after_long_help = RECIPE_HELP)]
     Train {
-        /// The recipe file.
-        recipe: PathBuf,
+        /// The recipe file. Without one, --model and --data make the recipe (as `whet init`),
+        /// which the run writes into its output folder for the next run.
+        #[arg(required_unless_present_all = ["model", "data"])]
+        recipe: Option<PathBuf>,
+        #[command(flatten)]
+        infer: InferArgs,
         /// Override a recipe value, e.g. --set training.learning_rate=1e-4 (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
@@ -189,6 +229,20 @@ enum Command {
         /// this machine has available.
         #[arg(long)]
         no_memory_check: bool,
+    },
+    /// Write a recipe for a model and a data file without training: the task inferred from the
+    /// data's columns and the model's family (text + label: sequence classification, lists of
+    /// labels: multi-label; chosen + rejected: DPO for a decoder, a reward model for an
+    /// encoder; messages or prompt + completion: SFT; question + context + answers: QA; text
+    /// alone with a decoder: causal LM), method LoRA, a seeded tenth of the rows for
+    /// validation, transformers' defaults otherwise. `whet train --model M --data F` trains
+    /// with the same recipe.
+    Init {
+        #[command(flatten)]
+        infer: InferArgs,
+        /// Where to write the recipe (an existing file is not overwritten).
+        #[arg(long, short, default_value = "recipe.toml")]
+        output: PathBuf,
     },
     /// Predict the peak memory of a recipe's training run before running it: weights,
     /// gradients, optimizer state, activations of the largest batch the data makes, and the
@@ -438,12 +492,61 @@ fn run(cli: Cli) -> Result<()> {
         } => merge::merge(model.as_deref(), &adapter, &out_dir),
         Command::Train {
             recipe,
+            infer,
             set,
             resume,
             no_memory_check,
         } => {
             plan::SKIP_CHECK.store(no_memory_check, std::sync::atomic::Ordering::Relaxed);
+            let recipe = match (recipe, infer.infer()?) {
+                (Some(_), Some(_)) => {
+                    anyhow::bail!("give a recipe or --model and --data, not both")
+                }
+                (Some(r), None) => r,
+                (None, Some(inferred)) => {
+                    for l in &inferred.lines {
+                        println!("inferred: {l}");
+                    }
+                    // Written where the run's outputs go, and read from there like any recipe.
+                    let parsed = whet_train::Recipe::parse(&inferred.toml, &set)?;
+                    let out = parsed.training.output_dir.clone();
+                    std::fs::create_dir_all(&out)
+                        .with_context(|| format!("cannot create {}", out.display()))?;
+                    let path = out.join("recipe.toml");
+                    // With the --set values in, so that the next run repeats this one.
+                    let text = format!("{}\n{}", inferred.header, parsed.to_toml());
+                    whet_models::fsutil::write_atomic(&path, text.as_bytes())?;
+                    println!(
+                        "recipe: {} (the next run: whet train {})",
+                        path.display(),
+                        path.display()
+                    );
+                    path
+                }
+                (None, None) => anyhow::bail!("give a recipe, or --model and --data"),
+            };
             train::train(&recipe, &set, resume.as_deref())
+        }
+        Command::Init { infer, output } => {
+            let inferred = infer
+                .infer()?
+                .ok_or_else(|| anyhow::anyhow!("whet init needs --model and --data"))?;
+            if output.exists() {
+                anyhow::bail!(
+                    "{} exists; name another file with --output",
+                    output.display()
+                );
+            }
+            whet_models::fsutil::write_atomic(&output, inferred.toml.as_bytes())?;
+            for l in &inferred.lines {
+                println!("inferred: {l}");
+            }
+            println!(
+                "wrote {} (train with: whet train {})",
+                output.display(),
+                output.display()
+            );
+            Ok(())
         }
         Command::Plan { recipe, set, json } => plan::run(&recipe, &set, json),
         Command::Eval {

@@ -2017,3 +2017,144 @@ fn logs_without_a_terminal_and_report_to_jsonl_and_tensorboard() {
         "{text}"
     );
 }
+
+/// `whet init` and `whet train --model --data` infer a recipe from the data's columns and the
+/// model's family: text + label with an encoder is classification (lists of labels:
+/// multi-label), chosen / rejected with a decoder is DPO and with an encoder a reward model,
+/// messages are SFT. Training without a recipe writes it (with the --set values) into the
+/// output folder, and that recipe runs again. Data whose task cannot be told, or whose format
+/// whet cannot read, gets an error naming the file.
+#[test]
+fn a_recipe_is_inferred_from_the_model_and_the_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let (train, _) = write_data(dir.path());
+    let (model, data) = (minilm(), train.to_str().unwrap().to_string());
+    let recipe = dir.path().join("r.toml");
+    let init = |model: &Path, data: &str, out: &Path| {
+        ok(&[
+            "init",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data,
+            "-o",
+            out.to_str().unwrap(),
+        ])
+    };
+    let said = init(&model, &data, &recipe);
+    assert!(
+        said.contains("task sequence-classification, method lora"),
+        "{said}"
+    );
+    let text = std::fs::read_to_string(&recipe).unwrap();
+    for want in [
+        "task = \"sequence-classification\"",
+        "method = \"lora\"",
+        "text_column = \"text\"",
+        "label_column = \"label\"",
+        "validation = 4",
+        "eval_strategy = \"epoch\"",
+    ] {
+        assert!(text.contains(want), "{want} in:\n{text}");
+    }
+    let again = err(&[
+        "init",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        &data,
+        "-o",
+        recipe.to_str().unwrap(),
+    ]);
+    assert!(again.contains("exists"), "{again}");
+
+    // Training without a recipe, then from the recipe it wrote.
+    let out = dir.path().join("out");
+    let set_out = format!("training.output_dir=\"{}\"", out.display());
+    let text = ok(&[
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        &data,
+        "--set",
+        "training.max_steps=2",
+        "--set",
+        &set_out,
+    ]);
+    assert!(
+        text.contains("inferred: task sequence-classification"),
+        "{text}"
+    );
+    let written = std::fs::read_to_string(out.join("recipe.toml")).unwrap();
+    assert!(
+        written.contains("max_steps = 2") && written.contains(&out.display().to_string()),
+        "{written}"
+    );
+    assert!(out.join("adapter_model.safetensors").is_file());
+    let rerun = ok(&["train", out.join("recipe.toml").to_str().unwrap()]);
+    assert!(rerun.contains("done: 2 steps"), "{rerun}");
+
+    // Other columns, other tasks.
+    let lines = |rows: &[String]| {
+        let p = dir.path().join(format!("d{}.jsonl", rows.len()));
+        std::fs::write(&p, rows.join("\n")).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let multi: Vec<String> = (0..12)
+        .map(|i| {
+            format!(
+                "{{\"text\": \"t {i}\", \"labels\": [\"a\", \"b{}\"]}}",
+                i % 2
+            )
+        })
+        .collect();
+    let said = init(&model, &lines(&multi), &dir.path().join("m.toml"));
+    assert!(said.contains("task multi-label-classification"), "{said}");
+    let (pairs, _) = dpo_pairs(dir.path());
+    let decoder = tiny_decoder("tiny-llama", dir.path());
+    let said = init(
+        &decoder,
+        pairs.to_str().unwrap(),
+        &dir.path().join("dpo.toml"),
+    );
+    assert!(said.contains("task dpo, method lora"), "{said}");
+    let said = init(&model, pairs.to_str().unwrap(), &dir.path().join("rm.toml"));
+    assert!(said.contains("task reward-model"), "{said}");
+    let chats: Vec<String> = (0..5)
+        .map(|i| format!("{{\"messages\": [{{\"role\": \"user\", \"content\": \"w{i}\"}}, {{\"role\": \"assistant\", \"content\": \"w7\"}}]}}"))
+        .collect();
+    let said = init(&decoder, &lines(&chats), &dir.path().join("sft.toml"));
+    assert!(
+        said.contains("task causal-lm") && said.contains("messages"),
+        "{said}"
+    );
+
+    // Bad input, named.
+    let odd = lines(&["{\"a\": 1}".to_string()]);
+    let e = err(&[
+        "init",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        &odd,
+        "-o",
+        "unused.toml",
+    ]);
+    assert!(
+        e.contains(&odd) && e.contains("cannot tell the task"),
+        "{e}"
+    );
+    let xyz = dir.path().join("d.xyz");
+    std::fs::write(&xyz, "x").unwrap();
+    let e = err(&[
+        "init",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        xyz.to_str().unwrap(),
+        "-o",
+        "unused.toml",
+    ]);
+    assert!(e.contains("d.xyz") && e.contains("extension"), "{e}");
+}

@@ -1,0 +1,185 @@
+//! A recipe from a model and a data file (`whet init`, and `whet train --model --data` without a
+//! recipe): the task from the data's columns and the model's family, the method LoRA, a seeded
+//! validation split of the one file, and `TrainingArguments`' defaults otherwise. The recipe is
+//! written out, so the next run starts from it and every choice can be read and changed.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow, bail};
+use whet_data::table::{Encoding, Table};
+use whet_models::{Checkpoint, Family};
+
+/// What was inferred, for the person to read, and the recipe's TOML.
+pub struct Inferred {
+    /// The recipe's TOML, `header` first.
+    pub toml: String,
+    /// A comment line saying where the recipe came from.
+    pub header: String,
+    pub lines: Vec<String>,
+}
+
+/// Columns a text column goes by in the datasets people fine-tune on.
+const TEXT_COLUMNS: [&str; 6] = ["text", "sentence", "content", "review", "tweet", "document"];
+/// Columns a class label goes by.
+const LABEL_COLUMNS: [&str; 5] = ["label", "labels", "class", "category", "target"];
+
+/// The task, method and columns for `model` trained on `data`; `task` and `method` override
+/// what would be inferred.
+pub fn infer(
+    model: &Path,
+    data: &Path,
+    task: Option<&str>,
+    method: Option<&str>,
+) -> Result<Inferred> {
+    // Absolute, so that the recipe works from wherever it is written and run.
+    let absolute = |p: &Path, flag: &str| {
+        std::fs::canonicalize(p).with_context(|| format!("{flag} {}: not found", p.display()))
+    };
+    let (model, data) = (&absolute(model, "--model")?, &absolute(data, "--data")?);
+    let checkpoint = Checkpoint::open(model)
+        .with_context(|| format!("--model {}: cannot open it as a model", model.display()))?;
+    let decoder = matches!(checkpoint.family(), Family::Gpt2 | Family::Llama);
+    let table = Table::read(data, Encoding::Utf8)
+        .with_context(|| format!("--data {}: cannot read it as a dataset", data.display()))?;
+    if table.rows.is_empty() {
+        bail!("--data {}: the file has no rows", data.display());
+    }
+    let has = |c: &str| table.columns.iter().any(|x| x == c);
+    let first = |names: &[&str]| names.iter().find(|c| has(c)).map(|c| c.to_string());
+    let mut lines = vec![];
+    let mut data_keys: Vec<(String, toml::Value)> = vec![];
+    let inferred_task = if has("chosen") && has("rejected") {
+        lines.push("columns chosen / rejected: preference pairs".to_string());
+        if decoder { "dpo" } else { "reward-model" }
+    } else if has("question") && has("context") && has("answers") {
+        lines.push("columns question / context / answers: extractive question answering".into());
+        "question-answering"
+    } else if has("messages") {
+        lines.push("column messages: conversations, rendered with the chat template".into());
+        data_keys.push(("messages_column".into(), "messages".into()));
+        "causal-lm"
+    } else if has("prompt") && has("completion") {
+        lines.push("columns prompt / completion: the loss on the completion".into());
+        data_keys.push((
+            "template".into(),
+            table_of(&[
+                ("prompt", "{prompt}".into()),
+                ("completion", "{completion}".into()),
+            ]),
+        ));
+        "causal-lm"
+    } else if let (Some(text), Some(label)) = (first(&TEXT_COLUMNS), first(&LABEL_COLUMNS)) {
+        let multi = table
+            .rows
+            .iter()
+            .any(|(_, r)| r.get(&label).is_some_and(|v| v.is_array()));
+        lines.push(format!(
+            "columns {text} / {label}: {}",
+            if multi {
+                "several labels a text"
+            } else {
+                "one label a text"
+            }
+        ));
+        data_keys.push(("text_column".into(), text.clone().into()));
+        data_keys.push(("label_column".into(), label.clone().into()));
+        if multi {
+            "multi-label-classification"
+        } else {
+            "sequence-classification"
+        }
+    } else if let (Some(text), true) = (first(&TEXT_COLUMNS), decoder) {
+        lines.push(format!(
+            "column {text} and a decoder: next-token training on the text"
+        ));
+        data_keys.push(("text_column".into(), text.into()));
+        "causal-lm"
+    } else {
+        return Err(anyhow!(
+            "--data {}: cannot tell the task from its columns ({}); expected text + label \
+             (classification), chosen + rejected (preferences), messages or prompt + completion \
+             (SFT), question + context + answers (QA), or text alone with a decoder; name it \
+             with --task and the columns with `whet init` and an edit",
+            data.display(),
+            table.columns.join(", ")
+        ));
+    };
+    let task = task.unwrap_or(inferred_task);
+    let method = method.unwrap_or("lora");
+    lines.insert(
+        0,
+        format!(
+            "task {task}, method {method}{}",
+            if task == inferred_task {
+                ""
+            } else {
+                " (task as given)"
+            }
+        ),
+    );
+
+    // One file: a seeded tenth for validation, evaluated each epoch, when there is enough.
+    let validation = (table.rows.len() / 10).min(1000);
+    let stem = |p: &Path| {
+        p.file_stem()
+            .map(|s| s.to_string_lossy().replace(['.', ' '], "-"))
+            .unwrap_or_else(|| "run".into())
+    };
+    let output_dir = PathBuf::from("runs").join(format!("{}-{}", stem(model), stem(data)));
+    let mut recipe = toml::Table::new();
+    recipe.insert("model".into(), model.display().to_string().into());
+    recipe.insert("task".into(), task.into());
+    recipe.insert("method".into(), method.into());
+    let mut d = toml::Table::new();
+    d.insert("train".into(), data.display().to_string().into());
+    for (k, v) in data_keys {
+        d.insert(k, v);
+    }
+    if validation >= 1 {
+        d.insert(
+            "split".into(),
+            table_of(&[
+                ("validation", (validation as i64).into()),
+                ("seed", 42.into()),
+            ]),
+        );
+        lines.push(format!(
+            "validation: {validation} of the {} rows, seed 42",
+            table.rows.len()
+        ));
+    }
+    recipe.insert("data".into(), toml::Value::Table(d));
+    let mut t = toml::Table::new();
+    t.insert("output_dir".into(), output_dir.display().to_string().into());
+    // LoRA's usual rate (peft's examples, trl's SFT scripts); TrainingArguments' for the rest.
+    let lr = if method == "full" { 5e-5 } else { 2e-4 };
+    t.insert("learning_rate".into(), lr.into());
+    t.insert(
+        "eval_strategy".into(),
+        if validation >= 1 { "epoch" } else { "no" }.into(),
+    );
+    t.insert("logging_steps".into(), 10.into());
+    recipe.insert("training".into(), toml::Value::Table(t));
+    let header = format!(
+        "# Written by whet from {} and {}: every key can be changed (see `whet train --help`).",
+        model.display(),
+        data.display(),
+    );
+    let toml = format!("{header}\n{}", toml::to_string(&recipe)?);
+    // The recipe must load as written.
+    whet_train::Recipe::parse(&toml, &[]).map_err(|e| anyhow!("the inferred recipe: {e}"))?;
+    Ok(Inferred {
+        toml,
+        header,
+        lines,
+    })
+}
+
+fn table_of(pairs: &[(&str, toml::Value)]) -> toml::Value {
+    toml::Value::Table(
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect(),
+    )
+}
