@@ -7,6 +7,8 @@ use std::path::Path;
 
 use serde_json::Value;
 
+use whet_text::{ChatMessage, TextTokenizer};
+
 use crate::error::{DataError, Result};
 use crate::table::{Encoding, Table};
 
@@ -19,6 +21,18 @@ pub struct PreferencePair {
     pub rejected: String,
     /// `file:line` (or `file: example N`) for error messages.
     pub origin: String,
+    /// Conversational data (trl's format: lists of `{role, content}` messages) until
+    /// [`render_chats`] turns it into the texts above.
+    pub messages: Option<PairMessages>,
+}
+
+/// The messages of a conversational preference pair: the prompt's turns (empty when the prompt
+/// is inside both answers) and each answer's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PairMessages {
+    pub prompt: Vec<ChatMessage>,
+    pub chosen: Vec<ChatMessage>,
+    pub rejected: Vec<ChatMessage>,
 }
 
 impl PreferencePair {
@@ -62,25 +76,54 @@ pub fn preference_pairs(table: &Table) -> Result<Vec<PreferencePair>> {
     let path = &table.path;
     let mut pairs = Vec::with_capacity(table.rows.len());
     for (line, row) in &table.rows {
+        let missing = |column: &str| {
+            value_error(
+                path,
+                *line,
+                column,
+                "missing: every row needs chosen and rejected (and prompt, when the file has \
+                 that column)"
+                    .into(),
+            )
+        };
+        let conversational = ["prompt", "chosen", "rejected"]
+            .iter()
+            .any(|c| matches!(row.get(*c), Some(Value::Array(_))));
+        if conversational {
+            let turns = |column: &str| -> Result<Vec<ChatMessage>> {
+                match row.get(column) {
+                    None | Some(Value::Null) => Err(missing(column)),
+                    Some(v) => messages_of(v).map_err(|m| value_error(path, *line, column, m)),
+                }
+            };
+            let messages = PairMessages {
+                prompt: if explicit { turns("prompt")? } else { vec![] },
+                chosen: turns("chosen")?,
+                rejected: turns("rejected")?,
+            };
+            if messages.chosen == messages.rejected {
+                return Err(value_error(
+                    path,
+                    *line,
+                    "rejected",
+                    "chosen and rejected are identical; a preference pair needs two different \
+                     answers"
+                        .into(),
+                ));
+            }
+            pairs.push(PreferencePair {
+                prompt: String::new(),
+                chosen: String::new(),
+                rejected: String::new(),
+                origin: format!("{}:{line}", path.display()),
+                messages: Some(messages),
+            });
+            continue;
+        }
         let text = |column: &str| -> Result<String> {
             match row.get(column) {
                 Some(Value::String(s)) => Ok(s.clone()),
-                None | Some(Value::Null) => Err(value_error(
-                    path,
-                    *line,
-                    column,
-                    "missing: every row needs chosen and rejected (and prompt, when the file \
-                     has that column)"
-                        .into(),
-                )),
-                Some(Value::Array(_)) => Err(value_error(
-                    path,
-                    *line,
-                    column,
-                    "conversational preference data (lists of messages) is not supported yet; \
-                     give the texts as strings"
-                        .into(),
-                )),
+                None | Some(Value::Null) => Err(missing(column)),
                 Some(other) => Ok(other.to_string()),
             }
         };
@@ -93,10 +136,104 @@ pub fn preference_pairs(table: &Table) -> Result<Vec<PreferencePair>> {
             chosen: text("chosen")?,
             rejected: text("rejected")?,
             origin: format!("{}:{line}", path.display()),
+            messages: None,
         };
         pairs.push(checked(pair, path, *line)?);
     }
     Ok(pairs)
+}
+
+/// A list of `{role, content}` objects.
+fn messages_of(value: &Value) -> std::result::Result<Vec<ChatMessage>, String> {
+    let list = value.as_array().ok_or_else(|| {
+        format!("expected a list of messages like the other columns, got {value}")
+    })?;
+    list.iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let field = |k: &str| {
+                m.get(k)
+                    .and_then(Value::as_str)
+                    .map(String::from)
+                    .ok_or_else(|| format!("message {i} has no string field {k:?}"))
+            };
+            Ok(ChatMessage {
+                role: field("role")?,
+                content: field("content")?,
+            })
+        })
+        .collect()
+}
+
+/// Renders conversational pairs with the tokenizer's chat template, as trl's
+/// `maybe_apply_chat_template` does for preference data:
+/// - an explicit prompt is rendered with the generation prompt (when its last turn is the
+///   user's); each answer is the rendering of prompt + answer after the prompt, the prompt
+///   first cut to its common prefix with that rendering (trl does so for templates that render
+///   the generation prompt differently inside a conversation), chosen then rejected, in trl's
+///   order;
+/// - without a prompt, each conversation is rendered whole (the prompt inside both).
+///
+/// Pairs of plain text pass unchanged.
+pub fn render_chats(
+    pairs: Vec<PreferencePair>,
+    tokenizer: &TextTokenizer,
+) -> Result<Vec<PreferencePair>> {
+    pairs
+        .into_iter()
+        .map(|pair| {
+            let Some(m) = pair.messages.clone() else {
+                return Ok(pair);
+            };
+            let err = |message: String| DataError::Template {
+                origin: pair.origin.clone(),
+                message,
+            };
+            let render = |msgs: &[ChatMessage], gen_prompt: bool| {
+                tokenizer
+                    .apply_chat_template(msgs, gen_prompt)
+                    .map_err(|e| err(e.to_string()))
+            };
+            let (prompt, chosen, rejected) = if m.prompt.is_empty() {
+                (
+                    String::new(),
+                    render(&m.chosen, false)?,
+                    render(&m.rejected, false)?,
+                )
+            } else {
+                if m.prompt.last().is_some_and(|t| t.role == "assistant") {
+                    return Err(err(
+                        "the prompt ends with an assistant turn (trl continues that message; \
+                         whet does not): end the prompt with the user's turn"
+                            .into(),
+                    ));
+                }
+                let mut prompt = render(&m.prompt, true)?;
+                let mut answer = |turns: &[ChatMessage]| -> Result<String> {
+                    let whole: Vec<ChatMessage> = m.prompt.iter().chain(turns).cloned().collect();
+                    let text = render(&whole, false)?;
+                    let common = prompt
+                        .char_indices()
+                        .zip(text.chars())
+                        .take_while(|((_, a), b)| a == b)
+                        .last()
+                        .map_or(0, |((i, a), _)| i + a.len_utf8());
+                    prompt.truncate(common);
+                    Ok(text[common..].to_string())
+                };
+                let chosen = answer(&m.chosen)?;
+                let rejected = answer(&m.rejected)?;
+                (prompt, chosen, rejected)
+            };
+            Ok(PreferencePair {
+                prompt,
+                chosen,
+                rejected,
+                origin: pair.origin,
+                messages: None,
+            })
+        })
+        .collect()
 }
 
 /// Reads a preference file: a BIG-bench `task.json` (by its `examples` list), or any table
@@ -197,6 +334,7 @@ pub fn bigbench_pairs(path: &Path) -> Result<Vec<PreferencePair>> {
                 chosen: better.clone(),
                 rejected: w,
                 origin: format!("{}: example {n}", path.display()),
+                messages: None,
             };
             pairs.push(checked(pair, path, n)?);
         }

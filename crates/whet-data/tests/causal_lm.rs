@@ -340,3 +340,49 @@ fn chat_masks_equal_trls_sft_trainer() {
     }
     assert_eq!(kinds, (6, 3));
 }
+
+/// Conversational preference pairs (prompt, chosen and rejected as lists of messages) render
+/// to the texts trl's own `maybe_apply_chat_template` gives on SmolLM2
+/// (scripts/fixtures/make_chat_preference_fixture.py): an explicit prompt with the generation
+/// prompt and each answer after it, with a system turn and a few-shot exchange inside the
+/// prompt, and implicit prompts rendered whole. A prompt ending with an assistant turn is
+/// refused, naming the row.
+#[test]
+fn chat_preferences_render_as_trls() {
+    let tok = smollm2();
+    let fixture: Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("tests/fixtures/lm/smollm2-chat-preferences.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for (i, case) in fixture["cases"].as_array().unwrap().iter().enumerate() {
+        let path = dir.path().join(format!("p{i}.jsonl"));
+        std::fs::write(&path, format!("{}\n", case["row"])).unwrap();
+        let pairs = read_pairs(&path, Encoding::Utf8).unwrap();
+        assert!(pairs[0].messages.is_some(), "case {i} read as text");
+        let got = preference::render_chats(pairs, &tok).unwrap();
+        let s = |k: &str| case[k].as_str().unwrap();
+        assert_eq!(got[0].prompt, s("prompt"), "case {i} prompt");
+        assert_eq!(got[0].chosen, s("chosen"), "case {i} chosen");
+        assert_eq!(got[0].rejected, s("rejected"), "case {i} rejected");
+        assert!(got[0].messages.is_none());
+    }
+    let path = dir.path().join("bad.jsonl");
+    let row = json!({"prompt": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+                     "chosen": [{"role": "assistant", "content": "c"}],
+                     "rejected": [{"role": "assistant", "content": "d"}]});
+    std::fs::write(&path, format!("{row}\n")).unwrap();
+    let e = preference::render_chats(read_pairs(&path, Encoding::Utf8).unwrap(), &tok)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("bad.jsonl:1") && e.contains("assistant turn"),
+        "{e}"
+    );
+    let row = json!({"prompt": "text", "chosen": [{"role": "assistant", "content": "c"}],
+                     "rejected": [{"role": "assistant"}]});
+    std::fs::write(&path, format!("{row}\n")).unwrap();
+    let e = read_pairs(&path, Encoding::Utf8).unwrap_err().to_string();
+    assert!(e.contains("bad.jsonl") && e.contains("prompt"), "{e}");
+}

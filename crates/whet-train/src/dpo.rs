@@ -538,6 +538,15 @@ pub fn prepare(recipe: &crate::Recipe, device: &Device) -> Result<DpoPrepared> {
     let test = d.test.as_deref().map(read).transpose()?;
     let (train, validation, test) = d.parts(all, validation, test)?;
     let (checkpoint, tokenizer, pad_id) = crate::causal_lm::open_decoder(recipe, "dpo")?;
+    // Conversational pairs become texts through the chat template, as trl renders them.
+    let render = |p: Vec<PreferencePair>| {
+        whet_data::preference::render_chats(p, &tokenizer).map_err(TrainError::from)
+    };
+    let (train, validation, test) = (
+        render(train)?,
+        validation.map(render).transpose()?,
+        test.map(render).transpose()?,
+    );
     if d.max_length > checkpoint.max_positions() {
         return Err(TrainError::ExceedsPositions {
             key: "data.max_length",

@@ -195,6 +195,15 @@ pub fn prepare(recipe: &crate::Recipe, device: &Device) -> Result<RewardPrepared
         return Err(TrainError::dataset(&d.train, "the training split is empty"));
     }
     let (mut checkpoint, tokenizer, pad_id) = crate::classification::open_checkpoint(recipe)?;
+    // Conversational pairs become texts through the chat template, as trl renders them.
+    let render = |p: Vec<whet_data::PreferencePair>| {
+        whet_data::preference::render_chats(p, &tokenizer).map_err(TrainError::from)
+    };
+    let (train, validation, test) = (
+        render(train)?,
+        validation.map(render).transpose()?,
+        test.map(render).transpose()?,
+    );
     checkpoint.set_labels(&[REWARD_LABEL.to_string()]);
     let mut truncated = 0;
     let mut encode = |pairs: Vec<whet_data::PreferencePair>| -> Result<Vec<EncodedPair>> {

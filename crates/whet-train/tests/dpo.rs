@@ -253,6 +253,7 @@ fn pairs_are_tokenized_as_trl_does() {
         chosen: c.into(),
         rejected: r.into(),
         origin: "pairs.jsonl:1".into(),
+        messages: None,
     };
     let e = encode_dpo_pair(&tok, &pair("a b", " c", " d e"), 16, Side::Right)
         .unwrap()
@@ -338,6 +339,7 @@ fn smollm2_pairs_are_tokenized_as_trl_dpo_trainer_does() {
             chosen: s("chosen"),
             rejected: s("rejected"),
             origin: format!("pair {i}"),
+            messages: None,
         };
         assert_eq!(
             case["kind"] == "implicit",

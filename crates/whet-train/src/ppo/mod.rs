@@ -123,6 +123,22 @@ pub struct PpoPrepared {
     pub truncated: usize,
 }
 
+/// The prompts of preference pairs; conversational ones (lists of messages) are refused, since
+/// PPO's prompts are not rendered with the chat template here.
+fn texts_of(pairs: Vec<whet_data::PreferencePair>) -> Result<Vec<String>> {
+    pairs
+        .into_iter()
+        .map(|p| match p.messages {
+            None => Ok(p.prompt),
+            Some(_) => Err(TrainError::row(
+                p.origin,
+                "conversational prompts (lists of messages) are not supported for PPO; give \
+                 the prompts as text",
+            )),
+        })
+        .collect()
+}
+
 /// The prompts of a data file: a table's `prompt_column`, the prompts of preference pairs, or
 /// BIG-bench task folders; each distinct prompt once, in file order.
 pub fn read_prompts(
@@ -132,10 +148,7 @@ pub fn read_prompts(
 ) -> Result<Vec<String>> {
     let pairs_only = path.is_dir() || path.file_name().is_some_and(|n| n == "task.json");
     let texts: Vec<String> = if pairs_only {
-        whet_data::read_pairs(path, encoding)?
-            .into_iter()
-            .map(|p| p.prompt)
-            .collect()
+        texts_of(whet_data::read_pairs(path, encoding)?)?
     } else {
         let table = whet_data::Table::read(path, encoding)?;
         if table.rows.is_empty() {
@@ -162,10 +175,7 @@ pub fn read_prompts(
             }
             out
         } else if table.rows[0].1.contains_key("chosen") {
-            whet_data::preference::preference_pairs(&table)?
-                .into_iter()
-                .map(|p| p.prompt)
-                .collect()
+            texts_of(whet_data::preference::preference_pairs(&table)?)?
         } else {
             return Err(TrainError::dataset(
                 path,
