@@ -238,6 +238,29 @@ pub fn prompt_completion(
     fit(LmExample::single(ids, labels, origin.to_string()), limit)
 }
 
+/// A conversation as data holds it: a list of `{role, content}` objects. The error says what
+/// is wrong, for the caller to place (file, line, column).
+pub fn chat_messages(value: &Value) -> std::result::Result<Vec<ChatMessage>, String> {
+    let list = value
+        .as_array()
+        .ok_or_else(|| format!("expected a list of messages, got {value}"))?;
+    list.iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let field = |k: &str| {
+                m.get(k)
+                    .and_then(Value::as_str)
+                    .map(String::from)
+                    .ok_or_else(|| format!("message {i} has no string field {k:?}"))
+            };
+            Ok(ChatMessage {
+                role: field("role")?,
+                content: field("content")?,
+            })
+        })
+        .collect()
+}
+
 /// A conversation rendered with the tokenizer's chat template, byte for byte as
 /// `apply_chat_template(messages, tokenize=False)`; only the assistant turns (their text and
 /// the template's end-of-turn after it) are learnt unless `train_on_prompt`. The spans come

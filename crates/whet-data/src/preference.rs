@@ -93,7 +93,8 @@ pub fn preference_pairs(table: &Table) -> Result<Vec<PreferencePair>> {
             let turns = |column: &str| -> Result<Vec<ChatMessage>> {
                 match row.get(column) {
                     None | Some(Value::Null) => Err(missing(column)),
-                    Some(v) => messages_of(v).map_err(|m| value_error(path, *line, column, m)),
+                    Some(v) => crate::causal_lm::chat_messages(v)
+                        .map_err(|m| value_error(path, *line, column, m)),
                 }
             };
             let messages = PairMessages {
@@ -141,28 +142,6 @@ pub fn preference_pairs(table: &Table) -> Result<Vec<PreferencePair>> {
         pairs.push(checked(pair, path, *line)?);
     }
     Ok(pairs)
-}
-
-/// A list of `{role, content}` objects.
-fn messages_of(value: &Value) -> std::result::Result<Vec<ChatMessage>, String> {
-    let list = value.as_array().ok_or_else(|| {
-        format!("expected a list of messages like the other columns, got {value}")
-    })?;
-    list.iter()
-        .enumerate()
-        .map(|(i, m)| {
-            let field = |k: &str| {
-                m.get(k)
-                    .and_then(Value::as_str)
-                    .map(String::from)
-                    .ok_or_else(|| format!("message {i} has no string field {k:?}"))
-            };
-            Ok(ChatMessage {
-                role: field("role")?,
-                content: field("content")?,
-            })
-        })
-        .collect()
 }
 
 /// Renders conversational pairs with the tokenizer's chat template, as trl's

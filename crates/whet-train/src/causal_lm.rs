@@ -275,32 +275,8 @@ fn messages(row: &BTreeMap<String, Value>, column: &str, origin: &str) -> Result
             format!("no field {column:?} (data.messages_column)"),
         )
     })?;
-    let list = value.as_array().ok_or_else(|| {
-        TrainError::row(
-            origin,
-            format!("field {column:?} is not a list of messages"),
-        )
-    })?;
-    list.iter()
-        .enumerate()
-        .map(|(i, m)| {
-            let field = |k: &str| {
-                m.get(k)
-                    .and_then(|v| v.as_str())
-                    .map(String::from)
-                    .ok_or_else(|| {
-                        TrainError::row(
-                            origin,
-                            format!("message {i} of {column:?} has no string field {k:?}"),
-                        )
-                    })
-            };
-            Ok(ChatMessage {
-                role: field("role")?,
-                content: field("content")?,
-            })
-        })
-        .collect()
+    whet_data::causal_lm::chat_messages(value)
+        .map_err(|m| TrainError::row(origin, format!("field {column:?}: {m}")))
 }
 
 /// The assistant turn(s) of a row's `completion_column`.
