@@ -475,6 +475,18 @@ fn qlora_means_4bit(root: &mut toml::Table) -> Result<()> {
     }
 }
 
+/// Recipe text as a table, with `key=value` overrides applied.
+fn overridden(text: &str, overrides: &[String]) -> Result<toml::Table> {
+    let mut table: toml::Table = toml::from_str(text)?;
+    for o in overrides {
+        let (k, v) = o
+            .split_once('=')
+            .ok_or_else(|| TrainError::OverrideSyntax { arg: o.clone() })?;
+        set(&mut table, k.trim(), v.trim())?;
+    }
+    Ok(table)
+}
+
 impl Recipe {
     /// `training.padding_free` as set, or the task's default: on for every task but question
     /// answering (see [`crate::TrainingArguments::padding_free`]).
@@ -509,15 +521,17 @@ impl Recipe {
         Ok((recipe, note))
     }
 
+    /// Recipe text with `key=value` overrides written into it (only the keys it has and the
+    /// ones overridden, unlike [`Recipe::to_toml`]'s every resolved key).
+    pub fn with_overrides(text: &str, overrides: &[String]) -> Result<String> {
+        let table = overridden(text, overrides)?;
+        check_keys(&table)?;
+        toml::to_string(&table).map_err(|e| TrainError::Recipe(e.to_string()))
+    }
+
     /// Parses recipe text and applies `key=value` overrides.
     pub fn parse(text: &str, overrides: &[String]) -> Result<Self> {
-        let mut table: toml::Table = toml::from_str(text)?;
-        for o in overrides {
-            let (k, v) = o
-                .split_once('=')
-                .ok_or_else(|| TrainError::OverrideSyntax { arg: o.clone() })?;
-            set(&mut table, k.trim(), v.trim())?;
-        }
+        let mut table = overridden(text, overrides)?;
         check_keys(&table)?;
         qlora_means_4bit(&mut table)?;
         let mut recipe: Recipe = toml::Value::Table(table).try_into()?;

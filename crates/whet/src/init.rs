@@ -105,6 +105,10 @@ pub fn infer(
         ));
     };
     let task = task.unwrap_or(inferred_task);
+    if task != inferred_task {
+        // The columns found were for the inferred task; another task keeps only the text.
+        data_keys.retain(|(k, _)| k == "text_column");
+    }
     let method = method.unwrap_or("lora");
     lines.insert(
         0,

@@ -507,14 +507,18 @@ fn run(cli: Cli) -> Result<()> {
                     for l in &inferred.lines {
                         println!("inferred: {l}");
                     }
-                    // Written where the run's outputs go, and read from there like any recipe.
-                    let parsed = whet_train::Recipe::parse(&inferred.toml, &set)?;
-                    let out = parsed.training.output_dir.clone();
+                    // The inferred keys and the --set values, written where the run's
+                    // outputs go and read from there like any recipe (the run adds the
+                    // resolved one, every key, beside it).
+                    let text = format!(
+                        "{}\n{}",
+                        inferred.header,
+                        whet_train::Recipe::with_overrides(&inferred.toml, &set)?
+                    );
+                    let out = whet_train::Recipe::parse(&text, &[])?.training.output_dir;
                     std::fs::create_dir_all(&out)
                         .with_context(|| format!("cannot create {}", out.display()))?;
                     let path = out.join("recipe.toml");
-                    // With the --set values in, so that the next run repeats this one.
-                    let text = format!("{}\n{}", inferred.header, parsed.to_toml());
                     whet_models::fsutil::write_atomic(&path, text.as_bytes())?;
                     println!(
                         "recipe: {} (the next run: whet train {})",

@@ -1770,6 +1770,38 @@ mod tests {
         }
     }
 
+    /// Not a check: times the LM-head loss with and without logits at SmolLM2's size (1024
+    /// rows, D 576, V 49152), forward and backward, a frozen and a training weight. BENCHMARKS.md
+    /// quotes it: `RAYON_NUM_THREADS=2 cargo test -p whet-models --lib -- --ignored
+    /// time_linear_cross_entropy --nocapture`.
+    #[test]
+    #[ignore]
+    fn time_linear_cross_entropy() {
+        let device = Device::flex().autodiff();
+        let (n, d, v) = (1024, 576, 49152);
+        let targets: Vec<u32> = (0..n as u32).map(|i| (i * 37 + 5) % v as u32).collect();
+        let h = Tensor::<2>::random([n, d], Distribution::Normal(0.0, 1.0), &device).require_grad();
+        for frozen in [true, false] {
+            let mut w = Tensor::<2>::random([v, d], Distribution::Normal(0.0, 0.05), &device);
+            if !frozen {
+                w = w.require_grad();
+            }
+            for fused in [false, true, false, true] {
+                let t = std::time::Instant::now();
+                for _ in 0..3 {
+                    let loss = if fused {
+                        linear_cross_entropy_sum(h.clone(), w.clone(), &targets)
+                    } else {
+                        cross_entropy_sum(h.clone().matmul(w.clone().transpose()), &targets)
+                    };
+                    let _ = h.grad(&loss.backward()).map(|g| g.into_data());
+                }
+                let ms = t.elapsed().as_secs_f64() * 1000.0 / 3.0;
+                println!("frozen weight {frozen}, without logits {fused}: {ms:.0} ms a step");
+            }
+        }
+    }
+
     /// The skinny product against burn's matmul: 1 to 4 rows, a row-major weight and the
     /// transpose of one (tied embeddings), whole and split into ragged pieces, on the plain
     /// and the autodiff device; a tracked input takes burn's matmul and keeps its gradient;
