@@ -1,0 +1,6 @@
+//! whet-hub's tests: one binary, modules inside.
+
+mod common {
+    pub mod hub_server;
+}
+mod hub;
