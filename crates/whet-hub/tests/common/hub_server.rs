@@ -6,7 +6,8 @@
 //!   `blobId`, and `lfs` with `sha256` for `.safetensors`, `.gguf` and `.parquet` files);
 //! - `GET|HEAD /ID/resolve/REV/PATH` (`/datasets/ID/...`): `X-Repo-Commit`, `ETag`; an LFS
 //!   file answers 302 with `X-Linked-Etag` / `X-Linked-Size` and a `Location` on `/cdn/SHA256`
-//!   (another path standing for the Hub's CDN), which serves the bytes; `Range` requests get 206;
+//!   on the host `localhost` (another host standing for the Hub's CDN, so no client sends it
+//!   the token), which serves the bytes; `Range` requests get 206;
 //! - errors as the Hub sends them: 401 `RepoNotFound` for an unknown repository, 404
 //!   `RevisionNotFound` / `EntryNotFound`, 401 / 403 `GatedRepo` for a gated one without the
 //!   right token.
@@ -463,7 +464,7 @@ fn resolve(state: &State, repo: &Repo, file: &str) -> Reply {
         headers.push(("X-Linked-Size".into(), bytes.len().to_string()));
         headers.push((
             "Location".into(),
-            format!("http://127.0.0.1:{}/cdn/{sha}", state.port),
+            format!("http://localhost:{}/cdn/{sha}", state.port),
         ));
         return Reply {
             status: 302,
