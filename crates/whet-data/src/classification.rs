@@ -116,8 +116,8 @@ impl Labels {
             && m >= 2 * ints.len() as u64
         {
             return Err(DataError::Value {
-                path: table.path.clone(),
-                line,
+                path: table.locate(line).0,
+                line: table.locate(line).1,
                 column: column.into(),
                 message: format!(
                     "label {m} is taken as a class id, but only {} distinct integer labels \
@@ -138,8 +138,8 @@ impl Labels {
     /// The id of a label value: an integer id or a name.
     fn id(&self, table: &Table, line: usize, column: &str, v: Option<&Value>) -> Result<usize> {
         let unknown = |label: String| DataError::UnknownLabel {
-            path: table.path.clone(),
-            line,
+            path: table.locate(line).0,
+            line: table.locate(line).1,
             label,
             n: self.len(),
             labels: self.0.join(", "),
@@ -169,8 +169,8 @@ impl Labels {
 
 fn bad_label(table: &Table, line: usize, column: &str, v: &impl std::fmt::Display) -> DataError {
     DataError::Value {
-        path: table.path.clone(),
-        line,
+        path: table.locate(line).0,
+        line: table.locate(line).1,
         column: column.into(),
         message: format!("a label must be a class name or a non-negative integer id, got {v}"),
     }
@@ -181,8 +181,8 @@ fn text_of(table: &Table, line: usize, column: &str, v: Option<&Value>) -> Resul
         Some(Value::String(s)) => Ok(s.clone()),
         Some(Value::Number(n)) => Ok(n.to_string()),
         other => Err(DataError::Value {
-            path: table.path.clone(),
-            line,
+            path: table.locate(line).0,
+            line: table.locate(line).1,
             column: column.into(),
             message: format!("expected text, got {}", other.unwrap_or(&Value::Null)),
         }),
@@ -209,8 +209,8 @@ fn target(
             Ok(Target::Multi(ids))
         }
         (true, other) => Err(DataError::Value {
-            path: table.path.clone(),
-            line,
+            path: table.locate(line).0,
+            line: table.locate(line).1,
             column: column.into(),
             message: format!(
                 "multi-label classification needs a list of labels, got {}",
@@ -218,8 +218,8 @@ fn target(
             ),
         }),
         (false, Some(Value::Array(_))) => Err(DataError::Value {
-            path: table.path.clone(),
-            line,
+            path: table.locate(line).0,
+            line: table.locate(line).1,
             column: column.into(),
             message: "the label is a list; for several labels per text set \
                       task = \"multi-label-classification\""
@@ -260,7 +260,7 @@ pub fn examples(
                     multi_label,
                     row.get(&cols.label),
                 )?,
-                origin: format!("{}:{line}", table.path.display()),
+                origin: table.origin(*line),
             })
         })
         .collect()

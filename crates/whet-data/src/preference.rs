@@ -73,13 +73,14 @@ fn checked(pair: PreferencePair, path: &Path, line: usize) -> Result<PreferenceP
 pub fn preference_pairs(table: &Table) -> Result<Vec<PreferencePair>> {
     table.require(&["chosen", "rejected"])?;
     let explicit = table.columns.iter().any(|c| c == "prompt");
-    let path = &table.path;
     let mut pairs = Vec::with_capacity(table.rows.len());
-    for (line, row) in &table.rows {
+    for (at, row) in &table.rows {
+        let (file, line) = table.locate(*at);
+        let path = file.as_path();
         let missing = |column: &str| {
             value_error(
                 path,
-                *line,
+                line,
                 column,
                 "missing: every row needs chosen and rejected (and prompt, when the file has \
                  that column)"
@@ -94,7 +95,7 @@ pub fn preference_pairs(table: &Table) -> Result<Vec<PreferencePair>> {
                 match row.get(column) {
                     None | Some(Value::Null) => Err(missing(column)),
                     Some(v) => crate::causal_lm::chat_messages(v)
-                        .map_err(|m| value_error(path, *line, column, m)),
+                        .map_err(|m| value_error(path, line, column, m)),
                 }
             };
             let messages = PairMessages {
@@ -105,7 +106,7 @@ pub fn preference_pairs(table: &Table) -> Result<Vec<PreferencePair>> {
             if messages.chosen == messages.rejected {
                 return Err(value_error(
                     path,
-                    *line,
+                    line,
                     "rejected",
                     "chosen and rejected are identical; a preference pair needs two different \
                      answers"
@@ -139,7 +140,7 @@ pub fn preference_pairs(table: &Table) -> Result<Vec<PreferencePair>> {
             origin: format!("{}:{line}", path.display()),
             messages: None,
         };
-        pairs.push(checked(pair, path, *line)?);
+        pairs.push(checked(pair, path, line)?);
     }
     Ok(pairs)
 }
@@ -216,10 +217,12 @@ pub fn render_chats(
 }
 
 /// Reads a preference file: a BIG-bench `task.json` (by its `examples` list), or any table
-/// [`Table::read`] reads with `chosen` / `rejected` columns; or a folder, whose
-/// `*/task.json` files are read in name order (BIG-bench's `hhh_alignment` folder: harmless,
-/// helpful, honest, other).
+/// [`Table::read`] reads with `chosen` / `rejected` columns (a file, a folder or glob of them,
+/// or an `hf://datasets/...` path); or a folder whose `*/task.json` files are read in name
+/// order (BIG-bench's `hhh_alignment` folder: harmless, helpful, honest, other).
 pub fn read_pairs(path: &Path, encoding: Encoding) -> Result<Vec<PreferencePair>> {
+    let local = crate::table::resolve(path)?;
+    let path = local.as_path();
     if path.is_dir() {
         let io = |e| DataError::Io {
             path: path.to_path_buf(),
@@ -231,17 +234,14 @@ pub fn read_pairs(path: &Path, encoding: Encoding) -> Result<Vec<PreferencePair>
             .filter(|p| p.is_file())
             .collect();
         tasks.sort();
-        if tasks.is_empty() {
-            return Err(DataError::Format {
-                path: path.to_path_buf(),
-                message: "a folder of preference data needs */task.json files (BIG-bench)".into(),
-            });
+        // Without BIG-bench tasks, a folder of data files, read as one table below.
+        if !tasks.is_empty() {
+            let mut all = Vec::new();
+            for t in tasks {
+                all.extend(bigbench_pairs(&t)?);
+            }
+            return Ok(all);
         }
-        let mut all = Vec::new();
-        for t in tasks {
-            all.extend(bigbench_pairs(&t)?);
-        }
-        return Ok(all);
     }
     let is_bigbench = path.extension().is_some_and(|e| e == "json")
         && std::fs::read(path)

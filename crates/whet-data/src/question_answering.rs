@@ -109,8 +109,8 @@ pub fn qa_examples(table: &Table, cols: &QaColumns) -> Result<Vec<QaExample>> {
         }
     }
     let value_err = |line: usize, column: &str, message: String| DataError::Value {
-        path: table.path.clone(),
-        line,
+        path: table.locate(line).0,
+        line: table.locate(line).1,
         column: column.to_string(),
         message,
     };
@@ -149,7 +149,7 @@ pub fn qa_examples(table: &Table, cols: &QaColumns) -> Result<Vec<QaExample>> {
                 question,
                 context,
                 answers,
-                origin: format!("{}:{line}", table.path.display()),
+                origin: table.origin(*line),
             })
         })
         .collect()

@@ -30,22 +30,179 @@ impl std::str::FromStr for Encoding {
     }
 }
 
+/// The extensions [`Table::read`] reads.
+pub const DATA_EXTENSIONS: &[&str] = &[
+    "jsonl", "json", "ndjson", "csv", "tsv", "parquet", "txt", "text",
+];
+
 /// A file's rows: each a map from column name to value, with the 1-based line it came from.
 #[derive(Debug, Clone)]
 pub struct Table {
-    /// Source file.
+    /// Source file (for several files, the folder or glob they came from).
     pub path: PathBuf,
     /// Column names in file order (JSONL: the union of keys, in order of first appearance).
     pub columns: Vec<String>,
-    /// `(line, row)`
+    /// `(line, row)`; for several files, lines count on from one file to the next
+    /// ([`Table::locate`] gives back the file and its own line).
     pub rows: Vec<(usize, BTreeMap<String, Value>)>,
+    /// For several files: the number each file's lines are offset by, and the file.
+    parts: Vec<(usize, PathBuf)>,
+}
+
+/// Whether a file name has an extension [`Table::read`] reads.
+pub fn is_data_file(name: &str) -> bool {
+    Path::new(name)
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| DATA_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+}
+
+/// A data path as a local one: `hf://datasets/ORG/NAME[@REVISION]/PATH` downloaded into the
+/// Hugging Face cache (see `whet_hub::data_path`); any other path as it is.
+pub fn resolve(path: &Path) -> Result<PathBuf> {
+    let text = path.to_string_lossy();
+    if !whet_hub::DataUri::is_hf(&text) {
+        return Ok(path.to_path_buf());
+    }
+    whet_hub::data_path(&text, &is_data_file).map_err(|e| DataError::Format {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+/// The files a data path names: itself; every data file under a folder (recursively, in name
+/// order); or a glob's matches (`*` inside one folder, `**` across them), as `datasets`'
+/// `data_files` and pandas take them.
+fn data_files(path: &Path) -> Result<Vec<PathBuf>> {
+    let text = path.to_string_lossy();
+    let mut files = if path.is_dir() {
+        let mut out = Vec::new();
+        let mut stack = vec![path.to_path_buf()];
+        while let Some(dir) = stack.pop() {
+            let entries = std::fs::read_dir(&dir).map_err(|e| DataError::Io {
+                path: dir.clone(),
+                source: e,
+            })?;
+            for e in entries.flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else if p
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(is_data_file)
+                {
+                    out.push(p);
+                }
+            }
+        }
+        out
+    } else if !path.exists() && text.contains(['*', '?', '[']) {
+        let bad = |message: String| DataError::Format {
+            path: path.to_path_buf(),
+            message,
+        };
+        let options = glob::MatchOptions {
+            case_sensitive: true,
+            require_literal_separator: true,
+            require_literal_leading_dot: false,
+        };
+        glob::glob_with(&text, options)
+            .map_err(|e| bad(format!("bad glob pattern: {e}")))?
+            .filter_map(|p| p.ok())
+            .filter(|p| p.is_file())
+            .collect()
+    } else {
+        return Ok(vec![path.to_path_buf()]);
+    };
+    files.sort();
+    if files.is_empty() {
+        return Err(DataError::Format {
+            path: path.to_path_buf(),
+            message: format!(
+                "no data file matches (whet reads .{})",
+                DATA_EXTENSIONS.join(", .")
+            ),
+        });
+    }
+    let kind = |p: &PathBuf| match p
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase)
+    {
+        Some(e) if matches!(e.as_str(), "json" | "jsonl" | "ndjson") => "json".to_string(),
+        Some(e) if e == "text" => "txt".to_string(),
+        e => e.unwrap_or_default(),
+    };
+    if let Some(other) = files.iter().find(|f| kind(f) != kind(&files[0])) {
+        return Err(DataError::Format {
+            path: path.to_path_buf(),
+            message: format!(
+                "its files are of several formats ({} and {}); name one with a glob such as *.{}",
+                files[0].display(),
+                other.display(),
+                kind(&files[0])
+            ),
+        });
+    }
+    Ok(files)
 }
 
 impl Table {
     /// Reads a `.jsonl` / `.json` (one object per line), `.csv` / `.tsv`, `.parquet` or `.txt`
     /// file. For Parquet the "line" of a row is its 1-based row number. A text file gives one
     /// row per non-empty line in a `text` column, as `datasets`' `text` loader does.
+    ///
+    /// The path may also be a folder (every data file under it) or a glob of files of one
+    /// format, read in name order into one table whose columns are their union; and
+    /// `hf://datasets/ORG/NAME[@REVISION]/PATH` for any of these on the Hugging Face Hub.
     pub fn read(path: &Path, encoding: Encoding) -> Result<Self> {
+        let local = resolve(path)?;
+        let files = data_files(&local)?;
+        if files.len() == 1 && files[0] == local {
+            return Self::read_file(&local, encoding);
+        }
+        let mut table = Table {
+            path: path.to_path_buf(),
+            columns: Vec::new(),
+            rows: Vec::new(),
+            parts: Vec::new(),
+        };
+        let mut offset = 0;
+        for file in files {
+            let part = Self::read_file(&file, encoding)?;
+            for c in part.columns {
+                if !table.columns.contains(&c) {
+                    table.columns.push(c);
+                }
+            }
+            let last = part.rows.last().map(|r| r.0).unwrap_or(0);
+            table.rows.extend(
+                part.rows
+                    .into_iter()
+                    .map(|(line, row)| (offset + line, row)),
+            );
+            table.parts.push((offset, file));
+            offset += last;
+        }
+        Ok(table)
+    }
+
+    /// The file a row's line is in, and its line there.
+    pub fn locate(&self, line: usize) -> (PathBuf, usize) {
+        match self.parts.iter().rev().find(|(offset, _)| *offset < line) {
+            Some((offset, file)) => (file.clone(), line - offset),
+            None => (self.path.clone(), line),
+        }
+    }
+
+    /// `FILE:LINE` of a row's line.
+    pub fn origin(&self, line: usize) -> String {
+        let (file, line) = self.locate(line);
+        format!("{}:{line}", file.display())
+    }
+
+    fn read_file(path: &Path, encoding: Encoding) -> Result<Self> {
         let ext = path
             .extension()
             .and_then(|e| e.to_str())
@@ -123,6 +280,7 @@ fn read_text(path: &Path, bytes: &[u8], encoding: Encoding) -> Result<Table> {
         path: path.to_path_buf(),
         columns: vec!["text".into()],
         rows,
+        parts: Vec::new(),
     })
 }
 
@@ -158,6 +316,7 @@ fn read_jsonl(path: &Path, bytes: &[u8]) -> Result<Table> {
         path: path.to_path_buf(),
         columns,
         rows,
+        parts: Vec::new(),
     })
 }
 
@@ -199,6 +358,7 @@ fn read_csv(path: &Path, bytes: &[u8], delimiter: u8, encoding: Encoding) -> Res
         path: path.to_path_buf(),
         columns,
         rows,
+        parts: Vec::new(),
     })
 }
 
@@ -282,5 +442,6 @@ fn parquet_rows(path: &Path, bytes: Vec<u8>) -> Result<Table> {
         path: path.to_path_buf(),
         columns,
         rows,
+        parts: Vec::new(),
     })
 }

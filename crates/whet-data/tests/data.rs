@@ -369,3 +369,87 @@ fn a_stray_integer_label_is_named_not_allocated() {
     let t = Table::read(&p, Encoding::Utf8).unwrap();
     assert_eq!(Labels::infer(&t, "label").unwrap().len(), 6);
 }
+
+#[test]
+fn a_folder_or_a_glob_reads_its_files_as_one_table_and_errors_name_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let sub = dir.path().join("data/more");
+    std::fs::create_dir_all(&sub).unwrap();
+    std::fs::write(
+        dir.path().join("data/train-0.jsonl"),
+        b"{\"text\": \"a\", \"label\": \"pos\"}\n\n{\"text\": \"b\", \"label\": \"neg\"}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("data/train-1.jsonl"),
+        b"{\"text\": \"c\", \"label\": \"pos\", \"extra\": 1}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        sub.join("train-2.jsonl"),
+        b"{\"text\": \"d\", \"label\": 7}\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("data/README.md"), b"# not data\n").unwrap();
+
+    let glob = dir.path().join("data/train-*.jsonl");
+    let t = Table::read(&glob, Encoding::Utf8).unwrap();
+    let texts: Vec<&str> = t
+        .rows
+        .iter()
+        .map(|r| r.1["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        texts,
+        ["a", "b", "c"],
+        "`*` stays in one folder, files in name order"
+    );
+    assert_eq!(t.columns, ["label", "text", "extra"]);
+    let labels = Labels::infer(&t, "label").unwrap();
+    let ex = examples(&t, &cols(), &labels, false).unwrap();
+    assert!(
+        ex[1].origin.ends_with("train-0.jsonl:3"),
+        "{}",
+        ex[1].origin
+    );
+    assert!(
+        ex[2].origin.ends_with("train-1.jsonl:1"),
+        "{}",
+        ex[2].origin
+    );
+
+    let deep = Table::read(&dir.path().join("data/**/*.jsonl"), Encoding::Utf8).unwrap();
+    assert_eq!(deep.rows.len(), 4);
+    let folder = Table::read(&dir.path().join("data"), Encoding::Utf8).unwrap();
+    assert_eq!(
+        folder.rows.len(),
+        4,
+        "every data file under the folder, README left out"
+    );
+    // A bad value in the third file is named by that file and its own line.
+    let labels = Labels(vec!["neg".into(), "pos".into()]);
+    let e = examples(&folder, &cols(), &labels, false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("train-2.jsonl") && e.contains(":1"), "{e}");
+
+    std::fs::write(dir.path().join("data/train-3.csv"), b"text,label\ne,pos\n").unwrap();
+    let e = Table::read(&dir.path().join("data"), Encoding::Utf8)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("several formats") && e.contains("train-3.csv"),
+        "{e}"
+    );
+    let e = Table::read(&dir.path().join("data/valid-*.jsonl"), Encoding::Utf8)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("valid-*.jsonl") && e.contains("no data file matches"),
+        "{e}"
+    );
+    let e = Table::read(std::path::Path::new("hf://models/x/y"), Encoding::Utf8)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("hf://datasets/ORG/NAME"), "{e}");
+}

@@ -51,6 +51,10 @@ pub struct Hub {
     agent: ureq::Agent,
 }
 
+/// Picks the files to fetch from a revision's file list, or says why the revision is not
+/// usable.
+pub type Choose<'a> = &'a dyn Fn(&[String]) -> std::result::Result<Vec<String>, String>;
+
 /// A revision's files in the cache.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
@@ -252,12 +256,7 @@ impl Hub {
     /// them. Offline, or when the endpoint cannot be reached, the cached snapshot as it is.
     /// `choose` gets every file path and returns the ones to fetch, or why the revision is not
     /// usable.
-    pub fn snapshot(
-        &self,
-        repo: &Repo,
-        revision: &str,
-        choose: &dyn Fn(&[String]) -> std::result::Result<Vec<String>, String>,
-    ) -> Result<Snapshot> {
+    pub fn snapshot(&self, repo: &Repo, revision: &str, choose: Choose) -> Result<Snapshot> {
         if self.offline {
             return self.cached(repo, revision);
         }
@@ -328,7 +327,11 @@ impl Hub {
         std::fs::rename(&tmp, &path).map_err(HubError::io(&path))
     }
 
-    fn revision_info(&self, repo: &Repo, revision: &str) -> std::result::Result<RevisionInfo, Failure> {
+    fn revision_info(
+        &self,
+        repo: &Repo,
+        revision: &str,
+    ) -> std::result::Result<RevisionInfo, Failure> {
         let url = format!(
             "{}/api/{}s/{}/revision/{}?blobs=true",
             self.endpoint,
@@ -365,7 +368,9 @@ impl Hub {
         if let Some(start) = range {
             request = request.header("Range", &format!("bytes={start}-"));
         }
-        request.call().map_err(|e| Failure::Unreachable(e.to_string()))
+        request
+            .call()
+            .map_err(|e| Failure::Unreachable(e.to_string()))
     }
 
     /// Turns an error status into the error huggingface_hub raises for it, by the Hub's
@@ -453,7 +458,10 @@ impl Hub {
             return Err(HubError::Unusable {
                 repo: repo.to_string(),
                 revision: snapshot.revision.clone(),
-                message: format!("the listing gives {:?} a bad blob id {etag:?}", file.rfilename),
+                message: format!(
+                    "the listing gives {:?} a bad blob id {etag:?}",
+                    file.rfilename
+                ),
             });
         }
         let blobs = self.repo_dir(repo).join("blobs");
@@ -528,7 +536,8 @@ impl Hub {
                 // its end: start over.
                 200 | 416 => {
                     out.set_len(0).map_err(HubError::io(part))?;
-                    out.seek(std::io::SeekFrom::Start(0)).map_err(HubError::io(part))?;
+                    out.seek(std::io::SeekFrom::Start(0))
+                        .map_err(HubError::io(part))?;
                     have = 0;
                     if response.status().as_u16() == 416 {
                         continue;
@@ -572,9 +581,7 @@ impl Hub {
                 Ok(()) if size.is_none_or(|s| now == s) => break,
                 Ok(()) | Err(_) if attempt < RESUMES => {
                     attempt += 1;
-                    eprintln!(
-                        "warning: {label}: the download broke off at {now} bytes; resuming"
-                    );
+                    eprintln!("warning: {label}: the download broke off at {now} bytes; resuming");
                 }
                 Ok(()) => return Err(broke(format!("the download ended at {now} bytes"))),
                 Err(e) => return Err(broke(e.to_string())),
@@ -587,14 +594,16 @@ impl Hub {
 
     fn bar(&self, label: &str, size: Option<u64>) -> indicatif::ProgressBar {
         if !self.progress {
-            let mb = size.map(|s| format!(" ({:.1} MB)", s as f64 / 1e6));
-            eprintln!("downloading {label}{}", mb.unwrap_or_default());
+            let size = match size {
+                Some(s) if s >= 1_000_000 => format!(" ({:.1} MB)", s as f64 / 1e6),
+                Some(s) => format!(" ({:.1} kB)", s as f64 / 1e3),
+                None => String::new(),
+            };
+            eprintln!("downloading {label}{size}");
             return indicatif::ProgressBar::hidden();
         }
-        let bar = indicatif::ProgressBar::with_draw_target(
-            size,
-            indicatif::ProgressDrawTarget::stderr(),
-        );
+        let bar =
+            indicatif::ProgressBar::with_draw_target(size, indicatif::ProgressDrawTarget::stderr());
         if let Ok(style) = indicatif::ProgressStyle::with_template(
             "{msg} {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} {eta}",
         ) {
@@ -632,7 +641,10 @@ fn verify(part: &Path, url: &str, file: &Sibling) -> Result<()> {
             .collect();
         if got != lfs.sha256 {
             let _ = std::fs::remove_file(part);
-            return Err(corrupt(format!("sha256 {got} where {} was announced", lfs.sha256)));
+            return Err(corrupt(format!(
+                "sha256 {got} where {} was announced",
+                lfs.sha256
+            )));
         }
     }
     Ok(())
@@ -780,8 +792,9 @@ impl Hub {
         let text = spec.to_string_lossy();
         let repo = Repo::model(&text)?;
         let revision = revision.unwrap_or("main");
-        let snapshot =
-            self.snapshot(&repo, revision, &|files| choose_model_files(files, gguf_file))?;
+        let snapshot = self.snapshot(&repo, revision, &|files| {
+            choose_model_files(files, gguf_file)
+        })?;
         let path = match gguf_file {
             Some(g) => snapshot.dir.join(g),
             None => snapshot.dir.clone(),
@@ -789,7 +802,11 @@ impl Hub {
         if !path.exists() {
             return Err(HubError::NotCached {
                 cache: self.cache.clone(),
-                what: format!("{}@{revision}: {}", repo.id, gguf_file.unwrap_or("config.json")),
+                what: format!(
+                    "{}@{revision}: {}",
+                    repo.id,
+                    gguf_file.unwrap_or("config.json")
+                ),
             });
         }
         Ok(path)
@@ -803,8 +820,11 @@ impl Hub {
         let snapshot = self.snapshot(&data.repo, &data.revision, &|files| {
             let chosen = data.select(files, keep)?;
             if chosen.is_empty() {
-                let mut shown: Vec<&str> =
-                    files.iter().map(String::as_str).filter(|f| keep(f)).collect();
+                let mut shown: Vec<&str> = files
+                    .iter()
+                    .map(String::as_str)
+                    .filter(|f| keep(f))
+                    .collect();
                 shown.truncate(12);
                 return Err(format!(
                     "no data file matches {:?} (its data files: {})",

@@ -76,7 +76,10 @@ pub fn check_id(id: &str) -> std::result::Result<(), String> {
     }
     let parts: Vec<&str> = id.split('/').collect();
     if parts.len() > 2 {
-        return Err(format!("it has {} '/'-separated parts, not 1 or 2", parts.len()));
+        return Err(format!(
+            "it has {} '/'-separated parts, not 1 or 2",
+            parts.len()
+        ));
     }
     for part in &parts {
         if part.is_empty() {
@@ -152,7 +155,9 @@ impl DataUri {
             // at the next '/' and may be percent-encoded (`refs%2Fconvert%2Fparquet`).
             let special = ["refs/convert/parquet", "refs/convert/duckdb"]
                 .into_iter()
-                .find(|s| r.starts_with(s) && matches!(r.as_bytes().get(s.len()), None | Some(b'/')))
+                .find(|s| {
+                    r.starts_with(s) && matches!(r.as_bytes().get(s.len()), None | Some(b'/'))
+                })
                 .map(|s| s.len())
                 .or_else(|| {
                     let n = r.strip_prefix("refs/pr/")?;
@@ -169,7 +174,10 @@ impl DataUri {
         }
         let id = format!("{org}/{name}");
         check_id(&id).map_err(|why| bad(&format!("{id:?} is not a repo id: {why}")))?;
-        let path = after.trim_start_matches('/').trim_end_matches('/').to_string();
+        let path = after
+            .trim_start_matches('/')
+            .trim_end_matches('/')
+            .to_string();
         if path.split('/').any(|p| p == "..") {
             return Err(bad("the path leaves the repository ('..')"));
         }
@@ -301,8 +309,8 @@ mod tests {
 
     #[test]
     fn data_uris_parse_as_hffilesystem_writes_them() {
-        let u = DataUri::parse("hf://datasets/stanfordnlp/imdb/plain_text/train-*.parquet")
-            .unwrap();
+        let u =
+            DataUri::parse("hf://datasets/stanfordnlp/imdb/plain_text/train-*.parquet").unwrap();
         assert_eq!(u.repo.id, "stanfordnlp/imdb");
         assert_eq!(u.revision, "main");
         assert_eq!(u.path, "plain_text/train-*.parquet");
@@ -310,9 +318,15 @@ mod tests {
         assert_eq!(u.repo.folder_name(), "datasets--stanfordnlp--imdb");
 
         let u = DataUri::parse("hf://datasets/o/n@refs/convert/parquet/default/train").unwrap();
-        assert_eq!((u.revision.as_str(), u.path.as_str()), ("refs/convert/parquet", "default/train"));
+        assert_eq!(
+            (u.revision.as_str(), u.path.as_str()),
+            ("refs/convert/parquet", "default/train")
+        );
         let u = DataUri::parse("hf://datasets/o/n@refs%2Fpr%2F3/a.csv").unwrap();
-        assert_eq!((u.revision.as_str(), u.path.as_str()), ("refs/pr/3", "a.csv"));
+        assert_eq!(
+            (u.revision.as_str(), u.path.as_str()),
+            ("refs/pr/3", "a.csv")
+        );
         let u = DataUri::parse("hf://datasets/o/n@refs/pr/12").unwrap();
         assert_eq!((u.revision.as_str(), u.path.as_str()), ("refs/pr/12", ""));
         let u = DataUri::parse("hf://datasets/o/n@v1.0/data/").unwrap();
@@ -352,7 +366,10 @@ mod tests {
                 .unwrap()
         };
         assert_eq!(select("extra.jsonl"), ["extra.jsonl"]);
-        assert_eq!(select("data/train-*.parquet"), ["data/train-0.parquet", "data/train-1.parquet"]);
+        assert_eq!(
+            select("data/train-*.parquet"),
+            ["data/train-0.parquet", "data/train-1.parquet"]
+        );
         // `*` stays inside one folder; `**` crosses them.
         assert_eq!(select("data/*.parquet").len(), 3);
         assert_eq!(select("data/**/*.parquet").len(), 4);

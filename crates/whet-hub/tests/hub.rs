@@ -32,7 +32,10 @@ fn hub_root() -> tempfile::TempDir {
     std::fs::write(llama.join(".refs"), "v1.0\n").unwrap();
 
     let torch = root.path().join("models/whet-test/torch-only");
-    copy(&fixtures().join("tiny-llama/config.json"), &torch.join("config.json"));
+    copy(
+        &fixtures().join("tiny-llama/config.json"),
+        &torch.join("config.json"),
+    );
     std::fs::write(torch.join("pytorch_model.bin"), b"weights").unwrap();
 
     let gguf = root.path().join("models/whet-test/tiny-gguf");
@@ -42,7 +45,11 @@ fn hub_root() -> tempfile::TempDir {
 
     let data = root.path().join("datasets/whet-test/reviews");
     let parquet = fixtures().join("data/reviews.parquet");
-    for f in ["data/train-0.parquet", "data/train-1.parquet", "data/test-0.parquet"] {
+    for f in [
+        "data/train-0.parquet",
+        "data/train-1.parquet",
+        "data/test-0.parquet",
+    ] {
         copy(&parquet, &data.join(f));
     }
     std::fs::write(data.join("README.md"), "# reviews\n").unwrap();
@@ -90,7 +97,10 @@ fn a_model_downloads_into_huggingface_hubs_cache_layout() {
         .map(|b| format!("{b:02x}"))
         .collect();
     assert_eq!(link, Path::new("../../blobs").join(&sha));
-    assert_eq!(std::fs::read(dir.join("model.safetensors")).unwrap(), original);
+    assert_eq!(
+        std::fs::read(dir.join("model.safetensors")).unwrap(),
+        original
+    );
     let config_link = std::fs::read_link(dir.join("config.json")).unwrap();
     assert!(config_link.starts_with("../../blobs"), "{config_link:?}");
     assert_eq!(
@@ -128,7 +138,10 @@ fn a_model_downloads_into_huggingface_hubs_cache_layout() {
             .unwrap(),
         dir
     );
-    assert_eq!(std::fs::read_to_string(repo.join("refs/v1.0")).unwrap(), commit);
+    assert_eq!(
+        std::fs::read_to_string(repo.join("refs/v1.0")).unwrap(),
+        commit
+    );
     assert_eq!(
         hub.model_path(Path::new("whet-test/tiny-llama"), Some(&commit), None)
             .unwrap(),
@@ -155,7 +168,10 @@ fn a_model_downloads_into_huggingface_hubs_cache_layout() {
         .model_path(Path::new("whet-test/tiny-llama"), Some("v2"), None)
         .unwrap_err()
         .to_string();
-    assert!(e.contains("HF_HUB_OFFLINE") && e.contains("whet-test/tiny-llama@v2"), "{e}");
+    assert!(
+        e.contains("HF_HUB_OFFLINE") && e.contains("whet-test/tiny-llama@v2"),
+        "{e}"
+    );
 
     // The endpoint unreachable: the cached revision is used; an uncached one is an error that
     // says what to do.
@@ -173,7 +189,9 @@ fn a_model_downloads_into_huggingface_hubs_cache_layout() {
     assert!(matches!(e, HubError::Unreachable { .. }), "{e}");
     let e = e.to_string();
     assert!(
-        e.contains("http://127.0.0.1:9") && e.contains("HF_HUB_OFFLINE") && e.contains("HF_ENDPOINT"),
+        e.contains("http://127.0.0.1:9")
+            && e.contains("HF_HUB_OFFLINE")
+            && e.contains("HF_ENDPOINT"),
         "{e}"
     );
 }
@@ -229,20 +247,39 @@ fn the_hubs_errors_name_the_repo_revision_or_file() {
     assert!(matches!(e, HubError::RevisionNotFound { .. }), "{e}");
     assert!(e.to_string().contains("\"nope\""), "{e}");
     let e = err(&hub, "not an id/x/y", None, None).to_string();
-    assert!(e.contains("not a local file or folder") && e.contains("\"not an id/x/y\""), "{e}");
+    assert!(
+        e.contains("not a local file or folder") && e.contains("\"not an id/x/y\""),
+        "{e}"
+    );
     let e = err(&hub, "whet-test/torch-only", None, None).to_string();
-    assert!(e.contains("no .safetensors") && e.contains("pytorch_model.bin"), "{e}");
+    assert!(
+        e.contains("no .safetensors") && e.contains("pytorch_model.bin"),
+        "{e}"
+    );
 
     // Gated: no token is 401, a token without access 403, the right one downloads.
     let e = err(&hub, "whet-test/tiny-gguf", None, Some("model-q8_0.gguf"));
-    assert!(matches!(e, HubError::Unauthorized { had_token: false, .. }), "{e}");
+    assert!(
+        matches!(
+            e,
+            HubError::Unauthorized {
+                had_token: false,
+                ..
+            }
+        ),
+        "{e}"
+    );
     let wrong = hub.clone().with_token(Some("hf_wrong".into()));
     let e = err(&wrong, "whet-test/tiny-gguf", None, Some("model-q8_0.gguf"));
     assert!(matches!(e, HubError::Forbidden { .. }), "{e}");
     assert!(e.to_string().contains("/whet-test/tiny-gguf"), "{e}");
     let right = hub.clone().with_token(Some("hf_right".into()));
     let path = right
-        .model_path(Path::new("whet-test/tiny-gguf"), None, Some("model-q8_0.gguf"))
+        .model_path(
+            Path::new("whet-test/tiny-gguf"),
+            None,
+            Some("model-q8_0.gguf"),
+        )
         .unwrap();
     assert_eq!(std::fs::read(&path).unwrap(), b"GGUF stand-in");
     assert!(server.requests().iter().any(|r| r.contains("/cdn/")));
@@ -252,12 +289,22 @@ fn the_hubs_errors_name_the_repo_revision_or_file() {
         .model_path(Path::new("whet-test/tiny-gguf"), None, None)
         .unwrap_err()
         .to_string();
-    assert!(e.contains("gguf_file") && e.contains("model-q4_0.gguf"), "{e}");
+    assert!(
+        e.contains("gguf_file") && e.contains("model-q4_0.gguf"),
+        "{e}"
+    );
     let e = right
-        .model_path(Path::new("whet-test/tiny-gguf"), None, Some("model-f16.gguf"))
+        .model_path(
+            Path::new("whet-test/tiny-gguf"),
+            None,
+            Some("model-f16.gguf"),
+        )
         .unwrap_err()
         .to_string();
-    assert!(e.contains("model-f16.gguf") && e.contains("model-q8_0.gguf"), "{e}");
+    assert!(
+        e.contains("model-f16.gguf") && e.contains("model-q8_0.gguf"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -280,11 +327,15 @@ fn a_broken_download_resumes_and_never_becomes_a_cache_entry() {
     let dir = hub(&server, cache.path())
         .model_path(Path::new("whet-test/tiny-llama"), None, None)
         .unwrap();
-    assert_eq!(std::fs::read(dir.join("model.safetensors")).unwrap(), original);
+    assert_eq!(
+        std::fs::read(dir.join("model.safetensors")).unwrap(),
+        original
+    );
     let log = server.requests();
     let half = original.len() / 2;
     assert!(
-        log.iter().any(|r| r.starts_with("GET /cdn/") && r.ends_with(&format!("bytes={half}-"))),
+        log.iter()
+            .any(|r| r.starts_with("GET /cdn/") && r.ends_with(&format!("bytes={half}-"))),
         "{log:?}"
     );
     assert!(
@@ -307,7 +358,10 @@ fn a_broken_download_resumes_and_never_becomes_a_cache_entry() {
     let dir = hub(&server, cache.path())
         .model_path(Path::new("whet-test/tiny-llama"), None, None)
         .unwrap();
-    assert_eq!(std::fs::read(dir.join("model.safetensors")).unwrap(), original);
+    assert_eq!(
+        std::fs::read(dir.join("model.safetensors")).unwrap(),
+        original
+    );
     assert!(
         server
             .requests()
@@ -333,7 +387,10 @@ fn a_broken_download_resumes_and_never_becomes_a_cache_entry() {
     let dir = h
         .model_path(Path::new("whet-test/tiny-llama"), None, None)
         .unwrap();
-    assert_eq!(std::fs::read(dir.join("model.safetensors")).unwrap(), original);
+    assert_eq!(
+        std::fs::read(dir.join("model.safetensors")).unwrap(),
+        original
+    );
 }
 
 #[test]
@@ -351,13 +408,21 @@ fn data_paths_download_a_file_a_folder_or_a_glob() {
         p
     };
     let path = hub
-        .data_path("hf://datasets/whet-test/reviews/data/train-*.parquet", &parquet)
+        .data_path(
+            "hf://datasets/whet-test/reviews/data/train-*.parquet",
+            &parquet,
+        )
         .unwrap();
     assert!(path.ends_with("data/train-*.parquet"), "{path:?}");
     let snap = snapshot(&path);
     assert!(snap.starts_with(cache.path().join("datasets--whet-test--reviews/snapshots")));
-    assert!(snap.join("data/train-0.parquet").is_file() && snap.join("data/train-1.parquet").is_file());
-    assert!(!snap.join("data/test-0.parquet").exists(), "only the glob's files");
+    assert!(
+        snap.join("data/train-0.parquet").is_file() && snap.join("data/train-1.parquet").is_file()
+    );
+    assert!(
+        !snap.join("data/test-0.parquet").exists(),
+        "only the glob's files"
+    );
 
     let path = hub
         .data_path("hf://datasets/whet-test/reviews/data", &parquet)
@@ -376,10 +441,16 @@ fn data_paths_download_a_file_a_folder_or_a_glob() {
     assert_eq!(path, snap.join("data/test-0.parquet"));
 
     let e = hub
-        .data_path("hf://datasets/whet-test/reviews/data/valid-*.parquet", &parquet)
+        .data_path(
+            "hf://datasets/whet-test/reviews/data/valid-*.parquet",
+            &parquet,
+        )
         .unwrap_err()
         .to_string();
-    assert!(e.contains("valid-*.parquet") && e.contains("data/train-0.parquet"), "{e}");
+    assert!(
+        e.contains("valid-*.parquet") && e.contains("data/train-0.parquet"),
+        "{e}"
+    );
     let e = hub
         .data_path("hf://datasets/whet-test/nothing/x.csv", &parquet)
         .unwrap_err()
@@ -395,7 +466,10 @@ fn data_paths_download_a_file_a_folder_or_a_glob() {
     let n = server.requests().len();
     assert_eq!(
         offline
-            .data_path("hf://datasets/whet-test/reviews/data/train-*.parquet", &parquet)
+            .data_path(
+                "hf://datasets/whet-test/reviews/data/train-*.parquet",
+                &parquet
+            )
             .unwrap(),
         snap.join("data/train-*.parquet")
     );
@@ -423,7 +497,10 @@ fn a_cache_huggingface_hub_wrote_is_read_offline() {
         );
     }
     let data = hub
-        .data_path("hf://datasets/whet-test/reviews/data/train-0.parquet", &|_| true)
+        .data_path(
+            "hf://datasets/whet-test/reviews/data/train-0.parquet",
+            &|_| true,
+        )
         .unwrap();
     assert_eq!(
         std::fs::read(data).unwrap(),

@@ -25,15 +25,19 @@ pub(crate) fn base_model(
         return Ok((dir.to_path_buf(), false));
     }
     let text = std::fs::read_to_string(&path).map_err(|e| InferError::io(dir, e))?;
-    let cfg: serde_json::Value =
-        serde_json::from_str(&text).map_err(|source| InferError::JsonFile { path, source })?;
+    serde_json::from_str::<serde_json::Value>(&text)
+        .map_err(|source| InferError::JsonFile { path, source })?;
     let from_meta = meta
         .and_then(|m| m["base_model"].as_str())
-        .map(PathBuf::from);
-    let from_cfg = cfg["base_model_name_or_path"].as_str().map(PathBuf::from);
+        .map(PathBuf::from)
+        .filter(|p| p.exists());
+    let from_cfg = match (given, &from_meta) {
+        (None, None) => whet_models::adapter_base(dir)?,
+        _ => None,
+    };
     let base = given
         .map(Path::to_path_buf)
-        .or(from_meta.filter(|p| p.exists()))
+        .or(from_meta)
         .or(from_cfg)
         .ok_or_else(|| InferError::NoBaseModel {
             path: dir.to_path_buf(),
@@ -60,7 +64,9 @@ mod tests {
 
     #[test]
     fn an_adapter_takes_the_given_base_then_an_existing_recorded_one_then_its_own() {
-        let dir = adapter(serde_json::json!({"base_model_name_or_path": "named/base"}));
+        // An absolute path, so no Hub id: resolving one is `whet_models::adapter_base`'s, tested
+        // against the stand-in Hub in the CLI tests.
+        let dir = adapter(serde_json::json!({"base_model_name_or_path": "/named/base"}));
         let given = Path::new("given/base");
         let (base, is_adapter) = base_model(dir.path(), Some(given), None).unwrap();
         assert_eq!((base.as_path(), is_adapter), (given, true));
@@ -71,7 +77,7 @@ mod tests {
         assert_eq!(base.as_path(), dir.path());
         let meta = serde_json::json!({"base_model": "/nonexistent/base"});
         let (base, _) = base_model(dir.path(), None, Some(&meta)).unwrap();
-        assert_eq!(base, PathBuf::from("named/base"));
+        assert_eq!(base, PathBuf::from("/named/base"));
     }
 
     #[test]

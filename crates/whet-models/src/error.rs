@@ -7,6 +7,10 @@ use std::path::PathBuf;
 /// Each variant names what a person needs to fix the input: the file, the tensor, both shapes.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
+    /// A model named by a Hub repo id cannot be found or downloaded.
+    #[error(transparent)]
+    Hub(Box<whet_hub::HubError>),
+
     /// A file the model folder must contain is not there.
     #[error("missing file {path}: {hint}")]
     MissingFile { path: PathBuf, hint: String },
@@ -90,5 +94,11 @@ impl ModelError {
         } else {
             ModelError::Io { path, source }
         }
+    }
+}
+
+impl From<whet_hub::HubError> for ModelError {
+    fn from(e: whet_hub::HubError) -> Self {
+        ModelError::Hub(Box::new(e))
     }
 }

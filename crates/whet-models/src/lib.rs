@@ -160,6 +160,27 @@ impl FamilyConfig {
     }
 }
 
+/// The base model an adapter folder names (`base_model_name_or_path` of its
+/// `adapter_config.json`) as a local path: a Hub repo id is fetched into the Hugging Face
+/// cache at the config's `revision`, as peft's `AutoPeftModel` loads its base. `None` when the
+/// config names no base.
+pub fn adapter_base(dir: &Path) -> Result<Option<PathBuf>> {
+    let path = dir.join("adapter_config.json");
+    let cfg: serde_json::Value = config::read_json(&path)?;
+    let Some(base) = cfg["base_model_name_or_path"].as_str() else {
+        return Ok(None);
+    };
+    let base = PathBuf::from(base);
+    if base.exists() || whet_hub::check_id(&base.to_string_lossy()).is_err() {
+        return Ok(Some(base));
+    }
+    Ok(Some(whet_hub::model_path(
+        &base,
+        cfg["revision"].as_str(),
+        None,
+    )?))
+}
+
 /// Where the weights are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -185,9 +206,36 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
-    /// Opens a Hugging Face model folder or a `.gguf` file.
+    /// Opens a Hugging Face model folder or a `.gguf` file; a path that does not exist and is
+    /// a repo id (`ORG/NAME`) is the Hub's model at its main revision, downloaded into the
+    /// Hugging Face cache (see [`Checkpoint::from_pretrained`]).
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref().to_path_buf();
+        Self::from_pretrained(path, None, None)
+    }
+
+    /// Opens a model as transformers' `from_pretrained(spec, revision=, gguf_file=)` finds it:
+    /// a local folder or file always wins (`gguf_file` names a file inside the folder);
+    /// otherwise `spec` is a Hub repo id, whose files whet reads (config, tokenizer, chat
+    /// template, safetensors; or the one GGUF file) are downloaded into the cache
+    /// huggingface_hub shares, or found there (`HF_HUB_OFFLINE=1`).
+    pub fn from_pretrained(
+        spec: impl AsRef<Path>,
+        revision: Option<&str>,
+        gguf_file: Option<&str>,
+    ) -> Result<Self> {
+        let spec = spec.as_ref();
+        if !spec.exists() && whet_hub::check_id(&spec.to_string_lossy()).is_err() {
+            return Err(ModelError::MissingFile {
+                path: spec.to_path_buf(),
+                hint: "expected a Hugging Face model folder, a .gguf file, or a Hub repo id \
+                       (ORG/NAME)"
+                    .into(),
+            });
+        }
+        Self::open_local(whet_hub::model_path(spec, revision, gguf_file)?)
+    }
+
+    fn open_local(path: PathBuf) -> Result<Self> {
         if path.is_file() {
             let (file, config) = gguf::open(&path)?;
             let source = Arc::new(gguf::GgufSource::new(file.clone(), &config));

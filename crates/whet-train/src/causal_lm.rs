@@ -263,7 +263,7 @@ fn rows(table: &Table) -> Vec<(String, BTreeMap<String, Value>)> {
     table
         .rows
         .iter()
-        .map(|(line, row)| (format!("{}:{line}", table.path.display()), row.clone()))
+        .map(|(line, row)| (table.origin(*line), row.clone()))
         .collect()
 }
 
@@ -558,7 +558,7 @@ pub fn save_decoder(
     std::fs::create_dir_all(out).map_err(|e| TrainError::io(out, e))?;
     match adapter {
         Some(cfg) => {
-            crate::output::save_adapter(model, cfg, &recipe.model, "CAUSAL_LM", out)?;
+            crate::output::save_adapter(model, cfg, recipe, "CAUSAL_LM", out)?;
         }
         None => {
             checkpoint.write_causal_lm_config(out)?;

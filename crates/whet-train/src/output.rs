@@ -33,17 +33,24 @@ pub fn save_weights<M: ExportParams>(model: &M, out: &Path) -> Result<()> {
 }
 
 /// `adapter_config.json` + `adapter_model.safetensors` with `peft`'s `task_type`, naming the
-/// base model by its absolute path.
+/// base model as the recipe gave it when it is a Hub repo id (with its `revision`, as peft
+/// writes them), else by its absolute path.
 pub fn save_adapter<M: VisitParams + Clone>(
     model: &M,
     config: &PeftConfig,
-    base_model: &Path,
+    recipe: &crate::Recipe,
     task_type: &str,
     out: &Path,
 ) -> Result<()> {
-    let base = base_model
-        .canonicalize()
-        .unwrap_or(base_model.to_path_buf());
-    config.save(model, &base.to_string_lossy(), task_type, out)?;
+    config.save(model, &recipe.base_model_name(), task_type, out)?;
+    if let Some(revision) = &recipe.revision {
+        let path = out.join("adapter_config.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| crate::TrainError::io(&path, e))?;
+        let mut json: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| crate::TrainError::Recipe(format!("{}: {e}", path.display())))?;
+        json["revision"] = serde_json::Value::String(revision.clone());
+        let text = serde_json::to_string_pretty(&json).unwrap_or_default();
+        whet_models::fsutil::write_atomic(&path, text.as_bytes())?;
+    }
     Ok(())
 }

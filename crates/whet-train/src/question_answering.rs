@@ -376,7 +376,7 @@ pub fn save(p: &QaPrepared, recipe: &Recipe, out: &Path) -> Result<()> {
     std::fs::create_dir_all(out).map_err(|e| TrainError::io(out, e))?;
     match &p.adapter {
         Some(cfg) => {
-            crate::output::save_adapter(&p.model, cfg, &recipe.model, "QUESTION_ANS", out)?;
+            crate::output::save_adapter(&p.model, cfg, recipe, "QUESTION_ANS", out)?;
         }
         None => {
             p.checkpoint.write_question_answering_config(out)?;

@@ -327,8 +327,19 @@ pub struct HeadSpec {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Recipe {
-    /// Model folder or .gguf file.
+    /// Model folder or .gguf file, or a Hub repo id (`ORG/NAME`): a local path always wins.
     pub model: PathBuf,
+    /// The Hub revision (branch, tag or commit) of a repo-id model: `from_pretrained`'s
+    /// `revision` (default main).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
+    /// The GGUF file inside the model's Hub repo or local folder: `from_pretrained`'s
+    /// `gguf_file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gguf_file: Option<String>,
+    /// What `model` said before [`Recipe::fetch`] made it a local path.
+    #[serde(skip)]
+    pub model_spec: Option<PathBuf>,
     #[serde(default)]
     pub task: TaskKind,
     #[serde(default)]
@@ -511,6 +522,7 @@ impl Recipe {
     /// architecture ([`Recipe::resolve_peft_defaults`]); the second value says what was chosen.
     pub fn load_for_model(path: &Path, overrides: &[String]) -> Result<(Self, Option<String>)> {
         let mut recipe = Self::load(path, overrides)?;
+        recipe.fetch()?;
         let note = match recipe.method {
             Method::Lora | Method::Qlora | Method::Ia3 => {
                 let checkpoint = whet_models::Checkpoint::open(&recipe.model)?;
@@ -733,7 +745,60 @@ impl Recipe {
 
     /// The resolved recipe as TOML (written into the output folder).
     pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).unwrap_or_default()
+        match &self.model_spec {
+            Some(spec) => {
+                let mut given = self.clone();
+                given.model = spec.clone();
+                toml::to_string_pretty(&given).unwrap_or_default()
+            }
+            None => toml::to_string_pretty(self).unwrap_or_default(),
+        }
+    }
+
+    /// Makes the model (and PPO's reward model) local paths: a Hub repo id is downloaded into
+    /// the Hugging Face cache at `revision` (its `gguf_file` alone for a GGUF repo), or found
+    /// there offline; a folder with `gguf_file` becomes that file. [`Recipe::to_toml`] still
+    /// writes what the recipe said.
+    pub fn fetch(&mut self) -> Result<()> {
+        if self.model_spec.is_some() {
+            return Ok(());
+        }
+        // A missing path that is no repo id is left to the loader, whose error names it.
+        let hub_id = |p: &Path| !p.exists() && whet_hub::check_id(&p.to_string_lossy()).is_ok();
+        if self.revision.is_some() || self.gguf_file.is_some() || hub_id(&self.model) {
+            let local = whet_hub::model_path(
+                &self.model,
+                self.revision.as_deref(),
+                self.gguf_file.as_deref(),
+            )
+            .map_err(whet_models::ModelError::from)?;
+            self.model_spec = Some(std::mem::replace(&mut self.model, local));
+        }
+        if let Some(p) = self.ppo.as_mut()
+            && hub_id(&p.reward_model)
+        {
+            p.reward_model = whet_hub::model_path(&p.reward_model, None, None).map_err(|e| {
+                TrainError::Recipe(format!(
+                    "ppo.reward_model {}: {e}",
+                    p.reward_model.display()
+                ))
+            })?;
+        }
+        Ok(())
+    }
+
+    /// How an adapter names its base (`base_model_name_or_path`): the Hub repo id the recipe
+    /// gave, else the model's absolute path.
+    pub fn base_model_name(&self) -> String {
+        match &self.model_spec {
+            Some(spec) if !spec.exists() => spec.to_string_lossy().into_owned(),
+            _ => self
+                .model
+                .canonicalize()
+                .unwrap_or_else(|_| self.model.clone())
+                .to_string_lossy()
+                .into_owned(),
+        }
     }
 }
 

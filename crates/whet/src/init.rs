@@ -23,20 +23,27 @@ const TEXT_COLUMNS: [&str; 6] = ["text", "sentence", "content", "review", "tweet
 /// Columns a class label goes by.
 const LABEL_COLUMNS: [&str; 5] = ["label", "labels", "class", "category", "target"];
 
+/// The model a recipe is inferred for: a local path or a Hub repo id, with `from_pretrained`'s
+/// `revision` and `gguf_file`.
+pub struct ModelSpec<'a> {
+    pub model: &'a Path,
+    pub revision: Option<&'a str>,
+    pub gguf_file: Option<&'a str>,
+}
+
 /// The task, method and columns for `model` trained on `data`; `task` and `method` override
 /// what would be inferred.
 pub fn infer(
-    model: &Path,
+    spec: &ModelSpec,
     data: &Path,
     task: Option<&str>,
     method: Option<&str>,
 ) -> Result<Inferred> {
-    // Absolute, so that the recipe works from wherever it is written and run.
-    let absolute = |p: &Path, flag: &str| {
-        std::fs::canonicalize(p).with_context(|| format!("{flag} {}: not found", p.display()))
-    };
-    let (model, data) = (&absolute(model, "--model")?, &absolute(data, "--data")?);
-    let checkpoint = Checkpoint::open(model)
+    // Local paths absolute, so that the recipe works from wherever it is written and run; a
+    // Hub id or an hf:// path as given.
+    let absolute = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let (model, data) = (&absolute(spec.model), &absolute(data));
+    let checkpoint = Checkpoint::from_pretrained(model, spec.revision, spec.gguf_file)
         .with_context(|| format!("--model {}: cannot open it as a model", model.display()))?;
     let decoder = matches!(checkpoint.family(), Family::Gpt2 | Family::Llama);
     let table = Table::read(data, Encoding::Utf8)
@@ -126,12 +133,29 @@ pub fn infer(
     let validation = (table.rows.len() / 10).min(1000);
     let stem = |p: &Path| {
         p.file_stem()
-            .map(|s| s.to_string_lossy().replace(['.', ' '], "-"))
+            .map(|s| {
+                s.to_string_lossy()
+                    .chars()
+                    .map(|c| {
+                        if c.is_alphanumeric() || c == '_' {
+                            c
+                        } else {
+                            '-'
+                        }
+                    })
+                    .collect::<String>()
+            })
             .unwrap_or_else(|| "run".into())
     };
     let output_dir = PathBuf::from("runs").join(format!("{}-{}", stem(model), stem(data)));
     let mut recipe = toml::Table::new();
     recipe.insert("model".into(), model.display().to_string().into());
+    if let Some(r) = spec.revision {
+        recipe.insert("revision".into(), r.into());
+    }
+    if let Some(g) = spec.gguf_file {
+        recipe.insert("gguf_file".into(), g.into());
+    }
     recipe.insert("task".into(), task.into());
     recipe.insert("method".into(), method.into());
     let mut d = toml::Table::new();

@@ -38,7 +38,11 @@ const RECIPE_HELP: &str = "\
 RECIPE KEYS (TOML; any key can be overridden with --set KEY=VALUE; `<cache>` in a path is the
 asset cache, WHET_CACHE or ./cache; a key no table knows is an error naming the table and the
 closest valid key, never ignored):
-  model          a Hugging Face folder or a .gguf file
+  model          a Hugging Face folder, a .gguf file, or a Hub repo id (ORG/NAME) downloaded
+                 into the Hugging Face cache as huggingface_hub does (HF_HUB_CACHE / HF_HOME,
+                 HF_TOKEN, HF_ENDPOINT; HF_HUB_OFFLINE=1: the cache only); a local path wins
+  revision       a repo id's branch, tag or commit (default main); adapters record it
+  gguf_file      the GGUF file inside the model's repo or folder
   task           sequence-classification (default) | multi-label-classification | causal-lm |
                  question-answering (BERT family) | reward-model (a one-output classifier on
                  preference pairs: columns prompt / chosen / rejected, or chosen / rejected with
@@ -50,8 +54,9 @@ closest valid key, never ignored):
   method         full (default) | head | lora | qlora | ia3 | bottleneck | prefix_tuning |
                  prompt_tuning (head: classification and QA)
   [data]
-    train, validation, test   .jsonl, .csv, .tsv, .parquet or .txt (one text per line) files
-                   (validation/test optional)
+    train, validation, test   .jsonl, .csv, .tsv, .parquet or .txt (one text per line) files,
+                   folders or globs of them (data/train-*.parquet), or the same on the Hub as
+                   hf://datasets/ORG/NAME[@REVISION]/PATH (validation/test optional)
     split          {train, validation, test, seed}: a seeded split of `train` when no other
                    file is given; counts (>= 1) or fractions (< 1); seed 42
     text_column    default \"text\"; text_pair_column optional
@@ -160,10 +165,19 @@ closest valid key, never ignored):
 /// A model and a data file to infer a recipe from (`whet init`, `whet train` without a recipe).
 #[derive(clap::Args, Debug)]
 struct InferArgs {
-    /// A Hugging Face model folder or a .gguf file.
+    /// A Hugging Face model folder, a .gguf file, or a Hub repo id (ORG/NAME), downloaded into
+    /// the Hugging Face cache (HF_HUB_CACHE, HF_HOME; HF_TOKEN, HF_ENDPOINT, HF_HUB_OFFLINE=1
+    /// as huggingface_hub reads them). A local path wins over an id.
     #[arg(long)]
     model: Option<PathBuf>,
-    /// A .jsonl, .csv, .tsv, .parquet or .txt file of training rows.
+    /// The Hub revision (branch, tag or commit) of a repo-id --model (default main).
+    #[arg(long, requires = "model")]
+    revision: Option<String>,
+    /// The GGUF file inside --model's Hub repo or folder.
+    #[arg(long, requires = "model")]
+    gguf_file: Option<String>,
+    /// The training rows: a .jsonl, .csv, .tsv, .parquet or .txt file, a folder or glob of
+    /// such files, or hf://datasets/ORG/NAME[@REVISION]/PATH on the Hub.
     #[arg(long)]
     data: Option<PathBuf>,
     /// The task, instead of the one the columns suggest (see `whet train --help`).
@@ -178,7 +192,11 @@ impl InferArgs {
     fn infer(&self) -> anyhow::Result<Option<init::Inferred>> {
         match (&self.model, &self.data) {
             (Some(m), Some(d)) => Ok(Some(init::infer(
-                m,
+                &init::ModelSpec {
+                    model: m,
+                    revision: self.revision.as_deref(),
+                    gguf_file: self.gguf_file.as_deref(),
+                },
                 d,
                 self.task.as_deref(),
                 self.method.as_deref(),
@@ -707,20 +725,14 @@ fn generate(args: GenerateArgs) -> Result<()> {
     let (base, adapter) = match &args.adapter {
         Some(a) => (args.model.clone(), Some(a.clone())),
         None if args.model.join("adapter_config.json").is_file() => {
-            let path = args.model.join("adapter_config.json");
-            let cfg: serde_json::Value = serde_json::from_str(
-                &std::fs::read_to_string(&path)
-                    .with_context(|| format!("cannot read {}", path.display()))?,
-            )
-            .with_context(|| format!("{}: malformed JSON", path.display()))?;
-            let base = cfg["base_model_name_or_path"].as_str().ok_or_else(|| {
+            let base = whet_models::adapter_base(&args.model)?.ok_or_else(|| {
                 anyhow::anyhow!(
                     "{}/adapter_config.json names no base model; give it with --model BASE --adapter {}",
                     args.model.display(),
                     args.model.display()
                 )
             })?;
-            (PathBuf::from(base), Some(args.model.clone()))
+            (base, Some(args.model.clone()))
         }
         None => (args.model.clone(), None),
     };

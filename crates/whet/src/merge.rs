@@ -19,7 +19,10 @@ fn adapter_meta(adapter: &Path) -> Result<(String, Option<PathBuf>)> {
         .as_str()
         .unwrap_or("CAUSAL_LM")
         .to_string();
-    let base = json["base_model_name_or_path"].as_str().map(PathBuf::from);
+    let base = match json["base_model_name_or_path"].as_str() {
+        Some(_) => whet_models::adapter_base(adapter)?,
+        None => None,
+    };
     Ok((task, base))
 }
 

@@ -5,4 +5,7 @@
 mod cli;
 mod common;
 mod device_cli;
+mod hub_cli;
+#[path = "../../whet-hub/tests/common/hub_server.rs"]
+mod hub_server;
 mod train_cli;

@@ -399,6 +399,10 @@ fn train_help_explains_its_options() {
         "use_rslora",
         "metric_for_best_model",
         "early_stopping_patience",
+        "revision",
+        "gguf_file",
+        "hf://datasets/",
+        "HF_HUB_OFFLINE",
     ] {
         assert!(text.contains(key), "{key}: {text}");
     }

@@ -144,7 +144,9 @@ fn decode(s: &str) -> String {
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%'
-            && let Some(v) = s.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(h, 16).ok())
+            && let Some(v) = s
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
         {
             out.push(v);
             i += 3;
@@ -173,7 +175,9 @@ impl Reply {
         Reply {
             status,
             headers,
-            body: serde_json::json!({ "error": message }).to_string().into_bytes(),
+            body: serde_json::json!({ "error": message })
+                .to_string()
+                .into_bytes(),
             cut_at: None,
         }
     }
@@ -188,7 +192,10 @@ fn serve(mut stream: TcpStream, state: &State) -> std::io::Result<()> {
         "{} {}{}",
         request.method,
         request.path,
-        range.as_deref().map(|r| format!(" {r}")).unwrap_or_default()
+        range
+            .as_deref()
+            .map(|r| format!(" {r}"))
+            .unwrap_or_default()
     ));
     let reply = route(&request, state);
     let head_only = request.method == "HEAD";
@@ -200,7 +207,11 @@ fn serve(mut stream: TcpStream, state: &State) -> std::io::Result<()> {
                     let mut h = reply.headers.clone();
                     h.push((
                         "Content-Range".into(),
-                        format!("bytes {start}-{}/{}", reply.body.len() - 1, reply.body.len()),
+                        format!(
+                            "bytes {start}-{}/{}",
+                            reply.body.len() - 1,
+                            reply.body.len()
+                        ),
                     ));
                     h
                 },
@@ -209,7 +220,10 @@ fn serve(mut stream: TcpStream, state: &State) -> std::io::Result<()> {
             ),
             _ => (
                 416,
-                vec![("Content-Range".into(), format!("bytes */{}", reply.body.len()))],
+                vec![(
+                    "Content-Range".into(),
+                    format!("bytes */{}", reply.body.len()),
+                )],
                 vec![],
                 None,
             ),
@@ -277,7 +291,11 @@ fn files(dir: &Path) -> Vec<(String, PathBuf)> {
             if p.is_dir() {
                 walk(base, &p, out);
             } else if p.file_name().is_some_and(|n| n != ".refs") {
-                let rel = p.strip_prefix(base).unwrap().to_string_lossy().replace('\\', "/");
+                let rel = p
+                    .strip_prefix(base)
+                    .unwrap()
+                    .to_string_lossy()
+                    .replace('\\', "/");
                 out.push((rel, p));
             }
         }
@@ -452,7 +470,8 @@ fn api(state: &State, repo: &Repo) -> Reply {
 fn resolve(state: &State, repo: &Repo, file: &str) -> Reply {
     let Some((_, path)) = repo.files.iter().find(|(n, _)| n == file) else {
         let mut r = Reply::error(404, "EntryNotFound", &format!("{file} does not exist"));
-        r.headers.push(("X-Repo-Commit".into(), repo.commit.clone()));
+        r.headers
+            .push(("X-Repo-Commit".into(), repo.commit.clone()));
         return r;
     };
     let bytes = std::fs::read(path).unwrap_or_default();
@@ -500,7 +519,11 @@ fn cdn(state: &State, sha: &str) -> Reply {
             continue;
         };
         for org in orgs.flatten() {
-            for repo in std::fs::read_dir(org.path()).into_iter().flatten().flatten() {
+            for repo in std::fs::read_dir(org.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
                 for (name, path) in files(&repo.path()) {
                     if state.sha(&path).1 == sha {
                         let bytes = std::fs::read(&path).unwrap_or_default();

@@ -341,7 +341,7 @@ impl Saved<'_> {
         std::fs::create_dir_all(out).map_err(|e| TrainError::io(out, e))?;
         match self.adapter {
             Some(cfg) => {
-                crate::output::save_adapter(self.model, cfg, &recipe.model, "SEQ_CLS", out)?;
+                crate::output::save_adapter(self.model, cfg, recipe, "SEQ_CLS", out)?;
             }
             None => {
                 self.checkpoint.write_classifier_config(self.labels, out)?;
