@@ -21,8 +21,8 @@ pub struct PreferencePair {
     pub rejected: String,
     /// `file:line` (or `file: example N`) for error messages.
     pub origin: String,
-    /// Conversational data (trl's format: lists of `{role, content}` messages) until
-    /// [`render_chats`] turns it into the texts above.
+    /// Conversational data (trl's format: lists of `{role, content}` messages): [`render_chats`]
+    /// fills the texts above from them, and keeps them (the prompt extracted).
     pub messages: Option<PairMessages>,
 }
 
@@ -36,6 +36,12 @@ pub struct PairMessages {
 }
 
 impl PreferencePair {
+    /// Whether the pair is conversational: its texts are the chat template's, tokenized as
+    /// they are (no special tokens added, no EOS appended), as trl tokenizes conversations.
+    pub fn is_chat(&self) -> bool {
+        self.messages.is_some()
+    }
+
     /// The chosen and rejected texts as the model reads them: the prompt followed by each.
     pub fn texts(&self) -> (String, String) {
         (
@@ -145,16 +151,34 @@ pub fn preference_pairs(table: &Table) -> Result<Vec<PreferencePair>> {
     Ok(pairs)
 }
 
-/// Renders conversational pairs with the tokenizer's chat template, as trl's
-/// `maybe_apply_chat_template` does for preference data:
-/// - an explicit prompt is rendered with the generation prompt (when its last turn is the
-///   user's); each answer is the rendering of prompt + answer after the prompt, the prompt
-///   first cut to its common prefix with that rendering (trl does so for templates that render
-///   the generation prompt differently inside a conversation), chosen then rejected, in trl's
-///   order;
-/// - without a prompt, each conversation is rendered whole (the prompt inside both).
+/// trl's `extract_prompt` for conversations (DPOTrainer runs it on data without a `prompt`
+/// column): the prompt is the turns before the first turn where `chosen` and `rejected` differ;
+/// as trl's loop does, when neither differs within the shorter one, its last turn goes to the
+/// answers.
+pub fn extract_prompt_turns(m: &PairMessages) -> PairMessages {
+    let n = m.chosen.len().min(m.rejected.len());
+    let at = (0..n)
+        .find(|&i| m.chosen[i] != m.rejected[i])
+        .unwrap_or(n.saturating_sub(1));
+    PairMessages {
+        prompt: m.chosen[..at].to_vec(),
+        chosen: m.chosen[at..].to_vec(),
+        rejected: m.rejected[at..].to_vec(),
+    }
+}
+
+/// Renders conversational pairs with the tokenizer's chat template, as trl 1.16 reads them:
+/// - without a prompt, the prompt is first taken out of both conversations at the first turn
+///   where they differ ([`extract_prompt_turns`], DPOTrainer's `extract_prompt`);
+/// - the prompt is rendered with the generation prompt (when its last turn is the user's);
+///   each answer is the rendering of prompt + answer after the prompt, the prompt first cut to
+///   its common prefix with that rendering (for templates that render the generation prompt
+///   differently inside a conversation).
 ///
-/// Pairs of plain text pass unchanged.
+/// The pair keeps its (extracted) messages, so the encoders tokenize it as trl tokenizes
+/// conversations: the template's text without added special tokens or EOS, the DPO prompt
+/// rendered with the generation prompt ([`PreferencePair::is_chat`]). Pairs of plain text
+/// pass unchanged.
 pub fn render_chats(
     pairs: Vec<PreferencePair>,
     tokenizer: &TextTokenizer,
@@ -162,7 +186,7 @@ pub fn render_chats(
     pairs
         .into_iter()
         .map(|pair| {
-            let Some(m) = pair.messages.clone() else {
+            let Some(given) = pair.messages.clone() else {
                 return Ok(pair);
             };
             let err = |message: String| DataError::Template {
@@ -174,43 +198,43 @@ pub fn render_chats(
                     .apply_chat_template(msgs, gen_prompt)
                     .map_err(|e| err(e.to_string()))
             };
-            let (prompt, chosen, rejected) = if m.prompt.is_empty() {
-                (
-                    String::new(),
-                    render(&m.chosen, false)?,
-                    render(&m.rejected, false)?,
-                )
+            let m = if given.prompt.is_empty() {
+                extract_prompt_turns(&given)
             } else {
-                if m.prompt.last().is_some_and(|t| t.role == "assistant") {
-                    return Err(err(
-                        "the prompt ends with an assistant turn (trl continues that message; \
-                         whet does not): end the prompt with the user's turn"
-                            .into(),
-                    ));
-                }
-                let mut prompt = render(&m.prompt, true)?;
-                let mut answer = |turns: &[ChatMessage]| -> Result<String> {
-                    let whole: Vec<ChatMessage> = m.prompt.iter().chain(turns).cloned().collect();
-                    let text = render(&whole, false)?;
-                    let common = prompt
-                        .char_indices()
-                        .zip(text.chars())
-                        .take_while(|((_, a), b)| a == b)
-                        .last()
-                        .map_or(0, |((i, a), _)| i + a.len_utf8());
-                    prompt.truncate(common);
-                    Ok(text[common..].to_string())
-                };
-                let chosen = answer(&m.chosen)?;
-                let rejected = answer(&m.rejected)?;
-                (prompt, chosen, rejected)
+                given
             };
+            if m.prompt.last().is_some_and(|t| t.role == "assistant") {
+                return Err(err(
+                    "the prompt ends with an assistant turn (trl continues that message; whet \
+                     does not): end the prompt with the user's turn"
+                        .into(),
+                ));
+            }
+            let mut prompt = if m.prompt.is_empty() {
+                String::new()
+            } else {
+                render(&m.prompt, true)?
+            };
+            let mut answer = |turns: &[ChatMessage]| -> Result<String> {
+                let whole: Vec<ChatMessage> = m.prompt.iter().chain(turns).cloned().collect();
+                let text = render(&whole, false)?;
+                let common = prompt
+                    .char_indices()
+                    .zip(text.chars())
+                    .take_while(|((_, a), b)| a == b)
+                    .last()
+                    .map_or(0, |((i, a), _)| i + a.len_utf8());
+                prompt.truncate(common);
+                Ok(text[common..].to_string())
+            };
+            let chosen = answer(&m.chosen)?;
+            let rejected = answer(&m.rejected)?;
             Ok(PreferencePair {
                 prompt,
                 chosen,
                 rejected,
                 origin: pair.origin,
-                messages: None,
+                messages: Some(m),
             })
         })
         .collect()

@@ -23,7 +23,7 @@ pub struct Special {
 }
 
 /// One chat message, as `apply_chat_template` takes them.
-#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq, Hash)]
 pub struct ChatMessage {
     /// "system", "user" or "assistant".
     pub role: String,

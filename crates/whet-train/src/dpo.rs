@@ -429,7 +429,9 @@ fn common_prefix(a: &[u32], b: &[u32]) -> usize {
 /// Tokenizes a pair as trl 1.16's `DPOTrainer` does: no special tokens added, the EOS text
 /// appended to each answer that does not end with it, the prompt split off as
 /// [`split_implicit_prompt`] does when the pair has none, the answer starting where the
-/// tokenized prompt and prompt + answer diverge; then
+/// tokenized prompt and prompt + answer diverge (a conversation: the chat template's tokens,
+/// the prompt rendered with the generation prompt, no EOS appended, its implicit prompt taken
+/// out by turns in `render_chats`); then
 /// each sequence cut to `max_length` (`Side::Right` keeps the start, trl's `keep_start`).
 /// `None` when the prompt alone fills `max_length` with `keep_start` (trl drops those).
 pub fn encode_dpo_pair(
@@ -438,29 +440,54 @@ pub fn encode_dpo_pair(
     max_length: usize,
     side: whet_data::Side,
 ) -> Result<Option<DpoExample>> {
-    let (prompt, chosen, rejected) = if pair.prompt.is_empty() {
-        split_implicit_prompt(&pair.chosen, &pair.rejected)
-    } else {
-        (
-            pair.prompt.clone(),
-            pair.chosen.clone(),
-            pair.rejected.clone(),
-        )
-    };
     let enc = |t: &str| {
         tokenizer
             .encode(t, false)
             .map_err(|e| TrainError::encode(&pair.origin, e))
     };
-    // trl appends the EOS *text* to each answer that does not end with it, then tokenizes; an
-    // empty answer after a prompt ending in EOS text still gets one.
-    let with_eos = |answer: &str| match &tokenizer.eos {
-        Some(e) if !answer.ends_with(&e.text) => format!("{prompt}{answer}{}", e.text),
-        _ => format!("{prompt}{answer}"),
+    let (p, c, r) = match &pair.messages {
+        // Conversations as trl tokenizes them: the prompt with the generation prompt, prompt +
+        // answer whole, the template's tokens only (no EOS appended).
+        Some(m) => {
+            let render = |turns: &[whet_text::ChatMessage], generation_prompt: bool| {
+                tokenizer
+                    .apply_chat_template(turns, generation_prompt)
+                    .map_err(|e| TrainError::row(&pair.origin, e.to_string()))
+            };
+            let whole = |answer: &[whet_text::ChatMessage]| -> Result<Vec<u32>> {
+                let turns: Vec<_> = m.prompt.iter().chain(answer).cloned().collect();
+                enc(&render(&turns, false)?)
+            };
+            let p = if m.prompt.is_empty() {
+                vec![]
+            } else {
+                enc(&render(&m.prompt, true)?)?
+            };
+            (p, whole(&m.chosen)?, whole(&m.rejected)?)
+        }
+        None => {
+            let (prompt, chosen, rejected) = if pair.prompt.is_empty() {
+                split_implicit_prompt(&pair.chosen, &pair.rejected)
+            } else {
+                (
+                    pair.prompt.clone(),
+                    pair.chosen.clone(),
+                    pair.rejected.clone(),
+                )
+            };
+            // trl appends the EOS *text* to each answer that does not end with it, then
+            // tokenizes; an empty answer after a prompt ending in EOS text still gets one.
+            let with_eos = |answer: &str| match &tokenizer.eos {
+                Some(e) if !answer.ends_with(&e.text) => format!("{prompt}{answer}{}", e.text),
+                _ => format!("{prompt}{answer}"),
+            };
+            (
+                enc(&prompt)?,
+                enc(&with_eos(&chosen))?,
+                enc(&with_eos(&rejected))?,
+            )
+        }
     };
-    let p = enc(&prompt)?;
-    let c = enc(&with_eos(&chosen))?;
-    let r = enc(&with_eos(&rejected))?;
     let prompt_len = common_prefix(&p, &c).min(common_prefix(&p, &r));
     if side == whet_data::Side::Right && prompt_len >= max_length {
         return Ok(None);

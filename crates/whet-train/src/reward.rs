@@ -160,6 +160,28 @@ pub fn encode_pair(chosen: (Vec<u32>, Vec<u32>), rejected: (Vec<u32>, Vec<u32>))
     }
 }
 
+/// The chosen and rejected token ids of a pair, as trl 1.16's `RewardTrainer` makes them: the
+/// prompt followed by each answer; plain text with the EOS text appended (when the tokenizer
+/// has one and the text does not end with it) and the tokenizer's special tokens; a
+/// conversation (rendered by `render_chats`) as the chat template's tokens alone.
+pub fn pair_ids(
+    tokenizer: &whet_models::TextTokenizer,
+    pair: &whet_data::PreferencePair,
+) -> Result<(Vec<u32>, Vec<u32>)> {
+    let (chosen, rejected) = pair.texts();
+    let ids = |text: String| {
+        let (text, special) = match &tokenizer.eos {
+            _ if pair.is_chat() => (text, false),
+            Some(e) if !text.ends_with(&e.text) => (format!("{text}{}", e.text), true),
+            _ => (text, true),
+        };
+        tokenizer
+            .encode(&text, special)
+            .map_err(|e| TrainError::encode(&pair.origin, e))
+    };
+    Ok((ids(chosen)?, ids(rejected)?))
+}
+
 /// Everything a reward-model run prepared before training.
 pub struct RewardPrepared {
     pub checkpoint: whet_models::Checkpoint,
@@ -180,9 +202,8 @@ pub struct RewardPrepared {
 /// The one label of a reward model's head.
 const REWARD_LABEL: &str = "reward";
 
-/// Reads the pairs, tokenizes them (the prompt followed by each answer, with the model's
-/// special tokens, cut to `max_length` from the truncation side), loads a one-output
-/// classifier and applies the method.
+/// Reads the pairs, tokenizes them ([`pair_ids`], cut to `max_length` from the truncation
+/// side), loads a one-output classifier and applies the method.
 pub fn prepare(recipe: &crate::Recipe, device: &Device) -> Result<RewardPrepared> {
     let d = &recipe.data;
     let enc: whet_data::Encoding = d.encoding.parse().map_err(TrainError::Encoding)?;
@@ -207,10 +228,7 @@ pub fn prepare(recipe: &crate::Recipe, device: &Device) -> Result<RewardPrepared
     checkpoint.set_labels(&[REWARD_LABEL.to_string()]);
     let mut truncated = 0;
     let mut encode = |pairs: Vec<whet_data::PreferencePair>| -> Result<Vec<EncodedPair>> {
-        let mut side = |text: &str, origin: &str| -> Result<(Vec<u32>, Vec<u32>)> {
-            let mut ids = tokenizer
-                .encode(text, true)
-                .map_err(|e| TrainError::encode(origin, e))?;
+        let mut side = |mut ids: Vec<u32>| -> (Vec<u32>, Vec<u32>) {
             if ids.len() > d.max_length {
                 truncated += 1;
                 ids = match d.side(whet_data::Side::Right) {
@@ -219,13 +237,13 @@ pub fn prepare(recipe: &crate::Recipe, device: &Device) -> Result<RewardPrepared
                 };
             }
             let n = ids.len();
-            Ok((ids, vec![0; n]))
+            (ids, vec![0; n])
         };
         pairs
             .iter()
             .map(|p| {
-                let (c, r) = p.texts();
-                Ok(encode_pair(side(&c, &p.origin)?, side(&r, &p.origin)?))
+                let (c, r) = pair_ids(&tokenizer, p)?;
+                Ok(encode_pair(side(c), side(r)))
             })
             .collect()
     };

@@ -402,3 +402,66 @@ fn implicit_prompts_are_split_as_trl_extract_prompt_does() {
     }
     assert_eq!(departures, 1);
 }
+
+/// Conversational pairs (and plain ones for the reward model) on SmolLM2's real tokenizer and
+/// chat template, read from JSONL as a user gives them, tokenize to exactly the ids trl 1.16's
+/// own `DPOTrainer` and `RewardTrainer` prepare (`tests/fixtures/dpo/smollm2-chat-tokenization.json`,
+/// from `scripts/fixtures/make_chat_preference_tokenization_fixture.py`): DPO's implicit
+/// prompt cut at the first differing turn (answers sharing their start stay whole), no EOS
+/// after a conversation, the prompt rendered with the generation prompt; the reward model's
+/// whole conversations, and plain texts with the EOS text appended.
+#[test]
+fn chat_pairs_are_tokenized_as_trl_dpo_and_reward_trainers_do() {
+    let text =
+        std::fs::read_to_string(fixtures().join("dpo/smollm2-chat-tokenization.json")).unwrap();
+    let fixture: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let tok = smollm2();
+    let dir = tempfile::tempdir().unwrap();
+    let ids = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let cases = fixture["cases"].as_array().unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, case) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("case-{i}.jsonl"));
+        std::fs::write(&path, format!("{}\n", case["row"])).unwrap();
+        let pairs = whet_data::read_pairs(&path, whet_data::Encoding::Utf8).unwrap();
+        let pairs = whet_data::preference::render_chats(pairs, &tok).unwrap();
+        let pair = &pairs[0];
+        let (trainer, kind) = (
+            case["trainer"].as_str().unwrap(),
+            case["kind"].as_str().unwrap(),
+        );
+        seen.insert(format!("{trainer} {kind}"));
+        let context = format!("case {i} ({trainer}, {kind}): {}", case["row"]);
+        if trainer == "dpo" {
+            let got = encode_dpo_pair(&tok, pair, 512, Side::Right)
+                .unwrap_or_else(|e| panic!("{context}: {e}"))
+                .unwrap();
+            for (side, row) in [("chosen", &got.chosen), ("rejected", &got.rejected)] {
+                let (want_ids, want_labels) = trl_row(&case[format!("{side}_row")]);
+                assert_eq!(row.ids, want_ids, "{context} {side}");
+                assert_eq!(row.labels, want_labels, "{context} {side}");
+            }
+        } else {
+            let (c, r) = whet_train::reward::pair_ids(&tok, pair).unwrap();
+            assert_eq!(c, ids(&case["chosen_ids"]), "{context} chosen");
+            assert_eq!(r, ids(&case["rejected_ids"]), "{context} rejected");
+        }
+    }
+    assert_eq!(
+        seen.into_iter().collect::<Vec<_>>(),
+        [
+            "dpo explicit",
+            "dpo implicit",
+            "reward explicit",
+            "reward implicit",
+            "reward plain",
+            "reward plain-implicit"
+        ]
+    );
+}

@@ -243,3 +243,84 @@ fn batched_generation_with_virtual_tokens_matches_uncached_decoding() {
         }
     }
 }
+
+/// Conversational PPO prompts: a prompt column of `{role, content}` lists, and the prompts of
+/// conversational preference pairs (explicit, or taken out of both conversations by turns),
+/// render with the chat template and its generation prompt exactly as trl's
+/// `maybe_apply_chat_template` renders prompt-only data on SmolLM2
+/// (`tests/fixtures/lm/smollm2-chat-preferences.json`), and tokenize as the template's tokens
+/// alone; a prompt ending with the assistant's turn is refused by file and line.
+#[test]
+fn conversational_prompts_render_with_the_generation_prompt() {
+    use whet_train::ppo::{PromptText, read_prompts};
+    let cache = std::env::var_os("WHET_CACHE")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| fixtures().join("../../cache"));
+    let tok = whet_models::Checkpoint::open(cache.join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+        .expect("cache/smollm2: run scripts/fetch_assets.sh --only smollm2")
+        .tokenizer()
+        .unwrap();
+    let fixture: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("lm/smollm2-chat-preferences.json")).unwrap(),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let enc = whet_data::Encoding::Utf8;
+    let mut checked = 0;
+    for (i, case) in fixture["cases"].as_array().unwrap().iter().enumerate() {
+        let want = case["prompt"].as_str().unwrap();
+        if want.is_empty() {
+            continue;
+        }
+        // The prompt alone, in a prompt column.
+        let path = dir.path().join(format!("prompts-{i}.jsonl"));
+        let row = serde_json::json!({ "prompt": case["row"]["prompt"] });
+        std::fs::write(&path, format!("{row}\n{row}\n")).unwrap();
+        let prompts = read_prompts(&path, enc, "prompt").unwrap();
+        assert_eq!(prompts.len(), 1, "each distinct prompt once");
+        assert!(matches!(prompts[0], PromptText::Chat(_)));
+        let (text, ids) = prompts[0].encode(&tok).unwrap();
+        assert_eq!(text, want, "case {i}");
+        assert_eq!(ids, tok.encode(want, false).unwrap());
+        // The same pair as preference data.
+        let path = dir.path().join(format!("pairs-{i}.jsonl"));
+        std::fs::write(&path, format!("{}\n", case["row"])).unwrap();
+        let (text, _) = read_prompts(&path, enc, "prompt").unwrap()[0]
+            .encode(&tok)
+            .unwrap();
+        assert_eq!(text, want, "case {i} as a pair");
+        checked += 1;
+    }
+    assert_eq!(checked, 2);
+    // An implicit pair: its prompt is the turns before the answers differ.
+    let path = dir.path().join("implicit.jsonl");
+    let turn = |role: &str, content: &str| serde_json::json!({"role": role, "content": content});
+    let row = serde_json::json!({
+        "chosen": [turn("user", "Say hi"), turn("assistant", "Hi!")],
+        "rejected": [turn("user", "Say hi"), turn("assistant", "No.")],
+    });
+    std::fs::write(&path, format!("{row}\n")).unwrap();
+    let (text, _) = read_prompts(&path, enc, "prompt").unwrap()[0]
+        .encode(&tok)
+        .unwrap();
+    let want = tok
+        .apply_chat_template(
+            &[whet_text::ChatMessage {
+                role: "user".into(),
+                content: "Say hi".into(),
+            }],
+            true,
+        )
+        .unwrap();
+    assert_eq!(text, want);
+    assert!(text.ends_with("<|im_start|>assistant\n"), "{text:?}");
+    // A prompt that ends with the assistant's turn.
+    let path = dir.path().join("bad.jsonl");
+    let row = serde_json::json!({"prompt": [turn("user", "a"), turn("assistant", "b")]});
+    std::fs::write(&path, format!("{row}\n")).unwrap();
+    let e = read_prompts(&path, enc, "prompt").unwrap_err().to_string();
+    assert!(
+        e.contains("bad.jsonl:1") && e.contains("assistant turn"),
+        "{e}"
+    );
+}

@@ -123,32 +123,82 @@ pub struct PpoPrepared {
     pub truncated: usize,
 }
 
-/// The prompts of preference pairs; conversational ones (lists of messages) are refused, since
-/// PPO's prompts are not rendered with the chat template here.
-fn texts_of(pairs: Vec<whet_data::PreferencePair>) -> Result<Vec<String>> {
+/// A prompt as read: text, or a conversation (a list of messages) that is rendered with the
+/// chat template and its generation prompt, as trl's `maybe_apply_chat_template` renders
+/// prompt-only data.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum PromptText {
+    Plain(String),
+    Chat(Vec<whet_text::ChatMessage>),
+}
+
+impl PromptText {
+    /// The text and token ids the policy continues: plain text with the tokenizer's special
+    /// tokens; a conversation rendered with the generation prompt, tokenized as it is (no
+    /// special tokens added, as `apply_chat_template(tokenize=True)`).
+    pub fn encode(&self, tokenizer: &whet_models::TextTokenizer) -> Result<(String, Vec<u32>)> {
+        match self {
+            PromptText::Plain(t) => Ok((t.clone(), tokenizer.encode(t, true)?)),
+            PromptText::Chat(turns) => {
+                let text = tokenizer
+                    .apply_chat_template(turns, true)
+                    .map_err(|e| TrainError::Recipe(format!("the chat template: {e}")))?;
+                let ids = tokenizer.encode(&text, false)?;
+                Ok((text, ids))
+            }
+        }
+    }
+
+    fn is_blank(&self) -> bool {
+        match self {
+            PromptText::Plain(t) => t.trim().is_empty(),
+            PromptText::Chat(turns) => turns.is_empty(),
+        }
+    }
+}
+
+/// The prompts of preference pairs; a conversational pair's prompt turns (taken out of both
+/// conversations, as trl's `extract_prompt` does, when the pair has no prompt).
+fn prompts_of(pairs: Vec<whet_data::PreferencePair>) -> Result<Vec<PromptText>> {
     pairs
         .into_iter()
-        .map(|p| match p.messages {
-            None => Ok(p.prompt),
-            Some(_) => Err(TrainError::row(
-                p.origin,
-                "conversational prompts (lists of messages) are not supported for PPO; give \
-                 the prompts as text",
-            )),
+        .map(|p| {
+            let Some(m) = &p.messages else {
+                return Ok(PromptText::Plain(p.prompt));
+            };
+            let m = if m.prompt.is_empty() {
+                whet_data::preference::extract_prompt_turns(m)
+            } else {
+                m.clone()
+            };
+            if m.prompt.last().is_some_and(|t| t.role == "assistant") {
+                return Err(TrainError::row(
+                    p.origin,
+                    "the prompt ends with an assistant turn: PPO continues the user's turn",
+                ));
+            }
+            Ok(PromptText::Chat(m.prompt))
         })
         .collect()
 }
 
-/// The prompts of a data file: a table's `prompt_column`, the prompts of preference pairs, or
-/// BIG-bench task folders; each distinct prompt once, in file order.
+/// The prompts of a data file: a table's `prompt_column` (text, or lists of `{role, content}`
+/// messages), the prompts of preference pairs, or BIG-bench task folders; each distinct prompt
+/// once, in file order.
 pub fn read_prompts(
     path: &Path,
     encoding: whet_data::Encoding,
     column: &str,
-) -> Result<Vec<String>> {
-    let pairs_only = path.is_dir() || path.file_name().is_some_and(|n| n == "task.json");
-    let texts: Vec<String> = if pairs_only {
-        texts_of(whet_data::read_pairs(path, encoding)?)?
+) -> Result<Vec<PromptText>> {
+    let bigbench = path.file_name().is_some_and(|n| n == "task.json")
+        || (path.is_dir()
+            && std::fs::read_dir(path)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|e| e.path().join("task.json").is_file()));
+    let texts: Vec<PromptText> = if bigbench {
+        prompts_of(whet_data::read_pairs(path, encoding)?)?
     } else {
         let table = whet_data::Table::read(path, encoding)?;
         if table.rows.is_empty() {
@@ -158,16 +208,31 @@ pub fn read_prompts(
             let mut out = Vec::with_capacity(table.rows.len());
             for (line, row) in &table.rows {
                 match row.get(column) {
-                    Some(serde_json::Value::String(s)) => out.push(s.clone()),
+                    Some(serde_json::Value::String(s)) => out.push(PromptText::Plain(s.clone())),
+                    Some(v @ serde_json::Value::Array(_)) => {
+                        let turns = whet_data::causal_lm::chat_messages(v).map_err(|m| {
+                            TrainError::row(table.origin(*line), format!("field {column:?}: {m}"))
+                        })?;
+                        if turns.last().is_some_and(|t| t.role == "assistant") {
+                            return Err(TrainError::row(
+                                table.origin(*line),
+                                "the prompt ends with an assistant turn: PPO continues the \
+                                 user's turn",
+                            ));
+                        }
+                        out.push(PromptText::Chat(turns));
+                    }
                     Some(other) => {
                         return Err(TrainError::row(
-                            format!("{}:{line}", path.display()),
-                            format!("field {column:?} is not text ({other})"),
+                            table.origin(*line),
+                            format!(
+                                "field {column:?} is neither text nor a list of messages ({other})"
+                            ),
                         ));
                     }
                     None => {
                         return Err(TrainError::row(
-                            format!("{}:{line}", path.display()),
+                            table.origin(*line),
                             format!("no field {column:?} (ppo.prompt_column)"),
                         ));
                     }
@@ -175,7 +240,7 @@ pub fn read_prompts(
             }
             out
         } else if table.rows[0].1.contains_key("chosen") {
-            texts_of(whet_data::preference::preference_pairs(&table)?)?
+            prompts_of(whet_data::preference::preference_pairs(&table)?)?
         } else {
             return Err(TrainError::dataset(
                 path,
@@ -184,9 +249,9 @@ pub fn read_prompts(
         }
     };
     let mut seen = std::collections::HashSet::new();
-    let mut out = Vec::new();
+    let mut out: Vec<PromptText> = Vec::new();
     for t in texts {
-        if t.trim().is_empty() {
+        if t.is_blank() {
             return Err(TrainError::dataset(
                 path,
                 "an empty prompt (PPO continues prompts; pairs need a prompt column)",
@@ -267,10 +332,10 @@ pub fn prepare(recipe: &crate::Recipe, device: &Device) -> Result<PpoPrepared> {
     let mut truncated = 0;
     // A prompt is continued, so by default it keeps its end.
     let side = d.side(whet_data::Side::Left);
-    let mut encode = |texts: Vec<String>| -> Result<Vec<Prompt>> {
+    let mut encode = |texts: Vec<PromptText>| -> Result<Vec<Prompt>> {
         let mut prompts = Vec::with_capacity(texts.len());
-        for text in texts {
-            let mut ids = tokenizer.encode(&text, true)?;
+        for given in texts {
+            let (text, mut ids) = given.encode(&tokenizer)?;
             if ids.len() > d.max_length {
                 truncated += 1;
                 match side {
