@@ -4,6 +4,7 @@
 pub mod causal_lm;
 pub mod classification;
 pub mod error;
+pub mod leakage;
 pub mod preference;
 pub mod question_answering;
 pub mod table;

@@ -453,3 +453,100 @@ fn a_folder_or_a_glob_reads_its_files_as_one_table_and_errors_name_the_file() {
         .to_string();
     assert!(e.contains("hf://datasets/ORG/NAME"), "{e}");
 }
+
+/// Planted duplicates are counted exactly: exact ones hidden behind NFKC forms (a ligature,
+/// full-width letters, a non-breaking space) and extra whitespace, near ones one word apart,
+/// among unrelated sentences that must count as nothing.
+#[test]
+fn the_leakage_check_counts_planted_duplicates_exactly() {
+    use whet_data::leakage::{Text, check};
+    let words = [
+        "river", "stone", "quiet", "lamp", "orange", "window", "seven", "garden", "cloud",
+        "letter", "bright", "table", "winter", "music", "paper", "silver", "forest", "candle",
+        "harbor", "mirror", "pocket", "thunder", "velvet", "meadow", "copper", "lantern", "pebble",
+        "saddle", "tunnel", "violet",
+    ];
+    let mut seed = 12345u64;
+    let mut sentence = || {
+        (0..14)
+            .map(|_| {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                words[(seed >> 33) as usize % words.len()]
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let fresh: Vec<String> = (0..80).map(|_| sentence()).collect();
+    let text = |split: &str, i: usize, t: &str| Text {
+        origin: format!("{split}:{i}"),
+        text: t.to_string(),
+    };
+    // One word changed: most 5-grams survive.
+    let near = |t: &str| t.replacen(' ', " and ", 1);
+    // Equal after NFKC and whitespace: "ﬁ" is "fi", full-width "ｆｉｎｅ" is "fine".
+    let disguise = |t: &str| format!("  {}\u{00a0} ", t.replace(' ', "   "));
+    let mut train: Vec<Text> = (0..50).map(|i| text("train", i, &fresh[i])).collect();
+    train.push(text("train", 50, &disguise(&fresh[3])));
+    train.push(text("train", 51, &fresh[4]));
+    train.push(text("train", 52, &near(&fresh[5])));
+    train.push(text("train", 53, "a ﬁne ｆｉｎｅ day"));
+    train.push(text("train", 54, "a fine fine day"));
+    let mut validation: Vec<Text> = (50..70).map(|i| text("validation", i, &fresh[i])).collect();
+    for (k, i) in [10, 11, 12, 13].iter().enumerate() {
+        validation.push(text("validation", 100 + k, &disguise(&fresh[*i])));
+    }
+    for (k, i) in [20, 21, 22].iter().enumerate() {
+        validation.push(text("validation", 200 + k, &near(&fresh[*i])));
+    }
+    let mut test: Vec<Text> = (70..80).map(|i| text("test", i, &fresh[i])).collect();
+    test.push(text("test", 100, &fresh[55]));
+    test.push(text("test", 101, &near(&fresh[30])));
+    let report = check(&[("train", train), ("validation", validation), ("test", test)]);
+    let counts: Vec<(String, String, usize, usize)> = report
+        .findings
+        .iter()
+        .map(|f| (f.split.clone(), f.of.clone(), f.exact, f.near))
+        .collect();
+    assert_eq!(
+        counts,
+        [
+            ("train".into(), "train".into(), 3, 1),
+            ("validation".into(), "train".into(), 4, 3),
+            ("test".into(), "train".into(), 0, 1),
+            ("test".into(), "validation".into(), 1, 0),
+        ]
+    );
+    assert!(report.leaks());
+    let v = &report.findings[1];
+    assert!(
+        v.examples
+            .iter()
+            .any(|(row, of, sim)| row == "validation:100" && of == "train:10" && *sim == 1.0)
+    );
+    assert!(v.examples.iter().all(|(_, _, sim)| *sim >= 0.8));
+    let lines = report.lines().join("\n");
+    assert!(
+        lines.contains("validation rows found in train: 4 exact, 3 near"),
+        "{lines}"
+    );
+
+    // Unrelated splits: nothing.
+    let clean = check(&[
+        (
+            "train",
+            (0..40).map(|i| text("train", i, &fresh[i])).collect(),
+        ),
+        (
+            "validation",
+            (40..80).map(|i| text("validation", i, &fresh[i])).collect(),
+        ),
+    ]);
+    assert!(!clean.leaks());
+    assert!(
+        clean.findings.iter().all(|f| f.exact + f.near == 0),
+        "{:?}",
+        clean.findings
+    );
+}

@@ -23,7 +23,7 @@ use whet_peft::{ParamCounts, PeftConfig};
 use crate::error::{Result, TrainError};
 use crate::recipe::{DataSpec, Recipe};
 use crate::task::{Outcome, Report, Task, one_line};
-use crate::trainer::{BatchCounts, Evaluation, Objective};
+use crate::trainer::{BatchCounts, Evaluation, Objective, Sample};
 
 /// Next-token prediction; the loss averages over the learnt tokens of a step.
 pub struct LanguageModelling {
@@ -33,6 +33,72 @@ pub struct LanguageModelling {
     pub soft_prompt: usize,
     /// Batches run without their padding (`training.padding_free`).
     pub padding_free: bool,
+    /// Held-out prompts continued at each evaluation (`eval.generate`).
+    pub sampler: Option<Sampler>,
+}
+
+/// Greedy continuations of a few held-out prompts, at each evaluation.
+pub struct Sampler {
+    pub tokenizer: TextTokenizer,
+    /// Prompt token ids.
+    pub prompts: Vec<Vec<u32>>,
+    pub eos: Vec<u32>,
+    pub max_new_tokens: usize,
+}
+
+impl Sampler {
+    /// The prompts of `split`'s first `n` examples: the tokens before the first learnt one (for
+    /// plain text, the first quarter, at most 32 tokens); a packed row's first document.
+    pub fn prompts(split: &[LmExample], n: usize) -> Vec<Vec<u32>> {
+        split
+            .iter()
+            .take(n)
+            .map(|ex| {
+                let doc_end = ex
+                    .document_ids
+                    .iter()
+                    .position(|&d| d != ex.document_ids[0])
+                    .unwrap_or(ex.ids.len());
+                let first_learnt = (1..doc_end).find(|&k| ex.labels[k] != IGNORE).unwrap_or(1);
+                let cut = if first_learnt > 1 {
+                    first_learnt
+                } else {
+                    (doc_end / 4).clamp(1, 32)
+                };
+                ex.ids[..cut].to_vec()
+            })
+            .collect()
+    }
+
+    /// The sampler of a run (`eval.generate` > 0): the first held-out prompts (validation, else
+    /// train).
+    pub fn of(p: &LmPrepared, recipe: &Recipe) -> Option<Self> {
+        let n = recipe.eval.generate;
+        (n > 0).then(|| Sampler {
+            tokenizer: p.tokenizer.clone(),
+            prompts: Sampler::prompts(p.validation.as_deref().unwrap_or(&p.train), n),
+            eos: p.checkpoint.eos_token_ids(),
+            max_new_tokens: 32,
+        })
+    }
+
+    /// Each prompt and the model's greedy continuation, as text.
+    pub fn run(&self, model: &CausalModel, device: &Device) -> Result<Vec<Sample>> {
+        let model = model.valid();
+        let device = device.clone().without_autodiff();
+        let config = whet_infer::GenerationConfig::greedy(self.max_new_tokens, self.eos.clone());
+        let decode = |ids: &[u32]| self.tokenizer.inner.decode(ids, true).unwrap_or_default();
+        self.prompts
+            .iter()
+            .map(|prompt| {
+                let out = whet_infer::generate(&model, prompt, &config, &device, |_| true)?;
+                Ok(Sample {
+                    prompt: decode(prompt),
+                    continuation: decode(&out),
+                })
+            })
+            .collect()
+    }
 }
 
 /// A right-padded batch of language-modelling rows.
@@ -205,6 +271,13 @@ impl Objective for LanguageModelling {
             report: None,
         })
     }
+
+    fn samples(&self, model: &CausalModel, device: &Device) -> Result<Vec<Sample>> {
+        match &self.sampler {
+            Some(s) => s.run(model, device),
+            None => Ok(vec![]),
+        }
+    }
 }
 
 /// Mean next-token loss over every learnt token of `data` (not a mean of batch means), and
@@ -224,6 +297,7 @@ pub fn evaluate_lm(
         pad_id,
         soft_prompt: model.virtual_positions(),
         padding_free,
+        sampler: None,
     };
     let (mut sum, mut units) = (0.0, 0);
     for chunk in data.chunks(batch_size.max(1)) {
@@ -235,6 +309,56 @@ pub fn evaluate_lm(
             .into_scalar::<f32>() as f64;
     }
     (sum / units.max(1) as f64, units)
+}
+
+/// The text of a general-text file for the forgetting report: a `.txt` file as it is; a table's
+/// rows as their text fields joined (string values only, in column order), rows apart by a
+/// blank line.
+pub fn read_general_text(path: &Path) -> Result<String> {
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or_default();
+    if ext == "txt" {
+        return std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e));
+    }
+    let table = Table::read(path, whet_data::Encoding::Utf8)?;
+    Ok(table
+        .rows
+        .iter()
+        .map(|(_, row)| {
+            row.values()
+                .filter_map(|v| v.as_str())
+                .collect::<Vec<_>>()
+                .join("\n\n")
+        })
+        .collect::<Vec<_>>()
+        .join("\n\n"))
+}
+
+/// Perplexity of `model` on the first `tokens` tokens of `text` (no special tokens added), in
+/// blocks of `block` tokens as `run_clm.py` groups text: the exponential of the mean next-token
+/// loss over every predicted token.
+pub fn general_perplexity(
+    model: &CausalModel,
+    tokenizer: &TextTokenizer,
+    text: &str,
+    tokens: usize,
+    block: usize,
+    pad_id: u32,
+    device: &Device,
+) -> Result<f64> {
+    let mut ids = tokenizer.encode(text, false)?;
+    ids.truncate(tokens);
+    let block = block.clamp(2, ids.len().max(2));
+    let blocks = whet_data::causal_lm::group_texts(&[ids], block);
+    if blocks.is_empty() {
+        return Err(TrainError::Recipe(format!(
+            "eval.general_text has fewer than {block} tokens: too little for a perplexity"
+        )));
+    }
+    let (loss, _) = evaluate_lm(model, &blocks, 8, pad_id, true, device);
+    Ok(loss.exp())
 }
 
 /// Everything a causal-LM run prepared before training.
@@ -577,10 +701,12 @@ pub fn run_training(
     observer: &mut dyn crate::Observer,
     resume: Option<&Path>,
 ) -> Result<crate::TrainSummary> {
+    let sampler = Sampler::of(p, recipe);
     let objective = LanguageModelling {
         pad_id: p.pad_id,
         soft_prompt: p.model.virtual_positions(),
         padding_free: recipe.padding_free(),
+        sampler,
     };
     crate::trainer::train(
         &objective,
@@ -611,6 +737,54 @@ impl CausalLmTask {
 }
 
 impl Task for CausalLmTask {
+    fn samples(&mut self) -> Result<Vec<Sample>> {
+        match Sampler::of(&self.p, &self.run.recipe) {
+            Some(s) => s.run(&self.p.model, &self.run.device),
+            None => Ok(vec![]),
+        }
+    }
+
+    fn general_perplexity(&mut self, text: &str, tokens: usize) -> Result<Option<f64>> {
+        let p = &self.p;
+        let d = &self.run.recipe.data;
+        general_perplexity(
+            &p.model,
+            &p.tokenizer,
+            text,
+            tokens,
+            d.block_size.unwrap_or(d.max_length),
+            p.pad_id,
+            &self.run.device,
+        )
+        .map(Some)
+    }
+
+    /// A row's text: its fields' values in column order (conversations as their JSON).
+    fn split_texts(&self) -> Vec<(&'static str, Vec<whet_data::leakage::Text>)> {
+        self.p
+            .rows
+            .iter()
+            .map(|(name, rows)| {
+                let texts = rows
+                    .iter()
+                    .enumerate()
+                    .map(|(i, row)| whet_data::leakage::Text {
+                        origin: format!("{name} row {}", i + 1),
+                        text: row
+                            .values()
+                            .map(|v| match v {
+                                Value::String(s) => s.clone(),
+                                other => other.to_string(),
+                            })
+                            .collect::<Vec<_>>()
+                            .join("\n"),
+                    })
+                    .collect();
+                (*name, texts)
+            })
+            .collect()
+    }
+
     fn describe(&self) -> Vec<String> {
         let (p, recipe) = (&self.p, &self.run.recipe);
         vec![

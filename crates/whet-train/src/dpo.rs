@@ -619,6 +619,7 @@ pub fn prepare(recipe: &crate::Recipe, device: &Device) -> Result<DpoPrepared> {
         pad_id,
         soft_prompt: model.virtual_positions(),
         padding_free: recipe.padding_free(),
+        sampler: None,
     };
     let reference = match frozen {
         Some(m) => Reference::Frozen(Box::new(m)),
@@ -702,6 +703,28 @@ impl DpoTask {
 }
 
 impl Task for DpoTask {
+    fn general_perplexity(&mut self, text: &str, tokens: usize) -> Result<Option<f64>> {
+        let p = &self.p;
+        crate::causal_lm::general_perplexity(
+            &p.model,
+            &p.tokenizer,
+            text,
+            tokens,
+            self.run.recipe.data.max_length,
+            p.objective.lm.pad_id,
+            &self.run.device,
+        )
+        .map(Some)
+    }
+
+    fn split_texts(&self) -> Vec<(&'static str, Vec<whet_data::leakage::Text>)> {
+        self.p
+            .rows
+            .iter()
+            .map(|(name, pairs)| (*name, crate::reward::pair_texts(pairs)))
+            .collect()
+    }
+
     fn describe(&self) -> Vec<String> {
         let (p, recipe) = (&self.p, &self.run.recipe);
         let cfg = recipe.dpo.clone().unwrap_or_default();

@@ -29,8 +29,8 @@ pub use recipe::{Method, Recipe, TaskKind};
 pub use schedule::{Schedule, lr_factor};
 pub use task::{Run, Task};
 pub use trainer::{
-    BatchCounts, EvalLog, Evaluation, Objective, Observer, Silent, StepAt, StepLog, StepResult,
-    TrainStep, TrainSummary,
+    BatchCounts, EvalLog, Evaluation, Objective, Observer, Sample, Silent, StepAt, StepLog,
+    StepResult, TrainStep, TrainSummary,
 };
 
 /// Prepares the task the recipe names: the one place that dispatches on the task kind.

@@ -197,6 +197,11 @@ pub struct DataSpec {
     /// dataset); keyed by the tokenizer, the truncation settings and every text.
     #[serde(default = "d_true")]
     pub tokenization_cache: bool,
+    /// The leakage check before training (exact and near duplicates between the splits and
+    /// within train): "warn" (default: report them), "error" (refuse to train when a held-out
+    /// split repeats training rows), "off".
+    #[serde(default)]
+    pub leakage: whet_data::leakage::Mode,
     /// causal-lm: a prompt / completion template, `"alpaca"` or `{ prompt = "...", completion =
     /// "..." }` with `{field}` placeholders naming columns.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -365,7 +370,56 @@ pub struct Recipe {
     /// `task = "ppo"`'s settings.
     #[serde(default)]
     pub ppo: Option<PpoConfig>,
+    /// What whet measures beyond the held-out splits.
+    #[serde(default)]
+    pub eval: EvalSpec,
     pub training: TrainingArguments,
+}
+
+/// `[eval]`: what whet measures beyond the held-out splits: the forgetting report of decoder
+/// fine-tuning and samples at each evaluation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSpec {
+    /// Held-out general text whose perplexity is measured before and after training (a `.txt`
+    /// file, or a table whose text fields are read). Default: the asset cache's OpenWebText
+    /// sample, `<cache>/data/evals/schelling_point/owt_5.jsonl`, when it was fetched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub general_text: Option<PathBuf>,
+    /// Tokens of it to read, in blocks of `data.max_length` (0: no forgetting report).
+    #[serde(default = "d_general_tokens")]
+    pub general_tokens: usize,
+    /// causal-lm: greedy continuations (32 tokens) of this many held-out prompts at every
+    /// evaluation, kept in `trainer_state.json` and tabled in `samples.md` (0: none).
+    #[serde(default)]
+    pub generate: usize,
+}
+
+impl Default for EvalSpec {
+    fn default() -> Self {
+        Self {
+            general_text: None,
+            general_tokens: d_general_tokens(),
+            generate: 0,
+        }
+    }
+}
+
+fn d_general_tokens() -> usize {
+    4096
+}
+
+impl EvalSpec {
+    /// The general text file: the one given, else the default when the asset cache has it.
+    pub fn general_text_path(&self) -> Option<PathBuf> {
+        if self.general_tokens == 0 {
+            return None;
+        }
+        self.general_text.clone().or_else(|| {
+            let p = cache_dir().join("data/evals/schelling_point/owt_5.jsonl");
+            p.is_file().then_some(p)
+        })
+    }
 }
 
 /// The asset cache: `WHET_CACHE`, else `cache/` under the current folder.
@@ -422,7 +476,7 @@ fn peft_defaults<T: serde::de::DeserializeOwned>() -> Result<T> {
 fn check_keys(root: &toml::Table) -> Result<()> {
     use crate::keys::{check_table, fields_of};
     check_table(root, "", fields_of::<Recipe>())?;
-    let tables: [(&str, &[&str]); 12] = [
+    let tables: [(&str, &[&str]); 13] = [
         ("data", fields_of::<DataSpec>()),
         ("lora", fields_of::<LoraConfig>()),
         ("ia3", fields_of::<Ia3Config>()),
@@ -433,6 +487,7 @@ fn check_keys(root: &toml::Table) -> Result<()> {
         ("head", fields_of::<HeadSpec>()),
         ("dpo", fields_of::<DpoConfig>()),
         ("ppo", fields_of::<PpoConfig>()),
+        ("eval", fields_of::<EvalSpec>()),
         ("training", fields_of::<TrainingArguments>()),
         ("data.split", fields_of::<SplitSpec>()),
     ];
@@ -559,6 +614,9 @@ impl Recipe {
             *p = expand(p);
         }
         recipe.training.output_dir = expand(&recipe.training.output_dir);
+        if let Some(p) = recipe.eval.general_text.as_mut() {
+            *p = expand(p);
+        }
         if let Some(p) = recipe.ppo.as_mut() {
             p.reward_model = expand(&p.reward_model);
         }

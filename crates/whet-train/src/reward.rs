@@ -197,6 +197,19 @@ pub struct RewardPrepared {
     pub fresh: Vec<String>,
     /// Pairs whose texts were cut to `max_length`.
     pub truncated: usize,
+    /// Each split's pairs as text, for the leakage check.
+    pub texts: Vec<(&'static str, Vec<whet_data::leakage::Text>)>,
+}
+
+/// Pairs as one text each (the prompt, then both answers), for the leakage check.
+pub fn pair_texts(pairs: &[whet_data::PreferencePair]) -> Vec<whet_data::leakage::Text> {
+    pairs
+        .iter()
+        .map(|p| whet_data::leakage::Text {
+            origin: p.origin.clone(),
+            text: format!("{}{}\n{}", p.prompt, p.chosen, p.rejected),
+        })
+        .collect()
 }
 
 /// The one label of a reward model's head.
@@ -226,6 +239,12 @@ pub fn prepare(recipe: &crate::Recipe, device: &Device) -> Result<RewardPrepared
         test.map(render).transpose()?,
     );
     checkpoint.set_labels(&[REWARD_LABEL.to_string()]);
+    let mut texts = vec![("train", pair_texts(&train))];
+    for (name, split) in [("validation", &validation), ("test", &test)] {
+        if let Some(s) = split {
+            texts.push((name, pair_texts(s)));
+        }
+    }
     let mut truncated = 0;
     let mut encode = |pairs: Vec<whet_data::PreferencePair>| -> Result<Vec<EncodedPair>> {
         let mut side = |mut ids: Vec<u32>| -> (Vec<u32>, Vec<u32>) {
@@ -265,6 +284,7 @@ pub fn prepare(recipe: &crate::Recipe, device: &Device) -> Result<RewardPrepared
         adapter,
         fresh,
         truncated,
+        texts,
     })
 }
 
@@ -331,6 +351,10 @@ impl RewardTask {
 }
 
 impl Task for RewardTask {
+    fn split_texts(&self) -> Vec<(&'static str, Vec<whet_data::leakage::Text>)> {
+        self.p.texts.clone()
+    }
+
     fn describe(&self) -> Vec<String> {
         let (p, recipe) = (&self.p, &self.run.recipe);
         let mut lines = vec![

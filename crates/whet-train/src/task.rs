@@ -26,9 +26,25 @@ pub trait Task {
     fn write_data(&self, _dir: &Path) -> Result<()> {
         Ok(())
     }
+    /// The text of each row of each split (`train`, `validation`, `test`), for the leakage
+    /// check before training; empty where the task has none to give.
+    fn split_texts(&self) -> Vec<(&'static str, Vec<whet_data::leakage::Text>)> {
+        vec![]
+    }
     /// A few predictions or samples on held-out data, before (`before`) or after training, as
     /// lines to print.
     fn sample(&mut self, _before: bool) -> Result<Vec<String>> {
+        Ok(vec![])
+    }
+    /// Perplexity on general text (`text`, its first `tokens` tokens in blocks of
+    /// `data.max_length`): the forgetting report of decoder fine-tuning, measured before and
+    /// after training. None where the task trains no language model.
+    fn general_perplexity(&mut self, _text: &str, _tokens: usize) -> Result<Option<f64>> {
+        Ok(None)
+    }
+    /// The model's continuations of the held-out prompts `eval.generate` names, now (before
+    /// and after training; the evaluations in between log their own); empty elsewhere.
+    fn samples(&mut self) -> Result<Vec<crate::trainer::Sample>> {
         Ok(vec![])
     }
     /// The optimizer steps the run takes.
@@ -61,6 +77,8 @@ pub struct Outcome {
     pub results: serde_json::Map<String, serde_json::Value>,
     /// Lines to print at the end of the run.
     pub lines: Vec<String>,
+    /// Files for the output folder: name and contents (a classifier's `errors.jsonl`).
+    pub files: Vec<(String, Vec<u8>)>,
 }
 
 /// How a run of a task reports itself.

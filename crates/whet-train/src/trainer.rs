@@ -53,6 +53,17 @@ pub trait TrainStep {
     }
     /// What `group_by_length` sorts by: the tokens of the longest row the example makes.
     fn length(&self, example: &Self::Example) -> usize;
+    /// Continuations the model generates at an evaluation (`eval.generate`); none by default.
+    fn samples(&self, _model: &Self::Model, _device: &Device) -> Result<Vec<Sample>> {
+        Ok(vec![])
+    }
+}
+
+/// A held-out prompt and the model's greedy continuation of it, at one evaluation.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct Sample {
+    pub prompt: String,
+    pub continuation: String,
 }
 
 /// Where a step stands.
@@ -180,6 +191,10 @@ pub trait Objective {
         batch_size: usize,
         device: &Device,
     ) -> Result<Evaluation>;
+    /// Continuations the model generates at an evaluation (see [`TrainStep::samples`]).
+    fn samples(&self, _model: &Self::Model, _device: &Device) -> Result<Vec<Sample>> {
+        Ok(vec![])
+    }
 }
 
 /// Sizes of a batch.
@@ -260,6 +275,8 @@ pub struct EvalLog {
     pub loss: f64,
     pub metrics: BTreeMap<String, f64>,
     pub report: Option<ClassificationReport>,
+    /// The model's continuations of held-out prompts (`eval.generate`).
+    pub samples: Vec<Sample>,
 }
 
 /// What a run did.
@@ -446,6 +463,10 @@ impl<O: Objective> TrainStep for O {
     fn length(&self, example: &O::Example) -> usize {
         Objective::length(self, example)
     }
+
+    fn samples(&self, model: &O::Model, device: &Device) -> Result<Vec<Sample>> {
+        Objective::samples(self, model, device)
+    }
 }
 
 /// A step taken whose numbers are not read yet (on a GPU, until logged).
@@ -599,6 +620,7 @@ pub fn train<T: TrainStep>(
             loss: r.loss,
             metrics: r.metrics,
             report: r.report,
+            samples: task.samples(model, device)?,
         }))
     };
     if step == 0

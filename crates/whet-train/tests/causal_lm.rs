@@ -108,6 +108,7 @@ fn check_training_loss_and_gradients(padding_free: bool) {
         pad_id: 0,
         soft_prompt: 0,
         padding_free,
+        sampler: None,
     };
     let examples = fixture_examples(&st);
     let batch = objective.collate(&examples.iter().collect::<Vec<_>>());

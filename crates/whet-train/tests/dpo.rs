@@ -155,6 +155,7 @@ fn sequence_logps_match_transformers_logits() {
             pad_id: 0,
             soft_prompt: 0,
             padding_free,
+            sampler: None,
         };
         let rows: Vec<&LmExample> = examples.iter().collect();
         let b = lm.collate(&rows);
@@ -194,6 +195,7 @@ fn the_adapter_off_reference_is_the_base_model() {
         pad_id: 0,
         soft_prompt: 0,
         padding_free: true,
+        sampler: None,
     };
     let mut pairs = vec![DpoExample {
         chosen: examples[0].clone(),

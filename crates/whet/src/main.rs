@@ -68,6 +68,10 @@ closest valid key, never ignored):
                    one end: question-answering, block_size, causal-lm without too_long = truncate
     encoding       CSV text encoding: utf-8 (default) | latin-1
     tokenization_cache   keep token ids in <cache>/tokenized/ (default true)
+    leakage        the check before training for rows of validation / test that are in train
+                   (exactly, after NFKC and whitespace; or nearly: Jaccard >= 0.8 of character
+                   5-grams, by MinHash) and for train's own repeats, written to leakage.json:
+                   warn (default) | error (refuse to train on a leak) | off
     causal-lm only (default: one example per text_column value, EOS appended, all learnt):
     template       \"alpaca\" or {prompt = \"...{field}...\", completion = \"...{field}\"}: prompt and
                    completion from each row's fields; EOS is appended to the completion
@@ -134,6 +138,16 @@ closest valid key, never ignored):
     keep_gguf_quantized        a GGUF base keeps its own Q4_0 / Q4_1 / Q8_0 / ... blocks (false)
                    Heads and modules_to_save stay f32; quantised layers are dequantised one at
                    a time inside the matmul, forward and backward.
+  [eval]           what whet measures beyond the held-out splits:
+    general_text   the forgetting report of decoder fine-tuning (causal-lm, dpo): perplexity
+                   on this general text before and after training, in all_results.json
+                   (general_perplexity_before / _after / _change) and the summary; a .txt file
+                   or a table of text (default: the asset cache's OpenWebText sample,
+                   <cache>/data/evals/schelling_point/owt_5.jsonl, when fetched)
+    general_tokens tokens of it to read, in blocks of max_length (default 4096; 0: off)
+    generate       causal-lm: greedy continuations (32 tokens) of this many held-out prompts at
+                   every evaluation, in trainer_state.json and samples.md (a table of each
+                   prompt before, during and after training); default 0
   [training]       as transformers.TrainingArguments (defaults in brackets):
     output_dir, learning_rate (5e-5), per_device_train_batch_size (8),
     per_device_eval_batch_size (8), num_train_epochs (3), max_steps (-1: off),

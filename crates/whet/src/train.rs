@@ -12,7 +12,7 @@ use anyhow::{Context, Result, anyhow};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use whet_train::classification::report_table;
-use whet_train::task::Run;
+use whet_train::task::{Run, one_line};
 use whet_train::{EvalLog, Observer, Recipe, StepLog, TrainSummary};
 
 use crate::plot::{Series, Style, line_chart, smooth};
@@ -113,7 +113,25 @@ impl Observer for Progress {
             None => format!("{title}\n  loss {:.4}{}", e.loss, metric_line(&e.metrics)),
         };
         self.bar.suspend(|| println!("{text}"));
+        if !e.samples.is_empty() {
+            let lines: Vec<String> = e
+                .samples
+                .iter()
+                .map(|s| {
+                    format!(
+                        "  {} → {}",
+                        tail(&s.prompt, 40),
+                        one_line(&s.continuation, 70)
+                    )
+                })
+                .collect();
+            self.bar
+                .suspend(|| println!("samples at step {}:\n{}", e.step, lines.join("\n")));
+        }
         let mut entry = json!({"step": e.step, "epoch": e.epoch, "eval_loss": e.loss});
+        if !e.samples.is_empty() {
+            entry["samples"] = json!(e.samples);
+        }
         let mut scalars = vec![("eval/loss".to_string(), e.loss as f32)];
         for (k, v) in &e.metrics {
             entry[format!("eval_{k}")] = json!(v);
@@ -129,6 +147,51 @@ impl Observer for Progress {
 }
 
 /// ` | name value` for each metric.
+/// The last `n` characters of a text, on one line.
+fn tail(s: &str, n: usize) -> String {
+    let one: Vec<char> = one_line(s, usize::MAX).chars().collect();
+    let t: String = one[one.len().saturating_sub(n)..].iter().collect();
+    if one.len() > n { format!("…{t}") } else { t }
+}
+
+/// `samples.md`: each held-out prompt's continuation before training, at every evaluation and
+/// after training, as a Markdown table (one row per prompt).
+fn samples_table(
+    before: &[whet_train::Sample],
+    during: &[(usize, Vec<whet_train::Sample>)],
+    after: &[whet_train::Sample],
+) -> String {
+    let cell = |s: &str| one_line(s, 200).replace('|', "\\|");
+    let mut head = vec!["prompt".to_string()];
+    let mut columns: Vec<&[whet_train::Sample]> = vec![];
+    if !before.is_empty() {
+        head.push("before training".into());
+        columns.push(before);
+    }
+    for (step, s) in during {
+        head.push(format!("step {step}"));
+        columns.push(s);
+    }
+    if !after.is_empty() {
+        head.push("after training".into());
+        columns.push(after);
+    }
+    let prompts: &[whet_train::Sample] = columns.first().copied().unwrap_or(&[]);
+    let mut text = format!(
+        "# Samples: greedy continuations of held-out prompts\n\n| {} |\n|{}\n",
+        head.join(" | "),
+        "---|".repeat(head.len())
+    );
+    for (i, p) in prompts.iter().enumerate() {
+        let mut row = vec![cell(&p.prompt)];
+        for c in &columns {
+            row.push(c.get(i).map(|s| cell(&s.continuation)).unwrap_or_default());
+        }
+        text.push_str(&format!("| {} |\n", row.join(" | ")));
+    }
+    text
+}
+
 fn metric_line(metrics: &std::collections::BTreeMap<String, f64>) -> String {
     metrics
         .iter()
@@ -376,6 +439,15 @@ pub fn train(recipe_path: &Path, set: &[String], resume: Option<&str>) -> Result
     let out = recipe.training.output_dir.clone();
     let training = recipe.training.clone();
     let padding_free = recipe.padding_free();
+    let leakage = recipe.data.leakage;
+    let general = match recipe.eval.general_text_path() {
+        Some(path) => Some((
+            whet_train::causal_lm::read_general_text(&path)?,
+            path,
+            recipe.eval.general_tokens,
+        )),
+        None => None,
+    };
     let opened = crate::device()?;
     let device = opened.device.clone().autodiff();
     whet_models::device::seed(&device, recipe.training.seed);
@@ -397,9 +469,21 @@ pub fn train(recipe_path: &Path, set: &[String], resume: Option<&str>) -> Result
         crate::plan::check(&plan)?;
     }
     print_lines(&task.describe());
+    check_leakage(task.as_ref(), leakage, &out)?;
     task.write_data(&out.join("data"))?;
     print_lines(&task.sample(true)?);
 
+    // The forgetting report: perplexity on general text before training (not known when a run
+    // resumes: its model has trained already).
+    let samples_before = if resuming.is_none() {
+        task.samples()?
+    } else {
+        vec![]
+    };
+    let before = match (&general, &resuming) {
+        (Some((text, _, tokens)), None) => task.general_perplexity(text, *tokens)?,
+        _ => None,
+    };
     let mut progress = progress(task.total_steps(), &training, task.labels())?;
     if let Some(r) = &resuming {
         println!("resuming from {}", r.display());
@@ -408,8 +492,17 @@ pub fn train(recipe_path: &Path, set: &[String], resume: Option<&str>) -> Result
     progress.bar.finish_and_clear();
 
     let outcome = task.evaluate(&summary)?;
+    for (name, bytes) in &outcome.files {
+        whet_models::fsutil::write_atomic(&out.join(name), bytes)?;
+    }
     let mut results = outcome.results;
     results.extend(train_results(&summary, &task.counts()));
+    let forgetting = match &general {
+        Some((text, path, tokens)) => task
+            .general_perplexity(text, *tokens)?
+            .map(|after| forgetting_line(&mut results, path, *tokens, before, after)),
+        None => None,
+    };
     let report = task.report();
     write_run_files(&out, results, &progress, &summary, report.curve_metric)?;
     for chart in task.charts(&summary) {
@@ -422,8 +515,25 @@ pub fn train(recipe_path: &Path, set: &[String], resume: Option<&str>) -> Result
     }
     task.save(&out)?;
 
+    let samples_after = task.samples()?;
+    if !samples_after.is_empty() {
+        let during: Vec<(usize, Vec<whet_train::Sample>)> = progress
+            .log
+            .iter()
+            .filter_map(|e| {
+                let s: Vec<whet_train::Sample> =
+                    serde_json::from_value(e.get("samples")?.clone()).ok()?;
+                Some((e["step"].as_u64()? as usize, s))
+            })
+            .collect();
+        whet_models::fsutil::write_atomic(
+            &out.join("samples.md"),
+            samples_table(&samples_before, &during, &samples_after).as_bytes(),
+        )?;
+    }
     print_lines(&task.sample(false)?);
     print_lines(&outcome.lines);
+    print_lines(forgetting.as_slice());
     print_summary(
         &summary,
         start,
@@ -443,6 +553,65 @@ pub fn train(recipe_path: &Path, set: &[String], resume: Option<&str>) -> Result
             "TensorBoard: {} (tensorboard --logdir {})",
             w.path().display(),
             out.join("runs").display()
+        );
+    }
+    Ok(())
+}
+
+/// Records the forgetting report in `all_results.json` (`general_perplexity_before`, `_after`,
+/// `_change`) and says it in one line.
+fn forgetting_line(
+    results: &mut serde_json::Map<String, serde_json::Value>,
+    path: &Path,
+    tokens: usize,
+    before: Option<f64>,
+    after: f64,
+) -> String {
+    results.insert("general_perplexity_after".into(), json!(after));
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    match before {
+        Some(before) => {
+            results.insert("general_perplexity_before".into(), json!(before));
+            results.insert("general_perplexity_change".into(), json!(after - before));
+            format!(
+                "forgetting: perplexity on general text ({name}, {tokens} tokens) {before:.2} -> \
+                 {after:.2} ({:+.1}%)",
+                100.0 * (after / before - 1.0)
+            )
+        }
+        None => format!(
+            "forgetting: perplexity on general text ({name}, {tokens} tokens) {after:.2} after \
+             training (a resumed run has no figure from before)"
+        ),
+    }
+}
+
+/// The leakage check before training (`data.leakage`): printed, written to
+/// `OUT/leakage.json`, and with "error" a refusal when a held-out split repeats training rows.
+fn check_leakage(
+    task: &dyn whet_train::task::Task,
+    mode: whet_data::leakage::Mode,
+    out: &Path,
+) -> Result<()> {
+    use whet_data::leakage::Mode;
+    if mode == Mode::Off {
+        return Ok(());
+    }
+    let splits = task.split_texts();
+    if splits.is_empty() {
+        return Ok(());
+    }
+    let report = whet_data::leakage::check(&splits);
+    print_lines(&report.lines());
+    whet_models::fsutil::write_atomic(
+        &out.join("leakage.json"),
+        serde_json::to_string_pretty(&report)?.as_bytes(),
+    )?;
+    if mode == Mode::Error && report.leaks() {
+        anyhow::bail!(
+            "data.leakage = \"error\": a held-out split repeats training rows (see above and {}); \
+             remove them, or set data.leakage = \"warn\" to train anyway",
+            out.join("leakage.json").display()
         );
     }
     Ok(())

@@ -197,6 +197,162 @@ fn lora_training_writes_a_peft_adapter_that_predict_and_eval_use() {
     );
 }
 
+/// The leakage check runs before training: a validation file holding a training row (up to
+/// whitespace) is reported and written to leakage.json; with `data.leakage = "error"` the run
+/// refuses to start, naming the file; `"off"` skips the check.
+#[test]
+fn leaked_validation_rows_are_reported_or_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = recipe(dir.path(), "head", "");
+    let (train, _) = write_data(dir.path());
+    let first = std::fs::read_to_string(&train)
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .to_string();
+    let row: serde_json::Value = serde_json::from_str(&first).unwrap();
+    let leaked = dir.path().join("leaked.jsonl");
+    let copy = serde_json::json!({"text": format!("  {}  ", row["text"].as_str().unwrap()), "label": row["label"]});
+    std::fs::write(
+        &leaked,
+        format!(
+            "{copy}\n{{\"text\": \"an unrelated sentence about weather\", \"label\": \"neg\"}}\n"
+        ),
+    )
+    .unwrap();
+    let validation = format!("data.validation=\"{}\"", leaked.display());
+    let text = ok(&[
+        "train",
+        r.to_str().unwrap(),
+        "--set",
+        &validation,
+        "--set",
+        "training.max_steps=1",
+    ]);
+    assert!(
+        text.contains("validation rows found in train: 1 exact"),
+        "{text}"
+    );
+    let report: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("out/leakage.json")).unwrap(),
+    )
+    .unwrap();
+    let f = report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["split"] == "validation")
+        .unwrap();
+    assert_eq!(f["exact"], 1);
+    assert!(
+        f["examples"][0][0]
+            .as_str()
+            .unwrap()
+            .contains("leaked.jsonl:1"),
+        "{f}"
+    );
+    let e = err(&[
+        "train",
+        r.to_str().unwrap(),
+        "--set",
+        &validation,
+        "--set",
+        "data.leakage=\"error\"",
+    ]);
+    assert!(
+        e.contains("data.leakage") && e.contains("leakage.json"),
+        "{e}"
+    );
+    let text = ok(&[
+        "train",
+        r.to_str().unwrap(),
+        "--set",
+        &validation,
+        "--set",
+        "data.leakage=\"off\"",
+        "--set",
+        "training.max_steps=1",
+    ]);
+    assert!(!text.contains("leakage check"), "{text}");
+}
+
+/// A classifier's data report: each split's label counts, a warning when one label has 10x the
+/// training examples of another, and after training the most confident wrong predictions on
+/// validation in errors.jsonl (each wrong, most confident first).
+#[test]
+fn label_counts_imbalance_and_confident_errors_are_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = recipe(dir.path(), "head", "");
+    let line = |t: &str, l: &str| format!("{{\"text\": \"{t}\", \"label\": \"{l}\"}}\n");
+    let mut train = String::new();
+    for i in 0..30 {
+        train += &line(&format!("{} {i}", POS[i % POS.len()]), "pos");
+    }
+    train += &line(NEG[0], "neg");
+    train += &line(NEG[1], "neg");
+    let mut val = String::new();
+    for (p, n) in POS.iter().zip(NEG) {
+        val += &line(&format!("{p}!"), "pos");
+        val += &line(&format!("{n}!"), "neg");
+    }
+    let (t, v) = (
+        dir.path().join("imbalanced.jsonl"),
+        dir.path().join("val2.jsonl"),
+    );
+    std::fs::write(&t, train).unwrap();
+    std::fs::write(&v, val).unwrap();
+    let text = ok(&[
+        "train",
+        r.to_str().unwrap(),
+        "--set",
+        &format!("data.train=\"{}\"", t.display()),
+        "--set",
+        &format!("data.validation=\"{}\"", v.display()),
+        "--set",
+        "training.max_steps=1",
+    ]);
+    assert!(
+        text.contains("labels in train: neg 2 (6.2%), pos 30 (93.8%)"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "labels in validation: neg {n} (50.0%), pos {n} (50.0%)",
+            n = POS.len()
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "warning: strong imbalance: \"pos\" has 15x the training examples of \"neg\""
+        ),
+        "{text}"
+    );
+    let errors = std::fs::read_to_string(dir.path().join("out/errors.jsonl")).unwrap();
+    let rows: Vec<serde_json::Value> = errors
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(!rows.is_empty() && rows.len() <= 2 * POS.len(), "{errors}");
+    for w in rows.windows(2) {
+        assert!(
+            w[0]["confidence"].as_f64() >= w[1]["confidence"].as_f64(),
+            "{errors}"
+        );
+    }
+    for row in &rows {
+        assert_ne!(row["label"], row["predicted"], "{row}");
+        assert!(
+            row["origin"].as_str().unwrap().contains("val2.jsonl:"),
+            "{row}"
+        );
+        let c = row["confidence"].as_f64().unwrap();
+        assert!((0.5..=1.0).contains(&c), "{row}");
+    }
+    assert!(text.contains("errors.jsonl: the"), "{text}");
+}
+
 #[test]
 fn full_fine_tuning_writes_a_transformers_folder() {
     let dir = tempfile::tempdir().unwrap();
@@ -403,6 +559,9 @@ fn train_help_explains_its_options() {
         "gguf_file",
         "hf://datasets/",
         "HF_HUB_OFFLINE",
+        "[eval]",
+        "general_text",
+        "leakage",
     ] {
         assert!(text.contains(key), "{key}: {text}");
     }
@@ -672,6 +831,12 @@ fn multi_label_training_uses_sigmoids_and_saves_the_problem_type() {
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(cfg["problem_type"], "multi_label_classification");
+    // Wrong predictions of a multi-label model name label sets.
+    for line in std::fs::read_to_string(out.join("errors.jsonl")).unwrap().lines() {
+        let row: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert!(row["label"].is_array() && row["predicted"].is_array(), "{row}");
+        assert_ne!(row["label"], row["predicted"], "{row}");
+    }
     assert_eq!(cfg["id2label"]["2"], "review");
     let results: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("all_results.json")).unwrap())
@@ -937,13 +1102,19 @@ fn causal_lm_trains_through_the_cli() {
         let model = tiny_decoder(fixture, dir.path());
         let data = qa_data(dir.path());
         let out = dir.path().join("out");
+        // General text in words the training rows never use (w3..w9), for the forgetting report.
+        let general = dir.path().join("general.txt");
+        let words: Vec<String> = (0..200).map(|i| format!("w{}", 3 + (i * 5) % 7)).collect();
+        std::fs::write(&general, words.join(" ")).unwrap();
         let recipe = format!(
             "model = \"{}\"\ntask = \"causal-lm\"\nmethod = \"{method}\"\n[data]\ntrain = \"{}\"\n\
-             max_length = 16\n{data_opts}\n[data.split]\nvalidation = 6\n{extra}\n[training]\n\
+             max_length = 16\n{data_opts}\n[data.split]\nvalidation = 6\n{extra}\n[eval]\n\
+             general_text = \"{}\"\ngeneral_tokens = 128\ngenerate = 2\n[training]\n\
              output_dir = \"{}\"\nlearning_rate = 1e-2\nper_device_train_batch_size = 4\n\
              max_steps = 4\neval_strategy = \"steps\"\neval_steps = 2\nlogging_steps = 1\n",
             model.display(),
             data.display(),
+            general.display(),
             out.display()
         );
         let r = dir.path().join("recipe.toml");
@@ -963,6 +1134,53 @@ fn causal_lm_trains_through_the_cli() {
         );
         assert!((ppl - loss.exp()).abs() < 1e-6 * ppl, "{results}");
         assert!(results["eval_tokens"].as_u64().unwrap() > 0, "{results}");
+        // Forgetting: training on other words moves the general text's perplexity.
+        let f = |k: &str| {
+            results[k]
+                .as_f64()
+                .unwrap_or_else(|| panic!("{k}: {results}"))
+        };
+        let (before, after) = (
+            f("general_perplexity_before"),
+            f("general_perplexity_after"),
+        );
+        assert!(
+            before.is_finite() && after.is_finite() && before > 1.0,
+            "{results}"
+        );
+        assert!((f("general_perplexity_change") - (after - before)).abs() < 1e-9);
+        assert!(
+            (after - before).abs() > 1e-3 * before,
+            "{fixture}: {before} -> {after}"
+        );
+        assert!(
+            text.contains("forgetting: perplexity on general text (general.txt, 128 tokens)"),
+            "{text}"
+        );
+        // Samples: two prompts at both evaluations, and the before / during / after table.
+        let state: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("trainer_state.json")).unwrap())
+                .unwrap();
+        let evals: Vec<&serde_json::Value> = state["log_history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e.get("eval_loss").is_some())
+            .collect();
+        assert_eq!(evals.len(), 2, "{state}");
+        for e in &evals {
+            assert_eq!(e["samples"].as_array().map(Vec::len), Some(2), "{e}");
+        }
+        let table = std::fs::read_to_string(out.join("samples.md")).unwrap();
+        assert!(
+            table.contains("| prompt | before training | step 2 | step 4 | after training |"),
+            "{table}"
+        );
+        assert_eq!(
+            table.lines().filter(|l| l.starts_with("| ")).count(),
+            3,
+            "{table}"
+        );
         let state = std::fs::read_to_string(out.join("trainer_state.json")).unwrap();
         assert!(state.contains("eval_perplexity"), "{state}");
         assert!(out.join("loss_curve.png").is_file());

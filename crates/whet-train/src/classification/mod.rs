@@ -306,6 +306,143 @@ pub fn evaluate_split(
     Ok((loss, report))
 }
 
+/// The most frequent label of the training split outnumbering the rarest this many times is a
+/// strong imbalance.
+const IMBALANCE: f64 = 10.0;
+
+/// How many wrong predictions `errors.jsonl` keeps.
+const ERRORS: usize = 50;
+
+/// Examples per label of a split (a multi-label example counts once for each of its labels).
+pub fn label_counts(split: &Split, n_labels: usize) -> Vec<usize> {
+    let mut counts = vec![0; n_labels];
+    for e in &split.examples {
+        match &e.label {
+            Target::Class(c) => counts[*c] += 1,
+            Target::Multi(ids) => ids.iter().for_each(|&i| counts[i] += 1),
+        }
+    }
+    counts
+}
+
+/// One line per split with its label counts and shares, and a warning when the training split
+/// is strongly imbalanced (or lacks a label).
+pub fn distribution_lines(p: &Prepared) -> Vec<String> {
+    let n = p.labels.len();
+    let mut lines = vec![];
+    for (name, split) in [
+        ("train", Some(&p.train)),
+        ("validation", p.validation.as_ref()),
+        ("test", p.test.as_ref()),
+    ] {
+        let Some(split) = split else { continue };
+        let counts = label_counts(split, n);
+        let total = split.examples.len().max(1) as f64;
+        let parts: Vec<String> = p
+            .labels
+            .0
+            .iter()
+            .zip(&counts)
+            .map(|(l, c)| format!("{l} {c} ({:.1}%)", 100.0 * *c as f64 / total))
+            .collect();
+        lines.push(format!("labels in {name}: {}", parts.join(", ")));
+        if name != "train" {
+            continue;
+        }
+        let (max, min) = (
+            counts.iter().copied().max().unwrap_or(0),
+            counts.iter().copied().min().unwrap_or(0),
+        );
+        let label = |c: usize| p.labels.0[counts.iter().position(|&x| x == c).unwrap_or(0)].clone();
+        if min == 0 && n > 1 {
+            lines.push(format!(
+                "warning: label {:?} has no training example; the model cannot learn it",
+                label(0)
+            ));
+        } else if min > 0 && max as f64 / min as f64 >= IMBALANCE {
+            lines.push(format!(
+                "warning: strong imbalance: {:?} has {:.0}x the training examples of {:?}; \
+                 accuracy flatters a model that predicts the frequent label (watch F1 and MCC)",
+                label(max),
+                max as f64 / min as f64,
+                label(min)
+            ));
+        }
+    }
+    lines
+}
+
+/// The most confident wrong predictions on a split, most confident first (at most `limit`):
+/// a JSON object each with the text, the label, the prediction, its confidence and the origin.
+/// Single-label: the predicted class's probability; multi-label: the most confident of the
+/// labels decided wrongly.
+pub fn confident_errors(
+    p: &Prepared,
+    split: &Split,
+    batch: usize,
+    padding_free: bool,
+    device: &Device,
+    limit: usize,
+) -> Result<Vec<serde_json::Value>> {
+    let probs = objective::probabilities(
+        &p.model,
+        &split.encoded,
+        p.labels.len(),
+        batch,
+        p.pad_id,
+        padding_free,
+        p.multi_label,
+        device,
+    )?;
+    let names = &p.labels.0;
+    let mut wrong: Vec<(f32, serde_json::Value)> = vec![];
+    for (e, probs) in split.examples.iter().zip(&probs) {
+        let (confidence, truth, predicted) = match &e.label {
+            Target::Class(c) => {
+                let (best, &pb) = probs
+                    .iter()
+                    .enumerate()
+                    .max_by(|a, b| a.1.total_cmp(b.1))
+                    .unwrap_or((0, &0.0));
+                if best == *c {
+                    continue;
+                }
+                (pb, json!(names[*c]), json!(names[best]))
+            }
+            Target::Multi(ids) => {
+                let predicted: Vec<usize> = (0..probs.len()).filter(|&k| probs[k] > 0.5).collect();
+                let confidence = (0..probs.len())
+                    .filter(|k| ids.contains(k) != predicted.contains(k))
+                    .map(|k| probs[k].max(1.0 - probs[k]))
+                    .fold(None, |m: Option<f32>, x| Some(m.map_or(x, |m| m.max(x))));
+                let Some(confidence) = confidence else {
+                    continue;
+                };
+                let names_of =
+                    |v: &[usize]| v.iter().map(|&i| names[i].clone()).collect::<Vec<_>>();
+                (
+                    confidence,
+                    json!(names_of(ids)),
+                    json!(names_of(&predicted)),
+                )
+            }
+        };
+        wrong.push((
+            confidence,
+            json!({
+                "text": e.text,
+                "text_pair": e.text_pair,
+                "label": truth,
+                "predicted": predicted,
+                "confidence": confidence,
+                "origin": e.origin,
+            }),
+        ));
+    }
+    wrong.sort_by(|a, b| b.0.total_cmp(&a.0));
+    Ok(wrong.into_iter().take(limit).map(|(_, v)| v).collect())
+}
+
 /// Saves the result into `out`: a `peft` adapter folder for LoRA, a `transformers` folder
 /// otherwise; both with the tokenizer and `labels.json`. `whet_infer::classification::load`
 /// reads it back.
@@ -468,6 +605,31 @@ pub fn report_table(
 }
 
 impl Task for ClassificationTask {
+    fn split_texts(&self) -> Vec<(&'static str, Vec<whet_data::leakage::Text>)> {
+        let p = &self.p;
+        [
+            ("train", Some(&p.train)),
+            ("validation", p.validation.as_ref()),
+            ("test", p.test.as_ref()),
+        ]
+        .into_iter()
+        .filter_map(|(name, split)| {
+            let texts = split?
+                .examples
+                .iter()
+                .map(|e| whet_data::leakage::Text {
+                    origin: e.origin.clone(),
+                    text: match &e.text_pair {
+                        Some(pair) => format!("{}\n{pair}", e.text),
+                        None => e.text.clone(),
+                    },
+                })
+                .collect();
+            Some((name, texts))
+        })
+        .collect()
+    }
+
     fn describe(&self) -> Vec<String> {
         let (p, recipe) = (&self.p, &self.run.recipe);
         let mut lines = vec![
@@ -487,6 +649,7 @@ impl Task for ClassificationTask {
                 recipe.data.max_length
             ),
         ];
+        lines.extend(distribution_lines(p));
         lines.extend(crate::task::closing_lines(&p.fresh, &p.counts));
         lines
     }
@@ -575,6 +738,13 @@ impl Task for ClassificationTask {
         if let Some(v) = &p.validation {
             let (loss, r) = evaluate_split(p, v, batch, padding_free, &self.run.device)?;
             out.results.extend(metric_map("eval", loss, &r, &p.labels));
+            let errors = confident_errors(p, v, batch, padding_free, &self.run.device, ERRORS)?;
+            out.lines.push(format!(
+                "errors.jsonl: the {} most confident wrong predictions on validation",
+                errors.len()
+            ));
+            let text: String = errors.iter().map(|e| format!("{e}\n")).collect();
+            out.files.push(("errors.jsonl".into(), text.into_bytes()));
         }
         if let Some(t) = &p.test {
             let (loss, r) = evaluate_split(p, t, batch, padding_free, &self.run.device)?;

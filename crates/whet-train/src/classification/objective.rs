@@ -224,6 +224,44 @@ pub fn evaluate(
     Ok((loss / data.len().max(1) as f64, report, preds))
 }
 
+/// Each example's class probabilities (softmax; sigmoid per label for multi-label), on the
+/// plain backend.
+#[allow(clippy::too_many_arguments)]
+pub fn probabilities(
+    model: &Classifier,
+    data: &[Encoded],
+    n_labels: usize,
+    batch_size: usize,
+    pad_id: u32,
+    padding_free: bool,
+    multi_label: bool,
+    device: &Device,
+) -> whet_models::Result<Vec<Vec<f32>>> {
+    let model = &model.valid();
+    let device = &device.clone().without_autodiff();
+    let with_types = matches!(model, Classifier::Bert(_));
+    let mut out = Vec::with_capacity(data.len());
+    for chunk in data.chunks(batch_size.max(1)) {
+        let items: Vec<&Encoded> = chunk.iter().collect();
+        let b = collate(&items, pad_id);
+        let (input, _) = to_input(&b, device, with_types, n_labels, padding_free);
+        let logits = model.forward(input, Mode::Eval)?;
+        let [n, c] = logits.dims();
+        let probs = if multi_label {
+            burn::tensor::activation::sigmoid(logits)
+        } else {
+            burn::tensor::activation::softmax(logits, 1)
+        };
+        let v: Vec<f32> = probs
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec()
+            .unwrap_or_default();
+        out.extend((0..n).map(|i| v[i * c..(i + 1) * c].to_vec()));
+    }
+    Ok(out)
+}
+
 /// Trains a classifier (see [`crate::trainer::train`]).
 #[allow(clippy::too_many_arguments)]
 pub fn train_classifier(

@@ -368,6 +368,7 @@ pub fn prepare(recipe: &crate::Recipe, device: &Device) -> Result<PpoPrepared> {
         pad_id,
         soft_prompt: policy.virtual_positions(),
         padding_free: recipe.padding_free(),
+        sampler: None,
     };
     Ok(PpoPrepared {
         checkpoint,

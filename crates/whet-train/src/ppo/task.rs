@@ -61,6 +61,28 @@ impl PpoTask {
 }
 
 impl Task for PpoTask {
+    fn split_texts(&self) -> Vec<(&'static str, Vec<whet_data::leakage::Text>)> {
+        let p = &self.p;
+        [
+            ("train", Some(&p.train)),
+            ("validation", p.validation.as_ref()),
+            ("test", p.test.as_ref()),
+        ]
+        .into_iter()
+        .filter_map(|(name, prompts)| {
+            let texts = prompts?
+                .iter()
+                .enumerate()
+                .map(|(i, prompt)| whet_data::leakage::Text {
+                    origin: format!("{name} prompt {}", i + 1),
+                    text: prompt.text.clone(),
+                })
+                .collect();
+            Some((name, texts))
+        })
+        .collect()
+    }
+
     fn describe(&self) -> Vec<String> {
         let (p, recipe) = (&self.p, &self.run.recipe);
         let cfg = &p.objective.config;
