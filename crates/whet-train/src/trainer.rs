@@ -244,6 +244,11 @@ pub trait Observer {
     /// Something the run decided that the person should know (an option it could not honour
     /// as asked on this machine, and what it does instead).
     fn note(&mut self, _text: &str) {}
+    /// Asked after each step's evaluation and checkpoint: true ends training there (a sweep
+    /// pausing a trial at a rung; its checkpoint resumes it exactly).
+    fn stop(&mut self, _step: usize) -> bool {
+        false
+    }
 }
 
 /// No-op observer.
@@ -719,7 +724,7 @@ pub fn train<T: TrainStep>(
                 state.loss_scaler = opt.scaler;
                 checkpoint::save(&args.output_dir, model, &opt, &state, args.save_total_limit)?;
             }
-            if state.patience_left == Some(0) {
+            if state.patience_left == Some(0) || observer.stop(step) {
                 break 'outer;
             }
         }

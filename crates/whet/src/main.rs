@@ -6,6 +6,7 @@ mod plan;
 mod plot;
 mod predict;
 mod report;
+mod sweep;
 mod train;
 
 use std::io::Write;
@@ -275,6 +276,38 @@ enum Command {
         /// Where to write the recipe (an existing file is not overwritten).
         #[arg(long, short, default_value = "recipe.toml")]
         output: PathBuf,
+    },
+    /// Search hyperparameters of a recipe with successive halving: every trial trains to the
+    /// first rung (training.max_steps / eta^k steps), the best 1/eta by the evaluation metric
+    /// (training.metric_for_best_model, default the loss) go on to the next, and so on to
+    /// max_steps; a trial that goes on resumes from its checkpoint with the full run's
+    /// schedule. Writes trial-N/, sweep.md (settings, metric, steps, time, status),
+    /// best.toml and sweep.png (metric against step) into training.output_dir; the same
+    /// command again resumes a killed sweep (sweep.json).
+    Sweep {
+        /// The recipe file (needs training.max_steps and validation data).
+        recipe: PathBuf,
+        /// Override a recipe value for every trial (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Values to try for a key, e.g. --grid training.learning_rate=1e-4,3e-4,1e-3
+        /// (repeatable: every combination is a trial).
+        #[arg(long, value_name = "KEY=V1,V2,...")]
+        grid: Vec<String>,
+        /// A range to draw a key from, e.g. --random training.learning_rate=1e-5:1e-3:log
+        /// (uniform; :log for log-uniform; integers when both ends are; repeatable).
+        #[arg(long, value_name = "KEY=LOW:HIGH[:log]")]
+        random: Vec<String>,
+        /// How many trials to draw with --random (default 8), each with the next --grid
+        /// combination in turn.
+        #[arg(long)]
+        trials: Option<usize>,
+        /// The halving rate: after each rung the best 1/eta of the trials go on.
+        #[arg(long, default_value_t = 3)]
+        eta: usize,
+        /// Seed of the --random draws.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
     },
     /// Predict the peak memory of a recipe's training run before running it: weights,
     /// gradients, optimizer state, activations of the largest batch the data makes, and the
@@ -585,6 +618,25 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Plan { recipe, set, json } => plan::run(&recipe, &set, json),
+        Command::Sweep {
+            recipe,
+            set,
+            grid,
+            random,
+            trials,
+            eta,
+            seed,
+        } => sweep::run(
+            &recipe,
+            sweep::Search {
+                set,
+                grid,
+                random,
+                trials,
+                eta,
+                seed,
+            },
+        ),
         Command::Eval {
             model,
             data,

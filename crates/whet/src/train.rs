@@ -39,6 +39,8 @@ struct Progress {
     jsonl: Option<File>,
     /// `report_to = ["tensorboard"]`: an event file in `OUT/runs`.
     tensorboard: Option<EventWriter>,
+    /// End training after this step (a sweep's rung).
+    stop_at: Option<usize>,
 }
 
 impl Progress {
@@ -143,6 +145,10 @@ impl Observer for Progress {
 
     fn note(&mut self, text: &str) {
         self.bar.suspend(|| eprintln!("note: {text}"));
+    }
+
+    fn stop(&mut self, step: usize) -> bool {
+        self.stop_at.is_some_and(|s| step >= s)
     }
 }
 
@@ -267,6 +273,7 @@ fn progress(
         plain: !std::io::stderr().is_terminal(),
         jsonl,
         tensorboard,
+        stop_at: None,
     })
 }
 
@@ -435,6 +442,26 @@ fn print_summary(
 }
 
 pub fn train(recipe_path: &Path, set: &[String], resume: Option<&str>) -> Result<()> {
+    run(recipe_path, set, resume, None).map(|_| ())
+}
+
+/// What a run (or a sweep's part of one) did.
+pub struct Finished {
+    /// The logs of `trainer_state.json`: steps and evaluations.
+    pub log: Vec<serde_json::Value>,
+    /// Whether `stop_at` ended it before its last step (nothing evaluated or saved after).
+    pub paused: bool,
+    pub seconds: f64,
+}
+
+/// A training run; with `stop_at`, paused after that step's evaluation and checkpoint (a
+/// sweep's rung), to be resumed from the checkpoint.
+pub fn run(
+    recipe_path: &Path,
+    set: &[String],
+    resume: Option<&str>,
+    stop_at: Option<usize>,
+) -> Result<Finished> {
     let (recipe, resume) = start_run(recipe_path, set, resume)?;
     let out = recipe.training.output_dir.clone();
     let training = recipe.training.clone();
@@ -488,8 +515,16 @@ pub fn train(recipe_path: &Path, set: &[String], resume: Option<&str>) -> Result
     if let Some(r) = &resuming {
         println!("resuming from {}", r.display());
     }
+    progress.stop_at = stop_at;
     let summary = task.train(&mut progress)?;
     progress.bar.finish_and_clear();
+    if stop_at.is_some_and(|s| summary.steps >= s) && summary.steps < task.total_steps() {
+        return Ok(Finished {
+            log: progress.log,
+            paused: true,
+            seconds: start.elapsed().as_secs_f64(),
+        });
+    }
 
     let outcome = task.evaluate(&summary)?;
     for (name, bytes) in &outcome.files {
@@ -555,7 +590,11 @@ pub fn train(recipe_path: &Path, set: &[String], resume: Option<&str>) -> Result
             out.join("runs").display()
         );
     }
-    Ok(())
+    Ok(Finished {
+        log: progress.log,
+        paused: false,
+        seconds: start.elapsed().as_secs_f64(),
+    })
 }
 
 /// Records the forgetting report in `all_results.json` (`general_perplexity_before`, `_after`,

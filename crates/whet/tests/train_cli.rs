@@ -832,9 +832,15 @@ fn multi_label_training_uses_sigmoids_and_saves_the_problem_type() {
         serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(cfg["problem_type"], "multi_label_classification");
     // Wrong predictions of a multi-label model name label sets.
-    for line in std::fs::read_to_string(out.join("errors.jsonl")).unwrap().lines() {
+    for line in std::fs::read_to_string(out.join("errors.jsonl"))
+        .unwrap()
+        .lines()
+    {
         let row: serde_json::Value = serde_json::from_str(line).unwrap();
-        assert!(row["label"].is_array() && row["predicted"].is_array(), "{row}");
+        assert!(
+            row["label"].is_array() && row["predicted"].is_array(),
+            "{row}"
+        );
         assert_ne!(row["label"], row["predicted"], "{row}");
     }
     assert_eq!(cfg["id2label"]["2"], "review");
@@ -2379,4 +2385,88 @@ fn a_recipe_is_inferred_from_the_model_and_the_data() {
         "unused.toml",
     ]);
     assert!(e.contains("d.xyz") && e.contains("extension"), "{e}");
+}
+
+/// `whet sweep` over three learning rates of which one learns (the planted best): successive
+/// halving trains all three to step 3, stops the two that do not learn there, and takes the
+/// best to step 9; killed mid-way (WHET_CRASH_AT), the same command resumes the sweep, running
+/// no stopped trial again and continuing the best from its checkpoint; the table, best.toml
+/// and the chart are written.
+#[test]
+fn a_sweep_finds_the_planted_best_stops_the_rest_early_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = recipe(dir.path(), "head", "leakage = \"off\"");
+    let out = dir.path().join("out");
+    let sweep = |crash: Option<&str>| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_whet"));
+        c.env("WHET_CACHE", crate::common::cache()).args([
+            "sweep",
+            r.to_str().unwrap(),
+            "--set",
+            "training.max_steps=9",
+            "--grid",
+            "training.learning_rate=1e-9,3e-3,1e-8",
+        ]);
+        if let Some(at) = crash {
+            c.env("WHET_CRASH_AT", at);
+        }
+        c.output().unwrap()
+    };
+    let state = || -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(out.join("sweep.json")).unwrap()).unwrap()
+    };
+    let first = sweep(Some("step:6"));
+    assert!(!first.status.success(), "the crash point aborts the sweep");
+    let s = state();
+    assert_eq!(s["rungs"], serde_json::json!([3, 9]));
+    let status =
+        |s: &serde_json::Value, i: usize| s["trials"][i]["status"].as_str().unwrap().to_string();
+    assert_eq!(
+        (status(&s, 0), status(&s, 1), status(&s, 2)),
+        ("stopped".into(), "running".into(), "stopped".into())
+    );
+    for i in [0, 2] {
+        assert_eq!(
+            s["trials"][i]["evals"].as_array().unwrap().len(),
+            1,
+            "stopped at step 3: {s}"
+        );
+        assert!(!out.join(format!("trial-{i}/checkpoint-6")).exists());
+    }
+
+    let second = sweep(None);
+    let text = String::from_utf8_lossy(&second.stdout).into_owned();
+    assert!(
+        second.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    assert!(text.contains("resuming the sweep"), "{text}");
+    assert!(text.contains("trial-1/checkpoint-3"), "{text}");
+    assert!(
+        !text.contains("== trial 0") && !text.contains("== trial 2"),
+        "{text}"
+    );
+    let s = state();
+    assert_eq!(status(&s, 1), "done");
+    let steps: Vec<u64> = s["trials"][1]["evals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e[0].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, [3, 6, 9]);
+    assert!(
+        text.contains("best: trial 1 (training.learning_rate=3e-3)"),
+        "{text}"
+    );
+    let best = std::fs::read_to_string(out.join("best.toml")).unwrap();
+    let recipe = whet_train::Recipe::parse(&best, &[]).unwrap();
+    assert_eq!(recipe.training.learning_rate, 3e-3);
+    assert!(
+        std::fs::read_to_string(out.join("sweep.md"))
+            .unwrap()
+            .contains("| 1 (best) |")
+    );
+    assert!(out.join("sweep.png").is_file() && out.join("trial-1/model.safetensors").is_file());
 }
