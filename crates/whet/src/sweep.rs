@@ -134,7 +134,7 @@ fn trials(search: &Search) -> Result<Vec<Vec<String>>> {
             lo.parse().map_err(|_| bad())?,
             hi.parse().map_err(|_| bad())?,
         );
-        if !(lo < hi) || (log && lo <= 0.0) {
+        if !lo.is_finite() || !hi.is_finite() || lo >= hi || (log && lo <= 0.0) {
             bail!("--random {r:?}: LOW must be below HIGH (and above 0 with :log)");
         }
         ranges.push((k, lo, hi, log, integer));
