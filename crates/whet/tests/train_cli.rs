@@ -1818,16 +1818,21 @@ fn dpo_prefers_the_chosen_answers() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_decoder("tiny-llama", dir.path());
     let (t, v) = dpo_pairs(dir.path());
+    let general = dir.path().join("general.txt");
+    let words: Vec<String> = (0..100).map(|i| format!("w{}", 3 + (i * 5) % 7)).collect();
+    std::fs::write(&general, words.join(" ")).unwrap();
     let recipe = |method: &str, extra: &str, out: &Path| -> PathBuf {
         let text = format!(
             "model = \"{}\"\ntask = \"dpo\"\nmethod = \"{method}\"\n[data]\ntrain = \"{}\"\n\
-             validation = \"{}\"\nmax_length = 16\n{extra}\n[dpo]\nbeta = 0.5\n[training]\n\
+             validation = \"{}\"\nmax_length = 16\n{extra}\n[dpo]\nbeta = 0.5\n[eval]\n\
+             general_text = \"{}\"\ngeneral_tokens = 64\n[training]\n\
              output_dir = \"{}\"\nlearning_rate = 5e-3\nper_device_train_batch_size = 4\n\
              num_train_epochs = 4\neval_strategy = \"epoch\"\nlogging_steps = 1\nsave_steps = 4\n\
              save_strategy = \"steps\"\n",
             model.display(),
             t.display(),
             v.display(),
+            general.display(),
             out.display()
         );
         let r = out.with_extension("toml");
@@ -1853,6 +1858,15 @@ fn dpo_prefers_the_chosen_answers() {
         let acc = results["eval_rewards/accuracies"].as_f64().unwrap();
         let margin = results["eval_rewards/margins"].as_f64().unwrap();
         assert!(acc >= 0.8 && margin > 0.0, "{method}: {results}");
+        // The forgetting report of the policy: DPO moved the general text's perplexity.
+        let (before, after) = (
+            results["general_perplexity_before"].as_f64().unwrap(),
+            results["general_perplexity_after"].as_f64().unwrap(),
+        );
+        assert!(
+            before.is_finite() && (after - before).abs() > 1e-6 * before,
+            "{results}"
+        );
         // Before any update the policy is the reference: loss log 2 at step 1 is trl's start.
         let state: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(out.join("trainer_state.json")).unwrap())
