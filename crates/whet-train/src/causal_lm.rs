@@ -856,20 +856,7 @@ impl Task for CausalLmTask {
             }
             .to_string(),
         ];
-        for ex in split.iter().take(3) {
-            // A packed row's first document only.
-            let doc_end = ex
-                .document_ids
-                .iter()
-                .position(|&d| d != ex.document_ids[0])
-                .unwrap_or(ex.ids.len());
-            let first_learnt = (1..doc_end).find(|&k| ex.labels[k] != IGNORE).unwrap_or(1);
-            let cut = if first_learnt > 1 {
-                first_learnt
-            } else {
-                (doc_end / 4).clamp(1, 32)
-            };
-            let prompt = &ex.ids[..cut];
+        for prompt in &Sampler::prompts(split, 3) {
             let out = whet_infer::generate(&model, prompt, &config, &device, |_| true)?;
             let decode = |ids: &[u32]| p.tokenizer.inner.decode(ids, true).unwrap_or_default();
             let one: Vec<char> = one_line(&decode(prompt), usize::MAX).chars().collect();

@@ -414,24 +414,15 @@ impl Task for QuestionAnsweringTask {
     /// A row's text: the question, then the context.
     fn split_texts(&self) -> Vec<(&'static str, Vec<whet_data::leakage::Text>)> {
         let p = &self.p;
-        [
-            ("train", Some(&p.train)),
-            ("validation", p.validation.as_ref()),
-            ("test", p.test.as_ref()),
-        ]
-        .into_iter()
-        .filter_map(|(name, split)| {
-            let texts = split?
-                .examples
-                .iter()
-                .map(|e| whet_data::leakage::Text {
+        crate::task::splits(&p.train, p.validation.as_ref(), p.test.as_ref())
+            .map(|(name, split)| {
+                let texts = split.examples.iter().map(|e| whet_data::leakage::Text {
                     origin: e.origin.clone(),
                     text: format!("{}\n{}", e.question, e.context),
-                })
-                .collect();
-            Some((name, texts))
-        })
-        .collect()
+                });
+                (name, texts.collect())
+            })
+            .collect()
     }
 
     fn describe(&self) -> Vec<String> {

@@ -70,6 +70,21 @@ pub trait Task {
     }
 }
 
+/// The splits a run has, by name (`train`, then `validation` and `test` when present).
+pub fn splits<'a, S>(
+    train: &'a S,
+    validation: Option<&'a S>,
+    test: Option<&'a S>,
+) -> impl Iterator<Item = (&'static str, &'a S)> {
+    [
+        ("train", Some(train)),
+        ("validation", validation),
+        ("test", test),
+    ]
+    .into_iter()
+    .filter_map(|(name, split)| Some((name, split?)))
+}
+
 /// What evaluation after training found.
 #[derive(Debug, Clone, Default)]
 pub struct Outcome {

@@ -262,6 +262,10 @@ enum Command {
         /// this machine has available.
         #[arg(long)]
         no_memory_check: bool,
+        /// Pause after this step's evaluation and checkpoint (how `whet sweep` runs a trial to
+        /// a rung); --resume continues it.
+        #[arg(long, hide = true)]
+        stop_at: Option<usize>,
     },
     /// Write a recipe for a model and a data file without training: the task inferred from the
     /// data's columns and the model's family (text + label: sequence classification, lists of
@@ -308,6 +312,11 @@ enum Command {
         /// Seed of the --random draws.
         #[arg(long, default_value_t = 42)]
         seed: u64,
+        /// Trials to run at once, each a process of its own with a share of the cores
+        /// (default: as many as the memory plan says fit, at most one per core; 1: one after
+        /// another).
+        #[arg(long)]
+        jobs: Option<usize>,
     },
     /// Predict the peak memory of a recipe's training run before running it: weights,
     /// gradients, optimizer state, activations of the largest batch the data makes, and the
@@ -561,6 +570,7 @@ fn run(cli: Cli) -> Result<()> {
             set,
             resume,
             no_memory_check,
+            stop_at,
         } => {
             plan::SKIP_CHECK.store(no_memory_check, std::sync::atomic::Ordering::Relaxed);
             let recipe = match (recipe, infer.infer()?) {
@@ -594,7 +604,7 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 (None, None) => anyhow::bail!("give a recipe, or --model and --data"),
             };
-            train::train(&recipe, &set, resume.as_deref())
+            train::run(&recipe, &set, resume.as_deref(), stop_at).map(|_| ())
         }
         Command::Init { infer, output } => {
             let inferred = infer
@@ -626,6 +636,7 @@ fn run(cli: Cli) -> Result<()> {
             trials,
             eta,
             seed,
+            jobs,
         } => sweep::run(
             &recipe,
             sweep::Search {
@@ -636,6 +647,7 @@ fn run(cli: Cli) -> Result<()> {
                 eta,
                 seed,
             },
+            jobs,
         ),
         Command::Eval {
             model,

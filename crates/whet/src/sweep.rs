@@ -16,10 +16,12 @@
 //!   table of trials: settings, metric, steps, time, status), `best.toml` (the recipe with the
 //!   best trial's settings), `sweep.png` (each trial's metric against the step).
 //!
-//! Trials run one after another: one trial already uses every core (the matmuls run on the
-//! rayon pool), so parallel trials would share the same cores and gain nothing on the CPU.
+//! - **Parallel trials**: as many at once as the memory plan of a trial says fit in the memory
+//!   available, at most one per core (`--jobs` sets it; 1 runs them one after another); each
+//!   is a `whet train` process with its share of the cores (`RAYON_NUM_THREADS`) and its output
+//!   in `trial-N/train.log`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
@@ -222,7 +224,7 @@ fn eval_value(entry: &serde_json::Value, metric: &str) -> Option<(usize, f64)> {
     Some((step, v))
 }
 
-pub fn run(recipe_path: &Path, search: Search) -> Result<()> {
+pub fn run(recipe_path: &Path, search: Search, jobs: Option<usize>) -> Result<()> {
     if search.eta < 2 {
         bail!("--eta {}: the halving rate must be at least 2", search.eta);
     }
@@ -292,37 +294,76 @@ pub fn run(recipe_path: &Path, search: Search) -> Result<()> {
         }
     );
     let first = state.rungs[0];
+    let jobs = match jobs {
+        Some(0) => bail!("--jobs 0: at least one trial runs at a time"),
+        Some(j) => j,
+        None => fitting_jobs(recipe_path, &search, &state.trials[0].settings)?,
+    };
     for rung in 0..state.rungs.len() {
         let target = state.rungs[rung];
-        for i in 0..state.trials.len() {
-            let t = &state.trials[i];
-            if t.status != "running" || t.rungs_done > rung {
-                continue;
-            }
-            let dir = out.join(format!("trial-{}", t.id));
-            println!(
-                "\n== trial {} to step {target}: {}",
-                t.id,
-                t.settings.join(" ")
-            );
-            let mut set = search.set.clone();
-            set.extend(t.settings.iter().cloned());
-            set.extend([
-                format!("training.output_dir=\"{}\"", dir.display()),
-                format!("training.max_steps={total}"),
-                "training.eval_strategy=\"steps\"".into(),
-                format!("training.eval_steps={first}"),
-                "training.save_strategy=\"steps\"".into(),
-                format!("training.save_steps={first}"),
-            ]);
-            let resume = whet_train::checkpoint::latest(&dir).map(|_| "latest");
-            let last = rung + 1 == state.rungs.len();
-            let done = crate::train::run(recipe_path, &set, resume, (!last).then_some(target))?;
-            let evals: Vec<(usize, f64)> = done
-                .log
-                .iter()
+        let last = rung + 1 == state.rungs.len();
+        let todo: Vec<usize> = (0..state.trials.len())
+            .filter(|&i| state.trials[i].status == "running" && state.trials[i].rungs_done <= rung)
+            .collect();
+        let runs: Vec<RunArgs> = todo
+            .iter()
+            .map(|&i| {
+                let t = &state.trials[i];
+                let dir = out.join(format!("trial-{}", t.id));
+                let mut set = search.set.clone();
+                set.extend(t.settings.iter().cloned());
+                set.extend([
+                    format!("training.output_dir=\"{}\"", dir.display()),
+                    format!("training.max_steps={total}"),
+                    "training.eval_strategy=\"steps\"".into(),
+                    format!("training.eval_steps={first}"),
+                    "training.save_strategy=\"steps\"".into(),
+                    format!("training.save_steps={first}"),
+                ]);
+                println!(
+                    "\n== trial {} to step {target}: {}",
+                    t.id,
+                    t.settings.join(" ")
+                );
+                RunArgs {
+                    index: i,
+                    resume: whet_train::checkpoint::latest(&dir).is_some(),
+                    dir,
+                    set,
+                    stop_at: (!last).then_some(target),
+                }
+            })
+            .collect();
+        let results = if jobs > 1 && runs.len() > 1 {
+            parallel(recipe_path, &runs, jobs)
+        } else {
+            runs.iter()
+                .map(|r| {
+                    let resume = r.resume.then_some("latest");
+                    crate::train::run(recipe_path, &r.set, resume, r.stop_at)
+                        .map(|done| done.seconds)
+                })
+                .collect()
+        };
+        for (r, result) in runs.iter().zip(results) {
+            let seconds = result.with_context(|| {
+                format!(
+                    "trial {} failed (its output: {})",
+                    state.trials[r.index].id,
+                    r.dir.display()
+                )
+            })?;
+            let logged: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(r.dir.join("trainer_state.json"))
+                    .with_context(|| format!("{}: no trainer_state.json", r.dir.display()))?,
+            )?;
+            let evals: Vec<(usize, f64)> = logged["log_history"]
+                .as_array()
+                .into_iter()
+                .flatten()
                 .filter_map(|e| eval_value(e, &state.metric))
                 .collect();
+            let t = &mut state.trials[r.index];
             if evals.is_empty() {
                 bail!(
                     "trial {} logged no eval_{}: a sweep ranks trials by evaluations, so the \
@@ -332,17 +373,16 @@ pub fn run(recipe_path: &Path, search: Search) -> Result<()> {
                     state.metric
                 );
             }
-            let t = &mut state.trials[i];
             for e in evals {
                 if !t.evals.iter().any(|(s, _)| *s == e.0) {
                     t.evals.push(e);
                 }
             }
             t.evals.sort_by_key(|(s, _)| *s);
-            t.seconds += done.seconds;
+            t.seconds += seconds;
             t.rungs_done = rung + 1;
             // The last rung, or a run that ended before its rung (early stopping).
-            if last || !done.paused {
+            if last || logged["paused"] != true {
                 t.status = "done".into();
             }
             state.save(&state_path)?;
@@ -380,6 +420,105 @@ pub fn run(recipe_path: &Path, search: Search) -> Result<()> {
         }
     }
     report(&state, &out, &text, &search, total)
+}
+
+/// One trial's run to a rung.
+struct RunArgs {
+    index: usize,
+    dir: PathBuf,
+    set: Vec<String>,
+    resume: bool,
+    stop_at: Option<usize>,
+}
+
+/// How many trials fit at once: the memory plan of the first trial against the memory
+/// available, at most one per core (1 when the plan does not cover the task).
+fn fitting_jobs(recipe_path: &Path, search: &Search, settings: &[String]) -> Result<usize> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cores < 2 {
+        return Ok(1);
+    }
+    let mut set = search.set.clone();
+    set.extend(settings.iter().cloned());
+    let (recipe, _) = whet_train::Recipe::load_for_model(recipe_path, &set)?;
+    let mut task = whet_train::open(whet_train::task::Run {
+        recipe,
+        device: burn::tensor::Device::flex().autodiff(),
+        resume: None,
+    })?;
+    let (Some(plan), Some(available)) = (task.plan(), whet_train::plan::available_bytes()) else {
+        return Ok(1);
+    };
+    let fit = (available / plan.total.max(1)) as usize;
+    let jobs = fit.min(cores).max(1);
+    println!(
+        "memory plan: {:.0} MB a trial of {:.0} MB available, {cores} cores: {jobs} trial(s) at a \
+         time",
+        plan.total as f64 / (1u64 << 20) as f64,
+        available as f64 / (1u64 << 20) as f64
+    );
+    Ok(jobs)
+}
+
+/// Runs trials `jobs` at a time, each a `whet train` process with its share of the cores and
+/// its output in `trial-N/train.log`; the seconds each took.
+fn parallel(recipe_path: &Path, runs: &[RunArgs], jobs: usize) -> Vec<Result<f64>> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = (cores / jobs).max(1);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: std::sync::Mutex<Vec<Option<Result<f64>>>> =
+        std::sync::Mutex::new(runs.iter().map(|_| None).collect());
+    std::thread::scope(|scope| {
+        for _ in 0..jobs {
+            scope.spawn(|| {
+                loop {
+                    let k = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let Some(r) = runs.get(k) else { break };
+                    let result = run_process(recipe_path, r, threads);
+                    if let Ok(mut all) = results.lock() {
+                        all[k] = Some(result);
+                    }
+                }
+            });
+        }
+    });
+    results
+        .into_inner()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(anyhow!("the trial did not run"))))
+        .collect()
+}
+
+fn run_process(recipe_path: &Path, r: &RunArgs, threads: usize) -> Result<f64> {
+    let start = std::time::Instant::now();
+    std::fs::create_dir_all(&r.dir)?;
+    let log_path = r.dir.join("train.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("cannot open {}", log_path.display()))?;
+    let mut c = std::process::Command::new(std::env::current_exe()?);
+    c.arg("train").arg(recipe_path);
+    for s in &r.set {
+        c.arg("--set").arg(s);
+    }
+    if r.resume {
+        c.arg("--resume");
+    }
+    if let Some(s) = r.stop_at {
+        c.arg("--stop-at").arg(s.to_string());
+    }
+    let status = c
+        .env("RAYON_NUM_THREADS", threads.to_string())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .status()?;
+    if !status.success() {
+        bail!("it exited with {status}; see {}", log_path.display());
+    }
+    Ok(start.elapsed().as_secs_f64())
 }
 
 /// The table, the best recipe and the chart.

@@ -441,16 +441,9 @@ fn print_summary(
     );
 }
 
-pub fn train(recipe_path: &Path, set: &[String], resume: Option<&str>) -> Result<()> {
-    run(recipe_path, set, resume, None).map(|_| ())
-}
-
 /// What a run (or a sweep's part of one) did.
 pub struct Finished {
-    /// The logs of `trainer_state.json`: steps and evaluations.
-    pub log: Vec<serde_json::Value>,
-    /// Whether `stop_at` ended it before its last step (nothing evaluated or saved after).
-    pub paused: bool,
+    /// Wall-clock seconds of the run.
     pub seconds: f64,
 }
 
@@ -519,9 +512,16 @@ pub fn run(
     let summary = task.train(&mut progress)?;
     progress.bar.finish_and_clear();
     if stop_at.is_some_and(|s| summary.steps >= s) && summary.steps < task.total_steps() {
+        // Paused: the logs so far, for the sweep that reads them; the checkpoint resumes it.
+        whet_models::fsutil::write_atomic(
+            &out.join("trainer_state.json"),
+            serde_json::to_string_pretty(
+                &json!({"log_history": progress.log, "global_step": summary.steps, "paused": true}),
+            )?
+            .as_bytes(),
+        )?;
+        println!("paused after step {} (resume with --resume)", summary.steps);
         return Ok(Finished {
-            log: progress.log,
-            paused: true,
             seconds: start.elapsed().as_secs_f64(),
         });
     }
@@ -591,8 +591,6 @@ pub fn run(
         );
     }
     Ok(Finished {
-        log: progress.log,
-        paused: false,
         seconds: start.elapsed().as_secs_f64(),
     })
 }

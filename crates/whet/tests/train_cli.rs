@@ -2411,7 +2411,7 @@ fn a_sweep_finds_the_planted_best_stops_the_rest_early_and_resumes() {
     let dir = tempfile::tempdir().unwrap();
     let r = recipe(dir.path(), "head", "leakage = \"off\"");
     let out = dir.path().join("out");
-    let sweep = |crash: Option<&str>| {
+    let sweep = |crash: Option<&str>, jobs: &str| {
         let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_whet"));
         c.env("WHET_CACHE", crate::common::cache()).args([
             "sweep",
@@ -2421,6 +2421,9 @@ fn a_sweep_finds_the_planted_best_stops_the_rest_early_and_resumes() {
             "--grid",
             "training.learning_rate=1e-9,3e-3,1e-8",
         ]);
+        if !jobs.is_empty() {
+            c.args(["--jobs", jobs]);
+        }
         if let Some(at) = crash {
             c.env("WHET_CRASH_AT", at);
         }
@@ -2429,8 +2432,17 @@ fn a_sweep_finds_the_planted_best_stops_the_rest_early_and_resumes() {
     let state = || -> serde_json::Value {
         serde_json::from_str(&std::fs::read_to_string(out.join("sweep.json")).unwrap()).unwrap()
     };
-    let first = sweep(Some("step:6"));
+    // The first rung's three trials run two at a time (processes of their own) where the
+    // memory plan says they fit; the second rung's one trial runs in the sweep's process,
+    // which the crash point aborts.
+    let first = sweep(Some("step:6"), "");
     assert!(!first.status.success(), "the crash point aborts the sweep");
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2 {
+        let said = String::from_utf8_lossy(&first.stdout);
+        assert!(said.contains("2 trial(s) at a time"), "{said}");
+        let log = std::fs::read_to_string(out.join("trial-0/train.log")).unwrap();
+        assert!(log.contains("paused after step 3"), "{log}");
+    }
     let s = state();
     assert_eq!(s["rungs"], serde_json::json!([3, 9]));
     let status =
@@ -2448,7 +2460,7 @@ fn a_sweep_finds_the_planted_best_stops_the_rest_early_and_resumes() {
         assert!(!out.join(format!("trial-{i}/checkpoint-6")).exists());
     }
 
-    let second = sweep(None);
+    let second = sweep(None, "1");
     let text = String::from_utf8_lossy(&second.stdout).into_owned();
     assert!(
         second.status.success(),

@@ -607,27 +607,18 @@ pub fn report_table(
 impl Task for ClassificationTask {
     fn split_texts(&self) -> Vec<(&'static str, Vec<whet_data::leakage::Text>)> {
         let p = &self.p;
-        [
-            ("train", Some(&p.train)),
-            ("validation", p.validation.as_ref()),
-            ("test", p.test.as_ref()),
-        ]
-        .into_iter()
-        .filter_map(|(name, split)| {
-            let texts = split?
-                .examples
-                .iter()
-                .map(|e| whet_data::leakage::Text {
+        crate::task::splits(&p.train, p.validation.as_ref(), p.test.as_ref())
+            .map(|(name, split)| {
+                let texts = split.examples.iter().map(|e| whet_data::leakage::Text {
                     origin: e.origin.clone(),
                     text: match &e.text_pair {
                         Some(pair) => format!("{}\n{pair}", e.text),
                         None => e.text.clone(),
                     },
-                })
-                .collect();
-            Some((name, texts))
-        })
-        .collect()
+                });
+                (name, texts.collect())
+            })
+            .collect()
     }
 
     fn describe(&self) -> Vec<String> {

@@ -63,24 +63,19 @@ impl PpoTask {
 impl Task for PpoTask {
     fn split_texts(&self) -> Vec<(&'static str, Vec<whet_data::leakage::Text>)> {
         let p = &self.p;
-        [
-            ("train", Some(&p.train)),
-            ("validation", p.validation.as_ref()),
-            ("test", p.test.as_ref()),
-        ]
-        .into_iter()
-        .filter_map(|(name, prompts)| {
-            let texts = prompts?
-                .iter()
-                .enumerate()
-                .map(|(i, prompt)| whet_data::leakage::Text {
-                    origin: format!("{name} prompt {}", i + 1),
-                    text: prompt.text.clone(),
-                })
-                .collect();
-            Some((name, texts))
-        })
-        .collect()
+        crate::task::splits(&p.train, p.validation.as_ref(), p.test.as_ref())
+            .map(|(name, prompts)| {
+                let texts =
+                    prompts
+                        .iter()
+                        .enumerate()
+                        .map(|(i, prompt)| whet_data::leakage::Text {
+                            origin: format!("{name} prompt {}", i + 1),
+                            text: prompt.text.clone(),
+                        });
+                (name, texts.collect())
+            })
+            .collect()
     }
 
     fn describe(&self) -> Vec<String> {
