@@ -11,6 +11,14 @@ pub enum ModelError {
     #[error(transparent)]
     Hub(Box<whet_hub::HubError>),
 
+    /// No local file or folder has this name, and as a Hub repo id it cannot be fetched.
+    #[error("no local file or folder {spec:?}; as a Hugging Face repo id: {source}")]
+    NotLocal {
+        spec: String,
+        #[source]
+        source: Box<whet_hub::HubError>,
+    },
+
     /// A file the model folder must contain is not there.
     #[error("missing file {path}: {hint}")]
     MissingFile { path: PathBuf, hint: String },

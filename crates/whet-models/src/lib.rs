@@ -232,7 +232,17 @@ impl Checkpoint {
                     .into(),
             });
         }
-        Self::open_local(whet_hub::model_path(spec, revision, gguf_file)?)
+        let path = whet_hub::model_path(spec, revision, gguf_file).map_err(|e| {
+            if spec.exists() {
+                ModelError::from(e)
+            } else {
+                ModelError::NotLocal {
+                    spec: spec.display().to_string(),
+                    source: Box::new(e),
+                }
+            }
+        })?;
+        Self::open_local(path)
     }
 
     fn open_local(path: PathBuf) -> Result<Self> {

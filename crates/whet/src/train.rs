@@ -489,7 +489,10 @@ pub fn run(
         crate::plan::check(&plan)?;
     }
     print_lines(&task.describe());
-    check_leakage(task.as_ref(), leakage, &out)?;
+    let mut extra: Vec<String> = vec![];
+    if check_leakage(task.as_ref(), leakage, &out)? {
+        extra.push("leakage.json".into());
+    }
     task.write_data(&out.join("data"))?;
     print_lines(&task.sample(true)?);
 
@@ -529,6 +532,7 @@ pub fn run(
     let outcome = task.evaluate(&summary)?;
     for (name, bytes) in &outcome.files {
         whet_models::fsutil::write_atomic(&out.join(name), bytes)?;
+        extra.push(name.clone());
     }
     let mut results = outcome.results;
     results.extend(train_results(&summary, &task.counts()));
@@ -565,6 +569,7 @@ pub fn run(
             &out.join("samples.md"),
             samples_table(&samples_before, &during, &samples_after).as_bytes(),
         )?;
+        extra.push("samples.md".into());
     }
     print_lines(&task.sample(false)?);
     print_lines(&outcome.lines);
@@ -577,6 +582,9 @@ pub fn run(
         report.adapter,
         report.files,
     );
+    if !extra.is_empty() {
+        println!("also wrote: {}", extra.join(", "));
+    }
     if let Some(line) = padding_line(&summary, padding_free) {
         println!("{line}");
     }
@@ -625,18 +633,19 @@ fn forgetting_line(
 
 /// The leakage check before training (`data.leakage`): printed, written to
 /// `OUT/leakage.json`, and with "error" a refusal when a held-out split repeats training rows.
+/// Whether it ran.
 fn check_leakage(
     task: &dyn whet_train::task::Task,
     mode: whet_data::leakage::Mode,
     out: &Path,
-) -> Result<()> {
+) -> Result<bool> {
     use whet_data::leakage::Mode;
     if mode == Mode::Off {
-        return Ok(());
+        return Ok(false);
     }
     let splits = task.split_texts();
     if splits.is_empty() {
-        return Ok(());
+        return Ok(false);
     }
     let report = whet_data::leakage::check(&splits);
     print_lines(&report.lines());
@@ -651,7 +660,7 @@ fn check_leakage(
             out.join("leakage.json").display()
         );
     }
-    Ok(())
+    Ok(true)
 }
 
 fn print_lines(lines: &[String]) {

@@ -290,7 +290,8 @@ fn a_gated_gguf_repo_needs_hf_token_and_errors_say_what_to_do() {
     // What a user gets wrong.
     let o = hub.run(&[], &["info", "whet-test/missing"]);
     assert!(
-        text(&o).contains("model whet-test/missing was not found on http://127.0.0.1"),
+        text(&o).contains("model whet-test/missing was not found on http://127.0.0.1")
+            && text(&o).contains("no local file or folder \"whet-test/missing\""),
         "{}",
         text(&o)
     );

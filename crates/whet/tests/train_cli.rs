@@ -351,6 +351,10 @@ fn label_counts_imbalance_and_confident_errors_are_reported() {
         assert!((0.5..=1.0).contains(&c), "{row}");
     }
     assert!(text.contains("errors.jsonl: the"), "{text}");
+    assert!(
+        text.contains("also wrote: leakage.json, errors.jsonl"),
+        "{text}"
+    );
 }
 
 #[test]
