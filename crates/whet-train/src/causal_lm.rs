@@ -760,9 +760,23 @@ impl Task for CausalLmTask {
     }
 
     /// A row's text: its fields' values in column order (conversations as their JSON).
+    /// A row's text: its fields' values in column order (conversations as their JSON); with
+    /// `block_size`, each block's text, since the blocks are what trains and is held out
+    /// (lines of plain text repeat by nature: a play's speaker names).
     fn split_texts(&self) -> Vec<(&'static str, Vec<whet_data::leakage::Text>)> {
-        self.p
-            .rows
+        let p = &self.p;
+        if self.run.recipe.data.block_size.is_some() {
+            return crate::task::splits(&p.train, p.validation.as_ref(), p.test.as_ref())
+                .map(|(name, blocks)| {
+                    let texts = blocks.iter().map(|b| whet_data::leakage::Text {
+                        origin: format!("{name} {}", b.origin),
+                        text: p.tokenizer.inner.decode(&b.ids, false).unwrap_or_default(),
+                    });
+                    (name, texts.collect())
+                })
+                .collect();
+        }
+        p.rows
             .iter()
             .map(|(name, rows)| {
                 let texts = rows

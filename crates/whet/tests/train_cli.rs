@@ -2500,3 +2500,58 @@ fn a_sweep_finds_the_planted_best_stops_the_rest_early_and_resumes() {
     );
     assert!(out.join("sweep.png").is_file() && out.join("trial-1/model.safetensors").is_file());
 }
+
+/// With `block_size`, the leakage check compares the blocks that train and are held out, not
+/// the lines of the text: a line repeated throughout (a play's speaker name) is no leak when
+/// every block differs.
+#[test]
+fn the_leakage_check_of_plain_text_blocks_compares_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_decoder("tiny-llama", dir.path());
+    let text: Vec<String> = (0..80)
+        .map(|i| {
+            if i % 2 == 0 {
+                "w5".to_string()
+            } else {
+                format!("w{}", 10 + i)
+            }
+        })
+        .collect();
+    let data = dir.path().join("play.txt");
+    std::fs::write(&data, text.join("\n")).unwrap();
+    let run = |block: &str, name: &str| {
+        let out = dir.path().join(name);
+        let recipe = format!(
+            "model = \"{}\"\ntask = \"causal-lm\"\nmethod = \"full\"\n[data]\ntrain = \"{}\"\n\
+             {block}\nsplit = {{ validation = 0.2, seed = 1 }}\n[training]\n\
+             output_dir = \"{}\"\nmax_steps = 1\nper_device_train_batch_size = 2\n",
+            model.display(),
+            data.display(),
+            out.display()
+        );
+        let r = dir.path().join(format!("{name}.toml"));
+        std::fs::write(&r, recipe).unwrap();
+        let said = ok(&["train", r.to_str().unwrap()]);
+        let report: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("leakage.json")).unwrap())
+                .unwrap();
+        (said, report)
+    };
+    let (said, report) = run("block_size = 8", "blocks");
+    assert!(
+        said.contains("no duplicates within train or between the splits"),
+        "{said}"
+    );
+    for f in report["findings"].as_array().unwrap() {
+        assert_eq!(
+            (f["exact"].as_u64(), f["near"].as_u64()),
+            (Some(0), Some(0)),
+            "{f}"
+        );
+    }
+    // One example per line: the repeated line is seen.
+    let (_, report) = run("max_length = 16", "lines");
+    let train = &report["findings"][0];
+    assert_eq!(train["split"], "train");
+    assert!(train["exact"].as_u64().unwrap() >= 20, "{train}");
+}
