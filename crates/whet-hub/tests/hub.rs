@@ -282,7 +282,23 @@ fn the_hubs_errors_name_the_repo_revision_or_file() {
         )
         .unwrap();
     assert_eq!(std::fs::read(&path).unwrap(), b"GGUF stand-in");
-    assert!(server.requests().iter().any(|r| r.contains("/cdn/")));
+    // The token goes to the Hub, never to the CDN it redirects to.
+    let log = server.requests();
+    assert!(
+        log.iter()
+            .any(|r| r.starts_with("GET /api/") && r.contains(" auth")),
+        "{log:?}"
+    );
+    assert!(
+        log.iter()
+            .any(|r| r.contains("/resolve/") && r.contains(" auth")),
+        "{log:?}"
+    );
+    let cdn: Vec<&String> = log.iter().filter(|r| r.contains("/cdn/")).collect();
+    assert!(
+        !cdn.is_empty() && cdn.iter().all(|r| !r.contains(" auth")),
+        "{log:?}"
+    );
     // Only the file asked for.
     assert!(!path.with_file_name("model-q4_0.gguf").exists());
     let e = right

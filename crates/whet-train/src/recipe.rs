@@ -673,6 +673,24 @@ impl Recipe {
                 ));
             }
         }
+        // [eval]'s measures exist for some tasks only: set elsewhere, they are refused.
+        let decoder_lm = matches!(recipe.task, TaskKind::CausalLm | TaskKind::Dpo);
+        if !decoder_lm
+            && (recipe.eval.general_text.is_some()
+                || recipe.eval.general_tokens != d_general_tokens())
+        {
+            return Err(TrainError::option(
+                "eval.general_text / eval.general_tokens",
+                "the forgetting report measures a language model: task = \"causal-lm\" or \
+                 \"dpo\"",
+            ));
+        }
+        if recipe.eval.generate > 0 && recipe.task != TaskKind::CausalLm {
+            return Err(TrainError::option(
+                "eval.generate",
+                "samples during training continue held-out prompts of task = \"causal-lm\"",
+            ));
+        }
         if let Some(side) = recipe.data.truncation_side {
             let meaningless = if recipe.task == TaskKind::QuestionAnswering {
                 Some(
@@ -1238,5 +1256,32 @@ learning_rate = 1e-3
         };
         assert!(lm("error").unwrap_err().to_string().contains("too_long"));
         assert_eq!(lm("truncate").unwrap().data.side(Side::Right), Side::Left);
+    }
+
+    /// `[eval]` keys a task does not use are refused, not ignored.
+    #[test]
+    fn eval_measures_are_refused_where_the_task_has_none() {
+        let with = |task: &str, key: &str| {
+            Recipe::parse(BASE, &[format!("task=\"{task}\""), key.to_string()])
+        };
+        for (task, key, ok) in [
+            (
+                "sequence-classification",
+                "eval.general_text=\"g.txt\"",
+                false,
+            ),
+            ("reward-model", "eval.general_tokens=128", false),
+            ("sequence-classification", "eval.generate=2", false),
+            ("dpo", "eval.generate=2", false),
+            ("causal-lm", "eval.generate=2", true),
+            ("causal-lm", "eval.general_text=\"g.txt\"", true),
+            ("dpo", "eval.general_tokens=128", true),
+        ] {
+            let r = with(task, key);
+            assert_eq!(r.is_ok(), ok, "{task} {key}: {r:?}");
+            if let Err(e) = r {
+                assert!(e.to_string().contains("eval."), "{e}");
+            }
+        }
     }
 }

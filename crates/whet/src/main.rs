@@ -291,27 +291,8 @@ enum Command {
     Sweep {
         /// The recipe file (needs training.max_steps and validation data).
         recipe: PathBuf,
-        /// Override a recipe value for every trial (repeatable).
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        set: Vec<String>,
-        /// Values to try for a key, e.g. --grid training.learning_rate=1e-4,3e-4,1e-3
-        /// (repeatable: every combination is a trial).
-        #[arg(long, value_name = "KEY=V1,V2,...")]
-        grid: Vec<String>,
-        /// A range to draw a key from, e.g. --random training.learning_rate=1e-5:1e-3:log
-        /// (uniform; :log for log-uniform; integers when both ends are; repeatable).
-        #[arg(long, value_name = "KEY=LOW:HIGH[:log]")]
-        random: Vec<String>,
-        /// How many trials to draw with --random (default 8), each with the next --grid
-        /// combination in turn.
-        #[arg(long)]
-        trials: Option<usize>,
-        /// The halving rate: after each rung the best 1/eta of the trials go on.
-        #[arg(long, default_value_t = 3)]
-        eta: usize,
-        /// Seed of the --random draws.
-        #[arg(long, default_value_t = 42)]
-        seed: u64,
+        #[command(flatten)]
+        search: sweep::Search,
         /// Trials to run at once, each a process of its own with a share of the cores
         /// (default: as many as the memory plan says fit, at most one per core; 1: one after
         /// another).
@@ -630,25 +611,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Plan { recipe, set, json } => plan::run(&recipe, &set, json),
         Command::Sweep {
             recipe,
-            set,
-            grid,
-            random,
-            trials,
-            eta,
-            seed,
+            search,
             jobs,
-        } => sweep::run(
-            &recipe,
-            sweep::Search {
-                set,
-                grid,
-                random,
-                trials,
-                eta,
-                seed,
-            },
-            jobs,
-        ),
+        } => sweep::run(&recipe, search, jobs),
         Command::Eval {
             model,
             data,

@@ -28,14 +28,29 @@ use serde::{Deserialize, Serialize};
 
 use crate::plot::{Series, Style, line_chart};
 
-/// What `whet sweep` was asked.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// What `whet sweep` was asked (its trials and their order; `sweep.json` keeps it to resume).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Args)]
 pub struct Search {
+    /// Override a recipe value for every trial (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
+    /// Values to try for a key, e.g. --grid training.learning_rate=1e-4,3e-4,1e-3
+    /// (repeatable: every combination is a trial).
+    #[arg(long, value_name = "KEY=V1,V2,...")]
     pub grid: Vec<String>,
+    /// A range to draw a key from, e.g. --random training.learning_rate=1e-5:1e-3:log
+    /// (uniform; :log for log-uniform; integers when both ends are; repeatable).
+    #[arg(long, value_name = "KEY=LOW:HIGH[:log]")]
     pub random: Vec<String>,
+    /// How many trials to draw with --random (default 8), each with the next --grid
+    /// combination in turn.
+    #[arg(long)]
     pub trials: Option<usize>,
+    /// The halving rate: after each rung the best 1/eta of the trials go on.
+    #[arg(long, default_value_t = 3)]
     pub eta: usize,
+    /// Seed of the --random draws.
+    #[arg(long, default_value_t = 42)]
     pub seed: u64,
 }
 
@@ -341,7 +356,6 @@ pub fn run(recipe_path: &Path, search: Search, jobs: Option<usize>) -> Result<()
                 .map(|r| {
                     let resume = r.resume.then_some("latest");
                     crate::train::run(recipe_path, &r.set, resume, r.stop_at)
-                        .map(|done| done.seconds)
                 })
                 .collect()
         };

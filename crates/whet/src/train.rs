@@ -441,20 +441,14 @@ fn print_summary(
     );
 }
 
-/// What a run (or a sweep's part of one) did.
-pub struct Finished {
-    /// Wall-clock seconds of the run.
-    pub seconds: f64,
-}
-
 /// A training run; with `stop_at`, paused after that step's evaluation and checkpoint (a
-/// sweep's rung), to be resumed from the checkpoint.
+/// sweep's rung), to be resumed from the checkpoint. Returns the run's wall-clock seconds.
 pub fn run(
     recipe_path: &Path,
     set: &[String],
     resume: Option<&str>,
     stop_at: Option<usize>,
-) -> Result<Finished> {
+) -> Result<f64> {
     let (recipe, resume) = start_run(recipe_path, set, resume)?;
     let out = recipe.training.output_dir.clone();
     let training = recipe.training.clone();
@@ -524,9 +518,7 @@ pub fn run(
             .as_bytes(),
         )?;
         println!("paused after step {} (resume with --resume)", summary.steps);
-        return Ok(Finished {
-            seconds: start.elapsed().as_secs_f64(),
-        });
+        return Ok(start.elapsed().as_secs_f64());
     }
 
     let outcome = task.evaluate(&summary)?;
@@ -598,9 +590,7 @@ pub fn run(
             out.join("runs").display()
         );
     }
-    Ok(Finished {
-        seconds: start.elapsed().as_secs_f64(),
-    })
+    Ok(start.elapsed().as_secs_f64())
 }
 
 /// Records the forgetting report in `all_results.json` (`general_perplexity_before`, `_after`,

@@ -42,7 +42,7 @@ pub struct Options {
 pub struct Server {
     /// `http://127.0.0.1:PORT`
     pub endpoint: String,
-    /// Every request: `METHOD PATH [range]`.
+    /// Every request: `METHOD PATH [auth] [range]` (`auth`: it carried an Authorization header).
     pub log: Arc<Mutex<Vec<String>>>,
 }
 
@@ -188,8 +188,13 @@ fn serve(mut stream: TcpStream, state: &State) -> std::io::Result<()> {
         return Ok(());
     };
     let range = request.headers.get("range").cloned();
+    let auth = if request.headers.contains_key("authorization") {
+        " auth"
+    } else {
+        ""
+    };
     state.log.lock().unwrap().push(format!(
-        "{} {}{}",
+        "{} {}{auth}{}",
         request.method,
         request.path,
         range

@@ -286,15 +286,15 @@ pub fn run_training(
     )
 }
 
-/// Evaluates a split (padding-free when asked).
+/// Evaluates a split (padding-free when asked): loss, report, each example's probabilities.
 pub fn evaluate_split(
     p: &Prepared,
     split: &Split,
     batch: usize,
     padding_free: bool,
     device: &Device,
-) -> Result<(f64, whet_metrics::ClassificationReport)> {
-    let (loss, report, _) = evaluate(
+) -> Result<(f64, whet_metrics::ClassificationReport, Vec<Vec<f32>>)> {
+    Ok(evaluate(
         &p.model,
         &split.encoded,
         p.labels.len(),
@@ -302,8 +302,7 @@ pub fn evaluate_split(
         p.pad_id,
         padding_free,
         device,
-    )?;
-    Ok((loss, report))
+    )?)
 }
 
 /// The most frequent label of the training split outnumbering the rarest this many times is a
@@ -372,31 +371,19 @@ pub fn distribution_lines(p: &Prepared) -> Vec<String> {
     lines
 }
 
-/// The most confident wrong predictions on a split, most confident first (at most `limit`):
-/// a JSON object each with the text, the label, the prediction, its confidence and the origin.
-/// Single-label: the predicted class's probability; multi-label: the most confident of the
-/// labels decided wrongly.
+/// The most confident wrong predictions on a split, most confident first (at most `limit`),
+/// from its evaluation's probabilities: a JSON object each with the text, the label, the
+/// prediction, its confidence and the origin. Single-label: the predicted class's probability;
+/// multi-label: the most confident of the labels decided wrongly.
 pub fn confident_errors(
     p: &Prepared,
     split: &Split,
-    batch: usize,
-    padding_free: bool,
-    device: &Device,
+    probs: &[Vec<f32>],
     limit: usize,
-) -> Result<Vec<serde_json::Value>> {
-    let probs = objective::probabilities(
-        &p.model,
-        &split.encoded,
-        p.labels.len(),
-        batch,
-        p.pad_id,
-        padding_free,
-        p.multi_label,
-        device,
-    )?;
+) -> Vec<serde_json::Value> {
     let names = &p.labels.0;
     let mut wrong: Vec<(f32, serde_json::Value)> = vec![];
-    for (e, probs) in split.examples.iter().zip(&probs) {
+    for (e, probs) in split.examples.iter().zip(probs) {
         let (confidence, truth, predicted) = match &e.label {
             Target::Class(c) => {
                 let (best, &pb) = probs
@@ -440,7 +427,7 @@ pub fn confident_errors(
         ));
     }
     wrong.sort_by(|a, b| b.0.total_cmp(&a.0));
-    Ok(wrong.into_iter().take(limit).map(|(_, v)| v).collect())
+    wrong.into_iter().take(limit).map(|(_, v)| v).collect()
 }
 
 /// Saves the result into `out`: a `peft` adapter folder for LoRA, a `transformers` folder
@@ -727,9 +714,9 @@ impl Task for ClassificationTask {
         let padding_free = self.run.recipe.padding_free();
         let mut out = Outcome::default();
         if let Some(v) = &p.validation {
-            let (loss, r) = evaluate_split(p, v, batch, padding_free, &self.run.device)?;
+            let (loss, r, probs) = evaluate_split(p, v, batch, padding_free, &self.run.device)?;
             out.results.extend(metric_map("eval", loss, &r, &p.labels));
-            let errors = confident_errors(p, v, batch, padding_free, &self.run.device, ERRORS)?;
+            let errors = confident_errors(p, v, &probs, ERRORS);
             out.lines.push(format!(
                 "errors.jsonl: the {} most confident wrong predictions on validation",
                 errors.len()
@@ -738,7 +725,7 @@ impl Task for ClassificationTask {
             out.files.push(("errors.jsonl".into(), text.into_bytes()));
         }
         if let Some(t) = &p.test {
-            let (loss, r) = evaluate_split(p, t, batch, padding_free, &self.run.device)?;
+            let (loss, r, _) = evaluate_split(p, t, batch, padding_free, &self.run.device)?;
             out.results.extend(metric_map("test", loss, &r, &p.labels));
             out.lines
                 .push(report_table("test set", loss, &r, &p.labels.0));

@@ -193,7 +193,8 @@ pub fn report(truth: &[Target], preds: &[Target], n_labels: usize) -> Classifica
     }
 }
 
-/// Loss and predictions over a dataset, in evaluation mode (padding-free when asked).
+/// Loss, the metrics report and each example's class probabilities (softmax; a sigmoid per
+/// label for multi-label) over a dataset, in evaluation mode (padding-free when asked).
 pub fn evaluate(
     model: &Classifier,
     data: &[Encoded],
@@ -202,7 +203,7 @@ pub fn evaluate(
     pad_id: u32,
     padding_free: bool,
     device: &Device,
-) -> whet_models::Result<(f64, ClassificationReport, Vec<Target>)> {
+) -> whet_models::Result<(f64, ClassificationReport, Vec<Vec<f32>>)> {
     // Evaluate on the plain backend: no autodiff graph is recorded for forward passes that are
     // never differentiated.
     let model = &model.valid();
@@ -211,55 +212,29 @@ pub fn evaluate(
     let multi = data.iter().any(|e| matches!(e.label, Target::Multi(_)));
     let mut loss = 0.0;
     let mut preds = Vec::with_capacity(data.len());
+    let mut probs = Vec::with_capacity(data.len());
     for chunk in data.chunks(batch_size.max(1)) {
         let items: Vec<&Encoded> = chunk.iter().collect();
         let b = collate(&items, pad_id);
         let (input, labels) = to_input(&b, device, with_types, n_labels, padding_free);
         let logits = model.forward(input, Mode::Eval)?;
         loss += summed_loss(logits.clone(), labels).into_scalar::<f32>() as f64;
-        preds.extend(predictions(logits, multi));
-    }
-    let truth: Vec<Target> = data.iter().map(|e| e.label.clone()).collect();
-    let report = report(&truth, &preds, n_labels);
-    Ok((loss / data.len().max(1) as f64, report, preds))
-}
-
-/// Each example's class probabilities (softmax; sigmoid per label for multi-label), on the
-/// plain backend.
-#[allow(clippy::too_many_arguments)]
-pub fn probabilities(
-    model: &Classifier,
-    data: &[Encoded],
-    n_labels: usize,
-    batch_size: usize,
-    pad_id: u32,
-    padding_free: bool,
-    multi_label: bool,
-    device: &Device,
-) -> whet_models::Result<Vec<Vec<f32>>> {
-    let model = &model.valid();
-    let device = &device.clone().without_autodiff();
-    let with_types = matches!(model, Classifier::Bert(_));
-    let mut out = Vec::with_capacity(data.len());
-    for chunk in data.chunks(batch_size.max(1)) {
-        let items: Vec<&Encoded> = chunk.iter().collect();
-        let b = collate(&items, pad_id);
-        let (input, _) = to_input(&b, device, with_types, n_labels, padding_free);
-        let logits = model.forward(input, Mode::Eval)?;
+        preds.extend(predictions(logits.clone(), multi));
         let [n, c] = logits.dims();
-        let probs = if multi_label {
+        let p: Vec<f32> = if multi {
             burn::tensor::activation::sigmoid(logits)
         } else {
             burn::tensor::activation::softmax(logits, 1)
-        };
-        let v: Vec<f32> = probs
-            .into_data()
-            .convert::<f32>()
-            .try_to_vec()
-            .unwrap_or_default();
-        out.extend((0..n).map(|i| v[i * c..(i + 1) * c].to_vec()));
+        }
+        .into_data()
+        .convert::<f32>()
+        .try_to_vec()
+        .unwrap_or_default();
+        probs.extend(p.chunks(c.max(1)).take(n).map(<[f32]>::to_vec));
     }
-    Ok(out)
+    let truth: Vec<Target> = data.iter().map(|e| e.label.clone()).collect();
+    let report = report(&truth, &preds, n_labels);
+    Ok((loss / data.len().max(1) as f64, report, probs))
 }
 
 /// Trains a classifier (see [`crate::trainer::train`]).
