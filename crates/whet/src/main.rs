@@ -530,6 +530,10 @@ fn run(cli: Cli) -> Result<()> {
     DEVICE_SPEC
         .set(spec)
         .map_err(|_| anyhow::anyhow!("the device was set twice"))?;
+    if let Some(arg) = &cli.device {
+        // `whet sweep` hands it to the trials it runs as processes of their own.
+        let _ = DEVICE_ARG.set(arg.clone());
+    }
     match cli.command {
         Command::Info { path } => info(path),
         Command::Generate(args) => generate(args),
@@ -653,6 +657,17 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 static DEVICE_SPEC: OnceLock<DeviceSpec> = OnceLock::new();
+static DEVICE_ARG: OnceLock<String> = OnceLock::new();
+
+/// The `--device` value given, if one was.
+pub(crate) fn device_arg() -> Option<&'static str> {
+    DEVICE_ARG.get().map(String::as_str)
+}
+
+/// Whether the run computes on the CPU (`--device` / `WHET_DEVICE` unset or `cpu`).
+pub(crate) fn on_cpu() -> bool {
+    matches!(DEVICE_SPEC.get(), None | Some(DeviceSpec::Cpu))
+}
 static DEVICE: OnceLock<Opened> = OnceLock::new();
 
 /// The device of `--device` / `WHET_DEVICE`, opened on the first call.

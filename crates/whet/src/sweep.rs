@@ -446,10 +446,11 @@ struct RunArgs {
 }
 
 /// How many trials fit at once: the memory plan of the first trial against the memory
-/// available, at most one per core (1 when the plan does not cover the task).
+/// available, at most one per core (1 when the plan does not cover the task, or off the CPU).
 fn fitting_jobs(recipe_path: &Path, search: &Search, settings: &[String]) -> Result<usize> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if cores < 2 {
+    // The plan measures host memory; an accelerator's trials share its memory and compute.
+    if cores < 2 || !crate::on_cpu() {
         return Ok(1);
     }
     let mut set = search.set.clone();
@@ -514,6 +515,9 @@ fn run_process(recipe_path: &Path, r: &RunArgs, threads: usize) -> Result<f64> {
         .open(&log_path)
         .with_context(|| format!("cannot open {}", log_path.display()))?;
     let mut c = std::process::Command::new(std::env::current_exe()?);
+    if let Some(device) = crate::device_arg() {
+        c.arg("--device").arg(device);
+    }
     c.arg("train").arg(recipe_path);
     for s in &r.set {
         c.arg("--set").arg(s);

@@ -2427,6 +2427,9 @@ fn a_sweep_finds_the_planted_best_stops_the_rest_early_and_resumes() {
         ]);
         if !jobs.is_empty() {
             c.args(["--jobs", jobs]);
+        } else {
+            // Handed on to the trials that run as processes.
+            c.args(["--device", "cpu"]);
         }
         if let Some(at) = crash {
             c.env("WHET_CRASH_AT", at);
