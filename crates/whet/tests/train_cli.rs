@@ -355,6 +355,27 @@ fn label_counts_imbalance_and_confident_errors_are_reported() {
         text.contains("also wrote: leakage.json, errors.jsonl"),
         "{text}"
     );
+    // A label named but absent from the training split.
+    let text = ok(&[
+        "train",
+        r.to_str().unwrap(),
+        "--set",
+        &format!("data.train=\"{}\"", t.display()),
+        "--set",
+        &format!("data.validation=\"{}\"", v.display()),
+        "--set",
+        "data.label_names=[\"neg\", \"pos\", \"other\"]",
+        "--set",
+        "training.max_steps=1",
+    ]);
+    assert!(
+        text.contains("labels in train: neg 2 (6.2%), pos 30 (93.8%), other 0 (0.0%)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("warning: label \"other\" has no training example"),
+        "{text}"
+    );
 }
 
 #[test]
