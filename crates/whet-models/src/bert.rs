@@ -1,9 +1,14 @@
-//! BERT encoder (covers BERT and MiniLM / sentence-transformers checkpoints).
+//! BERT encoder (covers BERT and MiniLM / sentence-transformers checkpoints), and RoBERTa and
+//! XLM-RoBERTa, which are BERT with three changes: positions numbered from `padding_idx + 1`
+//! over non-pad tokens, one token type, and a classification head of its own
+//! (`classifier.dense`, tanh, `classifier.out_proj`) in place of the pooler.
 //!
-//! Paper: Devlin et al. 2019, "BERT: Pre-training of Deep Bidirectional Transformers"
-//! (<https://arxiv.org/abs/1810.04805>). Matches `transformers.models.bert.modeling_bert`
-//! (`BertModel`, `BertForSequenceClassification`, `BertForQuestionAnswering`); parameter names
-//! are that module's, with or without the `bert.` prefix.
+//! Papers: Devlin et al. 2019, "BERT: Pre-training of Deep Bidirectional Transformers"
+//! (<https://arxiv.org/abs/1810.04805>); Liu et al. 2019, "RoBERTa: A Robustly Optimized BERT
+//! Pretraining Approach" (<https://arxiv.org/abs/1907.11692>). Matches
+//! `transformers.models.bert.modeling_bert` (`BertModel`, `BertForSequenceClassification`,
+//! `BertForQuestionAnswering`) and `roberta` / `xlm_roberta`; parameter names are those
+//! modules', with or without the `bert.` / `roberta.` prefix.
 
 use std::path::Path;
 
@@ -24,6 +29,12 @@ use crate::weights::{VisitParams, Visitor, Weights, join};
 /// BERT hyper-parameters, as in `transformers.BertConfig`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct BertConfig {
+    /// `bert`, `roberta` or `xlm-roberta`.
+    #[serde(default = "default_model_type")]
+    pub model_type: String,
+    /// Only `absolute` is implemented.
+    #[serde(default)]
+    pub position_embedding_type: Option<String>,
     pub vocab_size: usize,
     pub hidden_size: usize,
     pub num_hidden_layers: usize,
@@ -50,6 +61,9 @@ pub struct BertConfig {
     pub head: HeadFields,
 }
 
+fn default_model_type() -> String {
+    "bert".into()
+}
 fn default_act() -> Activation {
     Activation::Gelu
 }
@@ -70,6 +84,38 @@ impl BertConfig {
     /// Reads `config.json` from a model folder.
     pub fn from_folder(dir: &Path) -> Result<Self> {
         read_json(&dir.join("config.json"))
+    }
+
+    /// RoBERTa and XLM-RoBERTa.
+    pub fn is_roberta(&self) -> bool {
+        matches!(self.model_type.as_str(), "roberta" | "xlm-roberta")
+    }
+
+    /// The padding index RoBERTa numbers positions after (1 by default).
+    fn padding_idx(&self) -> usize {
+        self.pad_token_id
+            .unwrap_or(if self.is_roberta() { 1 } else { 0 }) as usize
+    }
+
+    /// The longest input the position table holds: RoBERTa's first position is
+    /// `padding_idx + 1`.
+    pub fn positions(&self) -> usize {
+        if self.is_roberta() {
+            self.max_position_embeddings
+                .saturating_sub(self.padding_idx() + 1)
+        } else {
+            self.max_position_embeddings
+        }
+    }
+
+    /// Refuses what whet does not implement, by name.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        match self.position_embedding_type.as_deref() {
+            None | Some("absolute") => Ok(()),
+            Some(other) => Err(format!(
+                "position_embedding_type = {other:?} is not implemented (absolute is)"
+            )),
+        }
     }
 }
 
@@ -95,6 +141,10 @@ pub struct BertEmbeddings {
     pub token_type_embeddings: Embedding,
     pub layer_norm: LayerNorm,
     pub dropout: f64,
+    /// RoBERTa: positions count non-pad tokens from `padding_idx + 1`, and the one token type
+    /// is 0.
+    #[module(skip)]
+    pub roberta_padding_idx: Option<usize>,
 }
 
 impl BertEmbeddings {
@@ -106,11 +156,13 @@ impl BertEmbeddings {
                 c.hidden_size,
             )?
             .with_padding_idx(Some(c.pad_token_id.unwrap_or(0))),
+            // RoBERTa's padding position gets no gradient (`padding_idx`), as its word does.
             position_embeddings: Embedding::load(
                 &vb.pp("position_embeddings"),
                 c.max_position_embeddings,
                 c.hidden_size,
-            )?,
+            )?
+            .with_padding_idx(c.is_roberta().then(|| c.padding_idx() as u32)),
             token_type_embeddings: Embedding::load(
                 &vb.pp("token_type_embeddings"),
                 c.type_vocab_size,
@@ -118,6 +170,7 @@ impl BertEmbeddings {
             )?,
             layer_norm: LayerNorm::load(&vb.pp("LayerNorm"), c.hidden_size, c.layer_norm_eps)?,
             dropout: c.hidden_dropout_prob,
+            roberta_padding_idx: c.is_roberta().then(|| c.padding_idx()),
         })
     }
 
@@ -137,18 +190,40 @@ impl BertEmbeddings {
         first: usize,
         mode: Mode,
     ) -> Tensor<3> {
+        let device = ids.device();
+        let [b, t] = ids.dims();
+        let positions = match self.roberta_padding_idx {
+            // `create_position_ids_from_input_ids`: (cumsum(ids != pad) + past) * (ids != pad)
+            // + pad, so pads keep position `pad` wherever they are.
+            Some(pad) if soft_prompt.is_none() => {
+                let real = ids.clone().not_equal_elem(pad as i64).int();
+                (real.clone().cumsum(1).add_scalar(first as i64) * real).add_scalar(pad as i64)
+            }
+            // With `inputs_embeds` (a soft prompt in front), positions run on from `pad + 1`.
+            Some(pad) => {
+                let n = t + soft_prompt.as_ref().map_or(0, |e| e.dims()[1]);
+                Tensor::<1, Int>::arange((pad + 1) as i64..(pad + 1 + n) as i64, &device)
+                    .reshape([1, n])
+                    .expand([b, n])
+            }
+            None => {
+                let n = t + soft_prompt.as_ref().map_or(0, |e| e.dims()[1]);
+                Tensor::<1, Int>::arange(first as i64..(first + n) as i64, &device)
+                    .reshape([1, n])
+                    .expand([b, n])
+            }
+        };
         let mut words = self.word_embeddings.forward(ids);
-        let mut types = types;
+        let mut types = match self.roberta_padding_idx {
+            Some(_) => types.zeros_like(),
+            None => types,
+        };
         if let Some(e) = soft_prompt {
             let [b, p, _] = e.dims();
             // (B, P, H) ++ (B, T, H) -> (B, P + T, H)
             words = Tensor::cat(vec![e, words], 1);
             types = Tensor::cat(vec![Tensor::zeros([b, p], &types.device()), types], 1);
         }
-        let [b, t, _] = words.dims();
-        let positions = Tensor::<1, Int>::arange(first as i64..(first + t) as i64, &types.device())
-            .reshape([1, t])
-            .expand([b, t]);
         let x = words
             + self.position_embeddings.forward(positions)
             + self.token_type_embeddings.forward(types);
@@ -401,12 +476,21 @@ impl VisitParams for BertModel {
     }
 }
 
-/// The checkpoint prefix of the encoder: `bert` in task checkpoints, none in bare ones.
+/// The checkpoint prefix of the encoder: `bert` / `roberta` in task checkpoints, none in bare
+/// ones.
 fn base_prefix(vb: &Weights) -> &'static str {
-    if vb.contains("bert.embeddings.word_embeddings.weight") {
-        "bert"
-    } else {
-        ""
+    ["bert", "roberta"]
+        .into_iter()
+        .find(|p| vb.contains(&format!("{p}.embeddings.word_embeddings.weight")))
+        .unwrap_or("")
+}
+
+/// The prefix a task model saves its encoder under.
+fn task_prefix(found: &'static str, c: &BertConfig) -> &'static str {
+    match found {
+        "" if c.is_roberta() => "roberta",
+        "" => "bert",
+        p => p,
     }
 }
 
@@ -422,17 +506,22 @@ fn pool(dense: &Linear, x: Tensor<3>, mode: Mode) -> Tensor<2> {
     dense.forward(first, mode).tanh()
 }
 
-/// `BertForSequenceClassification`: pooler output, dropout, linear classifier.
+/// `BertForSequenceClassification`: pooler output, dropout, linear classifier. RoBERTa's head
+/// (`RobertaClassificationHead`) is the same layers under other names, with dropout before the
+/// dense layer as well: `out_proj(dropout(tanh(dense(dropout(first token)))))`.
 #[derive(Module, Debug)]
 pub struct BertForSequenceClassification {
     /// The encoder, its pooler moved out into `pooler` (the head always needs one).
     pub bert: BertModel,
-    /// `bert.pooler.dense` of the checkpoint.
+    /// `bert.pooler.dense` of the checkpoint (RoBERTa: `classifier.dense`).
     pub pooler: Linear,
+    /// `classifier` (RoBERTa: `classifier.out_proj`).
     pub classifier: Linear,
     pub dropout: f64,
     #[module(skip)]
     prefix: &'static str,
+    #[module(skip)]
+    roberta: bool,
 }
 
 impl BertForSequenceClassification {
@@ -443,6 +532,28 @@ impl BertForSequenceClassification {
         let prefix = base_prefix(vb);
         let mut bert = BertModel::load(&vb.pp(prefix), c)?;
         let n = c.head.num_labels();
+        if c.is_roberta() {
+            // RoBERTa's classifier has no pooler (a pretrained one is left unused, as
+            // `add_pooling_layer=False` leaves it).
+            bert.pooler = None;
+            let init = |name: &str, d_out| {
+                crate::load_or_init_linear(&vb.pp(name), c.hidden_size, d_out, c.initializer_range)
+            };
+            let (dense, mut fresh) = init("classifier.dense", c.hidden_size)?;
+            let (out_proj, more) = init("classifier.out_proj", n)?;
+            fresh.extend(more);
+            return Ok((
+                Self {
+                    bert,
+                    pooler: dense,
+                    classifier: out_proj,
+                    dropout: c.classifier_dropout.unwrap_or(c.hidden_dropout_prob),
+                    prefix: task_prefix(prefix, c),
+                    roberta: true,
+                },
+                fresh,
+            ));
+        }
         let (classifier, mut fresh) = crate::load_or_init_linear(
             &vb.pp("classifier"),
             c.hidden_size,
@@ -474,7 +585,8 @@ impl BertForSequenceClassification {
                 pooler,
                 classifier,
                 dropout: c.classifier_dropout.unwrap_or(c.hidden_dropout_prob),
-                prefix: if prefix.is_empty() { "bert" } else { prefix },
+                prefix: task_prefix(prefix, c),
+                roberta: false,
             },
             fresh,
         ))
@@ -483,7 +595,10 @@ impl BertForSequenceClassification {
     /// # Shapes
     /// - output logits `[B, num_labels]`
     pub fn forward(&self, input: EncoderInput, mode: Mode) -> Tensor<2> {
-        let x = self.bert.forward(input, mode).last_hidden_state;
+        let mut x = self.bert.forward(input, mode).last_hidden_state;
+        if self.roberta {
+            x = dropout(x, self.dropout, mode);
+        }
         let pooled = pool(&self.pooler, x, mode);
         self.classifier
             .forward(dropout(pooled, self.dropout, mode), mode)
@@ -494,8 +609,14 @@ impl VisitParams for BertForSequenceClassification {
     fn visit_params(&mut self, p: &str, v: &mut dyn Visitor) {
         let base = join(p, self.prefix);
         self.bert.visit_params(&base, v);
-        self.pooler.visit_params(&join(&base, "pooler.dense"), v);
-        self.classifier.visit_params(&join(p, "classifier"), v);
+        if self.roberta {
+            self.pooler.visit_params(&join(p, "classifier.dense"), v);
+            self.classifier
+                .visit_params(&join(p, "classifier.out_proj"), v);
+        } else {
+            self.pooler.visit_params(&join(&base, "pooler.dense"), v);
+            self.classifier.visit_params(&join(p, "classifier"), v);
+        }
     }
 }
 
@@ -521,7 +642,9 @@ impl BertForQuestionAnswering {
     /// Loads the encoder and the span head (initialised when absent, name returned).
     pub fn load(vb: &Weights, c: &BertConfig) -> Result<(Self, Vec<String>)> {
         let prefix = base_prefix(vb);
-        let bert = BertModel::load(&vb.pp(prefix), c)?;
+        let mut bert = BertModel::load(&vb.pp(prefix), c)?;
+        // `*ForQuestionAnswering` builds its encoder without the pooler.
+        bert.pooler = None;
         let (qa_outputs, fresh) = crate::load_or_init_linear(
             &vb.pp("qa_outputs"),
             c.hidden_size,
@@ -532,7 +655,7 @@ impl BertForQuestionAnswering {
             Self {
                 bert,
                 qa_outputs,
-                prefix: if prefix.is_empty() { "bert" } else { prefix },
+                prefix: task_prefix(prefix, c),
             },
             fresh,
         ))

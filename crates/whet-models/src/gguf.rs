@@ -258,6 +258,7 @@ pub fn llama_config(file: &GgufFile) -> Result<LlamaConfig> {
         eos_token_id: token("eos_token_id").map(|v| v.into()),
         sliding_window: u("attention.sliding_window").ok(),
         use_sliding_window: u("attention.sliding_window").ok().map(|_| true),
+        variant: Default::default(),
         head: Default::default(),
     };
     config.validate().map_err(|message| ModelError::Config {
@@ -501,7 +502,10 @@ pub fn export(
     w.set(&k("attention.key_length"), u(config.head_dim()));
     w.set(&k("attention.value_length"), u(config.head_dim()));
     w.set(&k("rope.dimension_count"), u(config.head_dim()));
-    w.set(&k("rope.freq_base"), Value::F32(config.theta() as f32));
+    w.set(
+        &k("rope.freq_base"),
+        Value::F32(config.theta(crate::llama::LayerKind::Full) as f32),
+    );
     w.set(
         &k("attention.layer_norm_rms_epsilon"),
         Value::F32(config.rms_norm_eps as f32),

@@ -440,13 +440,16 @@ impl VisitParams for LayerNorm {
     }
 }
 
-/// Root-mean-square normalisation (`LlamaRMSNorm`): `x / sqrt(mean(x²) + eps) * weight`.
+/// Root-mean-square normalisation (`LlamaRMSNorm`): `x / sqrt(mean(x²) + eps) * weight`;
+/// Gemma's (`GemmaRMSNorm`) scales by `1 + weight` instead, its weights stored as offsets.
 #[derive(Module, Debug)]
 pub struct RmsNorm {
     /// `[dim]`
     pub weight: Param<Tensor<1>>,
     /// Added to the mean square.
     pub eps: f64,
+    /// Added to the stored weight before scaling: 0, or 1 for Gemma.
+    pub offset: f64,
 }
 
 impl RmsNorm {
@@ -455,12 +458,23 @@ impl RmsNorm {
         Ok(Self {
             weight: vb.param("weight", [dim])?,
             eps,
+            offset: 0.0,
         })
+    }
+
+    /// The norm scaling by `offset + weight` (Gemma: 1).
+    pub fn with_offset(mut self, offset: f64) -> Self {
+        self.offset = offset;
+        self
     }
 
     /// Normalises over the last axis.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        crate::kernels::rms_norm(x, self.weight.val(), self.eps)
+        let weight = match self.offset {
+            0.0 => self.weight.val(),
+            o => self.weight.val().add_scalar(o),
+        };
+        crate::kernels::rms_norm(x, weight, self.eps)
     }
 }
 

@@ -102,13 +102,13 @@ fn load_or_init(
 /// The model families whet implements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Family {
-    /// BERT, MiniLM.
+    /// BERT, MiniLM, RoBERTa, XLM-RoBERTa.
     Bert,
     /// DistilBERT.
     DistilBert,
     /// GPT-2.
     Gpt2,
-    /// LLaMA, Mistral, Qwen2, SmolLM2.
+    /// The rotary decoders: LLaMA, Mistral, Qwen2/3, SmolLM2, Phi-3, Gemma 1/2/3.
     Llama,
 }
 
@@ -130,8 +130,9 @@ impl std::fmt::Display for Family {
     }
 }
 
-const SUPPORTED: &str = "model_type bert, distilbert, gpt2, llama, mistral, qwen2 (and .gguf files \
-                         of the llama family)";
+const SUPPORTED: &str = "model_type bert, roberta, xlm-roberta, distilbert, gpt2, llama, mistral, \
+                         qwen2, qwen3, phi3, gemma, gemma2, gemma3_text (and .gguf files of the \
+                         llama family)";
 
 /// A family's parsed config.
 #[derive(Debug, Clone)]
@@ -155,6 +156,7 @@ impl FamilyConfig {
         head.validate()?;
         match self {
             FamilyConfig::Llama(c) => c.validate(),
+            FamilyConfig::Bert(c) => c.validate(),
             _ => Ok(()),
         }
     }
@@ -179,6 +181,43 @@ pub fn adapter_base(dir: &Path) -> Result<Option<PathBuf>> {
         cfg["revision"].as_str(),
         None,
     )?))
+}
+
+/// The task heads a saved folder's `architectures` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Head {
+    /// `*ForCausalLM` (`GPT2LMHeadModel`).
+    CausalLm,
+    /// `*ForSequenceClassification`.
+    SequenceClassification,
+    /// `*ForQuestionAnswering`.
+    QuestionAnswering,
+}
+
+/// The transformers class of `model_type` with `head`, as `architectures` names it.
+pub fn architecture(model_type: &str, head: Head) -> String {
+    let base = match model_type {
+        "bert" => "Bert",
+        "roberta" => "Roberta",
+        "xlm-roberta" => "XLMRoberta",
+        "distilbert" => "DistilBert",
+        "gpt2" => "GPT2",
+        "mistral" => "Mistral",
+        "qwen2" => "Qwen2",
+        "qwen3" => "Qwen3",
+        "phi3" => "Phi3",
+        "gemma" => "Gemma",
+        "gemma2" => "Gemma2",
+        "gemma3_text" if head == Head::SequenceClassification => "Gemma3Text",
+        "gemma3_text" => "Gemma3",
+        _ => "Llama",
+    };
+    match (base, head) {
+        ("GPT2", Head::CausalLm) => "GPT2LMHeadModel".into(),
+        (_, Head::CausalLm) => format!("{base}ForCausalLM"),
+        (_, Head::SequenceClassification) => format!("{base}ForSequenceClassification"),
+        (_, Head::QuestionAnswering) => format!("{base}ForQuestionAnswering"),
+    }
 }
 
 /// Where the weights are stored.
@@ -277,11 +316,22 @@ impl Checkpoint {
                 message: e.to_string(),
             };
             Ok(match model_type.as_str() {
-                "bert" => FamilyConfig::Bert(serde_json::from_value(v).map_err(bad)?),
+                "bert" | "roberta" | "xlm-roberta" => {
+                    FamilyConfig::Bert(serde_json::from_value(v).map_err(bad)?)
+                }
                 "distilbert" => FamilyConfig::DistilBert(serde_json::from_value(v).map_err(bad)?),
                 "gpt2" => FamilyConfig::Gpt2(serde_json::from_value(v).map_err(bad)?),
-                "llama" | "mistral" | "qwen2" => {
+                t if llama::MODEL_TYPES.contains(&t) => {
                     FamilyConfig::Llama(serde_json::from_value(v).map_err(bad)?)
+                }
+                "gemma3" => {
+                    return Err(ModelError::Config {
+                        path: config_path.clone(),
+                        message: "model_type gemma3 is Gemma 3 with its vision tower; whet \
+                                  reads the text-only checkpoints (model_type gemma3_text: \
+                                  Gemma 3 270M and 1B)"
+                            .into(),
+                    });
                 }
                 _ => {
                     return Err(ModelError::UnknownArchitecture {
@@ -322,7 +372,7 @@ impl Checkpoint {
     /// per-architecture defaults are looked up by.
     pub fn model_type(&self) -> &str {
         match &self.config {
-            FamilyConfig::Bert(_) => "bert",
+            FamilyConfig::Bert(c) => &c.model_type,
             FamilyConfig::DistilBert(_) => "distilbert",
             FamilyConfig::Gpt2(_) => "gpt2",
             FamilyConfig::Llama(c) => &c.model_type,
@@ -416,7 +466,8 @@ impl Checkpoint {
         match &self.config {
             FamilyConfig::Bert(c) => bert::BertForQuestionAnswering::load(&self.weights(device), c),
             _ => Err(ModelError::Input(format!(
-                "question answering is implemented for the BERT family; {} is {}",
+                "question answering is implemented for the BERT family (bert, roberta, \
+                 xlm-roberta); {} is {}",
                 self.path.display(),
                 self.family()
             ))),
@@ -430,7 +481,7 @@ impl Checkpoint {
             map.retain(|_, v| !v.is_null());
             map.insert(
                 "architectures".into(),
-                serde_json::json!(["BertForQuestionAnswering"]),
+                serde_json::json!([architecture(self.model_type(), Head::QuestionAnswering)]),
             );
         }
         let text =
@@ -500,7 +551,7 @@ impl Checkpoint {
     /// The longest input the position embeddings allow.
     pub fn max_positions(&self) -> usize {
         match &self.config {
-            FamilyConfig::Bert(c) => c.max_position_embeddings,
+            FamilyConfig::Bert(c) => c.positions(),
             FamilyConfig::DistilBert(c) => c.max_position_embeddings,
             FamilyConfig::Gpt2(c) => c.n_positions,
             FamilyConfig::Llama(c) => c.positions(),
@@ -519,12 +570,7 @@ impl Checkpoint {
                 _ => serde_json::json!({}),
             },
         };
-        let class = match self.family() {
-            Family::Bert => "BertForSequenceClassification",
-            Family::DistilBert => "DistilBertForSequenceClassification",
-            Family::Gpt2 => "GPT2ForSequenceClassification",
-            Family::Llama => "LlamaForSequenceClassification",
-        };
+        let class = architecture(self.model_type(), Head::SequenceClassification);
         if let serde_json::Value::Object(map) = &mut json {
             map.retain(|_, v| !v.is_null());
             map.insert("architectures".into(), serde_json::json!([class]));
@@ -566,18 +612,14 @@ impl Checkpoint {
                 _ => serde_json::json!({}),
             },
         };
-        let class = match (&self.config, self.family()) {
-            (FamilyConfig::Llama(c), _) if c.model_type == "mistral" => "MistralForCausalLM",
-            (FamilyConfig::Llama(c), _) if c.model_type == "qwen2" => "Qwen2ForCausalLM",
-            (_, Family::Gpt2) => "GPT2LMHeadModel",
-            (_, Family::Llama) => "LlamaForCausalLM",
-            (_, other) => {
-                return Err(ModelError::Input(format!(
-                    "{other} has no causal-LM head ({})",
-                    self.path.display()
-                )));
-            }
-        };
+        if !self.family().is_decoder() {
+            return Err(ModelError::Input(format!(
+                "{} has no causal-LM head ({})",
+                self.model_type(),
+                self.path.display()
+            )));
+        }
+        let class = architecture(self.model_type(), Head::CausalLm);
         if let serde_json::Value::Object(map) = &mut json {
             map.retain(|_, v| !v.is_null());
             map.insert("architectures".into(), serde_json::json!([class]));

@@ -1,13 +1,23 @@
-//! LLaMA-family decoder: RMSNorm, rotary position embeddings, grouped-query attention, SwiGLU.
-//! Covers LLaMA 1-3, Mistral, Qwen2 (biased q/k/v) and SmolLM2.
+//! The rotary decoders: RMSNorm, rotary position embeddings, grouped-query attention, a gated
+//! MLP. LLaMA 1-3, Mistral, Qwen2 and SmolLM2 are the plain form; the families built on it
+//! differ in a few switches, each read from the config in one place ([`LlamaConfig`]'s
+//! architecture methods):
+//! - Qwen3: RMSNorm on each head's queries and keys before the rotation;
+//! - Phi-3: q/k/v as one `qkv_proj` and gate/up as one `gate_up_proj`;
+//! - Gemma: embeddings scaled by `sqrt(hidden)`, norms scaling by `1 + weight`, a GELU-tanh MLP;
+//!   Gemma 2 adds norms after attention and around the MLP, tanh soft-capping of attention
+//!   scores and logits, `query_pre_attn_scalar`, and sliding-window layers alternating with
+//!   global ones; Gemma 3 (text) replaces the attention cap with q/k norms and gives local layers
+//!   their own rope base.
 //!
 //! Paper: Touvron et al. 2023, "LLaMA: Open and Efficient Foundation Language Models"
 //! (<https://arxiv.org/abs/2302.13971>). Matches `transformers.models.llama.modeling_llama`
-//! (`LlamaModel`, `LlamaForCausalLM`, `LlamaForSequenceClassification`), whose rotary layout
+//! (`LlamaModel`, `LlamaForCausalLM`, `LlamaForSequenceClassification`) and the `mistral`,
+//! `qwen2`, `qwen3`, `phi3`, `gemma`, `gemma2` and `gemma3` (text) modules, whose rotary layout
 //! is "rotate half" (GGUF checkpoints are un-permuted on load, see `crate::gguf`).
 
 use burn::module::Module;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{Bool, Int, Tensor, TensorData};
 use serde::Deserialize;
 
 use crate::config::{Activation, HeadFields};
@@ -16,11 +26,24 @@ use crate::decoder::{
 };
 use crate::error::{ModelError, Result};
 use crate::layers::{
-    Embedding, Linear, Mode, RmsNorm, TorchLinear, merge_heads, scaled_dot_product, split_heads,
+    Embedding, Linear, MASK_VALUE, Mode, RmsNorm, TorchLinear, merge_heads, scaled_dot_product,
+    split_heads,
 };
 use crate::prompt::{PromptEncoder, PromptShape, PromptSlot};
 use crate::unpad::Layout;
 use crate::weights::{VisitParams, Visitor, Weights, join};
+
+/// The `model_type`s this decoder implements.
+pub const MODEL_TYPES: &[&str] = &[
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "phi3",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+];
 
 /// LLaMA hyper-parameters, as in `transformers.LlamaConfig` (and Mistral / Qwen2 configs).
 #[derive(Debug, Clone, Deserialize, serde::Serialize)]
@@ -72,8 +95,57 @@ pub struct LlamaConfig {
     pub sliding_window: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub use_sliding_window: Option<bool>,
+    /// The fields of Gemma, Qwen3 and Phi-3 configs.
+    #[serde(flatten)]
+    pub variant: VariantFields,
     #[serde(flatten, skip_serializing)]
     pub head: HeadFields,
+}
+
+/// The config fields of the families that change LLaMA's decoder, under their configs' names.
+/// `None` is an absent key; where a family's default differs from "off", the architecture
+/// methods of [`LlamaConfig`] apply it.
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
+pub struct VariantFields {
+    /// Gemma's name for the MLP activation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hidden_activation: Option<Activation>,
+    /// Gemma 2/3: attention scores are scaled by `query_pre_attn_scalar^-0.5`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query_pre_attn_scalar: Option<f64>,
+    /// Gemma 2/3: `tanh(logits / cap) * cap` on the output (a number, or null for none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_logit_softcapping: Option<serde_json::Value>,
+    /// Gemma 2: the same on attention scores.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attn_logit_softcapping: Option<serde_json::Value>,
+    /// `"full_attention"` or `"sliding_attention"` per layer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer_types: Option<Vec<String>>,
+    /// Gemma 3 configs before `layer_types`: every n-th layer is global.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window_pattern: Option<usize>,
+    /// Gemma 3 configs before `rope_parameters`: the local layers' rope base.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_local_base_freq: Option<f64>,
+    /// Qwen2/3: layers from this index on use the sliding window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_window_layers: Option<usize>,
+    /// Rotation of a fraction of each head (Phi-3.5 / Phi-4-mini): refused unless 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partial_rotary_factor: Option<f64>,
+    /// Gemma 3 as an encoder: refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_bidirectional_attention: Option<bool>,
+}
+
+/// Which attention a layer uses, as `layer_types` names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerKind {
+    /// Every earlier token.
+    Full,
+    /// The last `sliding_window` tokens.
+    Sliding,
 }
 
 fn default_model_type() -> String {
@@ -124,26 +196,28 @@ impl LlamaConfig {
         if self.num_hidden_layers == 0 {
             return Err("num_hidden_layers = 0: a decoder needs at least one layer".into());
         }
-        Ok(())
-    }
-
-    /// The attention window, where the architecture uses one: Mistral's `sliding_window`,
-    /// Qwen2's when `use_sliding_window` is true.
-    pub fn attention_window(&self) -> Option<usize> {
-        match self.model_type.as_str() {
-            "mistral" => self.sliding_window,
-            "qwen2" if self.use_sliding_window == Some(true) => self.sliding_window,
-            _ => None,
+        if !self.is(MODEL_TYPES) {
+            return Err(format!(
+                "model_type {:?} is not a rotary decoder whet implements ({})",
+                self.model_type,
+                MODEL_TYPES.join(", ")
+            ));
         }
+        self.unsupported()?;
+        self.check_layer_types()
     }
 
-    /// The longest sequence whet computes as transformers does: the position table, or the
-    /// attention window when shorter (past it transformers masks what whet would attend to).
+    fn is(&self, types: &[&str]) -> bool {
+        types.contains(&self.model_type.as_str())
+    }
+
+    fn is_gemma(&self) -> bool {
+        self.is(&["gemma", "gemma2", "gemma3_text"])
+    }
+
+    /// The longest sequence the position table allows.
     pub fn positions(&self) -> usize {
-        self.attention_window()
-            .map_or(self.max_position_embeddings, |w| {
-                w.min(self.max_position_embeddings)
-            })
+        self.max_position_embeddings
     }
 
     /// Whether q/k/v projections carry a bias (Qwen2 always does).
@@ -151,34 +225,204 @@ impl LlamaConfig {
         self.attention_bias || self.model_type == "qwen2"
     }
 
-    fn rope_field(&self, key: &str) -> Option<&serde_json::Value> {
-        self.rope_parameters
+    /// Added to RMSNorm weights before scaling (Gemma stores `weight - 1`).
+    pub fn norm_offset(&self) -> f64 {
+        if self.is_gemma() { 1.0 } else { 0.0 }
+    }
+
+    /// Qwen3 and Gemma 3 normalise each head's queries and keys (`q_norm`, `k_norm`).
+    pub fn qk_norm(&self) -> bool {
+        self.is(&["qwen3", "gemma3_text"])
+    }
+
+    /// Gemma 2/3 normalise the attention output and both sides of the MLP as well.
+    pub fn sandwich_norms(&self) -> bool {
+        self.is(&["gemma2", "gemma3_text"])
+    }
+
+    /// Phi-3 stores q/k/v as one `qkv_proj` and gate/up as one `gate_up_proj`.
+    pub fn fused_projections(&self) -> bool {
+        self.model_type == "phi3"
+    }
+
+    /// The MLP's activation (Gemma: `hidden_activation`, GELU-tanh by default).
+    pub fn activation(&self) -> Activation {
+        match self.variant.hidden_activation {
+            Some(a) => a,
+            None if self.is_gemma() => Activation::GeluTanh,
+            None => self.hidden_act,
+        }
+    }
+
+    /// Gemma's embedding scale, `sqrt(hidden_size)`.
+    pub fn embed_scale(&self) -> Option<f32> {
+        self.is_gemma()
+            .then(|| (self.hidden_size as f64).sqrt() as f32)
+    }
+
+    /// Gemma 2/3's `query_pre_attn_scalar` (256 by default): scores scale by its `^-0.5`.
+    pub fn query_pre_attn_scalar(&self) -> Option<f64> {
+        match self.variant.query_pre_attn_scalar {
+            Some(s) => Some(s),
+            None if self.is(&["gemma2", "gemma3_text"]) => Some(256.0),
+            None => None,
+        }
+    }
+
+    fn softcap(&self, value: &Option<serde_json::Value>, gemma2_default: f64) -> Option<f64> {
+        match value {
+            Some(v) => v.as_f64(),
+            None if self.model_type == "gemma2" => Some(gemma2_default),
+            None => None,
+        }
+    }
+
+    /// The tanh cap of the output logits (Gemma 2: 30 by default).
+    pub fn final_logit_softcapping(&self) -> Option<f64> {
+        self.softcap(&self.variant.final_logit_softcapping, 30.0)
+    }
+
+    /// The tanh cap of attention scores (Gemma 2: 50 by default).
+    pub fn attn_logit_softcapping(&self) -> Option<f64> {
+        self.softcap(&self.variant.attn_logit_softcapping, 50.0)
+    }
+
+    /// The sliding window's length, where the architecture has one switched on.
+    pub fn sliding_window(&self) -> Option<usize> {
+        match self.model_type.as_str() {
+            "qwen2" | "qwen3" if self.use_sliding_window != Some(true) => None,
+            "gemma2" | "gemma3_text" => Some(self.sliding_window.unwrap_or(4096)),
+            "mistral" | "qwen2" | "qwen3" | "phi3" => self.sliding_window,
+            _ => None,
+        }
+    }
+
+    /// Checks `layer_types`: one known entry per layer.
+    fn check_layer_types(&self) -> std::result::Result<(), String> {
+        let Some(types) = &self.variant.layer_types else {
+            return Ok(());
+        };
+        if types.len() != self.num_hidden_layers {
+            return Err(format!(
+                "layer_types has {} entries for num_hidden_layers = {}",
+                types.len(),
+                self.num_hidden_layers
+            ));
+        }
+        match types
+            .iter()
+            .find(|t| !matches!(t.as_str(), "full_attention" | "sliding_attention"))
+        {
+            Some(other) => Err(format!(
+                "layer_types: {other:?} is not implemented (full_attention and \
+                 sliding_attention are)"
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Layer `i`'s attention, as transformers derives `layer_types` when a config has none.
+    /// A sliding layer without a window attends to everything, as in transformers.
+    pub fn layer_kind(&self, i: usize) -> LayerKind {
+        if self.sliding_window().is_none() {
+            return LayerKind::Full;
+        }
+        let sliding = match &self.variant.layer_types {
+            Some(types) => types.get(i).is_some_and(|t| t == "sliding_attention"),
+            None => match self.model_type.as_str() {
+                "gemma2" => (i + 1) % 2 != 0,
+                "gemma3_text" => {
+                    (i + 1) % self.variant.sliding_window_pattern.unwrap_or(6).max(1) != 0
+                }
+                "qwen2" | "qwen3" => i >= self.variant.max_window_layers.unwrap_or(28),
+                "mistral" | "phi3" => true,
+                _ => false,
+            },
+        };
+        if sliding {
+            LayerKind::Sliding
+        } else {
+            LayerKind::Full
+        }
+    }
+
+    /// The config switches whet does not implement, refused by name rather than ignored.
+    fn unsupported(&self) -> std::result::Result<(), String> {
+        let partial = self.variant.partial_rotary_factor.or_else(|| {
+            self.rope_field(LayerKind::Full, "partial_rotary_factor")
+                .and_then(|v| v.as_f64())
+        });
+        if let Some(f) = partial.filter(|f| *f != 1.0) {
+            return Err(format!(
+                "partial_rotary_factor = {f}: rotating part of each head is not implemented"
+            ));
+        }
+        if self.variant.use_bidirectional_attention == Some(true) {
+            return Err(
+                "use_bidirectional_attention = true: Gemma 3 as a bidirectional \
+                        encoder is not implemented"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// The rope settings of a layer kind: Gemma 3's `rope_parameters` holds one table per kind.
+    fn rope_field(&self, kind: LayerKind, key: &str) -> Option<&serde_json::Value> {
+        let per_kind = |p: &serde_json::Value| {
+            let name = match kind {
+                LayerKind::Full => "full_attention",
+                LayerKind::Sliding => "sliding_attention",
+            };
+            p.get(name).cloned().map(|_| name)
+        };
+        let params = self
+            .rope_parameters
             .as_ref()
+            .and_then(|p| match per_kind(p) {
+                Some(name) => p.get(name),
+                None => Some(p),
+            });
+        let scaling = self
+            .rope_scaling
+            .as_ref()
+            .filter(|_| kind == LayerKind::Full);
+        params
             .and_then(|p| p.get(key))
-            .or_else(|| self.rope_scaling.as_ref().and_then(|p| p.get(key)))
+            .or_else(|| scaling.and_then(|p| p.get(key)))
     }
 
-    /// RoPE base frequency.
-    pub fn theta(&self) -> f64 {
-        self.rope_theta
-            .or_else(|| self.rope_field("rope_theta").and_then(|v| v.as_f64()))
-            .unwrap_or(10000.0)
+    /// RoPE base frequency of a layer kind.
+    pub fn theta(&self, kind: LayerKind) -> f64 {
+        let set = self.rope_field(kind, "rope_theta").and_then(|v| v.as_f64());
+        match kind {
+            LayerKind::Sliding if self.model_type == "gemma3_text" => set
+                .or(self.variant.rope_local_base_freq)
+                .unwrap_or(10_000.0),
+            _ => set
+                .or(self.rope_theta)
+                .unwrap_or(if self.model_type == "gemma3_text" {
+                    1_000_000.0
+                } else {
+                    10_000.0
+                }),
+        }
     }
 
-    /// Inverse frequencies of the rotary embedding, with `rope_scaling` applied as
-    /// `transformers`' `ROPE_INIT_FUNCTIONS` do for the "default", "linear" and "llama3" types.
-    pub fn inv_freq(&self) -> Result<Vec<f32>> {
+    /// Inverse frequencies of the rotary embedding of a layer kind, with `rope_scaling` applied
+    /// as `transformers`' `ROPE_INIT_FUNCTIONS` do for the "default", "linear" and "llama3" types.
+    pub fn inv_freq(&self, kind: LayerKind) -> Result<Vec<f32>> {
         let d = self.head_dim();
-        let theta = self.theta();
+        let theta = self.theta(kind);
         let base: Vec<f32> = (0..d / 2)
             .map(|i| (1.0 / theta.powf((2 * i) as f64 / d as f64)) as f32)
             .collect();
         let ty = self
-            .rope_field("rope_type")
-            .or_else(|| self.rope_field("type"))
+            .rope_field(kind, "rope_type")
+            .or_else(|| self.rope_field(kind, "type"))
             .and_then(|v| v.as_str())
             .unwrap_or("default");
-        let num = |k: &str| self.rope_field(k).and_then(|v| v.as_f64());
+        let num = |k: &str| self.rope_field(kind, k).and_then(|v| v.as_f64());
         match ty {
             "default" => Ok(base),
             "linear" => {
@@ -267,50 +511,184 @@ fn repeat_kv(x: Tensor<4>, n_rep: usize) -> Tensor<4> {
         .reshape([b, kv * n_rep, t, d])
 }
 
-/// One pre-norm block: `x + attn(norm(x))`, then `x + mlp(norm(x))`.
+/// The names of a layer's input projections: q, k and v, or Phi-3's one `qkv_proj`.
+fn qkv_names(fused: bool) -> &'static [&'static str] {
+    if fused {
+        &["self_attn.qkv_proj"]
+    } else {
+        &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+    }
+}
+
+/// The names of a layer's MLP input projections: gate and up, or Phi-3's `gate_up_proj`.
+fn gate_up_names(fused: bool) -> &'static [&'static str] {
+    if fused {
+        &["mlp.gate_up_proj"]
+    } else {
+        &["mlp.gate_proj", "mlp.up_proj"]
+    }
+}
+
+/// Splits the last axis of a fused projection's output into parts of the given widths.
+fn split_last(x: Tensor<3>, widths: &[usize]) -> Vec<Tensor<3>> {
+    let [b, t, _] = x.dims();
+    let mut at = 0;
+    widths
+        .iter()
+        .map(|&w| {
+            let part = x.clone().slice([0..b, 0..t, at..at + w]);
+            at += w;
+            part
+        })
+        .collect()
+}
+
+/// `tanh(x / cap) * cap`: Gemma 2's soft-capping of attention scores and logits.
+fn softcap<const D: usize>(x: Tensor<D>, cap: f64) -> Tensor<D> {
+    x.div_scalar(cap).tanh().mul_scalar(cap)
+}
+
+/// One block. Pre-norm (LLaMA): `x + attn(norm(x))`, then `x + mlp(norm(x))`. With Gemma 2/3's
+/// sandwich norms: `x + norm(attn(norm(x)))`, then `x + norm(mlp(norm(x)))`.
 #[derive(Module, Debug)]
 pub struct LlamaLayer {
     pub input_layernorm: RmsNorm,
-    pub q_proj: Linear,
-    pub k_proj: Linear,
-    pub v_proj: Linear,
+    /// q, k, v (or one fused qkv).
+    pub qkv: Vec<Linear>,
+    /// Qwen3 / Gemma 3: RMSNorm over each head's queries and keys.
+    pub q_norm: Option<RmsNorm>,
+    pub k_norm: Option<RmsNorm>,
     pub o_proj: Linear,
+    /// Before the MLP (LLaMA), or after attention (Gemma 2/3).
     pub post_attention_layernorm: RmsNorm,
-    pub gate_proj: Linear,
-    pub up_proj: Linear,
+    /// Gemma 2/3: before and after the MLP.
+    pub pre_feedforward_layernorm: Option<RmsNorm>,
+    pub post_feedforward_layernorm: Option<RmsNorm>,
+    /// gate, up (or one fused gate_up).
+    pub gate_up: Vec<Linear>,
     pub down_proj: Linear,
     pub heads: usize,
     pub kv_heads: usize,
+    pub head_dim: usize,
     pub attention_dropout: f64,
     #[module(skip)]
     pub act: Activation,
+    /// Multiplies the queries so that the `head_dim^-0.5` scaling of attention becomes
+    /// `query_pre_attn_scalar^-0.5` (Gemma 2/3); 1 elsewhere.
+    #[module(skip)]
+    pub query_factor: f32,
+    #[module(skip)]
+    pub attn_softcap: Option<f64>,
+    #[module(skip)]
+    pub kind: LayerKind,
 }
 
 impl LlamaLayer {
-    fn load(vb: &Weights, c: &LlamaConfig) -> Result<Self> {
+    fn load(vb: &Weights, c: &LlamaConfig, kind: LayerKind) -> Result<Self> {
         let (h, hd) = (c.hidden_size, c.head_dim());
         let (nq, nkv) = (c.num_attention_heads, c.kv_heads());
+        let (eps, offset) = (c.rms_norm_eps, c.norm_offset());
         let lin =
             |name: &str, i, o, bias| Linear::load(&vb.pp(name), i, o, bias, TorchLinear::Linear);
+        let norm = |name: &str, dim| -> Result<RmsNorm> {
+            Ok(RmsNorm::load(&vb.pp(name), dim, eps)?.with_offset(offset))
+        };
+        let fused = c.fused_projections();
+        let qkv_widths = [nq * hd, nkv * hd, nkv * hd];
+        let qkv = if fused {
+            vec![lin(qkv_names(true)[0], h, qkv_widths.iter().sum(), false)?]
+        } else {
+            qkv_names(false)
+                .iter()
+                .zip(qkv_widths)
+                .map(|(name, w)| lin(name, h, w, c.qkv_bias()))
+                .collect::<Result<_>>()?
+        };
+        let inter = c.intermediate_size;
+        let gate_up = if fused {
+            vec![lin(gate_up_names(true)[0], h, 2 * inter, false)?]
+        } else {
+            gate_up_names(false)
+                .iter()
+                .map(|name| lin(name, h, inter, c.mlp_bias))
+                .collect::<Result<_>>()?
+        };
+        let (q_norm, k_norm) = if c.qk_norm() {
+            (
+                Some(norm("self_attn.q_norm", hd)?),
+                Some(norm("self_attn.k_norm", hd)?),
+            )
+        } else {
+            (None, None)
+        };
+        let sandwich = |name: &str| c.sandwich_norms().then(|| norm(name, h)).transpose();
+        let query_factor = c
+            .query_pre_attn_scalar()
+            .map_or(1.0, |s| (hd as f64 / s).sqrt() as f32);
         Ok(Self {
-            input_layernorm: RmsNorm::load(&vb.pp("input_layernorm"), h, c.rms_norm_eps)?,
-            q_proj: lin("self_attn.q_proj", h, nq * hd, c.qkv_bias())?,
-            k_proj: lin("self_attn.k_proj", h, nkv * hd, c.qkv_bias())?,
-            v_proj: lin("self_attn.v_proj", h, nkv * hd, c.qkv_bias())?,
+            input_layernorm: norm("input_layernorm", h)?,
+            qkv,
+            q_norm,
+            k_norm,
             o_proj: lin("self_attn.o_proj", nq * hd, h, c.attention_bias)?,
-            post_attention_layernorm: RmsNorm::load(
-                &vb.pp("post_attention_layernorm"),
-                h,
-                c.rms_norm_eps,
-            )?,
-            gate_proj: lin("mlp.gate_proj", h, c.intermediate_size, c.mlp_bias)?,
-            up_proj: lin("mlp.up_proj", h, c.intermediate_size, c.mlp_bias)?,
-            down_proj: lin("mlp.down_proj", c.intermediate_size, h, c.mlp_bias)?,
+            post_attention_layernorm: norm("post_attention_layernorm", h)?,
+            pre_feedforward_layernorm: sandwich("pre_feedforward_layernorm")?,
+            post_feedforward_layernorm: sandwich("post_feedforward_layernorm")?,
+            gate_up,
+            down_proj: lin("mlp.down_proj", inter, h, c.mlp_bias && !fused)?,
             heads: nq,
             kv_heads: nkv,
+            head_dim: hd,
             attention_dropout: c.attention_dropout,
-            act: c.hidden_act,
+            act: c.activation(),
+            query_factor,
+            attn_softcap: c.attn_logit_softcapping(),
+            kind,
         })
+    }
+
+    /// q, k, v `[B, T, *]` from the normed input, split from one product when fused.
+    fn project_qkv(&self, h: Tensor<3>, mode: Mode) -> (Tensor<3>, Tensor<3>, Tensor<3>) {
+        let mut parts = match self.qkv.as_slice() {
+            [fused] => {
+                let (q, kv) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
+                split_last(fused.forward(h, mode), &[q, kv, kv])
+            }
+            projections => projections
+                .iter()
+                .map(|p| p.forward(h.clone(), mode))
+                .collect(),
+        };
+        let v = parts.pop();
+        let k = parts.pop();
+        let q = parts.pop();
+        match (q, k, v) {
+            (Some(q), Some(k), Some(v)) => (q, k, v),
+            // `load` builds one or three projections.
+            _ => unreachable!("a layer has one fused or three q/k/v projections"),
+        }
+    }
+
+    /// The gated MLP: `down(act(gate(x)) * up(x))`.
+    fn mlp(&self, h: Tensor<3>, mode: Mode) -> Tensor<3> {
+        let (gate, up) = match self.gate_up.as_slice() {
+            [fused] => {
+                let inter = self.down_proj.dims().0;
+                let mut parts = split_last(fused.forward(h, mode), &[inter, inter]);
+                let up = parts.pop();
+                match (parts.pop(), up) {
+                    (Some(g), Some(u)) => (g, u),
+                    _ => unreachable!("split_last returns one part per width"),
+                }
+            }
+            [gate, up] => (gate.forward(h.clone(), mode), up.forward(h, mode)),
+            _ => unreachable!("a layer has one fused or two gate/up projections"),
+        };
+        let gated = match self.act {
+            Activation::Silu => crate::kernels::swiglu(gate, up),
+            act => act.forward(gate) * up,
+        };
+        self.down_proj.forward(gated, mode)
     }
 
     /// Token-wise layers run in `layout`, attention on padded rows.
@@ -329,32 +707,53 @@ impl LlamaLayer {
     ) -> Tensor<3> {
         let h = self.input_layernorm.forward(x.clone());
         let heads = |y: Tensor<3>, n| split_heads(layout.pad(y), n);
-        let q = rope.apply(heads(self.q_proj.forward(h.clone(), mode), self.heads));
-        let mut k = rope.apply(heads(self.k_proj.forward(h.clone(), mode), self.kv_heads));
-        let mut v = heads(self.v_proj.forward(h, mode), self.kv_heads);
+        let (q, k, v) = self.project_qkv(h, mode);
+        let (mut q, mut k) = (heads(q, self.heads), heads(k, self.kv_heads));
+        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            (q, k) = (qn.forward(q), kn.forward(k));
+        }
+        let mut q = rope.apply(q);
+        if self.query_factor != 1.0 {
+            q = q.mul_scalar(self.query_factor);
+        }
+        let mut k = rope.apply(k);
+        let mut v = heads(v, self.kv_heads);
         if let Some((cache, layer)) = cache {
             (k, v) = cache.append(layer, k, v);
         }
         let rep = self.heads / self.kv_heads;
-        let ctx = scaled_dot_product(
-            q,
-            repeat_kv(k, rep),
-            repeat_kv(v, rep),
-            bias,
-            self.attention_dropout,
-            mode,
-        );
-        let x = x + self.o_proj.forward(layout.enter(merge_heads(ctx)), mode);
-        let h = self.post_attention_layernorm.forward(x.clone());
-        let (gate, up) = (
-            self.gate_proj.forward(h.clone(), mode),
-            self.up_proj.forward(h, mode),
-        );
-        let gated = match self.act {
-            Activation::Silu => crate::kernels::swiglu(gate, up),
-            act => act.forward(gate) * up,
+        let (k, v) = (repeat_kv(k, rep), repeat_kv(v, rep));
+        let ctx = match self.attn_softcap {
+            None => scaled_dot_product(q, k, v, bias, self.attention_dropout, mode),
+            Some(cap) => {
+                let p = if mode == Mode::Eval {
+                    0.0
+                } else {
+                    self.attention_dropout
+                };
+                let scale = (self.head_dim as f64).powf(-0.5);
+                // (B, H, Tq, hd) x (B, H, hd, Tk) -> (B, H, Tq, Tk)
+                let scores = crate::precision::matmul(q, k.swap_dims(2, 3)).mul_scalar(scale);
+                let probs = crate::kernels::attention_probs(softcap(scores, cap), bias, 1.0, p);
+                crate::precision::matmul(probs, v)
+            }
         };
-        x + self.down_proj.forward(gated, mode)
+        let attn = self.o_proj.forward(layout.enter(merge_heads(ctx)), mode);
+        match (
+            &self.pre_feedforward_layernorm,
+            &self.post_feedforward_layernorm,
+        ) {
+            (Some(pre), Some(post)) => {
+                let x = x + self.post_attention_layernorm.forward(attn);
+                let m = self.mlp(pre.forward(x.clone()), mode);
+                x + post.forward(m)
+            }
+            _ => {
+                let x = x + attn;
+                let h = self.post_attention_layernorm.forward(x.clone());
+                x + self.mlp(h, mode)
+            }
+        }
     }
 }
 
@@ -362,16 +761,47 @@ impl VisitParams for LlamaLayer {
     fn visit_params(&mut self, p: &str, v: &mut dyn Visitor) {
         self.input_layernorm
             .visit_params(&join(p, "input_layernorm"), v);
-        self.q_proj.visit_params(&join(p, "self_attn.q_proj"), v);
-        self.k_proj.visit_params(&join(p, "self_attn.k_proj"), v);
-        self.v_proj.visit_params(&join(p, "self_attn.v_proj"), v);
+        let fused = self.qkv.len() == 1;
+        for (proj, name) in self.qkv.iter_mut().zip(qkv_names(fused)) {
+            proj.visit_params(&join(p, name), v);
+        }
+        if let Some(n) = &mut self.q_norm {
+            n.visit_params(&join(p, "self_attn.q_norm"), v);
+        }
+        if let Some(n) = &mut self.k_norm {
+            n.visit_params(&join(p, "self_attn.k_norm"), v);
+        }
         self.o_proj.visit_params(&join(p, "self_attn.o_proj"), v);
         self.post_attention_layernorm
             .visit_params(&join(p, "post_attention_layernorm"), v);
-        self.gate_proj.visit_params(&join(p, "mlp.gate_proj"), v);
-        self.up_proj.visit_params(&join(p, "mlp.up_proj"), v);
+        if let Some(n) = &mut self.pre_feedforward_layernorm {
+            n.visit_params(&join(p, "pre_feedforward_layernorm"), v);
+        }
+        if let Some(n) = &mut self.post_feedforward_layernorm {
+            n.visit_params(&join(p, "post_feedforward_layernorm"), v);
+        }
+        let fused = self.gate_up.len() == 1;
+        for (proj, name) in self.gate_up.iter_mut().zip(gate_up_names(fused)) {
+            proj.visit_params(&join(p, name), v);
+        }
         self.down_proj.visit_params(&join(p, "mlp.down_proj"), v);
     }
+}
+
+/// The band a sliding-window layer adds to the causal mask: query `i` (absolute index
+/// `past + i`) sees key `j` only when `past + i - j < window`, as transformers'
+/// `sliding_window_overlay` compares cache positions.
+///
+/// # Shapes
+/// - bias `[B, 1, T, T_past + T]`, output the same
+fn sliding_bias(bias: Tensor<4>, window: usize) -> Tensor<4> {
+    let [b, one, t, tk] = bias.dims();
+    let past = tk - t;
+    let far: Vec<bool> = (0..t)
+        .flat_map(|i| (0..tk).map(move |j| past + i >= j + window))
+        .collect();
+    let far = Tensor::<4, Bool>::from_data(TensorData::new(far, [1, 1, t, tk]), &bias.device());
+    bias.mask_fill(far.expand([b, one, t, tk]), MASK_VALUE)
 }
 
 /// The decoder stack (`LlamaModel`).
@@ -380,9 +810,18 @@ pub struct LlamaModel {
     pub embed_tokens: Embedding,
     pub layers: Vec<LlamaLayer>,
     pub norm: RmsNorm,
-    /// `[hd / 2]`, a constant (not trained).
+    /// `[hd / 2]`, a constant (not trained): full-attention layers.
     #[module(skip)]
     pub inv_freq: Tensor<1>,
+    /// `[hd / 2]`: sliding-window layers (Gemma 3 gives them their own base).
+    #[module(skip)]
+    pub inv_freq_local: Tensor<1>,
+    /// Gemma: `sqrt(hidden_size)` on the token embeddings.
+    #[module(skip)]
+    pub embed_scale: Option<f32>,
+    /// The window of sliding-window layers.
+    #[module(skip)]
+    pub sliding_window: Option<usize>,
     /// Virtual tokens of prompt learning, attached from outside (whet-peft).
     pub prompt: Option<PromptEncoder>,
 }
@@ -393,17 +832,24 @@ impl LlamaModel {
         let embed_tokens = Embedding::load(&vb.pp("embed_tokens"), c.vocab_size, c.hidden_size)?
             .with_padding_idx(c.pad_token_id);
         let layers = (0..c.num_hidden_layers)
-            .map(|i| LlamaLayer::load(&vb.pp(format!("layers.{i}")), c))
+            .map(|i| LlamaLayer::load(&vb.pp(format!("layers.{i}")), c, c.layer_kind(i)))
             .collect::<Result<_>>()?;
         // After the layers: their q projections' shapes have confirmed the head size the
         // rotary table is sized from.
-        let inv_freq = c.inv_freq()?;
-        let n = inv_freq.len();
+        let table = |kind| -> Result<Tensor<1>> {
+            let f = c.inv_freq(kind)?;
+            let n = f.len();
+            Ok(Tensor::from_data(TensorData::new(f, [n]), vb.device()))
+        };
         Ok(Self {
             embed_tokens,
             layers,
-            norm: RmsNorm::load(&vb.pp("norm"), c.hidden_size, c.rms_norm_eps)?,
-            inv_freq: Tensor::from_data(TensorData::new(inv_freq, [n]), vb.device()),
+            norm: RmsNorm::load(&vb.pp("norm"), c.hidden_size, c.rms_norm_eps)?
+                .with_offset(c.norm_offset()),
+            inv_freq: table(LayerKind::Full)?,
+            inv_freq_local: table(LayerKind::Sliding)?,
+            embed_scale: c.embed_scale(),
+            sliding_window: c.sliding_window(),
             prompt: None,
         })
     }
@@ -421,6 +867,9 @@ impl LlamaModel {
         let (mut cache, soft_prompt) =
             place_virtual_tokens(self.prompt.as_ref(), &mut input, cache, &mut local);
         let mut x = self.embed_tokens.forward(input.input_ids.clone());
+        if let Some(scale) = self.embed_scale {
+            x = x.mul_scalar(scale);
+        }
         if let Some(e) = soft_prompt {
             // (B, P, H) ++ (B, T, H) -> (B, P + T, H)
             x = Tensor::cat(vec![e, x], 1);
@@ -433,7 +882,15 @@ impl LlamaModel {
                 .reshape([1, t])
                 .expand([b, t])
         });
-        let rope = Rope::new(positions, self.inv_freq.clone());
+        let sliding = self.layers.iter().any(|l| l.kind == LayerKind::Sliding);
+        let rope = Rope::new(positions.clone(), self.inv_freq.clone());
+        let (rope_local, bias_local) = match self.sliding_window.filter(|_| sliding) {
+            Some(w) => (
+                Rope::new(positions, self.inv_freq_local.clone()),
+                sliding_bias(bias.clone(), w),
+            ),
+            None => (rope.clone(), bias.clone()),
+        };
         let unpadded = input
             .unpadded
             .map(|u| u.widen(t - input.input_ids.dims()[1]));
@@ -441,7 +898,11 @@ impl LlamaModel {
         let mut x = layout.enter(x);
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| (c, i));
-            x = layer.forward(x, &layout, &rope, bias.clone(), layer_cache, mode);
+            let (rope, bias) = match layer.kind {
+                LayerKind::Full => (&rope, bias.clone()),
+                LayerKind::Sliding => (&rope_local, bias_local.clone()),
+            };
+            x = layer.forward(x, &layout, rope, bias, layer_cache, mode);
         }
         layout.pad(self.norm.forward(x))
     }
@@ -468,12 +929,11 @@ impl LlamaModel {
     /// The sizes of this model's virtual tokens.
     pub fn prompt_shape(&self) -> PromptShape {
         let first = &self.layers[0];
-        let kv_dim = first.k_proj.dims().1;
         PromptShape {
             layers: self.layers.len(),
             hidden: self.embed_tokens.weight.dims()[1],
             kv_heads: first.kv_heads,
-            head_dim: kv_dim / first.kv_heads,
+            head_dim: first.head_dim,
             takes_prefix: true,
         }
     }
@@ -491,6 +951,9 @@ pub struct LlamaForCausalLm {
     /// `None` when tied to `model.embed_tokens`.
     pub lm_head: Option<Linear>,
     pub max_positions: usize,
+    /// Gemma 2's `final_logit_softcapping`.
+    #[module(skip)]
+    pub logit_softcap: Option<f64>,
 }
 
 impl LlamaForCausalLm {
@@ -513,6 +976,7 @@ impl LlamaForCausalLm {
             model,
             lm_head,
             max_positions: c.positions(),
+            logit_softcap: c.final_logit_softcapping(),
         })
     }
 }
@@ -528,14 +992,22 @@ impl CausalLm for LlamaForCausalLm {
     }
 
     fn lm_logits(&self, hidden: Tensor<3>) -> Tensor<3> {
-        match &self.lm_head {
+        let logits = match &self.lm_head {
             Some(head) => head.forward(hidden, Mode::Eval),
             None => crate::decoder::tied_logits(hidden, self.model.embed_tokens.weight.val()),
+        };
+        match self.logit_softcap {
+            Some(cap) => softcap(logits, cap),
+            None => logits,
         }
     }
 
     fn lm_cross_entropy_sum(&self, hidden: Tensor<2>, targets: &[u32]) -> Tensor<1> {
         use crate::layers::LinearWeight;
+        if self.logit_softcap.is_some() {
+            // The fused kernel takes plain logits; capped ones go through the full matrix.
+            return crate::decoder::logits_cross_entropy_sum(self, hidden, targets);
+        }
         let weight = match &self.lm_head {
             None => Some(self.model.embed_tokens.weight.val()),
             // [H, V] read as its transpose [V, H], in place.

@@ -294,32 +294,11 @@ fn tiny_llama_causal_lm() {
     causal_case("tiny-llama");
 }
 
-/// `MistralForCausalLM` with a sliding window (16) longer than the sequence (9): whet has no
-/// sliding-window attention, and here transformers' window masks nothing either.
+/// `MistralForCausalLM` with a sliding window (16) longer than the sequence (9); the window
+/// itself is checked by the family suite (`whet`'s `families::`, windows of 4 tokens).
 #[test]
 fn tiny_mistral_causal_lm() {
     causal_case("tiny-mistral");
-}
-
-/// whet has no sliding-window mask: a Mistral model's sequences are limited to its window
-/// (16 here, with 64 positions), within which it computes what transformers computes; Qwen2
-/// without `use_sliding_window` keeps all its positions.
-#[test]
-fn a_sliding_window_limits_the_sequence_length() {
-    let mistral = Checkpoint::open(fixtures().join("tiny-mistral")).unwrap();
-    assert_eq!(mistral.max_positions(), 16);
-    let model = mistral.load_causal_lm(&eval_device()).unwrap();
-    assert_eq!(model.max_positions(), 16);
-    let qwen2 = Checkpoint::open(fixtures().join("tiny-qwen2")).unwrap();
-    assert_eq!(
-        qwen2.max_positions(),
-        serde_json::from_str::<serde_json::Value>(
-            &std::fs::read_to_string(fixtures().join("tiny-qwen2/config.json")).unwrap()
-        )
-        .unwrap()["max_position_embeddings"]
-            .as_u64()
-            .unwrap() as usize
-    );
 }
 
 /// `Qwen2ForCausalLM`: biased q/k/v projections (their gradients are among those checked) and a

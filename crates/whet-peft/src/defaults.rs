@@ -4,15 +4,17 @@
 //! Copied from peft 0.21.2 `src/peft/utils/constants.py`
 //! (`TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`,
 //! `TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING`,
-//! `TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING`). peft has no entry for DistilBERT,
-//! so `LoraConfig()` on it fails there as here.
+//! `TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING`). peft has no entry for DistilBERT
+//! or Phi-3, so `LoraConfig()` on them fails there as here.
 
 /// `LoraConfig()`'s `target_modules` for a model type.
 pub fn lora_target_modules(model_type: &str) -> Option<&'static [&'static str]> {
     Some(match model_type {
-        "bert" => &["query", "value"],
+        "bert" | "roberta" | "xlm-roberta" => &["query", "value"],
         "gpt2" => &["c_attn"],
-        "llama" | "mistral" | "qwen2" => &["q_proj", "v_proj"],
+        "llama" | "mistral" | "qwen2" | "qwen3" | "gemma" | "gemma2" | "gemma3_text" => {
+            &["q_proj", "v_proj"]
+        }
         _ => return None,
     })
 }
@@ -20,10 +22,12 @@ pub fn lora_target_modules(model_type: &str) -> Option<&'static [&'static str]> 
 /// `IA3Config()`'s `target_modules` and `feedforward_modules` for a model type.
 pub fn ia3_modules(model_type: &str) -> Option<(&'static [&'static str], &'static [&'static str])> {
     Some(match model_type {
-        "bert" => (&["key", "value", "output.dense"], &["output.dense"]),
+        "bert" | "roberta" => (&["key", "value", "output.dense"], &["output.dense"]),
         "gpt2" => (&["c_attn", "mlp.c_proj"], &["mlp.c_proj"]),
         "llama" | "mistral" => (&["k_proj", "v_proj", "down_proj"], &["down_proj"]),
-        "qwen2" => (&["q_proj", "v_proj", "down_proj"], &["down_proj"]),
+        "qwen2" | "qwen3" | "gemma" | "gemma2" | "gemma3_text" => {
+            (&["q_proj", "v_proj", "down_proj"], &["down_proj"])
+        }
         _ => return None,
     })
 }

@@ -700,7 +700,7 @@ fn info(path: PathBuf) -> Result<()> {
             Format::Gguf => "GGUF",
         }
     );
-    println!("architecture: {}", ckpt.family());
+    println!("architecture: {} ({})", ckpt.family(), ckpt.model_type());
     match &ckpt.config {
         whet_models::FamilyConfig::Bert(c) => println!(
             "config:       {} layers, hidden {}, {} heads, intermediate {}, vocab {}, max positions {}",
@@ -729,7 +729,7 @@ fn info(path: PathBuf) -> Result<()> {
             c.head_dim(),
             c.intermediate_size,
             c.vocab_size,
-            c.theta(),
+            c.theta(whet_models::llama::LayerKind::Full),
             c.rms_norm_eps,
             c.max_position_embeddings,
             c.tie_word_embeddings
