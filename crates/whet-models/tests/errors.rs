@@ -152,3 +152,79 @@ fn a_gguf_of_another_architecture_is_refused() {
         "{e}"
     );
 }
+
+/// What a family's config asks for and whet does not implement is refused by name, never run
+/// as something else: each edit below is one such field on a family fixture.
+#[test]
+fn config_fields_whet_does_not_implement_are_refused_by_name() {
+    let cases: &[(&str, &str, serde_json::Value, &str)] = &[
+        (
+            "families/phi3-cls",
+            "partial_rotary_factor",
+            serde_json::json!(0.75),
+            "partial_rotary_factor = 0.75",
+        ),
+        (
+            "families/phi3-cls",
+            "rope_parameters",
+            serde_json::json!({"rope_type": "longrope", "rope_theta": 10000.0}),
+            "rope scaling type \"longrope\"",
+        ),
+        (
+            "families/gemma3_text-cls",
+            "use_bidirectional_attention",
+            serde_json::json!(true),
+            "use_bidirectional_attention",
+        ),
+        (
+            "families/gemma3_text-cls",
+            "layer_types",
+            serde_json::json!(["sliding_attention", "chunked_attention"]),
+            "\"chunked_attention\" is not implemented",
+        ),
+        (
+            "families/qwen3-cls",
+            "layer_types",
+            serde_json::json!(["full_attention"]),
+            "layer_types has 1 entries for num_hidden_layers = 2",
+        ),
+        (
+            "families/roberta-cls",
+            "position_embedding_type",
+            serde_json::json!("relative_key"),
+            "position_embedding_type = \"relative_key\"",
+        ),
+        (
+            "families/gemma-cls",
+            "model_type",
+            serde_json::json!("gemma3"),
+            "vision tower",
+        ),
+        (
+            "families/bert-cls",
+            "model_type",
+            serde_json::json!("deberta-v2"),
+            "deberta-v2",
+        ),
+    ];
+    for (fixture, key, value, want) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        for entry in std::fs::read_dir(fixtures().join(fixture)).unwrap() {
+            let entry = entry.unwrap();
+            if entry.path().is_file() {
+                std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+            }
+        }
+        edit_config(dir.path(), key, value.clone());
+        let e = open_err(dir.path()).to_string();
+        assert!(e.contains(want), "{fixture} with {key} = {value}: {e}");
+        assert!(e.contains("config.json"), "{e}");
+    }
+    // An unknown architecture names itself and the model types whet has.
+    let dir = copy_model("tiny-bert");
+    edit_config(dir.path(), "model_type", serde_json::json!("mamba"));
+    let e = open_err(dir.path()).to_string();
+    for want in ["mamba", "roberta", "qwen3", "gemma3_text", "phi3"] {
+        assert!(e.contains(want), "{e}");
+    }
+}

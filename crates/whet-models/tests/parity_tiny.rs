@@ -33,42 +33,7 @@ fn grad_device() -> Device {
 
 /// Backpropagates `loss` and compares it and every parameter's gradient with the fixture.
 fn check_loss_and_grads(fx: &Fixture, loss: Tensor<1>, params: Vec<NamedParam>) {
-    assert_rel("loss", &values(loss.clone()), &fx.f32("loss"), GRAD_TOL);
-    let grads = loss.backward();
-    let expected: Vec<&String> = fx
-        .tensors
-        .keys()
-        .filter(|k| k.starts_with("grad."))
-        .collect();
-    assert!(!expected.is_empty(), "fixture has no gradients");
-    let mut checked = 0;
-    let mut failures = vec![];
-    for p in &params {
-        let key = format!("grad.{}", p.name);
-        if !fx.has(&key) {
-            continue;
-        }
-        let (shape, got) = p
-            .checkpoint_grad(&grads)
-            .unwrap_or_else(|| panic!("no gradient for {}", p.name));
-        assert_eq!(shape, fx.shape(&key), "gradient shape of {}", p.name);
-        let want = fx.f32(&key);
-        let (r, d) = (rel_err(&got, &want), max_abs_diff(&got, &want));
-        if r > GRAD_TOL && d > 1e-6 {
-            failures.push(format!("{key}: relative error {r:e}, max abs diff {d:e}"));
-        }
-        checked += 1;
-    }
-    assert!(
-        failures.is_empty(),
-        "gradients differ:\n{}",
-        failures.join("\n")
-    );
-    assert_eq!(
-        checked,
-        expected.len(),
-        "every parameter gradient of the fixture must be checked"
-    );
+    common::check_loss_and_grads(fx, loss, params, GRAD_TOL);
 }
 
 /// The padding-free layout of the fixture's `[B, T]` mask `name`, when `padding_free`; the
@@ -207,16 +172,6 @@ fn tiny_bert_question_answering() {
             / 2.0;
         check_loss_and_grads(&fx, loss, model.named_params());
     }
-}
-
-/// Logits at the positions where `mask` is 1.
-fn masked_rows(logits: &[f32], mask: &[i64], vocab: usize) -> Vec<f32> {
-    logits
-        .chunks(vocab)
-        .zip(mask)
-        .filter(|(_, m)| **m == 1)
-        .flat_map(|(row, _)| row.iter().copied())
-        .collect()
 }
 
 /// Compares the eval-mode logits of the checkpoint at `root` with the fixture's right- and

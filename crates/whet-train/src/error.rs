@@ -61,9 +61,10 @@ pub enum TrainError {
     UnknownTemplate { name: String },
     /// An adapter table without target modules, for an architecture peft has no default for.
     #[error(
-        "[{table}] has no {what} and peft has no default for model_type {model_type:?} (it has them \
-         for bert, gpt2, llama, mistral, qwen2): name them, e.g. {what} = [\"q_lin\", \"v_lin\"] \
-         for DistilBERT"
+        "[{table}] has no {what} and peft has no default for model_type {model_type:?} (LoRA's \
+         cover bert, roberta, xlm-roberta, gpt2, llama, mistral, qwen2, qwen3, gemma, gemma2, \
+         gemma3_text): name them, e.g. {what} = [\"q_lin\", \"v_lin\"] for DistilBERT, \
+         [\"qkv_proj\"] for Phi-3"
     )]
     NoPeftDefault {
         table: &'static str,

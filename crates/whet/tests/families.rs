@@ -24,7 +24,7 @@ use whet_models::{
 };
 
 use crate::common::ok;
-use crate::model_fixture::{Fixture, assert_close, assert_rel, max_abs_diff, rel_err, values};
+use crate::model_fixture::{Fixture, assert_close, masked_rows, values};
 
 const LOGITS_TOL: f32 = 1e-4;
 const GRAD_TOL: f32 = 1e-4;
@@ -90,53 +90,14 @@ fn device() -> Device {
     Device::flex()
 }
 
-/// Backpropagates `loss` and compares it and every parameter's gradient with the fixture.
 fn check_loss_and_grads(fx: &Fixture, loss: Tensor<1>, params: Vec<NamedParam>) {
-    assert_rel("loss", &values(loss.clone()), &fx.f32("loss"), GRAD_TOL);
-    let grads = loss.backward();
-    let mut checked = 0;
-    let mut failures = vec![];
-    for p in &params {
-        let key = format!("grad.{}", p.name);
-        if !fx.has(&key) {
-            continue;
-        }
-        let (shape, got) = p
-            .checkpoint_grad(&grads)
-            .unwrap_or_else(|| panic!("no gradient for {}", p.name));
-        assert_eq!(shape, fx.shape(&key), "gradient shape of {}", p.name);
-        let want = fx.f32(&key);
-        let (r, d) = (rel_err(&got, &want), max_abs_diff(&got, &want));
-        if r > GRAD_TOL && d > 1e-6 {
-            failures.push(format!("{key}: relative error {r:e}, max abs diff {d:e}"));
-        }
-        checked += 1;
-    }
-    assert!(
-        failures.is_empty(),
-        "gradients differ:\n{}",
-        failures.join("\n")
-    );
-    let expected = fx.tensors.keys().filter(|k| k.starts_with("grad.")).count();
-    assert_eq!(
-        checked, expected,
-        "every parameter gradient of the fixture is checked"
-    );
+    crate::model_fixture::check_loss_and_grads(fx, loss, params, GRAD_TOL);
 }
 
 fn unpadded(fx: &Fixture, name: &str, padding_free: bool) -> Option<Unpadded> {
     let mask = fx.i64(name);
     let s = fx.shape(name);
     padding_free.then(|| Unpadded::from_mask(&mask, s[0], s[1]))
-}
-
-fn masked_rows(logits: &[f32], mask: &[i64], vocab: usize) -> Vec<f32> {
-    logits
-        .chunks(vocab)
-        .zip(mask)
-        .filter(|(_, m)| **m == 1)
-        .flat_map(|(row, _)| row.iter().copied())
-        .collect()
 }
 
 fn classifier_input(fx: &Fixture, d: &Device, padding_free: bool) -> ClassifierInput {

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use safetensors::{Dtype, SafeTensors};
+use whet_models::NamedParam;
 
 /// The repository's `tests/fixtures` folder.
 pub fn fixtures() -> PathBuf {
@@ -143,5 +144,53 @@ pub fn assert_rel(what: &str, got: &[f32], want: &[f32], tol: f32) {
     assert!(
         r <= tol || d <= 1e-6,
         "{what}: relative error {r:e} > {tol:e} (max abs diff {d:e})"
+    );
+}
+
+/// Logits at the positions where `mask` is 1 (`vocab` values per position).
+pub fn masked_rows(logits: &[f32], mask: &[i64], vocab: usize) -> Vec<f32> {
+    logits
+        .chunks(vocab)
+        .zip(mask)
+        .filter(|(_, m)| **m == 1)
+        .flat_map(|(row, _)| row.iter().copied())
+        .collect()
+}
+
+/// Backpropagates `loss` and compares it and the gradient of every parameter the fixture has a
+/// `grad.NAME` for, within `tol` relative error (or 1e-6 absolute); every fixture gradient must
+/// be checked.
+#[track_caller]
+pub fn check_loss_and_grads(fx: &Fixture, loss: Tensor<1>, params: Vec<NamedParam>, tol: f32) {
+    assert_rel("loss", &values(loss.clone()), &fx.f32("loss"), tol);
+    let grads = loss.backward();
+    let expected = fx.tensors.keys().filter(|k| k.starts_with("grad.")).count();
+    assert!(expected > 0, "fixture has no gradients");
+    let mut checked = 0;
+    let mut failures = vec![];
+    for p in &params {
+        let key = format!("grad.{}", p.name);
+        if !fx.has(&key) {
+            continue;
+        }
+        let (shape, got) = p
+            .checkpoint_grad(&grads)
+            .unwrap_or_else(|| panic!("no gradient for {}", p.name));
+        assert_eq!(shape, fx.shape(&key), "gradient shape of {}", p.name);
+        let want = fx.f32(&key);
+        let (r, d) = (rel_err(&got, &want), max_abs_diff(&got, &want));
+        if r > tol && d > 1e-6 {
+            failures.push(format!("{key}: relative error {r:e}, max abs diff {d:e}"));
+        }
+        checked += 1;
+    }
+    assert!(
+        failures.is_empty(),
+        "gradients differ:\n{}",
+        failures.join("\n")
+    );
+    assert_eq!(
+        checked, expected,
+        "every parameter gradient of the fixture must be checked"
     );
 }
