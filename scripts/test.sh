@@ -4,7 +4,7 @@
 # of scripts/test_devices.sh) ("N passed, N failed").
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/fetch_assets.sh --only minilm,smollm2,gpt2-tokenizer
+scripts/fetch_assets.sh --only minilm,smollm2,gpt2-tokenizer,gemma3
 log=$(mktemp)
 status=0
 cargo test --workspace --no-fail-fast 2>&1 | tee "$log" || status=$?

@@ -1,5 +1,6 @@
-//! LLaMA-family models from GGUF files: config from metadata, tensors renamed to Hugging Face
-//! names (and un-permuted), tokenizer and chat template from metadata, and conversion to a
+//! Rotary decoders from GGUF files (LLaMA, Mistral, Qwen2, Gemma 3): config from metadata,
+//! tensors renamed to Hugging Face names (q/k un-permuted for LLaMA and Mistral, Gemma's norm
+//! weights shifted back by one), tokenizer and chat template from metadata, and conversion to a
 //! Hugging Face folder. Mirrors `transformers.integrations.ggml` / `modeling_gguf_pytorch_utils`.
 
 use std::collections::HashMap;
@@ -17,11 +18,23 @@ use crate::weights::TensorSource;
 use whet_text::gguf::tokenizer_metadata;
 pub use whet_text::gguf::{tokenizer, tokenizer_config};
 
-/// GGUF architectures read as the LLaMA family.
-const LLAMA_ARCHS: &[&str] = &["llama", "mistral", "qwen2"];
+/// GGUF architectures read as the rotary decoder family.
+const LLAMA_ARCHS: &[&str] = &["llama", "mistral", "qwen2", "gemma3"];
+
+/// Whether the architecture stores RMSNorm weights as llama.cpp scales them (Gemma's `1 + w`,
+/// so transformers' `Gemma2TensorProcessor` subtracts one).
+fn shifted_norms(arch: &str) -> bool {
+    matches!(arch, "gemma" | "gemma2" | "gemma3")
+}
 
 /// Maps a ggml tensor name to its Hugging Face LLaMA name.
 pub fn hf_name(ggml: &str) -> Option<String> {
+    hf_name_for("llama", ggml)
+}
+
+/// Maps a ggml tensor name of architecture `arch` to its Hugging Face name: Gemma 2/3's
+/// `ffn_norm` is the norm before the MLP of a sandwich, LLaMA's the norm after attention.
+pub fn hf_name_for(arch: &str, ggml: &str) -> Option<String> {
     let fixed = match ggml {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
         "output_norm.weight" => Some("model.norm.weight"),
@@ -35,7 +48,13 @@ pub fn hf_name(ggml: &str) -> Option<String> {
     let (layer, rest) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
     let (module, kind) = rest.rsplit_once('.')?;
+    let sandwich = matches!(arch, "gemma2" | "gemma3");
     let hf = match module {
+        "ffn_norm" if sandwich => "pre_feedforward_layernorm",
+        "post_attention_norm" if sandwich => "post_attention_layernorm",
+        "post_ffw_norm" if sandwich => "post_feedforward_layernorm",
+        "attn_q_norm" => "self_attn.q_norm",
+        "attn_k_norm" => "self_attn.k_norm",
         "attn_norm" => "input_layernorm",
         "attn_q" => "self_attn.q_proj",
         "attn_k" => "self_attn.k_proj",
@@ -57,25 +76,31 @@ pub struct GgufSource {
     names: HashMap<String, String>,
     /// Heads of q and k, for undoing llama.cpp's rotary permutation (None: no permutation).
     permute: Option<(usize, usize)>,
+    /// `general.architecture`.
+    arch: String,
 }
 
 impl GgufSource {
     /// Indexes `file` for the LLaMA family.
     pub fn new(file: Arc<GgufFile>, config: &LlamaConfig) -> Self {
+        let arch = file
+            .get_str("general.architecture")
+            .unwrap_or("llama")
+            .to_string();
         let names = file
             .tensors
             .iter()
-            .filter_map(|t| Some((hf_name(&t.name)?, t.name.clone())))
+            .filter_map(|t| Some((hf_name_for(&arch, &t.name)?, t.name.clone())))
             .collect();
         // llama.cpp permutes q/k rows of "llama" and "mistral" checkpoints for its interleaved
         // rotary layout; transformers undoes it (`reverse_permute_weights`), and so does whet.
-        let arch = file.get_str("general.architecture").unwrap_or("llama");
-        let permute = matches!(arch, "llama" | "mistral")
+        let permute = matches!(arch.as_str(), "llama" | "mistral")
             .then_some((config.num_attention_heads, config.kv_heads()));
         Self {
             file,
             names,
             permute,
+            arch,
         }
     }
 
@@ -84,7 +109,7 @@ impl GgufSource {
         self.file
             .tensors
             .iter()
-            .filter(|t| hf_name(&t.name).is_none())
+            .filter(|t| hf_name_for(&self.arch, &t.name).is_none())
             .map(|t| t.name.clone())
             .collect()
     }
@@ -177,6 +202,9 @@ impl TensorSource for GgufSource {
         };
         Ok(match heads {
             Some(n_head) if shape.len() == 2 => unpermute(&values, shape[0], shape[1], n_head),
+            _ if shifted_norms(&self.arch) && name.ends_with("norm.weight") => {
+                values.into_iter().map(|v| v - 1.0).collect()
+            }
             _ => values,
         })
     }
@@ -189,7 +217,7 @@ pub fn llama_config(file: &GgufFile) -> Result<LlamaConfig> {
         return Err(ModelError::UnknownArchitecture {
             name: arch,
             path: file.path().to_path_buf(),
-            supported: "GGUF architectures llama, mistral, qwen2",
+            supported: "GGUF architectures llama, mistral, qwen2, gemma3",
         });
     }
     let key = |k: &str| format!("{arch}.{k}");
@@ -234,7 +262,12 @@ pub fn llama_config(file: &GgufFile) -> Result<LlamaConfig> {
             .map(|v| v as u32)
     };
     let config = LlamaConfig {
-        model_type: arch.clone(),
+        // transformers reads a gemma3 file as the text model.
+        model_type: if arch == "gemma3" {
+            "gemma3_text".into()
+        } else {
+            arch.clone()
+        },
         vocab_size: vocab,
         hidden_size: hidden,
         intermediate_size: u("feed_forward_length")?,
@@ -293,11 +326,7 @@ pub fn convert_to_folder(path: &Path, out: &Path) -> Result<ConvertSummary> {
     meta.insert("format".to_string(), "pt".to_string());
     crate::weights::write_safetensors(&out.join("model.safetensors"), &tensors, Some(meta))?;
 
-    let class = match config.model_type.as_str() {
-        "mistral" => "MistralForCausalLM",
-        "qwen2" => "Qwen2ForCausalLM",
-        _ => "LlamaForCausalLM",
-    };
+    let class = crate::architecture(&config.model_type, crate::Head::CausalLm);
     let mut json = serde_json::to_value(&config).map_err(|e| ModelError::Input(e.to_string()))?;
     if let serde_json::Value::Object(map) = &mut json {
         map.retain(|_, v| !v.is_null());

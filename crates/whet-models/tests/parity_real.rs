@@ -199,3 +199,84 @@ fn smollm2_chat_template_renders_as_transformers() {
         .unwrap();
     assert_eq!(got, want);
 }
+
+/// Gemma-3-270M, real weights from its Q4_K_M GGUF (`scripts/fetch_assets.sh --only gemma3`):
+/// logits of three prompts within 1e-3 of transformers reading the same file (every vocabulary
+/// entry at the last position, 256 of them at every position), 24 greedy tokens with the cache
+/// token for token (a plain prompt, Gemma's chat turn format, and unicode with runs of spaces),
+/// and the tokenizer whet builds from the file's SentencePiece vocabulary encoding and decoding
+/// a corpus as transformers' does (`tests/fixtures/gemma3/`, `make_gemma3_fixture.py`).
+#[test]
+fn gemma3_gguf_logits_greedy_generation_and_tokenizer_match_transformers() {
+    let path = asset("gemma3/gemma-3-270m-q4_k_m.gguf");
+    let root = fixtures().join("gemma3");
+    let ckpt = Checkpoint::open(&path).unwrap();
+    assert_eq!(ckpt.model_type(), "gemma3_text");
+    let tok = ckpt.tokenizer().unwrap();
+
+    let cases: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("tokenization.json")).unwrap())
+            .unwrap();
+    let ids = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i.as_u64().unwrap() as u32)
+            .collect()
+    };
+    for row in cases["rows"].as_array().unwrap() {
+        let text = row["text"].as_str().unwrap();
+        assert_eq!(
+            tok.encode(text, true).unwrap(),
+            ids(&row["ids"]),
+            "{text:?}"
+        );
+        let plain = ids(&row["ids_no_special"]);
+        assert_eq!(tok.encode(text, false).unwrap(), plain, "{text:?}");
+        assert_eq!(
+            tok.decode(&plain, false).unwrap(),
+            row["decoded"].as_str().unwrap(),
+            "decoding {text:?}"
+        );
+    }
+
+    let fx = Fixture::open(&root.join("gemma3.safetensors"));
+    let device = Device::flex();
+    let model = ckpt.load_causal_lm(&device).unwrap();
+    let subset = fx.i64("vocab_subset");
+    let vocab = model.vocab_size();
+    let mut prompts = 0;
+    while fx.has(&format!("input_ids_{prompts}")) {
+        let k = prompts;
+        let key = format!("input_ids_{k}");
+        let ids = fx.i64(&key);
+        let t = ids.len();
+        let logits = values(
+            model.forward_logits(DecoderInput::unpadded(fx.ids2(&key, &device)), Mode::Eval),
+        );
+        assert_close(
+            &format!("prompt {k}: last logits"),
+            &logits[(t - 1) * vocab..],
+            &fx.f32(&format!("last_logits_{k}")),
+            1e-3,
+        );
+        let got_subset: Vec<f32> = logits
+            .chunks(vocab)
+            .flat_map(|row| subset.iter().map(|&i| row[i as usize]).collect::<Vec<_>>())
+            .collect();
+        assert_close(
+            &format!("prompt {k}: logits at every position"),
+            &got_subset,
+            &fx.f32(&format!("subset_logits_{k}")),
+            1e-3,
+        );
+        let want = fx.i64(&format!("greedy_{k}"));
+        assert_eq!(
+            greedy(&model, &ids, want.len(), &device),
+            want,
+            "prompt {k}: greedy tokens"
+        );
+        prompts += 1;
+    }
+    assert_eq!(prompts, 3, "three prompts expected");
+}

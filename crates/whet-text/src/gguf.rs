@@ -1,29 +1,83 @@
-//! Tokenizers in GGUF metadata: the tokenizer a GGUF file describes, built as
-//! `transformers`' `GGUFGPTConverter` builds it; the `tokenizer_config.json` that makes
-//! `AutoTokenizer` behave the same; and a tokenizer written back as `tokenizer.ggml.*` metadata.
+//! Tokenizers in GGUF metadata: the tokenizer a GGUF file describes, built as `transformers`'
+//! GGUF integration builds it (byte-level BPE, and Gemma's SentencePiece vocabulary); the
+//! `tokenizer_config.json` that makes `AutoTokenizer` behave the same; and a tokenizer written
+//! back as `tokenizer.ggml.*` metadata.
 
 use std::collections::HashMap;
 
 use whet_gguf::GgufFile;
 
 use crate::error::{Result, TextError};
-use crate::tokenizer::{Special, TextTokenizer, byte_level_bpe};
+use crate::tokenizer::{Special, TextTokenizer, byte_level_bpe, tok_err};
 
-/// The tokenizer a GGUF file's metadata describes (byte-level BPE, `tokenizer.ggml.model =
-/// "gpt2"`), built as `transformers`' `GGUFGPTConverter` builds it, with control and
-/// user-defined tokens registered as special added tokens.
+/// The architectures whose SentencePiece vocabulary (`tokenizer.ggml.model = "llama"`) whet
+/// builds, as transformers' `gemma_tokenizer` does.
+const GEMMA_ARCHS: &[&str] = &["gemma", "gemma2", "gemma3"];
+
+/// The tokenizer a GGUF file's metadata describes: byte-level BPE (`tokenizer.ggml.model =
+/// "gpt2"`, with control and user-defined tokens registered as special added tokens), or the
+/// SentencePiece vocabulary of a Gemma file (see [`gemma_sentencepiece`]).
 pub fn tokenizer(file: &GgufFile) -> Result<TextTokenizer> {
     let source = file.path().display().to_string();
     let model = file.get_str("tokenizer.ggml.model")?;
-    if model != "gpt2" {
+    let arch = file.get_str("general.architecture").unwrap_or_default();
+    let gemma = model == "llama" && GEMMA_ARCHS.contains(&arch);
+    if model != "gpt2" && !gemma {
         return Err(TextError::Tokenizer {
             source_name: source,
             message: format!(
-                "GGUF tokenizer model {model:?} is not supported (byte-level BPE \"gpt2\" is)"
+                "GGUF tokenizer model {model:?} is not supported for architecture {arch:?} \
+                 (byte-level BPE \"gpt2\" is, and SentencePiece \"llama\" of {})",
+                GEMMA_ARCHS.join(", ")
             ),
         });
     }
     let tokens = file.get_strings("tokenizer.ggml.tokens")?;
+    let types: Vec<u64> = file
+        .get("tokenizer.ggml.token_type")
+        .and_then(|v| v.as_array())
+        .map(|a| a.iter().map(|v| v.as_u64().unwrap_or(1)).collect())
+        .unwrap_or_default();
+    let special = |k: &str| -> Option<Special> {
+        let id = file.get(&format!("tokenizer.ggml.{k}"))?.as_u64()? as u32;
+        Some(Special {
+            text: tokens.get(id as usize)?.to_string(),
+            id,
+        })
+    };
+    let bos = special("bos_token_id");
+    let add_bos = file
+        .get("tokenizer.ggml.add_bos_token")
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false);
+    let bos_to_add = if add_bos { bos.as_ref() } else { None };
+    let inner = if gemma {
+        gemma_sentencepiece(&tokens, &types, bos_to_add, &source)?
+    } else {
+        gpt2_bpe(file, &tokens, &types, bos_to_add, &source)?
+    };
+    Ok(TextTokenizer {
+        inner,
+        eos: special("eos_token_id"),
+        pad: special("padding_token_id"),
+        bos,
+        chat_template: file
+            .get("tokenizer.chat_template")
+            .and_then(|v| v.as_str())
+            .map(String::from),
+        source,
+    })
+}
+
+/// Byte-level BPE from `tokenizer.ggml.tokens` / `merges`, as `GGUFGPTConverter` builds it.
+fn gpt2_bpe(
+    file: &GgufFile,
+    tokens: &[&str],
+    types: &[u64],
+    bos_to_add: Option<&Special>,
+    source: &str,
+) -> Result<tokenizers::Tokenizer> {
+    let source = source.to_string();
     let merges = file
         .get_strings("tokenizer.ggml.merges")?
         .into_iter()
@@ -37,11 +91,6 @@ pub fn tokenizer(file: &GgufFile) -> Result<TextTokenizer> {
                 })
         })
         .collect::<Result<Vec<_>>>()?;
-    let types: Vec<u64> = file
-        .get("tokenizer.ggml.token_type")
-        .and_then(|v| v.as_array())
-        .map(|a| a.iter().map(|v| v.as_u64().unwrap_or(1)).collect())
-        .unwrap_or_default();
     let vocab: HashMap<String, u32> = tokens
         .iter()
         .enumerate()
@@ -54,41 +103,142 @@ pub fn tokenizer(file: &GgufFile) -> Result<TextTokenizer> {
         .filter(|(_, ty)| matches!(**ty, 3 | 4))
         .map(|(t, _)| t.to_string())
         .collect();
-    let special = |k: &str| -> Option<Special> {
-        let id = file.get(&format!("tokenizer.ggml.{k}"))?.as_u64()? as u32;
-        Some(Special {
-            text: tokens.get(id as usize)?.to_string(),
-            id,
-        })
-    };
-    let bos = special("bos_token_id");
-    let add_bos = file
-        .get("tokenizer.ggml.add_bos_token")
-        .and_then(|v| v.as_bool())
-        .unwrap_or(false);
     let add_prefix_space = file
         .get("tokenizer.ggml.add_space_prefix")
         .and_then(|v| v.as_bool())
         .unwrap_or(false);
-    let inner = byte_level_bpe(
+    byte_level_bpe(
         vocab,
         merges,
         &specials,
         add_prefix_space,
-        if add_bos { bos.as_ref() } else { None },
+        bos_to_add,
         &source,
-    )?;
-    Ok(TextTokenizer {
-        inner,
-        eos: special("eos_token_id"),
-        pad: special("padding_token_id"),
-        bos,
-        chat_template: file
-            .get("tokenizer.chat_template")
-            .and_then(|v| v.as_str())
-            .map(String::from),
-        source,
-    })
+    )
+}
+
+/// Gemma's SentencePiece vocabulary as transformers 5's `gemma_tokenizer` builds it from a GGUF
+/// file (`integrations/gguf/gguf_tokenizer_mapping.py`), which no crate reads: a `GemmaTokenizer`
+/// (BPE with byte fallback, spaces normalised to `▁`), whose merges the file does not list. They
+/// are rebuilt as `convert_slow_tokenizer.generate_merges` rebuilds them: every split of a token
+/// into two tokens of the vocabulary is a merge, ranked by the token's position in the file
+/// (earlier first; Gemma's scores do not follow its merge order), then by the lengths of the two
+/// halves, longer first. Tokens of two or more spaces are stored as spaces and renamed to `▁`s
+/// first. Control tokens (type 3) become special added tokens, user-defined ones (type 4) plain
+/// added tokens matched whole.
+pub fn gemma_sentencepiece(
+    tokens: &[&str],
+    types: &[u64],
+    bos_to_add: Option<&Special>,
+    source: &str,
+) -> Result<tokenizers::Tokenizer> {
+    use tokenizers::decoders::byte_fallback::ByteFallback;
+    use tokenizers::decoders::fuse::Fuse;
+    use tokenizers::decoders::sequence::Sequence;
+    use tokenizers::models::bpe::BPE;
+    use tokenizers::normalizers::replace::Replace;
+    use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+    use tokenizers::processors::template::TemplateProcessing;
+    use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
+
+    let tokens: Vec<String> = tokens
+        .iter()
+        .map(|t| {
+            if t.contains(' ') && t.trim().is_empty() {
+                "\u{2581}".repeat(t.chars().count())
+            } else {
+                t.to_string()
+            }
+        })
+        .collect();
+    // A dict built from the list: a repeated token keeps its last id, and its first place in
+    // the iteration order.
+    let vocab: HashMap<&str, u32> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.as_str(), i as u32))
+        .collect();
+    let mut merges: Vec<(&str, &str, i64)> = vec![];
+    let mut seen = std::collections::HashSet::new();
+    for token in &tokens {
+        if !seen.insert(token.as_str()) {
+            continue;
+        }
+        let score = -i64::from(vocab[token.as_str()]);
+        let mut local: Vec<(&str, &str, i64)> = token
+            .char_indices()
+            .skip(1)
+            .map(|(at, _)| token.split_at(at))
+            .filter(|(l, r)| vocab.contains_key(l) && vocab.contains_key(r))
+            .map(|(l, r)| (l, r, score))
+            .collect();
+        local.sort_by_key(|(l, r, _)| (vocab[l], vocab[r]));
+        merges.extend(local);
+    }
+    let chars = |s: &str| s.chars().count();
+    // Stable, descending: equal keys keep their order, as Python's sorted(reverse=True).
+    merges.sort_by(|a, b| (b.2, chars(b.0), chars(b.1)).cmp(&(a.2, chars(a.0), chars(a.1))));
+    let merges: Vec<(String, String)> = merges
+        .into_iter()
+        .map(|(l, r, _)| (l.to_string(), r.to_string()))
+        .collect();
+    let vocab: ahash::AHashMap<String, u32> =
+        vocab.into_iter().map(|(t, i)| (t.to_string(), i)).collect();
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .unk_token("<unk>".into())
+        .fuse_unk(true)
+        .byte_fallback(true)
+        .build()
+        .map_err(|e| tok_err(source, e))?;
+    let mut tok = Tokenizer::new(bpe);
+    tok.with_normalizer(Some(
+        Replace::new(" ", "\u{2581}").map_err(|e| tok_err(source, e))?,
+    ));
+    tok.with_pre_tokenizer(Some(
+        Split::new(
+            SplitPattern::String(" ".into()),
+            SplitDelimiterBehavior::MergedWithPrevious,
+            false,
+        )
+        .map_err(|e| tok_err(source, e))?,
+    ));
+    tok.with_decoder(Some(Sequence::new(vec![
+        Replace::new("\u{2581}", " ")
+            .map_err(|e| tok_err(source, e))?
+            .into(),
+        ByteFallback::new().into(),
+        Fuse::new().into(),
+    ])));
+    if let Some(bos) = bos_to_add {
+        let template = TemplateProcessing::builder()
+            .try_single(format!("{}:0 $A:0", bos.text))
+            .and_then(|b| b.try_pair(format!("{0}:0 $A:0 {0}:1 $B:1", bos.text)))
+            .map_err(|e| tok_err(source, e))?
+            .special_tokens(vec![(bos.text.clone(), bos.id)])
+            .build()
+            .map_err(|e| tok_err(source, e))?;
+        tok.with_post_processor(Some(template));
+    }
+    let of_type = |ty: u64| -> Vec<&String> {
+        tokens
+            .iter()
+            .zip(types)
+            .filter(|(_, t)| **t == ty)
+            .map(|(t, _)| t)
+            .collect()
+    };
+    let control: Vec<AddedToken> = of_type(3)
+        .into_iter()
+        .map(|t| AddedToken::from(t.clone(), true).normalized(false))
+        .collect();
+    tok.add_special_tokens(&control);
+    let user: Vec<AddedToken> = of_type(4)
+        .into_iter()
+        .map(|t| AddedToken::from(t.clone(), false).normalized(false))
+        .collect();
+    tok.add_tokens(&user);
+    Ok(tok)
 }
 
 /// `tokenizer_config.json` for a GGUF's tokenizer: special tokens, whether BOS is added, and

@@ -60,7 +60,7 @@ impl std::fmt::Debug for TextTokenizer {
     }
 }
 
-fn tok_err(source: &str, e: impl std::fmt::Display) -> TextError {
+pub(crate) fn tok_err(source: &str, e: impl std::fmt::Display) -> TextError {
     TextError::Tokenizer {
         source_name: source.to_string(),
         message: e.to_string(),
