@@ -41,6 +41,8 @@ def main():
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--bf16", action="store_true",
                     help="SFTConfig(bf16=True): autocast to bfloat16 (on the CPU: oneDNN's bf16 kernels)")
+    ap.add_argument("--chat-template", default=None,
+                    help="a .jinja chat template: SFTConfig(chat_template_path=...), for tokenizers without one")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -94,7 +96,8 @@ def main():
                     # SFTConfig turns on gradient checkpointing and bf16 autocast by default; whet
                     # runs without recomputation and in f32 unless `training.bf16 = true`, so
                     # compare like with like.
-                    gradient_checkpointing=False, bf16=args.bf16)
+                    gradient_checkpointing=False, bf16=args.bf16,
+                    chat_template_path=args.chat_template)
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=dtrain, eval_dataset=dval,
                          processing_class=tok, peft_config=peft_config)
     if args.method == "lora":

@@ -11,7 +11,8 @@ use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use serde::Serialize;
 use whet_data::{QaExample, QaFeature, qa_features};
-use whet_models::bert::{BertForQuestionAnswering, EncoderInput};
+use whet_models::QuestionAnswerer;
+use whet_models::bert::EncoderInput;
 use whet_models::unpad::Unpadded;
 use whet_models::{Checkpoint, Mode, TextTokenizer};
 
@@ -58,7 +59,7 @@ pub fn collate(items: &[&QaFeature], pad_id: u32) -> QaBatch {
 /// Start and end logits `[B, T]` of a batch; `padding_free` runs the model without the
 /// batch's padding ([`whet_models::unpad`]).
 pub fn logits(
-    model: &BertForQuestionAnswering,
+    model: &QuestionAnswerer,
     b: &QaBatch,
     mode: Mode,
     padding_free: bool,
@@ -110,7 +111,7 @@ pub struct QaAnswer {
 /// its score to that answer instead; the `top_k` best answers.
 #[allow(clippy::too_many_arguments)]
 pub fn answer(
-    model: &BertForQuestionAnswering,
+    model: &QuestionAnswerer,
     tokenizer: &TextTokenizer,
     question: &str,
     context: &str,
@@ -222,7 +223,7 @@ pub fn answer(
 /// A trained question-answering model ready for use, with the window lengths it was trained
 /// with.
 pub struct Trained {
-    pub model: BertForQuestionAnswering,
+    pub model: QuestionAnswerer,
     pub tokenizer: TextTokenizer,
     /// Tokens per window (question, context and special tokens).
     pub max_length: usize,

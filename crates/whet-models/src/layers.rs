@@ -411,8 +411,8 @@ impl VisitParams for Embedding {
 pub struct LayerNorm {
     /// `[dim]`
     pub weight: Param<Tensor<1>>,
-    /// `[dim]`
-    pub bias: Param<Tensor<1>>,
+    /// `[dim]`; `None` for bias-free norms (ModernBERT's `norm_bias = false`).
+    pub bias: Option<Param<Tensor<1>>>,
     /// Added to the variance.
     pub eps: f64,
 }
@@ -420,23 +420,44 @@ pub struct LayerNorm {
 impl LayerNorm {
     /// Loads `weight` and `bias` of shape `[dim]`.
     pub fn load(vb: &Weights, dim: usize, eps: f64) -> Result<Self> {
+        Self::load_with_bias(vb, dim, eps, true)
+    }
+
+    /// Loads `weight`, and `bias` when the norm has one.
+    pub fn load_with_bias(vb: &Weights, dim: usize, eps: f64, bias: bool) -> Result<Self> {
         Ok(Self {
             weight: vb.param("weight", [dim])?,
-            bias: vb.param("bias", [dim])?,
+            bias: bias.then(|| vb.param("bias", [dim])).transpose()?,
             eps,
         })
     }
 
+    /// A new norm as `nn.LayerNorm` initialises one: weight 1, bias 0.
+    pub fn init(dim: usize, eps: f64, bias: bool, device: &burn::tensor::Device) -> Self {
+        Self {
+            weight: Param::from_tensor(Tensor::ones([dim], device)),
+            bias: bias.then(|| Param::from_tensor(Tensor::zeros([dim], device))),
+            eps,
+        }
+    }
+
     /// Normalises over the last axis.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        crate::kernels::layer_norm(x, self.weight.val(), self.bias.val(), self.eps)
+        let weight = self.weight.val();
+        let bias = match &self.bias {
+            Some(b) => b.val(),
+            None => weight.zeros_like(),
+        };
+        crate::kernels::layer_norm(x, weight, bias, self.eps)
     }
 }
 
 impl VisitParams for LayerNorm {
     fn visit_params(&mut self, prefix: &str, v: &mut dyn Visitor) {
         v.vector(&join(prefix, "weight"), &mut self.weight);
-        v.vector(&join(prefix, "bias"), &mut self.bias);
+        if let Some(b) = &mut self.bias {
+            v.vector(&join(prefix, "bias"), b);
+        }
     }
 }
 

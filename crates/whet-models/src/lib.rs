@@ -1,8 +1,8 @@
 //! Pretrained transformer families for whet, on burn.
 //!
 //! One family per file, each readable top to bottom (config, layers in data order, model,
-//! loader): [`bert`] (BERT, MiniLM), [`distilbert`], [`gpt2`], [`llama`] (LLaMA, Mistral,
-//! Qwen2, SmolLM2). [`Checkpoint`] opens a Hugging Face folder or a GGUF file, tells which
+//! loader): [`bert`] (BERT, MiniLM, RoBERTa, XLM-RoBERTa), [`distilbert`], [`modernbert`],
+//! [`gpt2`], [`llama`] (the rotary decoders: LLaMA, Mistral, Qwen2/3, SmolLM2, Phi-3, Gemma 1-3). [`Checkpoint`] opens a Hugging Face folder or a GGUF file, tells which
 //! family it holds and loads it with its tokenizer. Models know nothing of training: forward
 //! passes take an explicit [`Mode`], and the training crates compute losses.
 
@@ -17,6 +17,7 @@ pub mod gpt2;
 pub mod kernels;
 pub mod layers;
 pub mod llama;
+pub mod modernbert;
 pub mod precision;
 pub mod prompt;
 pub mod quant;
@@ -45,6 +46,7 @@ use crate::distilbert::DistilBertConfig;
 use crate::gpt2::Gpt2Config;
 use crate::layers::{Linear, TorchLinear};
 use crate::llama::LlamaConfig;
+use crate::modernbert::ModernBertConfig;
 use crate::weights::SafetensorsSource;
 
 /// Crash-safe file writing: [`whet_text::fsutil`], with this crate's error type.
@@ -106,6 +108,8 @@ pub enum Family {
     Bert,
     /// DistilBERT.
     DistilBert,
+    /// ModernBERT.
+    ModernBert,
     /// GPT-2.
     Gpt2,
     /// The rotary decoders: LLaMA, Mistral, Qwen2/3, SmolLM2, Phi-3, Gemma 1/2/3.
@@ -124,13 +128,14 @@ impl std::fmt::Display for Family {
         f.write_str(match self {
             Family::Bert => "bert",
             Family::DistilBert => "distilbert",
+            Family::ModernBert => "modernbert",
             Family::Gpt2 => "gpt2",
             Family::Llama => "llama",
         })
     }
 }
 
-const SUPPORTED: &str = "model_type bert, roberta, xlm-roberta, distilbert, gpt2, llama, mistral, \
+const SUPPORTED: &str = "model_type bert, roberta, xlm-roberta, distilbert, modernbert, gpt2, llama, mistral, \
                          qwen2, qwen3, phi3, gemma, gemma2, gemma3_text (and .gguf files of the \
                          llama family)";
 
@@ -139,6 +144,7 @@ const SUPPORTED: &str = "model_type bert, roberta, xlm-roberta, distilbert, gpt2
 pub enum FamilyConfig {
     Bert(BertConfig),
     DistilBert(DistilBertConfig),
+    ModernBert(ModernBertConfig),
     Gpt2(Gpt2Config),
     Llama(LlamaConfig),
 }
@@ -150,6 +156,7 @@ impl FamilyConfig {
         let head = match self {
             FamilyConfig::Bert(c) => &c.head,
             FamilyConfig::DistilBert(c) => &c.head,
+            FamilyConfig::ModernBert(c) => &c.head,
             FamilyConfig::Gpt2(c) => &c.head,
             FamilyConfig::Llama(c) => &c.head,
         };
@@ -157,6 +164,7 @@ impl FamilyConfig {
         match self {
             FamilyConfig::Llama(c) => c.validate(),
             FamilyConfig::Bert(c) => c.validate(),
+            FamilyConfig::ModernBert(c) => c.validate(),
             _ => Ok(()),
         }
     }
@@ -201,6 +209,7 @@ pub fn architecture(model_type: &str, head: Head) -> String {
         "roberta" => "Roberta",
         "xlm-roberta" => "XLMRoberta",
         "distilbert" => "DistilBert",
+        "modernbert" => "ModernBert",
         "gpt2" => "GPT2",
         "mistral" => "Mistral",
         "qwen2" => "Qwen2",
@@ -320,6 +329,7 @@ impl Checkpoint {
                     FamilyConfig::Bert(serde_json::from_value(v).map_err(bad)?)
                 }
                 "distilbert" => FamilyConfig::DistilBert(serde_json::from_value(v).map_err(bad)?),
+                "modernbert" => FamilyConfig::ModernBert(serde_json::from_value(v).map_err(bad)?),
                 "gpt2" => FamilyConfig::Gpt2(serde_json::from_value(v).map_err(bad)?),
                 t if llama::MODEL_TYPES.contains(&t) => {
                     FamilyConfig::Llama(serde_json::from_value(v).map_err(bad)?)
@@ -363,6 +373,7 @@ impl Checkpoint {
         match self.config {
             FamilyConfig::Bert(_) => Family::Bert,
             FamilyConfig::DistilBert(_) => Family::DistilBert,
+            FamilyConfig::ModernBert(_) => Family::ModernBert,
             FamilyConfig::Gpt2(_) => Family::Gpt2,
             FamilyConfig::Llama(_) => Family::Llama,
         }
@@ -374,6 +385,7 @@ impl Checkpoint {
         match &self.config {
             FamilyConfig::Bert(c) => &c.model_type,
             FamilyConfig::DistilBert(_) => "distilbert",
+            FamilyConfig::ModernBert(_) => "modernbert",
             FamilyConfig::Gpt2(_) => "gpt2",
             FamilyConfig::Llama(c) => &c.model_type,
         }
@@ -446,6 +458,10 @@ impl Checkpoint {
                 let (m, f) = distilbert::DistilBertForSequenceClassification::load(&vb, c)?;
                 (Classifier::DistilBert(m), f)
             }
+            FamilyConfig::ModernBert(c) => {
+                let (m, f) = modernbert::ModernBertForSequenceClassification::load(&vb, c)?;
+                (Classifier::ModernBert(m), f)
+            }
             FamilyConfig::Gpt2(c) => {
                 let (m, f) = gpt2::Gpt2ForSequenceClassification::load(&vb, c)?;
                 (Classifier::Gpt2(m), f)
@@ -457,17 +473,26 @@ impl Checkpoint {
         })
     }
 
-    /// Loads a BERT-family model with the extractive question-answering head (`qa_outputs`,
-    /// initialised when absent and then named in the second value).
+    /// Loads an encoder with the extractive question-answering head (BERT's `qa_outputs`,
+    /// ModernBERT's `head` and `classifier`; initialised when absent and then named in the
+    /// second value).
     pub fn load_question_answering(
         &self,
         device: &Device,
-    ) -> Result<(bert::BertForQuestionAnswering, Vec<String>)> {
+    ) -> Result<(QuestionAnswerer, Vec<String>)> {
+        let vb = self.weights(device);
         match &self.config {
-            FamilyConfig::Bert(c) => bert::BertForQuestionAnswering::load(&self.weights(device), c),
+            FamilyConfig::Bert(c) => {
+                let (m, f) = bert::BertForQuestionAnswering::load(&vb, c)?;
+                Ok((QuestionAnswerer::Bert(m), f))
+            }
+            FamilyConfig::ModernBert(c) => {
+                let (m, f) = modernbert::ModernBertForQuestionAnswering::load(&vb, c)?;
+                Ok((QuestionAnswerer::ModernBert(m), f))
+            }
             _ => Err(ModelError::Input(format!(
-                "question answering is implemented for the BERT family (bert, roberta, \
-                 xlm-roberta); {} is {}",
+                "question answering is implemented for bert, roberta, xlm-roberta and \
+                 modernbert; {} is {}",
                 self.path.display(),
                 self.family()
             ))),
@@ -508,6 +533,7 @@ impl Checkpoint {
         match &self.config {
             FamilyConfig::Bert(c) => &c.head,
             FamilyConfig::DistilBert(c) => &c.head,
+            FamilyConfig::ModernBert(c) => &c.head,
             FamilyConfig::Gpt2(c) => &c.head,
             FamilyConfig::Llama(c) => &c.head,
         }
@@ -517,6 +543,7 @@ impl Checkpoint {
         match &mut self.config {
             FamilyConfig::Bert(c) => &mut c.head,
             FamilyConfig::DistilBert(c) => &mut c.head,
+            FamilyConfig::ModernBert(c) => &mut c.head,
             FamilyConfig::Gpt2(c) => &mut c.head,
             FamilyConfig::Llama(c) => &mut c.head,
         }
@@ -543,6 +570,7 @@ impl Checkpoint {
         match &self.config {
             FamilyConfig::Bert(c) => c.pad_token_id,
             FamilyConfig::DistilBert(c) => c.pad_token_id,
+            FamilyConfig::ModernBert(c) => c.pad_token_id,
             FamilyConfig::Gpt2(c) => c.pad_token_id,
             FamilyConfig::Llama(c) => c.pad_token_id,
         }
@@ -553,6 +581,7 @@ impl Checkpoint {
         match &self.config {
             FamilyConfig::Bert(c) => c.positions(),
             FamilyConfig::DistilBert(c) => c.max_position_embeddings,
+            FamilyConfig::ModernBert(c) => c.max_position_embeddings,
             FamilyConfig::Gpt2(c) => c.n_positions,
             FamilyConfig::Llama(c) => c.positions(),
         }
@@ -662,6 +691,11 @@ impl Checkpoint {
                         std::fs::copy(&src, out.join(f)).map_err(|e| ModelError::io(&src, e))?;
                     }
                 }
+                // The template the run used (a recipe's `chat_template_path` replaces the
+                // folder's): transformers reads this file before tokenizer_config.json's entry.
+                if let Some(t) = &tokenizer.chat_template {
+                    fsutil::write_atomic(&out.join("chat_template.jinja"), t.as_bytes())?;
+                }
             }
         }
         Ok(())
@@ -758,6 +792,7 @@ impl VisitParams for CausalModel {
 pub enum Classifier {
     Bert(bert::BertForSequenceClassification),
     DistilBert(distilbert::DistilBertForSequenceClassification),
+    ModernBert(modernbert::ModernBertForSequenceClassification),
     Gpt2(gpt2::Gpt2ForSequenceClassification),
     Llama(llama::LlamaForSequenceClassification),
 }
@@ -796,6 +831,7 @@ impl Classifier {
         match self {
             Classifier::Bert(m) => Ok(m.forward(enc(), mode)),
             Classifier::DistilBert(m) => Ok(m.forward(enc(), mode)),
+            Classifier::ModernBert(m) => Ok(m.forward(enc(), mode)),
             Classifier::Gpt2(m) => m.forward(dec(), mode),
             Classifier::Llama(m) => m.forward(dec(), mode),
         }
@@ -807,8 +843,37 @@ impl VisitParams for Classifier {
         match self {
             Classifier::Bert(m) => m.visit_params(prefix, v),
             Classifier::DistilBert(m) => m.visit_params(prefix, v),
+            Classifier::ModernBert(m) => m.visit_params(prefix, v),
             Classifier::Gpt2(m) => m.visit_params(prefix, v),
             Classifier::Llama(m) => m.visit_params(prefix, v),
+        }
+    }
+}
+
+/// An encoder with an extractive question-answering head.
+#[allow(clippy::large_enum_variant)]
+#[derive(burn::module::Module, Debug)]
+pub enum QuestionAnswerer {
+    Bert(bert::BertForQuestionAnswering),
+    ModernBert(modernbert::ModernBertForQuestionAnswering),
+}
+
+impl QuestionAnswerer {
+    /// # Shapes
+    /// - start and end logits `[B, T]`
+    pub fn forward(&self, input: bert::EncoderInput, mode: Mode) -> bert::SpanLogits {
+        match self {
+            QuestionAnswerer::Bert(m) => m.forward(input, mode),
+            QuestionAnswerer::ModernBert(m) => m.forward(input, mode),
+        }
+    }
+}
+
+impl VisitParams for QuestionAnswerer {
+    fn visit_params(&mut self, prefix: &str, v: &mut dyn Visitor) {
+        match self {
+            QuestionAnswerer::Bert(m) => m.visit_params(prefix, v),
+            QuestionAnswerer::ModernBert(m) => m.visit_params(prefix, v),
         }
     }
 }

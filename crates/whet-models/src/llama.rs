@@ -473,7 +473,7 @@ pub struct Rope {
 impl Rope {
     /// # Shapes
     /// - positions `[B, T]`, inv_freq `[hd / 2]`
-    fn new(positions: Tensor<2, Int>, inv_freq: Tensor<1>) -> Self {
+    pub(crate) fn new(positions: Tensor<2, Int>, inv_freq: Tensor<1>) -> Self {
         let [b, t] = positions.dims();
         let half = inv_freq.dims()[0];
         // (B, T, 1) * (1, 1, hd/2) -> (B, T, hd/2)
@@ -490,7 +490,7 @@ impl Rope {
     ///
     /// # Shapes
     /// - x `[B, H, T, hd]`
-    fn apply(&self, x: Tensor<4>) -> Tensor<4> {
+    pub(crate) fn apply(&self, x: Tensor<4>) -> Tensor<4> {
         crate::kernels::rope(x, self.cos.clone(), self.sin.clone())
     }
 }

@@ -120,8 +120,10 @@ impl TextTokenizer {
                 .and_then(|t| t.get("template")?.as_str().map(String::from)),
             _ => None,
         });
-        let chat_template =
-            chat_template.or_else(|| std::fs::read_to_string(dir.join("chat_template.jinja")).ok());
+        // As transformers: a `chat_template.jinja` file takes priority over the config's entry.
+        let chat_template = std::fs::read_to_string(dir.join("chat_template.jinja"))
+            .ok()
+            .or(chat_template);
         Ok(Self {
             bos: special("bos_token"),
             eos: special("eos_token"),
@@ -456,6 +458,10 @@ pub(crate) mod tests {
             assert_eq!(loaded.chat_template.as_deref(), Some("{{ eos_token }}"));
             assert_eq!(loaded.encode("hihi", true).unwrap(), [3, 2, 2]);
         }
+        // As transformers: chat_template.jinja takes priority over the config's entry.
+        std::fs::write(dir.path().join("chat_template.jinja"), "{{ bos_token }}").unwrap();
+        let loaded = TextTokenizer::from_folder(dir.path()).unwrap();
+        assert_eq!(loaded.chat_template.as_deref(), Some("{{ bos_token }}"));
     }
 
     #[test]

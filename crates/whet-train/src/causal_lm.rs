@@ -528,7 +528,10 @@ pub fn open_decoder(recipe: &Recipe, task: &str) -> Result<(Checkpoint, TextToke
             family: checkpoint.family().to_string(),
         });
     }
-    let tokenizer = checkpoint.tokenizer()?;
+    let mut tokenizer = checkpoint.tokenizer()?;
+    if let Some(template) = recipe.data.chat_template()? {
+        tokenizer.chat_template = Some(template);
+    }
     let pad_id = checkpoint
         .pad_token_id()
         .or(tokenizer.pad.as_ref().map(|p| p.id))

@@ -12,7 +12,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use whet_data::{Encoding, QaColumns, QaExample, QaFeature, Table, qa_examples, qa_features};
 use whet_infer::question_answering::{QaBatch, answer, collate, logits};
 use whet_metrics::squad_scores;
-use whet_models::bert::BertForQuestionAnswering;
+use whet_models::QuestionAnswerer;
 use whet_models::{Checkpoint, Mode, TextTokenizer};
 use whet_peft::{ParamCounts, PeftConfig};
 
@@ -112,7 +112,7 @@ impl QuestionAnswering {
     /// Loss, and per example the predicted answer text.
     fn run(
         &self,
-        model: &BertForQuestionAnswering,
+        model: &QuestionAnswerer,
         data: &[QaFeature],
         batch_size: usize,
         device: &Device,
@@ -167,7 +167,7 @@ pub fn squad_metrics(examples: &[QaExample], predictions: &[String]) -> (f64, f6
 }
 
 impl Objective for QuestionAnswering {
-    type Model = BertForQuestionAnswering;
+    type Model = QuestionAnswerer;
     type Example = QaFeature;
     type Batch = QaBatch;
 
@@ -190,7 +190,7 @@ impl Objective for QuestionAnswering {
 
     fn summed_loss(
         &self,
-        model: &BertForQuestionAnswering,
+        model: &QuestionAnswerer,
         b: &QaBatch,
         device: &Device,
     ) -> Result<Tensor<1>> {
@@ -200,7 +200,7 @@ impl Objective for QuestionAnswering {
 
     fn evaluate(
         &self,
-        model: &BertForQuestionAnswering,
+        model: &QuestionAnswerer,
         data: &[QaFeature],
         batch_size: usize,
         device: &Device,
@@ -230,7 +230,7 @@ pub struct QaPrepared {
     pub test: Option<QaSplit>,
     pub pad_id: u32,
     pub doc_stride: usize,
-    pub model: BertForQuestionAnswering,
+    pub model: QuestionAnswerer,
     pub counts: ParamCounts,
     /// The adapter method's configuration (None for full and head training).
     pub adapter: Option<PeftConfig>,

@@ -210,6 +210,13 @@ pub struct DataSpec {
     /// tokenizer's chat template.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub messages_column: Option<String>,
+    /// The chat template to render conversations with, in place of the tokenizer's (trl's
+    /// `chat_template_path`): a `.jinja` / `.j2` file, or a model folder whose tokenizer holds
+    /// one (its template only: unlike trl's `clone_chat_template`, no tokens are added). For
+    /// tokenizers without a template (many GGUF files) and to change the format; it is saved
+    /// with the model (`chat_template.jinja`). Causal LM, reward models, DPO and PPO.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat_template_path: Option<PathBuf>,
     /// causal-lm with `messages_column`: a column holding the answer to the conversation's
     /// prompt messages, appended as the assistant turn (`trl`'s conversational
     /// prompt / completion data): a string, a list whose first string is taken, or a list of
@@ -250,6 +257,39 @@ pub struct DataSpec {
 }
 
 impl DataSpec {
+    /// The template `chat_template_path` names: the file's text, or the template of the
+    /// tokenizer in the folder it names; `None` without the key.
+    pub fn chat_template(&self) -> Result<Option<String>> {
+        let Some(path) = &self.chat_template_path else {
+            return Ok(None);
+        };
+        let bad = |message: String| TrainError::option("data.chat_template_path", message);
+        if path.is_dir() {
+            let tok = whet_models::TextTokenizer::from_folder(path)?;
+            return tok.chat_template.map(Some).ok_or_else(|| {
+                bad(format!(
+                    "= {:?}: the tokenizer in that folder has no chat template",
+                    path.display().to_string()
+                ))
+            });
+        }
+        let jinja = path.extension().is_some_and(|e| e == "jinja" || e == "j2");
+        if !jinja {
+            return Err(bad(format!(
+                "= {:?}: a template file ends in .jinja or .j2 (as trl reads it), or name a \
+                 model folder whose tokenizer has a chat template",
+                path.display().to_string()
+            )));
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            bad(format!(
+                "= {:?}: {e} (a Jinja file, or a model folder whose tokenizer has a chat template)",
+                path.display().to_string()
+            ))
+        })?;
+        Ok(Some(text))
+    }
+
     /// The truncation side: the recipe's, else `default` (the task reference's).
     pub fn side(&self, default: Side) -> Side {
         self.truncation_side.unwrap_or(default)
@@ -614,6 +654,9 @@ impl Recipe {
             *p = expand(p);
         }
         recipe.training.output_dir = expand(&recipe.training.output_dir);
+        if let Some(p) = recipe.data.chat_template_path.as_mut() {
+            *p = expand(p);
+        }
         if let Some(p) = recipe.eval.general_text.as_mut() {
             *p = expand(p);
         }
@@ -683,6 +726,17 @@ impl Recipe {
                 "eval.general_text / eval.general_tokens",
                 "the forgetting report measures a language model: task = \"causal-lm\" or \
                  \"dpo\"",
+            ));
+        }
+        let chats = matches!(
+            recipe.task,
+            TaskKind::CausalLm | TaskKind::RewardModel | TaskKind::Dpo | TaskKind::Ppo
+        );
+        if recipe.data.chat_template_path.is_some() && !chats {
+            return Err(TrainError::option(
+                "data.chat_template_path",
+                "a chat template renders conversations of task = \"causal-lm\", \
+                 \"reward-model\", \"dpo\" or \"ppo\"",
             ));
         }
         if recipe.eval.generate > 0 && recipe.task != TaskKind::CausalLm {

@@ -715,6 +715,17 @@ fn info(path: PathBuf) -> Result<()> {
             "config:       {} layers, hidden {}, {} heads, intermediate {}, vocab {}, max positions {}",
             c.n_layers, c.dim, c.n_heads, c.hidden_dim, c.vocab_size, c.max_position_embeddings
         ),
+        whet_models::FamilyConfig::ModernBert(c) => println!(
+            "config:       {} layers, hidden {}, {} heads, intermediate {}, vocab {}, max positions {}, \
+             local window {}",
+            c.num_hidden_layers,
+            c.hidden_size,
+            c.num_attention_heads,
+            c.intermediate_size,
+            c.vocab_size,
+            c.max_position_embeddings,
+            c.local_attention
+        ),
         whet_models::FamilyConfig::Gpt2(c) => println!(
             "config:       {} layers, hidden {}, {} heads, vocab {}, max positions {}",
             c.n_layer, c.n_embd, c.n_head, c.vocab_size, c.n_positions

@@ -2579,3 +2579,86 @@ fn the_leakage_check_of_plain_text_blocks_compares_blocks() {
     assert_eq!(train["split"], "train");
     assert!(train["exact"].as_u64().unwrap() >= 20, "{train}");
 }
+
+/// `data.chat_template_path` (trl's `chat_template_path`) renders conversations for a tokenizer
+/// without a template, is saved with the model, and is refused where nothing is rendered.
+#[test]
+fn a_chat_template_path_renders_conversations_the_tokenizer_has_no_template_for() {
+    let dir = tempfile::tempdir().unwrap();
+    // families/llama-causal: a word-level tokenizer without a chat template.
+    let model = common::root().join("tests/fixtures/families/llama-causal");
+    let data = dir.path().join("chats.jsonl");
+    let rows: String = (0..12)
+        .map(|i| {
+            format!(
+                "{{\"messages\": [{{\"role\": \"user\", \"content\": \"w{} w{}\"}}, \
+                 {{\"role\": \"assistant\", \"content\": \"w{} w{}\"}}]}}\n",
+                10 + i % 5,
+                20 + i % 3,
+                30 + i % 5,
+                40 + i % 3
+            )
+        })
+        .collect();
+    std::fs::write(&data, rows).unwrap();
+    let template = dir.path().join("turns.jinja");
+    let text = "{% for m in messages %}<s> {{ m['content'] }} </s>{% endfor %}\
+                {% if add_generation_prompt %}<s>{% endif %}";
+    std::fs::write(&template, text).unwrap();
+    let out = dir.path().join("out");
+    let recipe = dir.path().join("recipe.toml");
+    let write = |extra: &str, task: &str| {
+        std::fs::write(
+            &recipe,
+            format!(
+                "model = \"{}\"\ntask = \"{task}\"\nmethod = \"full\"\n[data]\ntrain = \"{}\"\n\
+                 messages_column = \"messages\"\nmax_length = 16\n{extra}\n[data.split]\n\
+                 validation = 4\n[training]\noutput_dir = \"{}\"\nlearning_rate = 1e-2\n\
+                 per_device_train_batch_size = 4\nmax_steps = 2\n",
+                model.display(),
+                data.display(),
+                out.display()
+            ),
+        )
+        .unwrap();
+    };
+    let r = recipe.to_str().unwrap();
+    write("", "causal-lm");
+    let e = err(&["train", r]);
+    assert!(e.contains("chat template"), "{e}");
+    write(
+        &format!("chat_template_path = \"{}\"", template.display()),
+        "causal-lm",
+    );
+    ok(&["train", r]);
+    assert_eq!(
+        std::fs::read_to_string(out.join("chat_template.jinja")).unwrap(),
+        text
+    );
+    // The saved folder's tokenizer loads with it.
+    let saved = whet_models::TextTokenizer::from_folder(&out).unwrap();
+    assert_eq!(saved.chat_template.as_deref(), Some(text));
+    let not_jinja = dir.path().join("turns.txt");
+    std::fs::write(&not_jinja, text).unwrap();
+    write(
+        &format!("chat_template_path = \"{}\"", not_jinja.display()),
+        "causal-lm",
+    );
+    let e = err(&["train", r]);
+    assert!(
+        e.contains("data.chat_template_path") && e.contains(".jinja"),
+        "{e}"
+    );
+    write(
+        &format!("chat_template_path = \"{}\"", model.display()),
+        "causal-lm",
+    );
+    let e = err(&["train", r]);
+    assert!(e.contains("has no chat template"), "{e}");
+    write(
+        &format!("chat_template_path = \"{}\"", template.display()),
+        "sequence-classification",
+    );
+    let e = err(&["train", r]);
+    assert!(e.contains("data.chat_template_path"), "{e}");
+}

@@ -223,7 +223,10 @@ pub(crate) fn open_checkpoint(recipe: &Recipe) -> Result<(Checkpoint, TextTokeni
             model: recipe.model.clone(),
         });
     }
-    let tokenizer = checkpoint.tokenizer()?;
+    let mut tokenizer = checkpoint.tokenizer()?;
+    if let Some(template) = d.chat_template()? {
+        tokenizer.chat_template = Some(template);
+    }
     let pad_id = match checkpoint
         .pad_token_id()
         .or(tokenizer.pad.as_ref().map(|p| p.id))
