@@ -1,13 +1,15 @@
 //! Pretrained transformer families for whet, on burn.
 //!
 //! One family per file, each readable top to bottom (config, layers in data order, model,
-//! loader): [`bert`] (BERT, MiniLM, RoBERTa, XLM-RoBERTa), [`distilbert`], [`modernbert`],
+//! loader): [`bert`] (BERT, MiniLM, RoBERTa, XLM-RoBERTa), [`deberta`] (DeBERTa-v2/v3),
+//! [`distilbert`], [`modernbert`],
 //! [`gpt2`], [`llama`] (the rotary decoders: LLaMA, Mistral, Qwen2/3, SmolLM2, Phi-3, Gemma 1-3). [`Checkpoint`] opens a Hugging Face folder or a GGUF file, tells which
 //! family it holds and loads it with its tokenizer. Models know nothing of training: forward
 //! passes take an explicit [`Mode`], and the training crates compute losses.
 
 pub mod bert;
 pub mod config;
+pub mod deberta;
 pub mod decoder;
 pub mod device;
 pub mod distilbert;
@@ -42,6 +44,7 @@ pub use whet_text::tokenizer;
 pub use whet_text::{ChatMessage, TextTokenizer};
 
 use crate::bert::BertConfig;
+use crate::deberta::DebertaConfig;
 use crate::distilbert::DistilBertConfig;
 use crate::gpt2::Gpt2Config;
 use crate::layers::{Linear, TorchLinear};
@@ -108,6 +111,8 @@ pub enum Family {
     Bert,
     /// DistilBERT.
     DistilBert,
+    /// DeBERTa-v2 and DeBERTa-v3.
+    Deberta,
     /// ModernBERT.
     ModernBert,
     /// GPT-2.
@@ -128,6 +133,7 @@ impl std::fmt::Display for Family {
         f.write_str(match self {
             Family::Bert => "bert",
             Family::DistilBert => "distilbert",
+            Family::Deberta => "deberta-v2",
             Family::ModernBert => "modernbert",
             Family::Gpt2 => "gpt2",
             Family::Llama => "llama",
@@ -135,7 +141,7 @@ impl std::fmt::Display for Family {
     }
 }
 
-const SUPPORTED: &str = "model_type bert, roberta, xlm-roberta, distilbert, modernbert, gpt2, llama, mistral, \
+const SUPPORTED: &str = "model_type bert, roberta, xlm-roberta, deberta-v2, distilbert, modernbert, gpt2, llama, mistral, \
                          qwen2, qwen3, phi3, gemma, gemma2, gemma3_text (and .gguf files of the \
                          llama family)";
 
@@ -144,6 +150,7 @@ const SUPPORTED: &str = "model_type bert, roberta, xlm-roberta, distilbert, mode
 pub enum FamilyConfig {
     Bert(BertConfig),
     DistilBert(DistilBertConfig),
+    Deberta(DebertaConfig),
     ModernBert(ModernBertConfig),
     Gpt2(Gpt2Config),
     Llama(LlamaConfig),
@@ -156,6 +163,7 @@ impl FamilyConfig {
         let head = match self {
             FamilyConfig::Bert(c) => &c.head,
             FamilyConfig::DistilBert(c) => &c.head,
+            FamilyConfig::Deberta(c) => &c.head,
             FamilyConfig::ModernBert(c) => &c.head,
             FamilyConfig::Gpt2(c) => &c.head,
             FamilyConfig::Llama(c) => &c.head,
@@ -165,6 +173,7 @@ impl FamilyConfig {
             FamilyConfig::Llama(c) => c.validate(),
             FamilyConfig::Bert(c) => c.validate(),
             FamilyConfig::ModernBert(c) => c.validate(),
+            FamilyConfig::Deberta(c) => c.validate(),
             _ => Ok(()),
         }
     }
@@ -210,6 +219,7 @@ pub fn architecture(model_type: &str, head: Head) -> String {
         "xlm-roberta" => "XLMRoberta",
         "distilbert" => "DistilBert",
         "modernbert" => "ModernBert",
+        "deberta-v2" => "DebertaV2",
         "gpt2" => "GPT2",
         "mistral" => "Mistral",
         "qwen2" => "Qwen2",
@@ -330,6 +340,7 @@ impl Checkpoint {
                 }
                 "distilbert" => FamilyConfig::DistilBert(serde_json::from_value(v).map_err(bad)?),
                 "modernbert" => FamilyConfig::ModernBert(serde_json::from_value(v).map_err(bad)?),
+                "deberta-v2" => FamilyConfig::Deberta(serde_json::from_value(v).map_err(bad)?),
                 "gpt2" => FamilyConfig::Gpt2(serde_json::from_value(v).map_err(bad)?),
                 t if llama::MODEL_TYPES.contains(&t) => {
                     FamilyConfig::Llama(serde_json::from_value(v).map_err(bad)?)
@@ -374,6 +385,7 @@ impl Checkpoint {
             FamilyConfig::Bert(_) => Family::Bert,
             FamilyConfig::DistilBert(_) => Family::DistilBert,
             FamilyConfig::ModernBert(_) => Family::ModernBert,
+            FamilyConfig::Deberta(_) => Family::Deberta,
             FamilyConfig::Gpt2(_) => Family::Gpt2,
             FamilyConfig::Llama(_) => Family::Llama,
         }
@@ -386,6 +398,7 @@ impl Checkpoint {
             FamilyConfig::Bert(c) => &c.model_type,
             FamilyConfig::DistilBert(_) => "distilbert",
             FamilyConfig::ModernBert(_) => "modernbert",
+            FamilyConfig::Deberta(_) => "deberta-v2",
             FamilyConfig::Gpt2(_) => "gpt2",
             FamilyConfig::Llama(c) => &c.model_type,
         }
@@ -462,6 +475,10 @@ impl Checkpoint {
                 let (m, f) = modernbert::ModernBertForSequenceClassification::load(&vb, c)?;
                 (Classifier::ModernBert(m), f)
             }
+            FamilyConfig::Deberta(c) => {
+                let (m, f) = deberta::DebertaForSequenceClassification::load(&vb, c)?;
+                (Classifier::Deberta(m), f)
+            }
             FamilyConfig::Gpt2(c) => {
                 let (m, f) = gpt2::Gpt2ForSequenceClassification::load(&vb, c)?;
                 (Classifier::Gpt2(m), f)
@@ -490,9 +507,13 @@ impl Checkpoint {
                 let (m, f) = modernbert::ModernBertForQuestionAnswering::load(&vb, c)?;
                 Ok((QuestionAnswerer::ModernBert(m), f))
             }
+            FamilyConfig::Deberta(c) => {
+                let (m, f) = deberta::DebertaForQuestionAnswering::load(&vb, c)?;
+                Ok((QuestionAnswerer::Deberta(m), f))
+            }
             _ => Err(ModelError::Input(format!(
-                "question answering is implemented for bert, roberta, xlm-roberta and \
-                 modernbert; {} is {}",
+                "question answering is implemented for bert, roberta, xlm-roberta, deberta-v2 \
+                 and modernbert; {} is {}",
                 self.path.display(),
                 self.family()
             ))),
@@ -534,6 +555,7 @@ impl Checkpoint {
             FamilyConfig::Bert(c) => &c.head,
             FamilyConfig::DistilBert(c) => &c.head,
             FamilyConfig::ModernBert(c) => &c.head,
+            FamilyConfig::Deberta(c) => &c.head,
             FamilyConfig::Gpt2(c) => &c.head,
             FamilyConfig::Llama(c) => &c.head,
         }
@@ -544,6 +566,7 @@ impl Checkpoint {
             FamilyConfig::Bert(c) => &mut c.head,
             FamilyConfig::DistilBert(c) => &mut c.head,
             FamilyConfig::ModernBert(c) => &mut c.head,
+            FamilyConfig::Deberta(c) => &mut c.head,
             FamilyConfig::Gpt2(c) => &mut c.head,
             FamilyConfig::Llama(c) => &mut c.head,
         }
@@ -571,6 +594,7 @@ impl Checkpoint {
             FamilyConfig::Bert(c) => c.pad_token_id,
             FamilyConfig::DistilBert(c) => c.pad_token_id,
             FamilyConfig::ModernBert(c) => c.pad_token_id,
+            FamilyConfig::Deberta(c) => c.pad_token_id,
             FamilyConfig::Gpt2(c) => c.pad_token_id,
             FamilyConfig::Llama(c) => c.pad_token_id,
         }
@@ -582,6 +606,7 @@ impl Checkpoint {
             FamilyConfig::Bert(c) => c.positions(),
             FamilyConfig::DistilBert(c) => c.max_position_embeddings,
             FamilyConfig::ModernBert(c) => c.max_position_embeddings,
+            FamilyConfig::Deberta(c) => c.max_position_embeddings,
             FamilyConfig::Gpt2(c) => c.n_positions,
             FamilyConfig::Llama(c) => c.positions(),
         }
@@ -793,6 +818,7 @@ pub enum Classifier {
     Bert(bert::BertForSequenceClassification),
     DistilBert(distilbert::DistilBertForSequenceClassification),
     ModernBert(modernbert::ModernBertForSequenceClassification),
+    Deberta(deberta::DebertaForSequenceClassification),
     Gpt2(gpt2::Gpt2ForSequenceClassification),
     Llama(llama::LlamaForSequenceClassification),
 }
@@ -832,6 +858,7 @@ impl Classifier {
             Classifier::Bert(m) => Ok(m.forward(enc(), mode)),
             Classifier::DistilBert(m) => Ok(m.forward(enc(), mode)),
             Classifier::ModernBert(m) => Ok(m.forward(enc(), mode)),
+            Classifier::Deberta(m) => Ok(m.forward(enc(), mode)),
             Classifier::Gpt2(m) => m.forward(dec(), mode),
             Classifier::Llama(m) => m.forward(dec(), mode),
         }
@@ -844,6 +871,7 @@ impl VisitParams for Classifier {
             Classifier::Bert(m) => m.visit_params(prefix, v),
             Classifier::DistilBert(m) => m.visit_params(prefix, v),
             Classifier::ModernBert(m) => m.visit_params(prefix, v),
+            Classifier::Deberta(m) => m.visit_params(prefix, v),
             Classifier::Gpt2(m) => m.visit_params(prefix, v),
             Classifier::Llama(m) => m.visit_params(prefix, v),
         }
@@ -856,6 +884,7 @@ impl VisitParams for Classifier {
 pub enum QuestionAnswerer {
     Bert(bert::BertForQuestionAnswering),
     ModernBert(modernbert::ModernBertForQuestionAnswering),
+    Deberta(deberta::DebertaForQuestionAnswering),
 }
 
 impl QuestionAnswerer {
@@ -865,6 +894,7 @@ impl QuestionAnswerer {
         match self {
             QuestionAnswerer::Bert(m) => m.forward(input, mode),
             QuestionAnswerer::ModernBert(m) => m.forward(input, mode),
+            QuestionAnswerer::Deberta(m) => m.forward(input, mode),
         }
     }
 }
@@ -874,6 +904,7 @@ impl VisitParams for QuestionAnswerer {
         match self {
             QuestionAnswerer::Bert(m) => m.visit_params(prefix, v),
             QuestionAnswerer::ModernBert(m) => m.visit_params(prefix, v),
+            QuestionAnswerer::Deberta(m) => m.visit_params(prefix, v),
         }
     }
 }

@@ -330,9 +330,9 @@ impl LlamaConfig {
         let sliding = match &self.variant.layer_types {
             Some(types) => types.get(i).is_some_and(|t| t == "sliding_attention"),
             None => match self.model_type.as_str() {
-                "gemma2" => (i + 1) % 2 != 0,
+                "gemma2" => !(i + 1).is_multiple_of(2),
                 "gemma3_text" => {
-                    (i + 1) % self.variant.sliding_window_pattern.unwrap_or(6).max(1) != 0
+                    !(i + 1).is_multiple_of(self.variant.sliding_window_pattern.unwrap_or(6).max(1))
                 }
                 "qwen2" | "qwen3" => i >= self.variant.max_window_layers.unwrap_or(28),
                 "mistral" | "phi3" => true,

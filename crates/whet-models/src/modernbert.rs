@@ -156,7 +156,7 @@ impl ModernBertConfig {
     pub fn layer_kind(&self, i: usize) -> LayerKind {
         let sliding = match &self.layer_types {
             Some(types) => types.get(i).is_some_and(|t| t == "sliding_attention"),
-            None => i % self.global_attn_every_n_layers.unwrap_or(3).max(1) != 0,
+            None => !i.is_multiple_of(self.global_attn_every_n_layers.unwrap_or(3).max(1)),
         };
         if sliding {
             LayerKind::Sliding

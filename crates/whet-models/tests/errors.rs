@@ -201,10 +201,22 @@ fn config_fields_whet_does_not_implement_are_refused_by_name() {
             "vision tower",
         ),
         (
-            "families/bert-cls",
-            "model_type",
-            serde_json::json!("deberta-v2"),
-            "deberta-v2",
+            "families/deberta-v2-cls",
+            "conv_kernel_size",
+            serde_json::json!(3),
+            "conv_kernel_size = 3",
+        ),
+        (
+            "families/deberta-v2-cls",
+            "pos_att_type",
+            serde_json::json!(["p2c", "p2p"]),
+            "pos_att_type \"p2p\"",
+        ),
+        (
+            "families/modernbert-cls",
+            "classifier_pooling",
+            serde_json::json!("max"),
+            "classifier_pooling = \"max\"",
         ),
     ];
     for (fixture, key, value, want) in cases {
@@ -224,7 +236,15 @@ fn config_fields_whet_does_not_implement_are_refused_by_name() {
     let dir = copy_model("tiny-bert");
     edit_config(dir.path(), "model_type", serde_json::json!("mamba"));
     let e = open_err(dir.path()).to_string();
-    for want in ["mamba", "roberta", "qwen3", "gemma3_text", "phi3"] {
+    for want in [
+        "mamba",
+        "roberta",
+        "deberta-v2",
+        "modernbert",
+        "qwen3",
+        "gemma3_text",
+        "phi3",
+    ] {
         assert!(e.contains(want), "{e}");
     }
 }

@@ -11,6 +11,7 @@
 pub fn lora_target_modules(model_type: &str) -> Option<&'static [&'static str]> {
     Some(match model_type {
         "bert" | "roberta" | "xlm-roberta" => &["query", "value"],
+        "deberta-v2" => &["query_proj", "value_proj"],
         "gpt2" => &["c_attn"],
         "llama" | "mistral" | "qwen2" | "qwen3" | "gemma" | "gemma2" | "gemma3_text" => {
             &["q_proj", "v_proj"]
@@ -23,6 +24,10 @@ pub fn lora_target_modules(model_type: &str) -> Option<&'static [&'static str]> 
 pub fn ia3_modules(model_type: &str) -> Option<(&'static [&'static str], &'static [&'static str])> {
     Some(match model_type {
         "bert" | "roberta" => (&["key", "value", "output.dense"], &["output.dense"]),
+        "deberta-v2" => (
+            &["key_proj", "value_proj", "output.dense"],
+            &["output.dense"],
+        ),
         "gpt2" => (&["c_attn", "mlp.c_proj"], &["mlp.c_proj"]),
         "llama" | "mistral" => (&["k_proj", "v_proj", "down_proj"], &["down_proj"]),
         "qwen2" | "qwen3" | "gemma" | "gemma2" | "gemma3_text" => {

@@ -177,7 +177,7 @@ pub fn gemma_sentencepiece(
     }
     let chars = |s: &str| s.chars().count();
     // Stable, descending: equal keys keep their order, as Python's sorted(reverse=True).
-    merges.sort_by(|a, b| (b.2, chars(b.0), chars(b.1)).cmp(&(a.2, chars(a.0), chars(a.1))));
+    merges.sort_by_key(|m| std::cmp::Reverse((m.2, chars(m.0), chars(m.1))));
     let merges: Vec<(String, String)> = merges
         .into_iter()
         .map(|(l, r, _)| (l.to_string(), r.to_string()))

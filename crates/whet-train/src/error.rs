@@ -62,9 +62,9 @@ pub enum TrainError {
     /// An adapter table without target modules, for an architecture peft has no default for.
     #[error(
         "[{table}] has no {what} and peft has no default for model_type {model_type:?} (LoRA's \
-         cover bert, roberta, xlm-roberta, gpt2, llama, mistral, qwen2, qwen3, gemma, gemma2, \
-         gemma3_text): name them, e.g. {what} = [\"q_lin\", \"v_lin\"] for DistilBERT, \
-         [\"qkv_proj\"] for Phi-3"
+         cover bert, roberta, xlm-roberta, deberta-v2, gpt2, llama, mistral, qwen2, qwen3, gemma, \
+         gemma2, gemma3_text): name them, e.g. {what} = [\"q_lin\", \"v_lin\"] for DistilBERT, \
+         [\"qkv_proj\"] for Phi-3, [\"Wqkv\"] for ModernBERT"
     )]
     NoPeftDefault {
         table: &'static str,

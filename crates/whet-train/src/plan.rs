@@ -71,6 +71,15 @@ impl ModelDims {
                 vocab: c.vocab_size,
                 gated: false,
             },
+            FamilyConfig::Deberta(c) => Self {
+                layers: c.num_hidden_layers,
+                hidden: c.hidden_size,
+                heads: c.num_attention_heads,
+                kv_dim: c.hidden_size,
+                intermediate: c.intermediate_size,
+                vocab: c.vocab_size,
+                gated: false,
+            },
             FamilyConfig::ModernBert(c) => Self {
                 layers: c.num_hidden_layers,
                 hidden: c.hidden_size,
@@ -170,6 +179,9 @@ fn activation_vectors(family: Family, gated: bool) -> (f64, f64, f64) {
         // norm in and out twice, q, attention context, its projection, residual, MLP output,
         // dropout masks of the post-norm encoders (~4 h of 1-byte masks ~ 1 h).
         Family::Bert | Family::DistilBert => (11.0, 2.0, 2.0),
+        // BERT's, with the relative-position products of c2p and p2c (two more score-sized
+        // tensors are counted in the attention term).
+        Family::Deberta => (13.0, 2.0, 2.0),
         // Pre-norm: norms in and out (4), q and its two rotary halves, k's halves (5),
         // context, Wo, residual (3); Wi's two halves, activation, product (4 intermediate).
         Family::ModernBert => (12.0, 4.0, 3.0),

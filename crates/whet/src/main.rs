@@ -715,6 +715,19 @@ fn info(path: PathBuf) -> Result<()> {
             "config:       {} layers, hidden {}, {} heads, intermediate {}, vocab {}, max positions {}",
             c.n_layers, c.dim, c.n_heads, c.hidden_dim, c.vocab_size, c.max_position_embeddings
         ),
+        whet_models::FamilyConfig::Deberta(c) => println!(
+            "config:       {} layers, hidden {}, {} heads, intermediate {}, vocab {}, max positions {}, \
+             relative attention {} ({:?}, {} buckets)",
+            c.num_hidden_layers,
+            c.hidden_size,
+            c.num_attention_heads,
+            c.intermediate_size,
+            c.vocab_size,
+            c.max_position_embeddings,
+            c.relative_attention,
+            c.pos_att_type(),
+            c.position_buckets
+        ),
         whet_models::FamilyConfig::ModernBert(c) => println!(
             "config:       {} layers, hidden {}, {} heads, intermediate {}, vocab {}, max positions {}, \
              local window {}",

@@ -123,7 +123,7 @@ fn decoder_input(fx: &Fixture, side: &str, d: &Device, padding_free: bool) -> De
     }
 }
 
-/// 1. Logits, loss and gradients equal transformers', padded and padding-free.
+/// Check 1: logits, loss and gradients equal transformers', padded and padding-free.
 #[test]
 fn every_family_matches_transformers() {
     each_case(
@@ -220,8 +220,8 @@ fn every_family_matches_transformers() {
     );
 }
 
-/// 2. peft's default targets; peft's adapter loads to its logits, saves back under its keys and
-/// values, and merges to the same logits.
+/// Check 2: peft's default targets; peft's adapter loads to its logits, saves back under its
+/// keys and values, and merges to the same logits.
 #[test]
 fn peft_defaults_and_adapters_round_trip() {
     each_case(
@@ -311,7 +311,7 @@ fn peft_defaults_and_adapters_round_trip() {
     );
 }
 
-/// 3. Greedy generation with the cache, from a left-padded batch, equals transformers'.
+/// Check 3: greedy generation with the cache, from a left-padded batch, equals transformers'.
 #[test]
 fn greedy_generation_equals_transformers() {
     each_case(
@@ -348,7 +348,7 @@ fn greedy_generation_equals_transformers() {
     );
 }
 
-/// 4. `whet train` fine-tunes each family's classifier from the CLI and saves it as
+/// Check 4: `whet train` fine-tunes each family's classifier from the CLI and saves it as
 /// transformers names it.
 #[test]
 fn classification_trains_through_the_cli() {
