@@ -19,7 +19,25 @@ use whet_text::gguf::tokenizer_metadata;
 pub use whet_text::gguf::{tokenizer, tokenizer_config};
 
 /// GGUF architectures read as the rotary decoder family.
-const LLAMA_ARCHS: &[&str] = &["llama", "mistral", "qwen2", "gemma3"];
+const LLAMA_ARCHS: &[&str] = &[
+    "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3",
+];
+
+/// The `model_type` of a GGUF architecture (transformers reads a gemma3 file as the text model).
+fn model_type_of(arch: &str) -> String {
+    match arch {
+        "gemma3" => "gemma3_text".into(),
+        a => a.into(),
+    }
+}
+
+/// The GGUF architecture of a `model_type`.
+fn arch_of(model_type: &str) -> Option<&'static str> {
+    LLAMA_ARCHS
+        .iter()
+        .copied()
+        .find(|a| model_type_of(a) == model_type)
+}
 
 /// Whether the architecture stores RMSNorm weights as llama.cpp scales them (Gemma's `1 + w`,
 /// so transformers' `Gemma2TensorProcessor` subtracts one).
@@ -32,41 +50,75 @@ pub fn hf_name(ggml: &str) -> Option<String> {
     hf_name_for("llama", ggml)
 }
 
-/// Maps a ggml tensor name of architecture `arch` to its Hugging Face name: Gemma 2/3's
-/// `ffn_norm` is the norm before the MLP of a sandwich, LLaMA's the norm after attention.
+/// The block tensors of architecture `arch`: (ggml module, Hugging Face module under
+/// `model.layers.N.`), as llama.cpp's `convert_hf_to_gguf.py` names them. Gemma 2/3's
+/// `ffn_norm` is the norm before the MLP of a sandwich, LLaMA's the norm after attention;
+/// Phi-3 stores q/k/v as one `attn_qkv` and gate/up as one `ffn_up`.
+fn block_names(arch: &str) -> Vec<(&'static str, &'static str)> {
+    let mut names = vec![
+        ("attn_norm", "input_layernorm"),
+        ("attn_output", "self_attn.o_proj"),
+        ("ffn_down", "mlp.down_proj"),
+        ("attn_q_norm", "self_attn.q_norm"),
+        ("attn_k_norm", "self_attn.k_norm"),
+    ];
+    if arch == "phi3" {
+        names.extend([
+            ("attn_qkv", "self_attn.qkv_proj"),
+            ("ffn_up", "mlp.gate_up_proj"),
+        ]);
+    } else {
+        names.extend([
+            ("attn_q", "self_attn.q_proj"),
+            ("attn_k", "self_attn.k_proj"),
+            ("attn_v", "self_attn.v_proj"),
+            ("ffn_gate", "mlp.gate_proj"),
+            ("ffn_up", "mlp.up_proj"),
+        ]);
+    }
+    if matches!(arch, "gemma2" | "gemma3") {
+        names.extend([
+            ("post_attention_norm", "post_attention_layernorm"),
+            ("ffn_norm", "pre_feedforward_layernorm"),
+            ("post_ffw_norm", "post_feedforward_layernorm"),
+        ]);
+    } else {
+        names.push(("ffn_norm", "post_attention_layernorm"));
+    }
+    names
+}
+
+/// The tensors outside the blocks: (ggml name, Hugging Face name).
+const FIXED_NAMES: [(&str, &str); 3] = [
+    ("token_embd.weight", "model.embed_tokens.weight"),
+    ("output_norm.weight", "model.norm.weight"),
+    ("output.weight", "lm_head.weight"),
+];
+
+/// Maps a ggml tensor name of architecture `arch` to its Hugging Face name.
 pub fn hf_name_for(arch: &str, ggml: &str) -> Option<String> {
-    let fixed = match ggml {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
-    };
-    if let Some(f) = fixed {
-        return Some(f.to_string());
+    if let Some((_, hf)) = FIXED_NAMES.iter().find(|(g, _)| *g == ggml) {
+        return Some(hf.to_string());
     }
     let rest = ggml.strip_prefix("blk.")?;
     let (layer, rest) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
     let (module, kind) = rest.rsplit_once('.')?;
-    let sandwich = matches!(arch, "gemma2" | "gemma3");
-    let hf = match module {
-        "ffn_norm" if sandwich => "pre_feedforward_layernorm",
-        "post_attention_norm" if sandwich => "post_attention_layernorm",
-        "post_ffw_norm" if sandwich => "post_feedforward_layernorm",
-        "attn_q_norm" => "self_attn.q_norm",
-        "attn_k_norm" => "self_attn.k_norm",
-        "attn_norm" => "input_layernorm",
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_norm" => "post_attention_layernorm",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        _ => return None,
-    };
+    let (_, hf) = block_names(arch).into_iter().find(|(g, _)| *g == module)?;
     Some(format!("model.layers.{layer}.{hf}.{kind}"))
+}
+
+/// Maps a Hugging Face tensor name of architecture `arch` to its ggml name.
+pub fn ggml_name_for(arch: &str, hf: &str) -> Option<String> {
+    if let Some((g, _)) = FIXED_NAMES.iter().find(|(_, h)| *h == hf) {
+        return Some(g.to_string());
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (module, kind) = rest.rsplit_once('.')?;
+    let (g, _) = block_names(arch).into_iter().find(|(_, h)| *h == module)?;
+    Some(format!("blk.{layer}.{g}.{kind}"))
 }
 
 /// The tensors of a GGUF LLaMA checkpoint under Hugging Face names, dequantised to f32.
@@ -210,6 +262,84 @@ impl TensorSource for GgufSource {
     }
 }
 
+/// The GGUF architecture `config` is written as, or why the format cannot hold it: a GGUF file
+/// carries what llama.cpp reads for the architecture, and whet refuses a config whose
+/// computation would change on the way (a rope scaling, a layer pattern or a query scale other
+/// than the one llama.cpp derives for the architecture).
+pub fn expressible(config: &LlamaConfig) -> Result<&'static str> {
+    use crate::llama::LayerKind;
+    let mt = config.model_type.as_str();
+    let arch = arch_of(mt).ok_or_else(|| {
+        ModelError::Input(format!(
+            "GGUF export covers model_type {}, not {mt:?}",
+            LLAMA_ARCHS
+                .iter()
+                .map(|a| model_type_of(a))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+    })?;
+    let refuse = |what: String| {
+        Err(ModelError::Input(format!(
+            "GGUF export: {what}: a {arch} GGUF file cannot carry it (llama.cpp derives it)"
+        )))
+    };
+    let rope_type = config
+        .rope_parameters
+        .as_ref()
+        .and_then(|p| {
+            p.get("rope_type")
+                .or_else(|| p.get("full_attention")?.get("rope_type"))
+        })
+        .or_else(|| {
+            config
+                .rope_scaling
+                .as_ref()
+                .and_then(|p| p.get("rope_type").or(p.get("type")))
+        })
+        .and_then(|v| v.as_str())
+        .unwrap_or("default");
+    if rope_type != "default" {
+        return refuse(format!("rope scaling {rope_type:?}"));
+    }
+    let n = config.num_hidden_layers;
+    let pattern: Option<Box<dyn Fn(usize) -> bool>> = match arch {
+        "gemma2" => Some(Box::new(|i| !(i + 1).is_multiple_of(2))),
+        "gemma3" => Some(Box::new(|i| !(i + 1).is_multiple_of(6))),
+        _ => None,
+    };
+    match pattern {
+        Some(sliding) => {
+            if (0..n).any(|i| (config.layer_kind(i) == LayerKind::Sliding) != sliding(i)) {
+                return refuse("layer types other than llama.cpp's pattern".into());
+            }
+            if config.query_pre_attn_scalar() != Some(256.0) {
+                return refuse(format!(
+                    "query_pre_attn_scalar = {:?}",
+                    config.query_pre_attn_scalar()
+                ));
+            }
+        }
+        None if matches!(arch, "qwen2" | "qwen3") && config.sliding_window().is_some() => {
+            return refuse("use_sliding_window = true".into());
+        }
+        None => {}
+    }
+    if arch == "gemma3"
+        && (config.theta(LayerKind::Sliding) != 10_000.0
+            || config.attn_logit_softcapping().is_some()
+            || config.final_logit_softcapping().is_some())
+    {
+        return refuse("a local rope base other than 10000, or soft-capping".into());
+    }
+    if arch == "gemma2"
+        && (config.attn_logit_softcapping().is_none() || config.final_logit_softcapping().is_none())
+    {
+        return refuse("Gemma 2 without soft-capping".into());
+    }
+    Ok(arch)
+}
+
 /// The LLaMA config a GGUF file's metadata describes, as `transformers` derives it.
 pub fn llama_config(file: &GgufFile) -> Result<LlamaConfig> {
     let arch = file.get_str("general.architecture")?.to_string();
@@ -217,7 +347,8 @@ pub fn llama_config(file: &GgufFile) -> Result<LlamaConfig> {
         return Err(ModelError::UnknownArchitecture {
             name: arch,
             path: file.path().to_path_buf(),
-            supported: "GGUF architectures llama, mistral, qwen2, gemma3",
+            supported: "GGUF architectures llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, \
+                        gemma3",
         });
     }
     let key = |k: &str| format!("{arch}.{k}");
@@ -261,13 +392,30 @@ pub fn llama_config(file: &GgufFile) -> Result<LlamaConfig> {
             .and_then(|v| v.as_u64())
             .map(|v| v as u32)
     };
+    let rotated = u("rope.dimension_count").ok();
+    let head = head_dim.unwrap_or(hidden / heads.max(1));
+    if let Some(d) = rotated.filter(|&d| d != head) {
+        return Err(ModelError::Config {
+            path: file.path().to_path_buf(),
+            message: format!(
+                "{} = {d} of {head}: rotating part of each head is not implemented",
+                key("rope.dimension_count")
+            ),
+        });
+    }
+    // Gemma 2 files carry their soft caps (transformers' defaults where absent).
+    let cap = |k: &str| {
+        file.get(&key(k))
+            .and_then(|v| v.as_f64())
+            .map(serde_json::Value::from)
+    };
+    let variant = crate::llama::VariantFields {
+        final_logit_softcapping: cap("final_logit_softcapping"),
+        attn_logit_softcapping: cap("attn_logit_softcapping"),
+        ..Default::default()
+    };
     let config = LlamaConfig {
-        // transformers reads a gemma3 file as the text model.
-        model_type: if arch == "gemma3" {
-            "gemma3_text".into()
-        } else {
-            arch.clone()
-        },
+        model_type: model_type_of(&arch),
         vocab_size: vocab,
         hidden_size: hidden,
         intermediate_size: u("feed_forward_length")?,
@@ -291,7 +439,7 @@ pub fn llama_config(file: &GgufFile) -> Result<LlamaConfig> {
         eos_token_id: token("eos_token_id").map(|v| v.into()),
         sliding_window: u("attention.sliding_window").ok(),
         use_sliding_window: u("attention.sliding_window").ok().map(|_| true),
-        variant: Default::default(),
+        variant,
         head: Default::default(),
     };
     config.validate().map_err(|message| ModelError::Config {
@@ -407,32 +555,7 @@ mod tests {
 
 /// The ggml name of a Hugging Face LLaMA-family tensor name (the inverse of [`hf_name`]).
 pub fn ggml_name(hf: &str) -> Option<String> {
-    let fixed = match hf {
-        "model.embed_tokens.weight" => Some("token_embd.weight"),
-        "model.norm.weight" => Some("output_norm.weight"),
-        "lm_head.weight" => Some("output.weight"),
-        _ => None,
-    };
-    if let Some(f) = fixed {
-        return Some(f.to_string());
-    }
-    let rest = hf.strip_prefix("model.layers.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let (module, kind) = rest.rsplit_once('.')?;
-    let g = match module {
-        "input_layernorm" => "attn_norm",
-        "self_attn.q_proj" => "attn_q",
-        "self_attn.k_proj" => "attn_k",
-        "self_attn.v_proj" => "attn_v",
-        "self_attn.o_proj" => "attn_output",
-        "post_attention_layernorm" => "ffn_norm",
-        "mlp.gate_proj" => "ffn_gate",
-        "mlp.up_proj" => "ffn_up",
-        "mlp.down_proj" => "ffn_down",
-        _ => return None,
-    };
-    Some(format!("blk.{layer}.{g}.{kind}"))
+    ggml_name_for("llama", hf)
 }
 
 /// llama.cpp's permutation of q/k rows for its interleaved rotary layout (`convert_hf_to_gguf`'s
@@ -489,14 +612,7 @@ pub fn export(
             "GGUF export writes f32, f16, q8_0 or q4_0, not {ty}"
         )));
     }
-    let arch = match config.model_type.as_str() {
-        a @ ("llama" | "mistral" | "qwen2") => a.to_string(),
-        other => {
-            return Err(ModelError::Input(format!(
-                "GGUF export covers the LLaMA family (llama, mistral, qwen2), not {other:?}"
-            )));
-        }
-    };
+    let arch = expressible(config)?.to_string();
     let mut w = GgufWriter::new();
     let k = |s: &str| format!("{arch}.{s}");
     let u = |v: usize| Value::U32(v as u32);
@@ -539,6 +655,17 @@ pub fn export(
         &k("attention.layer_norm_rms_epsilon"),
         Value::F32(config.rms_norm_eps as f32),
     );
+    if let Some(window) = config.sliding_window() {
+        w.set(&k("attention.sliding_window"), u(window));
+    }
+    for (key, cap) in [
+        ("attn_logit_softcapping", config.attn_logit_softcapping()),
+        ("final_logit_softcapping", config.final_logit_softcapping()),
+    ] {
+        if let Some(c) = cap {
+            w.set(&k(key), Value::F32(c as f32));
+        }
+    }
     for (key, value) in tokenizer_metadata(tok)? {
         w.set(&key, value);
     }
@@ -553,11 +680,15 @@ pub fn export(
         if config.tie_word_embeddings && name == "lm_head.weight" {
             continue;
         }
-        let Some(g) = ggml_name(&name) else {
+        let Some(g) = ggml_name_for(&arch, &name) else {
             continue;
         };
         let shape = source.shape(&name).unwrap_or_default();
         let mut values = source.read_f32(&name)?;
+        if shifted_norms(&arch) && name.ends_with("norm.weight") {
+            // llama.cpp stores Gemma's `1 + w`.
+            values.iter_mut().for_each(|v| *v += 1.0);
+        }
         if permute_heads && shape.len() == 2 {
             if name.ends_with("self_attn.q_proj.weight") {
                 values = permute(&values, shape[0], shape[1], config.num_attention_heads);

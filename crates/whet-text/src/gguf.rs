@@ -10,6 +10,23 @@ use whet_gguf::GgufFile;
 use crate::error::{Result, TextError};
 use crate::tokenizer::{Special, TextTokenizer, byte_level_bpe, tok_err};
 
+/// The split regexes llama.cpp names in `tokenizer.ggml.pre` for byte-level vocabularies, as
+/// transformers' `GGUF_PRE_TOKENIZER_SPLITS` applies them (the ones whet reads and writes);
+/// other names keep the plain byte-level split.
+const PRE_TOKENIZER_SPLITS: &[(&str, &str)] = &[
+    ("qwen2", QWEN2_SPLIT),
+    ("deepseek-r1-qwen", QWEN2_SPLIT),
+    ("llama-bpe", LLAMA3_SPLIT),
+    ("llama3", LLAMA3_SPLIT),
+    ("llama-v3", LLAMA3_SPLIT),
+];
+
+/// `transformers.models.qwen2.tokenization_qwen2.PRETOKENIZE_REGEX`.
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// transformers' `_LLAMA3_SPLIT`.
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
 /// The architectures whose SentencePiece vocabulary (`tokenizer.ggml.model = "llama"`) whet
 /// builds, as transformers' `gemma_tokenizer` does.
 const GEMMA_ARCHS: &[&str] = &["gemma", "gemma2", "gemma3"];
@@ -107,14 +124,48 @@ fn gpt2_bpe(
         .get("tokenizer.ggml.add_space_prefix")
         .and_then(|v| v.as_bool())
         .unwrap_or(false);
-    byte_level_bpe(
+    let mut tok = byte_level_bpe(
         vocab,
         merges,
         &specials,
         add_prefix_space,
         bos_to_add,
         &source,
-    )
+    )?;
+    // `set_split_regex`: the named split, then the byte-level mapping without its own regex.
+    let pre = file.get("tokenizer.ggml.pre").and_then(|v| v.as_str());
+    if let Some((_, regex)) = PRE_TOKENIZER_SPLITS.iter().find(|(n, _)| Some(*n) == pre) {
+        use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+        use tokenizers::pre_tokenizers::sequence::Sequence;
+        use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+        let split = Split::new(
+            SplitPattern::Regex(regex.to_string()),
+            tokenizers::SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(|e| tok_err(&source, e))?;
+        let bytes = ByteLevel::default()
+            .add_prefix_space(false)
+            .use_regex(false);
+        tok.with_pre_tokenizer(Some(Sequence::new(vec![split.into(), bytes.into()])));
+    }
+    Ok(tok)
+}
+
+/// The `tokenizer.ggml.pre` name of a tokenizer's split regex, when it is one llama.cpp names.
+fn pre_tokenizer_name(json: &serde_json::Value) -> Option<&'static str> {
+    let pre = &json["pre_tokenizer"];
+    let parts = pre["pretokenizers"].as_array()?;
+    let regex = parts
+        .iter()
+        .find(|p| p["type"] == "Split")?
+        .get("pattern")?
+        .get("Regex")?
+        .as_str()?;
+    PRE_TOKENIZER_SPLITS
+        .iter()
+        .find(|(_, r)| *r == regex)
+        .map(|(n, _)| *n)
 }
 
 /// Gemma's SentencePiece vocabulary as transformers 5's `gemma_tokenizer` builds it from a GGUF
@@ -332,6 +383,10 @@ pub fn tokenizer_metadata(tok: &TextTokenizer) -> Result<Vec<(String, whet_gguf:
     };
     let mut out = vec![
         ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
+        (
+            "tokenizer.ggml.pre".into(),
+            Value::String(pre_tokenizer_name(&json).unwrap_or("default").into()),
+        ),
         (
             "tokenizer.ggml.tokens".into(),
             Value::Array(tokens.into_iter().map(Value::String).collect()),

@@ -1000,9 +1000,10 @@ fn export(model: &std::path::Path, out: &std::path::Path, format: &str, ty: &str
     let ckpt = Checkpoint::open(model)?;
     let whet_models::FamilyConfig::Llama(config) = &ckpt.config else {
         bail!(
-            "{} is a {} model; GGUF export covers the LLaMA family",
+            "{} is a {} model; GGUF export covers the rotary decoders (llama, mistral, qwen2, \
+             qwen3, phi3, gemma, gemma2, gemma3_text)",
             model.display(),
-            ckpt.family()
+            ckpt.model_type()
         );
     };
     let tok = ckpt

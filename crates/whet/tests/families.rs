@@ -9,6 +9,9 @@
 //! 3. Decoders: greedy generation with the key/value cache equals transformers' `generate`.
 //! 4. Classification end to end through the CLI: `whet train` fine-tunes the family's
 //!    classifier and saves the tensors under transformers' names, with its class.
+//! 5. Decoders: the chat template renders a conversation to transformers' text and ids.
+//! 6. Decoders: `whet export` writes a GGUF file that loads back to transformers' logits, with the
+//!    tokenizer and chat template; a config the format cannot carry is refused, naming why.
 //!
 //! Adding a family means adding its fixtures to the script; every test here then covers it.
 //! Each test checks every family and reports all that fail.
@@ -406,4 +409,98 @@ fn classification_trains_through_the_cli() {
             );
         },
     );
+}
+
+/// Check 5: the chat template renders a conversation as transformers' `apply_chat_template`.
+#[test]
+fn chat_templates_render_as_transformers() {
+    each_case(
+        |m| task(m) == "causal",
+        |dir, meta| {
+            let tok = whet_models::TextTokenizer::from_folder(dir).unwrap();
+            let messages: Vec<whet_models::ChatMessage> =
+                serde_json::from_value(meta["chat_messages"].clone()).unwrap();
+            let text = tok.apply_chat_template(&messages, true).unwrap();
+            assert_eq!(text, meta["chat_text"].as_str().unwrap(), "rendering");
+            let ids: Vec<u32> = serde_json::from_value(meta["chat_ids"].clone()).unwrap();
+            assert_eq!(tok.encode(&text, false).unwrap(), ids, "token ids");
+        },
+    );
+}
+
+/// Check 6: `whet export` to GGUF (f32) and back gives transformers' logits, the tokenizer's ids
+/// and the chat template; what a GGUF file cannot carry is refused by name.
+#[test]
+fn decoders_export_to_gguf_and_load_back() {
+    let exported = std::sync::atomic::AtomicUsize::new(0);
+    each_case(
+        |m| task(m) == "causal",
+        |dir, meta| {
+            let tmp = tempfile::tempdir().unwrap();
+            let out = tmp.path().join("model.gguf");
+            let args = [
+                "export",
+                dir.to_str().unwrap(),
+                out.to_str().unwrap(),
+                "--type",
+                "f32",
+            ];
+            let config = match &Checkpoint::open(dir).unwrap().config {
+                whet_models::FamilyConfig::Llama(c) => Some(c.clone()),
+                _ => None,
+            };
+            let expressible = config
+                .as_ref()
+                .map(whet_models::gguf::expressible)
+                .map(|r| r.map_err(|e| e.to_string()));
+            match expressible {
+                Some(Ok(_)) => {
+                    ok(&args);
+                }
+                Some(Err(why)) => {
+                    let e = crate::common::err(&args);
+                    assert!(
+                        e.contains(&why),
+                        "export refused with {e:?}, expected {why:?}"
+                    );
+                    assert!(why.contains("GGUF export: "), "{why}");
+                    return;
+                }
+                None => {
+                    let e = crate::common::err(&args);
+                    assert!(e.contains("GGUF export covers"), "{e}");
+                    return;
+                }
+            }
+            let fx = Fixture::open(&dir.join("fixture.safetensors"));
+            let ckpt = Checkpoint::open(&out).unwrap();
+            assert_eq!(ckpt.model_type(), meta["model_type"].as_str().unwrap());
+            let model = ckpt.load_causal_lm(&device()).unwrap();
+            let mask = fx.i64("attention_mask_right");
+            let got = values(
+                model.forward_logits(decoder_input(&fx, "right", &device(), false), Mode::Eval),
+            );
+            let vocab = model.vocab_size();
+            assert_close(
+                "logits from the GGUF file",
+                &masked_rows(&got, &mask, vocab),
+                &masked_rows(&fx.f32("logits_right"), &mask, vocab),
+                LOGITS_TOL,
+            );
+            let tok = ckpt.tokenizer().unwrap();
+            let text = meta["chat_text"].as_str().unwrap();
+            let ids: Vec<u32> = serde_json::from_value(meta["chat_ids"].clone()).unwrap();
+            assert_eq!(
+                tok.encode(text, false).unwrap(),
+                ids,
+                "token ids from the GGUF file"
+            );
+            let messages: Vec<whet_models::ChatMessage> =
+                serde_json::from_value(meta["chat_messages"].clone()).unwrap();
+            assert_eq!(tok.apply_chat_template(&messages, true).unwrap(), text);
+            exported.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        },
+    );
+    // Most decoders' fixtures are expressible: llama, mistral, qwen2, phi3, gemma at least.
+    assert!(exported.into_inner() >= 5, "too few families exported");
 }

@@ -2585,8 +2585,23 @@ fn the_leakage_check_of_plain_text_blocks_compares_blocks() {
 #[test]
 fn a_chat_template_path_renders_conversations_the_tokenizer_has_no_template_for() {
     let dir = tempfile::tempdir().unwrap();
-    // families/llama-causal: a word-level tokenizer without a chat template.
-    let model = common::root().join("tests/fixtures/families/llama-causal");
+    // families/llama-causal without its chat template.
+    let model = dir.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        std::fs::copy(
+            common::root()
+                .join("tests/fixtures/families/llama-causal")
+                .join(f),
+            model.join(f),
+        )
+        .unwrap();
+    }
     let data = dir.path().join("chats.jsonl");
     let rows: String = (0..12)
         .map(|i| {
