@@ -189,7 +189,6 @@ pub fn gemma_sentencepiece(
     use tokenizers::models::bpe::BPE;
     use tokenizers::normalizers::replace::Replace;
     use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
-    use tokenizers::processors::template::TemplateProcessing;
     use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
     let tokens: Vec<String> = tokens
@@ -262,14 +261,7 @@ pub fn gemma_sentencepiece(
         Fuse::new().into(),
     ])));
     if let Some(bos) = bos_to_add {
-        let template = TemplateProcessing::builder()
-            .try_single(format!("{}:0 $A:0", bos.text))
-            .and_then(|b| b.try_pair(format!("{0}:0 $A:0 {0}:1 $B:1", bos.text)))
-            .map_err(|e| tok_err(source, e))?
-            .special_tokens(vec![(bos.text.clone(), bos.id)])
-            .build()
-            .map_err(|e| tok_err(source, e))?;
-        tok.with_post_processor(Some(template));
+        tok.with_post_processor(Some(crate::tokenizer::bos_template(bos, source)?));
     }
     let of_type = |ty: u64| -> Vec<&String> {
         tokens

@@ -299,14 +299,7 @@ pub fn byte_level_bpe(
     tok.with_decoder(Some(ByteLevelDecoder::default()));
     match bos_to_add {
         Some(bos) => {
-            let template = TemplateProcessing::builder()
-                .try_single(format!("{}:0 $A:0", bos.text))
-                .and_then(|b| b.try_pair(format!("{0}:0 $A:0 {0}:1 $B:1", bos.text)))
-                .map_err(|e| tok_err(source, e))?
-                .special_tokens(vec![(bos.text.clone(), bos.id)])
-                .build()
-                .map_err(|e| tok_err(source, e))?;
-            tok.with_post_processor(Some(template));
+            tok.with_post_processor(Some(bos_template(bos, source)?));
         }
         None => {
             tok.with_post_processor(Some(ByteLevel::default().trim_offsets(false)));
@@ -318,6 +311,18 @@ pub fn byte_level_bpe(
         .collect();
     tok.add_special_tokens(&added);
     Ok(tok)
+}
+
+/// The post-processor that puts BOS in front, as transformers' `update_post_processor` writes it
+/// for `add_bos_token`: `BOS $A` and `BOS $A BOS $B`.
+pub(crate) fn bos_template(bos: &Special, source: &str) -> Result<TemplateProcessing> {
+    TemplateProcessing::builder()
+        .try_single(format!("{}:0 $A:0", bos.text))
+        .and_then(|b| b.try_pair(format!("{0}:0 $A:0 {0}:1 $B:1", bos.text)))
+        .map_err(|e| tok_err(source, e))?
+        .special_tokens(vec![(bos.text.clone(), bos.id)])
+        .build()
+        .map_err(|e| tok_err(source, e))
 }
 
 /// GPT-2's tokenizer from its original `vocab.json` (= `encoder.json`) and `merges.txt`

@@ -69,6 +69,10 @@ closest valid key, never ignored):
                    one end: question-answering, block_size, causal-lm without too_long = truncate
     encoding       CSV text encoding: utf-8 (default) | latin-1
     tokenization_cache   keep token ids in <cache>/tokenized/ (default true)
+    chat_template_path   a .jinja chat template (or a model folder whose tokenizer has one)
+                   used in place of the tokenizer's, for files without one (trl's name);
+                   saved with the model as chat_template.jinja (causal-lm, reward-model, dpo,
+                   ppo)
     leakage        the check before training for rows of validation / test that are in train
                    (exactly, after NFKC and whitespace; or nearly: Jaccard >= 0.8 of character
                    5-grams, by MinHash) and for train's own repeats, written to leakage.json:
