@@ -100,6 +100,12 @@ pub fn generate<M: CausalLm>(
     let mut out = Vec::new();
     let mut next_input: Vec<u32> = prompt.to_vec();
     for _ in 0..config.max_new_tokens {
+        if crosses_rope_switch(model, cache.len(), next_input.len()) {
+            // transformers' Phi-3 drops the cache there and runs the whole sequence again
+            // with the long factors.
+            cache = model.new_cache();
+            next_input = prompt.iter().chain(&out).copied().collect();
+        }
         let t = next_input.len();
         let past = cache.len();
         let ids: Tensor<2, Int> = Tensor::from_data(
@@ -152,6 +158,15 @@ pub fn generate<M: CausalLm>(
     Ok(out)
 }
 
+/// Whether this step is the one where LongRoPE's long factors take over (the cached keys were
+/// rotated with the short ones): the sequence reaches `switch + 1` tokens with at most
+/// `switch` cached, as Phi-3's `prepare_inputs_for_generation` tests it.
+fn crosses_rope_switch<M: CausalLm>(model: &M, past: usize, new: usize) -> bool {
+    model
+        .rope_switch()
+        .is_some_and(|s| past > 0 && past <= s && past + new > s)
+}
+
 /// Continues several prompts at once, left-padded with `pad_id` as `transformers` pads a
 /// decoder batch: the mask hides the padding, positions count real tokens only (the first real
 /// token of each row has position 0), and every row goes through one forward pass per step
@@ -198,6 +213,9 @@ pub fn generate_batch<M: CausalLm>(
         positions.extend(0..p.len() as i64);
     }
     let mut next_pos: Vec<i64> = prompts.iter().map(|p| p.len() as i64).collect();
+    // Every row so far, for a LongRoPE model that runs the whole sequence again.
+    let mut history: Vec<Vec<i64>> = ids.chunks(width).map(|r| r.to_vec()).collect();
+    let mut history_pos: Vec<Vec<i64>> = positions.chunks(width).map(|r| r.to_vec()).collect();
     let mut cache = model.new_cache();
     let mut out: Vec<Vec<u32>> = vec![vec![]; b];
     let mut done = vec![false; b];
@@ -207,6 +225,12 @@ pub fn generate_batch<M: CausalLm>(
         let tensor = |v: Vec<i64>, cols: usize| {
             Tensor::<2, Int>::from_data(TensorData::new(v, [b, cols]), device)
         };
+        if virtual_tokens == 0 && crosses_rope_switch(model, cache.len(), t) {
+            cache = model.new_cache();
+            t = history[0].len();
+            ids = history.concat();
+            positions = history_pos.concat();
+        }
         // Virtual tokens (prefix or prompt tuning) sit in the cache in front of the real
         // ones: the mask covers them, and real positions count from after them.
         let cols = virtual_tokens + mask[0].len();
@@ -266,6 +290,8 @@ pub fn generate_batch<M: CausalLm>(
             };
             ids.push(token as i64);
             positions.push(next_pos[r]);
+            history[r].push(token as i64);
+            history_pos[r].push(next_pos[r]);
             next_pos[r] += 1;
             mask[r].push(1);
         }

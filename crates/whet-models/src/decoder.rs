@@ -266,6 +266,13 @@ pub trait CausalLm {
     fn virtual_positions(&self) -> usize {
         0
     }
+
+    /// LongRoPE (Phi-3 128k, Phi-3.5): the sequence length past which the rotary tables switch
+    /// from the short to the long factors. Generation that crosses it recomputes the whole
+    /// sequence without the cache, as transformers' Phi-3 does; `None` for other models.
+    fn rope_switch(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// Index of each row's last non-pad token, as `transformers`' `*ForSequenceClassification`

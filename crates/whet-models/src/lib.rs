@@ -799,6 +799,13 @@ impl CausalLm for CausalModel {
             CausalModel::Llama(m) => m.virtual_positions(),
         }
     }
+
+    fn rope_switch(&self) -> Option<usize> {
+        match self {
+            CausalModel::Gpt2(m) => m.rope_switch(),
+            CausalModel::Llama(m) => m.rope_switch(),
+        }
+    }
 }
 
 impl VisitParams for CausalModel {

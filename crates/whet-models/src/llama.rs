@@ -137,6 +137,18 @@ pub struct VariantFields {
     /// Gemma 3 as an encoder: refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub use_bidirectional_attention: Option<bool>,
+    /// Phi-3: the pretraining context, where LongRoPE switches to its long factors.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original_max_position_embeddings: Option<usize>,
+}
+
+/// LongRoPE's second table and when it applies.
+#[derive(Debug, Clone)]
+pub struct LongRope {
+    /// Inverse frequencies with the long factors.
+    pub long: Vec<f32>,
+    /// Past this many positions the long factors apply.
+    pub original_max: usize,
 }
 
 /// Which attention a layer uses, as `layer_types` names them.
@@ -409,8 +421,94 @@ impl LlamaConfig {
         }
     }
 
+    /// LongRoPE's factors of a layer kind, as `_compute_longrope_parameters` computes the
+    /// table: `1 / (factor_i * theta^(2i / d))` in f32.
+    fn longrope_table(&self, kind: LayerKind, key: &str) -> Result<Vec<f32>> {
+        let d = self.head_dim();
+        let factors: Vec<f64> = self
+            .rope_field(kind, key)
+            .and_then(|v| v.as_array())
+            .map(|a| a.iter().filter_map(|f| f.as_f64()).collect())
+            .unwrap_or_default();
+        if factors.len() != d / 2 {
+            return Err(ModelError::Config {
+                path: "config.json".into(),
+                message: format!(
+                    "rope {key} has {} factors; longrope needs head_dim / 2 = {}",
+                    factors.len(),
+                    d / 2
+                ),
+            });
+        }
+        let theta = self.theta(kind) as f32;
+        Ok(factors
+            .iter()
+            .enumerate()
+            .map(|(i, &f)| 1.0 / (f as f32 * theta.powf((2 * i) as f32 / d as f32)))
+            .collect())
+    }
+
+    /// The pretraining context LongRoPE switches at (`original_max_position_embeddings` of the
+    /// rope parameters, else of the config).
+    fn original_max(&self, kind: LayerKind) -> Option<usize> {
+        self.rope_field(kind, "original_max_position_embeddings")
+            .and_then(|v| v.as_u64())
+            .map(|v| v as usize)
+            .or(self.variant.original_max_position_embeddings)
+    }
+
+    /// LongRoPE's long table, where the config uses LongRoPE.
+    pub fn longrope(&self, kind: LayerKind) -> Result<Option<LongRope>> {
+        if self.rope_type(kind) != "longrope" {
+            return Ok(None);
+        }
+        let original_max = self.original_max(kind).ok_or_else(|| ModelError::Config {
+            path: "config.json".into(),
+            message: "longrope needs original_max_position_embeddings".into(),
+        })?;
+        Ok(Some(LongRope {
+            long: self.longrope_table(kind, "long_factor")?,
+            original_max,
+        }))
+    }
+
+    /// The factor LongRoPE multiplies cos and sin by: the config's `attention_factor`, else
+    /// `sqrt(1 + ln(s) / ln(original))` with `s` = `factor`, else positions / original; 1
+    /// for other rope types.
+    pub fn rope_attention_factor(&self, kind: LayerKind) -> f32 {
+        if self.rope_type(kind) != "longrope" {
+            return 1.0;
+        }
+        if let Some(f) = self
+            .rope_field(kind, "attention_factor")
+            .and_then(|v| v.as_f64())
+        {
+            return f as f32;
+        }
+        let original = self
+            .original_max(kind)
+            .unwrap_or(self.max_position_embeddings) as f64;
+        let factor = self
+            .rope_field(kind, "factor")
+            .and_then(|v| v.as_f64())
+            .unwrap_or(self.max_position_embeddings as f64 / original);
+        if factor <= 1.0 {
+            1.0
+        } else {
+            (1.0 + factor.ln() / original.ln()).sqrt() as f32
+        }
+    }
+
+    fn rope_type(&self, kind: LayerKind) -> &str {
+        self.rope_field(kind, "rope_type")
+            .or_else(|| self.rope_field(kind, "type"))
+            .and_then(|v| v.as_str())
+            .unwrap_or("default")
+    }
+
     /// Inverse frequencies of the rotary embedding of a layer kind, with `rope_scaling` applied
-    /// as `transformers`' `ROPE_INIT_FUNCTIONS` do for the "default", "linear" and "llama3" types.
+    /// as `transformers`' `ROPE_INIT_FUNCTIONS` do for the "default", "linear", "llama3" and
+    /// "longrope" (short factors; see [`LlamaConfig::longrope`]) types.
     pub fn inv_freq(&self, kind: LayerKind) -> Result<Vec<f32>> {
         let d = self.head_dim();
         let theta = self.theta(kind);
@@ -425,6 +523,7 @@ impl LlamaConfig {
         let num = |k: &str| self.rope_field(kind, k).and_then(|v| v.as_f64());
         match ty {
             "default" => Ok(base),
+            "longrope" => self.longrope_table(kind, "short_factor"),
             "linear" => {
                 let factor = num("factor").unwrap_or(1.0) as f32;
                 Ok(base.iter().map(|f| f / factor).collect())
@@ -454,7 +553,8 @@ impl LlamaConfig {
             other => Err(ModelError::Config {
                 path: "config.json".into(),
                 message: format!(
-                    "rope scaling type {other:?} is not supported (default, linear, llama3 are)"
+                    "rope scaling type {other:?} is not supported (default, linear, llama3, \
+                     longrope are)"
                 ),
             }),
         }
@@ -474,15 +574,27 @@ impl Rope {
     /// # Shapes
     /// - positions `[B, T]`, inv_freq `[hd / 2]`
     pub(crate) fn new(positions: Tensor<2, Int>, inv_freq: Tensor<1>) -> Self {
+        Self::scaled(positions, inv_freq, 1.0)
+    }
+
+    /// The tables with cos and sin multiplied by `scale` (LongRoPE's attention factor).
+    ///
+    /// # Shapes
+    /// - positions `[B, T]`, inv_freq `[hd / 2]`
+    pub(crate) fn scaled(positions: Tensor<2, Int>, inv_freq: Tensor<1>, scale: f32) -> Self {
         let [b, t] = positions.dims();
         let half = inv_freq.dims()[0];
         // (B, T, 1) * (1, 1, hd/2) -> (B, T, hd/2)
         let freqs = positions.float().reshape([b, t, 1]) * inv_freq.reshape([1, 1, half]);
         // (B, T, hd) -> (B, 1, T, hd)
         let emb = Tensor::cat(vec![freqs.clone(), freqs], 2).reshape([b, 1, t, 2 * half]);
-        Self {
-            cos: emb.clone().cos(),
-            sin: emb.sin(),
+        let (cos, sin) = (emb.clone().cos(), emb.sin());
+        match scale {
+            1.0 => Self { cos, sin },
+            s => Self {
+                cos: cos.mul_scalar(s),
+                sin: sin.mul_scalar(s),
+            },
         }
     }
 
@@ -822,6 +934,12 @@ pub struct LlamaModel {
     /// The window of sliding-window layers.
     #[module(skip)]
     pub sliding_window: Option<usize>,
+    /// LongRoPE: the long factors' table, the length past which they apply, and the factor
+    /// cos and sin are multiplied by (1 elsewhere).
+    #[module(skip)]
+    pub long_inv_freq: Option<(Tensor<1>, usize)>,
+    #[module(skip)]
+    pub rope_scale: f32,
     /// Virtual tokens of prompt learning, attached from outside (whet-peft).
     pub prompt: Option<PromptEncoder>,
 }
@@ -850,6 +968,14 @@ impl LlamaModel {
             inv_freq_local: table(LayerKind::Sliding)?,
             embed_scale: c.embed_scale(),
             sliding_window: c.sliding_window(),
+            long_inv_freq: c.longrope(LayerKind::Full)?.map(|l| {
+                let n = l.long.len();
+                (
+                    Tensor::from_data(TensorData::new(l.long, [n]), vb.device()),
+                    l.original_max,
+                )
+            }),
+            rope_scale: c.rope_attention_factor(LayerKind::Full),
             prompt: None,
         })
     }
@@ -883,7 +1009,20 @@ impl LlamaModel {
                 .expand([b, t])
         });
         let sliding = self.layers.iter().any(|l| l.kind == LayerKind::Sliding);
-        let rope = Rope::new(positions.clone(), self.inv_freq.clone());
+        let inv_freq = match &self.long_inv_freq {
+            // `longrope_frequency_update`: the long factors once max(position) + 1 exceeds
+            // the pretraining context.
+            Some((long, original)) => {
+                let longest = positions.clone().max().into_scalar::<i64>() + 1;
+                if longest as usize > *original {
+                    long.clone()
+                } else {
+                    self.inv_freq.clone()
+                }
+            }
+            None => self.inv_freq.clone(),
+        };
+        let rope = Rope::scaled(positions.clone(), inv_freq, self.rope_scale);
         let (rope_local, bias_local) = match self.sliding_window.filter(|_| sliding) {
             Some(w) => (
                 Rope::new(positions, self.inv_freq_local.clone()),
@@ -1043,6 +1182,13 @@ impl CausalLm for LlamaForCausalLm {
 
     fn virtual_positions(&self) -> usize {
         self.model.virtual_positions()
+    }
+
+    fn rope_switch(&self) -> Option<usize> {
+        self.model
+            .long_inv_freq
+            .as_ref()
+            .map(|(_, original)| *original)
     }
 }
 

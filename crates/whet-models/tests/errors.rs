@@ -167,8 +167,8 @@ fn config_fields_whet_does_not_implement_are_refused_by_name() {
         (
             "families/phi3-cls",
             "rope_parameters",
-            serde_json::json!({"rope_type": "longrope", "rope_theta": 10000.0}),
-            "rope scaling type \"longrope\"",
+            serde_json::json!({"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}),
+            "rope scaling type \"yarn\"",
         ),
         (
             "families/gemma3_text-cls",
