@@ -26,8 +26,8 @@ use crate::decoder::{
 };
 use crate::error::{ModelError, Result};
 use crate::layers::{
-    Embedding, Linear, MASK_VALUE, Mode, RmsNorm, TorchLinear, merge_heads, scaled_dot_product,
-    split_heads,
+    Embedding, Linear, MASK_VALUE, Mode, RmsNorm, TorchLinear, dropout, merge_heads,
+    scaled_dot_product, split_heads,
 };
 use crate::prompt::{PromptEncoder, PromptShape, PromptSlot};
 use crate::unpad::Layout;
@@ -137,6 +137,9 @@ pub struct VariantFields {
     /// Gemma 3 as an encoder: refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub use_bidirectional_attention: Option<bool>,
+    /// Phi-3: dropout on the attention and MLP outputs before each residual add (training).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resid_pdrop: Option<f64>,
     /// Phi-3: the pretraining context, where LongRoPE switches to its long factors.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub original_max_position_embeddings: Option<usize>,
@@ -683,6 +686,8 @@ pub struct LlamaLayer {
     pub kv_heads: usize,
     pub head_dim: usize,
     pub attention_dropout: f64,
+    /// Phi-3's `resid_pdrop` (0 elsewhere).
+    pub residual_dropout: f64,
     #[module(skip)]
     pub act: Activation,
     /// Multiplies the queries so that the `head_dim^-0.5` scaling of attention becomes
@@ -752,6 +757,7 @@ impl LlamaLayer {
             kv_heads: nkv,
             head_dim: hd,
             attention_dropout: c.attention_dropout,
+            residual_dropout: c.variant.resid_pdrop.unwrap_or(0.0),
             act: c.activation(),
             query_factor,
             attn_softcap: c.attn_logit_softcapping(),
@@ -861,9 +867,9 @@ impl LlamaLayer {
                 x + post.forward(m)
             }
             _ => {
-                let x = x + attn;
+                let x = x + dropout(attn, self.residual_dropout, mode);
                 let h = self.post_attention_layernorm.forward(x.clone());
-                x + self.mlp(h, mode)
+                x + dropout(self.mlp(h, mode), self.residual_dropout, mode)
             }
         }
     }

@@ -426,3 +426,29 @@ fn train_mode_applies_dropout() {
         "training forward should differ"
     );
 }
+
+/// Phi-3's `resid_pdrop` (0.1 in the family fixture, whose attention dropout is 0) drops the
+/// attention and MLP outputs in training only; with it set to 0 training equals evaluation up
+/// to rounding.
+#[test]
+fn phi3_residual_dropout_applies_in_training_only() {
+    let root = fixtures().join("families/phi3-causal");
+    let fx = Fixture::open(&root.join("fixture.safetensors"));
+    let device = eval_device();
+    let mut ckpt = Checkpoint::open(&root).unwrap();
+    let run = |ckpt: &Checkpoint, mode| {
+        let model = ckpt.load_causal_lm(&device).unwrap();
+        let input = DecoderInput::unpadded(fx.ids2("input_ids_right", &device));
+        values(model.forward_logits(input, mode))
+    };
+    let eval = run(&ckpt, Mode::Eval);
+    assert!(max_abs_diff(&run(&ckpt, Mode::Train), &eval) > 1e-4);
+    let whet_models::FamilyConfig::Llama(c) = &mut ckpt.config else {
+        panic!("phi3 is a rotary decoder");
+    };
+    assert_eq!(c.variant.resid_pdrop, Some(0.1));
+    c.variant.resid_pdrop = Some(0.0);
+    // Training runs attention through other kernels: equal up to float rounding.
+    let d = max_abs_diff(&run(&ckpt, Mode::Train), &eval);
+    assert!(d < 1e-4, "without resid_pdrop training differs by {d}");
+}
