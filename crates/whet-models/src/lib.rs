@@ -146,6 +146,8 @@ const SUPPORTED: &str = "model_type bert, roberta, xlm-roberta, deberta-v2, dist
                          llama family)";
 
 /// A family's parsed config.
+// One per checkpoint: the size difference of the variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum FamilyConfig {
     Bert(BertConfig),
