@@ -243,22 +243,86 @@ impl VisitParams for BertEmbeddings {
     }
 }
 
+/// What follows self-attention in a post-norm block (BERT's, and DeBERTa's): the attention
+/// output projection, add & norm, the feed-forward, add & norm; under transformers' names
+/// `attention.output.*`, `intermediate.dense`, `output.*`.
+#[derive(Module, Debug)]
+pub struct PostNorm {
+    pub attention_output: Linear,
+    pub attention_norm: LayerNorm,
+    pub intermediate: Linear,
+    pub output: Linear,
+    pub output_norm: LayerNorm,
+    pub hidden_dropout: f64,
+    #[module(skip)]
+    pub act: Activation,
+}
+
+impl PostNorm {
+    /// Loads the block's tensors after attention (`vb` scoped to the layer).
+    pub(crate) fn load(
+        vb: &Weights,
+        hidden: usize,
+        intermediate: usize,
+        eps: f64,
+        hidden_dropout: f64,
+        act: Activation,
+    ) -> Result<Self> {
+        let lin = |name: &str, i, o| Linear::load(&vb.pp(name), i, o, true, TorchLinear::Linear);
+        Ok(Self {
+            attention_output: lin("attention.output.dense", hidden, hidden)?,
+            attention_norm: LayerNorm::load(&vb.pp("attention.output.LayerNorm"), hidden, eps)?,
+            intermediate: lin("intermediate.dense", hidden, intermediate)?,
+            output: lin("output.dense", intermediate, hidden)?,
+            output_norm: LayerNorm::load(&vb.pp("output.LayerNorm"), hidden, eps)?,
+            hidden_dropout,
+            act,
+        })
+    }
+
+    /// `ctx` is the attention context, `x` the block's input.
+    ///
+    /// # Shapes
+    /// - ctx, x `[B, T, H]` (`[1, N, H]` padding-free); output as x
+    pub(crate) fn forward(&self, ctx: Tensor<3>, x: Tensor<3>, mode: Mode) -> Tensor<3> {
+        let attn = dropout(
+            self.attention_output.forward(ctx, mode),
+            self.hidden_dropout,
+            mode,
+        );
+        let x = self.attention_norm.forward(attn + x);
+        let ff = self.output.forward(
+            self.act.forward(self.intermediate.forward(x.clone(), mode)),
+            mode,
+        );
+        self.output_norm
+            .forward(dropout(ff, self.hidden_dropout, mode) + x)
+    }
+}
+
+impl VisitParams for PostNorm {
+    fn visit_params(&mut self, p: &str, v: &mut dyn Visitor) {
+        self.attention_output
+            .visit_params(&join(p, "attention.output.dense"), v);
+        self.attention_norm
+            .visit_params(&join(p, "attention.output.LayerNorm"), v);
+        self.intermediate
+            .visit_params(&join(p, "intermediate.dense"), v);
+        self.output.visit_params(&join(p, "output.dense"), v);
+        self.output_norm
+            .visit_params(&join(p, "output.LayerNorm"), v);
+    }
+}
+
 /// One encoder block: self-attention, add & norm, feed-forward, add & norm (post-norm).
 #[derive(Module, Debug)]
 pub struct BertLayer {
     pub query: Linear,
     pub key: Linear,
     pub value: Linear,
-    pub attention_output: Linear,
-    pub attention_norm: LayerNorm,
-    pub intermediate: Linear,
-    pub output: Linear,
-    pub output_norm: LayerNorm,
+    pub post: PostNorm,
     pub heads: usize,
     pub attention_dropout: f64,
-    pub hidden_dropout: f64,
-    #[module(skip)]
-    pub act: Activation,
 }
 
 impl BertLayer {
@@ -269,19 +333,16 @@ impl BertLayer {
             query: lin("attention.self.query", h, h)?,
             key: lin("attention.self.key", h, h)?,
             value: lin("attention.self.value", h, h)?,
-            attention_output: lin("attention.output.dense", h, h)?,
-            attention_norm: LayerNorm::load(
-                &vb.pp("attention.output.LayerNorm"),
+            post: PostNorm::load(
+                vb,
                 h,
+                c.intermediate_size,
                 c.layer_norm_eps,
+                c.hidden_dropout_prob,
+                c.hidden_act,
             )?,
-            intermediate: lin("intermediate.dense", h, c.intermediate_size)?,
-            output: lin("output.dense", c.intermediate_size, h)?,
-            output_norm: LayerNorm::load(&vb.pp("output.LayerNorm"), h, c.layer_norm_eps)?,
             heads: c.num_attention_heads,
             attention_dropout: c.attention_probs_dropout_prob,
-            hidden_dropout: c.hidden_dropout_prob,
-            act: c.hidden_act,
         })
     }
 
@@ -316,18 +377,7 @@ impl BertLayer {
             self.attention_dropout,
             mode,
         )));
-        let attn = dropout(
-            self.attention_output.forward(ctx, mode),
-            self.hidden_dropout,
-            mode,
-        );
-        let x = self.attention_norm.forward(attn + x);
-        let ff = self.output.forward(
-            self.act.forward(self.intermediate.forward(x.clone(), mode)),
-            mode,
-        );
-        self.output_norm
-            .forward(dropout(ff, self.hidden_dropout, mode) + x)
+        self.post.forward(ctx, x, mode)
     }
 }
 
@@ -336,15 +386,7 @@ impl VisitParams for BertLayer {
         self.query.visit_params(&join(p, "attention.self.query"), v);
         self.key.visit_params(&join(p, "attention.self.key"), v);
         self.value.visit_params(&join(p, "attention.self.value"), v);
-        self.attention_output
-            .visit_params(&join(p, "attention.output.dense"), v);
-        self.attention_norm
-            .visit_params(&join(p, "attention.output.LayerNorm"), v);
-        self.intermediate
-            .visit_params(&join(p, "intermediate.dense"), v);
-        self.output.visit_params(&join(p, "output.dense"), v);
-        self.output_norm
-            .visit_params(&join(p, "output.LayerNorm"), v);
+        self.post.visit_params(p, v);
     }
 }
 

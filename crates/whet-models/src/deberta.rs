@@ -14,7 +14,7 @@ use burn::module::Module;
 use burn::tensor::{Int, Tensor, TensorData};
 use serde::Deserialize;
 
-use crate::bert::{EncoderInput, SpanLogits};
+use crate::bert::{EncoderInput, PostNorm, SpanLogits};
 use crate::config::{Activation, HeadFields};
 use crate::error::Result;
 use crate::layers::{
@@ -317,18 +317,14 @@ pub struct DebertaLayer {
     /// Without `share_att_key`: the projections of the relative embeddings.
     pub pos_key_proj: Option<Linear>,
     pub pos_query_proj: Option<Linear>,
-    pub attention_output: Linear,
-    pub attention_norm: LayerNorm,
-    pub intermediate: Linear,
-    pub output: Linear,
-    pub output_norm: LayerNorm,
+    /// BERT's output projection, add & norm and feed-forward.
+    pub post: PostNorm,
     pub heads: usize,
     pub attention_dropout: f64,
+    /// Dropout of the relative embeddings (`hidden_dropout_prob`).
     pub hidden_dropout: f64,
     pub c2p: bool,
     pub p2c: bool,
-    #[module(skip)]
-    pub act: Activation,
 }
 
 impl DebertaLayer {
@@ -351,21 +347,19 @@ impl DebertaLayer {
             pos_query_proj: (own && p2c)
                 .then(|| lin("attention.self.pos_query_proj", h, h))
                 .transpose()?,
-            attention_output: lin("attention.output.dense", h, h)?,
-            attention_norm: LayerNorm::load(
-                &vb.pp("attention.output.LayerNorm"),
+            post: PostNorm::load(
+                vb,
                 h,
+                c.intermediate_size,
                 c.layer_norm_eps,
+                c.hidden_dropout_prob,
+                c.hidden_act,
             )?,
-            intermediate: lin("intermediate.dense", h, c.intermediate_size)?,
-            output: lin("output.dense", c.intermediate_size, h)?,
-            output_norm: LayerNorm::load(&vb.pp("output.LayerNorm"), h, c.layer_norm_eps)?,
             heads: c.num_attention_heads,
             attention_dropout: c.attention_probs_dropout_prob,
             hidden_dropout: c.hidden_dropout_prob,
             c2p,
             p2c,
-            act: c.hidden_act,
         })
     }
 
@@ -434,14 +428,7 @@ impl DebertaLayer {
         );
         // (B, H, T, T) x (B, H, T, hd) -> (B, H, T, hd)
         let ctx = layout.enter(merge_heads(crate::precision::matmul(probs, v)));
-        let a = self.attention_output.forward(ctx, mode);
-        let x = self
-            .attention_norm
-            .forward(dropout(a, self.hidden_dropout, mode) + x);
-        let i = self.act.forward(self.intermediate.forward(x.clone(), mode));
-        let o = self.output.forward(i, mode);
-        self.output_norm
-            .forward(dropout(o, self.hidden_dropout, mode) + x)
+        self.post.forward(ctx, x, mode)
     }
 }
 
@@ -459,15 +446,7 @@ impl VisitParams for DebertaLayer {
         if let Some(l) = &mut self.pos_query_proj {
             l.visit_params(&join(p, "attention.self.pos_query_proj"), v);
         }
-        self.attention_output
-            .visit_params(&join(p, "attention.output.dense"), v);
-        self.attention_norm
-            .visit_params(&join(p, "attention.output.LayerNorm"), v);
-        self.intermediate
-            .visit_params(&join(p, "intermediate.dense"), v);
-        self.output.visit_params(&join(p, "output.dense"), v);
-        self.output_norm
-            .visit_params(&join(p, "output.LayerNorm"), v);
+        self.post.visit_params(p, v);
     }
 }
 
