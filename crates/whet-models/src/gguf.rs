@@ -45,11 +45,6 @@ fn shifted_norms(arch: &str) -> bool {
     matches!(arch, "gemma" | "gemma2" | "gemma3")
 }
 
-/// Maps a ggml tensor name to its Hugging Face LLaMA name.
-pub fn hf_name(ggml: &str) -> Option<String> {
-    hf_name_for("llama", ggml)
-}
-
 /// The block tensors of architecture `arch`: (ggml module, Hugging Face module under
 /// `model.layers.N.`), as llama.cpp's `convert_hf_to_gguf.py` names them. Gemma 2/3's
 /// `ffn_norm` is the norm before the MLP of a sandwich, LLaMA's the norm after attention;
@@ -525,20 +520,44 @@ mod tests {
     use super::*;
 
     #[test]
-    fn names_map_onto_llama() {
+    fn names_map_onto_hugging_face_per_architecture() {
+        let hf = |arch, g| hf_name_for(arch, g);
         assert_eq!(
-            hf_name("blk.3.attn_q.weight").as_deref(),
+            hf("llama", "blk.3.attn_q.weight").as_deref(),
             Some("model.layers.3.self_attn.q_proj.weight")
         );
         assert_eq!(
-            hf_name("blk.0.ffn_down.weight").as_deref(),
-            Some("model.layers.0.mlp.down_proj.weight")
+            hf("llama", "blk.0.ffn_norm.weight").as_deref(),
+            Some("model.layers.0.post_attention_layernorm.weight")
+        );
+        // Gemma 2/3's ffn_norm is the norm before the MLP; post_attention_norm follows attention.
+        assert_eq!(
+            hf("gemma3", "blk.0.ffn_norm.weight").as_deref(),
+            Some("model.layers.0.pre_feedforward_layernorm.weight")
         );
         assert_eq!(
-            hf_name("token_embd.weight").as_deref(),
+            hf("gemma2", "blk.1.post_attention_norm.weight").as_deref(),
+            Some("model.layers.1.post_attention_layernorm.weight")
+        );
+        // Phi-3's fused projections.
+        assert_eq!(
+            hf("phi3", "blk.0.ffn_up.weight").as_deref(),
+            Some("model.layers.0.mlp.gate_up_proj.weight")
+        );
+        assert_eq!(hf("phi3", "blk.0.attn_q.weight"), None);
+        assert_eq!(
+            hf("llama", "token_embd.weight").as_deref(),
             Some("model.embed_tokens.weight")
         );
-        assert_eq!(hf_name("rope_freqs.weight"), None);
+        assert_eq!(hf("llama", "rope_freqs.weight"), None);
+        // Every name of every architecture goes back to itself.
+        for arch in LLAMA_ARCHS {
+            for (g, _) in block_names(arch) {
+                let ggml = format!("blk.7.{g}.weight");
+                let name = hf_name_for(arch, &ggml).unwrap_or_default();
+                assert_eq!(ggml_name_for(arch, &name), Some(ggml), "{arch}");
+            }
+        }
     }
 
     #[test]
@@ -552,11 +571,6 @@ mod tests {
 
 // ---------------------------------------------------------------------------------------------
 // Export
-
-/// The ggml name of a Hugging Face LLaMA-family tensor name (the inverse of [`hf_name`]).
-pub fn ggml_name(hf: &str) -> Option<String> {
-    ggml_name_for("llama", hf)
-}
 
 /// llama.cpp's permutation of q/k rows for its interleaved rotary layout (`convert_hf_to_gguf`'s
 /// `LlamaModel.permute`), the inverse of [`unpermute`].

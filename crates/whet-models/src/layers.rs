@@ -7,7 +7,7 @@
 use burn::module::{Module, Param};
 use burn::tensor::module::{attention, embedding};
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Bool, Distribution, Int, Tensor};
+use burn::tensor::{Bool, Distribution, Int, Tensor, TensorData};
 
 use std::sync::Arc;
 
@@ -517,6 +517,22 @@ pub fn dropout<const D: usize>(x: Tensor<D>, p: f64, mode: Mode) -> Tensor<D> {
 /// The additive value that masks an attention score (`torch.finfo(float32).min`, as
 /// `transformers` uses: finite, so a fully masked row gives a uniform softmax, not NaN).
 pub const MASK_VALUE: f32 = f32::MIN;
+
+/// Masks, in an attention bias, every query `i` / key `j` pair for which `far(i, j)` holds
+/// (a sliding window's band): the same for every row and head.
+///
+/// # Shapes
+/// - bias `[B, 1, Tq, Tk]`, output the same
+pub fn mask_pairs(bias: Tensor<4>, far: impl Fn(usize, usize) -> bool) -> Tensor<4> {
+    let [b, one, tq, tk] = bias.dims();
+    let masked: Vec<bool> = (0..tq)
+        .flat_map(|i| (0..tk).map(move |j| (i, j)))
+        .map(|(i, j)| far(i, j))
+        .collect();
+    let masked =
+        Tensor::<4, Bool>::from_data(TensorData::new(masked, [1, 1, tq, tk]), &bias.device());
+    bias.mask_fill(masked.expand([b, one, tq, tk]), MASK_VALUE)
+}
 
 /// Additive attention bias from a key mask and optional causality.
 ///

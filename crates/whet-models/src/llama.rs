@@ -17,7 +17,7 @@
 //! is "rotate half" (GGUF checkpoints are un-permuted on load, see `crate::gguf`).
 
 use burn::module::Module;
-use burn::tensor::{Bool, Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
 use serde::Deserialize;
 
 use crate::config::{Activation, HeadFields};
@@ -26,8 +26,8 @@ use crate::decoder::{
 };
 use crate::error::{ModelError, Result};
 use crate::layers::{
-    Embedding, Linear, MASK_VALUE, Mode, RmsNorm, TorchLinear, dropout, merge_heads,
-    scaled_dot_product, split_heads,
+    Embedding, Linear, Mode, RmsNorm, TorchLinear, dropout, merge_heads, scaled_dot_product,
+    split_heads,
 };
 use crate::prompt::{PromptEncoder, PromptShape, PromptSlot};
 use crate::unpad::Layout;
@@ -645,17 +645,19 @@ fn gate_up_names(fused: bool) -> &'static [&'static str] {
 }
 
 /// Splits the last axis of a fused projection's output into parts of the given widths.
-fn split_last(x: Tensor<3>, widths: &[usize]) -> Vec<Tensor<3>> {
+fn split_last<const N: usize>(x: Tensor<3>, widths: [usize; N]) -> [Tensor<3>; N] {
     let [b, t, _] = x.dims();
-    let mut at = 0;
-    widths
+    let starts: Vec<usize> = widths
         .iter()
-        .map(|&w| {
-            let part = x.clone().slice([0..b, 0..t, at..at + w]);
-            at += w;
-            part
+        .scan(0, |at, w| {
+            *at += w;
+            Some(*at - w)
         })
-        .collect()
+        .collect();
+    std::array::from_fn(|i| {
+        x.clone()
+            .slice([0..b, 0..t, starts[i]..starts[i] + widths[i]])
+    })
 }
 
 /// `tanh(x / cap) * cap`: Gemma 2's soft-capping of attention scores and logits.
@@ -766,41 +768,26 @@ impl LlamaLayer {
     }
 
     /// q, k, v `[B, T, *]` from the normed input, split from one product when fused.
-    fn project_qkv(&self, h: Tensor<3>, mode: Mode) -> (Tensor<3>, Tensor<3>, Tensor<3>) {
-        let mut parts = match self.qkv.as_slice() {
-            [fused] => {
+    fn project_qkv(&self, h: Tensor<3>, mode: Mode) -> [Tensor<3>; 3] {
+        match self.qkv.as_slice() {
+            [q, k, v] => [q, k, v].map(|p| p.forward(h.clone(), mode)),
+            // `load` builds three projections or Phi-3's one.
+            fused => {
                 let (q, kv) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
-                split_last(fused.forward(h, mode), &[q, kv, kv])
+                split_last(fused[0].forward(h, mode), [q, kv, kv])
             }
-            projections => projections
-                .iter()
-                .map(|p| p.forward(h.clone(), mode))
-                .collect(),
-        };
-        let v = parts.pop();
-        let k = parts.pop();
-        let q = parts.pop();
-        match (q, k, v) {
-            (Some(q), Some(k), Some(v)) => (q, k, v),
-            // `load` builds one or three projections.
-            _ => unreachable!("a layer has one fused or three q/k/v projections"),
         }
     }
 
     /// The gated MLP: `down(act(gate(x)) * up(x))`.
     fn mlp(&self, h: Tensor<3>, mode: Mode) -> Tensor<3> {
-        let (gate, up) = match self.gate_up.as_slice() {
-            [fused] => {
+        let [gate, up] = match self.gate_up.as_slice() {
+            [gate, up] => [gate, up].map(|p| p.forward(h.clone(), mode)),
+            // `load` builds two projections or Phi-3's one.
+            fused => {
                 let inter = self.down_proj.dims().0;
-                let mut parts = split_last(fused.forward(h, mode), &[inter, inter]);
-                let up = parts.pop();
-                match (parts.pop(), up) {
-                    (Some(g), Some(u)) => (g, u),
-                    _ => unreachable!("split_last returns one part per width"),
-                }
+                split_last(fused[0].forward(h, mode), [inter, inter])
             }
-            [gate, up] => (gate.forward(h.clone(), mode), up.forward(h, mode)),
-            _ => unreachable!("a layer has one fused or two gate/up projections"),
         };
         let gated = match self.act {
             Activation::Silu => crate::kernels::swiglu(gate, up),
@@ -825,7 +812,7 @@ impl LlamaLayer {
     ) -> Tensor<3> {
         let h = self.input_layernorm.forward(x.clone());
         let heads = |y: Tensor<3>, n| split_heads(layout.pad(y), n);
-        let (q, k, v) = self.project_qkv(h, mode);
+        let [q, k, v] = self.project_qkv(h, mode);
         let (mut q, mut k) = (heads(q, self.heads), heads(k, self.kv_heads));
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
             (q, k) = (qn.forward(q), kn.forward(k));
@@ -913,13 +900,9 @@ impl VisitParams for LlamaLayer {
 /// # Shapes
 /// - bias `[B, 1, T, T_past + T]`, output the same
 fn sliding_bias(bias: Tensor<4>, window: usize) -> Tensor<4> {
-    let [b, one, t, tk] = bias.dims();
+    let [_, _, t, tk] = bias.dims();
     let past = tk - t;
-    let far: Vec<bool> = (0..t)
-        .flat_map(|i| (0..tk).map(move |j| past + i >= j + window))
-        .collect();
-    let far = Tensor::<4, Bool>::from_data(TensorData::new(far, [1, 1, t, tk]), &bias.device());
-    bias.mask_fill(far.expand([b, one, t, tk]), MASK_VALUE)
+    crate::layers::mask_pairs(bias, |i, j| past + i >= j + window)
 }
 
 /// The decoder stack (`LlamaModel`).

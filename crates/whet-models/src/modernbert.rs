@@ -9,15 +9,15 @@
 //! with eager attention; parameter names are that module's.
 
 use burn::module::Module;
-use burn::tensor::{Bool, Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
 use serde::Deserialize;
 
 use crate::bert::{EncoderInput, SpanLogits};
 use crate::config::{Activation, HeadFields};
 use crate::error::Result;
 use crate::layers::{
-    Embedding, LayerNorm, Linear, MASK_VALUE, Mode, TorchLinear, attention_bias, dropout,
-    merge_heads, scaled_dot_product, split_heads,
+    Embedding, LayerNorm, Linear, Mode, TorchLinear, attention_bias, dropout, merge_heads,
+    scaled_dot_product, split_heads,
 };
 use crate::llama::{LayerKind, Rope};
 use crate::unpad::Layout;
@@ -287,12 +287,7 @@ impl VisitParams for ModernBertLayer {
 /// # Shapes
 /// - bias `[B, 1, T, T]`, output the same
 fn local_bias(bias: Tensor<4>, window: usize) -> Tensor<4> {
-    let [b, one, t, tk] = bias.dims();
-    let far: Vec<bool> = (0..t)
-        .flat_map(|i| (0..tk).map(move |j| i.abs_diff(j) > window))
-        .collect();
-    let far = Tensor::<4, Bool>::from_data(TensorData::new(far, [1, 1, t, tk]), &bias.device());
-    bias.mask_fill(far.expand([b, one, t, tk]), MASK_VALUE)
+    crate::layers::mask_pairs(bias, |i, j| i.abs_diff(j) > window)
 }
 
 /// The encoder (`ModernBertModel`).
@@ -457,17 +452,22 @@ impl VisitParams for PredictionHead {
     }
 }
 
-/// The classifier transformers gives a new head: `classifier` ~ N(0, hidden^-0.5), bias 0.
-fn load_classifier(
+/// What both task models hold: the encoder, the prediction head, and an `outputs`-wide
+/// `classifier` (new: N(0, hidden^-0.5), bias 0, as transformers initialises it); the names
+/// of the tensors initialised.
+fn load_parts(
     vb: &Weights,
     c: &ModernBertConfig,
-    n: usize,
-    fresh: &mut Vec<String>,
-) -> Result<Linear> {
+    outputs: usize,
+) -> Result<(ModernBertModel, PredictionHead, Linear, Vec<String>)> {
+    let mut fresh = vec![];
+    let model = ModernBertModel::load(&vb.pp("model"), c)?;
+    let head = PredictionHead::load(&vb.pp("head"), c, &mut fresh)?;
     let std = (c.hidden_size as f64).powf(-0.5);
-    let (layer, new) = crate::load_or_init_linear(&vb.pp("classifier"), c.hidden_size, n, std)?;
+    let (classifier, new) =
+        crate::load_or_init_linear(&vb.pp("classifier"), c.hidden_size, outputs, std)?;
     fresh.extend(new);
-    Ok(layer)
+    Ok((model, head, classifier, fresh))
 }
 
 /// `ModernBertForSequenceClassification`: the first token or the mean of the real tokens,
@@ -485,10 +485,7 @@ impl ModernBertForSequenceClassification {
     /// Loads the encoder and head; head tensors the checkpoint lacks are initialised and named
     /// in the second value.
     pub fn load(vb: &Weights, c: &ModernBertConfig) -> Result<(Self, Vec<String>)> {
-        let mut fresh = vec![];
-        let model = ModernBertModel::load(&vb.pp("model"), c)?;
-        let head = PredictionHead::load(&vb.pp("head"), c, &mut fresh)?;
-        let classifier = load_classifier(vb, c, c.head.num_labels(), &mut fresh)?;
+        let (model, head, classifier, fresh) = load_parts(vb, c, c.head.num_labels())?;
         Ok((
             Self {
                 model,
@@ -541,10 +538,7 @@ pub struct ModernBertForQuestionAnswering {
 impl ModernBertForQuestionAnswering {
     /// Loads the encoder and the span head (initialised when absent, names returned).
     pub fn load(vb: &Weights, c: &ModernBertConfig) -> Result<(Self, Vec<String>)> {
-        let mut fresh = vec![];
-        let model = ModernBertModel::load(&vb.pp("model"), c)?;
-        let head = PredictionHead::load(&vb.pp("head"), c, &mut fresh)?;
-        let classifier = load_classifier(vb, c, 2, &mut fresh)?;
+        let (model, head, classifier, fresh) = load_parts(vb, c, 2)?;
         Ok((
             Self {
                 model,

@@ -707,40 +707,51 @@ fn info(path: PathBuf) -> Result<()> {
     println!("architecture: {} ({})", ckpt.family(), ckpt.model_type());
     match &ckpt.config {
         whet_models::FamilyConfig::Bert(c) => println!(
-            "config:       {} layers, hidden {}, {} heads, intermediate {}, vocab {}, max positions {}",
-            c.num_hidden_layers,
-            c.hidden_size,
-            c.num_attention_heads,
-            c.intermediate_size,
-            c.vocab_size,
-            c.max_position_embeddings
+            "{}",
+            encoder_line(
+                c.num_hidden_layers,
+                c.hidden_size,
+                c.num_attention_heads,
+                c.intermediate_size,
+                c.vocab_size,
+                c.max_position_embeddings,
+            )
         ),
         whet_models::FamilyConfig::DistilBert(c) => println!(
-            "config:       {} layers, hidden {}, {} heads, intermediate {}, vocab {}, max positions {}",
-            c.n_layers, c.dim, c.n_heads, c.hidden_dim, c.vocab_size, c.max_position_embeddings
+            "{}",
+            encoder_line(
+                c.n_layers,
+                c.dim,
+                c.n_heads,
+                c.hidden_dim,
+                c.vocab_size,
+                c.max_position_embeddings,
+            )
         ),
         whet_models::FamilyConfig::Deberta(c) => println!(
-            "config:       {} layers, hidden {}, {} heads, intermediate {}, vocab {}, max positions {}, \
-             relative attention {} ({:?}, {} buckets)",
-            c.num_hidden_layers,
-            c.hidden_size,
-            c.num_attention_heads,
-            c.intermediate_size,
-            c.vocab_size,
-            c.max_position_embeddings,
+            "{}, relative attention {} ({:?}, {} buckets)",
+            encoder_line(
+                c.num_hidden_layers,
+                c.hidden_size,
+                c.num_attention_heads,
+                c.intermediate_size,
+                c.vocab_size,
+                c.max_position_embeddings,
+            ),
             c.relative_attention,
             c.pos_att_type(),
             c.position_buckets
         ),
         whet_models::FamilyConfig::ModernBert(c) => println!(
-            "config:       {} layers, hidden {}, {} heads, intermediate {}, vocab {}, max positions {}, \
-             local window {}",
-            c.num_hidden_layers,
-            c.hidden_size,
-            c.num_attention_heads,
-            c.intermediate_size,
-            c.vocab_size,
-            c.max_position_embeddings,
+            "{}, local window {}",
+            encoder_line(
+                c.num_hidden_layers,
+                c.hidden_size,
+                c.num_attention_heads,
+                c.intermediate_size,
+                c.vocab_size,
+                c.max_position_embeddings,
+            ),
             c.local_attention
         ),
         whet_models::FamilyConfig::Gpt2(c) => println!(
@@ -980,6 +991,21 @@ fn generate_many(
         new_tokens as f64 / secs
     );
     Ok(())
+}
+
+/// `whet info`'s config line of an encoder.
+fn encoder_line(
+    layers: usize,
+    hidden: usize,
+    heads: usize,
+    intermediate: usize,
+    vocab: usize,
+    positions: usize,
+) -> String {
+    format!(
+        "config:       {layers} layers, hidden {hidden}, {heads} heads, intermediate \
+         {intermediate}, vocab {vocab}, max positions {positions}"
+    )
 }
 
 fn export(model: &std::path::Path, out: &std::path::Path, format: &str, ty: &str) -> Result<()> {
