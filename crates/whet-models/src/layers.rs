@@ -562,15 +562,18 @@ pub fn attention_bias(keep: Tensor<2, Bool>, tq: usize, causal: bool) -> Tensor<
     Tensor::<4>::zeros([b, 1, tq, tk], &device).mask_fill(masked, MASK_VALUE)
 }
 
-/// Scaled dot-product attention with an additive bias and attention-probability dropout.
+/// Scaled dot-product attention with an additive bias and attention-probability dropout, with
+/// grouped key / value heads (`KV` heads each serving `H / KV` query heads; `KV = H` for
+/// multi-head attention).
 ///
-/// In evaluation it calls burn's fused `attention`; training needs the gradient and the
-/// dropped-out probabilities, which the fused kernel of [`crate::kernels::attention_probs`]
-/// computes in one pass each way (burn's autodiff would decompose softmax and dropout into
+/// In evaluation it calls burn's fused `attention`. Training needs the gradient and the
+/// dropped-out probabilities: [`crate::kernels::attention`] computes them (on the CPU without
+/// keeping the probabilities for the backward pass; elsewhere with the one-pass softmax and
+/// dropout of [`crate::kernels::attention_probs`], as burn's autodiff would decompose them into
 /// eight tracked ops).
 ///
 /// # Shapes
-/// - q `[B, H, Tq, hd]`, k and v `[B, H, Tk, hd]`
+/// - q `[B, H, Tq, hd]`, k and v `[B, KV, Tk, hd]`
 /// - bias `[B, 1, Tq, Tk]`
 /// - output `[B, H, Tq, hd]`
 pub fn scaled_dot_product(
@@ -582,20 +585,34 @@ pub fn scaled_dot_product(
     mode: Mode,
 ) -> Tensor<4> {
     let [b, h, tq, hd] = q.dims();
-    let tk = k.dims()[2];
+    let [_, kv, tk, _] = k.dims();
     // burn's fused attention computes in its inputs' type; under mixed precision the two
     // products go to 16 bits and the softmax stays f32, as in training.
     if mode == Mode::Eval && crate::precision::compute().is_none() {
+        let (k, v) = (repeat_kv(k, h / kv), repeat_kv(v, h / kv));
         let bias = bias.expand([b, h, tq, tk]);
         return attention(q, k, v, None, Some(bias), AttentionModuleOptions::default());
     }
     let dropout_p = if mode == Mode::Eval { 0.0 } else { dropout_p };
     let scale = 1.0 / (hd as f32).sqrt();
-    // (B, H, Tq, hd) x (B, H, hd, Tk) -> (B, H, Tq, Tk)
-    let scores = crate::precision::matmul(q, k.swap_dims(2, 3));
-    let probs = crate::kernels::attention_probs(scores, bias, scale, dropout_p);
-    // (B, H, Tq, Tk) x (B, H, Tk, hd) -> (B, H, Tq, hd)
-    crate::precision::matmul(probs, v)
+    crate::kernels::attention(q, k, v, bias, scale, dropout_p)
+}
+
+/// Repeats each key / value head `n_rep` times, as transformers' `repeat_kv` (grouped-query
+/// attention).
+///
+/// # Shapes
+/// - x `[B, KV, T, hd]`
+/// - output `[B, KV * n_rep, T, hd]`
+pub fn repeat_kv(x: Tensor<4>, n_rep: usize) -> Tensor<4> {
+    if n_rep == 1 {
+        return x;
+    }
+    let [b, kv, t, d] = x.dims();
+    // (B, KV, T, hd) -> (B, KV, 1, T, hd) -> (B, KV, rep, T, hd) -> (B, KV*rep, T, hd)
+    x.reshape([b, kv, 1, t, d])
+        .expand([b, kv, n_rep, t, d])
+        .reshape([b, kv * n_rep, t, d])
 }
 
 /// Splits `[B, T, H*hd]` into heads `[B, H, T, hd]`.

@@ -26,8 +26,8 @@ use crate::decoder::{
 };
 use crate::error::{ModelError, Result};
 use crate::layers::{
-    Embedding, Linear, Mode, RmsNorm, TorchLinear, dropout, merge_heads, scaled_dot_product,
-    split_heads,
+    Embedding, Linear, Mode, RmsNorm, TorchLinear, dropout, merge_heads, repeat_kv,
+    scaled_dot_product, split_heads,
 };
 use crate::prompt::{PromptEncoder, PromptShape, PromptSlot};
 use crate::unpad::Layout;
@@ -610,22 +610,6 @@ impl Rope {
     }
 }
 
-/// Repeats each key/value head `n_rep` times for grouped-query attention.
-///
-/// # Shapes
-/// - x `[B, H_kv, T, hd]`
-/// - output `[B, H_kv * n_rep, T, hd]`
-fn repeat_kv(x: Tensor<4>, n_rep: usize) -> Tensor<4> {
-    if n_rep == 1 {
-        return x;
-    }
-    let [b, kv, t, d] = x.dims();
-    // (B, KV, T, hd) -> (B, KV, 1, T, hd) -> (B, KV, rep, T, hd) -> (B, KV*rep, T, hd)
-    x.reshape([b, kv, 1, t, d])
-        .expand([b, kv, n_rep, t, d])
-        .reshape([b, kv * n_rep, t, d])
-}
-
 /// The names of a layer's input projections: q, k and v, or Phi-3's one `qkv_proj`.
 fn qkv_names(fused: bool) -> &'static [&'static str] {
     if fused {
@@ -826,11 +810,11 @@ impl LlamaLayer {
         if let Some((cache, layer)) = cache {
             (k, v) = cache.append(layer, k, v);
         }
-        let rep = self.heads / self.kv_heads;
-        let (k, v) = (repeat_kv(k, rep), repeat_kv(v, rep));
         let ctx = match self.attn_softcap {
             None => scaled_dot_product(q, k, v, bias, self.attention_dropout, mode),
             Some(cap) => {
+                let rep = self.heads / self.kv_heads;
+                let (k, v) = (repeat_kv(k, rep), repeat_kv(v, rep));
                 let p = if mode == Mode::Eval {
                     0.0
                 } else {

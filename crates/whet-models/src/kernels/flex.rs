@@ -18,9 +18,38 @@ use crate::quant::QuantMatrix;
 const CHUNK: usize = 16 * 1024;
 
 /// `dst[m, n] = lhs[m, k] · rhs[k, n]` (or `+=` with `accumulate`) with explicit (row, column)
-/// strides, through the gemm crate burn's CPU backend uses.
+/// strides, through the gemm crate burn's CPU backend uses, split over rayon's threads when the
+/// product is large.
 #[allow(clippy::too_many_arguments)]
 fn gemm_strided(
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: &[f32],
+    lhs_strides: (usize, usize),
+    rhs: &[f32],
+    rhs_strides: (usize, usize),
+    dst: &mut [f32],
+    accumulate: bool,
+) {
+    let parallel = m * n * k >= 64 * 64 * 64;
+    gemm_on(
+        m,
+        n,
+        k,
+        lhs,
+        lhs_strides,
+        rhs,
+        rhs_strides,
+        dst,
+        accumulate,
+        parallel,
+    );
+}
+
+/// [`gemm_strided`] on this thread only when `parallel` is false (inside a rayon task).
+#[allow(clippy::too_many_arguments)]
+fn gemm_on(
     m: usize,
     n: usize,
     k: usize,
@@ -30,9 +59,12 @@ fn gemm_strided(
     (rhs_rs, rhs_cs): (usize, usize),
     dst: &mut [f32],
     accumulate: bool,
+    parallel: bool,
 ) {
     assert!(dst.len() >= m * n);
-    let parallelism = if m * n * k >= 64 * 64 * 64 {
+    assert!(m == 0 || n == 0 || k == 0 || lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs);
+    assert!(m == 0 || n == 0 || k == 0 || rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs);
+    let parallelism = if parallel {
         gemm::Parallelism::Rayon(0)
     } else {
         gemm::Parallelism::None
@@ -138,6 +170,9 @@ macro_rules! multiversion {
     };
 }
 
+// After `multiversion!`, which it uses.
+mod attention;
+
 const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
 
 /// `e^x` for `x` in `[-87.3, 88.7]` (clamped), relative error about 1e-7: Cody-Waite range
@@ -236,31 +271,30 @@ fn dropout_apply(x: &FlexTensor, mask: &DropMask) -> FlexTensor {
     new_tensor(out, x)
 }
 
-multiversion!(softmax_row(
-    scores: &[f32],
-    bias: &[f32],
-    scale: f32,
-    mask: &DropMask,
-    base: u32,
-    probs: &mut [f32],
-    out: &mut [f32]
-) {
-    let mut max = f32::MIN;
+multiversion!(softmax_row(scores: &[f32], bias: &[f32], scale: f32, probs: &mut [f32]) {
     for (p, (&s, &b)) in probs.iter_mut().zip(scores.iter().zip(bias)) {
         *p = s * scale + b;
-        max = max.max(*p);
+    }
+    softmax_in_place(probs);
+});
+
+/// `softmax(row)` in place.
+#[inline(always)]
+fn softmax_in_place(row: &mut [f32]) {
+    let mut max = f32::MIN;
+    for &p in row.iter() {
+        max = max.max(p);
     }
     let mut sum = 0.0;
-    for p in probs.iter_mut() {
+    for p in row.iter_mut() {
         *p = exp(*p - max);
         sum += *p;
     }
     let inv = 1.0 / sum;
-    for (j, (o, p)) in out.iter_mut().zip(probs.iter_mut()).enumerate() {
+    for p in row.iter_mut() {
         *p *= inv;
-        *o = *p * mask.factor(base.wrapping_add(j as u32));
     }
-});
+}
 
 multiversion!(softmax_backward_row(
     probs: &[f32],
@@ -299,23 +333,41 @@ fn attention_probs_forward(
     let (h, tq, tk) = (dims[1], dims[2], dims[3]);
     let (s, bias_v) = (values(scores), values(bias));
     let mut probs = vec![0f32; s.len()];
-    let mut out = vec![0f32; s.len()];
+    // Without dropout the output is the probabilities: one tensor, kept once for the backward
+    // passes of this op and of the product with v.
+    let mut out = if mask.keeps_all() {
+        Vec::new()
+    } else {
+        vec![0f32; s.len()]
+    };
     let per_task = rows_per_task(tk);
+    let row_task = |task: usize, p_rows: &mut [f32], mut o_rows: Option<&mut [f32]>| {
+        for (i, p) in p_rows.chunks_mut(tk).enumerate() {
+            let row = task * per_task + i;
+            // row = ((bi · H) + hi) · Tq + qi; the bias row drops the head.
+            let (bi, qi) = (row / (h * tq), row % tq);
+            let brow = (bi * tq + qi) * tk;
+            let at = row * tk;
+            let bias_row = &bias_v[brow..brow + tk];
+            softmax_row(&s[at..at + tk], bias_row, scale, p);
+            if let Some(o) = o_rows.as_deref_mut() {
+                dropout_slice(p, mask, at as u32, &mut o[i * tk..(i + 1) * tk]);
+            }
+        }
+    };
+    if out.is_empty() {
+        probs
+            .par_chunks_mut(per_task * tk)
+            .enumerate()
+            .for_each(|(task, p_rows)| row_task(task, p_rows, None));
+        let probs = new_tensor(probs, scores);
+        return (probs.clone(), probs);
+    }
     probs
         .par_chunks_mut(per_task * tk)
         .zip(out.par_chunks_mut(per_task * tk))
         .enumerate()
-        .for_each(|(task, (p_rows, o_rows))| {
-            for (i, (p, o)) in p_rows.chunks_mut(tk).zip(o_rows.chunks_mut(tk)).enumerate() {
-                let row = task * per_task + i;
-                // row = ((bi · H) + hi) · Tq + qi; the bias row drops the head.
-                let (bi, qi) = (row / (h * tq), row % tq);
-                let brow = (bi * tq + qi) * tk;
-                let at = row * tk;
-                let bias_row = &bias_v[brow..brow + tk];
-                softmax_row(&s[at..at + tk], bias_row, scale, mask, at as u32, p, o);
-            }
-        });
+        .for_each(|(task, (p_rows, o_rows))| row_task(task, p_rows, Some(o_rows)));
     (new_tensor(probs, scores), new_tensor(out, scores))
 }
 
@@ -731,6 +783,27 @@ multiversion!(softmax_in_place_row(row: &mut [f32], lse: f32) {
 });
 
 impl CpuKernels for Flex {
+    fn attention(
+        q: FlexTensor,
+        k: FlexTensor,
+        v: FlexTensor,
+        bias: FlexTensor,
+        scale: f32,
+        mask: DropMask,
+    ) -> FlexTensor {
+        let [q, k, v, bias] = [q, k, v, bias].map(dense);
+        attention::forward(&q, &k, &v, &bias, scale, &mask)
+    }
+
+    fn attention_backward(
+        [q, k, v, bias]: [FlexTensor; 4],
+        dout: FlexTensor,
+        scale: f32,
+        mask: DropMask,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        attention::backward(&q, &k, &v, &bias, &dense(dout), scale, &mask)
+    }
+
     fn linear_cross_entropy(
         hidden: FlexTensor,
         weight: FlexTensor,

@@ -106,6 +106,16 @@ pub trait CpuFusedOps: burn::backend::Backend {
         weight: FloatTensor<Self>,
         targets: Vec<u32>,
     ) -> FloatTensor<Self>;
+    /// [`attention`]: `dropout(softmax(q·kᵀ·scale + bias))·v`, k and v grouped.
+    fn fused_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        scale: f32,
+        p: f64,
+        seed: u64,
+    ) -> FloatTensor<Self>;
 }
 
 /// The optimizer's update, fused on the CPU only: burn's ops make PyTorch's AdamW step nine
@@ -491,6 +501,66 @@ pub fn attention_probs(scores: Tensor<4>, bias: Tensor<4>, scale: f32, p: f64) -
     ))
 }
 
+/// Scaled dot-product attention in training, `dropout(softmax(q·kᵀ·scale + bias))·v`, with
+/// grouped key / value heads (each serving `H / KV` query heads, as LLaMA's GQA).
+///
+/// On the CPU backend (f32 compute) the probabilities are not kept for the backward pass:
+/// it computes them again from q and k, a block of query rows at a time (see
+/// `flex/attention.rs`), and k and v are not expanded to every query head. That removes the
+/// largest activation of a step (`[B, H, Tq, Tk]` per layer) for one more `q·kᵀ` product in
+/// the backward pass. Elsewhere, and under a 16-bit compute scope, k and v are expanded and
+/// the products and [`attention_probs`] run as burn's ops. The dropout mask is the same for a
+/// seed on both paths.
+///
+/// # Shapes
+/// - q `[B, H, Tq, hd]`, k and v `[B, KV, Tk, hd]`, H a multiple of KV
+/// - bias `[B, 1, Tq, Tk]`
+/// - output `[B, H, Tq, hd]`
+pub fn attention(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    bias: Tensor<4>,
+    scale: f32,
+    p: f64,
+) -> Tensor<4> {
+    if !on_flex(&q) || crate::precision::compute().is_some() {
+        return attention_composed(q, k, v, bias, scale, p);
+    }
+    let seed = if p > 0.0 { draw_seed(&q.device()) } else { 0 };
+    Tensor::from_dispatch(<Dispatch as CpuFusedOps>::fused_attention(
+        q.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+        bias.into_dispatch(),
+        scale,
+        p,
+        seed,
+    ))
+}
+
+/// [`attention`] as two products around [`attention_probs`], k and v expanded to every query
+/// head.
+pub fn attention_composed(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    bias: Tensor<4>,
+    scale: f32,
+    p: f64,
+) -> Tensor<4> {
+    let group = q.dims()[1] / k.dims()[1].max(1);
+    let (k, v) = (
+        crate::layers::repeat_kv(k, group),
+        crate::layers::repeat_kv(v, group),
+    );
+    // (B, H, Tq, hd) x (B, H, hd, Tk) -> (B, H, Tq, Tk)
+    let scores = crate::precision::matmul(q, k.swap_dims(2, 3));
+    let probs = attention_probs(scores, bias, scale, p);
+    // (B, H, Tq, Tk) x (B, H, Tk, hd) -> (B, H, Tq, hd)
+    crate::precision::matmul(probs, v)
+}
+
 /// Cross-entropy summed over rows: `Σ_r −log softmax(logits[r])[targets[r]]`.
 ///
 /// # Shapes
@@ -749,6 +819,11 @@ impl DropMask {
         }
     }
 
+    /// Whether every element is kept (no dropout): the mask is the identity.
+    pub fn keeps_all(&self) -> bool {
+        self.threshold >= 1 << 24
+    }
+
     /// `scale` where element `i` is kept, else 0.
     #[inline(always)]
     fn factor(&self, i: u32) -> f32 {
@@ -850,6 +925,22 @@ trait Kernels: Backend {
 /// What the CPU backend supplies for [`CpuFusedOps`]: forwards returning what their backward
 /// passes keep, and the backward passes.
 trait CpuKernels: Kernels {
+    /// [`attention`]'s output; its backward pass keeps only the inputs.
+    fn attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        scale: f32,
+        mask: DropMask,
+    ) -> FloatTensor<Self>;
+    /// `(dq, dk, dv)` of [`attention`] from `[q, k, v, bias]` as the forward pass had them.
+    fn attention_backward(
+        inputs: [FloatTensor<Self>; 4],
+        dout: FloatTensor<Self>,
+        scale: f32,
+        mask: DropMask,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
     /// `(loss [1], dloss/dhidden)` of [`linear_cross_entropy_sum`] with `weight` `[V, D]` a
     /// constant; the gradient only when asked for.
     fn linear_cross_entropy(
@@ -906,6 +997,18 @@ trait CpuKernels: Kernels {
 }
 
 impl CpuFusedOps for Flex {
+    fn fused_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        scale: f32,
+        p: f64,
+        seed: u64,
+    ) -> FloatTensor<Self> {
+        <Self as CpuKernels>::attention(q, k, v, bias, scale, DropMask::new(p, seed))
+    }
+
     fn fused_linear_cross_entropy_sum(
         hidden: FloatTensor<Self>,
         weight: FloatTensor<Self>,
@@ -945,6 +1048,66 @@ impl CpuFusedOps for Flex {
 }
 
 impl<B: CpuKernels, C: CheckpointStrategy> CpuFusedOps for Autodiff<B, C> {
+    fn fused_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        scale: f32,
+        p: f64,
+        seed: u64,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct AttentionBackward;
+
+        impl<B: CpuKernels> Backward<B, 3> for AttentionBackward {
+            /// q, k, v and the bias as the forward pass read them; scale; dropout mask.
+            type State = ([FloatTensor<B>; 4], f32, DropMask);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 3>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let dout = grads.consume::<B>(&ops.node);
+                let (inputs, scale, mask) = ops.state;
+                let (dq, dk, dv) = B::attention_backward(inputs, dout, scale, mask);
+                for (node, g) in ops.parents.into_iter().zip([dq, dk, dv]) {
+                    if let Some(node) = node {
+                        grads.register::<B>(node.id, g);
+                    }
+                }
+            }
+        }
+
+        // The bias is a constant (a mask): it takes no gradient even if it is tracked.
+        let bias = B::prepare(bias.into_primitive());
+        let mask = DropMask::new(p, seed);
+        match AttentionBackward
+            .prepare::<C>([q.node(), k.node(), v.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let [q, k, v] = [q, k, v].map(|x| B::prepare(x.into_primitive()));
+                let out = <B as CpuKernels>::attention(
+                    q.clone(),
+                    k.clone(),
+                    v.clone(),
+                    bias.clone(),
+                    scale,
+                    mask,
+                );
+                prep.finish(([q, k, v, bias], scale, mask), out)
+            }
+            OpsKind::UnTracked(prep) => {
+                let [q, k, v] = [q, k, v].map(|x| x.into_primitive());
+                prep.finish(<B as CpuKernels>::attention(q, k, v, bias, scale, mask))
+            }
+        }
+    }
+
     fn fused_linear_cross_entropy_sum(
         hidden: FloatTensor<Self>,
         weight: FloatTensor<Self>,
@@ -1989,6 +2152,90 @@ mod tests {
         // within a few 1e-7.
         let d = max_diff(ga, gb);
         assert!(d < 1e-5, "gradient differs by {d}");
+    }
+
+    /// The CPU attention kernel, which keeps no probabilities, against the products around
+    /// the probabilities kernel with k and v expanded: output and the gradients of q, k and v,
+    /// under an upstream gradient of random weights. Cases: grouped heads (4 query heads on 2
+    /// key / value heads) over two blocks of query rows (70 = 64 + a ragged 6) with a causal
+    /// mask and a left-padded row whose first queries see no key at all (a uniform softmax);
+    /// a few queries after a longer past (Tq < Tk) with padded keys and no causality; and
+    /// both with dropout, which must drop the same elements as the probabilities kernel for
+    /// one seed.
+    #[test]
+    fn fused_attention_matches_composed_ops_in_value_and_gradient() {
+        let _rng = crate::test_rng();
+        let device = Device::flex().autodiff();
+        // (batch, heads, kv heads, queries, keys, head dim, causal, padded keys per row)
+        let cases = [
+            (2, 4, 2, 70, 70, 8, true, [0, 5]),
+            (2, 3, 1, 9, 75, 16, false, [3, 0]),
+        ];
+        for (b, h, kv, tq, tk, hd, causal, pads) in cases {
+            let keep: Vec<bool> = (0..b * tk).map(|i| i % tk >= pads[i / tk]).collect();
+            let keep =
+                Tensor::<2, burn::tensor::Bool>::from_data(TensorData::new(keep, [b, tk]), &device);
+            let bias = crate::layers::attention_bias(keep, tq, causal);
+            let normal = |shape: [usize; 4]| {
+                Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), &device)
+            };
+            let (q, k, v) = (
+                normal([b, h, tq, hd]),
+                normal([b, kv, tk, hd]),
+                normal([b, kv, tk, hd]),
+            );
+            let w = normal([b, h, tq, hd]);
+            let scale = 1.0 / (hd as f32).sqrt();
+            for p in [0.0, 0.3] {
+                let seed = 1234;
+                let run = |fused: bool| {
+                    let [q, k, v] = [&q, &k, &v].map(|t| t.clone().require_grad());
+                    let out = if fused {
+                        Tensor::from_dispatch(<Dispatch as CpuFusedOps>::fused_attention(
+                            q.clone().into_dispatch(),
+                            k.clone().into_dispatch(),
+                            v.clone().into_dispatch(),
+                            bias.clone().into_dispatch(),
+                            scale,
+                            p,
+                            seed,
+                        ))
+                    } else {
+                        let group = h / kv;
+                        let (ke, ve) = (
+                            crate::layers::repeat_kv(k.clone(), group),
+                            crate::layers::repeat_kv(v.clone(), group),
+                        );
+                        let scores = q.clone().matmul(ke.swap_dims(2, 3));
+                        let probs =
+                            Tensor::from_dispatch(<Dispatch as FusedOps>::fused_attention_probs(
+                                scores.into_dispatch(),
+                                bias.clone().into_dispatch(),
+                                scale,
+                                p,
+                                seed,
+                            ));
+                        probs.matmul(ve)
+                    };
+                    let grads = (out.clone() * w.clone()).sum().backward();
+                    let [dq, dk, dv] = [&q, &k, &v]
+                        .map(|t| t.grad(&grads).unwrap_or_else(|| panic!("no gradient")));
+                    [out.inner(), dq, dk, dv]
+                };
+                let (fused, composed) = (run(true), run(false));
+                for (name, (f, c)) in ["output", "dq", "dk", "dv"]
+                    .iter()
+                    .zip(fused.into_iter().zip(composed))
+                {
+                    let scale = c.clone().abs().max().into_scalar::<f32>();
+                    let diff = max_diff(f, c);
+                    assert!(
+                        diff <= 2e-6 * scale.max(1.0),
+                        "{name} (b {b}, h {h}, kv {kv}, tq {tq}, tk {tk}, p {p}): max diff {diff}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
