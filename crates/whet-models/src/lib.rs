@@ -60,6 +60,14 @@ pub mod fsutil {
     pub fn write_atomic(path: &Path, bytes: &[u8]) -> crate::Result<()> {
         Ok(whet_text::fsutil::write_atomic(path, bytes)?)
     }
+
+    /// [`whet_text::fsutil::replace_atomic`].
+    pub fn replace_atomic(
+        path: &Path,
+        write: impl FnOnce(&Path) -> std::io::Result<()>,
+    ) -> crate::Result<()> {
+        Ok(whet_text::fsutil::replace_atomic(path, write)?)
+    }
 }
 
 /// Loads a linear head from the checkpoint, or initialises it as `transformers` does for a new
