@@ -808,8 +808,8 @@ impl CpuKernels for Flex {
         hidden: FlexTensor,
         weight: FlexTensor,
         targets: &[u32],
-        grad: bool,
-    ) -> (FlexTensor, Option<FlexTensor>) {
+        (grad, weight_grad): (bool, bool),
+    ) -> (FlexTensor, Option<FlexTensor>, Option<FlexTensor>) {
         let h = dense(hidden);
         let hs = values(&h);
         let (n, d) = (h.layout().shape()[0], h.layout().shape()[1]);
@@ -823,6 +823,7 @@ impl CpuKernels for Flex {
         );
         let ws = &w.storage::<f32>()[w.layout().start_offset()..];
         let mut dh = vec![0f32; if grad { n * d } else { 0 }];
+        let mut dw = vec![0f32; if grad && weight_grad { v * d } else { 0 }];
         let mut logits = vec![0f32; CE_CHUNK_ROWS.min(n) * v];
         let mut loss = 0f64;
         for r0 in (0..n).step_by(CE_CHUNK_ROWS) {
@@ -849,12 +850,17 @@ impl CpuKernels for Flex {
                 // (C, V) x (V, D) -> (C, D)
                 let dh_c = &mut dh[r0 * d..(r0 + c) * d];
                 gemm_strided(c, d, v, lg, (v, 1), ws, (sv, sd), dh_c, false);
+                if weight_grad {
+                    // (V, C) x (C, D) -> (V, D), summed over the chunks
+                    gemm_strided(v, d, c, lg, (1, v), h_c, (d, 1), &mut dw, true);
+                }
             }
         }
         let loss = FlexTensor::from_data(TensorData::new(vec![loss as f32], [1]));
         (
             loss,
             grad.then(|| FlexTensor::from_data(TensorData::new(dh, [n, d]))),
+            (grad && weight_grad).then(|| FlexTensor::from_data(TensorData::new(dw, [v, d]))),
         )
     }
 

@@ -101,10 +101,12 @@ pub trait CpuFusedOps: burn::backend::Backend {
         sin: FloatTensor<Self>,
     ) -> FloatTensor<Self>;
     /// [`linear_cross_entropy_sum`]: `Σ_r −log softmax(hidden[r] · weightᵀ)[targets[r]]`.
+    /// `weight_grad`: whether the weight trains (its gradient is then summed chunk by chunk).
     fn fused_linear_cross_entropy_sum(
         hidden: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         targets: Vec<u32>,
+        weight_grad: bool,
     ) -> FloatTensor<Self>;
     /// [`attention`]: `dropout(softmax(q·kᵀ·scale + bias))·v`, k and v grouped.
     fn fused_attention(
@@ -597,11 +599,12 @@ pub fn cross_entropy_sum(logits: Tensor<2>, targets: &[u32]) -> Tensor<1> {
 /// backward pass then only scales that by the upstream gradient, so there is no second
 /// vocabulary product.
 ///
-/// A weight that trains (full fine-tuning) takes the logits and [`cross_entropy_sum`]: its
-/// gradient summed chunk by chunk (products with an inner dimension of 128 to 512 rows, each
-/// reading and writing the whole `[V, D]` gradient) ran 1.1-1.4x slower than one product over
-/// all rows, and the peak memory of a SmolLM2 full fine-tuning step did not move (3885 → 3880
-/// MB). So does a GPU, and a 16-bit compute scope.
+/// A weight that trains (full fine-tuning) gets its gradient in the same pass, summed chunk by
+/// chunk: a product per chunk that reads and writes the whole `[V, D]` gradient, which timed
+/// alone is slower than one product over all rows, but keeps the logits and their gradient
+/// out of the step's peak memory (see BENCHMARKS.md, session 16; session 13's measurement
+/// that this did not lower the peak was hidden by a larger peak when the model was saved). A
+/// GPU and a 16-bit compute scope take the logits and [`cross_entropy_sum`].
 ///
 /// # Shapes
 /// - hidden `[N, D]`, weight `[V, D]`, `targets.len() == N`
@@ -611,14 +614,16 @@ pub fn linear_cross_entropy_sum(
     weight: Tensor<2>,
     targets: &[u32],
 ) -> Tensor<1> {
-    if !on_flex(&hidden) || crate::precision::compute().is_some() || weight.is_tracked() {
+    if !on_flex(&hidden) || crate::precision::compute().is_some() {
         let logits = crate::precision::matmul(hidden, weight.transpose());
         return cross_entropy_sum(logits, targets);
     }
+    let weight_grad = weight.is_tracked();
     Tensor::from_dispatch(<Dispatch as CpuFusedOps>::fused_linear_cross_entropy_sum(
         hidden.into_dispatch(),
         weight.into_dispatch(),
         targets.to_vec(),
+        weight_grad,
     ))
 }
 
@@ -941,14 +946,18 @@ trait CpuKernels: Kernels {
         scale: f32,
         mask: DropMask,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
-    /// `(loss [1], dloss/dhidden)` of [`linear_cross_entropy_sum`] with `weight` `[V, D]` a
-    /// constant; the gradient only when asked for.
+    /// `(loss [1], dloss/dhidden, dloss/dweight)` of [`linear_cross_entropy_sum`] with
+    /// `weight` `[V, D]`; `grads`: whether to compute the gradients at all, and the weight's.
     fn linear_cross_entropy(
         hidden: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         targets: &[u32],
-        grad: bool,
-    ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>);
+        grads: (bool, bool),
+    ) -> (
+        FloatTensor<Self>,
+        Option<FloatTensor<Self>>,
+        Option<FloatTensor<Self>>,
+    );
     /// `t · by` for `by` of shape `[1]`.
     fn scale_by(t: FloatTensor<Self>, by: FloatTensor<Self>) -> FloatTensor<Self>;
     /// [`rope`] of `[B, H, T, hd]` with `[B, 1, T, hd]` tables; `backward`: its transpose,
@@ -1013,8 +1022,9 @@ impl CpuFusedOps for Flex {
         hidden: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         targets: Vec<u32>,
+        _weight_grad: bool,
     ) -> FloatTensor<Self> {
-        <Self as CpuKernels>::linear_cross_entropy(hidden, weight, &targets, false).0
+        <Self as CpuKernels>::linear_cross_entropy(hidden, weight, &targets, (false, false)).0
     }
 
     fn fused_rms_norm(
@@ -1112,44 +1122,53 @@ impl<B: CpuKernels, C: CheckpointStrategy> CpuFusedOps for Autodiff<B, C> {
         hidden: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         targets: Vec<u32>,
+        weight_grad: bool,
     ) -> FloatTensor<Self> {
         #[derive(Debug)]
         struct LinearCrossEntropyBackward;
 
-        impl<B: CpuKernels> Backward<B, 1> for LinearCrossEntropyBackward {
-            /// The loss's gradient for the hidden rows (at an upstream gradient of 1),
-            /// computed in the forward pass.
-            type State = Option<FloatTensor<B>>;
+        impl<B: CpuKernels> Backward<B, 2> for LinearCrossEntropyBackward {
+            /// The loss's gradients for the hidden rows and the weight (at an upstream gradient
+            /// of 1), computed in the forward pass.
+            type State = (Option<FloatTensor<B>>, Option<FloatTensor<B>>);
 
             fn backward(
                 self,
-                ops: Ops<Self::State, 1>,
+                ops: Ops<Self::State, 2>,
                 grads: &mut Gradients,
                 _: &mut Checkpointer,
             ) {
-                let [parent] = ops.parents;
                 let g = grads.consume::<B>(&ops.node);
-                if let (Some(node), Some(dh)) = (parent, ops.state) {
-                    grads.register::<B>(node.id, B::scale_by(dh, g));
+                let [h_node, w_node] = ops.parents;
+                let (dh, dw) = ops.state;
+                for (node, d) in [(h_node, dh), (w_node, dw)] {
+                    if let (Some(node), Some(d)) = (node, d) {
+                        grads.register::<B>(node.id, B::scale_by(d, g.clone()));
+                    }
                 }
             }
         }
 
-        // The weight is a constant here (see `linear_cross_entropy_sum`).
-        let weight = weight.into_primitive();
         match LinearCrossEntropyBackward
-            .prepare::<C>([hidden.node()])
+            .prepare::<C>([hidden.node(), weight.node()])
             .compute_bound()
             .stateful()
         {
             OpsKind::Tracked(prep) => {
                 let h = B::prepare(hidden.into_primitive());
-                let (loss, dh) = <B as CpuKernels>::linear_cross_entropy(h, weight, &targets, true);
-                prep.finish(dh, loss)
+                let (loss, dh, dw) = <B as CpuKernels>::linear_cross_entropy(
+                    h,
+                    weight.into_primitive(),
+                    &targets,
+                    (true, weight_grad),
+                );
+                prep.finish((dh, dw), loss)
             }
             OpsKind::UnTracked(prep) => {
-                let h = hidden.into_primitive();
-                prep.finish(<B as CpuKernels>::linear_cross_entropy(h, weight, &targets, false).0)
+                let (h, w) = (hidden.into_primitive(), weight.into_primitive());
+                prep.finish(
+                    <B as CpuKernels>::linear_cross_entropy(h, w, &targets, (false, false)).0,
+                )
             }
         }
     }
@@ -1891,15 +1910,15 @@ mod tests {
     /// The chunked LM-head loss against the logits and `cross_entropy_sum`: the loss and the
     /// hidden rows' gradient over 600 rows (two whole chunks of 256 and a ragged one), with a
     /// frozen weight `[V, D]` (tied embeddings) and as the transpose of a `[D, V]` head, under
-    /// an upstream gradient of −3 (DPO negates the sum); and a weight that trains (the logits
-    /// path), which gets its gradient.
+    /// an upstream gradient of −3 (DPO negates the sum); and weights that train, stored either
+    /// way, whose gradient (summed over the chunks) equals the logits path's.
     #[test]
     fn linear_cross_entropy_equals_the_logits_path() {
         let _rng = crate::test_rng();
         let device = Device::flex().autodiff();
         let (n, d, v) = (600, 24, 97);
         let targets: Vec<u32> = (0..n as u32).map(|i| (i * 37 + 5) % v as u32).collect();
-        for (transposed, frozen) in [(false, true), (true, true), (false, false)] {
+        for (transposed, frozen) in [(false, true), (true, true), (false, false), (true, false)] {
             let h =
                 Tensor::<2>::random([n, d], Distribution::Normal(0.0, 1.0), &device).require_grad();
             let stored = if transposed { [d, v] } else { [v, d] };
