@@ -2,11 +2,12 @@
 # Memory plan against measured peak: for each configuration, `whet plan --json` predicts and a
 # short `whet train` run measures (train_peak_rss_mb, VmHWM), side by side with the ratio.
 #   scripts/bench/bench_plan.sh [STEPS]      (release build; cache/ filled by scripts/fetch_assets.sh)
+#   WHET_BIN=target/debug/whet scripts/bench/bench_plan.sh 4   (a binary already built)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 STEPS=${1:-30}
-W=target/release/whet
-cargo build --release -p whet --quiet
+W=${WHET_BIN:-target/release/whet}
+[[ -n ${WHET_BIN:-} ]] || cargo build --release -p whet --quiet
 OUT=$(mktemp -d)
 run() { # name recipe overrides...
   local name=$1 recipe=$2; shift 2
