@@ -684,19 +684,7 @@ pub fn write_safetensors(
             },
         )
     });
-    let mut failure = None;
-    let written = crate::fsutil::replace_atomic(path, |tmp| {
-        safetensors::serialize_to_file(views, metadata, tmp).map_err(|e| {
-            let message = e.to_string();
-            failure = Some(message.clone());
-            std::io::Error::other(message)
-        })
-    });
-    match (written, failure) {
-        (Err(_), Some(message)) => Err(ModelError::Safetensors {
-            path: path.to_path_buf(),
-            message,
-        }),
-        (written, _) => written,
-    }
+    crate::fsutil::replace_atomic(path, |tmp| {
+        safetensors::serialize_to_file(views, metadata, tmp).map_err(std::io::Error::other)
+    })
 }

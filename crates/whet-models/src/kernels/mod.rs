@@ -543,7 +543,7 @@ pub fn attention(
 
 /// [`attention`] as two products around [`attention_probs`], k and v expanded to every query
 /// head.
-pub fn attention_composed(
+fn attention_composed(
     q: Tensor<4>,
     k: Tensor<4>,
     v: Tensor<4>,
