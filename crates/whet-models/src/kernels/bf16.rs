@@ -38,6 +38,7 @@ pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
             && std::arch::is_x86_feature_detected!("avx512bf16")
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -60,13 +61,17 @@ impl Strided<'_> {
     }
 }
 
-/// `f32` to the nearest bfloat16 (ties to even), as its 16 bits; NaN stays a (quiet) NaN.
+/// `f32` to the nearest bfloat16 (ties to even), as its 16 bits, as the conversion instruction
+/// (`vcvtne2ps2bf16`) rounds: NaN stays a (quiet) NaN, and a subnormal f32 becomes a zero of
+/// its sign (the instruction treats subnormal inputs as zero).
 #[inline(always)]
 pub(crate) fn to_bf16(x: f32) -> u32 {
     let b = x.to_bits();
     let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16;
     if x.is_nan() {
         (b >> 16) | 0x40
+    } else if b & 0x7f80_0000 == 0 {
+        (b >> 16) & 0x8000
     } else {
         rounded
     }
@@ -248,8 +253,26 @@ mod simd {
         }
     }
 
-    /// [`pack_lines`] compiled for AVX-512, so that its loops vectorise 16 wide.
-    #[target_feature(enable = "avx512f,avx512bw")]
+    /// [`SendPtr`] for a packed buffer, written by tasks at disjoint pair rows.
+    #[derive(Clone, Copy)]
+    struct SendPtr32(*mut u32);
+    // SAFETY: tasks write disjoint regions (see `pack`).
+    unsafe impl Send for SendPtr32 {}
+    unsafe impl Sync for SendPtr32 {}
+
+    impl SendPtr32 {
+        fn get(self) -> *mut u32 {
+            self.0
+        }
+    }
+
+    /// [`pack_lines`] with AVX-512: where each line's `k` values are contiguous they are
+    /// rounded 32 at a time by the conversion instruction (`vcvtne2ps2bf16`, the rounding of
+    /// [`to_bf16`]) and put in `[pair][line]` order by a 16 × 16 transpose in registers; other
+    /// strides take [`pack_lines`] (operands whose lines are contiguous are packed by
+    /// [`pack_pairs_of_rows`] before they get here). The layout is [`pack_lines`]'s, which the
+    /// bit-for-bit test checks through both operand orders.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     fn wide_lines(
         x: Strided,
         lines_are_rows: bool,
@@ -259,7 +282,183 @@ mod simd {
         width: usize,
         out: &mut [u32],
     ) {
-        pack_lines(x, lines_are_rows, first, len, k, width, out);
+        let (ls, ks) = if lines_are_rows {
+            (x.rs, x.cs)
+        } else {
+            (x.cs, x.rs)
+        };
+        let kp = k.div_ceil(2);
+        if len == 0 || k == 0 {
+            return;
+        }
+        let base = x.offset + first * ls;
+        // Every value read below lies in the slice: the last one is line len-1's value k-1.
+        assert!(
+            base + (len - 1) * ls + (k - 1) * ks < x.values.len() && out.len() >= kp * width,
+            "bf16 pack: {len} lines of {k} past the operand's {} values",
+            x.values.len()
+        );
+        if ks == 1 {
+            let values = x.values.as_ptr();
+            // SAFETY: AVX-512 with BF16 is enabled for this function; the reads are in bounds
+            // (asserted above) and the writes are rows `< kp` of width `width` ≥ `len`.
+            unsafe { pack_contiguous_k(values, base, ls, len, k, width, out.as_mut_ptr()) };
+        } else {
+            pack_lines(x, lines_are_rows, first, len, k, width, out);
+        }
+    }
+
+    /// Mask of the first `n` (≤ 16) lanes.
+    #[inline(always)]
+    fn lanes(n: usize) -> u16 {
+        if n >= 16 {
+            0xffff
+        } else {
+            ((1u32 << n) - 1) as u16
+        }
+    }
+
+    /// bf16 pairs of the (up to) 32 values at `p`, `n` of them valid (zeros beyond, so an odd
+    /// `k` ends in `pair(x, 0)`): pair `j` is `(p[2j], p[2j + 1])`.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    #[inline]
+    unsafe fn pairs_of_32(p: *const f32, n: usize) -> __m512i {
+        // SAFETY: the caller guarantees `n` readable values at `p`; masked lanes are not read.
+        unsafe {
+            let lo = _mm512_maskz_loadu_ps(lanes(n), p);
+            let hi = if n > 16 {
+                _mm512_maskz_loadu_ps(lanes(n - 16), p.add(16))
+            } else {
+                _mm512_setzero_ps()
+            };
+            // The low 16 bf16 (8 pairs) from `lo`, the high 16 from `hi`.
+            std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo))
+        }
+    }
+
+    /// Lines whose `k` values are contiguous (line `l` starts at `values[base + l·ls]`), 16
+    /// lines by 16 pairs at a time: each line's 32 values become 16 pairs, and the 16 × 16 block
+    /// is transposed so that each pair index is one row of the packed group.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn pack_contiguous_k(
+        values: *const f32,
+        base: usize,
+        ls: usize,
+        len: usize,
+        k: usize,
+        width: usize,
+        out: *mut u32,
+    ) {
+        let kp = k.div_ceil(2);
+        let mut rows = [_mm512_setzero_si512(); 16];
+        for l0 in (0..len).step_by(16) {
+            let lines = 16.min(len - l0);
+            for p0 in (0..kp).step_by(16) {
+                let (pairs, n) = (16.min(kp - p0), (k - 2 * p0).min(32));
+                for (i, row) in rows.iter_mut().enumerate() {
+                    *row = if i < lines {
+                        // SAFETY: line l0 + i has k values from its start (caller).
+                        unsafe { pairs_of_32(values.add(base + (l0 + i) * ls + 2 * p0), n) }
+                    } else {
+                        _mm512_setzero_si512()
+                    };
+                }
+                transpose16(&mut rows);
+                for (p, row) in rows.iter().take(pairs).enumerate() {
+                    // SAFETY: pair p0 + p < kp and lines l0.. l0 + lines ≤ width of its row.
+                    unsafe {
+                        _mm512_mask_storeu_epi32(
+                            out.add((p0 + p) * width + l0).cast(),
+                            lanes(lines),
+                            *row,
+                        )
+                    };
+                }
+            }
+        }
+    }
+
+    /// Packs pairs `pairs` of an operand whose lines are neighbours in memory (value `kk` of
+    /// line `l` at `offset + kk·ks + l`), for every group of `width` lines: each pair index
+    /// takes two `k`-rows, rounded together and interleaved into pairs 16 lines at a time,
+    /// written to row `p` of each group (`out` laid out as [`pack`]'s result).
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn pack_pairs_of_rows(
+        x: Strided,
+        ks: usize,
+        lines: usize,
+        k: usize,
+        width: usize,
+        pairs: std::ops::Range<usize>,
+        out: *mut u32,
+    ) {
+        let kp = k.div_ceil(2);
+        let values = x.values.as_ptr();
+        // Element 2i of the result is bf16 i of `lo`, element 2i + 1 bf16 i of `hi` (which
+        // the conversion put at 16 + i).
+        let interleave = _mm512_set_epi16(
+            31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20,
+            4, 19, 3, 18, 2, 17, 1, 16, 0,
+        );
+        for p in pairs {
+            let lo_row = x.offset + 2 * p * ks;
+            for g0 in (0..lines).step_by(width) {
+                let group = out.wrapping_add(g0 * kp + p * width);
+                let len = width.min(lines - g0);
+                for l0 in (0..len).step_by(16) {
+                    let mask = lanes(len - l0);
+                    // SAFETY: lines g0 + l0.. of k-rows 2p and (if < k) 2p + 1 are in bounds
+                    // (caller); the store stays inside row p of this group (`width` ≥ `len`).
+                    unsafe {
+                        let at = values.add(lo_row + g0 + l0);
+                        let lo = _mm512_maskz_loadu_ps(mask, at);
+                        let hi = if 2 * p + 1 < k {
+                            _mm512_maskz_loadu_ps(mask, at.add(ks))
+                        } else {
+                            _mm512_setzero_ps()
+                        };
+                        let both =
+                            std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+                        let packed = _mm512_permutexvar_epi16(interleave, both);
+                        _mm512_mask_storeu_epi32(group.add(l0).cast(), mask, packed);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Transposes a 16 × 16 block of u32: `rows[i]` lane `j` becomes `rows[j]` lane `i`.
+    /// Pairs of rows interleave by 32 and 64 bits, which leaves each 128-bit lane holding four
+    /// rows of one column; two rounds of 128-bit lane shuffles gather each column's four lanes.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn transpose16(rows: &mut [__m512i; 16]) {
+        let r = *rows;
+        let mut t = [_mm512_setzero_si512(); 16];
+        for i in 0..8 {
+            t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+        }
+        // After these, r[4g + c]'s 128-bit lane l holds rows 4g..4g+3 of column 4l + c.
+        let mut r = [_mm512_setzero_si512(); 16];
+        for g in 0..4 {
+            let (a, b) = (t[4 * g], t[4 * g + 1]);
+            let (c, d) = (t[4 * g + 2], t[4 * g + 3]);
+            r[4 * g] = _mm512_unpacklo_epi64(a, c);
+            r[4 * g + 1] = _mm512_unpackhi_epi64(a, c);
+            r[4 * g + 2] = _mm512_unpacklo_epi64(b, d);
+            r[4 * g + 3] = _mm512_unpackhi_epi64(b, d);
+        }
+        for c in 0..4 {
+            t[c] = _mm512_shuffle_i32x4::<0x88>(r[c], r[4 + c]);
+            t[4 + c] = _mm512_shuffle_i32x4::<0xdd>(r[c], r[4 + c]);
+            t[8 + c] = _mm512_shuffle_i32x4::<0x88>(r[8 + c], r[12 + c]);
+            t[12 + c] = _mm512_shuffle_i32x4::<0xdd>(r[8 + c], r[12 + c]);
+        }
+        for c in 0..8 {
+            rows[c] = _mm512_shuffle_i32x4::<0x88>(t[c], t[8 + c]);
+            rows[8 + c] = _mm512_shuffle_i32x4::<0xdd>(t[c], t[8 + c]);
+        }
     }
 
     /// Packs `lines` lines of `x` in groups of `width`, each group `[pair][line]`: u32 bf16 pairs
@@ -275,6 +474,34 @@ mod simd {
     ) -> Vec<u32> {
         let kp = k.div_ceil(2);
         let mut out = vec![0u32; lines.div_ceil(width) * kp * width];
+        let (ls, ks) = if lines_are_rows {
+            (x.rs, x.cs)
+        } else {
+            (x.cs, x.rs)
+        };
+        if ls == 1 && ks != 1 && lines > 0 && k > 0 {
+            // Neighbouring lines are neighbours in memory: walk k once, each pair of k-rows
+            // read once for every group (a group at a time would read each k-row again per
+            // group, for a large operand from beyond the L2 cache).
+            assert!(
+                x.offset + (lines - 1) + (k - 1) * ks < x.values.len(),
+                "bf16 pack: {lines} lines of {k} past the operand's {} values",
+                x.values.len()
+            );
+            let dst = SendPtr32(out.as_mut_ptr());
+            let chunk = |c: usize| {
+                let pairs = (c * 16)..kp.min((c + 1) * 16);
+                // SAFETY: AVX-512 with BF16 is present (see `gemm`); reads are in bounds
+                // (asserted above); each chunk writes only its own pair rows of every group.
+                unsafe { pack_pairs_of_rows(x, ks, lines, k, width, pairs, dst.get()) };
+            };
+            if parallel {
+                (0..kp.div_ceil(16)).into_par_iter().for_each(chunk);
+            } else {
+                (0..kp.div_ceil(16)).for_each(chunk);
+            }
+            return out;
+        }
         let one = |(g, group): (usize, &mut [u32])| {
             let len = width.min(lines - g * width);
             // SAFETY: only called where the CPU has AVX-512 (see `gemm`).
@@ -486,6 +713,45 @@ mod tests {
         assert_eq!(to_bf16(f32::INFINITY), 0x7f80);
         assert_eq!(to_bf16(f32::MAX), 0x7f80, "f32::MAX rounds up to infinity");
         assert!(f32::from_bits(to_bf16(f32::NAN) << 16).is_nan());
+        // The largest subnormal would round up to the smallest normal; the instruction reads
+        // it as zero.
+        assert_eq!(to_bf16(f32::from_bits(0x007f_ffff)), 0);
+        assert_eq!(to_bf16(-f32::from_bits(0x0000_0001)), 0x8000);
+    }
+
+    /// A subnormal operand counts as zero in the vector kernel (the conversion instruction
+    /// treats it so) and in the emulation alike, through both packing paths.
+    #[test]
+    fn subnormal_operands_count_as_zero() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        let (m, n, k) = (3, 17, 33);
+        let bv = vec![2f32.powi(100); k * n];
+        for ta in [false, true] {
+            // Row 0 of A holds only the largest subnormal (at column 2), rounded up to the
+            // smallest normal it would give 2⁻²⁶ in every column of C's row 0.
+            let logical = values(m * k, 5);
+            let mut av = vec![0f32; m * k];
+            for r in 0..m {
+                for c in 0..k {
+                    let v = match (r, c) {
+                        (0, 2) => f32::from_bits(0x007f_ffff),
+                        (0, _) => 0.0,
+                        _ => logical[r * k + c],
+                    };
+                    av[if ta { c * m + r } else { r * k + c }] = v;
+                }
+            }
+            let (a, b) = (operand(&av, m, k, ta), operand(&bv, k, n, false));
+            let (mut got, mut want) = (vec![f32::NAN; m * n], vec![0f32; m * n]);
+            gemm(m, n, k, a, b, &mut got);
+            emulate(m, n, k, a, b, &mut want);
+            assert_eq!(got, want, "transposed {ta}");
+            assert!(got[..n].iter().all(|&v| v == 0.0), "transposed {ta}");
+            assert!(got[n..].iter().any(|&v| v != 0.0), "transposed {ta}");
+        }
     }
 
     /// The vector kernel computes exactly what the scalar emulation does, through both operand
