@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A/B timing of two whet binaries on one training run, alternating A B A B so that drift of a
+# A/B timing of two whet binaries on one training run, alternating A B B A so that drift of a
 # shared machine falls on both. Prints train tokens/s (or samples/s) per run, the medians and
 # the ratio B / A, and the final train loss of each (they should agree).
 # Usage: scripts/bench/ab.sh BIN_A BIN_B ROUNDS RECIPE [--set KEY=VALUE ...]
@@ -11,7 +11,10 @@ A=$1; B=$2; ROUNDS=$3; RECIPE=$4; shift 4
 OUT=runs/bench-ab
 rm -f "$OUT.tsv"
 for ((r = 1; r <= ROUNDS; r++)); do
-    for side in A B; do
+    # Odd rounds run A first, even rounds B first (A B B A ...): a drift of the machine
+    # within a round then falls on both sides alike.
+    order="A B"; ((r % 2 == 0)) && order="B A"
+    for side in $order; do
         bin=$A; [[ $side == B ]] && bin=$B
         rm -rf "$OUT-$side"
         "$bin" train "$RECIPE" "$@" --set training.output_dir=\""$OUT-$side"\" >/dev/null 2>&1

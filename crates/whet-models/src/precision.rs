@@ -9,7 +9,10 @@
 //!
 //! Unlike autocast, the activations between layers are f32, not 16-bit: numerically at least
 //! as good, at the cost of the memory autocast saves on them (the matmul inputs that autodiff
-//! keeps for the backward pass are the 16-bit casts).
+//! keeps for the backward pass are the 16-bit casts). On the CPU, attention in training runs
+//! [`crate::kernels::attention`]'s kernel with f32 products under bf16 too (faster there
+//! than bf16 products around a kept probabilities tensor), where autocast would compute
+//! `scaled_dot_product_attention` in bf16.
 //!
 //! On the CPU, bf16 products run the [`crate::kernels::bf16_matmul`] kernel (AVX512-BF16): the
 //! operands are rounded to bf16 inside it and never stored as bf16 tensors, and the products of

@@ -281,19 +281,40 @@ multiversion!(softmax_row(scores: &[f32], bias: &[f32], scale: f32, probs: &mut 
 /// `softmax(row)` in place.
 #[inline(always)]
 fn softmax_in_place(row: &mut [f32]) {
-    let mut max = f32::MIN;
-    for &p in row.iter() {
-        max = max.max(p);
+    let max = max_of(row);
+    // exp and its sum in 16 independent partial sums, as [`dot`] (one running sum kept the
+    // loop, exp included, scalar: 4 ns an element).
+    let mut acc = [0f32; 16];
+    let mut chunks = row.chunks_exact_mut(16);
+    for c in &mut chunks {
+        for i in 0..16 {
+            c[i] = exp(c[i] - max);
+            acc[i] += c[i];
+        }
     }
-    let mut sum = 0.0;
-    for p in row.iter_mut() {
+    let mut tail = 0f32;
+    for p in chunks.into_remainder() {
         *p = exp(*p - max);
-        sum += *p;
+        tail += *p;
     }
-    let inv = 1.0 / sum;
+    let inv = 1.0 / (acc.iter().sum::<f32>() + tail);
     for p in row.iter_mut() {
         *p *= inv;
     }
+}
+
+/// The largest element (`f32::MIN` for an empty slice), 16 lanes at a time.
+#[inline(always)]
+fn max_of(a: &[f32]) -> f32 {
+    let mut acc = [f32::MIN; 16];
+    let ca = a.chunks_exact(16);
+    let tail = ca.remainder().iter().fold(f32::MIN, |m, &x| m.max(x));
+    for x in ca {
+        for i in 0..16 {
+            acc[i] = acc[i].max(x[i]);
+        }
+    }
+    acc.iter().fold(tail, |m, &x| m.max(x))
 }
 
 multiversion!(softmax_backward_row(
@@ -308,10 +329,7 @@ multiversion!(softmax_backward_row(
     for (j, (o, &g)) in out.iter_mut().zip(grad).enumerate() {
         *o = g * mask.factor(base.wrapping_add(j as u32));
     }
-    let mut dot = 0.0;
-    for (&p, &d) in probs.iter().zip(out.iter()) {
-        dot += d * p;
-    }
+    let dot = dot(probs, out);
     for (o, &p) in out.iter_mut().zip(probs) {
         *o = scale * p * (*o - dot);
     }
@@ -394,15 +412,20 @@ fn attention_probs_backward(
 }
 
 multiversion!(logsumexp_row(row: &[f32], out: &mut f32) {
-    let mut max = f32::MIN;
-    for &x in row {
-        max = max.max(x);
+    let max = max_of(row);
+    // 16 partial sums, as in [`softmax_in_place`].
+    let mut acc = [0f32; 16];
+    let chunks = row.chunks_exact(16);
+    let mut tail = 0f32;
+    for &x in chunks.remainder() {
+        tail += exp(x - max);
     }
-    let mut sum = 0.0;
-    for &x in row {
-        sum += exp(x - max);
+    for c in chunks {
+        for i in 0..16 {
+            acc[i] += exp(c[i] - max);
+        }
     }
-    *out = max + sum.ln();
+    *out = max + (acc.iter().sum::<f32>() + tail).ln();
 });
 
 multiversion!(cross_entropy_grad_row(row: &[f32], lse: f32, g: f32, out: &mut [f32]) {
@@ -783,6 +806,10 @@ multiversion!(softmax_in_place_row(row: &mut [f32], lse: f32) {
 });
 
 impl CpuKernels for Flex {
+    fn prepare_heads(x: FlexTensor) -> FlexTensor {
+        attention::readable_in_place(x)
+    }
+
     fn attention(
         q: FlexTensor,
         k: FlexTensor,
@@ -791,8 +818,8 @@ impl CpuKernels for Flex {
         scale: f32,
         mask: DropMask,
     ) -> FlexTensor {
-        let [q, k, v, bias] = [q, k, v, bias].map(dense);
-        attention::forward(&q, &k, &v, &bias, scale, &mask)
+        let [q, k, v] = [q, k, v].map(attention::readable_in_place);
+        attention::forward(&q, &k, &v, &dense(bias), scale, &mask)
     }
 
     fn attention_backward(
@@ -801,7 +828,8 @@ impl CpuKernels for Flex {
         scale: f32,
         mask: DropMask,
     ) -> (FlexTensor, FlexTensor, FlexTensor) {
-        attention::backward(&q, &k, &v, &bias, &dense(dout), scale, &mask)
+        let [q, k, v, dout] = [q, k, v, dout].map(attention::readable_in_place);
+        attention::backward([&q, &k, &v], &dense(bias), &dout, scale, &mask)
     }
 
     fn linear_cross_entropy(

@@ -13,6 +13,7 @@
 
 use super::{DropMask, FlexTensor, dropout_slice, gemm_on, new_tensor, values};
 use crate::layers::MASK_VALUE;
+use burn::backend::TensorMetadata;
 use rayon::prelude::*;
 
 /// Query rows per block: a block's scores are `ROWS × Tk` floats (64 KiB at 256 keys).
@@ -46,6 +47,73 @@ impl Dims {
     }
 }
 
+/// A `[B, H, T, hd]` tensor read in place through its strides, its last dimension contiguous:
+/// element `(b, h, t, e)` is `values[offset + b·sb + h·sh + t·st + e]`. The heads that
+/// `split_heads` makes are such views of the projections' `[B, T, H·hd]` output, and their
+/// gradients arrive as such views too; a dense copy of each cost more than the kernel saved
+/// (a MiniLM step spent 10% of its time in those copies).
+#[derive(Clone, Copy)]
+pub(super) struct Heads<'a> {
+    values: &'a [f32],
+    offset: usize,
+    sb: usize,
+    sh: usize,
+    st: usize,
+}
+
+impl<'a> Heads<'a> {
+    /// The view of `t` (f32), or `None` where its last stride is not 1 or a stride is negative.
+    pub(super) fn of(t: &'a FlexTensor) -> Option<Self> {
+        let layout = t.layout();
+        let strides = layout.strides();
+        if t.dtype() != burn::tensor::DType::F32 || strides.len() != 4 {
+            return None;
+        }
+        let shape = t.shape();
+        // A dimension of size 1 may carry any stride; its index is always 0.
+        let stride = |i: usize| {
+            if shape[i] == 1 {
+                Some(0)
+            } else {
+                usize::try_from(strides[i]).ok()
+            }
+        };
+        if shape[3] > 1 && strides[3] != 1 {
+            return None;
+        }
+        Some(Self {
+            values: t.storage::<f32>(),
+            offset: layout.start_offset(),
+            sb: stride(0)?,
+            sh: stride(1)?,
+            st: stride(2)?,
+        })
+    }
+
+    /// The view of a tensor that [`readable_in_place`] returned.
+    fn expect(t: &'a FlexTensor) -> Self {
+        match Self::of(t) {
+            Some(heads) => heads,
+            None => panic!("attention: an operand not made readable in place (readable_in_place)"),
+        }
+    }
+
+    /// Head `h` of batch row `b` from its row `t` on, rows `st` apart.
+    fn rows(&self, b: usize, h: usize, t: usize) -> &'a [f32] {
+        &self.values[self.offset + b * self.sb + h * self.sh + t * self.st..]
+    }
+}
+
+/// `t` as the kernels read it: itself where [`Heads::of`] can read it, else an f32 copy with
+/// the dense layout.
+pub(super) fn readable_in_place(t: FlexTensor) -> FlexTensor {
+    if Heads::of(&t).is_some() {
+        t
+    } else {
+        super::dense(t).to_contiguous()
+    }
+}
+
 /// The keys a block of query rows attends to, `0..end`: every key from `end` on is masked for
 /// every row of the block, so its probability is 0 (e^-87 against at least one unmasked key's
 /// e^0, below f32's resolution of the sum). A row whose keys are all masked attends to all of
@@ -66,8 +134,8 @@ fn visible_keys(bias: &[f32], d: &Dims, b: usize, rows: std::ops::Range<usize>) 
 /// `0..keys`, before dropout, into `p` (`rows × keys`, row-major): `softmax(q·kᵀ·scale + bias)`.
 #[allow(clippy::too_many_arguments)]
 fn probs_block(
-    q: &[f32],
-    k: &[f32],
+    q: &Heads,
+    (k, k_st): (&[f32], usize),
     bias: &[f32],
     scale: f32,
     d: &Dims,
@@ -77,17 +145,16 @@ fn probs_block(
     keys: usize,
     p: &mut [f32],
 ) {
-    let b = bh / d.heads;
-    let q_block = &q[(bh * d.tq + i0) * d.hd..];
+    let (b, h) = (bh / d.heads, bh % d.heads);
     // (rows, hd) x (hd, keys) -> (rows, keys); kᵀ read through its strides
     gemm_on(
         rows,
         keys,
         d.hd,
-        q_block,
-        (d.hd, 1),
+        q.rows(b, h, i0),
+        (q.st, 1),
         k,
-        (1, d.hd),
+        (1, k_st),
         p,
         false,
         false,
@@ -114,7 +181,8 @@ fn mask_base(d: &Dims, bh: usize, i: usize) -> u32 {
 /// `dropout(softmax(q·kᵀ·scale + bias))·v`.
 ///
 /// # Shapes
-/// - q `[B, H, Tq, hd]`, k and v `[B, KV, Tk, hd]` (H a multiple of KV), all dense
+/// - q `[B, H, Tq, hd]`, k and v `[B, KV, Tk, hd]` (H a multiple of KV), each read through
+///   its strides ([`Heads`])
 /// - bias `[B, 1, Tq, Tk]` dense
 /// - output `[B, H, Tq, hd]`
 pub(super) fn forward(
@@ -125,22 +193,22 @@ pub(super) fn forward(
     scale: f32,
     mask: &DropMask,
 ) -> FlexTensor {
+    let [qs, ks, vs] = [q, k, v].map(Heads::expect);
     let d = Dims::of(q, k);
-    let (qs, ks, vs, bs) = (values(q), values(k), values(v), values(bias));
-    let mut out = vec![0f32; qs.len()];
-    let kv_len = d.tk * d.hd;
+    let bs = values(bias);
+    let mut out = vec![0f32; d.heads * d.tq * d.hd * q.shape()[0]];
     out.par_chunks_mut(d.tq * d.hd)
         .enumerate()
         .for_each(|(bh, out_head)| {
             let (b, h) = (bh / d.heads, bh % d.heads);
-            let kvh = b * d.kv_heads + h / d.group();
-            let (k, v) = (&ks[kvh * kv_len..][..kv_len], &vs[kvh * kv_len..][..kv_len]);
+            let kvh = h / d.group();
+            let (k, v) = (ks.rows(b, kvh, 0), vs.rows(b, kvh, 0));
             let mut p = vec![0f32; ROWS.min(d.tq) * d.tk];
             for i0 in (0..d.tq).step_by(ROWS) {
                 let rows = ROWS.min(d.tq - i0);
                 let keys = visible_keys(bs, &d, b, i0..i0 + rows);
                 let p = &mut p[..rows * keys];
-                probs_block(qs, k, bs, scale, &d, bh, i0, rows, keys, p);
+                probs_block(&qs, (k, ks.st), bs, scale, &d, bh, i0, rows, keys, p);
                 if !mask.keeps_all() {
                     for (r, row) in p.chunks_mut(keys).enumerate() {
                         dropout_in_place(row, mask, mask_base(&d, bh, i0 + r));
@@ -155,7 +223,7 @@ pub(super) fn forward(
                     p,
                     (keys, 1),
                     v,
-                    (d.hd, 1),
+                    (vs.st, 1),
                     o,
                     false,
                     false,
@@ -177,47 +245,50 @@ fn dropout_in_place(row: &mut [f32], mask: &DropMask, base: u32) {
 /// group, so each task owns its dk and dv rows and sums into them without locks.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn backward(
-    q: &FlexTensor,
-    k: &FlexTensor,
-    v: &FlexTensor,
+    [q, k, v]: [&FlexTensor; 3],
     bias: &FlexTensor,
     dout: &FlexTensor,
     scale: f32,
     mask: &DropMask,
 ) -> (FlexTensor, FlexTensor, FlexTensor) {
+    let [qs, ks, vs, dos] = [q, k, v, dout].map(Heads::expect);
     let d = Dims::of(q, k);
-    let (qs, ks, vs, bs, dos) = (values(q), values(k), values(v), values(bias), values(dout));
+    let bs = values(bias);
+    let batch = q.shape()[0];
     let (head_len, kv_len) = (d.tq * d.hd, d.tk * d.hd);
-    let mut dq = vec![0f32; qs.len()];
-    let mut dk = vec![0f32; ks.len()];
-    let mut dv = vec![0f32; vs.len()];
+    let mut dq = vec![0f32; batch * d.heads * head_len];
+    let mut dk = vec![0f32; batch * d.kv_heads * kv_len];
+    let mut dv = vec![0f32; batch * d.kv_heads * kv_len];
     dq.par_chunks_mut(d.group() * head_len)
         .zip(dk.par_chunks_mut(kv_len).zip(dv.par_chunks_mut(kv_len)))
         .enumerate()
         .for_each(|(kvh, (dq_group, (dk, dv)))| {
             let b = kvh / d.kv_heads;
-            let (k, v) = (&ks[kvh * kv_len..][..kv_len], &vs[kvh * kv_len..][..kv_len]);
+            let (k, v) = (
+                ks.rows(b, kvh % d.kv_heads, 0),
+                vs.rows(b, kvh % d.kv_heads, 0),
+            );
             let block = ROWS.min(d.tq) * d.tk;
             let (mut p, mut dp, mut ds) = (vec![0f32; block], vec![0f32; block], vec![0f32; block]);
             for (g, dq_head) in dq_group.chunks_mut(head_len).enumerate() {
                 let bh = kvh * d.group() + g;
-                let (q_head, do_head) = (&qs[bh * head_len..], &dos[bh * head_len..]);
+                let h = bh % d.heads;
                 for i0 in (0..d.tq).step_by(ROWS) {
                     let rows = ROWS.min(d.tq - i0);
                     let keys = visible_keys(bs, &d, b, i0..i0 + rows);
                     let n = rows * keys;
                     let (p, dp, ds) = (&mut p[..n], &mut dp[..n], &mut ds[..n]);
-                    let (q_block, do_block) = (&q_head[i0 * d.hd..], &do_head[i0 * d.hd..]);
-                    probs_block(qs, k, bs, scale, &d, bh, i0, rows, keys, p);
+                    let (q_block, do_block) = (qs.rows(b, h, i0), dos.rows(b, h, i0));
+                    probs_block(&qs, (k, ks.st), bs, scale, &d, bh, i0, rows, keys, p);
                     // d(dropped probs) = dout · vᵀ: (rows, hd) x (hd, keys) -> (rows, keys)
                     gemm_on(
                         rows,
                         keys,
                         d.hd,
                         do_block,
-                        (d.hd, 1),
+                        (dos.st, 1),
                         v,
-                        (1, d.hd),
+                        (1, vs.st),
                         dp,
                         false,
                         false,
@@ -238,7 +309,7 @@ pub(super) fn backward(
                         dropped,
                         (1, keys),
                         do_block,
-                        (d.hd, 1),
+                        (dos.st, 1),
                         dv,
                         true,
                         false,
@@ -268,7 +339,7 @@ pub(super) fn backward(
                         ds,
                         (keys, 1),
                         k,
-                        (d.hd, 1),
+                        (ks.st, 1),
                         dq_block,
                         false,
                         false,
@@ -281,7 +352,7 @@ pub(super) fn backward(
                         ds,
                         (1, keys),
                         q_block,
-                        (d.hd, 1),
+                        (qs.st, 1),
                         dk,
                         true,
                         false,
@@ -289,5 +360,6 @@ pub(super) fn backward(
                 }
             }
         });
-    (new_tensor(dq, q), new_tensor(dk, k), new_tensor(dv, v))
+    // dv has k's shape (v's).
+    (new_tensor(dq, q), new_tensor(dk, k), new_tensor(dv, k))
 }
