@@ -160,7 +160,7 @@ impl GradStore {
     pub fn norm(&self) -> f64 {
         self.grads
             .values()
-            .map(|g| g.clone().square().sum().into_scalar::<f32>() as f64)
+            .map(|g| whet_models::kernels::sum_of_squares(g.clone()))
             .sum::<f64>()
             .sqrt()
     }
@@ -202,9 +202,11 @@ impl GradStore {
         let norm = self.norm();
         let coef = max_norm / (norm + 1e-6);
         if max_norm > 0.0 && coef < 1.0 {
-            for g in self.grads.values_mut() {
-                *g = g.clone().mul_scalar(coef);
-            }
+            // Each gradient moved out of the map, so that the product can reuse its memory.
+            self.grads = std::mem::take(&mut self.grads)
+                .into_iter()
+                .map(|(name, g)| (name, g.mul_scalar(coef)))
+                .collect();
         }
         norm
     }
@@ -321,7 +323,13 @@ impl Optimizer {
                 let Some(g) = self.grads.grads.get(name) else {
                     return;
                 };
-                let value = p.val().inner();
+                // The value is taken out of the parameter, so that the update holds its only
+                // reference and the fused AdamW writes it in place: a clone left in the
+                // parameter made the update copy every weight each step (copy on write), and
+                // one over 32 MB (an embedding) into freshly mapped pages.
+                let device = p.val().device();
+                let placeholder = Param::initialized(p.id, Tensor::empty([0; D], &device));
+                let value = std::mem::replace(p, placeholder).into_value().inner();
                 let shape = value.shape();
                 let n = shape.num_elements();
                 let flat: Tensor<1> = value.reshape([n]);

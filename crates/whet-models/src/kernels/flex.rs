@@ -1092,7 +1092,24 @@ impl CpuOptimOps for Flex {
             .for_each(|(((p, g), m), v)| adamw_chunk(p, g, m, v, c));
         (p, m, v)
     }
+
+    fn fused_sum_of_squares(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        let x = dense(x);
+        let sum: f64 = values(&x)
+            .par_chunks(CHUNK)
+            .map(|c| {
+                let mut s = 0f32;
+                sum_of_squares_chunk(c, &mut s);
+                s as f64
+            })
+            .sum();
+        FlexTensor::from_data(TensorData::new(vec![sum], [1]))
+    }
 }
+
+multiversion!(sum_of_squares_chunk(x: &[f32], out: &mut f32) {
+    *out = dot(x, x);
+});
 
 impl CpuSkinnyOps for Flex {
     /// `w` cut into one contiguous stretch of memory a thread, each multiplied by the gemm

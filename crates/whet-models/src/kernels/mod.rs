@@ -139,6 +139,25 @@ pub trait CpuOptimOps: burn::backend::Backend {
         eps: f64,
         step_size: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+    /// [`sum_of_squares`], `[1]`.
+    fn fused_sum_of_squares(x: FloatTensor<Self>) -> FloatTensor<Self>;
+}
+
+/// `Σ x²` over a tensor, as f64: a gradient norm's square. On the CPU backend one pass over
+/// `x` in place (summed in f64 over chunks); elsewhere `x.square().sum()`, which makes a
+/// tensor of the squares first (for an embedding's gradient, 47 MB of fresh memory a step).
+pub fn sum_of_squares(x: Tensor<1>) -> f64 {
+    if !on_flex(&x) {
+        return x.square().sum().into_scalar::<f32>() as f64;
+    }
+    let s: Tensor<1> = Tensor::from_dispatch(<Dispatch as CpuOptimOps>::fused_sum_of_squares(
+        x.into_dispatch(),
+    ));
+    s.into_data()
+        .try_to_vec::<f64>()
+        .ok()
+        .and_then(|v| v.first().copied())
+        .unwrap_or(f64::NAN)
 }
 
 /// Products of a few rows by a large matrix, on the CPU only and never differentiated: the
@@ -1990,6 +2009,17 @@ mod tests {
                 println!("frozen weight {frozen}, without logits {fused}: {ms:.0} ms a step");
             }
         }
+    }
+
+    /// The in-place sum of squares (a gradient norm's) against burn's `square().sum()`, over
+    /// more values than one chunk of the parallel loop, and a ragged tail.
+    #[test]
+    fn sum_of_squares_equals_the_composed_ops() {
+        let _rng = crate::test_rng();
+        let x = Tensor::<1>::random([300_007], Distribution::Normal(0.0, 1.0), &Device::flex());
+        let want = x.clone().square().sum().into_scalar::<f32>() as f64;
+        let got = sum_of_squares(x);
+        assert!((got - want).abs() <= 1e-5 * want, "{got} vs {want}");
     }
 
     /// Fused attention against the composed products, forward and backward, at a MiniLM step's
