@@ -238,30 +238,24 @@ mod simd {
     use super::*;
     use std::arch::x86_64::*;
 
-    /// A pointer that rayon's tasks may share: each writes its own disjoint tiles of `C`.
-    #[derive(Clone, Copy)]
-    struct SendPtr(*mut f32);
-    // SAFETY: tasks write disjoint regions (see `gemm`).
-    unsafe impl Send for SendPtr {}
-    unsafe impl Sync for SendPtr {}
+    /// A pointer that rayon's tasks may share: each writes its own disjoint part of the
+    /// buffer (tiles of `C` in `gemm`, pair rows of a packed operand in `pack`).
+    struct SendPtr<T>(*mut T);
+    // SAFETY: tasks write disjoint regions (see `gemm` and `pack`).
+    unsafe impl<T> Send for SendPtr<T> {}
+    unsafe impl<T> Sync for SendPtr<T> {}
 
-    impl SendPtr {
-        /// Through a method, so that a closure captures the whole `SendPtr` (Send), not its
-        /// raw-pointer field.
-        fn get(self) -> *mut f32 {
-            self.0
+    impl<T> Clone for SendPtr<T> {
+        fn clone(&self) -> Self {
+            *self
         }
     }
+    impl<T> Copy for SendPtr<T> {}
 
-    /// [`SendPtr`] for a packed buffer, written by tasks at disjoint pair rows.
-    #[derive(Clone, Copy)]
-    struct SendPtr32(*mut u32);
-    // SAFETY: tasks write disjoint regions (see `pack`).
-    unsafe impl Send for SendPtr32 {}
-    unsafe impl Sync for SendPtr32 {}
-
-    impl SendPtr32 {
-        fn get(self) -> *mut u32 {
+    impl<T> SendPtr<T> {
+        /// Through a method, so that a closure captures the whole `SendPtr` (Send), not its
+        /// raw-pointer field.
+        fn get(self) -> *mut T {
             self.0
         }
     }
@@ -488,7 +482,7 @@ mod simd {
                 "bf16 pack: {lines} lines of {k} past the operand's {} values",
                 x.values.len()
             );
-            let dst = SendPtr32(out.as_mut_ptr());
+            let dst = SendPtr(out.as_mut_ptr());
             let chunk = |c: usize| {
                 let pairs = (c * 16)..kp.min((c + 1) * 16);
                 // SAFETY: AVX-512 with BF16 is present (see `gemm`); reads are in bounds
