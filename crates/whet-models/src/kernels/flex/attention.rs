@@ -104,13 +104,13 @@ impl<'a> Heads<'a> {
     }
 }
 
-/// `t` as the kernels read it: itself where [`Heads::of`] can read it, else an f32 copy with
-/// the dense layout.
+/// `t` as the kernels read it: itself where [`Heads::of`] can read it, else `dense`'s f32
+/// copy with the contiguous layout.
 pub(super) fn readable_in_place(t: FlexTensor) -> FlexTensor {
     if Heads::of(&t).is_some() {
         t
     } else {
-        super::dense(t).to_contiguous()
+        super::dense(t)
     }
 }
 
