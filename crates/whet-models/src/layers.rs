@@ -7,7 +7,7 @@
 use burn::module::{Module, Param};
 use burn::tensor::module::{attention, embedding};
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Bool, Distribution, Int, Tensor, TensorData};
+use burn::tensor::{Bool, Distribution, FloatDType, Int, Tensor, TensorData};
 
 use std::sync::Arc;
 
@@ -250,6 +250,48 @@ impl Linear {
         match &self.bottleneck {
             Some(b) if b.enabled => b.forward(y),
             _ => y,
+        }
+    }
+
+    /// `self.forward(silu(gate) · up)`, the down projection of LLaMA's gated MLP. A dense layer
+    /// without bias or adapter, in f32 or bf16 on the CPU, keeps no gated product for the
+    /// backward pass ([`crate::kernels::swiglu_linear`]); generation's one-token steps keep
+    /// their matrix-vector path.
+    ///
+    /// # Shapes
+    /// - gate, up `[..., d_in]`
+    /// - output `[..., d_out]`
+    pub fn forward_swiglu<const D: usize>(
+        &self,
+        gate: Tensor<D>,
+        up: Tensor<D>,
+        mode: Mode,
+    ) -> Tensor<D> {
+        let mut dims = gate.dims();
+        let rows: usize = dims[..D - 1].iter().product();
+        let bf16 = match crate::precision::compute() {
+            None => Some(false),
+            Some(FloatDType::BF16) => Some(true),
+            Some(_) => None,
+        };
+        let plain = self.bias.is_none()
+            && self.adapter.is_none()
+            && self.ia3.is_none()
+            && self.bottleneck.is_none();
+        match (&self.weight, bf16) {
+            (LinearWeight::Dense(w), Some(bf16))
+                if plain
+                    && rows > crate::kernels::SKINNY_ROWS
+                    && crate::kernels::on_cpu_kernels(&gate)
+                    && gate.dims() == up.dims() =>
+            {
+                let d_in = dims[D - 1];
+                let weight = w.val();
+                dims[D - 1] = weight.dims()[1];
+                let flat = |t: Tensor<D>| t.reshape([rows, d_in]);
+                crate::kernels::swiglu_linear(flat(gate), flat(up), weight, bf16).reshape(dims)
+            }
+            _ => self.forward(crate::kernels::swiglu(gate, up), mode),
         }
     }
 

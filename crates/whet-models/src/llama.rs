@@ -773,11 +773,10 @@ impl LlamaLayer {
                 split_last(fused[0].forward(h, mode), [inter, inter])
             }
         };
-        let gated = match self.act {
-            Activation::Silu => crate::kernels::swiglu(gate, up),
-            act => act.forward(gate) * up,
-        };
-        self.down_proj.forward(gated, mode)
+        match self.act {
+            Activation::Silu => self.down_proj.forward_swiglu(gate, up, mode),
+            act => self.down_proj.forward(act.forward(gate) * up, mode),
+        }
     }
 
     /// Token-wise layers run in `layout`, attention on padded rows.
