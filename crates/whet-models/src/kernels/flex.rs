@@ -894,9 +894,15 @@ impl CpuKernels for Flex {
 
     fn scale_by(t: FlexTensor, by: FlexTensor) -> FlexTensor {
         let g = values(&dense(by)).first().copied().unwrap_or(0.0);
-        let t = dense(t);
-        let out = values(&t).par_iter().map(|x| x * g).collect();
-        new_tensor(out, &t)
+        // In place: the LM-head loss's gradients are scaled at the start of the backward pass,
+        // when the forward's activations are all alive, and a scaled copy of the head's
+        // weight gradient (SmolLM2: 113 MB) was the peak's last increment.
+        let mut t = owned(t);
+        let n = t.layout().shape().num_elements();
+        t.storage_mut::<f32>()[..n]
+            .par_chunks_mut(CHUNK)
+            .for_each(|c| c.iter_mut().for_each(|x| *x *= g));
+        t
     }
 
     fn rope(x: FlexTensor, cos: FlexTensor, sin: FlexTensor, backward: bool) -> FlexTensor {
