@@ -253,10 +253,36 @@ impl Linear {
         }
     }
 
-    /// `self.forward(silu(gate) · up)`, the down projection of LLaMA's gated MLP. A dense layer
-    /// without bias or adapter, in f32 or bf16 on the CPU, keeps no gated product for the
-    /// backward pass ([`crate::kernels::swiglu_linear`]); generation's one-token steps keep
-    /// their matrix-vector path.
+    /// The weight, bias and product type of a layer that a fused CPU op may run in place of
+    /// [`Self::forward`] on `rows` rows like `x`: a dense weight with no adapter, f32 or bf16
+    /// compute, on the CPU's kernels, and more rows than a generation step (which keeps its
+    /// matrix-vector path).
+    fn fusable<const D: usize>(
+        &self,
+        x: &Tensor<D>,
+        rows: usize,
+    ) -> Option<(Tensor<2>, Option<Tensor<1>>, bool)> {
+        let bf16 = match crate::precision::compute() {
+            None => false,
+            Some(FloatDType::BF16) => true,
+            Some(_) => return None,
+        };
+        let plain = self.adapter.is_none() && self.ia3.is_none() && self.bottleneck.is_none();
+        match &self.weight {
+            LinearWeight::Dense(w)
+                if plain
+                    && rows > crate::kernels::SKINNY_ROWS
+                    && crate::kernels::on_cpu_kernels(x) =>
+            {
+                Some((w.val(), self.bias.as_ref().map(|b| b.val()), bf16))
+            }
+            _ => None,
+        }
+    }
+
+    /// `self.forward(silu(gate) · up)`, the down projection of LLaMA's gated MLP. A layer that
+    /// [`Self::fusable`] allows keeps no gated product for the backward pass
+    /// ([`crate::kernels::swiglu_linear`]).
     ///
     /// # Shapes
     /// - gate, up `[..., d_in]`
@@ -269,27 +295,13 @@ impl Linear {
     ) -> Tensor<D> {
         let mut dims = gate.dims();
         let rows: usize = dims[..D - 1].iter().product();
-        let bf16 = match crate::precision::compute() {
-            None => Some(false),
-            Some(FloatDType::BF16) => Some(true),
-            Some(_) => None,
-        };
-        let plain = self.bias.is_none()
-            && self.adapter.is_none()
-            && self.ia3.is_none()
-            && self.bottleneck.is_none();
-        match (&self.weight, bf16) {
-            (LinearWeight::Dense(w), Some(bf16))
-                if plain
-                    && rows > crate::kernels::SKINNY_ROWS
-                    && crate::kernels::on_cpu_kernels(&gate)
-                    && gate.dims() == up.dims() =>
-            {
+        match self.fusable(&gate, rows) {
+            Some((weight, bias, bf16)) if gate.dims() == up.dims() => {
                 let d_in = dims[D - 1];
-                let weight = w.val();
                 dims[D - 1] = weight.dims()[1];
                 let flat = |t: Tensor<D>| t.reshape([rows, d_in]);
-                crate::kernels::swiglu_linear(flat(gate), flat(up), weight, bf16).reshape(dims)
+                let y = crate::kernels::swiglu_linear(flat(gate), flat(up), weight, bf16);
+                with_bias(y, bias).reshape(dims)
             }
             _ => self.forward(crate::kernels::swiglu(gate, up), mode),
         }
@@ -329,6 +341,54 @@ impl Linear {
     pub fn is_quantized(&self) -> bool {
         matches!(self.weight, LinearWeight::Quantized(_))
     }
+}
+
+/// `y + bias` over the last dimension, or `y`.
+fn with_bias(y: Tensor<2>, bias: Option<Tensor<1>>) -> Tensor<2> {
+    match bias {
+        Some(b) => y + b.unsqueeze(),
+        None => y,
+    }
+}
+
+/// `layers[i].forward(norm.forward(x))` for each layer: a pre-norm layer's projections of its
+/// normalised input. When [`Linear::fusable`] allows every one, each projection normalises x
+/// inside one fused op that keeps x (shared by all) and not the normalised input
+/// ([`crate::kernels::rms_norm_linear`]).
+///
+/// # Shapes
+/// - x `[..., d]`
+/// - outputs `[..., d_out]` of each layer
+pub fn normed_projections<const D: usize>(
+    norm: &RmsNorm,
+    x: Tensor<D>,
+    layers: &[&Linear],
+    mode: Mode,
+) -> Vec<Tensor<D>> {
+    let dims = x.dims();
+    let rows: usize = dims[..D - 1].iter().product();
+    let fused: Option<Vec<_>> = layers.iter().map(|l| l.fusable(&x, rows)).collect();
+    let Some(fused) = fused else {
+        let h = norm.forward(x);
+        return layers.iter().map(|l| l.forward(h.clone(), mode)).collect();
+    };
+    let flat = x.reshape([rows, dims[D - 1]]);
+    let norm_weight = norm.scale();
+    fused
+        .into_iter()
+        .map(|(weight, bias, bf16)| {
+            let mut out = dims;
+            out[D - 1] = weight.dims()[1];
+            let y = crate::kernels::rms_norm_linear(
+                flat.clone(),
+                norm_weight.clone(),
+                weight,
+                norm.eps,
+                bf16,
+            );
+            with_bias(y, bias).reshape(out)
+        })
+        .collect()
 }
 
 impl VisitParams for Linear {
@@ -533,11 +593,15 @@ impl RmsNorm {
 
     /// Normalises over the last axis.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let weight = match self.offset {
+        crate::kernels::rms_norm(x, self.scale(), self.eps)
+    }
+
+    /// What the normalised values are multiplied by: the weight, plus the offset.
+    pub fn scale(&self) -> Tensor<1> {
+        match self.offset {
             0.0 => self.weight.val(),
             o => self.weight.val().add_scalar(o),
-        };
-        crate::kernels::rms_norm(x, weight, self.eps)
+        }
     }
 }
 

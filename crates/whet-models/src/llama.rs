@@ -26,8 +26,8 @@ use crate::decoder::{
 };
 use crate::error::{ModelError, Result};
 use crate::layers::{
-    Embedding, Linear, Mode, RmsNorm, TorchLinear, dropout, merge_heads, repeat_kv,
-    scaled_dot_product, split_heads,
+    Embedding, Linear, Mode, RmsNorm, TorchLinear, dropout, merge_heads, normed_projections,
+    repeat_kv, scaled_dot_product, split_heads,
 };
 use crate::prompt::{PromptEncoder, PromptShape, PromptSlot};
 use crate::unpad::Layout;
@@ -751,28 +751,32 @@ impl LlamaLayer {
         })
     }
 
-    /// q, k, v `[B, T, *]` from the normed input, split from one product when fused.
-    fn project_qkv(&self, h: Tensor<3>, mode: Mode) -> [Tensor<3>; 3] {
-        match self.qkv.as_slice() {
-            [q, k, v] => [q, k, v].map(|p| p.forward(h.clone(), mode)),
+    /// q, k, v `[B, T, *]` of the input normalised by `norm`, split from one product when
+    /// fused.
+    fn project_qkv(&self, norm: &RmsNorm, x: Tensor<3>, mode: Mode) -> [Tensor<3>; 3] {
+        let layers: Vec<&Linear> = self.qkv.iter().collect();
+        match <[Tensor<3>; 3]>::try_from(normed_projections(norm, x, &layers, mode)) {
+            Ok(qkv) => qkv,
             // `load` builds three projections or Phi-3's one.
-            fused => {
+            Err(mut fused) => {
                 let (q, kv) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
-                split_last(fused[0].forward(h, mode), [q, kv, kv])
+                split_last(fused.remove(0), [q, kv, kv])
             }
         }
     }
 
-    /// The gated MLP: `down(act(gate(x)) * up(x))`.
-    fn mlp(&self, h: Tensor<3>, mode: Mode) -> Tensor<3> {
-        let [gate, up] = match self.gate_up.as_slice() {
-            [gate, up] => [gate, up].map(|p| p.forward(h.clone(), mode)),
-            // `load` builds two projections or Phi-3's one.
-            fused => {
-                let inter = self.down_proj.dims().0;
-                split_last(fused[0].forward(h, mode), [inter, inter])
-            }
-        };
+    /// The gated MLP of the input normalised by `norm`: `down(act(gate(h)) * up(h))`.
+    fn mlp(&self, norm: &RmsNorm, x: Tensor<3>, mode: Mode) -> Tensor<3> {
+        let layers: Vec<&Linear> = self.gate_up.iter().collect();
+        let [gate, up] =
+            match <[Tensor<3>; 2]>::try_from(normed_projections(norm, x, &layers, mode)) {
+                Ok(gate_up) => gate_up,
+                // `load` builds two projections or Phi-3's one.
+                Err(mut fused) => {
+                    let inter = self.down_proj.dims().0;
+                    split_last(fused.remove(0), [inter, inter])
+                }
+            };
         match self.act {
             Activation::Silu => self.down_proj.forward_swiglu(gate, up, mode),
             act => self.down_proj.forward(act.forward(gate) * up, mode),
@@ -793,9 +797,8 @@ impl LlamaLayer {
         cache: Option<(&mut KvCache, usize)>,
         mode: Mode,
     ) -> Tensor<3> {
-        let h = self.input_layernorm.forward(x.clone());
         let heads = |y: Tensor<3>, n| split_heads(layout.pad(y), n);
-        let [q, k, v] = self.project_qkv(h, mode);
+        let [q, k, v] = self.project_qkv(&self.input_layernorm, x.clone(), mode);
         let (mut q, mut k) = (heads(q, self.heads), heads(k, self.kv_heads));
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
             (q, k) = (qn.forward(q), kn.forward(k));
@@ -833,13 +836,13 @@ impl LlamaLayer {
         ) {
             (Some(pre), Some(post)) => {
                 let x = x + self.post_attention_layernorm.forward(attn);
-                let m = self.mlp(pre.forward(x.clone()), mode);
+                let m = self.mlp(pre, x.clone(), mode);
                 x + post.forward(m)
             }
             _ => {
                 let x = x + dropout(attn, self.residual_dropout, mode);
-                let h = self.post_attention_layernorm.forward(x.clone());
-                x + dropout(self.mlp(h, mode), self.residual_dropout, mode)
+                let m = self.mlp(&self.post_attention_layernorm, x.clone(), mode);
+                x + dropout(m, self.residual_dropout, mode)
             }
         }
     }
