@@ -9,7 +9,12 @@
 //!
 //! Unlike autocast, the activations between layers are f32, not 16-bit: numerically at least
 //! as good, at the cost of the memory autocast saves on them (the matmul inputs that autodiff
-//! keeps for the backward pass are the 16-bit casts). On the CPU, attention in training runs
+//! keeps for the backward pass are the 16-bit casts). One exception, for that memory: under
+//! bf16 on the CPU, a LLaMA-style gated MLP rounds its gate and up projections to bf16, as
+//! autocast's matmul outputs are, and keeps them in 16 bits for the backward pass
+//! ([`crate::kernels::swiglu_linear`]; they are the largest activations a layer keeps, and the
+//! gated product made from them is rounded to bf16 for the down projection anyway); their
+//! gradients stay f32. On the CPU, attention in training runs
 //! [`crate::kernels::attention`]'s kernel with f32 products under bf16 too (faster there
 //! than bf16 products around a kept probabilities tensor), where autocast would compute
 //! `scaled_dot_product_attention` in bf16.

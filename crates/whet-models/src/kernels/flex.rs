@@ -761,6 +761,44 @@ multiversion!(swiglu_slice(g: &[f32], u: &[f32], out: &mut [f32]) {
     }
 });
 
+// f32 to bf16 as the bf16 products round their operands ([`bf16::to_bf16`]).
+multiversion!(round_bf16_slice(x: &[f32], out: &mut [half::bf16]) {
+    for (o, &x) in out.iter_mut().zip(x) {
+        *o = half::bf16::from_bits(bf16::to_bf16(x) as u16);
+    }
+});
+
+// bf16 to f32, exactly.
+multiversion!(widen_slice(h: &[half::bf16], out: &mut [f32]) {
+    for (o, &h) in out.iter_mut().zip(h) {
+        *o = f32::from_bits(u32::from(h.to_bits()) << 16);
+    }
+});
+
+/// The contiguous values of a bf16 tensor ([`CpuKernels::round_bf16`]'s), or None.
+fn bf16_values(t: &FlexTensor) -> Option<&[half::bf16]> {
+    (t.dtype() == DType::BF16)
+        .then(|| t.as_slice::<half::bf16>())
+        .flatten()
+}
+
+/// Two f32 buffers of a rayon task, for the chunks of bf16 operands it widens
+/// ([`widen_slice`]) before an f32 slice kernel reads them.
+#[derive(Default)]
+struct Widened([Vec<f32>; 2]);
+
+impl Widened {
+    /// `chunks` widened to f32, each in its own buffer.
+    fn of(&mut self, chunks: [&[half::bf16]; 2]) -> [&[f32]; 2] {
+        for (buf, h) in self.0.iter_mut().zip(chunks) {
+            buf.resize(h.len(), 0.0);
+            widen_slice(h, buf);
+        }
+        let [a, b] = &self.0;
+        [a, b]
+    }
+}
+
 // `dg = dy · u · s · (1 + g · (1 − s))`, `du = dy · g · s` with `s = sigmoid(g)`.
 multiversion!(swiglu_backward_slice(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f32]) {
     for ((((dg, du), &a), &b), &d) in dg.iter_mut().zip(du.iter_mut()).zip(g).zip(u).zip(dy) {
@@ -930,7 +968,27 @@ impl CpuKernels for Flex {
         new_tensor(out, &x)
     }
 
+    fn round_bf16(x: FlexTensor) -> FlexTensor {
+        let x = dense(x);
+        let xs = values(&x);
+        let mut out = vec![half::bf16::ZERO; xs.len()];
+        out.par_chunks_mut(CHUNK)
+            .zip(xs.par_chunks(CHUNK))
+            .for_each(|(o, x)| round_bf16_slice(x, o));
+        FlexTensor::from_data(TensorData::new(out, x.layout().shape().clone()))
+    }
+
     fn swiglu(gate: FlexTensor, up: FlexTensor) -> FlexTensor {
+        if let (Some(gs), Some(us)) = (bf16_values(&gate), bf16_values(&up)) {
+            let mut out = vec![0f32; gs.len()];
+            out.par_chunks_mut(CHUNK)
+                .zip(gs.par_chunks(CHUNK).zip(us.par_chunks(CHUNK)))
+                .for_each_init(Widened::default, |w, (o, (g, u))| {
+                    let [g, u] = w.of([g, u]);
+                    swiglu_slice(g, u, o);
+                });
+            return new_tensor(out, &gate);
+        }
         let (g, u) = (dense(gate), dense(up));
         let (gs, us) = (values(&g), values(&u));
         let mut out = vec![0f32; gs.len()];
@@ -945,6 +1003,23 @@ impl CpuKernels for Flex {
         up: FlexTensor,
         dy: FlexTensor,
     ) -> (FlexTensor, FlexTensor) {
+        if let (Some(gs), Some(us)) = (bf16_values(&gate), bf16_values(&up)) {
+            let d = dense(dy);
+            let ds = values(&d);
+            let (mut dg, mut du) = (vec![0f32; gs.len()], vec![0f32; gs.len()]);
+            dg.par_chunks_mut(CHUNK)
+                .zip(du.par_chunks_mut(CHUNK))
+                .zip(
+                    gs.par_chunks(CHUNK)
+                        .zip(us.par_chunks(CHUNK))
+                        .zip(ds.par_chunks(CHUNK)),
+                )
+                .for_each_init(Widened::default, |w, ((dg, du), ((g, u), d))| {
+                    let [g, u] = w.of([g, u]);
+                    swiglu_backward_slice(g, u, d, dg, du);
+                });
+            return (new_tensor(dg, &d), new_tensor(du, &d));
+        }
         let (g, u, d) = (dense(gate), dense(up), dense(dy));
         let (gs, us, ds) = (values(&g), values(&u), values(&d));
         let (mut dg, mut du) = (vec![0f32; gs.len()], vec![0f32; gs.len()]);

@@ -471,19 +471,20 @@ pub fn rms_norm_linear(
 /// anyway; one more pass over them): it is the largest activation that training keeps of a
 /// LLaMA layer, `[N, intermediate]` (SmolLM2 on 4 × 256 tokens: 6.3 MB a layer, 189 MB over
 /// its 30 layers). `bf16`: both passes' products with bf16 operands and f32 sums, as
-/// [`bf16_matmul`]; elsewhere composed of [`swiglu`] and the product.
+/// [`bf16_matmul`], and gate and up rounded to bf16 first, as autocast's matmul outputs are,
+/// and kept in 16 bits (half the memory again); elsewhere composed of the same rounding,
+/// [`swiglu`] and the product.
 ///
 /// # Shapes
 /// - gate, up `[N, d]`, weight `[d, out]`
 /// - output `[N, out]`
 pub fn swiglu_linear(gate: Tensor<2>, up: Tensor<2>, weight: Tensor<2>, bf16: bool) -> Tensor<2> {
     if !on_flex(&gate) || gate.dims() != up.dims() || (bf16 && !bf16::available()) {
-        let gated = swiglu(gate, up);
-        return if bf16 {
-            bf16_matmul(gated, weight)
-        } else {
-            gated.matmul(weight)
-        };
+        if !bf16 {
+            return swiglu(gate, up).matmul(weight);
+        }
+        let gated = swiglu(rounded_to_bf16(gate), rounded_to_bf16(up));
+        return bf16_matmul(gated, weight);
     }
     Tensor::from_dispatch(<Dispatch as CpuFusedOps>::fused_swiglu_linear(
         gate.into_dispatch(),
@@ -491,6 +492,14 @@ pub fn swiglu_linear(gate: Tensor<2>, up: Tensor<2>, weight: Tensor<2>, bf16: bo
         weight.into_dispatch(),
         bf16,
     ))
+}
+
+/// `t`'s values rounded to bf16 (as f32), as autocast's matmul outputs are; the gradient passes
+/// through the rounding unrounded, as [`swiglu_linear`]'s CPU kernel passes it
+/// (`t + (round(t) − t)` is `round(t)` exactly).
+fn rounded_to_bf16<const D: usize>(t: Tensor<D>) -> Tensor<D> {
+    let rounded = t.clone().cast(FloatDType::BF16).cast(FloatDType::F32);
+    t.clone() + (rounded - t).detach()
 }
 
 /// Rotary position embeddings as transformers' `apply_rotary_pos_emb`: `x · cos +
@@ -1074,9 +1083,11 @@ trait CpuKernels: Kernels {
         sin: FloatTensor<Self>,
         backward: bool,
     ) -> FloatTensor<Self>;
-    /// `silu(gate) · up`.
+    /// `x` rounded to bf16 and stored in 16 bits, as the bf16 products round their operands.
+    fn round_bf16(x: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// `silu(gate) · up` (f32); gate and up both f32, or both bf16 from [`Self::round_bf16`].
     fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self>;
-    /// `(dgate, dup)` of [`swiglu`].
+    /// `(dgate, dup)` of [`swiglu`] (f32), gate and up as [`Self::swiglu`] takes them.
     fn swiglu_backward(
         gate: FloatTensor<Self>,
         up: FloatTensor<Self>,
@@ -1160,7 +1171,7 @@ impl CpuFusedOps for Flex {
         weight: FloatTensor<Self>,
         bf16: bool,
     ) -> FloatTensor<Self> {
-        product::<Self>(<Self as CpuKernels>::swiglu(gate, up), weight, bf16)
+        swiglu_product::<Self>(gate, up, weight, bf16)
     }
 
     fn fused_rms_norm_linear(
@@ -1480,8 +1491,8 @@ impl<B: CpuKernels, C: CheckpointStrategy> CpuFusedOps for Autodiff<B, C> {
         struct SwigluLinearBackward;
 
         impl<B: CpuKernels> Backward<B, 3> for SwigluLinearBackward {
-            /// The gate and the up projection; the weight when either of them takes a gradient;
-            /// whether the products are bf16.
+            /// The gate and the up projection (bf16 with bf16 products); the weight when either
+            /// of them takes a gradient; whether the products are bf16.
             type State = (FloatTensor<B>, FloatTensor<B>, Option<FloatTensor<B>>, bool);
 
             fn backward(
@@ -1521,19 +1532,21 @@ impl<B: CpuKernels, C: CheckpointStrategy> CpuFusedOps for Autodiff<B, C> {
             .stateful()
         {
             OpsKind::Tracked(prep) => {
-                let (gate, up) = (
-                    B::prepare(gate.into_primitive()),
-                    B::prepare(up.into_primitive()),
-                );
+                let [gate, up] = [gate, up].map(|t| match bf16 {
+                    true => B::round_bf16(t.into_primitive()),
+                    false => B::prepare(t.into_primitive()),
+                });
                 let weight = weight.into_primitive();
                 let gated = <B as CpuKernels>::swiglu(gate.clone(), up.clone());
                 let out = product::<B>(gated, weight.clone(), bf16);
                 prep.finish((gate, up, inputs_tracked.then_some(weight), bf16), out)
             }
-            OpsKind::UnTracked(prep) => {
-                let gated = <B as CpuKernels>::swiglu(gate.into_primitive(), up.into_primitive());
-                prep.finish(product::<B>(gated, weight.into_primitive(), bf16))
-            }
+            OpsKind::UnTracked(prep) => prep.finish(swiglu_product::<B>(
+                gate.into_primitive(),
+                up.into_primitive(),
+                weight.into_primitive(),
+                bf16,
+            )),
         }
     }
 
@@ -1703,6 +1716,17 @@ fn product<B: Kernels>(lhs: FloatTensor<B>, rhs: FloatTensor<B>, bf16: bool) -> 
     } else {
         B::float_matmul(lhs, rhs)
     }
+}
+
+/// [`swiglu_linear`]'s output, gate and up rounded to bf16 first with bf16 products.
+fn swiglu_product<B: CpuKernels>(
+    gate: FloatTensor<B>,
+    up: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    bf16: bool,
+) -> FloatTensor<B> {
+    let [gate, up] = [gate, up].map(|t| if bf16 { B::round_bf16(t) } else { t });
+    product::<B>(B::swiglu(gate, up), weight, bf16)
 }
 
 fn one_input<B: Kernels, C: CheckpointStrategy, Bw: Backward<B, 1>>(
@@ -2440,7 +2464,10 @@ mod tests {
             cases.push((true, true));
         }
         for (bf16, train_weight) in cases {
-            let (fused, composed) = (run(true, bf16, train_weight), run(false, bf16, train_weight));
+            let (fused, composed) = (
+                run(true, bf16, train_weight),
+                run(false, bf16, train_weight),
+            );
             assert_eq!(fused.3.is_some(), train_weight);
             let none = vec![];
             for (name, a, b) in [
@@ -2487,7 +2514,8 @@ mod tests {
             let y = if fused {
                 swiglu_linear(g.clone(), u.clone(), w.clone(), bf16)
             } else if bf16 {
-                bf16_matmul(swiglu(g.clone(), u.clone()), w.clone())
+                let r = rounded_to_bf16::<2>;
+                bf16_matmul(swiglu(r(g.clone()), r(u.clone())), w.clone())
             } else {
                 swiglu(g.clone(), u.clone()).matmul(w.clone())
             };
@@ -2529,6 +2557,14 @@ mod tests {
                     .fold(0f32, f32::max);
                 assert!(d < 1e-5, "{name} (bf16 {bf16}): {d}");
             }
+            // Without autodiff (evaluation) the same output.
+            let untracked = swiglu_linear(
+                gate.clone().inner(),
+                up.clone().inner(),
+                weight.clone().inner(),
+                bf16,
+            );
+            assert_eq!(v(untracked), fused.0, "untracked output (bf16 {bf16})");
         }
     }
 
