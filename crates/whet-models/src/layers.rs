@@ -5,7 +5,7 @@
 //! round-trip test checks both against the file).
 
 use burn::module::{Module, Param};
-use burn::tensor::module::{attention, embedding};
+use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Distribution, FloatDType, Int, Tensor, TensorData};
 
@@ -485,7 +485,7 @@ impl Embedding {
     pub fn forward(&self, ids: Tensor<2, Int>) -> Tensor<3> {
         let weight = self.weight.val();
         let track = weight.is_require_grad();
-        let out = embedding(weight, ids.clone());
+        let out = crate::kernels::embedding(weight, ids.clone());
         match self.padding_idx {
             // The padding row only feeds the positions holding the pad id, so detaching those
             // outputs zeroes exactly its gradient, at the cost of a [B, T, dim] select.

@@ -205,7 +205,7 @@ impl GradStore {
             // Each gradient moved out of the map, so that the product can reuse its memory.
             self.grads = std::mem::take(&mut self.grads)
                 .into_iter()
-                .map(|(name, g)| (name, g.mul_scalar(coef)))
+                .map(|(name, g)| (name, whet_models::kernels::scale(g, coef)))
                 .collect();
         }
         norm

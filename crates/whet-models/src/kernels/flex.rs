@@ -968,6 +968,27 @@ impl CpuKernels for Flex {
         new_tensor(out, &x)
     }
 
+    fn embedding_grad(dout: FlexTensor, ids: IntTensor<Flex>, vocab: usize) -> FlexTensor {
+        let dout = dense(dout);
+        let dy = values(&dout);
+        let d = dout.layout().shape().last().copied().unwrap_or(0);
+        // `vec![0.0; n]` allocates zeroed memory (calloc), which for a large gradient is a
+        // fresh mapping the kernel has not touched yet: only the pages of rows written here
+        // are faulted in.
+        let mut grad = vec![0f32; vocab * d];
+        if d > 0 {
+            for (row, id) in dy.chunks(d).zip(ids.into_data().iter::<i64>()) {
+                let start = usize::try_from(id).unwrap_or(usize::MAX).saturating_mul(d);
+                if let Some(g) = grad.get_mut(start..start.saturating_add(d)) {
+                    for (g, &y) in g.iter_mut().zip(row) {
+                        *g += y;
+                    }
+                }
+            }
+        }
+        FlexTensor::from_data(TensorData::new(grad, vec![vocab, d]))
+    }
+
     fn round_bf16(x: FlexTensor) -> FlexTensor {
         let x = dense(x);
         let xs = values(&x);
@@ -1186,7 +1207,25 @@ impl CpuOptimOps for Flex {
             .sum();
         FlexTensor::from_data(TensorData::new(vec![sum], [1]))
     }
+
+    fn fused_scale(x: FloatTensor<Self>, by: f32) -> FloatTensor<Self> {
+        let mut x = owned(x);
+        let n = x.layout().shape().num_elements();
+        x.storage_mut::<f32>()[..n]
+            .par_chunks_mut(CHUNK)
+            .for_each(|c| scale_nonzero_pages(c, by));
+        x
+    }
 }
+
+// `x · by`, in place, for a page of `x` (1024 values) that holds a value other than zero.
+multiversion!(scale_nonzero_pages(x: &mut [f32], by: f32) {
+    for page in x.chunks_mut(1024) {
+        if page.iter().any(|&v| v != 0.0) {
+            page.iter_mut().for_each(|v| *v *= by);
+        }
+    }
+});
 
 multiversion!(sum_of_squares_chunk(x: &[f32], out: &mut f32) {
     *out = dot(x, x);

@@ -111,6 +111,8 @@ pub trait CpuFusedOps: burn::backend::Backend {
         weight: FloatTensor<Self>,
         bf16: bool,
     ) -> FloatTensor<Self>;
+    /// [`embedding`]: the rows of `weight` `[V, D]` at `ids` `[B, T]`, `[B, T, D]`.
+    fn fused_embedding(weight: FloatTensor<Self>, ids: IntTensor<Self>) -> FloatTensor<Self>;
     /// `x · cos + rotate_half(x) · sin`; `cos` and `sin` are constants (no gradient).
     fn fused_rope(
         x: FloatTensor<Self>,
@@ -158,6 +160,22 @@ pub trait CpuOptimOps: burn::backend::Backend {
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
     /// [`sum_of_squares`], `[1]`.
     fn fused_sum_of_squares(x: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// [`scale`]: `x · by`.
+    fn fused_scale(x: FloatTensor<Self>, by: f32) -> FloatTensor<Self>;
+}
+
+/// `x · by`: gradient clipping's scaling. On the CPU backend in place when `x` is not shared,
+/// and a page of zeros is left as it is (`0 · by` is 0): an embedding's gradient is zero
+/// outside the rows of the step's tokens, and memory that was only ever read (see
+/// [`embedding`]) stays the kernel's shared zero page instead of being copied page by page.
+pub fn scale(x: Tensor<1>, by: f64) -> Tensor<1> {
+    if !on_flex(&x) || !by.is_finite() {
+        return x.mul_scalar(by);
+    }
+    Tensor::from_dispatch(<Dispatch as CpuOptimOps>::fused_scale(
+        x.into_dispatch(),
+        by as f32,
+    ))
 }
 
 /// `Σ x²` over a tensor, as f64: a gradient norm's square. On the CPU backend one pass over
@@ -500,6 +518,27 @@ pub fn swiglu_linear(gate: Tensor<2>, up: Tensor<2>, weight: Tensor<2>, bf16: bo
 fn rounded_to_bf16<const D: usize>(t: Tensor<D>) -> Tensor<D> {
     let rounded = t.clone().cast(FloatDType::BF16).cast(FloatDType::F32);
     t.clone() + (rounded - t).detach()
+}
+
+/// `weight[ids]`, `[B, T, D]` for ids `[B, T]` and a weight `[V, D]`: burn's `embedding`, with
+/// a backward pass of its own on the CPU. Why: burn's makes the weight's gradient as a
+/// zero-filled `[V, D]` tensor and a scatter into it, which on the CPU backend wrote, and made
+/// the kernel zero, every page of a fresh allocation twice a step (BERT's word embedding is
+/// 47 MB): three quarters of a MiniLM step's page faults. Here the gradient starts as
+/// untouched zeroed memory, and only the rows of the ids are written; the optimizer's read of
+/// the rest maps the kernel's zero page.
+///
+/// # Shapes
+/// - weight `[V, D]`, ids `[B, T]`
+/// - output `[B, T, D]`
+pub fn embedding(weight: Tensor<2>, ids: Tensor<2, Int>) -> Tensor<3> {
+    if !on_flex(&weight) {
+        return burn::tensor::module::embedding(weight, ids);
+    }
+    Tensor::from_dispatch(<Dispatch as CpuFusedOps>::fused_embedding(
+        weight.into_dispatch(),
+        ids.into_dispatch(),
+    ))
 }
 
 /// Rotary position embeddings as transformers' `apply_rotary_pos_emb`: `x · cos +
@@ -1075,6 +1114,13 @@ trait CpuKernels: Kernels {
     );
     /// `t · by` for `by` of shape `[1]`.
     fn scale_by(t: FloatTensor<Self>, by: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// The gradient `[vocab, D]` of [`embedding`]'s weight for the output gradient `dout`
+    /// `[B, T, D]`: row `v` sums the rows of `dout` at the positions holding id `v`.
+    fn embedding_grad(
+        dout: FloatTensor<Self>,
+        ids: IntTensor<Self>,
+        vocab: usize,
+    ) -> FloatTensor<Self>;
     /// [`rope`] of `[B, H, T, hd]` with `[B, 1, T, hd]` tables; `backward`: its transpose,
     /// the input gradient of an output gradient.
     fn rope(
@@ -1183,6 +1229,10 @@ impl CpuFusedOps for Flex {
     ) -> FloatTensor<Self> {
         let (h, _) = <Self as CpuKernels>::rms_norm(x, norm_weight, eps as f32);
         product::<Self>(h, weight, bf16)
+    }
+
+    fn fused_embedding(weight: FloatTensor<Self>, ids: IntTensor<Self>) -> FloatTensor<Self> {
+        <Self as burn::backend::ops::ModuleOps<Self>>::embedding(weight, ids)
     }
 
     fn fused_rope(
@@ -1547,6 +1597,48 @@ impl<B: CpuKernels, C: CheckpointStrategy> CpuFusedOps for Autodiff<B, C> {
                 weight.into_primitive(),
                 bf16,
             )),
+        }
+    }
+
+    fn fused_embedding(weight: FloatTensor<Self>, ids: IntTensor<Self>) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct EmbeddingBackward;
+
+        impl<B: CpuKernels> Backward<B, 1> for EmbeddingBackward {
+            /// The ids and the vocabulary size.
+            type State = (IntTensor<B>, usize);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 1>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let [weight_node] = ops.parents;
+                let dout = grads.consume::<B>(&ops.node);
+                let (ids, vocab) = ops.state;
+                if let Some(node) = weight_node {
+                    grads.register::<B>(node.id, B::embedding_grad(dout, ids, vocab));
+                }
+            }
+        }
+
+        let vocab = weight.shape()[0];
+        match EmbeddingBackward
+            .prepare::<C>([weight.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let out = <B as burn::backend::ops::ModuleOps<B>>::embedding(
+                    weight.into_primitive(),
+                    ids.clone(),
+                );
+                prep.finish((ids, vocab), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(
+                <B as burn::backend::ops::ModuleOps<B>>::embedding(weight.into_primitive(), ids),
+            ),
         }
     }
 
@@ -2293,6 +2385,64 @@ mod tests {
         let want = x.clone().square().sum().into_scalar::<f32>() as f64;
         let got = sum_of_squares(x);
         assert!((got - want).abs() <= 1e-5 * want, "{got} vs {want}");
+    }
+
+    /// Clipping's scaling against `mul_scalar`: a gradient with pages of zeros (left
+    /// unwritten) and scattered values, more values than one chunk of the parallel loop and a
+    /// ragged tail; a tensor that another holder shares is copied, not changed under it.
+    #[test]
+    fn scale_equals_mul_scalar_and_leaves_a_shared_tensor_alone() {
+        let _rng = crate::test_rng();
+        let n = 300_007;
+        let mut values = vec![0f32; n];
+        for i in (0..n).step_by(4099) {
+            values[i] = i as f32 * 0.5 - 7.0;
+        }
+        values[n - 1] = 3.0;
+        let x = Tensor::<1>::from_data(TensorData::new(values.clone(), [n]), &Device::flex());
+        let want: Vec<f32> = values.iter().map(|v| v * 0.3).collect();
+        let shared = x.clone();
+        let got: Vec<f32> = scale(x, 0.3).into_data().try_to_vec().unwrap();
+        assert_eq!(got, want);
+        assert_eq!(shared.into_data().try_to_vec::<f32>().unwrap(), values);
+    }
+
+    /// The embedding against burn's: rows in value, and the weight's gradient with repeated
+    /// ids (summed) and rows no id picks (zero), trained and frozen.
+    #[test]
+    fn embedding_matches_burns_in_value_and_gradient() {
+        let _rng = crate::test_rng();
+        let device = Device::flex().autodiff();
+        let (vocab, d) = (3000, 37);
+        let weight = Tensor::<2>::random([vocab, d], Distribution::Normal(0.0, 1.0), &device);
+        let ids = Tensor::<2, Int>::from_data(
+            TensorData::new(vec![5i64, 17, 5, 2999, 0, 17, 17, 1234], [2, 4]),
+            &device,
+        );
+        let dy = Tensor::<3>::random([2, 4, d], Distribution::Normal(0.0, 1.0), &device);
+        let v = |t: Tensor<3>| -> Vec<f32> { t.into_data().try_to_vec().unwrap() };
+        let run = |fused: bool| {
+            let w = weight.clone().require_grad();
+            let y = if fused {
+                embedding(w.clone(), ids.clone())
+            } else {
+                burn::tensor::module::embedding(w.clone(), ids.clone())
+            };
+            let grads = (y.clone() * dy.clone()).sum().backward();
+            let dw: Vec<f32> = w.grad(&grads).unwrap().into_data().try_to_vec().unwrap();
+            (v(y), dw)
+        };
+        let (fused, composed) = (run(true), run(false));
+        assert_eq!(fused.0, composed.0, "rows");
+        let close = fused
+            .1
+            .iter()
+            .zip(&composed.1)
+            .all(|(a, b)| (a - b).abs() <= 1e-6 * b.abs().max(1.0));
+        assert!(close, "weight gradient");
+        assert_eq!(fused.1.len(), vocab * d);
+        let frozen = embedding(weight.clone(), ids.clone());
+        assert_eq!(v(frozen), composed.0, "frozen rows");
     }
 
     /// Fused attention against the composed products, forward and backward, at a MiniLM step's
