@@ -782,21 +782,55 @@ fn bf16_values(t: &FlexTensor) -> Option<&[half::bf16]> {
         .flatten()
 }
 
-/// Two f32 buffers of a rayon task, for the chunks of bf16 operands it widens
-/// ([`widen_slice`]) before an f32 slice kernel reads them.
-#[derive(Default)]
-struct Widened([Vec<f32>; 2]);
+/// A value type the SwiGLU kernels read: f32 in place, bf16 widened chunk by chunk into a
+/// buffer of the rayon task ([`widen_slice`]).
+trait Lanes: Copy + Sync {
+    /// `chunk` as f32: itself, or widened into `buf`.
+    fn as_f32<'a>(chunk: &'a [Self], buf: &'a mut Vec<f32>) -> &'a [f32];
+}
 
-impl Widened {
-    /// `chunks` widened to f32, each in its own buffer.
-    fn of(&mut self, chunks: [&[half::bf16]; 2]) -> [&[f32]; 2] {
-        for (buf, h) in self.0.iter_mut().zip(chunks) {
-            buf.resize(h.len(), 0.0);
-            widen_slice(h, buf);
-        }
-        let [a, b] = &self.0;
-        [a, b]
+impl Lanes for f32 {
+    fn as_f32<'a>(chunk: &'a [f32], _: &'a mut Vec<f32>) -> &'a [f32] {
+        chunk
     }
+}
+
+impl Lanes for half::bf16 {
+    fn as_f32<'a>(chunk: &'a [half::bf16], buf: &'a mut Vec<f32>) -> &'a [f32] {
+        buf.resize(chunk.len(), 0.0);
+        widen_slice(chunk, buf);
+        buf
+    }
+}
+
+/// `silu(g) · u` over chunks split across rayon's threads.
+fn swiglu_chunks<E: Lanes>(gs: &[E], us: &[E]) -> Vec<f32> {
+    let mut out = vec![0f32; gs.len()];
+    out.par_chunks_mut(CHUNK)
+        .zip(gs.par_chunks(CHUNK).zip(us.par_chunks(CHUNK)))
+        .for_each_init(<[Vec<f32>; 2]>::default, |[bg, bu], (o, (g, u))| {
+            swiglu_slice(E::as_f32(g, bg), E::as_f32(u, bu), o);
+        });
+    out
+}
+
+/// `(dg, du)` of [`swiglu_chunks`] for the output gradient `ds`.
+fn swiglu_backward_chunks<E: Lanes>(gs: &[E], us: &[E], ds: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let (mut dg, mut du) = (vec![0f32; gs.len()], vec![0f32; gs.len()]);
+    dg.par_chunks_mut(CHUNK)
+        .zip(du.par_chunks_mut(CHUNK))
+        .zip(
+            gs.par_chunks(CHUNK)
+                .zip(us.par_chunks(CHUNK))
+                .zip(ds.par_chunks(CHUNK)),
+        )
+        .for_each_init(
+            <[Vec<f32>; 2]>::default,
+            |[bg, bu], ((dg, du), ((g, u), d))| {
+                swiglu_backward_slice(E::as_f32(g, bg), E::as_f32(u, bu), d, dg, du);
+            },
+        );
+    (dg, du)
 }
 
 // `dg = dy · u · s · (1 + g · (1 − s))`, `du = dy · g · s` with `s = sigmoid(g)`.
@@ -1000,23 +1034,15 @@ impl CpuKernels for Flex {
     }
 
     fn swiglu(gate: FlexTensor, up: FlexTensor) -> FlexTensor {
-        if let (Some(gs), Some(us)) = (bf16_values(&gate), bf16_values(&up)) {
-            let mut out = vec![0f32; gs.len()];
-            out.par_chunks_mut(CHUNK)
-                .zip(gs.par_chunks(CHUNK).zip(us.par_chunks(CHUNK)))
-                .for_each_init(Widened::default, |w, (o, (g, u))| {
-                    let [g, u] = w.of([g, u]);
-                    swiglu_slice(g, u, o);
-                });
-            return new_tensor(out, &gate);
-        }
-        let (g, u) = (dense(gate), dense(up));
-        let (gs, us) = (values(&g), values(&u));
-        let mut out = vec![0f32; gs.len()];
-        out.par_chunks_mut(CHUNK)
-            .zip(gs.par_chunks(CHUNK).zip(us.par_chunks(CHUNK)))
-            .for_each(|(o, (g, u))| swiglu_slice(g, u, o));
-        new_tensor(out, &g)
+        let like = gate.layout().shape().clone();
+        let out = match (bf16_values(&gate), bf16_values(&up)) {
+            (Some(gs), Some(us)) => swiglu_chunks(gs, us),
+            _ => {
+                let (g, u) = (dense(gate), dense(up));
+                swiglu_chunks(values(&g), values(&u))
+            }
+        };
+        FlexTensor::from_data(TensorData::new(out, like))
     }
 
     fn swiglu_backward(
@@ -1024,35 +1050,15 @@ impl CpuKernels for Flex {
         up: FlexTensor,
         dy: FlexTensor,
     ) -> (FlexTensor, FlexTensor) {
-        if let (Some(gs), Some(us)) = (bf16_values(&gate), bf16_values(&up)) {
-            let d = dense(dy);
-            let ds = values(&d);
-            let (mut dg, mut du) = (vec![0f32; gs.len()], vec![0f32; gs.len()]);
-            dg.par_chunks_mut(CHUNK)
-                .zip(du.par_chunks_mut(CHUNK))
-                .zip(
-                    gs.par_chunks(CHUNK)
-                        .zip(us.par_chunks(CHUNK))
-                        .zip(ds.par_chunks(CHUNK)),
-                )
-                .for_each_init(Widened::default, |w, ((dg, du), ((g, u), d))| {
-                    let [g, u] = w.of([g, u]);
-                    swiglu_backward_slice(g, u, d, dg, du);
-                });
-            return (new_tensor(dg, &d), new_tensor(du, &d));
-        }
-        let (g, u, d) = (dense(gate), dense(up), dense(dy));
-        let (gs, us, ds) = (values(&g), values(&u), values(&d));
-        let (mut dg, mut du) = (vec![0f32; gs.len()], vec![0f32; gs.len()]);
-        dg.par_chunks_mut(CHUNK)
-            .zip(du.par_chunks_mut(CHUNK))
-            .zip(
-                gs.par_chunks(CHUNK)
-                    .zip(us.par_chunks(CHUNK))
-                    .zip(ds.par_chunks(CHUNK)),
-            )
-            .for_each(|((dg, du), ((g, u), d))| swiglu_backward_slice(g, u, d, dg, du));
-        (new_tensor(dg, &g), new_tensor(du, &g))
+        let d = dense(dy);
+        let (dg, du) = match (bf16_values(&gate), bf16_values(&up)) {
+            (Some(gs), Some(us)) => swiglu_backward_chunks(gs, us, values(&d)),
+            _ => {
+                let (g, u) = (dense(gate), dense(up));
+                swiglu_backward_chunks(values(&g), values(&u), values(&d))
+            }
+        };
+        (new_tensor(dg, &d), new_tensor(du, &d))
     }
 
     fn rms_norm(x: FlexTensor, w: FlexTensor, eps: f32) -> (FlexTensor, FlexTensor) {
