@@ -2435,7 +2435,8 @@ mod tests {
             <Flex as CpuKernels>::round_bf16(prim(u)),
         );
         assert_eq!(gb.dtype(), burn::tensor::DType::BF16);
-        let f = |t: FlexTensor| -> Vec<f32> { t.into_data().convert::<f32>().to_vec().unwrap() };
+        let f =
+            |t: FlexTensor| -> Vec<f32> { t.into_data().convert::<f32>().try_to_vec().unwrap() };
         assert_eq!(f(gb.clone()), f(prim(gw.clone())));
         let from_bf16 = <Flex as CpuKernels>::swiglu(gb.clone(), ub.clone());
         let from_f32 = <Flex as CpuKernels>::swiglu(prim(gw.clone()), prim(uw.clone()));
