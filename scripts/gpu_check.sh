@@ -14,10 +14,10 @@
 #     (MiniLM-L6, SmolLM2-135M, a Llama-3.2-1B-shaped model), their word-level tokenizers and
 #     synthetic data (scripts/gpu/make_assets.py), while
 #  2. the tiny-model parity tests run on the device (WHET_TEST_DEVICE=cuda);
-#  3. greedy generation: `whet generate` against `transformers.generate` (tokens/s, and how many
-#     greedy tokens agree);
-#  4. training, LoRA and full, f32 and bf16, whet against transformers' Trainer (+ peft) with the
+#  3. training, LoRA and full, f32 and bf16, whet against transformers' Trainer (+ peft) with the
 #     same tokens per step, steps and sequence length: train tokens/s and peak device memory;
+#  4. greedy generation: `whet generate` against `transformers.generate` (tokens/s, and how many
+#     greedy tokens agree);
 #  5. a summary table (markdown) on stdout and in $OUT/summary.md, with results.json, check.log
 #     and logs.tar.gz beside it ($OUT is the device tool's output folder; here runs/gpu-check/).
 # A rerun of part of it: GPU_CHECK_SKIP=parity,generate and/or GPU_CHECK_ONLY_TRAIN=llama-1b.
@@ -106,6 +106,14 @@ for sp in site.getsitepackages():
 dirs += ["/usr/local/cuda/lib64", "/usr/local/cuda/targets/x86_64-linux/lib", "/usr/local/nvidia/lib64"]
 print(":".join(dict.fromkeys(d for d in dirs if os.path.isdir(d))))' 2>/dev/null)
     export WHET_LD_LIBRARY_PATH=${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$libs
+    # whet's CUDA build compiles its kernels with NVRTC, which reads the toolkit's headers
+    # (cuda_fp16.h, ...) from CUDA_PATH, default /usr/local/cuda; else PyTorch's wheels'.
+    if [[ -z ${CUDA_PATH:-} && ! -e /usr/local/cuda/include/cuda_fp16.h ]]; then
+        hdr=$("$PY" -c 'import glob, site
+print(next(iter(sorted(h for sp in site.getsitepackages() for h in glob.glob(sp + "/nvidia/*/include/cuda_fp16.h"))), ""))' 2>/dev/null)
+        [[ -n $hdr ]] && export CUDA_PATH=$(dirname "$(dirname "$hdr")")
+    fi
+    echo "CUDA_PATH=${CUDA_PATH:-/usr/local/cuda}: $(ls "${CUDA_PATH:-/usr/local/cuda}/include/cuda_fp16.h" 2>&1)"
     echo "whet's LD_LIBRARY_PATH=$WHET_LD_LIBRARY_PATH"
     ldconfig -p 2>/dev/null | grep -E "libcuda\.so|libnvrtc\.so|libnccl\.so" | head -6
 fi

@@ -8,6 +8,7 @@ generate` encodes a plain prompt with this tokenizer, which adds none). Times th
 after a device synchronisation: the first (cold: kernel selection, cache allocation) and two more;
 tokens/s counts new tokens over the whole call, prefill included, as `whet generate` reports."""
 import json
+import os
 import sys
 import time
 
@@ -19,7 +20,8 @@ def main():
     from tokenizers import Tokenizer
     from transformers import AutoModelForCausalLM
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # WHET_REF_DEVICE=cpu: the CPU row of the check (its threads set by OMP_NUM_THREADS).
+    device = os.environ.get("WHET_REF_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
     ids = Tokenizer.from_file(f"{model_dir}/tokenizer.json").encode(prompt, add_special_tokens=False).ids
     t = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
@@ -39,7 +41,7 @@ def main():
             n = y.shape[1] - x.shape[1]
             calls.append({"new_tokens": n, "seconds": round(s, 4), "tokens_per_s": n / s})
     res = {"stack": "reference", "impl": f"transformers {transformers.__version__} / torch {torch.__version__}",
-           "device": device, "prompt_tokens": len(ids), "load_s": round(load_s, 2), "calls": calls,
+           "device": device, "threads": torch.get_num_threads(), "prompt_tokens": len(ids), "load_s": round(load_s, 2), "calls": calls,
            "cold_tokens_per_s": calls[0]["tokens_per_s"],
            "warm_tokens_per_s": max(c["tokens_per_s"] for c in calls[1:]),
            "new_tokens": calls[-1]["new_tokens"], "generated_ids": y[0, len(ids):].tolist()}
