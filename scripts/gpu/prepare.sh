@@ -31,7 +31,8 @@ case ${1:-} in
     "") ;;
     *) echo "usage: scripts/gpu/prepare.sh [--llvm-stub | --cpu]" >&2; exit 2 ;;
 esac
-TESTS=${GPU_TESTS:-"whet-models:main:parity_tiny::"}
+# (TEST-TARGET `lib`: the crate's unit tests, e.g. the device kernels against composed ops.)
+TESTS=${GPU_TESTS:-"whet-models:main:parity_tiny:: whet-models:lib:kernels::"}
 BUNDLE=gpu-bundle
 LIMIT_MIB=64
 
@@ -103,8 +104,9 @@ entries=()
 for spec in $TESTS; do
     IFS=: read -r pkg target filter <<<"$spec"
     # cargo prints the test binary's path in its JSON messages (the file name has a hash).
-    cargo_linked test "${PROFILE[@]}" "${FEATURES[@]}" -p "$pkg" --test "$target" --no-run
-    exe=$(cargo test "${PROFILE[@]}" "${FEATURES[@]}" -p "$pkg" --test "$target" --no-run \
+    which=(--test "$target"); [[ $target == lib ]] && which=(--lib)
+    cargo_linked test "${PROFILE[@]}" "${FEATURES[@]}" -p "$pkg" "${which[@]}" --no-run
+    exe=$(cargo test "${PROFILE[@]}" "${FEATURES[@]}" -p "$pkg" "${which[@]}" --no-run \
             --message-format=json 2>/dev/null | python3 -c '
 import json, sys
 pkg, target = sys.argv[1], sys.argv[2]
@@ -113,7 +115,8 @@ for line in sys.stdin:
     pid = m.get("package_id", "")
     ours = pid.startswith(pkg + " ") or ("/" + pkg + "#") in pid or ("#" + pkg + "@") in pid
     if m.get("reason") == "compiler-artifact" and m.get("executable") and ours \
-            and m["target"]["name"] == target:
+            and (m["target"]["name"] == target
+                 or (target == "lib" and "lib" in m["target"]["kind"] and m["profile"]["test"])):
         print(m["executable"])' "$pkg" "$target")
     [[ -n $exe ]] || { echo "prepare: no test binary for $spec" >&2; exit 1; }
     check_imports "$exe"

@@ -209,7 +209,64 @@ enum WgpuKind {
 #[cfg(feature = "cuda")]
 fn cuda(index: usize) -> Result<Device, DeviceError> {
     let spec = DeviceSpec::Cuda(index);
+    cuda_prerequisites().map_err(|reason| DeviceError::Unavailable { spec, reason })?;
     probe(spec, || Device::cuda(index))
+}
+
+/// What the CUDA build needs at run time, looked for before burn's runtime starts: it loads the
+/// driver and NVRTC in a thread of its own and panics there when one is missing, so [`probe`]
+/// would see only a closed channel. whet's CUDA kernels are compiled by NVRTC (cubecl's C++
+/// backend, see this crate's Cargo.toml), which also reads the toolkit's headers.
+#[cfg(feature = "cuda")]
+fn cuda_prerequisites() -> Result<(), String> {
+    let libraries = [
+        ("cuda", "the NVIDIA driver's library"),
+        (
+            "nvrtc",
+            "NVRTC, the CUDA compiler whet's kernels are compiled with at run time (the CUDA \
+             toolkit has it, and so does PyTorch's nvidia-cuda-nvrtc wheel)",
+        ),
+    ];
+    for (name, what) in libraries {
+        // The names cudarc tries, in its order.
+        let candidates = cudarc::get_lib_name_candidates(name);
+        if !candidates.iter().any(|c| loadable(c)) {
+            return Err(format!(
+                "{what} is not installed or not on the library path: none of {} loads \
+                 (add its folder to LD_LIBRARY_PATH)",
+                candidates.join(", ")
+            ));
+        }
+    }
+    let header = cubecl_cuda::install::cuda_path().map(|p| p.join("include").join("cuda_fp16.h"));
+    match header {
+        Some(h) if h.is_file() => Ok(()),
+        Some(h) => Err(format!(
+            "NVRTC needs the CUDA toolkit's headers and {} is missing: set CUDA_PATH to the \
+             toolkit's folder",
+            h.display()
+        )),
+        None => Err("NVRTC needs the CUDA toolkit's headers and no toolkit was found \
+                     (/usr/local/cuda, /opt/cuda): set CUDA_PATH to the toolkit's folder"
+            .into()),
+    }
+}
+
+/// Whether the dynamic loader finds and loads the shared library `name`.
+#[cfg(feature = "cuda")]
+fn loadable(name: &str) -> bool {
+    let Ok(c) = std::ffi::CString::new(name) else {
+        return false;
+    };
+    // SAFETY: `c` is a valid C string; a handle dlopen returns is closed once, here.
+    unsafe {
+        let handle = libc::dlopen(c.as_ptr(), libc::RTLD_LAZY | libc::RTLD_LOCAL);
+        if handle.is_null() {
+            return false;
+        }
+        libc::dlclose(handle);
+    }
+    true
 }
 
 #[cfg(not(feature = "cuda"))]

@@ -3103,13 +3103,21 @@ mod tests {
 /// each within a few ulp or 1.5e-7 absolute), so values agree to about 1e-6 relative; the
 /// bounds below leave a factor of ten or more over that and stay far below any real error
 /// (a wrong index, a missing scale), which moves results by whole units.
-#[cfg(all(test, feature = "wgpu"))]
+#[cfg(all(test, any(feature = "wgpu", feature = "cuda")))]
 mod cube_tests {
     use super::*;
-    use burn::tensor::{Device, DeviceKind, Distribution};
+    use burn::tensor::{Device, Distribution};
 
+    /// `WHET_TEST_DEVICE` when set (scripts/test_devices.sh sets `wgpu:cpu`, the GPU check
+    /// `cuda`); else the software wgpu adapter, or CUDA in a build without wgpu.
     fn gpu() -> Device {
-        Device::wgpu(DeviceKind::Cpu)
+        match std::env::var("WHET_TEST_DEVICE") {
+            Ok(s) if !s.trim().is_empty() => crate::device::for_tests(),
+            #[cfg(feature = "wgpu")]
+            _ => Device::wgpu(burn::tensor::DeviceKind::Cpu),
+            #[cfg(not(feature = "wgpu"))]
+            _ => Device::cuda(0),
+        }
     }
 
     fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
@@ -3159,7 +3167,7 @@ mod cube_tests {
         let _rng = crate::test_rng();
         let device = gpu().autodiff();
         let x = Tensor::<3>::random([2, 5, 300], Distribution::Normal(0.0, 3.0), &device);
-        assert!(fused(&x), "a wgpu tensor takes the kernels");
+        assert!(fused(&x), "a device tensor takes the kernels");
         let a = x.clone().require_grad();
         let ya = gelu(a.clone());
         let yb = burn::tensor::activation::gelu(x.clone());
