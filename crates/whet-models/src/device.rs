@@ -228,8 +228,10 @@ fn cuda_prerequisites() -> Result<(), String> {
         ),
     ];
     for (name, what) in libraries {
-        // The names cudarc tries, in its order.
-        let candidates = cudarc::get_lib_name_candidates(name);
+        // The names cudarc tries, in its order (once each: its list repeats some).
+        let mut candidates = cudarc::get_lib_name_candidates(name);
+        let mut seen = std::collections::HashSet::new();
+        candidates.retain(|c| seen.insert(c.clone()));
         if !candidates.iter().any(|c| loadable(c)) {
             return Err(format!(
                 "{what} is not installed or not on the library path: none of {} loads \

@@ -149,11 +149,13 @@ impl GradStore {
         model.visit_params("", &mut Acc { store: self, grads });
     }
 
-    /// Multiplies every gradient by `factor` (undoing the fp16 loss scale).
+    /// Multiplies every gradient by `factor` (undoing the fp16 loss scale), in place on the CPU.
     pub fn scale(&mut self, factor: f64) {
-        for g in self.grads.values_mut() {
-            *g = g.clone().mul_scalar(factor);
-        }
+        // Each gradient moved out of the map, so that the product can reuse its memory.
+        self.grads = std::mem::take(&mut self.grads)
+            .into_iter()
+            .map(|(name, g)| (name, whet_models::kernels::scale(g, factor)))
+            .collect();
     }
 
     /// The global L2 norm of all gradients.
@@ -195,20 +197,14 @@ impl GradStore {
         norm
     }
 
-    /// Scales gradients so their global norm is at most `max_norm` (as `clip_grad_norm_`:
-    /// coefficient `max_norm / (norm + 1e-6)`, applied only when below 1). Returns the norm
-    /// before clipping.
-    pub fn clip(&mut self, max_norm: f64) -> f64 {
+    /// The global norm and the coefficient that clips it to at most `max_norm` (as
+    /// `clip_grad_norm_`: `max_norm / (norm + 1e-6)`, applied only when below 1; 1 otherwise).
+    /// Nothing is scaled here: [`Optimizer::step`] multiplies each gradient by the coefficient
+    /// in its update pass, which saves a pass over every gradient.
+    pub fn clip_coefficient(&self, max_norm: f64) -> (f64, f64) {
         let norm = self.norm();
         let coef = max_norm / (norm + 1e-6);
-        if max_norm > 0.0 && coef < 1.0 {
-            // Each gradient moved out of the map, so that the product can reuse its memory.
-            self.grads = std::mem::take(&mut self.grads)
-                .into_iter()
-                .map(|(name, g)| (name, whet_models::kernels::scale(g, coef)))
-                .collect();
-        }
-        norm
+        (norm, if max_norm > 0.0 && coef < 1.0 { coef } else { 1.0 })
     }
 }
 
@@ -310,13 +306,21 @@ impl Optimizer {
         f32s + q8
     }
 
-    /// Applies one update with learning rate `lr` to every parameter that has a gradient.
-    pub fn step<M: VisitParams>(&mut self, model: &mut M, grads: &GradStore, lr: f64) {
+    /// Applies one update with learning rate `lr` to every parameter that has a gradient, each
+    /// gradient multiplied by `grad_scale` first (gradient clipping's coefficient; 1: none).
+    pub fn step<M: VisitParams>(
+        &mut self,
+        model: &mut M,
+        grads: &GradStore,
+        lr: f64,
+        grad_scale: f64,
+    ) {
         self.step += 1;
         struct Update<'a> {
             opt: &'a mut Optimizer,
             grads: &'a GradStore,
             lr: f64,
+            grad_scale: f64,
         }
         impl Update<'_> {
             fn update<const D: usize>(&mut self, name: &str, p: &mut Param<Tensor<D>>) {
@@ -333,7 +337,7 @@ impl Optimizer {
                 let shape = value.shape();
                 let n = shape.num_elements();
                 let flat: Tensor<1> = value.reshape([n]);
-                let new = self.opt.apply(name, flat, g.clone(), self.lr);
+                let new = self.opt.apply(name, flat, g.clone(), self.lr, self.grad_scale);
                 let new: Tensor<D> = new.reshape(shape);
                 *p = Param::initialized(p.id, Tensor::from_inner(new).require_grad());
             }
@@ -352,16 +356,30 @@ impl Optimizer {
                 opt: self,
                 grads,
                 lr,
+                grad_scale,
             },
         );
     }
 
-    /// The update of one flattened parameter.
-    fn apply(&mut self, name: &str, p: Tensor<1>, g: Tensor<1>, lr: f64) -> Tensor<1> {
+    /// The update of one flattened parameter, its gradient `g · grad_scale`: the AdamW kinds
+    /// multiply in their update pass, SGD first.
+    fn apply(
+        &mut self,
+        name: &str,
+        p: Tensor<1>,
+        g: Tensor<1>,
+        lr: f64,
+        grad_scale: f64,
+    ) -> Tensor<1> {
         let c = self.config;
         let wd = if decays(name) { c.weight_decay } else { 0.0 };
         match c.kind {
             OptimizerKind::Sgd => {
+                let g = if grad_scale != 1.0 {
+                    kernels::scale(g, grad_scale)
+                } else {
+                    g
+                };
                 let g = if wd > 0.0 {
                     g + p.clone().mul_scalar(wd)
                 } else {
@@ -383,7 +401,7 @@ impl Optimizer {
                     Some(other) => other.to_host(),
                     None => (Blockwise8::zeros(n, true), Blockwise8::zeros(n, false)),
                 };
-                let p = kernels::adamw_8bit_on_host(p, g, &mut m, &mut v, self.adamw_step(lr, wd));
+                let p = kernels::adamw_8bit_on_host(p, g, &mut m, &mut v, self.adamw_step(lr, wd, grad_scale));
                 let (m, v) = (Blockwise8State::Host(m), Blockwise8State::Host(v));
                 self.moments8.insert(name.to_string(), Moments8 { m, v });
                 p
@@ -405,7 +423,7 @@ impl Optimizer {
                         v: g.zeros_like(),
                     },
                 };
-                let (p, st) = self.adam(p, g, st, lr, wd);
+                let (p, st) = self.adam(p, g, st, lr, wd, grad_scale);
                 let q = Moments8::quantize(st.m, st.v, c.kind);
                 self.moments8.insert(name.to_string(), q);
                 p
@@ -430,7 +448,7 @@ impl Optimizer {
                         v: g.zeros_like(),
                     },
                 };
-                let (p, mut st) = self.adam(p, g, st, lr, wd);
+                let (p, mut st) = self.adam(p, g, st, lr, wd, grad_scale);
                 if paged {
                     let host = Device::flex();
                     st = Moments {
@@ -445,7 +463,7 @@ impl Optimizer {
     }
 
     /// The constants of this step's AdamW update at `lr` with weight decay `wd`.
-    fn adamw_step(&self, lr: f64, wd: f64) -> kernels::AdamwStep {
+    fn adamw_step(&self, lr: f64, wd: f64, grad_scale: f64) -> kernels::AdamwStep {
         let c = self.config;
         kernels::AdamwStep {
             lr,
@@ -454,6 +472,7 @@ impl Optimizer {
             eps: c.eps,
             weight_decay: wd,
             step: self.step as i32,
+            grad_scale,
         }
     }
 
@@ -466,8 +485,9 @@ impl Optimizer {
         st: Moments,
         lr: f64,
         wd: f64,
+        grad_scale: f64,
     ) -> (Tensor<1>, Moments) {
-        let (p, m, v) = kernels::adamw(p, g, st.m, st.v, self.adamw_step(lr, wd));
+        let (p, m, v) = kernels::adamw(p, g, st.m, st.v, self.adamw_step(lr, wd, grad_scale));
         (p, Moments { m, v })
     }
 }
@@ -475,7 +495,7 @@ impl Optimizer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::Device;
+    use burn::tensor::{Device, Distribution};
     use whet_models::weights::{SafetensorsSource, TensorSource};
 
     /// Three steps of bitsandbytes' AdamW8bit on CPU (`tests/fixtures/quant/adamw8bit.safetensors`,
@@ -507,8 +527,8 @@ mod tests {
         let mut b = t(read("b.init"));
         for step in 1..=3 {
             opt.step += 1;
-            a = opt.apply("a.weight", a, t(read(&format!("a.grad{step}"))), 1e-2);
-            b = opt.apply("b.weight", b, t(read(&format!("b.grad{step}"))), 1e-2);
+            a = opt.apply("a.weight", a, t(read(&format!("a.grad{step}"))), 1e-2, 1.0);
+            b = opt.apply("b.weight", b, t(read(&format!("b.grad{step}"))), 1e-2, 1.0);
             for (name, got) in [("a", &a), ("b", &b)] {
                 let want = read(&format!("{name}.step{step}"));
                 let got = tensor_values(got.clone().into_data());
@@ -552,6 +572,52 @@ mod tests {
             opt.moments8["a.weight"].storage_bytes(),
             2 * (5000 + 4 * 20)
         );
+    }
+
+    /// Clipping inside the update pass gives the bits of clipping first (scaling every gradient,
+    /// then updating with coefficient 1), for each optimizer kind, three steps, one of them
+    /// clipped harder than the others; and the coefficient is applied at all (a clipped update
+    /// differs from an unclipped one).
+    #[test]
+    fn clipping_in_the_update_equals_clipping_first() {
+        let device = Device::flex();
+        let n = 3 * MIN_8BIT_SIZE + 13;
+        let bits = |t: &Tensor<1>| -> Vec<u32> {
+            let v: Vec<f32> = t.to_data().try_to_vec().unwrap();
+            v.iter().map(|x| x.to_bits()).collect()
+        };
+        for kind in [
+            OptimizerKind::Sgd,
+            OptimizerKind::Adamw,
+            OptimizerKind::Adamw8bit,
+        ] {
+            let config = OptimConfig {
+                kind,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 0.01,
+            };
+            let (mut inside, mut first, mut unclipped) = (
+                Optimizer::new(config),
+                Optimizer::new(config),
+                Optimizer::new(config),
+            );
+            let p0 = Tensor::<1>::random([n], Distribution::Normal(0.0, 0.05), &device);
+            let (mut a, mut b, mut c) = (p0.clone(), p0.clone(), p0);
+            for (step, coef) in [0.5, 0.013, 1.0].into_iter().enumerate() {
+                let g = Tensor::<1>::random([n], Distribution::Normal(0.0, 1e-2), &device);
+                for o in [&mut inside, &mut first, &mut unclipped] {
+                    o.step += 1;
+                }
+                a = inside.apply("w.weight", a, g.clone(), 1e-2, coef);
+                let scaled = whet_models::kernels::scale(g.clone(), coef);
+                b = first.apply("w.weight", b, scaled, 1e-2, 1.0);
+                c = unclipped.apply("w.weight", c, g, 1e-2, 1.0);
+                assert!(bits(&a) == bits(&b), "{kind:?}: differs at step {}", step + 1);
+            }
+            assert!(bits(&a) != bits(&c), "{kind:?}: the coefficient was not applied");
+        }
     }
 
     #[test]

@@ -384,13 +384,17 @@ pub fn finish_step<M: VisitParams>(
     if let Some(s) = opt.scaler {
         grads.scale(1.0 / s.scale);
     }
-    let norm = if whet_models::device::is_flex(device) {
-        Reading::Host(grads.clip(max_grad_norm))
+    // On the CPU the clipping coefficient goes into the update pass (one pass over each
+    // gradient fewer); on a GPU the gradients are scaled there, without reading the norm back.
+    let (norm, coef) = if whet_models::device::is_flex(device) {
+        let (norm, coef) = grads.clip_coefficient(max_grad_norm);
+        (Reading::Host(norm), coef)
     } else {
-        Reading::Device(Box::new(grads.clip_on_device(max_grad_norm, device)))
+        let norm = grads.clip_on_device(max_grad_norm, device);
+        (Reading::Device(Box::new(norm)), 1.0)
     };
     if opt.scaler.is_none() {
-        opt.step(model, grads, lr);
+        opt.step(model, grads, lr, coef);
         return norm;
     }
     let value = read_all(vec![norm])[0];
@@ -399,7 +403,7 @@ pub fn finish_step<M: VisitParams>(
         .as_mut()
         .is_some_and(|s| s.update(value.is_finite()))
     {
-        opt.step(model, grads, lr);
+        opt.step(model, grads, lr, coef);
     }
     Reading::Host(value)
 }

@@ -52,7 +52,7 @@ fn train(kind: OptimizerKind, device: &Device) -> (Vec<f32>, Option<u64>) {
         let grads = loss.backward();
         let mut store = GradStore::default();
         store.accumulate(&mut model, &grads);
-        opt.step(&mut model, &store, 1e-2);
+        opt.step(&mut model, &store, 1e-2, 1.0);
     }
     let weights = model
         .w

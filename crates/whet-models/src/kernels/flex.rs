@@ -1183,8 +1183,9 @@ impl CpuOptimOps for Flex {
         bc2_sqrt: f64,
         eps: f64,
         step_size: f64,
+        grad_scale: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        let c = AdamwConsts::new(decay, beta1, beta2, bc2_sqrt, eps, step_size);
+        let c = AdamwConsts::new(decay, beta1, beta2, bc2_sqrt, eps, step_size, grad_scale);
         let (mut p, g, mut m, mut v) = (owned(param), dense(grad), owned(m), owned(v));
         let gs = values(&g);
         let n = gs.len();

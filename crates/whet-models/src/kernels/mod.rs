@@ -157,6 +157,7 @@ pub trait CpuOptimOps: burn::backend::Backend {
         bc2_sqrt: f64,
         eps: f64,
         step_size: f64,
+        grad_scale: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
     /// [`sum_of_squares`], `[1]`.
     fn fused_sum_of_squares(x: FloatTensor<Self>) -> FloatTensor<Self>;
@@ -243,6 +244,11 @@ pub struct AdamwStep {
     pub weight_decay: f64,
     /// The 1-based step number (bias correction).
     pub step: i32,
+    /// What the gradient is multiplied by before the update: gradient clipping's coefficient,
+    /// applied here rather than in a pass of its own (1: none). The product is the one
+    /// [`scale`] and burn's `mul_scalar` make (`g · (c as f32)`), so the update's bits are
+    /// those of clipping first.
+    pub grad_scale: f64,
 }
 
 /// PyTorch's AdamW step on a flattened parameter: decoupled decay, bias-corrected moments, eps
@@ -275,6 +281,7 @@ pub fn adamw(
         c.bc2_sqrt as f64,
         s.eps,
         c.step_size as f64,
+        s.grad_scale,
     );
     (
         Tensor::from_dispatch(p),
@@ -294,6 +301,7 @@ pub(crate) struct AdamwConsts {
     pub bc2_sqrt: f32,
     pub eps: f32,
     pub step_size: f32,
+    pub grad_scale: f32,
 }
 
 impl AdamwConsts {
@@ -306,6 +314,7 @@ impl AdamwConsts {
         bc2_sqrt: f64,
         eps: f64,
         step_size: f64,
+        grad_scale: f64,
     ) -> Self {
         Self {
             decay: decay as f32,
@@ -316,6 +325,7 @@ impl AdamwConsts {
             bc2_sqrt: bc2_sqrt as f32,
             eps: eps as f32,
             step_size: step_size as f32,
+            grad_scale: grad_scale as f32,
         }
     }
 
@@ -327,14 +337,15 @@ impl AdamwConsts {
         };
         let bc1 = 1.0 - s.beta1.powi(s.step);
         let bc2_sqrt = (1.0 - s.beta2.powi(s.step)).sqrt();
-        Self::new(decay, s.beta1, s.beta2, bc2_sqrt, s.eps, s.lr / bc1)
+        Self::new(decay, s.beta1, s.beta2, bc2_sqrt, s.eps, s.lr / bc1, s.grad_scale)
     }
 }
 
-/// One element of the AdamW step, in the composed ops' order: decay, the moments,
-/// `sqrt(v) / sqrt(bc2) + eps`, the step.
+/// One element of the AdamW step, in the composed ops' order: the gradient scaled, decay, the
+/// moments, `sqrt(v) / sqrt(bc2) + eps`, the step. (`g · 1` is `g`: no clipping, no change.)
 #[inline(always)]
 pub(crate) fn adamw_element(p: &mut f32, g: f32, m: &mut f32, v: &mut f32, c: &AdamwConsts) {
+    let g = g * c.grad_scale;
     let decayed = *p * c.decay;
     *m = *m * c.beta1 + g * c.one_minus_beta1;
     *v = *v * c.beta2 + (g * g) * c.one_minus_beta2;
@@ -400,6 +411,11 @@ pub fn adamw_composed(
     v: Tensor<1>,
     s: AdamwStep,
 ) -> (Tensor<1>, Tensor<1>, Tensor<1>) {
+    let g = if s.grad_scale != 1.0 {
+        g.mul_scalar(s.grad_scale)
+    } else {
+        g
+    };
     let p = if s.weight_decay > 0.0 {
         p.mul_scalar(1.0 - s.lr * s.weight_decay)
     } else {
@@ -2174,7 +2190,8 @@ mod tests {
             let v: Vec<f32> = t.to_data().try_to_vec().unwrap();
             v.iter().map(|x| x.to_bits()).collect()
         };
-        for weight_decay in [0.0, 0.01] {
+        // A clipping coefficient applied inside the pass, and none (1).
+        for (weight_decay, grad_scale) in [(0.0, 1.0), (0.01, 1.0), (0.01, 0.37)] {
             let p0 = Tensor::<1>::random([n], Distribution::Normal(0.0, 0.05), &device);
             let keep = bits(&p0);
             let (mut fused, mut composed) = (
@@ -2190,6 +2207,7 @@ mod tests {
                     eps: 1e-8,
                     weight_decay,
                     step,
+                    grad_scale,
                 };
                 let (p, m, v) = fused;
                 fused = adamw(p, g.clone(), m, v, s);
@@ -2202,7 +2220,7 @@ mod tests {
                 ] {
                     assert!(
                         bits(a) == bits(b),
-                        "{name} differs at step {step} (weight decay {weight_decay})"
+                        "{name} differs at step {step} (weight decay {weight_decay}, gradient scale {grad_scale})"
                     );
                 }
             }
@@ -2213,7 +2231,7 @@ mod tests {
 
     /// The one-pass 8-bit AdamW gives what dequantising, the composed AdamW and quantising give:
     /// the same parameter bits and the same codes and block maxima, over three steps from zero
-    /// moments, with a partial last block and weight decay.
+    /// moments, with a partial last block, weight decay and, at step 2, a clipping coefficient.
     #[test]
     fn fused_8bit_adamw_equals_dequantise_update_quantise() {
         let _rng = crate::test_rng();
@@ -2241,6 +2259,7 @@ mod tests {
                 eps: 1e-8,
                 weight_decay: 0.01,
                 step,
+                grad_scale: if step == 2 { 0.37 } else { 1.0 },
             };
             pf = adamw_8bit_on_host(pf, g.clone(), &mut mf, &mut vf, s);
             let t = |v: Vec<f32>| Tensor::<1>::from_data(TensorData::new(v, [n]), &device);
@@ -3108,16 +3127,15 @@ mod cube_tests {
     use super::*;
     use burn::tensor::{Device, Distribution};
 
-    /// `WHET_TEST_DEVICE` when set (scripts/test_devices.sh sets `wgpu:cpu`, the GPU check
-    /// `cuda`); else the software wgpu adapter, or CUDA in a build without wgpu.
+    /// The software wgpu adapter (scripts/test_devices.sh), or CUDA in a build without wgpu
+    /// (the GPU check's bundle). Made directly rather than through `device::for_tests`: the
+    /// device tests of this binary register the wgpu runtime themselves, and a second
+    /// registration through the options' `init` fails.
     fn gpu() -> Device {
-        match std::env::var("WHET_TEST_DEVICE") {
-            Ok(s) if !s.trim().is_empty() => crate::device::for_tests(),
-            #[cfg(feature = "wgpu")]
-            _ => Device::wgpu(burn::tensor::DeviceKind::Cpu),
-            #[cfg(not(feature = "wgpu"))]
-            _ => Device::cuda(0),
-        }
+        #[cfg(feature = "wgpu")]
+        return Device::wgpu(burn::tensor::DeviceKind::Cpu);
+        #[cfg(not(feature = "wgpu"))]
+        return Device::cuda(0);
     }
 
     fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
