@@ -3326,4 +3326,29 @@ mod cube_tests {
         let gb_cpu = Tensor::<3>::from_data(grad_of(&b, &gb).to_data(), &cpu);
         assert_close(gb_cpu, grad_of(&a, &ga), 1e-4, 1e-5, "input gradient");
     }
+
+    /// f32 matrix products on the device keep f32's precision, as PyTorch's f32 matmul does by
+    /// default. The operand `1 + 2^-12` times the identity is `1 + 2^-12` in f32, and exactly 1
+    /// with operands rounded to TF32 (10 explicit mantissa bits), which cubek's tensor-core
+    /// kernels do on a device that has TF32 (`adjust_dtypes` in cubek-matmul 0.3.1). The GPU
+    /// check of 2026-12-04 (BENCHMARKS) found TF32-sized errors on an H200; this test says
+    /// whether that is the cause. Large enough (256³) for the tensor-core kernels to be picked.
+    #[test]
+    fn cube_f32_matmul_is_not_rounded_to_tf32() {
+        let n = 256;
+        let device = gpu();
+        let v = 1.0 + 2f32.powi(-12);
+        let a = Tensor::<2>::full([n, n], v, &device);
+        let eye: Vec<f32> = (0..n * n)
+            .map(|i| if i / n == i % n { 1.0 } else { 0.0 })
+            .collect();
+        let b = Tensor::<2>::from_data(TensorData::new(eye, [n, n]), &device);
+        let got = values(a.matmul(b));
+        let worst = got.iter().map(|x| (x - v).abs()).fold(0f32, f32::max);
+        assert!(
+            worst == 0.0,
+            "f32 product off by {worst:e} (TF32 rounding gives {:e})",
+            v - 1.0
+        );
+    }
 }
