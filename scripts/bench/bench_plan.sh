@@ -40,3 +40,6 @@ for b in 1 4 8; do
 done
 run smollm2-full recipes/smollm2-dates-lora.toml --set method=full --set training.learning_rate=1e-5
 run smollm2-qlora recipes/smollm2-dates-lora.toml --set method=qlora
+# Plain-text blocks of 256 tokens, full fine-tuning, f32 and bf16: the SFT rows of bench_all.sh.
+run smollm2-hamlet-full recipes/smollm2-hamlet.toml --set method=full --set training.learning_rate=1e-5
+run smollm2-hamlet-full-bf16 recipes/smollm2-hamlet.toml --set method=full --set training.learning_rate=1e-5 --set training.bf16=true
