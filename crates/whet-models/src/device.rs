@@ -248,9 +248,11 @@ fn cuda_prerequisites() -> Result<(), String> {
              toolkit's folder",
             h.display()
         )),
-        None => Err("NVRTC needs the CUDA toolkit's headers and no toolkit was found \
+        None => Err(
+            "NVRTC needs the CUDA toolkit's headers and no toolkit was found \
                      (/usr/local/cuda, /opt/cuda): set CUDA_PATH to the toolkit's folder"
-            .into()),
+                .into(),
+        ),
     }
 }
 

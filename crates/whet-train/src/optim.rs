@@ -204,7 +204,14 @@ impl GradStore {
     pub fn clip_coefficient(&self, max_norm: f64) -> (f64, f64) {
         let norm = self.norm();
         let coef = max_norm / (norm + 1e-6);
-        (norm, if max_norm > 0.0 && coef < 1.0 { coef } else { 1.0 })
+        (
+            norm,
+            if max_norm > 0.0 && coef < 1.0 {
+                coef
+            } else {
+                1.0
+            },
+        )
     }
 }
 
@@ -337,7 +344,9 @@ impl Optimizer {
                 let shape = value.shape();
                 let n = shape.num_elements();
                 let flat: Tensor<1> = value.reshape([n]);
-                let new = self.opt.apply(name, flat, g.clone(), self.lr, self.grad_scale);
+                let new = self
+                    .opt
+                    .apply(name, flat, g.clone(), self.lr, self.grad_scale);
                 let new: Tensor<D> = new.reshape(shape);
                 *p = Param::initialized(p.id, Tensor::from_inner(new).require_grad());
             }
@@ -401,7 +410,13 @@ impl Optimizer {
                     Some(other) => other.to_host(),
                     None => (Blockwise8::zeros(n, true), Blockwise8::zeros(n, false)),
                 };
-                let p = kernels::adamw_8bit_on_host(p, g, &mut m, &mut v, self.adamw_step(lr, wd, grad_scale));
+                let p = kernels::adamw_8bit_on_host(
+                    p,
+                    g,
+                    &mut m,
+                    &mut v,
+                    self.adamw_step(lr, wd, grad_scale),
+                );
                 let (m, v) = (Blockwise8State::Host(m), Blockwise8State::Host(v));
                 self.moments8.insert(name.to_string(), Moments8 { m, v });
                 p
@@ -614,9 +629,16 @@ mod tests {
                 let scaled = whet_models::kernels::scale(g.clone(), coef);
                 b = first.apply("w.weight", b, scaled, 1e-2, 1.0);
                 c = unclipped.apply("w.weight", c, g, 1e-2, 1.0);
-                assert!(bits(&a) == bits(&b), "{kind:?}: differs at step {}", step + 1);
+                assert!(
+                    bits(&a) == bits(&b),
+                    "{kind:?}: differs at step {}",
+                    step + 1
+                );
             }
-            assert!(bits(&a) != bits(&c), "{kind:?}: the coefficient was not applied");
+            assert!(
+                bits(&a) != bits(&c),
+                "{kind:?}: the coefficient was not applied"
+            );
         }
     }
 

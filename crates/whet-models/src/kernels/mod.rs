@@ -165,7 +165,8 @@ pub trait CpuOptimOps: burn::backend::Backend {
     fn fused_scale(x: FloatTensor<Self>, by: f32) -> FloatTensor<Self>;
 }
 
-/// `x · by`: gradient clipping's scaling. On the CPU backend in place when `x` is not shared,
+/// `x · by`: undoing fp16's loss scale, and SGD's gradient clipping (the AdamW kinds take the
+/// clipping coefficient in their own update pass). On the CPU backend in place when `x` is not shared,
 /// and a page of zeros is left as it is (`0 · by` is 0): an embedding's gradient is zero
 /// outside the rows of the step's tokens, and memory that was only ever read (see
 /// [`embedding`]) stays the kernel's shared zero page instead of being copied page by page.
@@ -337,7 +338,15 @@ impl AdamwConsts {
         };
         let bc1 = 1.0 - s.beta1.powi(s.step);
         let bc2_sqrt = (1.0 - s.beta2.powi(s.step)).sqrt();
-        Self::new(decay, s.beta1, s.beta2, bc2_sqrt, s.eps, s.lr / bc1, s.grad_scale)
+        Self::new(
+            decay,
+            s.beta1,
+            s.beta2,
+            bc2_sqrt,
+            s.eps,
+            s.lr / bc1,
+            s.grad_scale,
+        )
     }
 }
 
