@@ -755,7 +755,7 @@ impl LlamaLayer {
     /// fused.
     fn project_qkv(&self, norm: &RmsNorm, x: Tensor<3>, mode: Mode) -> [Tensor<3>; 3] {
         let layers: Vec<&Linear> = self.qkv.iter().collect();
-        match <[Tensor<3>; 3]>::try_from(normed_projections(norm, x, &layers, mode)) {
+        match <[Tensor<3>; 3]>::try_from(normed_projections(norm, x, &layers, true, mode)) {
             Ok(qkv) => qkv,
             // `load` builds three projections or Phi-3's one.
             Err(mut fused) => {
@@ -769,7 +769,7 @@ impl LlamaLayer {
     fn mlp(&self, norm: &RmsNorm, x: Tensor<3>, mode: Mode) -> Tensor<3> {
         let layers: Vec<&Linear> = self.gate_up.iter().collect();
         let [gate, up] =
-            match <[Tensor<3>; 2]>::try_from(normed_projections(norm, x, &layers, mode)) {
+            match <[Tensor<3>; 2]>::try_from(normed_projections(norm, x, &layers, false, mode)) {
                 Ok(gate_up) => gate_up,
                 // `load` builds two projections or Phi-3's one.
                 Err(mut fused) => {

@@ -9,7 +9,8 @@ use rayon::prelude::*;
 use std::sync::Arc;
 
 use super::{
-    AdamwConsts, CpuKernels, CpuOptimOps, CpuSkinnyOps, DropMask, Kernels, adamw_element, bf16,
+    AdamwConsts, CpuKernels, CpuOptimOps, CpuSkinnyOps, DropMask, Kernels, PartsGrad,
+    adamw_element, bf16,
 };
 use crate::quant::QuantMatrix;
 
@@ -1021,6 +1022,36 @@ impl CpuKernels for Flex {
             }
         }
         FlexTensor::from_data(TensorData::new(grad, vec![vocab, d]))
+    }
+
+    fn write_part(
+        grad: &PartsGrad,
+        start: usize,
+        dpart: FlexTensor,
+        joined: burn::tensor::Shape,
+    ) -> Option<FlexTensor> {
+        let dpart = dense(dpart);
+        let part = values(&dpart);
+        let (total, width) = (
+            joined[joined.num_dims() - 1],
+            dpart.layout().shape()[joined.num_dims() - 1],
+        );
+        // A poisoned lock means a thread panicked mid-write; that panic is the error to report.
+        let mut state = grad
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (values, arrived) = &mut *state;
+        if values.is_empty() {
+            *values = vec![0f32; joined.num_elements()];
+        }
+        values
+            .par_chunks_mut(total)
+            .zip(part.par_chunks(width))
+            .for_each(|(row, part)| row[start..start + width].copy_from_slice(part));
+        *arrived += 1;
+        (*arrived == grad.parts)
+            .then(|| FlexTensor::from_data(TensorData::new(std::mem::take(values), joined)))
     }
 
     fn round_bf16(x: FlexTensor) -> FlexTensor {
