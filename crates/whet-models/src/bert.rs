@@ -19,7 +19,7 @@ use serde::Deserialize;
 use crate::config::{Activation, HeadFields, read_json};
 use crate::error::Result;
 use crate::layers::{
-    Embedding, LayerNorm, Linear, Mode, TorchLinear, attention_bias, dropout, merge_heads, qkv,
+    Embedding, LayerNorm, Linear, Mode, TorchLinear, attention_bias, dropout, merge_heads,
     scaled_dot_product, split_heads,
 };
 use crate::prompt::{PromptEncoder, PromptShape, PromptSlot, VirtualTokens, widen_mask};
@@ -361,8 +361,9 @@ impl BertLayer {
         mode: Mode,
     ) -> Tensor<3> {
         let heads = |y: Tensor<3>| split_heads(layout.pad(y), self.heads);
-        let [q, k, v] = qkv(&[&self.query, &self.key, &self.value], x.clone(), mode);
-        let (q, mut k, mut v) = (heads(q), heads(k), heads(v));
+        let q = heads(self.query.forward(x.clone(), mode));
+        let mut k = heads(self.key.forward(x.clone(), mode));
+        let mut v = heads(self.value.forward(x.clone(), mode));
         if let Some((pk, pv)) = prefix {
             // (B, h, P, hd) ++ (B, h, T, hd) -> (B, h, P + T, hd)
             k = Tensor::cat(vec![pk.clone(), k], 2);

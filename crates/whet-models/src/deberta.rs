@@ -18,8 +18,7 @@ use crate::bert::{EncoderInput, PostNorm, SpanLogits};
 use crate::config::{Activation, HeadFields};
 use crate::error::Result;
 use crate::layers::{
-    Embedding, LayerNorm, Linear, MASK_VALUE, Mode, TorchLinear, dropout, merge_heads, qkv,
-    split_heads,
+    Embedding, LayerNorm, Linear, MASK_VALUE, Mode, TorchLinear, dropout, merge_heads, split_heads,
 };
 use crate::unpad::Layout;
 use crate::weights::{VisitParams, Visitor, Weights, join};
@@ -377,12 +376,9 @@ impl DebertaLayer {
         mode: Mode,
     ) -> Tensor<3> {
         let heads = |y: Tensor<3>| split_heads(layout.pad(y), self.heads);
-        let [q, k, v] = qkv(
-            &[&self.query_proj, &self.key_proj, &self.value_proj],
-            x.clone(),
-            mode,
-        );
-        let (q, k, v) = (heads(q), heads(k), heads(v));
+        let q = heads(self.query_proj.forward(x.clone(), mode));
+        let k = heads(self.key_proj.forward(x.clone(), mode));
+        let v = heads(self.value_proj.forward(x.clone(), mode));
         let [b, nh, t, hd] = q.dims();
         let factor = 1 + usize::from(self.c2p) + usize::from(self.p2c);
         let scale = ((hd * factor) as f64).sqrt();

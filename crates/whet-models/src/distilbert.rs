@@ -13,7 +13,7 @@ use crate::bert::EncoderInput;
 use crate::config::{Activation, HeadFields};
 use crate::error::Result;
 use crate::layers::{
-    Embedding, LayerNorm, Linear, Mode, TorchLinear, attention_bias, dropout, merge_heads, qkv,
+    Embedding, LayerNorm, Linear, Mode, TorchLinear, attention_bias, dropout, merge_heads,
     scaled_dot_product, split_heads,
 };
 use crate::prompt::{PromptEncoder, PromptShape, PromptSlot, VirtualTokens, widen_mask};
@@ -108,8 +108,9 @@ impl DistilBertLayer {
     /// - output as x
     fn forward(&self, x: Tensor<3>, layout: &Layout, bias: Tensor<4>, mode: Mode) -> Tensor<3> {
         let heads = |y: Tensor<3>| split_heads(layout.pad(y), self.heads);
-        let [q, k, v] = qkv(&[&self.q_lin, &self.k_lin, &self.v_lin], x.clone(), mode);
-        let (q, k, v) = (heads(q), heads(k), heads(v));
+        let q = heads(self.q_lin.forward(x.clone(), mode));
+        let k = heads(self.k_lin.forward(x.clone(), mode));
+        let v = heads(self.v_lin.forward(x.clone(), mode));
         let ctx = layout.enter(merge_heads(scaled_dot_product(
             q,
             k,

@@ -120,11 +120,10 @@ impl Gpt2Block {
     ) -> Tensor<3> {
         // (B, T, E) -> (B, T, 3E) -> three (B, T, E)
         let qkv = layout.pad(self.c_attn.forward(self.ln_1.forward(x.clone()), mode));
-        let [b, t, e3] = qkv.dims();
-        let e = e3 / 3;
-        let q = split_heads(qkv.clone().slice([0..b, 0..t, 0..e]), self.heads);
-        let mut k = split_heads(qkv.clone().slice([0..b, 0..t, e..2 * e]), self.heads);
-        let mut v = split_heads(qkv.slice([0..b, 0..t, 2 * e..3 * e]), self.heads);
+        let e = qkv.dims()[2] / 3;
+        let [q, k, v] = crate::kernels::split_last(qkv, [e, e, e]);
+        let q = split_heads(q, self.heads);
+        let (mut k, mut v) = (split_heads(k, self.heads), split_heads(v, self.heads));
         if let Some((cache, layer)) = cache {
             (k, v) = cache.append(layer, k, v);
         }

@@ -239,13 +239,7 @@ impl Linear {
                 }
             }
         };
-        self.with_adapters(y, x, mode)
-    }
-
-    /// `y`, this layer's base product of `x`, with the adapters that act on its output: IA3's
-    /// scaling of the output, LoRA's update of `x`, the bottleneck adapter.
-    fn with_adapters<const D: usize>(&self, y: Tensor<D>, x: Tensor<D>, mode: Mode) -> Tensor<D> {
-        let y = match self.ia3.as_ref().filter(|l| l.enabled) {
+        let y = match ia3 {
             Some(l) if !l.on_input => y * l.vector().unsqueeze(),
             _ => y,
         };
@@ -256,18 +250,6 @@ impl Linear {
         match &self.bottleneck {
             Some(b) if b.enabled => b.forward(y),
             _ => y,
-        }
-    }
-
-    /// The weight and bias of a layer whose base product may join other layers' in one
-    /// product ([`projections`]): a dense weight, whose input no IA3 vector scales.
-    fn joinable(&self) -> Option<(Tensor<2>, Option<Tensor<1>>)> {
-        let scales_input = self.ia3.as_ref().is_some_and(|l| l.enabled && l.on_input);
-        match &self.weight {
-            LinearWeight::Dense(w) if !scales_input => {
-                Some((w.val(), self.bias.as_ref().map(|b| b.val())))
-            }
-            _ => None,
         }
     }
 
@@ -369,80 +351,6 @@ fn with_bias(y: Tensor<2>, bias: Option<Tensor<1>>) -> Tensor<2> {
     }
 }
 
-/// The weights (and biases) of `layers` joined along the output axis, with each one's width;
-/// the bias `None` unless every layer has one (and then `None` for all but a layer without).
-fn joined_weights(parts: Vec<(Tensor<2>, Option<Tensor<1>>)>) -> JoinedWeights {
-    let widths = parts.iter().map(|(w, _)| w.dims()[1]).collect();
-    let (weights, biases): (Vec<_>, Vec<_>) = parts.into_iter().unzip();
-    let biases: Option<Vec<_>> = biases.into_iter().collect();
-    JoinedWeights {
-        weight: Tensor::cat(weights, 1),
-        bias: biases.map(|b| Tensor::cat(b, 0)),
-        widths,
-    }
-}
-
-/// Several layers' weights joined into one (see [`projections`]).
-struct JoinedWeights {
-    /// `[d_in, Σ widths]`
-    weight: Tensor<2>,
-    bias: Option<Tensor<1>>,
-    widths: Vec<usize>,
-}
-
-/// Whether a set of layers has biases alike: all or none (a join adds them as one).
-fn biases_alike(parts: &[(Tensor<2>, Option<Tensor<1>>)]) -> bool {
-    parts.iter().all(|(_, b)| b.is_some()) || parts.iter().all(|(_, b)| b.is_none())
-}
-
-/// `layers[i].forward(x)` for each layer of one input: attention's q, k and v. On the CPU their
-/// base products run as one product over the joined weights, split into views
-/// ([`crate::kernels::split_last`]), and each layer's output adapters (LoRA, IA3, bottleneck)
-/// then apply to its part: one pass over x instead of three, and in the backward pass one
-/// product for x's gradient (measured in [`crate::kernels`]' `time_joined_qkv`). The join
-/// needs dense weights whose inputs no IA3 vector scales, biases alike (all or none), and more
-/// rows than a generation step (whose matrix-vector products read each weight in place; a
-/// joined copy would be read twice).
-///
-/// # Shapes
-/// - x `[..., d]`
-/// - outputs `[..., d_out]` of each layer
-pub fn projections<const D: usize>(x: Tensor<D>, layers: &[&Linear], mode: Mode) -> Vec<Tensor<D>> {
-    let rows: usize = x.dims()[..D - 1].iter().product();
-    let parts: Option<Vec<_>> = layers.iter().map(|l| l.joinable()).collect();
-    match parts {
-        Some(parts)
-            if parts.len() > 1
-                && biases_alike(&parts)
-                && rows > crate::kernels::SKINNY_ROWS
-                && crate::kernels::on_cpu_kernels(&x) =>
-        {
-            let joined = joined_weights(parts);
-            let y = crate::precision::linear(x.clone(), joined.weight, joined.bias);
-            crate::kernels::split_last(y, &joined.widths)
-                .into_iter()
-                .zip(layers)
-                .map(|(y, l)| l.with_adapters(y, x.clone(), mode))
-                .collect()
-        }
-        _ => layers.iter().map(|l| l.forward(x.clone(), mode)).collect(),
-    }
-}
-
-/// q, k and v of `x`: [`projections`] of three layers.
-///
-/// # Shapes
-/// - x `[..., d]`
-/// - outputs `[..., d_out]` of each layer
-pub fn qkv<const D: usize>(layers: &[&Linear; 3], x: Tensor<D>, mode: Mode) -> [Tensor<D>; 3] {
-    let mut out = projections(x, layers, mode).into_iter();
-    std::array::from_fn(|_| match out.next() {
-        Some(t) => t,
-        // `projections` returns one output per layer.
-        None => unreachable!("projections returned fewer outputs than layers"),
-    })
-}
-
 /// `layers[i].forward(norm.forward(x))` for each layer: a pre-norm layer's projections of its
 /// normalised input. When [`Linear::fusable`] allows every one, each projection normalises x
 /// inside one fused op that keeps x (shared by all) and not the normalised input
@@ -455,7 +363,6 @@ pub fn normed_projections<const D: usize>(
     norm: &RmsNorm,
     x: Tensor<D>,
     layers: &[&Linear],
-    join: bool,
     mode: Mode,
 ) -> Vec<Tensor<D>> {
     let dims = x.dims();
@@ -463,27 +370,10 @@ pub fn normed_projections<const D: usize>(
     let fused: Option<Vec<_>> = layers.iter().map(|l| l.fusable(&x, rows)).collect();
     let Some(fused) = fused else {
         let h = norm.forward(x);
-        return match join {
-            true => projections(h, layers, mode),
-            false => layers.iter().map(|l| l.forward(h.clone(), mode)).collect(),
-        };
+        return layers.iter().map(|l| l.forward(h.clone(), mode)).collect();
     };
     let flat = x.reshape([rows, dims[D - 1]]);
     let norm_weight = norm.scale();
-    let parts: Vec<_> = fused
-        .iter()
-        .map(|(w, b, _)| (w.clone(), b.clone()))
-        .collect();
-    if join && parts.len() > 1 && biases_alike(&parts) {
-        // One product over the joined weights, which also normalises x once in each pass.
-        let bf16 = fused.iter().any(|(_, _, bf16)| *bf16);
-        let joined = joined_weights(parts);
-        let y = crate::kernels::rms_norm_linear(flat, norm_weight, joined.weight, norm.eps, bf16);
-        let mut out = dims;
-        out[D - 1] = joined.widths.iter().sum();
-        let y = with_bias(y, joined.bias).reshape(out);
-        return crate::kernels::split_last(y, &joined.widths);
-    }
     fused
         .into_iter()
         .map(|(weight, bias, bf16)| {
@@ -862,162 +752,4 @@ pub fn cross_entropy(logits: Tensor<2>, targets: Tensor<1, Int>, ignore_index: i
     let w = valid.float();
     let count = w.clone().sum().clamp_min(1.0);
     -(picked * w).sum() / count
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use burn::tensor::{Device, Distribution};
-
-    fn max_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
-        (a - b).abs().max().into_scalar::<f32>()
-    }
-
-    fn random<const D: usize>(shape: [usize; D], device: &Device) -> Tensor<D> {
-        Tensor::random(shape, Distribution::Normal(0.0, 0.5), device)
-    }
-
-    /// q with a LoRA adapter, k with IA3 scaling its output, v plain; biases on all three.
-    fn layers(d: usize, widths: [usize; 3], device: &Device) -> [Linear; 3] {
-        let mut out = widths.map(|w| {
-            let mut l = Linear::init(d, w, true, 0.3, TorchLinear::Linear, device);
-            if let Some(b) = &mut l.bias {
-                *b = Param::from_tensor(random([w], device));
-            }
-            l
-        });
-        out[0].adapter = Some(LowRank {
-            a: Param::from_tensor(random([d, 2], device)),
-            b: Param::from_tensor(random([2, widths[0]], device)),
-            scaling: 2.0,
-            dropout: 0.0,
-            enabled: true,
-        });
-        out[1].ia3 = Some(Ia3 {
-            scale: Param::from_tensor(random([widths[1], 1], device).add_scalar(1.0)),
-            on_input: false,
-            enabled: true,
-        });
-        out
-    }
-
-    /// Every parameter's gradient of `layers` (weights, biases, adapters), in a fixed order.
-    fn param_grads(
-        layers: &[Linear; 3],
-        grads: &burn::tensor::Gradients,
-    ) -> Vec<Option<Tensor<1>>> {
-        let flat2 = |t: &Param<Tensor<2>>| t.val().grad(grads).map(|g| g.flatten(0, 1));
-        let mut out = Vec::new();
-        for l in layers {
-            if let LinearWeight::Dense(w) = &l.weight {
-                out.push(flat2(w));
-            }
-            out.push(l.bias.as_ref().and_then(|b| b.val().grad(grads)));
-            if let Some(a) = &l.adapter {
-                out.extend([flat2(&a.a), flat2(&a.b)]);
-            }
-            if let Some(i) = &l.ia3 {
-                out.push(flat2(&i.scale));
-            }
-        }
-        out
-    }
-
-    /// The joined product with its adapters against each layer's own forward: values and the
-    /// gradients of x and every parameter, in f32 and under bf16 (joined or not, the same bf16
-    /// operands and f32 sums, so only the order of the sums differs), with uneven widths (a
-    /// grouped-query k and v) and rows of padding-free and padded shapes.
-    #[test]
-    fn projections_equal_each_layers_forward() {
-        let _rng = crate::test_rng();
-        let device = Device::flex().autodiff();
-        let (d, widths) = (16, [12, 4, 4]);
-        for bf16 in [false, true] {
-            let _scope = crate::precision::scope(bf16.then_some(FloatDType::BF16));
-            let ls = layers(d, widths, &device);
-            let refs = [&ls[0], &ls[1], &ls[2]];
-            let x = random([2, 7, d], &device).require_grad();
-            let weights = [
-                random([2, 7, 12], &device),
-                random([2, 7, 4], &device),
-                random([2, 7, 4], &device),
-            ];
-            let loss = |outs: Vec<Tensor<3>>| {
-                outs.into_iter()
-                    .zip(weights.clone())
-                    .map(|(o, w)| (o * w).sum())
-                    .reduce(|a, b| a + b)
-                    .unwrap()
-            };
-            let joined = projections(x.clone(), &refs, Mode::Train);
-            let separate: Vec<_> = refs
-                .iter()
-                .map(|l| l.forward(x.clone(), Mode::Train))
-                .collect();
-            for (j, s) in joined.iter().zip(&separate) {
-                assert!(max_diff(j.clone(), s.clone()) < 1e-4, "bf16 {bf16}: values");
-            }
-            let gj = loss(joined).backward();
-            let gs = loss(separate).backward();
-            let dx = max_diff(x.grad(&gj).unwrap(), x.grad(&gs).unwrap());
-            assert!(dx < 1e-4, "bf16 {bf16}: x's gradient differs by {dx}");
-            let (pj, ps) = (param_grads(&ls, &gj), param_grads(&ls, &gs));
-            assert_eq!(pj.len(), 9);
-            for (i, (a, b)) in pj.into_iter().zip(ps).enumerate() {
-                let (a, b) = (
-                    a.expect("joined: a gradient"),
-                    b.expect("separate: a gradient"),
-                );
-                let diff = max_diff(a, b);
-                assert!(
-                    diff < 1e-4,
-                    "bf16 {bf16}: parameter {i}'s gradient differs by {diff}"
-                );
-            }
-        }
-    }
-
-    /// The joined projections of a normalised input (the fused path: no adapters) against the
-    /// norm and each layer's forward, values and gradients.
-    #[test]
-    fn normed_projections_equal_the_norm_then_each_layer() {
-        let _rng = crate::test_rng();
-        let device = Device::flex().autodiff();
-        let d = 16;
-        let ls = [12, 4, 4].map(|w| Linear::init(d, w, false, 0.3, TorchLinear::Linear, &device));
-        let refs = [&ls[0], &ls[1], &ls[2]];
-        let norm = RmsNorm {
-            weight: Param::from_tensor(random([d], &device).add_scalar(1.0)),
-            eps: 1e-6,
-            offset: 0.0,
-        };
-        let x = random([3, 6, d], &device).require_grad();
-        let loss = |outs: Vec<Tensor<3>>| {
-            outs.into_iter()
-                .enumerate()
-                .map(|(i, o)| o.mul_scalar(i as f32 + 1.0).sin().sum())
-                .reduce(|a, b| a + b)
-                .unwrap()
-        };
-        let joined = normed_projections(&norm, x.clone(), &refs, true, Mode::Train);
-        let h = norm.forward(x.clone());
-        let separate: Vec<_> = refs
-            .iter()
-            .map(|l| l.forward(h.clone(), Mode::Train))
-            .collect();
-        for (j, s) in joined.iter().zip(&separate) {
-            assert!(max_diff(j.clone(), s.clone()) < 1e-5);
-        }
-        let (gj, gs) = (loss(joined).backward(), loss(separate).backward());
-        assert!(max_diff(x.grad(&gj).unwrap(), x.grad(&gs).unwrap()) < 1e-5);
-        let norm_grad = |g| norm.weight.val().grad(g).unwrap();
-        assert!(max_diff(norm_grad(&gj), norm_grad(&gs)) < 1e-5);
-        for l in &ls {
-            let LinearWeight::Dense(w) = &l.weight else {
-                unreachable!()
-            };
-            let diff = max_diff(w.val().grad(&gj).unwrap(), w.val().grad(&gs).unwrap());
-            assert!(diff < 1e-5, "weight gradient differs by {diff}");
-        }
-    }
 }

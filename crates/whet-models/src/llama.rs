@@ -628,22 +628,6 @@ fn gate_up_names(fused: bool) -> &'static [&'static str] {
     }
 }
 
-/// Splits the last axis of a fused projection's output into parts of the given widths.
-fn split_last<const N: usize>(x: Tensor<3>, widths: [usize; N]) -> [Tensor<3>; N] {
-    let [b, t, _] = x.dims();
-    let starts: Vec<usize> = widths
-        .iter()
-        .scan(0, |at, w| {
-            *at += w;
-            Some(*at - w)
-        })
-        .collect();
-    std::array::from_fn(|i| {
-        x.clone()
-            .slice([0..b, 0..t, starts[i]..starts[i] + widths[i]])
-    })
-}
-
 /// `tanh(x / cap) * cap`: Gemma 2's soft-capping of attention scores and logits.
 fn softcap<const D: usize>(x: Tensor<D>, cap: f64) -> Tensor<D> {
     x.div_scalar(cap).tanh().mul_scalar(cap)
@@ -755,12 +739,12 @@ impl LlamaLayer {
     /// fused.
     fn project_qkv(&self, norm: &RmsNorm, x: Tensor<3>, mode: Mode) -> [Tensor<3>; 3] {
         let layers: Vec<&Linear> = self.qkv.iter().collect();
-        match <[Tensor<3>; 3]>::try_from(normed_projections(norm, x, &layers, true, mode)) {
+        match <[Tensor<3>; 3]>::try_from(normed_projections(norm, x, &layers, mode)) {
             Ok(qkv) => qkv,
             // `load` builds three projections or Phi-3's one.
             Err(mut fused) => {
                 let (q, kv) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
-                split_last(fused.remove(0), [q, kv, kv])
+                crate::kernels::split_last(fused.remove(0), [q, kv, kv])
             }
         }
     }
@@ -769,12 +753,12 @@ impl LlamaLayer {
     fn mlp(&self, norm: &RmsNorm, x: Tensor<3>, mode: Mode) -> Tensor<3> {
         let layers: Vec<&Linear> = self.gate_up.iter().collect();
         let [gate, up] =
-            match <[Tensor<3>; 2]>::try_from(normed_projections(norm, x, &layers, false, mode)) {
+            match <[Tensor<3>; 2]>::try_from(normed_projections(norm, x, &layers, mode)) {
                 Ok(gate_up) => gate_up,
                 // `load` builds two projections or Phi-3's one.
                 Err(mut fused) => {
                     let inter = self.down_proj.dims().0;
-                    split_last(fused.remove(0), [inter, inter])
+                    crate::kernels::split_last(fused.remove(0), [inter, inter])
                 }
             };
         match self.act {

@@ -248,21 +248,16 @@ impl ModernBertLayer {
             None => x.clone(),
         };
         let qkv = self.wqkv.forward(h, mode);
-        let [b, t, three_h] = qkv.dims();
-        let width = three_h / 3;
-        let part = |i: usize| {
-            let p = qkv.clone().slice([0..b, 0..t, i * width..(i + 1) * width]);
-            split_heads(layout.pad(p), self.heads)
-        };
-        let (q, k, v) = (rope.apply(part(0)), rope.apply(part(1)), part(2));
+        let width = qkv.dims()[2] / 3;
+        let heads = |p: Tensor<3>| split_heads(layout.pad(p), self.heads);
+        let [q, k, v] = crate::kernels::split_last(qkv, [width, width, width]);
+        let (q, k, v) = (rope.apply(heads(q)), rope.apply(heads(k)), heads(v));
         let ctx = scaled_dot_product(q, k, v, bias, self.attention_dropout, mode);
         let attn = self.attn_out.forward(layout.enter(merge_heads(ctx)), mode);
         let x = x + dropout(attn, self.attention_dropout, mode);
         let y = self.wi.forward(self.mlp_norm.forward(x.clone()), mode);
-        let [b, t, two_i] = y.dims();
-        let inter = two_i / 2;
-        let input = y.clone().slice([0..b, 0..t, 0..inter]);
-        let gate = y.slice([0..b, 0..t, inter..two_i]);
+        let inter = y.dims()[2] / 2;
+        let [input, gate] = crate::kernels::split_last(y, [inter, inter]);
         let gated = dropout(self.act.forward(input) * gate, self.mlp_dropout, mode);
         x + self.mlp_out.forward(gated, mode)
     }
