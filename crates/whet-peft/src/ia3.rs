@@ -105,11 +105,11 @@ pub fn apply_ia3<M: VisitParams>(
         true
     });
     if targeted.is_empty() {
-        return Err(PeftError::Config(format!(
-            "ia3 target modules {:?} not found in the base model (linear layers are named like \
-             \"encoder.layer.0.attention.self.key\")",
-            config.target_modules
-        )));
+        return Err(crate::targets_not_found(
+            model,
+            "ia3",
+            &config.target_modules,
+        ));
     }
     Ok(freeze_all_but(model, &config.modules_to_save, targeted))
 }

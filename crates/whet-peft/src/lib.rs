@@ -249,6 +249,37 @@ pub(crate) fn attach_each<M: VisitParams>(
     a.targeted
 }
 
+/// The error for target modules that match no linear layer of `model`, naming the model's own
+/// linear layers: the distinct last parts of their names (what `target_modules` matches) and
+/// one full name, as they differ between families (BERT's `query`, GPT-2's `c_attn`, LLaMA's
+/// `q_proj`).
+pub(crate) fn targets_not_found<M: VisitParams>(
+    model: &mut M,
+    method: &str,
+    targets: &[String],
+) -> PeftError {
+    let mut names = Vec::new();
+    attach_each(model, &mut |name, _| {
+        names.push(name.to_string());
+        false
+    });
+    let mut last_parts: Vec<&str> = Vec::new();
+    for name in &names {
+        let last = name.rsplit('.').next().unwrap_or(name);
+        if !last_parts.contains(&last) {
+            last_parts.push(last);
+        }
+    }
+    let example = names
+        .first()
+        .map_or(String::new(), |n| format!(", e.g. \"{n}\""));
+    PeftError::Config(format!(
+        "{method} target modules {targets:?} not found in the base model: its linear layers are \
+         named {}{example}",
+        last_parts.join(", ")
+    ))
+}
+
 /// Freezes every base parameter except `modules_to_save` and counts as peft does (the adapters
 /// attached before are trainable by construction).
 pub(crate) fn freeze_all_but<M: VisitParams>(

@@ -124,11 +124,11 @@ pub fn apply_lora<M: VisitParams>(
         true
     });
     if targeted.is_empty() {
-        return Err(PeftError::Config(format!(
-            "target modules {:?} not found in the base model (linear layers are named like \
-             \"encoder.layer.0.attention.self.query\")",
-            config.target_modules
-        )));
+        return Err(crate::targets_not_found(
+            model,
+            "lora",
+            &config.target_modules,
+        ));
     }
     let trainable = |name: &str| {
         in_modules(name, &config.modules_to_save)

@@ -122,7 +122,29 @@ fn a_fresh_adapter_leaves_the_output_unchanged_and_targets_by_suffix() {
         },
         &device,
     );
-    assert!(e.unwrap_err().to_string().contains("not found"));
+    let e = e.unwrap_err().to_string();
+    assert!(
+        e.contains("not found") && e.contains("query, key, value"),
+        "{e}"
+    );
+    // The error names the model's own layers: GPT-2's, not BERT's.
+    let (mut gpt2, _) = Checkpoint::open(&fixtures().join("families/gpt2-cls"))
+        .unwrap()
+        .load_classifier(&device)
+        .unwrap();
+    let config = LoraConfig {
+        target_modules: vec!["query".into()],
+        ..config()
+    };
+    let e = apply_lora(&mut gpt2, &config, &device)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("c_attn, c_proj, c_fc")
+            && e.contains("\"transformer.h.0.attn.c_attn\"")
+            && !e.contains("value"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -99,6 +99,15 @@ impl TextTokenizer {
                 ),
             ));
         }
+        if inner.get_vocab_size(false) == 0 {
+            // Every text would encode to its special tokens only (GPT-2's: to nothing), and a
+            // model's forward pass would fail on an empty sequence far from the cause.
+            return Err(tok_err(
+                &source,
+                "the model's vocabulary is empty (only added tokens are defined): the file was \
+                 written without its vocabulary",
+            ));
+        }
         inner
             .with_truncation(None)
             .map_err(|e| tok_err(&source, e))?;
@@ -463,6 +472,22 @@ pub(crate) mod tests {
             assert_eq!(loaded.chat_template.as_deref(), Some("{{ eos_token }}"));
             assert_eq!(loaded.encode("hihi", true).unwrap(), [3, 2, 2]);
         }
+        // An empty vocabulary (transformers 5's `GPT2TokenizerFast(vocab_file=..,
+        // merges_file=..)` saved one here) is refused at load, naming the file.
+        let mut empty: serde_json::Value =
+            serde_json::from_str(&t.inner.to_string(false).unwrap()).unwrap();
+        empty["model"]["vocab"] = serde_json::json!({});
+        empty["model"]["merges"] = serde_json::json!([]);
+        let bad = tempfile::tempdir().unwrap();
+        std::fs::write(bad.path().join("tokenizer.json"), empty.to_string()).unwrap();
+        let e = TextTokenizer::from_folder(bad.path())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("tokenizer.json") && e.contains("vocabulary is empty"),
+            "{e}"
+        );
         // As transformers: chat_template.jinja takes priority over the config's entry.
         std::fs::write(dir.path().join("chat_template.jinja"), "{{ bos_token }}").unwrap();
         let loaded = TextTokenizer::from_folder(dir.path()).unwrap();
