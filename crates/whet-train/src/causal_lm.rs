@@ -348,8 +348,7 @@ pub fn general_perplexity(
     pad_id: u32,
     device: &Device,
 ) -> Result<f64> {
-    let mut ids = tokenizer.encode(text, false)?;
-    ids.truncate(tokens);
+    let ids = encode_prefix(tokenizer, text, tokens)?;
     let block = block.clamp(2, ids.len().max(2));
     let blocks = whet_data::causal_lm::group_texts(&[ids], block);
     if blocks.is_empty() {
@@ -359,6 +358,38 @@ pub fn general_perplexity(
     }
     let (loss, _) = evaluate_lm(model, &blocks, 8, pad_id, true, device);
     Ok(loss.exp())
+}
+
+/// The first `tokens` ids of `text` (no special tokens added), tokenizing as little of it as
+/// that needs: a prefix ending after a line break, doubled until it yields more than `tokens`
+/// ids with a margin, so that no kept id sits where the rest of the text could tokenize
+/// differently. Why: the tokenizers crate keeps two offsets (16 bytes) per byte of the text and
+/// copies of it per split, and the forgetting report's general text (7.6 MB by default) was
+/// tokenized whole to read 4096 tokens: about 800 MB for a moment, the peak of a SmolLM2 LoRA
+/// run (BENCHMARKS.md, session 21).
+pub fn encode_prefix(tokenizer: &TextTokenizer, text: &str, tokens: usize) -> Result<Vec<u32>> {
+    /// Ids beyond `tokens` that the prefix must yield: a few tokens' worth of bytes at the cut
+    /// (a line break the text continues with more whitespace) tokenize differently alone.
+    const MARGIN: usize = 16;
+    let mut bytes = tokens.saturating_mul(8).max(1 << 12);
+    loop {
+        if bytes >= text.len() {
+            let mut ids = tokenizer.encode(text, false)?;
+            ids.truncate(tokens);
+            return Ok(ids);
+        }
+        let mut end = bytes;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        let end = text[..end].rfind('\n').map_or(end, |i| i + 1);
+        let mut ids = tokenizer.encode(&text[..end], false)?;
+        if ids.len() > tokens + MARGIN {
+            ids.truncate(tokens);
+            return Ok(ids);
+        }
+        bytes = bytes.saturating_mul(2);
+    }
 }
 
 /// Everything a causal-LM run prepared before training.

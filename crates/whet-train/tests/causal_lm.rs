@@ -267,3 +267,25 @@ fn loss_with_prefix_and_prompt_adapters_matches_peft() {
         assert_eq!(units, learnt, "{case}");
     }
 }
+
+/// The forgetting report's ids from a prefix of its text equal the whole text's first ids:
+/// lines with runs of blank lines and spaces (which byte-level BPE merges across a cut), and
+/// multi-byte characters at any byte offset, for counts that take one prefix, doubled ones,
+/// and the whole text.
+#[test]
+fn encode_prefix_equals_the_whole_texts_first_ids() {
+    let tokenizer =
+        whet_text::TextTokenizer::from_folder(&fixtures().join("families/llama-causal")).unwrap();
+    let text: String = (0..2000)
+        .map(|i| {
+            let gap = ["\n", "\n\n", "\n  \n\n", " \n"][i % 4];
+            format!("line {i}: héllo wörld — ✓ {}{gap}", "ab ".repeat(i % 7))
+        })
+        .collect();
+    let whole = tokenizer.encode(&text, false).unwrap();
+    assert!(text.len() > 40_000 && whole.len() > 20_000);
+    for tokens in [1, 37, 511, 4096, 9000, whole.len(), whole.len() + 5] {
+        let ids = whet_train::causal_lm::encode_prefix(&tokenizer, &text, tokens).unwrap();
+        assert_eq!(ids, whole[..tokens.min(whole.len())], "{tokens} tokens");
+    }
+}
