@@ -128,7 +128,7 @@ fn a_fresh_adapter_leaves_the_output_unchanged_and_targets_by_suffix() {
         "{e}"
     );
     // The error names the model's own layers: GPT-2's, not BERT's.
-    let (mut gpt2, _) = Checkpoint::open(&fixtures().join("families/gpt2-cls"))
+    let (mut gpt2, _) = Checkpoint::open(fixtures().join("families/gpt2-cls"))
         .unwrap()
         .load_classifier(&device)
         .unwrap();
