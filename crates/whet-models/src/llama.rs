@@ -585,6 +585,15 @@ impl Rope {
     /// # Shapes
     /// - positions `[B, T]`, inv_freq `[hd / 2]`
     pub(crate) fn scaled(positions: Tensor<2, Int>, inv_freq: Tensor<1>, scale: f32) -> Self {
+        // The tables follow the positions off autodiff: a model's `inv_freq` is a skipped field,
+        // left on the autodiff device it was loaded on by `valid()`, and tables made from it
+        // put every op of an evaluation after the rotary embedding on the autodiff backend,
+        // where each untracked op left a graph entry that was never freed (SmolLM2 LoRA: RSS
+        // +200 MB over three greedy samples before training).
+        let inv_freq = match positions.device().is_autodiff() {
+            true => inv_freq,
+            false => inv_freq.without_autodiff(),
+        };
         let [b, t] = positions.dims();
         let half = inv_freq.dims()[0];
         // (B, T, 1) * (1, 1, hd/2) -> (B, T, hd/2)
