@@ -20,7 +20,8 @@
 #     greedy tokens agree);
 #  5. a summary table (markdown) on stdout and in $OUT/summary.md, with results.json, check.log
 #     and logs.tar.gz beside it ($OUT is the device tool's output folder; here runs/gpu-check/).
-# A rerun of part of it: GPU_CHECK_SKIP=parity,generate and/or GPU_CHECK_ONLY_TRAIN=llama-1b.
+# A rerun of part of it: GPU_CHECK_SKIP=parity,generate and/or GPU_CHECK_ONLY_TRAIN=llama-1b;
+# GPU_CHECK_DTYPES=f32,tf32,bf16 picks the training precisions (default f32,bf16).
 # What whet must offer: `--device cuda` (or WHET_DEVICE=cuda), WHET_TEST_DEVICE in the parity
 # tests, and `--set training.bf16=true` for bf16 (WHET_BF16_SET overrides the key).
 set -uo pipefail
@@ -122,7 +123,8 @@ fi
 export PYTHONUNBUFFERED=1
 timeout --kill-after=10 $((BUDGET + 45)) "$PY" scripts/gpu/check.py --mode "$MODE" --whet "$WHET" \
     --work "$WORK" --out "$OUTDIR" --budget "$BUDGET" ${TESTS:+--tests "$TESTS"} --ref-python "$PY" \
-    --skip "${GPU_CHECK_SKIP:-}" ${GPU_CHECK_ONLY_TRAIN:+--only-train "$GPU_CHECK_ONLY_TRAIN"}
+    --skip "${GPU_CHECK_SKIP:-}" ${GPU_CHECK_ONLY_TRAIN:+--only-train "$GPU_CHECK_ONLY_TRAIN"} \
+    ${GPU_CHECK_DTYPES:+--dtypes "$GPU_CHECK_DTYPES"}
 rc=$?
 [[ $rc == 124 || $rc == 137 ]] && echo "gpu_check: stopped at the outer time limit; $OUTDIR/summary.md holds what finished"
 echo "gpu_check: exit $rc; results in $OUTDIR"

@@ -5,8 +5,9 @@ budget; a stage that cannot finish in what is left is recorded as skipped, and t
 rewritten after each stage, so a run stopped from outside still leaves its numbers.
 
   python3 scripts/gpu/check.py --whet BIN --work DIR --out DIR [--mode gpu|cpu-dry-run]
-      [--budget SECONDS] [--tests MANIFEST.json] [--only-train smollm2,...] [--ref-python PY]
-      [--skip parity,train,generate,generate-cpu]
+      [--budget SECONDS] [--tests MANIFEST.json] [--only-train smollm2,...] [--dtypes f32,tf32,bf16]
+      [--ref-python PY]
+      [--skip parity,generate-cpu,train-cpu,train,generate]
 
 Outputs in --out: summary.md (also printed), results.json (every record), logs.tar.gz (each
 command's output).
@@ -42,6 +43,9 @@ PLAN = {
         ],
         "generate": [("smollm2", 128, 60), ("llama-1b", 128, 90)],
         "generate_cpu": [("smollm2", 64, 60)],
+        # The host CPU's training rows (CPU_THREADS a side, f32 and bf16): issue 16's CPU
+        # targets on an Intel CPU with AMX, which PyTorch's bf16 uses and whet's kernel does not.
+        "train_cpu": [("minilm", "sequence-classification", 128, 16, 8, 3, 60)],
         "device": "cuda",
     },
     "cpu-dry-run": {
@@ -54,6 +58,7 @@ PLAN = {
         ],
         "generate": [("smollm2", 16, 60), ("llama-1b", 16, 60)],
         "generate_cpu": [("smollm2", 16, 60)],
+        "train_cpu": [("minilm", "sequence-classification", 32, 4, 4, 1, 60)],
         "device": "cpu",
     },
 }
@@ -282,14 +287,18 @@ class Check:
             self.records["generate"].append(rec)
             self.write()
 
-    def jobs(self, model, task, seq, batch, steps, steady_from):
-        for dtype in ("f32", "bf16"):
+    def jobs(self, model, task, seq, batch, steps, steady_from, on_cpu=False):
+        dtypes = ("f32", "bf16") if on_cpu else self.args.dtypes.split(",")
+        where = "-cpu" if on_cpu else ""
+        for dtype in dtypes:
             for method in ("lora", "full"):
-                yield {"id": f"{model}-{method}-{dtype}", "name": model, "model": self.models[model]["path"],
+                yield {"id": f"{model}-{method}-{dtype}{where}",
+                       "name": f"{model}, CPU ({CPU_THREADS} threads)" if on_cpu else model,
+                       "model": self.models[model]["path"],
                        "task": task, "method": method, "dtype": dtype, "steps": steps, "batch": batch,
                        "seq": seq, "lr": LR[method], "lora": LORA[task], "steady_from": steady_from,
                        "data": str(self.work / "assets" / "data" / ("lm.txt" if task == "causal-lm" else "cls.jsonl")),
-                       "workdir": str(self.work / "ref" / f"{model}-{method}-{dtype}")}
+                       "workdir": str(self.work / "ref" / f"{model}-{method}-{dtype}{where}")}
 
     def recipe(self, job):
         d = Path(job["workdir"]).parent.parent / "whet" / job["id"]
@@ -314,17 +323,25 @@ class Check:
         (d / "recipe.toml").write_text("\n".join(lines) + "\n")
         return d
 
-    def whet_train(self, job, limit):
+    def cpu_envs(self):
+        """whet's and the reference's environments for a CPU row: CPU_THREADS threads a side."""
+        threads = str(CPU_THREADS)
+        return (dict(self.whet_env, WHET_DEVICE="cpu", RAYON_NUM_THREADS=threads),
+                dict(os.environ, WHET_REF_DEVICE="cpu", OMP_NUM_THREADS=threads, CUDA_VISIBLE_DEVICES=""))
+
+    def whet_train(self, job, limit, on_cpu=False):
         if self.whet_off:
             self.records["train"].append({"stack": "whet", **{k: job[k] for k in (
                 "id", "name", "task", "method", "dtype", "steps", "batch", "seq")},
                 "status": "skipped", "error": self.whet_off})
             return
         d = self.recipe(job)
-        extra = ["--set", BF16_SET] if job["dtype"] == "bf16" else []
-        rc, secs, text, peak = self.run(f"train-{job['id']}-whet",
-                                        self.whet("train", d / "recipe.toml", "--no-memory-check", *extra),
-                                        limit, env=self.whet_env, watch=True)
+        extra = {"bf16": ["--set", BF16_SET], "tf32": ["--set", "training.tf32=true"]}.get(job["dtype"], [])
+        args = ("train", d / "recipe.toml", "--no-memory-check", *extra)
+        cmd = [self.args.whet, "--device", "cpu", *args] if on_cpu else self.whet(*args)
+        rc, secs, text, peak = self.run(f"train-{job['id']}-whet", cmd, limit,
+                                        env=self.cpu_envs()[0] if on_cpu else self.whet_env,
+                                        watch=not on_cpu)
         rec = {"stack": "whet", **{k: job[k] for k in ("id", "name", "task", "method", "dtype", "steps",
                                                        "batch", "seq")}, "wall_s": round(secs, 1)}
         dev = re.search(r"^device: (.*)$", text, re.M)
@@ -358,26 +375,30 @@ class Check:
         self.records["train"].append(rec)
         self.write()
 
-    def train(self):
-        only = self.args.only_train.split(",") if self.args.only_train else None
-        for model, task, seq, batch, steps, steady_from, limit in self.plan["train"]:
+    def train(self, on_cpu=False):
+        """Training rows on the device; with `on_cpu`, the plan's CPU rows on the machine's CPU,
+        both sides held to CPU_THREADS threads."""
+        only = self.args.only_train.split(",") if self.args.only_train and not on_cpu else None
+        rows = self.plan.get("train_cpu", []) if on_cpu else self.plan["train"]
+        for model, task, seq, batch, steps, steady_from, limit in rows:
             if model not in self.models or (only and model not in only):
                 continue
-            jobs = list(self.jobs(model, task, seq, batch, steps, steady_from))
+            jobs = list(self.jobs(model, task, seq, batch, steps, steady_from, on_cpu))
             for job in jobs:
-                self.whet_train(job, limit)
+                self.whet_train(job, limit, on_cpu)
             for job in jobs:
                 job["min_seconds"] = 10
                 Path(job["workdir"]).mkdir(parents=True, exist_ok=True)
-            jobs_file = self.work / f"ref-jobs-{model}.json"
+            where = "-cpu" if on_cpu else ""
+            jobs_file = self.work / f"ref-jobs-{model}{where}.json"
             jobs_file.write_text(json.dumps(jobs, indent=1))
-            results = self.work / f"ref-results-{model}.jsonl"
+            results = self.work / f"ref-results-{model}{where}.jsonl"
             results.unlink(missing_ok=True)
             rc, secs, text, _ = self.run(
-                f"train-{model}-ref",
+                f"train-{model}{where}-ref",
                 [self.args.ref_python, HERE / "reference_train.py", jobs_file, results,
                  "--deadline", self.deadline - SUMMARY_RESERVE_S],
-                len(jobs) * limit)
+                len(jobs) * limit, env=self.cpu_envs()[1] if on_cpu else None)
             done = {}
             if results.is_file():
                 for line in results.read_text().splitlines():
@@ -545,7 +566,10 @@ def main():
     ap.add_argument("--tests", default=None, help="the bundle's manifest.json (test binaries)")
     ap.add_argument("--parity-limit", type=float, default=100)
     ap.add_argument("--only-train", default=None, help="models to train, e.g. llama-1b,minilm")
-    ap.add_argument("--skip", default="", help="stages to leave out: parity,train,generate,generate-cpu")
+    ap.add_argument("--dtypes", default="f32,bf16",
+                    help="training precisions, of f32 (no TF32 on either side), tf32 (transformers' "
+                         "tf32=True, whet's training.tf32), bf16")
+    ap.add_argument("--skip", default="", help="stages to leave out: parity,generate-cpu,train-cpu,train,generate")
     ap.add_argument("--ref-python", default=sys.executable)
     args = ap.parse_args()
     c = Check(args)
@@ -560,13 +584,17 @@ def main():
     if c.device_dead:
         c.assets.kill()
     elif stage(c, c.wait_assets):
-        # Training first: it is what the issue's speed target is about.
+        # The host CPU's generation row first (short, and the only Intel CPU with AMX whet is
+        # measured on: issue 16's "generation on every CPU"), then training, then generation
+        # on the device.
+        if "generate-cpu" not in skip:
+            stage(c, lambda: c.generate(on_cpu=True))
+        if "train-cpu" not in skip:
+            stage(c, lambda: c.train(on_cpu=True))
         if "train" not in skip:
             stage(c, c.train)
         if "generate" not in skip:
             stage(c, c.generate)
-        if "generate-cpu" not in skip:
-            stage(c, lambda: c.generate(on_cpu=True))
     c.finish()
 
 

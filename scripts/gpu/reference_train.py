@@ -5,7 +5,7 @@ with the model loaded afresh and the device's cache emptied between them.
   python3 scripts/gpu/reference_train.py JOBS.json RESULTS.jsonl [--deadline UNIX_SECONDS]
 
 JOBS.json is a list of jobs as scripts/gpu/check.py writes them: {id, model, task (causal-lm |
-sequence-classification), method (lora | full), dtype (f32 | bf16), steps, batch, seq, lr,
+sequence-classification), method (lora | full), dtype (f32 | tf32 | bf16), steps, batch, seq, lr,
 lora: {r, lora_alpha, lora_dropout, target_modules}, data, steady_from}. Each job appends one
 JSON line to RESULTS.jsonl. A job that would start after --deadline is recorded as skipped.
 
@@ -13,7 +13,8 @@ Same work as whet: causal LM on blocks of `seq` tokens of data/lm.txt (every tok
 classification of data/cls.jsonl rows cut to `seq` tokens (every row is longer, so no padding).
 Tokens per step = batch x seq on both sides. AdamW (Trainer's default optim, recorded),
 linear schedule without warm-up, max_grad_norm 1.0, no weight decay, seed 42, no gradient
-checkpointing. bf16 = Trainer's `bf16=True` (autocast, f32 master weights).
+checkpointing. bf16 = Trainer's `bf16=True` (autocast, f32 master weights); tf32 = `tf32=True`
+(f32 products with TF32 operands on the tensor cores); f32 = PyTorch's default (no TF32).
 
 Measured: train tokens/s over the whole loop (first step included) and steady (steps after
 `steady_from`, timed at each step's end after a device synchronisation); peak device memory as
@@ -69,6 +70,10 @@ def run_job(job, device, watcher, baseline):
                               TrainerCallback, TrainingArguments, default_data_collator, set_seed)
 
     set_seed(42)
+    # tf32: TrainingArguments(tf32=True) sets PyTorch's process-wide switch and nothing turns it
+    # off again, so each job sets it: on for tf32 jobs, PyTorch's default (off) for the rest.
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = job["dtype"] == "tf32"
     tokens_per_step = job["batch"] * job["seq"]
     n = job["steps"] * job["batch"]
     tok_file = os.path.join(job["model"], "tokenizer.json")
@@ -122,7 +127,8 @@ def run_job(job, device, watcher, baseline):
         max_steps=job["steps"], learning_rate=job["lr"], lr_scheduler_type="linear", warmup_steps=0,
         weight_decay=0.0, max_grad_norm=1.0, logging_strategy="no", save_strategy="no",
         eval_strategy="no", report_to=[], dataloader_num_workers=0, seed=42, disable_tqdm=True,
-        bf16=job["dtype"] == "bf16", use_cpu=device == "cpu", gradient_checkpointing=False)
+        bf16=job["dtype"] == "bf16", tf32=True if job["dtype"] == "tf32" else None,
+        use_cpu=device == "cpu", gradient_checkpointing=False)
     trainer = Trainer(model=model, args=args, train_dataset=Rows(), data_collator=default_data_collator,
                       callbacks=[Clock()])
     out = trainer.train()
@@ -136,7 +142,7 @@ def run_job(job, device, watcher, baseline):
         "tokens_per_s": tokens_per_step * steps / total_s,
         "steady_tokens_per_s": tokens_per_step * (steps - w) / steady_s if steady_s else None,
         "train_loss": out.training_loss, "trainable_params": trainable,
-        "optim": str(args.optim), "device_peak_mib": watcher.stop(),
+        "optim": str(args.optim), "device_peak_mib": watcher.stop() if device == "cuda" else None,
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
     }
     if device == "cuda":
@@ -163,7 +169,8 @@ def main():
     # Before this process makes its CUDA context: every job's peak then includes the context,
     # as whet's does.
     baseline = watcher.used_mib()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # WHET_REF_DEVICE=cpu: the check's CPU rows (threads from OMP_NUM_THREADS).
+    device = os.environ.get("WHET_REF_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
     impl = f"transformers {transformers.__version__} + peft {peft.__version__} / torch {torch.__version__}"
     for job in json.load(open(args.jobs)):
         rec = {"stack": "reference", "impl": impl, "device": device, **{k: job[k] for k in

@@ -696,10 +696,12 @@ pub fn scaled_dot_product(
     let [b, h, tq, hd] = q.dims();
     let [_, kv, tk, _] = k.dims();
     // burn's fused attention computes in its inputs' type; under mixed precision the two
-    // products go to 16 bits and the softmax stays f32, as in training.
+    // products go to 16 bits and the softmax stays f32, as in training. On a device with TF32
+    // it is left out unless TF32 is allowed: its products could round f32 to TF32.
     if mode == Mode::Eval
         && crate::precision::compute().is_none()
         && !crate::kernels::on_cpu_kernels(&q)
+        && !crate::kernels::avoids_tf32(&q)
     {
         let (k, v) = (repeat_kv(k, h / kv), repeat_kv(v, h / kv));
         let bias = bias.expand([b, h, tq, tk]);

@@ -26,9 +26,15 @@
 //! The compute type is a per-thread setting, entered with [`scope`] for the length of a
 //! training run (autocast is a context in the same way); forwards on other threads, and tests
 //! running beside one another, are not affected.
+//!
+//! f32 products are f32 everywhere by default, as PyTorch's are. On a CUDA device with TF32
+//! whet keeps them so itself ([`crate::kernels::f32_matmul`]); [`set_tf32`] (`training.tf32`,
+//! transformers' `tf32`) lets them round their operands to TF32 there, as
+//! `torch.backends.cuda.matmul.allow_tf32 = True` does: a process-wide switch, as PyTorch's is.
 
 use std::cell::Cell;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use burn::tensor::{DType, FloatDType, Tensor};
 
@@ -36,6 +42,39 @@ use crate::quant::QuantMatrix;
 
 thread_local! {
     static COMPUTE: Cell<Option<FloatDType>> = const { Cell::new(None) };
+}
+
+static TF32: AtomicBool = AtomicBool::new(false);
+
+/// Whether f32 matrix products may round their operands to TF32 on a device that has it.
+pub fn tf32() -> bool {
+    TF32.load(Ordering::Relaxed)
+}
+
+/// Allows (or forbids again) TF32 in f32 matrix products on devices that have it, for the whole
+/// process; returns the previous setting.
+pub fn set_tf32(allowed: bool) -> bool {
+    TF32.swap(allowed, Ordering::Relaxed)
+}
+
+/// Sets [`set_tf32`] until dropped, then restores the previous setting.
+#[must_use = "the setting holds only while the guard lives"]
+pub struct Tf32Guard {
+    previous: bool,
+}
+
+impl Tf32Guard {
+    pub fn set(allowed: bool) -> Self {
+        Self {
+            previous: set_tf32(allowed),
+        }
+    }
+}
+
+impl Drop for Tf32Guard {
+    fn drop(&mut self) {
+        set_tf32(self.previous);
+    }
 }
 
 /// The 16-bit type matrix products compute in on this thread, if any.
@@ -86,11 +125,17 @@ pub fn linear<const D: usize>(
 ) -> Tensor<D> {
     let rows: usize = x.dims()[..D - 1].iter().product();
     match compute() {
-        None if rows <= crate::kernels::SKINNY_ROWS => {
+        None if rows <= crate::kernels::SKINNY_ROWS || !crate::device::is_flex(&x.device()) => {
             let mut dims = x.dims();
             let [d_in, d_out] = weight.dims();
-            // One token's step of generation: a matrix-vector product over every core.
-            let y = crate::kernels::skinny_matmul(x.reshape([rows, d_in]), weight);
+            let x = x.reshape([rows, d_in]);
+            // One token's step of generation: a matrix-vector product over every core. On a
+            // GPU, an f32 product without TF32 (see `kernels::f32_matmul`).
+            let y = if rows <= crate::kernels::SKINNY_ROWS {
+                crate::kernels::skinny_matmul(x, weight)
+            } else {
+                crate::kernels::f32_matmul(x, weight)
+            };
             let y = match bias {
                 Some(b) => y + b.unsqueeze::<2>(),
                 None => y,
@@ -124,7 +169,7 @@ pub fn linear<const D: usize>(
 /// `a · b` over the last two dimensions, in the compute type when one is set.
 pub fn matmul<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> Tensor<D> {
     match compute() {
-        None => a.matmul(b),
+        None => crate::kernels::f32_matmul(a, b),
         Some(FloatDType::BF16) if crate::device::is_flex(&a.device()) => {
             crate::kernels::bf16_matmul(a, b)
         }

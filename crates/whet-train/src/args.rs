@@ -89,6 +89,13 @@ pub struct TrainingArguments {
     /// PyTorch's `GradScaler`): a step whose gradients overflow is skipped.
     #[serde(default)]
     pub fp16: bool,
+    /// TF32 in f32 matrix products (`transformers`' `tf32`): operands rounded to TF32's 10
+    /// mantissa bits on the tensor cores of a CUDA device that has them (Ampere and newer), as
+    /// `torch.backends.cuda.matmul.allow_tf32 = True`; faster, less precise. Off by default,
+    /// where f32 products are f32 there as in PyTorch. Only a CUDA device has TF32: elsewhere
+    /// `true` is refused (transformers refuses it too).
+    #[serde(default)]
+    pub tf32: bool,
     /// Batches of similar lengths, as `transformers`' `LengthGroupedSampler`: the epoch's
     /// shuffled order is cut into megabatches of up to 50 optimizer steps' examples, each sorted
     /// longest first (the longest example of the epoch goes first, so a run that runs out of
@@ -220,6 +227,7 @@ impl TrainingArguments {
             seed: d_seed(),
             bf16: false,
             fp16: false,
+            tf32: false,
             group_by_length: false,
             padding_free: None,
             report_to: vec![],

@@ -597,6 +597,18 @@ pub fn train<T: TrainStep>(
             ),
         ));
     }
+    if args.tf32 && !whet_models::kernels::has_tf32(device) {
+        return Err(TrainError::option(
+            "training.tf32",
+            format!(
+                "the device {device:?} has no TF32 (a CUDA device of the Ampere generation or \
+                 newer has): leave it false there"
+            ),
+        ));
+    }
+    // TF32 in f32 products for the run when asked for (process-wide, as PyTorch's switch);
+    // the previous setting comes back when the run ends.
+    let _tf32 = whet_models::precision::Tf32Guard::set(args.tf32);
     // Matrix products in 16 bits for the whole run, evaluation included (as `Trainer` runs
     // both under autocast).
     let _precision = whet_models::precision::scope(compute);

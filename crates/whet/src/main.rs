@@ -174,6 +174,9 @@ closest valid key, never ignored):
     weights, optimizer moments, softmax, norms and the loss in f32; fp16 adds dynamic loss
     scaling (a step whose gradients overflow is skipped); wgpu has no bf16; the CPU runs
     bf16 products only with AVX512-BF16 (elsewhere it says so and computes in f32),
+    tf32 (false): on a CUDA device with TF32 (Ampere and newer), f32 matrix products round
+    their operands to TF32 on the tensor cores, as transformers' tf32 = true: faster, less
+    precise; f32 products stay f32 otherwise; refused on other devices,
     group_by_length (false): batches of similar lengths, as transformers' LengthGroupedSampler
     (megabatches of up to 50 steps sorted longest first): less padding, other batches,
     padding_free (true; question-answering: false): projections and feed-forward layers

@@ -277,6 +277,25 @@ fn train_losses(out: &Path) -> Vec<f64> {
 /// relative for fp16, 1e-3 for bf16; the bounds are ten times that) but f32 weights not equal
 /// to the f32 run's (the products round to 16 bits: a flag that did nothing would end exactly
 /// on the f32 weights);
+/// `training.tf32 = true` asks for TF32 in f32 products, which only a CUDA device has: on any
+/// other device it is refused, naming the key, before any work (transformers refuses it too).
+#[test]
+fn tf32_is_refused_on_a_device_without_it() {
+    let device = test_device();
+    if device.starts_with("cuda") {
+        eprintln!("skipped: {device} may have TF32");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let r = recipe(dir.path(), "lora", LORA);
+    let out = dir.path().join("tf32");
+    let out_set = format!("training.output_dir=\"{}\"", out.display());
+    let args = ["train", r.to_str().unwrap(), "--device", &device];
+    let e = err(&[&args[..], &["--set", &out_set, "--set", "training.tf32=true"]].concat());
+    assert!(e.contains("training.tf32") && e.contains("TF32"), "{e}");
+    assert!(!out.join("checkpoint-2").exists(), "tf32 refused after starting");
+}
+
 /// fp16's loss scale is kept in the checkpoint; bf16 on a device without it is refused,
 /// naming the key, before any work, except on a CPU without AVX512-BF16, which says so and runs
 /// the f32 products (the f32 run's weights exactly).

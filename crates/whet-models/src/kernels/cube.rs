@@ -27,6 +27,7 @@ use burn_cubecl::cubecl;
 use burn_cubecl::kernel::{cast, into_contiguous};
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
+use cubecl::ir::{ElemType, FloatKind};
 use cubecl::prelude::*;
 use cubecl::{CubeCount, CubeDim, calculate_cube_count_elemwise};
 use std::sync::{Arc, Mutex, Weak};
@@ -551,13 +552,148 @@ impl Kernels for CubeBackend {
     fn quant_matmul(x: CubeTensor, w: &Arc<QuantMatrix>) -> CubeTensor {
         // y [N, out] = x [N, in] · Wᵀ
         let weight = dequantized(w, &x);
-        CubeBackend::float_matmul(x, CubeBackend::float_transpose(weight))
+        Self::f32_matmul(x, CubeBackend::float_transpose(weight))
     }
 
     fn quant_matmul_backward(dy: CubeTensor, w: &Arc<QuantMatrix>) -> CubeTensor {
         // dx [N, in] = dy [N, out] · W
         let weight = dequantized(w, &dy);
-        CubeBackend::float_matmul(dy, weight)
+        Self::f32_matmul(dy, weight)
+    }
+
+    fn f32_matmul(lhs: CubeTensor, rhs: CubeTensor) -> CubeTensor {
+        if lhs.dtype != DType::F32
+            || rhs.dtype != DType::F32
+            || crate::precision::tf32()
+            || !has_tf32(&lhs)
+        {
+            return CubeBackend::float_matmul(lhs, rhs);
+        }
+        exact_f32_matmul(lhs, rhs)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Full-f32 matrix products on a device with TF32.
+//
+// cubek-matmul 0.3.1 rounds f32 operands to TF32 in each of its tensor-core kernels whenever the
+// device supports the type (`adjust_dtypes`), and burn's matmul autotunes over those kernels;
+// neither has a switch. Its kernels without tensor cores (`requires_accelerator` false) compute
+// in f32, so this launches them directly, choosing among them per problem size as burn's
+// autotuner chooses among all (`tune/base.rs` of burn-cubecl): each candidate is timed once for
+// a size class and the fastest is kept. `Naive` is the fallback that launches for every layout.
+
+/// Whether the device of `t` has TF32, which burn's matmul then uses for f32 operands.
+pub(super) fn has_tf32(t: &CubeTensor) -> bool {
+    t.client
+        .properties()
+        .supports_type(ElemType::Float(FloatKind::TF32))
+}
+
+/// The unit (no tensor core) routines, in the order they are tried.
+fn unit_strategies() -> Vec<cubek::matmul::strategy::Strategy> {
+    use cubek::matmul::multi_level::Strategy;
+    use cubek::matmul::multi_level::routines::TileSizeSelection;
+    use cubek::matmul::multi_level::routines::batch::double_unit::DoubleUnitSelectionArgs;
+    use cubek::matmul::multi_level::routines::batch::simple_unit::SimpleUnitSelectionArgs;
+    use cubek::matmul::multi_level::routines::gemm::GemmStrategy;
+    use cubek::matmul::routine::BlueprintStrategy::Inferred;
+    let mut all = Vec::new();
+    for tile_size in [TileSizeSelection::MaxTileSize, TileSizeSelection::MinTileSize] {
+        all.push(Strategy::DoubleUnit(Inferred(DoubleUnitSelectionArgs { tile_size })));
+        all.push(Strategy::SimpleUnit(Inferred(SimpleUnitSelectionArgs { tile_size })));
+    }
+    all.push(Strategy::Gemm(Inferred(GemmStrategy {
+        target_num_planes: None,
+    })));
+    all.into_iter().map(Into::into).collect()
+}
+
+/// A problem's size class: the batch count and m, n, k, each rounded up to a power of two.
+type SizeClass = [usize; 4];
+
+/// The fastest unit routine found for each size class (an index into [`unit_strategies`]; past
+/// its end, `Naive`).
+static TUNED: Mutex<Option<std::collections::HashMap<SizeClass, usize>>> = Mutex::new(None);
+
+/// An operand as cubek reads it: row-major, or the transpose of a row-major matrix (a weight in
+/// the backward pass) as it is; anything else copied to row-major.
+fn matmul_operand(t: CubeTensor) -> CubeTensor {
+    let d = t.meta.shape().num_dims();
+    if t.is_contiguous() || CubeBackend::float_swap_dims(t.clone(), d - 2, d - 1).is_contiguous() {
+        t
+    } else {
+        into_contiguous(t)
+    }
+}
+
+/// `lhs · rhs` (f32, equal leading dimensions) by cubek's routines without tensor cores.
+pub(super) fn exact_f32_matmul(lhs: CubeTensor, rhs: CubeTensor) -> CubeTensor {
+    use cubek::matmul::definition::{MatmulElems, MatmulGlobalElems};
+    let (lhs, rhs) = (matmul_operand(lhs), matmul_operand(rhs));
+    let out = burn_cubecl::kernel::matmul::init_matmul_output(&lhs, &rhs, DType::F32);
+    let client = lhs.client.clone();
+    let f32_type = ElemType::Float(FloatKind::F32);
+    let launch = |strategy: &cubek::matmul::strategy::Strategy| {
+        let mut dtypes = MatmulElems::from_globals(&MatmulGlobalElems {
+            lhs: f32_type,
+            rhs: f32_type,
+            out: f32_type,
+        });
+        cubek::matmul::launch::launch_ref(
+            strategy,
+            &client,
+            cubek::std::InputBinding::new(lhs.clone().binding(), f32_type),
+            cubek::std::InputBinding::new(rhs.clone().binding(), f32_type),
+            out.clone().binding(),
+            &mut dtypes,
+        )
+        .is_ok()
+    };
+    let naive: cubek::matmul::strategy::Strategy =
+        cubek::matmul::multi_level::Strategy::Naive.into();
+    let strategies = unit_strategies();
+    let (shape_l, shape_r) = (lhs.meta.shape(), rhs.meta.shape());
+    let d = shape_l.num_dims();
+    let batches: usize = (0..d - 2).map(|i| shape_l[i]).product();
+    let class = [batches, shape_l[d - 2], shape_r[d - 1], shape_l[d - 1]]
+        .map(usize::next_power_of_two);
+    let known = TUNED
+        .lock()
+        .ok()
+        .and_then(|t| t.as_ref().and_then(|t| t.get(&class).copied()));
+    let chosen = match known {
+        Some(i) => i,
+        None => {
+            // Time each candidate that launches, after a first launch that compiles it; the
+            // device is synchronised around each.
+            let sync = || cubecl::future::block_on(client.sync()).is_ok();
+            let mut best = (f64::INFINITY, strategies.len());
+            for (i, strategy) in strategies.iter().enumerate() {
+                if !(launch(strategy) && sync()) {
+                    continue;
+                }
+                let start = std::time::Instant::now();
+                if launch(strategy) && sync() {
+                    let secs = start.elapsed().as_secs_f64();
+                    if secs < best.0 {
+                        best = (secs, i);
+                    }
+                }
+            }
+            if let Ok(mut t) = TUNED.lock() {
+                t.get_or_insert_with(Default::default).insert(class, best.1);
+            }
+            best.1
+        }
+    };
+    // The chosen routine can still refuse a layout of the same size class: then `Naive`, which
+    // burn-cubecl takes as launching for every layout (its autotuner's fallback). Were it to
+    // refuse too, burn's own matmul still gives the product.
+    if strategies.get(chosen).is_some_and(|s| launch(s)) || launch(&naive) {
+        out
+    } else {
+        CubeBackend::float_matmul(lhs, rhs)
     }
 }
 

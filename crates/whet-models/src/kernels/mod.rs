@@ -69,9 +69,11 @@ pub trait FusedOps: burn::backend::Backend {
     /// `x · Wᵀ` for `[N, in]` inputs and a frozen quantised `W` `[out, in]`, dequantised inside
     /// the op in both passes (the f32 weight is never kept for the backward pass).
     fn fused_quant_matmul(x: FloatTensor<Self>, w: Arc<QuantMatrix>) -> FloatTensor<Self>;
-    /// `lhs · rhs` over the last two dimensions (the leading ones equal), the operands rounded
-    /// to bf16 and the sums f32; the output is f32.
-    fn fused_bf16_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// `lhs · rhs` over the last two dimensions (the leading ones equal): with `bf16`, the
+    /// operands rounded to bf16 and the sums f32 ([`bf16_matmul`]); without, in full f32
+    /// ([`f32_matmul`]). The output is f32.
+    fn fused_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>, bf16: bool)
+    -> FloatTensor<Self>;
 }
 
 /// The normalisations, fused on the CPU only (a GPU runtime runs burn's composed ops for them):
@@ -223,7 +225,7 @@ pub const SKINNY_ROWS: usize = 4;
 /// routes that to a matrix-vector loop on a single thread (its `gemv` path takes no
 /// parallelism), so the step ran on one core whatever `RAYON_NUM_THREADS` said; and with two
 /// to four rows (batched generation, or a few new tokens) it packs the skinny operand as for a
-/// large product. Falls back to burn's matmul for tensors that autodiff tracks, more rows, or
+/// large product. Falls back to [`f32_matmul`] for tensors that autodiff tracks, more rows, or
 /// another backend.
 ///
 /// # Shapes
@@ -232,7 +234,7 @@ pub const SKINNY_ROWS: usize = 4;
 pub fn skinny_matmul(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
     let untracked = !x.is_tracked() && !w.is_tracked();
     if !on_flex(&x) || x.dims()[0] > SKINNY_ROWS || !untracked {
-        return x.matmul(w);
+        return f32_matmul(x, w);
     }
     let autodiff = x.is_autodiff();
     let y = Tensor::from_dispatch(<Dispatch as CpuSkinnyOps>::fused_skinny_matmul(
@@ -561,7 +563,7 @@ pub fn rms_norm_linear(
         return if bf16 {
             bf16_matmul(h, weight)
         } else {
-            h.matmul(weight)
+            f32_matmul(h, weight)
         };
     }
     Tensor::from_dispatch(<Dispatch as CpuFusedOps>::fused_rms_norm_linear(
@@ -589,7 +591,7 @@ pub fn rms_norm_linear(
 pub fn swiglu_linear(gate: Tensor<2>, up: Tensor<2>, weight: Tensor<2>, bf16: bool) -> Tensor<2> {
     if !on_flex(&gate) || gate.dims() != up.dims() || (bf16 && !bf16::available()) {
         if !bf16 {
-            return swiglu(gate, up).matmul(weight);
+            return f32_matmul(swiglu(gate, up), weight);
         }
         let gated = swiglu(rounded_to_bf16(gate), rounded_to_bf16(up));
         return bf16_matmul(gated, weight);
@@ -892,7 +894,7 @@ pub fn quant_matmul<const D: usize>(x: Tensor<D>, w: &Arc<QuantMatrix>) -> Tenso
         let device = x2.device();
         let wt = Tensor::<2>::from_data(TensorData::new(w.dequantize(), [rows, cols]), &device)
             .cast(x2.dtype());
-        x2.matmul(wt.transpose())
+        f32_matmul(x2, wt.transpose())
     };
     y.reshape(out_dims)
 }
@@ -915,9 +917,44 @@ pub fn bf16_matmul<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> Tensor<D> {
             .matmul(b.cast(bf))
             .cast(burn::tensor::FloatDType::F32);
     }
-    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_bf16_matmul(
+    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_matmul(
         a.into_dispatch(),
         b.into_dispatch(),
+        true,
+    ))
+}
+
+/// `a · b` over the last two dimensions in f32, as PyTorch's f32 matmul computes it by default
+/// (`torch.backends.cuda.matmul.allow_tf32` is false). On a CUDA device with TF32 (Ampere and
+/// newer) burn's matmul would not: cubek-matmul 0.3.1 stages f32 operands as TF32 (10 mantissa
+/// bits of f32's 23) in every tensor-core kernel whenever the device has the type
+/// (`adjust_dtypes`), with no switch to turn it off. There this runs cubek's kernels that use
+/// no tensor cores, in both passes, unless TF32 is allowed ([`crate::precision::set_tf32`],
+/// `training.tf32`). Elsewhere (the CPU, devices without TF32, other float types) it is burn's
+/// matmul.
+///
+/// # Shapes
+/// - a `[..., m, k]`, b `[..., k, n]`, the leading dimensions broadcasting
+/// - output `[..., m, n]`
+pub fn f32_matmul<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> Tensor<D> {
+    let f32 = burn::tensor::DType::F32;
+    if !avoids_tf32(&a) || a.dtype() != f32 || b.dtype() != f32 {
+        return a.matmul(b);
+    }
+    let (mut da, mut db) = (a.dims(), b.dims());
+    let (a, b) = if da[..D - 2] == db[..D - 2] {
+        (a, b)
+    } else {
+        for i in 0..D - 2 {
+            let n = da[i].max(db[i]);
+            (da[i], db[i]) = (n, n);
+        }
+        (a.expand(da), b.expand(db))
+    };
+    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_matmul(
+        a.into_dispatch(),
+        b.into_dispatch(),
+        false,
     ))
 }
 
@@ -990,6 +1027,43 @@ pub(crate) fn blockwise8_dequantize(
     #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
     let _ = (words, absmax, len, signed);
     None
+}
+
+/// Whether f32 products on the device of `x` take [`f32_matmul`]'s own path to stay f32: a GPU
+/// runtime whose device has TF32, TF32 not allowed ([`crate::precision::set_tf32`]), whet's
+/// kernels on. burn's fused attention is then left out too (`layers::scaled_dot_product`).
+pub fn avoids_tf32<const D: usize>(x: &Tensor<D>) -> bool {
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    if !crate::precision::tf32() && on_cube(&x.device()) {
+        if let Ok(t) = x
+            .clone()
+            .inner()
+            .try_into_primitive::<burn_cubecl::CubeBackend>()
+        {
+            return cube::has_tf32(&t);
+        }
+    }
+    #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
+    let _ = x;
+    false
+}
+
+/// Whether `device` has TF32 (a CUDA device of the Ampere generation or newer), which burn's
+/// matrix products use for f32 operands there (see [`f32_matmul`]).
+pub fn has_tf32(device: &burn::tensor::Device) -> bool {
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    if matches!(
+        device.clone().inner().as_dispatch(),
+        DispatchDevice::Cube(_)
+    ) {
+        let probe = Tensor::<1>::zeros([1], &device.clone().inner());
+        if let Ok(t) = probe.try_into_primitive::<burn_cubecl::CubeBackend>() {
+            return cube::has_tf32(&t);
+        }
+    }
+    #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
+    let _ = device;
+    false
 }
 
 /// `WHET_KERNELS=off`: burn's composed ops everywhere (to compare the two paths).
@@ -1159,6 +1233,10 @@ trait Kernels: Backend {
     fn quant_matmul(x: FloatTensor<Self>, w: &Arc<QuantMatrix>) -> FloatTensor<Self>;
     /// `dy [N, out] · W`.
     fn quant_matmul_backward(dy: FloatTensor<Self>, w: &Arc<QuantMatrix>) -> FloatTensor<Self>;
+    /// `lhs · rhs` in f32 with f32 operands (see [`f32_matmul`]): by default burn's matmul.
+    fn f32_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::float_matmul(lhs, rhs)
+    }
     /// `lhs · rhs` with bf16 operands and f32 sums (see [`bf16_matmul`]): by default burn's
     /// own casts and matmul.
     fn bf16_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -1947,11 +2025,12 @@ macro_rules! fused_ops_from_kernels {
                 <Self as Kernels>::quant_matmul(x, &w)
             }
 
-            fn fused_bf16_matmul(
+            fn fused_matmul(
                 lhs: FloatTensor<Self>,
                 rhs: FloatTensor<Self>,
+                bf16: bool,
             ) -> FloatTensor<Self> {
-                <Self as Kernels>::bf16_matmul(lhs, rhs)
+                product::<Self>(lhs, rhs, bf16)
             }
         }
     };
@@ -1964,12 +2043,13 @@ fused_ops_from_kernels!(burn_cubecl::CubeBackend);
 /// Runs a fused op with one differentiable input: `forward` gets the prepared input and returns
 /// what the backward pass keeps and the output. Without a graph (the input needs no gradient)
 /// the kept state is dropped.
-/// `lhs · rhs` in f32, or with bf16 operands and f32 sums ([`Kernels::bf16_matmul`]).
+/// `lhs · rhs` in f32 ([`Kernels::f32_matmul`]), or with bf16 operands and f32 sums
+/// ([`Kernels::bf16_matmul`]).
 fn product<B: Kernels>(lhs: FloatTensor<B>, rhs: FloatTensor<B>, bf16: bool) -> FloatTensor<B> {
     if bf16 {
         B::bf16_matmul(lhs, rhs)
     } else {
-        B::float_matmul(lhs, rhs)
+        B::f32_matmul(lhs, rhs)
     }
 }
 
@@ -2145,11 +2225,17 @@ impl<B: Kernels, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         })
     }
 
-    fn fused_bf16_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
+    fn fused_matmul(
+        lhs: FloatTensor<Self>,
+        rhs: FloatTensor<Self>,
+        bf16: bool,
+    ) -> FloatTensor<Self> {
         #[derive(Debug)]
-        struct Bf16MatmulBackward;
+        struct MatmulBackward {
+            bf16: bool,
+        }
 
-        impl<B: Kernels> Backward<B, 2> for Bf16MatmulBackward {
+        impl<B: Kernels> Backward<B, 2> for MatmulBackward {
             /// The left operand when the right one takes a gradient, and the other way round.
             type State = (Option<FloatTensor<B>>, Option<FloatTensor<B>>);
 
@@ -2166,31 +2252,36 @@ impl<B: Kernels, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
                     let d = t.rank();
                     B::float_swap_dims(t, d - 2, d - 1)
                 };
-                // Both products of the backward pass in bf16 too, as autocast runs them.
+                // Both products of the backward pass in the forward's precision (under bf16, as
+                // autocast runs them).
                 if let (Some(node), Some(rhs)) = (lhs_node, rhs) {
-                    let g = B::bf16_matmul(grad.clone(), transposed(rhs));
+                    let g = product::<B>(grad.clone(), transposed(rhs), self.bf16);
                     grads.register::<B>(node.id, g);
                 }
                 if let (Some(node), Some(lhs)) = (rhs_node, lhs) {
-                    grads.register::<B>(node.id, B::bf16_matmul(transposed(lhs), grad));
+                    let g = product::<B>(transposed(lhs), grad, self.bf16);
+                    grads.register::<B>(node.id, g);
                 }
             }
         }
 
         let (lhs_tracked, rhs_tracked) = (lhs.is_tracked(), rhs.is_tracked());
-        match Bf16MatmulBackward
+        let backward = MatmulBackward { bf16 };
+        match backward
             .prepare::<C>([lhs.node(), rhs.node()])
             .compute_bound()
             .stateful()
         {
             OpsKind::Tracked(prep) => {
                 let (l, r) = (lhs.into_primitive(), rhs.into_primitive());
-                let out = B::bf16_matmul(l.clone(), r.clone());
+                let out = product::<B>(l.clone(), r.clone(), bf16);
                 prep.finish((rhs_tracked.then_some(l), lhs_tracked.then_some(r)), out)
             }
-            OpsKind::UnTracked(prep) => {
-                prep.finish(B::bf16_matmul(lhs.into_primitive(), rhs.into_primitive()))
-            }
+            OpsKind::UnTracked(prep) => prep.finish(product::<B>(
+                lhs.into_primitive(),
+                rhs.into_primitive(),
+                bf16,
+            )),
         }
     }
 }
@@ -2274,6 +2365,44 @@ mod tests {
         let grad = |t: &Tensor<4>, g| t.grad(g).unwrap_or_else(|| panic!("no grad"));
         close(grad(&a1, &g1), grad(&a2, &g2), "left gradient");
         close(grad(&b1, &g1), grad(&b2, &g2), "right gradient");
+    }
+
+    /// The f32 arm of `fused_matmul` (what [`f32_matmul`] runs on a GPU with TF32) under
+    /// autodiff: value and both gradients equal burn's matmul's, broadcast and transposed
+    /// operands included, and a frozen operand gets none.
+    #[test]
+    fn fused_f32_matmul_equals_burns_matmul_in_value_and_gradients() {
+        let _rng = crate::test_rng();
+        let device = Device::flex().autodiff();
+        let a = Tensor::<4>::random([2, 3, 9, 20], Distribution::Normal(0.0, 1.0), &device);
+        let bt = Tensor::<4>::random([2, 3, 11, 20], Distribution::Normal(0.0, 1.0), &device);
+        let (a1, b1) = (a.clone().require_grad(), bt.clone().require_grad());
+        let (a2, b2) = (a.require_grad(), bt.require_grad());
+        let fused = |x: Tensor<4>, y: Tensor<4>| {
+            Tensor::<4>::from_dispatch(<Dispatch as FusedOps>::fused_matmul(
+                x.into_dispatch(),
+                y.into_dispatch(),
+                false,
+            ))
+        };
+        let y1 = fused(a1.clone(), b1.clone().swap_dims(2, 3));
+        let y2 = a2.clone().matmul(b2.clone().swap_dims(2, 3));
+        let close = |x: Tensor<4>, y: Tensor<4>, what: &str| {
+            let d = max_diff(x, y);
+            assert!(d < 1e-5, "{what}: off by {d}");
+        };
+        close(y1.clone(), y2.clone(), "product");
+        let w = Tensor::<4>::random([2, 3, 9, 11], Distribution::Normal(0.0, 1.0), &device);
+        let g1 = (y1 * w.clone()).sum().backward();
+        let g2 = (y2 * w.clone()).sum().backward();
+        let grad = |t: &Tensor<4>, g| t.grad(g).unwrap_or_else(|| panic!("no grad"));
+        close(grad(&a1, &g1), grad(&a2, &g2), "left gradient");
+        close(grad(&b1, &g1), grad(&b2, &g2), "right gradient");
+        // A frozen right operand: only the left one is differentiated.
+        let frozen = b1.clone().detach().swap_dims(2, 3);
+        let a3 = a1.clone().detach().require_grad();
+        let g3 = (fused(a3.clone(), frozen) * w).sum().backward();
+        close(grad(&a3, &g3), grad(&a2, &g2), "left gradient, right frozen");
     }
 
     /// On a CPU with AVX512-BF16 the CPU backend's product is the kernel's, bit for bit (the
@@ -3553,25 +3682,86 @@ mod cube_tests {
     /// f32 matrix products on the device keep f32's precision, as PyTorch's f32 matmul does by
     /// default. The operand `1 + 2^-12` times the identity is `1 + 2^-12` in f32, and exactly 1
     /// with operands rounded to TF32 (10 explicit mantissa bits), which cubek's tensor-core
-    /// kernels do on a device that has TF32 (`adjust_dtypes` in cubek-matmul 0.3.1). The GPU
-    /// check of 2026-12-04 (BENCHMARKS) found TF32-sized errors on an H200; this test says
-    /// whether that is the cause. Large enough (256³) for the tensor-core kernels to be picked.
+    /// kernels do on a device that has TF32 (`adjust_dtypes` in cubek-matmul 0.3.1): burn's own
+    /// matmul failed this on an H200 (GPU check of 2026-12-04, BENCHMARKS), [`f32_matmul`]
+    /// must not, in both passes. Large enough (256³) for tensor-core kernels to be picked.
     #[test]
     fn cube_f32_matmul_is_not_rounded_to_tf32() {
         let n = 256;
-        let device = gpu();
+        let device = gpu().autodiff();
         let v = 1.0 + 2f32.powi(-12);
-        let a = Tensor::<2>::full([n, n], v, &device);
         let eye: Vec<f32> = (0..n * n)
             .map(|i| if i / n == i % n { 1.0 } else { 0.0 })
             .collect();
-        let b = Tensor::<2>::from_data(TensorData::new(eye, [n, n]), &device);
-        let got = values(a.matmul(b));
-        let worst = got.iter().map(|x| (x - v).abs()).fold(0f32, f32::max);
-        assert!(
-            worst == 0.0,
-            "f32 product off by {worst:e} (TF32 rounding gives {:e})",
-            v - 1.0
-        );
+        let a = Tensor::<2>::full([n, n], v, &device).require_grad();
+        let b = Tensor::<2>::from_data(TensorData::new(eye, [n, n]), &device).require_grad();
+        let y = f32_matmul(a.clone(), b.clone());
+        let worst = |t: Tensor<2>, want: f32| {
+            values(t)
+                .iter()
+                .map(|x| (x - want).abs())
+                .fold(0f32, f32::max)
+        };
+        let off = worst(y.clone(), v);
+        assert!(off == 0.0, "f32 product off by {off:e} (TF32 rounding gives {:e})", v - 1.0);
+        // d(sum y)/da = 1 · bᵀ (ones times the identity: ones); d/db = aᵀ · 1 = n·v per element,
+        // which TF32 would make n.
+        let g = (y * Tensor::<2>::full([n, n], v, &device)).sum().backward();
+        let off = worst(grad_of(&a, &g), v);
+        assert!(off == 0.0, "gradient of the left operand off by {off:e}");
+        let want = n as f32 * v * v;
+        let off = worst(grad_of(&b, &g), want);
+        assert!(off <= want * 1e-6, "gradient of the right operand off by {off:e}");
+    }
+
+    /// cubek's unit routines that [`f32_matmul`] runs on a device with TF32 give the CPU's
+    /// products for plain, batched and transposed operands, every size class twice (the second
+    /// time from the tuned choice). Launched directly, so that the software adapter, which has
+    /// no TF32, runs them too.
+    #[test]
+    fn cube_unit_matmul_routines_equal_the_cpu_product() {
+        use burn::backend::ops::FloatTensorOps;
+        use burn_cubecl::CubeBackend;
+        let cpu = Device::flex();
+        let device = gpu();
+        let on_gpu = |t: &Tensor<4>| {
+            Tensor::<4>::from_data(t.to_data(), &device)
+                .try_into_primitive::<CubeBackend>()
+                .unwrap_or_else(|_| panic!("not a cube tensor"))
+        };
+        for (batch, m, k, n, transposed) in [
+            (1, 64, 96, 80, false),
+            (1, 1, 64, 48, false),
+            (6, 17, 33, 19, false),
+            (2, 40, 24, 56, true),
+        ] {
+            let a = Tensor::<4>::random([batch, 1, m, k], Distribution::Normal(0.0, 1.0), &cpu);
+            let b = if transposed {
+                Tensor::<4>::random([batch, 1, n, k], Distribution::Normal(0.0, 1.0), &cpu)
+                    .swap_dims(2, 3)
+            } else {
+                Tensor::<4>::random([batch, 1, k, n], Distribution::Normal(0.0, 1.0), &cpu)
+            };
+            let want = a.clone().matmul(b.clone());
+            // The transposed operand keeps its strides on the device.
+            let (ga, gb) = if transposed {
+                let rows = on_gpu(&b.clone().swap_dims(2, 3));
+                (on_gpu(&a), CubeBackend::float_swap_dims(rows, 2, 3))
+            } else {
+                (on_gpu(&a), on_gpu(&b))
+            };
+            for round in 0..2 {
+                let got = cube::exact_f32_matmul(ga.clone(), gb.clone());
+                let got = Tensor::<4>::from_primitive::<CubeBackend>(got);
+                let got = Tensor::<4>::from_data(got.to_data(), &cpu);
+                assert_close(
+                    got,
+                    want.clone(),
+                    1e-5,
+                    1e-5,
+                    &format!("{batch}x{m}x{k}x{n} transposed {transposed}, round {round}"),
+                );
+            }
+        }
     }
 }
