@@ -600,10 +600,8 @@ pub fn train<T: TrainStep>(
     if args.tf32 && !whet_models::kernels::has_tf32(device) {
         return Err(TrainError::option(
             "training.tf32",
-            format!(
-                "the device {device:?} has no TF32 (a CUDA device of the Ampere generation or \
-                 newer has): leave it false there"
-            ),
+            "only a CUDA device of the Ampere generation or newer has TF32, and this run's \
+             device has none: leave it false here",
         ));
     }
     // TF32 in f32 products for the run when asked for (process-wide, as PyTorch's switch);
