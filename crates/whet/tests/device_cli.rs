@@ -291,9 +291,16 @@ fn tf32_is_refused_on_a_device_without_it() {
     let out = dir.path().join("tf32");
     let out_set = format!("training.output_dir=\"{}\"", out.display());
     let args = ["train", r.to_str().unwrap(), "--device", &device];
-    let e = err(&[&args[..], &["--set", &out_set, "--set", "training.tf32=true"]].concat());
+    let e = err(&[
+        &args[..],
+        &["--set", &out_set, "--set", "training.tf32=true"],
+    ]
+    .concat());
     assert!(e.contains("training.tf32") && e.contains("TF32"), "{e}");
-    assert!(!out.join("checkpoint-2").exists(), "tf32 refused after starting");
+    assert!(
+        !out.join("checkpoint-2").exists(),
+        "tf32 refused after starting"
+    );
 }
 
 /// fp16's loss scale is kept in the checkpoint; bf16 on a device without it is refused,

@@ -599,9 +599,16 @@ fn unit_strategies() -> Vec<cubek::matmul::strategy::Strategy> {
     use cubek::matmul::multi_level::routines::gemm::GemmStrategy;
     use cubek::matmul::routine::BlueprintStrategy::Inferred;
     let mut all = Vec::new();
-    for tile_size in [TileSizeSelection::MaxTileSize, TileSizeSelection::MinTileSize] {
-        all.push(Strategy::DoubleUnit(Inferred(DoubleUnitSelectionArgs { tile_size })));
-        all.push(Strategy::SimpleUnit(Inferred(SimpleUnitSelectionArgs { tile_size })));
+    for tile_size in [
+        TileSizeSelection::MaxTileSize,
+        TileSizeSelection::MinTileSize,
+    ] {
+        all.push(Strategy::DoubleUnit(Inferred(DoubleUnitSelectionArgs {
+            tile_size,
+        })));
+        all.push(Strategy::SimpleUnit(Inferred(SimpleUnitSelectionArgs {
+            tile_size,
+        })));
     }
     all.push(Strategy::Gemm(Inferred(GemmStrategy {
         target_num_planes: None,
@@ -656,8 +663,8 @@ pub(super) fn exact_f32_matmul(lhs: CubeTensor, rhs: CubeTensor) -> CubeTensor {
     let (shape_l, shape_r) = (lhs.meta.shape(), rhs.meta.shape());
     let d = shape_l.num_dims();
     let batches: usize = (0..d - 2).map(|i| shape_l[i]).product();
-    let class = [batches, shape_l[d - 2], shape_r[d - 1], shape_l[d - 1]]
-        .map(usize::next_power_of_two);
+    let class =
+        [batches, shape_l[d - 2], shape_r[d - 1], shape_l[d - 1]].map(usize::next_power_of_two);
     let known = TUNED
         .lock()
         .ok()
@@ -690,7 +697,7 @@ pub(super) fn exact_f32_matmul(lhs: CubeTensor, rhs: CubeTensor) -> CubeTensor {
     // The chosen routine can still refuse a layout of the same size class: then `Naive`, which
     // burn-cubecl takes as launching for every layout (its autotuner's fallback). Were it to
     // refuse too, burn's own matmul still gives the product.
-    if strategies.get(chosen).is_some_and(|s| launch(s)) || launch(&naive) {
+    if strategies.get(chosen).is_some_and(&launch) || launch(&naive) {
         out
     } else {
         CubeBackend::float_matmul(lhs, rhs)

@@ -72,8 +72,11 @@ pub trait FusedOps: burn::backend::Backend {
     /// `lhs · rhs` over the last two dimensions (the leading ones equal): with `bf16`, the
     /// operands rounded to bf16 and the sums f32 ([`bf16_matmul`]); without, in full f32
     /// ([`f32_matmul`]). The output is f32.
-    fn fused_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>, bf16: bool)
-    -> FloatTensor<Self>;
+    fn fused_matmul(
+        lhs: FloatTensor<Self>,
+        rhs: FloatTensor<Self>,
+        bf16: bool,
+    ) -> FloatTensor<Self>;
 }
 
 /// The normalisations, fused on the CPU only (a GPU runtime runs burn's composed ops for them):
@@ -1034,14 +1037,14 @@ pub(crate) fn blockwise8_dequantize(
 /// kernels on. burn's fused attention is then left out too (`layers::scaled_dot_product`).
 pub fn avoids_tf32<const D: usize>(x: &Tensor<D>) -> bool {
     #[cfg(any(feature = "wgpu", feature = "cuda"))]
-    if !crate::precision::tf32() && on_cube(&x.device()) {
-        if let Ok(t) = x
+    if !crate::precision::tf32()
+        && on_cube(&x.device())
+        && let Ok(t) = x
             .clone()
             .inner()
             .try_into_primitive::<burn_cubecl::CubeBackend>()
-        {
-            return cube::has_tf32(&t);
-        }
+    {
+        return cube::has_tf32(&t);
     }
     #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
     let _ = x;
@@ -2402,7 +2405,11 @@ mod tests {
         let frozen = b1.clone().detach().swap_dims(2, 3);
         let a3 = a1.clone().detach().require_grad();
         let g3 = (fused(a3.clone(), frozen) * w).sum().backward();
-        close(grad(&a3, &g3), grad(&a2, &g2), "left gradient, right frozen");
+        close(
+            grad(&a3, &g3),
+            grad(&a2, &g2),
+            "left gradient, right frozen",
+        );
     }
 
     /// On a CPU with AVX512-BF16 the CPU backend's product is the kernel's, bit for bit (the
@@ -3703,7 +3710,11 @@ mod cube_tests {
                 .fold(0f32, f32::max)
         };
         let off = worst(y.clone(), v);
-        assert!(off == 0.0, "f32 product off by {off:e} (TF32 rounding gives {:e})", v - 1.0);
+        assert!(
+            off == 0.0,
+            "f32 product off by {off:e} (TF32 rounding gives {:e})",
+            v - 1.0
+        );
         // d(sum y)/da = 1 · bᵀ (ones times the identity: ones); d/db = aᵀ · 1 = n·v per element,
         // which TF32 would make n.
         let g = (y * Tensor::<2>::full([n, n], v, &device)).sum().backward();
@@ -3711,7 +3722,10 @@ mod cube_tests {
         assert!(off == 0.0, "gradient of the left operand off by {off:e}");
         let want = n as f32 * v * v;
         let off = worst(grad_of(&b, &g), want);
-        assert!(off <= want * 1e-6, "gradient of the right operand off by {off:e}");
+        assert!(
+            off <= want * 1e-6,
+            "gradient of the right operand off by {off:e}"
+        );
     }
 
     /// cubek's unit routines that [`f32_matmul`] runs on a device with TF32 give the CPU's
