@@ -616,8 +616,10 @@ fn unit_strategies() -> Vec<cubek::matmul::strategy::Strategy> {
     all.into_iter().map(Into::into).collect()
 }
 
-/// A problem's size class: the batch count and m, n, k, each rounded up to a power of two.
-type SizeClass = [usize; 4];
+/// A problem's size class: the batch count and m, n, k, each rounded up to a power of two, and
+/// whether each operand is row-major (else a transposed one): a routine may launch for one
+/// layout and refuse the other.
+type SizeClass = ([usize; 4], [bool; 2]);
 
 /// The fastest unit routine found for each size class (an index into [`unit_strategies`]; past
 /// its end, `Naive`).
@@ -663,8 +665,10 @@ pub(super) fn exact_f32_matmul(lhs: CubeTensor, rhs: CubeTensor) -> CubeTensor {
     let (shape_l, shape_r) = (lhs.meta.shape(), rhs.meta.shape());
     let d = shape_l.num_dims();
     let batches: usize = (0..d - 2).map(|i| shape_l[i]).product();
-    let class =
-        [batches, shape_l[d - 2], shape_r[d - 1], shape_l[d - 1]].map(usize::next_power_of_two);
+    let class = (
+        [batches, shape_l[d - 2], shape_r[d - 1], shape_l[d - 1]].map(usize::next_power_of_two),
+        [lhs.is_contiguous(), rhs.is_contiguous()],
+    );
     let known = TUNED
         .lock()
         .ok()
