@@ -238,11 +238,7 @@ class Check:
         rows = self.plan["generate"] if not on_cpu else self.plan.get("generate_cpu", [])
         whet_env, ref_env, dev = self.whet_env, None, []
         if on_cpu:
-            threads = str(CPU_THREADS)
-            whet_env = dict(self.whet_env, WHET_DEVICE="cpu", RAYON_NUM_THREADS=threads)
-            ref_env = dict(os.environ, WHET_REF_DEVICE="cpu", OMP_NUM_THREADS=threads,
-                           CUDA_VISIBLE_DEVICES="")
-            dev = ["--device", "cpu"]
+            (whet_env, ref_env), dev = self.cpu_envs(), ["--device", "cpu"]
         for name, new, limit in rows:
             if name not in self.models:
                 continue
@@ -572,6 +568,9 @@ def main():
     ap.add_argument("--skip", default="", help="stages to leave out: parity,generate-cpu,train-cpu,train,generate")
     ap.add_argument("--ref-python", default=sys.executable)
     args = ap.parse_args()
+    unknown = set(args.dtypes.split(",")) - {"f32", "tf32", "bf16"}
+    if unknown:
+        ap.error(f"--dtypes: unknown {', '.join(sorted(unknown))} (f32, tf32, bf16)")
     c = Check(args)
     c.meta()
     c.start_assets()

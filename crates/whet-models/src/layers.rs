@@ -679,7 +679,8 @@ pub fn attention_bias(keep: Tensor<2, Bool>, tq: usize, causal: bool) -> Tensor<
 /// took 5.5% of a 100-step MiniLM run's profile in its final evaluation. On a GPU evaluation
 /// calls burn's fused `attention`, and training the one-pass softmax and dropout of
 /// [`crate::kernels::attention_probs`], as burn's autodiff would decompose them into eight
-/// tracked ops.
+/// tracked ops. On a device with TF32, unless TF32 is allowed, evaluation takes the training path
+/// too, whose products stay f32 ([`crate::kernels::f32_matmul`]).
 ///
 /// # Shapes
 /// - q `[B, H, Tq, hd]`, k and v `[B, KV, Tk, hd]`

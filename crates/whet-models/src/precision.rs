@@ -128,14 +128,10 @@ pub fn linear<const D: usize>(
         None if rows <= crate::kernels::SKINNY_ROWS || !crate::device::is_flex(&x.device()) => {
             let mut dims = x.dims();
             let [d_in, d_out] = weight.dims();
-            let x = x.reshape([rows, d_in]);
-            // One token's step of generation: a matrix-vector product over every core. On a
-            // GPU, an f32 product without TF32 (see `kernels::f32_matmul`).
-            let y = if rows <= crate::kernels::SKINNY_ROWS {
-                crate::kernels::skinny_matmul(x, weight)
-            } else {
-                crate::kernels::f32_matmul(x, weight)
-            };
+            // One token's step of generation: a matrix-vector product over every core; on a
+            // GPU, an f32 product without TF32 (`skinny_matmul` falls back to
+            // `kernels::f32_matmul` there).
+            let y = crate::kernels::skinny_matmul(x.reshape([rows, d_in]), weight);
             let y = match bias {
                 Some(b) => y + b.unsqueeze::<2>(),
                 None => y,

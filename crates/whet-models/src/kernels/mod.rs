@@ -2343,44 +2343,51 @@ mod tests {
         (a - b).abs().max().into_scalar::<f32>()
     }
 
-    /// bf16 products against f32 ones, attention-shaped (`[B, H, T, d] · [B, H, d, T]` with the
-    /// right operand a transposed view): the value and both gradients within bf16's rounding of
+    /// `product(a, b)` against burn's matmul on attention-shaped operands (`[B, H, T, d] ·
+    /// [B, H, d, T]`, the right one a transposed view), under autodiff: the largest difference
+    /// of the value, the left gradient and the right gradient (none when `product` does not
+    /// differentiate the right operand).
+    fn product_against_matmul(
+        product: impl Fn(Tensor<4>, Tensor<4>) -> Tensor<4>,
+    ) -> (f32, f32, Option<f32>) {
+        let _rng = crate::test_rng();
+        let device = Device::flex().autodiff();
+        let a = Tensor::<4>::random([2, 3, 9, 20], Distribution::Normal(0.0, 1.0), &device);
+        let bt = Tensor::<4>::random([2, 3, 11, 20], Distribution::Normal(0.0, 1.0), &device);
+        let (a1, b1) = (a.clone().require_grad(), bt.clone().require_grad());
+        let (a2, b2) = (a.require_grad(), bt.require_grad());
+        let y1 = product(a1.clone(), b1.clone().swap_dims(2, 3));
+        let y2 = a2.clone().matmul(b2.clone().swap_dims(2, 3));
+        let w = Tensor::<4>::random([2, 3, 9, 11], Distribution::Normal(0.0, 1.0), &device);
+        let value = max_diff(y1.clone(), y2.clone());
+        let g1 = (y1 * w.clone()).sum().backward();
+        let g2 = (y2 * w).sum().backward();
+        let grad = |t: &Tensor<4>, g| t.grad(g).unwrap_or_else(|| panic!("no grad"));
+        let right = b1.grad(&g1).map(|g| max_diff(g, grad(&b2, &g2)));
+        (value, max_diff(grad(&a1, &g1), grad(&a2, &g2)), right)
+    }
+
+    /// bf16 products against f32 ones: the value and both gradients within bf16's rounding of
     /// sums of 20 and 11 products of N(0, 1) values (about 2⁻⁸ of Σ|a||b| ≈ 13), and not equal
     /// to the f32 ones (the rounding is really there).
     #[test]
     fn bf16_matmul_is_the_f32_product_within_bf16_rounding_in_value_and_gradients() {
-        let _rng = crate::test_rng();
-        let device = Device::flex().autodiff();
-        let a = Tensor::<4>::random([2, 3, 9, 20], Distribution::Normal(0.0, 1.0), &device);
-        let bt = Tensor::<4>::random([2, 3, 11, 20], Distribution::Normal(0.0, 1.0), &device);
-        let (a1, b1) = (a.clone().require_grad(), bt.clone().require_grad());
-        let (a2, b2) = (a.require_grad(), bt.require_grad());
-        let y1 = bf16_matmul(a1.clone(), b1.clone().swap_dims(2, 3));
-        let y2 = a2.clone().matmul(b2.clone().swap_dims(2, 3));
-        let close = |x: Tensor<4>, y: Tensor<4>, what: &str| {
-            let d = max_diff(x, y);
+        let (value, left, right) = product_against_matmul(bf16_matmul);
+        let right = right.unwrap_or_else(|| panic!("no right gradient"));
+        for (d, what) in [
+            (value, "product"),
+            (left, "left gradient"),
+            (right, "right gradient"),
+        ] {
             assert!(d > 0.0 && d < 0.1, "{what}: off by {d}");
-        };
-        close(y1.clone(), y2.clone(), "product");
-        let w = Tensor::<4>::random([2, 3, 9, 11], Distribution::Normal(0.0, 1.0), &device);
-        let g1 = (y1 * w.clone()).sum().backward();
-        let g2 = (y2 * w).sum().backward();
-        let grad = |t: &Tensor<4>, g| t.grad(g).unwrap_or_else(|| panic!("no grad"));
-        close(grad(&a1, &g1), grad(&a2, &g2), "left gradient");
-        close(grad(&b1, &g1), grad(&b2, &g2), "right gradient");
+        }
     }
 
-    /// The f32 arm of `fused_matmul` (what [`f32_matmul`] runs on a GPU with TF32) under
-    /// autodiff: value and both gradients equal burn's matmul's, broadcast and transposed
-    /// operands included, and a frozen operand gets none.
+    /// The f32 arm of `fused_matmul` (what [`f32_matmul`] runs on a GPU with TF32): the value
+    /// and both gradients equal burn's matmul's, with a transposed right operand; with a frozen
+    /// right operand the left gradient is the same.
     #[test]
     fn fused_f32_matmul_equals_burns_matmul_in_value_and_gradients() {
-        let _rng = crate::test_rng();
-        let device = Device::flex().autodiff();
-        let a = Tensor::<4>::random([2, 3, 9, 20], Distribution::Normal(0.0, 1.0), &device);
-        let bt = Tensor::<4>::random([2, 3, 11, 20], Distribution::Normal(0.0, 1.0), &device);
-        let (a1, b1) = (a.clone().require_grad(), bt.clone().require_grad());
-        let (a2, b2) = (a.require_grad(), bt.require_grad());
         let fused = |x: Tensor<4>, y: Tensor<4>| {
             Tensor::<4>::from_dispatch(<Dispatch as FusedOps>::fused_matmul(
                 x.into_dispatch(),
@@ -2388,28 +2395,18 @@ mod tests {
                 false,
             ))
         };
-        let y1 = fused(a1.clone(), b1.clone().swap_dims(2, 3));
-        let y2 = a2.clone().matmul(b2.clone().swap_dims(2, 3));
-        let close = |x: Tensor<4>, y: Tensor<4>, what: &str| {
-            let d = max_diff(x, y);
+        let (value, left, right) = product_against_matmul(fused);
+        let right = right.unwrap_or_else(|| panic!("no right gradient"));
+        for (d, what) in [
+            (value, "product"),
+            (left, "left gradient"),
+            (right, "right gradient"),
+        ] {
             assert!(d < 1e-5, "{what}: off by {d}");
-        };
-        close(y1.clone(), y2.clone(), "product");
-        let w = Tensor::<4>::random([2, 3, 9, 11], Distribution::Normal(0.0, 1.0), &device);
-        let g1 = (y1 * w.clone()).sum().backward();
-        let g2 = (y2 * w.clone()).sum().backward();
-        let grad = |t: &Tensor<4>, g| t.grad(g).unwrap_or_else(|| panic!("no grad"));
-        close(grad(&a1, &g1), grad(&a2, &g2), "left gradient");
-        close(grad(&b1, &g1), grad(&b2, &g2), "right gradient");
-        // A frozen right operand: only the left one is differentiated.
-        let frozen = b1.clone().detach().swap_dims(2, 3);
-        let a3 = a1.clone().detach().require_grad();
-        let g3 = (fused(a3.clone(), frozen) * w).sum().backward();
-        close(
-            grad(&a3, &g3),
-            grad(&a2, &g2),
-            "left gradient, right frozen",
-        );
+        }
+        let frozen = |x: Tensor<4>, y: Tensor<4>| fused(x, y.detach());
+        let (value, left, _) = product_against_matmul(frozen);
+        assert!(value < 1e-5 && left < 1e-5, "right frozen: {value}, {left}");
     }
 
     /// On a CPU with AVX512-BF16 the CPU backend's product is the kernel's, bit for bit (the
