@@ -23,23 +23,62 @@ pub struct Columns {
 }
 
 /// What an example is labelled with.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Target {
     /// Single-label classification: one class id.
     Class(usize),
     /// Multi-label classification (`problem_type = "multi_label_classification"`): the set
     /// of class ids that apply, possibly empty.
     Multi(Vec<usize>),
+    /// Regression (`problem_type = "regression"`): one real number.
+    Value(f32),
 }
 
 impl Target {
-    /// The class ids that apply.
+    /// The class ids that apply (none for a regression target).
     pub fn ids(&self) -> &[usize] {
         match self {
             Target::Class(c) => std::slice::from_ref(c),
             Target::Multi(v) => v,
+            Target::Value(_) => &[],
         }
     }
+}
+
+/// What a label column holds, as `transformers`' `problem_type` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LabelKind {
+    /// One class name or id a row.
+    #[default]
+    Single,
+    /// A list of class names or ids a row.
+    Multi,
+    /// One real number a row (regression).
+    Real,
+}
+
+/// Whether a label column holds real numbers: every value a number (in CSV, text that parses as
+/// one) and at least one not an integer. This is `run_glue.py`'s test for regression (a column
+/// `datasets` reads as float; pandas and Arrow read a column of integers as int).
+pub fn real_valued(table: &Table, column: &str) -> bool {
+    let mut fraction = false;
+    for (_, row) in &table.rows {
+        match row.get(column) {
+            Some(Value::Number(n)) => fraction |= !(n.is_u64() || n.is_i64()),
+            Some(Value::String(s)) => {
+                let s = s.trim();
+                if s.parse::<i64>().is_ok() {
+                    continue;
+                }
+                match s.parse::<f64>() {
+                    Ok(v) if v.is_finite() => fraction = true,
+                    _ => return false,
+                }
+            }
+            _ => return false,
+        }
+    }
+    fraction
 }
 
 /// One labelled example.
@@ -189,15 +228,20 @@ fn text_of(table: &Table, line: usize, column: &str, v: Option<&Value>) -> Resul
     }
 }
 
-/// The target of one row: a class id, or for `multi_label` a list of names or ids.
+/// The target of one row: a class id, a list of names or ids, or a real number.
 fn target(
     table: &Table,
     line: usize,
     column: &str,
     labels: &Labels,
-    multi_label: bool,
+    kind: LabelKind,
     v: Option<&Value>,
 ) -> Result<Target> {
+    let multi_label = match kind {
+        LabelKind::Real => return real_target(table, line, column, v),
+        LabelKind::Multi => true,
+        LabelKind::Single => false,
+    };
     match (multi_label, v) {
         (true, Some(Value::Array(items))) => {
             let mut ids = items
@@ -229,13 +273,34 @@ fn target(
     }
 }
 
-/// Reads examples from a table with the given columns and label set; with `multi_label`
-/// each label cell is a list of class names or ids.
+/// A regression target: a number, or text that parses as a finite one (CSV).
+fn real_target(table: &Table, line: usize, column: &str, v: Option<&Value>) -> Result<Target> {
+    let value = match v {
+        Some(Value::Number(n)) => n.as_f64(),
+        Some(Value::String(s)) => s.trim().parse::<f64>().ok(),
+        _ => None,
+    };
+    match value {
+        Some(x) if x.is_finite() => Ok(Target::Value(x as f32)),
+        _ => Err(DataError::Value {
+            path: table.locate(line).0,
+            line: table.locate(line).1,
+            column: column.into(),
+            message: format!(
+                "a regression label must be a finite number, got {}",
+                v.unwrap_or(&Value::Null)
+            ),
+        }),
+    }
+}
+
+/// Reads examples from a table with the given columns and label set; the label cells hold what
+/// `kind` says (a class, a list of classes, a number).
 pub fn examples(
     table: &Table,
     cols: &Columns,
     labels: &Labels,
-    multi_label: bool,
+    kind: LabelKind,
 ) -> Result<Vec<Example>> {
     let mut needed = vec![cols.text.as_str(), cols.label.as_str()];
     if let Some(p) = &cols.text_pair {
@@ -257,7 +322,7 @@ pub fn examples(
                     *line,
                     &cols.label,
                     labels,
-                    multi_label,
+                    kind,
                     row.get(&cols.label),
                 )?,
                 origin: table.origin(*line),

@@ -16,8 +16,8 @@ pub enum DataError {
     /// The format is unknown or unsupported.
     #[error("{path}: {message}")]
     Format { path: PathBuf, message: String },
-    /// A JSON line does not parse.
-    #[error("{path}:{line}: malformed JSON line: {message}")]
+    /// A JSON line (or a JSON array's element) does not parse.
+    #[error("{path}:{line}: malformed JSON: {message}")]
     Json {
         path: PathBuf,
         line: usize,

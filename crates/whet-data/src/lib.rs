@@ -14,8 +14,8 @@ pub use causal_lm::{
     prompt_completion,
 };
 pub use classification::{
-    Batch, Columns, Encoded, Example, Labels, Side, Size, Target, collate, epoch_order, examples,
-    length_grouped, seeded_split, tokenize, tokenize_cached,
+    Batch, Columns, Encoded, Example, LabelKind, Labels, Side, Size, Target, collate, epoch_order,
+    examples, length_grouped, real_valued, seeded_split, tokenize, tokenize_cached,
 };
 pub use error::{DataError, Result};
 pub use preference::{PreferencePair, read_pairs};

@@ -149,8 +149,9 @@ fn data_files(path: &Path) -> Result<Vec<PathBuf>> {
 }
 
 impl Table {
-    /// Reads a `.jsonl` / `.json` (one object per line), `.csv` / `.tsv`, `.parquet` or `.txt`
-    /// file. For Parquet the "line" of a row is its 1-based row number. A text file gives one
+    /// Reads a `.jsonl` / `.json` (one object per line, or one JSON array of objects, as
+    /// `datasets`' `json` loader reads both), `.csv` / `.tsv`, `.parquet` or `.txt` file. For
+    /// Parquet the "line" of a row is its 1-based row number. A text file gives one
     /// row per non-empty line in a `text` column, as `datasets`' `text` loader does.
     ///
     /// The path may also be a folder (every data file under it) or a glob of files of one
@@ -213,7 +214,7 @@ impl Table {
             source: e,
         })?;
         let table = match ext.as_str() {
-            "jsonl" | "json" | "ndjson" => read_jsonl(path, &bytes)?,
+            "jsonl" | "json" | "ndjson" => read_json(path, &bytes)?,
             "csv" => read_csv(path, &bytes, b',', encoding)?,
             "tsv" => read_csv(path, &bytes, b'\t', encoding)?,
             "parquet" => read_parquet(path, bytes)?,
@@ -282,6 +283,108 @@ fn read_text(path: &Path, bytes: &[u8], encoding: Encoding) -> Result<Table> {
         rows,
         parts: Vec::new(),
     })
+}
+
+/// JSON rows as `datasets`' `json` loader takes them: JSON Lines, or one JSON array of objects
+/// (`alpaca_data.json`). A file that is one JSON object holding the rows under a field (SQuAD's
+/// `data`) is refused, naming its fields, where `datasets` asks for `field=`.
+fn read_json(path: &Path, bytes: &[u8]) -> Result<Table> {
+    // A byte-order mark (files saved by Windows editors) is not part of the JSON.
+    let body = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if first == Some(&b'[') {
+        return read_json_array(path, body);
+    }
+    read_jsonl(path, body).map_err(|e| {
+        let Ok(Value::Object(fields)) = serde_json::from_slice::<Value>(body) else {
+            return e;
+        };
+        DataError::Format {
+            path: path.to_path_buf(),
+            message: format!(
+                "the file is one JSON object (fields: {}), not rows: whet reads JSON Lines (an \
+                 object a line) or a JSON array of objects; write the rows out, e.g. \
+                 `jq -c '.FIELD[]' FILE > rows.jsonl`",
+                fields.keys().cloned().collect::<Vec<_>>().join(", ")
+            ),
+        }
+    })
+}
+
+/// A JSON array of row objects. A row's "line" is the line its object starts on, or, where
+/// several start on one line (a compact array), its 1-based place in the array.
+fn read_json_array(path: &Path, body: &[u8]) -> Result<Table> {
+    let items: Vec<Value> = serde_json::from_slice(body).map_err(|e| DataError::Json {
+        path: path.to_path_buf(),
+        line: e.line(),
+        message: e.to_string(),
+    })?;
+    let starts = element_lines(body);
+    let distinct = starts.len() == items.len() && starts.windows(2).all(|w| w[0] < w[1]);
+    let mut columns: Vec<String> = Vec::new();
+    let mut rows = Vec::with_capacity(items.len());
+    for (i, item) in items.into_iter().enumerate() {
+        let line = if distinct { starts[i] } else { i + 1 };
+        let Value::Object(obj) = item else {
+            return Err(DataError::Json {
+                path: path.to_path_buf(),
+                line,
+                message: format!("element {} of the array is not a JSON object", i + 1),
+            });
+        };
+        for k in obj.keys() {
+            if !columns.contains(k) {
+                columns.push(k.clone());
+            }
+        }
+        rows.push((line, obj.into_iter().collect()));
+    }
+    Ok(Table {
+        path: path.to_path_buf(),
+        columns,
+        rows,
+        parts: Vec::new(),
+    })
+}
+
+/// The 1-based line each element of a top-level JSON array starts on. serde_json keeps no
+/// positions in a parsed value, so this scans the text (strings and nesting) once.
+fn element_lines(body: &[u8]) -> Vec<usize> {
+    let (mut line, mut depth) = (1, 0usize);
+    let (mut in_string, mut escaped, mut expecting) = (false, false, false);
+    let mut starts = vec![];
+    for &b in body {
+        if b == b'\n' {
+            line += 1;
+        }
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        if b.is_ascii_whitespace() {
+            continue;
+        }
+        if depth == 1 && expecting && b != b']' {
+            starts.push(line);
+            expecting = false;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                expecting = depth == 1;
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            b',' if depth == 1 => expecting = true,
+            _ => {}
+        }
+    }
+    starts
 }
 
 fn read_jsonl(path: &Path, bytes: &[u8]) -> Result<Table> {

@@ -29,7 +29,7 @@ fn jsonl_with_string_labels_maps_to_sorted_ids() {
     let t = Table::read(&p, Encoding::Utf8).unwrap();
     let labels = Labels::infer(&t, "label").unwrap();
     assert_eq!(labels.0, vec!["neg", "pos"]);
-    let ex = examples(&t, &cols(), &labels, false).unwrap();
+    let ex = examples(&t, &cols(), &labels, LabelKind::Single).unwrap();
     assert_eq!(
         ex.iter().map(|e| e.label.clone()).collect::<Vec<_>>(),
         vec![Target::Class(1), Target::Class(0)]
@@ -56,7 +56,7 @@ fn a_missing_column_lists_the_available_ones() {
     let p = write(&dir, "a.csv", b"sentence,label\nhi,0\n");
     let t = Table::read(&p, Encoding::Utf8).unwrap();
     let labels = Labels(vec!["a".into(), "b".into()]);
-    let e = examples(&t, &cols(), &labels, false).unwrap_err();
+    let e = examples(&t, &cols(), &labels, LabelKind::Single).unwrap_err();
     assert!(
         matches!(&e, DataError::MissingColumn { column, available, .. } if column == "text" && available == "sentence, label"),
         "{e}"
@@ -73,13 +73,13 @@ fn a_label_outside_the_set_is_named_with_its_line() {
     );
     let t = Table::read(&p, Encoding::Utf8).unwrap();
     let labels = Labels(vec!["neg".into(), "pos".into()]);
-    let e = examples(&t, &cols(), &labels, false).unwrap_err();
+    let e = examples(&t, &cols(), &labels, LabelKind::Single).unwrap_err();
     assert!(matches!(&e, DataError::UnknownLabel { line: 2, .. }), "{e}");
     // integer ids beyond the set too
     let p = write(&dir, "w.jsonl", b"{\"text\": \"a\", \"label\": 2}\n");
     let t = Table::read(&p, Encoding::Utf8).unwrap();
     assert!(matches!(
-        examples(&t, &cols(), &labels, false),
+        examples(&t, &cols(), &labels, LabelKind::Single),
         Err(DataError::UnknownLabel { line: 1, .. })
     ));
 }
@@ -216,7 +216,7 @@ fn parquet_from_pyarrow_reads_every_cell() {
         assert_eq!(t.rows[4].1["tags"], serde_json::json!([]));
 
         let labels = Labels::infer(&t, "label").unwrap();
-        let ex = examples(&t, &cols(), &labels, false).unwrap();
+        let ex = examples(&t, &cols(), &labels, LabelKind::Single).unwrap();
         assert_eq!(ex[1].label, Target::Class(0));
         let by_id = Columns {
             label: "label_id".into(),
@@ -225,7 +225,7 @@ fn parquet_from_pyarrow_reads_every_cell() {
         let ids = Labels::infer(&t, "label_id").unwrap();
         assert_eq!(ids.0, vec!["LABEL_0", "LABEL_1"]);
         assert_eq!(
-            examples(&t, &by_id, &ids, false).unwrap()[0].label,
+            examples(&t, &by_id, &ids, LabelKind::Single).unwrap()[0].label,
             Target::Class(1)
         );
     }
@@ -251,14 +251,14 @@ fn multi_label_columns_hold_lists_of_names_or_ids() {
     };
     let labels = Labels::infer(&t, "tags").unwrap();
     assert_eq!(labels.0, vec!["acting", "pace", "story"]);
-    let ex = examples(&t, &tags, &labels, true).unwrap();
+    let ex = examples(&t, &tags, &labels, LabelKind::Multi).unwrap();
     assert_eq!(ex[0].label, Target::Multi(vec![0, 2]));
     assert_eq!(ex[4].label, Target::Multi(vec![]));
     // lists need the multi-label task, and the multi-label task needs lists
-    let e = examples(&t, &tags, &labels, false).unwrap_err();
+    let e = examples(&t, &tags, &labels, LabelKind::Single).unwrap_err();
     assert!(e.to_string().contains("multi-label-classification"), "{e}");
     let single = Labels::infer(&t, "label").unwrap();
-    let e = examples(&t, &cols(), &single, true).unwrap_err();
+    let e = examples(&t, &cols(), &single, LabelKind::Multi).unwrap_err();
     assert!(
         matches!(&e, DataError::Value { line: 1, .. }) && e.to_string().contains("list"),
         "{e}"
@@ -272,7 +272,7 @@ fn multi_label_columns_hold_lists_of_names_or_ids() {
     );
     let t = Table::read(&p, Encoding::Utf8).unwrap();
     let l = Labels(vec!["LABEL_0".into(), "LABEL_1".into()]);
-    let e = examples(&t, &cols(), &l, true).unwrap_err();
+    let e = examples(&t, &cols(), &l, LabelKind::Multi).unwrap_err();
     assert!(matches!(&e, DataError::UnknownLabel { line: 2, .. }), "{e}");
     let p = write(
         &dir,
@@ -280,7 +280,7 @@ fn multi_label_columns_hold_lists_of_names_or_ids() {
         b"{\"text\": \"a\", \"label\": [1, 0, 1]}\n",
     );
     let t = Table::read(&p, Encoding::Utf8).unwrap();
-    let ex = examples(&t, &cols(), &l, true).unwrap();
+    let ex = examples(&t, &cols(), &l, LabelKind::Multi).unwrap();
     assert_eq!(
         ex[0].label,
         Target::Multi(vec![0, 1]),
@@ -406,7 +406,7 @@ fn a_folder_or_a_glob_reads_its_files_as_one_table_and_errors_name_the_file() {
     );
     assert_eq!(t.columns, ["label", "text", "extra"]);
     let labels = Labels::infer(&t, "label").unwrap();
-    let ex = examples(&t, &cols(), &labels, false).unwrap();
+    let ex = examples(&t, &cols(), &labels, LabelKind::Single).unwrap();
     assert!(
         ex[1].origin.ends_with("train-0.jsonl:3"),
         "{}",
@@ -428,7 +428,7 @@ fn a_folder_or_a_glob_reads_its_files_as_one_table_and_errors_name_the_file() {
     );
     // A bad value in the third file is named by that file and its own line.
     let labels = Labels(vec!["neg".into(), "pos".into()]);
-    let e = examples(&folder, &cols(), &labels, false)
+    let e = examples(&folder, &cols(), &labels, LabelKind::Single)
         .unwrap_err()
         .to_string();
     assert!(e.contains("train-2.jsonl") && e.contains(":1"), "{e}");

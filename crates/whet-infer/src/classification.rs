@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use whet_data::{Batch, Encoded, Example, Labels, Target, collate, tokenize};
+use whet_data::{Batch, Columns, Encoded, Example, LabelKind, Labels, Target, collate, tokenize};
 use whet_models::config::ProblemType;
 use whet_models::unpad::Unpadded;
 use whet_models::{Checkpoint, Classifier, ClassifierInput, Mode, TextTokenizer};
@@ -20,6 +20,8 @@ pub enum BatchLabels {
     Class(Tensor<1, Int>),
     /// `[B, C]` multi-hot.
     MultiHot(Tensor<2>),
+    /// `[B]` regression targets.
+    Value(Tensor<1>),
 }
 
 /// Builds model inputs and labels of a padded batch on `device` (`n_labels` sizes the
@@ -35,7 +37,20 @@ pub fn to_input(
     let t = |v: &Vec<i64>| {
         Tensor::<2, Int>::from_data(TensorData::new(v.clone(), [b.batch, b.len]), device)
     };
-    let labels = if b.targets.iter().any(|t| matches!(t, Target::Multi(_))) {
+    let values: Option<Vec<f32>> = b
+        .targets
+        .iter()
+        .map(|t| match t {
+            Target::Value(v) => Some(*v),
+            _ => None,
+        })
+        .collect();
+    let labels = if let Some(values) = values.filter(|v| !v.is_empty()) {
+        BatchLabels::Value(Tensor::from_data(
+            TensorData::new(values, [b.batch]),
+            device,
+        ))
+    } else if b.targets.iter().any(|t| matches!(t, Target::Multi(_))) {
         let mut hot = vec![0f32; b.batch * n_labels];
         for (r, t) in b.targets.iter().enumerate() {
             for &k in t.ids() {
@@ -61,15 +76,16 @@ pub fn to_input(
     )
 }
 
-/// Per-label scores for texts: softmax probabilities, or for a multi-label model one sigmoid
-/// per label (as `pipeline("text-classification")` picks by `problem_type`).
+/// Per-label scores for texts: softmax probabilities, for a multi-label model one sigmoid per
+/// label, for a regression model its one output as it is (as `pipeline("text-classification")`
+/// picks by `problem_type`).
 pub fn predict(
     model: &Classifier,
     tokenizer: &TextTokenizer,
     texts: &[String],
     max_length: usize,
     pad_id: u32,
-    multi_label: bool,
+    kind: LabelKind,
     device: &Device,
 ) -> Result<Vec<Vec<f32>>> {
     let ex: Vec<Example> = texts
@@ -81,7 +97,20 @@ pub fn predict(
             origin: "input".into(),
         })
         .collect();
-    let enc = tokenize(tokenizer, &ex, max_length, Default::default())?;
+    predict_examples(model, tokenizer, &ex, max_length, pad_id, kind, device)
+}
+
+/// [`predict`] for examples, each a text or a pair of texts (their labels are not read).
+pub fn predict_examples(
+    model: &Classifier,
+    tokenizer: &TextTokenizer,
+    ex: &[Example],
+    max_length: usize,
+    pad_id: u32,
+    kind: LabelKind,
+    device: &Device,
+) -> Result<Vec<Vec<f32>>> {
+    let enc = tokenize(tokenizer, ex, max_length, Default::default())?;
     // Inference on the plain backend: no autodiff graph is recorded.
     let model = &burn::module::Module::valid(model);
     let device = &device.clone().without_autodiff();
@@ -92,10 +121,10 @@ pub fn predict(
         let b = collate(&items, pad_id);
         let (input, _) = to_input(&b, device, with_types, 0, true);
         let logits = model.forward(input, Mode::Eval)?;
-        let probs = if multi_label {
-            burn::tensor::activation::sigmoid(logits)
-        } else {
-            burn::tensor::activation::softmax(logits, 1)
+        let probs = match kind {
+            LabelKind::Single => burn::tensor::activation::softmax(logits, 1),
+            LabelKind::Multi => burn::tensor::activation::sigmoid(logits),
+            LabelKind::Real => logits,
         };
         let [n, c] = probs.dims();
         let v: Vec<f32> = probs
@@ -113,10 +142,12 @@ pub struct Trained {
     pub model: Classifier,
     pub tokenizer: TextTokenizer,
     pub labels: Labels,
-    /// Sigmoid per label rather than softmax.
-    pub multi_label: bool,
+    /// What the head predicts: a class (softmax), labels (a sigmoid each) or a number.
+    pub kind: LabelKind,
     pub max_length: usize,
     pub pad_id: u32,
+    /// The columns it was trained on (`labels.json`), for evaluating on data of the same shape.
+    pub columns: Option<Columns>,
 }
 
 impl Trained {
@@ -128,7 +159,7 @@ impl Trained {
             texts,
             self.max_length,
             self.pad_id,
-            self.multi_label,
+            self.kind,
             device,
         )
     }
@@ -157,11 +188,24 @@ pub fn load_on(dir: &Path, base: Option<&Path>, device: &Device) -> Result<Train
         ),
         None => Labels(checkpoint.head().labels()),
     };
-    let multi_label = meta
-        .as_ref()
-        .and_then(|m| m["problem_type"].as_str())
-        .map(|p| p == "multi_label_classification")
-        .unwrap_or(checkpoint.head().problem_type == Some(ProblemType::MultiLabelClassification));
+    let problem_type = match meta.as_ref().and_then(|m| m["problem_type"].as_str()) {
+        Some("multi_label_classification") => Some(ProblemType::MultiLabelClassification),
+        Some("regression") => Some(ProblemType::Regression),
+        Some(_) => Some(ProblemType::SingleLabelClassification),
+        None => checkpoint.head().problem_type,
+    };
+    let kind = match problem_type {
+        Some(ProblemType::MultiLabelClassification) => LabelKind::Multi,
+        Some(ProblemType::Regression) => LabelKind::Real,
+        _ => LabelKind::Single,
+    };
+    let columns = meta.as_ref().and_then(|m| {
+        Some(Columns {
+            text: m["text_column"].as_str()?.to_string(),
+            text_pair: m["text_pair_column"].as_str().map(String::from),
+            label: m["label_column"].as_str()?.to_string(),
+        })
+    });
     let tokenizer = match TextTokenizer::from_folder(dir) {
         Ok(t) => t,
         Err(_) => checkpoint.tokenizer()?,
@@ -187,9 +231,10 @@ pub fn load_on(dir: &Path, base: Option<&Path>, device: &Device) -> Result<Train
         model,
         tokenizer,
         labels,
-        multi_label,
+        kind,
         max_length,
         pad_id,
+        columns,
     })
 }
 

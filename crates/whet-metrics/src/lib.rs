@@ -219,6 +219,83 @@ pub fn multilabel_report(
     }
 }
 
+/// The metrics of a regression head (`problem_type = "regression"`), as `run_glue.py` reports
+/// them for STS-B (`pearson`, `spearmanr`: scipy's `pearsonr` and `spearmanr`) and for other
+/// regression data (`mse`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RegressionReport {
+    /// Mean squared error.
+    pub mse: f64,
+    /// Pearson's correlation of the predictions with the truth (NaN where either is constant,
+    /// as scipy returns it).
+    pub pearson: f64,
+    /// Spearman's rank correlation (ties ranked by their average, as `scipy.stats.rankdata`).
+    pub spearmanr: f64,
+    pub samples: usize,
+}
+
+/// Mean squared error and the two correlations of `predicted` against `truth`.
+///
+/// # Panics
+/// If the two differ in length.
+pub fn regression_report(truth: &[f64], predicted: &[f64]) -> RegressionReport {
+    assert_eq!(truth.len(), predicted.len(), "one prediction per example");
+    let n = truth.len();
+    let mse = truth
+        .iter()
+        .zip(predicted)
+        .map(|(t, p)| (t - p) * (t - p))
+        .sum::<f64>()
+        / n.max(1) as f64;
+    RegressionReport {
+        mse,
+        pearson: pearson(truth, predicted),
+        spearmanr: pearson(&ranks(truth), &ranks(predicted)),
+        samples: n,
+    }
+}
+
+/// Pearson's r; NaN for fewer than two values or a constant series (scipy warns and gives NaN).
+fn pearson(x: &[f64], y: &[f64]) -> f64 {
+    let n = x.len() as f64;
+    if x.len() < 2 {
+        return f64::NAN;
+    }
+    let (mx, my) = (x.iter().sum::<f64>() / n, y.iter().sum::<f64>() / n);
+    let (mut sxy, mut sxx, mut syy) = (0.0, 0.0, 0.0);
+    for (a, b) in x.iter().zip(y) {
+        let (dx, dy) = (a - mx, b - my);
+        sxy += dx * dy;
+        sxx += dx * dx;
+        syy += dy * dy;
+    }
+    if sxx == 0.0 || syy == 0.0 {
+        return f64::NAN;
+    }
+    (sxy / (sxx.sqrt() * syy.sqrt())).clamp(-1.0, 1.0)
+}
+
+/// 1-based ranks, tied values sharing the mean of their ranks (`rankdata(method="average")`).
+fn ranks(v: &[f64]) -> Vec<f64> {
+    let mut order: Vec<usize> = (0..v.len()).collect();
+    order.sort_by(|&a, &b| v[a].total_cmp(&v[b]));
+    let mut out = vec![0.0; v.len()];
+    let mut i = 0;
+    while i < order.len() {
+        let mut j = i + 1;
+        while j < order.len() && v[order[j]] == v[order[i]] {
+            j += 1;
+        }
+        // Places i..j (0-based) hold one value: ranks i+1..=j, averaged.
+        let rank = (i + 1 + j) as f64 / 2.0;
+        for &k in &order[i..j] {
+            out[k] = rank;
+        }
+        i = j;
+    }
+    out
+}
+
 /// Perplexity of a mean token cross-entropy (natural log).
 pub fn perplexity(mean_loss: f64) -> f64 {
     mean_loss.exp()
@@ -409,6 +486,26 @@ mod tests {
         }
         let flat: Vec<usize> = r.confusion.iter().flatten().copied().collect();
         assert_eq!(flat, ints(want, "confusion"));
+    }
+
+    #[test]
+    fn regression_report_equals_scikit_learn_and_scipy() {
+        for name in ["regression", "regression_ties", "regression_constant"] {
+            let case = sklearn_case(name);
+            let r = regression_report(&floats(&case, "true"), &floats(&case, "pred"));
+            assert_eq!(r.samples, case["true"].len());
+            for (got, key) in [
+                (r.mse, "mse"),
+                (r.pearson, "pearson"),
+                (r.spearmanr, "spearmanr"),
+            ] {
+                let want = floats(&case, key)[0];
+                assert!(
+                    (want.is_nan() && got.is_nan()) || (got - want).abs() < 1e-12,
+                    "{name}.{key}: {got} vs {want}"
+                );
+            }
+        }
     }
 
     #[test]

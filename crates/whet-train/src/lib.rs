@@ -36,9 +36,9 @@ pub use trainer::{
 /// Prepares the task the recipe names: the one place that dispatches on the task kind.
 pub fn open(run: Run) -> Result<Box<dyn Task>> {
     Ok(match run.recipe.task {
-        TaskKind::SequenceClassification | TaskKind::MultiLabelClassification => {
-            Box::new(crate::classification::ClassificationTask::open(run)?)
-        }
+        TaskKind::SequenceClassification
+        | TaskKind::MultiLabelClassification
+        | TaskKind::Regression => Box::new(crate::classification::ClassificationTask::open(run)?),
         TaskKind::CausalLm => Box::new(crate::causal_lm::CausalLmTask::open(run)?),
         TaskKind::QuestionAnswering => {
             Box::new(crate::question_answering::QuestionAnsweringTask::open(run)?)

@@ -21,6 +21,11 @@ pub enum TaskKind {
     /// `problem_type = "multi_label_classification"` in `transformers`. The label column
     /// holds lists of class names or ids.
     MultiLabelClassification,
+    /// One real number per text (or text pair): a one-output head and the mean squared error,
+    /// as `problem_type = "regression"` in `transformers` (STS-B's similarity scores).
+    /// `sequence-classification` becomes this when its labels are real numbers, as
+    /// `run_glue.py` decides from a float label column.
+    Regression,
     /// Next-token prediction (`AutoModelForCausalLM`): plain text, prompt templates or chat
     /// conversations; the loss is taken on the part to learn only.
     CausalLm,
@@ -737,6 +742,13 @@ impl Recipe {
                 "data.chat_template_path",
                 "a chat template renders conversations of task = \"causal-lm\", \
                  \"reward-model\", \"dpo\" or \"ppo\"",
+            ));
+        }
+        if recipe.task == TaskKind::Regression && recipe.data.label_names.is_some() {
+            return Err(TrainError::option(
+                "data.label_names",
+                "names classes, and task = \"regression\" predicts one number a text; leave it \
+                 out, or train task = \"sequence-classification\" over those classes",
             ));
         }
         if recipe.eval.generate > 0 && recipe.task != TaskKind::CausalLm {

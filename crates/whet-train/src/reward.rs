@@ -329,6 +329,7 @@ impl RewardPrepared {
             adapter: self.adapter.as_ref(),
             labels: &[REWARD_LABEL.to_string()],
             problem_type: whet_models::config::ProblemType::Regression,
+            columns: None,
         }
         .write(recipe, out)
     }

@@ -525,7 +525,7 @@ fn flush(
 }
 
 /// The value of `metric_for_best_model` (default: eval loss, lower is better) and whether
-/// higher is better.
+/// higher is better (lower for a loss, `perplexity` and `mse`).
 fn metric(e: &EvalLog, name: Option<&str>) -> Result<(f64, bool)> {
     let name = name.unwrap_or("loss");
     let name = name.strip_prefix("eval_").unwrap_or(name);
@@ -533,7 +533,8 @@ fn metric(e: &EvalLog, name: Option<&str>) -> Result<(f64, bool)> {
         return Ok((e.loss, false));
     }
     match e.metrics.get(name) {
-        Some(&v) => Ok((v, name != "perplexity")),
+        // Errors are better lower, as losses are.
+        Some(&v) => Ok((v, !matches!(name, "perplexity" | "mse"))),
         None => Err(TrainError::UnknownMetric {
             name: name.to_string(),
             available: e.metrics.keys().cloned().collect(),

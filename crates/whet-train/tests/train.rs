@@ -120,7 +120,7 @@ fn a_learnable_task_is_learnt_and_evaluated() {
     let mut model = load(dir.path(), &device);
     let (before, _, _) = {
         let (l, r, p) = evaluate(&model, &eval, 3, 16, 0, true, &device).unwrap();
-        (r.accuracy, l, p)
+        (r.classes().unwrap().accuracy, l, p)
     };
     let mut args = TrainingArguments::new("unused");
     args.learning_rate = 3e-3;
@@ -148,7 +148,8 @@ fn a_learnable_task_is_learnt_and_evaluated() {
     let first = s.history.first().unwrap().loss;
     let last = s.history.last().unwrap().loss;
     assert!(last < first, "loss fell: {first} -> {last}");
-    let (_, report, _) = evaluate(&model, &eval, 3, 16, 0, true, &device).unwrap();
+    let (_, scores, _) = evaluate(&model, &eval, 3, 16, 0, true, &device).unwrap();
+    let report = scores.classes().unwrap();
     let best = s
         .evals
         .iter()

@@ -40,7 +40,11 @@ fn micro_batch(st: &SafeTensors, k: usize) -> Batch {
     let (ids, shape) = i64s(st, &format!("mb{k}_input_ids"));
     let (mask, _) = i64s(st, &format!("mb{k}_attention_mask"));
     let key = format!("mb{k}_labels");
-    let targets = if st.tensor(&key).unwrap().dtype() == safetensors::Dtype::F32 {
+    let labels = st.tensor(&key).unwrap();
+    let targets = if labels.dtype() == safetensors::Dtype::F32 && labels.shape().len() == 1 {
+        // regression targets
+        f32s(st, &key).into_iter().map(Target::Value).collect()
+    } else if labels.dtype() == safetensors::Dtype::F32 {
         // multi-hot rows
         let n = shape[0];
         let hot = f32s(st, &key);
@@ -185,11 +189,61 @@ fn multi_label_fine_tuning_matches_pytorch_bce_step_for_step() {
     full_fine_tuning_matches("bert-multilabel-adamw");
 }
 
+#[test]
+fn regression_fine_tuning_matches_pytorch_mse_step_for_step() {
+    full_fine_tuning_matches("bert-regression-adamw");
+}
+
+/// tiny-bert without dropout as a one-output regression model whose head is the fixture's
+/// `init.classifier.*` (the reference's head, row 0 of tiny-bert's), as `whet train` writes the
+/// config of a regression run.
+fn regression_model(st: &SafeTensors, device: &Device) -> (Classifier, tempfile::TempDir) {
+    let dir = tiny_bert_no_dropout();
+    let config_path = dir.path().join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["id2label"] = serde_json::json!({"0": "LABEL_0"});
+    config["label2id"] = serde_json::json!({"LABEL_0": 0});
+    config["problem_type"] = "regression".into();
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let weights = dir.path().join("model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    let base = SafeTensors::deserialize(&bytes).unwrap();
+    let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = base
+        .names()
+        .into_iter()
+        .map(|name| {
+            let source = if name.starts_with("classifier.") {
+                st.tensor(&format!("init.{name}")).unwrap()
+            } else {
+                base.tensor(name).unwrap()
+            };
+            let values = source
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect();
+            (name.to_string(), source.shape().to_vec(), values)
+        })
+        .collect();
+    whet_models::weights::write_safetensors(&weights, &tensors, None).unwrap();
+    let (model, fresh) = Checkpoint::open(dir.path())
+        .unwrap()
+        .load_classifier(device)
+        .unwrap();
+    assert!(fresh.is_empty(), "the head is the fixture's: {fresh:?}");
+    (model, dir)
+}
+
 fn full_fine_tuning_matches(case: &str) {
     let bytes = std::fs::read(fixtures().join(format!("train/{case}.safetensors"))).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let device = Device::flex().autodiff();
-    let (mut model, _dir) = model_without_dropout(&device);
+    let (mut model, _dir) = if case.contains("regression") {
+        regression_model(&st, &device)
+    } else {
+        model_without_dropout(&device)
+    };
     let snapshot = |m: &Classifier| -> Snapshot {
         m.named_params()
             .into_iter()

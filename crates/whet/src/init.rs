@@ -21,7 +21,16 @@ pub struct Inferred {
 /// Columns a text column goes by in the datasets people fine-tune on.
 const TEXT_COLUMNS: [&str; 6] = ["text", "sentence", "content", "review", "tweet", "document"];
 /// Columns a class label goes by.
-const LABEL_COLUMNS: [&str; 5] = ["label", "labels", "class", "category", "target"];
+const LABEL_COLUMNS: [&str; 6] = ["label", "labels", "class", "category", "target", "score"];
+/// Pairs of text columns, as GLUE's tasks name them (MRPC, RTE, STS-B, WNLI; MNLI; QQP; QNLI),
+/// and the pipeline's own `text` / `text_pair`.
+const PAIR_COLUMNS: [(&str, &str); 5] = [
+    ("sentence1", "sentence2"),
+    ("premise", "hypothesis"),
+    ("question1", "question2"),
+    ("question", "sentence"),
+    ("text", "text_pair"),
+];
 
 /// The model a recipe is inferred for: a local path or a Hub repo id, with `from_pretrained`'s
 /// `revision` and `gguf_file`.
@@ -75,23 +84,51 @@ pub fn infer(
             ]),
         ));
         "causal-lm"
-    } else if let (Some(text), Some(label)) = (first(&TEXT_COLUMNS), first(&LABEL_COLUMNS)) {
+    } else if has("instruction") && has("output") && decoder {
+        lines.push(format!(
+            "columns instruction{} / output: the Alpaca template, the loss on the output",
+            if has("input") { " / input" } else { "" }
+        ));
+        data_keys.push(("template".into(), "alpaca".into()));
+        "causal-lm"
+    } else if let (Some((text, pair)), Some(label)) = (
+        PAIR_COLUMNS
+            .iter()
+            .find(|(a, b)| has(a) && has(b))
+            .map(|(a, b)| (a.to_string(), Some(b.to_string())))
+            .or_else(|| first(&TEXT_COLUMNS).map(|t| (t, None))),
+        first(&LABEL_COLUMNS),
+    ) {
         let multi = table
             .rows
             .iter()
             .any(|(_, r)| r.get(&label).is_some_and(|v| v.is_array()));
+        let real = !multi && whet_data::real_valued(&table, &label);
+        let texts = match &pair {
+            Some(p) => format!("{text} + {p}"),
+            None => text.clone(),
+        };
         lines.push(format!(
-            "columns {text} / {label}: {}",
+            "columns {texts} / {label}: {}",
             if multi {
                 "several labels a text"
+            } else if real {
+                "a real number a text (regression, as run_glue.py decides from a float column)"
+            } else if pair.is_some() {
+                "one label a pair of texts"
             } else {
                 "one label a text"
             }
         ));
         data_keys.push(("text_column".into(), text.clone().into()));
+        if let Some(p) = &pair {
+            data_keys.push(("text_pair_column".into(), p.clone().into()));
+        }
         data_keys.push(("label_column".into(), label.clone().into()));
         if multi {
             "multi-label-classification"
+        } else if real {
+            "regression"
         } else {
             "sequence-classification"
         }
@@ -104,15 +141,23 @@ pub fn infer(
     } else {
         return Err(anyhow!(
             "--data {}: cannot tell the task from its columns ({}); expected text + label \
-             (classification), chosen + rejected (preferences), messages or prompt + completion \
-             (SFT), question + context + answers (QA), or text alone with a decoder; name it \
-             with --task and the columns with `whet init` and an edit",
+             (classification; a pair such as sentence1 + sentence2 + label; a label of real \
+             numbers: regression), chosen + rejected (preferences), messages or prompt + \
+             completion (SFT), instruction + output with a decoder (Alpaca), question + context \
+             + answers (QA), or text alone with a decoder; name it with --task and the columns \
+             with `whet init` and an edit",
             data.display(),
             table.columns.join(", ")
         ));
     };
     let task = task.unwrap_or(inferred_task);
-    if task != inferred_task {
+    let classifier = |t: &str| {
+        matches!(
+            t,
+            "sequence-classification" | "multi-label-classification" | "regression"
+        )
+    };
+    if task != inferred_task && !(classifier(task) && classifier(inferred_task)) {
         // The columns found were for the inferred task; another task keeps only the text.
         data_keys.retain(|(k, _)| k == "text_column");
     }

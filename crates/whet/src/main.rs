@@ -44,7 +44,9 @@ closest valid key, never ignored):
                  HF_TOKEN, HF_ENDPOINT; HF_HUB_OFFLINE=1: the cache only); a local path wins
   revision       a repo id's branch, tag or commit (default main); adapters record it
   gguf_file      the GGUF file inside the model's repo or folder
-  task           sequence-classification (default) | multi-label-classification | causal-lm |
+  task           sequence-classification (default) | multi-label-classification | regression
+                 (one number a text, MSE loss, problem_type \"regression\"; sequence-classification
+                 becomes it when the labels are real numbers, as run_glue.py decides) | causal-lm |
                  question-answering (BERT family) | reward-model (a one-output classifier on
                  preference pairs: columns prompt / chosen / rejected, or chosen / rejected with
                  the prompt inside, or a BIG-bench task.json; trl's pairwise loss; held-out
@@ -61,7 +63,8 @@ closest valid key, never ignored):
     split          {train, validation, test, seed}: a seeded split of `train` when no other
                    file is given; counts (>= 1) or fractions (< 1); seed 42
     text_column    default \"text\"; text_pair_column optional
-    label_column   default \"label\": class names or ids; lists of them for multi-label
+    label_column   default \"label\": class names or ids; lists of them for multi-label;
+                   numbers for regression
     label_names    class names in id order (default: inferred, sorted)
     max_length     default 128
     truncation_side      right (keeps the start) | left (keeps the end); default each task's
@@ -275,10 +278,12 @@ enum Command {
         stop_at: Option<usize>,
     },
     /// Write a recipe for a model and a data file without training: the task inferred from the
-    /// data's columns and the model's family (text + label: sequence classification, lists of
-    /// labels: multi-label; chosen + rejected: DPO for a decoder, a reward model for an
-    /// encoder; messages or prompt + completion: SFT; question + context + answers: QA; text
-    /// alone with a decoder: causal LM), method LoRA, a seeded tenth of the rows for
+    /// data's columns and the model's family (text + label: sequence classification, with a
+    /// pair such as sentence1 + sentence2 or premise + hypothesis; lists of labels:
+    /// multi-label; real-numbered labels: regression; chosen + rejected: DPO for a decoder, a
+    /// reward model for an encoder; messages or prompt + completion: SFT; instruction + output
+    /// with a decoder: the Alpaca template; question + context + answers: QA; text alone with a
+    /// decoder: causal LM), method LoRA, a seeded tenth of the rows for
     /// validation, transformers' defaults otherwise. `whet train --model M --data F` trains
     /// with the same recipe.
     Init {
@@ -321,7 +326,8 @@ enum Command {
         json: bool,
     },
     /// Evaluate a trained classifier (a folder written by `whet train`, LoRA or full) on a
-    /// labelled JSONL or CSV file; prints and returns accuracy, F1, MCC and the confusion matrix.
+    /// labelled data file; prints and returns accuracy, F1, MCC and the confusion matrix (for a
+    /// regression model: MSE, Pearson and Spearman correlations).
     Eval {
         /// The trained model folder.
         #[arg(long)]
@@ -329,12 +335,17 @@ enum Command {
         /// Labelled data (.jsonl, .csv).
         #[arg(long)]
         data: PathBuf,
-        /// Column with the text.
-        #[arg(long, default_value = "text")]
-        text_column: String,
-        /// Column with the label (a class name or id).
-        #[arg(long, default_value = "label")]
-        label_column: String,
+        /// Column with the text (default: the one the model was trained on, else "text").
+        #[arg(long)]
+        text_column: Option<String>,
+        /// Column with the second text of a pair (default: the one the model was trained on,
+        /// if any).
+        #[arg(long)]
+        text_pair_column: Option<String>,
+        /// Column with the label: a class name or id, or a number for a regression model
+        /// (default: the one the model was trained on, else "label").
+        #[arg(long)]
+        label_column: Option<String>,
         /// Text encoding of a CSV file (utf-8 or latin-1).
         #[arg(long, default_value = "utf-8")]
         encoding: String,
@@ -343,7 +354,8 @@ enum Command {
         batch_size: usize,
     },
     /// Classify texts with a trained classifier; prints one JSON line per text:
-    /// {"label": ..., "score": ...} (a list of the top K with --top-k).
+    /// {"label": ..., "score": ...} (a list of the top K with --top-k); a regression model's
+    /// score is its predicted number, under "LABEL_0", as pipeline("text-classification").
     Predict {
         /// The trained model folder.
         #[arg(long)]
@@ -629,14 +641,18 @@ fn run(cli: Cli) -> Result<()> {
             model,
             data,
             text_column,
+            text_pair_column,
             label_column,
             encoding,
             batch_size,
         } => predict::eval(
             &model,
             &data,
-            &text_column,
-            &label_column,
+            predict::EvalColumns {
+                text: text_column,
+                text_pair: text_pair_column,
+                label: label_column,
+            },
             &encoding,
             batch_size,
         ),

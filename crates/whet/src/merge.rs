@@ -118,8 +118,13 @@ pub fn merge(base: Option<&Path>, adapter: &Path, out: &Path) -> Result<()> {
             let mut ckpt = Checkpoint::open(&base)?;
             ckpt.set_pad_token_id(t.pad_id);
             ckpt.set_labels(&t.labels.0);
-            if t.multi_label {
-                ckpt.set_problem_type(whet_models::config::ProblemType::MultiLabelClassification);
+            match t.kind {
+                whet_data::LabelKind::Multi => ckpt
+                    .set_problem_type(whet_models::config::ProblemType::MultiLabelClassification),
+                whet_data::LabelKind::Real => {
+                    ckpt.set_problem_type(whet_models::config::ProblemType::Regression)
+                }
+                whet_data::LabelKind::Single => {}
             }
             ckpt.write_classifier_config(&t.labels.0, out)?;
             whet_train::output::save_weights(&t.model, out)?;

@@ -8,27 +8,43 @@ use serde_json::json;
 use whet_data::{Columns, Table, examples, tokenize};
 use whet_infer::classification as classify;
 use whet_infer::question_answering as qa;
-use whet_train::classification::{metric_map, report_table};
+use whet_train::classification::{metric_map, scores_table};
 
-/// `whet eval`: loss and the classification report of a trained classifier on a labelled
-/// file.
+/// The columns `whet eval` reads: each as given, else as the model was trained on
+/// (`labels.json`), else `text` / no pair / `label`.
+pub struct EvalColumns {
+    pub text: Option<String>,
+    pub text_pair: Option<String>,
+    pub label: Option<String>,
+}
+
+/// `whet eval`: loss and the classification (or regression) report of a trained classifier
+/// on a labelled file.
 pub fn eval(
     model: &Path,
     data: &Path,
-    text_column: &str,
-    label_column: &str,
+    columns: EvalColumns,
     encoding: &str,
     batch: usize,
 ) -> Result<()> {
     let device = crate::device()?.device;
     let t = classify::load(model, &device)?;
     let table = Table::read(data, encoding.parse().map_err(|e: String| anyhow!(e))?)?;
+    let trained = t.columns.clone();
     let cols = Columns {
-        text: text_column.into(),
-        text_pair: None,
-        label: label_column.into(),
+        text: columns
+            .text
+            .or(trained.as_ref().map(|c| c.text.clone()))
+            .unwrap_or_else(|| "text".into()),
+        text_pair: columns
+            .text_pair
+            .or(trained.as_ref().and_then(|c| c.text_pair.clone())),
+        label: columns
+            .label
+            .or(trained.map(|c| c.label))
+            .unwrap_or_else(|| "label".into()),
     };
-    let ex = examples(&table, &cols, &t.labels, t.multi_label)?;
+    let ex = examples(&table, &cols, &t.labels, t.kind)?;
     let enc = tokenize(&t.tokenizer, &ex, t.max_length, Default::default())?;
     let (loss, r, _) = whet_train::evaluate(
         &t.model,
@@ -41,7 +57,7 @@ pub fn eval(
     )?;
     println!(
         "{}",
-        report_table(
+        scores_table(
             &format!("{} on {}", model.display(), data.display()),
             loss,
             &r,

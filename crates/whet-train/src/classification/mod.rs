@@ -8,18 +8,19 @@ use std::path::{Path, PathBuf};
 use burn::tensor::Device;
 use serde_json::json;
 use whet_data::{
-    Columns, Encoded, Encoding, Example, Labels, Table, Target, examples, tokenize, tokenize_cached,
+    Columns, Encoded, Encoding, Example, LabelKind, Labels, Table, Target, examples, real_valued,
+    tokenize, tokenize_cached,
 };
-use whet_infer::classification::predict;
+use whet_infer::classification::predict_examples;
 use whet_models::config::ProblemType;
 use whet_models::{Checkpoint, Classifier, ExportParams, TextTokenizer};
 use whet_peft::{ParamCounts, PeftConfig};
 
 use crate::error::{Result, TrainError};
-use crate::recipe::Recipe;
+use crate::recipe::{Recipe, TaskKind};
 use crate::task::{Outcome, Report, Task, one_line};
 use crate::trainer::{Observer, TrainSummary};
-use objective::{evaluate, train_classifier};
+use objective::{Scores, evaluate, train_classifier};
 
 /// A labelled split: examples and their tokens.
 pub struct Split {
@@ -32,8 +33,11 @@ pub struct Prepared {
     pub checkpoint: Checkpoint,
     pub tokenizer: TextTokenizer,
     pub labels: Labels,
-    /// Several labels per text (sigmoid per label, binary cross-entropy).
-    pub multi_label: bool,
+    /// One label a text (softmax, cross-entropy), several (a sigmoid each, binary
+    /// cross-entropy), or a number (one output, squared error).
+    pub kind: LabelKind,
+    /// Why the run is a regression though the recipe said sequence-classification.
+    pub inferred_regression: bool,
     pub train: Split,
     pub validation: Option<Split>,
     pub test: Option<Split>,
@@ -53,15 +57,30 @@ fn encoding(name: &str) -> Result<Encoding> {
 /// Reads the data, fixes the labels, tokenizes, loads the model and applies the method.
 pub fn prepare(recipe: &Recipe, device: &Device) -> Result<Prepared> {
     let d = &recipe.data;
-    let multi = recipe.task.multi_label();
     let enc = encoding(&d.encoding)?;
     let read = |p: &Path| Table::read(p, enc).map_err(TrainError::from);
     let train_table = read(&d.train)?;
-    let labels = match &d.label_names {
-        Some(names) => Labels(names.clone()),
-        None => Labels::infer(&train_table, &d.label_column)?,
+    // Real-valued labels make sequence classification a regression, as run_glue.py decides
+    // from the label column's type; named classes (data.label_names) keep it classification.
+    let inferred_regression = recipe.task == TaskKind::SequenceClassification
+        && d.label_names.is_none()
+        && real_valued(&train_table, &d.label_column);
+    let kind = match recipe.task {
+        TaskKind::MultiLabelClassification => LabelKind::Multi,
+        TaskKind::Regression => LabelKind::Real,
+        _ if inferred_regression => LabelKind::Real,
+        _ => LabelKind::Single,
     };
-    if labels.len() < 2 {
+    let labels = match (&d.label_names, kind) {
+        // transformers' id2label of a one-output head.
+        (_, LabelKind::Real) => {
+            train_table.require(&[&d.label_column])?;
+            Labels(vec!["LABEL_0".into()])
+        }
+        (Some(names), _) => Labels(names.clone()),
+        (None, _) => Labels::infer(&train_table, &d.label_column)?,
+    };
+    if kind != LabelKind::Real && labels.len() < 2 {
         return Err(TrainError::dataset(
             &d.train,
             format!(
@@ -75,10 +94,10 @@ pub fn prepare(recipe: &Recipe, device: &Device) -> Result<Prepared> {
         text_pair: d.text_pair_column.clone(),
         label: d.label_column.clone(),
     };
-    let all_train = examples(&train_table, &cols, &labels, multi)?;
+    let all_train = examples(&train_table, &cols, &labels, kind)?;
     let load_split = |p: &Option<PathBuf>| -> Result<Option<Vec<Example>>> {
         match p {
-            Some(p) => Ok(Some(examples(&read(p)?, &cols, &labels, multi)?)),
+            Some(p) => Ok(Some(examples(&read(p)?, &cols, &labels, kind)?)),
             None => Ok(None),
         }
     };
@@ -91,8 +110,10 @@ pub fn prepare(recipe: &Recipe, device: &Device) -> Result<Prepared> {
 
     let (mut checkpoint, tokenizer, pad_id) = open_checkpoint(recipe)?;
     checkpoint.set_labels(&labels.0);
-    if multi {
-        checkpoint.set_problem_type(ProblemType::MultiLabelClassification);
+    match kind {
+        LabelKind::Multi => checkpoint.set_problem_type(ProblemType::MultiLabelClassification),
+        LabelKind::Real => checkpoint.set_problem_type(ProblemType::Regression),
+        LabelKind::Single => {}
     }
     let tok = |ex: Vec<Example>| -> Result<Split> {
         let encoded = if d.tokenization_cache {
@@ -128,7 +149,8 @@ pub fn prepare(recipe: &Recipe, device: &Device) -> Result<Prepared> {
         checkpoint,
         tokenizer,
         labels,
-        multi_label: multi,
+        kind,
+        inferred_regression,
         train,
         validation,
         test,
@@ -173,7 +195,7 @@ fn top_layers(model: &Classifier, n: usize) -> Vec<String> {
 pub fn metric_map(
     prefix: &str,
     loss: f64,
-    r: &whet_metrics::ClassificationReport,
+    scores: &Scores,
     labels: &Labels,
 ) -> serde_json::Map<String, serde_json::Value> {
     let mut m = serde_json::Map::new();
@@ -181,6 +203,16 @@ pub fn metric_map(
         m.insert(format!("{prefix}_{k}"), v);
     };
     put("loss", json!(loss));
+    let r = match scores {
+        Scores::Classes(r) => r,
+        Scores::Regression(r) => {
+            put("mse", json!(r.mse));
+            put("pearson", json!(r.pearson));
+            put("spearmanr", json!(r.spearmanr));
+            put("samples", json!(r.samples));
+            return m;
+        }
+    };
     put("accuracy", json!(r.accuracy));
     put("f1", json!(r.macro_avg.f1));
     put("precision", json!(r.macro_avg.precision));
@@ -289,14 +321,14 @@ pub fn run_training(
     )
 }
 
-/// Evaluates a split (padding-free when asked): loss, report, each example's probabilities.
+/// Evaluates a split (padding-free when asked): loss, report, each example's scores.
 pub fn evaluate_split(
     p: &Prepared,
     split: &Split,
     batch: usize,
     padding_free: bool,
     device: &Device,
-) -> Result<(f64, whet_metrics::ClassificationReport, Vec<Vec<f32>>)> {
+) -> Result<(f64, Scores, Vec<Vec<f32>>)> {
     Ok(evaluate(
         &p.model,
         &split.encoded,
@@ -322,6 +354,7 @@ pub fn label_counts(split: &Split, n_labels: usize) -> Vec<usize> {
         match &e.label {
             Target::Class(c) => counts[*c] += 1,
             Target::Multi(ids) => ids.iter().for_each(|&i| counts[i] += 1),
+            Target::Value(_) => {}
         }
     }
     counts
@@ -330,6 +363,9 @@ pub fn label_counts(split: &Split, n_labels: usize) -> Vec<usize> {
 /// One line per split with its label counts and shares, and a warning when the training split
 /// is strongly imbalanced (or lacks a label).
 pub fn distribution_lines(p: &Prepared) -> Vec<String> {
+    if p.kind == LabelKind::Real {
+        return regression_lines(p);
+    }
     let n = p.labels.len();
     let mut lines = vec![];
     for (name, split) in [
@@ -370,6 +406,47 @@ pub fn distribution_lines(p: &Prepared) -> Vec<String> {
                 label(min)
             ));
         }
+    }
+    lines
+}
+
+/// For a regression: why it is one, when the recipe said classification, and each split's
+/// targets (range, mean, standard deviation), so a scale mistake shows before training.
+fn regression_lines(p: &Prepared) -> Vec<String> {
+    let mut lines = vec![];
+    if p.inferred_regression {
+        lines.push(
+            "labels are real numbers: regression (problem_type \"regression\", one output, mean \
+             squared error), as run_glue.py decides from a float label column; set \
+             data.label_names to take them as class names"
+                .into(),
+        );
+    }
+    for (name, split) in [
+        ("train", Some(&p.train)),
+        ("validation", p.validation.as_ref()),
+        ("test", p.test.as_ref()),
+    ] {
+        let Some(split) = split else { continue };
+        let v: Vec<f64> = split
+            .examples
+            .iter()
+            .filter_map(|e| match e.label {
+                Target::Value(x) => Some(x as f64),
+                _ => None,
+            })
+            .collect();
+        let n = v.len().max(1) as f64;
+        let mean = v.iter().sum::<f64>() / n;
+        let sd = (v.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / n).sqrt();
+        let (lo, hi) = v
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &x| {
+                (a.min(x), b.max(x))
+            });
+        lines.push(format!(
+            "targets in {name}: {lo:.4} to {hi:.4}, mean {mean:.4}, sd {sd:.4}"
+        ));
     }
     lines
 }
@@ -416,6 +493,23 @@ pub fn confident_errors(
                     json!(names_of(&predicted)),
                 )
             }
+            // Regression: the largest errors, largest first.
+            Target::Value(t) => {
+                let predicted = probs.first().copied().unwrap_or(f32::NAN);
+                let error = (predicted - t).abs();
+                wrong.push((
+                    error,
+                    json!({
+                        "text": e.text,
+                        "text_pair": e.text_pair,
+                        "label": t,
+                        "predicted": predicted,
+                        "error": error,
+                        "origin": e.origin,
+                    }),
+                ));
+                continue;
+            }
         };
         wrong.push((
             confidence,
@@ -437,10 +531,16 @@ pub fn confident_errors(
 /// otherwise; both with the tokenizer and `labels.json`. `whet_infer::classification::load`
 /// reads it back.
 pub fn save(p: &Prepared, recipe: &Recipe, out: &Path) -> Result<()> {
-    let problem_type = if p.multi_label {
-        ProblemType::MultiLabelClassification
-    } else {
-        ProblemType::SingleLabelClassification
+    let problem_type = match p.kind {
+        LabelKind::Single => ProblemType::SingleLabelClassification,
+        LabelKind::Multi => ProblemType::MultiLabelClassification,
+        LabelKind::Real => ProblemType::Regression,
+    };
+    let d = &recipe.data;
+    let columns = Columns {
+        text: d.text_column.clone(),
+        text_pair: d.text_pair_column.clone(),
+        label: d.label_column.clone(),
     };
     let saved = Saved {
         checkpoint: &p.checkpoint,
@@ -449,6 +549,7 @@ pub fn save(p: &Prepared, recipe: &Recipe, out: &Path) -> Result<()> {
         adapter: p.adapter.as_ref(),
         labels: &p.labels.0,
         problem_type,
+        columns: Some(&columns),
     };
     saved.write(recipe, out)
 }
@@ -461,6 +562,8 @@ pub(crate) struct Saved<'a> {
     pub adapter: Option<&'a PeftConfig>,
     pub labels: &'a [String],
     pub problem_type: ProblemType,
+    /// The data's columns, which `whet eval` reads by default.
+    pub columns: Option<&'a Columns>,
 }
 
 impl Saved<'_> {
@@ -493,18 +596,24 @@ impl Saved<'_> {
                 }
             }
         }
-        let labels = json!({
+        let mut labels = json!({
             "labels": self.labels,
             "problem_type": self.problem_type,
             "max_length": recipe.data.max_length,
             "base_model": recipe.model,
         });
+        if let Some(c) = self.columns {
+            labels["text_column"] = json!(c.text);
+            labels["text_pair_column"] = json!(c.text_pair);
+            labels["label_column"] = json!(c.label);
+        }
         whet_models::fsutil::write_atomic(&out.join("labels.json"), labels.to_string().as_bytes())?;
         Ok(())
     }
 }
 
-/// A classification run (`sequence-classification`, `multi-label-classification`).
+/// A classification run (`sequence-classification`, `multi-label-classification`,
+/// `regression`).
 pub struct ClassificationTask {
     p: Prepared,
     run: crate::task::Run,
@@ -527,15 +636,14 @@ impl ClassificationTask {
             .as_ref()
             .or(p.validation.as_ref())
             .unwrap_or(&p.train);
-        let picked: Vec<&Example> = split.examples.iter().take(5).collect();
-        let texts: Vec<String> = picked.iter().map(|e| e.text.clone()).collect();
-        let probs = predict(
+        let picked: Vec<Example> = split.examples.iter().take(5).cloned().collect();
+        let probs = predict_examples(
             &p.model,
             &p.tokenizer,
-            &texts,
+            &picked,
             self.run.recipe.data.max_length,
             p.pad_id,
-            p.multi_label,
+            p.kind,
             &self.run.device,
         )?;
         let mut lines = vec![title.to_string()];
@@ -543,10 +651,21 @@ impl ClassificationTask {
             let best = (0..pr.len())
                 .reduce(|b, i| if pr[i] > pr[b] { i } else { b })
                 .unwrap_or(0);
-            let predicted = if p.multi_label {
-                Target::Multi((0..pr.len()).filter(|&k| pr[k] > 0.5).collect())
-            } else {
-                Target::Class(best)
+            let predicted = match p.kind {
+                LabelKind::Multi => Target::Multi((0..pr.len()).filter(|&k| pr[k] > 0.5).collect()),
+                LabelKind::Single => Target::Class(best),
+                LabelKind::Real => {
+                    let truth = match e.label {
+                        Target::Value(v) => v,
+                        _ => f32::NAN,
+                    };
+                    lines.push(format!(
+                        "  {:<62} true {truth:<10.4} predicted {:<10.4}",
+                        one_line(&e.text, 62),
+                        pr[0]
+                    ));
+                    continue;
+                }
             };
             lines.push(format!(
                 "  {:<62} true {:<10} predicted {:<10} ({:.2})",
@@ -560,10 +679,25 @@ impl ClassificationTask {
     }
 }
 
-/// A target as label names: `pos`, or `joy,love` for several labels.
+/// A target as label names: `pos`, or `joy,love` for several labels; a regression target as
+/// its number.
 fn label_text(labels: &Labels, t: &Target) -> String {
+    if let Target::Value(v) = t {
+        return format!("{v:.4}");
+    }
     let names: Vec<&str> = t.ids().iter().map(|&i| labels.0[i].as_str()).collect();
     names.join(",")
+}
+
+/// A report as a table: the classification report, or a regression's error and correlations.
+pub fn scores_table(title: &str, loss: f64, scores: &Scores, labels: &[String]) -> String {
+    match scores {
+        Scores::Classes(r) => report_table(title, loss, r, labels),
+        Scores::Regression(r) => format!(
+            "{title}\n  loss {loss:.4} | MSE {:.4} | Pearson {:.4} | Spearman {:.4} | {} samples\n",
+            r.mse, r.pearson, r.spearmanr, r.samples
+        ),
+    }
 }
 
 /// A classification report as a table: the headline metrics, then one row per label.
@@ -668,6 +802,7 @@ impl Task for ClassificationTask {
                     Target::Multi(ids) => {
                         json!(ids.iter().map(|&i| &p.labels.0[i]).collect::<Vec<_>>())
                     }
+                    Target::Value(v) => json!(v),
                 };
                 let mut row = json!({"text": e.text, "label": label});
                 if let Some(pair) = &e.text_pair {
@@ -721,8 +856,13 @@ impl Task for ClassificationTask {
             out.results.extend(metric_map("eval", loss, &r, &p.labels));
             let errors = confident_errors(p, v, &probs, ERRORS);
             out.lines.push(format!(
-                "errors.jsonl: the {} most confident wrong predictions on validation",
-                errors.len()
+                "errors.jsonl: the {} {} on validation",
+                errors.len(),
+                if p.kind == LabelKind::Real {
+                    "largest errors"
+                } else {
+                    "most confident wrong predictions"
+                }
             ));
             let text: String = errors.iter().map(|e| format!("{e}\n")).collect();
             out.files.push(("errors.jsonl".into(), text.into_bytes()));
@@ -731,7 +871,7 @@ impl Task for ClassificationTask {
             let (loss, r, _) = evaluate_split(p, t, batch, padding_free, &self.run.device)?;
             out.results.extend(metric_map("test", loss, &r, &p.labels));
             out.lines
-                .push(report_table("test set", loss, &r, &p.labels.0));
+                .push(scores_table("test set", loss, &r, &p.labels.0));
         }
         Ok(out)
     }
@@ -745,11 +885,16 @@ impl Task for ClassificationTask {
     }
 
     fn report(&self) -> Report {
+        let regression = self.p.kind == LabelKind::Real;
         Report {
             unit: "samples",
-            curve_metric: "accuracy",
+            curve_metric: if regression { "pearson" } else { "accuracy" },
             adapter: self.p.adapter.is_some(),
-            files: "all_results.json, trainer_state.json, recipe.resolved.toml, loss_curve.png: train loss faint with its smoothed curve in blue, eval loss red and eval accuracy green, squares at the evaluations",
+            files: if regression {
+                "all_results.json, trainer_state.json, recipe.resolved.toml, loss_curve.png: train loss faint with its smoothed curve in blue, eval loss red and eval Pearson correlation green, squares at the evaluations"
+            } else {
+                "all_results.json, trainer_state.json, recipe.resolved.toml, loss_curve.png: train loss faint with its smoothed curve in blue, eval loss red and eval accuracy green, squares at the evaluations"
+            },
         }
     }
 }

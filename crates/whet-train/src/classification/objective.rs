@@ -1,13 +1,16 @@
 //! Sequence classification as a training objective: padded batches of encoded texts, the
-//! cross-entropy (single-label) or binary cross-entropy (multi-label) loss, and evaluation
-//! with the classification report.
+//! cross-entropy (single-label), binary cross-entropy (multi-label) or squared-error
+//! (regression) loss, and evaluation with the classification or regression report.
 
 use std::collections::BTreeMap;
 
 use burn::module::Module;
 use burn::tensor::{Device, Tensor};
-use whet_data::{Batch, Encoded, Target, collate};
-use whet_metrics::{ClassificationReport, classification_report, multilabel_report};
+use whet_data::{Batch, Encoded, LabelKind, Target, collate};
+use whet_metrics::{
+    ClassificationReport, RegressionReport, classification_report, multilabel_report,
+    regression_report,
+};
 use whet_models::{Classifier, Mode};
 // The model input of a padded batch is built as inference builds it; re-exported here for the
 // reward model and PPO's scorer, which import it from this module.
@@ -74,7 +77,7 @@ impl Objective for Classification {
         batch_size: usize,
         device: &Device,
     ) -> Result<Evaluation> {
-        let (loss, report, _) = evaluate(
+        let (loss, scores, _) = evaluate(
             model,
             data,
             self.n_labels,
@@ -85,22 +88,51 @@ impl Objective for Classification {
         )?;
         Ok(Evaluation {
             loss,
-            metrics: metrics(&report),
-            report: Some(report),
+            metrics: metrics(&scores),
+            report: match scores {
+                Scores::Classes(r) => Some(r),
+                Scores::Regression(_) => None,
+            },
         })
     }
 }
 
+/// What an evaluation scored: the classification report, or a regression head's error and
+/// correlations.
+#[derive(Debug, Clone)]
+pub enum Scores {
+    Classes(ClassificationReport),
+    Regression(RegressionReport),
+}
+
+impl Scores {
+    /// The classification report (None for a regression).
+    pub fn classes(&self) -> Option<&ClassificationReport> {
+        match self {
+            Scores::Classes(r) => Some(r),
+            Scores::Regression(_) => None,
+        }
+    }
+}
+
 /// The headline numbers of a report, named as `evaluate`'s metrics are (F1, precision and
-/// recall macro-averaged).
-pub fn metrics(r: &ClassificationReport) -> BTreeMap<String, f64> {
-    BTreeMap::from([
-        ("accuracy".to_string(), r.accuracy),
-        ("f1".to_string(), r.macro_avg.f1),
-        ("precision".to_string(), r.macro_avg.precision),
-        ("recall".to_string(), r.macro_avg.recall),
-        ("matthews_correlation".to_string(), r.matthews_correlation),
-    ])
+/// recall macro-averaged); for regression `mse`, `pearson` and `spearmanr`, as `run_glue.py`
+/// names them.
+pub fn metrics(scores: &Scores) -> BTreeMap<String, f64> {
+    match scores {
+        Scores::Classes(r) => BTreeMap::from([
+            ("accuracy".to_string(), r.accuracy),
+            ("f1".to_string(), r.macro_avg.f1),
+            ("precision".to_string(), r.macro_avg.precision),
+            ("recall".to_string(), r.macro_avg.recall),
+            ("matthews_correlation".to_string(), r.matthews_correlation),
+        ]),
+        Scores::Regression(r) => BTreeMap::from([
+            ("mse".to_string(), r.mse),
+            ("pearson".to_string(), r.pearson),
+            ("spearmanr".to_string(), r.spearmanr),
+        ]),
+    }
 }
 
 /// One optimizer step of a classifier over already padded micro-batches (see
@@ -140,10 +172,16 @@ pub fn optimizer_step(
 /// The loss of a batch summed over its rows (callers divide by the sample count):
 /// cross-entropy for class ids; for multi-hot targets the binary cross-entropy with logits
 /// averaged over labels, so that the mean over samples equals `BCEWithLogitsLoss`'s mean over
-/// all elements, as `transformers` computes it for `multi_label_classification`.
+/// all elements, as `transformers` computes it for `multi_label_classification`; for
+/// regression targets the squared error of the one output, so that the mean is `MSELoss` of
+/// `logits.squeeze()` (`problem_type = "regression"`).
 pub fn summed_loss(logits: Tensor<2>, labels: BatchLabels) -> Tensor<1> {
     let [n, c] = logits.dims();
     match labels {
+        BatchLabels::Value(y) => {
+            let d = logits.reshape([n * c]) - y;
+            (d.clone() * d).sum()
+        }
         BatchLabels::Class(ids) => {
             let logp = burn::tensor::activation::log_softmax(logits, 1);
             -logp.gather(1, ids.reshape([n, 1])).sum()
@@ -157,11 +195,18 @@ pub fn summed_loss(logits: Tensor<2>, labels: BatchLabels) -> Tensor<1> {
     }
 }
 
-/// Predicted targets of a batch of logits: the arg-max class, or every label whose sigmoid
-/// exceeds 0.5 (logit > 0) for multi-label.
-fn predictions(logits: Tensor<2>, multi_label: bool) -> Vec<Target> {
+/// Predicted targets of a batch of logits: the arg-max class, every label whose sigmoid
+/// exceeds 0.5 (logit > 0) for multi-label, the output itself for regression.
+fn predictions(logits: Tensor<2>, kind: LabelKind) -> Vec<Target> {
     let [n, c] = logits.dims();
-    if multi_label {
+    if kind == LabelKind::Real {
+        let v: Vec<f32> = logits
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec()
+            .unwrap_or_default();
+        v.into_iter().map(Target::Value).collect()
+    } else if kind == LabelKind::Multi {
         let v: Vec<f32> = logits
             .into_data()
             .convert::<f32>()
@@ -181,20 +226,44 @@ fn predictions(logits: Tensor<2>, multi_label: bool) -> Vec<Target> {
     }
 }
 
-/// Scores predicted targets against the truth (single- or multi-label by the truth's kind).
-pub fn report(truth: &[Target], preds: &[Target], n_labels: usize) -> ClassificationReport {
-    let multi = truth.iter().any(|t| matches!(t, Target::Multi(_)));
-    if multi {
-        let ids = |v: &[Target]| v.iter().map(|t| t.ids().to_vec()).collect::<Vec<_>>();
-        multilabel_report(&ids(truth), &ids(preds), n_labels)
-    } else {
-        let ids = |v: &[Target]| v.iter().map(|t| t.ids()[0]).collect::<Vec<_>>();
-        classification_report(&ids(truth), &ids(preds), n_labels)
+/// What the targets of a split are.
+fn kind_of(targets: &[Target]) -> LabelKind {
+    match targets.first() {
+        Some(Target::Value(_)) => LabelKind::Real,
+        _ if targets.iter().any(|t| matches!(t, Target::Multi(_))) => LabelKind::Multi,
+        _ => LabelKind::Single,
     }
 }
 
-/// Loss, the metrics report and each example's class probabilities (softmax; a sigmoid per
-/// label for multi-label) over a dataset, in evaluation mode (padding-free when asked).
+/// Scores predicted targets against the truth (single-label, multi-label or regression by the
+/// truth's kind).
+pub fn report(truth: &[Target], preds: &[Target], n_labels: usize) -> Scores {
+    match kind_of(truth) {
+        LabelKind::Real => {
+            let values = |v: &[Target]| {
+                v.iter()
+                    .map(|t| match t {
+                        Target::Value(x) => *x as f64,
+                        _ => f64::NAN,
+                    })
+                    .collect::<Vec<_>>()
+            };
+            Scores::Regression(regression_report(&values(truth), &values(preds)))
+        }
+        LabelKind::Multi => {
+            let ids = |v: &[Target]| v.iter().map(|t| t.ids().to_vec()).collect::<Vec<_>>();
+            Scores::Classes(multilabel_report(&ids(truth), &ids(preds), n_labels))
+        }
+        LabelKind::Single => {
+            let ids = |v: &[Target]| v.iter().map(|t| t.ids()[0]).collect::<Vec<_>>();
+            Scores::Classes(classification_report(&ids(truth), &ids(preds), n_labels))
+        }
+    }
+}
+
+/// Loss, the metrics report and each example's scores (class probabilities by softmax; a
+/// sigmoid per label for multi-label; the predicted value for regression) over a dataset, in
+/// evaluation mode (padding-free when asked).
 pub fn evaluate(
     model: &Classifier,
     data: &[Encoded],
@@ -203,13 +272,14 @@ pub fn evaluate(
     pad_id: u32,
     padding_free: bool,
     device: &Device,
-) -> whet_models::Result<(f64, ClassificationReport, Vec<Vec<f32>>)> {
+) -> whet_models::Result<(f64, Scores, Vec<Vec<f32>>)> {
     // Evaluate on the plain backend: no autodiff graph is recorded for forward passes that are
     // never differentiated.
     let model = &model.valid();
     let device = &device.clone().without_autodiff();
     let with_types = matches!(model, Classifier::Bert(_));
-    let multi = data.iter().any(|e| matches!(e.label, Target::Multi(_)));
+    let truth: Vec<Target> = data.iter().map(|e| e.label.clone()).collect();
+    let kind = kind_of(&truth);
     let mut loss = 0.0;
     let mut preds = Vec::with_capacity(data.len());
     let mut probs = Vec::with_capacity(data.len());
@@ -219,12 +289,12 @@ pub fn evaluate(
         let (input, labels) = to_input(&b, device, with_types, n_labels, padding_free);
         let logits = model.forward(input, Mode::Eval)?;
         loss += summed_loss(logits.clone(), labels).into_scalar::<f32>() as f64;
-        preds.extend(predictions(logits.clone(), multi));
+        preds.extend(predictions(logits.clone(), kind));
         let [n, c] = logits.dims();
-        let p: Vec<f32> = if multi {
-            burn::tensor::activation::sigmoid(logits)
-        } else {
-            burn::tensor::activation::softmax(logits, 1)
+        let p: Vec<f32> = match kind {
+            LabelKind::Single => burn::tensor::activation::softmax(logits, 1),
+            LabelKind::Multi => burn::tensor::activation::sigmoid(logits),
+            LabelKind::Real => logits,
         }
         .into_data()
         .convert::<f32>()
@@ -232,7 +302,6 @@ pub fn evaluate(
         .unwrap_or_default();
         probs.extend(p.chunks(c.max(1)).take(n).map(<[f32]>::to_vec));
     }
-    let truth: Vec<Target> = data.iter().map(|e| e.label.clone()).collect();
     let report = report(&truth, &preds, n_labels);
     Ok((loss / data.len().max(1) as f64, report, probs))
 }
