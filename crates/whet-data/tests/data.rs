@@ -550,3 +550,127 @@ fn the_leakage_check_counts_planted_duplicates_exactly() {
         clean.findings
     );
 }
+
+/// A `.json` file may be one JSON array of rows, as `datasets`' `json` loader reads it
+/// (`alpaca_data.json`): rows keep the line their object starts on; a compact array numbers
+/// them; a non-object element and a file that is one object holding its rows are named.
+#[test]
+fn a_json_array_of_rows_reads_as_json_lines_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let pretty = write(
+        &dir,
+        "pretty.json",
+        "\u{feff}[\n  {\n    \"text\": \"a, [b] {c}\",\n    \"label\": \"pos\"\n  },\n  {\"text\": \"d \\\" e\", \"label\": \"neg\", \"extra\": 1}\n]\n"
+            .as_bytes(),
+    );
+    let t = Table::read(&pretty, Encoding::Utf8).unwrap();
+    assert_eq!(t.columns, vec!["label", "text", "extra"]);
+    let lines: Vec<usize> = t.rows.iter().map(|r| r.0).collect();
+    assert_eq!(lines, vec![2, 6], "the line each object starts on");
+    assert_eq!(t.rows[1].1["text"], "d \" e");
+    let labels = Labels::infer(&t, "label").unwrap();
+    let ex = examples(&t, &cols(), &labels, LabelKind::Single).unwrap();
+    assert_eq!(ex[0].origin, format!("{}:2", pretty.display()));
+
+    let compact = write(
+        &dir,
+        "compact.json",
+        b"[{\"text\": \"a\", \"label\": 0}, {\"text\": \"b\", \"label\": 1}]",
+    );
+    let t = Table::read(&compact, Encoding::Utf8).unwrap();
+    assert_eq!(t.rows.iter().map(|r| r.0).collect::<Vec<_>>(), vec![1, 2]);
+
+    let bad = write(&dir, "bad.json", b"[\n{\"text\": \"a\"},\n\"b\"\n]");
+    let e = Table::read(&bad, Encoding::Utf8).unwrap_err();
+    assert!(
+        matches!(&e, DataError::Json { line: 3, .. }) && e.to_string().contains("element 2"),
+        "{e}"
+    );
+    let broken = write(
+        &dir,
+        "broken.json",
+        b"[\n{\"text\": \"a\"},\n{\"text\": }\n]",
+    );
+    let e = Table::read(&broken, Encoding::Utf8).unwrap_err();
+    assert!(matches!(&e, DataError::Json { line: 3, .. }), "{e}");
+
+    let nested = write(
+        &dir,
+        "squad.json",
+        b"{\n  \"version\": \"1.1\",\n  \"data\": [{\"title\": \"x\"}]\n}\n",
+    );
+    let e = Table::read(&nested, Encoding::Utf8)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("squad.json") && e.contains("fields: data, version"),
+        "{e}"
+    );
+    // One object on one line is a JSON Lines file of one row, as datasets reads it.
+    let one = write(&dir, "one.json", b"{\"text\": \"a\", \"label\": 0}\n");
+    assert_eq!(Table::read(&one, Encoding::Utf8).unwrap().rows.len(), 1);
+}
+
+/// Real-valued labels are what run_glue.py takes as regression: numbers with a fraction in
+/// JSON, or text that parses as one in CSV; integers alone stay class ids; each row's target is
+/// its number, and a label that is not one is named with its line.
+#[test]
+fn real_valued_labels_are_regression_targets() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = write(
+        &dir,
+        "stsb.csv",
+        b"sentence1,sentence2,label\na,b,3.8\nc,d,0\ne,f, 2.5e0\n",
+    );
+    let t = Table::read(&csv, Encoding::Utf8).unwrap();
+    assert!(real_valued(&t, "label"));
+    let pair = Columns {
+        text: "sentence1".into(),
+        text_pair: Some("sentence2".into()),
+        label: "label".into(),
+    };
+    let ex = examples(&t, &pair, &Labels(vec!["LABEL_0".into()]), LabelKind::Real).unwrap();
+    let targets: Vec<Target> = ex.iter().map(|e| e.label.clone()).collect();
+    assert_eq!(
+        targets,
+        vec![Target::Value(3.8), Target::Value(0.0), Target::Value(2.5)]
+    );
+    assert_eq!(ex[0].text_pair.as_deref(), Some("b"));
+
+    let ints = write(&dir, "ints.csv", b"text,label\na,0\nb,1\n");
+    assert!(!real_valued(
+        &Table::read(&ints, Encoding::Utf8).unwrap(),
+        "label"
+    ));
+    let names = write(&dir, "names.csv", b"text,label\na,0.5\nb,pos\n");
+    assert!(!real_valued(
+        &Table::read(&names, Encoding::Utf8).unwrap(),
+        "label"
+    ));
+    let json = write(
+        &dir,
+        "j.jsonl",
+        b"{\"text\": \"a\", \"label\": 1}\n{\"text\": \"b\", \"label\": 4.0}\n",
+    );
+    let t = Table::read(&json, Encoding::Utf8).unwrap();
+    assert!(real_valued(&t, "label"), "4.0 is a float in JSON");
+    let json_ints = write(&dir, "k.jsonl", b"{\"text\": \"a\", \"label\": 1}\n");
+    assert!(!real_valued(
+        &Table::read(&json_ints, Encoding::Utf8).unwrap(),
+        "label"
+    ));
+
+    let bad = write(&dir, "bad.csv", b"text,label\na,0.5\nb,\n");
+    let t = Table::read(&bad, Encoding::Utf8).unwrap();
+    let e = examples(
+        &t,
+        &cols(),
+        &Labels(vec!["LABEL_0".into()]),
+        LabelKind::Real,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&e, DataError::Value { line: 3, .. }) && e.to_string().contains("finite number"),
+        "{e}"
+    );
+}

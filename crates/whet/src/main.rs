@@ -57,7 +57,8 @@ closest valid key, never ignored):
   method         full (default) | head | lora | qlora | ia3 | bottleneck | prefix_tuning |
                  prompt_tuning (head: classification and QA)
   [data]
-    train, validation, test   .jsonl, .csv, .tsv, .parquet or .txt (one text per line) files,
+    train, validation, test   .jsonl, .json (JSON Lines or one array of rows), .csv, .tsv,
+                   .parquet or .txt (one text per line) files,
                    folders or globs of them (data/train-*.parquet), or the same on the Hub as
                    hf://datasets/ORG/NAME[@REVISION]/PATH (validation/test optional)
     split          {train, validation, test, seed}: a seeded split of `train` when no other
@@ -167,8 +168,8 @@ closest valid key, never ignored):
     lr_scheduler_type (linear | cosine | constant | constant_with_warmup), warmup_steps (0),
     warmup_ratio (0), eval_strategy (no | steps | epoch), eval_steps, save_strategy (steps), save_steps (500), save_total_limit,
     load_best_model_at_end (false), metric_for_best_model (loss | accuracy | f1 | precision |
-    recall | matthews_correlation; causal-lm: loss | perplexity; question-answering: loss |
-    exact_match | f1), greater_is_better, early_stopping_patience,
+    recall | matthews_correlation; regression: loss | mse | pearson | spearmanr; causal-lm:
+    loss | perplexity; question-answering: loss | exact_match | f1), greater_is_better, early_stopping_patience,
     logging_steps (500): a log every N steps (one JSON line on stderr when stderr is not a
     terminal, as Trainer prints it; the progress bar otherwise), seed (42),
     report_to (none): jsonl (OUT/logs.jsonl), tensorboard (event files in OUT/runs), all,
@@ -201,7 +202,7 @@ struct InferArgs {
     /// The GGUF file inside --model's Hub repo or folder.
     #[arg(long, requires = "model")]
     gguf_file: Option<String>,
-    /// The training rows: a .jsonl, .csv, .tsv, .parquet or .txt file, a folder or glob of
+    /// The training rows: a .jsonl, .json, .csv, .tsv, .parquet or .txt file, a folder or glob of
     /// such files, or hf://datasets/ORG/NAME[@REVISION]/PATH on the Hub.
     #[arg(long)]
     data: Option<PathBuf>,
@@ -332,7 +333,7 @@ enum Command {
         /// The trained model folder.
         #[arg(long)]
         model: PathBuf,
-        /// Labelled data (.jsonl, .csv).
+        /// Labelled data (.jsonl, .json, .csv, .tsv, .parquet; a folder or glob of them).
         #[arg(long)]
         data: PathBuf,
         /// Column with the text (default: the one the model was trained on, else "text").

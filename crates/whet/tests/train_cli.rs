@@ -814,6 +814,137 @@ fn a_killed_run_resumes_to_the_same_weights() {
     }
 }
 
+/// Sentence pairs with real-valued scores (STS-B's shape, as CSV): `sequence-classification`
+/// becomes a regression as run_glue.py decides (one output, problem_type "regression" in the
+/// config), evaluation reports MSE and the correlations, errors.jsonl ranks absolute errors,
+/// and `whet eval` / `whet predict` read the saved model back: eval with the trained pair
+/// columns by default, predict with the number under LABEL_0 as the pipeline gives it. A
+/// regression with named classes is refused.
+#[test]
+fn real_valued_labels_train_a_regression_head_that_eval_and_predict_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rows = String::from("sentence1,sentence2,score\n");
+    for i in 0..4 {
+        for (k, (p, n)) in POS.iter().zip(NEG).enumerate() {
+            rows += &format!("{p} {i},{p},4.{k}\n{p} {i},{n},0.{k}\n{n} {i},{n},3.5\n");
+        }
+    }
+    let data = dir.path().join("sts.csv");
+    std::fs::write(&data, rows).unwrap();
+    let out = dir.path().join("out");
+    let r = dir.path().join("r.toml");
+    std::fs::write(
+        &r,
+        format!(
+            r#"model = "{}"
+method = "full"
+[data]
+train = "{}"
+text_column = "sentence1"
+text_pair_column = "sentence2"
+label_column = "score"
+split = {{ validation = 12, test = 12 }}
+max_length = 32
+leakage = "off"
+[training]
+output_dir = "{}"
+learning_rate = 1e-4
+per_device_train_batch_size = 8
+max_steps = 4
+eval_strategy = "steps"
+eval_steps = 2
+metric_for_best_model = "pearson"
+load_best_model_at_end = true
+"#,
+            minilm().display(),
+            data.display(),
+            out.display()
+        ),
+    )
+    .unwrap();
+    let text = ok(&["train", r.to_str().unwrap()]);
+    assert!(
+        text.contains("labels are real numbers: regression")
+            && text.contains("targets in train: 0.0000 to 4.5000"),
+        "{text}"
+    );
+    assert!(text.contains("MSE") && text.contains("Pearson"), "{text}");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["problem_type"], "regression");
+    assert_eq!(cfg["id2label"], serde_json::json!({"0": "LABEL_0"}));
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("all_results.json")).unwrap())
+            .unwrap();
+    for key in ["eval_mse", "eval_pearson", "eval_spearmanr", "test_mse"] {
+        assert!(results[key].is_number(), "{key} in {results}");
+    }
+    assert!(results.get("eval_accuracy").is_none(), "{results}");
+    // eval_loss is the mean squared error of the same predictions.
+    let (loss, mse) = (
+        results["eval_loss"].as_f64().unwrap(),
+        results["eval_mse"].as_f64().unwrap(),
+    );
+    assert!((loss - mse).abs() <= 1e-5 * mse.max(1.0), "{loss} vs {mse}");
+    let errors = std::fs::read_to_string(out.join("errors.jsonl")).unwrap();
+    let errs: Vec<f64> = errors
+        .lines()
+        .map(|l| {
+            let row: serde_json::Value = serde_json::from_str(l).unwrap();
+            assert!(row["text_pair"].is_string(), "{row}");
+            let (t, p) = (
+                row["label"].as_f64().unwrap(),
+                row["predicted"].as_f64().unwrap(),
+            );
+            let e = row["error"].as_f64().unwrap();
+            assert!((e - (t - p).abs()).abs() < 1e-5, "{row}");
+            e
+        })
+        .collect();
+    assert_eq!(errs.len(), 12);
+    assert!(
+        errs.windows(2).all(|w| w[0] >= w[1]),
+        "largest first: {errs:?}"
+    );
+
+    // whet eval: the trained columns (a pair and `score`) without flags, the same numbers as the
+    // run's evaluation of the whole file would give.
+    let said = ok(&[
+        "eval",
+        "--model",
+        out.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+    ]);
+    assert!(said.contains("MSE") && said.contains("Spearman"), "{said}");
+    let json: serde_json::Value = serde_json::from_str(said.lines().last().unwrap()).unwrap();
+    assert_eq!(json["eval_samples"], 72, "{json}");
+    let said = ok(&[
+        "predict",
+        "--model",
+        out.to_str().unwrap(),
+        "--text",
+        "great movie",
+    ]);
+    let p: serde_json::Value = serde_json::from_str(said.trim()).unwrap();
+    assert_eq!(p["label"], "LABEL_0", "{p}");
+    assert!(p["score"].is_number(), "{p}");
+
+    // task = "regression" with class names is refused, naming the key.
+    let e = err(&[
+        "train",
+        r.to_str().unwrap(),
+        "--set",
+        "task=\"regression\"",
+        "--set",
+        "data.label_names=[\"a\", \"b\"]",
+    ]);
+    assert!(
+        e.contains("data.label_names") && e.contains("regression"),
+        "{e}"
+    );
+}
+
 /// Multi-label training (`task = "multi-label-classification"`, lists of label names) writes a
 /// `transformers` config with `problem_type`, scores with sigmoids and reports subset accuracy.
 #[test]
@@ -2396,6 +2527,49 @@ fn a_recipe_is_inferred_from_the_model_and_the_data() {
         said.contains("task causal-lm") && said.contains("messages"),
         "{said}"
     );
+
+    // GLUE's pair columns: STS-B's real-valued scores are a regression, MNLI's a class; an
+    // Alpaca JSON array (one JSON value over many lines) with a decoder is the Alpaca template.
+    let sts: Vec<String> = (0..12)
+        .map(|i| format!("{{\"sentence1\": \"a {i}\", \"sentence2\": \"b\", \"label\": {i}.5}}"))
+        .collect();
+    let said = init(&model, &lines(&sts), &dir.path().join("sts.toml"));
+    assert!(
+        said.contains("task regression") && said.contains("sentence1 + sentence2"),
+        "{said}"
+    );
+    let text = std::fs::read_to_string(dir.path().join("sts.toml")).unwrap();
+    assert!(text.contains("text_pair_column = \"sentence2\""), "{text}");
+    let nli: Vec<String> = (0..11)
+        .map(|i| {
+            format!(
+                "{{\"premise\": \"a {i}\", \"hypothesis\": \"b\", \"label\": {}}}",
+                i % 3
+            )
+        })
+        .collect();
+    let said = init(&model, &lines(&nli), &dir.path().join("nli.toml"));
+    assert!(
+        said.contains("task sequence-classification")
+            && said.contains("premise + hypothesis / label: one label a pair"),
+        "{said}"
+    );
+    let alpaca = dir.path().join("alpaca_data.json");
+    let rows: Vec<String> = (0..10)
+        .map(|i| format!("  {{\n    \"instruction\": \"say {i}\",\n    \"input\": \"\",\n    \"output\": \"{i}\"\n  }}"))
+        .collect();
+    std::fs::write(&alpaca, format!("[\n{}\n]\n", rows.join(",\n"))).unwrap();
+    let said = init(
+        &decoder,
+        alpaca.to_str().unwrap(),
+        &dir.path().join("alpaca.toml"),
+    );
+    assert!(
+        said.contains("task causal-lm") && said.contains("Alpaca template"),
+        "{said}"
+    );
+    let text = std::fs::read_to_string(dir.path().join("alpaca.toml")).unwrap();
+    assert!(text.contains("template = \"alpaca\""), "{text}");
 
     // Bad input, named.
     let odd = lines(&["{\"a\": 1}".to_string()]);
