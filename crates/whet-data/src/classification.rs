@@ -106,11 +106,15 @@ impl Labels {
         self.0.is_empty()
     }
 
-    /// Infers the label set of a training table: string labels sorted (as `datasets`'
+    /// Infers the label set of a training table: the names a `datasets` Parquet file declares
+    /// for a `ClassLabel` column, else string labels sorted (as `datasets`'
     /// `class_encode_column`), integer labels `0..=max` named `LABEL_i`. A multi-label column
     /// holds lists of either kind.
     pub fn infer(table: &Table, column: &str) -> Result<Self> {
         table.require(&[column])?;
+        if let Some(names) = table.class_names.get(column) {
+            return Ok(Labels(names.clone()));
+        }
         let mut names = BTreeSet::new();
         let mut ints = BTreeSet::new();
         // The largest integer id and the line it is on.
@@ -134,6 +138,11 @@ impl Labels {
                     }
                     Value::String(s) => {
                         names.insert(s.clone());
+                    }
+                    // A boolean column is two classes, false (0) and true (1), as `datasets`
+                    // sorts its unique values.
+                    Value::Bool(b) => {
+                        names.insert(b.to_string());
                     }
                     other => return Err(bad_label(table, *line, column, other)),
                 }
@@ -188,6 +197,11 @@ impl Labels {
                 Some(i) if (i as usize) < self.len() => Ok(i as usize),
                 _ => Err(unknown(n.to_string())),
             },
+            Some(Value::Bool(b)) => self
+                .0
+                .iter()
+                .position(|l| *l == b.to_string())
+                .ok_or_else(|| unknown(b.to_string())),
             Some(Value::String(s)) => match self.0.iter().position(|l| l == s) {
                 Some(i) => Ok(i),
                 // CSV holds numbers as text: accept an in-range integer id.
@@ -211,7 +225,9 @@ fn bad_label(table: &Table, line: usize, column: &str, v: &impl std::fmt::Displa
         path: table.locate(line).0,
         line: table.locate(line).1,
         column: column.into(),
-        message: format!("a label must be a class name or a non-negative integer id, got {v}"),
+        message: format!(
+            "a label must be a class name, a boolean or a non-negative integer id, got {v}"
+        ),
     }
 }
 

@@ -45,6 +45,9 @@ pub struct Table {
     /// `(line, row)`; for several files, lines count on from one file to the next
     /// ([`Table::locate`] gives back the file and its own line).
     pub rows: Vec<(usize, BTreeMap<String, Value>)>,
+    /// Class names of columns a `datasets` Parquet file declares as `ClassLabel` (or a list
+    /// of them), from its `huggingface` schema metadata: the column's integers are ids into them.
+    pub class_names: BTreeMap<String, Vec<String>>,
     /// For several files: the number each file's lines are offset by, and the file.
     parts: Vec<(usize, PathBuf)>,
 }
@@ -167,6 +170,7 @@ impl Table {
             path: path.to_path_buf(),
             columns: Vec::new(),
             rows: Vec::new(),
+            class_names: BTreeMap::new(),
             parts: Vec::new(),
         };
         let mut offset = 0;
@@ -176,6 +180,9 @@ impl Table {
                 if !table.columns.contains(&c) {
                     table.columns.push(c);
                 }
+            }
+            for (column, names) in part.class_names {
+                table.class_names.entry(column).or_insert(names);
             }
             let last = part.rows.last().map(|r| r.0).unwrap_or(0);
             table.rows.extend(
@@ -281,6 +288,7 @@ fn read_text(path: &Path, bytes: &[u8], encoding: Encoding) -> Result<Table> {
         path: path.to_path_buf(),
         columns: vec!["text".into()],
         rows,
+        class_names: BTreeMap::new(),
         parts: Vec::new(),
     })
 }
@@ -343,6 +351,7 @@ fn read_json_array(path: &Path, body: &[u8]) -> Result<Table> {
         path: path.to_path_buf(),
         columns,
         rows,
+        class_names: BTreeMap::new(),
         parts: Vec::new(),
     })
 }
@@ -419,6 +428,7 @@ fn read_jsonl(path: &Path, bytes: &[u8]) -> Result<Table> {
         path: path.to_path_buf(),
         columns,
         rows,
+        class_names: BTreeMap::new(),
         parts: Vec::new(),
     })
 }
@@ -461,6 +471,7 @@ fn read_csv(path: &Path, bytes: &[u8], delimiter: u8, encoding: Encoding) -> Res
         path: path.to_path_buf(),
         columns,
         rows,
+        class_names: BTreeMap::new(),
         parts: Vec::new(),
     })
 }
@@ -545,6 +556,41 @@ fn parquet_rows(path: &Path, bytes: Vec<u8>) -> Result<Table> {
         path: path.to_path_buf(),
         columns,
         rows,
+        class_names: class_labels(reader.metadata().file_metadata()),
         parts: Vec::new(),
     })
+}
+
+/// The names of the `ClassLabel` columns (and lists of them) that `datasets` records in a
+/// Parquet file's `huggingface` schema metadata: `{"info": {"features": {"label": {"names":
+/// [...], "_type": "ClassLabel"}, "tags": {"feature": {...ClassLabel}, "_type": "List"}}}}`.
+/// Metadata that is absent or not of this shape names nothing.
+fn class_labels(meta: &parquet::file::metadata::FileMetaData) -> BTreeMap<String, Vec<String>> {
+    let json = meta
+        .key_value_metadata()
+        .and_then(|kv| kv.iter().find(|k| k.key == "huggingface"))
+        .and_then(|k| k.value.as_deref())
+        .and_then(|v| serde_json::from_str::<Value>(v).ok());
+    let Some(Value::Object(features)) = json.map(|j| j["info"]["features"].clone()) else {
+        return BTreeMap::new();
+    };
+    features
+        .into_iter()
+        .filter_map(|(column, feature)| {
+            // A list of class labels keeps its ClassLabel under "feature".
+            let label = match feature.get("feature") {
+                Some(inner) => inner,
+                None => &feature,
+            };
+            if label["_type"] != "ClassLabel" {
+                return None;
+            }
+            let names = label["names"]
+                .as_array()?
+                .iter()
+                .map(|n| n.as_str().map(String::from))
+                .collect::<Option<Vec<_>>>()?;
+            Some((column, names))
+        })
+        .collect()
 }

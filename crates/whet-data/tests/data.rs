@@ -674,3 +674,59 @@ fn real_valued_labels_are_regression_targets() {
         "{e}"
     );
 }
+
+/// A Parquet file `datasets` wrote keeps its ClassLabel names in the schema metadata: the
+/// labels are those names in their order (ids index them), for a single label and a list of
+/// them; a float64 column of integral values is real-valued, as its type says.
+#[test]
+fn class_label_names_come_from_the_datasets_parquet_metadata() {
+    let t = Table::read(
+        &fixtures().join("data/reviews-classlabel.parquet"),
+        Encoding::Utf8,
+    )
+    .unwrap();
+    assert_eq!(t.class_names["label"], vec!["neg", "pos"]);
+    let labels = Labels::infer(&t, "label").unwrap();
+    assert_eq!(labels.0, vec!["neg", "pos"]);
+    let ex = examples(&t, &cols(), &labels, LabelKind::Single).unwrap();
+    assert_eq!(
+        ex.iter().map(|e| e.label.clone()).collect::<Vec<_>>(),
+        vec![
+            Target::Class(1),
+            Target::Class(0),
+            Target::Class(1),
+            Target::Class(0),
+            Target::Class(0)
+        ]
+    );
+    let tags = Labels::infer(&t, "tags").unwrap();
+    assert_eq!(tags.0, vec!["acting", "pace", "story"]);
+    let by_tags = Columns {
+        label: "tags".into(),
+        ..cols()
+    };
+    let ex = examples(&t, &by_tags, &tags, LabelKind::Multi).unwrap();
+    assert_eq!(ex[0].label, Target::Multi(vec![0, 2]));
+    assert!(real_valued(&t, "score"), "float64 is real-valued");
+    assert!(!real_valued(&t, "label"));
+    // pyarrow's own files carry no such names.
+    let plain = Table::read(&fixtures().join("data/reviews.parquet"), Encoding::Utf8).unwrap();
+    assert!(plain.class_names.is_empty());
+}
+
+/// Boolean labels are the classes "false" (0) and "true" (1), as datasets sorts them.
+#[test]
+fn boolean_labels_are_two_classes() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(
+        &dir,
+        "b.jsonl",
+        b"{\"text\": \"a\", \"label\": true}\n{\"text\": \"b\", \"label\": false}\n",
+    );
+    let t = Table::read(&p, Encoding::Utf8).unwrap();
+    let labels = Labels::infer(&t, "label").unwrap();
+    assert_eq!(labels.0, vec!["false", "true"]);
+    let ex = examples(&t, &cols(), &labels, LabelKind::Single).unwrap();
+    assert_eq!(ex[0].label, Target::Class(1));
+    assert_eq!(ex[1].label, Target::Class(0));
+}

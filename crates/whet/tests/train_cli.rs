@@ -1035,7 +1035,7 @@ fn multi_label_training_uses_sigmoids_and_saves_the_problem_type() {
     );
 }
 
-/// Parquet data (written by pyarrow) trains like JSONL.
+/// Parquet data (written by pyarrow, or by `datasets` with ClassLabel names) trains like JSONL.
 #[test]
 fn parquet_data_trains() {
     let dir = tempfile::tempdir().unwrap();
@@ -1053,6 +1053,29 @@ fn parquet_data_trains() {
     ]);
     let labels = std::fs::read_to_string(dir.path().join("out/labels.json")).unwrap();
     assert!(labels.contains("[\"neg\",\"pos\"]"), "{labels}");
+    // A file `datasets` wrote holds integer ids and its ClassLabel names: the model is labelled
+    // with the names, as the dataset's features name them.
+    let named = root().join("tests/fixtures/data/reviews-classlabel.parquet");
+    ok(&[
+        "train",
+        r.to_str().unwrap(),
+        "--set",
+        &format!("data.train=\"{}\"", named.display()),
+        "--set",
+        &format!("data.validation=\"{}\"", named.display()),
+        "--set",
+        "training.max_steps=1",
+        "--set",
+        "method=\"full\"",
+    ]);
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("out/config.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        cfg["id2label"],
+        serde_json::json!({"0": "neg", "1": "pos"}),
+        "{cfg}"
+    );
 }
 
 /// A copy of a tiny random decoder fixture (no pad token) with a word-level tokenizer over its
