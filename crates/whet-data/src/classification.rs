@@ -119,6 +119,9 @@ impl Labels {
         let mut ints = BTreeSet::new();
         // The largest integer id and the line it is on.
         let mut max_int: Option<(u64, usize)> = None;
+        // The same for integers written as text (CSV), kept apart until every label is one.
+        let (mut text_ints, mut text_max) = (BTreeSet::new(), None::<(u64, usize)>);
+        let mut all_text_numeric = true;
         for (line, row) in &table.rows {
             let values = match row.get(column) {
                 Some(Value::Array(items)) => items.iter().collect(),
@@ -138,15 +141,33 @@ impl Labels {
                     }
                     Value::String(s) => {
                         names.insert(s.clone());
+                        match s.trim().parse::<u64>() {
+                            Ok(v) => {
+                                text_ints.insert(v);
+                                if text_max.is_none_or(|(m, _)| v > m) {
+                                    text_max = Some((v, *line));
+                                }
+                            }
+                            Err(_) => all_text_numeric = false,
+                        }
                     }
                     // A boolean column is two classes, false (0) and true (1), as `datasets`
                     // sorts its unique values.
                     Value::Bool(b) => {
                         names.insert(b.to_string());
+                        all_text_numeric = false;
                     }
                     other => return Err(bad_label(table, *line, column, other)),
                 }
             }
+        }
+        // CSV and TSV hold numbers as text: a column of nothing but integers is class ids, as
+        // pandas reads it into `datasets` (so that label 10 is id 10, not the "10" sorted
+        // between "1" and "2").
+        if max_int.is_none() && !names.is_empty() && all_text_numeric {
+            names.clear();
+            ints = text_ints;
+            max_int = text_max;
         }
         if max_int.is_some() && !names.is_empty() {
             // Mixed: treat integers written as strings ("0", "1") uniformly.

@@ -730,3 +730,27 @@ fn boolean_labels_are_two_classes() {
     assert_eq!(ex[0].label, Target::Class(1));
     assert_eq!(ex[1].label, Target::Class(0));
 }
+
+/// Integer labels in a CSV file are class ids, as pandas reads them: label 10 is id 10 (not
+/// the text "10" sorted between "1" and "2"), and the model's labels are LABEL_i.
+#[test]
+fn integer_labels_in_csv_are_class_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rows = String::from("text,label\n");
+    for i in 0..12 {
+        rows += &format!("t{i},{i}\n");
+    }
+    let p = write(&dir, "ints.csv", rows.as_bytes());
+    let t = Table::read(&p, Encoding::Utf8).unwrap();
+    let labels = Labels::infer(&t, "label").unwrap();
+    assert_eq!(labels.len(), 12);
+    assert_eq!(labels.0[10], "LABEL_10");
+    let ex = examples(&t, &cols(), &labels, LabelKind::Single).unwrap();
+    for (i, e) in ex.iter().enumerate() {
+        assert_eq!(e.label, Target::Class(i), "{}", e.origin);
+    }
+    // Text that is not all numbers stays names, sorted.
+    let p = write(&dir, "mixed.csv", b"text,label\na,2\nb,10\nc,x\n");
+    let labels = Labels::infer(&Table::read(&p, Encoding::Utf8).unwrap(), "label").unwrap();
+    assert_eq!(labels.0, vec!["10", "2", "x"]);
+}

@@ -110,7 +110,15 @@ pub fn predict_examples(
     kind: LabelKind,
     device: &Device,
 ) -> Result<Vec<Vec<f32>>> {
-    let enc = tokenize(tokenizer, ex, max_length, Default::default())?;
+    // The labels are not read: the batches carry none.
+    let ex: Vec<Example> = ex
+        .iter()
+        .map(|e| Example {
+            label: Target::Class(0),
+            ..e.clone()
+        })
+        .collect();
+    let enc = tokenize(tokenizer, &ex, max_length, Default::default())?;
     // Inference on the plain backend: no autodiff graph is recorded.
     let model = &burn::module::Module::valid(model);
     let device = &device.clone().without_autodiff();
