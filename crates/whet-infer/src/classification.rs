@@ -159,6 +159,35 @@ pub struct Trained {
 }
 
 impl Trained {
+    /// Per-label scores for texts and, where given, their second texts (see
+    /// [`predict_examples`]), at the length the model was trained with.
+    pub fn predict_pairs(
+        &self,
+        texts: &[String],
+        pairs: Option<&[String]>,
+        device: &Device,
+    ) -> Result<Vec<Vec<f32>>> {
+        let ex: Vec<Example> = texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| Example {
+                text: t.clone(),
+                text_pair: pairs.and_then(|p| p.get(i).cloned()),
+                label: Target::Class(0),
+                origin: "input".into(),
+            })
+            .collect();
+        predict_examples(
+            &self.model,
+            &self.tokenizer,
+            &ex,
+            self.max_length,
+            self.pad_id,
+            self.kind,
+            device,
+        )
+    }
+
     /// Per-label scores for texts (see [`predict`]), at the length the model was trained with.
     pub fn predict(&self, texts: &[String], device: &Device) -> Result<Vec<Vec<f32>>> {
         predict(

@@ -375,6 +375,10 @@ enum Command {
         /// A text to classify (repeatable).
         #[arg(long)]
         text: Vec<String>,
+        /// The second text of a pair, for a model trained on pairs (repeatable: one for each
+        /// --text, in order; the pipeline's {"text", "text_pair"}).
+        #[arg(long)]
+        text_pair: Vec<String>,
         /// A file with one text per line.
         #[arg(long)]
         file: Option<PathBuf>,
@@ -663,11 +667,26 @@ fn run(cli: Cli) -> Result<()> {
             question,
             context,
             text,
+            text_pair,
             file,
             top_k,
         } => match task.as_str() {
-            "text-classification" => predict::predict(&model, text, file, top_k),
+            "text-classification" => {
+                if question.is_some() || context.is_some() {
+                    anyhow::bail!(
+                        "--question and --context are for --task question-answering; \
+                         text-classification reads --text (and --text-pair) or --file"
+                    );
+                }
+                predict::predict(&model, text, text_pair, file, top_k)
+            }
             "question-answering" => {
+                if !text.is_empty() || !text_pair.is_empty() || file.is_some() {
+                    anyhow::bail!(
+                        "--text, --text-pair and --file are for --task text-classification; \
+                         question-answering reads --question and --context"
+                    );
+                }
                 let (Some(q), Some(c)) = (question, context) else {
                     anyhow::bail!("--task question-answering needs --question and --context");
                 };

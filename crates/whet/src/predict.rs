@@ -71,14 +71,28 @@ pub fn eval(
     Ok(())
 }
 
-/// `whet predict --task text-classification`: the top label (or the top `k`) per text, as JSON
-/// lines.
+/// `whet predict --task text-classification`: the top label (or the top `k`) per text (or pair
+/// of texts, `pairs` matching `texts` one to one), as JSON lines.
 pub fn predict(
     model: &Path,
     mut texts: Vec<String>,
+    pairs: Vec<String>,
     file: Option<PathBuf>,
     top_k: Option<usize>,
 ) -> Result<()> {
+    if !pairs.is_empty() && (file.is_some() || pairs.len() != texts.len()) {
+        bail!(
+            "--text-pair: {} given for {} --text{}; give one for each --text, as the pipeline's \
+             {{text, text_pair}}",
+            pairs.len(),
+            texts.len(),
+            if file.is_some() {
+                " and a --file of single texts"
+            } else {
+                ""
+            }
+        );
+    }
     if let Some(f) = file {
         let content =
             std::fs::read_to_string(&f).with_context(|| format!("cannot read {}", f.display()))?;
@@ -94,7 +108,7 @@ pub fn predict(
     }
     let device = crate::device()?.device;
     let t = classify::load(model, &device)?;
-    let probs = t.predict(&texts, &device)?;
+    let probs = t.predict_pairs(&texts, (!pairs.is_empty()).then_some(&pairs[..]), &device)?;
     for pr in probs {
         let mut order: Vec<usize> = (0..pr.len()).collect();
         order.sort_by(|&a, &b| pr[b].total_cmp(&pr[a]));

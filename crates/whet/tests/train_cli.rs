@@ -929,6 +929,43 @@ load_best_model_at_end = true
     let p: serde_json::Value = serde_json::from_str(said.trim()).unwrap();
     assert_eq!(p["label"], "LABEL_0", "{p}");
     assert!(p["score"].is_number(), "{p}");
+    // A pair is classified as a pair (the model was trained on pairs); one --text-pair a --text.
+    let said = ok(&[
+        "predict",
+        "--model",
+        out.to_str().unwrap(),
+        "--text",
+        "great movie",
+        "--text-pair",
+        "terrible movie",
+    ]);
+    let paired: serde_json::Value = serde_json::from_str(said.trim()).unwrap();
+    assert_ne!(
+        paired["score"], p["score"],
+        "the second text changes the score"
+    );
+    let e = err(&[
+        "predict",
+        "--model",
+        out.to_str().unwrap(),
+        "--text",
+        "a",
+        "--text",
+        "b",
+        "--text-pair",
+        "c",
+    ]);
+    assert!(e.contains("--text-pair: 1 given for 2 --text"), "{e}");
+    let e = err(&[
+        "predict",
+        "--model",
+        out.to_str().unwrap(),
+        "--text",
+        "a",
+        "--question",
+        "q?",
+    ]);
+    assert!(e.contains("--question and --context are for"), "{e}");
 
     // task = "regression" with class names is refused, naming the key.
     let e = err(&[
