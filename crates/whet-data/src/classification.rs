@@ -58,16 +58,19 @@ pub enum LabelKind {
 }
 
 /// Whether a label column holds real numbers: every value a number (in CSV, text that parses as
-/// one) and at least one not an integer. This is `run_glue.py`'s test for regression (a column
-/// `datasets` reads as float; pandas and Arrow read a column of integers as int).
+/// one) or missing, and at least one not an integer. This is `run_glue.py`'s test for
+/// regression (a column `datasets` reads as float; pandas and Arrow read a column of integers
+/// as int, and a missing cell as NaN in a float column). A missing target is then an error
+/// naming its row, not a class.
 pub fn real_valued(table: &Table, column: &str) -> bool {
     let mut fraction = false;
     for (_, row) in &table.rows {
         match row.get(column) {
             Some(Value::Number(n)) => fraction |= !(n.is_u64() || n.is_i64()),
+            None | Some(Value::Null) => {}
             Some(Value::String(s)) => {
                 let s = s.trim();
-                if s.parse::<i64>().is_ok() {
+                if s.is_empty() || s.parse::<i64>().is_ok() {
                     continue;
                 }
                 match s.parse::<f64>() {
@@ -323,10 +326,17 @@ fn real_target(table: &Table, line: usize, column: &str, v: Option<&Value>) -> R
             path: table.locate(line).0,
             line: table.locate(line).1,
             column: column.into(),
-            message: format!(
-                "a regression label must be a finite number, got {}",
-                v.unwrap_or(&Value::Null)
-            ),
+            message: match v {
+                None | Some(Value::Null) => "the label is missing: a regression needs a number \
+                                             on every row (drop such rows first)"
+                    .to_string(),
+                Some(Value::String(s)) if s.trim().is_empty() => "the label is empty: a \
+                     regression needs a number on every row (drop such rows first)"
+                    .to_string(),
+                Some(other) => {
+                    format!("a regression label must be a finite number, got {other}")
+                }
+            },
         }),
     }
 }

@@ -52,12 +52,24 @@ pub struct Table {
     parts: Vec<(usize, PathBuf)>,
 }
 
-/// Whether a file name has an extension [`Table::read`] reads.
+/// Whether a file name has an extension [`Table::read`] reads (also under `.gz`).
 pub fn is_data_file(name: &str) -> bool {
-    Path::new(name)
-        .extension()
-        .and_then(|e| e.to_str())
-        .is_some_and(|e| DATA_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+    DATA_EXTENSIONS.contains(&format_of(Path::new(name)).0.as_str())
+}
+
+/// A data file's format extension, lower case, and whether the file is gzip-compressed
+/// (`train.jsonl.gz` is `("jsonl", true)`), as `datasets` reads compressed files.
+fn format_of(path: &Path) -> (String, bool) {
+    let ext = |p: &Path| {
+        p.extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase)
+            .unwrap_or_default()
+    };
+    match ext(path).as_str() {
+        "gz" => (ext(Path::new(path.file_stem().unwrap_or_default())), true),
+        outer => (outer.to_string(), false),
+    }
 }
 
 /// A data path as a local one: `hf://datasets/ORG/NAME[@REVISION]/PATH` downloaded into the
@@ -128,14 +140,10 @@ fn data_files(path: &Path) -> Result<Vec<PathBuf>> {
             ),
         });
     }
-    let kind = |p: &PathBuf| match p
-        .extension()
-        .and_then(|e| e.to_str())
-        .map(str::to_ascii_lowercase)
-    {
-        Some(e) if matches!(e.as_str(), "json" | "jsonl" | "ndjson") => "json".to_string(),
-        Some(e) if e == "text" => "txt".to_string(),
-        e => e.unwrap_or_default(),
+    let kind = |p: &PathBuf| match format_of(p).0.as_str() {
+        "json" | "jsonl" | "ndjson" => "json".to_string(),
+        "text" => "txt".to_string(),
+        e => e.to_string(),
     };
     if let Some(other) = files.iter().find(|f| kind(f) != kind(&files[0])) {
         return Err(DataError::Format {
@@ -211,26 +219,43 @@ impl Table {
     }
 
     fn read_file(path: &Path, encoding: Encoding) -> Result<Self> {
-        let ext = path
-            .extension()
-            .and_then(|e| e.to_str())
-            .unwrap_or_default()
-            .to_ascii_lowercase();
-        let bytes = std::fs::read(path).map_err(|e| DataError::Io {
+        let (ext, gzip) = format_of(path);
+        let mut bytes = std::fs::read(path).map_err(|e| DataError::Io {
             path: path.to_path_buf(),
             source: e,
         })?;
+        if gzip {
+            if ext == "parquet" {
+                return Err(DataError::Format {
+                    path: path.to_path_buf(),
+                    message: "a gzip-compressed Parquet file: Parquet compresses its own pages; \
+                              decompress it (gunzip) first"
+                        .into(),
+                });
+            }
+            bytes = gunzip(path, &bytes)?;
+        }
         let table = match ext.as_str() {
             "jsonl" | "json" | "ndjson" => read_json(path, &bytes)?,
             "csv" => read_csv(path, &bytes, b',', encoding)?,
             "tsv" => read_csv(path, &bytes, b'\t', encoding)?,
             "parquet" => read_parquet(path, bytes)?,
             "txt" | "text" => read_text(path, &bytes, encoding)?,
+            other @ ("bz2" | "xz" | "zst" | "zstd" | "lz4" | "zip" | "7z") => {
+                return Err(DataError::Format {
+                    path: path.to_path_buf(),
+                    message: format!(
+                        "a .{other} archive: whet reads data files as they are or gzip-compressed \
+                         (.gz); decompress it first"
+                    ),
+                });
+            }
             other => {
                 return Err(DataError::Format {
                     path: path.to_path_buf(),
                     message: format!(
-                        "unknown data file extension {other:?} (use .jsonl, .csv, .tsv, .parquet or .txt)"
+                        "unknown data file extension {other:?} (use .jsonl, .json, .csv, .tsv, \
+                         .parquet or .txt, each also as .gz)"
                     ),
                 });
             }
@@ -256,6 +281,19 @@ impl Table {
         }
         Ok(())
     }
+}
+
+/// The bytes of a gzip file (several members read as one, as `gzip -d` does).
+fn gunzip(path: &Path, bytes: &[u8]) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    flate2::read::MultiGzDecoder::new(bytes)
+        .read_to_end(&mut out)
+        .map_err(|e| DataError::Format {
+            path: path.to_path_buf(),
+            message: format!("not a readable gzip file: {e}"),
+        })?;
+    Ok(out)
 }
 
 fn utf8_line(path: &Path, line: usize, bytes: &[u8]) -> Result<String> {

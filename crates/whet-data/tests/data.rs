@@ -660,19 +660,30 @@ fn real_valued_labels_are_regression_targets() {
         "label"
     ));
 
-    let bad = write(&dir, "bad.csv", b"text,label\na,0.5\nb,\n");
-    let t = Table::read(&bad, Encoding::Utf8).unwrap();
-    let e = examples(
-        &t,
-        &cols(),
-        &Labels(vec!["LABEL_0".into()]),
-        LabelKind::Real,
-    )
-    .unwrap_err();
+    // A missing cell does not make the column text (pandas reads it as NaN in a float column):
+    // the column is real-valued and the empty label is an error naming its line.
+    let text = write(&dir, "text.csv", b"text,label\na,0.5\nb,\nc,x1\n");
     assert!(
-        matches!(&e, DataError::Value { line: 3, .. }) && e.to_string().contains("finite number"),
+        !real_valued(&Table::read(&text, Encoding::Utf8).unwrap(), "label"),
+        "x1 is text"
+    );
+    let one = Labels(vec!["LABEL_0".into()]);
+    let missing = write(&dir, "missing.csv", b"text,label\na,0.5\nb,\n");
+    let t = Table::read(&missing, Encoding::Utf8).unwrap();
+    assert!(real_valued(&t, "label"));
+    let e = examples(&t, &cols(), &one, LabelKind::Real).unwrap_err();
+    assert!(
+        matches!(&e, DataError::Value { line: 3, .. }) && e.to_string().contains("label is empty"),
         "{e}"
     );
+    let inf = write(
+        &dir,
+        "inf.jsonl",
+        b"{\"text\": \"a\", \"label\": \"inf\"}\n",
+    );
+    let t = Table::read(&inf, Encoding::Utf8).unwrap();
+    let e = examples(&t, &cols(), &one, LabelKind::Real).unwrap_err();
+    assert!(e.to_string().contains("finite number"), "{e}");
 }
 
 /// A Parquet file `datasets` wrote keeps its ClassLabel names in the schema metadata: the
@@ -753,4 +764,51 @@ fn integer_labels_in_csv_are_class_ids() {
     let p = write(&dir, "mixed.csv", b"text,label\na,2\nb,10\nc,x\n");
     let labels = Labels::infer(&Table::read(&p, Encoding::Utf8).unwrap(), "label").unwrap();
     assert_eq!(labels.0, vec!["10", "2", "x"]);
+}
+
+/// gzip-compressed data files read as their format (`datasets` decompresses them too), alone
+/// or mixed with plain files of the same format in a folder; other archives are named.
+#[test]
+fn gzip_compressed_data_files_read_as_their_format() {
+    use std::io::Write;
+    let gz = |text: &str| {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(text.as_bytes()).unwrap();
+        e.finish().unwrap()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("data")).unwrap();
+    // Two gzip members, as `cat a.gz b.gz` makes: both are read.
+    let mut two = gz("{\"text\": \"a\", \"label\": \"pos\"}\n");
+    two.extend(gz("{\"text\": \"b\", \"label\": \"neg\"}\n"));
+    let p = dir.path().join("data/train.jsonl.gz");
+    std::fs::write(&p, two).unwrap();
+    assert!(whet_data::table::is_data_file("train.jsonl.gz"));
+    assert!(whet_data::table::is_data_file("x.CSV.GZ"));
+    let t = Table::read(&p, Encoding::Utf8).unwrap();
+    assert_eq!(t.rows.len(), 2);
+    assert_eq!(t.rows[1].1["text"], "b");
+    std::fs::write(
+        dir.path().join("data/more.jsonl"),
+        "{\"text\": \"c\", \"label\": \"pos\"}\n",
+    )
+    .unwrap();
+    let folder = Table::read(&dir.path().join("data"), Encoding::Utf8).unwrap();
+    assert_eq!(folder.rows.len(), 3);
+    let csv = dir.path().join("t.csv.gz");
+    std::fs::write(&csv, gz("text,label\nx,1\n")).unwrap();
+    assert_eq!(
+        Table::read(&csv, Encoding::Utf8).unwrap().columns,
+        vec!["text", "label"]
+    );
+    let broken = dir.path().join("broken.jsonl.gz");
+    std::fs::write(&broken, b"not gzip").unwrap();
+    let e = Table::read(&broken, Encoding::Utf8)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("broken.jsonl.gz") && e.contains("gzip"), "{e}");
+    let bz = dir.path().join("t.csv.bz2");
+    std::fs::write(&bz, b"BZh").unwrap();
+    let e = Table::read(&bz, Encoding::Utf8).unwrap_err().to_string();
+    assert!(e.contains("t.csv.bz2") && e.contains(".bz2 archive"), "{e}");
 }
