@@ -367,7 +367,6 @@ fn read_json_array(path: &Path, body: &[u8]) -> Result<Table> {
     })?;
     let starts = element_lines(body);
     let distinct = starts.len() == items.len() && starts.windows(2).all(|w| w[0] < w[1]);
-    let mut columns: Vec<String> = Vec::new();
     let mut rows = Vec::with_capacity(items.len());
     for (i, item) in items.into_iter().enumerate() {
         let line = if distinct { starts[i] } else { i + 1 };
@@ -378,6 +377,16 @@ fn read_json_array(path: &Path, body: &[u8]) -> Result<Table> {
                 message: format!("element {} of the array is not a JSON object", i + 1),
             });
         };
+        rows.push((line, obj));
+    }
+    Ok(object_table(path, rows))
+}
+
+/// A table of JSON objects: the columns are their keys in order of first appearance.
+fn object_table(path: &Path, objects: Vec<(usize, serde_json::Map<String, Value>)>) -> Table {
+    let mut columns: Vec<String> = Vec::new();
+    let mut rows = Vec::with_capacity(objects.len());
+    for (line, obj) in objects {
         for k in obj.keys() {
             if !columns.contains(k) {
                 columns.push(k.clone());
@@ -385,13 +394,13 @@ fn read_json_array(path: &Path, body: &[u8]) -> Result<Table> {
         }
         rows.push((line, obj.into_iter().collect()));
     }
-    Ok(Table {
+    Table {
         path: path.to_path_buf(),
         columns,
         rows,
         class_names: BTreeMap::new(),
         parts: Vec::new(),
-    })
+    }
 }
 
 /// The 1-based line each element of a top-level JSON array starts on. serde_json keeps no
@@ -435,7 +444,6 @@ fn element_lines(body: &[u8]) -> Vec<usize> {
 }
 
 fn read_jsonl(path: &Path, bytes: &[u8]) -> Result<Table> {
-    let mut columns: Vec<String> = Vec::new();
     let mut rows = Vec::new();
     for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
         let line = i + 1;
@@ -455,20 +463,9 @@ fn read_jsonl(path: &Path, bytes: &[u8]) -> Result<Table> {
                 message: "each line must be a JSON object".into(),
             });
         };
-        for k in obj.keys() {
-            if !columns.contains(k) {
-                columns.push(k.clone());
-            }
-        }
-        rows.push((line, obj.into_iter().collect()));
+        rows.push((line, obj));
     }
-    Ok(Table {
-        path: path.to_path_buf(),
-        columns,
-        rows,
-        class_names: BTreeMap::new(),
-        parts: Vec::new(),
-    })
+    Ok(object_table(path, rows))
 }
 
 fn read_csv(path: &Path, bytes: &[u8], delimiter: u8, encoding: Encoding) -> Result<Table> {
