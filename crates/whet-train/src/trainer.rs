@@ -524,8 +524,15 @@ fn flush(
     Ok(())
 }
 
+/// Whether a higher value of an evaluation metric is better: not for the loss, and not for
+/// `perplexity` and `mse`, which are errors as a loss is (transformers' default, `greater_is_better`
+/// unless the name ends in "loss", would pick the worst of those).
+pub fn higher_is_better(metric: &str) -> bool {
+    !matches!(metric, "loss" | "perplexity" | "mse")
+}
+
 /// The value of `metric_for_best_model` (default: eval loss, lower is better) and whether
-/// higher is better (lower for a loss, `perplexity` and `mse`).
+/// higher is better ([`higher_is_better`]).
 fn metric(e: &EvalLog, name: Option<&str>) -> Result<(f64, bool)> {
     let name = name.unwrap_or("loss");
     let name = name.strip_prefix("eval_").unwrap_or(name);
@@ -533,8 +540,7 @@ fn metric(e: &EvalLog, name: Option<&str>) -> Result<(f64, bool)> {
         return Ok((e.loss, false));
     }
     match e.metrics.get(name) {
-        // Errors are better lower, as losses are.
-        Some(&v) => Ok((v, !matches!(name, "perplexity" | "mse"))),
+        Some(&v) => Ok((v, higher_is_better(name))),
         None => Err(TrainError::UnknownMetric {
             name: name.to_string(),
             available: e.metrics.keys().cloned().collect(),

@@ -228,7 +228,7 @@ fn metric_of(training: &whet_train::TrainingArguments) -> (String, bool) {
     let name = name.strip_prefix("eval_").unwrap_or(&name).to_string();
     let higher = training
         .greater_is_better
-        .unwrap_or(name != "loss" && name != "perplexity");
+        .unwrap_or(whet_train::trainer::higher_is_better(&name));
     (name, higher)
 }
 
