@@ -43,13 +43,6 @@ pub enum TaskKind {
     Ppo,
 }
 
-impl TaskKind {
-    /// Whether each text carries a set of labels.
-    pub fn multi_label(self) -> bool {
-        self == TaskKind::MultiLabelClassification
-    }
-}
-
 /// Which parameters train.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]

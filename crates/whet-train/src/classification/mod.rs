@@ -36,7 +36,8 @@ pub struct Prepared {
     /// One label a text (softmax, cross-entropy), several (a sigmoid each, binary
     /// cross-entropy), or a number (one output, squared error).
     pub kind: LabelKind,
-    /// Why the run is a regression though the recipe said sequence-classification.
+    /// Whether the run became a regression because its labels are real numbers (the recipe
+    /// said sequence-classification).
     pub inferred_regression: bool,
     pub train: Split,
     pub validation: Option<Split>,
