@@ -229,6 +229,12 @@ pub struct Trained {
     pub max_length: usize,
     /// Tokens shared by consecutive windows of a long context.
     pub doc_stride: usize,
+    /// The longest answer in tokens the run's evaluation took (30, run_qa.py's default, for a
+    /// folder without `qa.json`).
+    pub max_answer_length: usize,
+    /// Whether the run evaluated its batches without their padding.
+    pub padding_free: bool,
+    pub pad_id: u32,
 }
 
 impl Trained {
@@ -270,6 +276,11 @@ pub fn load_on(dir: &Path, base: Option<&Path>, device: &Device) -> Result<Train
         meta.as_ref().and_then(|m| m[k].as_u64()).unwrap_or(default) as usize
     };
     let (max_length, doc_stride) = (get("max_length", 384), get("doc_stride", 128));
+    let max_answer_length = get("max_answer_length", 30);
+    let padding_free = meta
+        .as_ref()
+        .and_then(|m| m["padding_free"].as_bool())
+        .unwrap_or(false);
     let (base, is_adapter) = saved::base_model(dir, base, meta.as_ref())?;
     let checkpoint = Checkpoint::open(&base)?;
     let (mut model, fresh) = checkpoint.load_question_answering(device)?;
@@ -286,11 +297,18 @@ pub fn load_on(dir: &Path, base: Option<&Path>, device: &Device) -> Result<Train
         Ok(t) => t,
         Err(_) => checkpoint.tokenizer()?,
     };
+    let pad_id = checkpoint
+        .pad_token_id()
+        .or(tokenizer.pad.as_ref().map(|p| p.id))
+        .unwrap_or(0);
     Ok(Trained {
         model,
         tokenizer,
         max_length,
         doc_stride,
+        max_answer_length,
+        padding_free,
+        pad_id,
     })
 }
 

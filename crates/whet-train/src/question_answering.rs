@@ -350,27 +350,53 @@ pub fn evaluate_split(
     recipe: &Recipe,
     split: &QaSplit,
     device: &Device,
-) -> Evaluation {
+) -> Result<Evaluation> {
     let objective = QuestionAnswering {
         eval_examples: split.examples.clone(),
         ..objective(p, recipe)
     };
-    let (loss, answers) = objective.run(
+    objective.evaluate(
         &p.model,
         &split.features,
         recipe.training.per_device_eval_batch_size,
         device,
-    );
-    let (em, f1) = squad_metrics(&split.examples, &answers);
-    Evaluation {
-        loss,
-        metrics: BTreeMap::from([("exact_match".to_string(), em), ("f1".to_string(), f1)]),
-        report: None,
-    }
+    )
+}
+
+/// How a trained model's evaluation windows and scores SQuAD-format examples: what `qa.json`
+/// records of the run.
+#[derive(Debug, Clone, Copy)]
+pub struct QaWindows {
+    pub max_length: usize,
+    pub doc_stride: usize,
+    pub max_answer_length: usize,
+    pub padding_free: bool,
+    pub pad_id: u32,
+}
+
+/// Loss, exact match and F1 of a trained model on SQuAD-format examples, windowed as it was
+/// trained: what the run's own evaluation computes (`whet eval` on a question-answering model).
+pub fn evaluate_examples(
+    model: &QuestionAnswerer,
+    tokenizer: &TextTokenizer,
+    examples: &[QaExample],
+    w: QaWindows,
+    batch_size: usize,
+    device: &Device,
+) -> Result<Evaluation> {
+    let features = qa_features(tokenizer, examples, w.max_length, w.doc_stride)?;
+    let objective = QuestionAnswering {
+        pad_id: w.pad_id,
+        eval_examples: examples.to_vec(),
+        max_answer_length: w.max_answer_length,
+        padding_free: w.padding_free,
+    };
+    objective.evaluate(model, &features, batch_size, device)
 }
 
 /// Saves the result: a `peft` adapter (`QUESTION_ANS`) for LoRA, a `transformers` folder
-/// otherwise, with the tokenizer and `qa.json` (max_length, doc_stride).
+/// otherwise, with the tokenizer and `qa.json` (max_length, doc_stride, max_answer_length,
+/// padding_free).
 /// `whet_infer::question_answering::load` reads it back.
 pub fn save(p: &QaPrepared, recipe: &Recipe, out: &Path) -> Result<()> {
     std::fs::create_dir_all(out).map_err(|e| TrainError::io(out, e))?;
@@ -388,6 +414,8 @@ pub fn save(p: &QaPrepared, recipe: &Recipe, out: &Path) -> Result<()> {
         "task": "question-answering",
         "max_length": recipe.data.max_length,
         "doc_stride": p.doc_stride,
+        "max_answer_length": recipe.data.max_answer_length,
+        "padding_free": recipe.padding_free(),
         "base_model": recipe.model,
     });
     whet_models::fsutil::write_atomic(&out.join("qa.json"), info.to_string().as_bytes())?;
@@ -529,7 +557,7 @@ impl Task for QuestionAnsweringTask {
         let mut out = Outcome::default();
         for (name, split) in [("eval", &p.validation), ("test", &p.test)] {
             if let Some(split) = split {
-                let e = evaluate_split(p, &self.run.recipe, split, &self.run.device);
+                let e = evaluate_split(p, &self.run.recipe, split, &self.run.device)?;
                 out.results.extend(e.results(name));
                 out.lines.push(format!(
                     "{name}: loss {:.4}, exact match {:.2}, F1 {:.2} ({} questions)",
@@ -541,6 +569,30 @@ impl Task for QuestionAnsweringTask {
             }
         }
         Ok(out)
+    }
+
+    /// The exact splits as SQuAD-format JSONL (`question`, `context`, `answers` with `text` and
+    /// character `answer_start` lists), which `whet eval` and the reference read.
+    fn write_data(&self, dir: &Path) -> Result<()> {
+        let p = &self.p;
+        std::fs::create_dir_all(dir).map_err(|e| TrainError::io(dir, e))?;
+        for (name, split) in crate::task::splits(&p.train, p.validation.as_ref(), p.test.as_ref()) {
+            let mut text = String::new();
+            for e in &split.examples {
+                let row = serde_json::json!({
+                    "question": e.question,
+                    "context": e.context,
+                    "answers": {
+                        "text": e.answers.iter().map(|a| &a.text).collect::<Vec<_>>(),
+                        "answer_start": e.answers.iter().map(|a| a.start).collect::<Vec<_>>(),
+                    },
+                });
+                text.push_str(&row.to_string());
+                text.push('\n');
+            }
+            whet_text::write_atomic(&dir.join(format!("{name}.jsonl")), text.as_bytes())?;
+        }
+        Ok(())
     }
 
     fn save(&self, out: &Path) -> Result<()> {

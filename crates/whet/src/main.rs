@@ -328,7 +328,9 @@ enum Command {
     },
     /// Evaluate a trained classifier (a folder written by `whet train`, LoRA or full) on a
     /// labelled data file; prints and returns accuracy, F1, MCC and the confusion matrix (for a
-    /// regression model: MSE, Pearson and Spearman correlations).
+    /// regression model: MSE, Pearson and Spearman correlations). A question-answering model is
+    /// evaluated on SQuAD-format data (question, context, answers): loss, exact match and F1, as
+    /// its training run's evaluation computes them.
     Eval {
         /// The trained model folder.
         #[arg(long)]
@@ -671,6 +673,11 @@ fn run(cli: Cli) -> Result<()> {
             file,
             top_k,
         } => match task.as_str() {
+            _ if top_k == Some(0) => {
+                anyhow::bail!(
+                    "--top-k 0: give the number of labels (or answers) to print, 1 or more"
+                )
+            }
             "text-classification" => {
                 if question.is_some() || context.is_some() {
                     anyhow::bail!(

@@ -27,6 +27,17 @@ pub fn eval(
     encoding: &str,
     batch: usize,
 ) -> Result<()> {
+    if is_question_answering(model) {
+        if columns.text.is_some() || columns.text_pair.is_some() || columns.label.is_some() {
+            bail!(
+                "--text-column, --text-pair-column and --label-column are for classifiers; {} is \
+                 a question-answering model, which reads the question, context and answers \
+                 columns (SQuAD's format)",
+                model.display()
+            );
+        }
+        return eval_question_answering(model, data, encoding, batch);
+    }
     let device = crate::device()?.device;
     let t = classify::load(model, &device)?;
     let table = Table::read(data, encoding.parse().map_err(|e: String| anyhow!(e))?)?;
@@ -68,6 +79,58 @@ pub fn eval(
         "{}",
         serde_json::Value::Object(metric_map("eval", loss, &r, &t.labels))
     );
+    Ok(())
+}
+
+/// Whether a model folder holds a question-answering model: `qa.json` (whet's), a peft
+/// adapter of task type `QUESTION_ANS`, or a `*ForQuestionAnswering` config.
+fn is_question_answering(dir: &Path) -> bool {
+    let json = |name: &str| -> Option<serde_json::Value> {
+        serde_json::from_str(&std::fs::read_to_string(dir.join(name)).ok()?).ok()
+    };
+    dir.join("qa.json").is_file()
+        || json("adapter_config.json").is_some_and(|c| c["task_type"] == "QUESTION_ANS")
+        || json("config.json").is_some_and(|c| {
+            c["architectures"][0]
+                .as_str()
+                .is_some_and(|a| a.ends_with("ForQuestionAnswering"))
+        })
+}
+
+/// `whet eval` of a question-answering model on SQuAD-format data: loss, exact match and F1,
+/// windowed and scored as the training run's evaluation (run_qa.py's post-processing).
+fn eval_question_answering(model: &Path, data: &Path, encoding: &str, batch: usize) -> Result<()> {
+    let device = crate::device()?.device;
+    let t = qa::load(model, &device)?;
+    let table = Table::read(data, encoding.parse().map_err(|e: String| anyhow!(e))?)?;
+    let examples = whet_data::qa_examples(&table, &whet_data::QaColumns::default())?;
+    let windows = whet_train::question_answering::QaWindows {
+        max_length: t.max_length,
+        doc_stride: t.doc_stride,
+        max_answer_length: t.max_answer_length,
+        padding_free: t.padding_free,
+        pad_id: t.pad_id,
+    };
+    let e = whet_train::question_answering::evaluate_examples(
+        &t.model,
+        &t.tokenizer,
+        &examples,
+        windows,
+        batch,
+        &device,
+    )?;
+    println!(
+        "{} on {}\n  loss {:.4} | exact match {:.2} | F1 {:.2} | {} questions\n",
+        model.display(),
+        data.display(),
+        e.loss,
+        e.metrics["exact_match"],
+        e.metrics["f1"],
+        examples.len()
+    );
+    let mut results = e.results("eval");
+    results.insert("eval_samples".into(), examples.len().into());
+    println!("{}", serde_json::Value::Object(results));
     Ok(())
 }
 

@@ -1564,6 +1564,37 @@ fn question_answering_trains_and_answers_through_the_cli() {
         if method == "full" {
             assert!(f1 > 50.0, "{method}: F1 {f1} after training\n{text}");
         }
+        // `whet eval` on the run's own validation split (written to out/data) gives the run's
+        // evaluation: the same windows, post-processing and batches.
+        let said = ok(&[
+            "eval",
+            "--model",
+            out.to_str().unwrap(),
+            "--data",
+            out.join("data/validation.jsonl").to_str().unwrap(),
+            "--batch-size",
+            "8",
+        ]);
+        assert!(said.contains("exact match"), "{said}");
+        let again: serde_json::Value = serde_json::from_str(said.lines().last().unwrap()).unwrap();
+        assert_eq!(again["eval_samples"], 12, "{again}");
+        for key in ["eval_exact_match", "eval_f1", "eval_loss"] {
+            let (a, b) = (again[key].as_f64().unwrap(), results[key].as_f64().unwrap());
+            assert!(
+                (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+                "{method} {key}: {a} vs {b}"
+            );
+        }
+        let e = err(&[
+            "eval",
+            "--model",
+            out.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--label-column",
+            "answers",
+        ]);
+        assert!(e.contains("question-answering model"), "{e}");
         let state: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(out.join("trainer_state.json")).unwrap())
                 .unwrap();
