@@ -159,6 +159,155 @@ fn data_files(path: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+/// The split a data file belongs to, from its path below the data folder, as `datasets` names
+/// splits from file and folder names: a keyword between separators (`-`, `.`, `_`, a space,
+/// digits, `/`): train / training; validation / valid / val / dev; test / testing / eval /
+/// evaluation.
+pub fn split_of(relative: &str) -> Option<&'static str> {
+    relative
+        .to_ascii_lowercase()
+        .split(|c: char| matches!(c, '-' | '.' | '_' | ' ' | '/' | '\\') || c.is_ascii_digit())
+        .find_map(|word| match word {
+            "train" | "training" => Some("train"),
+            "validation" | "valid" | "val" | "dev" => Some("validation"),
+            "test" | "testing" | "eval" | "evaluation" => Some("test"),
+            _ => None,
+        })
+}
+
+/// The folder a data path's files are named from: the folder itself, or a glob's directories
+/// before its first pattern.
+fn data_root(local: &Path) -> PathBuf {
+    if local.is_dir() {
+        return local.to_path_buf();
+    }
+    let mut root = PathBuf::new();
+    for c in local.components() {
+        if c.as_os_str().to_string_lossy().contains(['*', '?', '[']) {
+            break;
+        }
+        root.push(c);
+    }
+    root
+}
+
+/// The files of each split among `files` (paths relative to the data root, `/`-separated), for
+/// files whose names say a split; files that say none are left out.
+fn files_by_split(local: &Path, files: &[PathBuf]) -> BTreeMap<&'static str, Vec<String>> {
+    let root = data_root(local);
+    let mut out: BTreeMap<&'static str, Vec<String>> = BTreeMap::new();
+    for f in files {
+        let rel = f.strip_prefix(&root).unwrap_or(f);
+        let rel = rel
+            .components()
+            .map(|c| c.as_os_str().to_string_lossy())
+            .collect::<Vec<_>>()
+            .join("/");
+        if let Some(split) = split_of(&rel) {
+            out.entry(split).or_default().push(rel);
+        }
+    }
+    out
+}
+
+/// For a folder (or `hf://` folder) whose files belong to several splits by their names, a
+/// path for each split's files, as `load_dataset` would take them: the file itself, or a glob
+/// (`data/train-*.parquet`, `train/*.jsonl`) that matches exactly that split's files. `None`
+/// when the path is one file, names no split, or a split's files fit no such glob.
+pub fn split_sources(path: &Path) -> Result<Option<BTreeMap<&'static str, String>>> {
+    let local = resolve(path)?;
+    if !local.is_dir() {
+        return Ok(None);
+    }
+    let files = data_files(&local)?;
+    let splits = files_by_split(&local, &files);
+    if splits.len() < 2 || !splits.contains_key("train") {
+        return Ok(None);
+    }
+    let all: Vec<String> = files
+        .iter()
+        .map(|f| {
+            f.strip_prefix(&local)
+                .unwrap_or(f)
+                .components()
+                .map(|c| c.as_os_str().to_string_lossy())
+                .collect::<Vec<_>>()
+                .join("/")
+        })
+        .collect();
+    let base = path.to_string_lossy().trim_end_matches('/').to_string();
+    let mut out = BTreeMap::new();
+    for (split, fs) in &splits {
+        let Some(glob) = split_glob(fs, &all) else {
+            return Ok(None);
+        };
+        out.insert(*split, format!("{base}/{glob}"));
+    }
+    Ok(Some(out))
+}
+
+/// A relative path or glob that matches exactly `files` among `all`: the one file; files in one
+/// folder whose names start alike up to the split's keyword (`train-*.parquet`); or every file
+/// of a folder named for the split (`train/*.jsonl`).
+fn split_glob(files: &[String], all: &[String]) -> Option<String> {
+    if let [one] = files {
+        return Some(one.clone());
+    }
+    let (dir, _) = files[0].rsplit_once('/').unwrap_or(("", &files[0]));
+    let suffix = |f: &str| {
+        let name = f.rsplit('/').next().unwrap_or(f);
+        match name.find('.') {
+            Some(i) => name[i..].to_string(),
+            None => String::new(),
+        }
+    };
+    let ext = suffix(&files[0]);
+    let prefix = |d: &str| {
+        if d.is_empty() {
+            String::new()
+        } else {
+            format!("{d}/")
+        }
+    };
+    let name = files[0].rsplit('/').next().unwrap_or(&files[0]);
+    // The name up to the end of its split keyword: "train-00000-of-00002.parquet" -> "train".
+    let lower = name.to_ascii_lowercase();
+    let keyword_end = [
+        "training",
+        "train",
+        "validation",
+        "valid",
+        "val",
+        "dev",
+        "testing",
+        "test",
+        "evaluation",
+        "eval",
+    ]
+    .iter()
+    .filter_map(|k| lower.find(k).map(|i| i + k.len()))
+    .min();
+    let mut candidates = vec![];
+    if let Some(end) = keyword_end {
+        candidates.push(format!("{}{}*{ext}", prefix(dir), &name[..end]));
+    }
+    if split_of(dir).is_some() {
+        candidates.push(format!("{}*{ext}", prefix(dir)));
+        candidates.push(format!("{}**/*{ext}", prefix(dir)));
+    }
+    let options = glob::MatchOptions {
+        case_sensitive: true,
+        require_literal_separator: true,
+        require_literal_leading_dot: false,
+    };
+    candidates.into_iter().find(|g| {
+        glob::Pattern::new(g).is_ok_and(|p| {
+            let matched: Vec<&String> = all.iter().filter(|f| p.matches_with(f, options)).collect();
+            matched.len() == files.len() && files.iter().all(|f| matched.contains(&f))
+        })
+    })
+}
+
 impl Table {
     /// Reads a `.jsonl` / `.json` (one object per line, or one JSON array of objects, as
     /// `datasets`' `json` loader reads both), `.csv` / `.tsv`, `.parquet` or `.txt` file. For
@@ -168,11 +317,45 @@ impl Table {
     /// The path may also be a folder (every data file under it) or a glob of files of one
     /// format, read in name order into one table whose columns are their union; and
     /// `hf://datasets/ORG/NAME[@REVISION]/PATH` for any of these on the Hugging Face Hub.
+    ///
+    /// Files of several splits, as `datasets` names them ([`split_of`]: `train-*.parquet` beside
+    /// `test-*.parquet`), are refused rather than read as one table: `load_dataset` keeps them
+    /// apart, and a test split read into training is a leak nobody asked for.
     pub fn read(path: &Path, encoding: Encoding) -> Result<Self> {
         let local = resolve(path)?;
         let files = data_files(&local)?;
         if files.len() == 1 && files[0] == local {
             return Self::read_file(&local, encoding);
+        }
+        let splits = files_by_split(&local, &files);
+        if splits.len() > 1 {
+            let names = |fs: &[String]| match fs {
+                [one] => one.clone(),
+                [first, ..] => format!("{first} and {} more", fs.len() - 1),
+                [] => String::new(),
+            };
+            let found: Vec<String> = splits
+                .iter()
+                .map(|(split, fs)| format!("{split}: {}", names(fs)))
+                .collect();
+            let suggested: Vec<String> = split_sources(path)?
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(split, source)| format!("{split} = \"{source}\""))
+                .collect();
+            return Err(DataError::Format {
+                path: path.to_path_buf(),
+                message: format!(
+                    "holds the files of several splits, as datasets names them ({}); whet reads \
+                     a folder or glob as one table, so name each split's files{}",
+                    found.join("; "),
+                    if suggested.is_empty() {
+                        " with its own glob".to_string()
+                    } else {
+                        format!(": {} (`whet init` writes these)", suggested.join(", "))
+                    }
+                ),
+            });
         }
         let mut table = Table {
             path: path.to_path_buf(),

@@ -1,6 +1,6 @@
 //! Reading, label mapping, splitting and batching, with the errors bad input gets.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use whet_data::*;
 
@@ -811,4 +811,78 @@ fn gzip_compressed_data_files_read_as_their_format() {
     std::fs::write(&bz, b"BZh").unwrap();
     let e = Table::read(&bz, Encoding::Utf8).unwrap_err().to_string();
     assert!(e.contains("t.csv.bz2") && e.contains(".bz2 archive"), "{e}");
+}
+
+/// A folder of split files, as `datasets` names splits (`data/train-00000-of-00002.parquet`,
+/// `test/...`): each split's files get a path that matches exactly them, and reading the folder
+/// as one table is refused, naming the splits and those paths.
+#[test]
+fn a_folder_of_split_files_is_its_splits_not_one_table() {
+    use whet_data::table::{split_of, split_sources};
+    assert_eq!(split_of("data/train-00000-of-00002.parquet"), Some("train"));
+    assert_eq!(split_of("dev.jsonl"), Some("validation"));
+    assert_eq!(split_of("test/part_0.csv"), Some("test"));
+    assert_eq!(
+        split_of("contest.jsonl"),
+        None,
+        "a keyword inside a word is none"
+    );
+    assert_eq!(split_of("trainset.jsonl"), None);
+    let dir = tempfile::tempdir().unwrap();
+    let row = b"{\"text\": \"a\", \"label\": \"x\"}\n";
+    for f in [
+        "data/train-00000-of-00002.jsonl",
+        "data/train-00001-of-00002.jsonl",
+        "data/validation-00000-of-00001.jsonl",
+        "data/test-00000-of-00001.jsonl",
+    ] {
+        let p = dir.path().join(f);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, row).unwrap();
+    }
+    let root = dir.path().display().to_string();
+    let sources = split_sources(dir.path()).unwrap().unwrap();
+    assert_eq!(sources["train"], format!("{root}/data/train*.jsonl"));
+    assert_eq!(
+        sources["test"],
+        format!("{root}/data/test-00000-of-00001.jsonl")
+    );
+    let train = Table::read(Path::new(&sources["train"]), Encoding::Utf8).unwrap();
+    assert_eq!(train.rows.len(), 2);
+    let e = Table::read(dir.path(), Encoding::Utf8)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("several splits")
+            && e.contains("train: data/train-00000-of-00002.jsonl and 1 more")
+            && e.contains(&format!("train = \"{root}/data/train*.jsonl\"")),
+        "{e}"
+    );
+    // Splits as folders.
+    let dir = tempfile::tempdir().unwrap();
+    for f in [
+        "train/a.jsonl",
+        "train/b.jsonl",
+        "test/c.jsonl",
+        "README.md",
+    ] {
+        let p = dir.path().join(f);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, row).unwrap();
+    }
+    let sources = split_sources(dir.path()).unwrap().unwrap();
+    assert_eq!(
+        sources["train"],
+        format!("{}/train/*.jsonl", dir.path().display())
+    );
+    // A folder whose names say no split, or one split, reads as one table.
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["a.jsonl", "b.jsonl"] {
+        std::fs::write(dir.path().join(f), row).unwrap();
+    }
+    assert!(split_sources(dir.path()).unwrap().is_none());
+    assert_eq!(
+        Table::read(dir.path(), Encoding::Utf8).unwrap().rows.len(),
+        2
+    );
 }

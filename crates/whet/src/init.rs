@@ -55,7 +55,15 @@ pub fn infer(
     let checkpoint = Checkpoint::from_pretrained(model, spec.revision, spec.gguf_file)
         .with_context(|| format!("--model {}: cannot open it as a model", model.display()))?;
     let decoder = matches!(checkpoint.family(), Family::Gpt2 | Family::Llama);
-    let table = Table::read(data, Encoding::Utf8)
+    // A folder of split files (data/train-*.parquet beside data/test-*.parquet) is its splits,
+    // as load_dataset takes it: the columns come from the training files.
+    let splits = whet_data::table::split_sources(data)
+        .with_context(|| format!("--data {}: cannot read it as a dataset", data.display()))?;
+    let train_source = match splits.as_ref().and_then(|s| s.get("train")) {
+        Some(t) => PathBuf::from(t),
+        None => data.clone(),
+    };
+    let table = Table::read(&train_source, Encoding::Utf8)
         .with_context(|| format!("--data {}: cannot read it as a dataset", data.display()))?;
     if table.rows.is_empty() {
         bail!("--data {}: the file has no rows", data.display());
@@ -204,7 +212,18 @@ pub fn infer(
     recipe.insert("task".into(), task.into());
     recipe.insert("method".into(), method.into());
     let mut d = toml::Table::new();
-    d.insert("train".into(), data.display().to_string().into());
+    d.insert("train".into(), train_source.display().to_string().into());
+    for (split, source) in splits.iter().flatten() {
+        if *split != "train" {
+            d.insert(split.to_string(), source.clone().into());
+            lines.push(format!("{split}: {source} (the folder's {split} files)"));
+        }
+    }
+    // The folder's own validation files replace the seeded tenth.
+    let d_has_validation = splits
+        .as_ref()
+        .is_some_and(|s| s.contains_key("validation"));
+    let validation = if d_has_validation { 0 } else { validation };
     for (k, v) in data_keys {
         d.insert(k, v);
     }
@@ -229,7 +248,12 @@ pub fn infer(
     t.insert("learning_rate".into(), lr.into());
     t.insert(
         "eval_strategy".into(),
-        if validation >= 1 { "epoch" } else { "no" }.into(),
+        if validation >= 1 || d_has_validation {
+            "epoch"
+        } else {
+            "no"
+        }
+        .into(),
     );
     t.insert("logging_steps".into(), 10.into());
     recipe.insert("training".into(), toml::Value::Table(t));

@@ -2662,6 +2662,32 @@ fn a_recipe_is_inferred_from_the_model_and_the_data() {
     let text = std::fs::read_to_string(dir.path().join("alpaca.toml")).unwrap();
     assert!(text.contains("template = \"alpaca\""), "{text}");
 
+    // A folder of split files, as a dataset repository lays them out, is its splits: the
+    // recipe names each split's files and takes no seeded validation split.
+    let folder = dir.path().join("repo");
+    std::fs::create_dir_all(folder.join("data")).unwrap();
+    let rows = std::fs::read_to_string(&train).unwrap();
+    for f in [
+        "train-00000-of-00002",
+        "train-00001-of-00002",
+        "validation-00000-of-00001",
+    ] {
+        std::fs::write(folder.join(format!("data/{f}.jsonl")), &rows).unwrap();
+    }
+    let said = init(
+        &model,
+        folder.to_str().unwrap(),
+        &dir.path().join("repo.toml"),
+    );
+    assert!(said.contains("the folder's validation files"), "{said}");
+    let text = std::fs::read_to_string(dir.path().join("repo.toml")).unwrap();
+    assert!(
+        text.contains("data/train*.jsonl\"")
+            && text.contains("data/validation-00000-of-00001.jsonl\"")
+            && !text.contains("[data.split]"),
+        "{text}"
+    );
+
     // Bad input, named.
     let odd = lines(&["{\"a\": 1}".to_string()]);
     let e = err(&[
