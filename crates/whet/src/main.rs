@@ -381,7 +381,9 @@ enum Command {
         /// --text, in order; the pipeline's {"text", "text_pair"}).
         #[arg(long)]
         text_pair: Vec<String>,
-        /// A file with one text per line.
+        /// A file with one text per line (.txt, or no extension), or a data file (.jsonl, .json,
+        /// .csv, .tsv, .parquet): one prediction per row, of the text (and pair) columns the
+        /// model was trained on ("text" for a model that does not say).
         #[arg(long)]
         file: Option<PathBuf>,
         /// Print the K most likely labels per text (or the K best answers) instead of the best

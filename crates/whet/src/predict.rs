@@ -139,7 +139,7 @@ fn eval_question_answering(model: &Path, data: &Path, encoding: &str, batch: usi
 pub fn predict(
     model: &Path,
     mut texts: Vec<String>,
-    pairs: Vec<String>,
+    mut pairs: Vec<String>,
     file: Option<PathBuf>,
     top_k: Option<usize>,
 ) -> Result<()> {
@@ -156,21 +156,54 @@ pub fn predict(
             }
         );
     }
-    if let Some(f) = file {
-        let content =
-            std::fs::read_to_string(&f).with_context(|| format!("cannot read {}", f.display()))?;
-        texts.extend(
-            content
-                .lines()
-                .filter(|l| !l.trim().is_empty())
-                .map(String::from),
-        );
+    let device = crate::device()?.device;
+    let t = classify::load(model, &device)?;
+    match file {
+        // A data file (JSONL, JSON, CSV, Parquet, ...): the columns the model was trained on.
+        Some(f) if is_table(&f) => {
+            if !texts.is_empty() {
+                bail!(
+                    "--file {} is a data file: give it or --text, not both",
+                    f.display()
+                );
+            }
+            let table = Table::read(&f, Default::default())?;
+            let trained = t.columns.clone();
+            let text = trained.as_ref().map_or("text", |c| c.text.as_str());
+            let pair = trained.as_ref().and_then(|c| c.text_pair.as_deref());
+            let columns: Vec<&str> = [Some(text), pair].into_iter().flatten().collect();
+            table.require(&columns)?;
+            for (line, row) in &table.rows {
+                let cell = |c: &str| match row.get(c) {
+                    Some(serde_json::Value::String(s)) => Ok(s.clone()),
+                    Some(serde_json::Value::Number(n)) => Ok(n.to_string()),
+                    other => Err(anyhow!(
+                        "{}: column {c:?}: expected text, got {}",
+                        table.origin(*line),
+                        other.unwrap_or(&serde_json::Value::Null)
+                    )),
+                };
+                texts.push(cell(text)?);
+                if let Some(p) = pair {
+                    pairs.push(cell(p)?);
+                }
+            }
+        }
+        Some(f) => {
+            let content = std::fs::read_to_string(&f)
+                .with_context(|| format!("cannot read {}", f.display()))?;
+            texts.extend(
+                content
+                    .lines()
+                    .filter(|l| !l.trim().is_empty())
+                    .map(String::from),
+            );
+        }
+        None => {}
     }
     if texts.is_empty() {
         bail!("nothing to classify: give --text or --file");
     }
-    let device = crate::device()?.device;
-    let t = classify::load(model, &device)?;
     let probs = t.predict_pairs(&texts, (!pairs.is_empty()).then_some(&pairs[..]), &device)?;
     for pr in probs {
         let mut order: Vec<usize> = (0..pr.len()).collect();
@@ -191,6 +224,13 @@ pub fn predict(
         }
     }
     Ok(())
+}
+
+/// Whether `--file` is a data file read as a table (by its extension; `.txt` and files without
+/// one are a text a line).
+fn is_table(f: &Path) -> bool {
+    let name = f.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    whet_data::table::is_data_file(name) && !name.ends_with(".txt") && !name.ends_with(".text")
 }
 
 /// `whet predict --task question-answering`: JSON lines `{"score", "start", "end", "answer"}`

@@ -944,6 +944,35 @@ load_best_model_at_end = true
         paired["score"], p["score"],
         "the second text changes the score"
     );
+    // A data file: one prediction a row, of the trained pair columns; the first row's is the
+    // one --text / --text-pair give for it.
+    let said = ok(&[
+        "predict",
+        "--model",
+        out.to_str().unwrap(),
+        "--file",
+        data.to_str().unwrap(),
+    ]);
+    let rows: Vec<serde_json::Value> = said
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 72);
+    let first = ok(&[
+        "predict",
+        "--model",
+        out.to_str().unwrap(),
+        "--text",
+        &format!("{} 0", POS[0]),
+        "--text-pair",
+        POS[0],
+    ]);
+    let first: serde_json::Value = serde_json::from_str(first.trim()).unwrap();
+    let (a, b) = (
+        rows[0]["score"].as_f64().unwrap(),
+        first["score"].as_f64().unwrap(),
+    );
+    assert!((a - b).abs() < 1e-5, "{a} vs {b}");
     let e = err(&[
         "predict",
         "--model",
