@@ -96,9 +96,85 @@ fn answers(value: &Value) -> std::result::Result<Vec<Answer>, String> {
     }
 }
 
+/// SQuAD's own JSON, v1.1 and v2.0 (`{"data": [{"title", "paragraphs": [{"context", "qas":
+/// [{"id", "question", "answers": [{"text", "answer_start"}], "is_impossible"}]}]}]}`), as rows
+/// of the flat format (`id`, `title`, `context`, `question`, `answers` with `text` and
+/// `answer_start` lists), as the `squad` dataset's loading script flattens it; each row keeps
+/// its article's line. `None` for a table that is not of that shape.
+pub fn flatten_squad(table: &Table) -> Result<Option<Table>> {
+    let has = |c: &str| table.columns.iter().any(|k| k == c);
+    if !has("paragraphs") || has("question") {
+        return Ok(None);
+    }
+    let bad = |line: usize, message: String| DataError::Value {
+        path: table.locate(line).0,
+        line: table.locate(line).1,
+        column: "paragraphs".into(),
+        message,
+    };
+    let mut rows = vec![];
+    for (line, article) in &table.rows {
+        let title = article.get("title").cloned().unwrap_or(Value::Null);
+        let paragraphs = match article.get("paragraphs") {
+            Some(Value::Array(p)) => p,
+            other => {
+                let got = other.unwrap_or(&Value::Null);
+                return Err(bad(
+                    *line,
+                    format!("expected a list of paragraphs, got {got}"),
+                ));
+            }
+        };
+        for (k, paragraph) in paragraphs.iter().enumerate() {
+            let (Some(context), Some(Value::Array(qas))) =
+                (paragraph["context"].as_str(), paragraph.get("qas"))
+            else {
+                return Err(bad(
+                    *line,
+                    format!("paragraph {} has no context or no qas list", k + 1),
+                ));
+            };
+            for qa in qas {
+                let Some(question) = qa["question"].as_str() else {
+                    return Err(bad(
+                        *line,
+                        format!("a question of paragraph {} has no text", k + 1),
+                    ));
+                };
+                // v2.0's unanswerable questions have no answers (their plausible_answers are
+                // not answers).
+                let answers = qa["answers"].as_array().cloned().unwrap_or_default();
+                let row = BTreeMap::from([
+                    ("id".to_string(), qa["id"].clone()),
+                    ("title".to_string(), title.clone()),
+                    ("context".to_string(), Value::String(context.to_string())),
+                    ("question".to_string(), Value::String(question.to_string())),
+                    (
+                        "answers".to_string(),
+                        serde_json::json!({
+                            "text": answers.iter().map(|a| a["text"].clone()).collect::<Vec<_>>(),
+                            "answer_start": answers
+                                .iter()
+                                .map(|a| a["answer_start"].clone())
+                                .collect::<Vec<_>>(),
+                        }),
+                    ),
+                ]);
+                rows.push((*line, row));
+            }
+        }
+    }
+    let columns = ["id", "title", "context", "question", "answers"]
+        .map(String::from)
+        .to_vec();
+    Ok(Some(table.with_rows(columns, rows)))
+}
+
 /// Reads question-answering examples, checking that every answer is where its
-/// `answer_start` says.
+/// `answer_start` says. SQuAD's own nested JSON is flattened first ([`flatten_squad`]).
 pub fn qa_examples(table: &Table, cols: &QaColumns) -> Result<Vec<QaExample>> {
+    let flat = flatten_squad(table)?;
+    let table = flat.as_ref().unwrap_or(table);
     for c in [&cols.question, &cols.context, &cols.answers] {
         if !table.columns.iter().any(|k| k == c) {
             return Err(DataError::MissingColumn {

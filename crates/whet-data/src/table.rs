@@ -387,6 +387,22 @@ impl Table {
         Ok(table)
     }
 
+    /// The same source with other rows, each keeping the line it came from (a flattened or
+    /// reshaped reading of the same files).
+    pub fn with_rows(
+        &self,
+        columns: Vec<String>,
+        rows: Vec<(usize, BTreeMap<String, Value>)>,
+    ) -> Table {
+        Table {
+            path: self.path.clone(),
+            columns,
+            rows,
+            class_names: BTreeMap::new(),
+            parts: self.parts.clone(),
+        }
+    }
+
     /// The file a row's line is in, and its line there.
     pub fn locate(&self, line: usize) -> (PathBuf, usize) {
         match self.parts.iter().rev().find(|(offset, _)| *offset < line) {
@@ -515,40 +531,44 @@ fn read_text(path: &Path, bytes: &[u8], encoding: Encoding) -> Result<Table> {
 }
 
 /// JSON rows as `datasets`' `json` loader takes them: JSON Lines, or one JSON array of objects
-/// (`alpaca_data.json`). A file that is one JSON object holding the rows under a field (SQuAD's
-/// `data`) is refused, naming its fields, where `datasets` asks for `field=`.
+/// (`alpaca_data.json`); also one object holding its rows as an array under `data`, the layout
+/// of the Hugging Face examples' JSON files (run_qa.py's `field="data"`, SQuAD's own files).
+/// Another object is refused, naming its fields, where `datasets` asks for `field=`.
 fn read_json(path: &Path, bytes: &[u8]) -> Result<Table> {
     // A byte-order mark (files saved by Windows editors) is not part of the JSON.
     let body = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
     let first = body.iter().find(|b| !b.is_ascii_whitespace());
     if first == Some(&b'[') {
-        return read_json_array(path, body);
+        let items: Vec<Value> = serde_json::from_slice(body).map_err(|e| DataError::Json {
+            path: path.to_path_buf(),
+            line: e.line(),
+            message: e.to_string(),
+        })?;
+        return json_rows(path, items, element_lines(body, None));
     }
-    read_jsonl(path, body).map_err(|e| {
-        let Ok(Value::Object(fields)) = serde_json::from_slice::<Value>(body) else {
-            return e;
+    read_jsonl(path, body).or_else(|e| {
+        let Ok(Value::Object(mut fields)) = serde_json::from_slice::<Value>(body) else {
+            return Err(e);
         };
-        DataError::Format {
+        if let Some(Value::Array(items)) = fields.remove("data") {
+            return json_rows(path, items, element_lines(body, Some("data")));
+        }
+        Err(DataError::Format {
             path: path.to_path_buf(),
             message: format!(
                 "the file is one JSON object (fields: {}), not rows: whet reads JSON Lines (an \
-                 object a line) or a JSON array of objects; write the rows out, e.g. \
-                 `jq -c '.FIELD[]' FILE > rows.jsonl`",
+                 object a line), a JSON array of objects, or an object holding them under \
+                 \"data\"; write the rows out, e.g. `jq -c '.FIELD[]' FILE > rows.jsonl`",
                 fields.keys().cloned().collect::<Vec<_>>().join(", ")
             ),
-        }
+        })
     })
 }
 
-/// A JSON array of row objects. A row's "line" is the line its object starts on, or, where
-/// several start on one line (a compact array), its 1-based place in the array.
-fn read_json_array(path: &Path, body: &[u8]) -> Result<Table> {
-    let items: Vec<Value> = serde_json::from_slice(body).map_err(|e| DataError::Json {
-        path: path.to_path_buf(),
-        line: e.line(),
-        message: e.to_string(),
-    })?;
-    let starts = element_lines(body);
+/// Rows from a JSON array's elements, each an object. A row's "line" is the line its object
+/// starts on (`starts`), or, where several start on one line (a compact array), its 1-based
+/// place in the array.
+fn json_rows(path: &Path, items: Vec<Value>, starts: Vec<usize>) -> Result<Table> {
     let distinct = starts.len() == items.len() && starts.windows(2).all(|w| w[0] < w[1]);
     let mut rows = Vec::with_capacity(items.len());
     for (i, item) in items.into_iter().enumerate() {
@@ -586,13 +606,18 @@ fn object_table(path: &Path, objects: Vec<(usize, serde_json::Map<String, Value>
     }
 }
 
-/// The 1-based line each element of a top-level JSON array starts on. serde_json keeps no
-/// positions in a parsed value, so this scans the text (strings and nesting) once.
-fn element_lines(body: &[u8]) -> Vec<usize> {
+/// The 1-based line each element of a JSON array starts on: the top-level array, or (`field`)
+/// the array under that key of the top-level object. serde_json keeps no positions in a parsed
+/// value, so this scans the text (strings and nesting) once, up to the array's end.
+fn element_lines(body: &[u8], field: Option<&str>) -> Vec<usize> {
     let (mut line, mut depth) = (1, 0usize);
     let (mut in_string, mut escaped, mut expecting) = (false, false, false);
+    // The depth inside the array whose elements are counted, once it has opened.
+    let mut target: Option<usize> = None;
+    // The top-level object's key being read, and whether its value has begun.
+    let (mut string_start, mut key, mut after_colon) = (0, None::<&[u8]>, false);
     let mut starts = vec![];
-    for &b in body {
+    for (i, &b) in body.iter().enumerate() {
         if b == b'\n' {
             line += 1;
         }
@@ -600,7 +625,12 @@ fn element_lines(body: &[u8]) -> Vec<usize> {
             match (escaped, b) {
                 (true, _) => escaped = false,
                 (false, b'\\') => escaped = true,
-                (false, b'"') => in_string = false,
+                (false, b'"') => {
+                    in_string = false;
+                    if depth == 1 && !after_colon {
+                        key = Some(&body[string_start..i]);
+                    }
+                }
                 _ => {}
             }
             continue;
@@ -608,18 +638,34 @@ fn element_lines(body: &[u8]) -> Vec<usize> {
         if b.is_ascii_whitespace() {
             continue;
         }
-        if depth == 1 && expecting && b != b']' {
+        if target == Some(depth) && expecting && b != b']' {
             starts.push(line);
             expecting = false;
         }
         match b {
-            b'"' => in_string = true,
-            b'[' | b'{' => {
-                depth += 1;
-                expecting = depth == 1;
+            b'"' => {
+                in_string = true;
+                string_start = i + 1;
             }
+            b'[' | b'{' => {
+                let opens = target.is_none()
+                    && b == b'['
+                    && match field {
+                        None => depth == 0,
+                        Some(f) => depth == 1 && after_colon && key == Some(f.as_bytes()),
+                    };
+                depth += 1;
+                if opens {
+                    target = Some(depth);
+                    expecting = true;
+                }
+            }
+            // The counted array closes: nothing after it matters.
+            b']' if target == Some(depth) => break,
             b']' | b'}' => depth = depth.saturating_sub(1),
-            b',' if depth == 1 => expecting = true,
+            b',' if target == Some(depth) => expecting = true,
+            b',' if depth == 1 => (key, after_colon) = (None, false),
+            b':' if depth == 1 => after_colon = true,
             _ => {}
         }
     }

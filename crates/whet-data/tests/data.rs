@@ -594,16 +594,23 @@ fn a_json_array_of_rows_reads_as_json_lines_do() {
     let e = Table::read(&broken, Encoding::Utf8).unwrap_err();
     assert!(matches!(&e, DataError::Json { line: 3, .. }), "{e}");
 
+    // Rows under "data" (run_qa.py's field="data"), each at the line it starts on.
     let nested = write(
         &dir,
         "squad.json",
-        b"{\n  \"version\": \"1.1\",\n  \"data\": [{\"title\": \"x\"}]\n}\n",
+        b"{\n  \"version\": \"1.1\",\n  \"notes\": [\"a\", \"b\"],\n  \"data\": [\n    {\"title\": \"x\"},\n\n    {\"title\": \"y [z]\"}\n  ]\n}\n",
     );
-    let e = Table::read(&nested, Encoding::Utf8)
-        .unwrap_err()
-        .to_string();
+    let t = Table::read(&nested, Encoding::Utf8).unwrap();
+    assert_eq!(t.columns, vec!["title"]);
+    assert_eq!(t.rows.iter().map(|r| r.0).collect::<Vec<_>>(), vec![5, 7]);
+    let other = write(
+        &dir,
+        "other.json",
+        b"{\n  \"version\": \"1.1\",\n  \"rows\": [{\"title\": \"x\"}]\n}\n",
+    );
+    let e = Table::read(&other, Encoding::Utf8).unwrap_err().to_string();
     assert!(
-        e.contains("squad.json") && e.contains("fields: data, version"),
+        e.contains("other.json") && e.contains("fields: rows, version"),
         "{e}"
     );
     // One object on one line is a JSON Lines file of one row, as datasets reads it.

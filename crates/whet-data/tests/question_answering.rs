@@ -113,3 +113,61 @@ fn a_misplaced_answer_is_named_by_file_and_line() {
     .to_string();
     assert!(e.contains("\"answer\"") && e.contains("answers"), "{e}");
 }
+
+/// SQuAD's own JSON (v2.0: an unanswerable question among them) reads as the flat rows the
+/// `squad` dataset gives: one example a question, the paragraph's context, every gold answer,
+/// none for an unanswerable one, each named by its article's line.
+#[test]
+fn squad_json_files_flatten_into_examples() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dev-v2.0.json");
+    let squad = serde_json::json!({
+        "version": "v2.0",
+        "data": [
+            {"title": "Ines", "paragraphs": [
+                {"context": "Ines was born in Quito in 1977.", "qas": [
+                    {"id": "a1", "question": "Where was Ines born?", "answers": [
+                        {"text": "Quito", "answer_start": 17},
+                        {"text": "in Quito", "answer_start": 14}]},
+                    {"id": "a2", "question": "Where does Ines live?", "answers": [],
+                     "plausible_answers": [{"text": "Quito", "answer_start": 17}],
+                     "is_impossible": true}]},
+                {"context": "She works as a chemist.", "qas": [
+                    {"id": "a3", "question": "What is her job?", "answers": [
+                        {"text": "a chemist", "answer_start": 13}]}]}]},
+            {"title": "Rio", "paragraphs": [
+                {"context": "Rio is a river.", "qas": [
+                    {"id": "b1", "question": "What is Rio?", "answers": [
+                        {"text": "a river", "answer_start": 7}]}]}]}
+        ]
+    });
+    std::fs::write(&path, serde_json::to_string_pretty(&squad).unwrap()).unwrap();
+    let t = Table::read(&path, Encoding::Utf8).unwrap();
+    let ex = qa_examples(&t, &QaColumns::default()).unwrap();
+    assert_eq!(ex.len(), 4);
+    assert_eq!(ex[0].question, "Where was Ines born?");
+    assert_eq!(ex[0].answers.len(), 2);
+    assert_eq!(ex[0].answers[1].text, "in Quito");
+    assert!(ex[1].answers.is_empty(), "unanswerable");
+    assert_eq!(ex[2].context, "She works as a chemist.");
+    assert_eq!(ex[3].answers[0].start, 7);
+    // Each example names the line its article starts on.
+    let text = std::fs::read_to_string(&path).unwrap();
+    let rio = text.lines().position(|l| l.contains("\"Rio\"")).unwrap();
+    let line: usize = ex[3].origin.rsplit(':').next().unwrap().parse().unwrap();
+    assert!(
+        line < rio + 1 && line > 1,
+        "{} (Rio's title on line {})",
+        ex[3].origin,
+        rio + 1
+    );
+    // An answer that is not where it says is named with its article's line.
+    let mut wrong = squad.clone();
+    wrong["data"][1]["paragraphs"][0]["qas"][0]["answers"][0]["answer_start"] = 3.into();
+    std::fs::write(&path, serde_json::to_string_pretty(&wrong).unwrap()).unwrap();
+    let t = Table::read(&path, Encoding::Utf8).unwrap();
+    let e = qa_examples(&t, &QaColumns::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("dev-v2.0.json") && e.contains("a river"), "{e}");
+}

@@ -78,6 +78,13 @@ pub fn infer(
     } else if has("question") && has("context") && has("answers") {
         lines.push("columns question / context / answers: extractive question answering".into());
         "question-answering"
+    } else if has("paragraphs") && !decoder {
+        lines.push(
+            "column paragraphs: SQuAD's own JSON (contexts with their questions and answers), \
+             extractive question answering"
+                .into(),
+        );
+        "question-answering"
     } else if has("messages") {
         lines.push("column messages: conversations, rendered with the chat template".into());
         data_keys.push(("messages_column".into(), "messages".into()));
