@@ -46,6 +46,16 @@ if ! "$VENV/bin/pip" install --disable-pip-version-check --no-cache-dir --no-dep
     die "pip install failed (cannot reach PyPI? check network/proxy); full log: $log"
 fi
 rm -f "$log"
+# seqeval (run_ner.py's entity metrics, for scripts/fixtures/make_metrics_fixture.py) ships as a
+# source archive only: pure Python, built in place with the venv's setuptools, checked by hash.
+sdist="$(mktemp -d)"
+"$VENV/bin/pip" download --disable-pip-version-check --no-deps --no-binary :all: \
+    seqeval==1.2.2 -d "$sdist" >/dev/null 2>&1 || die "cannot download seqeval 1.2.2"
+echo "f28e97c3ab96d6fcd32b648f6438ff2e09cfba87f05939da9b3970713ec56e6f  $sdist/seqeval-1.2.2.tar.gz" \
+    | sha256sum -c --quiet || die "seqeval 1.2.2's archive does not match its hash"
+"$VENV/bin/pip" install --disable-pip-version-check --no-deps --no-build-isolation \
+    "$sdist/seqeval-1.2.2.tar.gz" >/dev/null 2>&1 || die "cannot install seqeval 1.2.2"
+rm -rf "$sdist"
 
 "$VENV/bin/python" - <<'PY' || die "smoke test of the reference env failed"
 import torch, transformers, peft, gguf, safetensors, numpy, tokenizers

@@ -208,7 +208,7 @@ impl Labels {
     }
 
     /// The id of a label value: an integer id or a name.
-    fn id(&self, table: &Table, line: usize, column: &str, v: Option<&Value>) -> Result<usize> {
+    pub fn id(&self, table: &Table, line: usize, column: &str, v: Option<&Value>) -> Result<usize> {
         let unknown = |label: String| DataError::UnknownLabel {
             path: table.locate(line).0,
             line: table.locate(line).1,

@@ -8,6 +8,7 @@ pub mod leakage;
 pub mod preference;
 pub mod question_answering;
 pub mod table;
+pub mod token_classification;
 
 pub use causal_lm::{
     IGNORE, Limit, LmExample, Template, TooLong, chat, chat_completion, group_texts, pack,
@@ -21,3 +22,7 @@ pub use error::{DataError, Result};
 pub use preference::{PreferencePair, read_pairs};
 pub use question_answering::{Answer, QaColumns, QaExample, QaFeature, qa_examples, qa_features};
 pub use table::{Encoding, Table};
+pub use token_classification::{
+    IGNORE_TAG, TokenBatch, TokenColumns, TokenEncoded, TokenExample, collate_tokens,
+    token_examples, tokenize_words,
+};

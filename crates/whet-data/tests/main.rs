@@ -6,3 +6,4 @@ mod causal_lm;
 mod data;
 mod fuzz;
 mod question_answering;
+mod token_classification;

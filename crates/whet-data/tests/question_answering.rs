@@ -7,11 +7,11 @@ use std::path::PathBuf;
 use whet_data::*;
 use whet_text::TextTokenizer;
 
-fn root() -> PathBuf {
+pub(crate) fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-fn minilm() -> TextTokenizer {
+pub(crate) fn minilm() -> TextTokenizer {
     let cache = std::env::var_os("WHET_CACHE")
         .map(PathBuf::from)
         .unwrap_or_else(|| root().join("cache"));

@@ -296,6 +296,91 @@ fn ranks(v: &[f64]) -> Vec<f64> {
     out
 }
 
+/// Entity-level scores of tagged sentences, as `seqeval` (`evaluate.load("seqeval")`, which
+/// `run_ner.py` reports) computes its `overall_*` numbers.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EntityReport {
+    /// Predicted entities that are true (type and span), over the predicted ones.
+    pub precision: f64,
+    /// True entities found, over the true ones.
+    pub recall: f64,
+    pub f1: f64,
+    /// Tags right, over all tags.
+    pub accuracy: f64,
+    /// True entities.
+    pub entities: usize,
+}
+
+/// The entities of a tag sequence as `(type, first, last)` token spans, as seqeval's default
+/// (lenient) `get_entities` reads IOB1, IOB2 and IOBES tags: `B-PER I-PER` is one entity, an
+/// `I-` after `O` or after another type starts one, `E-` and `S-` end one.
+pub fn entities(tags: &[&str]) -> Vec<(String, usize, usize)> {
+    let split = |t: &str| -> (char, String) {
+        let tag = t.chars().next().unwrap_or('O');
+        let rest: String = t.chars().skip(1).collect();
+        let kind = rest.split_once('-').map_or(rest.as_str(), |(_, k)| k);
+        (
+            tag,
+            if kind.is_empty() {
+                "_".into()
+            } else {
+                kind.to_string()
+            },
+        )
+    };
+    let end_of_chunk = |prev: char, tag: char, prev_type: &str, kind: &str| {
+        matches!(prev, 'E' | 'S')
+            || (matches!(prev, 'B' | 'I') && matches!(tag, 'B' | 'S' | 'O'))
+            || (prev != 'O' && prev != '.' && prev_type != kind)
+    };
+    let start_of_chunk = |prev: char, tag: char, prev_type: &str, kind: &str| {
+        matches!(tag, 'B' | 'S')
+            || (matches!(prev, 'E' | 'S' | 'O') && matches!(tag, 'E' | 'I'))
+            || (tag != 'O' && tag != '.' && prev_type != kind)
+    };
+    let (mut prev, mut prev_type, mut begin) = ('O', String::new(), 0);
+    let mut chunks = vec![];
+    for (i, t) in tags.iter().copied().chain(["O"]).enumerate() {
+        let (tag, kind) = split(t);
+        if end_of_chunk(prev, tag, &prev_type, &kind) {
+            chunks.push((prev_type.clone(), begin, i - 1));
+        }
+        if start_of_chunk(prev, tag, &prev_type, &kind) {
+            begin = i;
+        }
+        (prev, prev_type) = (tag, kind);
+    }
+    chunks
+}
+
+/// seqeval's overall precision, recall, F1 (micro over entities; 0 where a count is 0) and
+/// token accuracy, of predicted against true tag sequences (one per sentence).
+///
+/// # Panics
+/// If the sequences differ in number or length.
+pub fn entity_report(truth: &[Vec<&str>], predicted: &[Vec<&str>]) -> EntityReport {
+    assert_eq!(truth.len(), predicted.len(), "one prediction per sentence");
+    let (mut n_true, mut n_pred, mut hit, mut right, mut tags) = (0, 0, 0, 0, 0);
+    for (t, p) in truth.iter().zip(predicted) {
+        assert_eq!(t.len(), p.len(), "one predicted tag per tag");
+        let (te, pe) = (entities(t), entities(p));
+        n_true += te.len();
+        n_pred += pe.len();
+        hit += pe.iter().filter(|e| te.contains(e)).count();
+        right += t.iter().zip(p).filter(|(a, b)| a == b).count();
+        tags += t.len();
+    }
+    let precision = ratio(hit as f64, n_pred as f64);
+    let recall = ratio(hit as f64, n_true as f64);
+    EntityReport {
+        precision,
+        recall,
+        f1: f1(precision, recall),
+        accuracy: ratio(right as f64, tags as f64),
+        entities: n_true,
+    }
+}
+
 /// Perplexity of a mean token cross-entropy (natural log).
 pub fn perplexity(mean_loss: f64) -> f64 {
     mean_loss.exp()
@@ -486,6 +571,36 @@ mod tests {
         }
         let flat: Vec<usize> = r.confusion.iter().flatten().copied().collect();
         assert_eq!(flat, ints(want, "confusion"));
+    }
+
+    #[test]
+    fn entity_report_equals_seqeval() {
+        for name in ["entity_iob2", "entity_lenient", "entity_none"] {
+            let case = sklearn_case(name);
+            let sentences = |key: &str| -> Vec<Vec<&str>> {
+                case[key]
+                    .split(|v| v == "|")
+                    .map(|s| s.iter().map(String::as_str).collect())
+                    .collect()
+            };
+            let (truth, pred) = (sentences("true"), sentences("pred"));
+            let r = entity_report(&truth, &pred);
+            for (got, key) in [
+                (r.precision, "precision"),
+                (r.recall, "recall"),
+                (r.f1, "f1"),
+                (r.accuracy, "accuracy"),
+            ] {
+                let want = floats(&case, key)[0];
+                assert!((got - want).abs() < 1e-12, "{name}.{key}: {got} vs {want}");
+            }
+            let chunks: Vec<String> = truth
+                .iter()
+                .flat_map(|s| entities(s))
+                .map(|(t, a, b)| format!("{t}:{a}:{b}"))
+                .collect();
+            assert_eq!(chunks, case["entities"], "{name}");
+        }
     }
 
     #[test]

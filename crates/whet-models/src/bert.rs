@@ -731,6 +731,63 @@ impl VisitParams for BertForQuestionAnswering {
     }
 }
 
+/// `BertForTokenClassification`: a label's logits for every token (named entities, parts of
+/// speech), from the encoder without its pooler.
+#[derive(Module, Debug)]
+pub struct BertForTokenClassification {
+    pub bert: BertModel,
+    pub classifier: Linear,
+    pub dropout: f64,
+    #[module(skip)]
+    prefix: &'static str,
+}
+
+impl BertForTokenClassification {
+    /// Loads the encoder and the token head (initialised when absent, as `transformers` does:
+    /// N(0, initializer_range), zero bias; its names returned).
+    pub fn load(vb: &Weights, c: &BertConfig) -> Result<(Self, Vec<String>)> {
+        let prefix = base_prefix(vb);
+        let mut bert = BertModel::load(&vb.pp(prefix), c)?;
+        // `*ForTokenClassification` builds its encoder without the pooler.
+        bert.pooler = None;
+        let (classifier, fresh) = crate::load_or_init_linear(
+            &vb.pp("classifier"),
+            c.hidden_size,
+            c.head.num_labels(),
+            c.initializer_range,
+        )?;
+        Ok((
+            Self {
+                bert,
+                classifier,
+                dropout: c.classifier_dropout.unwrap_or(c.hidden_dropout_prob),
+                prefix: task_prefix(prefix, c),
+            },
+            fresh,
+        ))
+    }
+
+    /// A soft prompt's positions are dropped, so the logits index the input tokens.
+    ///
+    /// # Shapes
+    /// - logits `[B, T, num_labels]`
+    pub fn forward(&self, input: EncoderInput, mode: Mode) -> Tensor<3> {
+        let x = self.bert.forward(input, mode).last_hidden_state;
+        let p = self.bert.virtual_positions();
+        let [b, n, _] = x.dims();
+        let x = x.slice([0..b, p..n]);
+        self.classifier
+            .forward(dropout(x, self.dropout, mode), mode)
+    }
+}
+
+impl VisitParams for BertForTokenClassification {
+    fn visit_params(&mut self, p: &str, v: &mut dyn Visitor) {
+        self.bert.visit_params(&join(p, self.prefix), v);
+        self.classifier.visit_params(&join(p, "classifier"), v);
+    }
+}
+
 /// Device-free helper for tests and callers: the ids of `[B, T]` as a tensor.
 pub fn ids_tensor(ids: Vec<i64>, b: usize, t: usize, device: &Device) -> Tensor<2, Int> {
     Tensor::from_data(burn::tensor::TensorData::new(ids, [b, t]), device)

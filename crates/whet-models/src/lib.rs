@@ -219,6 +219,8 @@ pub enum Head {
     SequenceClassification,
     /// `*ForQuestionAnswering`.
     QuestionAnswering,
+    /// `*ForTokenClassification`.
+    TokenClassification,
 }
 
 /// The transformers class of `model_type` with `head`, as `architectures` names it.
@@ -246,6 +248,7 @@ pub fn architecture(model_type: &str, head: Head) -> String {
         (_, Head::CausalLm) => format!("{base}ForCausalLM"),
         (_, Head::SequenceClassification) => format!("{base}ForSequenceClassification"),
         (_, Head::QuestionAnswering) => format!("{base}ForQuestionAnswering"),
+        (_, Head::TokenClassification) => format!("{base}ForTokenClassification"),
     }
 }
 
@@ -530,6 +533,25 @@ impl Checkpoint {
         }
     }
 
+    /// Loads the encoder with a token-classification head sized to the labels
+    /// ([`Checkpoint::set_labels`]); a head the checkpoint lacks is initialised and named in the
+    /// second value. BERT (WordPiece) only: other families are refused by name.
+    pub fn load_token_classifier(&self, device: &Device) -> Result<(TokenClassifier, Vec<String>)> {
+        let vb = self.weights(device);
+        match &self.config {
+            FamilyConfig::Bert(c) if self.model_type() == "bert" => {
+                let (m, f) = bert::BertForTokenClassification::load(&vb, c)?;
+                Ok((TokenClassifier::Bert(m), f))
+            }
+            _ => Err(ModelError::Input(format!(
+                "token classification is implemented for bert (WordPiece words split as \
+                 datasets gives them); {} is {}",
+                self.path.display(),
+                self.model_type()
+            ))),
+        }
+    }
+
     /// Writes the checkpoint's `config.json` with `BertForQuestionAnswering` as architecture.
     pub fn write_question_answering_config(&self, out: &Path) -> Result<()> {
         let mut json: serde_json::Value = config::read_json(&self.path.join("config.json"))?;
@@ -625,6 +647,12 @@ impl Checkpoint {
     /// Writes the checkpoint's `config.json` with `id2label` / `label2id` for `labels` and the
     /// architecture set to the family's sequence-classification class, to `out`.
     pub fn write_classifier_config(&self, labels: &[String], out: &Path) -> Result<()> {
+        self.write_labelled_config(labels, Head::SequenceClassification, out)
+    }
+
+    /// As [`Checkpoint::write_classifier_config`], for a labelled `head` (sequence or token
+    /// classification).
+    pub fn write_labelled_config(&self, labels: &[String], head: Head, out: &Path) -> Result<()> {
         let mut json: serde_json::Value = match self.format {
             Format::Folder => config::read_json(&self.path.join("config.json"))?,
             Format::Gguf => match &self.config {
@@ -634,7 +662,7 @@ impl Checkpoint {
                 _ => serde_json::json!({}),
             },
         };
-        let class = architecture(self.model_type(), Head::SequenceClassification);
+        let class = architecture(self.model_type(), head);
         if let serde_json::Value::Object(map) = &mut json {
             map.retain(|_, v| !v.is_null());
             map.insert("architectures".into(), serde_json::json!([class]));
@@ -891,6 +919,30 @@ impl VisitParams for Classifier {
             Classifier::Deberta(m) => m.visit_params(prefix, v),
             Classifier::Gpt2(m) => m.visit_params(prefix, v),
             Classifier::Llama(m) => m.visit_params(prefix, v),
+        }
+    }
+}
+
+/// An encoder with a token-classification head.
+#[derive(burn::module::Module, Debug)]
+pub enum TokenClassifier {
+    Bert(bert::BertForTokenClassification),
+}
+
+impl TokenClassifier {
+    /// # Shapes
+    /// - logits `[B, T, num_labels]`
+    pub fn forward(&self, input: bert::EncoderInput, mode: Mode) -> Tensor<3> {
+        match self {
+            TokenClassifier::Bert(m) => m.forward(input, mode),
+        }
+    }
+}
+
+impl VisitParams for TokenClassifier {
+    fn visit_params(&mut self, prefix: &str, v: &mut dyn Visitor) {
+        match self {
+            TokenClassifier::Bert(m) => m.visit_params(prefix, v),
         }
     }
 }

@@ -19,6 +19,7 @@ pub mod reward;
 pub mod scaler;
 pub mod schedule;
 pub mod task;
+pub mod token_classification;
 pub mod trainer;
 
 pub use args::{Strategy, TrainingArguments};
@@ -39,6 +40,9 @@ pub fn open(run: Run) -> Result<Box<dyn Task>> {
         TaskKind::SequenceClassification
         | TaskKind::MultiLabelClassification
         | TaskKind::Regression => Box::new(crate::classification::ClassificationTask::open(run)?),
+        TaskKind::TokenClassification => Box::new(
+            crate::token_classification::TokenClassificationTask::open(run)?,
+        ),
         TaskKind::CausalLm => Box::new(crate::causal_lm::CausalLmTask::open(run)?),
         TaskKind::QuestionAnswering => {
             Box::new(crate::question_answering::QuestionAnsweringTask::open(run)?)

@@ -26,6 +26,10 @@ pub enum TaskKind {
     /// `sequence-classification` becomes this when its labels are real numbers, as
     /// `run_glue.py` decides from a float label column.
     Regression,
+    /// A tag per word (named entities, parts of speech), as `run_ner.py` trains
+    /// `AutoModelForTokenClassification`: a list of words and a list of tags a row (`tokens` /
+    /// `ner_tags`), seqeval's entity metrics. BERT (WordPiece) models.
+    TokenClassification,
     /// Next-token prediction (`AutoModelForCausalLM`): plain text, prompt templates or chat
     /// conversations; the loss is taken on the part to learn only.
     CausalLm,

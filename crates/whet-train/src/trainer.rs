@@ -111,7 +111,7 @@ impl From<f64> for Reading {
 }
 
 /// Reads `readings` with one transfer for all the device ones.
-pub(crate) fn read_all(readings: Vec<Reading>) -> Vec<f64> {
+pub fn read_all(readings: Vec<Reading>) -> Vec<f64> {
     let on_device: Vec<Tensor<1>> = readings
         .iter()
         .filter_map(|r| match r {

@@ -410,3 +410,117 @@ fn long_lora_trajectory() {
         "losses drift apart: worst relative difference {worst}"
     );
 }
+
+/// Token classification (`BertForTokenClassification`, tiny-bert's classifier as the token
+/// head): three AdamW steps with accumulation over uneven micro-batches, tags of -100 left out
+/// and each step's loss divided by its tagged tokens (the Trainer's `num_items_in_batch`), give
+/// PyTorch's per-step loss and gradient norm and its final weights.
+#[test]
+fn token_classification_matches_pytorch_step_for_step() {
+    use whet_data::{IGNORE_TAG, TokenBatch};
+    use whet_train::token_classification::TokenClassification;
+    let bytes = std::fs::read(fixtures().join("train/bert-token-adamw.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let device = Device::flex().autodiff();
+    let dir = tiny_bert_no_dropout();
+    let mut checkpoint = Checkpoint::open(dir.path()).unwrap();
+    let tags: Vec<String> = (0..3).map(|i| format!("LABEL_{i}")).collect();
+    checkpoint.set_labels(&tags);
+    let (mut model, fresh) = checkpoint.load_token_classifier(&device).unwrap();
+    assert!(
+        fresh.is_empty(),
+        "tiny-bert's classifier is the token head: {fresh:?}"
+    );
+    let initial: Snapshot = model
+        .named_params()
+        .into_iter()
+        .map(|p| (p.name.clone(), p.to_checkpoint_values().1))
+        .collect();
+    let batch = |k: usize| {
+        let (ids, shape) = i64s(&st, &format!("mb{k}_input_ids"));
+        let (mask, _) = i64s(&st, &format!("mb{k}_attention_mask"));
+        let (labels, _) = i64s(&st, &format!("mb{k}_labels"));
+        TokenBatch {
+            tokens: mask.iter().filter(|&&m| m == 1).count(),
+            tagged: labels.iter().filter(|&&t| t != IGNORE_TAG).count(),
+            token_type_ids: vec![0; ids.len()],
+            input_ids: ids,
+            attention_mask: mask,
+            tags: labels,
+            batch: shape[0],
+            len: shape[1],
+        }
+    };
+    let objective = TokenClassification {
+        pad_id: 0,
+        tags,
+        padding_free: true,
+    };
+    let mut opt = Optimizer::new(OptimConfig {
+        kind: OptimizerKind::Adamw,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+    });
+    let (want_loss, want_norm) = (f32s(&st, "step_loss"), f32s(&st, "grad_norm"));
+    for step in 0..3 {
+        let lr = 1e-3 * lr_factor(Schedule::Linear, step, 1, 3);
+        let batches = [batch(2 * step), batch(2 * step + 1)];
+        let (loss, norm) = whet_train::trainer::step_objective(
+            &objective,
+            &mut model,
+            &mut opt,
+            &batches,
+            lr,
+            1.0,
+            step + 1,
+            &device,
+        )
+        .unwrap();
+        let v = whet_train::trainer::read_all(vec![loss, norm]);
+        assert!(
+            (v[0] as f32 - want_loss[step]).abs() <= 1e-4 * want_loss[step],
+            "step {step}: loss {} vs {}",
+            v[0],
+            want_loss[step]
+        );
+        assert!(
+            (v[1] as f32 - want_norm[step]).abs() <= 1e-4 * want_norm[step],
+            "step {step}: grad norm {} vs {}",
+            v[1],
+            want_norm[step]
+        );
+    }
+    // What training changed in every tensor, against the reference's change (the key bias has
+    // an exactly zero gradient: float noise on both sides, see full_fine_tuning_matches).
+    let mut moved = 0;
+    for p in model.named_params() {
+        if p.name.ends_with("attention.self.key.bias") {
+            continue;
+        }
+        let now = p.to_checkpoint_values().1;
+        let was = &initial.iter().find(|(n, _)| *n == p.name).unwrap().1;
+        let want = f32s(&st, &format!("param.{}", p.name));
+        let scale = want
+            .iter()
+            .zip(was)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        let d = now
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        // 5e-3 of the change over the run: Adam's m / sqrt(v) turns an element's near-zero
+        // gradient (float noise apart on the two sides) into a step of up to lr, and the final
+        // weights carry two such steps (the losses and norms above agree to 1e-4).
+        assert!(
+            d <= 5e-3 * scale.max(1e-6),
+            "{}: off by {d:e} of a change of {scale:e}",
+            p.name
+        );
+        moved += (scale > 0.0) as usize;
+    }
+    assert!(moved > 30, "{moved} tensors moved");
+}
