@@ -78,6 +78,20 @@ pub fn infer(
     } else if has("question") && has("context") && has("answers") {
         lines.push("columns question / context / answers: extractive question answering".into());
         "question-answering"
+    } else if let (true, Some(tags)) = (
+        has("tokens"),
+        table
+            .columns
+            .iter()
+            .find(|c| c.ends_with("_tags") || *c == "tags"),
+    ) {
+        // run_ner.py's layout: tokens, and ner_tags (or pos_tags, chunk_tags, ...).
+        lines.push(format!(
+            "columns tokens / {tags}: a tag a word, token classification"
+        ));
+        data_keys.push(("text_column".into(), "tokens".into()));
+        data_keys.push(("label_column".into(), tags.clone().into()));
+        "token-classification"
     } else if has("paragraphs") && !decoder {
         lines.push(
             "column paragraphs: SQuAD's own JSON (contexts with their questions and answers), \
@@ -159,8 +173,8 @@ pub fn infer(
              (classification; a pair such as sentence1 + sentence2 + label; a label of real \
              numbers: regression), chosen + rejected (preferences), messages or prompt + \
              completion (SFT), instruction + output with a decoder (Alpaca), question + context \
-             + answers (QA), or text alone with a decoder; name it with --task and the columns \
-             with `whet init` and an edit",
+             + answers (QA), tokens + ner_tags (token classification), or text alone with a \
+             decoder; name it with --task and the columns with `whet init` and an edit",
             data.display(),
             table.columns.join(", ")
         ));

@@ -46,7 +46,10 @@ closest valid key, never ignored):
   gguf_file      the GGUF file inside the model's repo or folder
   task           sequence-classification (default) | multi-label-classification | regression
                  (one number a text, MSE loss, problem_type \"regression\"; sequence-classification
-                 becomes it when the labels are real numbers, as run_glue.py decides) | causal-lm |
+                 becomes it when the labels are real numbers, as run_glue.py decides) |
+                 token-classification (BERT: a tag a word, as run_ner.py; text_column / label_column
+                 default to tokens / ner_tags; seqeval's entity precision, recall, F1 and token
+                 accuracy) | causal-lm |
                  question-answering (BERT family) | reward-model (a one-output classifier on
                  preference pairs: columns prompt / chosen / rejected, or chosen / rejected with
                  the prompt inside, or a BIG-bench task.json; trl's pairwise loss; held-out
@@ -168,7 +171,8 @@ closest valid key, never ignored):
     lr_scheduler_type (linear | cosine | constant | constant_with_warmup), warmup_steps (0),
     warmup_ratio (0), eval_strategy (no | steps | epoch), eval_steps, save_strategy (steps), save_steps (500), save_total_limit,
     load_best_model_at_end (false), metric_for_best_model (loss | accuracy | f1 | precision |
-    recall | matthews_correlation; regression: loss | mse | pearson | spearmanr; causal-lm:
+    recall | matthews_correlation; regression: loss | mse | pearson | spearmanr;
+    token-classification: loss | precision | recall | f1 | accuracy; causal-lm:
     loss | perplexity; question-answering: loss | exact_match | f1), greater_is_better, early_stopping_patience,
     logging_steps (500): a log every N steps (one JSON line on stderr when stderr is not a
     terminal, as Trainer prints it; the progress bar otherwise), seed (42),
@@ -283,8 +287,8 @@ enum Command {
     /// pair such as sentence1 + sentence2 or premise + hypothesis; lists of labels:
     /// multi-label; real-numbered labels: regression; chosen + rejected: DPO for a decoder, a
     /// reward model for an encoder; messages or prompt + completion: SFT; instruction + output
-    /// with a decoder: the Alpaca template; question + context + answers: QA; text alone with a
-    /// decoder: causal LM), method LoRA, a seeded tenth of the rows for
+    /// with a decoder: the Alpaca template; question + context + answers: QA; tokens + ner_tags:
+    /// token classification; text alone with a decoder: causal LM), method LoRA, a seeded tenth of the rows for
     /// validation, transformers' defaults otherwise. `whet train --model M --data F` trains
     /// with the same recipe.
     Init {

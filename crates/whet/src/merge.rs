@@ -154,8 +154,35 @@ pub fn merge(base: Option<&Path>, adapter: &Path, out: &Path) -> Result<()> {
             }
             folded
         }
+        "TOKEN_CLS" => {
+            // The tags live in the run's labels.json (the adapter's head is sized to them).
+            let path = adapter.join("labels.json");
+            let meta: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(&path)
+                    .with_context(|| format!("cannot read {}", path.display()))?,
+            )
+            .with_context(|| format!("{}: malformed JSON", path.display()))?;
+            let tags: Vec<String> = serde_json::from_value(meta["labels"].clone())
+                .with_context(|| format!("{}: no tag list", path.display()))?;
+            let mut ckpt = Checkpoint::open(&base)?;
+            ckpt.set_labels(&tags);
+            let (mut model, _) = ckpt.load_token_classifier(&device)?;
+            whet_peft::load_adapter(&mut model, adapter, &device)
+                .with_context(|| format!("cannot apply the adapter {}", adapter.display()))?;
+            let folded = fold(&mut model, &config);
+            ckpt.write_labelled_config(&tags, whet_models::Head::TokenClassification, out)?;
+            whet_train::output::save_weights(&model, out)?;
+            let tok = match whet_models::TextTokenizer::from_folder(adapter) {
+                Ok(t) => t,
+                Err(_) => ckpt.tokenizer()?,
+            };
+            ckpt.write_tokenizer_files(&tok, out)?;
+            std::fs::copy(adapter.join("labels.json"), out.join("labels.json"))?;
+            folded
+        }
         other => bail!(
-            "{}: task_type {other:?} cannot be merged here (CAUSAL_LM, SEQ_CLS, QUESTION_ANS can)",
+            "{}: task_type {other:?} cannot be merged here (CAUSAL_LM, SEQ_CLS, QUESTION_ANS, \
+             TOKEN_CLS can)",
             adapter.display()
         ),
     };

@@ -27,6 +27,7 @@ pub fn eval(
     encoding: &str,
     batch: usize,
 ) -> Result<()> {
+    refuse_token_classifier(model)?;
     if is_question_answering(model) {
         if columns.text.is_some() || columns.text_pair.is_some() || columns.label.is_some() {
             bail!(
@@ -82,19 +83,38 @@ pub fn eval(
     Ok(())
 }
 
-/// Whether a model folder holds a question-answering model: `qa.json` (whet's), a peft
-/// adapter of task type `QUESTION_ANS`, or a `*ForQuestionAnswering` config.
-fn is_question_answering(dir: &Path) -> bool {
+/// Whether a model folder holds a model with the head a peft `task_type` or a
+/// `*For{class}` config names.
+fn has_head(dir: &Path, task_type: &str, class: &str) -> bool {
     let json = |name: &str| -> Option<serde_json::Value> {
         serde_json::from_str(&std::fs::read_to_string(dir.join(name)).ok()?).ok()
     };
-    dir.join("qa.json").is_file()
-        || json("adapter_config.json").is_some_and(|c| c["task_type"] == "QUESTION_ANS")
+    json("adapter_config.json").is_some_and(|c| c["task_type"] == task_type)
         || json("config.json").is_some_and(|c| {
             c["architectures"][0]
                 .as_str()
-                .is_some_and(|a| a.ends_with("ForQuestionAnswering"))
+                .is_some_and(|a| a.ends_with(class))
         })
+}
+
+/// Whether a model folder holds a question-answering model: `qa.json` (whet's), a peft
+/// adapter of task type `QUESTION_ANS`, or a `*ForQuestionAnswering` config.
+fn is_question_answering(dir: &Path) -> bool {
+    dir.join("qa.json").is_file() || has_head(dir, "QUESTION_ANS", "ForQuestionAnswering")
+}
+
+/// A token classifier is not read by `whet eval` and `whet predict` yet: said by name rather
+/// than failing as a classifier without its pooler.
+fn refuse_token_classifier(dir: &Path) -> Result<()> {
+    if has_head(dir, "TOKEN_CLS", "ForTokenClassification") {
+        bail!(
+            "{} is a token-classification model: whet eval and whet predict do not read it yet \
+             (its run's all_results.json holds the evaluation; transformers' \
+             pipeline(\"token-classification\") loads the folder)",
+            dir.display()
+        );
+    }
+    Ok(())
 }
 
 /// `whet eval` of a question-answering model on SQuAD-format data: loss, exact match and F1,
@@ -156,6 +176,7 @@ pub fn predict(
             }
         );
     }
+    refuse_token_classifier(model)?;
     let device = crate::device()?.device;
     let t = classify::load(model, &device)?;
     match file {

@@ -1011,6 +1011,138 @@ load_best_model_at_end = true
     );
 }
 
+/// Token classification on words and tags (run_ner.py's layout): the task trains and
+/// evaluates (seqeval's entity scores), writes a `BertForTokenClassification` folder with the
+/// tags as id2label (or a `TOKEN_CLS` adapter) and its exact splits; a decoder is refused by
+/// name.
+#[test]
+fn token_classification_trains_a_tagger_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let (names, cities) = (
+        ["Anna", "Peter", "Ines", "Omar", "Lena", "Paul"],
+        ["Paris", "Quito", "Oslo", "Lima", "Rome", "Cairo"],
+    );
+    let mut rows = String::new();
+    for (i, n) in names.iter().enumerate() {
+        for (j, c) in cities.iter().enumerate() {
+            let (words, tags) = if (i + j) % 2 == 0 {
+                (
+                    vec![*n, "lives", "in", *c, "."],
+                    vec!["B-PER", "O", "O", "B-LOC", "O"],
+                )
+            } else {
+                (
+                    vec!["In", *c, "we", "met", *n],
+                    vec!["O", "B-LOC", "O", "O", "B-PER"],
+                )
+            };
+            rows += &format!(
+                "{}\n",
+                serde_json::json!({"tokens": words, "ner_tags": tags})
+            );
+        }
+    }
+    let data = dir.path().join("ner.jsonl");
+    std::fs::write(&data, rows).unwrap();
+    for method in ["full", "lora"] {
+        let out = dir.path().join(method);
+        let r = dir.path().join(format!("{method}.toml"));
+        std::fs::write(
+            &r,
+            format!(
+                "model = \"{}\"\ntask = \"token-classification\"\nmethod = \"{method}\"\n\
+                 [data]\ntrain = \"{}\"\nmax_length = 16\nsplit = {{ validation = 8 }}\n\
+                 leakage = \"off\"\n[training]\noutput_dir = \"{}\"\nlearning_rate = {}\n\
+                 per_device_train_batch_size = 8\nnum_train_epochs = 3\n\
+                 eval_strategy = \"epoch\"\nmetric_for_best_model = \"f1\"\n",
+                minilm().display(),
+                data.display(),
+                out.display(),
+                if method == "full" { "1e-4" } else { "2e-3" }
+            ),
+        )
+        .unwrap();
+        let text = ok(&["train", r.to_str().unwrap()]);
+        assert!(
+            text.contains("token classification, 3 tags: B-LOC, B-PER, O")
+                && text.contains("entity precision")
+                && text.contains("(word/true/predicted)"),
+            "{text}"
+        );
+        let results: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("all_results.json")).unwrap())
+                .unwrap();
+        for key in ["eval_f1", "eval_precision", "eval_recall", "eval_accuracy"] {
+            let v = results[key].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&v), "{key} {v}");
+        }
+        let state: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("trainer_state.json")).unwrap())
+                .unwrap();
+        let evals: Vec<f64> = state["log_history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|e| e["eval_loss"].as_f64())
+            .collect();
+        assert!(
+            evals.len() == 3 && evals[2] < evals[0],
+            "{method}: {evals:?}"
+        );
+        let rows = std::fs::read_to_string(out.join("data/validation.jsonl")).unwrap();
+        assert_eq!(rows.lines().count(), 8);
+        if method == "full" {
+            let cfg: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap())
+                    .unwrap();
+            assert_eq!(cfg["architectures"][0], "BertForTokenClassification");
+            assert_eq!(
+                cfg["id2label"],
+                serde_json::json!({"0": "B-LOC", "1": "B-PER", "2": "O"})
+            );
+        } else {
+            let cfg: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(out.join("adapter_config.json")).unwrap(),
+            )
+            .unwrap();
+            assert_eq!(cfg["task_type"], "TOKEN_CLS");
+            // Merged, it is a transformers folder with the tags.
+            let merged = dir.path().join("merged");
+            ok(&[
+                "merge",
+                "--adapter",
+                out.to_str().unwrap(),
+                merged.to_str().unwrap(),
+            ]);
+            let cfg: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(merged.join("config.json")).unwrap())
+                    .unwrap();
+            assert_eq!(cfg["architectures"][0], "BertForTokenClassification");
+            assert_eq!(cfg["id2label"]["2"], "O");
+            assert!(merged.join("model.safetensors").is_file());
+        }
+    }
+    let e = err(&[
+        "predict",
+        "--model",
+        dir.path().join("full").to_str().unwrap(),
+        "--text",
+        "Anna lives in Oslo",
+    ]);
+    assert!(e.contains("is a token-classification model"), "{e}");
+    let decoder = tiny_decoder("tiny-llama", dir.path());
+    let e = err(&[
+        "train",
+        dir.path().join("full.toml").to_str().unwrap(),
+        "--set",
+        &format!("model=\"{}\"", decoder.display()),
+    ]);
+    assert!(
+        e.contains("token classification is implemented for bert") && e.contains("llama"),
+        "{e}"
+    );
+}
+
 /// Multi-label training (`task = "multi-label-classification"`, lists of label names) writes a
 /// `transformers` config with `problem_type`, scores with sigmoids and reports subset accuracy.
 #[test]
@@ -2690,6 +2822,16 @@ fn a_recipe_is_inferred_from_the_model_and_the_data() {
     );
     let text = std::fs::read_to_string(dir.path().join("alpaca.toml")).unwrap();
     assert!(text.contains("template = \"alpaca\""), "{text}");
+
+    // run_ner.py's layout: words and their tags.
+    let ner: Vec<String> = (0..10)
+        .map(|i| format!("{{\"tokens\": [\"a{i}\", \"b\"], \"ner_tags\": [1, 0]}}"))
+        .collect();
+    let said = init(&model, &lines(&ner), &dir.path().join("ner.toml"));
+    assert!(
+        said.contains("task token-classification") && said.contains("tokens / ner_tags"),
+        "{said}"
+    );
 
     // A folder of split files, as a dataset repository lays them out, is its splits: the
     // recipe names each split's files and takes no seeded validation split.
