@@ -11,6 +11,9 @@
 #   PROFILE=1: the last round records whet's side of every row with `perf record` (199 Hz,
 #   user space), and benchmarks/profiles/ROW.txt gets its hottest symbols.
 #   RESUME=1: keeps runs/bench-all/results.jsonl and runs only the (row, round) pairs it lacks.
+#   ONLY=REGEX: only the rows whose name matches (e.g. ONLY='bf16|generation').
+#   TABLE=NAME: writes between the `bench_all-NAME` markers instead (one table per machine
+#   kind; the markers are added at the end of the "Every row" section when missing).
 #
 # Rows, each a committed side-by-side script (see its header for the settings):
 #   minilm-lora   scripts/bench/bench_train.sh lora      the README's main job, 1 epoch
@@ -55,6 +58,7 @@ fi
 for round in $(seq 1 "$ROUNDS"); do
     for row in "${rows[@]}"; do
         IFS='|' read -r name cmd dir key <<<"$row"
+        [[ -z ${ONLY:-} || $name =~ $ONLY ]] || continue
         slug=${name// /-}
         if grep -q "\"row\": \"$name\", \"round\": $round," $OUT/results.jsonl; then
             echo "round $round: $name (done before)" >&2
@@ -87,10 +91,10 @@ PY
     done
 done
 
-python3 - "$OUT/results.jsonl" "$ROUNDS" "$THREADS" "$SFT_STEPS" "$DPO_STEPS" <<'PY'
+python3 - "$OUT/results.jsonl" "$ROUNDS" "$THREADS" "$SFT_STEPS" "$DPO_STEPS" "${TABLE:-}" "${ONLY:-}" <<'PY'
 import json, statistics, sys, datetime, re
 rows = [json.loads(l) for l in open(sys.argv[1])]
-rounds, threads, sft, dpo = sys.argv[2:6]
+rounds, threads, sft, dpo, table_name, only = sys.argv[2:8]
 flags = set()
 for line in open("/proc/cpuinfo"):
     if line.startswith("flags"):
@@ -100,8 +104,8 @@ model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.sta
 shown = [f for f in ["avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"] if f in flags]
 out = [f"Measured {datetime.date.today()} by `scripts/bench/bench_all.sh {rounds} {threads}` "
        f"(SFT rows {sft} steps, DPO {dpo} steps) on: {model}, {threads} threads, flags "
-       f"{' '.join(shown)}. Median of {rounds} alternating rounds; the ratio is whet / reference "
-       "per round (median, and min-max).", "",
+       f"{' '.join(shown)}{f', rows matching {only!r}' if only else ''}. Median of {rounds} "
+       "alternating rounds; the ratio is whet / reference per round (median, and min-max).", "",
        "| row | metric | whet | reference | ratio | ratio min-max | peak RSS whet / ref (MB) |",
        "|---|---|---:|---:|---:|---:|---:|"]
 for name in dict.fromkeys(r["row"] for r in rows):
@@ -119,7 +123,10 @@ table = "\n".join(out)
 print(table)
 path = "BENCHMARKS.md"
 text = open(path).read()
-begin, end = "<!-- bench_all:begin -->", "<!-- bench_all:end -->"
+tag = f"bench_all-{table_name}" if table_name else "bench_all"
+begin, end = f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->"
+if table_name and begin not in text and "<!-- bench_all:end -->" in text:
+    text = text.replace("<!-- bench_all:end -->", f"<!-- bench_all:end -->\n\n{begin}\n{end}", 1)
 if begin in text and end in text:
     text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: f"{begin}\n{table}\n{end}", text, flags=re.S)
     open(path, "w").write(text)

@@ -585,6 +585,12 @@ pub fn train<T: TrainStep>(
         );
         compute = None;
     }
+    if compute == Some(burn::tensor::FloatDType::BF16)
+        && whet_models::device::is_flex(device)
+        && whet_models::kernels::bf16::amx_ready()
+    {
+        observer.note("bf16 = true: the matrix products run on this CPU's AMX tiles");
+    }
     if let Some(dt) = compute
         && !device.supports_dtype(dt)
     {

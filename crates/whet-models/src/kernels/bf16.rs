@@ -11,13 +11,21 @@
 //! registers while it walks `k` in blocks of [`KC`] pairs that stay in the L1 and L2 caches.
 //!
 //! Every CPU with AMX-BF16 (Sapphire Rapids and later) also has AVX512-BF16, so
-//! [`available`] covers both; AMX tiles themselves are not used.
+//! [`available`] covers both. Where the CPU has AMX and Linux grants the process its tile
+//! state, the product runs on the tiles instead (`tdpbf16ps`: a 16 × 16 f32 tile of `C`
+//! gains 16 × 16 × 32 multiply-adds per instruction), which is what oneDNN runs for PyTorch on
+//! those CPUs; `WHET_AMX=off` keeps the AVX512-BF16 kernel (to compare the two). The operands
+//! are packed into tiles the same way, with `k` padded to whole tiles of zero pairs.
 //!
-//! The arithmetic is exactly the instruction's, and [`emulate`] reproduces it bit for bit on
-//! any CPU (the test's reference): each operand rounded to the nearest bf16 (ties to even), and
+//! The AVX512-BF16 kernel's arithmetic is exactly the instruction's, and [`emulate`] reproduces
+//! it bit for bit on any CPU (the test's reference): each operand rounded to the nearest bf16 (ties to even), and
 //! per pair of `k` the odd product added to the sum, then the even one, each addition rounded
 //! to f32 (the products of two bf16 are exact in f32). The instruction also treats subnormal
-//! bf16 inputs as zero, which [`emulate`] does too.
+//! bf16 inputs as zero, which [`emulate`] does too. The AMX instruction multiplies the same
+//! bf16 operands (subnormals as zero too) and accumulates in f32, but rounds its sums in an
+//! order of its own that no simple model reproduces bit for bit (measured on a Xeon with AMX:
+//! about 85% of the elements equal [`emulate`]'s, the rest one f32 rounding away), so its test
+//! holds it to [`emulate`] within f32 accumulation error instead.
 
 use rayon::prelude::*;
 
@@ -103,7 +111,82 @@ pub(crate) fn gemm_in_one_thread(
     gemm_with(m, n, k, a, b, dst, false);
 }
 
+/// The code that computes a [`gemm`]: the best this CPU has ([`Kernel::best`]), or a named
+/// one (the tests compare them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kernel {
+    /// [`emulate`]: scalar code, on any CPU.
+    Emulated,
+    /// The AVX512-BF16 dot-product instruction on vector registers.
+    Avx512Bf16,
+    /// AMX tiles (`tdpbf16ps`).
+    Amx,
+}
+
+impl Kernel {
+    /// AMX where the CPU has it and the OS grants it (and `WHET_AMX` is not `off`), else
+    /// AVX512-BF16 where the CPU has that, else the emulation.
+    pub(crate) fn best() -> Self {
+        if amx_ready() {
+            Kernel::Amx
+        } else if available() {
+            Kernel::Avx512Bf16
+        } else {
+            Kernel::Emulated
+        }
+    }
+}
+
+/// Whether [`gemm`] runs on AMX tiles: the CPU has AMX-TILE and AMX-BF16 (CPUID leaf 7), Linux
+/// grants this process the tile data state (`arch_prctl(ARCH_REQ_XCOMP_PERM)`, asked once: a
+/// process must ask before its threads may touch the tiles), and `WHET_AMX` is not `off`.
+pub fn amx_ready() -> bool {
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    {
+        static READY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *READY.get_or_init(|| {
+            if std::env::var("WHET_AMX").is_ok_and(|v| v == "off") || !available() {
+                return false;
+            }
+            let leaf = std::arch::x86_64::__cpuid_count(7, 0);
+            let (amx_bf16, amx_tile) = ((leaf.edx >> 22) & 1 == 1, (leaf.edx >> 24) & 1 == 1);
+            // Linux's arch_prctl codes (arch/x86/include/uapi/asm/prctl.h, xstate.h).
+            const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+            const XFEATURE_XTILEDATA: libc::c_long = 18;
+            // SAFETY: the request only changes which register state the kernel lets this
+            // process use; it reads and writes no memory of ours.
+            amx_bf16
+                && amx_tile
+                && unsafe {
+                    libc::syscall(
+                        libc::SYS_arch_prctl,
+                        ARCH_REQ_XCOMP_PERM,
+                        XFEATURE_XTILEDATA,
+                    )
+                } == 0
+        })
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+    false
+}
+
 fn gemm_with(m: usize, n: usize, k: usize, a: Strided, b: Strided, dst: &mut [f32], threads: bool) {
+    gemm_by(Kernel::best(), m, n, k, a, b, dst, threads);
+}
+
+/// [`gemm`] by the named kernel, which the CPU must have (the tests check [`Kernel::best`]
+/// first).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_by(
+    kernel: Kernel,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Strided,
+    b: Strided,
+    dst: &mut [f32],
+    threads: bool,
+) {
     assert!(
         dst.len() >= m * n,
         "bf16 gemm: output of {} < {m}×{n}",
@@ -112,12 +195,13 @@ fn gemm_with(m: usize, n: usize, k: usize, a: Strided, b: Strided, dst: &mut [f3
     if m == 0 || n == 0 {
         return;
     }
-    #[cfg(target_arch = "x86_64")]
-    if available() {
-        simd::gemm(m, n, k, a, b, dst, threads);
-        return;
+    match kernel {
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        Kernel::Amx => simd::amx::gemm(m, n, k, a, b, dst, threads),
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx512Bf16 => simd::gemm(m, n, k, a, b, dst, threads),
+        _ => emulate(m, n, k, a, b, dst),
     }
-    emulate(m, n, k, a, b, dst);
 }
 
 /// [`gemm`]'s arithmetic in scalar code: the reference its vector kernel is tested against,
@@ -382,11 +466,11 @@ mod simd {
         ks: usize,
         lines: usize,
         k: usize,
-        width: usize,
+        shape: Groups,
         pairs: std::ops::Range<usize>,
         out: *mut u32,
     ) {
-        let kp = k.div_ceil(2);
+        let width = shape.width;
         let values = x.values.as_ptr();
         // Element 2i of the result is bf16 i of `lo`, element 2i + 1 bf16 i of `hi` (which
         // the conversion put at 16 + i).
@@ -397,7 +481,7 @@ mod simd {
         for p in pairs {
             let lo_row = x.offset + 2 * p * ks;
             for g0 in (0..lines).step_by(width) {
-                let group = out.wrapping_add(g0 * kp + p * width);
+                let group = out.wrapping_add(g0 * shape.pairs + p * width);
                 let len = width.min(lines - g0);
                 for l0 in (0..len).step_by(16) {
                     let mask = lanes(len - l0);
@@ -466,8 +550,44 @@ mod simd {
         width: usize,
         parallel: bool,
     ) -> Vec<u32> {
+        let shape = Groups {
+            width,
+            pairs: k.div_ceil(2),
+            count: lines.div_ceil(width),
+        };
+        pack_into(x, lines_are_rows, lines, k, shape, parallel)
+    }
+
+    /// How [`pack_into`] lays out a packed operand: `count` groups of `width` lines, each
+    /// `[pairs][width]` u32 (`pairs` ≥ the operand's pairs of `k`, `count · width` ≥ its lines;
+    /// zeros beyond).
+    #[derive(Clone, Copy)]
+    pub(super) struct Groups {
+        pub width: usize,
+        pub pairs: usize,
+        pub count: usize,
+    }
+
+    /// [`pack`] into a layout with room to spare (AMX pads both to whole tiles).
+    pub(super) fn pack_into(
+        x: Strided,
+        lines_are_rows: bool,
+        lines: usize,
+        k: usize,
+        shape: Groups,
+        parallel: bool,
+    ) -> Vec<u32> {
+        let Groups {
+            width,
+            pairs,
+            count,
+        } = shape;
         let kp = k.div_ceil(2);
-        let mut out = vec![0u32; lines.div_ceil(width) * kp * width];
+        assert!(
+            pairs >= kp && count * width >= lines,
+            "bf16 pack: layout too small"
+        );
+        let mut out = vec![0u32; count * pairs * width];
         let (ls, ks) = if lines_are_rows {
             (x.rs, x.cs)
         } else {
@@ -487,7 +607,7 @@ mod simd {
                 let pairs = (c * 16)..kp.min((c + 1) * 16);
                 // SAFETY: AVX-512 with BF16 is present (see `gemm`); reads are in bounds
                 // (asserted above); each chunk writes only its own pair rows of every group.
-                unsafe { pack_pairs_of_rows(x, ks, lines, k, width, pairs, dst.get()) };
+                unsafe { pack_pairs_of_rows(x, ks, lines, k, shape, pairs, dst.get()) };
             };
             if parallel {
                 (0..kp.div_ceil(16)).into_par_iter().for_each(chunk);
@@ -501,10 +621,17 @@ mod simd {
             // SAFETY: only called where the CPU has AVX-512 (see `gemm`).
             unsafe { wide_lines(x, lines_are_rows, g * width, len, k, width, group) };
         };
+        let used = lines.div_ceil(width) * pairs * width;
         if parallel {
-            out.par_chunks_mut(kp * width).enumerate().for_each(one);
+            out[..used]
+                .par_chunks_mut(pairs * width)
+                .enumerate()
+                .for_each(one);
         } else {
-            out.chunks_mut(kp * width).enumerate().for_each(one);
+            out[..used]
+                .chunks_mut(pairs * width)
+                .enumerate()
+                .for_each(one);
         }
         out
     }
@@ -540,6 +667,250 @@ mod simd {
             (0..tasks).into_par_iter().for_each(run);
         } else {
             (0..tasks).for_each(run);
+        }
+    }
+
+    /// The product on AMX tiles. Both operands are packed by [`pack_into`] in groups of 16
+    /// lines with `k` padded to whole tiles of 16 pairs, and an even number of groups: each
+    /// group of `B` is then a column of tiles (a tile's 16 pair rows of 16 columns, 64 bytes a
+    /// row, as `tdpbf16ps` reads its second operand), and each group of `A`, its 16 × 16 blocks
+    /// transposed in place, a row of tiles (16 rows of 16 pairs, as it reads its first). Each
+    /// task keeps a 32 × 32 block of `C` in four tiles over all of `k`, with two tiles of `A`
+    /// and two of `B` loaded per step.
+    #[cfg(target_os = "linux")]
+    pub(super) mod amx {
+        use super::*;
+        use std::arch::asm;
+
+        /// Rows and columns of a tile, and pairs of `k` per tile row (64 bytes).
+        const T: usize = 16;
+        /// u32 in one tile.
+        const TILE: usize = T * T;
+        /// Blocks of 32 × 32 (2 × 2 tiles) of `C` per task along each side.
+        const BLOCKS: usize = 4;
+
+        /// The tile configuration `ldtilecfg` reads (palette 1): tiles 0-3 hold `C`, 4-5 `A`,
+        /// 6-7 `B`, each 16 rows of 64 bytes.
+        #[repr(C, align(64))]
+        struct Config([u8; 64]);
+
+        impl Config {
+            fn all_full() -> Self {
+                let mut c = [0u8; 64];
+                c[0] = 1;
+                for t in 0..8 {
+                    // Bytes per row (u16, little-endian) at 16 + 2t, rows at 48 + t.
+                    c[16 + 2 * t] = (T * 4) as u8;
+                    c[48 + t] = T as u8;
+                }
+                Config(c)
+            }
+        }
+
+        pub(in super::super) fn gemm(
+            m: usize,
+            n: usize,
+            k: usize,
+            a: Strided,
+            b: Strided,
+            dst: &mut [f32],
+            threads: bool,
+        ) {
+            let kq = k.div_ceil(2).div_ceil(T);
+            let parallel = threads && m * n * k >= 64 * 64 * 64;
+            let (ga, gb) = (m.div_ceil(2 * T) * 2, n.div_ceil(2 * T) * 2);
+            let shape = |count| Groups {
+                width: T,
+                pairs: kq * T,
+                count,
+            };
+            let pa = if a.cs == 1 {
+                pack_rows(a, m, k, ga, kq, parallel)
+            } else {
+                let mut pa = pack_into(a, true, m, k, shape(ga), parallel);
+                // `[pair][row]` blocks of A to `[row][pair]`.
+                let turn = |block: &mut [u32]| {
+                    // SAFETY: AVX-512 is present (AMX CPUs have it; see `amx_ready`).
+                    unsafe { transpose_block(block) }
+                };
+                if parallel {
+                    pa.par_chunks_mut(TILE).for_each(turn);
+                } else {
+                    pa.chunks_mut(TILE).for_each(turn);
+                }
+                pa
+            };
+            let pb = pack_into(b, false, n, k, shape(gb), parallel);
+            let c = SendPtr(dst.as_mut_ptr());
+            let (row_tasks, col_tasks) = ((ga / 2).div_ceil(BLOCKS), (gb / 2).div_ceil(BLOCKS));
+            let run = |t: usize| {
+                let (rt, ct) = (t / col_tasks, t % col_tasks);
+                let rows = rt * BLOCKS..(ga / 2).min((rt + 1) * BLOCKS);
+                let cols = ct * BLOCKS..(gb / 2).min((ct + 1) * BLOCKS);
+                // SAFETY: AMX is granted (`amx_ready`); the task writes only its blocks of C
+                // (clipped to m × n), disjoint from every other task's; the tile loads read
+                // whole tiles of the packed operands, whose sizes follow from ga, gb and kq.
+                unsafe { task(kq, &pa, &pb, c.get(), m, n, rows, cols) };
+            };
+            let tasks = row_tasks * col_tasks;
+            if tasks > 1 && parallel {
+                (0..tasks).into_par_iter().for_each(run);
+            } else {
+                (0..tasks).for_each(run);
+            }
+        }
+
+        /// `A` whose rows are contiguous along `k`, straight into tiles `[group][block][row]
+        /// [pair]`: each row's 32 values of a block rounded to 16 pairs by one conversion (no
+        /// transpose, unlike the `[pair][line]` packing of the other operand).
+        fn pack_rows(
+            a: Strided,
+            m: usize,
+            k: usize,
+            groups: usize,
+            kq: usize,
+            parallel: bool,
+        ) -> Vec<u32> {
+            let mut out = vec![0u32; groups * kq * TILE];
+            if m == 0 || k == 0 {
+                return out;
+            }
+            assert!(
+                a.offset + (m - 1) * a.rs + k <= a.values.len(),
+                "bf16 pack: {m} rows of {k} past the operand's {} values",
+                a.values.len()
+            );
+            let one = |(g, group): (usize, &mut [u32])| {
+                for r in 0..T.min(m.saturating_sub(g * T)) {
+                    let row = a.offset + (g * T + r) * a.rs;
+                    for q in 0..kq {
+                        let n = k.saturating_sub(32 * q).min(32);
+                        // SAFETY: AVX512-BF16 is present (AMX CPUs have it); the row's `n`
+                        // values from 32q lie inside the operand (asserted above), and the
+                        // store is row r of tile q of this group.
+                        unsafe {
+                            let v = pairs_of_32(a.values.as_ptr().add(row + 32 * q), n);
+                            _mm512_storeu_si512(group.as_mut_ptr().add(q * TILE + r * T).cast(), v);
+                        }
+                    }
+                }
+            };
+            if parallel {
+                out.par_chunks_mut(kq * TILE).enumerate().for_each(one);
+            } else {
+                out.chunks_mut(kq * TILE).enumerate().for_each(one);
+            }
+            out
+        }
+
+        /// Transposes one 16 × 16 block of u32 in place.
+        #[target_feature(enable = "avx512f")]
+        unsafe fn transpose_block(block: &mut [u32]) {
+            assert_eq!(block.len(), TILE);
+            let mut rows = [_mm512_setzero_si512(); T];
+            for (i, row) in rows.iter_mut().enumerate() {
+                // SAFETY: row i of the 16 × 16 block is in bounds (asserted).
+                *row = unsafe { _mm512_loadu_si512(block.as_ptr().add(i * T).cast()) };
+            }
+            transpose16(&mut rows);
+            for (i, row) in rows.iter().enumerate() {
+                // SAFETY: as above.
+                unsafe { _mm512_storeu_si512(block.as_mut_ptr().add(i * T).cast(), *row) };
+            }
+        }
+
+        /// Blocks `rows` × `cols` (in 32 × 32 blocks) of C: its own tile configuration, as
+        /// the thread that runs it may not have one, released at the end.
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn task(
+            kq: usize,
+            pa: &[u32],
+            pb: &[u32],
+            c: *mut f32,
+            m: usize,
+            n: usize,
+            rows: std::ops::Range<usize>,
+            cols: std::ops::Range<usize>,
+        ) {
+            let config = Config::all_full();
+            let group = kq * TILE;
+            let stride = T * 4;
+            let mut spill = [0f32; TILE];
+            // SAFETY (whole body): AMX is granted; every tile load reads one whole tile inside
+            // the packed buffers (group index < ga or gb, block < kq); full tiles of C are
+            // stored in place (rows and columns inside m × n), edge tiles through `spill`.
+            unsafe {
+                asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack, readonly));
+                for cb in cols {
+                    for rb in rows.clone() {
+                        let a0 = pa.as_ptr().add(2 * rb * group);
+                        let b0 = pb.as_ptr().add(2 * cb * group);
+                        asm!(
+                            "tilezero tmm0",
+                            "tilezero tmm1",
+                            "tilezero tmm2",
+                            "tilezero tmm3",
+                            options(nostack, nomem)
+                        );
+                        for q in 0..kq {
+                            asm!(
+                                "tileloadd tmm4, [{a0} + {s}]",
+                                "tileloadd tmm5, [{a1} + {s}]",
+                                "tileloadd tmm6, [{b0} + {s}]",
+                                "tileloadd tmm7, [{b1} + {s}]",
+                                "tdpbf16ps tmm0, tmm4, tmm6",
+                                "tdpbf16ps tmm1, tmm4, tmm7",
+                                "tdpbf16ps tmm2, tmm5, tmm6",
+                                "tdpbf16ps tmm3, tmm5, tmm7",
+                                a0 = in(reg) a0.add(q * TILE),
+                                a1 = in(reg) a0.add(group + q * TILE),
+                                b0 = in(reg) b0.add(q * TILE),
+                                b1 = in(reg) b0.add(group + q * TILE),
+                                s = in(reg) stride,
+                                options(nostack, readonly)
+                            );
+                        }
+                        // Tile t of the block: rows (t / 2), columns (t % 2), in tiles.
+                        for t in 0..4 {
+                            let (r0, c0) = ((2 * rb + t / 2) * T, (2 * cb + t % 2) * T);
+                            if r0 >= m || c0 >= n {
+                                continue;
+                            }
+                            let full = r0 + T <= m && c0 + T <= n;
+                            let (at, s) = if full {
+                                (c.add(r0 * n + c0), n * 4)
+                            } else {
+                                (spill.as_mut_ptr(), stride)
+                            };
+                            match t {
+                                0 => {
+                                    asm!("tilestored [{p} + {s}], tmm0", p = in(reg) at, s = in(reg) s, options(nostack))
+                                }
+                                1 => {
+                                    asm!("tilestored [{p} + {s}], tmm1", p = in(reg) at, s = in(reg) s, options(nostack))
+                                }
+                                2 => {
+                                    asm!("tilestored [{p} + {s}], tmm2", p = in(reg) at, s = in(reg) s, options(nostack))
+                                }
+                                _ => {
+                                    asm!("tilestored [{p} + {s}], tmm3", p = in(reg) at, s = in(reg) s, options(nostack))
+                                }
+                            }
+                            if !full {
+                                for r in 0..T.min(m - r0) {
+                                    let w = T.min(n - c0);
+                                    std::ptr::copy_nonoverlapping(
+                                        spill.as_ptr().add(r * T),
+                                        c.add((r0 + r) * n + c0),
+                                        w,
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+                asm!("tilerelease", options(nostack, nomem));
+            }
         }
     }
 
@@ -739,17 +1110,103 @@ mod tests {
                 }
             }
             let (a, b) = (operand(&av, m, k, ta), operand(&bv, k, n, false));
-            let (mut got, mut want) = (vec![f32::NAN; m * n], vec![0f32; m * n]);
-            gemm(m, n, k, a, b, &mut got);
+            let mut want = vec![0f32; m * n];
             emulate(m, n, k, a, b, &mut want);
-            assert_eq!(got, want, "transposed {ta}");
-            assert!(got[..n].iter().all(|&v| v == 0.0), "transposed {ta}");
-            assert!(got[n..].iter().any(|&v| v != 0.0), "transposed {ta}");
+            for kernel in kernels() {
+                let mut got = vec![f32::NAN; m * n];
+                gemm_by(kernel, m, n, k, a, b, &mut got, true);
+                if kernel == Kernel::Avx512Bf16 {
+                    assert_eq!(got, want, "transposed {ta}");
+                } else {
+                    assert_close(&got, &want, m, n, k, a, b, &format!("{kernel:?}"));
+                }
+                assert!(
+                    got[..n].iter().all(|&v| v == 0.0),
+                    "{kernel:?} transposed {ta}"
+                );
+                assert!(
+                    got[n..].iter().any(|&v| v != 0.0),
+                    "{kernel:?} transposed {ta}"
+                );
+            }
         }
     }
 
-    /// The vector kernel computes exactly what the scalar emulation does, through both operand
-    /// layouts, on every edge shape. Skipped (and says so) on a CPU without AVX512-BF16.
+    /// The vector kernels this CPU has: AVX512-BF16, and AMX where it is granted.
+    fn kernels() -> Vec<Kernel> {
+        let mut all = vec![Kernel::Avx512Bf16];
+        if amx_ready() {
+            all.push(Kernel::Amx);
+        }
+        all
+    }
+
+    /// `got` equals `want` (both sums of the same bf16 products, added in different orders)
+    /// within f32 accumulation error: k roundings of 2⁻²⁴ of the running sum's magnitude,
+    /// bounded by Σ|a·b| over the bf16 operands.
+    #[allow(clippy::too_many_arguments)]
+    fn assert_close(
+        got: &[f32],
+        want: &[f32],
+        m: usize,
+        n: usize,
+        k: usize,
+        a: Strided,
+        b: Strided,
+        what: &str,
+    ) {
+        let bf = |v: f32| from_bf16_daz(to_bf16(v)) as f64;
+        for i in 0..m {
+            for j in 0..n {
+                let magnitude: f64 = (0..k)
+                    .map(|p| (bf(a.at(i, p)) * bf(b.at(p, j))).abs())
+                    .sum();
+                let bound = 2.0 * (k as f64 + 1.0) * 2f64.powi(-24) * magnitude;
+                let (g, w) = (got[i * n + j], want[i * n + j]);
+                assert!(
+                    ((g - w) as f64).abs() <= bound,
+                    "{what} {m}×{n}×{k} [{i}, {j}]: {g} vs {w} (bound {bound})"
+                );
+            }
+        }
+    }
+
+    /// The AMX tiles compute the emulation's sums up to f32 rounding, through both operand
+    /// layouts, on every edge shape (partial tiles, k not a whole tile, several tasks), and
+    /// the answer is not a copy of the exact one (a wrong layout would be far off). Skipped
+    /// (and says so) where AMX is not granted.
+    #[test]
+    fn amx_tiles_equal_the_emulation_within_f32_rounding() {
+        if !amx_ready() {
+            eprintln!("skipped: this CPU has no AMX (or WHET_AMX=off)");
+            return;
+        }
+        let mut identical = 0;
+        let mut total = 0;
+        for (m, n, k) in SHAPES
+            .into_iter()
+            .chain([(64, 64, 64), (33, 65, 40), (200, 90, 300)])
+        {
+            let (av, bv) = (values(m * k, 7), values(k * n, 8));
+            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                let (a, b) = (operand(&av, m, k, ta), operand(&bv, k, n, tb));
+                let mut want = vec![0f32; m * n];
+                emulate(m, n, k, a, b, &mut want);
+                for threads in [true, false] {
+                    let mut got = vec![f32::NAN; m * n];
+                    gemm_by(Kernel::Amx, m, n, k, a, b, &mut got, threads);
+                    let what = format!("AMX (transposed {ta}, {tb}, threads {threads})");
+                    assert_close(&got, &want, m, n, k, a, b, &what);
+                    identical += got.iter().zip(&want).filter(|(g, w)| g == w).count();
+                    total += got.len();
+                }
+            }
+        }
+        eprintln!("AMX: {identical} of {total} elements equal the emulation's bit for bit");
+    }
+
+    /// The AVX512-BF16 kernel computes exactly what the scalar emulation does, through both
+    /// operand layouts, on every edge shape. Skipped (and says so) on a CPU without AVX512-BF16.
     #[test]
     fn the_vector_kernel_equals_its_emulation_bit_for_bit() {
         if !available() {
@@ -762,7 +1219,7 @@ mod tests {
                 let (a, b) = (operand(&av, m, k, ta), operand(&bv, k, n, tb));
                 let mut got = vec![f32::NAN; m * n];
                 let mut want = vec![0f32; m * n];
-                gemm(m, n, k, a, b, &mut got);
+                gemm_by(Kernel::Avx512Bf16, m, n, k, a, b, &mut got, true);
                 emulate(m, n, k, a, b, &mut want);
                 for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                     assert_eq!(
@@ -775,8 +1232,8 @@ mod tests {
         }
     }
 
-    /// Against the f64 product of the unrounded operands, every element is within bf16's
-    /// rounding of both operands (bf16's unit roundoff is 2⁻⁸: 2·2⁻⁸ of Σ|a||b|, plus f32
+    /// Against the f64 product of the unrounded operands, every element of the best kernel's
+    /// product (AMX where granted) is within bf16's rounding of both operands (bf16's unit roundoff is 2⁻⁸: 2·2⁻⁸ of Σ|a||b|, plus f32
     /// accumulation), and the rounding is
     /// really there (the result is not the f32 product).
     #[test]

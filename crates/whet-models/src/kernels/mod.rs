@@ -2409,9 +2409,9 @@ mod tests {
         assert!(value < 1e-5 && left < 1e-5, "right frozen: {value}, {left}");
     }
 
-    /// On a CPU with AVX512-BF16 the CPU backend's product is the kernel's, bit for bit (the
-    /// composed casts would round the output to bf16 too); a frozen right operand takes no
-    /// gradient while the left one does.
+    /// On a CPU with AVX512-BF16 the CPU backend's product is the kernel's (AMX where granted),
+    /// bit for bit (the composed casts would round the output to bf16 too); a frozen right
+    /// operand takes no gradient while the left one does.
     #[test]
     fn bf16_matmul_on_the_cpu_runs_the_kernel() {
         if !bf16::available() {
@@ -2428,7 +2428,7 @@ mod tests {
         let values = |t: Tensor<2>| t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap();
         let (xv, wv) = (values(x.clone().inner()), values(w.clone().inner()));
         let mut want = vec![0f32; m * n];
-        bf16::emulate(
+        bf16::gemm(
             m,
             n,
             k,
