@@ -193,6 +193,20 @@ impl Linear {
         })
     }
 
+    /// A frozen layer over a quantised matrix (`[out, in]`), without bias or adapters.
+    pub fn frozen(matrix: QuantMatrix) -> Self {
+        Self {
+            weight: LinearWeight::Quantized(FrozenQuant {
+                matrix: Arc::new(matrix),
+            }),
+            bias: None,
+            stored_as: TorchLinear::Linear,
+            adapter: None,
+            ia3: None,
+            bottleneck: None,
+        }
+    }
+
     /// A freshly initialised layer (new heads): weights ~ N(0, std), bias zero, as
     /// `transformers`' `_init_weights` does with `initializer_range`.
     pub fn init(

@@ -457,7 +457,46 @@ impl Checkpoint {
 
     /// Loads the model with its language-modelling head (decoders only).
     pub fn load_causal_lm(&self, device: &Device) -> Result<CausalModel> {
-        let vb = self.weights(device);
+        self.causal_lm_from(self.weights(device))
+    }
+
+    /// [`Self::load_causal_lm`] for generation only: a GGUF file on the CPU keeps its Q4_0,
+    /// Q4_1 and Q8_0 linear layers in their blocks, which a generation step reads in place
+    /// (`kernels/flex.rs`, `quant_skinny`) with the weights transformers dequantises the file
+    /// to, so a step reads 4.5 to 8.5 bits a weight instead of 32. Other files and devices load
+    /// as [`Self::load_causal_lm`] does, and so does a CPU without AVX-512 (whose scalar
+    /// decoding was slower than reading f32). The layers are frozen: not for training.
+    pub fn load_causal_lm_for_generation(&self, device: &Device) -> Result<CausalModel> {
+        if self.gguf.is_none()
+            || self.quantization.is_some()
+            || !crate::device::is_flex(device)
+            || !crate::kernels::quant_steps_in_place()
+        {
+            return self.load_causal_lm(device);
+        }
+        let policy = weights::QuantPolicy {
+            spec: quant::QuantSpec::Gguf,
+            skip: vec![],
+        };
+        let vb = self.weights(device).with_quantization(Some(policy));
+        let mut model = self.causal_lm_from(vb.clone())?;
+        // A head tied to a quantised embedding (SmolLM2's Q8_0 `token_embd`) reads its blocks
+        // too: the embedding stays f32 for the lookups, the head is the same values in 8.5 bits.
+        if let CausalModel::Llama(m) = &mut model
+            && m.lm_head.is_none()
+        {
+            let [vocab, hidden] = m.model.embed_tokens.weight.dims();
+            let embed = vb.pp("model").pp("embed_tokens");
+            if let Some(q) =
+                embed.quantized_linear("weight", hidden, vocab, layers::TorchLinear::Linear)?
+            {
+                m.lm_head = Some(layers::Linear::frozen(q));
+            }
+        }
+        Ok(model)
+    }
+
+    fn causal_lm_from(&self, vb: Weights) -> Result<CausalModel> {
         match &self.config {
             FamilyConfig::Gpt2(c) => Ok(CausalModel::Gpt2(gpt2::Gpt2LmHeadModel::load(&vb, c)?)),
             FamilyConfig::Llama(c) => {

@@ -71,13 +71,15 @@ fn main() -> anyhow::Result<()> {
     });
     let smol_fwd_tps = t as f64 / secs;
 
+    // As `whet generate` loads it: the GGUF's quantised layers read in place by each step.
+    let generator = ckpt.load_causal_lm_for_generation(&device)?;
     let tok = ckpt.tokenizer()?;
     let prompt = tok.encode("The history of the Roman Empire begins with", true)?;
     // no EOS: fixed length on both sides
     let config = whet_infer::GenerationConfig::greedy(64, vec![]);
     let mut n = 0;
     let secs = time(2, || {
-        n = whet_infer::generate(&model, &prompt, &config, &device, |_| true)
+        n = whet_infer::generate(&generator, &prompt, &config, &device, |_| true)
             .map(|v| v.len())
             .unwrap_or(0);
     });

@@ -890,7 +890,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         .tokenizer()
         .with_context(|| format!("generation needs the tokenizer of {}", base.display()))?;
     let device = device()?.device;
-    let mut model = ckpt.load_causal_lm(&device)?;
+    let mut model = ckpt.load_causal_lm_for_generation(&device)?;
     if let Some(dir) = &adapter {
         whet_peft::load_adapter(&mut model, dir, &device)
             .with_context(|| format!("cannot apply the adapter {}", dir.display()))?;

@@ -102,10 +102,59 @@ fn quant_matmul_forward(x: &FlexTensor, w: &QuantMatrix) -> FlexTensor {
     let (rows, cols) = w.dims();
     let xv = values(x);
     let n = xv.len() / cols;
+    if let Some(y) = quant_skinny(xv, n, w) {
+        return FlexTensor::from_data(TensorData::new(y, [n, rows]));
+    }
     let wd = w.dequantize();
     let mut y = vec![0f32; n * rows];
     gemm_strided(n, rows, cols, xv, (cols, 1), &wd, (1, cols), &mut y, false);
     FlexTensor::from_data(TensorData::new(y, [n, rows]))
+}
+
+/// `y [n, out] = x [n, in] · Wᵀ` for at most [`super::SKINNY_ROWS`] rows of `x` (a generation
+/// step), read straight from a GGUF matrix's Q4_0, Q4_1 or Q8_0 blocks: each block is
+/// dequantised into registers exactly as [`whet_gguf::dequantize_into`] does (the weights are
+/// the values transformers dequantises the file to) and multiplied into the rows of `x` in f32,
+/// so a step reads the file's 4.5 or 8.5 bits a weight instead of 32. `None` for other types
+/// and more rows (the whole matrix is dequantised then, as in training).
+///
+/// Why by hand: the one crate with these block formats is ggml's own C (llama.cpp), which
+/// multiplies 8-bit-quantised activations, not f32 ones.
+#[cfg(target_arch = "x86_64")]
+fn quant_skinny(x: &[f32], n: usize, w: &QuantMatrix) -> Option<Vec<f32>> {
+    use whet_gguf::GgmlType;
+    let (ty, raw) = w.ggml_blocks()?;
+    let code = match ty {
+        GgmlType::Q4_0 => 0,
+        GgmlType::Q4_1 => 1,
+        GgmlType::Q8_0 => 2,
+        _ => return None,
+    };
+    if n == 0 || n > super::SKINNY_ROWS || !quant_steps_in_place() {
+        return None;
+    }
+    let (rows, cols) = w.dims();
+    let row_bytes = raw.len() / rows;
+    // [out, n], transposed at the end (n ≤ 4).
+    let mut yt = vec![0f32; rows * n];
+    const CHUNK: usize = 64;
+    yt.par_chunks_mut(n * CHUNK)
+        .zip(raw.par_chunks(row_bytes * CHUNK))
+        // SAFETY: AVX-512F is present (checked above); `raw` is whole rows of whole blocks of
+        // this type (`QuantMatrix::ggml` checked it), `x` is n rows of `cols`.
+        .for_each(|(out, blocks)| unsafe { quant_rows(code, blocks, row_bytes, x, n, cols, out) });
+    let mut y = vec![0f32; n * rows];
+    for (o, ys) in yt.chunks(n).enumerate() {
+        for (r, &v) in ys.iter().enumerate() {
+            y[r * rows + o] = v;
+        }
+    }
+    Some(y)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn quant_skinny(_: &[f32], _: usize, _: &QuantMatrix) -> Option<Vec<f32>> {
+    None
 }
 
 /// `dx [N, in] = dy [N, out] · W`.
@@ -173,6 +222,132 @@ macro_rules! multiversion {
 
 // After `multiversion!`, which it uses.
 mod attention;
+
+/// Whether [`quant_skinny`] has its vector kernel on this CPU (AVX-512); elsewhere a
+/// generation step is faster from f32 weights than from blocks decoded by scalar code.
+pub(crate) fn quant_steps_in_place() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Rows of `raw` (each `row_bytes` of blocks of 32 weights) dotted with the `n` rows of `x`,
+/// into `out` (`[row][n]`). Each block is dequantised in registers as `whet_gguf`'s
+/// `dequantize_into` computes it (a product and a sum, not fused: the same f32 weights), then
+/// multiplied into 32 partial sums a row of `x`, added up at the end of the weight row.
+///
+/// # Safety
+/// The CPU has AVX-512F; `raw` holds whole rows of whole blocks of type `code` (0 Q4_0, 1 Q4_1,
+/// 2 Q8_0), `x` holds `n` rows of `cols` = 32 × blocks a row, `out` `n` values a row of `raw`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn quant_rows(
+    code: u8,
+    raw: &[u8],
+    row_bytes: usize,
+    x: &[f32],
+    n: usize,
+    cols: usize,
+    out: &mut [f32],
+) {
+    // One copy a type and row count, so that the block's decoding and the sums of each row of
+    // `x` stay in registers (a loop over both spilled them to the stack).
+    macro_rules! each {
+        ($($c:literal),*; $($n:literal),*) => {
+            each!(@c [$($c),*] [$($n),*])
+        };
+        (@c [$($c:literal),*] $ns:tt) => {
+            match code {
+                $($c => each!(@n $c $ns),)*
+                _ => unreachable!("checked by quant_skinny"),
+            }
+        };
+        (@n $c:literal [$($n:literal),*]) => {
+            match n {
+                // SAFETY: the caller's contract, passed on.
+                $($n => unsafe { quant_rows_of::<$c, $n>(raw, row_bytes, x, cols, out) },)*
+                _ => unreachable!("checked by quant_skinny"),
+            }
+        };
+    }
+    each!(0, 1, 2; 1, 2, 3, 4)
+}
+
+/// [`quant_rows`] for type `CODE` and `N` rows of `x`.
+///
+/// # Safety
+/// As [`quant_rows`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn quant_rows_of<const CODE: u8, const N: usize>(
+    raw: &[u8],
+    row_bytes: usize,
+    x: &[f32],
+    cols: usize,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let (code, n) = (CODE, N);
+    let bytes = [18, 20, 34][code as usize];
+    let h =
+        |b: &[u8], at: usize| _mm512_set1_ps(half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32());
+    let low = _mm512_set1_epi32(0x0F);
+    let eight = _mm512_set1_epi32(8);
+    for (row, o) in raw.chunks_exact(row_bytes).zip(out.chunks_mut(n)) {
+        let mut acc = [[_mm512_setzero_ps(); 2]; N];
+        for (i, b) in row.chunks_exact(bytes).enumerate() {
+            // The blocks a few cache lines on, which the hardware prefetcher was too slow to
+            // bring (a step's weights come from memory once each).
+            _mm_prefetch::<_MM_HINT_T0>(b.as_ptr().wrapping_add(512).cast());
+            // SAFETY: each block is `bytes` long (chunks_exact): the loads read inside it.
+            let (w0, w1) = unsafe {
+                match code {
+                    0 | 1 => {
+                        let at = if code == 0 { 2 } else { 4 };
+                        let q = _mm512_cvtepu8_epi32(_mm_loadu_si128(b.as_ptr().add(at).cast()));
+                        let (lo, hi) = (_mm512_and_si512(q, low), _mm512_srli_epi32::<4>(q));
+                        let d = h(b, 0);
+                        if code == 0 {
+                            let lo = _mm512_cvtepi32_ps(_mm512_sub_epi32(lo, eight));
+                            let hi = _mm512_cvtepi32_ps(_mm512_sub_epi32(hi, eight));
+                            (_mm512_mul_ps(lo, d), _mm512_mul_ps(hi, d))
+                        } else {
+                            let m = h(b, 2);
+                            let lo = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(lo), d), m);
+                            let hi = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(hi), d), m);
+                            (lo, hi)
+                        }
+                    }
+                    _ => {
+                        let d = h(b, 0);
+                        let q0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(b.as_ptr().add(2).cast()));
+                        let q1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(b.as_ptr().add(18).cast()));
+                        (
+                            _mm512_mul_ps(_mm512_cvtepi32_ps(q0), d),
+                            _mm512_mul_ps(_mm512_cvtepi32_ps(q1), d),
+                        )
+                    }
+                }
+            };
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let xs = &x[r * cols + i * 32..][..32];
+                // SAFETY: `xs` holds 32 values.
+                unsafe {
+                    acc[0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xs.as_ptr()), acc[0]);
+                    acc[1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xs.as_ptr().add(16)), acc[1]);
+                }
+            }
+        }
+        for (r, o) in o.iter_mut().enumerate() {
+            *o = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+        }
+    }
+}
 
 const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
 

@@ -31,6 +31,7 @@
 
 pub mod bf16;
 mod flex;
+pub(crate) use flex::quant_steps_in_place;
 
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 mod cube;
@@ -2407,6 +2408,72 @@ mod tests {
         let frozen = |x: Tensor<4>, y: Tensor<4>| fused(x, y.detach());
         let (value, left, _) = product_against_matmul(frozen);
         assert!(value < 1e-5 && left < 1e-5, "right frozen: {value}, {left}");
+    }
+
+    /// A few rows times a GGUF matrix of Q4_0, Q4_1 or Q8_0 blocks (a generation step, read
+    /// from the blocks in place where the CPU has AVX-512) equal the rows times the
+    /// dequantised matrix within f32 summation error, and so do more rows (the whole matrix
+    /// dequantised, as in training).
+    #[test]
+    fn quantised_steps_equal_the_dequantised_product() {
+        use whet_gguf::GgmlType;
+        let (rows, cols) = (70, 96);
+        let mut s = 7u64;
+        let mut byte = || {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (s >> 56) as u8
+        };
+        for (ty, bytes, scales) in [
+            (GgmlType::Q4_0, 18, 1),
+            (GgmlType::Q4_1, 20, 2),
+            (GgmlType::Q8_0, 34, 1),
+        ] {
+            let mut raw = vec![0u8; rows * cols / 32 * bytes];
+            for block in raw.chunks_mut(bytes) {
+                for (i, b) in block.iter_mut().enumerate() {
+                    *b = byte();
+                    if i < 2 * scales {
+                        // f16 scales in ±[2⁻⁸, 2): exponent bits 7..16.
+                        *b = if i % 2 == 1 {
+                            (*b & 0x80) | (0x1c + (*b & 0x0f) / 2)
+                        } else {
+                            *b
+                        };
+                    }
+                }
+            }
+            let w = crate::quant::QuantMatrix::ggml(ty, raw, rows, cols).unwrap();
+            let dense = w.dequantize();
+            let w = Arc::new(w);
+            for n in 1..=SKINNY_ROWS + 1 {
+                let x =
+                    Tensor::<2>::random([n, cols], Distribution::Normal(0.0, 1.0), &Device::flex());
+                let xv = x.to_data().convert::<f32>().try_to_vec::<f32>().unwrap();
+                let y = quant_matmul(x, &w)
+                    .into_data()
+                    .convert::<f32>()
+                    .try_to_vec::<f32>()
+                    .unwrap();
+                for i in 0..n {
+                    for o in 0..rows {
+                        let (mut exact, mut size) = (0f64, 0f64);
+                        for k in 0..cols {
+                            let t = xv[i * cols + k] as f64 * dense[o * cols + k] as f64;
+                            exact += t;
+                            size += t.abs();
+                        }
+                        let err = (y[i * rows + o] as f64 - exact).abs();
+                        assert!(
+                            err <= size * cols as f64 * 2f64.powi(-23) + 1e-30,
+                            "{ty} n={n} [{i}, {o}]: {} vs {exact}",
+                            y[i * rows + o]
+                        );
+                    }
+                }
+            }
+        }
     }
 
     /// On a CPU with AVX512-BF16 the CPU backend's product is the kernel's (AMX where granted),
