@@ -575,24 +575,20 @@ impl Task for QuestionAnsweringTask {
     /// character `answer_start` lists), which `whet eval` and the reference read.
     fn write_data(&self, dir: &Path) -> Result<()> {
         let p = &self.p;
-        std::fs::create_dir_all(dir).map_err(|e| TrainError::io(dir, e))?;
-        for (name, split) in crate::task::splits(&p.train, p.validation.as_ref(), p.test.as_ref()) {
-            let mut text = String::new();
-            for e in &split.examples {
-                let row = serde_json::json!({
+        let splits = crate::task::splits(&p.train, p.validation.as_ref(), p.test.as_ref());
+        crate::task::write_splits(dir, splits, |split: &QaSplit| {
+            let row = |e: &QaExample| {
+                serde_json::json!({
                     "question": e.question,
                     "context": e.context,
                     "answers": {
                         "text": e.answers.iter().map(|a| &a.text).collect::<Vec<_>>(),
                         "answer_start": e.answers.iter().map(|a| a.start).collect::<Vec<_>>(),
                     },
-                });
-                text.push_str(&row.to_string());
-                text.push('\n');
-            }
-            whet_text::write_atomic(&dir.join(format!("{name}.jsonl")), text.as_bytes())?;
-        }
-        Ok(())
+                })
+            };
+            split.examples.iter().map(row).collect()
+        })
     }
 
     fn save(&self, out: &Path) -> Result<()> {

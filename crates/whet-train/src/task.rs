@@ -71,6 +71,25 @@ pub trait Task {
 }
 
 /// The splits a run has, by name (`train`, then `validation` and `test` when present).
+/// Writes each split as `{name}.jsonl` in `dir`, a JSON row an example: the exact splits a run
+/// used, which another tool (or `whet eval`) can read.
+pub fn write_splits<'a, S: 'a>(
+    dir: &Path,
+    splits: impl Iterator<Item = (&'static str, &'a S)>,
+    rows: impl Fn(&S) -> Vec<serde_json::Value>,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| crate::error::TrainError::io(dir, e))?;
+    for (name, split) in splits {
+        let mut text = String::new();
+        for row in rows(split) {
+            text.push_str(&row.to_string());
+            text.push('\n');
+        }
+        whet_text::write_atomic(&dir.join(format!("{name}.jsonl")), text.as_bytes())?;
+    }
+    Ok(())
+}
+
 pub fn splits<'a, S>(
     train: &'a S,
     validation: Option<&'a S>,

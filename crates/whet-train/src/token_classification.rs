@@ -333,18 +333,14 @@ impl Task for TokenClassificationTask {
     /// The exact splits as JSONL (`tokens`, `ner_tags` as names).
     fn write_data(&self, dir: &Path) -> Result<()> {
         let p = &self.p;
-        std::fs::create_dir_all(dir).map_err(|e| TrainError::io(dir, e))?;
-        for (name, split) in crate::task::splits(&p.train, p.validation.as_ref(), p.test.as_ref()) {
-            let mut text = String::new();
-            for e in &split.examples {
+        let splits = crate::task::splits(&p.train, p.validation.as_ref(), p.test.as_ref());
+        crate::task::write_splits(dir, splits, |split: &TokenSplit| {
+            let row = |e: &TokenExample| {
                 let tags: Vec<&str> = e.tags.iter().map(|&t| p.labels.0[t].as_str()).collect();
-                let row = serde_json::json!({"tokens": e.words, "ner_tags": tags});
-                text.push_str(&row.to_string());
-                text.push('\n');
-            }
-            whet_text::write_atomic(&dir.join(format!("{name}.jsonl")), text.as_bytes())?;
-        }
-        Ok(())
+                serde_json::json!({"tokens": e.words, "ner_tags": tags})
+            };
+            split.examples.iter().map(row).collect()
+        })
     }
 
     /// A few held-out sentences with their true and predicted tags, word by word.
