@@ -181,7 +181,8 @@ closest valid key, never ignored):
     bf16 / fp16 (false): mixed precision, matrix products in bfloat16 / float16 with the
     weights, optimizer moments, softmax, norms and the loss in f32; fp16 adds dynamic loss
     scaling (a step whose gradients overflow is skipped); wgpu has no bf16; the CPU runs
-    bf16 products only with AVX512-BF16 (elsewhere it says so and computes in f32),
+    bf16 products only with AVX512-BF16 (elsewhere it says so and computes in f32), on
+    AMX tiles where the CPU has them (WHET_AMX=off keeps the AVX512-BF16 kernel),
     tf32 (false): on a CUDA device with TF32 (Ampere and newer), f32 matrix products round
     their operands to TF32 on the tensor cores, as transformers' tf32 = true: faster, less
     precise; f32 products stay f32 otherwise; refused on other devices,
@@ -439,7 +440,9 @@ enum Command {
 #[derive(clap::Args, Debug)]
 struct GenerateArgs {
     /// Model folder or .gguf file; or a LoRA adapter folder (peft's or whet's), whose base
-    /// model is read from its adapter_config.json.
+    /// model is read from its adapter_config.json. A .gguf's Q4_0, Q4_1 and Q8_0 layers stay
+    /// in their blocks on a CPU with AVX-512 (the same weights as dequantised, a fifth of the
+    /// memory read per token).
     #[arg(long)]
     model: PathBuf,
     /// A LoRA adapter folder (adapter_config.json + adapter_model.safetensors, as peft saves

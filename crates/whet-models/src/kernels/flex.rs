@@ -111,8 +111,8 @@ fn quant_matmul_forward(x: &FlexTensor, w: &QuantMatrix) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(y, [n, rows]))
 }
 
-/// `y [n, out] = x [n, in] · Wᵀ` for at most [`super::SKINNY_ROWS`] rows of `x` (a generation
-/// step), read straight from a GGUF matrix's Q4_0, Q4_1 or Q8_0 blocks: each block is
+/// `y [n, out] = x [n, in] · Wᵀ` for at most [`QUANT_IN_PLACE_ROWS`] rows of `x` (a
+/// generation step or its prompt), read straight from a GGUF matrix's Q4_0, Q4_1 or Q8_0 blocks: each block is
 /// dequantised into registers exactly as [`whet_gguf::dequantize_into`] does (the weights are
 /// the values transformers dequantises the file to) and multiplied into the rows of `x` in f32,
 /// so a step reads the file's 4.5 or 8.5 bits a weight instead of 32. `None` for other types
@@ -130,36 +130,47 @@ fn quant_skinny(x: &[f32], n: usize, w: &QuantMatrix) -> Option<Vec<f32>> {
         GgmlType::Q8_0 => 2,
         _ => return None,
     };
-    if n == 0 || n > super::SKINNY_ROWS || !quant_steps_in_place() {
+    if n == 0 || n > QUANT_IN_PLACE_ROWS || !quant_steps_in_place() {
         return None;
     }
     let (rows, cols) = w.dims();
     let row_bytes = raw.len() / rows;
-    // [out, n], transposed at the end (n ≤ 4).
-    let mut yt = vec![0f32; rows * n];
-    const CHUNK: usize = 64;
-    // SAFETY: AVX-512F is present (checked above); `raw` is whole rows of whole blocks of
-    // this type (`QuantMatrix::ggml` checked it), `x` is n rows of `cols`.
-    let run = |(out, blocks): (&mut [f32], &[u8])| unsafe {
-        quant_rows(code, blocks, row_bytes, x, n, cols, out)
-    };
-    if rows * cols < 1 << 18 {
-        // As the f32 skinny product: below a quarter million weights a second thread costs
-        // more than it saves.
-        run((&mut yt, raw));
-    } else {
-        yt.par_chunks_mut(n * CHUNK)
-            .zip(raw.par_chunks(row_bytes * CHUNK))
-            .for_each(run);
-    }
     let mut y = vec![0f32; n * rows];
-    for (o, ys) in yt.chunks(n).enumerate() {
-        for (r, &v) in ys.iter().enumerate() {
-            y[r * rows + o] = v;
+    // Four rows of x a pass over the weights (a prompt's rows take several passes, the later
+    // ones from the cache for a layer of SmolLM2's size).
+    for (g, xs) in x.chunks(super::SKINNY_ROWS * cols).enumerate() {
+        let n = xs.len() / cols;
+        // [out, n], transposed below.
+        let mut yt = vec![0f32; rows * n];
+        const CHUNK: usize = 64;
+        // SAFETY: AVX-512F is present (checked above); `raw` is whole rows of whole blocks of
+        // this type (`QuantMatrix::ggml` checked it), `xs` is n rows of `cols`.
+        let run = |(out, blocks): (&mut [f32], &[u8])| unsafe {
+            quant_rows(code, blocks, row_bytes, xs, n, cols, out)
+        };
+        if rows * cols < 1 << 18 {
+            // As the f32 skinny product: below a quarter million weights a second thread
+            // costs more than it saves.
+            run((&mut yt, raw));
+        } else {
+            yt.par_chunks_mut(n * CHUNK)
+                .zip(raw.par_chunks(row_bytes * CHUNK))
+                .for_each(run);
+        }
+        let first = g * super::SKINNY_ROWS;
+        for (o, ys) in yt.chunks(n).enumerate() {
+            for (r, &v) in ys.iter().enumerate() {
+                y[(first + r) * rows + o] = v;
+            }
         }
     }
     Some(y)
 }
+
+/// Rows of `x` up to which [`quant_skinny`] reads the blocks in place (a generation step, or a
+/// prompt of up to 64 tokens): beyond, dequantising the matrix once and one f32 product
+/// cost less than a pass over the blocks every four rows.
+const QUANT_IN_PLACE_ROWS: usize = 64;
 
 #[cfg(not(target_arch = "x86_64"))]
 fn quant_skinny(_: &[f32], _: usize, _: &QuantMatrix) -> Option<Vec<f32>> {
