@@ -441,8 +441,8 @@ enum Command {
 struct GenerateArgs {
     /// Model folder or .gguf file; or a LoRA adapter folder (peft's or whet's), whose base
     /// model is read from its adapter_config.json. A .gguf's Q4_0, Q4_1 and Q8_0 layers stay
-    /// in their blocks on a CPU with AVX-512 (the same weights as dequantised, a fifth of the
-    /// memory read per token).
+    /// in their blocks on a CPU with AVX-512 (the same weights as dequantised, read at 4.5 to
+    /// 8.5 bits a weight instead of 32).
     #[arg(long)]
     model: PathBuf,
     /// A LoRA adapter folder (adapter_config.json + adapter_model.safetensors, as peft saves
