@@ -1058,7 +1058,21 @@ pub fn init_threads() {
     // Err means the pool exists already; its threads then keep their own setting.
     let _ = rayon::ThreadPoolBuilder::new()
         .start_handler(|_| flush_denormals())
+        .stack_size(WORKER_STACK)
         .build_global();
+}
+
+/// Stack of each thread of rayon's pool: the main thread's 8 MiB, as [`on_pool`] moves the
+/// caller's work onto one of them (reserved address space; pages are touched only when used).
+const WORKER_STACK: usize = 8 << 20;
+
+/// Runs `work` on a thread of rayon's global pool and returns its result. Every parallel
+/// kernel then starts from inside the pool: the calling thread takes its share of the work
+/// and the other threads steal the rest, instead of handing each kernel to the pool and
+/// sleeping until it is done (a futex wait and two wake-ups per kernel, about a tenth of a
+/// MiniLM training step on 2 cores).
+pub fn on_pool<R: Send>(work: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| work())
 }
 
 /// The device's random generator is one per process and unit tests run in parallel threads: a

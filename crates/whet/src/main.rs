@@ -534,7 +534,7 @@ fn few_shot(path: &std::path::Path, chat: bool) -> Result<(String, Vec<ChatMessa
 fn main() {
     whet_models::init_threads();
     let cli = Cli::parse();
-    if let Err(e) = run(cli) {
+    if let Err(e) = whet_models::on_pool(|| run(cli)) {
         eprintln!("error: {}", report(&e));
         std::process::exit(1);
     }

@@ -710,16 +710,15 @@ fn bf16_matmul(lhs: FlexTensor, rhs: FlexTensor) -> FlexTensor {
             cs: strides[d - 1] as usize,
         }
     }
-    let mut out = vec![0f32; batches * m * n];
     let (l, r) = (&lhs, &rhs);
-    let (a, b) = (|i| operand(l, i, &lead), |i| operand(r, i, &lead));
-    if batches > 1 {
-        out.par_chunks_mut((m * n).max(1))
-            .enumerate()
-            .for_each(|(i, dst)| bf16::gemm_in_one_thread(m, n, k, a(i), b(i), dst));
-    } else {
-        bf16::gemm(m, n, k, a(0), b(0), &mut out);
-    }
+    let out = bf16::products(
+        batches,
+        m,
+        n,
+        k,
+        |i| operand(l, i, &lead),
+        |i| operand(r, i, &lead),
+    );
     let mut shape = lead;
     shape.extend([m, n]);
     FlexTensor::from_data(TensorData::new(out, shape))
