@@ -35,6 +35,11 @@ fn time<T>(reps: usize, mut f: impl FnMut() -> T) -> f64 {
 
 fn main() -> anyhow::Result<()> {
     whet_models::init_threads();
+    // On a thread of the pool, as the CLI runs (`whet_models::on_pool`).
+    whet_models::on_pool(run)
+}
+
+fn run() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let (minilm, smollm) = match args.as_slice() {
         [_, a, b] => (a.clone(), b.clone()),

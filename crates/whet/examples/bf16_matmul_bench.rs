@@ -18,6 +18,11 @@ pub const SHAPES: [(usize, usize, usize, usize); 7] = [
 
 fn main() {
     whet_models::init_threads();
+    // On a thread of the pool, as the CLI runs (`whet_models::on_pool`).
+    whet_models::on_pool(run)
+}
+
+fn run() {
     let device = Device::flex();
     let reps: usize = std::env::args()
         .nth(1)

@@ -2,6 +2,11 @@
 use burn::tensor::{Device, Distribution, Tensor};
 fn main() {
     whet_models::init_threads();
+    // On a thread of the pool, as the CLI runs (`whet_models::on_pool`).
+    whet_models::on_pool(run)
+}
+
+fn run() {
     let device = Device::flex();
     for n in [384usize, 1024, 2048] {
         let a = Tensor::<2>::random([n, n], Distribution::Normal(0.0, 1.0), &device);
