@@ -139,13 +139,19 @@ pub fn linear<const D: usize>(
             dims[D - 1] = d_out;
             y.reshape(dims)
         }
-        None => burn::tensor::module::linear(x, weight, bias),
-        Some(FloatDType::BF16) if crate::device::is_flex(&x.device()) => {
+        compute @ (None | Some(FloatDType::BF16)) if crate::device::is_flex(&x.device()) => {
             let dims = x.dims();
             let [d_in, d_out] = weight.dims();
             let n: usize = dims[..D - 1].iter().product();
-            // [N, d_in] · [d_in, d_out]: f32 in and out, bf16 operands inside the kernel.
-            let y = crate::kernels::bf16_matmul(x.reshape([n, d_in]), weight);
+            // [N, d_in] · [d_in, d_out]: f32 in and out; under bf16, bf16 operands inside the
+            // kernel. On the CPU both are whet's products (`kernels::f32_matmul` fills a new
+            // buffer without zeroing it first).
+            let x = x.reshape([n, d_in]);
+            let y = if compute.is_some() {
+                crate::kernels::bf16_matmul(x, weight)
+            } else {
+                crate::kernels::f32_matmul(x, weight)
+            };
             let y = match bias {
                 Some(b) => y + b.unsqueeze::<2>(),
                 None => y,
@@ -154,6 +160,8 @@ pub fn linear<const D: usize>(
             out[D - 1] = d_out;
             y.reshape(out)
         }
+        // Not reached: the first arm takes f32 off the CPU.
+        None => burn::tensor::module::linear(x, weight, bias),
         Some(dt) => up(burn::tensor::module::linear(
             down(x, dt),
             down(weight, dt),

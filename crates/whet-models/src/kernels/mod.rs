@@ -942,7 +942,7 @@ pub fn bf16_matmul<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> Tensor<D> {
 /// - output `[..., m, n]`
 pub fn f32_matmul<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> Tensor<D> {
     let f32 = burn::tensor::DType::F32;
-    if !avoids_tf32(&a) || a.dtype() != f32 || b.dtype() != f32 {
+    if !(avoids_tf32(&a) || on_flex(&a)) || a.dtype() != f32 || b.dtype() != f32 {
         return a.matmul(b);
     }
     let (mut da, mut db) = (a.dims(), b.dims());
@@ -2384,9 +2384,9 @@ mod tests {
         }
     }
 
-    /// The f32 arm of `fused_matmul` (what [`f32_matmul`] runs on a GPU with TF32): the value
-    /// and both gradients equal burn's matmul's, with a transposed right operand; with a frozen
-    /// right operand the left gradient is the same.
+    /// The f32 arm of `fused_matmul` (what [`f32_matmul`] runs on the CPU, and on a GPU with
+    /// TF32): the value and both gradients equal burn's matmul's, with a transposed right
+    /// operand; with a frozen right operand the left gradient is the same.
     #[test]
     fn fused_f32_matmul_equals_burns_matmul_in_value_and_gradients() {
         let fused = |x: Tensor<4>, y: Tensor<4>| {
@@ -2408,6 +2408,59 @@ mod tests {
         let frozen = |x: Tensor<4>, y: Tensor<4>| fused(x, y.detach());
         let (value, left, _) = product_against_matmul(frozen);
         assert!(value < 1e-5 && left < 1e-5, "right frozen: {value}, {left}");
+    }
+
+    /// The CPU's f32 product, which fills a buffer it never zeroes, equals burn's matmul on
+    /// the shapes where that could show: one product split over the threads, a batch of
+    /// products one a thread, transposed operands, a product over k = 0 (all zeros), and
+    /// empty ones; each run after a large product freed its memory, so a value left unwritten
+    /// would hold that product's old values.
+    #[test]
+    fn cpu_f32_products_write_every_value() {
+        use burn::backend::Flex;
+        use burn::backend::flex::FlexTensor;
+        use burn::backend::ops::FloatTensorOps;
+        let _rng = crate::test_rng();
+        let flex = |shape: Vec<usize>, seed: u64| {
+            let n: usize = shape.iter().product();
+            let v: Vec<f32> = (0..n)
+                .map(|i| ((i as u64 * 2654435761 + seed) % 1000) as f32 / 500.0 - 1.0)
+                .collect();
+            FlexTensor::from_data(TensorData::new(v, shape))
+        };
+        let values = |t: FlexTensor| t.into_data().try_to_vec::<f32>().unwrap_or_default();
+        for (lead, m, k, n, transposed) in [
+            (vec![], 300, 250, 200, false),
+            (vec![3], 17, 5, 9, false),
+            (vec![2, 2], 33, 40, 65, true),
+            (vec![], 7, 0, 5, false),
+            (vec![2], 0, 4, 3, false),
+        ] {
+            drop(<Flex as Kernels>::f32_matmul(
+                flex(vec![400, 300], 1),
+                flex(vec![300, 400], 2),
+            ));
+            let shape = |r: usize, c: usize| [lead.clone(), vec![r, c]].concat();
+            let a = flex(shape(m, k), 3);
+            let b = if transposed {
+                let d = lead.len();
+                Flex::float_swap_dims(flex(shape(n, k), 4), d, d + 1)
+            } else {
+                flex(shape(k, n), 4)
+            };
+            let got = values(<Flex as Kernels>::f32_matmul(a.clone(), b.clone()));
+            let want = values(Flex::float_matmul(a, b));
+            assert_eq!(got.len(), want.len(), "{lead:?} {m}×{k}×{n}");
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                    "{lead:?} {m}×{k}×{n} [{i}]: {g} vs {w}"
+                );
+            }
+            if k == 0 {
+                assert!(got.iter().all(|&g| g == 0.0), "k = 0 gives zeros");
+            }
+        }
     }
 
     /// A few rows times a GGUF matrix of Q4_0, Q4_1 or Q8_0 blocks (a generation step, read
