@@ -1083,3 +1083,24 @@ pub(crate) fn test_rng() -> std::sync::MutexGuard<'static, ()> {
     static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
     RNG.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+#[cfg(test)]
+mod pool_tests {
+    /// `on_pool` runs its work on a thread of rayon's global pool (not the caller's), returns
+    /// its result, and a parallel loop inside it still spreads over the pool and sums right.
+    #[test]
+    fn on_pool_runs_on_a_pool_thread() {
+        use rayon::prelude::*;
+        super::init_threads();
+        assert!(
+            rayon::current_thread_index().is_none(),
+            "the test thread is not a pool thread"
+        );
+        let (index, sum) = super::on_pool(|| {
+            let sum: u64 = (0..10_000u64).into_par_iter().sum();
+            (rayon::current_thread_index(), sum)
+        });
+        assert!(index.is_some(), "the work ran off the pool");
+        assert_eq!(sum, 49_995_000);
+    }
+}
