@@ -125,22 +125,14 @@ pub(crate) fn products<'a>(
 ) -> Vec<f32> {
     let len = batches * m * n;
     #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-    if Kernel::best() == Kernel::Amx && len > 0 {
-        let mut out = Vec::<f32>::with_capacity(len);
-        let c = simd::SendPtr(out.as_mut_ptr());
-        let one = |i: usize, threads: bool| {
-            // SAFETY: AMX is granted (`Kernel::best`); product i writes its m · n values at
-            // i · m · n, inside the buffer's capacity and apart from every other product's.
-            unsafe { simd::amx::gemm(m, n, k, a(i), b(i), c.get().add(i * m * n), threads) }
+    if Kernel::best() == Kernel::Amx {
+        // SAFETY: AMX is granted (`Kernel::best`), and the tiles store all m · n values of
+        // each product at `c`.
+        return unsafe {
+            super::new_products(batches, m * n, |i, c, threads| {
+                simd::amx::gemm(m, n, k, a(i), b(i), c, threads)
+            })
         };
-        if batches > 1 {
-            (0..batches).into_par_iter().for_each(|i| one(i, false));
-        } else {
-            one(0, true);
-        }
-        // SAFETY: the products above wrote all `len` values.
-        unsafe { out.set_len(len) };
-        return out;
     }
     let mut out = vec![0f32; len];
     if batches > 1 {
@@ -373,7 +365,7 @@ mod simd {
 
     /// A pointer that rayon's tasks may share: each writes its own disjoint part of the
     /// buffer (tiles of `C` in `gemm`, pair rows of a packed operand in `pack`).
-    pub(super) struct SendPtr<T>(pub(super) *mut T);
+    struct SendPtr<T>(*mut T);
     // SAFETY: tasks write disjoint regions (see `gemm` and `pack`).
     unsafe impl<T> Send for SendPtr<T> {}
     unsafe impl<T> Sync for SendPtr<T> {}
@@ -388,7 +380,7 @@ mod simd {
     impl<T> SendPtr<T> {
         /// Through a method, so that a closure captures the whole `SendPtr` (Send), not its
         /// raw-pointer field.
-        pub(super) fn get(self) -> *mut T {
+        fn get(self) -> *mut T {
             self.0
         }
     }
@@ -403,6 +395,10 @@ mod simd {
     /// Buffers a thread keeps for reuse: the two operands of a product, and those of one
     /// product that runs inside another's wait (rayon runs stolen work there).
     const KEPT: usize = 4;
+    /// The largest buffer kept (16 MiB): a layer's operands fit (SmolLM2's largest, 1024 tokens
+    /// by 1536, is 3 MiB packed), an LM head's (49152 × 576, 56 MiB) is given back to the
+    /// allocator rather than held for the rest of the run by every thread.
+    const KEPT_LEN: usize = 1 << 22;
 
     thread_local! {
         static POOL: std::cell::RefCell<Vec<Vec<u32>>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -416,7 +412,6 @@ mod simd {
                 .unwrap_or_default();
             // Only growth writes (zeros); a buffer long enough keeps its old values.
             buf.resize(len, 0);
-            buf.truncate(len);
             Scratch(buf)
         }
     }
@@ -426,7 +421,7 @@ mod simd {
             let buf = std::mem::take(&mut self.0);
             POOL.with(|pool| {
                 let mut pool = pool.borrow_mut();
-                if pool.len() < KEPT {
+                if pool.len() < KEPT && buf.capacity() <= KEPT_LEN {
                     pool.push(buf);
                 }
             });

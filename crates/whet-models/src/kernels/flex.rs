@@ -731,20 +731,6 @@ fn bf16_matmul(lhs: FlexTensor, rhs: FlexTensor) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(out, shape))
 }
 
-/// A pointer to a buffer that rayon's tasks fill, each its own disjoint part.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-// SAFETY: the tasks that share it write disjoint ranges (see `f32_matmul`).
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    /// Through a method, so that a closure captures the whole `SharedOut`.
-    fn at(self, i: usize) -> *mut f32 {
-        self.0.wrapping_add(i)
-    }
-}
-
 /// `lhs [..., m, k] · rhs [..., k, n]` in f32 by the `gemm` crate (burn's matmul runs the same
 /// crate), one product per index of the (equal) leading dimensions. The products fill a new
 /// buffer without reading it (`gemm` reads no destination when told not to), where burn's
@@ -753,10 +739,7 @@ fn f32_matmul(lhs: FlexTensor, rhs: FlexTensor) -> FlexTensor {
     let (lhs, rhs) = (strided_f32(lhs), strided_f32(rhs));
     let (lead, m, k, n) = product_dims(&lhs, &rhs);
     let batches: usize = lead.iter().product();
-    let len = batches * m * n;
-    let mut out = Vec::<f32>::with_capacity(len);
-    let dst = SharedOut(out.as_mut_ptr());
-    let one = |i: usize, parallel: bool| {
+    let one = |i: usize, dst: *mut f32, parallel: bool| {
         let (a, b) = (batch_operand(&lhs, i, &lead), batch_operand(&rhs, i, &lead));
         if k > 0 {
             assert!(
@@ -770,15 +753,15 @@ fn f32_matmul(lhs: FlexTensor, rhs: FlexTensor) -> FlexTensor {
         } else {
             gemm::Parallelism::None
         };
-        // SAFETY: product i writes its m · n values at i · m · n, inside the buffer's capacity
-        // and apart from every other product's; with `read_dst` false gemm reads none of them
-        // (and writes zeros when k is 0); every operand index lies inside its slice (asserted).
+        // SAFETY: `dst` holds m · n values for this product alone (`new_products`); with
+        // `read_dst` false gemm writes all of them and reads none (zeros when k is 0); every
+        // operand index lies inside its slice (asserted).
         unsafe {
             gemm::gemm(
                 m,
                 n,
                 k,
-                dst.at(i * m * n),
+                dst,
                 1,
                 n as isize,
                 false,
@@ -797,15 +780,8 @@ fn f32_matmul(lhs: FlexTensor, rhs: FlexTensor) -> FlexTensor {
             );
         }
     };
-    if m > 0 && n > 0 {
-        if batches > 1 {
-            (0..batches).into_par_iter().for_each(|i| one(i, false));
-        } else if batches == 1 {
-            one(0, true);
-        }
-    }
-    // SAFETY: the products above wrote all `len` values (none when m or n is 0).
-    unsafe { out.set_len(len) };
+    // SAFETY: each call of `one` writes all m · n values at its pointer (above).
+    let out = unsafe { super::new_products(batches, m * n, one) };
     let mut shape = lead;
     shape.extend([m, n]);
     FlexTensor::from_data(TensorData::new(out, shape))
