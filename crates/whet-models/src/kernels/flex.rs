@@ -371,9 +371,10 @@ unsafe fn quant_rows_of<const CODE: u8, const N: usize>(
 
 const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
 
-/// `e^x` for `x` in `[-87.3, 88.7]` (clamped), relative error about 1e-7: Cody-Waite range
-/// reduction to `r ∈ [-ln2/2, ln2/2]`, Cephes' degree-5 polynomial, the power of two built in the
-/// exponent bits. Branch-free so loops over it vectorise.
+/// `e^x` for `x` up to 88.7 (clamped), relative error about 1e-7: Cody-Waite range reduction
+/// to `r ∈ [-ln2/2, ln2/2]`, Cephes' degree-5 polynomial, the power of two built in the exponent
+/// bits. Below -87.3, where `e^x` nears f32's smallest normal number, it is 0: no subnormal
+/// result (see [`flush_subnormal`]). Branch-free so loops over it vectorise.
 #[inline(always)]
 pub(super) fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
@@ -381,6 +382,7 @@ pub(super) fn exp(x: f32) -> f32 {
     const LN2_LO: f32 = -2.121_944_4e-4;
     // Adding and subtracting 1.5·2^23 rounds to the nearest integer without a call to roundf.
     const ROUND: f32 = 12_582_912.0;
+    let underflow = x < -87.3;
     let x = x.clamp(-87.3, 88.7);
     let v = x * LOG2E + ROUND;
     let n = v - ROUND;
@@ -395,7 +397,19 @@ pub(super) fn exp(x: f32) -> f32 {
     // v's low mantissa bits hold n (its ulp is 1): 2^n from integer ops only, no float-to-int
     // conversion (Rust's saturating `as` would keep the loop scalar).
     let n_bits = v.to_bits().wrapping_sub(ROUND.to_bits());
-    e * f32::from_bits(n_bits.wrapping_add(127) << 23)
+    let y = e * f32::from_bits(n_bits.wrapping_add(127) << 23);
+    if underflow { 0.0 } else { y }
+}
+
+/// `x`, or 0 where it is subnormal (below f32's smallest normal number in size). x86 CPUs take
+/// a microcode assist, some hundred cycles, for each subnormal operand or result of a
+/// multiply: the probabilities of masked keys, `e^(f32::MIN)` clamped to about 1.2e-38 and then
+/// divided by the row's sum, were subnormal and fed every product of attention, whose f32
+/// training step took 12 times as long on a Xeon (`time_attention`: SmolLM2's shape 110 ms,
+/// 9 ms with them 0). PyTorch's softmax gives those keys exact zeros; so do these kernels.
+#[inline(always)]
+pub(super) fn flush_subnormal(x: f32) -> f32 {
+    if x.abs() < f32::MIN_POSITIVE { 0.0 } else { x }
 }
 
 /// `(Φ(x), φ(x))`: the standard normal CDF `0.5·(1 + erf(x/√2))` and density. erf by
@@ -495,7 +509,7 @@ fn softmax_in_place(row: &mut [f32]) {
     }
     let inv = 1.0 / (acc.iter().sum::<f32>() + tail);
     for p in row.iter_mut() {
-        *p *= inv;
+        *p = flush_subnormal(*p * inv);
     }
 }
 
@@ -527,7 +541,7 @@ multiversion!(softmax_backward_row(
     }
     let dot = dot(probs, out);
     for (o, &p) in out.iter_mut().zip(probs) {
-        *o = scale * p * (*o - dot);
+        *o = flush_subnormal(scale * p * (*o - dot));
     }
 });
 
@@ -626,7 +640,7 @@ multiversion!(logsumexp_row(row: &[f32], out: &mut f32) {
 
 multiversion!(cross_entropy_grad_row(row: &[f32], lse: f32, g: f32, out: &mut [f32]) {
     for (o, &x) in out.iter_mut().zip(row) {
-        *o = g * exp(x - lse);
+        *o = flush_subnormal(g * exp(x - lse));
     }
 });
 
