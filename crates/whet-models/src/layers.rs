@@ -149,9 +149,11 @@ impl LowRank {
     /// - output `[..., d_out]`
     pub fn forward<const D: usize>(&self, x: Tensor<D>, mode: Mode) -> Tensor<D> {
         let x = dropout(x, self.dropout, mode);
-        // (..., in) x (in, r) -> (..., r) x (r, out) -> (..., out)
-        let h = crate::precision::linear(x, self.a.val(), None);
-        crate::precision::linear(h, self.b.val(), None).mul_scalar(self.scaling)
+        // (..., in) x (in, r) -> (..., r) x (r, out) -> (..., out). peft scales the output;
+        // scaling the r-wide middle is the same product (exactly so for a power of two, such
+        // as the usual alpha = 2r) over r / out of the values, forward and backward.
+        let h = crate::precision::linear(x, self.a.val(), None).mul_scalar(self.scaling);
+        crate::precision::linear(h, self.b.val(), None)
     }
 
     /// The dense update `A · B · scaling` `[d_in, d_out]`, for merging.

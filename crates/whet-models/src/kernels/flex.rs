@@ -403,10 +403,12 @@ pub(super) fn exp(x: f32) -> f32 {
 
 /// `x`, or 0 where it is subnormal (below f32's smallest normal number in size). x86 CPUs take
 /// a microcode assist, some hundred cycles, for each subnormal operand or result of a
-/// multiply: the probabilities of masked keys, `e^(f32::MIN)` clamped to about 1.2e-38 and then
-/// divided by the row's sum, were subnormal and fed every product of attention, whose f32
-/// training step took 12 times as long on a Xeon (`time_attention`: SmolLM2's shape 110 ms,
-/// 9 ms with them 0). PyTorch's softmax gives those keys exact zeros; so do these kernels.
+/// multiply. whet's programs set their threads to flush subnormals (`flush_denormals`), but a
+/// library caller's threads and the test harness's do not: there the probabilities of masked
+/// keys, `e^(f32::MIN)` clamped to about 1.2e-38 and then divided by the row's sum, were
+/// subnormal and fed every product of attention, whose f32 step took 12 times as long on a
+/// Xeon (`time_attention`: SmolLM2's shape 110 ms, 9 ms with them 0). PyTorch's softmax gives
+/// those keys exact zeros; so do these kernels, whatever the thread's setting.
 #[inline(always)]
 pub(super) fn flush_subnormal(x: f32) -> f32 {
     if x.abs() < f32::MIN_POSITIVE { 0.0 } else { x }
@@ -471,13 +473,29 @@ multiversion!(dropout_slice(x: &[f32], mask: &DropMask, base: u32, out: &mut [f3
     }
 });
 
+// [`dropout_slice`] into values not yet written.
+multiversion!(dropout_into(
+    x: &[f32],
+    mask: &DropMask,
+    base: u32,
+    out: &mut [std::mem::MaybeUninit<f32>]
+) {
+    for (j, (o, &v)) in out.iter_mut().zip(x).enumerate() {
+        o.write(v * mask.factor(base.wrapping_add(j as u32)));
+    }
+});
+
 fn dropout_apply(x: &FlexTensor, mask: &DropMask) -> FlexTensor {
     let xs = values(x);
-    let mut out = vec![0f32; xs.len()];
-    out.par_chunks_mut(CHUNK)
+    // Not zeroed first (a `memset` of LoRA's dropped inputs took 1.6% of a SmolLM2 LoRA step).
+    let mut out: Vec<f32> = Vec::with_capacity(xs.len());
+    out.spare_capacity_mut()
+        .par_chunks_mut(CHUNK)
         .zip(xs.par_chunks(CHUNK))
         .enumerate()
-        .for_each(|(k, (o, x))| dropout_slice(x, mask, (k * CHUNK) as u32, o));
+        .for_each(|(k, (o, x))| dropout_into(x, mask, (k * CHUNK) as u32, o));
+    // SAFETY: `dropout_into` wrote every one of the `xs.len()` values.
+    unsafe { out.set_len(xs.len()) };
     new_tensor(out, x)
 }
 
@@ -762,27 +780,41 @@ fn f32_matmul(lhs: FlexTensor, rhs: FlexTensor) -> FlexTensor {
                 "f32 matmul: operands of {m}×{k} and {k}×{n} past their buffers"
             );
         }
-        let parallelism = if parallel && m * n * k >= 192 * 192 * 192 {
-            gemm::Parallelism::Rayon(0)
+        let threads = rayon::current_num_threads();
+        let parallel = parallel && threads > 1 && m * n * k >= 192 * 192 * 192;
+        // A narrow product (LoRA's rank-r products: n = r < 16, m the tokens or features):
+        // gemm computes a row-major result as its transpose, whose n rows fill at most half
+        // of its kernels' 16-row tiles (the `x1x6` edge kernel, 6% of a SmolLM2 LoRA step);
+        // written column-major the m rows fill them, and the n · m values are transposed here.
+        let narrow = n < 16 && m >= 64;
+        let mut column_major = if narrow {
+            vec![0f32; m * n]
         } else {
-            gemm::Parallelism::None
+            Vec::new()
         };
-        // SAFETY: `dst` holds m · n values for this product alone (`new_products`); with
-        // `read_dst` false gemm writes all of them and reads none (zeros when k is 0); every
-        // operand index lies inside its slice (asserted).
-        unsafe {
+        let (out, out_cs, out_rs) = if narrow {
+            (column_major.as_mut_ptr(), m as isize, 1)
+        } else {
+            (dst, 1, n as isize)
+        };
+        // Columns `col..col + width` of the product (all of them with `col` 0 and `width` n).
+        // SAFETY (of each call): `out` holds m · n values for this product alone
+        // (`new_products`, or the column-major buffer) and the calls write disjoint columns;
+        // with `read_dst` false gemm writes all of them and reads none (zeros when k is 0);
+        // every operand index lies inside its slice (asserted).
+        let columns = |out: usize, col: usize, width: usize, parallelism| unsafe {
             gemm::gemm(
                 m,
-                n,
+                width,
                 k,
-                dst,
-                1,
-                n as isize,
+                (out as *mut f32).offset(col as isize * out_cs),
+                out_cs,
+                out_rs,
                 false,
                 a.values.as_ptr().add(a.offset),
                 a.cs as isize,
                 a.rs as isize,
-                b.values.as_ptr().add(b.offset),
+                b.values.as_ptr().add(b.offset + col * b.cs),
                 b.cs as isize,
                 b.rs as isize,
                 0.0,
@@ -791,7 +823,35 @@ fn f32_matmul(lhs: FlexTensor, rhs: FlexTensor) -> FlexTensor {
                 false,
                 false,
                 parallelism,
-            );
+            )
+        };
+        // Over the threads, each thread takes a block of the columns whole: gemm's own split
+        // hands every thread a share of each row block, and each packs the whole of the left
+        // operand of gemm's transposed problem (`rhs`, a layer's weight) again, 15% of a
+        // SmolLM2 LoRA step; in blocks each packs only its own columns' part (a LoRA step
+        // 1.10x, MiniLM 1.04-1.08x). Only where `lhs`'s rows are contiguous (the layers'
+        // forward and input-gradient products): a weight gradient's `lhs` is a transposed view
+        // (xᵀ) that every block packs whole, and split there SmolLM2 full fine-tuning's peak
+        // RSS rose by 0.3-0.85 GB in half of the runs.
+        let width = n.div_ceil(threads).next_multiple_of(16);
+        let out = out as usize;
+        if parallel && !narrow && width < n && a.cs == 1 {
+            (0..n.div_ceil(width)).into_par_iter().for_each(|c| {
+                let col = c * width;
+                columns(out, col, width.min(n - col), gemm::Parallelism::None)
+            });
+        } else if parallel {
+            columns(out, 0, n, gemm::Parallelism::Rayon(0));
+        } else {
+            columns(out, 0, n, gemm::Parallelism::None);
+        }
+        if narrow {
+            for (j, column) in column_major.chunks_exact(m).enumerate() {
+                for (i, &x) in column.iter().enumerate() {
+                    // SAFETY: i < m and j < n: inside the m · n values at `dst`.
+                    unsafe { dst.add(i * n + j).write(x) };
+                }
+            }
         }
     };
     // SAFETY: each call of `one` writes all m · n values at its pointer (above).

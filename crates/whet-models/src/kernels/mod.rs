@@ -2516,8 +2516,8 @@ mod tests {
 
     /// The CPU's f32 product, which fills a buffer it never zeroes, equals burn's matmul on
     /// the shapes where that could show: one product split over the threads, a batch of
-    /// products one a thread, transposed operands, a product over k = 0 (all zeros), and
-    /// empty ones; each run after a large product freed its memory, so a value left unwritten
+    /// products one a thread, transposed operands, a product over k = 0 (all zeros), empty
+    /// ones and narrow ones (fewer than 16 columns, written column-major and transposed); each run after a large product freed its memory, so a value left unwritten
     /// would hold that product's old values.
     #[test]
     fn cpu_f32_products_write_every_value() {
@@ -2539,6 +2539,10 @@ mod tests {
             (vec![2, 2], 33, 40, 65, true),
             (vec![], 7, 0, 5, false),
             (vec![2], 0, 4, 3, false),
+            // narrow: written column-major, then transposed
+            (vec![], 300, 64, 8, false),
+            (vec![2], 100, 30, 15, true),
+            (vec![], 64, 0, 8, false),
         ] {
             drop(<Flex as Kernels>::f32_matmul(
                 flex(vec![400, 300], 1),

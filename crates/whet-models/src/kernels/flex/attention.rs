@@ -223,11 +223,12 @@ fn product(
 
 /// Whether the kernel's products run in bf16: under bf16 compute on this thread, on a CPU with
 /// AMX, for heads of 64 values or more. `time_attention` on a 2-core Xeon with AMX: SmolLM2's
-/// shape (4 rows, 9 / 3 heads of 64, 256 tokens, causal) took 9.4 ms a step with the tiles and
-/// 93 ms with f32 products; MiniLM's (16 rows, 12 heads of 32, 50 tokens) 3.9-4.2 ms with the
-/// tiles and 3.4 ms in f32 (a product over 32 values is one tile step, the packing costs more
-/// than it saves). With only AVX512-BF16 the products stay f32, which ran faster than bf16
-/// products there.
+/// shape (4 rows, 9 / 3 heads of 64, 256 tokens, causal) took 6.8-7.8 ms a step with the tiles
+/// and 9.1-9.5 ms with f32 products (the 93 ms first measured for f32 came from subnormal
+/// probabilities on the harness's threads, see `flush_subnormal`); MiniLM's (16 rows, 12
+/// heads of 32, 50 tokens) 3.9-4.2 ms with the tiles and 3.4 ms in f32 (a product over 32
+/// values is one tile step, the packing costs more than it saves). With only AVX512-BF16 the
+/// products stay f32, which ran faster than bf16 products there.
 pub(super) fn bf16_products(head_dim: usize) -> bool {
     head_dim >= 64
         && crate::precision::compute() == Some(burn::tensor::FloatDType::BF16)
