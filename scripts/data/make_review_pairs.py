@@ -15,7 +15,6 @@ import os
 import sys
 from collections import defaultdict
 
-PER_FILM = 1
 PLOT_CHARS = 300  # the plot's first sentences up to about this length: prompts stay short
 
 
@@ -43,7 +42,8 @@ def main(src, dst):
                       "Write a one-sentence review that recommends this film.\nReview:")
         else:
             prompt = f"Film: {title}\nWrite a one-sentence review that recommends this film.\nReview:"
-        for fresh, rotten in list(zip(film["fresh"], film["rotten"]))[:PER_FILM]:
+        if film["fresh"] and film["rotten"]:
+            fresh, rotten = film["fresh"][0], film["rotten"][0]
             if fresh and rotten and fresh != rotten:
                 pairs.append({"prompt": prompt, "chosen": " " + fresh, "rejected": " " + rotten})
     tmp = dst + ".tmp"

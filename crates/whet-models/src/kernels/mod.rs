@@ -2517,8 +2517,9 @@ mod tests {
     /// The CPU's f32 product, which fills a buffer it never zeroes, equals burn's matmul on
     /// the shapes where that could show: one product split over the threads, a batch of
     /// products one a thread, transposed operands, a product over k = 0 (all zeros), empty
-    /// ones and narrow ones (fewer than 16 columns, written column-major and transposed); each run after a large product freed its memory, so a value left unwritten
-    /// would hold that product's old values.
+    /// ones and narrow ones (fewer than 16 columns, written column-major and transposed); each
+    /// run after a large product freed its memory, so a value left unwritten would hold that
+    /// product's old values.
     #[test]
     fn cpu_f32_products_write_every_value() {
         use burn::backend::Flex;
