@@ -63,6 +63,43 @@ fn gemm_on(
     parallel: bool,
 ) {
     assert!(dst.len() >= m * n);
+    // SAFETY: dst holds the m × n values that rows n apart reach (asserted), and the
+    // exclusive borrow keeps every other reader and writer away.
+    unsafe {
+        gemm_into(
+            m,
+            n,
+            k,
+            lhs,
+            (lhs_rs, lhs_cs),
+            rhs,
+            (rhs_rs, rhs_cs),
+            (dst.as_mut_ptr(), n),
+            accumulate,
+            parallel,
+        )
+    }
+}
+
+/// [`gemm_on`] into rows `dst_rs` apart from `dst` (the rows of one head in a `[B, T, H, hd]`
+/// buffer lie `H·hd` apart).
+///
+/// # Safety
+/// `dst` is valid for reads and writes at `r · dst_rs + c` for every `r < m`, `c < n`, and no
+/// other code reads or writes those values meanwhile.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn gemm_into(
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: &[f32],
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: &[f32],
+    (rhs_rs, rhs_cs): (usize, usize),
+    (dst, dst_rs): (*mut f32, usize),
+    accumulate: bool,
+    parallel: bool,
+) {
     assert!(m == 0 || n == 0 || k == 0 || lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs);
     assert!(m == 0 || n == 0 || k == 0 || rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs);
     let parallelism = if parallel {
@@ -71,15 +108,15 @@ fn gemm_on(
         gemm::Parallelism::None
     };
     // SAFETY: every index the strides reach lies inside the slices: lhs (m-1)·rs + (k-1)·cs,
-    // rhs (k-1)·rs + (n-1)·cs and dst (m-1)·n + n-1, as the callers' shapes imply.
+    // rhs (k-1)·rs + (n-1)·cs (asserted); dst's rows are the caller's promise.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst,
             1,
-            n as isize,
+            dst_rs as isize,
             accumulate,
             lhs.as_ptr(),
             lhs_cs as isize,

@@ -11,10 +11,11 @@
 //! expanded copy of k and v), and a block skips the keys that a mask hides from all its rows
 //! (the upper triangle of a causal mask), which the unfused products compute and discard.
 
-use super::{DropMask, FlexTensor, dropout_slice, gemm_on, new_tensor, values};
+use super::{DropMask, FlexTensor, dropout_slice, gemm_into, values};
 use crate::kernels::bf16::{self, Strided};
 use crate::layers::MASK_VALUE;
 use burn::backend::TensorMetadata;
+use burn::tensor::TensorData;
 use rayon::prelude::*;
 
 /// Query rows per block: a block's scores are `ROWS × Tk` floats (64 KiB at 256 keys).
@@ -115,6 +116,70 @@ pub(super) fn readable_in_place(t: FlexTensor) -> FlexTensor {
     }
 }
 
+/// Where a product writes its `m × n` result: row `r` from `ptr + r·rs`.
+#[derive(Clone, Copy)]
+struct Rows {
+    ptr: *mut f32,
+    rs: usize,
+}
+
+impl Rows {
+    /// A dense block of rows `width` values long (the scratch blocks of scores).
+    fn dense(block: &mut [f32], width: usize) -> Self {
+        Self {
+            ptr: block.as_mut_ptr(),
+            rs: width,
+        }
+    }
+}
+
+/// The kernel's outputs (the output; dq, dk, dv) are written in `[B, T, H, hd]` order and
+/// handed on as `[B, H, T, hd]` views of it ([`heads_tensor`]): the model merges the heads by
+/// `swap_dims(1, 2)` and a reshape to `[B, T, H·hd]` (`merge_heads`, and the backward pass of
+/// `split_heads`), which is then a view too, where a `[B, H, T, hd]` buffer needed a copy (2.8%
+/// of a MiniLM bf16 step's profile). Each rayon task writes the rows of its own heads, `H·hd`
+/// apart.
+#[derive(Clone, Copy)]
+struct HeadsOut {
+    ptr: *mut f32,
+    t: usize,
+    heads: usize,
+    hd: usize,
+}
+
+// SAFETY: the tasks that share a `HeadsOut` write the rows of disjoint sets of heads (one
+// batch row's head, or one key / value head's group), see `forward` and `backward`.
+unsafe impl Send for HeadsOut {}
+unsafe impl Sync for HeadsOut {}
+
+impl HeadsOut {
+    /// `buf` holds `[B, t, heads, hd]`.
+    fn new(buf: &mut [f32], t: usize, heads: usize, hd: usize) -> Self {
+        Self {
+            ptr: buf.as_mut_ptr(),
+            t,
+            heads,
+            hd,
+        }
+    }
+
+    /// Head `h` of batch row `b` from its row `t` on.
+    fn rows(self, b: usize, h: usize, t: usize) -> Rows {
+        Rows {
+            ptr: self
+                .ptr
+                .wrapping_add(((b * self.t + t) * self.heads + h) * self.hd),
+            rs: self.heads * self.hd,
+        }
+    }
+}
+
+/// A `[B, T, H, hd]` buffer as the `[B, H, T, hd]` tensor `[b, h, t, hd]` (a view, see
+/// [`HeadsOut`]).
+fn heads_tensor(values: Vec<f32>, [b, h, t, hd]: [usize; 4]) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(values, [b, t, h, hd])).transpose(1, 2)
+}
+
 /// The keys a block of query rows attends to, `0..end`: every key from `end` on is masked for
 /// every row of the block, so its probability is 0 (e^-87 against at least one unmasked key's
 /// e^0, below f32's resolution of the sum). A row whose keys are all masked attends to all of
@@ -148,19 +213,23 @@ fn probs_block(
     p: &mut [f32],
 ) {
     let (b, h) = (bh / d.heads, bh % d.heads);
+    assert!(p.len() >= rows * keys);
     // (rows, hd) x (hd, keys) -> (rows, keys); kᵀ read through its strides
-    product(
-        bf16,
-        rows,
-        keys,
-        d.hd,
-        q.rows(b, h, i0),
-        (q.st, 1),
-        k,
-        (1, k_st),
-        p,
-        false,
-    );
+    // SAFETY: p holds the rows × keys block (asserted), borrowed exclusively.
+    unsafe {
+        product(
+            bf16,
+            rows,
+            keys,
+            d.hd,
+            q.rows(b, h, i0),
+            (q.st, 1),
+            k,
+            (1, k_st),
+            Rows::dense(p, keys),
+            false,
+        )
+    };
     for (r, row) in p.chunks_mut(keys).enumerate() {
         let bias_row = &bias[(b * d.tq + i0 + r) * d.tk..][..keys];
         scale_bias_softmax(row, bias_row, scale);
@@ -168,11 +237,15 @@ fn probs_block(
 }
 
 /// One of the kernel's products on the calling thread: `dst (+)= lhs · rhs` with f32 operands
-/// ([`gemm_on`]), or with `bf16` the operands rounded to bf16 and summed in f32 by
+/// ([`gemm_into`]), or with `bf16` the operands rounded to bf16 and summed in f32 by
 /// [`bf16::gemm_in_one_thread`], as autocast runs attention's two products. Only where the CPU
 /// has AMX tiles (see [`bf16_products`]).
+///
+/// # Safety
+/// `dst` is valid for reads and writes of `m` rows of `n` values, and no other thread reads or
+/// writes them meanwhile.
 #[allow(clippy::too_many_arguments)]
-fn product(
+unsafe fn product(
     bf16: bool,
     m: usize,
     n: usize,
@@ -181,22 +254,28 @@ fn product(
     (lhs_rs, lhs_cs): (usize, usize),
     rhs: &[f32],
     (rhs_rs, rhs_cs): (usize, usize),
-    dst: &mut [f32],
+    dst: Rows,
     accumulate: bool,
 ) {
     if !bf16 {
-        return gemm_on(
-            m,
-            n,
-            k,
-            lhs,
-            (lhs_rs, lhs_cs),
-            rhs,
-            (rhs_rs, rhs_cs),
-            dst,
-            accumulate,
-            false,
-        );
+        // SAFETY: dst's rows are the caller's promise.
+        return unsafe {
+            gemm_into(
+                m,
+                n,
+                k,
+                lhs,
+                (lhs_rs, lhs_cs),
+                rhs,
+                (rhs_rs, rhs_cs),
+                (dst.ptr, dst.rs),
+                accumulate,
+                false,
+            )
+        };
+    }
+    if m == 0 || n == 0 {
+        return;
     }
     let a = Strided {
         values: lhs,
@@ -210,14 +289,24 @@ fn product(
         rs: rhs_rs,
         cs: rhs_cs,
     };
-    if accumulate {
-        let mut sum = vec![0f32; m * n];
-        bf16::gemm_in_one_thread(m, n, k, a, b, &mut sum);
-        for (d, s) in dst.iter_mut().zip(&sum) {
-            *d += s;
+    if !accumulate && dst.rs == n {
+        // SAFETY: m rows of n values n apart are one run of m · n values (the caller's
+        // promise), not aliased meanwhile.
+        let out = unsafe { std::slice::from_raw_parts_mut(dst.ptr, m * n) };
+        return bf16::gemm_in_one_thread(m, n, k, a, b, out);
+    }
+    let mut sum = vec![0f32; m * n];
+    bf16::gemm_in_one_thread(m, n, k, a, b, &mut sum);
+    for (r, row) in sum.chunks(n).enumerate() {
+        // SAFETY: row r of dst (the caller's promise).
+        let out = unsafe { std::slice::from_raw_parts_mut(dst.ptr.add(r * dst.rs), n) };
+        if accumulate {
+            for (d, s) in out.iter_mut().zip(row) {
+                *d += s;
+            }
+        } else {
+            out.copy_from_slice(row);
         }
-    } else {
-        bf16::gemm_in_one_thread(m, n, k, a, b, &mut dst[..m * n]);
     }
 }
 
@@ -254,7 +343,7 @@ fn mask_base(d: &Dims, bh: usize, i: usize) -> u32 {
 /// - q `[B, H, Tq, hd]`, k and v `[B, KV, Tk, hd]` (H a multiple of KV), each read through
 ///   its strides ([`Heads`])
 /// - bias `[B, 1, Tq, Tk]` dense
-/// - output `[B, H, Tq, hd]`
+/// - output `[B, H, Tq, hd]`, a view of `[B, Tq, H, hd]` ([`HeadsOut`])
 pub(super) fn forward(
     q: &FlexTensor,
     k: &FlexTensor,
@@ -267,26 +356,27 @@ pub(super) fn forward(
     let [qs, ks, vs] = [q, k, v].map(Heads::expect);
     let d = Dims::of(q, k);
     let bs = values(bias);
-    let mut out = vec![0f32; d.heads * d.tq * d.hd * q.shape()[0]];
-    out.par_chunks_mut(d.tq * d.hd)
-        .enumerate()
-        .for_each(|(bh, out_head)| {
-            let (b, h) = (bh / d.heads, bh % d.heads);
-            let kvh = h / d.group();
-            let (k, v) = (ks.rows(b, kvh, 0), vs.rows(b, kvh, 0));
-            let mut p = vec![0f32; ROWS.min(d.tq) * d.tk];
-            for i0 in (0..d.tq).step_by(ROWS) {
-                let rows = ROWS.min(d.tq - i0);
-                let keys = visible_keys(bs, &d, b, i0..i0 + rows);
-                let p = &mut p[..rows * keys];
-                probs_block(bf16, &qs, (k, ks.st), bs, scale, &d, bh, i0, rows, keys, p);
-                if !mask.keeps_all() {
-                    for (r, row) in p.chunks_mut(keys).enumerate() {
-                        dropout_in_place(row, mask, mask_base(&d, bh, i0 + r));
-                    }
+    let batch = q.shape()[0];
+    let mut out = vec![0f32; batch * d.tq * d.heads * d.hd];
+    let dst = HeadsOut::new(&mut out, d.tq, d.heads, d.hd);
+    (0..batch * d.heads).into_par_iter().for_each(|bh| {
+        let (b, h) = (bh / d.heads, bh % d.heads);
+        let kvh = h / d.group();
+        let (k, v) = (ks.rows(b, kvh, 0), vs.rows(b, kvh, 0));
+        let mut p = vec![0f32; ROWS.min(d.tq) * d.tk];
+        for i0 in (0..d.tq).step_by(ROWS) {
+            let rows = ROWS.min(d.tq - i0);
+            let keys = visible_keys(bs, &d, b, i0..i0 + rows);
+            let p = &mut p[..rows * keys];
+            probs_block(bf16, &qs, (k, ks.st), bs, scale, &d, bh, i0, rows, keys, p);
+            if !mask.keeps_all() {
+                for (r, row) in p.chunks_mut(keys).enumerate() {
+                    dropout_in_place(row, mask, mask_base(&d, bh, i0 + r));
                 }
-                // (rows, keys) x (keys, hd) -> (rows, hd)
-                let o = &mut out_head[i0 * d.hd..];
+            }
+            // (rows, keys) x (keys, hd) -> (rows, hd)
+            // SAFETY: rows i0.. of head bh lie inside `out`, written by this task alone.
+            unsafe {
                 product(
                     bf16,
                     rows,
@@ -296,12 +386,13 @@ pub(super) fn forward(
                     (keys, 1),
                     v,
                     (vs.st, 1),
-                    o,
+                    dst.rows(b, h, i0),
                     false,
-                );
-            }
-        });
-    new_tensor(out, q)
+                )
+            };
+        }
+    });
+    heads_tensor(out, [batch, d.heads, d.tq, d.hd])
 }
 
 fn dropout_in_place(row: &mut [f32], mask: &DropMask, base: u32) {
@@ -327,32 +418,36 @@ pub(super) fn backward(
     let d = Dims::of(q, k);
     let bs = values(bias);
     let batch = q.shape()[0];
-    let (head_len, kv_len) = (d.tq * d.hd, d.tk * d.hd);
-    let mut dq = vec![0f32; batch * d.heads * head_len];
-    let mut dk = vec![0f32; batch * d.kv_heads * kv_len];
-    let mut dv = vec![0f32; batch * d.kv_heads * kv_len];
-    dq.par_chunks_mut(d.group() * head_len)
-        .zip(dk.par_chunks_mut(kv_len).zip(dv.par_chunks_mut(kv_len)))
-        .enumerate()
-        .for_each(|(kvh, (dq_group, (dk, dv)))| {
-            let b = kvh / d.kv_heads;
-            let (k, v) = (
-                ks.rows(b, kvh % d.kv_heads, 0),
-                vs.rows(b, kvh % d.kv_heads, 0),
-            );
-            let block = ROWS.min(d.tq) * d.tk;
-            let (mut p, mut dp, mut ds) = (vec![0f32; block], vec![0f32; block], vec![0f32; block]);
-            for (g, dq_head) in dq_group.chunks_mut(head_len).enumerate() {
-                let bh = kvh * d.group() + g;
-                let h = bh % d.heads;
-                for i0 in (0..d.tq).step_by(ROWS) {
-                    let rows = ROWS.min(d.tq - i0);
-                    let keys = visible_keys(bs, &d, b, i0..i0 + rows);
-                    let n = rows * keys;
-                    let (p, dp, ds) = (&mut p[..n], &mut dp[..n], &mut ds[..n]);
-                    let (q_block, do_block) = (qs.rows(b, h, i0), dos.rows(b, h, i0));
-                    probs_block(bf16, &qs, (k, ks.st), bs, scale, &d, bh, i0, rows, keys, p);
-                    // d(dropped probs) = dout · vᵀ: (rows, hd) x (hd, keys) -> (rows, keys)
+    let mut dq = vec![0f32; batch * d.tq * d.heads * d.hd];
+    let mut dk = vec![0f32; batch * d.tk * d.kv_heads * d.hd];
+    let mut dv = vec![0f32; batch * d.tk * d.kv_heads * d.hd];
+    let dq_out = HeadsOut::new(&mut dq, d.tq, d.heads, d.hd);
+    let (dk_out, dv_out) = (
+        HeadsOut::new(&mut dk, d.tk, d.kv_heads, d.hd),
+        HeadsOut::new(&mut dv, d.tk, d.kv_heads, d.hd),
+    );
+    // Task kvh writes the rows of key / value head kvh of dk and dv, and of its group's query
+    // heads of dq: disjoint from every other task's.
+    (0..batch * d.kv_heads).into_par_iter().for_each(|kvh| {
+        let (b, kh) = (kvh / d.kv_heads, kvh % d.kv_heads);
+        let (k, v) = (ks.rows(b, kh, 0), vs.rows(b, kh, 0));
+        let (dk, dv) = (dk_out.rows(b, kh, 0), dv_out.rows(b, kh, 0));
+        let block = ROWS.min(d.tq) * d.tk;
+        let (mut p, mut dp, mut ds) = (vec![0f32; block], vec![0f32; block], vec![0f32; block]);
+        for g in 0..d.group() {
+            let bh = kvh * d.group() + g;
+            let h = bh % d.heads;
+            for i0 in (0..d.tq).step_by(ROWS) {
+                let rows = ROWS.min(d.tq - i0);
+                let keys = visible_keys(bs, &d, b, i0..i0 + rows);
+                let n = rows * keys;
+                let (p, dp, ds) = (&mut p[..n], &mut dp[..n], &mut ds[..n]);
+                let (q_block, do_block) = (qs.rows(b, h, i0), dos.rows(b, h, i0));
+                probs_block(bf16, &qs, (k, ks.st), bs, scale, &d, bh, i0, rows, keys, p);
+                // d(dropped probs) = dout · vᵀ: (rows, hd) x (hd, keys) -> (rows, keys)
+                // SAFETY (this and the products below): dp and ds are this task's
+                // scratch of rows × keys; dv, dk and head h of dq are its own rows.
+                unsafe {
                     product(
                         bf16,
                         rows,
@@ -362,18 +457,20 @@ pub(super) fn backward(
                         (dos.st, 1),
                         v,
                         (1, vs.st),
-                        dp,
+                        Rows::dense(dp, keys),
                         false,
-                    );
-                    // dv += (dropped probs)ᵀ · dout: (keys, rows) x (rows, hd) -> (keys, hd)
-                    let dropped: &[f32] = if mask.keeps_all() {
-                        p
-                    } else {
-                        for (r, (x, y)) in p.chunks(keys).zip(ds.chunks_mut(keys)).enumerate() {
-                            dropout_slice(x, mask, mask_base(&d, bh, i0 + r), y);
-                        }
-                        ds
-                    };
+                    )
+                };
+                // dv += (dropped probs)ᵀ · dout: (keys, rows) x (rows, hd) -> (keys, hd)
+                let dropped: &[f32] = if mask.keeps_all() {
+                    p
+                } else {
+                    for (r, (x, y)) in p.chunks(keys).zip(ds.chunks_mut(keys)).enumerate() {
+                        dropout_slice(x, mask, mask_base(&d, bh, i0 + r), y);
+                    }
+                    ds
+                };
+                unsafe {
                     product(
                         bf16,
                         keys,
@@ -385,25 +482,19 @@ pub(super) fn backward(
                         (dos.st, 1),
                         dv,
                         true,
-                    );
-                    // d(scores) = scale · P ⊙ (dP − Σ dP ⊙ P), dP the dropout of d(dropped probs)
-                    for (r, ((p, dp), ds)) in p
-                        .chunks(keys)
-                        .zip(dp.chunks(keys))
-                        .zip(ds.chunks_mut(keys))
-                        .enumerate()
-                    {
-                        super::softmax_backward_row(
-                            p,
-                            dp,
-                            scale,
-                            mask,
-                            mask_base(&d, bh, i0 + r),
-                            ds,
-                        );
-                    }
-                    // dq = d(scores) · k: (rows, keys) x (keys, hd) -> (rows, hd)
-                    let dq_block = &mut dq_head[i0 * d.hd..];
+                    )
+                };
+                // d(scores) = scale · P ⊙ (dP − Σ dP ⊙ P), dP the dropout of d(dropped probs)
+                for (r, ((p, dp), ds)) in p
+                    .chunks(keys)
+                    .zip(dp.chunks(keys))
+                    .zip(ds.chunks_mut(keys))
+                    .enumerate()
+                {
+                    super::softmax_backward_row(p, dp, scale, mask, mask_base(&d, bh, i0 + r), ds);
+                }
+                // dq = d(scores) · k: (rows, keys) x (keys, hd) -> (rows, hd)
+                unsafe {
                     product(
                         bf16,
                         rows,
@@ -413,10 +504,12 @@ pub(super) fn backward(
                         (keys, 1),
                         k,
                         (ks.st, 1),
-                        dq_block,
+                        dq_out.rows(b, h, i0),
                         false,
-                    );
-                    // dk += d(scores)ᵀ · q: (keys, rows) x (rows, hd) -> (keys, hd)
+                    )
+                };
+                // dk += d(scores)ᵀ · q: (keys, rows) x (rows, hd) -> (keys, hd)
+                unsafe {
                     product(
                         bf16,
                         keys,
@@ -428,10 +521,15 @@ pub(super) fn backward(
                         (qs.st, 1),
                         dk,
                         true,
-                    );
-                }
+                    )
+                };
             }
-        });
+        }
+    });
     // dv has k's shape (v's).
-    (new_tensor(dq, q), new_tensor(dk, k), new_tensor(dv, k))
+    (
+        heads_tensor(dq, [batch, d.heads, d.tq, d.hd]),
+        heads_tensor(dk, [batch, d.kv_heads, d.tk, d.hd]),
+        heads_tensor(dv, [batch, d.kv_heads, d.tk, d.hd]),
+    )
 }
