@@ -18,10 +18,7 @@ use serde::Deserialize;
 
 use crate::config::{Activation, HeadFields, read_json};
 use crate::error::Result;
-use crate::layers::{
-    Embedding, LayerNorm, Linear, Mode, TorchLinear, attention_bias, dropout, merge_heads,
-    scaled_dot_product, split_heads,
-};
+use crate::layers::{Embedding, LayerNorm, Linear, Mode, TorchLinear, attention_bias, dropout};
 use crate::prompt::{PromptEncoder, PromptShape, PromptSlot, VirtualTokens, widen_mask};
 use crate::unpad::{Layout, Unpadded};
 use crate::weights::{VisitParams, Visitor, Weights, join};
@@ -360,7 +357,8 @@ impl BertLayer {
         prefix: Option<&(Tensor<4>, Tensor<4>)>,
         mode: Mode,
     ) -> Tensor<3> {
-        let heads = |y: Tensor<3>| split_heads(layout.pad(y), self.heads);
+        let attend = layout.attend(&x, prefix.is_none());
+        let heads = |y: Tensor<3>| attend.heads(y, self.heads);
         let q = heads(self.query.forward(x.clone(), mode));
         let mut k = heads(self.key.forward(x.clone(), mode));
         let mut v = heads(self.value.forward(x.clone(), mode));
@@ -369,14 +367,7 @@ impl BertLayer {
             k = Tensor::cat(vec![pk.clone(), k], 2);
             v = Tensor::cat(vec![pv.clone(), v], 2);
         }
-        let ctx = layout.enter(merge_heads(scaled_dot_product(
-            q,
-            k,
-            v,
-            bias,
-            self.attention_dropout,
-            mode,
-        )));
+        let ctx = attend.merge(attend.run([q, k, v], bias, self.attention_dropout, mode));
         self.post.forward(ctx, x, mode)
     }
 }

@@ -12,10 +12,7 @@ use serde::Deserialize;
 use crate::bert::EncoderInput;
 use crate::config::{Activation, HeadFields};
 use crate::error::Result;
-use crate::layers::{
-    Embedding, LayerNorm, Linear, Mode, TorchLinear, attention_bias, dropout, merge_heads,
-    scaled_dot_product, split_heads,
-};
+use crate::layers::{Embedding, LayerNorm, Linear, Mode, TorchLinear, attention_bias, dropout};
 use crate::prompt::{PromptEncoder, PromptShape, PromptSlot, VirtualTokens, widen_mask};
 use crate::unpad::Layout;
 use crate::weights::{VisitParams, Visitor, Weights, join};
@@ -107,18 +104,12 @@ impl DistilBertLayer {
     /// - x `[B, T, D]` (`[1, N, D]` padding-free), bias `[B, 1, T, T]`
     /// - output as x
     fn forward(&self, x: Tensor<3>, layout: &Layout, bias: Tensor<4>, mode: Mode) -> Tensor<3> {
-        let heads = |y: Tensor<3>| split_heads(layout.pad(y), self.heads);
+        let attend = layout.attend(&x, true);
+        let heads = |y: Tensor<3>| attend.heads(y, self.heads);
         let q = heads(self.q_lin.forward(x.clone(), mode));
         let k = heads(self.k_lin.forward(x.clone(), mode));
         let v = heads(self.v_lin.forward(x.clone(), mode));
-        let ctx = layout.enter(merge_heads(scaled_dot_product(
-            q,
-            k,
-            v,
-            bias,
-            self.attention_dropout,
-            mode,
-        )));
+        let ctx = attend.merge(attend.run([q, k, v], bias, self.attention_dropout, mode));
         let sa = self
             .sa_layer_norm
             .forward(self.out_lin.forward(ctx, mode) + x);

@@ -11,8 +11,14 @@
 //! The caller says where the real tokens are from the host-side mask it built the batch from,
 //! so no device value is read back to find them.
 
+use std::sync::Arc;
+
 use burn::tensor::IndexingUpdateOp;
 use burn::tensor::{Device, Int, Tensor, TensorData};
+
+use crate::Mode;
+use crate::kernels::{Segment, Segments};
+use crate::layers::{merge_heads, scaled_dot_product, split_heads};
 
 /// Where the real tokens of a padded `[B, T]` batch are.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,6 +37,34 @@ impl Unpadded {
             .filter(|&i| mask[i as usize] != 0)
             .collect();
         Self { rows, cols, keep }
+    }
+
+    /// The examples as runs of consecutive columns ([`Segments`]), or `None` where a row's
+    /// real tokens have a gap (a mask with holes).
+    fn segments(&self) -> Option<Segments> {
+        let mut list: Vec<Segment> = Vec::new();
+        for (start, &at) in self.keep.iter().enumerate() {
+            let (row, col) = (at as usize / self.cols, at as usize % self.cols);
+            match list.last_mut() {
+                Some(s) if s.row == row => {
+                    if s.col + s.len != col {
+                        return None;
+                    }
+                    s.len += 1;
+                }
+                _ => list.push(Segment {
+                    start,
+                    len: 1,
+                    row,
+                    col,
+                }),
+            }
+        }
+        Some(Segments {
+            rows: self.rows,
+            cols: self.cols,
+            list,
+        })
     }
 
     /// The same batch after `p` virtual tokens (a soft prompt, all real) in front of each row.
@@ -69,6 +103,8 @@ pub(crate) enum Layout {
         index: Tensor<1, Int>,
         rows: usize,
         cols: usize,
+        /// The examples, where each is a run of columns of its row.
+        segments: Option<Arc<Segments>>,
     },
 }
 
@@ -82,6 +118,7 @@ impl Layout {
                 index: Tensor::from_data(TensorData::new(u.keep.clone(), [u.keep.len()]), device),
                 rows: u.rows,
                 cols: u.cols,
+                segments: u.segments().map(Arc::new),
             },
         }
     }
@@ -94,7 +131,9 @@ impl Layout {
     pub(crate) fn enter(&self, x: Tensor<3>) -> Tensor<3> {
         match self {
             Layout::Padded => x,
-            Layout::Unpadded { index, rows, cols } => {
+            Layout::Unpadded {
+                index, rows, cols, ..
+            } => {
                 let [b, t, h] = x.dims();
                 debug_assert_eq!(
                     (b, t),
@@ -118,13 +157,79 @@ impl Layout {
     pub(crate) fn pad(&self, x: Tensor<3>) -> Tensor<3> {
         match self {
             Layout::Padded => x,
-            Layout::Unpadded { index, rows, cols } => {
+            Layout::Unpadded {
+                index, rows, cols, ..
+            } => {
                 let [_, n, h] = x.dims();
                 // (1, N, H) -> (N, H) -> scattered into (B*T, H) -> (B, T, H)
                 Tensor::zeros([rows * cols, h], &x.device())
                     .select_assign(0, index.clone(), x.reshape([n, h]), IndexingUpdateOp::Add)
                     .reshape([*rows, *cols, h])
             }
+        }
+    }
+}
+
+/// How one attention call of a forward pass takes its tokens: padded again around the call
+/// (`pad` before, `enter` after), or, padding-free on the CPU kernels, the flattened tokens
+/// as they are, each example attending within its own ([`crate::kernels::attention_segments`]).
+pub(crate) struct Attend<'a> {
+    layout: &'a Layout,
+    segments: Option<&'a Arc<Segments>>,
+}
+
+impl Layout {
+    /// The attention call for `x` (the layer's input, for its device). `flat`: whether the call
+    /// can take the flattened tokens: keys and values from the same tokens as the queries (no
+    /// prefix, no cache) and no rotation that needs padded positions.
+    pub(crate) fn attend(&self, x: &Tensor<3>, flat: bool) -> Attend<'_> {
+        let segments = match self {
+            Layout::Unpadded {
+                segments: Some(s), ..
+            } if flat && crate::kernels::segments_apply(x) => Some(s),
+            _ => None,
+        };
+        Attend {
+            layout: self,
+            segments,
+        }
+    }
+}
+
+impl Attend<'_> {
+    /// A projection `[B, T, n·hd]` (`[1, N, n·hd]` padding-free) as `n` heads for [`Self::run`].
+    pub(crate) fn heads(&self, y: Tensor<3>, n: usize) -> Tensor<4> {
+        match self.segments {
+            Some(_) => split_heads(y, n),
+            None => split_heads(self.layout.pad(y), n),
+        }
+    }
+
+    /// [`scaled_dot_product`] of heads made by [`Self::heads`], the bias the padded batch's
+    /// `[B, 1, T, T]`.
+    pub(crate) fn run(
+        &self,
+        [q, k, v]: [Tensor<4>; 3],
+        bias: Tensor<4>,
+        dropout_p: f64,
+        mode: Mode,
+    ) -> Tensor<4> {
+        match self.segments {
+            Some(s) => {
+                let p = if mode == Mode::Eval { 0.0 } else { dropout_p };
+                let scale = 1.0 / (q.dims()[3] as f32).sqrt();
+                crate::kernels::attention_segments(q, k, v, bias, s, scale, p)
+            }
+            None => scaled_dot_product(q, k, v, bias, dropout_p, mode),
+        }
+    }
+
+    /// [`Self::run`]'s output back in the layout's rows, heads merged: `[B, T, H·hd]`
+    /// (`[1, N, H·hd]` padding-free).
+    pub(crate) fn merge(&self, ctx: Tensor<4>) -> Tensor<3> {
+        match self.segments {
+            Some(_) => merge_heads(ctx),
+            None => self.layout.enter(merge_heads(ctx)),
         }
     }
 }
@@ -142,6 +247,75 @@ mod tests {
         // Rows of 5: [v v 1 1 0], [v v 1 0 0]
         assert_eq!(w.keep, vec![0, 1, 2, 3, 5, 6, 7]);
         assert_eq!((w.rows, w.cols), (2, 5));
+    }
+
+    /// The attention call on the flattened tokens ([`Attend`] with segments) gives the padded
+    /// call's output and gradients on the real tokens, with dropout too (the same mask), for
+    /// rows padded on the right, on the left, not at all, and a row with no token; grouped
+    /// key / value heads; and heads of 64 under bf16 (AMX tiles where the CPU has them).
+    #[test]
+    fn attention_on_flattened_tokens_equals_the_padded_call() {
+        use burn::tensor::Distribution;
+        let _rng = crate::test_rng();
+        let device = Device::flex().autodiff();
+        let (rows, cols) = (4, 12);
+        // Row 0 padded on the right, row 1 on the left, row 2 full, row 3 empty.
+        let mask: Vec<i64> = (0..rows * cols)
+            .map(|i| {
+                let (r, c) = (i / cols, i % cols);
+                [c < 7, c >= 3, true, false][r] as i64
+            })
+            .collect();
+        let u = Unpadded::from_mask(&mask, rows, cols);
+        assert_eq!(
+            u.segments().map(|s| s.list.len()),
+            Some(3),
+            "three rows with tokens, each one run"
+        );
+        let keep = Tensor::<2, Int>::from_data(TensorData::new(mask, [rows, cols]), &device);
+        let bias = crate::layers::attention_bias(keep.equal_elem(1), cols, false);
+        let n = u.keep.len();
+        for (heads, kv, hd, bf16) in [(4, 2, 8, false), (2, 2, 64, true)] {
+            let normal =
+                |w: usize| Tensor::<3>::random([1, n, w], Distribution::Normal(0.0, 1.0), &device);
+            let (q, k, v, w) = (
+                normal(heads * hd),
+                normal(kv * hd),
+                normal(kv * hd),
+                normal(heads * hd),
+            );
+            for p in [0.0, 0.3] {
+                let run = |flat: bool| {
+                    device.seed(5);
+                    let layout = Layout::new(Some(&u), &device);
+                    let [qt, kt, vt] = [&q, &k, &v].map(|t| t.clone().require_grad());
+                    let compute = bf16.then_some(burn::tensor::FloatDType::BF16);
+                    let _scope = crate::precision::scope(compute);
+                    let attend = layout.attend(&qt, flat);
+                    assert_eq!(attend.segments.is_some(), flat);
+                    let [qh, kh, vh] = [(&qt, heads), (&kt, kv), (&vt, kv)]
+                        .map(|(t, h)| attend.heads(t.clone(), h));
+                    let out = attend.merge(attend.run([qh, kh, vh], bias.clone(), p, Mode::Train));
+                    let grads = (out.clone() * w.clone()).sum().backward();
+                    let [dq, dk, dv] = [&qt, &kt, &vt]
+                        .map(|t| t.grad(&grads).unwrap_or_else(|| panic!("no gradient")));
+                    [out.inner(), dq, dk, dv]
+                };
+                let (flat, padded) = (run(true), run(false));
+                let tolerance = if bf16 { 2e-2 } else { 2e-6 };
+                for (name, (f, c)) in ["output", "dq", "dk", "dv"]
+                    .iter()
+                    .zip(flat.into_iter().zip(padded))
+                {
+                    let scale = c.clone().abs().max().into_scalar::<f32>().max(1.0);
+                    let diff = (f - c).abs().max().into_scalar::<f32>();
+                    assert!(
+                        diff <= tolerance * scale,
+                        "{name} (heads {heads}, kv {kv}, hd {hd}, p {p}): max diff {diff}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use std::sync::Arc;
 
 use super::{
-    AdamwConsts, CpuKernels, CpuOptimOps, CpuSkinnyOps, DropMask, Kernels, PartsGrad,
+    AdamwConsts, CpuKernels, CpuOptimOps, CpuSkinnyOps, DropMask, Kernels, PartsGrad, Segments,
     adamw_element, bf16,
 };
 use crate::quant::QuantMatrix;
@@ -1259,24 +1259,26 @@ impl CpuKernels for Flex {
         q: FlexTensor,
         k: FlexTensor,
         v: FlexTensor,
-        bias: FlexTensor,
+        (bias, segments): (FlexTensor, Option<&Segments>),
         scale: f32,
         mask: DropMask,
     ) -> FlexTensor {
         let [q, k, v] = [q, k, v].map(attention::readable_in_place);
         let bf16 = attention::bf16_products(q.layout().shape()[3]);
-        attention::forward(&q, &k, &v, &dense(bias), scale, &mask, bf16)
+        attention::forward(&q, &k, &v, &dense(bias), segments, scale, &mask, bf16)
     }
 
     fn attention_backward(
         [q, k, v, bias]: [FlexTensor; 4],
+        segments: Option<&Segments>,
         dout: FlexTensor,
         scale: f32,
         mask: DropMask,
     ) -> (FlexTensor, FlexTensor, FlexTensor) {
         let [q, k, v, dout] = [q, k, v, dout].map(attention::readable_in_place);
         let bf16 = attention::bf16_products(q.layout().shape()[3]);
-        attention::backward([&q, &k, &v], &dense(bias), &dout, scale, &mask, bf16)
+        let bias = dense(bias);
+        attention::backward([&q, &k, &v], (&bias, segments), &dout, scale, &mask, bf16)
     }
 
     fn linear_cross_entropy(

@@ -141,12 +141,15 @@ pub trait CpuFusedOps: burn::backend::Backend {
         width: usize,
         grad: Arc<PartsGrad>,
     ) -> FloatTensor<Self>;
-    /// [`attention`]: `dropout(softmax(q·kᵀ·scale + bias))·v`, k and v grouped.
+    /// [`attention`]: `dropout(softmax(q·kᵀ·scale + bias))·v`, k and v grouped; with
+    /// `segments`, over each example of a padding-free batch ([`attention_segments`]).
+    #[allow(clippy::too_many_arguments)]
     fn fused_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         bias: FloatTensor<Self>,
+        segments: Option<Arc<Segments>>,
         scale: f32,
         p: f64,
         seed: u64,
@@ -782,10 +785,71 @@ pub fn attention(
         k.into_dispatch(),
         v.into_dispatch(),
         bias.into_dispatch(),
+        None,
         scale,
         p,
         seed,
     ))
+}
+
+/// The examples of a padding-free batch as [`attention_segments`] reads them: each a run of
+/// consecutive tokens of the flattened batch and of one padded row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Segments {
+    /// The padded batch `[rows, cols]` whose attention bias (`[rows, 1, cols, cols]`) and
+    /// dropout mask the examples take.
+    pub rows: usize,
+    pub cols: usize,
+    pub list: Vec<Segment>,
+}
+
+/// One example: tokens `start..start + len` of the flattened batch, columns
+/// `col..col + len` of padded row `row`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    pub start: usize,
+    pub len: usize,
+    pub row: usize,
+    pub col: usize,
+}
+
+/// [`attention`] over a padding-free batch on the CPU: each example of `segments` attends
+/// within its own tokens, read in place from the flattened projections, with the padded batch's
+/// bias and dropout mask, so the result is the padded call's on the real tokens up to float
+/// rounding. What it saves: scattering q, k and v into padded rows and gathering the output
+/// back (and both again in the backward pass), and the products over the padding. Only where
+/// [`attention`] runs its CPU kernel ([`segments_apply`]).
+///
+/// # Shapes
+/// - q `[1, H, N, hd]`, k and v `[1, KV, N, hd]` (the heads of `[1, N, ·]` projections)
+/// - bias `[rows, 1, cols, cols]`
+/// - output `[1, H, N, hd]`
+pub fn attention_segments(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    bias: Tensor<4>,
+    segments: &Arc<Segments>,
+    scale: f32,
+    p: f64,
+) -> Tensor<4> {
+    let seed = if p > 0.0 { draw_seed(&q.device()) } else { 0 };
+    Tensor::from_dispatch(<Dispatch as CpuFusedOps>::fused_attention(
+        q.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+        bias.into_dispatch(),
+        Some(segments.clone()),
+        scale,
+        p,
+        seed,
+    ))
+}
+
+/// Whether [`attention_segments`] can run for tensors on `x`'s device now: where [`attention`]
+/// runs its CPU kernel.
+pub fn segments_apply<const D: usize>(x: &Tensor<D>) -> bool {
+    on_flex(x) && !matches!(crate::precision::compute(), Some(dt) if dt != FloatDType::BF16)
 }
 
 /// [`attention`] as two products around [`attention_probs`], k and v expanded to every query
@@ -1306,13 +1370,14 @@ trait CpuKernels: Kernels {
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
-        bias: FloatTensor<Self>,
+        bias: (FloatTensor<Self>, Option<&Segments>),
         scale: f32,
         mask: DropMask,
     ) -> FloatTensor<Self>;
     /// `(dq, dk, dv)` of [`attention`] from `[q, k, v, bias]` as the forward pass had them.
     fn attention_backward(
         inputs: [FloatTensor<Self>; 4],
+        segments: Option<&Segments>,
         dout: FloatTensor<Self>,
         scale: f32,
         mask: DropMask,
@@ -1409,11 +1474,13 @@ impl CpuFusedOps for Flex {
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         bias: FloatTensor<Self>,
+        segments: Option<Arc<Segments>>,
         scale: f32,
         p: f64,
         seed: u64,
     ) -> FloatTensor<Self> {
-        <Self as CpuKernels>::attention(q, k, v, bias, scale, DropMask::new(p, seed))
+        let mask = DropMask::new(p, seed);
+        <Self as CpuKernels>::attention(q, k, v, (bias, segments.as_deref()), scale, mask)
     }
 
     fn fused_linear_cross_entropy_sum(
@@ -1539,6 +1606,7 @@ impl<B: CpuKernels, C: CheckpointStrategy> CpuFusedOps for Autodiff<B, C> {
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         bias: FloatTensor<Self>,
+        segments: Option<Arc<Segments>>,
         scale: f32,
         p: f64,
         seed: u64,
@@ -1547,8 +1615,9 @@ impl<B: CpuKernels, C: CheckpointStrategy> CpuFusedOps for Autodiff<B, C> {
         struct AttentionBackward;
 
         impl<B: CpuKernels> Backward<B, 3> for AttentionBackward {
-            /// q, k, v and the bias as the forward pass read them; scale; dropout mask.
-            type State = ([FloatTensor<B>; 4], f32, DropMask);
+            /// q, k, v and the bias as the forward pass read them; the segments; scale;
+            /// dropout mask.
+            type State = ([FloatTensor<B>; 4], Option<Arc<Segments>>, f32, DropMask);
 
             fn backward(
                 self,
@@ -1557,8 +1626,9 @@ impl<B: CpuKernels, C: CheckpointStrategy> CpuFusedOps for Autodiff<B, C> {
                 _: &mut Checkpointer,
             ) {
                 let dout = grads.consume::<B>(&ops.node);
-                let (inputs, scale, mask) = ops.state;
-                let (dq, dk, dv) = B::attention_backward(inputs, dout, scale, mask);
+                let (inputs, segments, scale, mask) = ops.state;
+                let (dq, dk, dv) =
+                    B::attention_backward(inputs, segments.as_deref(), dout, scale, mask);
                 for (node, g) in ops.parents.into_iter().zip([dq, dk, dv]) {
                     if let Some(node) = node {
                         grads.register::<B>(node.id, g);
@@ -1581,14 +1651,15 @@ impl<B: CpuKernels, C: CheckpointStrategy> CpuFusedOps for Autodiff<B, C> {
                     q.clone(),
                     k.clone(),
                     v.clone(),
-                    bias.clone(),
+                    (bias.clone(), segments.as_deref()),
                     scale,
                     mask,
                 );
-                prep.finish(([q, k, v, bias], scale, mask), out)
+                prep.finish(([q, k, v, bias], segments, scale, mask), out)
             }
             OpsKind::UnTracked(prep) => {
                 let [q, k, v] = [q, k, v].map(|x| x.into_primitive());
+                let bias = (bias, segments.as_deref());
                 prep.finish(<B as CpuKernels>::attention(q, k, v, bias, scale, mask))
             }
         }
@@ -3534,6 +3605,7 @@ mod tests {
                             k.clone().into_dispatch(),
                             v.clone().into_dispatch(),
                             bias.clone().into_dispatch(),
+                            None,
                             scale,
                             p,
                             seed,

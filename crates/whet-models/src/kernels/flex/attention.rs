@@ -12,6 +12,7 @@
 //! (the upper triangle of a causal mask), which the unfused products compute and discard.
 
 use super::{DropMask, FlexTensor, dropout_slice, gemm_into, values};
+use crate::kernels::Segments;
 use crate::kernels::bf16::{self, Strided};
 use crate::layers::MASK_VALUE;
 use burn::backend::TensorMetadata;
@@ -24,6 +25,7 @@ const ROWS: usize = 64;
 /// The sizes of one attention call.
 #[derive(Debug, Clone, Copy)]
 struct Dims {
+    batch: usize,
     heads: usize,
     kv_heads: usize,
     tq: usize,
@@ -35,6 +37,7 @@ impl Dims {
     fn of(q: &FlexTensor, k: &FlexTensor) -> Self {
         let (qd, kd) = (q.layout().shape(), k.layout().shape());
         Self {
+            batch: qd[0],
             heads: qd[1],
             kv_heads: kd[1],
             tq: qd[2],
@@ -46,6 +49,95 @@ impl Dims {
     /// Query heads per key / value head.
     fn group(&self) -> usize {
         self.heads / self.kv_heads.max(1)
+    }
+}
+
+/// One sequence of an attention call: its queries are rows `t0..t0 + tq` of batch row `b` of q
+/// (and of the output), its keys rows `t0..t0 + tk` of k and v. A padded batch has one a batch
+/// row, from row 0; a padding-free one ([`Segments`]) one an example, all in batch row 0.
+#[derive(Debug, Clone, Copy)]
+struct Seq {
+    b: usize,
+    t0: usize,
+    tq: usize,
+    tk: usize,
+    /// Where the bias of query 0, key 0 is, and how far apart the bias rows of its queries lie.
+    bias_at: usize,
+    bias_rs: usize,
+    /// Its row and first column in the padded batch, and that batch's `[Tq, Tk]`: the dropout
+    /// mask is indexed as the padded `[B, H, Tq, Tk]` probabilities are, so a seed drops the
+    /// same elements with and without the padding.
+    row: usize,
+    col: usize,
+    padded: (usize, usize),
+}
+
+impl Seq {
+    /// The sequences of a call: every batch row (bias `[B, 1, Tq, Tk]`), or every example of
+    /// `segments` (bias `[rows, 1, cols, cols]`).
+    fn all(d: &Dims, bias: &FlexTensor, segments: Option<&Segments>) -> Vec<Seq> {
+        let bias_dims = bias.layout().shape().to_vec();
+        let Some(s) = segments else {
+            assert_eq!(bias_dims, [d.batch, 1, d.tq, d.tk], "attention: bias shape");
+            return (0..d.batch)
+                .map(|b| Seq {
+                    b,
+                    t0: 0,
+                    tq: d.tq,
+                    tk: d.tk,
+                    bias_at: b * d.tq * d.tk,
+                    bias_rs: d.tk,
+                    row: b,
+                    col: 0,
+                    padded: (d.tq, d.tk),
+                })
+                .collect();
+        };
+        assert_eq!(
+            bias_dims,
+            [s.rows, 1, s.cols, s.cols],
+            "attention: bias shape"
+        );
+        assert!(
+            d.batch == 1 && d.tq == d.tk,
+            "attention: a padding-free batch is one row of tokens"
+        );
+        s.list
+            .iter()
+            .map(|g| {
+                assert!(
+                    g.start + g.len <= d.tq && g.row < s.rows && g.col + g.len <= s.cols,
+                    "attention: segment {g:?} outside {} tokens, [{}, {}] padded",
+                    d.tq,
+                    s.rows,
+                    s.cols
+                );
+                Seq {
+                    b: 0,
+                    t0: g.start,
+                    tq: g.len,
+                    tk: g.len,
+                    bias_at: (g.row * s.cols + g.col) * s.cols + g.col,
+                    bias_rs: s.cols,
+                    row: g.row,
+                    col: g.col,
+                    padded: (s.cols, s.cols),
+                }
+            })
+            .collect()
+    }
+
+    /// The bias of query `i` over the sequence's keys.
+    fn bias_row<'a>(&self, bias: &'a [f32], i: usize) -> &'a [f32] {
+        &bias[self.bias_at + i * self.bias_rs..][..self.tk]
+    }
+
+    /// The first element index of query `i` of head `h` in the padded `[B, H, Tq, Tk]`
+    /// probabilities: where the unfused kernel's dropout mask starts that row, so both drop
+    /// the same elements for a seed.
+    fn mask_base(&self, heads: usize, h: usize, i: usize) -> u32 {
+        let (tq, tk) = self.padded;
+        (((self.row * heads + h) * tq + self.col + i) * tk + self.col) as u32
     }
 }
 
@@ -184,20 +276,20 @@ fn heads_tensor(values: Vec<f32>, [b, h, t, hd]: [usize; 4]) -> FlexTensor {
 /// every row of the block, so its probability is 0 (e^-87 against at least one unmasked key's
 /// e^0, below f32's resolution of the sum). A row whose keys are all masked attends to all of
 /// them alike (its softmax is uniform, as in the unfused path), so it keeps every key.
-fn visible_keys(bias: &[f32], d: &Dims, b: usize, rows: std::ops::Range<usize>) -> usize {
+fn visible_keys(bias: &[f32], seq: &Seq, rows: std::ops::Range<usize>) -> usize {
     let mut end = 0;
     for i in rows {
-        let row = &bias[(b * d.tq + i) * d.tk..][..d.tk];
-        match row.iter().rposition(|&x| x > MASK_VALUE) {
+        match seq.bias_row(bias, i).iter().rposition(|&x| x > MASK_VALUE) {
             Some(j) => end = end.max(j + 1),
-            None => return d.tk,
+            None => return seq.tk,
         }
     }
     end
 }
 
-/// The probabilities of query rows `i0..i0 + rows` of head `bh` (= b · H + h) over keys
-/// `0..keys`, before dropout, into `p` (`rows × keys`, row-major): `softmax(q·kᵀ·scale + bias)`.
+/// The probabilities of query rows `i0..i0 + rows` of head `h` of `seq` over its keys
+/// `0..keys` (`k` from the sequence's first key on), before dropout, into `p` (`rows × keys`,
+/// row-major): `softmax(q·kᵀ·scale + bias)`.
 #[allow(clippy::too_many_arguments)]
 fn probs_block(
     bf16: bool,
@@ -205,14 +297,13 @@ fn probs_block(
     (k, k_st): (&[f32], usize),
     bias: &[f32],
     scale: f32,
-    d: &Dims,
-    bh: usize,
+    (d, seq): (&Dims, &Seq),
+    h: usize,
     i0: usize,
     rows: usize,
     keys: usize,
     p: &mut [f32],
 ) {
-    let (b, h) = (bh / d.heads, bh % d.heads);
     assert!(p.len() >= rows * keys);
     // (rows, hd) x (hd, keys) -> (rows, keys); kᵀ read through its strides
     // SAFETY: p holds the rows × keys block (asserted), borrowed exclusively.
@@ -222,7 +313,7 @@ fn probs_block(
             rows,
             keys,
             d.hd,
-            q.rows(b, h, i0),
+            q.rows(seq.b, h, seq.t0 + i0),
             (q.st, 1),
             k,
             (1, k_st),
@@ -231,8 +322,7 @@ fn probs_block(
         )
     };
     for (r, row) in p.chunks_mut(keys).enumerate() {
-        let bias_row = &bias[(b * d.tq + i0 + r) * d.tk..][..keys];
-        scale_bias_softmax(row, bias_row, scale);
+        scale_bias_softmax(row, &seq.bias_row(bias, i0 + r)[..keys], scale);
     }
 }
 
@@ -331,12 +421,6 @@ multiversion!(scale_bias_softmax(row: &mut [f32], bias: &[f32], scale: f32) {
     super::softmax_in_place(row);
 });
 
-/// The first element index of query row `i` of head `bh` in `[B, H, Tq, Tk]`: where the
-/// unfused kernel's dropout mask starts that row, so both drop the same elements for a seed.
-fn mask_base(d: &Dims, bh: usize, i: usize) -> u32 {
-    ((bh * d.tq + i) * d.tk) as u32
-}
-
 /// `dropout(softmax(q·kᵀ·scale + bias))·v`.
 ///
 /// # Shapes
@@ -344,38 +428,56 @@ fn mask_base(d: &Dims, bh: usize, i: usize) -> u32 {
 ///   its strides ([`Heads`])
 /// - bias `[B, 1, Tq, Tk]` dense
 /// - output `[B, H, Tq, hd]`, a view of `[B, Tq, H, hd]` ([`HeadsOut`])
+///
+/// With `segments` (a padding-free batch) B is 1, Tq = Tk = N tokens, and the bias is the
+/// padded batch's `[rows, 1, cols, cols]`: each example attends within its own tokens.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn forward(
     q: &FlexTensor,
     k: &FlexTensor,
     v: &FlexTensor,
     bias: &FlexTensor,
+    segments: Option<&Segments>,
     scale: f32,
     mask: &DropMask,
     bf16: bool,
 ) -> FlexTensor {
     let [qs, ks, vs] = [q, k, v].map(Heads::expect);
     let d = Dims::of(q, k);
+    let seqs = Seq::all(&d, bias, segments);
     let bs = values(bias);
-    let batch = q.shape()[0];
-    let mut out = vec![0f32; batch * d.tq * d.heads * d.hd];
+    let mut out = vec![0f32; d.batch * d.tq * d.heads * d.hd];
     let dst = HeadsOut::new(&mut out, d.tq, d.heads, d.hd);
-    (0..batch * d.heads).into_par_iter().for_each(|bh| {
-        let (b, h) = (bh / d.heads, bh % d.heads);
+    (0..seqs.len() * d.heads).into_par_iter().for_each(|task| {
+        let (seq, h) = (&seqs[task / d.heads], task % d.heads);
         let kvh = h / d.group();
-        let (k, v) = (ks.rows(b, kvh, 0), vs.rows(b, kvh, 0));
-        let mut p = vec![0f32; ROWS.min(d.tq) * d.tk];
-        for i0 in (0..d.tq).step_by(ROWS) {
-            let rows = ROWS.min(d.tq - i0);
-            let keys = visible_keys(bs, &d, b, i0..i0 + rows);
+        let (k, v) = (ks.rows(seq.b, kvh, seq.t0), vs.rows(seq.b, kvh, seq.t0));
+        let mut p = vec![0f32; ROWS.min(seq.tq) * seq.tk];
+        for i0 in (0..seq.tq).step_by(ROWS) {
+            let rows = ROWS.min(seq.tq - i0);
+            let keys = visible_keys(bs, seq, i0..i0 + rows);
             let p = &mut p[..rows * keys];
-            probs_block(bf16, &qs, (k, ks.st), bs, scale, &d, bh, i0, rows, keys, p);
+            probs_block(
+                bf16,
+                &qs,
+                (k, ks.st),
+                bs,
+                scale,
+                (&d, seq),
+                h,
+                i0,
+                rows,
+                keys,
+                p,
+            );
             if !mask.keeps_all() {
                 for (r, row) in p.chunks_mut(keys).enumerate() {
-                    dropout_in_place(row, mask, mask_base(&d, bh, i0 + r));
+                    dropout_in_place(row, mask, seq.mask_base(d.heads, h, i0 + r));
                 }
             }
             // (rows, keys) x (keys, hd) -> (rows, hd)
-            // SAFETY: rows i0.. of head bh lie inside `out`, written by this task alone.
+            // SAFETY: the sequence's rows of head h lie inside `out`, written by this task
+            // alone (sequences do not overlap).
             unsafe {
                 product(
                     bf16,
@@ -386,13 +488,13 @@ pub(super) fn forward(
                     (keys, 1),
                     v,
                     (vs.st, 1),
-                    dst.rows(b, h, i0),
+                    dst.rows(seq.b, h, seq.t0 + i0),
                     false,
                 )
             };
         }
     });
-    heads_tensor(out, [batch, d.heads, d.tq, d.hd])
+    heads_tensor(out, [d.batch, d.heads, d.tq, d.hd])
 }
 
 fn dropout_in_place(row: &mut [f32], mask: &DropMask, base: u32) {
@@ -408,7 +510,7 @@ fn dropout_in_place(row: &mut [f32], mask: &DropMask, base: u32) {
 #[allow(clippy::too_many_arguments)]
 pub(super) fn backward(
     [q, k, v]: [&FlexTensor; 3],
-    bias: &FlexTensor,
+    (bias, segments): (&FlexTensor, Option<&Segments>),
     dout: &FlexTensor,
     scale: f32,
     mask: &DropMask,
@@ -416,120 +518,140 @@ pub(super) fn backward(
 ) -> (FlexTensor, FlexTensor, FlexTensor) {
     let [qs, ks, vs, dos] = [q, k, v, dout].map(Heads::expect);
     let d = Dims::of(q, k);
+    let seqs = Seq::all(&d, bias, segments);
     let bs = values(bias);
-    let batch = q.shape()[0];
-    let mut dq = vec![0f32; batch * d.tq * d.heads * d.hd];
-    let mut dk = vec![0f32; batch * d.tk * d.kv_heads * d.hd];
-    let mut dv = vec![0f32; batch * d.tk * d.kv_heads * d.hd];
+    let mut dq = vec![0f32; d.batch * d.tq * d.heads * d.hd];
+    let mut dk = vec![0f32; d.batch * d.tk * d.kv_heads * d.hd];
+    let mut dv = vec![0f32; d.batch * d.tk * d.kv_heads * d.hd];
     let dq_out = HeadsOut::new(&mut dq, d.tq, d.heads, d.hd);
     let (dk_out, dv_out) = (
         HeadsOut::new(&mut dk, d.tk, d.kv_heads, d.hd),
         HeadsOut::new(&mut dv, d.tk, d.kv_heads, d.hd),
     );
-    // Task kvh writes the rows of key / value head kvh of dk and dv, and of its group's query
-    // heads of dq: disjoint from every other task's.
-    (0..batch * d.kv_heads).into_par_iter().for_each(|kvh| {
-        let (b, kh) = (kvh / d.kv_heads, kvh % d.kv_heads);
-        let (k, v) = (ks.rows(b, kh, 0), vs.rows(b, kh, 0));
-        let (dk, dv) = (dk_out.rows(b, kh, 0), dv_out.rows(b, kh, 0));
-        let block = ROWS.min(d.tq) * d.tk;
-        let (mut p, mut dp, mut ds) = (vec![0f32; block], vec![0f32; block], vec![0f32; block]);
-        for g in 0..d.group() {
-            let bh = kvh * d.group() + g;
-            let h = bh % d.heads;
-            for i0 in (0..d.tq).step_by(ROWS) {
-                let rows = ROWS.min(d.tq - i0);
-                let keys = visible_keys(bs, &d, b, i0..i0 + rows);
-                let n = rows * keys;
-                let (p, dp, ds) = (&mut p[..n], &mut dp[..n], &mut ds[..n]);
-                let (q_block, do_block) = (qs.rows(b, h, i0), dos.rows(b, h, i0));
-                probs_block(bf16, &qs, (k, ks.st), bs, scale, &d, bh, i0, rows, keys, p);
-                // d(dropped probs) = dout · vᵀ: (rows, hd) x (hd, keys) -> (rows, keys)
-                // SAFETY (this and the products below): dp and ds are this task's
-                // scratch of rows × keys; dv, dk and head h of dq are its own rows.
-                unsafe {
-                    product(
+    // Task (sequence, kh) writes the sequence's rows of key / value head kh of dk and dv, and
+    // of its group's query heads of dq: disjoint from every other task's.
+    (0..seqs.len() * d.kv_heads)
+        .into_par_iter()
+        .for_each(|task| {
+            let (seq, kh) = (&seqs[task / d.kv_heads], task % d.kv_heads);
+            let (b, t0) = (seq.b, seq.t0);
+            let (k, v) = (ks.rows(b, kh, t0), vs.rows(b, kh, t0));
+            let (dk, dv) = (dk_out.rows(b, kh, t0), dv_out.rows(b, kh, t0));
+            let block = ROWS.min(seq.tq) * seq.tk;
+            let (mut p, mut dp, mut ds) = (vec![0f32; block], vec![0f32; block], vec![0f32; block]);
+            for h in kh * d.group()..(kh + 1) * d.group() {
+                for i0 in (0..seq.tq).step_by(ROWS) {
+                    let rows = ROWS.min(seq.tq - i0);
+                    let keys = visible_keys(bs, seq, i0..i0 + rows);
+                    let n = rows * keys;
+                    let (p, dp, ds) = (&mut p[..n], &mut dp[..n], &mut ds[..n]);
+                    let (q_block, do_block) = (qs.rows(b, h, t0 + i0), dos.rows(b, h, t0 + i0));
+                    probs_block(
                         bf16,
+                        &qs,
+                        (k, ks.st),
+                        bs,
+                        scale,
+                        (&d, seq),
+                        h,
+                        i0,
                         rows,
                         keys,
-                        d.hd,
-                        do_block,
-                        (dos.st, 1),
-                        v,
-                        (1, vs.st),
-                        Rows::dense(dp, keys),
-                        false,
-                    )
-                };
-                // dv += (dropped probs)ᵀ · dout: (keys, rows) x (rows, hd) -> (keys, hd)
-                let dropped: &[f32] = if mask.keeps_all() {
-                    p
-                } else {
-                    for (r, (x, y)) in p.chunks(keys).zip(ds.chunks_mut(keys)).enumerate() {
-                        dropout_slice(x, mask, mask_base(&d, bh, i0 + r), y);
+                        p,
+                    );
+                    // d(dropped probs) = dout · vᵀ: (rows, hd) x (hd, keys) -> (rows, keys)
+                    // SAFETY (this and the products below): dp and ds are this task's
+                    // scratch of rows × keys; dv, dk and head h of dq are its own rows.
+                    unsafe {
+                        product(
+                            bf16,
+                            rows,
+                            keys,
+                            d.hd,
+                            do_block,
+                            (dos.st, 1),
+                            v,
+                            (1, vs.st),
+                            Rows::dense(dp, keys),
+                            false,
+                        )
+                    };
+                    // dv += (dropped probs)ᵀ · dout: (keys, rows) x (rows, hd) -> (keys, hd)
+                    let dropped: &[f32] = if mask.keeps_all() {
+                        p
+                    } else {
+                        for (r, (x, y)) in p.chunks(keys).zip(ds.chunks_mut(keys)).enumerate() {
+                            dropout_slice(x, mask, seq.mask_base(d.heads, h, i0 + r), y);
+                        }
+                        ds
+                    };
+                    unsafe {
+                        product(
+                            bf16,
+                            keys,
+                            d.hd,
+                            rows,
+                            dropped,
+                            (1, keys),
+                            do_block,
+                            (dos.st, 1),
+                            dv,
+                            true,
+                        )
+                    };
+                    // d(scores) = scale · P ⊙ (dP − Σ dP ⊙ P), dP the dropout of d(dropped probs)
+                    for (r, ((p, dp), ds)) in p
+                        .chunks(keys)
+                        .zip(dp.chunks(keys))
+                        .zip(ds.chunks_mut(keys))
+                        .enumerate()
+                    {
+                        super::softmax_backward_row(
+                            p,
+                            dp,
+                            scale,
+                            mask,
+                            seq.mask_base(d.heads, h, i0 + r),
+                            ds,
+                        );
                     }
-                    ds
-                };
-                unsafe {
-                    product(
-                        bf16,
-                        keys,
-                        d.hd,
-                        rows,
-                        dropped,
-                        (1, keys),
-                        do_block,
-                        (dos.st, 1),
-                        dv,
-                        true,
-                    )
-                };
-                // d(scores) = scale · P ⊙ (dP − Σ dP ⊙ P), dP the dropout of d(dropped probs)
-                for (r, ((p, dp), ds)) in p
-                    .chunks(keys)
-                    .zip(dp.chunks(keys))
-                    .zip(ds.chunks_mut(keys))
-                    .enumerate()
-                {
-                    super::softmax_backward_row(p, dp, scale, mask, mask_base(&d, bh, i0 + r), ds);
+                    // dq = d(scores) · k: (rows, keys) x (keys, hd) -> (rows, hd)
+                    unsafe {
+                        product(
+                            bf16,
+                            rows,
+                            d.hd,
+                            keys,
+                            ds,
+                            (keys, 1),
+                            k,
+                            (ks.st, 1),
+                            dq_out.rows(b, h, t0 + i0),
+                            false,
+                        )
+                    };
+                    // dk += d(scores)ᵀ · q: (keys, rows) x (rows, hd) -> (keys, hd)
+                    unsafe {
+                        product(
+                            bf16,
+                            keys,
+                            d.hd,
+                            rows,
+                            ds,
+                            (1, keys),
+                            q_block,
+                            (qs.st, 1),
+                            dk,
+                            true,
+                        )
+                    };
                 }
-                // dq = d(scores) · k: (rows, keys) x (keys, hd) -> (rows, hd)
-                unsafe {
-                    product(
-                        bf16,
-                        rows,
-                        d.hd,
-                        keys,
-                        ds,
-                        (keys, 1),
-                        k,
-                        (ks.st, 1),
-                        dq_out.rows(b, h, i0),
-                        false,
-                    )
-                };
-                // dk += d(scores)ᵀ · q: (keys, rows) x (rows, hd) -> (keys, hd)
-                unsafe {
-                    product(
-                        bf16,
-                        keys,
-                        d.hd,
-                        rows,
-                        ds,
-                        (1, keys),
-                        q_block,
-                        (qs.st, 1),
-                        dk,
-                        true,
-                    )
-                };
             }
-        }
-    });
+        });
     // dv has k's shape (v's).
     (
-        heads_tensor(dq, [batch, d.heads, d.tq, d.hd]),
-        heads_tensor(dk, [batch, d.kv_heads, d.tk, d.hd]),
-        heads_tensor(dv, [batch, d.kv_heads, d.tk, d.hd]),
+        heads_tensor(dq, [d.batch, d.heads, d.tq, d.hd]),
+        heads_tensor(dk, [d.batch, d.kv_heads, d.tk, d.hd]),
+        heads_tensor(dv, [d.batch, d.kv_heads, d.tk, d.hd]),
     )
 }
