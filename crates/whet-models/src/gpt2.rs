@@ -14,10 +14,7 @@ use crate::decoder::{
     CausalLm, DecoderInput, KvCache, gather_positions, last_non_pad, place_virtual_tokens,
 };
 use crate::error::Result;
-use crate::layers::{
-    Embedding, LayerNorm, Linear, Mode, TorchLinear, dropout, merge_heads, scaled_dot_product,
-    split_heads,
-};
+use crate::layers::{Embedding, LayerNorm, Linear, Mode, TorchLinear, dropout, split_heads};
 use crate::prompt::{PromptEncoder, PromptShape, PromptSlot};
 use crate::unpad::Layout;
 use crate::weights::{VisitParams, Visitor, Weights, join};
@@ -118,8 +115,9 @@ impl Gpt2Block {
         cache: Option<(&mut KvCache, usize)>,
         mode: Mode,
     ) -> Tensor<3> {
+        let attend = layout.attend(&x, cache.is_none());
         // (B, T, E) -> (B, T, 3E) -> three (B, T, E)
-        let qkv = layout.pad(self.c_attn.forward(self.ln_1.forward(x.clone()), mode));
+        let qkv = attend.rows(self.c_attn.forward(self.ln_1.forward(x.clone()), mode));
         let e = qkv.dims()[2] / 3;
         let [q, k, v] = crate::kernels::split_last(qkv, [e, e, e]);
         let q = split_heads(q, self.heads);
@@ -127,14 +125,7 @@ impl Gpt2Block {
         if let Some((cache, layer)) = cache {
             (k, v) = cache.append(layer, k, v);
         }
-        let ctx = layout.enter(merge_heads(scaled_dot_product(
-            q,
-            k,
-            v,
-            bias,
-            self.attn_pdrop,
-            mode,
-        )));
+        let ctx = attend.merge(attend.run([q, k, v], bias, self.attn_pdrop, mode));
         let x = x + dropout(self.attn_proj.forward(ctx, mode), self.resid_pdrop, mode);
         let h = self
             .act

@@ -26,8 +26,7 @@ use crate::decoder::{
 };
 use crate::error::{ModelError, Result};
 use crate::layers::{
-    Embedding, Linear, Mode, RmsNorm, TorchLinear, dropout, merge_heads, normed_projections,
-    repeat_kv, scaled_dot_product, split_heads,
+    Embedding, Linear, Mode, RmsNorm, TorchLinear, dropout, normed_projections, repeat_kv,
 };
 use crate::prompt::{PromptEncoder, PromptShape, PromptSlot};
 use crate::unpad::Layout;
@@ -610,6 +609,15 @@ impl Rope {
         }
     }
 
+    /// The tables at `layout`'s flattened tokens, where its attention calls can take those
+    /// ([`Layout::flat_table`]).
+    pub(crate) fn flatten(&self, layout: &Layout) -> Option<Self> {
+        Some(Self {
+            cos: layout.flat_table(self.cos.clone())?,
+            sin: layout.flat_table(self.sin.clone())?,
+        })
+    }
+
     /// `x * cos + rotate_half(x) * sin`, with `rotate_half([x1, x2]) = [-x2, x1]`.
     ///
     /// # Shapes
@@ -776,7 +784,9 @@ impl LlamaLayer {
         }
     }
 
-    /// Token-wise layers run in `layout`, attention on padded rows.
+    /// Token-wise layers run in `layout`, attention on padded rows or, padding-free on the
+    /// CPU, on the flattened tokens with `rope`'s flattened tables (`rope.1`, see
+    /// [`Layout::attend`]).
     ///
     /// # Shapes
     /// - x `[B, T, H]` (`[1, N, H]` padding-free), bias `[B, 1, T, T_past + T]`
@@ -785,12 +795,22 @@ impl LlamaLayer {
         &self,
         x: Tensor<3>,
         layout: &Layout,
-        rope: &Rope,
+        rope: (&Rope, Option<&Rope>),
         bias: Tensor<4>,
         cache: Option<(&mut KvCache, usize)>,
         mode: Mode,
     ) -> Tensor<3> {
-        let heads = |y: Tensor<3>, n| split_heads(layout.pad(y), n);
+        // The flattened tokens where keys and values are this call's own (no cache) and the
+        // kernel computes the scores (no soft-capping).
+        let flat_rope = rope
+            .1
+            .filter(|_| cache.is_none() && self.attn_softcap.is_none());
+        let attend = layout.attend(&x, flat_rope.is_some());
+        let rope = match flat_rope {
+            Some(flat) if attend.is_flat() => flat,
+            _ => rope.0,
+        };
+        let heads = |y: Tensor<3>, n| attend.heads(y, n);
         let [q, k, v] = self.project_qkv(&self.input_layernorm, x.clone(), mode);
         let (mut q, mut k) = (heads(q, self.heads), heads(k, self.kv_heads));
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
@@ -806,7 +826,7 @@ impl LlamaLayer {
             (k, v) = cache.append(layer, k, v);
         }
         let ctx = match self.attn_softcap {
-            None => scaled_dot_product(q, k, v, bias, self.attention_dropout, mode),
+            None => attend.run([q, k, v], bias, self.attention_dropout, mode),
             Some(cap) => {
                 let rep = self.heads / self.kv_heads;
                 let (k, v) = (repeat_kv(k, rep), repeat_kv(v, rep));
@@ -822,7 +842,7 @@ impl LlamaLayer {
                 crate::precision::matmul(probs, v)
             }
         };
-        let attn = self.o_proj.forward(layout.enter(merge_heads(ctx)), mode);
+        let attn = self.o_proj.forward(attend.merge(ctx), mode);
         match (
             &self.pre_feedforward_layernorm,
             &self.post_feedforward_layernorm,
@@ -1002,12 +1022,13 @@ impl LlamaModel {
             .unpadded
             .map(|u| u.widen(t - input.input_ids.dims()[1]));
         let layout = Layout::new(unpadded.as_ref(), &x.device());
+        let (flat, flat_local) = (rope.flatten(&layout), rope_local.flatten(&layout));
         let mut x = layout.enter(x);
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| (c, i));
             let (rope, bias) = match layer.kind {
-                LayerKind::Full => (&rope, bias.clone()),
-                LayerKind::Sliding => (&rope_local, bias_local.clone()),
+                LayerKind::Full => ((&rope, flat.as_ref()), bias.clone()),
+                LayerKind::Sliding => ((&rope_local, flat_local.as_ref()), bias_local.clone()),
             };
             x = layer.forward(x, &layout, rope, bias, layer_cache, mode);
         }

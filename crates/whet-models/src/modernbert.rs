@@ -15,10 +15,7 @@ use serde::Deserialize;
 use crate::bert::{EncoderInput, SpanLogits};
 use crate::config::{Activation, HeadFields};
 use crate::error::Result;
-use crate::layers::{
-    Embedding, LayerNorm, Linear, Mode, TorchLinear, attention_bias, dropout, merge_heads,
-    scaled_dot_product, split_heads,
-};
+use crate::layers::{Embedding, LayerNorm, Linear, Mode, TorchLinear, attention_bias, dropout};
 use crate::llama::{LayerKind, Rope};
 use crate::unpad::Layout;
 use crate::weights::{VisitParams, Visitor, Weights, join};
@@ -239,21 +236,26 @@ impl ModernBertLayer {
         &self,
         x: Tensor<3>,
         layout: &Layout,
-        rope: &Rope,
+        rope: (&Rope, Option<&Rope>),
         bias: Tensor<4>,
         mode: Mode,
     ) -> Tensor<3> {
+        let attend = layout.attend(&x, rope.1.is_some());
+        let rope = match rope.1 {
+            Some(flat) if attend.is_flat() => flat,
+            _ => rope.0,
+        };
         let h = match &self.attn_norm {
             Some(n) => n.forward(x.clone()),
             None => x.clone(),
         };
         let qkv = self.wqkv.forward(h, mode);
         let width = qkv.dims()[2] / 3;
-        let heads = |p: Tensor<3>| split_heads(layout.pad(p), self.heads);
+        let heads = |p: Tensor<3>| attend.heads(p, self.heads);
         let [q, k, v] = crate::kernels::split_last(qkv, [width, width, width]);
         let (q, k, v) = (rope.apply(heads(q)), rope.apply(heads(k)), heads(v));
-        let ctx = scaled_dot_product(q, k, v, bias, self.attention_dropout, mode);
-        let attn = self.attn_out.forward(layout.enter(merge_heads(ctx)), mode);
+        let ctx = attend.run([q, k, v], bias, self.attention_dropout, mode);
+        let attn = self.attn_out.forward(attend.merge(ctx), mode);
         let x = x + dropout(attn, self.attention_dropout, mode);
         let y = self.wi.forward(self.mlp_norm.forward(x.clone()), mode);
         let inter = y.dims()[2] / 2;
@@ -351,11 +353,12 @@ impl ModernBertModel {
         let rope = Rope::new(positions.clone(), self.inv_freq.clone());
         let rope_local = Rope::new(positions, self.inv_freq_local.clone());
         let layout = Layout::new(input.unpadded.as_ref(), &device);
+        let (flat, flat_local) = (rope.flatten(&layout), rope_local.flatten(&layout));
         let mut x = layout.enter(x);
         for layer in &self.layers {
             let (rope, bias) = match layer.kind {
-                LayerKind::Full => (&rope, bias.clone()),
-                LayerKind::Sliding => (&rope_local, bias_local.clone()),
+                LayerKind::Full => ((&rope, flat.as_ref()), bias.clone()),
+                LayerKind::Sliding => ((&rope_local, flat_local.as_ref()), bias_local.clone()),
             };
             x = layer.forward(x, &layout, rope, bias, mode);
         }

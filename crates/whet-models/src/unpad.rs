@@ -194,15 +194,50 @@ impl Layout {
             segments,
         }
     }
+
+    /// A table of the padded positions `[B, 1, T, d]` (the rotary embedding's) at the
+    /// flattened tokens, `[1, 1, N, d]`, for the attention calls that take those
+    /// ([`Attend::is_flat`]); `None` where no call can (padded, or a mask with holes).
+    pub(crate) fn flat_table(&self, table: Tensor<4>) -> Option<Tensor<4>> {
+        match self {
+            Layout::Unpadded {
+                index,
+                rows,
+                cols,
+                segments: Some(_),
+            } if table.dims()[0] == *rows && table.dims()[2] == *cols => {
+                let [b, _, t, d] = table.dims();
+                let n = index.dims()[0];
+                // (B, 1, T, d) -> (B*T, d) -> (N, d) -> (1, 1, N, d)
+                Some(
+                    table
+                        .reshape([b * t, d])
+                        .select(0, index.clone())
+                        .reshape([1, 1, n, d]),
+                )
+            }
+            _ => None,
+        }
+    }
 }
 
 impl Attend<'_> {
+    /// Whether the call takes the flattened tokens (no padding around it).
+    pub(crate) fn is_flat(&self) -> bool {
+        self.segments.is_some()
+    }
+
+    /// A projection `[B, T, ·]` (`[1, N, ·]` padding-free) in the rows [`Self::run`] reads.
+    pub(crate) fn rows(&self, y: Tensor<3>) -> Tensor<3> {
+        match self.segments {
+            Some(_) => y,
+            None => self.layout.pad(y),
+        }
+    }
+
     /// A projection `[B, T, n·hd]` (`[1, N, n·hd]` padding-free) as `n` heads for [`Self::run`].
     pub(crate) fn heads(&self, y: Tensor<3>, n: usize) -> Tensor<4> {
-        match self.segments {
-            Some(_) => split_heads(y, n),
-            None => split_heads(self.layout.pad(y), n),
-        }
+        split_heads(self.rows(y), n)
     }
 
     /// [`scaled_dot_product`] of heads made by [`Self::heads`], the bias the padded batch's
