@@ -1,12 +1,18 @@
 //! Padding-free forward passes: a padded batch runs without its padding.
 //!
 //! The token-wise layers (projections, feed-forward, norms, residuals) see only the batch's real
-//! tokens, flattened into one row `[1, N, H]`; attention alone puts them back into their padded
-//! rows, so each token still attends only inside its own example, at its own position. This is
-//! the "unpadding" of ModernBERT (`transformers.models.modernbert`, `_unpad_modernbert_input`)
-//! and MosaicBERT, with attention on padded rows instead of a variable-length kernel: no
-//! token-wise layer mixes positions, so the result is the padded batch's up to float rounding,
-//! while the projections and the feed-forward, most of a step's work, skip the padding.
+//! tokens, flattened into one row `[1, N, H]`: the "unpadding" of ModernBERT
+//! (`transformers.models.modernbert`, `_unpad_modernbert_input`) and MosaicBERT. No token-wise
+//! layer mixes positions, so the result is the padded batch's up to float rounding, while the
+//! projections and the feed-forward, most of a step's work, skip the padding.
+//!
+//! Attention is where each token must stay inside its own example. On the CPU kernels it reads
+//! the flattened row as it is, each example a run of tokens ([`Segments`]) that attends within
+//! itself with the padded batch's bias and dropout mask (as flash-attention's variable-length
+//! kernel): scattering q, k and v into padded rows and gathering the output back took more of a
+//! MiniLM LoRA step than the attention products (whole-run A/B: 1.23x without them). Elsewhere
+//! ([`Attend`]: a GPU, a KV cache, prefix keys, soft-capped scores, a mask with holes) attention
+//! puts the tokens back into their padded rows around the call.
 //!
 //! The caller says where the real tokens are from the host-side mask it built the batch from,
 //! so no device value is read back to find them.
