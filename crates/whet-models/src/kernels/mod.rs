@@ -776,16 +776,27 @@ pub fn attention(
     scale: f32,
     p: f64,
 ) -> Tensor<4> {
-    if !on_flex(&q) || matches!(crate::precision::compute(), Some(dt) if dt != FloatDType::BF16) {
+    if !segments_apply(&q) {
         return attention_composed(q, k, v, bias, scale, p);
     }
+    attention_kernel([q, k, v], bias, None, scale, p)
+}
+
+/// The CPU attention kernel, its dropout seed drawn here.
+fn attention_kernel(
+    [q, k, v]: [Tensor<4>; 3],
+    bias: Tensor<4>,
+    segments: Option<Arc<Segments>>,
+    scale: f32,
+    p: f64,
+) -> Tensor<4> {
     let seed = if p > 0.0 { draw_seed(&q.device()) } else { 0 };
     Tensor::from_dispatch(<Dispatch as CpuFusedOps>::fused_attention(
         q.into_dispatch(),
         k.into_dispatch(),
         v.into_dispatch(),
         bias.into_dispatch(),
-        None,
+        segments,
         scale,
         p,
         seed,
@@ -833,21 +844,11 @@ pub fn attention_segments(
     scale: f32,
     p: f64,
 ) -> Tensor<4> {
-    let seed = if p > 0.0 { draw_seed(&q.device()) } else { 0 };
-    Tensor::from_dispatch(<Dispatch as CpuFusedOps>::fused_attention(
-        q.into_dispatch(),
-        k.into_dispatch(),
-        v.into_dispatch(),
-        bias.into_dispatch(),
-        Some(segments.clone()),
-        scale,
-        p,
-        seed,
-    ))
+    attention_kernel([q, k, v], bias, Some(segments.clone()), scale, p)
 }
 
 /// Whether [`attention_segments`] can run for tensors on `x`'s device now: where [`attention`]
-/// runs its CPU kernel.
+/// runs its CPU kernel (the CPU backend, in f32 or under bf16 compute).
 pub fn segments_apply<const D: usize>(x: &Tensor<D>) -> bool {
     on_flex(x) && !matches!(crate::precision::compute(), Some(dt) if dt != FloatDType::BF16)
 }
