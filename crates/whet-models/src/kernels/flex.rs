@@ -1362,8 +1362,11 @@ impl CpuKernels for Flex {
                 let dh_c = &mut dh[r0 * d..(r0 + c) * d];
                 gemm_strided(c, d, v, lg, (v, 1), ws, (sv, sd), dh_c, false);
                 if weight_grad {
-                    // (V, C) x (C, D) -> (V, D), summed over the chunks
-                    gemm_strided(v, d, c, lg, (1, v), h_c, (d, 1), &mut dw, true);
+                    // (V, C) x (C, D) -> (V, D), summed over the chunks. The first chunk writes
+                    // without reading: dw's pages are then written first, not read as the
+                    // kernel's shared zero page and copied on the write, each copy a TLB
+                    // flush on every core (SmolLM2 full fine-tuning, A B B A: 1.045x).
+                    gemm_strided(v, d, c, lg, (1, v), h_c, (d, 1), &mut dw, r0 > 0);
                 }
             }
         }
