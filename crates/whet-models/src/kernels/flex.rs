@@ -34,34 +34,6 @@ fn gemm_strided(
     accumulate: bool,
 ) {
     let parallel = m * n * k >= 64 * 64 * 64;
-    gemm_on(
-        m,
-        n,
-        k,
-        lhs,
-        lhs_strides,
-        rhs,
-        rhs_strides,
-        dst,
-        accumulate,
-        parallel,
-    );
-}
-
-/// [`gemm_strided`] on this thread only when `parallel` is false (inside a rayon task).
-#[allow(clippy::too_many_arguments)]
-fn gemm_on(
-    m: usize,
-    n: usize,
-    k: usize,
-    lhs: &[f32],
-    (lhs_rs, lhs_cs): (usize, usize),
-    rhs: &[f32],
-    (rhs_rs, rhs_cs): (usize, usize),
-    dst: &mut [f32],
-    accumulate: bool,
-    parallel: bool,
-) {
     assert!(dst.len() >= m * n);
     // SAFETY: dst holds the m × n values that rows n apart reach (asserted), and the
     // exclusive borrow keeps every other reader and writer away.
@@ -71,9 +43,9 @@ fn gemm_on(
             n,
             k,
             lhs,
-            (lhs_rs, lhs_cs),
+            lhs_strides,
             rhs,
-            (rhs_rs, rhs_cs),
+            rhs_strides,
             (dst.as_mut_ptr(), n),
             accumulate,
             parallel,
@@ -81,8 +53,9 @@ fn gemm_on(
     }
 }
 
-/// [`gemm_on`] into rows `dst_rs` apart from `dst` (the rows of one head in a `[B, T, H, hd]`
-/// buffer lie `H·hd` apart).
+/// [`gemm_strided`] into rows `dst_rs` apart from `dst` (the rows of one head in a
+/// `[B, T, H, hd]` buffer lie `H·hd` apart), on this thread only when `parallel` is false
+/// (inside a rayon task).
 ///
 /// # Safety
 /// `dst` is valid for reads and writes at `r · dst_rs + c` for every `r < m`, `c < n`, and no
