@@ -98,6 +98,21 @@ pub(crate) fn gemm(m: usize, n: usize, k: usize, a: Strided, b: Strided, dst: &m
     gemm_with(m, n, k, a, b, dst, true);
 }
 
+/// [`gemm`] added to what `dst` holds (`dst += a · b`, the sums starting from `dst`'s values)
+/// with `accumulate`, or overwriting it without: a product summed over chunks of `k`, as the
+/// LM-head loss sums its weight's gradient chunk by chunk.
+pub(crate) fn gemm_into(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Strided,
+    b: Strided,
+    dst: &mut [f32],
+    accumulate: bool,
+) {
+    gemm_by(Kernel::best(), m, n, k, a, b, dst, true, accumulate);
+}
+
 /// [`gemm`] on the calling thread only: for the products of a batch, which are spread over the
 /// threads one product each (splitting each small product as well cost more than it saved).
 pub(crate) fn gemm_in_one_thread(
@@ -205,11 +220,11 @@ pub fn amx_ready() -> bool {
 }
 
 fn gemm_with(m: usize, n: usize, k: usize, a: Strided, b: Strided, dst: &mut [f32], threads: bool) {
-    gemm_by(Kernel::best(), m, n, k, a, b, dst, threads);
+    gemm_by(Kernel::best(), m, n, k, a, b, dst, threads, false);
 }
 
 /// [`gemm`] by the named kernel, which the CPU must have (the tests check [`Kernel::best`]
-/// first).
+/// first); with `accumulate`, added to `dst` ([`gemm_into`]).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_by(
     kernel: Kernel,
@@ -220,6 +235,7 @@ pub(crate) fn gemm_by(
     b: Strided,
     dst: &mut [f32],
     threads: bool,
+    accumulate: bool,
 ) {
     assert!(
         dst.len() >= m * n,
@@ -237,22 +253,37 @@ pub(crate) fn gemm_by(
                 "bf16 gemm: AMX asked for where it is not granted"
             );
             // SAFETY: AMX is granted (asserted); `dst` holds m · n values (asserted above).
-            unsafe { simd::amx::gemm(m, n, k, a, b, dst.as_mut_ptr(), threads) }
+            unsafe { simd::amx::gemm_into(m, n, k, a, b, dst.as_mut_ptr(), threads, accumulate) }
         }
         #[cfg(target_arch = "x86_64")]
-        Kernel::Avx512Bf16 => simd::gemm(m, n, k, a, b, dst, threads),
-        _ => emulate(m, n, k, a, b, dst),
+        Kernel::Avx512Bf16 => simd::gemm(m, n, k, a, b, dst, threads, accumulate),
+        _ => emulate_into(m, n, k, a, b, dst, accumulate),
     }
 }
 
 /// [`gemm`]'s arithmetic in scalar code: the reference its vector kernel is tested against,
 /// and what runs on a CPU without AVX512-BF16.
+#[cfg(test)]
 pub(crate) fn emulate(m: usize, n: usize, k: usize, a: Strided, b: Strided, dst: &mut [f32]) {
+    emulate_into(m, n, k, a, b, dst, false);
+}
+
+/// [`emulate`], the sums starting from `dst`'s values with `accumulate` (as the vector kernel
+/// starts its registers from them).
+fn emulate_into(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Strided,
+    b: Strided,
+    dst: &mut [f32],
+    accumulate: bool,
+) {
     let pair = |v: f32| from_bf16_daz(to_bf16(v));
     let kp = k.div_ceil(2);
     for i in 0..m {
         for j in 0..n {
-            let mut acc = 0f32;
+            let mut acc = if accumulate { dst[i * n + j] } else { 0f32 };
             for p in 0..kp {
                 let (k0, k1) = (2 * p, 2 * p + 1);
                 let (a1, b1) = if k1 < k {
@@ -757,6 +788,8 @@ mod simd {
         out
     }
 
+    /// `C = A · B` (or `C += A · B` with `accumulate`) by the AVX512-BF16 kernel.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn gemm(
         m: usize,
         n: usize,
@@ -765,6 +798,7 @@ mod simd {
         b: Strided,
         dst: &mut [f32],
         threads: bool,
+        accumulate: bool,
     ) {
         let kp = k.div_ceil(2);
         let parallel = threads && m * n * k >= 64 * 64 * 64;
@@ -782,7 +816,7 @@ mod simd {
             // SAFETY: AVX512-BF16 is present (checked by the caller); the task writes only the
             // rows × cols block of C, disjoint from every other task's, and every read stays
             // inside the packed buffers, whose sizes follow from m, n and k.
-            unsafe { block(kp, &pa, &pb, c.get(), n, rows, cols) };
+            unsafe { block(kp, &pa, &pb, c.get(), n, rows, cols, accumulate) };
         };
         if tasks > 1 && parallel {
             (0..tasks).into_par_iter().for_each(run);
@@ -843,6 +877,26 @@ mod simd {
             c: *mut f32,
             threads: bool,
         ) {
+            // SAFETY: the caller's promise, passed on.
+            unsafe { gemm_into(m, n, k, a, b, c, threads, false) }
+        }
+
+        /// [`gemm`], or with `accumulate` `C += A · B`: each block of C starts from the values
+        /// `c` holds (read once into the tiles), not from zeros.
+        ///
+        /// # Safety
+        /// As [`gemm`]'s; with `accumulate` the `m · n` values at `c` are initialised.
+        #[allow(clippy::too_many_arguments)]
+        pub(in super::super) unsafe fn gemm_into(
+            m: usize,
+            n: usize,
+            k: usize,
+            a: Strided,
+            b: Strided,
+            c: *mut f32,
+            threads: bool,
+            accumulate: bool,
+        ) {
             let kq = k.div_ceil(2).div_ceil(T);
             let parallel = threads && m * n * k >= 64 * 64 * 64;
             let (ga, gb) = (m.div_ceil(2 * T) * 2, n.div_ceil(2 * T) * 2);
@@ -877,7 +931,7 @@ mod simd {
                 // SAFETY: AMX is granted (`amx_ready`); the task writes only its blocks of C
                 // (clipped to m × n), disjoint from every other task's; the tile loads read
                 // whole tiles of the packed operands, whose sizes follow from ga, gb and kq.
-                unsafe { task(kq, &pa, &pb, c.get(), m, n, rows, cols) };
+                unsafe { task(kq, &pa, &pb, c.get(), m, n, rows, cols, accumulate) };
             };
             let tasks = row_tasks * col_tasks;
             if tasks > 1 && parallel {
@@ -958,7 +1012,8 @@ mod simd {
         }
 
         /// Blocks `rows` × `cols` (in 32 × 32 blocks) of C: its own tile configuration, as
-        /// the thread that runs it may not have one, released at the end.
+        /// the thread that runs it may not have one, released at the end. With `accumulate`
+        /// each block's tiles start from C's values, else from zeros.
         #[allow(clippy::too_many_arguments)]
         unsafe fn task(
             kq: usize,
@@ -969,6 +1024,7 @@ mod simd {
             n: usize,
             rows: std::ops::Range<usize>,
             cols: std::ops::Range<usize>,
+            accumulate: bool,
         ) {
             let config = Config::all_full();
             let group = kq * TILE;
@@ -983,13 +1039,50 @@ mod simd {
                     for rb in rows.clone() {
                         let a0 = pa.as_ptr().add(2 * rb * group);
                         let b0 = pb.as_ptr().add(2 * cb * group);
-                        asm!(
-                            "tilezero tmm0",
-                            "tilezero tmm1",
-                            "tilezero tmm2",
-                            "tilezero tmm3",
-                            options(nostack, nomem)
-                        );
+                        if accumulate {
+                            // Tile t of the block from C: in place where whole, else through
+                            // `spill` (zeros past C's edges, which no store writes back).
+                            for t in 0..4 {
+                                let (r0, c0) = ((2 * rb + t / 2) * T, (2 * cb + t % 2) * T);
+                                let full = r0 + T <= m && c0 + T <= n;
+                                let (at, s) = if full {
+                                    (c.add(r0 * n + c0).cast_const(), n * 4)
+                                } else {
+                                    spill.fill(0.0);
+                                    for r in 0..T.min(m.saturating_sub(r0)) {
+                                        let w = T.min(n.saturating_sub(c0));
+                                        std::ptr::copy_nonoverlapping(
+                                            c.add((r0 + r) * n + c0),
+                                            spill.as_mut_ptr().add(r * T),
+                                            w,
+                                        );
+                                    }
+                                    (spill.as_ptr(), stride)
+                                };
+                                match t {
+                                    0 => {
+                                        asm!("tileloadd tmm0, [{p} + {s}]", p = in(reg) at, s = in(reg) s, options(nostack, readonly))
+                                    }
+                                    1 => {
+                                        asm!("tileloadd tmm1, [{p} + {s}]", p = in(reg) at, s = in(reg) s, options(nostack, readonly))
+                                    }
+                                    2 => {
+                                        asm!("tileloadd tmm2, [{p} + {s}]", p = in(reg) at, s = in(reg) s, options(nostack, readonly))
+                                    }
+                                    _ => {
+                                        asm!("tileloadd tmm3, [{p} + {s}]", p = in(reg) at, s = in(reg) s, options(nostack, readonly))
+                                    }
+                                }
+                            }
+                        } else {
+                            asm!(
+                                "tilezero tmm0",
+                                "tilezero tmm1",
+                                "tilezero tmm2",
+                                "tilezero tmm3",
+                                options(nostack, nomem)
+                            );
+                        }
                         for q in 0..kq {
                             asm!(
                                 "tileloadd tmm4, [{a0} + {s}]",
@@ -1054,6 +1147,7 @@ mod simd {
 
     /// One task: rows × cols of C, all of k, block by block.
     #[target_feature(enable = "avx512f,avx512bf16")]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn block(
         kp: usize,
         pa: &[u32],
@@ -1062,6 +1156,7 @@ mod simd {
         ldc: usize,
         rows: std::ops::Range<usize>,
         cols: std::ops::Range<usize>,
+        accumulate: bool,
     ) {
         let mut p0 = 0;
         while p0 < kp {
@@ -1082,7 +1177,7 @@ mod simd {
                             ldc,
                             MR.min(rows.end - i),
                             NR.min(cols.end - j),
-                            p0 > 0,
+                            accumulate || p0 > 0,
                         );
                     }
                     i += MR;
@@ -1252,7 +1347,7 @@ mod tests {
             emulate(m, n, k, a, b, &mut want);
             for kernel in kernels() {
                 let mut got = vec![f32::NAN; m * n];
-                gemm_by(kernel, m, n, k, a, b, &mut got, true);
+                gemm_by(kernel, m, n, k, a, b, &mut got, true, false);
                 if kernel == Kernel::Avx512Bf16 {
                     assert_eq!(got, want, "transposed {ta}");
                 } else {
@@ -1332,7 +1427,7 @@ mod tests {
                 emulate(m, n, k, a, b, &mut want);
                 for threads in [true, false] {
                     let mut got = vec![f32::NAN; m * n];
-                    gemm_by(Kernel::Amx, m, n, k, a, b, &mut got, threads);
+                    gemm_by(Kernel::Amx, m, n, k, a, b, &mut got, threads, false);
                     let what = format!("AMX (transposed {ta}, {tb}, threads {threads})");
                     assert_close(&got, &want, m, n, k, a, b, &what);
                     identical += got.iter().zip(&want).filter(|(g, w)| g == w).count();
@@ -1341,6 +1436,59 @@ mod tests {
             }
         }
         eprintln!("AMX: {identical} of {total} elements equal the emulation's bit for bit");
+    }
+
+    /// With `accumulate`, every kernel adds the product to what the output holds (the AMX
+    /// tiles load it, through a spill buffer at the edges; the vector kernel starts its
+    /// registers from it; the emulation its sums): `c + a · b` within f32 rounding of both, on
+    /// edge shapes, both operand layouts and one thread or all; and the values held count (a
+    /// kernel that overwrote them would be off by them, far beyond the bound).
+    #[test]
+    fn accumulated_products_add_to_what_the_output_holds() {
+        let mut all = kernels();
+        if !available() {
+            all.clear();
+            eprintln!("only the emulation: this CPU has no AVX512-BF16");
+        }
+        all.push(Kernel::Emulated);
+        for (m, n, k) in [
+            (1, 1, 1),
+            (17, 33, 5),
+            (33, 65, 40),
+            (64, 64, 64),
+            (200, 90, 300),
+        ] {
+            let (av, bv, held) = (values(m * k, 11), values(k * n, 12), values(m * n, 13));
+            for (ta, tb) in [(false, false), (true, true)] {
+                let (a, b) = (operand(&av, m, k, ta), operand(&bv, k, n, tb));
+                let mut product = vec![0f32; m * n];
+                emulate(m, n, k, a, b, &mut product);
+                let bf = |v: f32| from_bf16_daz(to_bf16(v)) as f64;
+                for &kernel in &all {
+                    for threads in [true, false] {
+                        let mut got = held.clone();
+                        gemm_by(kernel, m, n, k, a, b, &mut got, threads, true);
+                        for i in 0..m {
+                            for j in 0..n {
+                                let at = i * n + j;
+                                let magnitude: f64 = (0..k)
+                                    .map(|p| (bf(a.at(i, p)) * bf(b.at(p, j))).abs())
+                                    .sum::<f64>()
+                                    + (held[at] as f64).abs();
+                                let bound = 2.0 * (k as f64 + 2.0) * 2f64.powi(-24) * magnitude;
+                                let want = held[at] as f64 + product[at] as f64;
+                                assert!(
+                                    (got[at] as f64 - want).abs() <= bound,
+                                    "{kernel:?} {m}×{n}×{k} [{i}, {j}] transposed {ta}, \
+                                     threads {threads}: {} vs {want} (bound {bound})",
+                                    got[at]
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// `products` (the buffer the tiles fill without zeroing it first on AMX) holds each
@@ -1398,7 +1546,7 @@ mod tests {
                 let (a, b) = (operand(&av, m, k, ta), operand(&bv, k, n, tb));
                 let mut got = vec![f32::NAN; m * n];
                 let mut want = vec![0f32; m * n];
-                gemm_by(Kernel::Avx512Bf16, m, n, k, a, b, &mut got, true);
+                gemm_by(Kernel::Avx512Bf16, m, n, k, a, b, &mut got, true, false);
                 emulate(m, n, k, a, b, &mut want);
                 for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                     assert_eq!(

@@ -474,11 +474,27 @@ unsafe fn unzeroed(
     len: usize,
     fill: impl Fn(usize, &mut [std::mem::MaybeUninit<f32>]) + Sync,
 ) -> Vec<f32> {
-    let mut out: Vec<f32> = Vec::with_capacity(len);
+    // SAFETY: the caller's promise, passed on.
+    unsafe { unzeroed_with(len, || (), |_, k, o| fill(k, o)) }
+}
+
+/// [`unzeroed`] with a scratch value for each of rayon's tasks (`init`'s), lent to `fill`.
+///
+/// # Safety
+/// `fill` writes every value of each chunk it is given.
+unsafe fn unzeroed_with<T, S: Send>(
+    len: usize,
+    init: impl Fn() -> S + Sync + Send,
+    fill: impl Fn(&mut S, usize, &mut [std::mem::MaybeUninit<T>]) + Sync,
+) -> Vec<T>
+where
+    T: Send,
+{
+    let mut out: Vec<T> = Vec::with_capacity(len);
     out.spare_capacity_mut()[..len]
         .par_chunks_mut(CHUNK)
         .enumerate()
-        .for_each(|(k, o)| fill(k, o));
+        .for_each_init(init, |s, (k, o)| fill(s, k, o));
     // SAFETY: `fill` wrote every value of its chunk (the caller's promise); they cover 0..len.
     unsafe { out.set_len(len) };
     out
@@ -984,6 +1000,26 @@ impl Kernels for Flex {
     }
 }
 
+/// `row` as values, once they are all written.
+///
+/// # Safety
+/// Every value of `row` has been written.
+#[inline(always)]
+unsafe fn written(row: &mut [std::mem::MaybeUninit<f32>]) -> &mut [f32] {
+    // SAFETY: `MaybeUninit<f32>` has f32's layout, and every value is initialised (caller).
+    unsafe { &mut *(row as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) }
+}
+
+/// How many rows of `d` values `len` values make, asserting they make whole rows (the
+/// normalisations' kernels write whole rows only).
+fn whole_rows(len: usize, d: usize, op: &str) -> usize {
+    assert!(
+        d > 0 && len.is_multiple_of(d),
+        "{op}: {len} values are not whole rows of {d}"
+    );
+    len / d
+}
+
 /// Rows of `d` values handed to one rayon task.
 fn rows_per_chunk(d: usize) -> usize {
     (CHUNK / d.max(1)).max(1)
@@ -1026,14 +1062,14 @@ multiversion!(rms_norm_rows(
     x: &[f32],
     w: &[f32],
     eps: f32,
-    out: &mut [f32],
+    out: &mut [std::mem::MaybeUninit<f32>],
     rstd: &mut [f32]
 ) {
     let d = w.len();
     for ((xr, or), r) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)).zip(rstd.iter_mut()) {
         *r = 1.0 / (dot(xr, xr) / d as f32 + eps).sqrt();
         for ((o, &v), &wv) in or.iter_mut().zip(xr).zip(w) {
-            *o = v * *r * wv;
+            o.write(v * *r * wv);
         }
     }
 });
@@ -1043,7 +1079,7 @@ multiversion!(rms_norm_backward_rows(
     w: &[f32],
     rstd: &[f32],
     dy: &[f32],
-    dx: &mut [f32],
+    dx: &mut [std::mem::MaybeUninit<f32>],
     dw: &mut [f32]
 ) {
     let d = w.len();
@@ -1051,8 +1087,10 @@ multiversion!(rms_norm_backward_rows(
     for (((xr, gr), dxr), &r) in rows.zip(rstd) {
         // g = dy ⊙ w; dx = r·(g − x·r²·mean(g ⊙ x)); dw += dy ⊙ x·r
         for ((o, &g), &wv) in dxr.iter_mut().zip(gr).zip(w) {
-            *o = g * wv;
+            o.write(g * wv);
         }
+        // SAFETY: the loop above wrote every value of the row (`gr` and `w` are `d` long).
+        let dxr = unsafe { written(dxr) };
         let c = r * r * dot(dxr, xr) / d as f32;
         for (o, &v) in dxr.iter_mut().zip(xr) {
             *o = r * (*o - v * c);
@@ -1068,7 +1106,7 @@ multiversion!(layer_norm_rows(
     w: &[f32],
     b: &[f32],
     eps: f32,
-    out: &mut [f32],
+    out: &mut [std::mem::MaybeUninit<f32>],
     stats: &mut [f32]
 ) {
     let d = w.len();
@@ -1077,8 +1115,10 @@ multiversion!(layer_norm_rows(
         let mean = sum(xr) / d as f32;
         // Two passes, as PyTorch's (biased) variance: no cancellation for large means.
         for (o, &v) in or.iter_mut().zip(xr) {
-            *o = v - mean;
+            o.write(v - mean);
         }
+        // SAFETY: the loop above wrote every value of the row (`xr` is `d` long).
+        let or = unsafe { written(or) };
         let r = 1.0 / (dot(or, or) / d as f32 + eps).sqrt();
         (st[0], st[1]) = (mean, r);
         for ((o, &wv), &bv) in or.iter_mut().zip(w).zip(b) {
@@ -1092,7 +1132,7 @@ multiversion!(layer_norm_backward_rows(
     w: &[f32],
     stats: &[f32],
     dy: &[f32],
-    dx: &mut [f32],
+    dx: &mut [std::mem::MaybeUninit<f32>],
     dw: &mut [f32],
     db: &mut [f32]
 ) {
@@ -1107,8 +1147,10 @@ multiversion!(layer_norm_backward_rows(
             *h = (v - mean) * r;
         }
         for ((o, &g), &wv) in dxr.iter_mut().zip(gr).zip(w) {
-            *o = g * wv;
+            o.write(g * wv);
         }
+        // SAFETY: the loop above wrote every value of the row (`gr` and `w` are `d` long).
+        let dxr = unsafe { written(dxr) };
         let mg = sum(dxr) / d as f32;
         let mgx = dot(dxr, &xhat) / d as f32;
         for (o, &h) in dxr.iter_mut().zip(xhat.iter()) {
@@ -1134,17 +1176,17 @@ fn add_partials(partials: Vec<Vec<f32>>, d: usize) -> Vec<f32> {
 }
 
 // `silu(g) · u`, the sigmoid through the vectorised `exp`.
-multiversion!(swiglu_slice(g: &[f32], u: &[f32], out: &mut [f32]) {
+multiversion!(swiglu_slice(g: &[f32], u: &[f32], out: &mut [std::mem::MaybeUninit<f32>]) {
     for ((o, &a), &b) in out.iter_mut().zip(g).zip(u) {
         let s = 1.0 / (1.0 + exp(-a));
-        *o = a * s * b;
+        o.write(a * s * b);
     }
 });
 
 // f32 to bf16 as the bf16 products round their operands ([`bf16::to_bf16`]).
-multiversion!(round_bf16_slice(x: &[f32], out: &mut [half::bf16]) {
+multiversion!(round_bf16_slice(x: &[f32], out: &mut [std::mem::MaybeUninit<half::bf16>]) {
     for (o, &x) in out.iter_mut().zip(x) {
-        *o = half::bf16::from_bits(bf16::to_bf16(x) as u16);
+        o.write(half::bf16::from_bits(bf16::to_bf16(x) as u16));
     }
 });
 
@@ -1185,20 +1227,28 @@ impl Lanes for half::bf16 {
 
 /// `silu(g) · u` over chunks split across rayon's threads.
 fn swiglu_chunks<E: Lanes>(gs: &[E], us: &[E]) -> Vec<f32> {
-    let mut out = vec![0f32; gs.len()];
-    out.par_chunks_mut(CHUNK)
-        .zip(gs.par_chunks(CHUNK).zip(us.par_chunks(CHUNK)))
-        .for_each_init(<[Vec<f32>; 2]>::default, |[bg, bu], (o, (g, u))| {
-            swiglu_slice(E::as_f32(g, bg), E::as_f32(u, bu), o);
-        });
-    out
+    assert_eq!(gs.len(), us.len(), "swiglu: gate and up of other lengths");
+    // SAFETY: `swiglu_slice` writes all of each chunk (the gate's and up's are as long).
+    unsafe {
+        unzeroed_with(gs.len(), <[Vec<f32>; 2]>::default, |[bg, bu], k, o| {
+            let at = k * CHUNK..k * CHUNK + o.len();
+            swiglu_slice(E::as_f32(&gs[at.clone()], bg), E::as_f32(&us[at], bu), o);
+        })
+    }
 }
 
 /// `(dg, du)` of [`swiglu_chunks`] for the output gradient `ds`.
 fn swiglu_backward_chunks<E: Lanes>(gs: &[E], us: &[E], ds: &[f32]) -> (Vec<f32>, Vec<f32>) {
-    let (mut dg, mut du) = (vec![0f32; gs.len()], vec![0f32; gs.len()]);
-    dg.par_chunks_mut(CHUNK)
-        .zip(du.par_chunks_mut(CHUNK))
+    let len = gs.len();
+    assert!(
+        us.len() == len && ds.len() == len,
+        "swiglu backward: gate, up and gradient of other lengths"
+    );
+    // Not zeroed first: `swiglu_backward_slice` writes every value of both.
+    let (mut dg, mut du) = (Vec::with_capacity(len), Vec::with_capacity(len));
+    dg.spare_capacity_mut()[..len]
+        .par_chunks_mut(CHUNK)
+        .zip(du.spare_capacity_mut()[..len].par_chunks_mut(CHUNK))
         .zip(
             gs.par_chunks(CHUNK)
                 .zip(us.par_chunks(CHUNK))
@@ -1210,15 +1260,27 @@ fn swiglu_backward_chunks<E: Lanes>(gs: &[E], us: &[E], ds: &[f32]) -> (Vec<f32>
                 swiglu_backward_slice(E::as_f32(g, bg), E::as_f32(u, bu), d, dg, du);
             },
         );
+    // SAFETY: the chunks cover 0..len of both, and `swiglu_backward_slice` wrote all of each
+    // (its inputs' chunks are as long, asserted above).
+    unsafe {
+        dg.set_len(len);
+        du.set_len(len);
+    }
     (dg, du)
 }
 
 // `dg = dy · u · s · (1 + g · (1 − s))`, `du = dy · g · s` with `s = sigmoid(g)`.
-multiversion!(swiglu_backward_slice(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f32]) {
+multiversion!(swiglu_backward_slice(
+    g: &[f32],
+    u: &[f32],
+    dy: &[f32],
+    dg: &mut [std::mem::MaybeUninit<f32>],
+    du: &mut [std::mem::MaybeUninit<f32>]
+) {
     for ((((dg, du), &a), &b), &d) in dg.iter_mut().zip(du.iter_mut()).zip(g).zip(u).zip(dy) {
         let s = 1.0 / (1.0 + exp(-a));
-        *du = d * a * s;
-        *dg = d * b * s * (1.0 + a * (1.0 - s));
+        du.write(d * a * s);
+        dg.write(d * b * s * (1.0 + a * (1.0 - s)));
     }
 });
 
@@ -1293,6 +1355,7 @@ impl CpuKernels for Flex {
         weight: FlexTensor,
         targets: &[u32],
         (grad, weight_grad): (bool, bool),
+        bf16: bool,
     ) -> (FlexTensor, Option<FlexTensor>, Option<FlexTensor>) {
         let h = dense(hidden);
         let hs = values(&h);
@@ -1309,12 +1372,36 @@ impl CpuKernels for Flex {
         let mut dh = vec![0f32; if grad { n * d } else { 0 }];
         let mut dw = vec![0f32; if grad && weight_grad { v * d } else { 0 }];
         let mut logits = vec![0f32; CE_CHUNK_ROWS.min(n) * v];
+        // `dst (+)= a · b` for operands (values, row stride, column stride): in f32, or with
+        // bf16 operands and f32 sums (the bf16 products of a compute scope: the rounding of
+        // `bf16_matmul`'s forward and backward products, the weight's gradient summed over
+        // the chunks in f32).
+        let product = |m: usize,
+                       n: usize,
+                       k: usize,
+                       (a, a_rs, a_cs): (&[f32], usize, usize),
+                       (b, b_rs, b_cs): (&[f32], usize, usize),
+                       dst: &mut [f32],
+                       accumulate: bool| {
+            if bf16 {
+                let strided = |values, rs, cs| bf16::Strided {
+                    values,
+                    offset: 0,
+                    rs,
+                    cs,
+                };
+                let (a, b) = (strided(a, a_rs, a_cs), strided(b, b_rs, b_cs));
+                bf16::gemm_into(m, n, k, a, b, dst, accumulate);
+            } else {
+                gemm_strided(m, n, k, a, (a_rs, a_cs), b, (b_rs, b_cs), dst, accumulate);
+            }
+        };
         let mut loss = 0f64;
         for r0 in (0..n).step_by(CE_CHUNK_ROWS) {
             let c = CE_CHUNK_ROWS.min(n - r0);
             let (lg, h_c) = (&mut logits[..c * v], &hs[r0 * d..(r0 + c) * d]);
             // (C, D) x (D, V) -> (C, V): logits = h Wᵀ.
-            gemm_strided(c, v, d, h_c, (d, 1), ws, (sd, sv), lg, false);
+            product(c, v, d, (h_c, d, 1), (ws, sd, sv), lg, false);
             loss += lg
                 .par_chunks_mut(v)
                 .zip(&targets[r0..r0 + c])
@@ -1333,13 +1420,13 @@ impl CpuKernels for Flex {
             if grad {
                 // (C, V) x (V, D) -> (C, D)
                 let dh_c = &mut dh[r0 * d..(r0 + c) * d];
-                gemm_strided(c, d, v, lg, (v, 1), ws, (sv, sd), dh_c, false);
+                product(c, d, v, (lg, v, 1), (ws, sv, sd), dh_c, false);
                 if weight_grad {
                     // (V, C) x (C, D) -> (V, D), summed over the chunks. The first chunk writes
                     // without reading: dw's pages are then written first, not read as the
                     // kernel's shared zero page and copied on the write, each copy a TLB
                     // flush on every core (SmolLM2 full fine-tuning, A B B A: 1.045x).
-                    gemm_strided(v, d, c, lg, (1, v), h_c, (d, 1), &mut dw, r0 > 0);
+                    product(v, d, c, (lg, 1, v), (h_c, d, 1), &mut dw, r0 > 0);
                 }
             }
         }
@@ -1443,10 +1530,14 @@ impl CpuKernels for Flex {
     fn round_bf16(x: FlexTensor) -> FlexTensor {
         let x = dense(x);
         let xs = values(&x);
-        let mut out = vec![half::bf16::ZERO; xs.len()];
-        out.par_chunks_mut(CHUNK)
-            .zip(xs.par_chunks(CHUNK))
-            .for_each(|(o, x)| round_bf16_slice(x, o));
+        // SAFETY: `round_bf16_slice` writes all of each chunk (x's chunk is as long).
+        let out = unsafe {
+            unzeroed_with(
+                xs.len(),
+                || (),
+                |_, k, o| round_bf16_slice(&xs[k * CHUNK..][..o.len()], o),
+            )
+        };
         FlexTensor::from_data(TensorData::new(out, x.layout().shape().clone()))
     }
 
@@ -1482,13 +1573,17 @@ impl CpuKernels for Flex {
         let (x, w) = (dense(x), dense(w));
         let (xs, ws) = (values(&x), values(&w));
         let d = ws.len();
-        let rows = xs.len() / d.max(1);
-        let (mut out, mut rstd) = (vec![0f32; xs.len()], vec![0f32; rows]);
+        let rows = whole_rows(xs.len(), d, "rms_norm");
+        // Not zeroed first: `rms_norm_rows` writes every row.
+        let (mut out, mut rstd) = (Vec::with_capacity(xs.len()), vec![0f32; rows]);
         let per = rows_per_chunk(d);
-        out.par_chunks_mut(per * d)
+        out.spare_capacity_mut()[..xs.len()]
+            .par_chunks_mut(per * d)
             .zip(rstd.par_chunks_mut(per))
             .zip(xs.par_chunks(per * d))
             .for_each(|((o, r), x)| rms_norm_rows(x, ws, eps, o, r));
+        // SAFETY: the chunks cover all `rows` whole rows, each written.
+        unsafe { out.set_len(xs.len()) };
         let y = new_tensor(out, &x);
         (y, FlexTensor::from_data(TensorData::new(rstd, [rows])))
     }
@@ -1502,9 +1597,15 @@ impl CpuKernels for Flex {
         let (x, w, rstd, dy) = (dense(x), dense(w), dense(rstd), dense(dy));
         let (xs, ws, rs, gs) = (values(&x), values(&w), values(&rstd), values(&dy));
         let d = ws.len();
-        let mut dx = vec![0f32; xs.len()];
+        let rows = whole_rows(xs.len(), d, "rms_norm backward");
+        assert!(
+            gs.len() == xs.len() && rs.len() == rows,
+            "rms_norm backward: input, gradient and statistics of other shapes"
+        );
+        // Not zeroed first: `rms_norm_backward_rows` writes every row of `dx`.
+        let mut dx = Vec::with_capacity(xs.len());
         let per = rows_per_chunk(d);
-        let partials: Vec<Vec<f32>> = dx
+        let partials: Vec<Vec<f32>> = dx.spare_capacity_mut()[..xs.len()]
             .par_chunks_mut(per * d)
             .zip(xs.par_chunks(per * d).zip(gs.par_chunks(per * d)))
             .zip(rs.par_chunks(per))
@@ -1514,6 +1615,8 @@ impl CpuKernels for Flex {
                 dw
             })
             .collect();
+        // SAFETY: the chunks cover every row, each written whole (the lengths asserted above).
+        unsafe { dx.set_len(xs.len()) };
         let dw = add_partials(partials, d);
         (
             new_tensor(dx, &x),
@@ -1530,13 +1633,17 @@ impl CpuKernels for Flex {
         let (x, w, b) = (dense(x), dense(w), dense(b));
         let (xs, ws, bs) = (values(&x), values(&w), values(&b));
         let d = ws.len();
-        let rows = xs.len() / d.max(1);
-        let (mut out, mut stats) = (vec![0f32; xs.len()], vec![0f32; 2 * rows]);
+        let rows = whole_rows(xs.len(), d, "layer_norm");
+        // Not zeroed first: `layer_norm_rows` writes every row.
+        let (mut out, mut stats) = (Vec::with_capacity(xs.len()), vec![0f32; 2 * rows]);
         let per = rows_per_chunk(d);
-        out.par_chunks_mut(per * d)
+        out.spare_capacity_mut()[..xs.len()]
+            .par_chunks_mut(per * d)
             .zip(stats.par_chunks_mut(2 * per))
             .zip(xs.par_chunks(per * d))
             .for_each(|((o, s), x)| layer_norm_rows(x, ws, bs, eps, o, s));
+        // SAFETY: the chunks cover all `rows` whole rows, each written.
+        unsafe { out.set_len(xs.len()) };
         let y = new_tensor(out, &x);
         (y, FlexTensor::from_data(TensorData::new(stats, [rows, 2])))
     }
@@ -1550,9 +1657,15 @@ impl CpuKernels for Flex {
         let (x, w, stats, dy) = (dense(x), dense(w), dense(stats), dense(dy));
         let (xs, ws, ss, gs) = (values(&x), values(&w), values(&stats), values(&dy));
         let d = ws.len();
-        let mut dx = vec![0f32; xs.len()];
+        let rows = whole_rows(xs.len(), d, "layer_norm backward");
+        assert!(
+            gs.len() == xs.len() && ss.len() == 2 * rows,
+            "layer_norm backward: input, gradient and statistics of other shapes"
+        );
+        // Not zeroed first: `layer_norm_backward_rows` writes every row of `dx`.
+        let mut dx = Vec::with_capacity(xs.len());
         let per = rows_per_chunk(d);
-        let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
+        let partials: Vec<(Vec<f32>, Vec<f32>)> = dx.spare_capacity_mut()[..xs.len()]
             .par_chunks_mut(per * d)
             .zip(xs.par_chunks(per * d).zip(gs.par_chunks(per * d)))
             .zip(ss.par_chunks(2 * per))
@@ -1562,6 +1675,8 @@ impl CpuKernels for Flex {
                 (dw, db)
             })
             .collect();
+        // SAFETY: the chunks cover every row, each written whole (the lengths asserted above).
+        unsafe { dx.set_len(xs.len()) };
         let (dws, dbs): (Vec<_>, Vec<_>) = partials.into_iter().unzip();
         let tensor = |v: Vec<f32>| FlexTensor::from_data(TensorData::new(v, [d]));
         (
