@@ -160,6 +160,56 @@ pub(crate) fn products<'a>(
     out
 }
 
+/// A `B` operand `[k, n]` ready for several products ([`gemm_prepared`]): packed once on AMX
+/// (an LM head's weight, 56 MiB packed, was packed again for each chunk of rows, each time
+/// into fresh pages), read as given by the other kernels, which pack per product.
+pub(crate) enum PreparedB<'a> {
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    Amx(simd::amx::PackedB),
+    Plain {
+        b: Strided<'a>,
+        n: usize,
+        k: usize,
+    },
+}
+
+/// `b` `[k, n]` prepared for [`gemm_prepared`].
+pub(crate) fn prepare_b(b: Strided<'_>, n: usize, k: usize) -> PreparedB<'_> {
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    if Kernel::best() == Kernel::Amx {
+        return PreparedB::Amx(simd::amx::pack_b(b, n, k, true));
+    }
+    PreparedB::Plain { b, n, k }
+}
+
+/// [`gemm_into`] of `a` `[m, k]` and a prepared `b` `[k, n]`.
+pub(crate) fn gemm_prepared(
+    m: usize,
+    a: Strided,
+    b: &PreparedB,
+    dst: &mut [f32],
+    accumulate: bool,
+) {
+    match b {
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        PreparedB::Amx(pb) => {
+            let (n, _) = pb.dims();
+            assert!(
+                dst.len() >= m * n,
+                "bf16 gemm: output of {} < {m}×{n}",
+                dst.len()
+            );
+            if m == 0 || n == 0 {
+                return;
+            }
+            // SAFETY: AMX is granted (it was packed for AMX, `prepare_b`); `dst` holds m · n
+            // values (asserted), initialised (a `&mut [f32]`) for `accumulate`.
+            unsafe { simd::amx::gemm_packed(m, a, pb, dst.as_mut_ptr(), true, accumulate) }
+        }
+        PreparedB::Plain { b, n, k } => gemm_into(m, *n, *k, a, *b, dst, accumulate),
+    }
+}
+
 /// The code that computes a [`gemm`]: the best this CPU has ([`Kernel::best`]), or a named
 /// one (the tests compare them).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -426,10 +476,12 @@ mod simd {
     /// Buffers a thread keeps for reuse: the two operands of a product, and those of one
     /// product that runs inside another's wait (rayon runs stolen work there).
     const KEPT: usize = 4;
-    /// The largest buffer kept (16 MiB): a layer's operands fit (SmolLM2's largest, 1024 tokens
-    /// by 1536, is 3 MiB packed), an LM head's (49152 × 576, 56 MiB) is given back to the
-    /// allocator rather than held for the rest of the run by every thread.
-    const KEPT_LEN: usize = 1 << 22;
+    /// The largest buffer kept (32 MiB): a layer's operands fit (SmolLM2's largest, 1024 tokens
+    /// by 1536, is 3 MiB packed), and so does the LM-head loss's gradient for a chunk of 256
+    /// rows as the weight gradient's operand (49152 × 256, 24 MiB: four chunks a step, each
+    /// packed into fresh pages when it was given back); an LM head's weight (49152 × 576,
+    /// 56 MiB) is given back to the allocator rather than held for the rest of the run.
+    const KEPT_LEN: usize = 1 << 23;
 
     thread_local! {
         static POOL: std::cell::RefCell<Vec<Vec<u32>>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -897,6 +949,53 @@ mod simd {
             threads: bool,
             accumulate: bool,
         ) {
+            let parallel = threads && m * n * k >= 64 * 64 * 64;
+            let pb = pack_b(b, n, k, parallel);
+            // SAFETY: the caller's promise, passed on.
+            unsafe { gemm_packed(m, a, &pb, c, threads, accumulate) }
+        }
+
+        /// `B` `[k, n]` packed for [`gemm_packed`]: a column of tiles for each 16 columns.
+        pub(crate) struct PackedB {
+            values: Scratch,
+            n: usize,
+            k: usize,
+        }
+
+        impl PackedB {
+            /// The columns and rows of the operand packed.
+            pub(in super::super) fn dims(&self) -> (usize, usize) {
+                (self.n, self.k)
+            }
+        }
+
+        /// Packs `B` `[k, n]` once, for products with several `A`s ([`gemm_packed`]).
+        pub(in super::super) fn pack_b(b: Strided, n: usize, k: usize, parallel: bool) -> PackedB {
+            let shape = Groups {
+                width: T,
+                pairs: k.div_ceil(2).div_ceil(T) * T,
+                count: n.div_ceil(2 * T) * 2,
+            };
+            PackedB {
+                values: pack_into(b, false, n, k, shape, parallel),
+                n,
+                k,
+            }
+        }
+
+        /// [`gemm_into`] with `B` packed before ([`pack_b`]).
+        ///
+        /// # Safety
+        /// As [`gemm_into`]'s.
+        pub(in super::super) unsafe fn gemm_packed(
+            m: usize,
+            a: Strided,
+            pb: &PackedB,
+            c: *mut f32,
+            threads: bool,
+            accumulate: bool,
+        ) {
+            let (n, k) = (pb.n, pb.k);
             let kq = k.div_ceil(2).div_ceil(T);
             let parallel = threads && m * n * k >= 64 * 64 * 64;
             let (ga, gb) = (m.div_ceil(2 * T) * 2, n.div_ceil(2 * T) * 2);
@@ -921,7 +1020,7 @@ mod simd {
                 }
                 pa
             };
-            let pb = pack_into(b, false, n, k, shape(gb), parallel);
+            let pb = &pb.values;
             let c = SendPtr(c);
             let (row_tasks, col_tasks) = ((ga / 2).div_ceil(BLOCKS), (gb / 2).div_ceil(BLOCKS));
             let run = |t: usize| {
@@ -931,7 +1030,7 @@ mod simd {
                 // SAFETY: AMX is granted (`amx_ready`); the task writes only its blocks of C
                 // (clipped to m × n), disjoint from every other task's; the tile loads read
                 // whole tiles of the packed operands, whose sizes follow from ga, gb and kq.
-                unsafe { task(kq, &pa, &pb, c.get(), m, n, rows, cols, accumulate) };
+                unsafe { task(kq, &pa, pb, c.get(), m, n, rows, cols, accumulate) };
             };
             let tasks = row_tasks * col_tasks;
             if tasks > 1 && parallel {

@@ -1396,12 +1396,38 @@ impl CpuKernels for Flex {
                 gemm_strided(m, n, k, a, (a_rs, a_cs), b, (b_rs, b_cs), dst, accumulate);
             }
         };
+        // Under bf16 the weight is packed once for each product that reads it, not once a chunk
+        // (on AMX; `bf16::prepare_b`): as `Wᵀ` `[D, V]` for the logits, as `W` `[V, D]` for the
+        // hidden rows' gradient.
+        fn rows(values: &[f32], rs: usize) -> bf16::Strided<'_> {
+            bf16::Strided {
+                values,
+                offset: 0,
+                rs,
+                cs: 1,
+            }
+        }
+        let w_as = |rs, cs| bf16::Strided {
+            values: ws,
+            offset: 0,
+            rs,
+            cs,
+        };
+        let prepared = bf16.then(|| {
+            (
+                bf16::prepare_b(w_as(sd, sv), v, d),
+                grad.then(|| bf16::prepare_b(w_as(sv, sd), d, v)),
+            )
+        });
         let mut loss = 0f64;
         for r0 in (0..n).step_by(CE_CHUNK_ROWS) {
             let c = CE_CHUNK_ROWS.min(n - r0);
             let (lg, h_c) = (&mut logits[..c * v], &hs[r0 * d..(r0 + c) * d]);
             // (C, D) x (D, V) -> (C, V): logits = h Wᵀ.
-            product(c, v, d, (h_c, d, 1), (ws, sd, sv), lg, false);
+            match &prepared {
+                Some((wt, _)) => bf16::gemm_prepared(c, rows(h_c, d), wt, lg, false),
+                None => product(c, v, d, (h_c, d, 1), (ws, sd, sv), lg, false),
+            }
             loss += lg
                 .par_chunks_mut(v)
                 .zip(&targets[r0..r0 + c])
@@ -1420,7 +1446,10 @@ impl CpuKernels for Flex {
             if grad {
                 // (C, V) x (V, D) -> (C, D)
                 let dh_c = &mut dh[r0 * d..(r0 + c) * d];
-                product(c, d, v, (lg, v, 1), (ws, sv, sd), dh_c, false);
+                match &prepared {
+                    Some((_, Some(w))) => bf16::gemm_prepared(c, rows(lg, v), w, dh_c, false),
+                    _ => product(c, d, v, (lg, v, 1), (ws, sv, sd), dh_c, false),
+                }
                 if weight_grad {
                     // (V, C) x (C, D) -> (V, D), summed over the chunks. The first chunk writes
                     // without reading: dw's pages are then written first, not read as the
