@@ -917,8 +917,10 @@ pub fn cross_entropy_sum(logits: Tensor<2>, targets: &[u32]) -> Tensor<1> {
 /// chunk: a product per chunk that reads and writes the whole `[V, D]` gradient, which timed
 /// alone is slower than one product over all rows, but keeps the logits and their gradient
 /// out of the step's peak memory (see BENCHMARKS.md, session 16; session 13's measurement
-/// that this did not lower the peak was hidden by a larger peak when the model was saved). A
-/// GPU and a 16-bit compute scope take the logits and [`cross_entropy_sum`].
+/// that this did not lower the peak was hidden by a larger peak when the model was saved).
+/// Under a bf16 compute scope on a CPU with AVX512-BF16 the chunks' products take bf16
+/// operands, as [`bf16_matmul`] rounds them in both passes (on AMX the weight is packed once
+/// for all chunks). A GPU and other 16-bit scopes take the logits and [`cross_entropy_sum`].
 ///
 /// # Shapes
 /// - hidden `[N, D]`, weight `[V, D]`, `targets.len() == N`
