@@ -311,15 +311,15 @@ pub(crate) fn gemm_by(
     }
 }
 
-/// [`gemm`]'s arithmetic in scalar code: the reference its vector kernel is tested against,
-/// and what runs on a CPU without AVX512-BF16.
+/// [`gemm`]'s arithmetic in scalar code ([`emulate_into`] overwriting): the reference the
+/// vector kernels are tested against.
 #[cfg(test)]
 pub(crate) fn emulate(m: usize, n: usize, k: usize, a: Strided, b: Strided, dst: &mut [f32]) {
     emulate_into(m, n, k, a, b, dst, false);
 }
 
 /// [`emulate`], the sums starting from `dst`'s values with `accumulate` (as the vector kernel
-/// starts its registers from them).
+/// starts its registers from them): what runs on a CPU without AVX512-BF16.
 fn emulate_into(
     m: usize,
     n: usize,
@@ -1148,8 +1148,14 @@ mod simd {
                                     (c.add(r0 * n + c0).cast_const(), n * 4)
                                 } else {
                                     spill.fill(0.0);
-                                    for r in 0..T.min(m.saturating_sub(r0)) {
-                                        let w = T.min(n.saturating_sub(c0));
+                                    // A tile wholly past C's edges (n or m not a whole block)
+                                    // stays zeros: no pointer into C is formed for it.
+                                    let (h, w) = if r0 < m && c0 < n {
+                                        (T.min(m - r0), T.min(n - c0))
+                                    } else {
+                                        (0, 0)
+                                    };
+                                    for r in 0..h {
                                         std::ptr::copy_nonoverlapping(
                                             c.add((r0 + r) * n + c0),
                                             spill.as_mut_ptr().add(r * T),

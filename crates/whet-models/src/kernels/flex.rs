@@ -1372,51 +1372,22 @@ impl CpuKernels for Flex {
         let mut dh = vec![0f32; if grad { n * d } else { 0 }];
         let mut dw = vec![0f32; if grad && weight_grad { v * d } else { 0 }];
         let mut logits = vec![0f32; CE_CHUNK_ROWS.min(n) * v];
-        // `dst (+)= a · b` for operands (values, row stride, column stride): in f32, or with
-        // bf16 operands and f32 sums (the bf16 products of a compute scope: the rounding of
-        // `bf16_matmul`'s forward and backward products, the weight's gradient summed over
-        // the chunks in f32).
-        let product = |m: usize,
-                       n: usize,
-                       k: usize,
-                       (a, a_rs, a_cs): (&[f32], usize, usize),
-                       (b, b_rs, b_cs): (&[f32], usize, usize),
-                       dst: &mut [f32],
-                       accumulate: bool| {
-            if bf16 {
-                let strided = |values, rs, cs| bf16::Strided {
-                    values,
-                    offset: 0,
-                    rs,
-                    cs,
-                };
-                let (a, b) = (strided(a, a_rs, a_cs), strided(b, b_rs, b_cs));
-                bf16::gemm_into(m, n, k, a, b, dst, accumulate);
-            } else {
-                gemm_strided(m, n, k, a, (a_rs, a_cs), b, (b_rs, b_cs), dst, accumulate);
-            }
-        };
-        // Under bf16 the weight is packed once for each product that reads it, not once a chunk
-        // (on AMX; `bf16::prepare_b`): as `Wᵀ` `[D, V]` for the logits, as `W` `[V, D]` for the
-        // hidden rows' gradient.
-        fn rows(values: &[f32], rs: usize) -> bf16::Strided<'_> {
+        // Under bf16 the products take bf16 operands with f32 sums (the rounding of
+        // `bf16_matmul`'s forward and backward products), and the weight is packed once for
+        // each product that reads it, not once a chunk (on AMX; `bf16::prepare_b`): as `Wᵀ`
+        // `[D, V]` for the logits, as `W` `[V, D]` for the hidden rows' gradient.
+        fn strided(values: &[f32], rs: usize, cs: usize) -> bf16::Strided<'_> {
             bf16::Strided {
                 values,
                 offset: 0,
                 rs,
-                cs: 1,
+                cs,
             }
         }
-        let w_as = |rs, cs| bf16::Strided {
-            values: ws,
-            offset: 0,
-            rs,
-            cs,
-        };
         let prepared = bf16.then(|| {
             (
-                bf16::prepare_b(w_as(sd, sv), v, d),
-                grad.then(|| bf16::prepare_b(w_as(sv, sd), d, v)),
+                bf16::prepare_b(strided(ws, sd, sv), v, d),
+                grad.then(|| bf16::prepare_b(strided(ws, sv, sd), d, v)),
             )
         });
         let mut loss = 0f64;
@@ -1425,8 +1396,8 @@ impl CpuKernels for Flex {
             let (lg, h_c) = (&mut logits[..c * v], &hs[r0 * d..(r0 + c) * d]);
             // (C, D) x (D, V) -> (C, V): logits = h Wᵀ.
             match &prepared {
-                Some((wt, _)) => bf16::gemm_prepared(c, rows(h_c, d), wt, lg, false),
-                None => product(c, v, d, (h_c, d, 1), (ws, sd, sv), lg, false),
+                Some((wt, _)) => bf16::gemm_prepared(c, strided(h_c, d, 1), wt, lg, false),
+                None => gemm_strided(c, v, d, h_c, (d, 1), ws, (sd, sv), lg, false),
             }
             loss += lg
                 .par_chunks_mut(v)
@@ -1447,15 +1418,22 @@ impl CpuKernels for Flex {
                 // (C, V) x (V, D) -> (C, D)
                 let dh_c = &mut dh[r0 * d..(r0 + c) * d];
                 match &prepared {
-                    Some((_, Some(w))) => bf16::gemm_prepared(c, rows(lg, v), w, dh_c, false),
-                    _ => product(c, d, v, (lg, v, 1), (ws, sv, sd), dh_c, false),
+                    Some((_, Some(w))) => bf16::gemm_prepared(c, strided(lg, v, 1), w, dh_c, false),
+                    _ => gemm_strided(c, d, v, lg, (v, 1), ws, (sv, sd), dh_c, false),
                 }
                 if weight_grad {
                     // (V, C) x (C, D) -> (V, D), summed over the chunks. The first chunk writes
                     // without reading: dw's pages are then written first, not read as the
                     // kernel's shared zero page and copied on the write, each copy a TLB
                     // flush on every core (SmolLM2 full fine-tuning, A B B A: 1.045x).
-                    product(v, d, c, (lg, 1, v), (h_c, d, 1), &mut dw, r0 > 0);
+                    // Under bf16 the chunks' sums are added in f32 (`gemm_into` loads them).
+                    let first = r0 == 0;
+                    if bf16 {
+                        let (a, b) = (strided(lg, 1, v), strided(h_c, d, 1));
+                        bf16::gemm_into(v, d, c, a, b, &mut dw, !first);
+                    } else {
+                        gemm_strided(v, d, c, lg, (1, v), h_c, (d, 1), &mut dw, !first);
+                    }
                 }
             }
         }

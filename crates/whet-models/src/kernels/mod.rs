@@ -930,18 +930,16 @@ pub fn linear_cross_entropy_sum(
     weight: Tensor<2>,
     targets: &[u32],
 ) -> Tensor<1> {
+    // The chunked kernel's products: f32, or bf16 where the CPU has the instructions.
     let bf16 = match crate::precision::compute() {
-        None => false,
-        Some(FloatDType::BF16) if bf16::available() => true,
-        Some(_) => {
-            let logits = crate::precision::matmul(hidden, weight.transpose());
-            return cross_entropy_sum(logits, targets);
-        }
+        None => Some(false),
+        Some(FloatDType::BF16) if bf16::available() => Some(true),
+        Some(_) => None,
     };
-    if !on_flex(&hidden) {
+    let Some(bf16) = bf16.filter(|_| on_flex(&hidden)) else {
         let logits = crate::precision::matmul(hidden, weight.transpose());
         return cross_entropy_sum(logits, targets);
-    }
+    };
     let weight_grad = weight.is_tracked();
     Tensor::from_dispatch(<Dispatch as CpuFusedOps>::fused_linear_cross_entropy_sum(
         hidden.into_dispatch(),
@@ -2982,10 +2980,9 @@ mod tests {
     /// logits path's `bf16_matmul` does, in both passes: the loss equal to the bf16 logits
     /// path's within f32 summation, the hidden rows' gradient off the f32 one's (the rounding
     /// happened), the hidden rows' and the weight's gradients within bf16 rounding of the
-    /// upstream gradient
-    /// (the logits path rounds `−3 · dlogits`, this one `dlogits`), for a weight `[V, D]`
-    /// and the transpose of a `[D, V]` one, frozen and training. Skipped (and says so) where
-    /// the CPU has no AVX512-BF16 (the logits path runs there).
+    /// upstream gradient (the logits path rounds `−3 · dlogits`, this one `dlogits`), for a
+    /// weight `[V, D]` and the transpose of a `[D, V]` one, frozen and training. Skipped (and
+    /// says so) where the CPU has no AVX512-BF16 (the logits path runs there).
     #[test]
     fn linear_cross_entropy_in_bf16_equals_the_bf16_logits_path() {
         if !bf16::available() {
