@@ -7,6 +7,8 @@
 # 1024 / (its products' time) tokens/s. REF_TPS=R (the reference's tokens/s in a bench_all
 # run) also prints what 1.5x that asks of whet's step against that bound.
 # Usage: scripts/bench/bench_f32_products.sh [THREADS] [ROUNDS] [REPS]
+#   REPS (default 10): timed calls of each product; the LM head's loss runs REPS / 4 (rounded
+#   up), so fewer than 8 leaves it one or two calls, too few to time it well.
 # Needs .venv-ref (scripts/reference/setup_reference_env.sh).
 set -euo pipefail
 cd "$(dirname "$0")/../.."

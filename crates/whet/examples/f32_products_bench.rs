@@ -27,34 +27,22 @@ fn products() -> Vec<(String, usize, usize, usize, bool, bool, usize)> {
     ];
     let mut out = Vec::new();
     for (name, d_in, d_out, per_layer) in projections {
-        let per_step = per_layer * LAYERS;
-        out.push((
-            format!("{name} fwd"),
-            TOKENS,
-            d_in,
-            d_out,
-            false,
-            false,
-            per_step,
-        ));
-        out.push((
-            format!("{name} dx"),
-            TOKENS,
-            d_out,
-            d_in,
-            false,
-            true,
-            per_step,
-        ));
-        out.push((
-            format!("{name} dw"),
-            d_in,
-            TOKENS,
-            d_out,
-            true,
-            false,
-            per_step,
-        ));
+        let passes = [
+            ("fwd", TOKENS, d_in, d_out, false, false),
+            ("dx", TOKENS, d_out, d_in, false, true),
+            ("dw", d_in, TOKENS, d_out, true, false),
+        ];
+        for (pass, m, k, n, a_t, b_t) in passes {
+            out.push((
+                format!("{name} {pass}"),
+                m,
+                k,
+                n,
+                a_t,
+                b_t,
+                per_layer * LAYERS,
+            ));
+        }
     }
     out
 }
